@@ -1,0 +1,74 @@
+//! The admin listener: `/metrics` for Prometheus, on its own thread and runtime so that a scrape
+//! is answered even when every worker is saturated.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::io::AsyncWriteExt;
+use tokio::net::TcpStream;
+use tokio::task::LocalSet;
+
+use crate::http::{self, Method};
+use crate::server::{runtime, stopped, Shared};
+use crate::worker::read_head;
+
+/// A scrape request must arrive within this.
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
+
+pub(crate) fn run(shared: Arc<Shared>, listener: std::net::TcpListener) {
+    let rt = runtime();
+    let local = LocalSet::new();
+    local.block_on(&rt, async move {
+        let listener = match tokio::net::TcpListener::from_std(listener) {
+            Ok(l) => l,
+            Err(e) => {
+                tracing::error!(error = %e, "admin listener cannot be registered");
+                return;
+            }
+        };
+
+        let mut stop = shared.stop.clone();
+        loop {
+            tokio::select! {
+                _ = stopped(&mut stop) => break,
+                accepted = listener.accept() => match accepted {
+                    Ok((stream, _)) => {
+                        tokio::task::spawn_local(serve(shared.clone(), stream));
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %e, "admin accept failed");
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                    }
+                },
+            }
+        }
+    });
+}
+
+async fn serve(shared: Arc<Shared>, mut stream: TcpStream) {
+    let Ok(Ok((req, _))) = tokio::time::timeout(REQUEST_TIMEOUT, read_head(&mut stream)).await
+    else {
+        return;
+    };
+    let resp = match (&req.method, req.path.as_str()) {
+        (Method::Get, "/metrics") => {
+            let body = shared.metrics.render();
+            let mut r = format!(
+                "HTTP/1.0 200 OK\r\nContent-Type: text/plain; version=0.0.4; charset=utf-8\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+                body.len()
+            )
+            .into_bytes();
+            r.extend_from_slice(&body);
+            r
+        }
+        (Method::Get, _) => http::response(404, "Not Found", &[], "404 Not Found: try /metrics\n"),
+        _ => http::response(
+            405,
+            "Method Not Allowed",
+            &[("Allow", "GET")],
+            "405 Method Not Allowed\n",
+        ),
+    };
+    let _ = tokio::time::timeout(REQUEST_TIMEOUT, stream.write_all(&resp)).await;
+    let _ = stream.shutdown().await;
+}

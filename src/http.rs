@@ -1,0 +1,316 @@
+//! HTTP/1.x request heads and the short responses fanstream sends.
+//!
+//! Both listeners (`GET`, `HEAD`) and sources (`SOURCE`, `PUT`) start with one request head; this
+//! module turns bytes into a [`Request`] or a specific [`HeadError`], and never panics on input.
+
+use base64::Engine;
+
+/// Largest request head accepted: request line plus headers.
+pub(crate) const MAX_HEAD_BYTES: usize = 8192;
+/// Most headers in one request.
+const MAX_HEADERS: usize = 64;
+/// Longest mount path.
+const MAX_PATH_BYTES: usize = 256;
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) enum Method {
+    Get,
+    Head,
+    /// Icecast's legacy source method (libshout, `ffmpeg -legacy_icecast 1`).
+    Source,
+    Put,
+    Other(String),
+}
+
+/// A parsed request head.
+#[derive(Debug)]
+pub(crate) struct Request {
+    pub method: Method,
+    /// The path without its query string.
+    pub path: String,
+    /// Header names lower-cased; values as sent.
+    pub headers: Vec<(String, String)>,
+}
+
+impl Request {
+    /// The first header with this (lower-case) name.
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, v)| v.as_str())
+    }
+
+    /// User and password from `Authorization: Basic`, if present and well-formed.
+    pub fn basic_auth(&self) -> Option<(String, String)> {
+        let value = self.header("authorization")?;
+        let (scheme, rest) = value.trim().split_once(' ')?;
+        if !scheme.eq_ignore_ascii_case("basic") {
+            return None;
+        }
+        let raw = base64::engine::general_purpose::STANDARD
+            .decode(rest.trim())
+            .ok()?;
+        let text = String::from_utf8(raw).ok()?;
+        let (user, pass) = text.split_once(':')?;
+        Some((user.to_string(), pass.to_string()))
+    }
+}
+
+/// Why a request head was refused; each maps to one status and one metric label.
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) enum HeadError {
+    /// Not HTTP, or bad syntax in the request line or headers.
+    Malformed,
+    /// The request line alone exceeds the head limit.
+    UriTooLong,
+    /// The headers exceed the head limit or the header count.
+    HeadersTooLarge,
+}
+
+impl HeadError {
+    pub fn status(&self) -> (u16, &'static str) {
+        match self {
+            HeadError::Malformed => (400, "Bad Request"),
+            HeadError::UriTooLong => (414, "URI Too Long"),
+            HeadError::HeadersTooLarge => (431, "Request Header Fields Too Large"),
+        }
+    }
+
+    pub fn reason(&self) -> &'static str {
+        match self {
+            HeadError::Malformed => "malformed_request",
+            HeadError::UriTooLong => "uri_too_long",
+            HeadError::HeadersTooLarge => "headers_too_large",
+        }
+    }
+}
+
+/// Parses a request head from the start of `buf`. `Ok(None)` means more bytes are needed;
+/// `Ok(Some((req, n)))` means the head is the first `n` bytes.
+pub(crate) fn parse_head(buf: &[u8]) -> Result<Option<(Request, usize)>, HeadError> {
+    let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
+    let mut req = httparse::Request::new(&mut headers);
+    let status = match req.parse(buf) {
+        Ok(s) => s,
+        Err(httparse::Error::TooManyHeaders) => return Err(HeadError::HeadersTooLarge),
+        Err(_) => return Err(HeadError::Malformed),
+    };
+    let n = match status {
+        httparse::Status::Complete(n) if n <= MAX_HEAD_BYTES => n,
+        httparse::Status::Complete(_) => return Err(oversize(buf)),
+        httparse::Status::Partial if buf.len() >= MAX_HEAD_BYTES => return Err(oversize(buf)),
+        httparse::Status::Partial => return Ok(None),
+    };
+    let method = match req.method.unwrap_or_default() {
+        "GET" => Method::Get,
+        "HEAD" => Method::Head,
+        "SOURCE" => Method::Source,
+        "PUT" => Method::Put,
+        other => Method::Other(other.to_string()),
+    };
+    let target = req.path.unwrap_or_default();
+    let path = target
+        .split_once('?')
+        .map_or(target, |(p, _)| p)
+        .to_string();
+    let mut hs = Vec::with_capacity(req.headers.len());
+    for h in req.headers.iter() {
+        let value = std::str::from_utf8(h.value).map_err(|_| HeadError::Malformed)?;
+        hs.push((h.name.to_ascii_lowercase(), value.trim().to_string()));
+    }
+    Ok(Some((
+        Request {
+            method,
+            path,
+            headers: hs,
+        },
+        n,
+    )))
+}
+
+fn oversize(buf: &[u8]) -> HeadError {
+    let line_end = buf.iter().position(|&b| b == b'\n');
+    match line_end {
+        Some(i) if i < MAX_HEAD_BYTES => HeadError::HeadersTooLarge,
+        _ => HeadError::UriTooLong,
+    }
+}
+
+/// A mount path fanstream accepts: starts with '/', at most 256 bytes of unreserved characters
+/// and '/', no empty or dot-dot segment. Nothing in fanstream maps paths to files; this keeps
+/// logs, metric labels and status pages free of odd bytes.
+pub(crate) fn valid_mount_path(path: &str) -> bool {
+    path.len() >= 2
+        && path.len() <= MAX_PATH_BYTES
+        && path.starts_with('/')
+        && path
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"-_.~/".contains(&b))
+        && path[1..]
+            .split('/')
+            .all(|seg| !seg.is_empty() && seg != "." && seg != "..")
+}
+
+/// A complete short response with a text body; the connection closes after it.
+pub(crate) fn response(
+    status: u16,
+    reason: &str,
+    extra_headers: &[(&str, &str)],
+    body: &str,
+) -> Vec<u8> {
+    let mut out = format!(
+        "HTTP/1.0 {status} {reason}\r\nServer: fanstream/{}\r\n",
+        env!("CARGO_PKG_VERSION")
+    );
+    for (name, value) in extra_headers {
+        out.push_str(name);
+        out.push_str(": ");
+        out.push_str(value);
+        out.push_str("\r\n");
+    }
+    out.push_str(&format!(
+        "Content-Type: text/plain; charset=utf-8\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    ));
+    out.into_bytes()
+}
+
+/// Compares secrets in time independent of where they differ, so timing tells a password guesser
+/// nothing about how much of a guess was right.
+pub(crate) fn secrets_equal(a: &str, b: &str) -> bool {
+    let (a, b) = (a.as_bytes(), b.as_bytes());
+    let mut diff = a.len() ^ b.len();
+    for i in 0..a.len().max(b.len()) {
+        let x = a.get(i).copied().unwrap_or(0);
+        let y = b.get(i).copied().unwrap_or(0xff);
+        diff |= usize::from(x ^ y);
+    }
+    diff == 0
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_a_source_put_with_body_bytes_after_the_head() {
+        let raw = b"PUT /live HTTP/1.1\r\nHost: x\r\nauthorization: Basic c291cmNlOnB3\r\nContent-Type: audio/mpeg\r\nExpect: 100-continue\r\nIce-Name: Test\r\n\r\nMEDIA";
+        let (req, n) = parse_head(raw).unwrap().unwrap();
+        assert_eq!(req.method, Method::Put);
+        assert_eq!(req.path, "/live");
+        assert_eq!(req.header("content-type"), Some("audio/mpeg"));
+        assert_eq!(req.header("ice-name"), Some("Test"));
+        assert_eq!(req.basic_auth(), Some(("source".into(), "pw".into())));
+        assert_eq!(&raw[n..], b"MEDIA");
+    }
+
+    #[test]
+    fn parses_legacy_source_and_strips_query() {
+        let (req, _) = parse_head(b"SOURCE /m.mp3?x=1 HTTP/1.0\r\n\r\n")
+            .unwrap()
+            .unwrap();
+        assert_eq!(req.method, Method::Source);
+        assert_eq!(req.path, "/m.mp3");
+        let (req, _) = parse_head(b"BREW /pot HTTP/1.1\r\n\r\n").unwrap().unwrap();
+        assert_eq!(req.method, Method::Other("BREW".into()));
+    }
+
+    #[test]
+    fn partial_heads_ask_for_more() {
+        assert_eq!(
+            parse_head(b"GET /live HTTP/1.1\r\nHost: a")
+                .unwrap()
+                .map(|_| ()),
+            None
+        );
+        assert_eq!(parse_head(b"").unwrap().map(|_| ()), None);
+    }
+
+    #[test]
+    fn garbage_is_malformed() {
+        for raw in [
+            &b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03"[..],
+            b"GET\r\n\r\n",
+            b"GET /x HTTP/1.1\r\nBad Header\r\n\r\n",
+            b"GET /x HTTP/1.1\r\nX: \xff\xfe\r\n\r\n",
+        ] {
+            assert_eq!(
+                parse_head(raw).unwrap_err(),
+                HeadError::Malformed,
+                "{raw:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn oversize_heads_are_told_apart() {
+        let mut long_line = b"GET /".to_vec();
+        long_line.extend(std::iter::repeat_n(b'a', MAX_HEAD_BYTES));
+        assert_eq!(parse_head(&long_line).unwrap_err(), HeadError::UriTooLong);
+        let mut big = b"GET / HTTP/1.1\r\n".to_vec();
+        while big.len() < MAX_HEAD_BYTES + 10 {
+            big.extend_from_slice(b"X-Pad: aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa\r\n");
+        }
+        let e = parse_head(&big).unwrap_err();
+        assert_eq!(e, HeadError::HeadersTooLarge);
+        let mut many = b"GET / HTTP/1.1\r\n".to_vec();
+        for i in 0..100 {
+            many.extend_from_slice(format!("X-{i}: 1\r\n").as_bytes());
+        }
+        many.extend_from_slice(b"\r\n");
+        assert_eq!(parse_head(&many).unwrap_err(), HeadError::HeadersTooLarge);
+    }
+
+    #[test]
+    fn mount_paths() {
+        for ok in ["/live", "/a/b.mp3", "/x-y_z~1"] {
+            assert!(valid_mount_path(ok), "{ok}");
+        }
+        for bad in [
+            "", "/", "live", "/../etc", "/a//b", "/a/./b", "/%2e", "/a b", "/a\0", "/a/",
+        ] {
+            assert!(!valid_mount_path(bad), "{bad:?}");
+        }
+        assert!(!valid_mount_path(&format!("/{}", "a".repeat(300))));
+    }
+
+    #[test]
+    fn basic_auth_variants() {
+        let req = |v: &str| Request {
+            method: Method::Get,
+            path: "/".into(),
+            headers: vec![("authorization".into(), v.into())],
+        };
+        assert_eq!(
+            req("basic c291cmNlOnA6dw==").basic_auth(),
+            Some(("source".into(), "p:w".into()))
+        );
+        assert_eq!(req("Bearer abc").basic_auth(), None);
+        assert_eq!(req("Basic !!!").basic_auth(), None);
+        assert_eq!(req("Basic bm9jb2xvbg==").basic_auth(), None);
+    }
+
+    #[test]
+    fn secret_comparison() {
+        assert!(secrets_equal("hackme", "hackme"));
+        assert!(!secrets_equal("hackme", "hackmf"));
+        assert!(!secrets_equal("hackme", "hackme2"));
+        assert!(!secrets_equal("", "a"));
+    }
+
+    #[test]
+    fn responses_are_complete() {
+        let r = String::from_utf8(response(
+            401,
+            "Unauthorized",
+            &[("WWW-Authenticate", "Basic realm=\"fanstream\"")],
+            "bad credentials\n",
+        ))
+        .unwrap();
+        assert!(r.starts_with("HTTP/1.0 401 Unauthorized\r\n"));
+        assert!(r.contains("WWW-Authenticate: Basic realm=\"fanstream\"\r\n"));
+        assert!(r.ends_with("\r\n\r\nbad credentials\n"));
+        assert!(r.contains("Content-Length: 16\r\n"));
+    }
+}

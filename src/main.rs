@@ -1,0 +1,149 @@
+//! The `fanstream` binary: flags over the config file over the embedded defaults, then the server
+//! until SIGTERM (graceful drain) or SIGINT (stop at once).
+
+use std::io::Read;
+use std::net::{SocketAddr, TcpListener};
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::Parser;
+use fanstream::{Config, Server, Stop};
+use tokio::signal::unix::{signal, SignalKind};
+
+/// A live broadcast streaming server: Icecast-compatible sources in, many HTTP listeners out.
+#[derive(Parser, Debug)]
+#[command(version, about)]
+struct Args {
+    /// TOML configuration file; flags override what it sets.
+    #[arg(long, value_name = "FILE")]
+    config: Option<PathBuf>,
+    /// Address for listeners and sources [default: 0.0.0.0:8000].
+    #[arg(long, value_name = "ADDR")]
+    listen: Option<SocketAddr>,
+    /// Address for /metrics [default: 127.0.0.1:8001]; "none" disables it.
+    #[arg(long, value_name = "ADDR")]
+    admin_listen: Option<String>,
+    /// Worker threads serving listeners [default: one per core].
+    #[arg(long, value_name = "N")]
+    workers: Option<usize>,
+    /// Do not pin worker threads to cores.
+    #[arg(long)]
+    no_pin: bool,
+    /// Password sources authenticate with (user "source"); without one, a random password is
+    /// generated and printed at start-up.
+    #[arg(
+        long,
+        env = "FANSTREAM_SOURCE_PASSWORD",
+        value_name = "PASS",
+        hide_env_values = true
+    )]
+    source_password: Option<String>,
+    /// Do not serve the built-in demo mount.
+    #[arg(long)]
+    no_demo: bool,
+}
+
+fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("FANSTREAM_LOG")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let args = Args::parse();
+    match run(args) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("fanstream: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(args: Args) -> Result<(), String> {
+    let mut config = match &args.config {
+        Some(path) => Config::from_file(path)?,
+        None => Config::default(),
+    };
+    apply_flags(&mut config, &args)?;
+    if config.source_password.is_none() {
+        let generated = random_password()?;
+        println!("fanstream: no source password configured; generated for this run: {generated}");
+        config.source_password = Some(generated);
+    }
+    config.validate()?;
+    let listener = TcpListener::bind(config.listen)
+        .map_err(|e| format!("cannot listen on {} (listen): {e}", config.listen))?;
+    let admin = match config.admin_listen {
+        Some(addr) => Some(
+            TcpListener::bind(addr)
+                .map_err(|e| format!("cannot listen on {addr} (admin_listen): {e}"))?,
+        ),
+        None => None,
+    };
+    let server = Server::start(config, listener, admin).map_err(|e| e.to_string())?;
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| e.to_string())?;
+    rt.block_on(async {
+        let mut term = signal(SignalKind::terminate()).map_err(|e| e.to_string())?;
+        let mut int = signal(SignalKind::interrupt()).map_err(|e| e.to_string())?;
+        tokio::select! {
+            _ = term.recv() => {
+                tracing::info!("SIGTERM: draining listeners, then exiting");
+                server.stop(Stop::Drain);
+            }
+            _ = int.recv() => {
+                tracing::info!("SIGINT: stopping now");
+                server.stop(Stop::Now);
+            }
+        }
+        Ok::<_, String>(())
+    })?;
+    server.join();
+    tracing::info!("fanstream stopped");
+    Ok(())
+}
+
+fn apply_flags(config: &mut Config, args: &Args) -> Result<(), String> {
+    if let Some(l) = args.listen {
+        config.listen = l;
+    }
+    if let Some(a) = &args.admin_listen {
+        config.admin_listen = match a.as_str() {
+            "none" | "off" | "" => None,
+            a => Some(
+                a.parse()
+                    .map_err(|e| format!("--admin-listen {a:?}: {e}"))?,
+            ),
+        };
+    }
+    if let Some(w) = args.workers {
+        config.workers = w;
+    }
+    if args.no_pin {
+        config.pin_workers = false;
+    }
+    if let Some(p) = &args.source_password {
+        config.source_password = Some(p.clone());
+    }
+    if args.no_demo {
+        config.demo = false;
+    }
+    Ok(())
+}
+
+/// 16 characters from the kernel's random source, URL- and shell-safe.
+fn random_password() -> Result<String, String> {
+    const ALPHABET: &[u8] = b"abcdefghijkmnopqrstuvwxyzABCDEFGHJKLMNPQRSTUVWXYZ23456789";
+    let mut raw = [0u8; 16];
+    std::fs::File::open("/dev/urandom")
+        .and_then(|mut f| f.read_exact(&mut raw))
+        .map_err(|e| format!("cannot read /dev/urandom for a source password: {e}"))?;
+    Ok(raw
+        .iter()
+        .map(|b| ALPHABET[*b as usize % ALPHABET.len()] as char)
+        .collect())
+}

@@ -1,0 +1,55 @@
+//! The mount table: which mounts exist now, each with its store and settings.
+//!
+//! Published as one immutable map through an `ArcSwap`; the ingest thread is its only writer
+//! (mounts appear when a source or the demo takes them and go when their grace period ends), and
+//! workers read it once per listener admission.
+
+use std::collections::HashMap;
+use std::sync::atomic::AtomicUsize;
+use std::sync::Arc;
+
+use arc_swap::ArcSwap;
+
+use crate::config::MountSettings;
+use crate::store::Store;
+
+pub(crate) struct Mount {
+    pub path: String,
+    pub store: Arc<Store>,
+    /// Settings resolved when the mount was created.
+    pub settings: MountSettings,
+    /// Listeners on this mount across all workers: admission checks it against `max_listeners`.
+    /// Incremented by the admitting worker, decremented when the listener is dropped.
+    pub listeners: AtomicUsize,
+}
+
+#[derive(Default)]
+pub(crate) struct Mounts {
+    table: ArcSwap<HashMap<String, Arc<Mount>>>,
+}
+
+impl Mounts {
+    pub fn get(&self, path: &str) -> Option<Arc<Mount>> {
+        self.table.load().get(path).cloned()
+    }
+
+    /// Ingest only: adds or replaces a mount.
+    pub fn insert(&self, mount: Arc<Mount>) {
+        self.table.rcu(|t| {
+            let mut t = HashMap::clone(t);
+            t.insert(mount.path.clone(), mount.clone());
+            t
+        });
+    }
+
+    /// Ingest only: removes the mount if it is still this one.
+    pub fn remove(&self, mount: &Arc<Mount>) {
+        self.table.rcu(|t| {
+            let mut t = HashMap::clone(t);
+            if t.get(&mount.path).is_some_and(|m| Arc::ptr_eq(m, mount)) {
+                t.remove(&mount.path);
+            }
+            t
+        });
+    }
+}

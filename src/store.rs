@@ -1,0 +1,488 @@
+//! The segment store: what a mount retains of its stream, published as one immutable snapshot.
+//!
+//! The ingest thread is the only writer. Every chunk a source delivers becomes a [`Chunk`] (shared
+//! `Bytes`, never copied again) appended to the open segment; a full segment is sealed and shared by
+//! every later snapshot. Each append publishes a new [`Snapshot`] through one `ArcSwap`, so a reader
+//! (a worker) sees one consistent state: the retained chunks, their byte offsets, the source's state
+//! and the stream's response head, with no lock and no second swap to agree with.
+//!
+//! Offsets are absolute byte counts since the mount was created; they keep counting across source
+//! restarts, so a listener's position survives an encoder reconnecting within the grace period.
+
+use std::io::IoSlice;
+use std::sync::Arc;
+use std::time::Instant;
+
+use arc_swap::ArcSwap;
+use bytes::Bytes;
+
+/// A segment is sealed once it holds this many chunks; bounds the per-append copy of the open
+/// segment's chunk list (a few dozen `Bytes` clones), whatever the window size.
+const SEGMENT_MAX_CHUNKS: usize = 64;
+/// ...or this many bytes; bounds how much memory one segment keeps alive past the window.
+const SEGMENT_MAX_BYTES: usize = 64 * 1024;
+
+/// One piece of the stream as the source delivered it.
+#[derive(Clone, Debug)]
+pub(crate) struct Chunk {
+    /// Absolute offset of the chunk's first byte.
+    pub offset: u64,
+    pub data: Bytes,
+    /// When ingest received it: write coalescing flushes a listener once its oldest unsent byte is
+    /// this old.
+    pub arrived: Instant,
+}
+
+/// Contiguous chunks, immutable once published.
+#[derive(Debug, Default)]
+pub(crate) struct Segment {
+    chunks: Vec<Chunk>,
+}
+
+impl Segment {
+    fn start(&self) -> u64 {
+        self.chunks.first().map_or(0, |c| c.offset)
+    }
+}
+
+/// Whether a source feeds the mount.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) enum SourceState {
+    Live,
+    /// The source went away at this instant; listeners wait for the grace period.
+    Gone(Instant),
+    /// The grace period ended: listeners move to this fallback mount.
+    MovedTo(String),
+    /// The grace period ended with no fallback: listeners are closed.
+    Closed,
+}
+
+/// What a listener is sent before the stream's bytes: built once per source connection.
+#[derive(Debug, Default)]
+pub(crate) struct StreamInfo {
+    /// The HTTP response head (status line, Content-Type, icy-* headers, blank line).
+    pub response_head: Bytes,
+    /// Bytes every listener needs first, whatever its join point (the demo's WAV header).
+    pub preamble: Bytes,
+}
+
+/// One consistent view of a mount, replaced whole on every change.
+#[derive(Debug)]
+pub(crate) struct Snapshot {
+    /// Sealed segments, oldest first; rebuilt only when a segment is sealed or evicted.
+    sealed: Arc<[Arc<Segment>]>,
+    /// The segment still being filled.
+    open: Arc<Segment>,
+    /// Offset of the oldest retained byte.
+    pub start: u64,
+    /// Offset one past the newest byte (the live edge).
+    pub end: u64,
+    pub state: SourceState,
+    pub info: Arc<StreamInfo>,
+}
+
+/// Where a position stands relative to a snapshot.
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) enum Position {
+    /// Data is available from here.
+    Behind,
+    /// Nothing new to send.
+    AtEdge,
+    /// The bytes at this position were already evicted from the window.
+    Evicted,
+}
+
+impl Snapshot {
+    fn empty(at: u64, info: Arc<StreamInfo>, state: SourceState) -> Self {
+        Snapshot {
+            sealed: Arc::from(Vec::new()),
+            open: Arc::new(Segment::default()),
+            start: at,
+            end: at,
+            state,
+            info,
+        }
+    }
+
+    pub fn position(&self, pos: u64) -> Position {
+        if pos < self.start {
+            Position::Evicted
+        } else if pos >= self.end {
+            Position::AtEdge
+        } else {
+            Position::Behind
+        }
+    }
+
+    /// Retained bytes: what this mount costs in memory (payload only).
+    pub fn retained_bytes(&self) -> u64 {
+        self.end - self.start
+    }
+
+    fn segments(&self) -> impl Iterator<Item = &Arc<Segment>> {
+        self.sealed.iter().chain(std::iter::once(&self.open))
+    }
+
+    /// The chunk holding byte `pos`, as (segment index, chunk index), or None outside the window.
+    fn locate(&self, pos: u64) -> Option<(usize, usize)> {
+        if pos < self.start || pos >= self.end {
+            return None;
+        }
+        let nsealed = self.sealed.len();
+        // Segments are in offset order: the last one starting at or before `pos` holds it.
+        let seg = if self.open.chunks.first().is_some_and(|c| c.offset <= pos) {
+            nsealed
+        } else {
+            self.sealed.partition_point(|s| s.start() <= pos) - 1
+        };
+        let chunks = if seg == nsealed {
+            &self.open.chunks
+        } else {
+            &self.sealed[seg].chunks
+        };
+        let idx = chunks.partition_point(|c| c.offset <= pos) - 1;
+        Some((seg, idx))
+    }
+
+    /// Chunks from the one holding `pos` to the live edge.
+    fn chunks_from(&self, pos: u64) -> impl Iterator<Item = &Chunk> {
+        let (seg, idx) = self.locate(pos).unwrap_or((usize::MAX, 0));
+        self.segments()
+            .enumerate()
+            .skip_while(move |(i, _)| *i < seg)
+            .flat_map(move |(i, s)| {
+                let skip = if i == seg { idx } else { 0 };
+                s.chunks[skip..].iter()
+            })
+    }
+
+    /// When the oldest byte at or after `pos` arrived, for write coalescing.
+    pub fn arrival_of(&self, pos: u64) -> Option<Instant> {
+        self.chunks_from(pos).next().map(|c| c.arrived)
+    }
+
+    /// Fills `out` with slices covering the stream from `pos` on, up to `max_slices` slices or
+    /// `max_bytes` bytes, for one vectored write. Returns the number of bytes covered.
+    pub fn gather<'a>(
+        &'a self,
+        pos: u64,
+        out: &mut Vec<IoSlice<'a>>,
+        max_slices: usize,
+        max_bytes: usize,
+    ) -> usize {
+        let mut total = 0;
+        for chunk in self.chunks_from(pos) {
+            if out.len() >= max_slices || total >= max_bytes {
+                break;
+            }
+            // Only the first chunk can start before `pos` (a partial write left us mid-chunk).
+            let skip = pos.saturating_sub(chunk.offset) as usize;
+            let data = &chunk.data[skip..];
+            out.push(IoSlice::new(data));
+            total += data.len();
+        }
+        total
+    }
+
+    /// The join point for a new listener: the first chunk boundary at most `burst` bytes behind
+    /// the live edge, so a player starts at once with at most `burst` bytes of backlog.
+    pub fn join_point(&self, burst: u64) -> u64 {
+        let target = self.end.saturating_sub(burst).max(self.start);
+        match self.locate(target) {
+            None => self.end,
+            Some(_) => self
+                .chunks_from(target)
+                .find(|c| c.offset >= target)
+                .map_or(self.end, |c| c.offset),
+        }
+    }
+}
+
+/// A mount's published state; shared by the ingest thread (writer) and all workers (readers).
+pub(crate) struct Store {
+    current: ArcSwap<Snapshot>,
+}
+
+impl Store {
+    pub fn load(&self) -> arc_swap::Guard<Arc<Snapshot>> {
+        self.current.load()
+    }
+    pub fn load_full(&self) -> Arc<Snapshot> {
+        self.current.load_full()
+    }
+}
+
+/// The ingest thread's side of a store: the mutable build state behind the published snapshots.
+pub(crate) struct StoreWriter {
+    store: Arc<Store>,
+    sealed: Vec<Arc<Segment>>,
+    sealed_shared: Arc<[Arc<Segment>]>,
+    open: Vec<Chunk>,
+    open_bytes: usize,
+    start: u64,
+    end: u64,
+    state: SourceState,
+    info: Arc<StreamInfo>,
+    /// Bytes behind the live edge that must stay readable (the larger of burst and lag limit).
+    window: u64,
+}
+
+impl StoreWriter {
+    pub fn new(window: u64) -> Self {
+        let info = Arc::new(StreamInfo::default());
+        let store = Arc::new(Store {
+            current: ArcSwap::from_pointee(Snapshot::empty(0, info.clone(), SourceState::Closed)),
+        });
+        StoreWriter {
+            store,
+            sealed: Vec::new(),
+            sealed_shared: Arc::from(Vec::new()),
+            open: Vec::new(),
+            open_bytes: 0,
+            start: 0,
+            end: 0,
+            state: SourceState::Closed,
+            info,
+            window,
+        }
+    }
+
+    pub fn store(&self) -> &Arc<Store> {
+        &self.store
+    }
+
+    pub fn state(&self) -> &SourceState {
+        &self.state
+    }
+
+    /// Appends one chunk and publishes the new snapshot.
+    pub fn append(&mut self, data: Bytes, arrived: Instant) {
+        if data.is_empty() {
+            return;
+        }
+        let len = data.len();
+        self.open.push(Chunk {
+            offset: self.end,
+            data,
+            arrived,
+        });
+        self.open_bytes += len;
+        self.end += len as u64;
+        if self.open.len() >= SEGMENT_MAX_CHUNKS || self.open_bytes >= SEGMENT_MAX_BYTES {
+            let seg = Arc::new(Segment {
+                chunks: std::mem::take(&mut self.open),
+            });
+            self.open_bytes = 0;
+            self.sealed.push(seg);
+            self.evict();
+            self.sealed_shared = Arc::from(self.sealed.as_slice());
+        }
+        self.publish();
+    }
+
+    /// Drops the oldest sealed segments that lie entirely beyond the window.
+    fn evict(&mut self) {
+        let mut drop = 0;
+        while drop + 1 < self.sealed.len() + usize::from(!self.open.is_empty()) {
+            let next_start = self
+                .sealed
+                .get(drop + 1)
+                .map_or_else(|| self.open[0].offset, |s| s.start());
+            if self.end - next_start >= self.window {
+                drop += 1;
+            } else {
+                break;
+            }
+        }
+        if drop > 0 {
+            self.sealed.drain(..drop);
+        }
+        self.start = self
+            .sealed
+            .first()
+            .map(|s| s.start())
+            .or_else(|| self.open.first().map(|c| c.offset))
+            .unwrap_or(self.end);
+    }
+
+    /// A source took the mount: new stream info, state Live.
+    pub fn go_live(&mut self, info: StreamInfo) {
+        self.info = Arc::new(info);
+        self.state = SourceState::Live;
+        self.publish();
+    }
+
+    pub fn set_state(&mut self, state: SourceState) {
+        self.state = state;
+        if matches!(self.state, SourceState::Closed | SourceState::MovedTo(_)) {
+            // Nobody may read a closed mount's bytes again: free them now, keep the offsets.
+            self.sealed.clear();
+            self.sealed_shared = Arc::from(Vec::new());
+            self.open.clear();
+            self.open_bytes = 0;
+            self.start = self.end;
+        }
+        self.publish();
+    }
+
+    fn publish(&mut self) {
+        let snap = Snapshot {
+            sealed: self.sealed_shared.clone(),
+            open: Arc::new(Segment {
+                chunks: self.open.clone(),
+            }),
+            start: self.start,
+            end: self.end,
+            state: self.state.clone(),
+            info: self.info.clone(),
+        };
+        self.store.current.store(Arc::new(snap));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn writer(window: u64) -> StoreWriter {
+        let mut w = StoreWriter::new(window);
+        w.go_live(StreamInfo::default());
+        w
+    }
+
+    fn collect(snap: &Snapshot, pos: u64) -> Vec<u8> {
+        let mut out = Vec::new();
+        let mut slices = Vec::new();
+        snap.gather(pos, &mut slices, usize::MAX, usize::MAX);
+        for s in &slices {
+            out.extend_from_slice(s);
+        }
+        out
+    }
+
+    fn pattern(n: usize, from: u64) -> Bytes {
+        Bytes::from(
+            (0..n as u64)
+                .map(|i| ((from + i) % 251) as u8)
+                .collect::<Vec<_>>(),
+        )
+    }
+
+    #[test]
+    fn reads_every_byte_from_any_position_across_segments() {
+        let mut w = writer(1 << 30);
+        let now = Instant::now();
+        let mut off = 0u64;
+        for i in 0..300 {
+            let n = 1 + (i * 37) % 500;
+            w.append(pattern(n, off), now);
+            off += n as u64;
+        }
+        let snap = w.store().load_full();
+        assert!(snap.sealed.len() >= 4, "test must span several segments");
+        assert_eq!(snap.end, off);
+        for pos in [0, 1, 499, 500, 12_345, off - 1] {
+            let got = collect(&snap, pos);
+            assert_eq!(got.len() as u64, off - pos, "length from {pos}");
+            assert_eq!(
+                got,
+                pattern((off - pos) as usize, pos).to_vec(),
+                "bytes from {pos}"
+            );
+        }
+        assert!(collect(&snap, off).is_empty());
+    }
+
+    #[test]
+    fn gather_respects_slice_and_byte_limits() {
+        let mut w = writer(1 << 30);
+        for _ in 0..10 {
+            w.append(Bytes::from(vec![7u8; 100]), Instant::now());
+        }
+        let snap = w.store().load_full();
+        let mut v = Vec::new();
+        assert_eq!(snap.gather(50, &mut v, 3, usize::MAX), 250);
+        assert_eq!(v.len(), 3);
+        v.clear();
+        assert_eq!(snap.gather(0, &mut v, 64, 150), 200);
+    }
+
+    #[test]
+    fn retention_is_bounded_by_the_window() {
+        let window = 10_000u64;
+        let mut w = writer(window);
+        for _ in 0..10_000 {
+            w.append(Bytes::from(vec![1u8; 333]), Instant::now());
+            let snap = w.store().load_full();
+            // The window stays readable...
+            assert!(snap.retained_bytes() >= window.min(snap.end));
+            // ...and no more than one sealed segment plus the open one lies beyond it.
+            assert!(
+                snap.retained_bytes() <= window + 2 * SEGMENT_MAX_BYTES as u64,
+                "retained {} for window {window}",
+                snap.retained_bytes()
+            );
+        }
+    }
+
+    #[test]
+    fn positions_before_the_window_are_evicted() {
+        let mut w = writer(1000);
+        for _ in 0..1000 {
+            w.append(Bytes::from(vec![0u8; 100]), Instant::now());
+        }
+        let snap = w.store().load_full();
+        assert_eq!(snap.position(0), Position::Evicted);
+        assert_eq!(snap.position(snap.end), Position::AtEdge);
+        assert_eq!(snap.position(snap.end - 1), Position::Behind);
+    }
+
+    #[test]
+    fn join_point_is_a_chunk_boundary_within_burst() {
+        let mut w = writer(1 << 20);
+        let mut boundaries = vec![];
+        for i in 0..200 {
+            boundaries.push(w.store().load().end);
+            w.append(Bytes::from(vec![0u8; 100 + i]), Instant::now());
+        }
+        let snap = w.store().load_full();
+        let jp = snap.join_point(5000);
+        assert!(boundaries.contains(&jp), "{jp} is not a chunk boundary");
+        assert!(snap.end - jp <= 5000);
+        assert!(
+            snap.end - jp > 5000 - 300,
+            "burst too small: {}",
+            snap.end - jp
+        );
+        assert_eq!(snap.join_point(0), snap.end);
+        assert_eq!(snap.join_point(u64::MAX), 0);
+    }
+
+    #[test]
+    fn offsets_continue_across_a_source_restart_and_close_frees_data() {
+        let mut w = writer(1 << 20);
+        w.append(Bytes::from_static(b"abc"), Instant::now());
+        w.set_state(SourceState::Gone(Instant::now()));
+        w.go_live(StreamInfo::default());
+        w.append(Bytes::from_static(b"def"), Instant::now());
+        let snap = w.store().load_full();
+        assert_eq!(collect(&snap, 0), b"abcdef");
+        w.set_state(SourceState::Closed);
+        let snap = w.store().load_full();
+        assert_eq!(snap.retained_bytes(), 0);
+        assert_eq!(snap.end, 6);
+    }
+
+    #[test]
+    fn arrival_is_that_of_the_chunk_holding_the_position() {
+        let mut w = writer(1 << 20);
+        let t0 = Instant::now();
+        let t1 = t0 + std::time::Duration::from_millis(5);
+        w.append(Bytes::from_static(b"aaaa"), t0);
+        w.append(Bytes::from_static(b"bbbb"), t1);
+        let snap = w.store().load_full();
+        assert_eq!(snap.arrival_of(2), Some(t0));
+        assert_eq!(snap.arrival_of(4), Some(t1));
+        assert_eq!(snap.arrival_of(8), None);
+    }
+}
