@@ -410,19 +410,8 @@ impl FanOut {
         let mut moves = Vec::new();
         for shard in &mut self.shards {
             let snap = shard.mount.store.load();
-            match &snap.state {
-                SourceState::Closed => {
-                    drop_all(shard, Disconnect::SourceGone);
-                    continue;
-                }
-                SourceState::MovedTo(fallback) => {
-                    moves.push((shard.id, fallback.clone()));
-                    continue;
-                }
-                SourceState::Live | SourceState::Gone(_) => {}
-            }
             // With the source gone nothing more is coming to coalesce with: flush everything.
-            let force = force || matches!(snap.state, SourceState::Gone(_));
+            let force = force || snap.state != SourceState::Live;
             let settings = &shard.mount.settings;
             let mut gathered = Gathered::new();
             let mut tally = Tally::default();
@@ -440,6 +429,12 @@ impl FanOut {
             shard.sent_bytes.inc_by(tally.bytes);
             for (key, why) in dropped {
                 remove(shard, key, why);
+            }
+            // The mount ended: after that last flush, its listeners leave or move on.
+            match &snap.state {
+                SourceState::Closed => drop_all(shard, Disconnect::SourceGone),
+                SourceState::MovedTo(fallback) => moves.push((shard.id, fallback.clone())),
+                SourceState::Live | SourceState::Gone(_) => {}
             }
         }
         for (shard_id, fallback) in moves {

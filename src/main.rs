@@ -1,7 +1,7 @@
 //! The `fanstream` binary: flags over the config file over the embedded defaults, then the server
 //! until SIGTERM (graceful drain) or SIGINT (stop at once).
 
-use std::io::Read;
+use std::io::{IsTerminal, Read};
 use std::net::{SocketAddr, TcpListener};
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -50,6 +50,7 @@ fn main() -> ExitCode {
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
         )
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
         .init();
     let args = Args::parse();
     match run(args) {

@@ -312,16 +312,10 @@ impl StoreWriter {
         self.publish();
     }
 
+    /// Publishes a new source state. A closed mount keeps its bytes so that listeners get a last
+    /// flush; they are freed with the last snapshot once every worker has let the mount go.
     pub fn set_state(&mut self, state: SourceState) {
         self.state = state;
-        if matches!(self.state, SourceState::Closed | SourceState::MovedTo(_)) {
-            // Nobody may read a closed mount's bytes again: free them now, keep the offsets.
-            self.sealed.clear();
-            self.sealed_shared = Arc::from(Vec::new());
-            self.open.clear();
-            self.open_bytes = 0;
-            self.start = self.end;
-        }
         self.publish();
     }
 
@@ -459,7 +453,7 @@ mod tests {
     }
 
     #[test]
-    fn offsets_continue_across_a_source_restart_and_close_frees_data() {
+    fn offsets_continue_across_a_source_restart() {
         let mut w = writer(1 << 20);
         w.append(Bytes::from_static(b"abc"), Instant::now());
         w.set_state(SourceState::Gone(Instant::now()));
@@ -467,10 +461,7 @@ mod tests {
         w.append(Bytes::from_static(b"def"), Instant::now());
         let snap = w.store().load_full();
         assert_eq!(collect(&snap, 0), b"abcdef");
-        w.set_state(SourceState::Closed);
-        let snap = w.store().load_full();
-        assert_eq!(snap.retained_bytes(), 0);
-        assert_eq!(snap.end, 6);
+        assert_eq!(snap.state, SourceState::Live);
     }
 
     #[test]

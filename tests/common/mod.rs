@@ -1,0 +1,368 @@
+//! Shared test support: an in-process server on loopback ephemeral ports, raw source and listener
+//! clients, a verifiable byte pattern, and waiting on /metrics with deadlines.
+#![allow(dead_code)] // each test binary uses its own part of this module
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::time::{Duration, Instant};
+
+use base64::Engine;
+use fanstream::{Config, Server, Stop};
+
+pub const PASSWORD: &str = "test-secret";
+/// Generous: CI machines are shared and slow; conditions normally hold in milliseconds.
+pub const DEADLINE: Duration = Duration::from_secs(30);
+
+pub struct TestServer {
+    pub server: Option<Server>,
+    pub addr: SocketAddr,
+    pub admin: SocketAddr,
+}
+
+impl TestServer {
+    /// Starts a server with test defaults (2 unpinned workers, no demo, a known password), then
+    /// lets `adjust` change the config.
+    pub fn start(adjust: impl FnOnce(&mut Config)) -> TestServer {
+        let mut config = Config::default();
+        config.workers = 2;
+        config.pin_workers = false;
+        config.demo = false;
+        config.source_password = Some(PASSWORD.into());
+        config.defaults.source_grace_secs = 1;
+        adjust(&mut config);
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let admin = TcpListener::bind("127.0.0.1:0").unwrap();
+        let server = Server::start(config, listener, Some(admin)).expect("server starts");
+        TestServer {
+            addr: server.listen_addr(),
+            admin: server.admin_addr().unwrap(),
+            server: Some(server),
+        }
+    }
+
+    pub fn metrics(&self) -> String {
+        let (_, _, body) = request(self.admin, b"GET /metrics HTTP/1.0\r\n\r\n");
+        String::from_utf8(body).unwrap()
+    }
+
+    /// Sum of a metric's samples whose labels include all of `labels` (e.g. `mount="/live"`).
+    pub fn metric(&self, name: &str, labels: &[&str]) -> f64 {
+        metric_value(&self.metrics(), name, labels)
+    }
+
+    /// Waits until the metric satisfies `ok`, failing the test with the last value at the deadline.
+    pub fn wait_metric(&self, name: &str, labels: &[&str], ok: impl Fn(f64) -> bool) -> f64 {
+        let start = Instant::now();
+        loop {
+            let v = self.metric(name, labels);
+            if ok(v) {
+                return v;
+            }
+            assert!(
+                start.elapsed() < DEADLINE,
+                "timed out waiting on {name}{labels:?}; last value {v}"
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    pub fn stop(&mut self, how: Stop) {
+        if let Some(s) = self.server.take() {
+            s.stop(how);
+            s.join();
+        }
+    }
+}
+
+impl Drop for TestServer {
+    fn drop(&mut self) {
+        self.stop(Stop::Now);
+    }
+}
+
+pub fn metric_value(text: &str, name: &str, labels: &[&str]) -> f64 {
+    text.lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter_map(|l| {
+            let (series, value) = l.rsplit_once(' ')?;
+            let (metric, rest) = series.split_once('{').unwrap_or((series, ""));
+            (metric == name && labels.iter().all(|lab| rest.contains(lab)))
+                .then(|| value.parse::<f64>().ok())?
+        })
+        .sum()
+}
+
+/// Polls `cond` until it holds or the deadline passes.
+pub fn wait_until(what: &str, mut cond: impl FnMut() -> bool) {
+    let start = Instant::now();
+    while !cond() {
+        assert!(start.elapsed() < DEADLINE, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// Sends raw bytes, reads the whole answer until the server closes: (status, head, body).
+pub fn request(addr: SocketAddr, raw: &[u8]) -> (u16, String, Vec<u8>) {
+    let mut s = TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(DEADLINE)).unwrap();
+    s.write_all(raw).unwrap();
+    let mut all = Vec::new();
+    let _ = s.read_to_end(&mut all);
+    split_response(&all)
+}
+
+pub fn split_response(all: &[u8]) -> (u16, String, Vec<u8>) {
+    let end = find(all, b"\r\n\r\n").unwrap_or_else(|| {
+        panic!(
+            "no complete response head in {:?}",
+            String::from_utf8_lossy(all)
+        )
+    });
+    let head = String::from_utf8_lossy(&all[..end + 4]).to_string();
+    let status = head
+        .split(' ')
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| panic!("no status in {head:?}"));
+    (status, head, all[end + 4..].to_vec())
+}
+
+pub fn find(hay: &[u8], needle: &[u8]) -> Option<usize> {
+    hay.windows(needle.len()).position(|w| w == needle)
+}
+
+pub fn basic(user: &str, pass: &str) -> String {
+    base64::engine::general_purpose::STANDARD.encode(format!("{user}:{pass}"))
+}
+
+/// A source connected with `PUT`, past its `200 OK`.
+pub struct Source {
+    pub stream: TcpStream,
+}
+
+impl Source {
+    pub fn connect(addr: SocketAddr, mount: &str) -> Source {
+        let head = format!(
+            "PUT {mount} HTTP/1.1\r\nHost: test\r\nAuthorization: Basic {}\r\nContent-Type: audio/mpeg\r\nIce-Name: Test Radio\r\nIce-Genre: Test\r\nIce-Bitrate: 128\r\n\r\n",
+            basic("source", PASSWORD)
+        );
+        Source::connect_raw(addr, head.as_bytes())
+    }
+
+    /// Sends `head` and reads the answer up to the end of its head; panics unless it is 200.
+    pub fn connect_raw(addr: SocketAddr, head: &[u8]) -> Source {
+        let mut stream = TcpStream::connect(addr).unwrap();
+        stream.set_read_timeout(Some(DEADLINE)).unwrap();
+        stream.write_all(head).unwrap();
+        let answer = read_head(&mut stream);
+        assert!(
+            answer.starts_with("HTTP/1.0 200"),
+            "source refused: {answer:?}"
+        );
+        Source { stream }
+    }
+
+    pub fn send(&mut self, bytes: &[u8]) {
+        self.stream.write_all(bytes).unwrap();
+    }
+
+    /// Sends the pattern from `from` to `to` in pieces of `piece` bytes, pausing `pause` between.
+    pub fn send_pattern(&mut self, from: u64, to: u64, piece: usize, pause: Duration) {
+        let mut at = from;
+        while at < to {
+            let n = (piece as u64).min(to - at);
+            self.send(&pattern(at, n as usize));
+            at += n;
+            if !pause.is_zero() {
+                std::thread::sleep(pause);
+            }
+        }
+    }
+}
+
+/// Reads a response head byte by byte, so that no body byte is consumed.
+pub fn read_head(stream: &mut TcpStream) -> String {
+    let mut head = Vec::new();
+    let mut b = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        match stream.read(&mut b) {
+            Ok(1) => head.push(b[0]),
+            other => panic!(
+                "connection ended inside a response head ({other:?}): {:?}",
+                String::from_utf8_lossy(&head)
+            ),
+        }
+    }
+    String::from_utf8(head).unwrap()
+}
+
+/// A listener past its response head.
+pub struct Listener {
+    pub stream: TcpStream,
+    pub head: String,
+    pub body: Vec<u8>,
+}
+
+impl Listener {
+    pub fn connect(addr: SocketAddr, mount: &str) -> Listener {
+        let stream = TcpStream::connect(addr).unwrap();
+        Listener::on(stream, mount)
+    }
+
+    /// A listener whose receive buffer is tiny, so that it stalls quickly when it stops reading.
+    pub fn connect_small_buffer(addr: SocketAddr, mount: &str) -> Listener {
+        let sock =
+            socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+        sock.set_recv_buffer_size(4096).unwrap();
+        sock.connect(&addr.into()).unwrap();
+        Listener::on(sock.into(), mount)
+    }
+
+    fn on(mut stream: TcpStream, mount: &str) -> Listener {
+        stream.set_read_timeout(Some(DEADLINE)).unwrap();
+        write!(
+            stream,
+            "GET {mount} HTTP/1.1\r\nHost: test\r\nUser-Agent: fanstream-test\r\n\r\n"
+        )
+        .unwrap();
+        let head = read_head(&mut stream);
+        assert!(
+            head.starts_with("HTTP/1.0 200 OK\r\n"),
+            "listener refused: {head:?}"
+        );
+        Listener {
+            stream,
+            head,
+            body: Vec::new(),
+        }
+    }
+
+    /// Reads until at least `n` body bytes have arrived.
+    pub fn read_at_least(&mut self, n: usize) {
+        let mut buf = vec![0u8; 64 * 1024];
+        while self.body.len() < n {
+            match self.stream.read(&mut buf) {
+                Ok(0) => panic!("stream ended after {} of {n} bytes", self.body.len()),
+                Ok(k) => self.body.extend_from_slice(&buf[..k]),
+                Err(e) => panic!("read failed after {} of {n} bytes: {e}", self.body.len()),
+            }
+        }
+    }
+
+    /// Reads until the server closes the stream.
+    pub fn read_to_end(&mut self) {
+        let mut buf = vec![0u8; 64 * 1024];
+        loop {
+            match self.stream.read(&mut buf) {
+                Ok(0) => return,
+                Ok(k) => self.body.extend_from_slice(&buf[..k]),
+                Err(e) => panic!("read failed after {} bytes: {e}", self.body.len()),
+            }
+        }
+    }
+}
+
+// The verifiable stream: 8-byte little-endian words, word k = k * ODD. Any 16 received bytes tell
+// their absolute offset (multiplying by the inverse recovers k), so a listener's capture is
+// checked byte for byte against the stream from its own join point.
+const ODD: u64 = 0x9E37_79B9_7F4A_7C15;
+
+fn inverse(a: u64) -> u64 {
+    // Newton's iteration for the inverse of an odd number modulo 2^64.
+    let mut x = a;
+    for _ in 0..6 {
+        x = x.wrapping_mul(2u64.wrapping_sub(a.wrapping_mul(x)));
+    }
+    x
+}
+
+/// The stream's bytes from `offset`, `len` of them.
+pub fn pattern(offset: u64, len: usize) -> Vec<u8> {
+    let mut out = Vec::with_capacity(len + 16);
+    let mut k = offset / 8;
+    let skip = (offset % 8) as usize;
+    while out.len() < len + skip {
+        out.extend_from_slice(&k.wrapping_mul(ODD).to_le_bytes());
+        k += 1;
+    }
+    out.drain(..skip);
+    out.truncate(len);
+    out
+}
+
+/// The absolute offset of the stream position `bytes` starts at, if it is a pattern position.
+pub fn locate(bytes: &[u8]) -> Option<u64> {
+    let inv = inverse(ODD);
+    for align in 0..8usize {
+        if bytes.len() < align + 16 {
+            return None;
+        }
+        let word = |i: usize| u64::from_le_bytes(bytes[i..i + 8].try_into().unwrap());
+        let k = word(align).wrapping_mul(inv);
+        if k < (1 << 40) && word(align + 8) == (k + 1).wrapping_mul(ODD) {
+            let offset = (k * 8).checked_sub(align as u64)?;
+            return Some(offset);
+        }
+    }
+    None
+}
+
+/// Asserts that `received` is exactly the stream from its join point to `end`; returns the join
+/// point.
+pub fn assert_exact_suffix(received: &[u8], end: u64, who: &str) -> u64 {
+    let start = locate(received).unwrap_or_else(|| {
+        panic!(
+            "{who}: received {} bytes that are not the stream",
+            received.len()
+        )
+    });
+    assert_eq!(
+        start + received.len() as u64,
+        end,
+        "{who}: joined at {start}, received {} bytes, stream ended at {end}",
+        received.len()
+    );
+    let expected = pattern(start, received.len());
+    if let Some(i) = received.iter().zip(&expected).position(|(a, b)| a != b) {
+        panic!("{who}: byte {i} after join point {start} differs");
+    }
+    start
+}
+
+/// Splits `received` into runs that are each exact pieces of the stream, in increasing order
+/// (a listener moved to the live edge shows several): returns (offset, len) per run.
+pub fn exact_runs(received: &[u8]) -> Vec<(u64, usize)> {
+    let mut runs = Vec::new();
+    let mut at = 0;
+    while at < received.len() {
+        let rest = &received[at..];
+        let start = locate(rest).unwrap_or_else(|| panic!("bytes at {at} are not the stream"));
+        let expected = pattern(start, rest.len());
+        let len = rest
+            .iter()
+            .zip(&expected)
+            .position(|(a, b)| a != b)
+            .unwrap_or(rest.len());
+        if let Some(&(prev, plen)) = runs.last() {
+            assert!(
+                start >= prev + plen as u64,
+                "run at {start} goes back before {}",
+                prev + plen as u64
+            );
+        }
+        runs.push((start, len));
+        at += len;
+    }
+    runs
+}
+
+#[test]
+fn pattern_offsets_are_recovered_at_any_alignment() {
+    for off in [0u64, 1, 7, 8, 9, 1000, 123_457] {
+        let p = pattern(off, 100);
+        assert_eq!(locate(&p), Some(off), "offset {off}");
+    }
+    let mut joined = pattern(5, 50);
+    joined.extend(pattern(300, 50));
+    assert_eq!(exact_runs(&joined), vec![(5, 50), (300, 50)]);
+}
