@@ -23,11 +23,13 @@ impl TestServer {
     /// Starts a server with test defaults (2 unpinned workers, no demo, a known password), then
     /// lets `adjust` change the config.
     pub fn start(adjust: impl FnOnce(&mut Config)) -> TestServer {
-        let mut config = Config::default();
-        config.workers = 2;
-        config.pin_workers = false;
-        config.demo = false;
-        config.source_password = Some(PASSWORD.into());
+        let mut config = Config {
+            workers: 2,
+            pin_workers: false,
+            demo: false,
+            source_password: Some(PASSWORD.into()),
+            ..Config::default()
+        };
         config.defaults.source_grace_secs = 1;
         adjust(&mut config);
         let listener = TcpListener::bind("127.0.0.1:0").unwrap();
