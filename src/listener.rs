@@ -267,10 +267,13 @@ enum Served {
     Drop(Disconnect),
 }
 
-/// Slices gathered for one position, reused by every listener at that position in a round.
+/// Lookups for one position, reused by every listener at that position in a round: listeners
+/// that keep up all stand at the same offset, so a round costs one lookup, not one per listener.
 struct Gathered<'s> {
     pos: Option<u64>,
     slices: Vec<IoSlice<'s>>,
+    /// When the byte at this position arrived.
+    arrival: Option<(u64, Option<Instant>)>,
 }
 
 impl<'s> Gathered<'s> {
@@ -278,6 +281,18 @@ impl<'s> Gathered<'s> {
         Gathered {
             pos: None,
             slices: Vec::with_capacity(MAX_WRITE_SLICES),
+            arrival: None,
+        }
+    }
+
+    fn arrival(&mut self, snap: &Snapshot, pos: u64) -> Option<Instant> {
+        match self.arrival {
+            Some((p, at)) if p == pos => at,
+            _ => {
+                let at = snap.arrival_of(pos);
+                self.arrival = Some((pos, at));
+                at
+            }
         }
     }
 
@@ -594,7 +609,7 @@ fn serve<'s>(
     }
     if !force && settings.max_write_delay_ms > 0 && lag < settings.min_write_bytes as u64 {
         let delay = Duration::from_millis(settings.max_write_delay_ms);
-        if let Some(due) = snap.arrival_of(l.pos).map(|t| t + delay) {
+        if let Some(due) = gathered.arrival(snap, l.pos).map(|t| t + delay) {
             if due > now {
                 return Served::Idle(Some(due));
             }

@@ -51,6 +51,9 @@ fn main() -> ExitCode {
         )
         .with_writer(std::io::stderr)
         .with_ansi(std::io::stderr().is_terminal())
+        // A closed log pipe must not break serving: by default a failed log write is reported
+        // with eprintln!, which panics when stderr is gone.
+        .log_internal_errors(false)
         .init();
     let args = Args::parse();
     match run(args) {

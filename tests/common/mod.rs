@@ -2,6 +2,8 @@
 //! clients, a verifiable byte pattern, and waiting on /metrics with deadlines.
 #![allow(dead_code)] // each test binary uses its own part of this module
 
+pub mod process;
+
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::time::{Duration, Instant};

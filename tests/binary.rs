@@ -1,0 +1,213 @@
+//! The `fanstream` binary as an operator runs it: flags, the generated password, the demo, signals.
+
+mod common;
+
+use std::io::Write;
+use std::net::SocketAddr;
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use common::process::{wait_line, ChildGuard};
+use common::*;
+
+fn fanstream() -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_fanstream"));
+    c.env_remove("FANSTREAM_SOURCE_PASSWORD")
+        .env("FANSTREAM_LOG", "info")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    c
+}
+
+/// Starts the binary on ephemeral loopback ports; returns it, its address and its stdout lines.
+fn start(
+    args: &[&str],
+    env: &[(&str, &str)],
+) -> (ChildGuard, SocketAddr, std::sync::mpsc::Receiver<String>) {
+    let mut cmd = fanstream();
+    cmd.args([
+        "--listen",
+        "127.0.0.1:0",
+        "--admin-listen",
+        "127.0.0.1:0",
+        "--no-pin",
+    ])
+    .args(args);
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    let mut child = ChildGuard::spawn("fanstream", &mut cmd);
+    let c = child.child.as_mut().unwrap();
+    let stdout = ChildGuard::lines(c.stdout.take().unwrap());
+    let stderr = ChildGuard::lines(c.stderr.take().unwrap());
+    let started = wait_line(&stderr, "the start-up line", |l| {
+        l.contains("fanstream started")
+    });
+    let addr = started
+        .split_whitespace()
+        .find_map(|w| w.strip_prefix("listen_addr="))
+        .and_then(|a| a.parse().ok())
+        .unwrap_or_else(|| panic!("no listen address in {started:?}"));
+    (child, addr, stdout)
+}
+
+#[test]
+fn help_documents_every_common_setting() {
+    let out = fanstream().arg("--help").output().unwrap();
+    assert!(out.status.success());
+    let help = String::from_utf8_lossy(&out.stdout);
+    for flag in [
+        "--config",
+        "--listen",
+        "--admin-listen",
+        "--workers",
+        "--source-password",
+        "FANSTREAM_SOURCE_PASSWORD",
+        "--no-demo",
+        "--no-pin",
+    ] {
+        assert!(
+            help.contains(flag),
+            "--help does not mention {flag}:\n{help}"
+        );
+    }
+}
+
+#[test]
+fn without_a_password_one_is_generated_and_the_demo_plays_then_sigterm_exits_cleanly() {
+    let (mut child, addr, stdout) = start(&[], &[]);
+    let line = wait_line(&stdout, "the generated password", |l| {
+        l.contains("generated for this run")
+    });
+    let password = line.rsplit(' ').next().unwrap().to_string();
+    assert!(password.len() >= 16, "weak generated password {password:?}");
+
+    // The demo plays at once: a WAV header, then PCM.
+    let mut demo = Listener::connect(addr, "/demo");
+    assert!(
+        demo.head.contains("Content-Type: audio/wav"),
+        "{}",
+        demo.head
+    );
+    demo.read_at_least(44 + 3200);
+    assert_eq!(&demo.body[..4], b"RIFF");
+
+    // The generated password admits a source; a wrong one does not.
+    let put = |pw: &str| {
+        format!(
+            "PUT /live HTTP/1.1\r\nAuthorization: Basic {}\r\nContent-Type: audio/mpeg\r\n\r\n",
+            basic("source", pw)
+        )
+    };
+    let (status, _, _) = request(addr, put("hackme").as_bytes());
+    assert_eq!(status, 401);
+    let mut source = Source::connect_raw(addr, put(&password).as_bytes());
+    source.send(b"some bytes");
+
+    child.signal(libc::SIGTERM);
+    let status = child.wait_for(Duration::from_secs(15));
+    assert!(status.success(), "SIGTERM exit: {status}");
+    demo.read_to_end(); // the server closed the listener
+}
+
+#[test]
+fn the_password_can_come_from_the_environment_and_sigint_stops_at_once() {
+    let (mut child, addr, stdout) =
+        start(&["--no-demo"], &[("FANSTREAM_SOURCE_PASSWORD", "from-env")]);
+    let put = format!(
+        "PUT /live HTTP/1.1\r\nAuthorization: Basic {}\r\nContent-Type: audio/mpeg\r\n\r\n",
+        basic("source", "from-env")
+    );
+    let mut source = Source::connect_raw(addr, put.as_bytes());
+    source.send(&pattern(0, 1000));
+    let (status, _, _) = request(addr, b"GET /demo HTTP/1.0\r\n\r\n");
+    assert_eq!(status, 404, "--no-demo must turn the demo off");
+    child.signal(libc::SIGINT);
+    let status = child.wait_for(Duration::from_secs(5));
+    assert!(status.success(), "SIGINT exit: {status}");
+    assert!(
+        stdout.try_iter().all(|l| !l.contains("generated")),
+        "a password was generated although one was given"
+    );
+}
+
+#[test]
+fn a_bad_config_file_is_refused_naming_the_setting() {
+    let dir = common::process::scratch_dir("bad_config");
+    let path = dir.join("fanstream.toml");
+    let mut f = std::fs::File::create(&path).unwrap();
+    writeln!(f, "[defaults]\nburst_bytes = 2000000").unwrap();
+    let out = fanstream()
+        .args([
+            "--source-password",
+            "x",
+            "--listen",
+            "127.0.0.1:0",
+            "--config",
+        ])
+        .arg(&path)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("defaults.burst_bytes"), "{err}");
+
+    writeln!(f, "listen_addr = \"oops\"").unwrap();
+    let out = fanstream().arg("--config").arg(&path).output().unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("listen_addr"));
+}
+
+#[test]
+fn flags_override_the_config_file() {
+    let dir = common::process::scratch_dir("flags_override");
+    let path = dir.join("fanstream.toml");
+    std::fs::write(
+        &path,
+        "listen = \"127.0.0.1:1\"\nsource_password = \"file-pw\"\ndemo = true\n",
+    )
+    .unwrap();
+    let (_child, addr, _) = start(&["--config", path.to_str().unwrap(), "--no-demo"], &[]);
+    assert_ne!(addr.port(), 1, "--listen must override the file");
+    let (status, _, _) = request(addr, b"GET /demo HTTP/1.0\r\n\r\n");
+    assert_eq!(status, 404, "--no-demo must override demo = true");
+    let put = format!(
+        "PUT /live HTTP/1.1\r\nAuthorization: Basic {}\r\nContent-Type: audio/mpeg\r\n\r\n",
+        basic("source", "file-pw")
+    );
+    let _source = Source::connect_raw(addr, put.as_bytes());
+}
+
+#[test]
+fn serving_survives_a_closed_log_pipe() {
+    use std::io::{BufRead, BufReader};
+    let mut cmd = fanstream();
+    cmd.args([
+        "--listen",
+        "127.0.0.1:0",
+        "--admin-listen",
+        "none",
+        "--no-pin",
+        "--source-password",
+        "x",
+    ]);
+    let mut child = ChildGuard::spawn("fanstream", &mut cmd);
+    let stderr = child.child.as_mut().unwrap().stderr.take().unwrap();
+    let mut lines = BufReader::new(stderr).lines();
+    let started = lines
+        .by_ref()
+        .map_while(Result::ok)
+        .find(|l| l.contains("fanstream started"))
+        .expect("start-up line");
+    let addr: SocketAddr = started
+        .split_whitespace()
+        .find_map(|w| w.strip_prefix("listen_addr="))
+        .and_then(|a| a.parse().ok())
+        .unwrap();
+    drop(lines); // the operator's log pipe goes away
+    for _ in 0..3 {
+        let (status, _, _) = request(addr, b"GET /nothing HTTP/1.0\r\n\r\n");
+        assert_eq!(status, 404);
+    }
+}
