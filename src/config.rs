@@ -5,7 +5,7 @@
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
 
@@ -26,6 +26,9 @@ pub enum LagPolicy {
 pub struct MountSettings {
     /// Password a source must give for this mount. Default: the global `source_password`.
     pub source_password: Option<String>,
+    /// File holding this mount's source password (first line), instead of writing it in the
+    /// config. Default none.
+    pub source_password_file: Option<PathBuf>,
     /// Most listeners this mount admits at once. Default 0 = only the global limit.
     pub max_listeners: usize,
     /// How far behind the live edge a new listener starts. Default 65536 (64 KiB).
@@ -48,6 +51,7 @@ impl Default for MountSettings {
     fn default() -> Self {
         MountSettings {
             source_password: None,
+            source_password_file: None,
             max_listeners: 0,
             burst_bytes: 64 * 1024,
             max_lag_bytes: 512 * 1024,
@@ -72,6 +76,7 @@ impl MountSettings {
 #[serde(deny_unknown_fields)]
 struct MountOverrides {
     source_password: Option<String>,
+    source_password_file: Option<PathBuf>,
     max_listeners: Option<usize>,
     burst_bytes: Option<u64>,
     max_lag_bytes: Option<u64>,
@@ -88,6 +93,9 @@ impl MountOverrides {
             source_password: self
                 .source_password
                 .or_else(|| base.source_password.clone()),
+            source_password_file: self
+                .source_password_file
+                .or_else(|| base.source_password_file.clone()),
             max_listeners: self.max_listeners.unwrap_or(base.max_listeners),
             burst_bytes: self.burst_bytes.unwrap_or(base.burst_bytes),
             max_lag_bytes: self.max_lag_bytes.unwrap_or(base.max_lag_bytes),
@@ -120,8 +128,26 @@ pub struct Config {
     pub demo: bool,
     /// Path of the demo mount. Default `/demo`.
     pub demo_mount: String,
-    /// Most listeners the server admits at once. Default 100000.
+    /// File holding the global source password (first line). Default none.
+    pub source_password_file: Option<PathBuf>,
+    /// Most listeners the server admits at once; past it, 503. Default 100000.
     pub max_listeners: usize,
+    /// Most sources live at once (the demo counts); past it, 503. Default 100.
+    pub max_sources: usize,
+    /// Most open connections (listeners, sources, requests in progress). When every worker holds
+    /// its share, the acceptor stops accepting until one closes. Default 0 = the process's open
+    /// file limit less 64 for everything else.
+    pub max_connections: usize,
+    /// Most connections from one IP address; past it, 429. Default 0 = no limit (listeners behind
+    /// one NAT share an address).
+    pub max_connections_per_ip: usize,
+    /// Failed source logins from one address within `auth_failure_window_secs` before further
+    /// attempts get 429 until the window ends. Default 10.
+    pub auth_max_failures: u32,
+    /// Default 60.
+    pub auth_failure_window_secs: u64,
+    /// A listener that accepts no byte for this long is dropped. Default 30.
+    pub send_timeout_secs: u64,
     /// A request's head must arrive within this. Default 10.
     pub header_timeout_secs: u64,
     /// A source that sends nothing for this long is dropped. Default 10.
@@ -132,6 +158,10 @@ pub struct Config {
     pub defaults: MountSettings,
     /// Mounts declared in the file, by path, with their resolved settings.
     pub mounts: BTreeMap<String, MountSettings>,
+    /// Test hook, not settable from the file: serving listeners of this mount panics, and so
+    /// does a request for `<mount>/panic`, so tests can prove a panic costs one connection only.
+    #[doc(hidden)]
+    pub panic_injection_mount: Option<String>,
 }
 
 impl Default for Config {
@@ -145,12 +175,20 @@ impl Default for Config {
             source_password: None,
             demo: true,
             demo_mount: "/demo".into(),
+            source_password_file: None,
             max_listeners: 100_000,
+            max_sources: 100,
+            max_connections: 0,
+            max_connections_per_ip: 0,
+            auth_max_failures: 10,
+            auth_failure_window_secs: 60,
+            send_timeout_secs: 30,
             header_timeout_secs: 10,
             source_timeout_secs: 10,
             shutdown_grace_secs: 5,
             defaults: MountSettings::default(),
             mounts: BTreeMap::new(),
+            panic_injection_mount: None,
         }
     }
 }
@@ -167,6 +205,13 @@ struct FileConfig {
     source_password: Option<String>,
     demo: Option<bool>,
     demo_mount: Option<String>,
+    source_password_file: Option<PathBuf>,
+    max_sources: Option<usize>,
+    max_connections: Option<usize>,
+    max_connections_per_ip: Option<usize>,
+    auth_max_failures: Option<u32>,
+    auth_failure_window_secs: Option<u64>,
+    send_timeout_secs: Option<u64>,
     max_listeners: Option<usize>,
     header_timeout_secs: Option<u64>,
     source_timeout_secs: Option<u64>,
@@ -213,13 +258,74 @@ impl Config {
             source_password: file.source_password,
             demo: file.demo.unwrap_or(d.demo),
             demo_mount: file.demo_mount.unwrap_or(d.demo_mount),
+            source_password_file: file.source_password_file,
             max_listeners: file.max_listeners.unwrap_or(d.max_listeners),
+            max_sources: file.max_sources.unwrap_or(d.max_sources),
+            max_connections: file.max_connections.unwrap_or(d.max_connections),
+            max_connections_per_ip: file
+                .max_connections_per_ip
+                .unwrap_or(d.max_connections_per_ip),
+            auth_max_failures: file.auth_max_failures.unwrap_or(d.auth_max_failures),
+            auth_failure_window_secs: file
+                .auth_failure_window_secs
+                .unwrap_or(d.auth_failure_window_secs),
+            send_timeout_secs: file.send_timeout_secs.unwrap_or(d.send_timeout_secs),
             header_timeout_secs: file.header_timeout_secs.unwrap_or(d.header_timeout_secs),
             source_timeout_secs: file.source_timeout_secs.unwrap_or(d.source_timeout_secs),
             shutdown_grace_secs: file.shutdown_grace_secs.unwrap_or(d.shutdown_grace_secs),
             defaults,
             mounts,
+            panic_injection_mount: None,
         })
+    }
+
+    /// Reads the password files into the passwords they stand for, so that secrets can live
+    /// outside the config (mounted secrets, files readable only by the service user).
+    pub fn resolve_password_files(&mut self) -> Result<(), String> {
+        fn read(what: &str, path: &Path) -> Result<String, String> {
+            let text = std::fs::read_to_string(path)
+                .map_err(|e| format!("{what} = {}: {e}", path.display()))?;
+            let pw = text.lines().next().unwrap_or("").trim().to_string();
+            if pw.is_empty() {
+                return Err(format!(
+                    "{what} = {}: the file holds no password",
+                    path.display()
+                ));
+            }
+            Ok(pw)
+        }
+        if let Some(path) = &self.source_password_file {
+            self.source_password = Some(read("source_password_file", path)?);
+        }
+        if let Some(path) = &self.defaults.source_password_file {
+            self.defaults.source_password = Some(read("defaults.source_password_file", path)?);
+        }
+        for (mount, m) in self.mounts.iter_mut() {
+            if let Some(path) = &m.source_password_file {
+                m.source_password = Some(read(
+                    &format!("mounts.\"{mount}\".source_password_file"),
+                    path,
+                )?);
+            }
+        }
+        Ok(())
+    }
+
+    /// The connection limit in force: `max_connections`, or the open-file limit less a reserve.
+    pub fn connection_limit(&self) -> usize {
+        if self.max_connections > 0 {
+            return self.max_connections;
+        }
+        let mut lim = libc::rlimit {
+            rlim_cur: 0,
+            rlim_max: 0,
+        };
+        // SAFETY: getrlimit writes into the struct we pass and reads nothing else.
+        let rc = unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) };
+        if rc != 0 {
+            return 1024;
+        }
+        (lim.rlim_cur as usize).saturating_sub(64).max(16)
     }
 
     /// Settings for a mount: its own if declared, else the defaults.
@@ -264,6 +370,15 @@ impl Config {
         }
         if self.max_listeners == 0 {
             return Err("max_listeners must be at least 1".into());
+        }
+        if self.max_sources == 0 {
+            return Err("max_sources must be at least 1".into());
+        }
+        if self.send_timeout_secs == 0 {
+            return Err("send_timeout_secs must be at least 1".into());
+        }
+        if self.auth_max_failures == 0 {
+            return Err("auth_max_failures must be at least 1".into());
         }
         if let Some(p) = &self.source_password {
             if p.is_empty() {

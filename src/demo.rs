@@ -69,7 +69,7 @@ impl Tone {
 }
 
 pub(crate) async fn run(ingest: Rc<Ingest>) {
-    let path = ingest.shared().config.demo_mount.clone();
+    let path = ingest.shared().config.load().demo_mount.clone();
     let info = listener_info(
         "audio/wav",
         &[

@@ -12,6 +12,7 @@ use std::sync::atomic::AtomicUsize;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use arc_swap::ArcSwap;
 use bytes::{Bytes, BytesMut};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -23,6 +24,7 @@ use crate::mounts::Mount;
 use crate::server::{runtime, stopped, Shared};
 use crate::source::SourceConn;
 use crate::store::{SourceState, StoreWriter, StreamInfo};
+use crate::worker::refuse;
 
 /// Each read buffer allocation; reads fill it piece by piece and each piece is frozen into a
 /// chunk that shares the allocation, so small reads do not cost an allocation each.
@@ -49,6 +51,8 @@ pub(crate) struct Ingest {
 pub(crate) enum ClaimError {
     /// A source is live on the mount.
     InUse,
+    /// `max_sources` sources are live.
+    TooManySources,
 }
 
 /// A source's hold on a mount, from a successful claim.
@@ -66,13 +70,28 @@ impl Ingest {
     pub fn claim(&self, path: &str, info: StreamInfo) -> Result<Claim, ClaimError> {
         let mut entries = self.entries.borrow_mut();
         let shared = &self.shared;
+        let live = entries
+            .values()
+            .filter(|e| *e.writer.state() == SourceState::Live)
+            .count();
+        let taken = entries
+            .get(path)
+            .is_some_and(|e| *e.writer.state() == SourceState::Live);
+        if taken {
+            return Err(ClaimError::InUse);
+        }
+        if live >= shared.config.load().max_sources {
+            return Err(ClaimError::TooManySources);
+        }
         let entry = entries.entry(path.to_string()).or_insert_with(|| {
-            let settings = shared.config.mount(path);
-            let writer = StoreWriter::new(settings.window_bytes());
+            let config = shared.config.load();
+            let settings = config.mount(path);
+            let writer = StoreWriter::new();
             let mount = Arc::new(Mount {
                 path: path.to_string(),
                 store: writer.store().clone(),
-                settings,
+                settings: ArcSwap::from_pointee(settings),
+                inject_panic: config.panic_injection_mount.as_deref() == Some(path),
                 listeners: AtomicUsize::new(0),
             });
             shared.mounts.insert(mount.clone());
@@ -82,9 +101,6 @@ impl Ingest {
                 generation: 0,
             }
         });
-        if *entry.writer.state() == SourceState::Live {
-            return Err(ClaimError::InUse);
-        }
         entry.generation += 1;
         entry.writer.go_live(info);
         shared.metrics.source_up.with_label_values(&[path]).set(1);
@@ -108,7 +124,8 @@ impl Ingest {
             return false;
         };
         let len = data.len() as u64;
-        entry.writer.append(data, Instant::now());
+        let window = entry.mount.settings.load().window_bytes();
+        entry.writer.append(data, Instant::now(), window);
         let m = &self.shared.metrics;
         m.source_received_bytes
             .with_label_values(&[path])
@@ -133,7 +150,7 @@ impl Ingest {
                 return;
             };
             entry.writer.set_state(SourceState::Gone(Instant::now()));
-            Duration::from_secs(entry.mount.settings.source_grace_secs)
+            Duration::from_secs(entry.mount.settings.load().source_grace_secs)
         };
         let m = &self.shared.metrics;
         m.source_up.with_label_values(&[path]).set(0);
@@ -161,7 +178,7 @@ impl Ingest {
         {
             return;
         }
-        let next = match &entry.mount.settings.fallback_mount {
+        let next = match &entry.mount.settings.load().fallback_mount {
             Some(f) if f != path => SourceState::MovedTo(f.clone()),
             _ => SourceState::Closed,
         };
@@ -187,7 +204,7 @@ pub(crate) fn run(shared: Arc<Shared>, mut sources: mpsc::UnboundedReceiver<Sour
             shared: shared.clone(),
             entries: RefCell::new(HashMap::new()),
         });
-        if shared.config.demo {
+        if shared.config.load().demo {
             tokio::task::spawn_local(crate::demo::run(ingest.clone()));
         }
         let mut stop = shared.stop.clone();
@@ -221,13 +238,12 @@ async fn serve_source(ingest: Rc<Ingest>, conn: SourceConn) {
     };
     let claim = match ingest.claim(&mount, info) {
         Ok(c) => c,
-        Err(ClaimError::InUse) => {
-            shared.metrics.reject("mount_in_use");
-            tracing::info!(%peer, %mount, "refused source: mount in use");
-            let resp =
-                crate::http::response(403, "Forbidden", &[], "403 Forbidden: mount in use\n");
-            let _ = tokio::time::timeout(crate::worker::RESPONSE_TIMEOUT, stream.write_all(&resp))
-                .await;
+        Err(e) => {
+            let (status, phrase, reason) = match e {
+                ClaimError::InUse => (403, "Forbidden", "mount_in_use"),
+                ClaimError::TooManySources => (503, "Service Unavailable", "too_many_sources"),
+            };
+            refuse(&shared, &mut stream, peer, status, phrase, &[], reason).await;
             return;
         }
     };
@@ -259,7 +275,7 @@ async fn read_stream(
     chunked: bool,
     leftover: Vec<u8>,
 ) -> &'static str {
-    let timeout = Duration::from_secs(ingest.shared.config.source_timeout_secs);
+    let timeout = Duration::from_secs(ingest.shared.config.load().source_timeout_secs);
     let mut decoder = chunked.then(ChunkedDecoder::default);
     let mut buf = BytesMut::from(&leftover[..]);
     let mut decoded = BytesMut::new();

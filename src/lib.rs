@@ -25,6 +25,7 @@
 
 pub(crate) mod acceptor;
 pub(crate) mod admin;
+pub(crate) mod auth;
 pub(crate) mod chunked;
 pub mod config;
 pub(crate) mod demo;

@@ -29,12 +29,13 @@ use tokio::net::TcpStream;
 use tokio::sync::{mpsc, Notify};
 use tokio::task::JoinHandle;
 
+use crate::acceptor::ConnGuard;
 use crate::config::{LagPolicy, MountSettings};
 use crate::http::{valid_mount_path, Method, Request};
 use crate::mounts::Mount;
 use crate::server::{stopped, Shared, Stop};
 use crate::store::{Position, Snapshot, SourceState};
-use crate::worker::{refuse, ConnGuard, WorkerCtx, RESPONSE_TIMEOUT};
+use crate::worker::{refuse, WorkerCtx, RESPONSE_TIMEOUT};
 
 /// Most slices in one vectored write (Linux allows 1024; beyond a few dozen nothing is gained).
 const MAX_WRITE_SLICES: usize = 64;
@@ -56,6 +57,10 @@ pub(crate) enum Disconnect {
     SourceGone,
     /// The server is shutting down.
     Shutdown,
+    /// Its socket accepted no byte for `send_timeout_secs`.
+    SendTimeout,
+    /// Serving it panicked (a bug); only this listener is lost.
+    Panic,
 }
 
 impl Disconnect {
@@ -66,6 +71,8 @@ impl Disconnect {
             Disconnect::Slow => "slow",
             Disconnect::SourceGone => "source_gone",
             Disconnect::Shutdown => "shutdown",
+            Disconnect::SendTimeout => "send_timeout",
+            Disconnect::Panic => "panic",
         }
     }
 
@@ -109,11 +116,11 @@ impl ListenerGuard {
             gauge,
         };
         if enforce {
-            let max = mount.settings.max_listeners;
+            let max = mount.settings.load().max_listeners;
             if max > 0 && on_mount >= max {
                 return Err("mount_full");
             }
-            if total >= shared.config.max_listeners {
+            if total >= shared.config.load().max_listeners {
                 return Err("server_full");
             }
         }
@@ -149,12 +156,21 @@ pub(crate) async fn admit(
 ) {
     let shared = &ctx.shared;
     if !valid_mount_path(&req.path) {
-        refuse(ctx, &mut stream, peer, 400, "Bad Request", &[], "bad_path").await;
+        refuse(
+            &ctx.shared,
+            &mut stream,
+            peer,
+            400,
+            "Bad Request",
+            &[],
+            "bad_path",
+        )
+        .await;
         return;
     }
     let Some(mount) = shared.mounts.get(&req.path) else {
         refuse(
-            ctx,
+            &ctx.shared,
             &mut stream,
             peer,
             404,
@@ -167,7 +183,16 @@ pub(crate) async fn admit(
     };
     let snap = mount.store.load_full();
     if snap.state != SourceState::Live {
-        refuse(ctx, &mut stream, peer, 404, "Not Found", &[], "mount_idle").await;
+        refuse(
+            &ctx.shared,
+            &mut stream,
+            peer,
+            404,
+            "Not Found",
+            &[],
+            "mount_idle",
+        )
+        .await;
         return;
     }
     let guard = match ListenerGuard::enter(shared, &mount, &ctx.label, true) {
@@ -175,7 +200,7 @@ pub(crate) async fn admit(
         Err(reason) => {
             let retry = [("Retry-After", RETRY_AFTER_SECS)];
             refuse(
-                ctx,
+                &ctx.shared,
                 &mut stream,
                 peer,
                 503,
@@ -211,7 +236,7 @@ pub(crate) async fn admit(
         .with_label_values(&[&mount.path])
         .inc();
     tracing::debug!(%peer, mount = %mount.path, worker = ctx.index, "listener joined");
-    let pos = snap.join_point(mount.settings.burst_bytes);
+    let pos = snap.join_point(mount.settings.load().burst_bytes);
     // The fan-out loop lives as long as the worker; if it is gone, so is the listener.
     let _ = ctx.admit.send(NewListener {
         mount,
@@ -235,11 +260,15 @@ struct Listener {
 }
 
 /// A parked listener's waiting task, cancelled when the listener goes.
-struct Parked(JoinHandle<()>);
+struct Parked {
+    task: JoinHandle<()>,
+    /// When the socket filled: a listener parked longer than `send_timeout_secs` is dropped.
+    since: Instant,
+}
 
 impl Drop for Parked {
     fn drop(&mut self) {
-        self.0.abort();
+        self.task.abort();
     }
 }
 
@@ -324,6 +353,7 @@ pub(crate) struct FanOut {
     unparked_notify: Rc<Notify>,
     writes: IntCounter,
     wakeups: IntCounter,
+    panics: IntCounter,
 }
 
 impl FanOut {
@@ -331,6 +361,7 @@ impl FanOut {
         let m = &ctx.shared.metrics;
         let writes = m.write_syscalls.with_label_values(&[&ctx.label]);
         let wakeups = m.worker_wakeups.with_label_values(&[&ctx.label]);
+        let panics = m.panics.with_label_values(&["listener"]);
         FanOut {
             ctx,
             admit_rx,
@@ -340,6 +371,7 @@ impl FanOut {
             unparked_notify: Rc::default(),
             writes,
             wakeups,
+            panics,
         }
     }
 
@@ -387,7 +419,7 @@ impl FanOut {
         };
         let (idx, key) = self.insert(&new.mount, listener);
         // A new listener has its burst pending: send it now, not at the next chunk.
-        self.serve_one(idx, key, true);
+        self.serve_one(idx, key);
     }
 
     /// Puts a listener in its mount's shard, creating the shard if needed.
@@ -421,18 +453,26 @@ impl FanOut {
     /// Serves every listener; returns the earliest instant a coalesced write falls due.
     fn round(&mut self, force: bool) -> Option<Instant> {
         let now = Instant::now();
+        let send_timeout = self.send_timeout();
         let mut next: Option<Instant> = None;
         let mut moves = Vec::new();
         for shard in &mut self.shards {
             let snap = shard.mount.store.load();
-            // With the source gone nothing more is coming to coalesce with: flush everything.
-            let force = force || snap.state != SourceState::Live;
-            let settings = &shard.mount.settings;
+            let settings = shard.mount.settings.load();
+            let round = Round {
+                snap: &snap,
+                settings: &settings,
+                now,
+                // With the source gone nothing more is coming to coalesce with: flush everything.
+                force: force || snap.state != SourceState::Live,
+                send_timeout,
+                inject_panic: shard.mount.inject_panic,
+            };
             let mut gathered = Gathered::new();
             let mut tally = Tally::default();
             let mut dropped = Vec::new();
             for (key, l) in shard.listeners.iter_mut() {
-                match serve(l, &snap, settings, now, force, &mut gathered, &mut tally) {
+                match serve_guarded(l, &round, &mut gathered, &mut tally, &self.panics) {
                     Served::Idle(due) => next = earliest(next, due),
                     Served::Done => {}
                     Served::Skipped => shard.skips.inc(),
@@ -459,30 +499,38 @@ impl FanOut {
         next
     }
 
-    fn serve_one(&mut self, idx: usize, key: usize, force: bool) {
+    fn send_timeout(&self) -> Duration {
+        Duration::from_secs(self.ctx.shared.config.load().send_timeout_secs)
+    }
+
+    /// Serves one listener at once (a newcomer, or one whose socket drained): it is behind, so
+    /// it is written without waiting for coalescing.
+    fn serve_one(&mut self, idx: usize, key: usize) {
+        let send_timeout = self.send_timeout();
         let shard = &mut self.shards[idx];
         let Some(l) = shard.listeners.get_mut(key) else {
             return;
         };
         let snap = shard.mount.store.load();
+        let settings = shard.mount.settings.load();
+        let round = Round {
+            snap: &snap,
+            settings: &settings,
+            now: Instant::now(),
+            force: true,
+            send_timeout,
+            inject_panic: shard.mount.inject_panic,
+        };
         let mut gathered = Gathered::new();
         let mut tally = Tally::default();
-        let served = serve(
-            l,
-            &snap,
-            &shard.mount.settings,
-            Instant::now(),
-            force,
-            &mut gathered,
-            &mut tally,
-        );
+        let served = serve_guarded(l, &round, &mut gathered, &mut tally, &self.panics);
         self.writes.inc_by(tally.writes);
         shard.sent_bytes.inc_by(tally.bytes);
         match served {
             Served::Full => park(l, shard.id, key, &self.unparked, &self.unparked_notify),
             Served::Drop(why) => remove(shard, key, why),
             Served::Skipped => shard.skips.inc(),
-            // A pending coalesced write is picked up by the next round (at most one chunk away).
+            // Forced, so nothing is left pending.
             Served::Idle(_) | Served::Done => {}
         }
     }
@@ -498,11 +546,11 @@ impl FanOut {
                 continue;
             };
             // A stale notice (the listener was replaced at this key) must not unpark another.
-            if !l.parked.as_ref().is_some_and(|p| p.0.is_finished()) {
+            if !l.parked.as_ref().is_some_and(|p| p.task.is_finished()) {
                 continue;
             }
             l.parked = None;
-            self.serve_one(idx, key, true);
+            self.serve_one(idx, key);
         }
         self.shards.retain(|s| !s.listeners.is_empty());
     }
@@ -523,7 +571,10 @@ impl FanOut {
             drop_all(&mut shard, Disconnect::SourceGone);
             return;
         };
-        let pos = target.store.load().join_point(target.settings.burst_bytes);
+        let pos = target
+            .store
+            .load()
+            .join_point(target.settings.load().burst_bytes);
         tracing::info!(from = %shard.mount.path, to = %target.path, listeners = shard.listeners.len(), "moving listeners to the fallback mount");
         for l in shard.listeners.drain() {
             let Listener { stream, conn, .. } = l;
@@ -541,14 +592,14 @@ impl FanOut {
                     conn,
                 },
             );
-            self.serve_one(idx, key, true);
+            self.serve_one(idx, key);
         }
     }
 
     /// Stops: on `Drain`, gives listeners until the deadline to receive what is pending.
     async fn stop(&mut self, how: Stop) {
         if how == Stop::Drain {
-            let grace = Duration::from_secs(self.ctx.shared.config.shutdown_grace_secs);
+            let grace = Duration::from_secs(self.ctx.shared.config.load().shutdown_grace_secs);
             let deadline = tokio::time::Instant::now() + grace;
             self.round(true);
             while self.any_pending() {
@@ -580,16 +631,56 @@ fn earliest(a: Option<Instant>, b: Option<Instant>) -> Option<Instant> {
     }
 }
 
+/// What every listener of a shard is served against in one round.
+struct Round<'s> {
+    snap: &'s Snapshot,
+    settings: &'s MountSettings,
+    now: Instant,
+    /// Write whatever is pending, ignoring coalescing.
+    force: bool,
+    send_timeout: Duration,
+    /// Test hook: serving this mount's listeners panics (see `Config::panic_injection_mount`).
+    inject_panic: bool,
+}
+
+/// [`serve`], with a panic contained to the listener being served: it is dropped and counted,
+/// and the worker goes on serving everyone else.
+fn serve_guarded<'s>(
+    l: &mut Listener,
+    round: &Round<'s>,
+    gathered: &mut Gathered<'s>,
+    tally: &mut Tally,
+    panics: &IntCounter,
+) -> Served {
+    let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        serve(l, round, gathered, tally)
+    }));
+    result.unwrap_or_else(|_| {
+        panics.inc();
+        tracing::error!("serving a listener panicked; that listener is dropped");
+        // The shared lookups may be half-made: start them afresh.
+        *gathered = Gathered::new();
+        Served::Drop(Disconnect::Panic)
+    })
+}
+
 /// Writes what is due to one listener, applying the lag policy first.
 fn serve<'s>(
     l: &mut Listener,
-    snap: &'s Snapshot,
-    settings: &MountSettings,
-    now: Instant,
-    force: bool,
+    round: &Round<'s>,
     gathered: &mut Gathered<'s>,
     tally: &mut Tally,
 ) -> Served {
+    let Round {
+        snap,
+        settings,
+        now,
+        force,
+        ..
+    } = *round;
+    if round.inject_panic {
+        panic!("panic injected for a test");
+    }
     let lag = match snap.position(l.pos) {
         Position::AtEdge => return Served::Done,
         Position::Evicted => u64::MAX,
@@ -604,7 +695,10 @@ fn serve<'s>(
             }
         };
     }
-    if l.parked.is_some() {
+    if let Some(p) = &l.parked {
+        if now.saturating_duration_since(p.since) > round.send_timeout {
+            return Served::Drop(Disconnect::SendTimeout);
+        }
         return Served::Idle(None);
     }
     if !force && settings.max_write_delay_ms > 0 && lag < settings.min_write_bytes as u64 {
@@ -645,12 +739,16 @@ fn park(
     let stream = l.stream.clone();
     let unparked = unparked.clone();
     let notify = notify.clone();
-    l.parked = Some(Parked(tokio::task::spawn_local(async move {
+    let task = tokio::task::spawn_local(async move {
         // An error also makes the socket "ready"; the next write reports it.
         let _ = stream.writable().await;
         unparked.borrow_mut().push((shard_id, key));
         notify.notify_one();
-    })));
+    });
+    l.parked = Some(Parked {
+        task,
+        since: Instant::now(),
+    });
 }
 
 fn remove(shard: &mut Shard, key: usize, why: Disconnect) {

@@ -65,12 +65,20 @@ fn main() -> ExitCode {
     }
 }
 
-fn run(args: Args) -> Result<(), String> {
+/// The configuration as the command line describes it: defaults, the file, then the flags.
+fn load_config(args: &Args) -> Result<Config, String> {
     let mut config = match &args.config {
         Some(path) => Config::from_file(path)?,
         None => Config::default(),
     };
-    apply_flags(&mut config, &args)?;
+    apply_flags(&mut config, args)?;
+    config.resolve_password_files()?;
+    Ok(config)
+}
+
+fn run(args: Args) -> Result<(), String> {
+    raise_fd_limit();
+    let mut config = load_config(&args)?;
     if config.source_password.is_none() {
         let generated = random_password()?;
         println!("fanstream: no source password configured; generated for this run: {generated}");
@@ -94,14 +102,29 @@ fn run(args: Args) -> Result<(), String> {
     rt.block_on(async {
         let mut term = signal(SignalKind::terminate()).map_err(|e| e.to_string())?;
         let mut int = signal(SignalKind::interrupt()).map_err(|e| e.to_string())?;
-        tokio::select! {
-            _ = term.recv() => {
-                tracing::info!("SIGTERM: draining listeners, then exiting");
-                server.stop(Stop::Drain);
-            }
-            _ = int.recv() => {
-                tracing::info!("SIGINT: stopping now");
-                server.stop(Stop::Now);
+        let mut hup = signal(SignalKind::hangup()).map_err(|e| e.to_string())?;
+        loop {
+            tokio::select! {
+                _ = term.recv() => {
+                    tracing::info!("SIGTERM: draining listeners, then exiting");
+                    server.stop(Stop::Drain);
+                    break;
+                }
+                _ = int.recv() => {
+                    tracing::info!("SIGINT: stopping now");
+                    server.stop(Stop::Now);
+                    break;
+                }
+                _ = hup.recv() => {
+                    if args.config.is_none() {
+                        tracing::warn!("SIGHUP: no --config file to reload");
+                        continue;
+                    }
+                    match load_config(&args).and_then(|c| server.reload(c)) {
+                        Ok(()) => {}
+                        Err(e) => tracing::error!(error = %e, "SIGHUP: config refused; the running config stays"),
+                    }
+                }
             }
         }
         Ok::<_, String>(())
@@ -137,6 +160,27 @@ fn apply_flags(config: &mut Config, args: &Args) -> Result<(), String> {
         config.demo = false;
     }
     Ok(())
+}
+
+/// Raises the soft open-file limit to the hard one: every listener is a descriptor, and the
+/// usual soft default (1024) would cap a streaming server far below what the machine can serve.
+fn raise_fd_limit() {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit/setrlimit read and write only the struct we pass.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) == 0 && lim.rlim_cur < lim.rlim_max {
+            let wanted = libc::rlimit {
+                rlim_cur: lim.rlim_max,
+                rlim_max: lim.rlim_max,
+            };
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &wanted) != 0 {
+                tracing::warn!(soft = lim.rlim_cur, "could not raise the open-file limit");
+            }
+        }
+    }
 }
 
 /// 16 characters from the kernel's random source, URL- and shell-safe.

@@ -43,6 +43,8 @@ pub(crate) struct Metrics {
     pub retained_bytes: IntGaugeVec,
     /// Requests refused, by reason.
     pub rejected_requests: IntCounterVec,
+    /// Panics caught (bugs), by where: `request` or `listener`.
+    pub panics: IntCounterVec,
 }
 
 fn counter(reg: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
@@ -147,6 +149,12 @@ impl Metrics {
                 "rejected_requests_total",
                 "Requests refused, by reason.",
                 &["reason"],
+            ),
+            panics: counter(
+                &reg,
+                "panics_total",
+                "Panics caught and contained to one connection (bugs), by where.",
+                &["where"],
             ),
             registry: reg,
         }

@@ -16,8 +16,11 @@ use crate::store::Store;
 pub(crate) struct Mount {
     pub path: String,
     pub store: Arc<Store>,
-    /// Settings resolved when the mount was created.
-    pub settings: MountSettings,
+    /// Settings, replaced whole when the config is reloaded; the fan-out loads them once per
+    /// round.
+    pub settings: ArcSwap<MountSettings>,
+    /// Test hook: serving this mount's listeners panics (`Config::panic_injection_mount`).
+    pub inject_panic: bool,
     /// Listeners on this mount across all workers: admission checks it against `max_listeners`.
     /// Incremented by the admitting worker, decremented when the listener is dropped.
     pub listeners: AtomicUsize,
@@ -31,6 +34,10 @@ pub(crate) struct Mounts {
 impl Mounts {
     pub fn get(&self, path: &str) -> Option<Arc<Mount>> {
         self.table.load().get(path).cloned()
+    }
+
+    pub fn all(&self) -> Vec<Arc<Mount>> {
+        self.table.load().values().cloned().collect()
     }
 
     /// Ingest only: adds or replaces a mount.

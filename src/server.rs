@@ -1,13 +1,17 @@
 //! Starting and stopping the whole server: the threads, the state they share, and their order.
 
+use std::collections::HashMap;
 use std::io;
-use std::net::{SocketAddr, TcpListener};
+use std::net::{IpAddr, SocketAddr, TcpListener};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
+use std::sync::Mutex;
 use std::thread::JoinHandle;
 
+use arc_swap::ArcSwap;
 use tokio::sync::{mpsc, watch, Notify};
 
+use crate::auth::AuthFailures;
 use crate::config::Config;
 use crate::metrics::Metrics;
 use crate::mounts::Mounts;
@@ -27,7 +31,7 @@ pub enum Stop {
 /// One worker as the other threads see it.
 pub(crate) struct WorkerLink {
     /// Accepted sockets, from the acceptor.
-    pub conns: crossbeam::channel::Sender<std::net::TcpStream>,
+    pub conns: crossbeam::channel::Sender<crate::acceptor::Accepted>,
     /// Wakes the worker's intake after a socket was sent on `conns`. A `Notify` keeps one permit
     /// when the worker is busy, so no hand-off is missed and bursts cost one wake-up.
     pub conns_ready: Notify,
@@ -41,8 +45,17 @@ pub(crate) struct WorkerLink {
 
 /// State every thread shares.
 pub(crate) struct Shared {
-    /// Settings, resolved (the source password is always set).
-    pub config: Config,
+    /// Settings, resolved (the source password is always set); replaced whole on reload.
+    pub config: ArcSwap<Config>,
+    /// Connections a worker may hold before the acceptor waits for room.
+    pub connections_per_worker: usize,
+    /// Open connections per client address, kept only when `max_connections_per_ip` is set.
+    /// Incremented by the acceptor, decremented by the connection's guard.
+    pub per_ip: Mutex<HashMap<IpAddr, usize>>,
+    /// Wakes the acceptor when a connection closes while every worker was full.
+    pub room: Notify,
+    /// Failed source logins per address: the acceptor of password guessing.
+    pub auth_failures: AuthFailures,
     pub mounts: Mounts,
     pub metrics: Metrics,
     pub workers: Vec<WorkerLink>,
@@ -112,8 +125,13 @@ impl Server {
                 connections: AtomicUsize::new(0),
             });
         }
+        let connections_per_worker = config.connection_limit().div_ceil(nworkers);
         let shared = Arc::new(Shared {
-            config,
+            auth_failures: AuthFailures::default(),
+            config: ArcSwap::from_pointee(config),
+            connections_per_worker,
+            per_ip: Mutex::new(HashMap::new()),
+            room: Notify::new(),
             mounts: Mounts::default(),
             metrics: Metrics::new(registry.clone()),
             workers: links,
@@ -170,6 +188,52 @@ impl Server {
     /// Listeners connected now, across all mounts.
     pub fn listeners(&self) -> usize {
         self.shared.listeners_total.load(Ordering::Relaxed)
+    }
+
+    /// Applies a new configuration without dropping anyone: passwords, limits and mount
+    /// settings take effect at once (new retention windows as the stream moves on). Settings
+    /// bound at start-up (addresses, workers, the demo) keep their running values until a
+    /// restart, with a warning. An invalid config is refused and the running one stays.
+    pub fn reload(&self, mut new: Config) -> Result<(), String> {
+        new.validate()?;
+        let old = self.shared.config.load_full();
+        if new.source_password.is_none() {
+            new.source_password = old.source_password.clone();
+        }
+        let fixed = [
+            ("listen", new.listen != old.listen),
+            ("admin_listen", new.admin_listen != old.admin_listen),
+            ("workers", new.workers != old.workers),
+            ("pin_workers", new.pin_workers != old.pin_workers),
+            (
+                "max_connections",
+                new.max_connections != old.max_connections,
+            ),
+            ("demo", new.demo != old.demo),
+            ("demo_mount", new.demo_mount != old.demo_mount),
+        ];
+        for (setting, changed) in fixed {
+            if changed {
+                tracing::warn!(
+                    setting,
+                    "changed in the config; takes effect at the next restart"
+                );
+            }
+        }
+        new.listen = old.listen;
+        new.admin_listen = old.admin_listen;
+        new.workers = old.workers;
+        new.pin_workers = old.pin_workers;
+        new.max_connections = old.max_connections;
+        new.demo = old.demo;
+        new.demo_mount = old.demo_mount.clone();
+        new.panic_injection_mount = old.panic_injection_mount.clone();
+        for mount in self.shared.mounts.all() {
+            mount.settings.store(Arc::new(new.mount(&mount.path)));
+        }
+        self.shared.config.store(Arc::new(new));
+        tracing::info!("configuration reloaded");
+        Ok(())
     }
 
     /// Asks every thread to stop; returns at once. `Now` overrides an ongoing `Drain`.

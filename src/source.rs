@@ -17,9 +17,11 @@ use std::rc::Rc;
 use bytes::Bytes;
 use tokio::net::TcpStream;
 
+use crate::acceptor::ConnGuard;
+use crate::auth::AuthLimits;
 use crate::http::{secrets_equal, valid_mount_path, Method, Request};
 use crate::store::StreamInfo;
-use crate::worker::{refuse, ConnGuard, WorkerCtx};
+use crate::worker::{refuse, WorkerCtx};
 
 const AUTH_REALM: (&str, &str) = ("WWW-Authenticate", "Basic realm=\"fanstream\"");
 
@@ -46,10 +48,10 @@ pub(crate) async fn handshake(
     conn: ConnGuard,
 ) {
     let shared = &ctx.shared;
-    let cfg = &shared.config;
+    let cfg = shared.config.load_full();
     if !valid_mount_path(&req.path) {
         refuse(
-            ctx,
+            &ctx.shared,
             &mut stream,
             peer,
             400,
@@ -66,7 +68,7 @@ pub(crate) async fn handshake(
         Some(v) if v.eq_ignore_ascii_case("chunked") => true,
         Some(_) => {
             refuse(
-                ctx,
+                &ctx.shared,
                 &mut stream,
                 peer,
                 501,
@@ -80,7 +82,7 @@ pub(crate) async fn handshake(
     };
     if chunked && req.header("content-length").is_some() {
         refuse(
-            ctx,
+            &ctx.shared,
             &mut stream,
             peer,
             400,
@@ -95,7 +97,7 @@ pub(crate) async fn handshake(
         (Some(ct), _) if !ct.is_empty() => ct.to_string(),
         (_, Method::Put) => {
             refuse(
-                ctx,
+                &ctx.shared,
                 &mut stream,
                 peer,
                 400,
@@ -109,9 +111,29 @@ pub(crate) async fn handshake(
         // Legacy SOURCE clients predate the requirement; Icecast assumes MP3 for them too.
         _ => "audio/mpeg".to_string(),
     };
+    let now = std::time::Instant::now();
+    let limits = AuthLimits {
+        max_failures: cfg.auth_max_failures,
+        window: std::time::Duration::from_secs(cfg.auth_failure_window_secs),
+    };
+    if let Some(wait) = shared.auth_failures.blocked(peer.ip(), now, limits) {
+        let secs = (wait.as_secs() + 1).to_string();
+        let retry = [("Retry-After", secs.as_str())];
+        refuse(
+            &ctx.shared,
+            &mut stream,
+            peer,
+            429,
+            "Too Many Requests",
+            &retry,
+            "auth_rate_limited",
+        )
+        .await;
+        return;
+    }
     let Some((user, pass)) = req.basic_auth() else {
         refuse(
-            ctx,
+            &ctx.shared,
             &mut stream,
             peer,
             401,
@@ -127,9 +149,10 @@ pub(crate) async fn handshake(
     let user_ok = secrets_equal(&user, &cfg.source_user);
     let pass_ok = !expected.is_empty() && secrets_equal(&pass, expected);
     if !(user_ok && pass_ok) {
+        shared.auth_failures.failed(peer.ip(), now, limits);
         tracing::warn!(%peer, mount = %req.path, "source authentication failed");
         refuse(
-            ctx,
+            &ctx.shared,
             &mut stream,
             peer,
             401,
@@ -140,6 +163,7 @@ pub(crate) async fn handshake(
         .await;
         return;
     }
+    shared.auth_failures.succeeded(peer.ip());
     let expect_continue = req
         .header("expect")
         .is_some_and(|v| v.eq_ignore_ascii_case("100-continue"));

@@ -223,12 +223,10 @@ pub(crate) struct StoreWriter {
     end: u64,
     state: SourceState,
     info: Arc<StreamInfo>,
-    /// Bytes behind the live edge that must stay readable (the larger of burst and lag limit).
-    window: u64,
 }
 
 impl StoreWriter {
-    pub fn new(window: u64) -> Self {
+    pub fn new() -> Self {
         let info = Arc::new(StreamInfo::default());
         let store = Arc::new(Store {
             current: ArcSwap::from_pointee(Snapshot::empty(0, info.clone(), SourceState::Closed)),
@@ -243,7 +241,6 @@ impl StoreWriter {
             end: 0,
             state: SourceState::Closed,
             info,
-            window,
         }
     }
 
@@ -255,8 +252,10 @@ impl StoreWriter {
         &self.state
     }
 
-    /// Appends one chunk and publishes the new snapshot.
-    pub fn append(&mut self, data: Bytes, arrived: Instant) {
+    /// Appends one chunk and publishes the new snapshot. `window` is how many bytes behind the
+    /// live edge must stay readable (the mount's current burst and lag limit; a reload may
+    /// change it).
+    pub fn append(&mut self, data: Bytes, arrived: Instant, window: u64) {
         if data.is_empty() {
             return;
         }
@@ -274,21 +273,21 @@ impl StoreWriter {
             });
             self.open_bytes = 0;
             self.sealed.push(seg);
-            self.evict();
+            self.evict(window);
             self.sealed_shared = Arc::from(self.sealed.as_slice());
         }
         self.publish();
     }
 
     /// Drops the oldest sealed segments that lie entirely beyond the window.
-    fn evict(&mut self) {
+    fn evict(&mut self, window: u64) {
         let mut drop = 0;
         while drop + 1 < self.sealed.len() + usize::from(!self.open.is_empty()) {
             let next_start = self
                 .sealed
                 .get(drop + 1)
                 .map_or_else(|| self.open[0].offset, |s| s.start());
-            if self.end - next_start >= self.window {
+            if self.end - next_start >= window {
                 drop += 1;
             } else {
                 break;
@@ -338,10 +337,31 @@ impl StoreWriter {
 mod tests {
     use super::*;
 
-    fn writer(window: u64) -> StoreWriter {
-        let mut w = StoreWriter::new(window);
+    /// A live store with a fixed window, for appending in tests.
+    struct TestWriter {
+        w: StoreWriter,
+        window: u64,
+    }
+
+    impl TestWriter {
+        fn append(&mut self, data: Bytes, arrived: Instant) {
+            self.w.append(data, arrived, self.window);
+        }
+        fn store(&self) -> &Arc<Store> {
+            self.w.store()
+        }
+        fn go_live(&mut self, info: StreamInfo) {
+            self.w.go_live(info);
+        }
+        fn set_state(&mut self, state: SourceState) {
+            self.w.set_state(state);
+        }
+    }
+
+    fn writer(window: u64) -> TestWriter {
+        let mut w = StoreWriter::new();
         w.go_live(StreamInfo::default());
-        w
+        TestWriter { w, window }
     }
 
     fn collect(snap: &Snapshot, pos: u64) -> Vec<u8> {

@@ -4,7 +4,6 @@
 //! to the ingest thread ([`crate::source`]).
 
 use std::rc::Rc;
-use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -13,6 +12,7 @@ use tokio::net::TcpStream;
 use tokio::sync::mpsc;
 use tokio::task::LocalSet;
 
+use crate::acceptor::{Accepted, ConnGuard};
 use crate::http::{self, HeadError, Method, Request};
 use crate::listener::{FanOut, NewListener};
 use crate::server::{runtime, Shared};
@@ -32,25 +32,10 @@ pub(crate) struct WorkerCtx {
     pub admit: mpsc::UnboundedSender<NewListener>,
 }
 
-/// Counts a connection against its worker's load until dropped; the acceptor places new
-/// connections by this count.
-pub(crate) struct ConnGuard {
-    shared: Arc<Shared>,
-    index: usize,
-}
-
-impl Drop for ConnGuard {
-    fn drop(&mut self) {
-        self.shared.workers[self.index]
-            .connections
-            .fetch_sub(1, Ordering::Relaxed);
-    }
-}
-
 pub(crate) fn run(
     shared: Arc<Shared>,
     index: usize,
-    conns: crossbeam::channel::Receiver<std::net::TcpStream>,
+    conns: crossbeam::channel::Receiver<Accepted>,
 ) {
     let rt = runtime();
     let local = LocalSet::new();
@@ -70,23 +55,42 @@ pub(crate) fn run(
 }
 
 /// Takes sockets handed over by the acceptor and starts a request task for each.
-async fn intake(ctx: Rc<WorkerCtx>, conns: crossbeam::channel::Receiver<std::net::TcpStream>) {
+async fn intake(ctx: Rc<WorkerCtx>, conns: crossbeam::channel::Receiver<Accepted>) {
     let link = &ctx.shared.workers[ctx.index];
     loop {
         link.conns_ready.notified().await;
-        while let Ok(std_stream) = conns.try_recv() {
-            let guard = ConnGuard {
-                shared: ctx.shared.clone(),
-                index: ctx.index,
-            };
-            match TcpStream::from_std(std_stream) {
+        while let Ok(accepted) = conns.try_recv() {
+            match TcpStream::from_std(accepted.stream) {
                 Ok(stream) => {
-                    tokio::task::spawn_local(handle(ctx.clone(), stream, guard));
+                    let task = handle(ctx.clone(), stream, accepted.guard, accepted.over_ip_limit);
+                    spawn_isolated(&ctx, task);
                 }
                 Err(e) => tracing::warn!(error = %e, "cannot register accepted socket"),
             }
         }
     }
+}
+
+/// Runs a request's task so that a panic in it (a bug) costs that one connection only: the
+/// runtime catches the panic, this watcher counts and logs it, the worker goes on.
+fn spawn_isolated(ctx: &Rc<WorkerCtx>, task: impl std::future::Future<Output = ()> + 'static) {
+    let handle = tokio::task::spawn_local(task);
+    let ctx = ctx.clone();
+    tokio::task::spawn_local(async move {
+        if let Err(e) = handle.await {
+            if e.is_panic() {
+                ctx.shared
+                    .metrics
+                    .panics
+                    .with_label_values(&["request"])
+                    .inc();
+                tracing::error!(
+                    worker = ctx.index,
+                    "a request handler panicked; connection dropped"
+                );
+            }
+        }
+    });
 }
 
 /// Why reading a request head ended without a request.
@@ -113,12 +117,26 @@ pub(crate) async fn read_head(stream: &mut TcpStream) -> Result<(Request, Vec<u8
     }
 }
 
-async fn handle(ctx: Rc<WorkerCtx>, mut stream: TcpStream, conn: ConnGuard) {
+async fn handle(ctx: Rc<WorkerCtx>, mut stream: TcpStream, conn: ConnGuard, over_ip_limit: bool) {
     let peer = match stream.peer_addr() {
         Ok(p) => p,
         Err(_) => return,
     };
-    let timeout = Duration::from_secs(ctx.shared.config.header_timeout_secs);
+    if over_ip_limit {
+        let retry = [("Retry-After", "10")];
+        refuse(
+            &ctx.shared,
+            &mut stream,
+            peer,
+            429,
+            "Too Many Requests",
+            &retry,
+            "per_ip_limit",
+        )
+        .await;
+        return;
+    }
+    let timeout = Duration::from_secs(ctx.shared.config.load().header_timeout_secs);
     let (req, leftover) = match tokio::time::timeout(timeout, read_head(&mut stream)).await {
         Err(_) => {
             ctx.shared.metrics.reject("header_timeout");
@@ -128,11 +146,24 @@ async fn handle(ctx: Rc<WorkerCtx>, mut stream: TcpStream, conn: ConnGuard) {
         Ok(Err(ReadHeadError::Closed)) => return,
         Ok(Err(ReadHeadError::Head(e))) => {
             let (status, phrase) = e.status();
-            refuse(&ctx, &mut stream, peer, status, phrase, &[], e.reason()).await;
+            refuse(
+                &ctx.shared,
+                &mut stream,
+                peer,
+                status,
+                phrase,
+                &[],
+                e.reason(),
+            )
+            .await;
             return;
         }
         Ok(Ok(r)) => r,
     };
+    let injected = ctx.shared.config.load().panic_injection_mount.clone();
+    if injected.is_some_and(|m| req.path == format!("{m}/panic")) {
+        panic!("panic injected for a test");
+    }
     match req.method {
         Method::Get | Method::Head => crate::listener::admit(&ctx, stream, req, peer, conn).await,
         Method::Source | Method::Put => {
@@ -142,7 +173,7 @@ async fn handle(ctx: Rc<WorkerCtx>, mut stream: TcpStream, conn: ConnGuard) {
             tracing::debug!(%peer, method = %m, "unsupported method");
             let allow = [("Allow", "GET, HEAD, SOURCE, PUT")];
             refuse(
-                &ctx,
+                &ctx.shared,
                 &mut stream,
                 peer,
                 405,
@@ -158,7 +189,7 @@ async fn handle(ctx: Rc<WorkerCtx>, mut stream: TcpStream, conn: ConnGuard) {
 /// Answers with a short error response, counts it by `reason`, logs it once with the peer, and
 /// lets the connection close.
 pub(crate) async fn refuse(
-    ctx: &WorkerCtx,
+    shared: &Shared,
     stream: &mut TcpStream,
     peer: std::net::SocketAddr,
     status: u16,
@@ -166,7 +197,7 @@ pub(crate) async fn refuse(
     headers: &[(&str, &str)],
     reason: &'static str,
 ) {
-    ctx.shared.metrics.reject(reason);
+    shared.metrics.reject(reason);
     tracing::info!(%peer, status, reason, "refused request");
     let body = format!("{status} {phrase}: {}\n", reason.replace('_', " "));
     let resp = http::response(status, phrase, headers, &body);

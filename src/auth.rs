@@ -1,0 +1,114 @@
+//! Slowing down password guessing: after `auth_max_failures` failed source logins from one
+//! address within the window, that address gets 429 until the window ends.
+
+use std::collections::HashMap;
+use std::net::IpAddr;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+/// Addresses tracked at most; past it, expired entries are dropped, and if that is not enough
+/// the table starts afresh (a flood from that many addresses is not stopped by a table anyway).
+const MAX_TRACKED: usize = 10_000;
+
+/// The limits in force; read from the config at each check, so a reload applies at once.
+#[derive(Clone, Copy)]
+pub(crate) struct AuthLimits {
+    pub max_failures: u32,
+    pub window: Duration,
+}
+
+#[derive(Default)]
+pub(crate) struct AuthFailures {
+    /// Failures counted since the window's start, per address.
+    table: Mutex<HashMap<IpAddr, (u32, Instant)>>,
+}
+
+impl AuthFailures {
+    /// How long `ip` must wait before trying again, if it is blocked now.
+    pub fn blocked(&self, ip: IpAddr, now: Instant, limits: AuthLimits) -> Option<Duration> {
+        let table = self.table.lock().unwrap_or_else(|e| e.into_inner());
+        let (count, since) = *table.get(&ip)?;
+        let ends = since + limits.window;
+        (count >= limits.max_failures && now < ends).then(|| ends - now)
+    }
+
+    pub fn failed(&self, ip: IpAddr, now: Instant, limits: AuthLimits) {
+        let mut table = self.table.lock().unwrap_or_else(|e| e.into_inner());
+        if table.len() >= MAX_TRACKED {
+            table.retain(|_, (_, since)| now < *since + limits.window);
+            if table.len() >= MAX_TRACKED {
+                table.clear();
+            }
+        }
+        let entry = table.entry(ip).or_insert((0, now));
+        if now >= entry.1 + limits.window {
+            *entry = (0, now);
+        }
+        entry.0 += 1;
+    }
+
+    pub fn succeeded(&self, ip: IpAddr) {
+        let mut table = self.table.lock().unwrap_or_else(|e| e.into_inner());
+        table.remove(&ip);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn blocks_after_the_limit_until_the_window_ends() {
+        let f = AuthFailures::default();
+        let l = AuthLimits {
+            max_failures: 3,
+            window: Duration::from_secs(60),
+        };
+        let ip: IpAddr = "192.0.2.1".parse().unwrap();
+        let other: IpAddr = "192.0.2.2".parse().unwrap();
+        let t0 = Instant::now();
+        for _ in 0..2 {
+            f.failed(ip, t0, l);
+        }
+        assert_eq!(f.blocked(ip, t0, l), None);
+        f.failed(ip, t0, l);
+        assert_eq!(
+            f.blocked(ip, t0 + Duration::from_secs(10), l),
+            Some(Duration::from_secs(50))
+        );
+        assert_eq!(f.blocked(other, t0, l), None);
+        assert_eq!(f.blocked(ip, t0 + Duration::from_secs(60), l), None);
+        // A new window starts afresh.
+        f.failed(ip, t0 + Duration::from_secs(61), l);
+        assert_eq!(f.blocked(ip, t0 + Duration::from_secs(61), l), None);
+    }
+
+    #[test]
+    fn success_clears_the_count() {
+        let f = AuthFailures::default();
+        let l = AuthLimits {
+            max_failures: 2,
+            window: Duration::from_secs(60),
+        };
+        let ip: IpAddr = "192.0.2.1".parse().unwrap();
+        let t0 = Instant::now();
+        f.failed(ip, t0, l);
+        f.succeeded(ip);
+        f.failed(ip, t0, l);
+        assert_eq!(f.blocked(ip, t0, l), None);
+    }
+
+    #[test]
+    fn the_table_stays_bounded() {
+        let f = AuthFailures::default();
+        let l = AuthLimits {
+            max_failures: 2,
+            window: Duration::from_secs(60),
+        };
+        let t0 = Instant::now();
+        for i in 0..(MAX_TRACKED as u32 + 50) {
+            f.failed(IpAddr::from(i.to_be_bytes()), t0, l);
+        }
+        assert!(f.table.lock().unwrap().len() <= MAX_TRACKED);
+    }
+}

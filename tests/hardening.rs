@@ -1,0 +1,367 @@
+//! Hostile and broken clients, limits and faults: each is refused or dropped with its own status
+//! or reason and counter, and healthy listeners on the same mount stay byte-exact throughout.
+
+mod common;
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::thread;
+use std::time::Duration;
+
+use common::*;
+
+const LIVE: &str = "mount=\"/live\"";
+
+/// A healthy listener reading in the background; its capture is checked at the end.
+struct Healthy(thread::JoinHandle<Vec<u8>>);
+
+impl Healthy {
+    fn join(srv: &TestServer, mount: &'static str) -> Healthy {
+        let addr = srv.addr;
+        Healthy(thread::spawn(move || {
+            let mut l = Listener::connect(addr, mount);
+            l.read_to_end();
+            l.body
+        }))
+    }
+
+    /// Ends with the stream: the server must be stopped (or the mount closed) first.
+    fn assert_exact(self, end: u64) {
+        assert_exact_suffix(&self.0.join().unwrap(), end, "healthy listener");
+    }
+}
+
+fn live_source(srv: &TestServer, bytes: u64) -> Source {
+    let mut s = Source::connect(srv.addr, "/live");
+    s.send_pattern(0, bytes, 1000, Duration::ZERO);
+    srv.wait_metric("fanstream_source_received_bytes_total", &[LIVE], |v| {
+        v == bytes as f64
+    });
+    s
+}
+
+fn put(mount: &str, pw: &str, extra: &str) -> String {
+    format!(
+        "PUT {mount} HTTP/1.1\r\nAuthorization: Basic {}\r\nContent-Type: audio/mpeg\r\n{extra}\r\n",
+        basic("source", pw)
+    )
+}
+
+#[test]
+fn a_source_that_stops_sending_is_dropped_and_listeners_wait_for_it() {
+    let srv = TestServer::start(|c| {
+        c.source_timeout_secs = 1;
+        c.defaults.source_grace_secs = 30;
+    });
+    let mut source = live_source(&srv, 5000);
+    let healthy = Healthy::join(&srv, "/live");
+    srv.wait_metric(
+        "fanstream_source_disconnects_total",
+        &["reason=\"source_timeout\""],
+        |v| v == 1.0,
+    );
+    assert_eq!(
+        srv.server.as_ref().unwrap().listeners(),
+        1,
+        "listeners stay for the grace period"
+    );
+    // The stalled encoder's connection was closed.
+    let mut buf = [0u8; 64];
+    let n = source.stream.read(&mut buf).unwrap_or(0);
+    assert_eq!(n, 0);
+    let mut srv = srv;
+    srv.stop(fanstream::Stop::Drain);
+    healthy.assert_exact(5000);
+}
+
+#[test]
+fn conflicting_or_unsupported_body_framing_is_refused() {
+    let srv = TestServer::start(|_| {});
+    let raw = put(
+        "/live",
+        PASSWORD,
+        "Transfer-Encoding: chunked\r\nContent-Length: 10\r\n",
+    );
+    assert_eq!(request(srv.addr, raw.as_bytes()).0, 400);
+    let raw = put("/live", PASSWORD, "Transfer-Encoding: gzip\r\n");
+    assert_eq!(request(srv.addr, raw.as_bytes()).0, 501);
+    assert_eq!(
+        srv.metric(
+            "fanstream_rejected_requests_total",
+            &["reason=\"conflicting_length\""]
+        ),
+        1.0
+    );
+}
+
+#[test]
+fn an_absurd_chunk_size_ends_the_source_and_keeps_its_listeners() {
+    let srv = TestServer::start(|c| c.defaults.source_grace_secs = 30);
+    let mut s = TcpStream::connect(srv.addr).unwrap();
+    s.write_all(put("/live", PASSWORD, "Transfer-Encoding: chunked\r\n").as_bytes())
+        .unwrap();
+    read_head(&mut s);
+    let data = pattern(0, 3000);
+    s.write_all(format!("{:x}\r\n", data.len()).as_bytes())
+        .unwrap();
+    s.write_all(&data).unwrap();
+    s.write_all(b"\r\n").unwrap();
+    srv.wait_metric("fanstream_source_received_bytes_total", &[LIVE], |v| {
+        v == 3000.0
+    });
+    let healthy = Healthy::join(&srv, "/live");
+    wait_until("the listener", || {
+        srv.server.as_ref().unwrap().listeners() == 1
+    });
+    s.write_all(b"FFFFFFFFFFFF\r\n").unwrap();
+    srv.wait_metric(
+        "fanstream_source_disconnects_total",
+        &["reason=\"chunk_too_large\""],
+        |v| v == 1.0,
+    );
+    assert_eq!(srv.server.as_ref().unwrap().listeners(), 1);
+    let mut srv = srv;
+    srv.stop(fanstream::Stop::Drain);
+    healthy.assert_exact(3000);
+}
+
+#[test]
+fn sources_over_max_sources_get_503() {
+    let srv = TestServer::start(|c| c.max_sources = 2);
+    let _a = Source::connect(srv.addr, "/a");
+    let _b = Source::connect(srv.addr, "/b");
+    let (status, _, body) = request(srv.addr, put("/c", PASSWORD, "").as_bytes());
+    assert_eq!(status, 503);
+    assert!(String::from_utf8_lossy(&body).contains("too many sources"));
+}
+
+#[test]
+fn repeated_password_failures_are_slowed_down_with_429_and_no_password_leaks() {
+    let srv = TestServer::start(|c| c.auth_max_failures = 3);
+    for _ in 0..3 {
+        assert_eq!(
+            request(srv.addr, put("/live", "guess-123", "").as_bytes()).0,
+            401
+        );
+    }
+    // Now even the right password waits for the window to end.
+    let (status, head, _) = request(srv.addr, put("/live", PASSWORD, "").as_bytes());
+    assert_eq!(status, 429);
+    assert!(head.contains("Retry-After: "), "{head}");
+    assert_eq!(
+        srv.metric(
+            "fanstream_rejected_requests_total",
+            &["reason=\"auth_rate_limited\""]
+        ),
+        1.0
+    );
+    assert_eq!(
+        srv.metric(
+            "fanstream_rejected_requests_total",
+            &["reason=\"bad_credentials\""]
+        ),
+        3.0
+    );
+    let metrics = srv.metrics();
+    assert!(!metrics.contains(PASSWORD) && !metrics.contains("guess-123"));
+}
+
+#[test]
+fn the_global_listener_limit_is_503_with_retry_after() {
+    let srv = TestServer::start(|c| c.max_listeners = 2);
+    let mut source = live_source(&srv, 1000);
+    let healthy = Healthy::join(&srv, "/live");
+    let _second = Listener::connect(srv.addr, "/live");
+    wait_until("two listeners", || {
+        srv.server.as_ref().unwrap().listeners() == 2
+    });
+    let (status, head, _) = request(srv.addr, b"GET /live HTTP/1.0\r\n\r\n");
+    assert_eq!(status, 503);
+    assert!(head.contains("Retry-After: 10"), "{head}");
+    assert_eq!(
+        srv.metric(
+            "fanstream_rejected_requests_total",
+            &["reason=\"server_full\""]
+        ),
+        1.0
+    );
+    source.send_pattern(1000, 2000, 500, Duration::ZERO);
+    srv.wait_metric("fanstream_source_received_bytes_total", &[LIVE], |v| {
+        v == 2000.0
+    });
+    let mut srv = srv;
+    srv.stop(fanstream::Stop::Drain);
+    healthy.assert_exact(2000);
+}
+
+#[test]
+fn connections_over_the_per_address_limit_get_429() {
+    let srv = TestServer::start(|c| c.max_connections_per_ip = 3);
+    let idle: Vec<TcpStream> = (0..3)
+        .map(|_| TcpStream::connect(srv.addr).unwrap())
+        .collect();
+    let (status, _, _) = request(srv.addr, b"GET /live HTTP/1.0\r\n\r\n");
+    assert_eq!(status, 429);
+    drop(idle);
+    // Room again once they close.
+    wait_until("the per-address count to fall", || {
+        request(srv.addr, b"GET /live HTTP/1.0\r\n\r\n").0 == 404
+    });
+}
+
+#[test]
+fn when_every_worker_is_full_the_acceptor_waits_for_room() {
+    let srv = TestServer::start(|c| c.max_connections = 4);
+    let mut idle: Vec<TcpStream> = (0..4)
+        .map(|_| TcpStream::connect(srv.addr).unwrap())
+        .collect();
+    // Connects (the kernel backlog holds it) but is not served while the workers are full.
+    let mut waiting = TcpStream::connect(srv.addr).unwrap();
+    waiting.set_read_timeout(Some(DEADLINE)).unwrap();
+    waiting.write_all(b"GET /nothing HTTP/1.0\r\n\r\n").unwrap();
+    srv.wait_metric(
+        "fanstream_rejected_requests_total",
+        &["reason=\"workers_full\""],
+        |v| v >= 1.0,
+    );
+    idle.pop();
+    let mut answer = Vec::new();
+    waiting.read_to_end(&mut answer).unwrap();
+    assert!(
+        answer.starts_with(b"HTTP/1.0 404"),
+        "{:?}",
+        String::from_utf8_lossy(&answer)
+    );
+}
+
+#[test]
+fn a_listener_that_resets_is_removed_promptly_and_counted() {
+    let srv = TestServer::start(|c| c.defaults.max_write_delay_ms = 0);
+    let mut source = live_source(&srv, 1000);
+    let healthy = Healthy::join(&srv, "/live");
+    let gone = Listener::connect(srv.addr, "/live");
+    wait_until("two listeners", || {
+        srv.server.as_ref().unwrap().listeners() == 2
+    });
+    socket2::SockRef::from(&gone.stream)
+        .set_linger(Some(Duration::ZERO))
+        .unwrap();
+    drop(gone); // RST
+    let mut sent = 1000;
+    while srv.metric(
+        "fanstream_listener_disconnects_total",
+        &["reason=\"client_closed\""],
+    ) < 1.0
+    {
+        source.send_pattern(sent, sent + 100, 100, Duration::from_millis(5));
+        sent += 100;
+        assert!(sent < 10_000_000);
+    }
+    assert_eq!(srv.server.as_ref().unwrap().listeners(), 1);
+    let mut srv = srv;
+    srv.wait_metric("fanstream_source_received_bytes_total", &[LIVE], |v| {
+        v == sent as f64
+    });
+    srv.stop(fanstream::Stop::Drain);
+    healthy.assert_exact(sent);
+}
+
+#[test]
+fn a_listener_that_accepts_nothing_for_send_timeout_is_dropped() {
+    let srv = TestServer::start(|c| {
+        c.send_timeout_secs = 1;
+        c.defaults.max_lag_bytes = 1 << 30;
+    });
+    let mut source = live_source(&srv, 1000);
+    let healthy = Healthy::join(&srv, "/live");
+    let stalled = Listener::connect_small_buffer(srv.addr, "/live");
+    wait_until("two listeners", || {
+        srv.server.as_ref().unwrap().listeners() == 2
+    });
+    let mut sent = 1000;
+    while srv.metric(
+        "fanstream_listener_disconnects_total",
+        &["reason=\"send_timeout\""],
+    ) < 1.0
+    {
+        source.send_pattern(sent, sent + 32 * 1024, 4096, Duration::from_millis(2));
+        sent += 32 * 1024;
+        assert!(sent < 500_000_000, "stalled listener never timed out");
+    }
+    drop(stalled);
+    let mut srv = srv;
+    srv.wait_metric("fanstream_source_received_bytes_total", &[LIVE], |v| {
+        v == sent as f64
+    });
+    srv.stop(fanstream::Stop::Drain);
+    healthy.assert_exact(sent);
+}
+
+#[test]
+fn a_panic_costs_one_connection_not_the_worker() {
+    let srv = TestServer::start(|c| {
+        c.workers = 1; // everything on the worker that panics
+        c.panic_injection_mount = Some("/boom".into());
+    });
+    let mut source = live_source(&srv, 1000);
+    let healthy = Healthy::join(&srv, "/live");
+    wait_until("the healthy listener", || {
+        srv.server.as_ref().unwrap().listeners() == 1
+    });
+
+    // A request whose handling panics: the connection closes without an answer.
+    let mut s = TcpStream::connect(srv.addr).unwrap();
+    s.set_read_timeout(Some(DEADLINE)).unwrap();
+    s.write_all(b"GET /boom/panic HTTP/1.0\r\n\r\n").unwrap();
+    let mut answer = Vec::new();
+    let _ = s.read_to_end(&mut answer);
+    assert!(answer.is_empty());
+    srv.wait_metric("fanstream_panics_total", &["where=\"request\""], |v| {
+        v == 1.0
+    });
+
+    // A listener whose serving panics is dropped alone.
+    let mut boom = Source::connect(srv.addr, "/boom");
+    boom.send(&[0u8; 100]);
+    let mut victim = TcpStream::connect(srv.addr).unwrap();
+    victim.set_read_timeout(Some(DEADLINE)).unwrap();
+    victim.write_all(b"GET /boom HTTP/1.0\r\n\r\n").unwrap();
+    srv.wait_metric(
+        "fanstream_listener_disconnects_total",
+        &["reason=\"panic\""],
+        |v| v == 1.0,
+    );
+    assert!(srv.metric("fanstream_panics_total", &["where=\"listener\""]) >= 1.0);
+
+    // The worker goes on serving everyone else.
+    source.send_pattern(1000, 50_000, 1000, Duration::ZERO);
+    srv.wait_metric("fanstream_source_received_bytes_total", &[LIVE], |v| {
+        v == 50_000.0
+    });
+    assert_eq!(request(srv.addr, b"GET /nothing HTTP/1.0\r\n\r\n").0, 404);
+    let mut srv = srv;
+    srv.stop(fanstream::Stop::Drain);
+    healthy.assert_exact(50_000);
+}
+
+#[test]
+fn graceful_stop_under_load_delivers_everything_received_to_listeners_that_kept_up() {
+    let srv = TestServer::start(|c| c.defaults.burst_bytes = 0);
+    let mut source = live_source(&srv, 0);
+    let listeners: Vec<Healthy> = (0..20).map(|_| Healthy::join(&srv, "/live")).collect();
+    wait_until("20 listeners", || {
+        srv.server.as_ref().unwrap().listeners() == 20
+    });
+    source.send_pattern(0, 400_000, 4000, Duration::from_millis(1));
+    srv.wait_metric("fanstream_source_received_bytes_total", &[LIVE], |v| {
+        v == 400_000.0
+    });
+    let mut srv = srv;
+    srv.stop(fanstream::Stop::Drain);
+    for l in listeners {
+        let body = l.0.join().unwrap();
+        // Joined with no burst before any byte was sent: every byte, from the first.
+        assert_eq!(body.len(), 400_000);
+        assert_exact_suffix(&body, 400_000, "listener");
+    }
+}
