@@ -211,3 +211,166 @@ fn serving_survives_a_closed_log_pipe() {
         assert_eq!(status, 404);
     }
 }
+
+/// Starts the binary with a config file; returns it, its address, and its stderr lines.
+fn start_with_config(
+    toml: &str,
+    dir: &std::path::Path,
+    wrap: Option<&str>,
+) -> (ChildGuard, SocketAddr, std::sync::mpsc::Receiver<String>) {
+    let path = dir.join("fanstream.toml");
+    std::fs::write(&path, toml).unwrap();
+    let bin = env!("CARGO_BIN_EXE_fanstream");
+    let mut cmd = match wrap {
+        // A shell prefix, e.g. to lower the open-file limit for this process only.
+        Some(prefix) => {
+            let mut c = Command::new("sh");
+            c.arg("-c")
+                .arg(format!("{prefix} exec {bin} \"$@\""))
+                .arg("sh");
+            c
+        }
+        None => Command::new(bin),
+    };
+    cmd.env_remove("FANSTREAM_SOURCE_PASSWORD")
+        .env("FANSTREAM_LOG", "info")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .args([
+            "--listen",
+            "127.0.0.1:0",
+            "--admin-listen",
+            "127.0.0.1:0",
+            "--no-pin",
+            "--config",
+        ])
+        .arg(&path);
+    let mut child = ChildGuard::spawn("fanstream", &mut cmd);
+    let stderr = ChildGuard::lines(child.child.as_mut().unwrap().stderr.take().unwrap());
+    let started = wait_line(&stderr, "the start-up line", |l| {
+        l.contains("fanstream started")
+    });
+    let addr = started
+        .split_whitespace()
+        .find_map(|w| w.strip_prefix("listen_addr="))
+        .and_then(|a| a.parse().ok())
+        .unwrap();
+    (child, addr, stderr)
+}
+
+fn put_as(mount: &str, pw: &str) -> String {
+    format!(
+        "PUT {mount} HTTP/1.1\r\nAuthorization: Basic {}\r\nContent-Type: audio/mpeg\r\n\r\n",
+        basic("source", pw)
+    )
+}
+
+#[test]
+fn sighup_reloads_passwords_and_limits_without_dropping_anyone() {
+    let dir = common::process::scratch_dir("sighup");
+    let first =
+        "demo = false\nsource_password = \"old-pw\"\n[mounts.\"/live\"]\nsource_grace_secs = 30\n";
+    let (child, addr, stderr) = start_with_config(first, &dir, None);
+    let mut source = Source::connect_raw(addr, put_as("/live", "old-pw").as_bytes());
+    source.send_pattern(0, 4000, 1000, Duration::ZERO);
+    let mut l = Listener::connect(addr, "/live");
+    l.read_at_least(4000);
+
+    // A broken file is refused; the running config stays.
+    std::fs::write(dir.join("fanstream.toml"), "source_password = \n").unwrap();
+    child.signal(libc::SIGHUP);
+    wait_line(&stderr, "the refusal", |l| l.contains("config refused"));
+    let _other = Source::connect_raw(addr, put_as("/other", "old-pw").as_bytes());
+
+    let second = "demo = false\nsource_password = \"new-pw\"\n[mounts.\"/live\"]\nsource_grace_secs = 30\nmax_listeners = 1\n";
+    std::fs::write(dir.join("fanstream.toml"), second).unwrap();
+    child.signal(libc::SIGHUP);
+    wait_line(&stderr, "the reload", |l| {
+        l.contains("configuration reloaded")
+    });
+    assert_eq!(request(addr, put_as("/third", "old-pw").as_bytes()).0, 401);
+    let _third = Source::connect_raw(addr, put_as("/third", "new-pw").as_bytes());
+    // The new per-mount limit applies to newcomers; the connected listener and source carry on.
+    assert_eq!(request(addr, b"GET /live HTTP/1.0\r\n\r\n").0, 503);
+    source.send_pattern(4000, 8000, 1000, Duration::ZERO);
+    l.read_at_least(8000);
+    assert_exact_suffix(&l.body[..8000], 8000, "listener across the reload");
+}
+
+#[test]
+fn passwords_can_live_in_files_and_never_appear_in_logs() {
+    let dir = common::process::scratch_dir("password_file");
+    std::fs::write(dir.join("pw"), "file-secret-1\n").unwrap();
+    let toml = format!(
+        "demo = false\nsource_password_file = \"{}\"\n",
+        dir.join("pw").display()
+    );
+    let (mut child, addr, stderr) = start_with_config(&toml, &dir, None);
+    assert_eq!(
+        request(addr, put_as("/live", "wrong-secret-2").as_bytes()).0,
+        401
+    );
+    let _source = Source::connect_raw(addr, put_as("/live", "file-secret-1").as_bytes());
+    child.signal(libc::SIGTERM);
+    assert!(child.wait_for(Duration::from_secs(15)).success());
+    let logs: Vec<String> = stderr.try_iter().collect();
+    assert!(
+        logs.iter().any(|l| l.contains("authentication failed")),
+        "the failure is logged"
+    );
+    for l in &logs {
+        assert!(
+            !l.contains("file-secret-1") && !l.contains("wrong-secret-2"),
+            "password in log: {l}"
+        );
+    }
+}
+
+#[test]
+fn running_out_of_file_descriptors_backs_off_and_recovers() {
+    let dir = common::process::scratch_dir("emfile");
+    // A limit far above the open-file limit, so that accept() itself runs out of descriptors.
+    let toml = "demo = false\nsource_password = \"x\"\nmax_connections = 100000\nheader_timeout_secs = 30\n";
+    let (child, addr, stderr) = start_with_config(toml, &dir, Some("ulimit -n 64;"));
+    let mut held = Vec::new();
+    for _ in 0..80 {
+        match TcpStream::connect(addr) {
+            Ok(s) => held.push(s),
+            Err(_) => break,
+        }
+    }
+    wait_line(&stderr, "the back-off", |l| l.contains("out of resources"));
+    // Backing off, not spinning: little CPU while the descriptors stay exhausted.
+    let cpu_before = process_cpu_ticks(child.pid());
+    let wall = std::time::Instant::now();
+    std::thread::sleep(Duration::from_millis(500));
+    let used = process_cpu_ticks(child.pid()) - cpu_before;
+    let ticks = (wall.elapsed().as_secs_f64() * 100.0) as u64; // 100 ticks per second
+    assert!(
+        used * 4 < ticks,
+        "used {used} of {ticks} CPU ticks while out of descriptors"
+    );
+    drop(held);
+    wait_until("service to recover", || {
+        TcpStream::connect(addr).is_ok_and(|mut s| {
+            s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+            s.write_all(b"GET /nothing HTTP/1.0\r\n\r\n").is_ok()
+                && common::process::read_all(&mut s).starts_with(b"HTTP/1.0 404")
+        })
+    });
+}
+
+use std::net::TcpStream;
+
+/// User + system CPU of a process, in clock ticks, from /proc.
+fn process_cpu_ticks(pid: i32) -> u64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    let fields: Vec<&str> = stat
+        .rsplit_once(") ")
+        .unwrap()
+        .1
+        .split_whitespace()
+        .collect();
+    fields[11].parse::<u64>().unwrap() + fields[12].parse::<u64>().unwrap()
+}

@@ -108,3 +108,11 @@ pub fn wait_line(rx: &mpsc::Receiver<String>, what: &str, pred: impl Fn(&str) ->
         }
     }
 }
+
+/// Reads until the peer closes (or the read timeout), returning what arrived.
+pub fn read_all(s: &mut std::net::TcpStream) -> Vec<u8> {
+    use std::io::Read;
+    let mut out = Vec::new();
+    let _ = s.read_to_end(&mut out);
+    out
+}
