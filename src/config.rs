@@ -499,6 +499,27 @@ mod tests {
     }
 
     #[test]
+    fn the_readme_example_is_valid_and_states_every_default() {
+        let readme = include_str!("../README.md");
+        let example = readme
+            .split("```toml\n")
+            .nth(1)
+            .and_then(|rest| rest.split("```").next())
+            .expect("README has a toml example");
+        let mut c = Config::from_toml(example).unwrap();
+        c.validate().unwrap();
+        assert_eq!(c.mounts.len(), 2);
+        assert_eq!(c.mount("/live").max_listeners, 500);
+        assert_eq!(c.mount("/lowlatency").max_write_delay_ms, 0);
+        c.mounts.clear();
+        assert_eq!(
+            c,
+            Config::default(),
+            "the README's defaults differ from the code's"
+        );
+    }
+
+    #[test]
     fn unknown_keys_and_bad_values_are_named() {
         let e = Config::from_toml("lissten = \"x\"").unwrap_err();
         assert!(e.contains("lissten"), "{e}");
