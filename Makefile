@@ -5,7 +5,21 @@ CARGO ?= cargo
 TEST_PROGRAMS := ffmpeg ffprobe curl
 APT_PACKAGES := ffmpeg curl
 
-.PHONY: run build release test deps fmt fmt-check clippy unit
+.PHONY: run build release test deps fmt fmt-check clippy unit load sweep compare bench icecast fonts
+
+# Load runs (make load / sweep / compare): see README, "Performance".
+CLIENTS ?= 1000
+BITRATE_KBPS ?= 128
+SECONDS ?= 30
+WORKERS ?= 0
+MOUNTS ?= 1
+# Extra flags for fanstream-load, e.g. LOAD_FLAGS="--min-write-bytes 8192 --max-write-delay-ms 100".
+LOAD_FLAGS ?=
+COUNTS ?= 100,1000,5000,10000,19000
+BITRATES ?= 128,2000
+SWEEP_SECONDS ?= 20
+LOAD_BIN := target/release/fanstream-load
+RESULTS := docs/performance
 
 ## make run: build and start the server on its embedded defaults (demo tone on /demo, port 8000).
 run:
@@ -42,3 +56,36 @@ test: deps fmt-check clippy
 
 unit:
 	$(CARGO) test --lib
+
+## make load: one load run (CLIENTS, BITRATE_KBPS, SECONDS, WORKERS, MOUNTS); summary in target/load/.
+load: release
+	$(LOAD_BIN) run --clients $(CLIENTS) --bitrate-kbps $(BITRATE_KBPS) --seconds $(SECONDS) \
+	  --workers $(WORKERS) --mounts $(MOUNTS) $(LOAD_FLAGS)
+
+## make sweep: runs at COUNTS listeners and BITRATES, table and charts into target/load/ and docs/.
+sweep: release fonts
+	$(LOAD_BIN) sweep --counts $(COUNTS) --bitrates $(BITRATES) --seconds $(SWEEP_SECONDS) \
+	  --workers $(WORKERS) --mounts $(MOUNTS) $(LOAD_FLAGS)
+	mkdir -p $(RESULTS)
+	cp target/load/sweep.md target/load/sweep.json target/load/sweep-cpu.png target/load/sweep-cpu.svg \
+	  target/load/sweep-memory.png target/load/sweep-memory.svg $(RESULTS)/
+
+## make compare: the same load against Icecast 2.4 and fanstream, side by side.
+compare: release icecast
+	$(LOAD_BIN) compare --clients $(CLIENTS) --bitrate-kbps $(BITRATE_KBPS) --seconds $(SECONDS) \
+	  --workers $(WORKERS) --mounts $(MOUNTS) $(LOAD_FLAGS)
+	mkdir -p $(RESULTS)
+	cp target/load/compare-$(CLIENTS)c-$(BITRATE_KBPS)k.md target/load/compare-$(CLIENTS)c-$(BITRATE_KBPS)k.json $(RESULTS)/
+
+## make bench: criterion benches (store, fan-out, request parsing).
+bench:
+	$(CARGO) bench --benches
+
+# Debian packages the load targets need, installed when missing.
+icecast:
+	@command -v icecast2 >/dev/null 2>&1 || { SUDO=""; [ "$$(id -u)" = 0 ] || SUDO=sudo; \
+	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq icecast2 >/dev/null; }
+
+fonts:
+	@[ -f /usr/share/fonts/truetype/dejavu/DejaVuSans.ttf ] || { SUDO=""; [ "$$(id -u)" = 0 ] || SUDO=sudo; \
+	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq fonts-dejavu-core >/dev/null; }

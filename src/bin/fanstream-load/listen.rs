@@ -1,0 +1,303 @@
+//! Load listeners: thousands of connections in one process on one current-thread tokio runtime,
+//! each verifying every byte it receives.
+//!
+//! Lean on purpose, so that the server, not this tool, limits a run: one task per connection,
+//! one 64 KiB read buffer shared by all of them (a current-thread runtime runs one task at a
+//! time), no timer per connection (the deadline ends the runtime), and per-byte work limited to
+//! the record check. Each second it prints a progress line (JSON) and at the deadline a report.
+
+use std::cell::RefCell;
+use std::collections::BTreeMap;
+use std::io;
+use std::net::SocketAddr;
+use std::rc::Rc;
+use std::time::Duration;
+
+use tokio::io::AsyncWriteExt;
+use tokio::net::TcpStream;
+
+use crate::record::{Errors, Verifier};
+use crate::schedule::{unix_us, Schedule};
+
+/// Connecting and receiving the response head must take no longer than this.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(15);
+const READ_BUFFER_BYTES: usize = 64 * 1024;
+const HEAD_MAX_BYTES: usize = 8 * 1024;
+
+#[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
+pub struct ListenOpts {
+    pub addr: SocketAddr,
+    pub mounts: Vec<String>,
+    pub clients: usize,
+    /// Spreads listeners over mounts across processes: listener `i` takes mount
+    /// `(first_index + i) % mounts`.
+    pub first_index: usize,
+    /// Connections started per second by this process.
+    pub ramp_per_sec: f64,
+    pub start_us: u64,
+    /// The deadline: every connection closes then.
+    pub end_us: u64,
+    /// Latency is sampled from here on (after the ramp and each listener's burst).
+    pub measure_from_us: u64,
+    pub schedule: Schedule,
+    /// Bytes sent in the last this-many ms before the deadline are not owed yet (they may be in
+    /// flight or held by write coalescing).
+    pub allowance_ms: u64,
+}
+
+/// One connection's state, read by the progress lines and the report.
+#[derive(Default)]
+struct Conn {
+    connect_us: u64,
+    ttfb_us: Option<u64>,
+    verifier: Verifier,
+    /// Why it never streamed (connect error, HTTP status...).
+    failed: Option<String>,
+    /// The server closed it before the deadline.
+    closed_early: bool,
+}
+
+/// Printed each second.
+#[derive(Clone, Debug, Default, serde::Serialize, serde::Deserialize)]
+pub struct Progress {
+    pub streaming: usize,
+    pub failed: usize,
+    pub closed: usize,
+    pub bytes: u64,
+    pub errors: u64,
+}
+
+/// Printed at the deadline.
+#[derive(Clone, Debug, Default, serde::Serialize, serde::Deserialize)]
+pub struct ListenReport {
+    pub clients: usize,
+    pub streaming_at_end: usize,
+    pub failed: BTreeMap<String, usize>,
+    pub closed_early: usize,
+    pub errors: Errors,
+    pub listeners_with_errors: usize,
+    pub delivered_bytes: u64,
+    pub owed_bytes: u64,
+    /// Listeners that got less than 99.9% of what they were owed.
+    pub listeners_short: usize,
+    pub ttfb_us: Vec<u64>,
+    /// End-to-end latency (source send time to receipt) of the oldest record of each read after
+    /// `measure_from_us`: milliseconds to count.
+    pub latency_ms: BTreeMap<u64, u64>,
+}
+
+#[derive(serde::Serialize, serde::Deserialize)]
+pub enum Line {
+    Progress(Progress),
+    Report(ListenReport),
+}
+
+type Conns = Rc<Vec<RefCell<Conn>>>;
+
+struct Shared {
+    opts: ListenOpts,
+    conns: Conns,
+    buffer: RefCell<Vec<u8>>,
+    latency: RefCell<BTreeMap<u64, u64>>,
+}
+
+pub fn run(opts: ListenOpts) -> ListenReport {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("tokio runtime");
+    let local = tokio::task::LocalSet::new();
+    local.block_on(&rt, async move {
+        let shared = Rc::new(Shared {
+            conns: Rc::new((0..opts.clients).map(|_| RefCell::default()).collect()),
+            buffer: RefCell::new(vec![0; READ_BUFFER_BYTES]),
+            latency: RefCell::default(),
+            opts,
+        });
+        let start = at(shared.opts.start_us);
+        for i in 0..shared.opts.clients {
+            let delay = Duration::from_secs_f64(i as f64 / shared.opts.ramp_per_sec.max(1.0));
+            let s = shared.clone();
+            tokio::task::spawn_local(async move {
+                tokio::time::sleep_until(start + delay).await;
+                listen(&s, i).await;
+            });
+        }
+        let end = at(shared.opts.end_us);
+        let mut tick =
+            tokio::time::interval_at(start + Duration::from_secs(1), Duration::from_secs(1));
+        loop {
+            tokio::select! {
+                _ = tokio::time::sleep_until(end) => break,
+                _ = tick.tick() => print_line(&Line::Progress(progress(&shared.conns))),
+            }
+        }
+        report(&shared)
+    })
+}
+
+pub fn print_line(line: &Line) {
+    println!("{}", serde_json::to_string(line).expect("serialisable"));
+}
+
+/// The tokio instant of a unix time.
+fn at(unix: u64) -> tokio::time::Instant {
+    let now = unix_us();
+    let now_i = tokio::time::Instant::now();
+    if unix >= now {
+        now_i + Duration::from_micros(unix - now)
+    } else {
+        now_i
+            .checked_sub(Duration::from_micros(now - unix))
+            .unwrap_or(now_i)
+    }
+}
+
+async fn listen(s: &Shared, i: usize) {
+    let conn = &s.conns[i];
+    conn.borrow_mut().connect_us = unix_us();
+    let mount = &s.opts.mounts[(s.opts.first_index + i) % s.opts.mounts.len()];
+    let stream = match tokio::time::timeout(CONNECT_TIMEOUT, open(s.opts.addr, mount)).await {
+        Ok(Ok((stream, body))) => {
+            if !body.is_empty() {
+                received(s, conn, &body);
+            }
+            stream
+        }
+        Ok(Err(e)) => return conn.borrow_mut().failed = Some(e),
+        Err(_) => return conn.borrow_mut().failed = Some("timeout".into()),
+    };
+    loop {
+        if stream.readable().await.is_err() {
+            break;
+        }
+        let mut buf = s.buffer.borrow_mut();
+        match stream.try_read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => received(s, conn, &buf[..n]),
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(_) => break,
+        }
+    }
+    conn.borrow_mut().closed_early = true;
+}
+
+/// Connects, sends the request and reads the response head: the stream and any body bytes
+/// that came with the head, or why it failed.
+async fn open(addr: SocketAddr, mount: &str) -> Result<(TcpStream, Vec<u8>), String> {
+    let mut stream = TcpStream::connect(addr)
+        .await
+        .map_err(|e| format!("connect: {}", e.kind()))?;
+    // Closing with a reset leaves no TIME_WAIT behind: a sweep opens tens of thousands of
+    // connections from loopback's one address and would run out of ephemeral ports.
+    stream.set_zero_linger().ok();
+    let req = format!("GET {mount} HTTP/1.0\r\nHost: {addr}\r\nUser-Agent: fanstream-load\r\n\r\n");
+    stream
+        .write_all(req.as_bytes())
+        .await
+        .map_err(|e| format!("request: {}", e.kind()))?;
+    let mut head = Vec::with_capacity(1024);
+    let mut buf = [0u8; 2048];
+    loop {
+        stream
+            .readable()
+            .await
+            .map_err(|e| format!("head: {}", e.kind()))?;
+        match stream.try_read(&mut buf) {
+            Ok(0) => return Err("closed before the head".into()),
+            Ok(n) => head.extend_from_slice(&buf[..n]),
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+            Err(e) => return Err(format!("head: {}", e.kind())),
+        }
+        if let Some(end) = head.windows(4).position(|w| w == b"\r\n\r\n") {
+            let line = String::from_utf8_lossy(&head[..end]);
+            let status = line.split_whitespace().nth(1).unwrap_or("?").to_string();
+            if status != "200" {
+                return Err(format!("http {status}"));
+            }
+            return Ok((stream, head.split_off(end + 4)));
+        }
+        if head.len() > HEAD_MAX_BYTES {
+            return Err("head too large".into());
+        }
+    }
+}
+
+fn received(s: &Shared, conn: &RefCell<Conn>, data: &[u8]) {
+    let now = unix_us();
+    let mut c = conn.borrow_mut();
+    if c.ttfb_us.is_none() {
+        c.ttfb_us = Some(now.saturating_sub(c.connect_us));
+    }
+    let oldest = c.verifier.feed(data);
+    if let Some(sent) = oldest.filter(|_| now >= s.opts.measure_from_us) {
+        *s.latency
+            .borrow_mut()
+            .entry(now.saturating_sub(sent) / 1000)
+            .or_default() += 1;
+    }
+}
+
+fn progress(conns: &Conns) -> Progress {
+    let mut p = Progress::default();
+    for c in conns.iter() {
+        let c = c.borrow();
+        if c.failed.is_some() {
+            p.failed += 1;
+        } else if c.closed_early {
+            p.closed += 1;
+        } else if c.ttfb_us.is_some() {
+            p.streaming += 1;
+        }
+        p.bytes += c.verifier.delivered_bytes();
+        p.errors += c.verifier.errors.total();
+    }
+    p
+}
+
+fn report(s: &Shared) -> ListenReport {
+    let o = &s.opts;
+    let owed_until = o.end_us.saturating_sub(o.allowance_ms * 1000);
+    let sent_then = o.schedule.sent_by(owed_until);
+    let mut r = ListenReport {
+        clients: o.clients,
+        latency_ms: s.latency.borrow().clone(),
+        ..ListenReport::default()
+    };
+    for c in s.conns.iter() {
+        let c = c.borrow();
+        let v = &c.verifier;
+        if c.connect_us == 0 {
+            // Its turn in the ramp never came: the run was shorter than the ramp.
+            *r.failed.entry("not started".into()).or_default() += 1;
+            continue;
+        }
+        // Owed from where it joined, or from when it asked if it never did.
+        let owed = match v.joined_at() {
+            Some(j) => sent_then.saturating_sub(j),
+            None => sent_then.saturating_sub(o.schedule.sent_by(c.connect_us)),
+        };
+        let delivered = v.delivered_bytes().min(owed);
+        r.owed_bytes += owed;
+        r.delivered_bytes += delivered;
+        if (delivered as f64) < owed as f64 * 0.999 {
+            r.listeners_short += 1;
+        }
+        r.errors.add(&v.errors);
+        if v.errors.total() > 0 {
+            r.listeners_with_errors += 1;
+        }
+        if let Some(t) = c.ttfb_us {
+            r.ttfb_us.push(t);
+        }
+        if let Some(why) = &c.failed {
+            *r.failed.entry(why.clone()).or_default() += 1;
+        } else if c.closed_early {
+            r.closed_early += 1;
+        } else if c.ttfb_us.is_some() {
+            r.streaming_at_end += 1;
+        }
+    }
+    r
+}

@@ -1,0 +1,193 @@
+//! fanstream-load: load runs against fanstream (or Icecast, for comparison).
+//!
+//! - `source`: one Icecast source sending verifiable records at a steady pace.
+//! - `listen`: thousands of verifying listeners in one process.
+//! - `run`: one whole run (server, sources, listen processes, summary); `make load`.
+//! - `sweep`: runs at growing listener counts and two bitrates, with plots; `make sweep`.
+//! - `compare`: the same run against Icecast and fanstream; `make compare`.
+//!
+//! Layout: [`record`] (the stream format and its verifier), [`schedule`] (the source's pace),
+//! [`source`], [`listen`], [`servers`] (the servers under test), [`procstat`] (/proc),
+//! [`run`] (one run and its summary), [`sweep`] (with [`plot`]) and [`compare`].
+
+mod compare;
+mod listen;
+mod plot;
+mod procstat;
+mod record;
+mod run;
+mod schedule;
+mod servers;
+mod source;
+mod sweep;
+
+use std::net::SocketAddr;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::{Parser, Subcommand};
+
+use crate::schedule::{unix_us, Schedule};
+
+#[derive(Parser)]
+#[command(about = "Load runs against fanstream and Icecast: verifying listeners, steady sources")]
+struct Cli {
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Push one source (Icecast PUT) for a while.
+    Source {
+        #[arg(long, default_value = "127.0.0.1:8000")]
+        addr: SocketAddr,
+        #[arg(long, default_value = "/load0")]
+        mount: String,
+        #[arg(long, default_value = "source")]
+        user: String,
+        #[arg(long, env = "FANSTREAM_SOURCE_PASSWORD")]
+        password: String,
+        #[arg(long, default_value_t = 128)]
+        bitrate_kbps: u64,
+        #[arg(long, default_value_t = 20)]
+        interval_ms: u64,
+        #[arg(long, default_value_t = 60)]
+        seconds: u64,
+    },
+    /// Verifying listeners in this process; prints JSON lines (progress, then a report).
+    Listen {
+        #[arg(long, default_value = "127.0.0.1:8000")]
+        addr: SocketAddr,
+        /// Comma-separated mounts; listeners are spread over them.
+        #[arg(long, default_value = "/load0", value_delimiter = ',')]
+        mounts: Vec<String>,
+        #[arg(long, default_value_t = 100)]
+        clients: usize,
+        #[arg(long, default_value_t = 0)]
+        first_index: usize,
+        #[arg(long, default_value_t = 1000.0)]
+        ramp_per_sec: f64,
+        /// When to start connecting (unix µs); default now.
+        #[arg(long)]
+        start_us: Option<u64>,
+        /// When to stop (unix µs); default `--seconds` from now.
+        #[arg(long)]
+        end_us: Option<u64>,
+        #[arg(long, default_value_t = 30)]
+        seconds: u64,
+        /// Latency is sampled from then on (unix µs); default the start.
+        #[arg(long)]
+        measure_from_us: Option<u64>,
+        /// When the source sent its first piece (unix µs), as `source` prints it: without it,
+        /// bytes owed are not known and only integrity is checked.
+        #[arg(long, default_value_t = 0)]
+        t0_us: u64,
+        #[arg(long, default_value_t = 128)]
+        bitrate_kbps: u64,
+        #[arg(long, default_value_t = 20)]
+        interval_ms: u64,
+        #[arg(long, default_value_t = 1000)]
+        allowance_ms: u64,
+    },
+    /// One load run: server, sources, listeners, summary (also as JSON under --out-dir).
+    Run(run::RunOpts),
+    /// Runs at growing listener counts and bitrates; table and plots under --out-dir.
+    Sweep(sweep::SweepOpts),
+    /// The same run against Icecast and fanstream, side by side.
+    Compare(run::RunOpts),
+}
+
+fn main() -> ExitCode {
+    match Cli::parse().command {
+        Cmd::Source {
+            addr,
+            mount,
+            user,
+            password,
+            bitrate_kbps,
+            interval_ms,
+            seconds,
+        } => {
+            let o = source::SourceOpts {
+                addr,
+                mount,
+                user,
+                password,
+            };
+            let stream = match source::connect(&o) {
+                Ok(s) => s,
+                Err(e) => return fail(&e),
+            };
+            let schedule = Schedule::new(unix_us() + 100_000, bitrate_kbps, interval_ms);
+            eprintln!(
+                "source {} live: {} B every {} ms; listeners: --t0-us {}",
+                o.mount, schedule.piece_bytes, interval_ms, schedule.t0_us
+            );
+            let running = source::start(o, stream, schedule);
+            std::thread::sleep(Duration::from_secs(seconds));
+            let report = running.stop();
+            println!("{}", serde_json::to_string(&report).expect("serialisable"));
+            match report.error {
+                Some(e) => fail(&e),
+                None => ExitCode::SUCCESS,
+            }
+        }
+        Cmd::Listen {
+            addr,
+            mounts,
+            clients,
+            first_index,
+            ramp_per_sec,
+            start_us,
+            end_us,
+            seconds,
+            measure_from_us,
+            t0_us,
+            bitrate_kbps,
+            interval_ms,
+            allowance_ms,
+        } => {
+            let limit = procstat::raise_fd_limit();
+            if clients as u64 + 32 > limit {
+                return fail(&format!(
+                    "{clients} connections need more open files than this process may have ({limit})"
+                ));
+            }
+            let start_us = start_us.unwrap_or_else(unix_us);
+            let opts = listen::ListenOpts {
+                addr,
+                mounts,
+                clients,
+                first_index,
+                ramp_per_sec,
+                start_us,
+                end_us: end_us.unwrap_or(start_us + seconds * 1_000_000),
+                measure_from_us: measure_from_us.unwrap_or(start_us),
+                schedule: Schedule::new(t0_us, bitrate_kbps, interval_ms),
+                allowance_ms,
+            };
+            let report = listen::run(opts);
+            listen::print_line(&listen::Line::Report(report));
+            ExitCode::SUCCESS
+        }
+        Cmd::Run(o) => match run::run(&o) {
+            Ok(s) => {
+                run::print_summary(&s);
+                eprintln!(
+                    "summary written to {}",
+                    o.out_dir.join(format!("{}.json", s.name)).display()
+                );
+                ExitCode::SUCCESS
+            }
+            Err(e) => fail(&e),
+        },
+        Cmd::Sweep(o) => sweep::sweep(&o).map_or_else(|e| fail(&e), |()| ExitCode::SUCCESS),
+        Cmd::Compare(o) => compare::compare(&o).map_or_else(|e| fail(&e), |()| ExitCode::SUCCESS),
+    }
+}
+
+fn fail(msg: &str) -> ExitCode {
+    eprintln!("fanstream-load: {msg}");
+    ExitCode::FAILURE
+}

@@ -1,0 +1,629 @@
+//! One load run: start the server, push the sources, ramp the listeners over several listen
+//! processes, watch, and sum it all up.
+//!
+//! Timeline (all processes share it in unix time): the sources start at `t0`; listeners ramp
+//! from `start`; the measured window opens once the ramp and every listener's burst are done
+//! (`measure_from`) and lasts `--seconds`; at its end (`end`) every listener closes, then the
+//! sources and the server are stopped. Server and load CPU are taken over the window only.
+
+use std::collections::BTreeMap;
+use std::io::{BufRead, BufReader};
+use std::path::PathBuf;
+use std::process::{Child, Command};
+use std::sync::mpsc;
+use std::time::Duration;
+
+use crate::listen::{Line, ListenReport, Progress};
+use crate::procstat;
+use crate::record::Errors;
+use crate::schedule::{unix_us, Schedule};
+use crate::servers::{self, metric_sum, ServerOpts, ServerProc, Target, PASSWORD};
+use crate::source::{self, SourceOpts, SourceReport};
+
+/// A process holds at most this many connections: its open-file hard limit is 20,000 here.
+const MAX_PER_PROCESS: usize = 9_000;
+/// After the ramp, listeners have this long to take their burst before the window opens.
+const SETTLE_SECS: f64 = 3.0;
+/// A load process above this share of a core may have delayed what it measured.
+const SATURATED_CORE_PCT: f64 = 90.0;
+/// A source piece this late means the machine could not keep the pace.
+const SOURCE_LATE_MS: f64 = 100.0;
+
+#[derive(clap::Args, Clone, Debug)]
+pub struct RunOpts {
+    /// The server under test.
+    #[arg(long, value_enum, default_value = "fanstream")]
+    pub target: Target,
+    #[arg(long, default_value_t = 1000)]
+    pub clients: usize,
+    #[arg(long, default_value_t = 128)]
+    pub bitrate_kbps: u64,
+    /// Length of the measured window, after the ramp.
+    #[arg(long, default_value_t = 30)]
+    pub seconds: u64,
+    /// fanstream worker threads; 0 = one per core.
+    #[arg(long, default_value_t = 0)]
+    pub workers: usize,
+    #[arg(long, default_value_t = 1)]
+    pub mounts: usize,
+    /// The source sends one piece this often (its size follows from the bitrate).
+    #[arg(long, default_value_t = 20)]
+    pub interval_ms: u64,
+    /// New connections per second, over all listen processes.
+    #[arg(long, default_value_t = 2000.0)]
+    pub ramp_per_sec: f64,
+    /// Connections per listen process (at most 9,000: the fd limit is 20,000 per process).
+    #[arg(long, default_value_t = 5000)]
+    pub per_process: usize,
+    /// fanstream's write coalescing; unset = the server's defaults.
+    #[arg(long)]
+    pub min_write_bytes: Option<usize>,
+    #[arg(long)]
+    pub max_write_delay_ms: Option<u64>,
+    /// Bytes sent in the last this-many ms of the window are not counted as owed yet.
+    #[arg(long, default_value_t = 1000)]
+    pub allowance_ms: u64,
+    #[arg(long, default_value = "target/release/fanstream")]
+    pub fanstream_bin: PathBuf,
+    #[arg(long, default_value = "icecast2")]
+    pub icecast_bin: String,
+    #[arg(long, default_value = "target/load")]
+    pub out_dir: PathBuf,
+    /// Name of this run's files under out_dir (default: target-clients-bitrate).
+    #[arg(long)]
+    pub name: Option<String>,
+}
+
+impl RunOpts {
+    pub fn name(&self) -> String {
+        self.name.clone().unwrap_or_else(|| {
+            format!(
+                "{}-{}c-{}k",
+                target_name(self.target),
+                self.clients,
+                self.bitrate_kbps
+            )
+        })
+    }
+}
+
+pub fn target_name(t: Target) -> &'static str {
+    match t {
+        Target::Fanstream => "fanstream",
+        Target::Icecast => "icecast",
+    }
+}
+
+/// Everything a run measured; also written as JSON.
+#[derive(Clone, Debug, Default, serde::Serialize)]
+pub struct Summary {
+    pub name: String,
+    pub target: String,
+    pub clients: usize,
+    pub bitrate_kbps: u64,
+    pub piece_bytes: u64,
+    pub interval_ms: u64,
+    pub window_secs: f64,
+    pub workers: usize,
+    pub mounts: usize,
+    pub min_write_bytes: Option<usize>,
+    pub max_write_delay_ms: Option<u64>,
+    pub load_processes: usize,
+    pub machine: String,
+    pub loadavg_before: String,
+    pub streaming_at_end: usize,
+    pub failed: BTreeMap<String, usize>,
+    pub disconnects: usize,
+    pub delivered_ratio: f64,
+    pub delivered_bytes: u64,
+    pub owed_bytes: u64,
+    pub listeners_short: usize,
+    pub integrity: Errors,
+    pub listeners_with_errors: usize,
+    pub ttfb_p50_ms: f64,
+    pub ttfb_p99_ms: f64,
+    pub latency_p50_ms: f64,
+    pub latency_p99_ms: f64,
+    pub server_cpu_pct: f64,
+    /// From fanstream's own `fanstream_thread_cpu_seconds_total`.
+    pub server_cpu_pct_metrics: Option<f64>,
+    pub cpu_us_per_listener_sec: f64,
+    pub server_rss_bytes: u64,
+    pub server_rss_before_listeners_bytes: u64,
+    pub rss_per_listener_bytes: f64,
+    pub write_syscalls_per_listener_sec: Option<f64>,
+    pub bytes_per_write: Option<f64>,
+    pub load_cpu_pct: Vec<f64>,
+    /// All cores busy, by anyone, in % of one core.
+    pub machine_busy_pct: f64,
+    pub cores: usize,
+    pub source_max_late_ms: f64,
+    pub sources: Vec<SourceReport>,
+    /// Delivered >= 99.9% to every listener asked for, with no integrity error.
+    pub ok: bool,
+    /// What limited the run, as far as can be told.
+    pub limit: String,
+}
+
+/// CPU counters at one instant.
+#[derive(Clone, Default)]
+struct Sample {
+    at_us: u64,
+    server: f64,
+    server_metrics: Option<f64>,
+    writes: Option<f64>,
+    sent: Option<f64>,
+    load: Vec<f64>,
+    machine_busy: f64,
+    server_rss: Option<u64>,
+}
+
+fn sample(server: &ServerProc, loads: &[Child]) -> Sample {
+    let metrics = server.metrics();
+    let m = |name| metrics.as_deref().map(|t| metric_sum(t, name));
+    Sample {
+        at_us: unix_us(),
+        server: procstat::cpu_secs(server.pid()).unwrap_or(0.0),
+        server_metrics: m("fanstream_thread_cpu_seconds_total"),
+        writes: m("fanstream_write_syscalls_total"),
+        sent: m("fanstream_sent_bytes_total"),
+        load: loads
+            .iter()
+            .map(|c| procstat::cpu_secs(c.id()).unwrap_or(0.0))
+            .collect(),
+        machine_busy: procstat::machine_cpu().map_or(0.0, |(b, _)| b),
+        server_rss: procstat::rss_bytes(server.pid()),
+    }
+}
+
+/// Listen processes, killed on drop whatever happens.
+struct Loads(Vec<Child>);
+
+impl Drop for Loads {
+    fn drop(&mut self) {
+        for c in &mut self.0 {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+pub fn machine() -> String {
+    let model = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|t| {
+            t.lines()
+                .find(|l| l.starts_with("model name"))
+                .and_then(|l| l.split_once(':'))
+                .map(|(_, m)| m.trim().to_string())
+        })
+        .unwrap_or_else(|| "unknown CPU".into());
+    let mem_gib = std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|t| {
+            t.lines()
+                .next()?
+                .split_whitespace()
+                .nth(1)?
+                .parse::<f64>()
+                .ok()
+        })
+        .map_or(0.0, |kib| kib / 1024.0 / 1024.0);
+    format!("{} cores, {model}, {mem_gib:.0} GiB", cores())
+}
+
+fn cores() -> usize {
+    std::thread::available_parallelism().map_or(1, |n| n.get())
+}
+
+fn loadavg() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .map(|l| l.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
+        .unwrap_or_default()
+}
+
+pub fn run(o: &RunOpts) -> Result<Summary, String> {
+    let name = o.name();
+    let dir = o.out_dir.join(&name);
+    std::fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+    let loadavg_before = loadavg();
+    eprintln!(
+        "== {name}: {} listeners at {} kbit/s on {} mount(s), {} s window (load average {loadavg_before})",
+        o.clients, o.bitrate_kbps, o.mounts, o.seconds
+    );
+    let server = servers::start(
+        &ServerOpts {
+            target: o.target,
+            workers: o.workers,
+            max_clients: o.clients,
+            mounts: o.mounts,
+            min_write_bytes: o.min_write_bytes,
+            max_write_delay_ms: o.max_write_delay_ms,
+            fanstream_bin: o.fanstream_bin.clone(),
+            icecast_bin: o.icecast_bin.clone(),
+        },
+        &dir,
+    )?;
+    let mounts: Vec<String> = (0..o.mounts).map(|m| format!("/load{m}")).collect();
+    let mut streams = Vec::new();
+    for mount in &mounts {
+        let so = SourceOpts {
+            addr: server.addr,
+            mount: mount.clone(),
+            user: "source".into(),
+            password: PASSWORD.into(),
+        };
+        streams.push((so.clone(), source::connect(&so)?));
+    }
+    let schedule = Schedule::new(unix_us() + 200_000, o.bitrate_kbps, o.interval_ms);
+    let sources: Vec<_> = streams
+        .into_iter()
+        .map(|(so, s)| source::start(so, s, schedule))
+        .collect();
+    let rss_before = wait_rss(&server);
+
+    let per_process = o.per_process.clamp(1, MAX_PER_PROCESS);
+    let nproc = o.clients.div_ceil(per_process).max(1);
+    let start_us = schedule.t0_us + 1_000_000;
+    let ramp_secs = o.clients as f64 / o.ramp_per_sec;
+    let measure_from_us = start_us + ((ramp_secs + SETTLE_SECS) * 1e6) as u64;
+    let end_us = measure_from_us + o.seconds * 1_000_000;
+    let me = std::env::current_exe().map_err(|e| e.to_string())?;
+    let (tx, rx) = mpsc::channel::<(usize, Line)>();
+    let mut loads = Loads(Vec::new());
+    let mut first = 0;
+    for p in 0..nproc {
+        let n = (o.clients - first).min(o.clients.div_ceil(nproc));
+        let mut cmd = Command::new(&me);
+        cmd.arg("listen")
+            .args(["--addr", &server.addr.to_string()])
+            .args(["--mounts", &mounts.join(",")])
+            .args(["--clients", &n.to_string()])
+            .args(["--first-index", &first.to_string()])
+            .args([
+                "--ramp-per-sec",
+                &(o.ramp_per_sec / nproc as f64).to_string(),
+            ])
+            .args(["--start-us", &start_us.to_string()])
+            .args(["--end-us", &end_us.to_string()])
+            .args(["--measure-from-us", &measure_from_us.to_string()])
+            .args(["--t0-us", &schedule.t0_us.to_string()])
+            .args(["--bitrate-kbps", &o.bitrate_kbps.to_string()])
+            .args(["--interval-ms", &o.interval_ms.to_string()])
+            .args(["--allowance-ms", &o.allowance_ms.to_string()]);
+        let mut child = servers::spawn_piped(&mut cmd)?;
+        let out = child.stdout.take().expect("piped stdout");
+        let tx = tx.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(out).lines().map_while(Result::ok) {
+                if let Ok(l) = serde_json::from_str::<Line>(&line) {
+                    if tx.send((p, l)).is_err() {
+                        break;
+                    }
+                }
+            }
+        });
+        loads.0.push(child);
+        first += n;
+    }
+    drop(tx);
+
+    // Watch: progress each second, CPU samples at the window's edges.
+    let mut progress = vec![Progress::default(); nproc];
+    let mut reports: Vec<Option<ListenReport>> = vec![None; nproc];
+    let mut begin: Option<Sample> = None;
+    let mut finish: Option<Sample> = None;
+    let mut next_print = unix_us() + 1_000_000;
+    let give_up_us = end_us + 30_000_000;
+    let mut server = server;
+    while reports.iter().any(Option::is_none) && unix_us() < give_up_us {
+        while let Ok((p, line)) = rx.try_recv() {
+            match line {
+                Line::Progress(pr) => progress[p] = pr,
+                Line::Report(r) => reports[p] = Some(r),
+            }
+        }
+        let now = unix_us();
+        if begin.is_none() && now >= measure_from_us {
+            begin = Some(sample(&server, &loads.0));
+        }
+        // Just before the listeners close.
+        if finish.is_none() && now + 300_000 >= end_us {
+            finish = Some(sample(&server, &loads.0));
+        }
+        if now >= next_print && now < end_us {
+            next_print += 1_000_000;
+            print_progress(
+                o,
+                &progress,
+                &server,
+                now,
+                start_us,
+                measure_from_us,
+                end_us,
+            );
+        }
+        if !server.alive() {
+            return Err(format!("the server died; see {}", dir.display()));
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let sources: Vec<SourceReport> = sources.into_iter().map(|s| s.stop()).collect();
+    drop(loads);
+    drop(server);
+    let (Some(begin), Some(finish)) = (begin, finish) else {
+        return Err("the run ended before its window".into());
+    };
+    let reports: Vec<ListenReport> = reports.into_iter().flatten().collect();
+    if reports.len() < nproc {
+        return Err(format!(
+            "only {} of {nproc} listen processes reported",
+            reports.len()
+        ));
+    }
+    let s = summarize(
+        o,
+        name,
+        &schedule,
+        &reports,
+        &begin,
+        &finish,
+        rss_before,
+        sources,
+        loadavg_before,
+    );
+    write_json(&o.out_dir.join(format!("{}.json", s.name)), &s)?;
+    Ok(s)
+}
+
+/// RSS once the sources are up and before any listener: the base the per-listener figure
+/// is taken from.
+fn wait_rss(server: &ServerProc) -> u64 {
+    std::thread::sleep(Duration::from_millis(500));
+    procstat::rss_bytes(server.pid()).unwrap_or(0)
+}
+
+pub fn write_json<T: serde::Serialize>(path: &std::path::Path, v: &T) -> Result<(), String> {
+    let text = serde_json::to_string_pretty(v).map_err(|e| e.to_string())?;
+    std::fs::write(path, text + "\n").map_err(|e| format!("{}: {e}", path.display()))
+}
+
+fn print_progress(
+    o: &RunOpts,
+    progress: &[Progress],
+    server: &ServerProc,
+    now: u64,
+    start_us: u64,
+    measure_from_us: u64,
+    end_us: u64,
+) {
+    let sum = |f: fn(&Progress) -> u64| progress.iter().map(f).sum::<u64>();
+    let phase = if now < measure_from_us {
+        "ramp"
+    } else {
+        "run "
+    };
+    let left = end_us.saturating_sub(now) / 1_000_000;
+    eprintln!(
+        "  [{phase} {:>4.0}s, {left:>3}s left] streaming {:>6}/{} failed {} closed {} errors {} | received {:.1} MiB | server rss {:.1} MiB",
+        now.saturating_sub(start_us) as f64 / 1e6,
+        sum(|p| p.streaming as u64),
+        o.clients,
+        sum(|p| p.failed as u64),
+        sum(|p| p.closed as u64),
+        sum(|p| p.errors),
+        sum(|p| p.bytes) as f64 / 1048576.0,
+        procstat::rss_bytes(server.pid()).unwrap_or(0) as f64 / 1048576.0,
+    );
+}
+
+fn percentile(sorted: &[u64], p: f64) -> u64 {
+    if sorted.is_empty() {
+        return 0;
+    }
+    sorted[((sorted.len() - 1) as f64 * p).round() as usize]
+}
+
+fn histogram_percentile(h: &BTreeMap<u64, u64>, p: f64) -> u64 {
+    let total: u64 = h.values().sum();
+    let want = (total as f64 * p).ceil() as u64;
+    let mut seen = 0;
+    for (v, n) in h {
+        seen += n;
+        if seen >= want {
+            return *v;
+        }
+    }
+    0
+}
+
+#[allow(clippy::too_many_arguments)]
+fn summarize(
+    o: &RunOpts,
+    name: String,
+    schedule: &Schedule,
+    reports: &[ListenReport],
+    begin: &Sample,
+    finish: &Sample,
+    rss_before: u64,
+    sources: Vec<SourceReport>,
+    loadavg_before: String,
+) -> Summary {
+    let mut s = Summary {
+        name,
+        target: target_name(o.target).into(),
+        clients: o.clients,
+        bitrate_kbps: o.bitrate_kbps,
+        piece_bytes: schedule.piece_bytes,
+        interval_ms: o.interval_ms,
+        workers: o.workers,
+        mounts: o.mounts,
+        min_write_bytes: o.min_write_bytes,
+        max_write_delay_ms: o.max_write_delay_ms,
+        load_processes: reports.len(),
+        machine: machine(),
+        loadavg_before,
+        cores: cores(),
+        ..Summary::default()
+    };
+    let mut ttfb = Vec::new();
+    let mut latency = BTreeMap::new();
+    for r in reports {
+        s.streaming_at_end += r.streaming_at_end;
+        for (k, v) in &r.failed {
+            *s.failed.entry(k.clone()).or_default() += v;
+        }
+        s.disconnects += r.closed_early;
+        s.delivered_bytes += r.delivered_bytes;
+        s.owed_bytes += r.owed_bytes;
+        s.listeners_short += r.listeners_short;
+        s.integrity.add(&r.errors);
+        s.listeners_with_errors += r.listeners_with_errors;
+        ttfb.extend_from_slice(&r.ttfb_us);
+        for (k, v) in &r.latency_ms {
+            *latency.entry(*k).or_insert(0) += v;
+        }
+    }
+    ttfb.sort_unstable();
+    s.ttfb_p50_ms = percentile(&ttfb, 0.5) as f64 / 1e3;
+    s.ttfb_p99_ms = percentile(&ttfb, 0.99) as f64 / 1e3;
+    s.latency_p50_ms = histogram_percentile(&latency, 0.5) as f64;
+    s.latency_p99_ms = histogram_percentile(&latency, 0.99) as f64;
+    s.delivered_ratio = if s.owed_bytes > 0 {
+        s.delivered_bytes as f64 / s.owed_bytes as f64
+    } else {
+        0.0
+    };
+    let secs = (finish.at_us - begin.at_us) as f64 / 1e6;
+    s.window_secs = secs;
+    let pct = |a: f64, b: f64| (b - a) / secs * 100.0;
+    s.server_cpu_pct = pct(begin.server, finish.server);
+    s.server_cpu_pct_metrics = begin
+        .server_metrics
+        .zip(finish.server_metrics)
+        .map(|(a, b)| pct(a, b));
+    let listener_secs = s.streaming_at_end.max(1) as f64 * secs;
+    s.cpu_us_per_listener_sec = (finish.server - begin.server) * 1e6 / listener_secs;
+    s.server_rss_bytes = finish.server_rss.unwrap_or(0);
+    s.server_rss_before_listeners_bytes = rss_before;
+    s.rss_per_listener_bytes =
+        s.server_rss_bytes.saturating_sub(rss_before) as f64 / s.streaming_at_end.max(1) as f64;
+    if let (Some(w0), Some(w1)) = (begin.writes, finish.writes) {
+        s.write_syscalls_per_listener_sec = Some((w1 - w0) / listener_secs);
+        if let (Some(b0), Some(b1)) = (begin.sent, finish.sent) {
+            s.bytes_per_write = Some((b1 - b0) / (w1 - w0).max(1.0));
+        }
+    }
+    s.load_cpu_pct = begin
+        .load
+        .iter()
+        .zip(&finish.load)
+        .map(|(a, b)| pct(*a, *b))
+        .collect();
+    s.machine_busy_pct = pct(begin.machine_busy, finish.machine_busy);
+    s.source_max_late_ms = sources.iter().map(|r| r.max_late_ms).fold(0.0, f64::max);
+    s.sources = sources;
+    let asked = o.clients;
+    s.ok = s.delivered_ratio >= 0.999
+        && s.integrity.total() == 0
+        && s.streaming_at_end == asked
+        && s.sources.iter().all(|r| r.error.is_none());
+    s.limit = verdict(&s);
+    s
+}
+
+/// Says what limited the run: the machine (the load tool, or other work on the machine) or the
+/// server.
+fn verdict(s: &Summary) -> String {
+    let busiest_load = s.load_cpu_pct.iter().cloned().fold(0.0, f64::max);
+    let machine_pct = s.cores as f64 * 100.0;
+    let others = s.machine_busy_pct - s.server_cpu_pct - s.load_cpu_pct.iter().sum::<f64>();
+    let mut notes = Vec::new();
+    if busiest_load >= SATURATED_CORE_PCT {
+        notes.push(format!(
+            "machine: a load process used {busiest_load:.0}% of a core"
+        ));
+    }
+    if s.machine_busy_pct >= machine_pct * 0.95 {
+        notes.push(format!(
+            "machine: all {} cores busy ({:.0}% server, {:.0}% load tool, {:.0}% other processes)",
+            s.cores,
+            s.server_cpu_pct,
+            s.load_cpu_pct.iter().sum::<f64>(),
+            others.max(0.0)
+        ));
+    }
+    if s.source_max_late_ms >= SOURCE_LATE_MS {
+        notes.push(format!(
+            "machine: the source ran up to {:.0} ms late",
+            s.source_max_late_ms
+        ));
+    }
+    match (s.ok, notes.is_empty()) {
+        (true, true) => "none: every listener was served in full".into(),
+        (true, false) => format!("served in full, but near the limit: {}", notes.join("; ")),
+        (false, true) => "server: the machine had spare CPU".into(),
+        (false, false) => notes.join("; "),
+    }
+}
+
+pub fn print_summary(s: &Summary) {
+    let mib = |b: u64| b as f64 / 1048576.0;
+    let opt = |v: Option<f64>, unit: &str| v.map_or("n/a".into(), |v| format!("{v:.1}{unit}"));
+    println!("---- {} ----", s.name);
+    println!(
+        "machine            {} (load average before: {})",
+        s.machine, s.loadavg_before
+    );
+    println!(
+        "load               {} listeners, {} kbit/s ({} B every {} ms), {} mount(s), {:.1} s window, {} load process(es)",
+        s.clients, s.bitrate_kbps, s.piece_bytes, s.interval_ms, s.mounts, s.window_secs, s.load_processes
+    );
+    println!(
+        "listeners          {} streaming at the end, {} disconnected early, failed: {:?}",
+        s.streaming_at_end, s.disconnects, s.failed
+    );
+    println!(
+        "delivered          {:.5} of the bytes owed ({} listeners under 99.9%)",
+        s.delivered_ratio, s.listeners_short
+    );
+    println!(
+        "integrity errors   {} (gaps {}, duplicates {}, corrupt {}) on {} listeners",
+        s.integrity.total(),
+        s.integrity.gaps,
+        s.integrity.duplicates,
+        s.integrity.corrupt,
+        s.listeners_with_errors
+    );
+    println!(
+        "time to first byte p50 {:.1} ms, p99 {:.1} ms; source-to-listener latency p50 {:.0} ms, p99 {:.0} ms",
+        s.ttfb_p50_ms, s.ttfb_p99_ms, s.latency_p50_ms, s.latency_p99_ms
+    );
+    println!(
+        "server CPU         {:.1}% of a core (/proc), {} (/metrics threads); {:.1} µs per listener-second",
+        s.server_cpu_pct,
+        opt(s.server_cpu_pct_metrics, "%"),
+        s.cpu_us_per_listener_sec
+    );
+    println!(
+        "server writes      {} per listener-second, {} bytes per write",
+        opt(s.write_syscalls_per_listener_sec, ""),
+        opt(s.bytes_per_write, "")
+    );
+    println!(
+        "server RSS         {:.1} MiB ({:.1} MiB before listeners): {:.0} bytes per listener",
+        mib(s.server_rss_bytes),
+        mib(s.server_rss_before_listeners_bytes),
+        s.rss_per_listener_bytes
+    );
+    let loads: Vec<String> = s.load_cpu_pct.iter().map(|p| format!("{p:.0}%")).collect();
+    println!(
+        "load tool CPU      {} of a core each; machine busy {:.0}% of {}00%; source at most {:.1} ms late",
+        loads.join(" "),
+        s.machine_busy_pct,
+        s.cores,
+        s.source_max_late_ms
+    );
+    println!("result             {}", if s.ok { "OK" } else { "SHORT" });
+    println!("limited by         {}", s.limit);
+}

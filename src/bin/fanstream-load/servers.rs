@@ -1,0 +1,273 @@
+//! The servers under test, started as child processes on loopback with a generated config:
+//! fanstream, or Icecast 2.4 for comparison. A child never outlives this process.
+
+use std::fs;
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// The password of every load source.
+pub const PASSWORD: &str = "load-secret";
+/// Same burst and lag window on both servers, so that they are compared on equal terms.
+pub const BURST_BYTES: u64 = 65_536;
+pub const MAX_LAG_BYTES: u64 = 524_288;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Target {
+    Fanstream,
+    Icecast,
+}
+
+/// Settings of the server under test.
+#[derive(Clone, Debug)]
+pub struct ServerOpts {
+    pub target: Target,
+    /// fanstream workers; 0 = one per core.
+    pub workers: usize,
+    pub max_clients: usize,
+    pub mounts: usize,
+    pub min_write_bytes: Option<usize>,
+    pub max_write_delay_ms: Option<u64>,
+    pub fanstream_bin: PathBuf,
+    pub icecast_bin: String,
+}
+
+/// A running server, killed on drop.
+pub struct ServerProc {
+    child: Child,
+    pub addr: SocketAddr,
+    /// fanstream's /metrics.
+    pub admin: Option<SocketAddr>,
+}
+
+impl ServerProc {
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Whether it is still running.
+    pub fn alive(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(None))
+    }
+
+    /// The /metrics text (fanstream only).
+    pub fn metrics(&self) -> Option<String> {
+        let mut s = TcpStream::connect_timeout(&self.admin?, Duration::from_secs(2)).ok()?;
+        s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+        s.write_all(b"GET /metrics HTTP/1.0\r\n\r\n").ok()?;
+        let mut all = String::new();
+        s.read_to_string(&mut all).ok()?;
+        Some(all.split_once("\r\n\r\n")?.1.to_string())
+    }
+}
+
+impl Drop for ServerProc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Sum of a metric's samples (all labels).
+pub fn metric_sum(text: &str, name: &str) -> f64 {
+    text.lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter_map(|l| {
+            let (series, value) = l.rsplit_once(' ')?;
+            let metric = series.split('{').next()?;
+            (metric == name).then(|| value.parse::<f64>().ok())?
+        })
+        .sum()
+}
+
+/// A loopback port free right now.
+fn free_port() -> std::io::Result<u16> {
+    Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+}
+
+/// Makes the child die with us (SIGKILL when this process exits, however it exits), and gives
+/// it the open-file limit it needs for the load.
+fn child_of_ours(cmd: &mut Command) -> &mut Command {
+    // SAFETY: the closure runs in the forked child before exec and calls only async-signal-safe
+    // functions (prctl, getrlimit, setrlimit) on memory it owns.
+    unsafe {
+        cmd.pre_exec(|| {
+            libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+            let mut lim = libc::rlimit {
+                rlim_cur: 0,
+                rlim_max: 0,
+            };
+            if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) == 0 {
+                lim.rlim_cur = lim.rlim_max;
+                libc::setrlimit(libc::RLIMIT_NOFILE, &lim);
+            }
+            Ok(())
+        })
+    }
+}
+
+/// Starts a child whose output goes to `log`, killed when we exit.
+pub fn spawn_logged(cmd: &mut Command, log: &Path) -> Result<Child, String> {
+    let out = fs::File::create(log).map_err(|e| format!("{}: {e}", log.display()))?;
+    let err = out.try_clone().map_err(|e| e.to_string())?;
+    child_of_ours(cmd)
+        .stdin(Stdio::null())
+        .stdout(out)
+        .stderr(err)
+        .spawn()
+        .map_err(|e| format!("cannot start {:?}: {e}", cmd.get_program()))
+}
+
+/// Starts a child whose stdout we read, killed when we exit.
+pub fn spawn_piped(cmd: &mut Command) -> Result<Child, String> {
+    child_of_ours(cmd)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .spawn()
+        .map_err(|e| format!("cannot start {:?}: {e}", cmd.get_program()))
+}
+
+pub fn start(o: &ServerOpts, dir: &Path) -> Result<ServerProc, String> {
+    let port = free_port().map_err(|e| e.to_string())?;
+    let addr: SocketAddr = ([127, 0, 0, 1], port).into();
+    let mut server = match o.target {
+        Target::Fanstream => start_fanstream(o, dir, addr)?,
+        Target::Icecast => start_icecast(o, dir, addr)?,
+    };
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while TcpStream::connect(addr).is_err() {
+        if !server.alive() || Instant::now() > deadline {
+            return Err(format!(
+                "{:?} did not start listening on {addr}; see its log in {}",
+                o.target,
+                dir.display()
+            ));
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    Ok(server)
+}
+
+fn start_fanstream(o: &ServerOpts, dir: &Path, addr: SocketAddr) -> Result<ServerProc, String> {
+    let admin: SocketAddr = ([127, 0, 0, 1], free_port().map_err(|e| e.to_string())?).into();
+    let mut defaults = format!("burst_bytes = {BURST_BYTES}\nmax_lag_bytes = {MAX_LAG_BYTES}\n");
+    if let Some(b) = o.min_write_bytes {
+        defaults += &format!("min_write_bytes = {b}\n");
+    }
+    if let Some(ms) = o.max_write_delay_ms {
+        defaults += &format!("max_write_delay_ms = {ms}\n");
+    }
+    let config = format!(
+        "listen = \"{addr}\"\nadmin_listen = \"{admin}\"\nworkers = {}\ndemo = false\n\
+         source_password = \"{PASSWORD}\"\nmax_listeners = {}\nmax_sources = {}\n\n[defaults]\n{defaults}",
+        o.workers,
+        o.max_clients,
+        o.mounts + 1,
+    );
+    let path = dir.join("fanstream.toml");
+    fs::write(&path, config).map_err(|e| e.to_string())?;
+    let child = spawn_logged(
+        Command::new(&o.fanstream_bin).arg("--config").arg(&path),
+        &dir.join("fanstream.log"),
+    )?;
+    Ok(ServerProc {
+        child,
+        addr,
+        admin: Some(admin),
+    })
+}
+
+/// Icecast refuses to run as root: it runs as the Debian package's user, or nobody.
+fn icecast_user() -> (u32, u32) {
+    for name in [c"icecast2", c"nobody"] {
+        // SAFETY: getpwnam with a NUL-terminated name; the result is read at once, before any
+        // other call could reuse its static buffer.
+        let pw = unsafe { libc::getpwnam(name.as_ptr()) };
+        if !pw.is_null() {
+            // SAFETY: non-null, points to a valid passwd entry.
+            let pw = unsafe { &*pw };
+            return (pw.pw_uid, pw.pw_gid);
+        }
+    }
+    (65534, 65534)
+}
+
+fn start_icecast(o: &ServerOpts, dir: &Path, addr: SocketAddr) -> Result<ServerProc, String> {
+    let (uid, gid) = icecast_user();
+    let logdir = dir.join("icecast-log");
+    fs::create_dir_all(&logdir).map_err(|e| e.to_string())?;
+    let c_logdir =
+        std::ffi::CString::new(logdir.as_os_str().as_encoded_bytes()).map_err(|e| e.to_string())?;
+    // SAFETY: chown with a NUL-terminated path we own.
+    if unsafe { libc::chown(c_logdir.as_ptr(), uid, gid) } != 0 {
+        return Err(format!("cannot chown {}", logdir.display()));
+    }
+    // Fair to Icecast: room for every client, the same burst (65,536) and lag limit (the queue)
+    // as fanstream, logging at warnings only.
+    let config = format!(
+        r#"<icecast>
+  <location>loopback</location>
+  <admin>load@localhost</admin>
+  <limits>
+    <clients>{clients}</clients>
+    <sources>{sources}</sources>
+    <queue-size>{MAX_LAG_BYTES}</queue-size>
+    <client-timeout>30</client-timeout>
+    <header-timeout>15</header-timeout>
+    <source-timeout>10</source-timeout>
+    <burst-on-connect>1</burst-on-connect>
+    <burst-size>{BURST_BYTES}</burst-size>
+  </limits>
+  <authentication>
+    <source-password>{PASSWORD}</source-password>
+    <relay-password>{PASSWORD}</relay-password>
+    <admin-user>admin</admin-user>
+    <admin-password>{PASSWORD}</admin-password>
+  </authentication>
+  <hostname>127.0.0.1</hostname>
+  <listen-socket>
+    <port>{port}</port>
+    <bind-address>127.0.0.1</bind-address>
+  </listen-socket>
+  <fileserve>0</fileserve>
+  <paths>
+    <basedir>/usr/share/icecast2</basedir>
+    <logdir>{logdir}</logdir>
+    <webroot>/usr/share/icecast2/web</webroot>
+    <adminroot>/usr/share/icecast2/admin</adminroot>
+  </paths>
+  <logging>
+    <accesslog>access.log</accesslog>
+    <errorlog>error.log</errorlog>
+    <loglevel>2</loglevel>
+  </logging>
+  <security>
+    <chroot>0</chroot>
+  </security>
+</icecast>
+"#,
+        clients = o.max_clients + o.mounts + 10,
+        sources = o.mounts + 1,
+        port = addr.port(),
+        logdir = logdir.display(),
+    );
+    let path = dir.join("icecast.xml");
+    fs::write(&path, config).map_err(|e| e.to_string())?;
+    let child = spawn_logged(
+        Command::new(&o.icecast_bin)
+            .arg("-c")
+            .arg(&path)
+            .uid(uid)
+            .gid(gid),
+        &dir.join("icecast.log"),
+    )?;
+    Ok(ServerProc {
+        child,
+        addr,
+        admin: None,
+    })
+}
