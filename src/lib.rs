@@ -42,3 +42,69 @@ pub(crate) mod worker;
 
 pub use config::{Config, LagPolicy, MountSettings};
 pub use server::{Server, Stop};
+
+/// Internals that the criterion benches in `benches/` measure. Not an API: hidden from the
+/// docs, and free to change with the internals.
+#[doc(hidden)]
+pub mod bench_api {
+    use std::io::IoSlice;
+    use std::sync::Arc;
+    use std::time::Instant;
+
+    use bytes::Bytes;
+
+    use crate::store::{Snapshot, StoreWriter, StreamInfo};
+
+    /// A live mount's store, written as ingest writes it.
+    pub struct Store(StoreWriter);
+
+    impl Default for Store {
+        fn default() -> Self {
+            let mut w = StoreWriter::new();
+            w.go_live(StreamInfo::default());
+            Store(w)
+        }
+    }
+
+    impl Store {
+        /// Appends one chunk and publishes the new snapshot, keeping `window` bytes readable.
+        pub fn append(&mut self, data: Bytes, window: u64) {
+            self.0.append(data, Instant::now(), window);
+        }
+
+        /// The published snapshot, as a worker loads it.
+        pub fn load(&self) -> Snap {
+            Snap(self.0.store().load_full())
+        }
+    }
+
+    /// One published snapshot.
+    pub struct Snap(Arc<Snapshot>);
+
+    impl Snap {
+        /// Offset one past the newest byte.
+        pub fn end(&self) -> u64 {
+            self.0.end
+        }
+
+        /// Slices from `pos` on for one vectored write; returns the bytes covered.
+        pub fn gather<'a>(
+            &'a self,
+            pos: u64,
+            out: &mut Vec<IoSlice<'a>>,
+            max_slices: usize,
+        ) -> usize {
+            self.0.gather(pos, out, max_slices, usize::MAX)
+        }
+
+        /// Where a new listener starts, `burst` bytes behind the edge.
+        pub fn join_point(&self, burst: u64) -> u64 {
+            self.0.join_point(burst)
+        }
+    }
+
+    /// Parses one request head; returns its length, or None if incomplete or refused.
+    pub fn parse_request_head(buf: &[u8]) -> Option<usize> {
+        crate::http::parse_head(buf).ok().flatten().map(|(_, n)| n)
+    }
+}

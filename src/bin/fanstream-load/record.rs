@@ -235,8 +235,14 @@ impl Verifier {
                 }
             }
             None if self.joined_at.is_none() => {
-                self.joined_at = Some(at - p as u64);
-                self.furthest = at - p as u64;
+                // Junk is not the stream: the listener's stream starts at the record found.
+                let joined = if self.join_junk {
+                    at
+                } else {
+                    at.saturating_sub(p as u64)
+                };
+                self.joined_at = Some(joined);
+                self.furthest = joined;
                 if p > 0 && !self.join_junk && !tail_matches(n, &self.carry[..p]) {
                     self.errors.corrupt += 1;
                 }
