@@ -76,6 +76,23 @@ fn load_config(args: &Args) -> Result<Config, String> {
     Ok(config)
 }
 
+/// Connections the kernel queues for the acceptor (capped by `net.core.somaxconn`). std's 128
+/// overflows when thousands of players connect at once (a restart, a link shared on air): the
+/// kernel then drops their SYNs and each one waits 1 s, then 3 s, to try again.
+const LISTEN_BACKLOG: i32 = 4096;
+
+fn bind_listeners(addr: SocketAddr) -> std::io::Result<TcpListener> {
+    let socket = socket2::Socket::new(
+        socket2::Domain::for_address(addr),
+        socket2::Type::STREAM,
+        None,
+    )?;
+    socket.set_reuse_address(true)?;
+    socket.bind(&addr.into())?;
+    socket.listen(LISTEN_BACKLOG)?;
+    Ok(socket.into())
+}
+
 fn run(args: Args) -> Result<(), String> {
     raise_fd_limit();
     let mut config = load_config(&args)?;
@@ -85,7 +102,7 @@ fn run(args: Args) -> Result<(), String> {
         config.source_password = Some(generated);
     }
     config.validate()?;
-    let listener = TcpListener::bind(config.listen)
+    let listener = bind_listeners(config.listen)
         .map_err(|e| format!("cannot listen on {} (listen): {e}", config.listen))?;
     let admin = match config.admin_listen {
         Some(addr) => Some(

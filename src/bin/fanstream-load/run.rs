@@ -122,6 +122,7 @@ pub struct Summary {
     pub listeners_with_errors: usize,
     pub ttfb_p50_ms: f64,
     pub ttfb_p99_ms: f64,
+    pub ttfb_max_ms: f64,
     pub latency_p50_ms: f64,
     pub latency_p99_ms: f64,
     pub server_cpu_pct: f64,
@@ -487,6 +488,7 @@ fn summarize(
     ttfb.sort_unstable();
     s.ttfb_p50_ms = percentile(&ttfb, 0.5) as f64 / 1e3;
     s.ttfb_p99_ms = percentile(&ttfb, 0.99) as f64 / 1e3;
+    s.ttfb_max_ms = ttfb.last().copied().unwrap_or(0) as f64 / 1e3;
     s.latency_p50_ms = histogram_percentile(&latency, 0.5) as f64;
     s.latency_p99_ms = histogram_percentile(&latency, 0.99) as f64;
     s.delivered_ratio = if s.owed_bytes > 0 {
@@ -596,8 +598,8 @@ pub fn print_summary(s: &Summary) {
         s.listeners_with_errors
     );
     println!(
-        "time to first byte p50 {:.1} ms, p99 {:.1} ms; source-to-listener latency p50 {:.0} ms, p99 {:.0} ms",
-        s.ttfb_p50_ms, s.ttfb_p99_ms, s.latency_p50_ms, s.latency_p99_ms
+        "time to first byte p50 {:.1} ms, p99 {:.1} ms, max {:.0} ms; source-to-listener latency p50 {:.0} ms, p99 {:.0} ms",
+        s.ttfb_p50_ms, s.ttfb_p99_ms, s.ttfb_max_ms, s.latency_p50_ms, s.latency_p99_ms
     );
     println!(
         "server CPU         {:.1}% of a core (/proc), {} (/metrics threads); {:.1} µs per listener-second",
