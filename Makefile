@@ -5,7 +5,7 @@ CARGO ?= cargo
 TEST_PROGRAMS := ffmpeg ffprobe curl
 APT_PACKAGES := ffmpeg curl
 
-.PHONY: run build release test deps fmt fmt-check clippy unit load sweep compare bench icecast fonts
+.PHONY: run build release test deps fmt fmt-check clippy unit load sweep compare coalescing bench icecast fonts
 
 # Load runs (make load / sweep / compare): see README, "Performance".
 CLIENTS ?= 1000
@@ -76,6 +76,14 @@ compare: release icecast
 	  --workers $(WORKERS) --mounts $(MOUNTS) $(LOAD_FLAGS)
 	mkdir -p $(RESULTS)
 	cp target/load/compare-$(CLIENTS)c-$(BITRATE_KBPS)k.md target/load/compare-$(CLIENTS)c-$(BITRATE_KBPS)k.json $(RESULTS)/
+
+## make coalescing: fanstream at several write coalescing settings (PAIRS of bytes:ms), one table.
+PAIRS ?= 4096:0,4096:200,16384:500,65536:500,65536:1000
+coalescing: release
+	$(LOAD_BIN) coalesce --pairs $(PAIRS) --clients $(CLIENTS) --bitrate-kbps $(BITRATE_KBPS) \
+	  --seconds $(SECONDS) --workers $(WORKERS) --mounts $(MOUNTS) $(LOAD_FLAGS)
+	mkdir -p $(RESULTS)
+	cp target/load/coalescing-$(CLIENTS)c-$(BITRATE_KBPS)k.md $(RESULTS)/
 
 ## make bench: criterion benches (store, fan-out, request parsing).
 bench:

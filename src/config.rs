@@ -41,9 +41,13 @@ pub struct MountSettings {
     pub source_grace_secs: u64,
     /// Where listeners go when the grace period ends instead of being closed. Default none.
     pub fallback_mount: Option<String>,
-    /// A listener is written once this many bytes are pending... Default 4096.
+    /// A listener is written once this many bytes are pending... Default 65536 (64 KiB).
     pub min_write_bytes: usize,
-    /// ...or once its oldest pending byte is this old (0 = write every chunk at once). Default 200.
+    /// ...or once its oldest pending byte is this old (0 = write every chunk at once). Default
+    /// 1000. Both chosen from `fanstream-load coalesce` (README, "Performance"): a write costs
+    /// about 10 µs whatever its size, so one write a second per listener at 128 kbit/s (or one
+    /// per 64 KiB at higher bitrates) is what keeps a listener cheap; the price is up to this
+    /// much added latency, which players' buffers of several seconds absorb.
     pub max_write_delay_ms: u64,
 }
 
@@ -58,8 +62,8 @@ impl Default for MountSettings {
             lag_policy: LagPolicy::Disconnect,
             source_grace_secs: 10,
             fallback_mount: None,
-            min_write_bytes: 4096,
-            max_write_delay_ms: 200,
+            min_write_bytes: 64 * 1024,
+            max_write_delay_ms: 1000,
         }
     }
 }

@@ -23,6 +23,8 @@ use crate::schedule::{unix_us, Schedule};
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(15);
 const READ_BUFFER_BYTES: usize = 64 * 1024;
 const HEAD_MAX_BYTES: usize = 8 * 1024;
+/// Latencies are counted per millisecond up to this.
+const LATENCY_MAX_MS: usize = 10_000;
 
 #[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
 pub struct ListenOpts {
@@ -81,7 +83,7 @@ pub struct ListenReport {
     /// Listeners that got less than 99.9% of what they were owed.
     pub listeners_short: usize,
     pub ttfb_us: Vec<u64>,
-    /// End-to-end latency (source send time to receipt) of the oldest record of each read after
+    /// End-to-end latency (source send time to receipt) of every record received after
     /// `measure_from_us`: milliseconds to count.
     pub latency_ms: BTreeMap<u64, u64>,
 }
@@ -98,7 +100,8 @@ struct Shared {
     opts: ListenOpts,
     conns: Conns,
     buffer: RefCell<Vec<u8>>,
-    latency: RefCell<BTreeMap<u64, u64>>,
+    /// Records received in the window by their latency in ms (the last slot: that or more).
+    latency: RefCell<Vec<u64>>,
 }
 
 pub fn run(opts: ListenOpts) -> ListenReport {
@@ -111,7 +114,7 @@ pub fn run(opts: ListenOpts) -> ListenReport {
         let shared = Rc::new(Shared {
             conns: Rc::new((0..opts.clients).map(|_| RefCell::default()).collect()),
             buffer: RefCell::new(vec![0; READ_BUFFER_BYTES]),
-            latency: RefCell::default(),
+            latency: RefCell::new(vec![0; LATENCY_MAX_MS + 1]),
             opts,
         });
         let start = at(shared.opts.start_us);
@@ -230,12 +233,14 @@ fn received(s: &Shared, conn: &RefCell<Conn>, data: &[u8]) {
     if c.ttfb_us.is_none() {
         c.ttfb_us = Some(now.saturating_sub(c.connect_us));
     }
-    let oldest = c.verifier.feed(data);
-    if let Some(sent) = oldest.filter(|_| now >= s.opts.measure_from_us) {
-        *s.latency
-            .borrow_mut()
-            .entry(now.saturating_sub(sent) / 1000)
-            .or_default() += 1;
+    if now >= s.opts.measure_from_us {
+        let mut latency = s.latency.borrow_mut();
+        let last = latency.len() - 1;
+        c.verifier.feed(data, &mut |sent| {
+            latency[((now.saturating_sub(sent) / 1000) as usize).min(last)] += 1;
+        });
+    } else {
+        c.verifier.feed(data, &mut |_| {});
     }
 }
 
@@ -262,7 +267,10 @@ fn report(s: &Shared) -> ListenReport {
     let sent_then = o.schedule.sent_by(owed_until);
     let mut r = ListenReport {
         clients: o.clients,
-        latency_ms: s.latency.borrow().clone(),
+        latency_ms: (s.latency.borrow().iter().enumerate())
+            .filter(|(_, n)| **n > 0)
+            .map(|(ms, n)| (ms as u64, *n))
+            .collect(),
         ..ListenReport::default()
     };
     for c in s.conns.iter() {

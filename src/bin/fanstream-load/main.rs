@@ -5,11 +5,13 @@
 //! - `run`: one whole run (server, sources, listen processes, summary); `make load`.
 //! - `sweep`: runs at growing listener counts and two bitrates, with plots; `make sweep`.
 //! - `compare`: the same run against Icecast and fanstream; `make compare`.
+//! - `coalesce`: the same run at several write coalescing settings; `make coalescing`.
 //!
 //! Layout: [`record`] (the stream format and its verifier), [`schedule`] (the source's pace),
 //! [`source`], [`listen`], [`servers`] (the servers under test), [`procstat`] (/proc),
-//! [`run`] (one run and its summary), [`sweep`] (with [`plot`]) and [`compare`].
+//! [`run`] (one run and its summary), [`sweep`] (with [`plot`]), [`compare`] and [`coalesce`].
 
+mod coalesce;
 mod compare;
 mod listen;
 mod plot;
@@ -96,6 +98,8 @@ enum Cmd {
     Sweep(sweep::SweepOpts),
     /// The same run against Icecast and fanstream, side by side.
     Compare(run::RunOpts),
+    /// The same run at several write coalescing settings of fanstream.
+    Coalesce(coalesce::CoalesceOpts),
 }
 
 fn main() -> ExitCode {
@@ -183,6 +187,9 @@ fn main() -> ExitCode {
             Err(e) => fail(&e),
         },
         Cmd::Sweep(o) => sweep::sweep(&o).map_or_else(|e| fail(&e), |()| ExitCode::SUCCESS),
+        Cmd::Coalesce(o) => {
+            coalesce::coalesce(&o).map_or_else(|e| fail(&e), |()| ExitCode::SUCCESS)
+        }
         Cmd::Compare(o) => compare::compare(&o).map_or_else(|e| fail(&e), |()| ExitCode::SUCCESS),
     }
 }

@@ -111,43 +111,39 @@ pub struct Verifier {
     joined_at: Option<u64>,
     /// One past the furthest byte verified.
     furthest: u64,
-    /// Send time of the first record completed by the current `feed`.
-    oldest_in_feed: Option<u64>,
     /// Junk came before the first record (counted once).
     join_junk: bool,
     pub errors: Errors,
 }
 
 impl Verifier {
-    /// Checks the next bytes of the stream. Returns the send time of the oldest record completed
-    /// by them: the delay of the most delayed byte, which write coalescing adds to.
-    pub fn feed(&mut self, data: &[u8]) -> Option<u64> {
-        self.oldest_in_feed = None;
-        self.check_bytes(data);
-        self.oldest_in_feed
+    /// Checks the next bytes of the stream; `on_record` is given the send time of each record
+    /// they complete (for the end-to-end latency of every byte).
+    pub fn feed(&mut self, data: &[u8], on_record: &mut impl FnMut(u64)) {
+        self.check_bytes(data, on_record);
     }
 
-    fn check_bytes(&mut self, mut data: &[u8]) {
+    fn check_bytes(&mut self, mut data: &[u8], f: &mut impl FnMut(u64)) {
         while !data.is_empty() {
             let Some(next) = self.next else {
                 let take = data.len().min(SEARCH_BYTES - self.carry.len());
                 self.carry.extend_from_slice(&data[..take]);
                 data = &data[take..];
-                self.search();
+                self.search(f);
                 continue;
             };
             if self.carry.is_empty() && data.len() >= RECORD_BYTES {
                 // The common case: a whole record in place, no copy.
                 let (rec, rest) = data.split_at(RECORD_BYTES);
                 data = rest;
-                self.check(next, rec);
+                self.check(next, rec, f);
             } else {
                 let take = data.len().min(RECORD_BYTES - self.carry.len());
                 self.carry.extend_from_slice(&data[..take]);
                 data = &data[take..];
                 if self.carry.len() == RECORD_BYTES {
                     let rec = std::mem::take(&mut self.carry);
-                    self.check(next, &rec);
+                    self.check(next, &rec, f);
                     if self.next.is_some() {
                         self.carry = rec;
                         self.carry.clear();
@@ -171,7 +167,7 @@ impl Verifier {
         })
     }
 
-    fn check(&mut self, at: u64, rec: &[u8]) {
+    fn check(&mut self, at: u64, rec: &[u8], f: &mut impl FnMut(u64)) {
         let want = at / RECORD;
         match decode(rec) {
             Some((n, sent)) => {
@@ -181,28 +177,28 @@ impl Verifier {
                 } else if n < want {
                     self.errors.duplicates += 1;
                 }
-                self.accept(n, sent);
+                self.accept(n, sent, f);
             }
             None => {
                 self.next = None;
                 self.expected = Some(at);
                 self.carry.clear();
                 self.carry.extend_from_slice(rec);
-                self.search();
+                self.search(f);
             }
         }
     }
 
     /// Record `n` was good: the stream goes on after it.
-    fn accept(&mut self, n: u64, sent: u64) {
+    fn accept(&mut self, n: u64, sent: u64, f: &mut impl FnMut(u64)) {
         let end = (n + 1) * RECORD;
         self.next = Some(end);
         self.furthest = self.furthest.max(end);
-        self.oldest_in_feed.get_or_insert(sent);
+        f(sent);
     }
 
     /// Looks for a valid record in `carry`; on finding one, locks on and replays what follows it.
-    fn search(&mut self) {
+    fn search(&mut self, f: &mut impl FnMut(u64)) {
         let found = (0..=self.carry.len().saturating_sub(RECORD_BYTES))
             .filter(|_| self.carry.len() >= RECORD_BYTES)
             .find_map(|p| decode(&self.carry[p..p + RECORD_BYTES]).map(|r| (p, r)));
@@ -250,10 +246,10 @@ impl Verifier {
             // Junk was already counted when it was dropped.
             None => {}
         }
-        self.accept(n, sent);
+        self.accept(n, sent, f);
         let rest = self.carry.split_off(p + RECORD_BYTES);
         self.carry.clear();
-        self.check_bytes(&rest);
+        self.check_bytes(&rest, f);
     }
 }
 
@@ -284,7 +280,7 @@ mod tests {
     fn verify(parts: &[&[u8]]) -> Verifier {
         let mut v = Verifier::default();
         for p in parts {
-            v.feed(p);
+            v.feed(p, &mut |_| {});
         }
         v
     }
@@ -292,7 +288,7 @@ mod tests {
     fn feed_in_pieces(data: &[u8], piece: usize) -> Verifier {
         let mut v = Verifier::default();
         for c in data.chunks(piece) {
-            v.feed(c);
+            v.feed(c, &mut |_| {});
         }
         v
     }
@@ -342,7 +338,9 @@ mod tests {
                 );
                 assert_eq!(v.errors.duplicates + v.errors.corrupt, 0);
                 assert!(v.errors.gap_bytes >= len as u64);
-                assert_eq!(Verifier::default().feed(&s[64..256]), Some(1_001));
+                let mut sent = vec![];
+                Verifier::default().feed(&s[100..256], &mut |t| sent.push(t));
+                assert_eq!(sent, [1_002, 1_003]);
             }
         }
     }

@@ -60,8 +60,9 @@ pub struct RunOpts {
     pub min_write_bytes: Option<usize>,
     #[arg(long)]
     pub max_write_delay_ms: Option<u64>,
-    /// Bytes sent in the last this-many ms of the window are not counted as owed yet.
-    #[arg(long, default_value_t = 1000)]
+    /// Bytes sent in the last this-many ms of the window are not counted as owed yet: they may
+    /// be in flight, or held by write coalescing (up to `max_write_delay_ms`).
+    #[arg(long, default_value_t = 2000)]
     pub allowance_ms: u64,
     #[arg(long, default_value = "target/release/fanstream")]
     pub fanstream_bin: PathBuf,
