@@ -19,6 +19,8 @@ const COLORS: [RGBColor; 4] = [RED, BLUE, GREEN, MAGENTA];
 pub struct Series {
     pub name: String,
     pub points: Vec<(f64, f64)>,
+    /// Per point: whether that run was served in full (drawn filled, else hollow).
+    pub ok: Vec<bool>,
 }
 
 /// Makes the font known to plotters; once per process.
@@ -81,7 +83,9 @@ fn draw<DB: DrawingBackend>(
         .map_err(e)?;
     chart
         .configure_mesh()
-        .x_desc("listeners (log scale)")
+        .x_desc("listeners (log scale); hollow: not served in full")
+        .x_label_formatter(&|x| format!("{x:.0}"))
+        .y_label_formatter(&|y| format!("{y:.0}"))
         .y_desc(y_desc)
         .label_style(("sans-serif", 15))
         .draw()
@@ -96,7 +100,14 @@ fn draw<DB: DrawingBackend>(
                 PathElement::new(vec![(x, y), (x + 20, y)], color.stroke_width(2))
             });
         chart
-            .draw_series(s.points.iter().map(|p| Circle::new(*p, 4, color.filled())))
+            .draw_series(s.points.iter().zip(&s.ok).map(|(p, ok)| {
+                let style = if *ok {
+                    color.filled()
+                } else {
+                    color.stroke_width(2)
+                };
+                Circle::new(*p, 5, style)
+            }))
             .map_err(e)?;
     }
     chart

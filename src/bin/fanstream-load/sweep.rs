@@ -115,13 +115,13 @@ fn charts(all: &[Summary], bitrates: &[u64], dir: &std::path::Path) -> Result<()
     let series = |f: fn(&Summary) -> f64| -> Vec<Series> {
         bitrates
             .iter()
-            .map(|&k| Series {
-                name: format!("{k} kbit/s"),
-                points: all
-                    .iter()
-                    .filter(|s| s.bitrate_kbps == k)
-                    .map(|s| (s.clients as f64, f(s)))
-                    .collect(),
+            .map(|&k| {
+                let runs = || all.iter().filter(move |s| s.bitrate_kbps == k);
+                Series {
+                    name: format!("{k} kbit/s"),
+                    points: runs().map(|s| (s.clients as f64, f(s))).collect(),
+                    ok: runs().map(|s| s.ok).collect(),
+                }
             })
             .filter(|s| !s.points.is_empty())
             .collect()
