@@ -21,7 +21,7 @@ use tokio::task::LocalSet;
 
 use crate::chunked::ChunkedDecoder;
 use crate::mounts::Mount;
-use crate::server::{runtime, stopped, Shared};
+use crate::server::{stopped, Shared};
 use crate::source::SourceConn;
 use crate::store::{SourceState, StoreWriter, StreamInfo};
 use crate::worker::refuse;
@@ -196,8 +196,11 @@ impl Ingest {
     }
 }
 
-pub(crate) fn run(shared: Arc<Shared>, mut sources: mpsc::UnboundedReceiver<SourceConn>) {
-    let rt = runtime();
+pub(crate) fn run(
+    rt: tokio::runtime::Runtime,
+    shared: Arc<Shared>,
+    mut sources: mpsc::UnboundedReceiver<SourceConn>,
+) {
     let local = LocalSet::new();
     local.block_on(&rt, async move {
         let ingest = Rc::new(Ingest {

@@ -111,15 +111,23 @@ fn run(args: Args) -> Result<(), String> {
         ),
         None => None,
     };
-    let server = Server::start(config, listener, admin).map_err(|e| e.to_string())?;
+    // The runtime and signal handlers take descriptors: get them before the server starts
+    // accepting, since connections may take every descriptor left (and the process would then
+    // fail here, with the server running and no way to stop it cleanly).
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .map_err(|e| e.to_string())?;
+    let (mut term, mut int, mut hup) = rt.block_on(async {
+        let on = |kind| signal(kind).map_err(|e| e.to_string());
+        Ok::<_, String>((
+            on(SignalKind::terminate())?,
+            on(SignalKind::interrupt())?,
+            on(SignalKind::hangup())?,
+        ))
+    })?;
+    let server = Server::start(config, listener, admin).map_err(|e| e.to_string())?;
     rt.block_on(async {
-        let mut term = signal(SignalKind::terminate()).map_err(|e| e.to_string())?;
-        let mut int = signal(SignalKind::interrupt()).map_err(|e| e.to_string())?;
-        let mut hup = signal(SignalKind::hangup()).map_err(|e| e.to_string())?;
         loop {
             tokio::select! {
                 _ = term.recv() => {
