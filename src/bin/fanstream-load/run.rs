@@ -579,8 +579,8 @@ pub fn print_summary(s: &Summary) {
         s.machine, s.loadavg_before
     );
     println!(
-        "load               {} listeners, {} kbit/s ({} B every {} ms), {} mount(s), {:.1} s window, {} load process(es)",
-        s.clients, s.bitrate_kbps, s.piece_bytes, s.interval_ms, s.mounts, s.window_secs, s.load_processes
+        "load               {} listeners, {} kbit/s ({} B every {} ms), {} mount(s), {} worker(s) (0: one per core), {:.1} s window, {} load process(es)",
+        s.clients, s.bitrate_kbps, s.piece_bytes, s.interval_ms, s.mounts, s.workers, s.window_secs, s.load_processes
     );
     println!(
         "listeners          {} streaming at the end, {} disconnected early, failed: {:?}",
