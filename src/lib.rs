@@ -22,6 +22,9 @@
 //! - [`metrics`] and [`admin`]: Prometheus metrics, per-thread CPU read at scrape time
 //!   ([`threads`]), served from their own thread.
 //! - [`config`]: defaults, TOML file, validation. [`server`] starts and stops it all.
+//!
+//! Outside the data path: `bench_api` exposes internals to the criterion benches (`benches/`),
+//! and `src/bin/fanstream-load/` is the load tool behind `make load`, `sweep` and `compare`.
 
 pub(crate) mod acceptor;
 pub(crate) mod admin;

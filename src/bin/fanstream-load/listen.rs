@@ -26,7 +26,7 @@ const HEAD_MAX_BYTES: usize = 8 * 1024;
 /// Latencies are counted per millisecond up to this.
 const LATENCY_MAX_MS: usize = 10_000;
 
-#[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
+#[derive(Clone, Debug)]
 pub struct ListenOpts {
     pub addr: SocketAddr,
     pub mounts: Vec<String>,

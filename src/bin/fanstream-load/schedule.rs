@@ -12,7 +12,7 @@ pub fn unix_us() -> u64 {
         .map_or(0, |d| d.as_micros() as u64)
 }
 
-#[derive(Clone, Copy, Debug, serde::Serialize, serde::Deserialize)]
+#[derive(Clone, Copy, Debug)]
 pub struct Schedule {
     /// When piece 0 is sent (unix µs).
     pub t0_us: u64,

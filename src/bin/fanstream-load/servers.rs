@@ -15,8 +15,7 @@ pub const PASSWORD: &str = "load-secret";
 pub const BURST_BYTES: u64 = 65_536;
 pub const MAX_LAG_BYTES: u64 = 524_288;
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum, serde::Serialize)]
-#[serde(rename_all = "lowercase")]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
 pub enum Target {
     Fanstream,
     Icecast,
