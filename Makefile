@@ -5,7 +5,7 @@ CARGO ?= cargo
 TEST_PROGRAMS := ffmpeg ffprobe curl
 APT_PACKAGES := ffmpeg curl
 
-.PHONY: run build release test deps fmt fmt-check clippy unit
+.PHONY: run build release test deps fuzz-deps fmt fmt-check clippy unit soak fuzz
 
 ## make run: build and start the server on its embedded defaults (demo tone on /demo, port 8000).
 run:
@@ -18,7 +18,7 @@ release:
 	$(CARGO) build --release --bins
 
 ## make deps: install what the tests need (Debian packages) when it is missing.
-deps:
+deps: fuzz-deps
 	@missing=""; for p in $(TEST_PROGRAMS); do command -v $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
 	if [ -n "$$missing" ]; then \
 	  echo "installing test dependencies (missing:$$missing)"; \
@@ -36,9 +36,38 @@ fmt-check:
 clippy:
 	$(CARGO) clippy --all-targets -- -D warnings
 
-## make test: install test dependencies, then format check, lints and every test.
+## make test: install test dependencies, then format check, lints, every test (the soak for 60 s)
+## and a short fuzz run of each parser.
 test: deps fmt-check clippy
 	$(CARGO) test --all-targets
+	$(MAKE) fuzz FUZZ_SECONDS=$(TEST_FUZZ_SECONDS)
 
 unit:
 	$(CARGO) test --lib
+
+## make soak: the soak run against the real binary (SOAK_SECONDS, default 600); `make test` runs 60 s of it.
+SOAK_SECONDS ?= 600
+soak:
+	SOAK_SECONDS=$(SOAK_SECONDS) $(CARGO) test --release --test soak -- --nocapture
+
+## make fuzz: each cargo-fuzz target for FUZZ_SECONDS, from the committed seeds (fuzz/seeds/);
+## new inputs it finds go to target/fuzz-corpus/, a crash to fuzz/artifacts/.
+FUZZ_SECONDS ?= 300
+TEST_FUZZ_SECONDS ?= 30
+FUZZ_TARGETS := request_head chunked config
+# cargo fuzz needs nightly-only flags (-Zsanitizer=address); the machine's one toolchain is stable,
+# and RUSTC_BOOTSTRAP lets it take them. -a keeps debug assertions (overflow checks) on.
+fuzz: fuzz-deps
+	@for t in $(FUZZ_TARGETS); do \
+	  mkdir -p target/fuzz-corpus/$$t; log=target/fuzz-corpus/$$t.log; \
+	  echo "fuzzing $$t for $(FUZZ_SECONDS) s (log: $$log)"; \
+	  if RUSTC_BOOTSTRAP=1 $(CARGO) fuzz run --fuzz-dir fuzz -O -a $$t target/fuzz-corpus/$$t fuzz/seeds/$$t \
+	       -- -max_total_time=$(FUZZ_SECONDS) -print_final_stats=1 >$$log 2>&1; then \
+	    grep -E '^Done' $$log; \
+	  else \
+	    grep -E -A2 'panicked at|ERROR:|SUMMARY|Test unit written' $$log | head -n 30; echo "fuzz target $$t failed: the input is in fuzz/artifacts/$$t/"; exit 1; \
+	  fi; \
+	done
+
+fuzz-deps:
+	@command -v cargo-fuzz >/dev/null 2>&1 || $(CARGO) install cargo-fuzz --version '^0.13' --locked

@@ -12,7 +12,9 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
-use crate::server::{runtime, stopped, Shared};
+use tokio::runtime::Runtime;
+
+use crate::server::{stopped, Shared};
 
 /// How long to pause accepting after EMFILE/ENFILE/ENOBUFS/ENOMEM.
 const RESOURCE_BACKOFF: Duration = Duration::from_millis(100);
@@ -53,8 +55,8 @@ impl Drop for ConnGuard {
     }
 }
 
-pub(crate) fn run(shared: Arc<Shared>, listener: std::net::TcpListener) {
-    runtime().block_on(async move {
+pub(crate) fn run(rt: Runtime, shared: Arc<Shared>, listener: std::net::TcpListener) {
+    rt.block_on(async move {
         let listener = match tokio::net::TcpListener::from_std(listener) {
             Ok(l) => l,
             Err(e) => {

@@ -6,17 +6,17 @@ use std::time::Duration;
 
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
+use tokio::runtime::Runtime;
 use tokio::task::LocalSet;
 
 use crate::http::{self, Method};
-use crate::server::{runtime, stopped, Shared};
+use crate::server::{stopped, Shared};
 use crate::worker::read_head;
 
 /// A scrape request must arrive within this.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
 
-pub(crate) fn run(shared: Arc<Shared>, listener: std::net::TcpListener) {
-    let rt = runtime();
+pub(crate) fn run(rt: Runtime, shared: Arc<Shared>, listener: std::net::TcpListener) {
     let local = LocalSet::new();
     local.block_on(&rt, async move {
         let listener = match tokio::net::TcpListener::from_std(listener) {

@@ -148,6 +148,11 @@ pub struct Config {
     pub auth_failure_window_secs: u64,
     /// A listener that accepts no byte for this long is dropped. Default 30.
     pub send_timeout_secs: u64,
+    /// Kernel send buffer of each listener socket (`SO_SNDBUF`; Linux doubles it for its own
+    /// bookkeeping). Left to autotuning, a stalled listener can hold megabytes in the kernel, and
+    /// the lag policy sees it only once they are full; bounded, a listener costs at most this in
+    /// the kernel and `max_lag_bytes` means what it says. Default 65536; 0 = the kernel's choice.
+    pub listener_send_buffer_bytes: usize,
     /// A request's head must arrive within this. Default 10.
     pub header_timeout_secs: u64,
     /// A source that sends nothing for this long is dropped. Default 10.
@@ -183,6 +188,7 @@ impl Default for Config {
             auth_max_failures: 10,
             auth_failure_window_secs: 60,
             send_timeout_secs: 30,
+            listener_send_buffer_bytes: 64 * 1024,
             header_timeout_secs: 10,
             source_timeout_secs: 10,
             shutdown_grace_secs: 5,
@@ -212,6 +218,7 @@ struct FileConfig {
     auth_max_failures: Option<u32>,
     auth_failure_window_secs: Option<u64>,
     send_timeout_secs: Option<u64>,
+    listener_send_buffer_bytes: Option<usize>,
     max_listeners: Option<usize>,
     header_timeout_secs: Option<u64>,
     source_timeout_secs: Option<u64>,
@@ -270,6 +277,9 @@ impl Config {
                 .auth_failure_window_secs
                 .unwrap_or(d.auth_failure_window_secs),
             send_timeout_secs: file.send_timeout_secs.unwrap_or(d.send_timeout_secs),
+            listener_send_buffer_bytes: file
+                .listener_send_buffer_bytes
+                .unwrap_or(d.listener_send_buffer_bytes),
             header_timeout_secs: file.header_timeout_secs.unwrap_or(d.header_timeout_secs),
             source_timeout_secs: file.source_timeout_secs.unwrap_or(d.source_timeout_secs),
             shutdown_grace_secs: file.shutdown_grace_secs.unwrap_or(d.shutdown_grace_secs),
@@ -376,6 +386,12 @@ impl Config {
         }
         if self.send_timeout_secs == 0 {
             return Err("send_timeout_secs must be at least 1".into());
+        }
+        let sndbuf = self.listener_send_buffer_bytes;
+        if sndbuf != 0 && !(4096..=64 << 20).contains(&sndbuf) {
+            return Err(format!(
+                "listener_send_buffer_bytes = {sndbuf}: 0 (the kernel's choice) or 4096 to 64 MiB"
+            ));
         }
         if self.auth_max_failures == 0 {
             return Err("auth_max_failures must be at least 1".into());

@@ -16,12 +16,13 @@ use arc_swap::ArcSwap;
 use bytes::{Bytes, BytesMut};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
+use tokio::runtime::Runtime;
 use tokio::sync::mpsc;
 use tokio::task::LocalSet;
 
 use crate::chunked::ChunkedDecoder;
 use crate::mounts::Mount;
-use crate::server::{runtime, stopped, Shared};
+use crate::server::{stopped, Shared};
 use crate::source::SourceConn;
 use crate::store::{SourceState, StoreWriter, StreamInfo};
 use crate::worker::refuse;
@@ -196,8 +197,11 @@ impl Ingest {
     }
 }
 
-pub(crate) fn run(shared: Arc<Shared>, mut sources: mpsc::UnboundedReceiver<SourceConn>) {
-    let rt = runtime();
+pub(crate) fn run(
+    rt: Runtime,
+    shared: Arc<Shared>,
+    mut sources: mpsc::UnboundedReceiver<SourceConn>,
+) {
     let local = LocalSet::new();
     local.block_on(&rt, async move {
         let ingest = Rc::new(Ingest {

@@ -29,6 +29,9 @@ pub(crate) mod auth;
 pub(crate) mod chunked;
 pub mod config;
 pub(crate) mod demo;
+#[cfg(fuzzing)]
+#[doc(hidden)]
+pub mod fuzzing;
 pub(crate) mod http;
 pub(crate) mod ingest;
 pub(crate) mod listener;

@@ -212,6 +212,12 @@ pub(crate) async fn admit(
             return;
         }
     };
+    let sndbuf = shared.config.load().listener_send_buffer_bytes;
+    if sndbuf > 0 {
+        if let Err(e) = socket2::SockRef::from(&stream).set_send_buffer_size(sndbuf) {
+            tracing::warn!(%peer, error = %e, "cannot bound the listener's send buffer");
+        }
+    }
     let head = async {
         stream.write_all(&snap.info.response_head).await?;
         if req.method == Method::Get {

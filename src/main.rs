@@ -94,15 +94,23 @@ fn run(args: Args) -> Result<(), String> {
         ),
         None => None,
     };
-    let server = Server::start(config, listener, admin).map_err(|e| e.to_string())?;
+    // Signal handling is in place before the server starts: a signal that arrives early is
+    // handled, not fatal, and running out of descriptors later cannot take it away.
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
-        .map_err(|e| e.to_string())?;
+        .map_err(|e| format!("cannot build the signal runtime: {e}"))?;
+    let (mut term, mut int, mut hup) = {
+        let _in_runtime = rt.enter();
+        let on = |kind| signal(kind).map_err(|e| format!("cannot handle signals: {e}"));
+        (
+            on(SignalKind::terminate())?,
+            on(SignalKind::interrupt())?,
+            on(SignalKind::hangup())?,
+        )
+    };
+    let server = Server::start(config, listener, admin).map_err(|e| e.to_string())?;
     rt.block_on(async {
-        let mut term = signal(SignalKind::terminate()).map_err(|e| e.to_string())?;
-        let mut int = signal(SignalKind::interrupt()).map_err(|e| e.to_string())?;
-        let mut hup = signal(SignalKind::hangup()).map_err(|e| e.to_string())?;
         loop {
             tokio::select! {
                 _ = term.recv() => {

@@ -142,29 +142,33 @@ impl Server {
 
         let mut handles = Vec::new();
         let s = shared.clone();
+        let rt = runtime()?;
         handles.push(threads::spawn("fs-ingest", None, &registry, move || {
-            crate::ingest::run(s, ingest_rx)
+            crate::ingest::run(rt, s, ingest_rx)
         })?);
         for (index, rx) in worker_rxs.into_iter().enumerate() {
             let s = shared.clone();
             let core = (!cores.is_empty()).then(|| cores[index % cores.len()]);
+            let rt = runtime()?;
             handles.push(threads::spawn(
                 &format!("fs-worker-{index}"),
                 core,
                 &registry,
-                move || crate::worker::run(s, index, rx),
+                move || crate::worker::run(rt, s, index, rx),
             )?);
         }
         listener.set_nonblocking(true)?;
         let s = shared.clone();
+        let rt = runtime()?;
         handles.push(threads::spawn("fs-acceptor", None, &registry, move || {
-            crate::acceptor::run(s, listener)
+            crate::acceptor::run(rt, s, listener)
         })?);
         if let Some(admin) = admin {
             admin.set_nonblocking(true)?;
             let s = shared.clone();
+            let rt = runtime()?;
             handles.push(threads::spawn("fs-admin", None, &registry, move || {
-                crate::admin::run(s, admin)
+                crate::admin::run(rt, s, admin)
             })?);
         }
         tracing::info!(%listen_addr, admin = ?admin_addr, workers = nworkers, "fanstream started");
@@ -286,11 +290,11 @@ pub(crate) async fn stopped(stop: &mut watch::Receiver<Stop>) -> Stop {
     }
 }
 
-/// A current-thread runtime for one of our threads. Failing to build one means the process is
-/// out of resources at start-up; there is nothing sensible to continue with.
-pub(crate) fn runtime() -> tokio::runtime::Runtime {
+/// A current-thread runtime for one of our threads, built before the thread starts: a failure
+/// (out of descriptors) is a start-up error, and once `start` returns every thread's runtime,
+/// with its descriptors, exists.
+fn runtime() -> io::Result<tokio::runtime::Runtime> {
     tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
-        .expect("building a current-thread tokio runtime")
 }

@@ -9,13 +9,14 @@ use std::time::Duration;
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
+use tokio::runtime::Runtime;
 use tokio::sync::mpsc;
 use tokio::task::LocalSet;
 
 use crate::acceptor::{Accepted, ConnGuard};
 use crate::http::{self, HeadError, Method, Request};
 use crate::listener::{FanOut, NewListener};
-use crate::server::{runtime, Shared};
+use crate::server::Shared;
 
 /// How long a short response (an error, a refusal) may take to write before we give up on the peer.
 pub(crate) const RESPONSE_TIMEOUT: Duration = Duration::from_secs(5);
@@ -33,11 +34,11 @@ pub(crate) struct WorkerCtx {
 }
 
 pub(crate) fn run(
+    rt: Runtime,
     shared: Arc<Shared>,
     index: usize,
     conns: crossbeam::channel::Receiver<Accepted>,
 ) {
-    let rt = runtime();
     let local = LocalSet::new();
     local.block_on(&rt, async move {
         let (admit_tx, admit_rx) = mpsc::unbounded_channel();
