@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use bytes::{BufMut, Bytes, BytesMut};
 
-use crate::ingest::Ingest;
+use crate::ingest::{Claim, Ingest};
 use crate::source::listener_info;
 
 pub(crate) const SAMPLE_RATE: u32 = 8000;
@@ -68,7 +68,9 @@ impl Tone {
     }
 }
 
-pub(crate) async fn run(ingest: Rc<Ingest>) {
+/// Claims the demo mount, so that it is live before the server reports itself started, and
+/// returns the task that plays the tone into it.
+pub(crate) fn start(ingest: Rc<Ingest>) -> Option<impl std::future::Future<Output = ()>> {
     let path = ingest.shared().config.load().demo_mount.clone();
     let info = listener_info(
         "audio/wav",
@@ -86,9 +88,13 @@ pub(crate) async fn run(ingest: Rc<Ingest>) {
     );
     let Ok(claim) = ingest.claim(&path, info) else {
         tracing::warn!(mount = %path, "demo mount already taken; demo not started");
-        return;
+        return None;
     };
     tracing::info!(mount = %path, "demo tone playing");
+    Some(play(ingest, path, claim))
+}
+
+async fn play(ingest: Rc<Ingest>, path: String, claim: Claim) {
     let mut tone = Tone::new();
     let start = tokio::time::Instant::now();
     let mut sent: u64 = 0;

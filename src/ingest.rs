@@ -201,6 +201,7 @@ pub(crate) fn run(
     rt: Runtime,
     shared: Arc<Shared>,
     mut sources: mpsc::UnboundedReceiver<SourceConn>,
+    ready: std::sync::mpsc::SyncSender<()>,
 ) {
     let local = LocalSet::new();
     local.block_on(&rt, async move {
@@ -209,8 +210,12 @@ pub(crate) fn run(
             entries: RefCell::new(HashMap::new()),
         });
         if shared.config.load().demo {
-            tokio::task::spawn_local(crate::demo::run(ingest.clone()));
+            if let Some(play) = crate::demo::start(ingest.clone()) {
+                tokio::task::spawn_local(play);
+            }
         }
+        // Start-up waits for this: the demo is live before the server says it started.
+        let _ = ready.send(());
         let mut stop = shared.stop.clone();
         loop {
             tokio::select! {

@@ -143,9 +143,13 @@ impl Server {
         let mut handles = Vec::new();
         let s = shared.clone();
         let rt = runtime()?;
+        let (ready_tx, ready_rx) = std::sync::mpsc::sync_channel(1);
         handles.push(threads::spawn("fs-ingest", None, &registry, move || {
-            crate::ingest::run(rt, s, ingest_rx)
+            crate::ingest::run(rt, s, ingest_rx, ready_tx)
         })?);
+        ready_rx
+            .recv()
+            .map_err(|_| io::Error::other("the ingest thread failed to start"))?;
         for (index, rx) in worker_rxs.into_iter().enumerate() {
             let s = shared.clone();
             let core = (!cores.is_empty()).then(|| cores[index % cores.len()]);
