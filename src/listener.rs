@@ -444,7 +444,7 @@ impl FanOut {
         let next = self.round(false);
         self.usage.round_done(listeners);
         let now = Instant::now();
-        if now >= self.next_lag_sample {
+        if now >= self.next_lag_sample && listeners > 0 {
             self.next_lag_sample = now + LAG_SAMPLE_EVERY;
             for shard in &self.shards {
                 let end = shard.mount.store.load().end;

@@ -10,12 +10,12 @@ use std::sync::Arc;
 use prometheus::core::{Collector, Desc};
 use prometheus::proto::MetricFamily;
 use prometheus::{
-    CounterVec, Encoder, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGaugeVec, Opts,
-    Registry, TextEncoder,
+    Counter, CounterVec, Encoder, HistogramOpts, HistogramVec, IntCounter, IntCounterVec,
+    IntGaugeVec, Opts, Registry, TextEncoder,
 };
 
 use crate::listener::Disconnect;
-use crate::threads::ThreadRegistry;
+use crate::threads::{clock_time, ThreadRegistry};
 
 /// Buckets of `fanstream_fanout_round_cpu_per_listener_seconds`: 100 ns to 1 ms. A listener that
 /// keeps up costs well under a microsecond per round; the top buckets catch rounds that did
@@ -104,8 +104,7 @@ fn histogram(
 impl Metrics {
     pub fn new(threads: Arc<ThreadRegistry>) -> Metrics {
         let reg = Registry::new();
-        let pc = prometheus::process_collector::ProcessCollector::for_self();
-        reg.register(Box::new(pc))
+        reg.register(Box::new(ProcessCollector::new()))
             .expect("process collector registers once");
         reg.register(Box::new(ThreadCpuCollector::new(threads)))
             .expect("thread collector registers once");
@@ -286,5 +285,60 @@ impl Collector for ThreadCpuCollector {
                 .inc_by(cpu.as_secs_f64());
         }
         self.vec.collect()
+    }
+}
+
+/// The process metrics (`process_open_fds`, `process_max_fds`, `process_resident_memory_bytes`,
+/// ...) from the prometheus crate, except `process_cpu_seconds_total`: the crate truncates it to
+/// whole seconds, too coarse to set against per-thread CPU or to rate over a short window. It is
+/// read here from the process's CPU clock instead, in nanoseconds, at scrape time.
+struct ProcessCollector {
+    inner: prometheus::process_collector::ProcessCollector,
+    cpu: Counter,
+    descs: Vec<Desc>,
+}
+
+const PROCESS_CPU: &str = "process_cpu_seconds_total";
+
+impl ProcessCollector {
+    fn new() -> Self {
+        let inner = prometheus::process_collector::ProcessCollector::for_self();
+        let cpu = Counter::new(
+            PROCESS_CPU,
+            "Total user and system CPU time spent in seconds, from the process's CPU clock.",
+        )
+        .expect("valid metric definition");
+        let descs = inner
+            .desc()
+            .into_iter()
+            .filter(|d| d.fq_name != PROCESS_CPU)
+            .chain(cpu.desc())
+            .cloned()
+            .collect();
+        ProcessCollector { inner, cpu, descs }
+    }
+}
+
+impl Collector for ProcessCollector {
+    fn desc(&self) -> Vec<&Desc> {
+        self.descs.iter().collect()
+    }
+
+    fn collect(&self) -> Vec<MetricFamily> {
+        let mut families: Vec<MetricFamily> = self
+            .inner
+            .collect()
+            .into_iter()
+            .filter(|f| f.name() != PROCESS_CPU)
+            .collect();
+        if let Some(now) = clock_time(libc::CLOCK_PROCESS_CPUTIME_ID) {
+            // The clock only grows; the counter follows it.
+            let delta = now.as_secs_f64() - self.cpu.get();
+            if delta > 0.0 {
+                self.cpu.inc_by(delta);
+            }
+        }
+        families.extend(self.cpu.collect());
+        families
     }
 }
