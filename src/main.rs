@@ -20,7 +20,7 @@ struct Args {
     /// Address for listeners and sources [default: 0.0.0.0:8000].
     #[arg(long, value_name = "ADDR")]
     listen: Option<SocketAddr>,
-    /// Address for /metrics [default: 127.0.0.1:8001]; "none" disables it.
+    /// Address for /metrics and the status pages [default: 127.0.0.1:8001]; "none" disables it.
     #[arg(long, value_name = "ADDR")]
     admin_listen: Option<String>,
     /// Worker threads serving listeners [default: one per core].
@@ -94,15 +94,23 @@ fn run(args: Args) -> Result<(), String> {
         ),
         None => None,
     };
-    let server = Server::start(config, listener, admin).map_err(|e| e.to_string())?;
+    // The runtime and the signal handlers take descriptors: create them before the server
+    // accepts anyone, or a flood of connections at start-up could leave none for them.
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .map_err(|e| e.to_string())?;
+    let (mut term, mut int, mut hup) = {
+        let _in_runtime = rt.enter();
+        let handler = |kind| signal(kind).map_err(|e| e.to_string());
+        (
+            handler(SignalKind::terminate())?,
+            handler(SignalKind::interrupt())?,
+            handler(SignalKind::hangup())?,
+        )
+    };
+    let server = Server::start(config, listener, admin).map_err(|e| e.to_string())?;
     rt.block_on(async {
-        let mut term = signal(SignalKind::terminate()).map_err(|e| e.to_string())?;
-        let mut int = signal(SignalKind::interrupt()).map_err(|e| e.to_string())?;
-        let mut hup = signal(SignalKind::hangup()).map_err(|e| e.to_string())?;
         loop {
             tokio::select! {
                 _ = term.recv() => {
