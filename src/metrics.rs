@@ -6,6 +6,7 @@
 //! one uncontended atomic.
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use prometheus::core::{Collector, Desc};
 use prometheus::proto::MetricFamily;
@@ -294,20 +295,17 @@ impl Collector for ThreadCpuCollector {
 /// read here from the process's CPU clock instead, in nanoseconds, at scrape time.
 struct ProcessCollector {
     inner: prometheus::process_collector::ProcessCollector,
-    cpu: Counter,
     descs: Vec<Desc>,
 }
 
 const PROCESS_CPU: &str = "process_cpu_seconds_total";
+const PROCESS_CPU_HELP: &str =
+    "Total user and system CPU time spent in seconds, from the process's CPU clock.";
 
 impl ProcessCollector {
     fn new() -> Self {
         let inner = prometheus::process_collector::ProcessCollector::for_self();
-        let cpu = Counter::new(
-            PROCESS_CPU,
-            "Total user and system CPU time spent in seconds, from the process's CPU clock.",
-        )
-        .expect("valid metric definition");
+        let cpu = process_cpu(Duration::ZERO);
         let descs = inner
             .desc()
             .into_iter()
@@ -315,8 +313,15 @@ impl ProcessCollector {
             .chain(cpu.desc())
             .cloned()
             .collect();
-        ProcessCollector { inner, cpu, descs }
+        ProcessCollector { inner, descs }
     }
+}
+
+/// A counter holding `value`, built afresh for each scrape: the clock is the state.
+fn process_cpu(value: Duration) -> Counter {
+    let c = Counter::new(PROCESS_CPU, PROCESS_CPU_HELP).expect("valid metric definition");
+    c.inc_by(value.as_secs_f64());
+    c
 }
 
 impl Collector for ProcessCollector {
@@ -331,14 +336,9 @@ impl Collector for ProcessCollector {
             .into_iter()
             .filter(|f| f.name() != PROCESS_CPU)
             .collect();
-        if let Some(now) = clock_time(libc::CLOCK_PROCESS_CPUTIME_ID) {
-            // The clock only grows; the counter follows it.
-            let delta = now.as_secs_f64() - self.cpu.get();
-            if delta > 0.0 {
-                self.cpu.inc_by(delta);
-            }
+        if let Some(cpu) = clock_time(libc::CLOCK_PROCESS_CPUTIME_ID) {
+            families.extend(process_cpu(cpu).collect());
         }
-        families.extend(self.cpu.collect());
         families
     }
 }

@@ -52,16 +52,20 @@ impl WorkerUsage {
     /// Called after each round with the listeners it served: one read of this thread's CPU clock
     /// (a syscall, so once per round and never per write). The CPU since the previous round
     /// includes admissions and unparked writes done in between: all of it is listeners' cost.
+    /// A worker without listeners skips the read; its next round with listeners sets a new
+    /// baseline.
     pub fn round_done(&mut self, listeners: usize) {
+        if listeners == 0 {
+            self.cpu_after_last_round = None;
+            return;
+        }
         let Some(cpu) = clock_time(libc::CLOCK_THREAD_CPUTIME_ID) else {
             return;
         };
         if let Some(prev) = self.cpu_after_last_round {
-            if listeners > 0 {
-                let spent = cpu.saturating_sub(prev).as_secs_f64();
-                self.round_cpu_per_listener
-                    .observe(spent / listeners as f64);
-            }
+            let spent = cpu.saturating_sub(prev).as_secs_f64();
+            self.round_cpu_per_listener
+                .observe(spent / listeners as f64);
         }
         self.cpu_after_last_round = Some(cpu);
     }
@@ -101,10 +105,11 @@ mod tests {
         }
         usage.round_done(10);
         usage.round_done(0);
+        usage.round_done(10);
         assert_eq!(
             h.get_sample_count(),
             1,
-            "rounds without listeners are not observed"
+            "rounds without listeners are not observed, nor the first one after them"
         );
         let per_listener = h.get_sample_sum();
         assert!(
