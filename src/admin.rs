@@ -1,5 +1,5 @@
-//! The admin listener: `/metrics` for Prometheus, on its own thread and runtime so that a scrape
-//! is answered even when every worker is saturated.
+//! The admin listener: `/metrics` for Prometheus (and the status pages), on its own thread and
+//! runtime so that a scrape is answered even when every worker is saturated.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -11,6 +11,7 @@ use tokio::task::LocalSet;
 
 use crate::http::{self, Method};
 use crate::server::{stopped, Shared};
+use crate::status;
 use crate::worker::read_head;
 
 /// A scrape request must arrive within this.
@@ -61,11 +62,19 @@ async fn serve(shared: Arc<Shared>, mut stream: TcpStream) {
             r.extend_from_slice(&body);
             r
         }
-        (Method::Get, _) => http::response(404, "Not Found", &[], "404 Not Found: try /metrics\n"),
+        (Method::Get | Method::Head, p) if status::is_status_path(p) => {
+            status::response(&shared, &req)
+        }
+        (Method::Get, _) => http::response(
+            404,
+            "Not Found",
+            &[],
+            "404 Not Found: try /metrics, /status.json or /status-json.xsl\n",
+        ),
         _ => http::response(
             405,
             "Method Not Allowed",
-            &[("Allow", "GET")],
+            &[("Allow", "GET, HEAD")],
             "405 Method Not Allowed\n",
         ),
     };

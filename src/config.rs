@@ -113,7 +113,8 @@ impl MountOverrides {
 pub struct Config {
     /// Where listeners and sources connect. Default `0.0.0.0:8000` (Icecast's port).
     pub listen: SocketAddr,
-    /// Where `/metrics` is served, on its own thread. Default `127.0.0.1:8001`; none disables it.
+    /// Where `/metrics` and the status pages are served, on its own thread. Default
+    /// `127.0.0.1:8001`; none disables it.
     pub admin_listen: Option<SocketAddr>,
     /// Worker threads serving listeners. Default 0 = one per core.
     pub workers: usize,

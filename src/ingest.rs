@@ -94,7 +94,9 @@ impl Ingest {
                 settings: ArcSwap::from_pointee(settings),
                 inject_panic: config.panic_injection_mount.as_deref() == Some(path),
                 listeners: AtomicUsize::new(0),
+                listener_peak: AtomicUsize::new(0),
             });
+            shared.metrics.new_mount(path);
             shared.mounts.insert(mount.clone());
             Entry {
                 writer,

@@ -20,7 +20,7 @@ struct Args {
     /// Address for listeners and sources [default: 0.0.0.0:8000].
     #[arg(long, value_name = "ADDR")]
     listen: Option<SocketAddr>,
-    /// Address for /metrics [default: 127.0.0.1:8001]; "none" disables it.
+    /// Address for /metrics and the status pages [default: 127.0.0.1:8001]; "none" disables it.
     #[arg(long, value_name = "ADDR")]
     admin_listen: Option<String>,
     /// Worker threads serving listeners [default: one per core].

@@ -7,6 +7,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::sync::Mutex;
 use std::thread::JoinHandle;
+use std::time::SystemTime;
 
 use arc_swap::ArcSwap;
 use tokio::sync::{mpsc, watch, Notify};
@@ -64,6 +65,10 @@ pub(crate) struct Shared {
     /// Listeners connected now, across mounts: admission checks it against `max_listeners`.
     pub listeners_total: AtomicUsize,
     pub stop: watch::Receiver<Stop>,
+    /// When the server started, on the wall clock (status pages show it).
+    pub started: SystemTime,
+    /// Where listeners connect (status pages build listen URLs with its port).
+    pub listen_addr: SocketAddr,
 }
 
 impl Shared {
@@ -138,6 +143,8 @@ impl Server {
             to_ingest: ingest_tx,
             listeners_total: AtomicUsize::new(0),
             stop: stop_rx,
+            started: SystemTime::now(),
+            listen_addr,
         });
 
         let mut handles = Vec::new();

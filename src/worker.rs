@@ -166,6 +166,9 @@ async fn handle(ctx: Rc<WorkerCtx>, mut stream: TcpStream, conn: ConnGuard, over
         panic!("panic injected for a test");
     }
     match req.method {
+        Method::Get | Method::Head if crate::status::is_status_path(&req.path) => {
+            crate::status::serve(&ctx.shared, &mut stream, &req).await
+        }
         Method::Get | Method::Head => crate::listener::admit(&ctx, stream, req, peer, conn).await,
         Method::Source | Method::Put => {
             crate::source::handshake(&ctx, stream, req, leftover, peer, conn).await

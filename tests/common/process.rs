@@ -16,7 +16,7 @@ pub fn require(program: &str) {
         .is_ok_and(|s| s.success());
     assert!(
         found,
-        "{program} is required by this test but is not installed: run `make deps` (or `apt-get install -y ffmpeg curl`)"
+        "{program} is required by this test but is not installed: run `make deps` (or `apt-get install -y ffmpeg curl prometheus`)"
     );
 }
 
