@@ -1,6 +1,7 @@
 //! The admin listener: `/metrics` for Prometheus (and the status pages), on its own thread and
 //! runtime so that a scrape is answered even when every worker is saturated.
 
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -9,11 +10,14 @@ use tokio::net::TcpStream;
 use tokio::runtime::Runtime;
 use tokio::task::LocalSet;
 
-use crate::http::{self, Method};
+use crate::auth;
+use crate::http::{self, Method, Request};
 use crate::server::{stopped, Shared};
 use crate::status;
 use crate::worker::read_head;
 
+/// The challenge sent with 401.
+const ADMIN_REALM: &str = "Basic realm=\"fanstream admin\"";
 /// A scrape request must arrive within this.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -33,8 +37,8 @@ pub(crate) fn run(rt: Runtime, shared: Arc<Shared>, listener: std::net::TcpListe
             tokio::select! {
                 _ = stopped(&mut stop) => break,
                 accepted = listener.accept() => match accepted {
-                    Ok((stream, _)) => {
-                        tokio::task::spawn_local(serve(shared.clone(), stream));
+                    Ok((stream, peer)) => {
+                        tokio::task::spawn_local(serve(shared.clone(), stream, peer));
                     }
                     Err(e) => {
                         tracing::warn!(error = %e, "admin accept failed");
@@ -46,12 +50,51 @@ pub(crate) fn run(rt: Runtime, shared: Arc<Shared>, listener: std::net::TcpListe
     });
 }
 
-async fn serve(shared: Arc<Shared>, mut stream: TcpStream) {
+async fn serve(shared: Arc<Shared>, mut stream: TcpStream, peer: SocketAddr) {
     let Ok(Ok((req, _))) = tokio::time::timeout(REQUEST_TIMEOUT, read_head(&mut stream)).await
     else {
         return;
     };
-    let resp = match (&req.method, req.path.as_str()) {
+    let resp = match authorize(&shared, &req, peer) {
+        Ok(()) => route(&shared, &req),
+        Err(refused) => refused,
+    };
+    let _ = tokio::time::timeout(REQUEST_TIMEOUT, stream.write_all(&resp)).await;
+    let _ = stream.shutdown().await;
+}
+
+/// With `admin_password` set, every admin request must carry it (Prometheus sends it with
+/// `basic_auth` in its scrape config); failures count towards the same per-address limit as
+/// source logins.
+fn authorize(shared: &Shared, req: &Request, peer: SocketAddr) -> Result<(), Vec<u8>> {
+    let cfg = shared.config.load();
+    let Some(expected) = cfg.admin_password.as_deref() else {
+        return Ok(());
+    };
+    auth::check(
+        &shared.auth_failures,
+        &cfg,
+        req,
+        peer,
+        &cfg.admin_user,
+        expected,
+        "admin",
+    )
+    .map_err(|no| {
+        shared.metrics.reject(no.reason);
+        tracing::info!(%peer, status = no.status, reason = no.reason, "refused admin request");
+        let body = format!(
+            "{} {}: {}\n",
+            no.status,
+            no.phrase,
+            no.reason.replace('_', " ")
+        );
+        http::response(no.status, no.phrase, &no.headers(ADMIN_REALM), &body)
+    })
+}
+
+fn route(shared: &Shared, req: &Request) -> Vec<u8> {
+    match (&req.method, req.path.as_str()) {
         (Method::Get, "/metrics") => {
             let body = shared.metrics.render();
             let mut r = format!(
@@ -63,7 +106,7 @@ async fn serve(shared: Arc<Shared>, mut stream: TcpStream) {
             r
         }
         (Method::Get | Method::Head, p) if status::is_status_path(p) => {
-            status::response(&shared, &req)
+            status::response(shared, req)
         }
         (Method::Get, _) => http::response(
             404,
@@ -77,7 +120,5 @@ async fn serve(shared: Arc<Shared>, mut stream: TcpStream) {
             &[("Allow", "GET, HEAD")],
             "405 Method Not Allowed\n",
         ),
-    };
-    let _ = tokio::time::timeout(REQUEST_TIMEOUT, stream.write_all(&resp)).await;
-    let _ = stream.shutdown().await;
+    }
 }

@@ -116,6 +116,13 @@ pub struct Config {
     /// Where `/metrics` and the status pages are served, on its own thread. Default
     /// `127.0.0.1:8001`; none disables it.
     pub admin_listen: Option<SocketAddr>,
+    /// User name for the admin listener, when `admin_password` is set. Default `admin`.
+    pub admin_user: String,
+    /// Password the admin listener (`/metrics`, status pages) asks for with HTTP Basic auth.
+    /// Default none: no authentication, for an admin listener kept on loopback.
+    pub admin_password: Option<String>,
+    /// File holding the admin password (first line). Default none.
+    pub admin_password_file: Option<PathBuf>,
     /// Worker threads serving listeners. Default 0 = one per core.
     pub workers: usize,
     /// Pin each worker to a core. Default true.
@@ -175,6 +182,9 @@ impl Default for Config {
         Config {
             listen: "0.0.0.0:8000".parse().expect("literal address"),
             admin_listen: Some("127.0.0.1:8001".parse().expect("literal address")),
+            admin_user: "admin".into(),
+            admin_password: None,
+            admin_password_file: None,
             workers: 0,
             pin_workers: true,
             source_user: "source".into(),
@@ -206,6 +216,9 @@ impl Default for Config {
 struct FileConfig {
     listen: Option<SocketAddr>,
     admin_listen: Option<String>,
+    admin_user: Option<String>,
+    admin_password: Option<String>,
+    admin_password_file: Option<PathBuf>,
     workers: Option<usize>,
     pin_workers: Option<bool>,
     source_user: Option<String>,
@@ -260,6 +273,9 @@ impl Config {
         Ok(Config {
             listen: file.listen.unwrap_or(d.listen),
             admin_listen,
+            admin_user: file.admin_user.unwrap_or(d.admin_user),
+            admin_password: file.admin_password,
+            admin_password_file: file.admin_password_file,
             workers: file.workers.unwrap_or(d.workers),
             pin_workers: file.pin_workers.unwrap_or(d.pin_workers),
             source_user: file.source_user.unwrap_or(d.source_user),
@@ -307,6 +323,9 @@ impl Config {
         }
         if let Some(path) = &self.source_password_file {
             self.source_password = Some(read("source_password_file", path)?);
+        }
+        if let Some(path) = &self.admin_password_file {
+            self.admin_password = Some(read("admin_password_file", path)?);
         }
         if let Some(path) = &self.defaults.source_password_file {
             self.defaults.source_password = Some(read("defaults.source_password_file", path)?);
@@ -401,6 +420,14 @@ impl Config {
             if p.is_empty() {
                 return Err("source_password must not be empty".into());
             }
+        }
+        if self.admin_password.as_deref() == Some("") {
+            return Err(
+                "admin_password must not be empty (leave it out for no authentication)".into(),
+            );
+        }
+        if self.admin_user.is_empty() || self.admin_user.contains(':') {
+            return Err("admin_user must be non-empty and contain no ':'".into());
         }
         check_mount_path("demo_mount", &self.demo_mount)?;
         check_mount("defaults", &self.defaults, self)?;

@@ -23,6 +23,15 @@ struct Args {
     /// Address for /metrics and the status pages [default: 127.0.0.1:8001]; "none" disables it.
     #[arg(long, value_name = "ADDR")]
     admin_listen: Option<String>,
+    /// Password the admin listener asks for (user "admin"); without one it asks for none, so
+    /// keep it on loopback.
+    #[arg(
+        long,
+        env = "FANSTREAM_ADMIN_PASSWORD",
+        value_name = "PASS",
+        hide_env_values = true
+    )]
+    admin_password: Option<String>,
     /// Worker threads serving listeners [default: one per core].
     #[arg(long, value_name = "N")]
     workers: Option<usize>,
@@ -87,6 +96,11 @@ fn run(args: Args) -> Result<(), String> {
     config.validate()?;
     let listener = TcpListener::bind(config.listen)
         .map_err(|e| format!("cannot listen on {} (listen): {e}", config.listen))?;
+    if let Some(addr) = config.admin_listen {
+        if !addr.ip().is_loopback() && config.admin_password.is_none() {
+            tracing::warn!(%addr, "the admin listener is reachable beyond this host and asks for no password: set admin_password, or keep it behind a firewall");
+        }
+    }
     let admin = match config.admin_listen {
         Some(addr) => Some(
             TcpListener::bind(addr)
@@ -163,6 +177,9 @@ fn apply_flags(config: &mut Config, args: &Args) -> Result<(), String> {
     }
     if let Some(p) = &args.source_password {
         config.source_password = Some(p.clone());
+    }
+    if let Some(p) = &args.admin_password {
+        config.admin_password = Some(p.clone());
     }
     if args.no_demo {
         config.demo = false;

@@ -19,12 +19,12 @@ use bytes::Bytes;
 use tokio::net::TcpStream;
 
 use crate::acceptor::ConnGuard;
-use crate::auth::AuthLimits;
-use crate::http::{secrets_equal, valid_mount_path, Method, Request};
+use crate::auth;
+use crate::http::{valid_mount_path, Method, Request};
 use crate::store::{StreamInfo, StreamMeta};
 use crate::worker::{refuse, WorkerCtx};
 
-const AUTH_REALM: (&str, &str) = ("WWW-Authenticate", "Basic realm=\"fanstream\"");
+const AUTH_REALM: &str = "Basic realm=\"fanstream\"";
 
 /// An authenticated source on its way to the ingest thread.
 pub(crate) struct SourceConn {
@@ -112,59 +112,30 @@ pub(crate) async fn handshake(
         // Legacy SOURCE clients predate the requirement; Icecast assumes MP3 for them too.
         _ => "audio/mpeg".to_string(),
     };
-    let now = std::time::Instant::now();
-    let limits = AuthLimits {
-        max_failures: cfg.auth_max_failures,
-        window: std::time::Duration::from_secs(cfg.auth_failure_window_secs),
-    };
-    if let Some(wait) = shared.auth_failures.blocked(peer.ip(), now, limits) {
-        let secs = (wait.as_secs() + 1).to_string();
-        let retry = [("Retry-After", secs.as_str())];
-        refuse(
-            &ctx.shared,
-            &mut stream,
-            peer,
-            429,
-            "Too Many Requests",
-            &retry,
-            "auth_rate_limited",
-        )
-        .await;
-        return;
-    }
-    let Some((user, pass)) = req.basic_auth() else {
-        refuse(
-            &ctx.shared,
-            &mut stream,
-            peer,
-            401,
-            "Unauthorized",
-            &[AUTH_REALM],
-            "auth_required",
-        )
-        .await;
-        return;
-    };
     let expected = cfg.source_password_for(&req.path).unwrap_or_default();
-    // Both comparisons always run, so timing does not tell which part was wrong.
-    let user_ok = secrets_equal(&user, &cfg.source_user);
-    let pass_ok = !expected.is_empty() && secrets_equal(&pass, expected);
-    if !(user_ok && pass_ok) {
-        shared.auth_failures.failed(peer.ip(), now, limits);
-        tracing::warn!(%peer, mount = %req.path, "source authentication failed");
+    let checked = auth::check(
+        &shared.auth_failures,
+        &cfg,
+        &req,
+        peer,
+        &cfg.source_user,
+        expected,
+        "source",
+    );
+    if let Err(no) = checked {
+        let headers = no.headers(AUTH_REALM);
         refuse(
             &ctx.shared,
             &mut stream,
             peer,
-            401,
-            "Unauthorized",
-            &[AUTH_REALM],
-            "bad_credentials",
+            no.status,
+            no.phrase,
+            &headers,
+            no.reason,
         )
         .await;
         return;
     }
-    shared.auth_failures.succeeded(peer.ip());
     let expect_continue = req
         .header("expect")
         .is_some_and(|v| v.eq_ignore_ascii_case("100-continue"));

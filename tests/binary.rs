@@ -64,6 +64,8 @@ fn help_documents_every_common_setting() {
         "--workers",
         "--source-password",
         "FANSTREAM_SOURCE_PASSWORD",
+        "--admin-password",
+        "FANSTREAM_ADMIN_PASSWORD",
         "--no-demo",
         "--no-pin",
     ] {

@@ -450,3 +450,54 @@ fn a_listener_that_half_closes_after_its_request_keeps_receiving_the_stream() {
     half.read_to_end();
     assert_exact_suffix(&half.body, 100_000, "half-closed listener");
 }
+
+#[test]
+fn with_an_admin_password_the_admin_listener_asks_for_it_and_slows_down_guessing() {
+    let srv = TestServer::start(|c| {
+        c.admin_password = Some("admin-secret".into());
+        c.auth_max_failures = 3;
+    });
+    let scrape = |auth: Option<(&str, &str)>| {
+        let header = auth.map_or(String::new(), |(u, p)| {
+            format!("Authorization: Basic {}\r\n", basic(u, p))
+        });
+        request(
+            srv.admin,
+            format!("GET /metrics HTTP/1.0\r\n{header}\r\n").as_bytes(),
+        )
+    };
+    let (status, head, _) = scrape(None);
+    assert_eq!(status, 401);
+    assert!(
+        head.contains("WWW-Authenticate: Basic realm=\"fanstream admin\""),
+        "{head}"
+    );
+    let (status, _, body) = scrape(Some(("admin", "admin-secret")));
+    assert_eq!(status, 200);
+    let text = String::from_utf8(body).unwrap();
+    assert!(
+        text.contains("fanstream_thread_cpu_seconds_total"),
+        "{text}"
+    );
+    assert!(
+        !text.contains("admin-secret"),
+        "the password leaked into /metrics"
+    );
+    // The status pages on the admin port are behind the same password.
+    assert_eq!(
+        request(srv.admin, b"GET /status-json.xsl HTTP/1.0\r\n\r\n").0,
+        401
+    );
+    for _ in 0..3 {
+        assert_eq!(scrape(Some(("admin", "guess"))).0, 401);
+    }
+    // Past auth_max_failures, even the right password waits for the window to end.
+    let (status, head, _) = scrape(Some(("admin", "admin-secret")));
+    assert_eq!(status, 429);
+    assert!(head.contains("Retry-After: "), "{head}");
+    // The public status page stays open, as Icecast's is.
+    assert_eq!(
+        request(srv.addr, b"GET /status-json.xsl HTTP/1.0\r\n\r\n").0,
+        200
+    );
+}
