@@ -12,6 +12,8 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
+use tokio::runtime::Runtime;
+
 use crate::server::{stopped, Shared};
 
 /// How long to pause accepting after EMFILE/ENFILE/ENOBUFS/ENOMEM.
@@ -53,11 +55,7 @@ impl Drop for ConnGuard {
     }
 }
 
-pub(crate) fn run(
-    rt: tokio::runtime::Runtime,
-    shared: Arc<Shared>,
-    listener: std::net::TcpListener,
-) {
+pub(crate) fn run(rt: Runtime, shared: Arc<Shared>, listener: std::net::TcpListener) {
     rt.block_on(async move {
         let listener = match tokio::net::TcpListener::from_std(listener) {
             Ok(l) => l,

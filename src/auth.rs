@@ -1,10 +1,79 @@
-//! Slowing down password guessing: after `auth_max_failures` failed source logins from one
-//! address within the window, that address gets 429 until the window ends.
+//! Checking credentials (sources and the admin listener), and slowing down password guessing:
+//! after `auth_max_failures` failed logins from one address within the window, that address gets
+//! 429 until the window ends.
 
 use std::collections::HashMap;
-use std::net::IpAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
+
+use crate::config::Config;
+use crate::http::{secrets_equal, Request};
+
+/// Why credentials were refused: the status to answer and the metric reason.
+pub(crate) struct Refusal {
+    pub status: u16,
+    pub phrase: &'static str,
+    /// `Retry-After` seconds, for 429.
+    pub retry_after: Option<String>,
+    pub reason: &'static str,
+}
+
+impl Refusal {
+    /// The headers to answer with: the challenge for 401, the wait for 429.
+    pub fn headers<'a>(&'a self, realm: &'a str) -> Vec<(&'static str, &'a str)> {
+        match &self.retry_after {
+            Some(secs) => vec![("Retry-After", secs.as_str())],
+            None => vec![("WWW-Authenticate", realm)],
+        }
+    }
+}
+
+/// Checks `Authorization: Basic` against `user` and `expected`, counting failures per address and
+/// refusing an address that failed too often. Both parts are always compared in constant time, so
+/// timing tells a guesser nothing about which part, or how much of it, was wrong. `what` names
+/// the login in the warning a failure logs (never the password).
+pub(crate) fn check(
+    failures: &AuthFailures,
+    cfg: &Config,
+    req: &Request,
+    peer: SocketAddr,
+    user: &str,
+    expected: &str,
+    what: &str,
+) -> Result<(), Refusal> {
+    let now = Instant::now();
+    let limits = AuthLimits {
+        max_failures: cfg.auth_max_failures,
+        window: Duration::from_secs(cfg.auth_failure_window_secs),
+    };
+    if let Some(wait) = failures.blocked(peer.ip(), now, limits) {
+        return Err(Refusal {
+            status: 429,
+            phrase: "Too Many Requests",
+            retry_after: Some((wait.as_secs() + 1).to_string()),
+            reason: "auth_rate_limited",
+        });
+    }
+    let unauthorized = |reason| Refusal {
+        status: 401,
+        phrase: "Unauthorized",
+        retry_after: None,
+        reason,
+    };
+    let Some((given_user, given_pass)) = req.basic_auth() else {
+        return Err(unauthorized("auth_required"));
+    };
+    let user_ok = secrets_equal(&given_user, user);
+    let pass_ok = !expected.is_empty() && secrets_equal(&given_pass, expected);
+    if !(user_ok && pass_ok) {
+        failures.failed(peer.ip(), now, limits);
+        tracing::warn!(%peer, path = %req.path, "{what} authentication failed");
+        return Err(unauthorized("bad_credentials"));
+    }
+    failures.succeeded(peer.ip());
+    Ok(())
+}
 
 /// Addresses tracked at most; past it, expired entries are dropped, and if that is not enough
 /// the table starts afresh (a flood from that many addresses is not stopped by a table anyway).

@@ -8,6 +8,9 @@ use bytes::BytesMut;
 /// Largest chunk size accepted: far above any encoder's, small enough that a hostile size line
 /// cannot make us wait on gigabytes.
 const MAX_CHUNK_BYTES: u64 = 16 * 1024 * 1024;
+/// Most hex digits in a size line: enough for any size with leading zeros, and a bound on how long
+/// a line of zeros may run on.
+const MAX_SIZE_DIGITS: u8 = 16;
 /// Longest chunk extension or trailer line tolerated.
 const MAX_LINE_BYTES: usize = 4096;
 
@@ -91,7 +94,7 @@ impl ChunkedDecoder {
         use State::*;
         Ok(match self.state {
             Size { value, digits } => match b {
-                b'0'..=b'9' | b'a'..=b'f' | b'A'..=b'F' => {
+                b'0'..=b'9' | b'a'..=b'f' | b'A'..=b'F' if digits < MAX_SIZE_DIGITS => {
                     let d = (b as char).to_digit(16).unwrap_or(0) as u64;
                     let value = value * 16 + d;
                     if value > MAX_CHUNK_BYTES {
@@ -210,6 +213,18 @@ mod tests {
                 "{bad:?}"
             );
         }
+    }
+
+    #[test]
+    fn an_endless_run_of_zeros_in_a_size_is_refused_not_counted_past_its_bound() {
+        let mut size = vec![b'0'; 300];
+        size.extend_from_slice(b"5\r\nhello\r\n");
+        assert_eq!(
+            decode_in_pieces(&size, 7).unwrap_err(),
+            ChunkedError::BadFraming
+        );
+        let (out, _) = decode_in_pieces(b"00005\r\nhello\r\n", 3).unwrap();
+        assert_eq!(out, b"hello");
     }
 
     #[test]

@@ -117,8 +117,16 @@ impl MountOverrides {
 pub struct Config {
     /// Where listeners and sources connect. Default `0.0.0.0:8000` (Icecast's port).
     pub listen: SocketAddr,
-    /// Where `/metrics` is served, on its own thread. Default `127.0.0.1:8001`; none disables it.
+    /// Where `/metrics` and the status pages are served, on its own thread. Default
+    /// `127.0.0.1:8001`; none disables it.
     pub admin_listen: Option<SocketAddr>,
+    /// User name for the admin listener, when `admin_password` is set. Default `admin`.
+    pub admin_user: String,
+    /// Password the admin listener (`/metrics`, status pages) asks for with HTTP Basic auth.
+    /// Default none: no authentication, for an admin listener kept on loopback.
+    pub admin_password: Option<String>,
+    /// File holding the admin password (first line). Default none.
+    pub admin_password_file: Option<PathBuf>,
     /// Worker threads serving listeners. Default 0 = one per core.
     pub workers: usize,
     /// Pin each worker to a core. Default true.
@@ -152,6 +160,11 @@ pub struct Config {
     pub auth_failure_window_secs: u64,
     /// A listener that accepts no byte for this long is dropped. Default 30.
     pub send_timeout_secs: u64,
+    /// Kernel send buffer of each listener socket (`SO_SNDBUF`; Linux doubles it for its own
+    /// bookkeeping). Left to autotuning, a stalled listener can hold megabytes in the kernel, and
+    /// the lag policy sees it only once they are full; bounded, a listener costs at most this in
+    /// the kernel and `max_lag_bytes` means what it says. Default 65536; 0 = the kernel's choice.
+    pub listener_send_buffer_bytes: usize,
     /// A request's head must arrive within this. Default 10.
     pub header_timeout_secs: u64,
     /// A source that sends nothing for this long is dropped. Default 10.
@@ -173,6 +186,9 @@ impl Default for Config {
         Config {
             listen: "0.0.0.0:8000".parse().expect("literal address"),
             admin_listen: Some("127.0.0.1:8001".parse().expect("literal address")),
+            admin_user: "admin".into(),
+            admin_password: None,
+            admin_password_file: None,
             workers: 0,
             pin_workers: true,
             source_user: "source".into(),
@@ -187,6 +203,7 @@ impl Default for Config {
             auth_max_failures: 10,
             auth_failure_window_secs: 60,
             send_timeout_secs: 30,
+            listener_send_buffer_bytes: 64 * 1024,
             header_timeout_secs: 10,
             source_timeout_secs: 10,
             shutdown_grace_secs: 5,
@@ -203,6 +220,9 @@ impl Default for Config {
 struct FileConfig {
     listen: Option<SocketAddr>,
     admin_listen: Option<String>,
+    admin_user: Option<String>,
+    admin_password: Option<String>,
+    admin_password_file: Option<PathBuf>,
     workers: Option<usize>,
     pin_workers: Option<bool>,
     source_user: Option<String>,
@@ -216,6 +236,7 @@ struct FileConfig {
     auth_max_failures: Option<u32>,
     auth_failure_window_secs: Option<u64>,
     send_timeout_secs: Option<u64>,
+    listener_send_buffer_bytes: Option<usize>,
     max_listeners: Option<usize>,
     header_timeout_secs: Option<u64>,
     source_timeout_secs: Option<u64>,
@@ -256,6 +277,9 @@ impl Config {
         Ok(Config {
             listen: file.listen.unwrap_or(d.listen),
             admin_listen,
+            admin_user: file.admin_user.unwrap_or(d.admin_user),
+            admin_password: file.admin_password,
+            admin_password_file: file.admin_password_file,
             workers: file.workers.unwrap_or(d.workers),
             pin_workers: file.pin_workers.unwrap_or(d.pin_workers),
             source_user: file.source_user.unwrap_or(d.source_user),
@@ -274,6 +298,9 @@ impl Config {
                 .auth_failure_window_secs
                 .unwrap_or(d.auth_failure_window_secs),
             send_timeout_secs: file.send_timeout_secs.unwrap_or(d.send_timeout_secs),
+            listener_send_buffer_bytes: file
+                .listener_send_buffer_bytes
+                .unwrap_or(d.listener_send_buffer_bytes),
             header_timeout_secs: file.header_timeout_secs.unwrap_or(d.header_timeout_secs),
             source_timeout_secs: file.source_timeout_secs.unwrap_or(d.source_timeout_secs),
             shutdown_grace_secs: file.shutdown_grace_secs.unwrap_or(d.shutdown_grace_secs),
@@ -300,6 +327,9 @@ impl Config {
         }
         if let Some(path) = &self.source_password_file {
             self.source_password = Some(read("source_password_file", path)?);
+        }
+        if let Some(path) = &self.admin_password_file {
+            self.admin_password = Some(read("admin_password_file", path)?);
         }
         if let Some(path) = &self.defaults.source_password_file {
             self.defaults.source_password = Some(read("defaults.source_password_file", path)?);
@@ -381,6 +411,12 @@ impl Config {
         if self.send_timeout_secs == 0 {
             return Err("send_timeout_secs must be at least 1".into());
         }
+        let sndbuf = self.listener_send_buffer_bytes;
+        if sndbuf != 0 && !(4096..=64 << 20).contains(&sndbuf) {
+            return Err(format!(
+                "listener_send_buffer_bytes = {sndbuf}: 0 (the kernel's choice) or 4096 to 64 MiB"
+            ));
+        }
         if self.auth_max_failures == 0 {
             return Err("auth_max_failures must be at least 1".into());
         }
@@ -388,6 +424,14 @@ impl Config {
             if p.is_empty() {
                 return Err("source_password must not be empty".into());
             }
+        }
+        if self.admin_password.as_deref() == Some("") {
+            return Err(
+                "admin_password must not be empty (leave it out for no authentication)".into(),
+            );
+        }
+        if self.admin_user.is_empty() || self.admin_user.contains(':') {
+            return Err("admin_user must be non-empty and contain no ':'".into());
         }
         check_mount_path("demo_mount", &self.demo_mount)?;
         check_mount("defaults", &self.defaults, self)?;

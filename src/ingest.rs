@@ -16,6 +16,7 @@ use arc_swap::ArcSwap;
 use bytes::{Bytes, BytesMut};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
+use tokio::runtime::Runtime;
 use tokio::sync::mpsc;
 use tokio::task::LocalSet;
 
@@ -93,7 +94,9 @@ impl Ingest {
                 settings: ArcSwap::from_pointee(settings),
                 inject_panic: config.panic_injection_mount.as_deref() == Some(path),
                 listeners: AtomicUsize::new(0),
+                listener_peak: AtomicUsize::new(0),
             });
+            shared.metrics.new_mount(path);
             shared.mounts.insert(mount.clone());
             Entry {
                 writer,
@@ -197,9 +200,10 @@ impl Ingest {
 }
 
 pub(crate) fn run(
-    rt: tokio::runtime::Runtime,
+    rt: Runtime,
     shared: Arc<Shared>,
     mut sources: mpsc::UnboundedReceiver<SourceConn>,
+    ready: std::sync::mpsc::SyncSender<()>,
 ) {
     let local = LocalSet::new();
     local.block_on(&rt, async move {
@@ -208,8 +212,12 @@ pub(crate) fn run(
             entries: RefCell::new(HashMap::new()),
         });
         if shared.config.load().demo {
-            tokio::task::spawn_local(crate::demo::run(ingest.clone()));
+            if let Some(play) = crate::demo::start(ingest.clone()) {
+                tokio::task::spawn_local(play);
+            }
         }
+        // Start-up waits for this: the demo is live before the server says it started.
+        let _ = ready.send(());
         let mut stop = shared.stop.clone();
         loop {
             tokio::select! {

@@ -20,7 +20,8 @@
 //! - [`listener`](listener): on each worker, one fan-out loop writes every listener of its shard
 //!   from the snapshot with vectored writes, coalescing small pieces, applying the lag policy.
 //! - [`metrics`] and [`admin`]: Prometheus metrics, per-thread CPU read at scrape time
-//!   ([`threads`]), served from their own thread.
+//!   ([`threads`]), listener-seconds and CPU per listener kept by each worker ([`usage`]), served
+//!   from their own thread. [`status`]: `/status.json` and Icecast's `/status-json.xsl`.
 //! - [`config`]: defaults, TOML file, validation. [`server`] starts and stops it all.
 //!
 //! Outside the data path: `bench_api` exposes internals to the criterion benches (`benches/`),
@@ -32,6 +33,9 @@ pub(crate) mod auth;
 pub(crate) mod chunked;
 pub mod config;
 pub(crate) mod demo;
+#[cfg(fuzzing)]
+#[doc(hidden)]
+pub mod fuzzing;
 pub(crate) mod http;
 pub(crate) mod ingest;
 pub(crate) mod listener;
@@ -39,8 +43,10 @@ pub(crate) mod metrics;
 pub(crate) mod mounts;
 pub mod server;
 pub(crate) mod source;
+pub(crate) mod status;
 pub(crate) mod store;
 pub(crate) mod threads;
+pub(crate) mod usage;
 pub(crate) mod worker;
 
 pub use config::{Config, LagPolicy, MountSettings};

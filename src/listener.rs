@@ -22,7 +22,7 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use prometheus::{IntCounter, IntCounterVec, IntGauge};
+use prometheus::{Histogram, IntCounter, IntCounterVec, IntGauge};
 use slab::Slab;
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
@@ -35,6 +35,7 @@ use crate::http::{valid_mount_path, Method, Request};
 use crate::mounts::Mount;
 use crate::server::{stopped, Shared, Stop};
 use crate::store::{Position, Snapshot, SourceState};
+use crate::usage::WorkerUsage;
 use crate::worker::{refuse, WorkerCtx, RESPONSE_TIMEOUT};
 
 /// Most slices in one vectored write (Linux allows 1024; beyond a few dozen nothing is gained).
@@ -43,6 +44,9 @@ const MAX_WRITE_SLICES: usize = 64;
 const MAX_WRITE_BYTES: usize = 256 * 1024;
 /// Asked of clients refused for load: when to try again.
 const RETRY_AFTER_SECS: &str = "10";
+/// How often listeners' lag is sampled into `fanstream_listener_lag_bytes`: each sample costs a
+/// histogram update per listener, so not every round.
+const LAG_SAMPLE_EVERY: Duration = Duration::from_secs(1);
 
 /// Why a listener was let go: the `reason` label of `fanstream_listener_disconnects_total`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -64,6 +68,17 @@ pub(crate) enum Disconnect {
 }
 
 impl Disconnect {
+    /// Every reason, so that each mount's counters start at zero.
+    pub const ALL: [Disconnect; 7] = [
+        Disconnect::ClientClosed,
+        Disconnect::WriteError,
+        Disconnect::Slow,
+        Disconnect::SourceGone,
+        Disconnect::Shutdown,
+        Disconnect::SendTimeout,
+        Disconnect::Panic,
+    ];
+
     pub fn reason(self) -> &'static str {
         match self {
             Disconnect::ClientClosed => "client_closed",
@@ -124,6 +139,9 @@ impl ListenerGuard {
                 return Err("server_full");
             }
         }
+        mount
+            .listener_peak
+            .fetch_max(on_mount + 1, Ordering::Relaxed);
         Ok(guard)
     }
 }
@@ -212,6 +230,12 @@ pub(crate) async fn admit(
             return;
         }
     };
+    let sndbuf = shared.config.load().listener_send_buffer_bytes;
+    if sndbuf > 0 {
+        if let Err(e) = socket2::SockRef::from(&stream).set_send_buffer_size(sndbuf) {
+            tracing::warn!(%peer, error = %e, "cannot bound the listener's send buffer");
+        }
+    }
     let head = async {
         stream.write_all(&snap.info.response_head).await?;
         if req.method == Method::Get {
@@ -281,6 +305,7 @@ struct Shard {
     sent_bytes: IntCounter,
     skips: IntCounter,
     disconnects: IntCounterVec,
+    lag: Histogram,
 }
 
 /// What serving one listener came to.
@@ -354,6 +379,8 @@ pub(crate) struct FanOut {
     writes: IntCounter,
     wakeups: IntCounter,
     panics: IntCounter,
+    usage: WorkerUsage,
+    next_lag_sample: Instant,
 }
 
 impl FanOut {
@@ -362,6 +389,7 @@ impl FanOut {
         let writes = m.write_syscalls.with_label_values(&[&ctx.label]);
         let wakeups = m.worker_wakeups.with_label_values(&[&ctx.label]);
         let panics = m.panics.with_label_values(&["listener"]);
+        let usage = WorkerUsage::new(m, &ctx.label);
         FanOut {
             ctx,
             admit_rx,
@@ -372,6 +400,8 @@ impl FanOut {
             writes,
             wakeups,
             panics,
+            usage,
+            next_lag_sample: Instant::now(),
         }
     }
 
@@ -383,6 +413,7 @@ impl FanOut {
         tokio::pin!(timer);
         let mut timer_armed = false;
         loop {
+            self.usage.pass(Instant::now(), self.listener_count());
             let next = tokio::select! {
                 how = stopped(&mut stop) => {
                     self.stop(how).await;
@@ -394,19 +425,41 @@ impl FanOut {
                 }
                 _ = link.data_ready.notified() => {
                     self.wakeups.inc();
-                    self.round(false)
+                    self.measured_round()
                 }
                 _ = self.unparked_notify.notified() => {
                     self.serve_unparked();
                     continue;
                 }
-                _ = &mut timer, if timer_armed => self.round(false),
+                _ = &mut timer, if timer_armed => self.measured_round(),
             };
             timer_armed = next.is_some();
             if let Some(at) = next {
                 timer.as_mut().reset(at.into());
             }
         }
+    }
+
+    fn listener_count(&self) -> usize {
+        self.shards.iter().map(|s| s.listeners.len()).sum()
+    }
+
+    /// A round, with its CPU per listener accounted and, once a second, listeners' lag sampled.
+    fn measured_round(&mut self) -> Option<Instant> {
+        let listeners = self.listener_count();
+        let next = self.round(false);
+        self.usage.round_done(listeners);
+        let now = Instant::now();
+        if now >= self.next_lag_sample && listeners > 0 {
+            self.next_lag_sample = now + LAG_SAMPLE_EVERY;
+            for shard in &self.shards {
+                let end = shard.mount.store.load().end;
+                for (_, l) in shard.listeners.iter() {
+                    shard.lag.observe(end.saturating_sub(l.pos) as f64);
+                }
+            }
+        }
+        next
     }
 
     fn add(&mut self, new: NewListener) {
@@ -442,6 +495,7 @@ impl FanOut {
                         .with_label_values(&[&mount.path, &self.ctx.label]),
                     skips: metrics.listener_skips.with_label_values(&[&mount.path]),
                     disconnects: metrics.listener_disconnects.clone(),
+                    lag: metrics.listener_lag.with_label_values(&[&mount.path]),
                 });
                 self.shards.len() - 1
             }

@@ -20,9 +20,18 @@ struct Args {
     /// Address for listeners and sources [default: 0.0.0.0:8000].
     #[arg(long, value_name = "ADDR")]
     listen: Option<SocketAddr>,
-    /// Address for /metrics [default: 127.0.0.1:8001]; "none" disables it.
+    /// Address for /metrics and the status pages [default: 127.0.0.1:8001]; "none" disables it.
     #[arg(long, value_name = "ADDR")]
     admin_listen: Option<String>,
+    /// Password the admin listener asks for (user "admin"); without one it asks for none, so
+    /// keep it on loopback.
+    #[arg(
+        long,
+        env = "FANSTREAM_ADMIN_PASSWORD",
+        value_name = "PASS",
+        hide_env_values = true
+    )]
+    admin_password: Option<String>,
     /// Worker threads serving listeners [default: one per core].
     #[arg(long, value_name = "N")]
     workers: Option<usize>,
@@ -104,6 +113,11 @@ fn run(args: Args) -> Result<(), String> {
     config.validate()?;
     let listener = bind_listeners(config.listen)
         .map_err(|e| format!("cannot listen on {} (listen): {e}", config.listen))?;
+    if let Some(addr) = config.admin_listen {
+        if !addr.ip().is_loopback() && config.admin_password.is_none() {
+            tracing::warn!(%addr, "the admin listener is reachable beyond this host and asks for no password: set admin_password, or keep it behind a firewall");
+        }
+    }
     let admin = match config.admin_listen {
         Some(addr) => Some(
             TcpListener::bind(addr)
@@ -111,21 +125,21 @@ fn run(args: Args) -> Result<(), String> {
         ),
         None => None,
     };
-    // The runtime and signal handlers take descriptors: get them before the server starts
-    // accepting, since connections may take every descriptor left (and the process would then
-    // fail here, with the server running and no way to stop it cleanly).
+    // Signal handling is in place before the server starts: a signal that arrives early is
+    // handled, not fatal, and running out of descriptors later cannot take it away.
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
-        .map_err(|e| e.to_string())?;
-    let (mut term, mut int, mut hup) = rt.block_on(async {
-        let on = |kind| signal(kind).map_err(|e| e.to_string());
-        Ok::<_, String>((
+        .map_err(|e| format!("cannot build the signal runtime: {e}"))?;
+    let (mut term, mut int, mut hup) = {
+        let _in_runtime = rt.enter();
+        let on = |kind| signal(kind).map_err(|e| format!("cannot handle signals: {e}"));
+        (
             on(SignalKind::terminate())?,
             on(SignalKind::interrupt())?,
             on(SignalKind::hangup())?,
-        ))
-    })?;
+        )
+    };
     let server = Server::start(config, listener, admin).map_err(|e| e.to_string())?;
     rt.block_on(async {
         loop {
@@ -180,6 +194,9 @@ fn apply_flags(config: &mut Config, args: &Args) -> Result<(), String> {
     }
     if let Some(p) = &args.source_password {
         config.source_password = Some(p.clone());
+    }
+    if let Some(p) = &args.admin_password {
+        config.admin_password = Some(p.clone());
     }
     if args.no_demo {
         config.demo = false;

@@ -6,14 +6,30 @@
 //! one uncontended atomic.
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use prometheus::core::{Collector, Desc};
 use prometheus::proto::MetricFamily;
 use prometheus::{
-    CounterVec, Encoder, IntCounter, IntCounterVec, IntGaugeVec, Opts, Registry, TextEncoder,
+    Counter, CounterVec, Encoder, HistogramOpts, HistogramVec, IntCounter, IntCounterVec,
+    IntGaugeVec, Opts, Registry, TextEncoder,
 };
 
-use crate::threads::ThreadRegistry;
+use crate::listener::Disconnect;
+use crate::threads::{clock_time, ThreadRegistry};
+
+/// Buckets of `fanstream_fanout_round_cpu_per_listener_seconds`: 100 ns to 1 ms. A listener that
+/// keeps up costs well under a microsecond per round; the top buckets catch rounds that did
+/// something expensive (a burst of joins, a slow syscall).
+const ROUND_CPU_BUCKETS: [f64; 13] = [
+    1e-7, 2.5e-7, 5e-7, 1e-6, 2.5e-6, 5e-6, 1e-5, 2.5e-5, 5e-5, 1e-4, 2.5e-4, 5e-4, 1e-3,
+];
+/// Buckets of `fanstream_listener_lag_bytes`: from "keeping up" (under one coalesced write) to
+/// past the default `max_lag_bytes` (512 KiB).
+const LAG_BUCKETS: [f64; 10] = [
+    1024.0, 4096.0, 16384.0, 65536.0, 131072.0, 262144.0, 524288.0, 1048576.0, 4194304.0,
+    16777216.0,
+];
 
 pub(crate) struct Metrics {
     pub registry: Registry,
@@ -45,6 +61,15 @@ pub(crate) struct Metrics {
     pub rejected_requests: IntCounterVec,
     /// Panics caught (bugs), by where: `request` or `listener`.
     pub panics: IntCounterVec,
+    /// Listener-seconds served, by worker: the denominator of CPU per listener. Each worker adds
+    /// (listeners it held) x (time since its previous pass) on every pass of its fan-out loop.
+    pub listener_seconds: CounterVec,
+    /// A worker's CPU since its previous round divided by the listeners it holds, once per round
+    /// (one read of the thread's CPU clock per round, none per write), by worker.
+    pub round_cpu_per_listener: HistogramVec,
+    /// How far listeners are behind the live edge, sampled for every listener once a second, by
+    /// mount.
+    pub listener_lag: HistogramVec,
 }
 
 fn counter(reg: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
@@ -63,11 +88,24 @@ fn gauge(reg: &Registry, name: &str, help: &str, labels: &[&str]) -> IntGaugeVec
     g
 }
 
+fn histogram(
+    reg: &Registry,
+    name: &str,
+    help: &str,
+    buckets: &[f64],
+    labels: &[&str],
+) -> HistogramVec {
+    let opts = HistogramOpts::new(format!("fanstream_{name}"), help).buckets(buckets.to_vec());
+    let h = HistogramVec::new(opts, labels).expect("valid metric definition");
+    reg.register(Box::new(h.clone()))
+        .expect("metric names are unique");
+    h
+}
+
 impl Metrics {
     pub fn new(threads: Arc<ThreadRegistry>) -> Metrics {
         let reg = Registry::new();
-        let pc = prometheus::process_collector::ProcessCollector::for_self();
-        reg.register(Box::new(pc))
+        reg.register(Box::new(ProcessCollector::new()))
             .expect("process collector registers once");
         reg.register(Box::new(ThreadCpuCollector::new(threads)))
             .expect("thread collector registers once");
@@ -156,7 +194,46 @@ impl Metrics {
                 "Panics caught and contained to one connection (bugs), by where.",
                 &["where"],
             ),
+            listener_seconds: {
+                let c = CounterVec::new(
+                    Opts::new(
+                        "fanstream_listener_seconds_total",
+                        "Listener-seconds served: the time each listener was connected, summed.",
+                    ),
+                    &["worker"],
+                )
+                .expect("valid metric definition");
+                reg.register(Box::new(c.clone()))
+                    .expect("metric names are unique");
+                c
+            },
+            round_cpu_per_listener: histogram(
+                &reg,
+                "fanout_round_cpu_per_listener_seconds",
+                "A worker's CPU since its previous fan-out round, divided by its listeners.",
+                &ROUND_CPU_BUCKETS,
+                &["worker"],
+            ),
+            listener_lag: histogram(
+                &reg,
+                "listener_lag_bytes",
+                "Bytes between listeners' positions and the live edge, sampled once a second.",
+                &LAG_BUCKETS,
+                &["mount"],
+            ),
             registry: reg,
+        }
+    }
+
+    /// Creates a new mount's counters at zero, so that rates and alerts over them have data
+    /// before the first event (a missing series is not a zero in PromQL).
+    pub fn new_mount(&self, mount: &str) {
+        self.listener_connects.with_label_values(&[mount]);
+        self.listener_skips.with_label_values(&[mount]);
+        self.source_received_bytes.with_label_values(&[mount]);
+        for why in Disconnect::ALL {
+            self.listener_disconnects
+                .with_label_values(&[mount, why.reason()]);
         }
     }
 
@@ -209,5 +286,59 @@ impl Collector for ThreadCpuCollector {
                 .inc_by(cpu.as_secs_f64());
         }
         self.vec.collect()
+    }
+}
+
+/// The process metrics (`process_open_fds`, `process_max_fds`, `process_resident_memory_bytes`,
+/// ...) from the prometheus crate, except `process_cpu_seconds_total`: the crate truncates it to
+/// whole seconds, too coarse to set against per-thread CPU or to rate over a short window. It is
+/// read here from the process's CPU clock instead, in nanoseconds, at scrape time.
+struct ProcessCollector {
+    inner: prometheus::process_collector::ProcessCollector,
+    descs: Vec<Desc>,
+}
+
+const PROCESS_CPU: &str = "process_cpu_seconds_total";
+const PROCESS_CPU_HELP: &str =
+    "Total user and system CPU time spent in seconds, from the process's CPU clock.";
+
+impl ProcessCollector {
+    fn new() -> Self {
+        let inner = prometheus::process_collector::ProcessCollector::for_self();
+        let cpu = process_cpu(Duration::ZERO);
+        let descs = inner
+            .desc()
+            .into_iter()
+            .filter(|d| d.fq_name != PROCESS_CPU)
+            .chain(cpu.desc())
+            .cloned()
+            .collect();
+        ProcessCollector { inner, descs }
+    }
+}
+
+/// A counter holding `value`, built afresh for each scrape: the clock is the state.
+fn process_cpu(value: Duration) -> Counter {
+    let c = Counter::new(PROCESS_CPU, PROCESS_CPU_HELP).expect("valid metric definition");
+    c.inc_by(value.as_secs_f64());
+    c
+}
+
+impl Collector for ProcessCollector {
+    fn desc(&self) -> Vec<&Desc> {
+        self.descs.iter().collect()
+    }
+
+    fn collect(&self) -> Vec<MetricFamily> {
+        let mut families: Vec<MetricFamily> = self
+            .inner
+            .collect()
+            .into_iter()
+            .filter(|f| f.name() != PROCESS_CPU)
+            .collect();
+        if let Some(cpu) = clock_time(libc::CLOCK_PROCESS_CPUTIME_ID) {
+            families.extend(process_cpu(cpu).collect());
+        }
+        families
     }
 }

@@ -24,6 +24,9 @@ pub(crate) struct Mount {
     /// Listeners on this mount across all workers: admission checks it against `max_listeners`.
     /// Incremented by the admitting worker, decremented when the listener is dropped.
     pub listeners: AtomicUsize,
+    /// Most listeners the mount had at once since it appeared (the status pages' `listener_peak`).
+    /// Raised by the admitting worker.
+    pub listener_peak: AtomicUsize,
 }
 
 #[derive(Default)]

@@ -7,6 +7,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::sync::Mutex;
 use std::thread::JoinHandle;
+use std::time::SystemTime;
 
 use arc_swap::ArcSwap;
 use tokio::sync::{mpsc, watch, Notify};
@@ -64,6 +65,10 @@ pub(crate) struct Shared {
     /// Listeners connected now, across mounts: admission checks it against `max_listeners`.
     pub listeners_total: AtomicUsize,
     pub stop: watch::Receiver<Stop>,
+    /// When the server started, on the wall clock (status pages show it).
+    pub started: SystemTime,
+    /// Where listeners connect (status pages build listen URLs with its port).
+    pub listen_addr: SocketAddr,
 }
 
 impl Shared {
@@ -138,14 +143,20 @@ impl Server {
             to_ingest: ingest_tx,
             listeners_total: AtomicUsize::new(0),
             stop: stop_rx,
+            started: SystemTime::now(),
+            listen_addr,
         });
 
         let mut handles = Vec::new();
         let s = shared.clone();
         let rt = runtime()?;
+        let (ready_tx, ready_rx) = std::sync::mpsc::sync_channel(1);
         handles.push(threads::spawn("fs-ingest", None, &registry, move || {
-            crate::ingest::run(rt, s, ingest_rx)
+            crate::ingest::run(rt, s, ingest_rx, ready_tx)
         })?);
+        ready_rx
+            .recv()
+            .map_err(|_| io::Error::other("the ingest thread failed to start"))?;
         for (index, rx) in worker_rxs.into_iter().enumerate() {
             let s = shared.clone();
             let core = (!cores.is_empty()).then(|| cores[index % cores.len()]);
@@ -290,11 +301,10 @@ pub(crate) async fn stopped(stop: &mut watch::Receiver<Stop>) -> Stop {
     }
 }
 
-/// A current-thread runtime for one of our threads. Each is built by `Server::start` before its
-/// thread is spawned: a runtime needs descriptors (epoll, eventfd), and one built later, inside
-/// its thread, could find them taken by the first connections (the acceptor runs by then) and
-/// leave a dead worker that is still handed connections. Failing here fails the start instead.
-pub(crate) fn runtime() -> io::Result<tokio::runtime::Runtime> {
+/// A current-thread runtime for one of our threads, built before the thread starts: a failure
+/// (out of descriptors) is a start-up error, and once `start` returns every thread's runtime,
+/// with its descriptors, exists.
+fn runtime() -> io::Result<tokio::runtime::Runtime> {
     tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()

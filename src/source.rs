@@ -13,17 +13,18 @@
 
 use std::net::SocketAddr;
 use std::rc::Rc;
+use std::time::SystemTime;
 
 use bytes::Bytes;
 use tokio::net::TcpStream;
 
 use crate::acceptor::ConnGuard;
-use crate::auth::AuthLimits;
-use crate::http::{secrets_equal, valid_mount_path, Method, Request};
-use crate::store::StreamInfo;
+use crate::auth;
+use crate::http::{valid_mount_path, Method, Request};
+use crate::store::{StreamInfo, StreamMeta};
 use crate::worker::{refuse, WorkerCtx};
 
-const AUTH_REALM: (&str, &str) = ("WWW-Authenticate", "Basic realm=\"fanstream\"");
+const AUTH_REALM: &str = "Basic realm=\"fanstream\"";
 
 /// An authenticated source on its way to the ingest thread.
 pub(crate) struct SourceConn {
@@ -49,7 +50,7 @@ pub(crate) async fn handshake(
 ) {
     let shared = &ctx.shared;
     let cfg = shared.config.load_full();
-    if !valid_mount_path(&req.path) {
+    if !valid_mount_path(&req.path) || crate::status::is_status_path(&req.path) {
         refuse(
             &ctx.shared,
             &mut stream,
@@ -111,59 +112,30 @@ pub(crate) async fn handshake(
         // Legacy SOURCE clients predate the requirement; Icecast assumes MP3 for them too.
         _ => "audio/mpeg".to_string(),
     };
-    let now = std::time::Instant::now();
-    let limits = AuthLimits {
-        max_failures: cfg.auth_max_failures,
-        window: std::time::Duration::from_secs(cfg.auth_failure_window_secs),
-    };
-    if let Some(wait) = shared.auth_failures.blocked(peer.ip(), now, limits) {
-        let secs = (wait.as_secs() + 1).to_string();
-        let retry = [("Retry-After", secs.as_str())];
-        refuse(
-            &ctx.shared,
-            &mut stream,
-            peer,
-            429,
-            "Too Many Requests",
-            &retry,
-            "auth_rate_limited",
-        )
-        .await;
-        return;
-    }
-    let Some((user, pass)) = req.basic_auth() else {
-        refuse(
-            &ctx.shared,
-            &mut stream,
-            peer,
-            401,
-            "Unauthorized",
-            &[AUTH_REALM],
-            "auth_required",
-        )
-        .await;
-        return;
-    };
     let expected = cfg.source_password_for(&req.path).unwrap_or_default();
-    // Both comparisons always run, so timing does not tell which part was wrong.
-    let user_ok = secrets_equal(&user, &cfg.source_user);
-    let pass_ok = !expected.is_empty() && secrets_equal(&pass, expected);
-    if !(user_ok && pass_ok) {
-        shared.auth_failures.failed(peer.ip(), now, limits);
-        tracing::warn!(%peer, mount = %req.path, "source authentication failed");
+    let checked = auth::check(
+        &shared.auth_failures,
+        &cfg,
+        &req,
+        peer,
+        &cfg.source_user,
+        expected,
+        "source",
+    );
+    if let Err(no) = checked {
+        let headers = no.headers(AUTH_REALM);
         refuse(
             &ctx.shared,
             &mut stream,
             peer,
-            401,
-            "Unauthorized",
-            &[AUTH_REALM],
-            "bad_credentials",
+            no.status,
+            no.phrase,
+            &headers,
+            no.reason,
         )
         .await;
         return;
     }
-    shared.auth_failures.succeeded(peer.ip());
     let expect_continue = req
         .header("expect")
         .is_some_and(|v| v.eq_ignore_ascii_case("100-continue"));
@@ -191,8 +163,7 @@ pub(crate) async fn handshake(
     }
 }
 
-/// The response head every listener of this source gets, built once: Content-Type, no caching,
-/// and the source's `ice-*` (or `icy-*`) headers as the `icy-*` headers players show.
+/// What the source says about its stream, from its `ice-*` (or `icy-*`) headers.
 pub(crate) fn stream_info(req: &Request, content_type: String) -> StreamInfo {
     let pick = |names: &[&str]| {
         names
@@ -201,9 +172,10 @@ pub(crate) fn stream_info(req: &Request, content_type: String) -> StreamInfo {
             .map(clean_header_value)
             .filter(|v| !v.is_empty())
     };
+    let audio_info = pick(&["ice-audio-info"]);
     let bitrate = pick(&["ice-bitrate", "icy-br"])
         .or_else(|| {
-            req.header("ice-audio-info").and_then(|info| {
+            audio_info.as_deref().and_then(|info| {
                 info.split(';')
                     .filter_map(|kv| kv.split_once('='))
                     .find(|(k, _)| k.trim().eq_ignore_ascii_case("bitrate"))
@@ -211,41 +183,46 @@ pub(crate) fn stream_info(req: &Request, content_type: String) -> StreamInfo {
             })
         })
         .and_then(|b| b.trim().parse::<u32>().ok());
-    let mut icy = Vec::new();
-    for (out, names) in [
-        ("icy-name", &["ice-name", "icy-name"][..]),
-        ("icy-genre", &["ice-genre", "icy-genre"]),
-        ("icy-description", &["ice-description", "icy-description"]),
-        ("icy-url", &["ice-url", "icy-url"]),
-        ("icy-pub", &["ice-public", "icy-pub"]),
-    ] {
-        if let Some(v) = pick(names) {
-            icy.push((out, v));
-        }
-    }
-    if let Some(b) = bitrate {
-        icy.push(("icy-br", b.to_string()));
-    }
-    listener_info(&clean_header_value(&content_type), &icy, Bytes::new())
+    let meta = StreamMeta {
+        content_type: clean_header_value(&content_type),
+        name: pick(&["ice-name", "icy-name"]),
+        description: pick(&["ice-description", "icy-description"]),
+        genre: pick(&["ice-genre", "icy-genre"]),
+        url: pick(&["ice-url", "icy-url"]),
+        public: pick(&["ice-public", "icy-pub"]),
+        bitrate_kbps: bitrate,
+        audio_info,
+        started: Some(SystemTime::now()),
+    };
+    listener_info(meta, Bytes::new())
 }
 
-/// Builds the stream info from its parts (also used by the demo generator).
-pub(crate) fn listener_info(
-    content_type: &str,
-    icy: &[(&str, String)],
-    preamble: Bytes,
-) -> StreamInfo {
+/// The response head every listener of this stream gets, built once: Content-Type, no caching,
+/// and the source's description as the `icy-*` headers players show. Also used by the demo.
+pub(crate) fn listener_info(meta: StreamMeta, preamble: Bytes) -> StreamInfo {
     let mut head = format!(
-        "HTTP/1.0 200 OK\r\nServer: fanstream/{}\r\nContent-Type: {content_type}\r\nCache-Control: no-cache, no-store\r\nPragma: no-cache\r\nConnection: close\r\nAccess-Control-Allow-Origin: *\r\n",
-        env!("CARGO_PKG_VERSION")
+        "HTTP/1.0 200 OK\r\nServer: fanstream/{}\r\nContent-Type: {}\r\nCache-Control: no-cache, no-store\r\nPragma: no-cache\r\nConnection: close\r\nAccess-Control-Allow-Origin: *\r\n",
+        env!("CARGO_PKG_VERSION"),
+        meta.content_type
     );
-    for (name, value) in icy {
-        head.push_str(&format!("{name}: {value}\r\n"));
+    let bitrate = meta.bitrate_kbps.map(|b| b.to_string());
+    for (name, value) in [
+        ("icy-name", &meta.name),
+        ("icy-genre", &meta.genre),
+        ("icy-description", &meta.description),
+        ("icy-url", &meta.url),
+        ("icy-pub", &meta.public),
+        ("icy-br", &bitrate),
+    ] {
+        if let Some(v) = value {
+            head.push_str(&format!("{name}: {v}\r\n"));
+        }
     }
     head.push_str("\r\n");
     StreamInfo {
         response_head: Bytes::from(head),
         preamble,
+        meta,
     }
 }
 

@@ -57,13 +57,33 @@ pub(crate) enum SourceState {
     Closed,
 }
 
-/// What a listener is sent before the stream's bytes: built once per source connection.
+/// What a listener is sent before the stream's bytes, and what status pages show: built once per
+/// source connection.
 #[derive(Debug, Default)]
 pub(crate) struct StreamInfo {
     /// The HTTP response head (status line, Content-Type, icy-* headers, blank line).
     pub response_head: Bytes,
     /// Bytes every listener needs first, whatever its join point (the demo's WAV header).
     pub preamble: Bytes,
+    pub meta: StreamMeta,
+}
+
+/// What the source said about its stream (from its `ice-*`/`icy-*` headers), for listeners'
+/// `icy-*` headers and the status pages.
+#[derive(Clone, Debug, Default)]
+pub(crate) struct StreamMeta {
+    pub content_type: String,
+    pub name: Option<String>,
+    pub description: Option<String>,
+    pub genre: Option<String>,
+    pub url: Option<String>,
+    /// `ice-public`: whether the source asked to be listed in directories.
+    pub public: Option<String>,
+    pub bitrate_kbps: Option<u32>,
+    /// `ice-audio-info` as sent (`channels=2;samplerate=44100;bitrate=128`).
+    pub audio_info: Option<String>,
+    /// When the source connected, on the wall clock (status pages show it as a date).
+    pub started: Option<std::time::SystemTime>,
 }
 
 /// One consistent view of a mount, replaced whole on every change.

@@ -1,23 +1,38 @@
 //! Every fanstream thread starts here: named, optionally pinned to a core, and registered so that
-//! its CPU time can be read at scrape time from the kernel's per-thread clock.
+//! its CPU time can be read at scrape time from the kernel's per-thread clock. A thread that exits
+//! leaves its CPU time behind, so the counters stay monotonic.
 
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
-/// Threads alive now, with their CPU clocks; read by the metrics collector.
+/// Every thread started so far, with its CPU clock while it runs; read by the metrics collector.
 #[derive(Default)]
 pub(crate) struct ThreadRegistry {
-    threads: Mutex<Vec<(String, libc::clockid_t)>>,
+    threads: Mutex<Vec<Entry>>,
+}
+
+/// One thread name's CPU account.
+struct Entry {
+    name: String,
+    /// The running thread's clock; None once it exited.
+    clock: Option<libc::clockid_t>,
+    /// CPU used by earlier threads of this name, which exited. Kept so that the exported counter
+    /// never goes down: a series that vanished or restarted from zero would read as a reset, and
+    /// a sum over threads would drop the work they did.
+    retired: Duration,
 }
 
 impl ThreadRegistry {
-    /// CPU time consumed so far by each registered thread, by name.
+    /// CPU time consumed so far by the threads of each name.
     pub fn cpu_times(&self) -> Vec<(String, Duration)> {
         let threads = self.threads.lock().unwrap_or_else(|e| e.into_inner());
         threads
             .iter()
-            .filter_map(|(name, clock)| clock_time(*clock).map(|t| (name.clone(), t)))
+            .map(|e| {
+                let running = e.clock.and_then(clock_time).unwrap_or_default();
+                (e.name.clone(), e.retired + running)
+            })
             .collect()
     }
 
@@ -35,13 +50,28 @@ impl ThreadRegistry {
             return None;
         }
         let mut threads = self.threads.lock().unwrap_or_else(|e| e.into_inner());
-        threads.push((name.to_string(), clock));
+        match threads
+            .iter_mut()
+            .find(|e| e.name == name && e.clock.is_none())
+        {
+            Some(e) => e.clock = Some(clock),
+            None => threads.push(Entry {
+                name: name.to_string(),
+                clock: Some(clock),
+                retired: Duration::ZERO,
+            }),
+        }
         Some(clock)
     }
 
+    /// Called by the thread itself just before it exits, while its clock is still valid: its
+    /// final CPU time is kept under its name.
     fn unregister(&self, clock: libc::clockid_t) {
         let mut threads = self.threads.lock().unwrap_or_else(|e| e.into_inner());
-        threads.retain(|(_, c)| *c != clock);
+        if let Some(e) = threads.iter_mut().find(|e| e.clock == Some(clock)) {
+            e.retired += clock_time(clock).unwrap_or_default();
+            e.clock = None;
+        }
     }
 }
 
@@ -93,7 +123,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn registered_threads_report_cpu_and_leave_on_exit() {
+    fn registered_threads_report_cpu_and_keep_it_after_exit() {
         let reg = Arc::new(ThreadRegistry::default());
         let (tx, rx) = std::sync::mpsc::channel();
         let (done_tx, done_rx) = std::sync::mpsc::channel::<()>();
@@ -114,6 +144,21 @@ mod tests {
         assert!(times[0].1 >= Duration::from_millis(5), "{:?}", times[0].1);
         done_tx.send(()).unwrap();
         h.join().unwrap();
-        assert!(reg.cpu_times().is_empty());
+        let after = reg.cpu_times();
+        assert_eq!(after.len(), 1);
+        assert!(after[0].1 >= times[0].1, "{after:?} went below {times:?}");
+
+        // A new thread of the same name adds to the same account.
+        let h = spawn("fs-test", None, &reg, || {
+            let start = std::time::Instant::now();
+            while start.elapsed() < Duration::from_millis(10) {
+                std::hint::black_box(0u64);
+            }
+        })
+        .unwrap();
+        h.join().unwrap();
+        let again = reg.cpu_times();
+        assert_eq!(again.len(), 1);
+        assert!(again[0].1 > after[0].1, "{again:?} not above {after:?}");
     }
 }

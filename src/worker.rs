@@ -9,6 +9,7 @@ use std::time::Duration;
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
+use tokio::runtime::Runtime;
 use tokio::sync::mpsc;
 use tokio::task::LocalSet;
 
@@ -33,7 +34,7 @@ pub(crate) struct WorkerCtx {
 }
 
 pub(crate) fn run(
-    rt: tokio::runtime::Runtime,
+    rt: Runtime,
     shared: Arc<Shared>,
     index: usize,
     conns: crossbeam::channel::Receiver<Accepted>,
@@ -165,6 +166,9 @@ async fn handle(ctx: Rc<WorkerCtx>, mut stream: TcpStream, conn: ConnGuard, over
         panic!("panic injected for a test");
     }
     match req.method {
+        Method::Get | Method::Head if crate::status::is_status_path(&req.path) => {
+            crate::status::serve(&ctx.shared, &mut stream, &req).await
+        }
         Method::Get | Method::Head => crate::listener::admit(&ctx, stream, req, peer, conn).await,
         Method::Source | Method::Put => {
             crate::source::handshake(&ctx, stream, req, leftover, peer, conn).await

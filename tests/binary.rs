@@ -64,6 +64,8 @@ fn help_documents_every_common_setting() {
         "--workers",
         "--source-password",
         "FANSTREAM_SOURCE_PASSWORD",
+        "--admin-password",
+        "FANSTREAM_ADMIN_PASSWORD",
         "--no-demo",
         "--no-pin",
     ] {
@@ -373,4 +375,33 @@ fn process_cpu_ticks(pid: i32) -> u64 {
         .split_whitespace()
         .collect();
     fields[11].parse::<u64>().unwrap() + fields[12].parse::<u64>().unwrap()
+}
+
+#[test]
+fn a_refusal_is_logged_once_with_the_peer_and_the_reason() {
+    let dir = common::process::scratch_dir("refusal-log");
+    let (_child, addr, stderr) =
+        start_with_config("demo = false\nsource_password = \"x\"\n", &dir, None);
+    let mut first = TcpStream::connect(addr).unwrap();
+    let peer = first.local_addr().unwrap().to_string();
+    first.write_all(b"BREW /pot HTTP/1.0\r\n\r\n").unwrap();
+    assert!(common::process::read_all(&mut first).starts_with(b"HTTP/1.0 405"));
+    // A second refusal marks the end: every line about the first was logged before it.
+    let mut second = TcpStream::connect(addr).unwrap();
+    let marker = second.local_addr().unwrap().to_string();
+    second.write_all(b"GET /nothing HTTP/1.0\r\n\r\n").unwrap();
+    assert!(common::process::read_all(&mut second).starts_with(b"HTTP/1.0 404"));
+    let mut about_first = Vec::new();
+    wait_line(&stderr, "the second refusal", |l| {
+        if l.contains(&peer) {
+            about_first.push(l.to_string());
+        }
+        l.contains(&marker)
+    });
+    assert_eq!(about_first.len(), 1, "{about_first:?}");
+    assert!(
+        about_first[0].contains("method_not_allowed") && about_first[0].contains("405"),
+        "{}",
+        about_first[0]
+    );
 }

@@ -156,11 +156,13 @@ fn stall_scenario(
 #[test]
 fn a_stalled_listener_is_dropped_while_the_others_stay_byte_exact() {
     let (srv, stalled, healthy, mut source) = stall_scenario(LagPolicy::Disconnect);
-    // Stream until the stalled listener is dropped (its kernel buffers fill first).
+    // Stream until the stalled listener is dropped. Its kernel buffers fill first, but they are
+    // bounded (`listener_send_buffer_bytes`): the drop comes within the lag limit plus a few
+    // hundred KiB, not after megabytes of autotuned buffer.
     let mut sent = 8 * 1024u64;
     while srv.metric("fanstream_listener_disconnects_total", &["reason=\"slow\""]) < 1.0 {
         assert!(
-            sent < 200_000_000,
+            sent < 1024 * 1024,
             "stalled listener never dropped after {sent} bytes"
         );
         source.send_pattern(sent, sent + 64 * 1024, 4096, Duration::from_millis(1));

@@ -365,3 +365,139 @@ fn graceful_stop_under_load_delivers_everything_received_to_listeners_that_kept_
         assert_exact_suffix(&body, 400_000, "listener");
     }
 }
+
+#[test]
+fn odd_paths_and_oversized_heads_are_refused_while_listeners_stay_byte_exact() {
+    let srv = TestServer::start(|_| {});
+    let mut source = live_source(&srv, 1000);
+    let healthy = Healthy::join(&srv, "/live");
+    wait_until("the healthy listener", || {
+        srv.server.as_ref().unwrap().listeners() == 1
+    });
+    let long_name = format!("GET /{} HTTP/1.0\r\n\r\n", "a".repeat(300));
+    let many_headers = format!(
+        "GET /live HTTP/1.0\r\n{}\r\n",
+        (0..65).map(|i| format!("X-{i}: y\r\n")).collect::<String>()
+    );
+    let huge_header = format!("GET /live HTTP/1.0\r\nCookie: {}\r\n\r\n", "c".repeat(9000));
+    let cases: [(&[u8], u16, &str); 10] = [
+        (b"GET /li%76e HTTP/1.0\r\n\r\n", 400, "bad_path"),
+        (b"GET /live%00 HTTP/1.0\r\n\r\n", 400, "bad_path"),
+        (b"GET /./live HTTP/1.0\r\n\r\n", 400, "bad_path"),
+        (b"GET //live HTTP/1.0\r\n\r\n", 400, "bad_path"),
+        (b"GET /live/.. HTTP/1.0\r\n\r\n", 400, "bad_path"),
+        (long_name.as_bytes(), 400, "bad_path"),
+        (b"GET /live\0 HTTP/1.0\r\n\r\n", 400, "malformed_request"),
+        (
+            b"GET /other?x=/etc/passwd HTTP/1.0\r\n\r\n",
+            404,
+            "unknown_mount",
+        ),
+        (many_headers.as_bytes(), 431, "headers_too_large"),
+        (huge_header.as_bytes(), 431, "headers_too_large"),
+    ];
+    for (raw, status, reason) in cases {
+        let before = srv.metric(
+            "fanstream_rejected_requests_total",
+            &[&format!("reason=\"{reason}\"")],
+        );
+        let (got, _, body) = request(srv.addr, raw);
+        let shown = String::from_utf8_lossy(&raw[..raw.len().min(40)]).into_owned();
+        assert_eq!(got, status, "{shown:?}");
+        // The body says why, in words.
+        let body = String::from_utf8_lossy(&body).into_owned();
+        assert!(
+            body.contains(&reason.replace('_', " ")),
+            "{shown:?}: {body}"
+        );
+        let after = srv.metric(
+            "fanstream_rejected_requests_total",
+            &[&format!("reason=\"{reason}\"")],
+        );
+        assert_eq!(after, before + 1.0, "{shown:?} counted as {reason}");
+    }
+    // A query string is ignored: it neither changes the mount nor reaches anything else.
+    let mut with_query = Listener::connect(srv.addr, "/live?type=.mp3&nocache=1");
+    source.send_pattern(1000, 40_000, 1000, Duration::ZERO);
+    let mut srv = srv;
+    srv.wait_metric("fanstream_source_received_bytes_total", &[LIVE], |v| {
+        v == 40_000.0
+    });
+    srv.stop(fanstream::Stop::Drain);
+    with_query.read_to_end();
+    assert_exact_suffix(&with_query.body, 40_000, "listener with a query string");
+    healthy.assert_exact(40_000);
+}
+
+#[test]
+fn a_listener_that_half_closes_after_its_request_keeps_receiving_the_stream() {
+    let srv = TestServer::start(|c| c.defaults.max_write_delay_ms = 0);
+    let mut source = live_source(&srv, 1000);
+    // Some HTTP/1.0 clients shut down their sending side once the request is out; they are
+    // still listening, and must get the whole stream.
+    let mut half = Listener::connect(srv.addr, "/live");
+    half.stream.shutdown(std::net::Shutdown::Write).unwrap();
+    wait_until("the listener", || {
+        srv.server.as_ref().unwrap().listeners() == 1
+    });
+    source.send_pattern(1000, 100_000, 1000, Duration::ZERO);
+    let mut srv = srv;
+    srv.wait_metric("fanstream_source_received_bytes_total", &[LIVE], |v| {
+        v == 100_000.0
+    });
+    assert_eq!(srv.server.as_ref().unwrap().listeners(), 1);
+    srv.stop(fanstream::Stop::Drain);
+    half.read_to_end();
+    assert_exact_suffix(&half.body, 100_000, "half-closed listener");
+}
+
+#[test]
+fn with_an_admin_password_the_admin_listener_asks_for_it_and_slows_down_guessing() {
+    let srv = TestServer::start(|c| {
+        c.admin_password = Some("admin-secret".into());
+        c.auth_max_failures = 3;
+    });
+    let scrape = |auth: Option<(&str, &str)>| {
+        let header = auth.map_or(String::new(), |(u, p)| {
+            format!("Authorization: Basic {}\r\n", basic(u, p))
+        });
+        request(
+            srv.admin,
+            format!("GET /metrics HTTP/1.0\r\n{header}\r\n").as_bytes(),
+        )
+    };
+    let (status, head, _) = scrape(None);
+    assert_eq!(status, 401);
+    assert!(
+        head.contains("WWW-Authenticate: Basic realm=\"fanstream admin\""),
+        "{head}"
+    );
+    let (status, _, body) = scrape(Some(("admin", "admin-secret")));
+    assert_eq!(status, 200);
+    let text = String::from_utf8(body).unwrap();
+    assert!(
+        text.contains("fanstream_thread_cpu_seconds_total"),
+        "{text}"
+    );
+    assert!(
+        !text.contains("admin-secret"),
+        "the password leaked into /metrics"
+    );
+    // The status pages on the admin port are behind the same password.
+    assert_eq!(
+        request(srv.admin, b"GET /status-json.xsl HTTP/1.0\r\n\r\n").0,
+        401
+    );
+    for _ in 0..3 {
+        assert_eq!(scrape(Some(("admin", "guess"))).0, 401);
+    }
+    // Past auth_max_failures, even the right password waits for the window to end.
+    let (status, head, _) = scrape(Some(("admin", "admin-secret")));
+    assert_eq!(status, 429);
+    assert!(head.contains("Retry-After: "), "{head}");
+    // The public status page stays open, as Icecast's is.
+    assert_eq!(
+        request(srv.addr, b"GET /status-json.xsl HTTP/1.0\r\n\r\n").0,
+        200
+    );
+}

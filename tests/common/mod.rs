@@ -370,3 +370,64 @@ fn pattern_offsets_are_recovered_at_any_alignment() {
     joined.extend(pattern(300, 50));
     assert_eq!(exact_runs(&joined), vec![(5, 50), (300, 50)]);
 }
+
+/// Checks a listener's bytes as they arrive, without keeping them: the first 16 bytes tell the
+/// join point, every later byte must continue the stream exactly.
+#[derive(Default)]
+pub struct StreamCheck {
+    head: Vec<u8>,
+    /// Offset of the next expected byte, once known.
+    pub next: Option<u64>,
+    pub bytes: u64,
+    /// Bytes that differed from the stream (a gap, a duplicate or corruption shows here).
+    pub mismatches: u64,
+}
+
+impl StreamCheck {
+    pub fn feed(&mut self, data: &[u8]) {
+        self.bytes += data.len() as u64;
+        let data = match self.next {
+            Some(_) => data,
+            None => {
+                self.head.extend_from_slice(data);
+                if self.head.len() < 24 {
+                    return;
+                }
+                let Some(start) = locate(&self.head) else {
+                    self.mismatches += self.head.len() as u64;
+                    self.head.clear();
+                    return;
+                };
+                self.next = Some(start);
+                let head = std::mem::take(&mut self.head);
+                return self.compare(&head);
+            }
+        };
+        self.compare(data);
+    }
+
+    fn compare(&mut self, data: &[u8]) {
+        let at = self.next.expect("join point known");
+        let expected = pattern(at, data.len());
+        self.mismatches += data.iter().zip(&expected).filter(|(a, b)| a != b).count() as u64;
+        self.next = Some(at + data.len() as u64);
+    }
+}
+
+#[test]
+fn stream_check_catches_gaps_and_corruption() {
+    let mut ok = StreamCheck::default();
+    for piece in pattern(1234, 10_000).chunks(7) {
+        ok.feed(piece);
+    }
+    assert_eq!((ok.mismatches, ok.next), (0, Some(11_234)));
+    let mut gap = StreamCheck::default();
+    gap.feed(&pattern(0, 100));
+    gap.feed(&pattern(108, 100));
+    assert!(gap.mismatches > 0);
+    let mut bad = StreamCheck::default();
+    let mut p = pattern(0, 100);
+    p[50] ^= 1;
+    bad.feed(&p);
+    assert_eq!(bad.mismatches, 1);
+}

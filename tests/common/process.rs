@@ -16,7 +16,7 @@ pub fn require(program: &str) {
         .is_ok_and(|s| s.success());
     assert!(
         found,
-        "{program} is required by this test but is not installed: run `make deps` (or `apt-get install -y ffmpeg curl`)"
+        "{program} is required by this test but is not installed: run `make deps` (or `apt-get install -y ffmpeg curl prometheus`)"
     );
 }
 
@@ -97,7 +97,11 @@ impl Drop for ChildGuard {
 }
 
 /// Waits for a line matching `pred` and returns it.
-pub fn wait_line(rx: &mpsc::Receiver<String>, what: &str, pred: impl Fn(&str) -> bool) -> String {
+pub fn wait_line(
+    rx: &mpsc::Receiver<String>,
+    what: &str,
+    mut pred: impl FnMut(&str) -> bool,
+) -> String {
     let deadline = Instant::now() + super::DEADLINE;
     loop {
         let left = deadline.saturating_duration_since(Instant::now());

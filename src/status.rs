@@ -1,0 +1,432 @@
+//! Status pages, as JSON: `/status.json` in fanstream's own shape, and `/status-json.xsl` in
+//! Icecast 2.4's shape so that the exporters, web players and scripts written for Icecast work
+//! unchanged. Both are public on the listener port, as Icecast's are (web players fetch them from
+//! the stream's origin, hence `Access-Control-Allow-Origin: *`), and also served on the admin port,
+//! whose thread answers even when every worker is saturated. Built at request time from the mount
+//! table and the metrics; nothing here runs on the fan-out's path.
+
+use std::net::SocketAddr;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use serde::Serialize;
+use tokio::io::AsyncWriteExt;
+use tokio::net::TcpStream;
+
+use crate::http::{Method, Request};
+use crate::mounts::Mount;
+use crate::server::Shared;
+use crate::store::SourceState;
+use crate::worker::RESPONSE_TIMEOUT;
+
+/// fanstream's own status document.
+pub(crate) const STATUS_JSON: &str = "/status.json";
+/// Icecast's status document (an XSLT transform there; the path is what clients request).
+pub(crate) const ICECAST_STATUS_JSON: &str = "/status-json.xsl";
+
+/// The paths served here; they are never mount paths.
+pub(crate) fn is_status_path(path: &str) -> bool {
+    path == STATUS_JSON || path == ICECAST_STATUS_JSON
+}
+
+/// Answers a `GET` or `HEAD` of a status path and closes.
+pub(crate) async fn serve(shared: &Shared, stream: &mut TcpStream, req: &Request) {
+    let resp = response(shared, req);
+    let _ = tokio::time::timeout(RESPONSE_TIMEOUT, async {
+        stream.write_all(&resp).await?;
+        stream.shutdown().await
+    })
+    .await;
+}
+
+/// The whole HTTP response for a `GET` or `HEAD` of a status path.
+pub(crate) fn response(shared: &Shared, req: &Request) -> Vec<u8> {
+    let host = host_name(req.header("host"), shared.listen_addr);
+    let body = if req.path == ICECAST_STATUS_JSON {
+        serde_json::to_vec(&icecast(shared, &host))
+    } else {
+        serde_json::to_vec(&own(shared, &host))
+    }
+    // Serializing plain structs of strings and numbers into memory cannot fail.
+    .expect("status serializes");
+    let mut out = format!(
+        "HTTP/1.0 200 OK\r\nServer: fanstream/{}\r\nContent-Type: application/json; charset=utf-8\r\nContent-Length: {}\r\nCache-Control: no-cache, no-store\r\nAccess-Control-Allow-Origin: *\r\nConnection: close\r\n\r\n",
+        env!("CARGO_PKG_VERSION"),
+        body.len()
+    )
+    .into_bytes();
+    if req.method != Method::Head {
+        out.extend_from_slice(&body);
+    }
+    out
+}
+
+/// `GET /status.json`: every mount, live or waiting for its source within the grace period.
+#[derive(Serialize)]
+struct Status {
+    server_id: String,
+    server_start_iso8601: String,
+    uptime_seconds: u64,
+    /// Listeners connected now, across mounts.
+    listeners: usize,
+    mounts: Vec<MountStatus>,
+}
+
+#[derive(Serialize)]
+struct MountStatus {
+    mount: String,
+    listenurl: String,
+    /// `live`, or `waiting` while listeners wait for the source to come back.
+    state: &'static str,
+    listeners: usize,
+    listener_peak: usize,
+    content_type: String,
+    name: Option<String>,
+    description: Option<String>,
+    genre: Option<String>,
+    url: Option<String>,
+    bitrate_kbps: Option<u32>,
+    audio_info: Option<String>,
+    stream_start_iso8601: Option<String>,
+    /// Payload bytes received from sources since the mount appeared.
+    received_bytes: u64,
+    /// Payload bytes sent to listeners since the mount appeared.
+    sent_bytes: u64,
+    retained_bytes: u64,
+}
+
+fn own(shared: &Shared, host: &str) -> Status {
+    let now = SystemTime::now();
+    let mounts = sorted_mounts(shared)
+        .into_iter()
+        .filter_map(|m| {
+            let snap = m.store.load_full();
+            let state = match snap.state {
+                SourceState::Live => "live",
+                SourceState::Gone(_) => "waiting",
+                // Leaving the table: its listeners are being closed or moved.
+                SourceState::MovedTo(_) | SourceState::Closed => return None,
+            };
+            let meta = &snap.info.meta;
+            Some(MountStatus {
+                listenurl: listen_url(shared, host, &m.path),
+                state,
+                listeners: m.listeners.load(Ordering::Relaxed),
+                listener_peak: m.listener_peak.load(Ordering::Relaxed),
+                content_type: meta.content_type.clone(),
+                name: meta.name.clone(),
+                description: meta.description.clone(),
+                genre: meta.genre.clone(),
+                url: meta.url.clone(),
+                bitrate_kbps: meta.bitrate_kbps,
+                audio_info: meta.audio_info.clone(),
+                stream_start_iso8601: meta.started.map(|t| Date::of(t).iso8601()),
+                received_bytes: received_bytes(shared, &m),
+                sent_bytes: sent_bytes(shared, &m),
+                retained_bytes: snap.retained_bytes(),
+                mount: m.path.clone(),
+            })
+        })
+        .collect();
+    Status {
+        server_id: server_id(),
+        server_start_iso8601: Date::of(shared.started).iso8601(),
+        uptime_seconds: now
+            .duration_since(shared.started)
+            .unwrap_or_default()
+            .as_secs(),
+        listeners: shared.listeners_total.load(Ordering::Relaxed),
+        mounts,
+    }
+}
+
+/// `GET /status-json.xsl` as Icecast 2.4 answers it: `icestats` with the server's fields and
+/// `source`, which is absent with no source, an object with one and an array with several.
+/// Numbers are JSON numbers, as Icecast's XML-to-JSON transform makes them.
+#[derive(Serialize)]
+struct IcecastDoc {
+    icestats: IceStats,
+}
+
+#[derive(Serialize)]
+struct IceStats {
+    /// Icecast's `<admin>` and `<location>` settings; fanstream has none, so Icecast's defaults.
+    admin: &'static str,
+    host: String,
+    location: &'static str,
+    server_id: String,
+    server_start: String,
+    server_start_iso8601: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    source: Option<OneOrMany<IceSource>>,
+    /// Icecast's transform leaves a `"dummy": null` closing the last object; with no source it
+    /// closes `icestats`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    dummy: Option<()>,
+}
+
+#[derive(Serialize)]
+#[serde(untagged)]
+enum OneOrMany<T> {
+    One(T),
+    Many(Vec<T>),
+}
+
+/// One live source; fields in Icecast's (alphabetical) order, absent where Icecast omits them.
+#[derive(Serialize)]
+struct IceSource {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    audio_info: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    bitrate: Option<u32>,
+    genre: String,
+    listener_peak: usize,
+    listeners: usize,
+    listenurl: String,
+    server_description: String,
+    server_name: String,
+    server_type: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    server_url: Option<String>,
+    stream_start: String,
+    stream_start_iso8601: String,
+    /// Icecast's stylesheet hides these two; they are in its XML stats and the issue's users ask
+    /// for them, and an extra field breaks no client.
+    total_bytes_read: u64,
+    total_bytes_sent: u64,
+    dummy: (),
+}
+
+fn icecast(shared: &Shared, host: &str) -> IcecastDoc {
+    let mut sources: Vec<IceSource> = sorted_mounts(shared)
+        .into_iter()
+        .filter_map(|m| {
+            let snap = m.store.load_full();
+            // Icecast lists sources, not mounts: one waiting for its encoder is not there.
+            if snap.state != SourceState::Live {
+                return None;
+            }
+            let meta = &snap.info.meta;
+            let started = Date::of(meta.started.unwrap_or(shared.started));
+            Some(IceSource {
+                audio_info: meta.audio_info.clone(),
+                bitrate: meta.bitrate_kbps,
+                // Icecast's words for a source that did not say.
+                genre: meta.genre.clone().unwrap_or_else(|| "various".into()),
+                listener_peak: m.listener_peak.load(Ordering::Relaxed),
+                listeners: m.listeners.load(Ordering::Relaxed),
+                listenurl: listen_url(shared, host, &m.path),
+                server_description: meta
+                    .description
+                    .clone()
+                    .unwrap_or_else(|| "Unspecified description".into()),
+                server_name: meta
+                    .name
+                    .clone()
+                    .unwrap_or_else(|| "Unspecified name".into()),
+                server_type: meta.content_type.clone(),
+                server_url: meta.url.clone(),
+                stream_start: started.rfc2822(),
+                stream_start_iso8601: started.iso8601(),
+                total_bytes_read: received_bytes(shared, &m),
+                total_bytes_sent: sent_bytes(shared, &m),
+                dummy: (),
+            })
+        })
+        .collect();
+    let source = match sources.len() {
+        0 => None,
+        1 => sources.pop().map(OneOrMany::One),
+        _ => Some(OneOrMany::Many(sources)),
+    };
+    let start = Date::of(shared.started);
+    IcecastDoc {
+        icestats: IceStats {
+            admin: "icemaster@localhost",
+            host: host.to_string(),
+            location: "Earth",
+            server_id: server_id(),
+            server_start: start.rfc2822(),
+            server_start_iso8601: start.iso8601(),
+            dummy: source.is_none().then_some(()),
+            source,
+        },
+    }
+}
+
+fn server_id() -> String {
+    format!("fanstream {}", env!("CARGO_PKG_VERSION"))
+}
+
+fn sorted_mounts(shared: &Shared) -> Vec<std::sync::Arc<Mount>> {
+    let mut mounts = shared.mounts.all();
+    mounts.sort_by(|a, b| a.path.cmp(&b.path));
+    mounts
+}
+
+fn received_bytes(shared: &Shared, m: &Mount) -> u64 {
+    shared
+        .metrics
+        .source_received_bytes
+        .with_label_values(&[&m.path])
+        .get()
+}
+
+fn sent_bytes(shared: &Shared, m: &Mount) -> u64 {
+    (0..shared.workers.len())
+        .map(|w| {
+            shared
+                .metrics
+                .sent_bytes
+                .with_label_values(&[&m.path, &w.to_string()])
+                .get()
+        })
+        .sum()
+}
+
+fn listen_url(shared: &Shared, host: &str, mount: &str) -> String {
+    let port = shared.listen_addr.port();
+    format!("http://{host}:{port}{mount}")
+}
+
+/// The host clients reached us by, for `listenurl`: the request's `Host` without its port when it
+/// is a plausible host name, else the listen address, else `localhost` (Icecast's default).
+fn host_name(header: Option<&str>, listen: SocketAddr) -> String {
+    let from_header = header.map(str::trim).and_then(|h| {
+        let host = if h.starts_with('[') {
+            &h[..=h.find(']')?]
+        } else {
+            h.split(':').next()?
+        };
+        let plausible = !host.is_empty()
+            && host.len() <= 253
+            && host
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"-.[]:".contains(&b));
+        plausible.then(|| host.to_string())
+    });
+    from_header.unwrap_or_else(|| {
+        let ip = listen.ip();
+        if ip.is_unspecified() {
+            "localhost".to_string()
+        } else if ip.is_ipv6() {
+            format!("[{ip}]")
+        } else {
+            ip.to_string()
+        }
+    })
+}
+
+/// A UTC calendar date and time, for the formats Icecast prints.
+#[derive(Debug, PartialEq, Eq)]
+struct Date {
+    year: i64,
+    month: u32,
+    day: u32,
+    hour: u64,
+    minute: u64,
+    second: u64,
+    /// 0 = Sunday.
+    weekday: u64,
+}
+
+impl Date {
+    fn of(t: SystemTime) -> Date {
+        let secs = t
+            .duration_since(UNIX_EPOCH)
+            .unwrap_or(Duration::ZERO)
+            .as_secs();
+        let days = (secs / 86_400) as i64;
+        let rem = secs % 86_400;
+        // Days to a civil date in the proleptic Gregorian calendar (Howard Hinnant's
+        // `civil_from_days`), counting in 400-year eras of 146097 days.
+        let z = days + 719_468;
+        let era = z.div_euclid(146_097);
+        let doe = z.rem_euclid(146_097);
+        let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+        let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+        let mp = (5 * doy + 2) / 153;
+        let day = (doy - (153 * mp + 2) / 5 + 1) as u32;
+        let month = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
+        let year = yoe + era * 400 + i64::from(month <= 2);
+        Date {
+            year,
+            month,
+            day,
+            hour: rem / 3600,
+            minute: rem % 3600 / 60,
+            second: rem % 60,
+            // 1970-01-01 was a Thursday.
+            weekday: (days as u64 + 4) % 7,
+        }
+    }
+
+    /// `Fri, 09 Apr 2021 19:49:50 +0000`, as Icecast's `server_start`.
+    fn rfc2822(&self) -> String {
+        const DAYS: [&str; 7] = ["Sun", "Mon", "Tue", "Wed", "Thu", "Fri", "Sat"];
+        const MONTHS: [&str; 12] = [
+            "Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec",
+        ];
+        format!(
+            "{}, {:02} {} {} {:02}:{:02}:{:02} +0000",
+            DAYS[self.weekday as usize],
+            self.day,
+            MONTHS[self.month as usize - 1],
+            self.year,
+            self.hour,
+            self.minute,
+            self.second
+        )
+    }
+
+    /// `2021-04-09T19:49:50+0000`, as Icecast's `server_start_iso8601`.
+    fn iso8601(&self) -> String {
+        format!(
+            "{}-{:02}-{:02}T{:02}:{:02}:{:02}+0000",
+            self.year, self.month, self.day, self.hour, self.minute, self.second
+        )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn at(secs: u64) -> Date {
+        Date::of(UNIX_EPOCH + Duration::from_secs(secs))
+    }
+
+    #[test]
+    fn dates_print_as_icecast_prints_them() {
+        assert_eq!(at(0).rfc2822(), "Thu, 01 Jan 1970 00:00:00 +0000");
+        assert_eq!(at(0).iso8601(), "1970-01-01T00:00:00+0000");
+        assert_eq!(at(951_782_400).rfc2822(), "Tue, 29 Feb 2000 00:00:00 +0000");
+        assert_eq!(
+            at(1_700_000_000).rfc2822(),
+            "Tue, 14 Nov 2023 22:13:20 +0000"
+        );
+        assert_eq!(at(1_700_000_000).iso8601(), "2023-11-14T22:13:20+0000");
+        assert_eq!(at(4_107_542_399).iso8601(), "2100-02-28T23:59:59+0000");
+        assert_eq!(at(4_107_542_400).iso8601(), "2100-03-01T00:00:00+0000");
+    }
+
+    #[test]
+    fn host_comes_from_the_host_header_when_it_is_plausible() {
+        let any: SocketAddr = "0.0.0.0:8000".parse().unwrap();
+        let local: SocketAddr = "127.0.0.1:8000".parse().unwrap();
+        assert_eq!(host_name(Some("radio.example:8000"), any), "radio.example");
+        assert_eq!(host_name(Some("[::1]:8000"), any), "[::1]");
+        assert_eq!(host_name(Some("evil\"><script>"), any), "localhost");
+        assert_eq!(host_name(Some(""), local), "127.0.0.1");
+        assert_eq!(host_name(None, any), "localhost");
+        assert_eq!(host_name(Some("[::1"), local), "127.0.0.1");
+    }
+
+    #[test]
+    fn only_status_paths_are_reserved() {
+        assert!(is_status_path("/status.json"));
+        assert!(is_status_path("/status-json.xsl"));
+        assert!(!is_status_path("/status"));
+        assert!(!is_status_path("/live"));
+    }
+}
