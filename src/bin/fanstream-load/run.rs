@@ -60,6 +60,10 @@ pub struct RunOpts {
     pub min_write_bytes: Option<usize>,
     #[arg(long)]
     pub max_write_delay_ms: Option<u64>,
+    /// More top-level settings for fanstream's generated config, as `KEY=TOML_VALUE`
+    /// (e.g. `listener_send_buffer_bytes=262144`); repeatable.
+    #[arg(long = "server-setting")]
+    pub server_settings: Vec<String>,
     /// Bytes sent in the last this-many ms of the window are not counted as owed yet: they may
     /// be in flight, or held by write coalescing (up to `max_write_delay_ms`).
     #[arg(long, default_value_t = 2000)]
@@ -109,6 +113,7 @@ pub struct Summary {
     pub mounts: usize,
     pub min_write_bytes: Option<usize>,
     pub max_write_delay_ms: Option<u64>,
+    pub server_settings: Vec<String>,
     pub load_processes: usize,
     pub machine: String,
     pub loadavg_before: String,
@@ -241,6 +246,7 @@ pub fn run(o: &RunOpts) -> Result<Summary, String> {
             mounts: o.mounts,
             min_write_bytes: o.min_write_bytes,
             max_write_delay_ms: o.max_write_delay_ms,
+            settings: o.server_settings.clone(),
             fanstream_bin: o.fanstream_bin.clone(),
             icecast_bin: o.icecast_bin.clone(),
         },
@@ -462,6 +468,7 @@ fn summarize(
         mounts: o.mounts,
         min_write_bytes: o.min_write_bytes,
         max_write_delay_ms: o.max_write_delay_ms,
+        server_settings: o.server_settings.clone(),
         load_processes: reports.len(),
         machine: machine(),
         loadavg_before,

@@ -31,6 +31,8 @@ pub struct ServerOpts {
     pub mounts: usize,
     pub min_write_bytes: Option<usize>,
     pub max_write_delay_ms: Option<u64>,
+    /// Extra top-level `KEY=VALUE` lines for fanstream's config.
+    pub settings: Vec<String>,
     pub fanstream_bin: PathBuf,
     pub icecast_bin: String,
 }
@@ -160,9 +162,10 @@ fn start_fanstream(o: &ServerOpts, dir: &Path, addr: SocketAddr) -> Result<Serve
     if let Some(ms) = o.max_write_delay_ms {
         defaults += &format!("max_write_delay_ms = {ms}\n");
     }
+    let extra: String = o.settings.iter().map(|kv| format!("{kv}\n")).collect();
     let config = format!(
         "listen = \"{addr}\"\nadmin_listen = \"{admin}\"\nworkers = {}\ndemo = false\n\
-         source_password = \"{PASSWORD}\"\nmax_listeners = {}\nmax_sources = {}\n\n[defaults]\n{defaults}",
+         source_password = \"{PASSWORD}\"\nmax_listeners = {}\nmax_sources = {}\n{extra}\n[defaults]\n{defaults}",
         o.workers,
         o.max_clients,
         o.mounts + 1,
