@@ -17,7 +17,7 @@ use crate::listen::{Line, ListenReport, Progress};
 use crate::procstat;
 use crate::record::Errors;
 use crate::schedule::{unix_us, Schedule};
-use crate::servers::{self, metric_sum, ServerOpts, ServerProc, Target, PASSWORD};
+use crate::servers::{self, metric_by_label, metric_sum, ServerOpts, ServerProc, Target, PASSWORD};
 use crate::source::{self, SourceOpts, SourceReport};
 
 /// A process holds at most this many connections: its open-file hard limit is 20,000 here.
@@ -120,6 +120,8 @@ pub struct Summary {
     pub streaming_at_end: usize,
     pub failed: BTreeMap<String, usize>,
     pub disconnects: usize,
+    /// Why the server let listeners go before the end, by its own count (fanstream only).
+    pub server_disconnect_reasons: BTreeMap<String, f64>,
     pub delivered_ratio: f64,
     pub delivered_bytes: u64,
     pub owed_bytes: u64,
@@ -163,6 +165,8 @@ struct Sample {
     load: Vec<f64>,
     machine_busy: f64,
     server_rss: Option<u64>,
+    /// fanstream's listener disconnects by reason, since it started.
+    disconnects: BTreeMap<String, f64>,
 }
 
 fn sample(server: &ServerProc, loads: &[Child]) -> Sample {
@@ -180,6 +184,9 @@ fn sample(server: &ServerProc, loads: &[Child]) -> Sample {
             .collect(),
         machine_busy: procstat::machine_cpu().map_or(0.0, |(b, _)| b),
         server_rss: procstat::rss_bytes(server.pid()),
+        disconnects: metrics.as_deref().map_or_else(BTreeMap::new, |t| {
+            metric_by_label(t, "fanstream_listener_disconnects_total", "reason")
+        }),
     }
 }
 
@@ -514,6 +521,7 @@ fn summarize(
         .map(|(a, b)| pct(a, b));
     let listener_secs = s.streaming_at_end.max(1) as f64 * secs;
     s.cpu_us_per_listener_sec = (finish.server - begin.server) * 1e6 / listener_secs;
+    s.server_disconnect_reasons = finish.disconnects.clone();
     s.server_rss_bytes = finish.server_rss.unwrap_or(0);
     s.server_rss_before_listeners_bytes = rss_before;
     s.rss_per_listener_bytes =
@@ -590,8 +598,8 @@ pub fn print_summary(s: &Summary) {
         s.clients, s.bitrate_kbps, s.piece_bytes, s.interval_ms, s.mounts, s.workers, s.window_secs, s.load_processes
     );
     println!(
-        "listeners          {} streaming at the end, {} disconnected early, failed: {:?}",
-        s.streaming_at_end, s.disconnects, s.failed
+        "listeners          {} streaming at the end, {} disconnected early (server's reasons: {:?}), failed: {:?}",
+        s.streaming_at_end, s.disconnects, s.server_disconnect_reasons, s.failed
     );
     println!(
         "delivered          {:.5} of the bytes owed ({} listeners under 99.9%)",

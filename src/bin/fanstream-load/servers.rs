@@ -1,6 +1,7 @@
 //! The servers under test, started as child processes on loopback with a generated config:
 //! fanstream, or Icecast 2.4 for comparison. A child never outlives this process.
 
+use std::collections::BTreeMap;
 use std::fs;
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
@@ -83,6 +84,28 @@ pub fn metric_sum(text: &str, name: &str) -> f64 {
             (metric == name).then(|| value.parse::<f64>().ok())?
         })
         .sum()
+}
+
+/// A metric's samples summed by the value of one label (e.g. disconnects by `reason`).
+pub fn metric_by_label(text: &str, name: &str, label: &str) -> BTreeMap<String, f64> {
+    let mut out = BTreeMap::new();
+    let key = format!("{label}=\"");
+    for l in text.lines().filter(|l| l.starts_with(name)) {
+        let Some((series, value)) = l.rsplit_once(' ') else {
+            continue;
+        };
+        if series.split('{').next() != Some(name) {
+            continue;
+        }
+        let Some(v) = series
+            .split_once(&key)
+            .and_then(|(_, r)| r.split('"').next())
+        else {
+            continue;
+        };
+        *out.entry(v.to_string()).or_default() += value.parse::<f64>().unwrap_or(0.0);
+    }
+    out
 }
 
 /// A loopback port free right now.
@@ -272,4 +295,22 @@ fn start_icecast(o: &ServerOpts, dir: &Path, addr: SocketAddr) -> Result<ServerP
         addr,
         admin: None,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sums_a_metric_by_label() {
+        let text =
+            "# HELP x\nfanstream_listener_disconnects_total{mount=\"/a\",reason=\"slow\"} 2\n\
+                    fanstream_listener_disconnects_total{mount=\"/b\",reason=\"slow\"} 3\n\
+                    fanstream_listener_disconnects_total{mount=\"/a\",reason=\"shutdown\"} 1\n\
+                    fanstream_listener_disconnects_totalx{reason=\"slow\"} 9\n";
+        let by = metric_by_label(text, "fanstream_listener_disconnects_total", "reason");
+        assert_eq!(by.get("slow"), Some(&5.0));
+        assert_eq!(by.get("shutdown"), Some(&1.0));
+        assert_eq!(by.len(), 2);
+    }
 }
