@@ -69,9 +69,12 @@ impl Default for MountSettings {
 }
 
 impl MountSettings {
-    /// Bytes behind the live edge the store must keep readable.
+    /// Bytes behind the live edge the store must keep readable: a newcomer's burst, a listener
+    /// up to the lag limit, and what write coalescing holds back for a listener that keeps up.
     pub fn window_bytes(&self) -> u64 {
-        self.burst_bytes.max(self.max_lag_bytes)
+        self.burst_bytes
+            .max(self.max_lag_bytes)
+            .max(self.min_write_bytes as u64)
     }
 }
 

@@ -737,19 +737,15 @@ fn serve<'s>(
     }
     let lag = match snap.position(l.pos) {
         Position::AtEdge => return Served::Done,
-        Position::Evicted => u64::MAX,
+        // Its next bytes are gone from the window: it cannot be served from where it is.
+        Position::Evicted => return lag_policy(l, snap, settings),
         Position::Behind => snap.end - l.pos,
     };
-    if lag > settings.max_lag_bytes {
-        return match settings.lag_policy {
-            LagPolicy::Disconnect => Served::Drop(Disconnect::Slow),
-            LagPolicy::Skip => {
-                l.pos = snap.end;
-                Served::Skipped
-            }
-        };
-    }
     if let Some(p) = &l.parked {
+        // Its socket is full: the listener, not the server, is behind.
+        if lag > settings.max_lag_bytes {
+            return lag_policy(l, snap, settings);
+        }
         if now.saturating_duration_since(p.since) > round.send_timeout {
             return Served::Drop(Disconnect::SendTimeout);
         }
@@ -775,9 +771,29 @@ fn serve<'s>(
                     return Served::Done;
                 }
             }
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Served::Full,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                // A listener far behind whose socket takes no more cannot keep up. One that is
+                // far behind only because this worker came late (a busy round, a burst of
+                // newcomers) takes what it is owed and stays.
+                if snap.end - l.pos > settings.max_lag_bytes {
+                    return lag_policy(l, snap, settings);
+                }
+                return Served::Full;
+            }
             Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
             Err(e) => return Served::Drop(Disconnect::from_io(&e)),
+        }
+    }
+}
+
+/// A listener more than `max_lag_bytes` behind that cannot catch up: dropped, or moved to the
+/// live edge, as the mount's `lag_policy` says.
+fn lag_policy(l: &mut Listener, snap: &Snapshot, settings: &MountSettings) -> Served {
+    match settings.lag_policy {
+        LagPolicy::Disconnect => Served::Drop(Disconnect::Slow),
+        LagPolicy::Skip => {
+            l.pos = snap.end;
+            Served::Skipped
         }
     }
 }

@@ -311,3 +311,33 @@ fn after_the_grace_period_listeners_move_to_the_fallback_mount() {
     );
     assert_eq!(srv.metric("fanstream_listeners", &[MOUNT_LABEL]), 0.0);
 }
+
+#[test]
+fn a_listener_that_keeps_up_is_not_slow_while_coalescing_holds_more_than_the_lag_limit() {
+    // Coalescing holds up to 64 KiB or 1 s for each listener; a lag limit below that must count
+    // only what a listener's socket refuses, not what the server chose to hold back.
+    let srv = TestServer::start(|c| {
+        c.defaults.burst_bytes = 0;
+        c.defaults.max_lag_bytes = 8192;
+        c.defaults.min_write_bytes = 65536;
+        c.defaults.max_write_delay_ms = 1000;
+    });
+    let mut source = Source::connect(srv.addr, "/live");
+    source.send_pattern(0, 100, 100, Duration::ZERO);
+    srv.wait_metric(
+        "fanstream_source_received_bytes_total",
+        &[MOUNT_LABEL],
+        |v| v == 100.0,
+    );
+    let mut l = Listener::connect(srv.addr, "/live");
+    wait_until("the listener", || {
+        srv.server.as_ref().unwrap().listeners() == 1
+    });
+    source.send_pattern(100, 40_000, 500, Duration::from_millis(2));
+    l.read_at_least(39_900);
+    assert_exact_suffix(&l.body[..39_900], 40_000, "coalesced listener");
+    assert_eq!(
+        srv.metric("fanstream_listener_disconnects_total", &["reason=\"slow\""]),
+        0.0
+    );
+}
