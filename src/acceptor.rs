@@ -7,60 +7,34 @@
 //! off for a while instead of spinning on an error that will not clear until something closes.
 
 use std::io;
-use std::net::{IpAddr, SocketAddr};
+use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
+use crossbeam::channel::Sender;
 use tokio::runtime::Runtime;
 
-use crate::server::{stopped, Shared};
+use crate::conn::{Accepted, ConnGuard};
+use crate::reasons::Unanswered;
+use crate::shared::{stopped, Shared};
 
 /// How long to pause accepting after EMFILE/ENFILE/ENOBUFS/ENOMEM.
 const RESOURCE_BACKOFF: Duration = Duration::from_millis(100);
 
-/// A connection on its way to a worker.
-pub(crate) struct Accepted {
-    pub stream: std::net::TcpStream,
-    pub guard: ConnGuard,
-    /// The client's address already holds `max_connections_per_ip`: the worker answers 429.
-    pub over_ip_limit: bool,
-}
-
-/// Counts a connection against its worker's load and its address until dropped.
-/// The acceptor creates it (incrementing), whoever holds the connection last drops it.
-pub(crate) struct ConnGuard {
+/// Accepts on `listen_socket` until the server stops, handing each connection to a worker
+/// through `workers` (one sender per worker, in the order of `shared.workers`).
+pub(crate) fn run(
+    rt: Runtime,
     shared: Arc<Shared>,
-    worker: usize,
-    /// Set when per-address counting is on.
-    ip: Option<IpAddr>,
-}
-
-impl Drop for ConnGuard {
-    fn drop(&mut self) {
-        self.shared.workers[self.worker]
-            .connections
-            .fetch_sub(1, Ordering::Relaxed);
-        if let Some(ip) = self.ip {
-            let mut per_ip = self.shared.per_ip.lock().unwrap_or_else(|e| e.into_inner());
-            if let Some(n) = per_ip.get_mut(&ip) {
-                *n -= 1;
-                if *n == 0 {
-                    per_ip.remove(&ip);
-                }
-            }
-        }
-        // The acceptor may be waiting for room.
-        self.shared.room.notify_one();
-    }
-}
-
-pub(crate) fn run(rt: Runtime, shared: Arc<Shared>, listener: std::net::TcpListener) {
+    listen_socket: std::net::TcpListener,
+    workers: Vec<Sender<Accepted>>,
+) {
     rt.block_on(async move {
-        let listener = match tokio::net::TcpListener::from_std(listener) {
+        let listen_socket = match tokio::net::TcpListener::from_std(listen_socket) {
             Ok(l) => l,
             Err(e) => {
-                tracing::error!(error = %e, "acceptor cannot register its listener");
+                tracing::error!(error = %e, "acceptor cannot register its listening socket");
                 return;
             }
         };
@@ -70,7 +44,7 @@ pub(crate) fn run(rt: Runtime, shared: Arc<Shared>, listener: std::net::TcpListe
             if all_full(&shared) {
                 if !waiting {
                     waiting = true;
-                    shared.metrics.reject("workers_full");
+                    shared.metrics.unanswered(Unanswered::WorkersFull);
                     tracing::warn!(
                         limit = shared.connections_per_worker * shared.workers.len(),
                         "every worker is full: not accepting until a connection closes"
@@ -87,10 +61,10 @@ pub(crate) fn run(rt: Runtime, shared: Arc<Shared>, listener: std::net::TcpListe
             }
             tokio::select! {
                 _ = stopped(&mut stop) => break,
-                accepted = listener.accept() => match accepted {
-                    Ok((stream, peer)) => hand_off(&shared, stream, peer),
+                accepted = listen_socket.accept() => match accepted {
+                    Ok((stream, peer)) => hand_off(&shared, &workers, stream, peer),
                     Err(e) if is_resource_exhaustion(&e) => {
-                        shared.metrics.reject("accept_resources_exhausted");
+                        shared.metrics.unanswered(Unanswered::AcceptResourcesExhausted);
                         tracing::warn!(error = %e, "accept failed: out of resources; pausing accepts");
                         tokio::time::sleep(RESOURCE_BACKOFF).await;
                     }
@@ -116,7 +90,12 @@ fn is_resource_exhaustion(e: &io::Error) -> bool {
     )
 }
 
-fn hand_off(shared: &Arc<Shared>, stream: tokio::net::TcpStream, peer: SocketAddr) {
+fn hand_off(
+    shared: &Arc<Shared>,
+    workers: &[Sender<Accepted>],
+    stream: tokio::net::TcpStream,
+    peer: SocketAddr,
+) {
     // Streams are written in coalesced pieces; Nagle would only add delay to the last one.
     let _ = stream.set_nodelay(true);
     let stream = match stream.into_std() {
@@ -142,18 +121,13 @@ fn hand_off(shared: &Arc<Shared>, stream: tokio::net::TcpStream, peer: SocketAdd
     } else {
         (None, false)
     };
-    let guard = ConnGuard {
-        shared: shared.clone(),
-        worker: index,
-        ip,
-    };
     let accepted = Accepted {
         stream,
-        guard,
+        guard: ConnGuard::new(shared.clone(), index, ip),
         over_ip_limit,
     };
     // Fails only when the worker has exited (shutting down): the socket is then dropped, closed.
-    if worker.conns.send(accepted).is_ok() {
+    if workers[index].send(accepted).is_ok() {
         worker.conns_ready.notify_one();
     }
 }

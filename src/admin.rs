@@ -11,23 +11,22 @@ use tokio::runtime::Runtime;
 use tokio::task::LocalSet;
 
 use crate::auth;
+use crate::conn::refuse;
 use crate::http::{self, Method, Request};
-use crate::server::{stopped, Shared};
+use crate::reasons::{Realm, Refusal};
+use crate::shared::{stopped, Shared};
 use crate::status;
-use crate::worker::read_head;
 
-/// The challenge sent with 401.
-const ADMIN_REALM: &str = "Basic realm=\"fanstream admin\"";
 /// A scrape request must arrive within this.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
 
-pub(crate) fn run(rt: Runtime, shared: Arc<Shared>, listener: std::net::TcpListener) {
+pub(crate) fn run(rt: Runtime, shared: Arc<Shared>, listen_socket: std::net::TcpListener) {
     let local = LocalSet::new();
     local.block_on(&rt, async move {
-        let listener = match tokio::net::TcpListener::from_std(listener) {
+        let listen_socket = match tokio::net::TcpListener::from_std(listen_socket) {
             Ok(l) => l,
             Err(e) => {
-                tracing::error!(error = %e, "admin listener cannot be registered");
+                tracing::error!(error = %e, "admin listening socket cannot be registered");
                 return;
             }
         };
@@ -36,7 +35,7 @@ pub(crate) fn run(rt: Runtime, shared: Arc<Shared>, listener: std::net::TcpListe
         loop {
             tokio::select! {
                 _ = stopped(&mut stop) => break,
-                accepted = listener.accept() => match accepted {
+                accepted = listen_socket.accept() => match accepted {
                     Ok((stream, peer)) => {
                         tokio::task::spawn_local(serve(shared.clone(), stream, peer));
                     }
@@ -51,13 +50,14 @@ pub(crate) fn run(rt: Runtime, shared: Arc<Shared>, listener: std::net::TcpListe
 }
 
 async fn serve(shared: Arc<Shared>, mut stream: TcpStream, peer: SocketAddr) {
-    let Ok(Ok((req, _))) = tokio::time::timeout(REQUEST_TIMEOUT, read_head(&mut stream)).await
+    let Ok(Ok((req, _))) =
+        tokio::time::timeout(REQUEST_TIMEOUT, http::read_head(&mut stream)).await
     else {
         return;
     };
-    let resp = match authorize(&shared, &req, peer) {
-        Ok(()) => route(&shared, &req),
-        Err(refused) => refused,
+    let resp = match authorize(&shared, &req, peer).and_then(|()| route(&shared, &req)) {
+        Ok(resp) => resp,
+        Err(no) => return refuse(&shared, &mut stream, peer, no).await,
     };
     let _ = tokio::time::timeout(REQUEST_TIMEOUT, stream.write_all(&resp)).await;
     let _ = stream.shutdown().await;
@@ -66,35 +66,25 @@ async fn serve(shared: Arc<Shared>, mut stream: TcpStream, peer: SocketAddr) {
 /// With `admin_password` set, every admin request must carry it (Prometheus sends it with
 /// `basic_auth` in its scrape config); failures count towards the same per-address limit as
 /// source logins.
-fn authorize(shared: &Shared, req: &Request, peer: SocketAddr) -> Result<(), Vec<u8>> {
+fn authorize(shared: &Shared, req: &Request, peer: SocketAddr) -> Result<(), Refusal> {
     let cfg = shared.config.load();
     let Some(expected) = cfg.admin_password.as_deref() else {
         return Ok(());
     };
+    let user = &cfg.admin_user;
     auth::check(
         &shared.auth_failures,
         &cfg,
         req,
         peer,
-        &cfg.admin_user,
+        Realm::Admin,
+        user,
         expected,
-        "admin",
     )
-    .map_err(|no| {
-        shared.metrics.reject(no.reason);
-        tracing::info!(%peer, status = no.status, reason = no.reason, "refused admin request");
-        let body = format!(
-            "{} {}: {}\n",
-            no.status,
-            no.phrase,
-            no.reason.replace('_', " ")
-        );
-        http::response(no.status, no.phrase, &no.headers(ADMIN_REALM), &body)
-    })
 }
 
-fn route(shared: &Shared, req: &Request) -> Vec<u8> {
-    match (&req.method, req.path.as_str()) {
+fn route(shared: &Shared, req: &Request) -> Result<Vec<u8>, Refusal> {
+    Ok(match (&req.method, req.path.as_str()) {
         (Method::Get, "/metrics") => {
             let body = shared.metrics.render();
             let mut r = format!(
@@ -114,11 +104,6 @@ fn route(shared: &Shared, req: &Request) -> Vec<u8> {
             &[],
             "404 Not Found: try /metrics, /status.json or /status-json.xsl\n",
         ),
-        _ => http::response(
-            405,
-            "Method Not Allowed",
-            &[("Allow", "GET, HEAD")],
-            "405 Method Not Allowed\n",
-        ),
-    }
+        _ => return Err(Refusal::MethodNotAllowed("GET, HEAD")),
+    })
 }

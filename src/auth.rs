@@ -9,38 +9,20 @@ use std::time::{Duration, Instant};
 
 use crate::config::Config;
 use crate::http::{secrets_equal, Request};
-
-/// Why credentials were refused: the status to answer and the metric reason.
-pub(crate) struct Refusal {
-    pub status: u16,
-    pub phrase: &'static str,
-    /// `Retry-After` seconds, for 429.
-    pub retry_after: Option<String>,
-    pub reason: &'static str,
-}
-
-impl Refusal {
-    /// The headers to answer with: the challenge for 401, the wait for 429.
-    pub fn headers<'a>(&'a self, realm: &'a str) -> Vec<(&'static str, &'a str)> {
-        match &self.retry_after {
-            Some(secs) => vec![("Retry-After", secs.as_str())],
-            None => vec![("WWW-Authenticate", realm)],
-        }
-    }
-}
+use crate::reasons::{Realm, Refusal};
 
 /// Checks `Authorization: Basic` against `user` and `expected`, counting failures per address and
 /// refusing an address that failed too often. Both parts are always compared in constant time, so
-/// timing tells a guesser nothing about which part, or how much of it, was wrong. `what` names
-/// the login in the warning a failure logs (never the password).
+/// timing tells a guesser nothing about which part, or how much of it, was wrong. A failure logs
+/// a warning naming the realm and the peer (never the password).
 pub(crate) fn check(
     failures: &AuthFailures,
     cfg: &Config,
     req: &Request,
     peer: SocketAddr,
+    realm: Realm,
     user: &str,
     expected: &str,
-    what: &str,
 ) -> Result<(), Refusal> {
     let now = Instant::now();
     let limits = AuthLimits {
@@ -48,28 +30,17 @@ pub(crate) fn check(
         window: Duration::from_secs(cfg.auth_failure_window_secs),
     };
     if let Some(wait) = failures.blocked(peer.ip(), now, limits) {
-        return Err(Refusal {
-            status: 429,
-            phrase: "Too Many Requests",
-            retry_after: Some((wait.as_secs() + 1).to_string()),
-            reason: "auth_rate_limited",
+        return Err(Refusal::AuthRateLimited {
+            retry_after_secs: wait.as_secs() + 1,
         });
     }
-    let unauthorized = |reason| Refusal {
-        status: 401,
-        phrase: "Unauthorized",
-        retry_after: None,
-        reason,
-    };
-    let Some((given_user, given_pass)) = req.basic_auth() else {
-        return Err(unauthorized("auth_required"));
-    };
+    let (given_user, given_pass) = req.basic_auth().ok_or(Refusal::AuthRequired(realm))?;
     let user_ok = secrets_equal(&given_user, user);
     let pass_ok = !expected.is_empty() && secrets_equal(&given_pass, expected);
     if !(user_ok && pass_ok) {
         failures.failed(peer.ip(), now, limits);
-        tracing::warn!(%peer, path = %req.path, "{what} authentication failed");
-        return Err(unauthorized("bad_credentials"));
+        tracing::warn!(%peer, path = %req.path, ?realm, "authentication failed");
+        return Err(Refusal::BadCredentials(realm));
     }
     failures.succeeded(peer.ip());
     Ok(())

@@ -180,6 +180,7 @@ pub struct Config {
     pub mounts: BTreeMap<String, MountSettings>,
     /// Test hook, not settable from the file: serving listeners of this mount panics, and so
     /// does a request for `<mount>/panic`, so tests can prove a panic costs one connection only.
+    #[cfg(feature = "fault-injection")]
     #[doc(hidden)]
     pub panic_injection_mount: Option<String>,
 }
@@ -212,6 +213,7 @@ impl Default for Config {
             shutdown_grace_secs: 5,
             defaults: MountSettings::default(),
             mounts: BTreeMap::new(),
+            #[cfg(feature = "fault-injection")]
             panic_injection_mount: None,
         }
     }
@@ -309,6 +311,7 @@ impl Config {
             shutdown_grace_secs: file.shutdown_grace_secs.unwrap_or(d.shutdown_grace_secs),
             defaults,
             mounts,
+            #[cfg(feature = "fault-injection")]
             panic_injection_mount: None,
         })
     }
@@ -353,16 +356,8 @@ impl Config {
         if self.max_connections > 0 {
             return self.max_connections;
         }
-        let mut lim = libc::rlimit {
-            rlim_cur: 0,
-            rlim_max: 0,
-        };
-        // SAFETY: getrlimit writes into the struct we pass and reads nothing else.
-        let rc = unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) };
-        if rc != 0 {
-            return 1024;
-        }
-        (lim.rlim_cur as usize).saturating_sub(64).max(16)
+        let soft = crate::open_files::soft_limit().unwrap_or(1024);
+        (soft as usize).saturating_sub(64).max(16)
     }
 
     /// Settings for a mount: its own if declared, else the defaults.

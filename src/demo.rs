@@ -1,28 +1,32 @@
 //! The built-in demo mount: a short melody of sine tones as a WAV stream (8 kHz, 16-bit mono,
-//! exactly 128 kbit/s), so a fresh `make run` has something to play. It is fed like a source, in
-//! 20 ms pieces of 320 bytes, the way low-latency encoders send.
+//! exactly 128 kbit/s), so a fresh `make run` has something to play. It is a source like any
+//! other: its own thread makes 20 ms pieces of 320 bytes, the way low-latency encoders send, and
+//! hands them to ingest through the same [`SourceConn`] an encoder's connection arrives in.
 
 use std::f64::consts::TAU;
-use std::rc::Rc;
 use std::time::Duration;
 
 use bytes::{BufMut, Bytes, BytesMut};
+use tokio::runtime::Runtime;
+use tokio::sync::{mpsc, watch};
 
-use crate::ingest::{Claim, Ingest};
-use crate::source::listener_info;
-use crate::store::StreamMeta;
+use crate::conn::{Feed, SourceConn};
+use crate::shared::{stopped, Stop};
+use crate::store::{StreamInfo, StreamMeta};
 
-pub(crate) const SAMPLE_RATE: u32 = 8000;
+const SAMPLE_RATE: u32 = 8000;
 const PIECE: Duration = Duration::from_millis(20);
 /// A pentatonic phrase (Hz), each note held for half a second.
 const NOTES: [f64; 8] = [
     440.0, 493.88, 554.37, 659.25, 739.99, 659.25, 554.37, 493.88,
 ];
 const SAMPLES_PER_NOTE: u64 = SAMPLE_RATE as u64 / 2;
+/// Pieces in flight to ingest: a second's worth, so a busy ingest thread costs no gap.
+const PIECES_IN_FLIGHT: usize = 64;
 
 /// A WAV header for a stream of unknown length: the sizes say "as long as it goes", which players
 /// and ffmpeg read as a stream to the end of input.
-pub(crate) fn wav_header() -> Bytes {
+fn wav_header() -> Bytes {
     let mut h = BytesMut::with_capacity(44);
     h.put_slice(b"RIFF");
     h.put_u32_le(u32::MAX);
@@ -40,7 +44,7 @@ pub(crate) fn wav_header() -> Bytes {
 }
 
 /// Generates samples with a continuous phase, so note changes do not click.
-pub(crate) struct Tone {
+struct Tone {
     sample: u64,
     phase: f64,
 }
@@ -69,10 +73,9 @@ impl Tone {
     }
 }
 
-/// Claims the demo mount, so that it is live before the server reports itself started, and
-/// returns the task that plays the tone into it.
-pub(crate) fn start(ingest: Rc<Ingest>) -> Option<impl std::future::Future<Output = ()>> {
-    let path = ingest.shared().config.load().demo_mount.clone();
+/// The demo as a source for `path`, and the player that feeds it once ingest has claimed the
+/// mount.
+pub(crate) fn source(path: &str) -> (SourceConn, Player) {
     let meta = StreamMeta {
         content_type: "audio/wav".into(),
         name: Some("fanstream demo".into()),
@@ -83,16 +86,32 @@ pub(crate) fn start(ingest: Rc<Ingest>) -> Option<impl std::future::Future<Outpu
         started: Some(std::time::SystemTime::now()),
         ..StreamMeta::default()
     };
-    let info = listener_info(meta, wav_header());
-    let Ok(claim) = ingest.claim(&path, info) else {
-        tracing::warn!(mount = %path, "demo mount already taken; demo not started");
-        return None;
+    let (tx, rx) = mpsc::channel(PIECES_IN_FLIGHT);
+    let source = SourceConn {
+        mount: path.to_string(),
+        info: StreamInfo::new(meta, wav_header()),
+        feed: Feed::Pieces(rx),
+        claimed: None,
     };
-    tracing::info!(mount = %path, "demo tone playing");
-    Some(play(ingest, path, claim))
+    (source, Player { pieces: tx })
 }
 
-async fn play(ingest: Rc<Ingest>, path: String, claim: Claim) {
+/// Plays the tone into its mount.
+pub(crate) struct Player {
+    pieces: mpsc::Sender<Bytes>,
+}
+
+/// The demo thread's body: plays until the server stops or ingest lets the source go.
+pub(crate) fn run(rt: Runtime, player: Player, mut stop: watch::Receiver<Stop>) {
+    rt.block_on(async move {
+        tokio::select! {
+            _ = stopped(&mut stop) => {}
+            _ = play(player.pieces) => {}
+        }
+    });
+}
+
+async fn play(pieces: mpsc::Sender<Bytes>) {
     let mut tone = Tone::new();
     let start = tokio::time::Instant::now();
     let mut sent: u64 = 0;
@@ -107,7 +126,7 @@ async fn play(ingest: Rc<Ingest>, path: String, claim: Claim) {
             continue;
         }
         sent += n as u64;
-        if !ingest.append(&path, claim, tone.next_piece(n)) {
+        if pieces.send(tone.next_piece(n)).await.is_err() {
             return;
         }
     }

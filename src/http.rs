@@ -3,7 +3,10 @@
 //! Both listeners (`GET`, `HEAD`) and sources (`SOURCE`, `PUT`) start with one request head; this
 //! module turns bytes into a [`Request`] or a specific [`HeadError`], and never panics on input.
 
+use std::time::Duration;
+
 use base64::Engine;
+use tokio::io::{AsyncRead, AsyncReadExt};
 
 /// Largest request head accepted: request line plus headers.
 pub(crate) const MAX_HEAD_BYTES: usize = 8192;
@@ -66,24 +69,6 @@ pub(crate) enum HeadError {
     UriTooLong,
     /// The headers exceed the head limit or the header count.
     HeadersTooLarge,
-}
-
-impl HeadError {
-    pub fn status(&self) -> (u16, &'static str) {
-        match self {
-            HeadError::Malformed => (400, "Bad Request"),
-            HeadError::UriTooLong => (414, "URI Too Long"),
-            HeadError::HeadersTooLarge => (431, "Request Header Fields Too Large"),
-        }
-    }
-
-    pub fn reason(&self) -> &'static str {
-        match self {
-            HeadError::Malformed => "malformed_request",
-            HeadError::UriTooLong => "uri_too_long",
-            HeadError::HeadersTooLarge => "headers_too_large",
-        }
-    }
 }
 
 /// Parses a request head from the start of `buf`. `Ok(None)` means more bytes are needed;
@@ -150,6 +135,69 @@ pub(crate) fn valid_mount_path(path: &str) -> bool {
         && path[1..]
             .split('/')
             .all(|seg| !seg.is_empty() && seg != "." && seg != "..")
+}
+
+/// How long a short response (an error, a status page) may take to write before we give up on
+/// the peer.
+pub(crate) const RESPONSE_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Why reading a request head ended without a request.
+pub(crate) enum ReadHeadError {
+    /// The peer closed or reset before sending a whole head.
+    Closed,
+    Head(HeadError),
+}
+
+/// Reads until a whole request head has arrived; returns it and any bytes after it (a legacy
+/// source sends media in the same packet as its headers).
+pub(crate) async fn read_head<S: AsyncRead + Unpin>(
+    stream: &mut S,
+) -> Result<(Request, Vec<u8>), ReadHeadError> {
+    let mut buf = Vec::with_capacity(1024);
+    loop {
+        if let Some((req, n)) = parse_head(&buf).map_err(ReadHeadError::Head)? {
+            return Ok((req, buf.split_off(n)));
+        }
+        let room = MAX_HEAD_BYTES - buf.len();
+        let mut take = (&mut *stream).take(room as u64);
+        match take.read_buf(&mut buf).await {
+            Ok(0) | Err(_) => return Err(ReadHeadError::Closed),
+            Ok(_) => {}
+        }
+    }
+}
+
+/// The reason phrase of the statuses fanstream sends.
+pub(crate) fn status_phrase(status: u16) -> &'static str {
+    match status {
+        200 => "OK",
+        400 => "Bad Request",
+        401 => "Unauthorized",
+        403 => "Forbidden",
+        404 => "Not Found",
+        405 => "Method Not Allowed",
+        414 => "URI Too Long",
+        429 => "Too Many Requests",
+        431 => "Request Header Fields Too Large",
+        501 => "Not Implemented",
+        503 => "Service Unavailable",
+        _ => "Error",
+    }
+}
+
+/// The response head of a live stream, sent to each of its listeners: its Content-Type, no
+/// caching (every response is a different moment of the stream), open to web players from any
+/// origin, and the `extra` headers (the source's `icy-*` description).
+pub(crate) fn stream_head(content_type: &str, extra: &[(&str, String)]) -> String {
+    let mut head = format!(
+        "HTTP/1.0 200 OK\r\nServer: fanstream/{}\r\nContent-Type: {content_type}\r\nCache-Control: no-cache, no-store\r\nPragma: no-cache\r\nConnection: close\r\nAccess-Control-Allow-Origin: *\r\n",
+        env!("CARGO_PKG_VERSION"),
+    );
+    for (name, value) in extra {
+        head.push_str(&format!("{name}: {value}\r\n"));
+    }
+    head.push_str("\r\n");
+    head
 }
 
 /// A complete short response with a text body; the connection closes after it.

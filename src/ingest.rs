@@ -3,7 +3,12 @@
 //!
 //! It is the only writer of the stores and of the mount table, so claiming a mount (exactly one
 //! source wins), publishing and the grace timers need no locks: they run on one thread, in one
-//! current-thread runtime, borrowing the state between awaits only.
+//! current-thread runtime, borrowing the state between awaits only. Every source arrives the same
+//! way, as a [`SourceConn`] on one channel, whether an encoder's connection or pieces made on
+//! another thread (the demo); ingest claims the mount for it and appends what it feeds.
+//!
+//! It also applies a reload to its mounts: each mount's settings are published in its snapshots,
+//! so readers see the stream and the settings that govern it in one load.
 
 use std::cell::RefCell;
 use std::collections::HashMap;
@@ -12,7 +17,6 @@ use std::sync::atomic::AtomicUsize;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use arc_swap::ArcSwap;
 use bytes::{Bytes, BytesMut};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -21,11 +25,12 @@ use tokio::sync::mpsc;
 use tokio::task::LocalSet;
 
 use crate::chunked::ChunkedDecoder;
-use crate::mounts::Mount;
-use crate::server::{stopped, Shared};
-use crate::source::SourceConn;
-use crate::store::{SourceState, StoreWriter, StreamInfo};
-use crate::worker::refuse;
+use crate::conn::{refuse, Encoder, Feed, SourceConn};
+use crate::http::RESPONSE_TIMEOUT;
+use crate::mounts::{Mount, StoreWriter};
+use crate::reasons::Refusal;
+use crate::shared::{stopped, Shared};
+use crate::store::{SourceState, StreamInfo};
 
 /// Each read buffer allocation; reads fill it piece by piece and each piece is frozen into a
 /// chunk that shares the allocation, so small reads do not cost an allocation each.
@@ -43,32 +48,20 @@ struct Entry {
 }
 
 /// Ingest's state; lives on the ingest thread only.
-pub(crate) struct Ingest {
+struct Ingest {
     shared: Arc<Shared>,
     entries: RefCell<HashMap<String, Entry>>,
 }
 
-/// Why a claim failed.
-pub(crate) enum ClaimError {
-    /// A source is live on the mount.
-    InUse,
-    /// `max_sources` sources are live.
-    TooManySources,
-}
-
 /// A source's hold on a mount, from a successful claim.
 #[derive(Clone, Copy)]
-pub(crate) struct Claim {
+struct Claim {
     generation: u64,
 }
 
 impl Ingest {
-    pub fn shared(&self) -> &Arc<Shared> {
-        &self.shared
-    }
-
     /// Takes `path` for a new source: creates the mount, or revives it within its grace period.
-    pub fn claim(&self, path: &str, info: StreamInfo) -> Result<Claim, ClaimError> {
+    fn claim(&self, path: &str, info: StreamInfo) -> Result<Claim, Refusal> {
         let mut entries = self.entries.borrow_mut();
         let shared = &self.shared;
         let live = entries
@@ -79,20 +72,16 @@ impl Ingest {
             .get(path)
             .is_some_and(|e| *e.writer.state() == SourceState::Live);
         if taken {
-            return Err(ClaimError::InUse);
+            return Err(Refusal::MountInUse);
         }
         if live >= shared.config.load().max_sources {
-            return Err(ClaimError::TooManySources);
+            return Err(Refusal::TooManySources);
         }
         let entry = entries.entry(path.to_string()).or_insert_with(|| {
-            let config = shared.config.load();
-            let settings = config.mount(path);
-            let writer = StoreWriter::new();
+            let writer = StoreWriter::new(Arc::new(shared.config.load().mount(path)));
             let mount = Arc::new(Mount {
                 path: path.to_string(),
                 store: writer.store().clone(),
-                settings: ArcSwap::from_pointee(settings),
-                inject_panic: config.panic_injection_mount.as_deref() == Some(path),
                 listeners: AtomicUsize::new(0),
                 listener_peak: AtomicUsize::new(0),
             });
@@ -118,7 +107,7 @@ impl Ingest {
     }
 
     /// Appends a piece of the stream and wakes the workers. False if the claim is stale.
-    pub fn append(&self, path: &str, claim: Claim, data: Bytes) -> bool {
+    fn append(&self, path: &str, claim: Claim, data: Bytes) -> bool {
         let mut entries = self.entries.borrow_mut();
         let Some(entry) = entries
             .get_mut(path)
@@ -127,7 +116,7 @@ impl Ingest {
             return false;
         };
         let len = data.len() as u64;
-        let window = entry.mount.settings.load().window_bytes();
+        let window = entry.writer.settings().window_bytes();
         entry.writer.append(data, Instant::now(), window);
         let m = &self.shared.metrics;
         m.source_received_bytes
@@ -143,7 +132,7 @@ impl Ingest {
 
     /// The source went away: listeners wait `source_grace_secs` for another, then move to the
     /// fallback mount or are closed.
-    pub fn release(self: &Rc<Self>, path: &str, claim: Claim, reason: &'static str) {
+    fn release(self: &Rc<Self>, path: &str, claim: Claim, reason: &'static str) {
         let grace = {
             let mut entries = self.entries.borrow_mut();
             let Some(entry) = entries
@@ -153,7 +142,7 @@ impl Ingest {
                 return;
             };
             entry.writer.set_state(SourceState::Gone(Instant::now()));
-            Duration::from_secs(entry.mount.settings.load().source_grace_secs)
+            Duration::from_secs(entry.writer.settings().source_grace_secs)
         };
         let m = &self.shared.metrics;
         m.source_up.with_label_values(&[path]).set(0);
@@ -181,7 +170,7 @@ impl Ingest {
         {
             return;
         }
-        let next = match &entry.mount.settings.load().fallback_mount {
+        let next = match &entry.writer.settings().fallback_mount {
             Some(f) if f != path => SourceState::MovedTo(f.clone()),
             _ => SourceState::Closed,
         };
@@ -197,13 +186,25 @@ impl Ingest {
         drop(entries);
         self.shared.wake_workers();
     }
+
+    /// The config was replaced: each mount publishes its new settings with its stream.
+    fn apply_config(&self) {
+        let config = self.shared.config.load();
+        for (path, entry) in self.entries.borrow_mut().iter_mut() {
+            let settings = config.mount(path);
+            if *entry.writer.settings().as_ref() != settings {
+                entry.writer.set_settings(Arc::new(settings));
+            }
+        }
+        self.shared.wake_workers();
+    }
 }
 
+/// Runs ingest until the server stops: takes each source from `sources` and serves it.
 pub(crate) fn run(
     rt: Runtime,
     shared: Arc<Shared>,
     mut sources: mpsc::UnboundedReceiver<SourceConn>,
-    ready: std::sync::mpsc::SyncSender<()>,
 ) {
     let local = LocalSet::new();
     local.block_on(&rt, async move {
@@ -211,17 +212,11 @@ pub(crate) fn run(
             shared: shared.clone(),
             entries: RefCell::new(HashMap::new()),
         });
-        if shared.config.load().demo {
-            if let Some(play) = crate::demo::start(ingest.clone()) {
-                tokio::task::spawn_local(play);
-            }
-        }
-        // Start-up waits for this: the demo is live before the server says it started.
-        let _ = ready.send(());
         let mut stop = shared.stop.clone();
         loop {
             tokio::select! {
                 _ = stopped(&mut stop) => break,
+                _ = shared.config_changed.notified() => ingest.apply_config(),
                 Some(conn) = sources.recv() => {
                     tokio::task::spawn_local(serve_source(ingest.clone(), conn));
                 }
@@ -232,49 +227,94 @@ pub(crate) fn run(
     // Dropping the LocalSet drops every source task, closing the encoders' connections.
 }
 
-/// Claims the mount, answers the encoder, then reads its stream until it ends.
+/// Claims the mount, answers the source, then reads its stream until it ends.
 async fn serve_source(ingest: Rc<Ingest>, conn: SourceConn) {
-    let shared = ingest.shared.clone();
     let SourceConn {
-        stream,
-        peer,
         mount,
         info,
-        expect_continue,
-        chunked,
-        leftover,
+        feed,
+        claimed,
     } = conn;
-    let Ok(mut stream) = TcpStream::from_std(stream) else {
-        return;
-    };
-    let claim = match ingest.claim(&mount, info) {
-        Ok(c) => c,
-        Err(e) => {
-            let (status, phrase, reason) = match e {
-                ClaimError::InUse => (403, "Forbidden", "mount_in_use"),
-                ClaimError::TooManySources => (503, "Service Unavailable", "too_many_sources"),
-            };
-            refuse(&shared, &mut stream, peer, status, phrase, &[], reason).await;
+    let origin = feed.origin();
+    let claim = ingest.claim(&mount, info);
+    if let Some(tx) = claimed {
+        let _ = tx.send(claim.map(|_| ()));
+    }
+    let claim = match claim {
+        Ok(claim) => claim,
+        Err(no) => {
+            match feed {
+                Feed::Encoder(Encoder { stream, peer, .. }) => {
+                    if let Ok(mut stream) = TcpStream::from_std(stream) {
+                        refuse(&ingest.shared, &mut stream, peer, no).await;
+                    }
+                }
+                Feed::Pieces(_) => {
+                    tracing::warn!(%mount, %origin, reason = no.reason(), "source refused")
+                }
+            }
             return;
         }
     };
-    tracing::info!(%peer, %mount, "source connected");
+    tracing::info!(source = %origin, %mount, "source connected");
+    let reason = match feed {
+        Feed::Encoder(encoder) => read_encoder(&ingest, &mount, claim, encoder).await,
+        Feed::Pieces(pieces) => read_pieces(&ingest, &mount, claim, pieces).await,
+    };
+    tracing::info!(source = %origin, %mount, reason, "source disconnected");
+    ingest.release(&mount, claim, reason);
+}
+
+/// Answers an encoder (`100 Continue` if it waits for one, then `200 OK`) and reads its stream.
+async fn read_encoder(
+    ingest: &Ingest,
+    mount: &str,
+    claim: Claim,
+    encoder: Encoder,
+) -> &'static str {
+    let Ok(mut stream) = TcpStream::from_std(encoder.stream) else {
+        return "read_error";
+    };
     let mut answer = Vec::new();
-    if expect_continue {
+    if encoder.expect_continue {
         answer.extend_from_slice(b"HTTP/1.1 100 Continue\r\n\r\n");
     }
     answer.extend_from_slice(b"HTTP/1.0 200 OK\r\nServer: fanstream\r\n\r\n");
-    let reason = match tokio::time::timeout(
-        crate::worker::RESPONSE_TIMEOUT,
-        stream.write_all(&answer),
-    )
-    .await
-    {
-        Ok(Ok(())) => read_stream(&ingest, &mount, claim, &mut stream, chunked, leftover).await,
+    match tokio::time::timeout(RESPONSE_TIMEOUT, stream.write_all(&answer)).await {
+        Ok(Ok(())) => {
+            read_stream(
+                ingest,
+                mount,
+                claim,
+                &mut stream,
+                encoder.chunked,
+                encoder.leftover,
+            )
+            .await
+        }
         _ => "write_error",
-    };
-    tracing::info!(%peer, %mount, reason, "source disconnected");
-    ingest.release(&mount, claim, reason);
+    }
+}
+
+/// Appends pieces made on another thread until their maker stops or stalls.
+async fn read_pieces(
+    ingest: &Ingest,
+    mount: &str,
+    claim: Claim,
+    mut pieces: mpsc::Receiver<Bytes>,
+) -> &'static str {
+    let timeout = Duration::from_secs(ingest.shared.config.load().source_timeout_secs);
+    loop {
+        match tokio::time::timeout(timeout, pieces.recv()).await {
+            Err(_) => return "source_timeout",
+            Ok(None) => return "end_of_stream",
+            Ok(Some(piece)) => {
+                if !ingest.append(mount, claim, piece) {
+                    return "replaced";
+                }
+            }
+        }
+    }
 }
 
 /// Reads the body until the encoder closes, stalls, or breaks the framing; returns why it ended.

@@ -1,53 +1,84 @@
 //! fanstream: a live broadcast streaming server. One source per mount, the same bytes to many
 //! listeners over long-lived HTTP responses, at a cost per listener close to nothing.
 //!
-//! # Layout: the data path, stage by stage
+//! # The data path, stage by stage
 //!
 //! ```text
-//!  encoder ──PUT/SOURCE──▶ acceptor ──▶ worker (request head) ──▶ ingest ──▶ store (ArcSwap<Snapshot>)
-//!                                                                     │ one wake-up per worker
-//!  player  ◀──long GET──── listener writers on each worker ◀──────────┘
+//!  encoder ──PUT/SOURCE──▶ acceptor ──▶ worker: router ──▶ source ──▶ ingest ──▶ store (ArcSwap<Snapshot>)
+//!  demo ─────────────────────────────────────────────────────────────▲    │ one wake-up per worker
+//!  player  ◀──long GET──── fanout on each worker ◀── admission ◀── router ◀┘
 //! ```
 //!
 //! - [`acceptor`](acceptor): one thread accepts TCP connections and hands each, over a crossbeam
 //!   channel, to the least-loaded worker.
 //! - [`worker`](worker): N threads, each pinned to a core and running its own current-thread tokio
-//!   runtime. A worker reads the request head ([`http`]) and routes it: a listener stays on this
-//!   worker; a source ([`source`]) is handed to the ingest thread.
-//! - [`ingest`](ingest): one thread reads every source (decoding [`chunked`] bodies), appends each
-//!   piece as shared `Bytes` to its mount's [`store`], publishes an immutable snapshot through one
-//!   `ArcSwap`, and wakes each worker once. It also runs the [`demo`] generator and the grace timers.
-//! - [`listener`](listener): on each worker, one fan-out loop writes every listener of its shard
-//!   from the snapshot with vectored writes, coalescing small pieces, applying the lag policy.
+//!   runtime. Its router reads the request head ([`http`]) and hands the request to a stage:
+//!   [`status`] pages, listener [`admission`], or the [`source`] handshake.
+//! - [`source`](source): checks and authenticates an encoder, then hands it to ingest.
+//! - [`ingest`](ingest): one thread claims mounts for sources, reads every source (decoding
+//!   [`chunked`] bodies), appends each piece as shared `Bytes` to its mount's [`store`], publishes
+//!   an immutable snapshot (stream and the mount's settings) through one `ArcSwap`, and wakes each
+//!   worker once. The [`demo`] is a source like any other, on its own thread.
+//! - [`admission`](admission) answers a listener with the stream's head and hands it to its
+//!   worker's [`fanout`](fanout) loop, which writes every listener of its shard from the snapshot
+//!   with vectored writes, coalescing small pieces, applying the lag policy.
 //! - [`metrics`] and [`admin`]: Prometheus metrics, per-thread CPU read at scrape time
 //!   ([`threads`]), listener-seconds and CPU per listener kept by each worker ([`usage`]), served
 //!   from their own thread. [`status`]: `/status.json` and Icecast's `/status-json.xsl`.
-//! - [`config`]: defaults, TOML file, validation. [`server`] starts and stops it all.
+//! - [`server`] wires the stages and owns their start and stop order; `main.rs` reads flags and
+//!   signals.
+//!
+//! # Layers: how the modules stack
+//!
+//! Each module imports only from modules listed before it here (checked by reading the `use`
+//! lines: there is no import loop), so the lower layers know nothing of the ones above.
+//!
+//! 1. **Wire and data** (std and crates only): [`http`] (request heads, short responses),
+//!    [`chunked`], [`store`] (the segment store and its snapshot, generic over the settings it
+//!    carries), [`threads`] (named, pinned, CPU-accounted threads), [`open_files`].
+//! 2. **Vocabulary** shared by the stages: [`config`], [`reasons`] (`Refusal`, `Disconnect`: the
+//!    fixed reason labels), [`metrics`], [`usage`], [`mounts`] (the mount table), [`auth`],
+//!    [`shared`] (the state every thread shares, `Stop`), [`conn`] (what one stage hands the
+//!    next, the guards that count connections, and the one writer of refusals).
+//! 3. **Stages**: [`acceptor`], [`status`], [`admission`], [`fanout`], [`source`], [`ingest`],
+//!    [`demo`], [`admin`], and [`worker`] (the router, which calls admission, source and status).
+//! 4. **Wiring**: [`server`].
+//! 5. **Entry**: `main.rs`.
 //!
 //! Outside the data path: `bench_api` exposes internals to the criterion benches (`benches/`),
-//! and `src/bin/fanstream-load/` is the load tool behind `make load`, `sweep` and `compare`.
+//! and `tools/fanstream-load/` is the load tool behind `make load`, `sweep` and `compare`.
 
+// Layer 1: wire and data.
+pub(crate) mod chunked;
+pub(crate) mod http;
+pub mod open_files;
+pub(crate) mod store;
+pub(crate) mod threads;
+// Layer 2: vocabulary.
+pub(crate) mod auth;
+pub mod config;
+pub(crate) mod conn;
+pub(crate) mod metrics;
+pub(crate) mod mounts;
+pub(crate) mod reasons;
+pub(crate) mod shared;
+pub(crate) mod usage;
+// Layer 3: stages.
 pub(crate) mod acceptor;
 pub(crate) mod admin;
-pub(crate) mod auth;
-pub(crate) mod chunked;
-pub mod config;
+pub(crate) mod admission;
 pub(crate) mod demo;
+pub(crate) mod fanout;
+pub(crate) mod ingest;
+pub(crate) mod source;
+pub(crate) mod status;
+pub(crate) mod worker;
+// Layer 4: wiring.
+pub mod server;
+
 #[cfg(fuzzing)]
 #[doc(hidden)]
 pub mod fuzzing;
-pub(crate) mod http;
-pub(crate) mod ingest;
-pub(crate) mod listener;
-pub(crate) mod metrics;
-pub(crate) mod mounts;
-pub mod server;
-pub(crate) mod source;
-pub(crate) mod status;
-pub(crate) mod store;
-pub(crate) mod threads;
-pub(crate) mod usage;
-pub(crate) mod worker;
 
 pub use config::{Config, LagPolicy, MountSettings};
 pub use server::{Server, Stop};
@@ -64,12 +95,13 @@ pub mod bench_api {
 
     use crate::store::{Snapshot, StoreWriter, StreamInfo};
 
-    /// A live mount's store, written as ingest writes it.
-    pub struct Store(StoreWriter);
+    /// A live mount's store, written as ingest writes it (with no settings attached: the benches
+    /// measure the store alone).
+    pub struct Store(StoreWriter<()>);
 
     impl Default for Store {
         fn default() -> Self {
-            let mut w = StoreWriter::new();
+            let mut w = StoreWriter::new(Arc::new(()));
             w.go_live(StreamInfo::default());
             Store(w)
         }
@@ -88,7 +120,7 @@ pub mod bench_api {
     }
 
     /// One published snapshot.
-    pub struct Snap(Arc<Snapshot>);
+    pub struct Snap(Arc<Snapshot<()>>);
 
     impl Snap {
         /// Offset one past the newest byte.

@@ -90,7 +90,7 @@ fn load_config(args: &Args) -> Result<Config, String> {
 /// kernel then drops their SYNs and each one waits 1 s, then 3 s, to try again.
 const LISTEN_BACKLOG: i32 = 4096;
 
-fn bind_listeners(addr: SocketAddr) -> std::io::Result<TcpListener> {
+fn bind_listen_socket(addr: SocketAddr) -> std::io::Result<TcpListener> {
     let socket = socket2::Socket::new(
         socket2::Domain::for_address(addr),
         socket2::Type::STREAM,
@@ -103,7 +103,7 @@ fn bind_listeners(addr: SocketAddr) -> std::io::Result<TcpListener> {
 }
 
 fn run(args: Args) -> Result<(), String> {
-    raise_fd_limit();
+    fanstream::open_files::raise_to_hard_limit();
     let mut config = load_config(&args)?;
     if config.source_password.is_none() {
         let generated = random_password()?;
@@ -111,14 +111,14 @@ fn run(args: Args) -> Result<(), String> {
         config.source_password = Some(generated);
     }
     config.validate()?;
-    let listener = bind_listeners(config.listen)
+    let listen_socket = bind_listen_socket(config.listen)
         .map_err(|e| format!("cannot listen on {} (listen): {e}", config.listen))?;
     if let Some(addr) = config.admin_listen {
         if !addr.ip().is_loopback() && config.admin_password.is_none() {
             tracing::warn!(%addr, "the admin listener is reachable beyond this host and asks for no password: set admin_password, or keep it behind a firewall");
         }
     }
-    let admin = match config.admin_listen {
+    let admin_socket = match config.admin_listen {
         Some(addr) => Some(
             TcpListener::bind(addr)
                 .map_err(|e| format!("cannot listen on {addr} (admin_listen): {e}"))?,
@@ -140,7 +140,7 @@ fn run(args: Args) -> Result<(), String> {
             on(SignalKind::hangup())?,
         )
     };
-    let server = Server::start(config, listener, admin).map_err(|e| e.to_string())?;
+    let server = Server::start(config, listen_socket, admin_socket).map_err(|e| e.to_string())?;
     rt.block_on(async {
         loop {
             tokio::select! {
@@ -202,27 +202,6 @@ fn apply_flags(config: &mut Config, args: &Args) -> Result<(), String> {
         config.demo = false;
     }
     Ok(())
-}
-
-/// Raises the soft open-file limit to the hard one: every listener is a descriptor, and the
-/// usual soft default (1024) would cap a streaming server far below what the machine can serve.
-fn raise_fd_limit() {
-    let mut lim = libc::rlimit {
-        rlim_cur: 0,
-        rlim_max: 0,
-    };
-    // SAFETY: getrlimit/setrlimit read and write only the struct we pass.
-    unsafe {
-        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) == 0 && lim.rlim_cur < lim.rlim_max {
-            let wanted = libc::rlimit {
-                rlim_cur: lim.rlim_max,
-                rlim_max: lim.rlim_max,
-            };
-            if libc::setrlimit(libc::RLIMIT_NOFILE, &wanted) != 0 {
-                tracing::warn!(soft = lim.rlim_cur, "could not raise the open-file limit");
-            }
-        }
-    }
 }
 
 /// 16 characters from the kernel's random source, URL- and shell-safe.

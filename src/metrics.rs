@@ -11,11 +11,11 @@ use std::time::Duration;
 use prometheus::core::{Collector, Desc};
 use prometheus::proto::MetricFamily;
 use prometheus::{
-    Counter, CounterVec, Encoder, HistogramOpts, HistogramVec, IntCounter, IntCounterVec,
-    IntGaugeVec, Opts, Registry, TextEncoder,
+    Counter, CounterVec, Encoder, HistogramOpts, HistogramVec, IntCounterVec, IntGaugeVec, Opts,
+    Registry, TextEncoder,
 };
 
-use crate::listener::Disconnect;
+use crate::reasons::{Disconnect, Refusal, Unanswered};
 use crate::threads::{clock_time, ThreadRegistry};
 
 /// Buckets of `fanstream_fanout_round_cpu_per_listener_seconds`: 100 ns to 1 ms. A listener that
@@ -237,10 +237,18 @@ impl Metrics {
         }
     }
 
-    pub fn reject(&self, reason: &str) -> IntCounter {
-        let c = self.rejected_requests.with_label_values(&[reason]);
-        c.inc();
-        c
+    /// Counts a request refused with an answer.
+    pub fn refused(&self, refusal: Refusal) {
+        self.rejected_requests
+            .with_label_values(&[refusal.reason()])
+            .inc();
+    }
+
+    /// Counts a connection turned away without one.
+    pub fn unanswered(&self, why: Unanswered) {
+        self.rejected_requests
+            .with_label_values(&[why.reason()])
+            .inc();
     }
 
     /// The text exposition of every metric.

@@ -1,8 +1,8 @@
-//! The mount table: which mounts exist now, each with its store and settings.
+//! The mount table: which mounts exist now, each with its store.
 //!
 //! Published as one immutable map through an `ArcSwap`; the ingest thread is its only writer
-//! (mounts appear when a source or the demo takes them and go when their grace period ends), and
-//! workers read it once per listener admission.
+//! (mounts appear when a source takes them and go when their grace period ends), and workers read
+//! it once per listener admission. A mount's settings travel in its snapshots, not here.
 
 use std::collections::HashMap;
 use std::sync::atomic::AtomicUsize;
@@ -11,16 +11,16 @@ use std::sync::Arc;
 use arc_swap::ArcSwap;
 
 use crate::config::MountSettings;
-use crate::store::Store;
+use crate::store;
+
+/// A mount's published state, with the settings in force for it.
+pub(crate) type Snapshot = store::Snapshot<MountSettings>;
+pub(crate) type Store = store::Store<MountSettings>;
+pub(crate) type StoreWriter = store::StoreWriter<MountSettings>;
 
 pub(crate) struct Mount {
     pub path: String,
     pub store: Arc<Store>,
-    /// Settings, replaced whole when the config is reloaded; the fan-out loads them once per
-    /// round.
-    pub settings: ArcSwap<MountSettings>,
-    /// Test hook: serving this mount's listeners panics (`Config::panic_injection_mount`).
-    pub inject_panic: bool,
     /// Listeners on this mount across all workers: admission checks it against `max_listeners`.
     /// Incremented by the admitting worker, decremented when the listener is dropped.
     pub listeners: AtomicUsize,

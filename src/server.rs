@@ -1,84 +1,40 @@
-//! Starting and stopping the whole server: the threads, the state they share, and their order.
+//! Wiring the stages together: the channels between them, the threads that run them, and the
+//! order in which they start and stop.
+//!
+//! Start order (each stage runs before anything that feeds it):
+//! 1. **ingest**, which takes sources from one channel;
+//! 2. **the demo**, a source like any other; `start` waits until ingest has claimed its mount, so
+//!    `/demo` plays as soon as the server says it started;
+//! 3. **workers**, which hand sources to ingest and take sockets from the acceptor;
+//! 4. **the acceptor**, which starts accepting;
+//! 5. **the admin listener**.
+//!
+//! Every thread's runtime is built before any thread starts, so running out of descriptors is a
+//! start-up error, not a thread dying later.
+//!
+//! Stop order: every thread watches one `Stop` channel. The acceptor stops accepting at once;
+//! workers, on `Drain`, give listeners `shutdown_grace_secs` to receive what ingest already
+//! published, then close them; ingest closes its sources and the demo stops playing. `join` then
+//! waits for every thread.
 
 use std::collections::HashMap;
 use std::io;
-use std::net::{IpAddr, SocketAddr, TcpListener};
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::Arc;
-use std::sync::Mutex;
+use std::net::{SocketAddr, TcpListener};
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::SystemTime;
 
 use arc_swap::ArcSwap;
-use tokio::sync::{mpsc, watch, Notify};
+use tokio::sync::{mpsc, watch};
 
 use crate::auth::AuthFailures;
 use crate::config::Config;
 use crate::metrics::Metrics;
 use crate::mounts::Mounts;
-use crate::source::SourceConn;
+pub use crate::shared::Stop;
+use crate::shared::{Shared, WorkerLink};
 use crate::threads::{self, ThreadRegistry};
-
-/// How the server should be running; sent to every thread through a `watch` channel.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Stop {
-    Running,
-    /// Stop accepting, give listeners `shutdown_grace_secs` to receive what is pending, then close.
-    Drain,
-    /// Close everything at once.
-    Now,
-}
-
-/// One worker as the other threads see it.
-pub(crate) struct WorkerLink {
-    /// Accepted sockets, from the acceptor.
-    pub conns: crossbeam::channel::Sender<crate::acceptor::Accepted>,
-    /// Wakes the worker's intake after a socket was sent on `conns`. A `Notify` keeps one permit
-    /// when the worker is busy, so no hand-off is missed and bursts cost one wake-up.
-    pub conns_ready: Notify,
-    /// Wakes the worker's fan-out after ingest published new data: one cross-thread wake-up per
-    /// worker per publication, however many listeners the worker serves.
-    pub data_ready: Notify,
-    /// Connections the worker holds now (handshaking or listening): the acceptor's placement key.
-    /// Incremented by the acceptor before the hand-off, decremented by the connection's guard.
-    pub connections: AtomicUsize,
-}
-
-/// State every thread shares.
-pub(crate) struct Shared {
-    /// Settings, resolved (the source password is always set); replaced whole on reload.
-    pub config: ArcSwap<Config>,
-    /// Connections a worker may hold before the acceptor waits for room.
-    pub connections_per_worker: usize,
-    /// Open connections per client address, kept only when `max_connections_per_ip` is set.
-    /// Incremented by the acceptor, decremented by the connection's guard.
-    pub per_ip: Mutex<HashMap<IpAddr, usize>>,
-    /// Wakes the acceptor when a connection closes while every worker was full.
-    pub room: Notify,
-    /// Failed source logins per address: the acceptor of password guessing.
-    pub auth_failures: AuthFailures,
-    pub mounts: Mounts,
-    pub metrics: Metrics,
-    pub workers: Vec<WorkerLink>,
-    /// Authenticated source connections, from workers to the ingest thread.
-    pub to_ingest: mpsc::UnboundedSender<SourceConn>,
-    /// Listeners connected now, across mounts: admission checks it against `max_listeners`.
-    pub listeners_total: AtomicUsize,
-    pub stop: watch::Receiver<Stop>,
-    /// When the server started, on the wall clock (status pages show it).
-    pub started: SystemTime,
-    /// Where listeners connect (status pages build listen URLs with its port).
-    pub listen_addr: SocketAddr,
-}
-
-impl Shared {
-    /// Wakes every worker once: new data was published.
-    pub fn wake_workers(&self) {
-        for w in &self.workers {
-            w.data_ready.notify_one();
-        }
-    }
-}
 
 /// A running server. Dropping it stops everything at once and joins the threads.
 pub struct Server {
@@ -90,12 +46,12 @@ pub struct Server {
 }
 
 impl Server {
-    /// Starts every thread on listeners the caller bound (so tests can bind port 0 and know the
+    /// Starts every thread on sockets the caller bound (so tests can bind port 0 and know the
     /// port before any client connects). `config.source_password` must be set.
     pub fn start(
         config: Config,
-        listener: TcpListener,
-        admin: Option<TcpListener>,
+        listen_socket: TcpListener,
+        admin_socket: Option<TcpListener>,
     ) -> io::Result<Server> {
         config
             .validate()
@@ -106,81 +62,92 @@ impl Server {
                 "source_password must be set before the server starts",
             ));
         }
-        let listen_addr = listener.local_addr()?;
-        let admin_addr = admin.as_ref().map(|a| a.local_addr()).transpose()?;
+        let listen_addr = listen_socket.local_addr()?;
+        let admin_addr = admin_socket.as_ref().map(|a| a.local_addr()).transpose()?;
         let registry = Arc::new(ThreadRegistry::default());
         let (stop_tx, stop_rx) = watch::channel(Stop::Running);
-        let (ingest_tx, ingest_rx) = mpsc::unbounded_channel();
-
         let nworkers = config.worker_count();
         let cores = if config.pin_workers {
             core_affinity::get_core_ids().unwrap_or_default()
         } else {
             Vec::new()
         };
-        let mut worker_rxs = Vec::with_capacity(nworkers);
-        let mut links = Vec::with_capacity(nworkers);
-        for _ in 0..nworkers {
-            let (tx, rx) = crossbeam::channel::unbounded();
-            worker_rxs.push(rx);
-            links.push(WorkerLink {
-                conns: tx,
-                conns_ready: Notify::new(),
-                data_ready: Notify::new(),
-                connections: AtomicUsize::new(0),
-            });
-        }
-        let connections_per_worker = config.connection_limit().div_ceil(nworkers);
+        let demo = config.demo.then(|| config.demo_mount.clone());
         let shared = Arc::new(Shared {
             auth_failures: AuthFailures::default(),
+            connections_per_worker: config.connection_limit().div_ceil(nworkers),
             config: ArcSwap::from_pointee(config),
-            connections_per_worker,
+            config_changed: Default::default(),
             per_ip: Mutex::new(HashMap::new()),
-            room: Notify::new(),
+            room: Default::default(),
             mounts: Mounts::default(),
             metrics: Metrics::new(registry.clone()),
-            workers: links,
-            to_ingest: ingest_tx,
-            listeners_total: AtomicUsize::new(0),
+            workers: (0..nworkers).map(|_| WorkerLink::default()).collect(),
+            listeners_total: Default::default(),
             stop: stop_rx,
             started: SystemTime::now(),
             listen_addr,
         });
 
+        // The channels between stages.
+        let (to_ingest, from_workers) = mpsc::unbounded_channel();
+        let (to_workers, worker_intakes): (Vec<_>, Vec<_>) = (0..nworkers)
+            .map(|_| crossbeam::channel::unbounded())
+            .unzip();
+
         let mut handles = Vec::new();
+
         let s = shared.clone();
-        let rt = runtime()?;
-        let (ready_tx, ready_rx) = std::sync::mpsc::sync_channel(1);
-        handles.push(threads::spawn("fs-ingest", None, &registry, move || {
-            crate::ingest::run(rt, s, ingest_rx, ready_tx)
-        })?);
-        ready_rx
-            .recv()
-            .map_err(|_| io::Error::other("the ingest thread failed to start"))?;
-        for (index, rx) in worker_rxs.into_iter().enumerate() {
+        spawn_stage(&mut handles, &registry, "fs-ingest", None, move |rt| {
+            crate::ingest::run(rt, s, from_workers)
+        })?;
+
+        if let Some(path) = demo {
+            let (mut source, player) = crate::demo::source(&path);
+            let (claimed_tx, claimed_rx) = std::sync::mpsc::sync_channel(1);
+            source.claimed = Some(claimed_tx);
+            // Ingest holds the receiver until it stops: this send succeeds.
+            let _ = to_ingest.send(source);
+            match claimed_rx.recv() {
+                Ok(Ok(())) => {
+                    let stop = shared.stop.clone();
+                    spawn_stage(&mut handles, &registry, "fs-demo", None, move |rt| {
+                        crate::demo::run(rt, player, stop)
+                    })?;
+                    tracing::info!(mount = %path, "demo tone playing");
+                }
+                Ok(Err(no)) => {
+                    tracing::warn!(mount = %path, reason = no.reason(), "demo not started")
+                }
+                Err(_) => return Err(io::Error::other("the ingest thread failed to start")),
+            }
+        }
+
+        for (index, intake) in worker_intakes.into_iter().enumerate() {
             let s = shared.clone();
+            let to_ingest = to_ingest.clone();
             let core = (!cores.is_empty()).then(|| cores[index % cores.len()]);
-            let rt = runtime()?;
-            handles.push(threads::spawn(
+            spawn_stage(
+                &mut handles,
+                &registry,
                 &format!("fs-worker-{index}"),
                 core,
-                &registry,
-                move || crate::worker::run(rt, s, index, rx),
-            )?);
+                move |rt| crate::worker::run(rt, s, index, intake, to_ingest),
+            )?;
         }
-        listener.set_nonblocking(true)?;
+
+        listen_socket.set_nonblocking(true)?;
         let s = shared.clone();
-        let rt = runtime()?;
-        handles.push(threads::spawn("fs-acceptor", None, &registry, move || {
-            crate::acceptor::run(rt, s, listener)
-        })?);
-        if let Some(admin) = admin {
-            admin.set_nonblocking(true)?;
+        spawn_stage(&mut handles, &registry, "fs-acceptor", None, move |rt| {
+            crate::acceptor::run(rt, s, listen_socket, to_workers)
+        })?;
+
+        if let Some(admin_socket) = admin_socket {
+            admin_socket.set_nonblocking(true)?;
             let s = shared.clone();
-            let rt = runtime()?;
-            handles.push(threads::spawn("fs-admin", None, &registry, move || {
-                crate::admin::run(rt, s, admin)
-            })?);
+            spawn_stage(&mut handles, &registry, "fs-admin", None, move |rt| {
+                crate::admin::run(rt, s, admin_socket)
+            })?;
         }
         tracing::info!(%listen_addr, admin = ?admin_addr, workers = nworkers, "fanstream started");
         Ok(Server {
@@ -242,11 +209,13 @@ impl Server {
         new.max_connections = old.max_connections;
         new.demo = old.demo;
         new.demo_mount = old.demo_mount.clone();
-        new.panic_injection_mount = old.panic_injection_mount.clone();
-        for mount in self.shared.mounts.all() {
-            mount.settings.store(Arc::new(new.mount(&mount.path)));
+        #[cfg(feature = "fault-injection")]
+        {
+            new.panic_injection_mount = old.panic_injection_mount.clone();
         }
         self.shared.config.store(Arc::new(new));
+        // Ingest publishes each mount's new settings with its stream.
+        self.shared.config_changed.notify_one();
         tracing::info!("configuration reloaded");
         Ok(())
     }
@@ -288,17 +257,18 @@ impl Drop for Server {
     }
 }
 
-/// Resolves when the server is asked to stop, with how.
-pub(crate) async fn stopped(stop: &mut watch::Receiver<Stop>) -> Stop {
-    loop {
-        let now = *stop.borrow_and_update();
-        if now != Stop::Running {
-            return now;
-        }
-        if stop.changed().await.is_err() {
-            return Stop::Now;
-        }
-    }
+/// Starts one of our threads, named and registered ([`threads::spawn`]), running `body` on a
+/// runtime built before the thread starts.
+fn spawn_stage(
+    handles: &mut Vec<JoinHandle<()>>,
+    registry: &Arc<ThreadRegistry>,
+    name: &str,
+    core: Option<core_affinity::CoreId>,
+    body: impl FnOnce(tokio::runtime::Runtime) + Send + 'static,
+) -> io::Result<()> {
+    let rt = runtime()?;
+    handles.push(threads::spawn(name, core, registry, move || body(rt))?);
+    Ok(())
 }
 
 /// A current-thread runtime for one of our threads, built before the thread starts: a failure

@@ -12,134 +12,38 @@
 //! `100 Continue` and `200 OK`, so an encoder never streams into a refusal.
 
 use std::net::SocketAddr;
-use std::rc::Rc;
 use std::time::SystemTime;
 
 use bytes::Bytes;
-use tokio::net::TcpStream;
 
-use crate::acceptor::ConnGuard;
 use crate::auth;
+use crate::conn::{Encoder, Feed, Incoming, SourceConn, WorkerCtx};
 use crate::http::{valid_mount_path, Method, Request};
+use crate::reasons::{Realm, Refusal};
+use crate::shared::Shared;
 use crate::store::{StreamInfo, StreamMeta};
-use crate::worker::{refuse, WorkerCtx};
 
-const AUTH_REALM: &str = "Basic realm=\"fanstream\"";
-
-/// An authenticated source on its way to the ingest thread.
-pub(crate) struct SourceConn {
-    pub stream: std::net::TcpStream,
-    pub peer: SocketAddr,
-    pub mount: String,
-    pub info: StreamInfo,
+/// A source request that passed every check, on its way to ingest.
+struct Admitted {
+    info: StreamInfo,
     /// The encoder waits for `100 Continue` before sending.
-    pub expect_continue: bool,
+    expect_continue: bool,
     /// The body is `Transfer-Encoding: chunked`.
-    pub chunked: bool,
-    /// Body bytes that arrived with the request head.
-    pub leftover: Vec<u8>,
+    chunked: bool,
 }
 
-pub(crate) async fn handshake(
-    ctx: &Rc<WorkerCtx>,
-    mut stream: TcpStream,
-    req: Request,
-    leftover: Vec<u8>,
-    peer: SocketAddr,
-    conn: ConnGuard,
-) {
-    let shared = &ctx.shared;
-    let cfg = shared.config.load_full();
-    if !valid_mount_path(&req.path) || crate::status::is_status_path(&req.path) {
-        refuse(
-            &ctx.shared,
-            &mut stream,
-            peer,
-            400,
-            "Bad Request",
-            &[],
-            "bad_mount_path",
-        )
-        .await;
-        return;
-    }
-    let te = req.header("transfer-encoding");
-    let chunked = match te {
-        None => false,
-        Some(v) if v.eq_ignore_ascii_case("chunked") => true,
-        Some(_) => {
-            refuse(
-                &ctx.shared,
-                &mut stream,
-                peer,
-                501,
-                "Not Implemented",
-                &[],
-                "unsupported_transfer_encoding",
-            )
-            .await;
-            return;
-        }
+pub(crate) async fn handshake(ctx: &WorkerCtx, incoming: Incoming) {
+    let admitted = match check(&ctx.shared, &incoming.req, incoming.peer) {
+        Ok(a) => a,
+        Err(no) => return incoming.refuse(&ctx.shared, no).await,
     };
-    if chunked && req.header("content-length").is_some() {
-        refuse(
-            &ctx.shared,
-            &mut stream,
-            peer,
-            400,
-            "Bad Request",
-            &[],
-            "conflicting_length",
-        )
-        .await;
-        return;
-    }
-    let content_type = match (req.header("content-type"), &req.method) {
-        (Some(ct), _) if !ct.is_empty() => ct.to_string(),
-        (_, Method::Put) => {
-            refuse(
-                &ctx.shared,
-                &mut stream,
-                peer,
-                400,
-                "Bad Request",
-                &[],
-                "missing_content_type",
-            )
-            .await;
-            return;
-        }
-        // Legacy SOURCE clients predate the requirement; Icecast assumes MP3 for them too.
-        _ => "audio/mpeg".to_string(),
-    };
-    let expected = cfg.source_password_for(&req.path).unwrap_or_default();
-    let checked = auth::check(
-        &shared.auth_failures,
-        &cfg,
-        &req,
+    let Incoming {
+        stream,
+        req,
+        leftover,
         peer,
-        &cfg.source_user,
-        expected,
-        "source",
-    );
-    if let Err(no) = checked {
-        let headers = no.headers(AUTH_REALM);
-        refuse(
-            &ctx.shared,
-            &mut stream,
-            peer,
-            no.status,
-            no.phrase,
-            &headers,
-            no.reason,
-        )
-        .await;
-        return;
-    }
-    let expect_continue = req
-        .header("expect")
-        .is_some_and(|v| v.eq_ignore_ascii_case("100-continue"));
-    let info = stream_info(&req, content_type);
+        conn,
+    } = incoming;
     let stream = match stream.into_std() {
         Ok(s) => s,
         Err(e) => {
@@ -149,22 +53,64 @@ pub(crate) async fn handshake(
     };
     // From here the ingest thread owns the connection; it no longer loads this worker.
     drop(conn);
-    let conn = SourceConn {
-        stream,
-        peer,
+    let source = SourceConn {
         mount: req.path,
-        info,
-        expect_continue,
-        chunked,
-        leftover,
+        info: admitted.info,
+        feed: Feed::Encoder(Encoder {
+            stream,
+            peer,
+            expect_continue: admitted.expect_continue,
+            chunked: admitted.chunked,
+            leftover,
+        }),
+        claimed: None,
     };
-    if shared.to_ingest.send(conn).is_err() {
+    if ctx.to_ingest.send(source).is_err() {
         tracing::debug!(%peer, "ingest has stopped; source dropped");
     }
 }
 
+/// Checks a source request: its path, its body framing, its Content-Type, its credentials.
+fn check(shared: &Shared, req: &Request, peer: SocketAddr) -> Result<Admitted, Refusal> {
+    if !valid_mount_path(&req.path) || crate::status::is_status_path(&req.path) {
+        return Err(Refusal::BadPath);
+    }
+    let chunked = match req.header("transfer-encoding") {
+        None => false,
+        Some(v) if v.eq_ignore_ascii_case("chunked") => true,
+        Some(_) => return Err(Refusal::UnsupportedTransferEncoding),
+    };
+    if chunked && req.header("content-length").is_some() {
+        return Err(Refusal::ConflictingLength);
+    }
+    let content_type = match (req.header("content-type"), &req.method) {
+        (Some(ct), _) if !ct.is_empty() => ct.to_string(),
+        (_, Method::Put) => return Err(Refusal::MissingContentType),
+        // Legacy SOURCE clients predate the requirement; Icecast assumes MP3 for them too.
+        _ => "audio/mpeg".to_string(),
+    };
+    let cfg = shared.config.load();
+    let expected = cfg.source_password_for(&req.path).unwrap_or_default();
+    auth::check(
+        &shared.auth_failures,
+        &cfg,
+        req,
+        peer,
+        Realm::Source,
+        &cfg.source_user,
+        expected,
+    )?;
+    Ok(Admitted {
+        info: stream_info(req, content_type),
+        expect_continue: req
+            .header("expect")
+            .is_some_and(|v| v.eq_ignore_ascii_case("100-continue")),
+        chunked,
+    })
+}
+
 /// What the source says about its stream, from its `ice-*` (or `icy-*`) headers.
-pub(crate) fn stream_info(req: &Request, content_type: String) -> StreamInfo {
+fn stream_info(req: &Request, content_type: String) -> StreamInfo {
     let pick = |names: &[&str]| {
         names
             .iter()
@@ -194,36 +140,7 @@ pub(crate) fn stream_info(req: &Request, content_type: String) -> StreamInfo {
         audio_info,
         started: Some(SystemTime::now()),
     };
-    listener_info(meta, Bytes::new())
-}
-
-/// The response head every listener of this stream gets, built once: Content-Type, no caching,
-/// and the source's description as the `icy-*` headers players show. Also used by the demo.
-pub(crate) fn listener_info(meta: StreamMeta, preamble: Bytes) -> StreamInfo {
-    let mut head = format!(
-        "HTTP/1.0 200 OK\r\nServer: fanstream/{}\r\nContent-Type: {}\r\nCache-Control: no-cache, no-store\r\nPragma: no-cache\r\nConnection: close\r\nAccess-Control-Allow-Origin: *\r\n",
-        env!("CARGO_PKG_VERSION"),
-        meta.content_type
-    );
-    let bitrate = meta.bitrate_kbps.map(|b| b.to_string());
-    for (name, value) in [
-        ("icy-name", &meta.name),
-        ("icy-genre", &meta.genre),
-        ("icy-description", &meta.description),
-        ("icy-url", &meta.url),
-        ("icy-pub", &meta.public),
-        ("icy-br", &bitrate),
-    ] {
-        if let Some(v) = value {
-            head.push_str(&format!("{name}: {v}\r\n"));
-        }
-    }
-    head.push_str("\r\n");
-    StreamInfo {
-        response_head: Bytes::from(head),
-        preamble,
-        meta,
-    }
+    StreamInfo::new(meta, Bytes::new())
 }
 
 /// Header values are echoed to every listener: keep printable text only, and not too much of it.

@@ -11,13 +11,12 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use serde::Serialize;
 use tokio::io::AsyncWriteExt;
-use tokio::net::TcpStream;
 
-use crate::http::{Method, Request};
+use crate::conn::Incoming;
+use crate::http::{Method, Request, RESPONSE_TIMEOUT};
 use crate::mounts::Mount;
-use crate::server::Shared;
+use crate::shared::Shared;
 use crate::store::SourceState;
-use crate::worker::RESPONSE_TIMEOUT;
 
 /// fanstream's own status document.
 pub(crate) const STATUS_JSON: &str = "/status.json";
@@ -30,8 +29,9 @@ pub(crate) fn is_status_path(path: &str) -> bool {
 }
 
 /// Answers a `GET` or `HEAD` of a status path and closes.
-pub(crate) async fn serve(shared: &Shared, stream: &mut TcpStream, req: &Request) {
-    let resp = response(shared, req);
+pub(crate) async fn serve(shared: &Shared, incoming: Incoming) {
+    let resp = response(shared, &incoming.req);
+    let mut stream = incoming.stream;
     let _ = tokio::time::timeout(RESPONSE_TIMEOUT, async {
         stream.write_all(&resp).await?;
         stream.shutdown().await

@@ -6,6 +6,10 @@
 //! (a worker) sees one consistent state: the retained chunks, their byte offsets, the source's state
 //! and the stream's response head, with no lock and no second swap to agree with.
 //!
+//! Each snapshot also carries the mount's settings (`S`, the mount's `MountSettings` in the
+//! server): a reload reaches readers with the stream, in the same swap, so no reader sees data
+//! of one publication with settings of another. The store knows nothing of what they hold.
+//!
 //! Offsets are absolute byte counts since the mount was created; they keep counting across source
 //! restarts, so a listener's position survives an encoder reconnecting within the grace period.
 
@@ -68,6 +72,30 @@ pub(crate) struct StreamInfo {
     pub meta: StreamMeta,
 }
 
+impl StreamInfo {
+    /// Builds the response head every listener of this stream gets, once: Content-Type, and the
+    /// source's description as the `icy-*` headers players show.
+    pub fn new(meta: StreamMeta, preamble: Bytes) -> Self {
+        let bitrate = meta.bitrate_kbps.map(|b| b.to_string());
+        let icy: Vec<(&str, String)> = [
+            ("icy-name", &meta.name),
+            ("icy-genre", &meta.genre),
+            ("icy-description", &meta.description),
+            ("icy-url", &meta.url),
+            ("icy-pub", &meta.public),
+            ("icy-br", &bitrate),
+        ]
+        .into_iter()
+        .filter_map(|(name, value)| Some((name, value.clone()?)))
+        .collect();
+        StreamInfo {
+            response_head: Bytes::from(crate::http::stream_head(&meta.content_type, &icy)),
+            preamble,
+            meta,
+        }
+    }
+}
+
 /// What the source said about its stream (from its `ice-*`/`icy-*` headers), for listeners'
 /// `icy-*` headers and the status pages.
 #[derive(Clone, Debug, Default)]
@@ -88,7 +116,7 @@ pub(crate) struct StreamMeta {
 
 /// One consistent view of a mount, replaced whole on every change.
 #[derive(Debug)]
-pub(crate) struct Snapshot {
+pub(crate) struct Snapshot<S> {
     /// Sealed segments, oldest first; rebuilt only when a segment is sealed or evicted.
     sealed: Arc<[Arc<Segment>]>,
     /// The segment still being filled.
@@ -99,6 +127,8 @@ pub(crate) struct Snapshot {
     pub end: u64,
     pub state: SourceState,
     pub info: Arc<StreamInfo>,
+    /// The mount's settings in force for this publication.
+    pub settings: Arc<S>,
 }
 
 /// Where a position stands relative to a snapshot.
@@ -112,18 +142,7 @@ pub(crate) enum Position {
     Evicted,
 }
 
-impl Snapshot {
-    fn empty(at: u64, info: Arc<StreamInfo>, state: SourceState) -> Self {
-        Snapshot {
-            sealed: Arc::from(Vec::new()),
-            open: Arc::new(Segment::default()),
-            start: at,
-            end: at,
-            state,
-            info,
-        }
-    }
-
+impl<S> Snapshot<S> {
     pub fn position(&self, pos: u64) -> Position {
         if pos < self.start {
             Position::Evicted
@@ -219,22 +238,22 @@ impl Snapshot {
 }
 
 /// A mount's published state; shared by the ingest thread (writer) and all workers (readers).
-pub(crate) struct Store {
-    current: ArcSwap<Snapshot>,
+pub(crate) struct Store<S> {
+    current: ArcSwap<Snapshot<S>>,
 }
 
-impl Store {
-    pub fn load(&self) -> arc_swap::Guard<Arc<Snapshot>> {
+impl<S> Store<S> {
+    pub fn load(&self) -> arc_swap::Guard<Arc<Snapshot<S>>> {
         self.current.load()
     }
-    pub fn load_full(&self) -> Arc<Snapshot> {
+    pub fn load_full(&self) -> Arc<Snapshot<S>> {
         self.current.load_full()
     }
 }
 
 /// The ingest thread's side of a store: the mutable build state behind the published snapshots.
-pub(crate) struct StoreWriter {
-    store: Arc<Store>,
+pub(crate) struct StoreWriter<S> {
+    store: Arc<Store<S>>,
     sealed: Vec<Arc<Segment>>,
     sealed_shared: Arc<[Arc<Segment>]>,
     open: Vec<Chunk>,
@@ -243,16 +262,26 @@ pub(crate) struct StoreWriter {
     end: u64,
     state: SourceState,
     info: Arc<StreamInfo>,
+    settings: Arc<S>,
 }
 
-impl StoreWriter {
-    pub fn new() -> Self {
+impl<S> StoreWriter<S> {
+    /// An empty store, closed until a source goes live.
+    pub fn new(settings: Arc<S>) -> Self {
         let info = Arc::new(StreamInfo::default());
-        let store = Arc::new(Store {
-            current: ArcSwap::from_pointee(Snapshot::empty(0, info.clone(), SourceState::Closed)),
-        });
+        let first = Snapshot {
+            sealed: Arc::from(Vec::new()),
+            open: Arc::new(Segment::default()),
+            start: 0,
+            end: 0,
+            state: SourceState::Closed,
+            info: info.clone(),
+            settings: settings.clone(),
+        };
         StoreWriter {
-            store,
+            store: Arc::new(Store {
+                current: ArcSwap::from_pointee(first),
+            }),
             sealed: Vec::new(),
             sealed_shared: Arc::from(Vec::new()),
             open: Vec::new(),
@@ -261,11 +290,22 @@ impl StoreWriter {
             end: 0,
             state: SourceState::Closed,
             info,
+            settings,
         }
     }
 
-    pub fn store(&self) -> &Arc<Store> {
+    pub fn store(&self) -> &Arc<Store<S>> {
         &self.store
+    }
+
+    pub fn settings(&self) -> &Arc<S> {
+        &self.settings
+    }
+
+    /// Publishes new settings (a reload); they apply from this snapshot on.
+    pub fn set_settings(&mut self, settings: Arc<S>) {
+        self.settings = settings;
+        self.publish();
     }
 
     pub fn state(&self) -> &SourceState {
@@ -348,6 +388,7 @@ impl StoreWriter {
             end: self.end,
             state: self.state.clone(),
             info: self.info.clone(),
+            settings: self.settings.clone(),
         };
         self.store.current.store(Arc::new(snap));
     }
@@ -359,7 +400,7 @@ mod tests {
 
     /// A live store with a fixed window, for appending in tests.
     struct TestWriter {
-        w: StoreWriter,
+        w: StoreWriter<u32>,
         window: u64,
     }
 
@@ -367,7 +408,7 @@ mod tests {
         fn append(&mut self, data: Bytes, arrived: Instant) {
             self.w.append(data, arrived, self.window);
         }
-        fn store(&self) -> &Arc<Store> {
+        fn store(&self) -> &Arc<Store<u32>> {
             self.w.store()
         }
         fn go_live(&mut self, info: StreamInfo) {
@@ -379,12 +420,12 @@ mod tests {
     }
 
     fn writer(window: u64) -> TestWriter {
-        let mut w = StoreWriter::new();
+        let mut w = StoreWriter::new(Arc::new(1));
         w.go_live(StreamInfo::default());
         TestWriter { w, window }
     }
 
-    fn collect(snap: &Snapshot, pos: u64) -> Vec<u8> {
+    fn collect<S>(snap: &Snapshot<S>, pos: u64) -> Vec<u8> {
         let mut out = Vec::new();
         let mut slices = Vec::new();
         snap.gather(pos, &mut slices, usize::MAX, usize::MAX);
@@ -515,5 +556,22 @@ mod tests {
         assert_eq!(snap.arrival_of(2), Some(t0));
         assert_eq!(snap.arrival_of(4), Some(t1));
         assert_eq!(snap.arrival_of(8), None);
+    }
+
+    #[test]
+    fn new_settings_are_published_with_the_stream_they_apply_to() {
+        let mut w = writer(1 << 20);
+        w.append(Bytes::from_static(b"abc"), Instant::now());
+        let before = w.store().load_full();
+        w.w.set_settings(Arc::new(2));
+        let after = w.store().load_full();
+        assert_eq!((*before.settings, *after.settings), (1, 2));
+        assert_eq!(collect(&after, 0), b"abc", "a reload keeps the stream");
+        w.append(Bytes::from_static(b"d"), Instant::now());
+        assert_eq!(
+            *w.store().load().settings,
+            2,
+            "later publications keep them"
+        );
     }
 }

@@ -1,43 +1,34 @@
 //! A worker thread: its own current-thread tokio runtime, pinned to one core, serving a shard of the
 //! connections. It takes sockets from the acceptor, reads each request head and routes it: a
-//! listener joins this worker's fan-out ([`crate::listener`]); a source is checked here and handed
-//! to the ingest thread ([`crate::source`]).
+//! status page is answered here ([`crate::status`]); a listener is admitted ([`crate::admission`])
+//! into this worker's fan-out ([`crate::fanout`]); a source is checked ([`crate::source`]) and
+//! handed to the ingest thread.
 
 use std::rc::Rc;
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use crossbeam::channel::Receiver;
 use tokio::net::TcpStream;
 use tokio::runtime::Runtime;
-use tokio::sync::mpsc;
+use tokio::sync::mpsc::{self, UnboundedSender};
 use tokio::task::LocalSet;
 
-use crate::acceptor::{Accepted, ConnGuard};
-use crate::http::{self, HeadError, Method, Request};
-use crate::listener::{FanOut, NewListener};
-use crate::server::Shared;
+use crate::conn::{refuse, Accepted, ConnGuard, Incoming, SourceConn, WorkerCtx};
+use crate::fanout::FanOut;
+use crate::http::{self, Method, ReadHeadError};
+use crate::reasons::{Refusal, Unanswered};
+use crate::shared::Shared;
 
-/// How long a short response (an error, a refusal) may take to write before we give up on the peer.
-pub(crate) const RESPONSE_TIMEOUT: Duration = Duration::from_secs(5);
-/// After a refusal, how much of what the peer keeps sending we read before closing anyway.
-const LINGER_MAX_BYTES: usize = 256 * 1024;
-
-/// What every task on this worker shares.
-pub(crate) struct WorkerCtx {
-    pub shared: Arc<Shared>,
-    pub index: usize,
-    /// The worker index as a metric label.
-    pub label: String,
-    /// Admitted listeners, from their request tasks to the fan-out loop.
-    pub admit: mpsc::UnboundedSender<NewListener>,
-}
+/// What the listener port serves, for `Allow`.
+const ALLOWED_METHODS: &str = "GET, HEAD, SOURCE, PUT";
 
 pub(crate) fn run(
     rt: Runtime,
     shared: Arc<Shared>,
     index: usize,
-    conns: crossbeam::channel::Receiver<Accepted>,
+    conns: Receiver<Accepted>,
+    to_ingest: UnboundedSender<SourceConn>,
 ) {
     let local = LocalSet::new();
     local.block_on(&rt, async move {
@@ -47,6 +38,7 @@ pub(crate) fn run(
             index,
             label: index.to_string(),
             admit: admit_tx,
+            to_ingest,
         });
         let intake = tokio::task::spawn_local(intake(ctx.clone(), conns));
         FanOut::new(ctx.clone(), admit_rx).run().await;
@@ -56,7 +48,7 @@ pub(crate) fn run(
 }
 
 /// Takes sockets handed over by the acceptor and starts a request task for each.
-async fn intake(ctx: Rc<WorkerCtx>, conns: crossbeam::channel::Receiver<Accepted>) {
+async fn intake(ctx: Rc<WorkerCtx>, conns: Receiver<Accepted>) {
     let link = &ctx.shared.workers[ctx.index];
     loop {
         link.conns_ready.notified().await;
@@ -94,131 +86,52 @@ fn spawn_isolated(ctx: &Rc<WorkerCtx>, task: impl std::future::Future<Output = (
     });
 }
 
-/// Why reading a request head ended without a request.
-pub(crate) enum ReadHeadError {
-    /// The peer closed or reset before sending a whole head.
-    Closed,
-    Head(HeadError),
-}
-
-/// Reads until a whole request head has arrived; returns it and any bytes after it (a legacy
-/// source sends media in the same packet as its headers).
-pub(crate) async fn read_head(stream: &mut TcpStream) -> Result<(Request, Vec<u8>), ReadHeadError> {
-    let mut buf = Vec::with_capacity(1024);
-    loop {
-        if let Some((req, n)) = http::parse_head(&buf).map_err(ReadHeadError::Head)? {
-            return Ok((req, buf.split_off(n)));
-        }
-        let room = http::MAX_HEAD_BYTES - buf.len();
-        let mut take = (&mut *stream).take(room as u64);
-        match take.read_buf(&mut buf).await {
-            Ok(0) | Err(_) => return Err(ReadHeadError::Closed),
-            Ok(_) => {}
-        }
-    }
-}
-
+/// Reads the request head within `header_timeout_secs` and routes the request by its method.
 async fn handle(ctx: Rc<WorkerCtx>, mut stream: TcpStream, conn: ConnGuard, over_ip_limit: bool) {
-    let peer = match stream.peer_addr() {
-        Ok(p) => p,
-        Err(_) => return,
-    };
-    if over_ip_limit {
-        let retry = [("Retry-After", "10")];
-        refuse(
-            &ctx.shared,
-            &mut stream,
-            peer,
-            429,
-            "Too Many Requests",
-            &retry,
-            "per_ip_limit",
-        )
-        .await;
+    let Ok(peer) = stream.peer_addr() else {
         return;
+    };
+    let shared = &ctx.shared;
+    if over_ip_limit {
+        return refuse(shared, &mut stream, peer, Refusal::PerIpLimit).await;
     }
-    let timeout = Duration::from_secs(ctx.shared.config.load().header_timeout_secs);
-    let (req, leftover) = match tokio::time::timeout(timeout, read_head(&mut stream)).await {
+    let timeout = Duration::from_secs(shared.config.load().header_timeout_secs);
+    let (req, leftover) = match tokio::time::timeout(timeout, http::read_head(&mut stream)).await {
         Err(_) => {
-            ctx.shared.metrics.reject("header_timeout");
+            shared.metrics.unanswered(Unanswered::HeaderTimeout);
             tracing::info!(%peer, "closed: request head not complete within header_timeout_secs");
             return;
         }
         Ok(Err(ReadHeadError::Closed)) => return,
         Ok(Err(ReadHeadError::Head(e))) => {
-            let (status, phrase) = e.status();
-            refuse(
-                &ctx.shared,
-                &mut stream,
-                peer,
-                status,
-                phrase,
-                &[],
-                e.reason(),
-            )
-            .await;
-            return;
+            return refuse(shared, &mut stream, peer, e.into()).await
         }
         Ok(Ok(r)) => r,
     };
-    let injected = ctx.shared.config.load().panic_injection_mount.clone();
-    if injected.is_some_and(|m| req.path == format!("{m}/panic")) {
-        panic!("panic injected for a test");
+    // Test hook: proves that a panic costs one connection only.
+    #[cfg(feature = "fault-injection")]
+    if let Some(m) = &shared.config.load().panic_injection_mount {
+        if req.path == format!("{m}/panic") {
+            panic!("panic injected for a test");
+        }
     }
-    match req.method {
-        Method::Get | Method::Head if crate::status::is_status_path(&req.path) => {
-            crate::status::serve(&ctx.shared, &mut stream, &req).await
+    let incoming = Incoming {
+        stream,
+        req,
+        leftover,
+        peer,
+        conn,
+    };
+    match incoming.req.method {
+        Method::Get | Method::Head if crate::status::is_status_path(&incoming.req.path) => {
+            crate::status::serve(shared, incoming).await
         }
-        Method::Get | Method::Head => crate::listener::admit(&ctx, stream, req, peer, conn).await,
-        Method::Source | Method::Put => {
-            crate::source::handshake(&ctx, stream, req, leftover, peer, conn).await
-        }
+        Method::Get | Method::Head => crate::admission::admit(&ctx, incoming).await,
+        Method::Source | Method::Put => crate::source::handshake(&ctx, incoming).await,
         Method::Other(ref m) => {
             tracing::debug!(%peer, method = %m, "unsupported method");
-            let allow = [("Allow", "GET, HEAD, SOURCE, PUT")];
-            refuse(
-                &ctx.shared,
-                &mut stream,
-                peer,
-                405,
-                "Method Not Allowed",
-                &allow,
-                "method_not_allowed",
-            )
-            .await;
+            let no = Refusal::MethodNotAllowed(ALLOWED_METHODS);
+            incoming.refuse(shared, no).await
         }
     }
-}
-
-/// Answers with a short error response, counts it by `reason`, logs it once with the peer, and
-/// lets the connection close.
-pub(crate) async fn refuse(
-    shared: &Shared,
-    stream: &mut TcpStream,
-    peer: std::net::SocketAddr,
-    status: u16,
-    phrase: &str,
-    headers: &[(&str, &str)],
-    reason: &'static str,
-) {
-    shared.metrics.reject(reason);
-    tracing::info!(%peer, status, reason, "refused request");
-    let body = format!("{status} {phrase}: {}\n", reason.replace('_', " "));
-    let resp = http::response(status, phrase, headers, &body);
-    let _ = tokio::time::timeout(RESPONSE_TIMEOUT, async {
-        stream.write_all(&resp).await?;
-        stream.shutdown().await?;
-        // Read what the peer still sends (a source's media) until it closes: closing a socket
-        // with unread bytes sends a reset, which can destroy the response before it is read.
-        let mut sink = [0u8; 4096];
-        let mut left = LINGER_MAX_BYTES;
-        while left > 0 {
-            match stream.read(&mut sink).await? {
-                0 => break,
-                n => left = left.saturating_sub(n),
-            }
-        }
-        Ok::<_, std::io::Error>(())
-    })
-    .await;
 }

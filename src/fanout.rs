@@ -1,10 +1,10 @@
-//! Listeners: admission, and the fan-out loop that writes every listener of one worker.
+//! The fan-out loop: one per worker, writing every listener of that worker.
 //!
-//! One loop per worker owns all of that worker's listeners, grouped in shards by mount. When
-//! ingest publishes, the worker is woken once; the loop loads each mount's snapshot once and walks
-//! its listeners, writing each one's backlog with one vectored write of shared `Bytes` (no copy,
-//! no allocation, no lock per listener). Listeners at the same position (all who keep up) share
-//! one gathered slice list per round.
+//! The loop owns all of its worker's listeners, grouped in shards by mount. When ingest
+//! publishes, the worker is woken once; the loop loads each mount's snapshot once (stream and
+//! settings in one load) and walks its listeners, writing each one's backlog with one vectored
+//! write of shared `Bytes` (no copy, no allocation, no lock per listener). Listeners at the same
+//! position (all who keep up) share one gathered slice list per round.
 //!
 //! Writes are coalesced: a listener is written once `min_write_bytes` are pending or its oldest
 //! pending byte is `max_write_delay_ms` old, since a syscall costs the same for 300 bytes as for
@@ -16,260 +16,31 @@
 
 use std::cell::RefCell;
 use std::io::{self, IoSlice};
-use std::net::SocketAddr;
 use std::rc::Rc;
-use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use prometheus::{Histogram, IntCounter, IntCounterVec, IntGauge};
+use prometheus::{Histogram, IntCounter, IntCounterVec};
 use slab::Slab;
-use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 use tokio::sync::{mpsc, Notify};
 use tokio::task::JoinHandle;
 
-use crate::acceptor::ConnGuard;
 use crate::config::{LagPolicy, MountSettings};
-use crate::http::{valid_mount_path, Method, Request};
-use crate::mounts::Mount;
-use crate::server::{stopped, Shared, Stop};
-use crate::store::{Position, Snapshot, SourceState};
+use crate::conn::{ConnGuard, ListenerGuard, NewListener, WorkerCtx};
+use crate::mounts::{Mount, Snapshot};
+use crate::reasons::Disconnect;
+use crate::shared::{stopped, Stop};
+use crate::store::{Position, SourceState};
 use crate::usage::WorkerUsage;
-use crate::worker::{refuse, WorkerCtx, RESPONSE_TIMEOUT};
 
 /// Most slices in one vectored write (Linux allows 1024; beyond a few dozen nothing is gained).
 const MAX_WRITE_SLICES: usize = 64;
 /// Most bytes offered to one write.
 const MAX_WRITE_BYTES: usize = 256 * 1024;
-/// Asked of clients refused for load: when to try again.
-const RETRY_AFTER_SECS: &str = "10";
 /// How often listeners' lag is sampled into `fanstream_listener_lag_bytes`: each sample costs a
 /// histogram update per listener, so not every round.
 const LAG_SAMPLE_EVERY: Duration = Duration::from_secs(1);
-
-/// Why a listener was let go: the `reason` label of `fanstream_listener_disconnects_total`.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub(crate) enum Disconnect {
-    /// The peer closed or reset the connection.
-    ClientClosed,
-    /// A write failed for another reason.
-    WriteError,
-    /// Fell more than `max_lag_bytes` behind under `lag_policy = "disconnect"`.
-    Slow,
-    /// The source left and did not come back within the grace period.
-    SourceGone,
-    /// The server is shutting down.
-    Shutdown,
-    /// Its socket accepted no byte for `send_timeout_secs`.
-    SendTimeout,
-    /// Serving it panicked (a bug); only this listener is lost.
-    Panic,
-}
-
-impl Disconnect {
-    /// Every reason, so that each mount's counters start at zero.
-    pub const ALL: [Disconnect; 7] = [
-        Disconnect::ClientClosed,
-        Disconnect::WriteError,
-        Disconnect::Slow,
-        Disconnect::SourceGone,
-        Disconnect::Shutdown,
-        Disconnect::SendTimeout,
-        Disconnect::Panic,
-    ];
-
-    pub fn reason(self) -> &'static str {
-        match self {
-            Disconnect::ClientClosed => "client_closed",
-            Disconnect::WriteError => "write_error",
-            Disconnect::Slow => "slow",
-            Disconnect::SourceGone => "source_gone",
-            Disconnect::Shutdown => "shutdown",
-            Disconnect::SendTimeout => "send_timeout",
-            Disconnect::Panic => "panic",
-        }
-    }
-
-    fn from_io(e: &io::Error) -> Self {
-        match e.kind() {
-            io::ErrorKind::BrokenPipe
-            | io::ErrorKind::ConnectionReset
-            | io::ErrorKind::ConnectionAborted
-            | io::ErrorKind::NotConnected => Disconnect::ClientClosed,
-            _ => Disconnect::WriteError,
-        }
-    }
-}
-
-/// Counts one listener on its mount, the server and the gauges while it lives.
-pub(crate) struct ListenerGuard {
-    shared: Arc<Shared>,
-    mount: Arc<Mount>,
-    gauge: IntGauge,
-}
-
-impl ListenerGuard {
-    /// Counts a listener in, or returns the limit it would exceed.
-    fn enter(
-        shared: &Arc<Shared>,
-        mount: &Arc<Mount>,
-        worker: &str,
-        enforce: bool,
-    ) -> Result<Self, &'static str> {
-        let on_mount = mount.listeners.fetch_add(1, Ordering::Relaxed);
-        let total = shared.listeners_total.fetch_add(1, Ordering::Relaxed);
-        let gauge = shared
-            .metrics
-            .listeners
-            .with_label_values(&[&mount.path, worker]);
-        gauge.inc();
-        // Built before the checks so that dropping it undoes the increments on refusal too.
-        let guard = ListenerGuard {
-            shared: shared.clone(),
-            mount: mount.clone(),
-            gauge,
-        };
-        if enforce {
-            let max = mount.settings.load().max_listeners;
-            if max > 0 && on_mount >= max {
-                return Err("mount_full");
-            }
-            if total >= shared.config.load().max_listeners {
-                return Err("server_full");
-            }
-        }
-        mount
-            .listener_peak
-            .fetch_max(on_mount + 1, Ordering::Relaxed);
-        Ok(guard)
-    }
-}
-
-impl Drop for ListenerGuard {
-    fn drop(&mut self) {
-        self.mount.listeners.fetch_sub(1, Ordering::Relaxed);
-        self.shared.listeners_total.fetch_sub(1, Ordering::Relaxed);
-        self.gauge.dec();
-    }
-}
-
-/// A listener whose response head is sent, on its way to the fan-out loop.
-pub(crate) struct NewListener {
-    mount: Arc<Mount>,
-    stream: TcpStream,
-    pos: u64,
-    guard: ListenerGuard,
-    conn: ConnGuard,
-}
-
-/// Handles `GET`/`HEAD` on a mount: checks it, sends the response head and hands the listener to
-/// this worker's fan-out.
-pub(crate) async fn admit(
-    ctx: &Rc<WorkerCtx>,
-    mut stream: TcpStream,
-    req: Request,
-    peer: SocketAddr,
-    conn: ConnGuard,
-) {
-    let shared = &ctx.shared;
-    if !valid_mount_path(&req.path) {
-        refuse(
-            &ctx.shared,
-            &mut stream,
-            peer,
-            400,
-            "Bad Request",
-            &[],
-            "bad_path",
-        )
-        .await;
-        return;
-    }
-    let Some(mount) = shared.mounts.get(&req.path) else {
-        refuse(
-            &ctx.shared,
-            &mut stream,
-            peer,
-            404,
-            "Not Found",
-            &[],
-            "unknown_mount",
-        )
-        .await;
-        return;
-    };
-    let snap = mount.store.load_full();
-    if snap.state != SourceState::Live {
-        refuse(
-            &ctx.shared,
-            &mut stream,
-            peer,
-            404,
-            "Not Found",
-            &[],
-            "mount_idle",
-        )
-        .await;
-        return;
-    }
-    let guard = match ListenerGuard::enter(shared, &mount, &ctx.label, true) {
-        Ok(g) => g,
-        Err(reason) => {
-            let retry = [("Retry-After", RETRY_AFTER_SECS)];
-            refuse(
-                &ctx.shared,
-                &mut stream,
-                peer,
-                503,
-                "Service Unavailable",
-                &retry,
-                reason,
-            )
-            .await;
-            return;
-        }
-    };
-    let sndbuf = shared.config.load().listener_send_buffer_bytes;
-    if sndbuf > 0 {
-        if let Err(e) = socket2::SockRef::from(&stream).set_send_buffer_size(sndbuf) {
-            tracing::warn!(%peer, error = %e, "cannot bound the listener's send buffer");
-        }
-    }
-    let head = async {
-        stream.write_all(&snap.info.response_head).await?;
-        if req.method == Method::Get {
-            stream.write_all(&snap.info.preamble).await?;
-        }
-        Ok::<_, io::Error>(())
-    };
-    match tokio::time::timeout(RESPONSE_TIMEOUT, head).await {
-        Ok(Ok(())) => {}
-        _ => {
-            tracing::debug!(%peer, mount = %mount.path, "listener gone before its response head was sent");
-            return;
-        }
-    }
-    if req.method == Method::Head {
-        let _ = stream.shutdown().await;
-        return;
-    }
-    shared
-        .metrics
-        .listener_connects
-        .with_label_values(&[&mount.path])
-        .inc();
-    tracing::debug!(%peer, mount = %mount.path, worker = ctx.index, "listener joined");
-    let pos = snap.join_point(mount.settings.load().burst_bytes);
-    // The fan-out loop lives as long as the worker; if it is gone, so is the listener.
-    let _ = ctx.admit.send(NewListener {
-        mount,
-        stream,
-        pos,
-        guard,
-        conn,
-    });
-}
 
 struct Listener {
     /// Shared with the parked task while the socket is full.
@@ -306,6 +77,9 @@ struct Shard {
     skips: IntCounter,
     disconnects: IntCounterVec,
     lag: Histogram,
+    /// Test hook: serving this shard's listeners panics (`Config::panic_injection_mount`).
+    #[cfg(feature = "fault-injection")]
+    inject_panic: bool,
 }
 
 /// What serving one listener came to.
@@ -367,18 +141,138 @@ struct Tally {
     bytes: u64,
 }
 
+/// Where parked listeners report back: their tasks push (shard id, listener key) and notify.
+#[derive(Default)]
+struct Parking {
+    unparked: Rc<RefCell<Vec<(u64, usize)>>>,
+    notify: Rc<Notify>,
+}
+
+impl Parking {
+    /// Parks a listener whose socket is full until it drains.
+    fn park(&self, l: &mut Listener, shard_id: u64, key: usize) {
+        let stream = l.stream.clone();
+        let unparked = self.unparked.clone();
+        let notify = self.notify.clone();
+        let task = tokio::task::spawn_local(async move {
+            // An error also makes the socket "ready"; the next write reports it.
+            let _ = stream.writable().await;
+            unparked.borrow_mut().push((shard_id, key));
+            notify.notify_one();
+        });
+        l.parked = Some(Parked {
+            task,
+            since: Instant::now(),
+        });
+    }
+}
+
+/// Where a serving pass reports: the worker's parking and counters.
+struct Outlets {
+    parking: Parking,
+    writes: IntCounter,
+    panics: IntCounter,
+}
+
+/// What a serving pass needs besides the shard: the same for every shard of a round.
+struct Pass<'a> {
+    now: Instant,
+    /// Write whatever is pending, ignoring coalescing.
+    force: bool,
+    send_timeout: Duration,
+    out: &'a Outlets,
+}
+
+impl<'a> Pass<'a> {
+    fn new(ctx: &WorkerCtx, out: &'a Outlets, force: bool) -> Self {
+        Pass {
+            now: Instant::now(),
+            force,
+            send_timeout: Duration::from_secs(ctx.shared.config.load().send_timeout_secs),
+            out,
+        }
+    }
+}
+
+impl Shard {
+    /// Serves this shard's listeners (only the one at `only`, if given) against `snap`, the
+    /// mount's snapshot loaded once for the round, acts on each outcome, and adds the work to the
+    /// counters once. Returns the earliest instant a coalesced write falls due.
+    fn serve(&mut self, snap: &Snapshot, only: Option<usize>, pass: &Pass) -> Option<Instant> {
+        let round = Round {
+            snap,
+            settings: &snap.settings,
+            now: pass.now,
+            // With the source gone nothing more is coming to coalesce with: flush everything.
+            force: pass.force || snap.state != SourceState::Live,
+            send_timeout: pass.send_timeout,
+            #[cfg(feature = "fault-injection")]
+            inject_panic: self.inject_panic,
+        };
+        let mut gathered = Gathered::new();
+        let mut tally = Tally::default();
+        let mut next = None;
+        let mut dropped = Vec::new();
+        let Shard {
+            id,
+            listeners,
+            skips,
+            ..
+        } = self;
+        let mut visit = |key: usize, l: &mut Listener| match serve_guarded(
+            l,
+            &round,
+            &mut gathered,
+            &mut tally,
+            &pass.out.panics,
+        ) {
+            Served::Idle(due) => next = earliest(next, due),
+            Served::Done => {}
+            Served::Skipped => skips.inc(),
+            Served::Full => pass.out.parking.park(l, *id, key),
+            Served::Drop(why) => dropped.push((key, why)),
+        };
+        match only {
+            Some(key) => {
+                if let Some(l) = listeners.get_mut(key) {
+                    visit(key, l);
+                }
+            }
+            None => listeners.iter_mut().for_each(|(key, l)| visit(key, l)),
+        }
+        pass.out.writes.inc_by(tally.writes);
+        self.sent_bytes.inc_by(tally.bytes);
+        for (key, why) in dropped {
+            if self.listeners.try_remove(key).is_some() {
+                self.count_disconnects(why, 1);
+            }
+        }
+        next
+    }
+
+    fn drop_all(&mut self, why: Disconnect) {
+        let n = self.listeners.len();
+        self.listeners.clear();
+        self.count_disconnects(why, n as u64);
+    }
+
+    fn count_disconnects(&self, why: Disconnect, n: u64) {
+        if n > 0 {
+            self.disconnects
+                .with_label_values(&[&self.mount.path, why.reason()])
+                .inc_by(n);
+        }
+    }
+}
+
 /// The fan-out loop of one worker.
 pub(crate) struct FanOut {
     ctx: Rc<WorkerCtx>,
     admit_rx: mpsc::UnboundedReceiver<NewListener>,
     shards: Vec<Shard>,
     next_shard_id: u64,
-    /// Parked listeners whose socket became writable: (shard id, listener key).
-    unparked: Rc<RefCell<Vec<(u64, usize)>>>,
-    unparked_notify: Rc<Notify>,
-    writes: IntCounter,
+    out: Outlets,
     wakeups: IntCounter,
-    panics: IntCounter,
     usage: WorkerUsage,
     next_lag_sample: Instant,
 }
@@ -395,11 +289,12 @@ impl FanOut {
             admit_rx,
             shards: Vec::new(),
             next_shard_id: 0,
-            unparked: Rc::default(),
-            unparked_notify: Rc::default(),
-            writes,
+            out: Outlets {
+                parking: Parking::default(),
+                writes,
+                panics,
+            },
             wakeups,
-            panics,
             usage,
             next_lag_sample: Instant::now(),
         }
@@ -427,7 +322,7 @@ impl FanOut {
                     self.wakeups.inc();
                     self.measured_round()
                 }
-                _ = self.unparked_notify.notified() => {
+                _ = self.out.parking.notify.notified() => {
                     self.serve_unparked();
                     continue;
                 }
@@ -496,6 +391,9 @@ impl FanOut {
                     skips: metrics.listener_skips.with_label_values(&[&mount.path]),
                     disconnects: metrics.listener_disconnects.clone(),
                     lag: metrics.listener_lag.with_label_values(&[&mount.path]),
+                    #[cfg(feature = "fault-injection")]
+                    inject_panic: self.ctx.shared.config.load().panic_injection_mount.as_ref()
+                        == Some(&mount.path),
                 });
                 self.shards.len() - 1
             }
@@ -506,42 +404,15 @@ impl FanOut {
 
     /// Serves every listener; returns the earliest instant a coalesced write falls due.
     fn round(&mut self, force: bool) -> Option<Instant> {
-        let now = Instant::now();
-        let send_timeout = self.send_timeout();
+        let pass = Pass::new(&self.ctx, &self.out, force);
         let mut next: Option<Instant> = None;
         let mut moves = Vec::new();
         for shard in &mut self.shards {
             let snap = shard.mount.store.load();
-            let settings = shard.mount.settings.load();
-            let round = Round {
-                snap: &snap,
-                settings: &settings,
-                now,
-                // With the source gone nothing more is coming to coalesce with: flush everything.
-                force: force || snap.state != SourceState::Live,
-                send_timeout,
-                inject_panic: shard.mount.inject_panic,
-            };
-            let mut gathered = Gathered::new();
-            let mut tally = Tally::default();
-            let mut dropped = Vec::new();
-            for (key, l) in shard.listeners.iter_mut() {
-                match serve_guarded(l, &round, &mut gathered, &mut tally, &self.panics) {
-                    Served::Idle(due) => next = earliest(next, due),
-                    Served::Done => {}
-                    Served::Skipped => shard.skips.inc(),
-                    Served::Full => park(l, shard.id, key, &self.unparked, &self.unparked_notify),
-                    Served::Drop(why) => dropped.push((key, why)),
-                }
-            }
-            self.writes.inc_by(tally.writes);
-            shard.sent_bytes.inc_by(tally.bytes);
-            for (key, why) in dropped {
-                remove(shard, key, why);
-            }
+            next = earliest(next, shard.serve(&snap, None, &pass));
             // The mount ended: after that last flush, its listeners leave or move on.
             match &snap.state {
-                SourceState::Closed => drop_all(shard, Disconnect::SourceGone),
+                SourceState::Closed => shard.drop_all(Disconnect::SourceGone),
                 SourceState::MovedTo(fallback) => moves.push((shard.id, fallback.clone())),
                 SourceState::Live | SourceState::Gone(_) => {}
             }
@@ -553,45 +424,18 @@ impl FanOut {
         next
     }
 
-    fn send_timeout(&self) -> Duration {
-        Duration::from_secs(self.ctx.shared.config.load().send_timeout_secs)
-    }
-
     /// Serves one listener at once (a newcomer, or one whose socket drained): it is behind, so
-    /// it is written without waiting for coalescing.
+    /// it is written without waiting for coalescing, and nothing is left pending.
     fn serve_one(&mut self, idx: usize, key: usize) {
-        let send_timeout = self.send_timeout();
+        let pass = Pass::new(&self.ctx, &self.out, true);
         let shard = &mut self.shards[idx];
-        let Some(l) = shard.listeners.get_mut(key) else {
-            return;
-        };
         let snap = shard.mount.store.load();
-        let settings = shard.mount.settings.load();
-        let round = Round {
-            snap: &snap,
-            settings: &settings,
-            now: Instant::now(),
-            force: true,
-            send_timeout,
-            inject_panic: shard.mount.inject_panic,
-        };
-        let mut gathered = Gathered::new();
-        let mut tally = Tally::default();
-        let served = serve_guarded(l, &round, &mut gathered, &mut tally, &self.panics);
-        self.writes.inc_by(tally.writes);
-        shard.sent_bytes.inc_by(tally.bytes);
-        match served {
-            Served::Full => park(l, shard.id, key, &self.unparked, &self.unparked_notify),
-            Served::Drop(why) => remove(shard, key, why),
-            Served::Skipped => shard.skips.inc(),
-            // Forced, so nothing is left pending.
-            Served::Idle(_) | Served::Done => {}
-        }
+        shard.serve(&snap, Some(key), &pass);
     }
 
     /// Serves listeners whose sockets drained; they are behind, so they are written at once.
     fn serve_unparked(&mut self) {
-        let ready = std::mem::take(&mut *self.unparked.borrow_mut());
+        let ready = std::mem::take(&mut *self.out.parking.unparked.borrow_mut());
         for (shard_id, key) in ready {
             let Some(idx) = self.shards.iter().position(|s| s.id == shard_id) else {
                 continue;
@@ -617,23 +461,20 @@ impl FanOut {
         };
         let mut shard = self.shards.swap_remove(idx);
         let shared = self.ctx.shared.clone();
-        let target = shared
-            .mounts
-            .get(fallback)
-            .filter(|m| m.store.load().state == SourceState::Live);
-        let Some(target) = target else {
-            drop_all(&mut shard, Disconnect::SourceGone);
+        let target = shared.mounts.get(fallback).and_then(|m| {
+            let snap = m.store.load_full();
+            (snap.state == SourceState::Live).then_some((m, snap))
+        });
+        let Some((target, snap)) = target else {
+            shard.drop_all(Disconnect::SourceGone);
             return;
         };
-        let pos = target
-            .store
-            .load()
-            .join_point(target.settings.load().burst_bytes);
+        let pos = snap.join_point(snap.settings.burst_bytes);
         tracing::info!(from = %shard.mount.path, to = %target.path, listeners = shard.listeners.len(), "moving listeners to the fallback mount");
         for l in shard.listeners.drain() {
             let Listener { stream, conn, .. } = l;
             // Moved listeners are not refused for the fallback's limits: they were admitted once.
-            let Ok(guard) = ListenerGuard::enter(&shared, &target, &self.ctx.label, false) else {
+            let Ok(guard) = ListenerGuard::enter(&shared, &target, &self.ctx.label, None) else {
                 continue;
             };
             let (idx, key) = self.insert(
@@ -658,13 +499,13 @@ impl FanOut {
             self.round(true);
             while self.any_pending() {
                 tokio::select! {
-                    _ = self.unparked_notify.notified() => self.serve_unparked(),
+                    _ = self.out.parking.notify.notified() => self.serve_unparked(),
                     _ = tokio::time::sleep_until(deadline) => break,
                 }
             }
         }
         for shard in &mut self.shards {
-            drop_all(shard, Disconnect::Shutdown);
+            shard.drop_all(Disconnect::Shutdown);
         }
         self.shards.clear();
     }
@@ -693,7 +534,7 @@ struct Round<'s> {
     /// Write whatever is pending, ignoring coalescing.
     force: bool,
     send_timeout: Duration,
-    /// Test hook: serving this mount's listeners panics (see `Config::panic_injection_mount`).
+    #[cfg(feature = "fault-injection")]
     inject_panic: bool,
 }
 
@@ -732,6 +573,7 @@ fn serve<'s>(
         force,
         ..
     } = *round;
+    #[cfg(feature = "fault-injection")]
     if round.inject_panic {
         panic!("panic injected for a test");
     }
@@ -795,49 +637,5 @@ fn lag_policy(l: &mut Listener, snap: &Snapshot, settings: &MountSettings) -> Se
             l.pos = snap.end;
             Served::Skipped
         }
-    }
-}
-
-/// Parks a listener whose socket is full until it drains.
-fn park(
-    l: &mut Listener,
-    shard_id: u64,
-    key: usize,
-    unparked: &Rc<RefCell<Vec<(u64, usize)>>>,
-    notify: &Rc<Notify>,
-) {
-    let stream = l.stream.clone();
-    let unparked = unparked.clone();
-    let notify = notify.clone();
-    let task = tokio::task::spawn_local(async move {
-        // An error also makes the socket "ready"; the next write reports it.
-        let _ = stream.writable().await;
-        unparked.borrow_mut().push((shard_id, key));
-        notify.notify_one();
-    });
-    l.parked = Some(Parked {
-        task,
-        since: Instant::now(),
-    });
-}
-
-fn remove(shard: &mut Shard, key: usize, why: Disconnect) {
-    if shard.listeners.try_remove(key).is_some() {
-        count_disconnects(shard, why, 1);
-    }
-}
-
-fn drop_all(shard: &mut Shard, why: Disconnect) {
-    let n = shard.listeners.len();
-    shard.listeners.clear();
-    count_disconnects(shard, why, n as u64);
-}
-
-fn count_disconnects(shard: &Shard, why: Disconnect, n: u64) {
-    if n > 0 {
-        shard
-            .disconnects
-            .with_label_values(&[&shard.mount.path, why.reason()])
-            .inc_by(n);
     }
 }

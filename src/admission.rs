@@ -1,0 +1,86 @@
+//! Admitting a listener: `GET`/`HEAD` on a mount is checked, answered with the stream's response
+//! head, and the listener is handed over a channel to its worker's fan-out loop, which writes it
+//! from then on (the two share only the `NewListener` type they pass).
+
+use std::io;
+use std::rc::Rc;
+use std::sync::Arc;
+
+use tokio::io::AsyncWriteExt;
+
+use crate::conn::{Incoming, ListenerGuard, NewListener, WorkerCtx};
+use crate::http::{valid_mount_path, Method, RESPONSE_TIMEOUT};
+use crate::mounts::{Mount, Snapshot};
+use crate::reasons::Refusal;
+use crate::store::SourceState;
+
+pub(crate) async fn admit(ctx: &Rc<WorkerCtx>, incoming: Incoming) {
+    let (mount, snap, guard) = match check(ctx, &incoming.req.path) {
+        Ok(admitted) => admitted,
+        Err(no) => return incoming.refuse(&ctx.shared, no).await,
+    };
+    let Incoming {
+        mut stream,
+        req,
+        peer,
+        conn,
+        ..
+    } = incoming;
+    let sndbuf = ctx.shared.config.load().listener_send_buffer_bytes;
+    if sndbuf > 0 {
+        if let Err(e) = socket2::SockRef::from(&stream).set_send_buffer_size(sndbuf) {
+            tracing::warn!(%peer, error = %e, "cannot bound the listener's send buffer");
+        }
+    }
+    let head = async {
+        stream.write_all(&snap.info.response_head).await?;
+        if req.method == Method::Get {
+            stream.write_all(&snap.info.preamble).await?;
+        }
+        Ok::<_, io::Error>(())
+    };
+    match tokio::time::timeout(RESPONSE_TIMEOUT, head).await {
+        Ok(Ok(())) => {}
+        _ => {
+            tracing::debug!(%peer, mount = %mount.path, "listener gone before its response head was sent");
+            return;
+        }
+    }
+    if req.method == Method::Head {
+        let _ = stream.shutdown().await;
+        return;
+    }
+    ctx.shared
+        .metrics
+        .listener_connects
+        .with_label_values(&[&mount.path])
+        .inc();
+    tracing::debug!(%peer, mount = %mount.path, worker = ctx.index, "listener joined");
+    let pos = snap.join_point(snap.settings.burst_bytes);
+    // The fan-out loop lives as long as the worker; if it is gone, so is the listener.
+    let _ = ctx.admit.send(NewListener {
+        mount,
+        stream,
+        pos,
+        guard,
+        conn,
+    });
+}
+
+/// The mount to join, as it stands now, and the listener counted in; or why not.
+fn check(
+    ctx: &WorkerCtx,
+    path: &str,
+) -> Result<(Arc<Mount>, Arc<Snapshot>, ListenerGuard), Refusal> {
+    if !valid_mount_path(path) {
+        return Err(Refusal::BadPath);
+    }
+    let mount = ctx.shared.mounts.get(path).ok_or(Refusal::UnknownMount)?;
+    let snap = mount.store.load_full();
+    if snap.state != SourceState::Live {
+        return Err(Refusal::MountIdle);
+    }
+    let limit = Some(snap.settings.max_listeners);
+    let guard = ListenerGuard::enter(&ctx.shared, &mount, &ctx.label, limit)?;
+    Ok((mount, snap, guard))
+}

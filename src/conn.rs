@@ -1,0 +1,227 @@
+//! Connections as they pass from one stage to the next, with the guards that count them, and the
+//! one place that answers a refused request.
+//!
+//! - acceptor → worker: [`Accepted`], a socket with its [`ConnGuard`].
+//! - the worker's router → a stage on the same worker: [`Incoming`], a request with its socket,
+//!   served in the [`WorkerCtx`] every task of that worker shares.
+//! - worker (source handshake) or the demo → ingest: [`SourceConn`], a source for a mount.
+//! - admission → the worker's fan-out: [`NewListener`], with its [`ListenerGuard`].
+
+use std::net::SocketAddr;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use prometheus::IntGauge;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+use tokio::sync::mpsc::UnboundedSender;
+
+use crate::http::{Request, RESPONSE_TIMEOUT};
+use crate::mounts::Mount;
+use crate::reasons::Refusal;
+use crate::shared::Shared;
+use crate::store::StreamInfo;
+
+/// After a refusal, how much of what the peer keeps sending we read before closing anyway.
+const LINGER_MAX_BYTES: usize = 256 * 1024;
+
+/// A connection on its way from the acceptor to a worker.
+pub(crate) struct Accepted {
+    pub stream: std::net::TcpStream,
+    pub guard: ConnGuard,
+    /// The client's address already holds `max_connections_per_ip`: the worker answers 429.
+    pub over_ip_limit: bool,
+}
+
+/// Counts a connection against its worker's load and its address until dropped.
+/// The acceptor creates it (incrementing), whoever holds the connection last drops it.
+pub(crate) struct ConnGuard {
+    shared: Arc<Shared>,
+    worker: usize,
+    /// Set when per-address counting is on.
+    ip: Option<std::net::IpAddr>,
+}
+
+impl ConnGuard {
+    /// Counts a connection in; the acceptor has already incremented the worker's count and the
+    /// address's, which the guard gives back when dropped.
+    pub fn new(shared: Arc<Shared>, worker: usize, ip: Option<std::net::IpAddr>) -> Self {
+        ConnGuard { shared, worker, ip }
+    }
+}
+
+impl Drop for ConnGuard {
+    fn drop(&mut self) {
+        self.shared.workers[self.worker]
+            .connections
+            .fetch_sub(1, Ordering::Relaxed);
+        if let Some(ip) = self.ip {
+            let mut per_ip = self.shared.per_ip.lock().unwrap_or_else(|e| e.into_inner());
+            if let Some(n) = per_ip.get_mut(&ip) {
+                *n -= 1;
+                if *n == 0 {
+                    per_ip.remove(&ip);
+                }
+            }
+        }
+        // The acceptor may be waiting for room.
+        self.shared.room.notify_one();
+    }
+}
+
+/// What every task on one worker shares.
+pub(crate) struct WorkerCtx {
+    pub shared: Arc<Shared>,
+    pub index: usize,
+    /// The worker index as a metric label.
+    pub label: String,
+    /// Admitted listeners, from their request tasks to this worker's fan-out loop.
+    pub admit: UnboundedSender<NewListener>,
+    /// Authenticated sources, to the ingest thread.
+    pub to_ingest: UnboundedSender<SourceConn>,
+}
+
+/// A request whose head has been read, with its connection: what the router hands a stage.
+pub(crate) struct Incoming {
+    pub stream: TcpStream,
+    pub req: Request,
+    /// Bytes that arrived after the head (a legacy source's first media).
+    pub leftover: Vec<u8>,
+    pub peer: SocketAddr,
+    pub conn: ConnGuard,
+}
+
+impl Incoming {
+    /// Refuses the request (see [`refuse`]).
+    pub async fn refuse(mut self, shared: &Shared, no: Refusal) {
+        refuse(shared, &mut self.stream, self.peer, no).await;
+    }
+}
+
+/// A source on its way to ingest, which claims the mount for it and reads what it feeds.
+pub(crate) struct SourceConn {
+    pub mount: String,
+    pub info: StreamInfo,
+    pub feed: Feed,
+    /// Told the claim's outcome, for a sender that must know it before going on (the server
+    /// starting the demo: the mount is live before start-up ends).
+    pub claimed: Option<std::sync::mpsc::SyncSender<Result<(), Refusal>>>,
+}
+
+/// Where a source's bytes come from.
+pub(crate) enum Feed {
+    /// An encoder's connection: ingest answers it and reads its body.
+    Encoder(Encoder),
+    /// Pieces made on another thread (the demo); the sender stops when the receiver is dropped.
+    Pieces(tokio::sync::mpsc::Receiver<Bytes>),
+}
+
+impl Feed {
+    /// Who feeds the mount, for log lines.
+    pub fn origin(&self) -> String {
+        match self {
+            Feed::Encoder(e) => e.peer.to_string(),
+            Feed::Pieces(_) => "generated".into(),
+        }
+    }
+}
+
+/// An authenticated encoder, not answered yet.
+pub(crate) struct Encoder {
+    pub stream: std::net::TcpStream,
+    pub peer: SocketAddr,
+    /// The encoder waits for `100 Continue` before sending.
+    pub expect_continue: bool,
+    /// The body is `Transfer-Encoding: chunked`.
+    pub chunked: bool,
+    /// Body bytes that arrived with the request head.
+    pub leftover: Vec<u8>,
+}
+
+/// A listener whose response head is sent, on its way to its worker's fan-out loop.
+pub(crate) struct NewListener {
+    pub mount: Arc<Mount>,
+    pub stream: TcpStream,
+    /// Absolute offset of the first byte to send it (its join point).
+    pub pos: u64,
+    pub guard: ListenerGuard,
+    pub conn: ConnGuard,
+}
+
+/// Counts one listener on its mount, the server and the gauges while it lives.
+pub(crate) struct ListenerGuard {
+    shared: Arc<Shared>,
+    mount: Arc<Mount>,
+    gauge: IntGauge,
+}
+
+impl ListenerGuard {
+    /// Counts a listener in. With `max_listeners` (the mount's limit, 0 for none) it is refused,
+    /// and counted out again, when the mount or the server is full.
+    pub fn enter(
+        shared: &Arc<Shared>,
+        mount: &Arc<Mount>,
+        worker: &str,
+        max_listeners: Option<usize>,
+    ) -> Result<Self, Refusal> {
+        let on_mount = mount.listeners.fetch_add(1, Ordering::Relaxed);
+        let total = shared.listeners_total.fetch_add(1, Ordering::Relaxed);
+        let gauge = shared
+            .metrics
+            .listeners
+            .with_label_values(&[&mount.path, worker]);
+        gauge.inc();
+        // Built before the checks so that dropping it undoes the increments on refusal too.
+        let guard = ListenerGuard {
+            shared: shared.clone(),
+            mount: mount.clone(),
+            gauge,
+        };
+        if let Some(max) = max_listeners {
+            if max > 0 && on_mount >= max {
+                return Err(Refusal::MountFull);
+            }
+            if total >= shared.config.load().max_listeners {
+                return Err(Refusal::ServerFull);
+            }
+        }
+        mount
+            .listener_peak
+            .fetch_max(on_mount + 1, Ordering::Relaxed);
+        Ok(guard)
+    }
+}
+
+impl Drop for ListenerGuard {
+    fn drop(&mut self) {
+        self.mount.listeners.fetch_sub(1, Ordering::Relaxed);
+        self.shared.listeners_total.fetch_sub(1, Ordering::Relaxed);
+        self.gauge.dec();
+    }
+}
+
+/// Answers a refused request, counts it, logs it once with the peer, and lets the connection
+/// close.
+pub(crate) async fn refuse(shared: &Shared, stream: &mut TcpStream, peer: SocketAddr, no: Refusal) {
+    shared.metrics.refused(no);
+    tracing::info!(%peer, status = no.status(), reason = no.reason(), "refused request");
+    let resp = no.response();
+    let _ = tokio::time::timeout(RESPONSE_TIMEOUT, async {
+        stream.write_all(&resp).await?;
+        stream.shutdown().await?;
+        // Read what the peer still sends (a source's media) until it closes: closing a socket
+        // with unread bytes sends a reset, which can destroy the response before it is read.
+        let mut sink = [0u8; 4096];
+        let mut left = LINGER_MAX_BYTES;
+        while left > 0 {
+            match stream.read(&mut sink).await? {
+                0 => break,
+                n => left = left.saturating_sub(n),
+            }
+        }
+        Ok::<_, std::io::Error>(())
+    })
+    .await;
+}

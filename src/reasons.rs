@@ -1,0 +1,282 @@
+//! Why connections end: the fixed sets of reasons that label `fanstream_rejected_requests_total`
+//! and `fanstream_listener_disconnects_total` and name the cause in log lines.
+//!
+//! A refusal is a value: a check returns `Err(Refusal::...)`, and one function (`refuse`, in
+//! the `conn` module, a layer above) answers it, counts it and logs it. Each variant knows its status,
+//! its label and the headers it needs, so no call site spells any of them out.
+//!
+//! The `reason` labels of `fanstream_rejected_requests_total`, all of them:
+//!
+//! | label | status | when |
+//! |---|---|---|
+//! | `per_ip_limit` | 429 | the address holds `max_connections_per_ip` connections already |
+//! | `malformed_request` | 400 | the request head is not HTTP/1.x |
+//! | `uri_too_long` | 414 | the request line alone exceeds the head limit |
+//! | `headers_too_large` | 431 | the head exceeds 8 KiB or 64 headers |
+//! | `method_not_allowed` | 405 | not GET, HEAD, SOURCE or PUT (or not GET/HEAD on the admin port) |
+//! | `bad_path` | 400 | not a mount path (odd bytes, `..`, empty segments, too long) |
+//! | `unknown_mount` | 404 | no such mount |
+//! | `mount_idle` | 404 | the mount waits for its source |
+//! | `mount_full` | 503 | the mount holds its `max_listeners` |
+//! | `server_full` | 503 | the server holds `max_listeners` |
+//! | `unsupported_transfer_encoding` | 501 | a source body neither plain nor chunked |
+//! | `conflicting_length` | 400 | a source sent both chunked and Content-Length |
+//! | `missing_content_type` | 400 | a `PUT` source without Content-Type |
+//! | `auth_required` | 401 | no credentials |
+//! | `bad_credentials` | 401 | wrong user or password |
+//! | `auth_rate_limited` | 429 | too many failed logins from the address |
+//! | `mount_in_use` | 403 | a source is live on the mount |
+//! | `too_many_sources` | 503 | `max_sources` sources are live |
+//! | `header_timeout` | none | the head did not arrive within `header_timeout_secs`; closed |
+//! | `workers_full` | none | every worker holds its share of `max_connections`; accepting paused |
+//! | `accept_resources_exhausted` | none | accept failed for lack of descriptors or memory |
+
+use std::io;
+
+use crate::http;
+
+/// The challenge a 401 carries: sources and the admin API are told apart, so that a browser or a
+/// password manager does not offer one's credentials for the other.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Realm {
+    Source,
+    Admin,
+}
+
+impl Realm {
+    fn challenge(self) -> &'static str {
+        match self {
+            Realm::Source => "Basic realm=\"fanstream\"",
+            Realm::Admin => "Basic realm=\"fanstream admin\"",
+        }
+    }
+}
+
+/// Asked of clients refused for load: when to try again, in seconds.
+const RETRY_AFTER_SECS: u64 = 10;
+
+/// A request turned away with an answer.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Refusal {
+    PerIpLimit,
+    Malformed,
+    UriTooLong,
+    HeadersTooLarge,
+    /// Carries the methods the port allows, for `Allow`.
+    MethodNotAllowed(&'static str),
+    BadPath,
+    UnknownMount,
+    MountIdle,
+    MountFull,
+    ServerFull,
+    UnsupportedTransferEncoding,
+    ConflictingLength,
+    MissingContentType,
+    AuthRequired(Realm),
+    BadCredentials(Realm),
+    AuthRateLimited {
+        retry_after_secs: u64,
+    },
+    MountInUse,
+    TooManySources,
+}
+
+impl Refusal {
+    pub fn status(self) -> u16 {
+        match self {
+            Refusal::Malformed
+            | Refusal::BadPath
+            | Refusal::ConflictingLength
+            | Refusal::MissingContentType => 400,
+            Refusal::AuthRequired(_) | Refusal::BadCredentials(_) => 401,
+            Refusal::MountInUse => 403,
+            Refusal::UnknownMount | Refusal::MountIdle => 404,
+            Refusal::MethodNotAllowed(_) => 405,
+            Refusal::UriTooLong => 414,
+            Refusal::PerIpLimit | Refusal::AuthRateLimited { .. } => 429,
+            Refusal::HeadersTooLarge => 431,
+            Refusal::UnsupportedTransferEncoding => 501,
+            Refusal::MountFull | Refusal::ServerFull | Refusal::TooManySources => 503,
+        }
+    }
+
+    /// The metric label and the log's `reason`.
+    pub fn reason(self) -> &'static str {
+        match self {
+            Refusal::PerIpLimit => "per_ip_limit",
+            Refusal::Malformed => "malformed_request",
+            Refusal::UriTooLong => "uri_too_long",
+            Refusal::HeadersTooLarge => "headers_too_large",
+            Refusal::MethodNotAllowed(_) => "method_not_allowed",
+            Refusal::BadPath => "bad_path",
+            Refusal::UnknownMount => "unknown_mount",
+            Refusal::MountIdle => "mount_idle",
+            Refusal::MountFull => "mount_full",
+            Refusal::ServerFull => "server_full",
+            Refusal::UnsupportedTransferEncoding => "unsupported_transfer_encoding",
+            Refusal::ConflictingLength => "conflicting_length",
+            Refusal::MissingContentType => "missing_content_type",
+            Refusal::AuthRequired(_) => "auth_required",
+            Refusal::BadCredentials(_) => "bad_credentials",
+            Refusal::AuthRateLimited { .. } => "auth_rate_limited",
+            Refusal::MountInUse => "mount_in_use",
+            Refusal::TooManySources => "too_many_sources",
+        }
+    }
+
+    /// The whole response: status line, the headers this refusal needs, and a one-line body
+    /// that says why (`503 Service Unavailable: mount full`).
+    pub fn response(self) -> Vec<u8> {
+        let status = self.status();
+        let phrase = http::status_phrase(status);
+        let retry;
+        let header: Option<(&str, &str)> = match self {
+            Refusal::AuthRequired(realm) | Refusal::BadCredentials(realm) => {
+                Some(("WWW-Authenticate", realm.challenge()))
+            }
+            Refusal::MethodNotAllowed(allow) => Some(("Allow", allow)),
+            Refusal::PerIpLimit | Refusal::MountFull | Refusal::ServerFull => {
+                retry = RETRY_AFTER_SECS.to_string();
+                Some(("Retry-After", &retry))
+            }
+            Refusal::AuthRateLimited { retry_after_secs } => {
+                retry = retry_after_secs.to_string();
+                Some(("Retry-After", &retry))
+            }
+            _ => None,
+        };
+        let body = format!("{status} {phrase}: {}\n", self.reason().replace('_', " "));
+        http::response(status, phrase, header.as_slice(), &body)
+    }
+}
+
+impl From<http::HeadError> for Refusal {
+    fn from(e: http::HeadError) -> Self {
+        match e {
+            http::HeadError::Malformed => Refusal::Malformed,
+            http::HeadError::UriTooLong => Refusal::UriTooLong,
+            http::HeadError::HeadersTooLarge => Refusal::HeadersTooLarge,
+        }
+    }
+}
+
+/// A connection turned away without an answer, counted under the same metric.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Unanswered {
+    HeaderTimeout,
+    WorkersFull,
+    AcceptResourcesExhausted,
+}
+
+impl Unanswered {
+    pub fn reason(self) -> &'static str {
+        match self {
+            Unanswered::HeaderTimeout => "header_timeout",
+            Unanswered::WorkersFull => "workers_full",
+            Unanswered::AcceptResourcesExhausted => "accept_resources_exhausted",
+        }
+    }
+}
+
+/// Why a listener was let go: the `reason` label of `fanstream_listener_disconnects_total`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Disconnect {
+    /// The peer closed or reset the connection.
+    ClientClosed,
+    /// A write failed for another reason.
+    WriteError,
+    /// Fell more than `max_lag_bytes` behind under `lag_policy = "disconnect"`.
+    Slow,
+    /// The source left and did not come back within the grace period.
+    SourceGone,
+    /// The server is shutting down.
+    Shutdown,
+    /// Its socket accepted no byte for `send_timeout_secs`.
+    SendTimeout,
+    /// Serving it panicked (a bug); only this listener is lost.
+    Panic,
+}
+
+impl Disconnect {
+    /// Every reason, so that each mount's counters start at zero.
+    pub const ALL: [Disconnect; 7] = [
+        Disconnect::ClientClosed,
+        Disconnect::WriteError,
+        Disconnect::Slow,
+        Disconnect::SourceGone,
+        Disconnect::Shutdown,
+        Disconnect::SendTimeout,
+        Disconnect::Panic,
+    ];
+
+    pub fn reason(self) -> &'static str {
+        match self {
+            Disconnect::ClientClosed => "client_closed",
+            Disconnect::WriteError => "write_error",
+            Disconnect::Slow => "slow",
+            Disconnect::SourceGone => "source_gone",
+            Disconnect::Shutdown => "shutdown",
+            Disconnect::SendTimeout => "send_timeout",
+            Disconnect::Panic => "panic",
+        }
+    }
+
+    pub fn from_io(e: &io::Error) -> Self {
+        match e.kind() {
+            io::ErrorKind::BrokenPipe
+            | io::ErrorKind::ConnectionReset
+            | io::ErrorKind::ConnectionAborted
+            | io::ErrorKind::NotConnected => Disconnect::ClientClosed,
+            _ => Disconnect::WriteError,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn text(r: Refusal) -> String {
+        String::from_utf8(r.response()).unwrap()
+    }
+
+    #[test]
+    fn each_refusal_carries_its_status_reason_and_headers() {
+        let r = text(Refusal::MountFull);
+        assert!(r.starts_with("HTTP/1.0 503 Service Unavailable\r\n"), "{r}");
+        assert!(r.contains("Retry-After: 10\r\n"), "{r}");
+        assert!(
+            r.ends_with("\r\n\r\n503 Service Unavailable: mount full\n"),
+            "{r}"
+        );
+
+        let r = text(Refusal::AuthRequired(Realm::Admin));
+        assert!(r.starts_with("HTTP/1.0 401 Unauthorized\r\n"), "{r}");
+        assert!(
+            r.contains("WWW-Authenticate: Basic realm=\"fanstream admin\"\r\n"),
+            "{r}"
+        );
+
+        let r = text(Refusal::AuthRateLimited {
+            retry_after_secs: 42,
+        });
+        assert!(r.starts_with("HTTP/1.0 429 Too Many Requests\r\n"), "{r}");
+        assert!(r.contains("Retry-After: 42\r\n"), "{r}");
+
+        let r = text(Refusal::MethodNotAllowed("GET, HEAD"));
+        assert!(r.contains("Allow: GET, HEAD\r\n"), "{r}");
+
+        let r = text(Refusal::BadPath);
+        assert!(r.starts_with("HTTP/1.0 400 Bad Request\r\n"), "{r}");
+        assert!(!r.contains("Retry-After") && !r.contains("WWW-Authenticate"));
+    }
+
+    #[test]
+    fn head_errors_map_to_their_refusals() {
+        assert_eq!(Refusal::from(http::HeadError::UriTooLong).status(), 414);
+        assert_eq!(
+            Refusal::from(http::HeadError::HeadersTooLarge).reason(),
+            "headers_too_large"
+        );
+    }
+}
