@@ -28,11 +28,13 @@ RESULTS := docs/performance
 run:
 	$(CARGO) run --release --bin fanstream -- $(ARGS)
 
+# At the root cargo acts on the server (the root package) alone: --workspace adds the load tool
+# (tools/fanstream-load).
 build:
-	$(CARGO) build --all-targets
+	$(CARGO) build --workspace --all-targets
 
 release:
-	$(CARGO) build --release --bins
+	$(CARGO) build --release --workspace --bins
 
 ## make deps: install what the tests need (Debian packages) when it is missing.
 deps: fuzz-deps
@@ -51,16 +53,16 @@ fmt-check:
 	$(CARGO) fmt --all -- --check
 
 clippy:
-	$(CARGO) clippy --all-targets -- -D warnings
+	$(CARGO) clippy --workspace --all-targets -- -D warnings
 
 ## make test: install test dependencies, then format check, lints, every test (the soak for 60 s)
 ## and a short fuzz run of each parser.
 test: deps fmt-check clippy
-	$(CARGO) test --all-targets
+	$(CARGO) test --workspace --all-targets
 	$(MAKE) fuzz FUZZ_SECONDS=$(TEST_FUZZ_SECONDS)
 
 unit:
-	$(CARGO) test --lib
+	$(CARGO) test -p fanstream --lib
 
 ## make load: one load run (CLIENTS, BITRATE_KBPS, SECONDS, WORKERS, MOUNTS); summary in target/load/.
 load: release
@@ -92,7 +94,7 @@ coalescing: release
 
 ## make bench: criterion benches (store, fan-out, request parsing).
 bench:
-	$(CARGO) bench --benches
+	$(CARGO) bench -p fanstream --benches
 
 # Debian packages the load targets need, installed when missing.
 icecast:

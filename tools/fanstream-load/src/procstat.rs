@@ -49,7 +49,9 @@ pub fn machine_cpu() -> Option<(f64, f64)> {
     Some(((total - idle) / t, total / t))
 }
 
-/// Raises this process's open-file limit to its hard limit: one fd per connection.
+/// Raises this process's open-file limit to its hard limit (one fd per connection) and returns
+/// the limit now in force. Async-signal-safe (getrlimit and setrlimit only, nothing allocated),
+/// so a forked child may call it before exec.
 pub fn raise_fd_limit() -> u64 {
     let mut lim = libc::rlimit {
         rlim_cur: 0,

@@ -2,14 +2,34 @@
 //! listeners, checked through its JSON summary. Figures are not asserted (they belong to
 //! `make load`), only that every listener was served every byte, intact.
 
-mod common;
-
+use std::path::PathBuf;
 use std::process::Command;
 
-use common::process::scratch_dir;
+/// A fresh scratch directory for one test, under target/.
+fn scratch_dir(test: &str) -> PathBuf {
+    let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(test);
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+/// The server binary, built into the same directory as this package's binary: Cargo gives a
+/// test the paths of its own package's binaries only, and the server is another package.
+fn fanstream_bin() -> PathBuf {
+    let bin = PathBuf::from(env!("CARGO_BIN_EXE_fanstream-load")).with_file_name("fanstream");
+    assert!(
+        bin.is_file(),
+        "the server binary {} is missing: run the tests with `cargo test --workspace`, which \
+         builds every package's binaries first, or build it with `cargo build -p fanstream --bin \
+         fanstream` (add `--release` for a release test run)",
+        bin.display()
+    );
+    bin
+}
 
 #[test]
 fn a_short_load_run_serves_every_listener_in_full() {
+    let fanstream = fanstream_bin();
     let out = scratch_dir("load_tool_run");
     let status = Command::new(env!("CARGO_BIN_EXE_fanstream-load"))
         .args([
@@ -23,7 +43,7 @@ fn a_short_load_run_serves_every_listener_in_full() {
         ])
         .args(["--per-process", "20", "--name", "smoke"])
         .arg("--fanstream-bin")
-        .arg(env!("CARGO_BIN_EXE_fanstream"))
+        .arg(fanstream)
         .arg("--out-dir")
         .arg(&out)
         .status()

@@ -10,6 +10,8 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use crate::procstat;
+
 /// The password of every load source.
 pub const PASSWORD: &str = "load-secret";
 /// Same burst and lag window on both servers, so that they are compared on equal terms.
@@ -117,18 +119,11 @@ fn free_port() -> std::io::Result<u16> {
 /// it the open-file limit it needs for the load.
 fn child_of_ours(cmd: &mut Command) -> &mut Command {
     // SAFETY: the closure runs in the forked child before exec and calls only async-signal-safe
-    // functions (prctl, getrlimit, setrlimit) on memory it owns.
+    // functions (prctl, and getrlimit and setrlimit in raise_fd_limit) on memory it owns.
     unsafe {
         cmd.pre_exec(|| {
             libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
-            let mut lim = libc::rlimit {
-                rlim_cur: 0,
-                rlim_max: 0,
-            };
-            if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) == 0 {
-                lim.rlim_cur = lim.rlim_max;
-                libc::setrlimit(libc::RLIMIT_NOFILE, &lim);
-            }
+            procstat::raise_fd_limit();
             Ok(())
         })
     }
