@@ -72,7 +72,7 @@ impl Tone {
 /// Claims the demo mount, so that it is live before the server reports itself started, and
 /// returns the task that plays the tone into it.
 pub(crate) fn start(ingest: Rc<Ingest>) -> Option<impl std::future::Future<Output = ()>> {
-    let path = ingest.shared().config.load().demo_mount.clone();
+    let path = ingest.shared().config.load().startup.demo_mount.clone();
     let meta = StreamMeta {
         content_type: "audio/wav".into(),
         name: Some("fanstream demo".into()),

@@ -211,7 +211,7 @@ pub(crate) fn run(
             shared: shared.clone(),
             entries: RefCell::new(HashMap::new()),
         });
-        if shared.config.load().demo {
+        if shared.config.load().startup.demo {
             if let Some(play) = crate::demo::start(ingest.clone()) {
                 tokio::task::spawn_local(play);
             }
