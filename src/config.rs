@@ -4,10 +4,11 @@
 //! rejects nonsense, naming the setting, before anything binds.
 
 use std::collections::BTreeMap;
-use std::net::SocketAddr;
+use std::net::{AddrParseError, SocketAddr};
 use std::path::{Path, PathBuf};
 
-use serde::Deserialize;
+use serde::de::{DeserializeOwned, Error as _, Visitor};
+use serde::{Deserialize, Deserializer, Serialize};
 
 /// What to do with a listener that falls more than `max_lag_bytes` behind the live edge.
 #[derive(Clone, Copy, Debug, Deserialize, PartialEq, Eq)]
@@ -19,8 +20,8 @@ pub enum LagPolicy {
     Skip,
 }
 
-/// Per-mount settings; in `[mounts."/path"]` every field is optional and falls back to
-/// `[defaults]`.
+/// Per-mount settings. `[defaults]` sets them for every mount; in `[mounts."/path"]` each key
+/// given overrides `[defaults]`, the rest come from it.
 #[derive(Clone, Debug, Deserialize, PartialEq)]
 #[serde(default, deny_unknown_fields)]
 pub struct MountSettings {
@@ -78,51 +79,89 @@ impl MountSettings {
     }
 }
 
-/// A mount as written in the file: each setting given overrides `[defaults]`.
-#[derive(Clone, Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct MountOverrides {
-    source_password: Option<String>,
-    source_password_file: Option<PathBuf>,
-    max_listeners: Option<usize>,
-    burst_bytes: Option<u64>,
-    max_lag_bytes: Option<u64>,
-    lag_policy: Option<LagPolicy>,
-    source_grace_secs: Option<u64>,
-    fallback_mount: Option<String>,
-    min_write_bytes: Option<usize>,
-    max_write_delay_ms: Option<u64>,
-}
-
-impl MountOverrides {
-    fn apply(self, base: &MountSettings) -> MountSettings {
-        MountSettings {
-            source_password: self
-                .source_password
-                .or_else(|| base.source_password.clone()),
-            source_password_file: self
-                .source_password_file
-                .or_else(|| base.source_password_file.clone()),
-            max_listeners: self.max_listeners.unwrap_or(base.max_listeners),
-            burst_bytes: self.burst_bytes.unwrap_or(base.burst_bytes),
-            max_lag_bytes: self.max_lag_bytes.unwrap_or(base.max_lag_bytes),
-            lag_policy: self.lag_policy.unwrap_or(base.lag_policy),
-            source_grace_secs: self.source_grace_secs.unwrap_or(base.source_grace_secs),
-            fallback_mount: self.fallback_mount.or_else(|| base.fallback_mount.clone()),
-            min_write_bytes: self.min_write_bytes.unwrap_or(base.min_write_bytes),
-            max_write_delay_ms: self.max_write_delay_ms.unwrap_or(base.max_write_delay_ms),
-        }
-    }
-}
-
-/// The whole configuration.
-#[derive(Clone, Debug, PartialEq)]
-pub struct Config {
+/// Settings bound at start-up (sockets, threads, the demo): a reload keeps them whole until the
+/// next restart ([`Config::reloaded`]). In the file they are top-level keys like the others.
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct Startup {
     /// Where listeners and sources connect. Default `0.0.0.0:8000` (Icecast's port).
     pub listen: SocketAddr,
     /// Where `/metrics` and the status pages are served, on its own thread. Default
     /// `127.0.0.1:8001`; none disables it.
+    #[serde(deserialize_with = "deserialize_admin_listen")]
     pub admin_listen: Option<SocketAddr>,
+    /// Worker threads serving listeners. Default 0 = one per core.
+    pub workers: usize,
+    /// Pin each worker to a core. Default true.
+    pub pin_workers: bool,
+    /// Most open connections (listeners, sources, requests in progress). When every worker holds
+    /// its share, the acceptor stops accepting until one closes. Default 0 = the process's open
+    /// file limit less 64 for everything else.
+    pub max_connections: usize,
+    /// Serve the built-in demo mount (a tone as WAV). Default true.
+    pub demo: bool,
+    /// Path of the demo mount. Default `/demo`.
+    pub demo_mount: String,
+}
+
+impl Default for Startup {
+    fn default() -> Self {
+        Startup {
+            listen: "0.0.0.0:8000".parse().expect("literal address"),
+            admin_listen: Some("127.0.0.1:8001".parse().expect("literal address")),
+            workers: 0,
+            pin_workers: true,
+            max_connections: 0,
+            demo: true,
+            demo_mount: "/demo".into(),
+        }
+    }
+}
+
+impl Startup {
+    /// Names of the settings whose values differ between `self` and `other`, as the file spells
+    /// them: serde walks the fields, so a setting added to the group is compared too.
+    fn changed_in(&self, other: &Startup) -> Vec<String> {
+        let (old, new) = (by_name(self), by_name(other));
+        old.into_iter()
+            .filter(|(name, value)| new.get(name) != Some(value))
+            .map(|(name, _)| name)
+            .collect()
+    }
+}
+
+fn by_name(startup: &Startup) -> serde_json::Map<String, serde_json::Value> {
+    match serde_json::to_value(startup) {
+        Ok(serde_json::Value::Object(fields)) => fields,
+        other => unreachable!("a struct of plain fields serializes to an object: {other:?}"),
+    }
+}
+
+/// `admin_listen` as the file and `--admin-listen` write it: an address, or `none`, `off` or an
+/// empty string for no admin listener.
+pub fn parse_admin_listen(text: &str) -> Result<Option<SocketAddr>, AddrParseError> {
+    match text {
+        "" | "none" | "off" => Ok(None),
+        addr => addr.parse().map(Some),
+    }
+}
+
+fn deserialize_admin_listen<'de, D: Deserializer<'de>>(
+    d: D,
+) -> Result<Option<SocketAddr>, D::Error> {
+    let text = String::deserialize(d)?;
+    parse_admin_listen(&text).map_err(|e| D::Error::custom(format!("admin_listen = {text:?}: {e}")))
+}
+
+/// The whole configuration. Read files with [`Config::from_toml`]: it gives the [`Startup`] keys
+/// to `startup` and resolves each mount over `[defaults]`, which this type's own `Deserialize`
+/// (the other settings) does not.
+#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    /// Settings bound at start-up.
+    #[serde(skip)]
+    pub startup: Startup,
     /// User name for the admin listener, when `admin_password` is set. Default `admin`.
     pub admin_user: String,
     /// Password the admin listener (`/metrics`, status pages) asks for with HTTP Basic auth.
@@ -130,29 +169,17 @@ pub struct Config {
     pub admin_password: Option<String>,
     /// File holding the admin password (first line). Default none.
     pub admin_password_file: Option<PathBuf>,
-    /// Worker threads serving listeners. Default 0 = one per core.
-    pub workers: usize,
-    /// Pin each worker to a core. Default true.
-    pub pin_workers: bool,
     /// User name sources authenticate with. Default `source`.
     pub source_user: String,
     /// Password for mounts without their own; also admits sources on mounts not in the file.
     /// Default: none given means a random one is generated at start-up and printed once.
     pub source_password: Option<String>,
-    /// Serve the built-in demo mount (a tone as WAV). Default true.
-    pub demo: bool,
-    /// Path of the demo mount. Default `/demo`.
-    pub demo_mount: String,
     /// File holding the global source password (first line). Default none.
     pub source_password_file: Option<PathBuf>,
     /// Most listeners the server admits at once; past it, 503. Default 100000.
     pub max_listeners: usize,
     /// Most sources live at once (the demo counts); past it, 503. Default 100.
     pub max_sources: usize,
-    /// Most open connections (listeners, sources, requests in progress). When every worker holds
-    /// its share, the acceptor stops accepting until one closes. Default 0 = the process's open
-    /// file limit less 64 for everything else.
-    pub max_connections: usize,
     /// Most connections from one IP address; past it, 429. Default 0 = no limit (listeners behind
     /// one NAT share an address).
     pub max_connections_per_ip: usize,
@@ -182,27 +209,22 @@ pub struct Config {
     /// does a request for `<mount>/panic`, so tests can prove a panic costs one connection only.
     #[cfg(feature = "fault-injection")]
     #[doc(hidden)]
+    #[serde(skip)]
     pub panic_injection_mount: Option<String>,
 }
 
 impl Default for Config {
     fn default() -> Self {
         Config {
-            listen: "0.0.0.0:8000".parse().expect("literal address"),
-            admin_listen: Some("127.0.0.1:8001".parse().expect("literal address")),
+            startup: Startup::default(),
             admin_user: "admin".into(),
             admin_password: None,
             admin_password_file: None,
-            workers: 0,
-            pin_workers: true,
             source_user: "source".into(),
             source_password: None,
-            demo: true,
-            demo_mount: "/demo".into(),
             source_password_file: None,
             max_listeners: 100_000,
             max_sources: 100,
-            max_connections: 0,
             max_connections_per_ip: 0,
             auth_max_failures: 10,
             auth_failure_window_secs: 60,
@@ -219,36 +241,54 @@ impl Default for Config {
     }
 }
 
-/// The file's shape: every field optional, so a file states only what it changes.
-#[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct FileConfig {
-    listen: Option<SocketAddr>,
-    admin_listen: Option<String>,
-    admin_user: Option<String>,
-    admin_password: Option<String>,
-    admin_password_file: Option<PathBuf>,
-    workers: Option<usize>,
-    pin_workers: Option<bool>,
-    source_user: Option<String>,
-    source_password: Option<String>,
-    demo: Option<bool>,
-    demo_mount: Option<String>,
-    source_password_file: Option<PathBuf>,
-    max_sources: Option<usize>,
-    max_connections: Option<usize>,
-    max_connections_per_ip: Option<usize>,
-    auth_max_failures: Option<u32>,
-    auth_failure_window_secs: Option<u64>,
-    send_timeout_secs: Option<u64>,
-    listener_send_buffer_bytes: Option<usize>,
-    max_listeners: Option<usize>,
-    header_timeout_secs: Option<u64>,
-    source_timeout_secs: Option<u64>,
-    shutdown_grace_secs: Option<u64>,
-    defaults: Option<MountSettings>,
-    #[serde(default)]
-    mounts: BTreeMap<String, MountOverrides>,
+/// The setting names a struct's derived `Deserialize` accepts, asked of serde itself: it hands
+/// them to `deserialize_struct`, which here records them and stops.
+fn field_names<T: DeserializeOwned>() -> &'static [&'static str] {
+    struct Fields<'a>(&'a mut &'static [&'static str]);
+    impl<'de> Deserializer<'de> for Fields<'_> {
+        type Error = serde::de::value::Error;
+        fn deserialize_any<V: Visitor<'de>>(self, _: V) -> Result<V::Value, Self::Error> {
+            Err(Self::Error::custom("not a struct"))
+        }
+        fn deserialize_struct<V: Visitor<'de>>(
+            self,
+            _: &'static str,
+            fields: &'static [&'static str],
+            _: V,
+        ) -> Result<V::Value, Self::Error> {
+            *self.0 = fields;
+            Err(Self::Error::custom("only the field names were asked for"))
+        }
+        serde::forward_to_deserialize_any! {
+            bool i8 i16 i32 i64 i128 u8 u16 u32 u64 u128 f32 f64 char str string bytes byte_buf
+            option unit unit_struct newtype_struct seq tuple tuple_struct map enum identifier
+            ignored_any
+        }
+    }
+    let mut names: &'static [&'static str] = &[];
+    // The error is the expected way out: the names are all that was wanted.
+    let _ = T::deserialize(Fields(&mut names));
+    names
+}
+
+/// Gives each `[mounts."/path"]` table every key of `[defaults]` it does not set itself, so that
+/// deserializing it yields the mount's resolved settings (the embedded defaults fill the rest).
+/// Values that are not tables are left for serde to refuse.
+fn merge_mounts_over_defaults(file: &mut toml::Table) {
+    let defaults = match file.get("defaults") {
+        Some(toml::Value::Table(defaults)) => defaults.clone(),
+        _ => toml::Table::new(),
+    };
+    let Some(toml::Value::Table(mounts)) = file.get_mut("mounts") else {
+        return;
+    };
+    for (_, mount) in mounts.iter_mut() {
+        if let toml::Value::Table(own) = mount {
+            let mut merged = defaults.clone();
+            merged.extend(std::mem::take(own));
+            *own = merged;
+        }
+    }
 }
 
 impl Config {
@@ -259,61 +299,50 @@ impl Config {
         Config::from_toml(&text).map_err(|e| format!("config {}: {e}", path.display()))
     }
 
+    /// Parses the file's text. Its top level holds the [`Startup`] settings and the others side
+    /// by side; they are told apart by the names serde knows for each struct, which also refuse
+    /// a key that neither knows (`deny_unknown_fields` cannot see through one struct flattened
+    /// into another, and a flattened field's errors would not name their key).
     pub fn from_toml(text: &str) -> Result<Config, String> {
-        let file: FileConfig = toml::from_str(text).map_err(|e| e.to_string())?;
-        let d = Config::default();
-        let defaults = file.defaults.unwrap_or(d.defaults);
-        let admin_listen = match file.admin_listen.as_deref() {
-            None => d.admin_listen,
-            Some("" | "none" | "off") => None,
-            Some(a) => Some(
-                a.parse()
-                    .map_err(|e| format!("admin_listen = {a:?}: {e}"))?,
-            ),
-        };
-        let mounts = file
-            .mounts
-            .into_iter()
-            .map(|(path, o)| {
-                let m = o.apply(&defaults);
-                (path, m)
-            })
+        let mut file: toml::Table = toml::from_str(text).map_err(|e| e.to_string())?;
+        let startup_names = field_names::<Startup>();
+        let known: Vec<&str> = startup_names
+            .iter()
+            .chain(field_names::<Config>())
+            .copied()
             .collect();
+        if let Some(key) = file.keys().find(|key| !known.contains(&key.as_str())) {
+            return Err(format!(
+                "unknown field `{key}`, expected one of `{}`",
+                known.join("`, `")
+            ));
+        }
+        let startup: toml::Table = startup_names
+            .iter()
+            .filter_map(|&name| Some((name.to_string(), file.remove(name)?)))
+            .collect();
+        merge_mounts_over_defaults(&mut file);
         Ok(Config {
-            listen: file.listen.unwrap_or(d.listen),
-            admin_listen,
-            admin_user: file.admin_user.unwrap_or(d.admin_user),
-            admin_password: file.admin_password,
-            admin_password_file: file.admin_password_file,
-            workers: file.workers.unwrap_or(d.workers),
-            pin_workers: file.pin_workers.unwrap_or(d.pin_workers),
-            source_user: file.source_user.unwrap_or(d.source_user),
-            source_password: file.source_password,
-            demo: file.demo.unwrap_or(d.demo),
-            demo_mount: file.demo_mount.unwrap_or(d.demo_mount),
-            source_password_file: file.source_password_file,
-            max_listeners: file.max_listeners.unwrap_or(d.max_listeners),
-            max_sources: file.max_sources.unwrap_or(d.max_sources),
-            max_connections: file.max_connections.unwrap_or(d.max_connections),
-            max_connections_per_ip: file
-                .max_connections_per_ip
-                .unwrap_or(d.max_connections_per_ip),
-            auth_max_failures: file.auth_max_failures.unwrap_or(d.auth_max_failures),
-            auth_failure_window_secs: file
-                .auth_failure_window_secs
-                .unwrap_or(d.auth_failure_window_secs),
-            send_timeout_secs: file.send_timeout_secs.unwrap_or(d.send_timeout_secs),
-            listener_send_buffer_bytes: file
-                .listener_send_buffer_bytes
-                .unwrap_or(d.listener_send_buffer_bytes),
-            header_timeout_secs: file.header_timeout_secs.unwrap_or(d.header_timeout_secs),
-            source_timeout_secs: file.source_timeout_secs.unwrap_or(d.source_timeout_secs),
-            shutdown_grace_secs: file.shutdown_grace_secs.unwrap_or(d.shutdown_grace_secs),
-            defaults,
-            mounts,
-            #[cfg(feature = "fault-injection")]
-            panic_injection_mount: None,
+            startup: Startup::deserialize(startup).map_err(|e| e.to_string())?,
+            ..Config::deserialize(file).map_err(|e| e.to_string())?
         })
+    }
+
+    /// The config to install when a server running `self` reloads `new`, and the names of the
+    /// [`Startup`] settings `new` changes: the running group is kept whole, since those settings
+    /// are bound until the next restart. The running source password stays when `new` sets none
+    /// (it may have been generated at start-up), and so does the test hook.
+    pub fn reloaded(&self, mut new: Config) -> (Config, Vec<String>) {
+        let changed = self.startup.changed_in(&new.startup);
+        new.startup = self.startup.clone();
+        if new.source_password.is_none() {
+            new.source_password = self.source_password.clone();
+        }
+        #[cfg(feature = "fault-injection")]
+        {
+            new.panic_injection_mount = self.panic_injection_mount.clone();
+        }
+        (new, changed)
     }
 
     /// Reads the password files into the passwords they stand for, so that secrets can live
@@ -353,8 +382,8 @@ impl Config {
 
     /// The connection limit in force: `max_connections`, or the open-file limit less a reserve.
     pub fn connection_limit(&self) -> usize {
-        if self.max_connections > 0 {
-            return self.max_connections;
+        if self.startup.max_connections > 0 {
+            return self.startup.max_connections;
         }
         let soft = crate::open_files::soft_limit().unwrap_or(1024);
         (soft as usize).saturating_sub(64).max(16)
@@ -379,8 +408,8 @@ impl Config {
 
     /// Number of workers to start: `workers`, or one per core when 0.
     pub fn worker_count(&self) -> usize {
-        if self.workers > 0 {
-            self.workers
+        if self.startup.workers > 0 {
+            self.startup.workers
         } else {
             std::thread::available_parallelism().map_or(1, |n| n.get())
         }
@@ -388,8 +417,8 @@ impl Config {
 
     /// Rejects settings that cannot work, naming the setting.
     pub fn validate(&self) -> Result<(), String> {
-        if self.workers > 1024 {
-            return Err(format!("workers = {}: at most 1024", self.workers));
+        if self.startup.workers > 1024 {
+            return Err(format!("workers = {}: at most 1024", self.startup.workers));
         }
         if self.source_user.is_empty() || self.source_user.contains(':') {
             return Err("source_user must be non-empty and contain no ':'".into());
@@ -431,7 +460,7 @@ impl Config {
         if self.admin_user.is_empty() || self.admin_user.contains(':') {
             return Err("admin_user must be non-empty and contain no ':'".into());
         }
-        check_mount_path("demo_mount", &self.demo_mount)?;
+        check_mount_path("demo_mount", &self.startup.demo_mount)?;
         check_mount("defaults", &self.defaults, self)?;
         for (path, m) in &self.mounts {
             check_mount_path(&format!("mounts.\"{path}\""), path)?;
@@ -489,7 +518,8 @@ fn check_mount(what: &str, m: &MountSettings, cfg: &Config) -> Result<(), String
     }
     if let Some(f) = &m.fallback_mount {
         check_mount_path(&format!("{what}.fallback_mount"), f)?;
-        let known = cfg.mounts.contains_key(f) || (cfg.demo && *f == cfg.demo_mount);
+        let known =
+            cfg.mounts.contains_key(f) || (cfg.startup.demo && *f == cfg.startup.demo_mount);
         if !known {
             return Err(format!(
                 "{what}.fallback_mount = {f:?}: not a declared mount (declare it under [mounts] or use the demo mount)"
@@ -507,7 +537,7 @@ mod tests {
     fn embedded_defaults_are_valid() {
         let c = Config::default();
         c.validate().unwrap();
-        assert_eq!(c.listen.port(), 8000);
+        assert_eq!(c.startup.listen.port(), 8000);
         assert_eq!(c.defaults.burst_bytes, 65536);
         assert_eq!(c.defaults.max_lag_bytes, 524288);
         assert_eq!(c.defaults.lag_policy, LagPolicy::Disconnect);
@@ -533,7 +563,7 @@ mod tests {
         )
         .unwrap();
         c.validate().unwrap();
-        assert_eq!(c.listen.port(), 9000);
+        assert_eq!(c.startup.listen.port(), 9000);
         let live = c.mount("/live");
         assert_eq!(live.burst_bytes, 1000);
         assert_eq!(live.max_listeners, 5);
@@ -580,5 +610,109 @@ mod tests {
         let c = Config::from_toml("[mounts.\"/a\"]\nfallback_mount = \"/nowhere\"").unwrap();
         let e = c.validate().unwrap_err();
         assert!(e.contains("fallback_mount"), "{e}");
+    }
+
+    #[test]
+    fn unknown_keys_are_refused_at_the_top_and_in_every_table() {
+        for (text, key) in [
+            ("[mounts.\"/a\"]\nburts_bytes = 1", "burts_bytes"),
+            ("[defaults]\nburts_bytes = 1", "burts_bytes"),
+            ("[defualts]\nburst_bytes = 1", "defualts"),
+            ("workerz = 2", "workerz"),
+            ("startup = 1", "startup"),
+            ("panic_injection_mount = \"/a\"", "panic_injection_mount"),
+        ] {
+            let e = Config::from_toml(text).unwrap_err();
+            assert!(e.contains(key), "{text:?}: {e}");
+        }
+        let c = Config::from_toml("workers = 2\nmax_sources = 3").unwrap();
+        assert_eq!((c.startup.workers, c.max_sources), (2, 3));
+    }
+
+    #[test]
+    fn bad_values_name_their_setting_in_either_group() {
+        for (text, key) in [
+            ("listen = 5", "listen"),
+            ("workers = \"x\"", "workers"),
+            ("max_sources = -1", "max_sources"),
+            ("admin_listen = \"nowhere\"", "admin_listen = \"nowhere\""),
+            ("[mounts.\"/a\"]\nburst_bytes = \"x\"", "burst_bytes"),
+        ] {
+            let e = Config::from_toml(text).unwrap_err();
+            assert!(e.contains(key), "{text:?}: {e}");
+        }
+        for off in ["none", "off", ""] {
+            let c = Config::from_toml(&format!("admin_listen = {off:?}")).unwrap();
+            assert_eq!(c.startup.admin_listen, None, "{off:?}");
+        }
+    }
+
+    #[test]
+    fn the_two_groups_share_no_setting_name() {
+        let startup = field_names::<Startup>();
+        assert!(startup.contains(&"listen"), "{startup:?}");
+        for name in field_names::<Config>() {
+            assert!(!startup.contains(name), "{name} is in both groups");
+        }
+    }
+
+    #[test]
+    fn a_mount_setting_comes_from_the_mount_then_defaults_then_the_embedded_defaults() {
+        let c = Config::from_toml(
+            r#"
+            [defaults]
+            burst_bytes = 1000
+            max_lag_bytes = 100000
+            source_password = "shared"
+            [mounts."/a"]
+            burst_bytes = 2000
+            lag_policy = "skip"
+            [mounts."/b"]
+            "#,
+        )
+        .unwrap();
+        let embedded = MountSettings::default();
+        let a = c.mount("/a");
+        assert_eq!(a.burst_bytes, 2000, "the mount's own");
+        assert_eq!(a.lag_policy, LagPolicy::Skip, "the mount's own");
+        assert_eq!(a.max_lag_bytes, 100000, "from [defaults]");
+        assert_eq!(
+            a.source_password.as_deref(),
+            Some("shared"),
+            "from [defaults]"
+        );
+        assert_eq!(a.min_write_bytes, embedded.min_write_bytes, "embedded");
+        assert_eq!(
+            c.mount("/b"),
+            c.defaults,
+            "a mount that sets nothing is [defaults]"
+        );
+        assert_eq!(
+            c.defaults.burst_bytes, 1000,
+            "a mount's key stays in its mount"
+        );
+        assert_eq!(c.defaults.lag_policy, embedded.lag_policy);
+    }
+
+    #[test]
+    fn a_reload_keeps_the_startup_group_and_names_what_it_changes() {
+        let mut running = Config::from_toml("source_password = \"generated\"").unwrap();
+        running.panic_injection_mount = Some("/boom".into());
+        let new = Config::from_toml(
+            "listen = \"127.0.0.1:9\"\nadmin_listen = \"none\"\ndemo = true\nmax_sources = 7",
+        )
+        .unwrap();
+        let (installed, mut changed) = running.reloaded(new);
+        changed.sort();
+        assert_eq!(changed, ["admin_listen", "listen"]);
+        assert_eq!(installed.startup, running.startup);
+        assert_eq!(installed.max_sources, 7, "other settings apply");
+        assert_eq!(installed.source_password.as_deref(), Some("generated"));
+        assert_eq!(installed.panic_injection_mount.as_deref(), Some("/boom"));
+
+        let new = Config::from_toml("source_password = \"new\"").unwrap();
+        let (installed, changed) = running.reloaded(new);
+        assert!(changed.is_empty(), "{changed:?}");
+        assert_eq!(installed.source_password.as_deref(), Some("new"));
     }
 }

@@ -7,6 +7,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::Parser;
+use fanstream::config::parse_admin_listen;
 use fanstream::{Config, Server, Stop};
 use tokio::signal::unix::{signal, SignalKind};
 
@@ -111,14 +112,14 @@ fn run(args: Args) -> Result<(), String> {
         config.source_password = Some(generated);
     }
     config.validate()?;
-    let listen_socket = bind_listen_socket(config.listen)
-        .map_err(|e| format!("cannot listen on {} (listen): {e}", config.listen))?;
-    if let Some(addr) = config.admin_listen {
+    let listen_socket = bind_listen_socket(config.startup.listen)
+        .map_err(|e| format!("cannot listen on {} (listen): {e}", config.startup.listen))?;
+    if let Some(addr) = config.startup.admin_listen {
         if !addr.ip().is_loopback() && config.admin_password.is_none() {
             tracing::warn!(%addr, "the admin listener is reachable beyond this host and asks for no password: set admin_password, or keep it behind a firewall");
         }
     }
-    let admin_socket = match config.admin_listen {
+    let admin_socket = match config.startup.admin_listen {
         Some(addr) => Some(
             TcpListener::bind(addr)
                 .map_err(|e| format!("cannot listen on {addr} (admin_listen): {e}"))?,
@@ -174,32 +175,28 @@ fn run(args: Args) -> Result<(), String> {
 }
 
 fn apply_flags(config: &mut Config, args: &Args) -> Result<(), String> {
+    let startup = &mut config.startup;
     if let Some(l) = args.listen {
-        config.listen = l;
+        startup.listen = l;
     }
     if let Some(a) = &args.admin_listen {
-        config.admin_listen = match a.as_str() {
-            "none" | "off" | "" => None,
-            a => Some(
-                a.parse()
-                    .map_err(|e| format!("--admin-listen {a:?}: {e}"))?,
-            ),
-        };
+        startup.admin_listen =
+            parse_admin_listen(a).map_err(|e| format!("--admin-listen {a:?}: {e}"))?;
     }
     if let Some(w) = args.workers {
-        config.workers = w;
+        startup.workers = w;
     }
     if args.no_pin {
-        config.pin_workers = false;
+        startup.pin_workers = false;
+    }
+    if args.no_demo {
+        startup.demo = false;
     }
     if let Some(p) = &args.source_password {
         config.source_password = Some(p.clone());
     }
     if let Some(p) = &args.admin_password {
         config.admin_password = Some(p.clone());
-    }
-    if args.no_demo {
-        config.demo = false;
     }
     Ok(())
 }

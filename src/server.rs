@@ -67,12 +67,15 @@ impl Server {
         let registry = Arc::new(ThreadRegistry::default());
         let (stop_tx, stop_rx) = watch::channel(Stop::Running);
         let nworkers = config.worker_count();
-        let cores = if config.pin_workers {
+        let cores = if config.startup.pin_workers {
             core_affinity::get_core_ids().unwrap_or_default()
         } else {
             Vec::new()
         };
-        let demo = config.demo.then(|| config.demo_mount.clone());
+        let demo = config
+            .startup
+            .demo
+            .then(|| config.startup.demo_mount.clone());
         let shared = Arc::new(Shared {
             auth_failures: AuthFailures::default(),
             connections_per_worker: config.connection_limit().div_ceil(nworkers),
@@ -176,42 +179,14 @@ impl Server {
     /// settings take effect at once (new retention windows as the stream moves on). Settings
     /// bound at start-up (addresses, workers, the demo) keep their running values until a
     /// restart, with a warning. An invalid config is refused and the running one stays.
-    pub fn reload(&self, mut new: Config) -> Result<(), String> {
+    pub fn reload(&self, new: Config) -> Result<(), String> {
         new.validate()?;
-        let old = self.shared.config.load_full();
-        if new.source_password.is_none() {
-            new.source_password = old.source_password.clone();
-        }
-        let fixed = [
-            ("listen", new.listen != old.listen),
-            ("admin_listen", new.admin_listen != old.admin_listen),
-            ("workers", new.workers != old.workers),
-            ("pin_workers", new.pin_workers != old.pin_workers),
-            (
-                "max_connections",
-                new.max_connections != old.max_connections,
-            ),
-            ("demo", new.demo != old.demo),
-            ("demo_mount", new.demo_mount != old.demo_mount),
-        ];
-        for (setting, changed) in fixed {
-            if changed {
-                tracing::warn!(
-                    setting,
-                    "changed in the config; takes effect at the next restart"
-                );
-            }
-        }
-        new.listen = old.listen;
-        new.admin_listen = old.admin_listen;
-        new.workers = old.workers;
-        new.pin_workers = old.pin_workers;
-        new.max_connections = old.max_connections;
-        new.demo = old.demo;
-        new.demo_mount = old.demo_mount.clone();
-        #[cfg(feature = "fault-injection")]
-        {
-            new.panic_injection_mount = old.panic_injection_mount.clone();
+        let (new, restart_only) = self.shared.config.load().reloaded(new);
+        for setting in &restart_only {
+            tracing::warn!(
+                setting = setting.as_str(),
+                "changed in the config; takes effect at the next restart"
+            );
         }
         self.shared.config.store(Arc::new(new));
         // Ingest publishes each mount's new settings with its stream.

@@ -281,7 +281,7 @@ fn after_the_grace_period_listeners_are_closed_and_the_mount_is_gone() {
 #[test]
 fn after_the_grace_period_listeners_move_to_the_fallback_mount() {
     let srv = TestServer::start(|c| {
-        c.demo = true;
+        c.startup.demo = true;
         c.mounts.insert(
             "/live".into(),
             fanstream::MountSettings {

@@ -211,7 +211,7 @@ fn connections_over_the_per_address_limit_get_429() {
 
 #[test]
 fn when_every_worker_is_full_the_acceptor_waits_for_room() {
-    let srv = TestServer::start(|c| c.max_connections = 4);
+    let srv = TestServer::start(|c| c.startup.max_connections = 4);
     let mut idle: Vec<TcpStream> = (0..4)
         .map(|_| TcpStream::connect(srv.addr).unwrap())
         .collect();
@@ -300,7 +300,7 @@ fn a_listener_that_accepts_nothing_for_send_timeout_is_dropped() {
 #[test]
 fn a_panic_costs_one_connection_not_the_worker() {
     let srv = TestServer::start(|c| {
-        c.workers = 1; // everything on the worker that panics
+        c.startup.workers = 1; // everything on the worker that panics
         c.panic_injection_mount = Some("/boom".into());
     });
     let mut source = live_source(&srv, 1000);

@@ -9,6 +9,7 @@ use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::time::{Duration, Instant};
 
 use base64::Engine;
+use fanstream::config::Startup;
 use fanstream::{Config, Server, Stop};
 
 pub const PASSWORD: &str = "test-secret";
@@ -26,9 +27,12 @@ impl TestServer {
     /// lets `adjust` change the config.
     pub fn start(adjust: impl FnOnce(&mut Config)) -> TestServer {
         let mut config = Config {
-            workers: 2,
-            pin_workers: false,
-            demo: false,
+            startup: Startup {
+                workers: 2,
+                pin_workers: false,
+                demo: false,
+                ..Startup::default()
+            },
             source_password: Some(PASSWORD.into()),
             ..Config::default()
         };
