@@ -34,7 +34,8 @@
 //! lines: there is no import loop), so the lower layers know nothing of the ones above.
 //!
 //! 1. **Wire and data** (std and crates only): [`http`] (request heads, short responses),
-//!    [`chunked`], [`store`] (the segment store and its snapshot, generic over the settings it
+//!    [`chunked`], the stream formats ([`mpeg`] frames, [`ogg`] pages, and [`format`], which picks
+//!    one by Content-Type), [`store`] (the segment store and its snapshot, generic over the settings it
 //!    carries), [`threads`] (named, pinned, CPU-accounted threads), [`open_files`].
 //! 2. **Vocabulary** shared by the stages: [`config`], [`reasons`] (`Refusal`, `Disconnect`: the
 //!    fixed reason labels), [`metrics`], [`usage`], [`mounts`] (the mount table), [`auth`],
@@ -50,7 +51,10 @@
 
 // Layer 1: wire and data.
 pub(crate) mod chunked;
+pub(crate) mod format;
 pub(crate) mod http;
+pub(crate) mod mpeg;
+pub(crate) mod ogg;
 pub mod open_files;
 pub(crate) mod store;
 pub(crate) mod threads;
