@@ -8,11 +8,13 @@ use std::time::Duration;
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 use tokio::runtime::Runtime;
+use tokio::sync::mpsc::UnboundedSender;
 use tokio::task::LocalSet;
 
 use crate::auth;
-use crate::conn::refuse;
+use crate::conn::{refuse, ToIngest};
 use crate::http::{self, Method, Request};
+use crate::metadata;
 use crate::reasons::{Realm, Refusal};
 use crate::shared::{stopped, Shared};
 use crate::status;
@@ -20,7 +22,12 @@ use crate::status;
 /// A scrape request must arrive within this.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
 
-pub(crate) fn run(rt: Runtime, shared: Arc<Shared>, listen_socket: std::net::TcpListener) {
+pub(crate) fn run(
+    rt: Runtime,
+    shared: Arc<Shared>,
+    listen_socket: std::net::TcpListener,
+    to_ingest: UnboundedSender<ToIngest>,
+) {
     let local = LocalSet::new();
     local.block_on(&rt, async move {
         let listen_socket = match tokio::net::TcpListener::from_std(listen_socket) {
@@ -37,7 +44,8 @@ pub(crate) fn run(rt: Runtime, shared: Arc<Shared>, listen_socket: std::net::Tcp
                 _ = stopped(&mut stop) => break,
                 accepted = listen_socket.accept() => match accepted {
                     Ok((stream, peer)) => {
-                        tokio::task::spawn_local(serve(shared.clone(), stream, peer));
+                        let task = serve(shared.clone(), to_ingest.clone(), stream, peer);
+                        tokio::task::spawn_local(task);
                     }
                     Err(e) => {
                         tracing::warn!(error = %e, "admin accept failed");
@@ -49,13 +57,24 @@ pub(crate) fn run(rt: Runtime, shared: Arc<Shared>, listen_socket: std::net::Tcp
     });
 }
 
-async fn serve(shared: Arc<Shared>, mut stream: TcpStream, peer: SocketAddr) {
+async fn serve(
+    shared: Arc<Shared>,
+    to_ingest: UnboundedSender<ToIngest>,
+    mut stream: TcpStream,
+    peer: SocketAddr,
+) {
     let Ok(Ok((req, _))) =
         tokio::time::timeout(REQUEST_TIMEOUT, http::read_head(&mut stream)).await
     else {
         return;
     };
-    let resp = match authorize(&shared, &req, peer).and_then(|()| route(&shared, &req)) {
+    // A title update checks its own credentials: the mount's source password will do.
+    let answer = if req.method == Method::Get && metadata::is_metadata_path(&req.path) {
+        metadata::update(&shared, &to_ingest, &req, peer)
+    } else {
+        authorize(&shared, &req, peer).and_then(|()| route(&shared, &req))
+    };
+    let resp = match answer {
         Ok(resp) => resp,
         Err(no) => return refuse(&shared, &mut stream, peer, no).await,
     };

@@ -9,7 +9,9 @@ use std::sync::Arc;
 use tokio::io::AsyncWriteExt;
 
 use crate::conn::{Incoming, ListenerGuard, NewListener, WorkerCtx};
-use crate::http::{valid_mount_path, Method, RESPONSE_TIMEOUT};
+use crate::framing::carries_own_metadata;
+use crate::http::{valid_mount_path, Method, Request, RESPONSE_TIMEOUT};
+use crate::icy::Cadence;
 use crate::mounts::{Mount, Snapshot};
 use crate::reasons::Refusal;
 use crate::store::SourceState;
@@ -32,10 +34,26 @@ pub(crate) async fn admit(ctx: &Rc<WorkerCtx>, incoming: Incoming) {
             tracing::warn!(%peer, error = %e, "cannot bound the listener's send buffer");
         }
     }
+    let preamble_len = snap.info.preamble.len() + snap.headers.len();
+    let mut icy = wants_icy(&req, &snap)
+        .then(|| Cadence::after(snap.settings.icy_metaint, preamble_len))
+        .flatten();
     let head = async {
-        stream.write_all(&snap.info.response_head).await?;
+        match &icy {
+            // The shared head, with `icy-metaint` before its closing blank line.
+            Some(_) => {
+                let shared = &snap.info.response_head;
+                let mut head = shared[..shared.len() - 2].to_vec();
+                head.extend_from_slice(
+                    format!("icy-metaint: {}\r\n\r\n", snap.settings.icy_metaint).as_bytes(),
+                );
+                stream.write_all(&head).await?;
+            }
+            None => stream.write_all(&snap.info.response_head).await?,
+        }
         if req.method == Method::Get {
             stream.write_all(&snap.info.preamble).await?;
+            stream.write_all(&snap.headers).await?;
         }
         Ok::<_, io::Error>(())
     };
@@ -55,6 +73,10 @@ pub(crate) async fn admit(ctx: &Rc<WorkerCtx>, incoming: Incoming) {
         .listener_connects
         .with_label_values(&[&mount.path])
         .inc();
+    let mut guard = guard;
+    if icy.is_some() {
+        guard.count_icy();
+    }
     tracing::debug!(%peer, mount = %mount.path, worker = ctx.index, "listener joined");
     let pos = snap.join_point(snap.settings.burst_bytes);
     // The fan-out loop lives as long as the worker; if it is gone, so is the listener.
@@ -62,9 +84,17 @@ pub(crate) async fn admit(ctx: &Rc<WorkerCtx>, incoming: Incoming) {
         mount,
         stream,
         pos,
+        icy: icy.take(),
         guard,
         conn,
     });
+}
+
+/// ICY blocks go to a player that asks for them (`Icy-MetaData: 1`), in a stream whose format
+/// has no metadata of its own.
+fn wants_icy(req: &Request, snap: &Snapshot) -> bool {
+    req.header("icy-metadata").is_some_and(|v| v.trim() == "1")
+        && !carries_own_metadata(&snap.info.meta.content_type)
 }
 
 /// The mount to join, as it stands now, and the listener counted in; or why not.

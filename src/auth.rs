@@ -11,10 +11,7 @@ use crate::config::Config;
 use crate::http::{secrets_equal, Request};
 use crate::reasons::{Realm, Refusal};
 
-/// Checks `Authorization: Basic` against `user` and `expected`, counting failures per address and
-/// refusing an address that failed too often. Both parts are always compared in constant time, so
-/// timing tells a guesser nothing about which part, or how much of it, was wrong. A failure logs
-/// a warning naming the realm and the peer (never the password).
+/// Checks `Authorization: Basic` against `user` and `expected` (see [`check_given`]).
 pub(crate) fn check(
     failures: &AuthFailures,
     cfg: &Config,
@@ -23,6 +20,33 @@ pub(crate) fn check(
     realm: Realm,
     user: &str,
     expected: &str,
+) -> Result<(), Refusal> {
+    let given = req.basic_auth();
+    check_given(
+        failures,
+        cfg,
+        peer,
+        &req.path,
+        realm,
+        given,
+        &[(user, expected)],
+    )
+}
+
+/// Checks credentials a client gave (from `Authorization: Basic`, or a SHOUTcast `pass=`)
+/// against each accepted (user, password) pair, counting failures per address and refusing an
+/// address that failed too often. Every part is compared in constant time, so timing tells a
+/// guesser nothing about which part, or how much of it, was wrong. An empty password accepts
+/// nothing. A failure logs a warning naming the realm, the path and the peer (never the
+/// password).
+pub(crate) fn check_given(
+    failures: &AuthFailures,
+    cfg: &Config,
+    peer: SocketAddr,
+    path: &str,
+    realm: Realm,
+    given: Option<(String, String)>,
+    accepted: &[(&str, &str)],
 ) -> Result<(), Refusal> {
     let now = Instant::now();
     let limits = AuthLimits {
@@ -34,12 +58,15 @@ pub(crate) fn check(
             retry_after_secs: wait.as_secs() + 1,
         });
     }
-    let (given_user, given_pass) = req.basic_auth().ok_or(Refusal::AuthRequired(realm))?;
-    let user_ok = secrets_equal(&given_user, user);
-    let pass_ok = !expected.is_empty() && secrets_equal(&given_pass, expected);
-    if !(user_ok && pass_ok) {
+    let (given_user, given_pass) = given.ok_or(Refusal::AuthRequired(realm))?;
+    let matches = accepted.iter().fold(false, |ok, (user, expected)| {
+        let user_ok = secrets_equal(&given_user, user);
+        let pass_ok = !expected.is_empty() && secrets_equal(&given_pass, expected);
+        ok | (user_ok & pass_ok)
+    });
+    if !matches {
         failures.failed(peer.ip(), now, limits);
-        tracing::warn!(%peer, path = %req.path, ?realm, "authentication failed");
+        tracing::warn!(%peer, %path, ?realm, "authentication failed");
         return Err(Refusal::BadCredentials(realm));
     }
     failures.succeeded(peer.ip());

@@ -50,6 +50,10 @@ pub struct MountSettings {
     /// per 64 KiB at higher bitrates) is what keeps a listener cheap; the price is up to this
     /// much added latency, which players' buffers of several seconds absorb.
     pub max_write_delay_ms: u64,
+    /// Audio bytes between two ICY metadata blocks, for listeners that ask for them with
+    /// `Icy-MetaData: 1` (never in Ogg or WebM streams, which carry their own). Default 16000,
+    /// as Icecast.
+    pub icy_metaint: usize,
 }
 
 impl Default for MountSettings {
@@ -65,6 +69,7 @@ impl Default for MountSettings {
             fallback_mount: None,
             min_write_bytes: 64 * 1024,
             max_write_delay_ms: 1000,
+            icy_metaint: 16000,
         }
     }
 }
@@ -503,6 +508,12 @@ fn check_mount(what: &str, m: &MountSettings, cfg: &Config) -> Result<(), String
         return Err(format!(
             "{what}.min_write_bytes = {}: at most 1 MiB",
             m.min_write_bytes
+        ));
+    }
+    if !(256..=1 << 20).contains(&m.icy_metaint) {
+        return Err(format!(
+            "{what}.icy_metaint = {}: 256 to 1 MiB",
+            m.icy_metaint
         ));
     }
     if m.max_write_delay_ms > 10_000 {

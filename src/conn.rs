@@ -4,7 +4,8 @@
 //! - acceptor → worker: [`Accepted`], a socket with its [`ConnGuard`].
 //! - the worker's router → a stage on the same worker: [`Incoming`], a request with its socket,
 //!   served in the [`WorkerCtx`] every task of that worker shares.
-//! - worker (source handshake) or the demo → ingest: [`SourceConn`], a source for a mount.
+//! - worker (source handshake) or the demo → ingest: [`SourceConn`], a source for a mount, and
+//!   worker or admin → ingest: [`TitleUpdate`], both as [`ToIngest`].
 //! - admission → the worker's fan-out: [`NewListener`], with its [`ListenerGuard`].
 
 use std::net::SocketAddr;
@@ -19,6 +20,7 @@ use tokio::net::TcpStream;
 use tokio::sync::mpsc::UnboundedSender;
 
 use crate::http::{Request, RESPONSE_TIMEOUT};
+use crate::icy::Cadence;
 use crate::mounts::Mount;
 use crate::reasons::Refusal;
 use crate::shared::Shared;
@@ -79,8 +81,8 @@ pub(crate) struct WorkerCtx {
     pub label: String,
     /// Admitted listeners, from their request tasks to this worker's fan-out loop.
     pub admit: UnboundedSender<NewListener>,
-    /// Authenticated sources, to the ingest thread.
-    pub to_ingest: UnboundedSender<SourceConn>,
+    /// Sources and title updates, to the ingest thread.
+    pub to_ingest: UnboundedSender<ToIngest>,
 }
 
 /// A request whose head has been read, with its connection: what the router hands a stage.
@@ -98,6 +100,21 @@ impl Incoming {
     pub async fn refuse(mut self, shared: &Shared, no: Refusal) {
         refuse(shared, &mut self.stream, self.peer, no).await;
     }
+}
+
+/// What the ingest thread is sent: it alone writes mounts.
+pub(crate) enum ToIngest {
+    /// Boxed: a source is far larger than a title update, and both share the channel.
+    Source(Box<SourceConn>),
+    Title(TitleUpdate),
+}
+
+/// A new title for a mount, from `/admin/metadata`.
+pub(crate) struct TitleUpdate {
+    pub mount: String,
+    pub title: Option<String>,
+    pub artist: Option<String>,
+    pub url: Option<String>,
 }
 
 /// A source on its way to ingest, which claims the mount for it and reads what it feeds.
@@ -146,6 +163,8 @@ pub(crate) struct NewListener {
     pub stream: TcpStream,
     /// Absolute offset of the first byte to send it (its join point).
     pub pos: u64,
+    /// The ICY framing it asked for, with what of its first interval the preamble used.
+    pub icy: Option<Cadence>,
     pub guard: ListenerGuard,
     pub conn: ConnGuard,
 }
@@ -155,6 +174,8 @@ pub(crate) struct ListenerGuard {
     shared: Arc<Shared>,
     mount: Arc<Mount>,
     gauge: IntGauge,
+    /// Set while it receives ICY metadata.
+    icy_gauge: Option<IntGauge>,
 }
 
 impl ListenerGuard {
@@ -178,6 +199,7 @@ impl ListenerGuard {
             shared: shared.clone(),
             mount: mount.clone(),
             gauge,
+            icy_gauge: None,
         };
         if let Some(max) = max_listeners {
             if max > 0 && on_mount >= max {
@@ -194,11 +216,27 @@ impl ListenerGuard {
     }
 }
 
+impl ListenerGuard {
+    /// Counts the listener among the mount's ICY listeners too, while it lives.
+    pub fn count_icy(&mut self) {
+        let gauge = self
+            .shared
+            .metrics
+            .icy_listeners
+            .with_label_values(&[&self.mount.path]);
+        gauge.inc();
+        self.icy_gauge = Some(gauge);
+    }
+}
+
 impl Drop for ListenerGuard {
     fn drop(&mut self) {
         self.mount.listeners.fetch_sub(1, Ordering::Relaxed);
         self.shared.listeners_total.fetch_sub(1, Ordering::Relaxed);
         self.gauge.dec();
+        if let Some(g) = &self.icy_gauge {
+            g.dec();
+        }
     }
 }
 

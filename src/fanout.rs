@@ -28,6 +28,7 @@ use tokio::task::JoinHandle;
 
 use crate::config::{LagPolicy, MountSettings};
 use crate::conn::{ConnGuard, ListenerGuard, NewListener, WorkerCtx};
+use crate::icy::Cadence;
 use crate::mounts::{Mount, Snapshot};
 use crate::reasons::Disconnect;
 use crate::shared::{stopped, Stop};
@@ -45,8 +46,10 @@ const LAG_SAMPLE_EVERY: Duration = Duration::from_secs(1);
 struct Listener {
     /// Shared with the parked task while the socket is full.
     stream: Rc<TcpStream>,
-    /// Absolute offset of the next byte to send.
+    /// Absolute offset of the next byte of the stream to send.
     pos: u64,
+    /// Its ICY framing, when it asked for metadata blocks.
+    icy: Option<Cadence>,
     /// The task waiting for the socket to become writable, while parked.
     parked: Option<Parked>,
     /// Held for its `Drop`: counts the listener while it lives.
@@ -361,6 +364,7 @@ impl FanOut {
         let listener = Listener {
             stream: Rc::new(new.stream),
             pos: new.pos,
+            icy: new.icy,
             parked: None,
             _guard: new.guard,
             conn: new.conn,
@@ -472,7 +476,9 @@ impl FanOut {
         let pos = snap.join_point(snap.settings.burst_bytes);
         tracing::info!(from = %shard.mount.path, to = %target.path, listeners = shard.listeners.len(), "moving listeners to the fallback mount");
         for l in shard.listeners.drain() {
-            let Listener { stream, conn, .. } = l;
+            let Listener {
+                stream, conn, icy, ..
+            } = l;
             // Moved listeners are not refused for the fallback's limits: they were admitted once.
             let Ok(guard) = ListenerGuard::enter(&shared, &target, &self.ctx.label, None) else {
                 continue;
@@ -482,6 +488,7 @@ impl FanOut {
                 Listener {
                     stream,
                     pos,
+                    icy,
                     parked: None,
                     _guard: guard,
                     conn,
@@ -602,14 +609,20 @@ fn serve<'s>(
         }
     }
     loop {
-        let slices = gathered.at(snap, l.pos);
         tally.writes += 1;
-        match l.stream.try_write_vectored(slices) {
-            Ok(0) => return Served::Drop(Disconnect::ClientClosed),
-            Ok(n) => {
-                l.pos += n as u64;
-                tally.bytes += n as u64;
-                if l.pos >= snap.end {
+        let written = match &mut l.icy {
+            None => l
+                .stream
+                .try_write_vectored(gathered.at(snap, l.pos))
+                .map(|n| (n, n)),
+            Some(cadence) => write_icy(&l.stream, cadence, snap, l.pos),
+        };
+        match written {
+            Ok((0, _)) => return Served::Drop(Disconnect::ClientClosed),
+            Ok((_, audio)) => {
+                l.pos += audio as u64;
+                tally.bytes += audio as u64;
+                if l.pos >= snap.end && l.icy.as_ref().is_none_or(Cadence::between_blocks) {
                     return Served::Done;
                 }
             }
@@ -626,6 +639,38 @@ fn serve<'s>(
             Err(e) => return Served::Drop(Disconnect::from_io(&e)),
         }
     }
+}
+
+/// One write to a listener that takes ICY metadata: the shared audio from `pos`, with the mount's
+/// shared metadata block (or the one-byte empty block) every `icy_metaint` bytes. Returns the
+/// bytes written and how many of them were audio. The slice list is this listener's own (its
+/// blocks fall at its own offsets), so it is laid out per write: once a second or so per
+/// listener with the default coalescing, against a syscall that costs far more.
+fn write_icy(
+    stream: &TcpStream,
+    cadence: &mut Cadence,
+    snap: &Snapshot,
+    pos: u64,
+) -> io::Result<(usize, usize)> {
+    let mut budget = MAX_WRITE_BYTES;
+    let audio = snap.pieces_from(pos).map_while(|p| {
+        let take = p.len().min(budget);
+        budget -= take;
+        (take > 0).then(|| &p[..take])
+    });
+    let now = &snap.now_playing;
+    let mut iov = Vec::with_capacity(MAX_WRITE_SLICES);
+    let mut plan = Vec::with_capacity(MAX_WRITE_SLICES);
+    cadence.lay_out(
+        audio,
+        (&now.icy_block, now.version),
+        &mut iov,
+        &mut plan,
+        MAX_WRITE_SLICES,
+    );
+    let n = stream.try_write_vectored(&iov)?;
+    drop(iov);
+    Ok((n, cadence.wrote(n, &mut plan)))
 }
 
 /// A listener more than `max_lag_bytes` behind that cannot catch up: dropped, or moved to the

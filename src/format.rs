@@ -1,9 +1,8 @@
 //! Formats at ingest: what a source's bytes are, parsed once per mount as they arrive and never per
 //! listener. A parser turns the pieces an encoder happens to write into [`Event`]s: runs of whole
 //! frames or pages, each marked where a player may start (a *sync point*), the header pages a
-//! player needs before any of them (Ogg), and the titles the stream carries.
-//!
-//! The parser is chosen from the source's `Content-Type`:
+//! player needs before any of them (Ogg), and the titles the stream carries. This file holds
+//! what every parser yields; `framing` picks one by the source's `Content-Type`:
 //! - `audio/mpeg` ([`mpeg`], MP3) and `audio/aac`, `audio/aacp` ([`mpeg`], ADTS): every byte passes,
 //!   but cut at frame boundaries; a stream that is not what it says flows as it came, with the
 //!   chunk boundaries as join points, as before there was a parser;
@@ -12,8 +11,6 @@
 //! - anything else: passed through as it comes, every piece a sync point.
 
 use bytes::Bytes;
-
-use crate::{mpeg, ogg};
 
 /// What a parser makes of a source's bytes, in stream order.
 #[derive(Debug, PartialEq)]
@@ -58,74 +55,3 @@ impl FormatError {
 pub(crate) const MAX_HEADER_BYTES: usize = 256 * 1024;
 /// Most logical streams in one Ogg chain.
 pub(crate) const MAX_LOGICAL_STREAMS: usize = 16;
-
-/// One source connection's parser.
-pub(crate) enum Format {
-    PassThrough,
-    Mpeg(mpeg::Framer),
-    Ogg(ogg::Framer),
-}
-
-impl Format {
-    /// The parser for a source's `Content-Type` (parameters and case ignored).
-    pub fn for_content_type(content_type: &str) -> Format {
-        let essence = content_type
-            .split(';')
-            .next()
-            .unwrap_or_default()
-            .trim()
-            .to_ascii_lowercase();
-        match essence.as_str() {
-            "audio/mpeg" | "audio/mp3" | "audio/mpeg3" => {
-                Format::Mpeg(mpeg::Framer::new(mpeg::Kind::Mp3))
-            }
-            "audio/aac" | "audio/aacp" | "audio/x-aac" => {
-                Format::Mpeg(mpeg::Framer::new(mpeg::Kind::Adts))
-            }
-            "audio/ogg" | "application/ogg" | "audio/opus" | "video/ogg" | "audio/x-ogg" => {
-                Format::Ogg(ogg::Framer::new())
-            }
-            _ => Format::PassThrough,
-        }
-    }
-
-    /// Parses the next piece of the stream, appending what it yields to `out`.
-    pub fn push(&mut self, data: Bytes, out: &mut Vec<Event>) -> Result<(), FormatError> {
-        match self {
-            Format::PassThrough => {
-                if !data.is_empty() {
-                    out.push(Event::Data {
-                        bytes: data,
-                        sync: true,
-                    });
-                }
-                Ok(())
-            }
-            Format::Mpeg(f) => {
-                f.push(data, out);
-                Ok(())
-            }
-            Format::Ogg(f) => f.push(data, out),
-        }
-    }
-
-    /// The source ended: whatever the parser still holds (a partial frame) goes out as it is,
-    /// so that no byte the encoder sent is lost to an encoder restart.
-    pub fn finish(&mut self, out: &mut Vec<Event>) {
-        match self {
-            Format::PassThrough => {}
-            Format::Mpeg(f) => f.finish(out),
-            Format::Ogg(f) => f.finish(out),
-        }
-    }
-
-    /// What the stream turned out to be, for status pages (`MP3`, `AAC`, `Vorbis`, `Opus`,
-    /// `FLAC`, `Speex`, `Theora`, several joined with `/`); None until known.
-    pub fn subtype(&self) -> Option<String> {
-        match self {
-            Format::PassThrough => None,
-            Format::Mpeg(f) => f.subtype(),
-            Format::Ogg(f) => f.subtype(),
-        }
-    }
-}

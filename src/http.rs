@@ -6,7 +6,7 @@
 use std::time::Duration;
 
 use base64::Engine;
-use tokio::io::{AsyncRead, AsyncReadExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
 /// Largest request head accepted: request line plus headers.
 pub(crate) const MAX_HEAD_BYTES: usize = 8192;
@@ -31,6 +31,8 @@ pub(crate) struct Request {
     pub method: Method,
     /// The path without its query string.
     pub path: String,
+    /// What followed `?` in the request target, still percent-encoded; empty if nothing.
+    pub query: String,
     /// Header names lower-cased; values as sent.
     pub headers: Vec<(String, String)>,
 }
@@ -95,10 +97,8 @@ pub(crate) fn parse_head(buf: &[u8]) -> Result<Option<(Request, usize)>, HeadErr
         other => Method::Other(other.to_string()),
     };
     let target = req.path.unwrap_or_default();
-    let path = target
-        .split_once('?')
-        .map_or(target, |(p, _)| p)
-        .to_string();
+    let (path, query) = target.split_once('?').unwrap_or((target, ""));
+    let (path, query) = (path.to_string(), query.to_string());
     let mut hs = Vec::with_capacity(req.headers.len());
     for h in req.headers.iter() {
         let value = std::str::from_utf8(h.value).map_err(|_| HeadError::Malformed)?;
@@ -108,6 +108,7 @@ pub(crate) fn parse_head(buf: &[u8]) -> Result<Option<(Request, usize)>, HeadErr
         Request {
             method,
             path,
+            query,
             headers: hs,
         },
         n,
@@ -120,6 +121,48 @@ fn oversize(buf: &[u8]) -> HeadError {
         Some(i) if i < MAX_HEAD_BYTES => HeadError::HeadersTooLarge,
         _ => HeadError::UriTooLong,
     }
+}
+
+impl Request {
+    /// The query's parameters, names and values percent-decoded (`+` as a space); values as
+    /// bytes, since their character set is the client's to say (`charset=`).
+    pub fn query_params(&self) -> Vec<(String, Vec<u8>)> {
+        self.query
+            .split('&')
+            .filter(|kv| !kv.is_empty())
+            .map(|kv| {
+                let (k, v) = kv.split_once('=').unwrap_or((kv, ""));
+                (
+                    String::from_utf8_lossy(&percent_decode(k)).into_owned(),
+                    percent_decode(v),
+                )
+            })
+            .collect()
+    }
+}
+
+/// `%XX` escapes and `+` decoded; a malformed escape is kept as it is.
+fn percent_decode(s: &str) -> Vec<u8> {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        let hex = |c: u8| (c as char).to_digit(16);
+        match b[i] {
+            b'%' if i + 2 < b.len() => match (hex(b[i + 1]), hex(b[i + 2])) {
+                (Some(h), Some(l)) => {
+                    out.push((h * 16 + l) as u8);
+                    i += 3;
+                    continue;
+                }
+                _ => out.push(b'%'),
+            },
+            b'+' => out.push(b' '),
+            c => out.push(c),
+        }
+        i += 1;
+    }
+    out
 }
 
 /// A mount path fanstream accepts: starts with '/', at most 256 bytes of unreserved characters
@@ -140,6 +183,15 @@ pub(crate) fn valid_mount_path(path: &str) -> bool {
 /// How long a short response (an error, a status page) may take to write before we give up on
 /// the peer.
 pub(crate) const RESPONSE_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Writes a whole short response and closes, giving up after [`RESPONSE_TIMEOUT`].
+pub(crate) async fn write_and_close<S: AsyncWrite + Unpin>(mut stream: S, resp: &[u8]) {
+    let _ = tokio::time::timeout(RESPONSE_TIMEOUT, async {
+        stream.write_all(resp).await?;
+        stream.shutdown().await
+    })
+    .await;
+}
 
 /// Why reading a request head ended without a request.
 pub(crate) enum ReadHeadError {
@@ -328,6 +380,7 @@ mod tests {
         let req = |v: &str| Request {
             method: Method::Get,
             path: "/".into(),
+            query: String::new(),
             headers: vec![("authorization".into(), v.into())],
         };
         assert_eq!(
@@ -337,6 +390,23 @@ mod tests {
         assert_eq!(req("Bearer abc").basic_auth(), None);
         assert_eq!(req("Basic !!!").basic_auth(), None);
         assert_eq!(req("Basic bm9jb2xvbg==").basic_auth(), None);
+    }
+
+    #[test]
+    fn query_parameters_are_percent_decoded() {
+        let (req, _) = parse_head(
+            b"GET /admin/metadata?mode=updinfo&mount=%2Flive&song=Caf%E9+Noir&bad=%zz%4&empty HTTP/1.0\r\n\r\n",
+        )
+        .unwrap()
+        .unwrap();
+        assert_eq!(req.path, "/admin/metadata");
+        let params = req.query_params();
+        let get = |k: &str| params.iter().find(|(n, _)| n == k).map(|(_, v)| v.clone());
+        assert_eq!(get("mount").unwrap(), b"/live");
+        assert_eq!(get("song").unwrap(), b"Caf\xe9 Noir");
+        assert_eq!(get("bad").unwrap(), b"%zz%4");
+        assert_eq!(get("empty").unwrap(), b"");
+        assert_eq!(get("mode").unwrap(), b"updinfo");
     }
 
     #[test]

@@ -25,7 +25,9 @@ use tokio::sync::mpsc;
 use tokio::task::LocalSet;
 
 use crate::chunked::ChunkedDecoder;
-use crate::conn::{refuse, Encoder, Feed, SourceConn};
+use crate::conn::{refuse, Encoder, Feed, SourceConn, TitleUpdate, ToIngest};
+use crate::format::Event;
+use crate::framing::Format;
 use crate::http::RESPONSE_TIMEOUT;
 use crate::mounts::{Mount, StoreWriter};
 use crate::reasons::Refusal;
@@ -106,8 +108,15 @@ impl Ingest {
         })
     }
 
-    /// Appends a piece of the stream and wakes the workers. False if the claim is stale.
-    fn append(&self, path: &str, claim: Claim, data: Bytes) -> bool {
+    /// Publishes what the format layer made of a piece of the stream, then wakes the workers.
+    /// False if the claim is stale.
+    fn publish(
+        &self,
+        path: &str,
+        claim: Claim,
+        events: &mut Vec<Event>,
+        subtype: Option<String>,
+    ) -> bool {
         let mut entries = self.entries.borrow_mut();
         let Some(entry) = entries
             .get_mut(path)
@@ -115,18 +124,53 @@ impl Ingest {
         else {
             return false;
         };
-        let len = data.len() as u64;
-        let window = entry.writer.settings().window_bytes();
-        entry.writer.append(data, Instant::now(), window);
         let m = &self.shared.metrics;
-        m.source_received_bytes
-            .with_label_values(&[path])
-            .inc_by(len);
+        let window = entry.writer.settings().window_bytes();
+        let now = Instant::now();
+        for event in events.drain(..) {
+            match event {
+                Event::Data { bytes, sync } => entry.writer.append(bytes, now, window, sync),
+                Event::Headers(pages) => entry.writer.set_headers(pages),
+                Event::Tags { title, artist } => {
+                    entry.writer.set_now_playing(title, artist, None);
+                    m.metadata_updates.with_label_values(&[path]).inc();
+                }
+                Event::Unsynced { bytes, dropped } => {
+                    let action = if dropped { "dropped" } else { "passed" };
+                    m.source_unsynced_bytes
+                        .with_label_values(&[path, action])
+                        .inc_by(bytes as u64);
+                }
+            }
+        }
+        entry.writer.set_subtype(subtype);
         m.retained_bytes
             .with_label_values(&[path])
             .set(entry.writer.store().load().retained_bytes() as i64);
         drop(entries);
         self.shared.wake_workers();
+        true
+    }
+
+    /// A title update for `path` (from `/admin/metadata`); false when no source is live there.
+    fn set_title(&self, update: TitleUpdate) -> bool {
+        let mut entries = self.entries.borrow_mut();
+        let Some(entry) = entries
+            .get_mut(&update.mount)
+            .filter(|e| *e.writer.state() == SourceState::Live)
+        else {
+            return false;
+        };
+        entry
+            .writer
+            .set_now_playing(update.title, update.artist, update.url);
+        self.shared
+            .metrics
+            .metadata_updates
+            .with_label_values(&[&update.mount])
+            .inc();
+        drop(entries);
+        // ICY listeners get the new block at their next interval; nothing to write now.
         true
     }
 
@@ -201,11 +245,7 @@ impl Ingest {
 }
 
 /// Runs ingest until the server stops: takes each source from `sources` and serves it.
-pub(crate) fn run(
-    rt: Runtime,
-    shared: Arc<Shared>,
-    mut sources: mpsc::UnboundedReceiver<SourceConn>,
-) {
+pub(crate) fn run(rt: Runtime, shared: Arc<Shared>, mut inbox: mpsc::UnboundedReceiver<ToIngest>) {
     let local = LocalSet::new();
     local.block_on(&rt, async move {
         let ingest = Rc::new(Ingest {
@@ -217,9 +257,17 @@ pub(crate) fn run(
             tokio::select! {
                 _ = stopped(&mut stop) => break,
                 _ = shared.config_changed.notified() => ingest.apply_config(),
-                Some(conn) = sources.recv() => {
-                    tokio::task::spawn_local(serve_source(ingest.clone(), conn));
-                }
+                Some(msg) = inbox.recv() => match msg {
+                    ToIngest::Source(conn) => {
+                        tokio::task::spawn_local(serve_source(ingest.clone(), *conn));
+                    }
+                    ToIngest::Title(update) => {
+                        let mount = update.mount.clone();
+                        if !ingest.set_title(update) {
+                            tracing::debug!(%mount, "title update for a mount without a source");
+                        }
+                    }
+                },
             }
         }
         tracing::debug!("ingest stopped");
@@ -236,6 +284,7 @@ async fn serve_source(ingest: Rc<Ingest>, conn: SourceConn) {
         claimed,
     } = conn;
     let origin = feed.origin();
+    let format = Format::for_content_type(&info.meta.content_type);
     let claim = ingest.claim(&mount, info);
     if let Some(tx) = claimed {
         let _ = tx.send(claim.map(|_| ()));
@@ -257,21 +306,72 @@ async fn serve_source(ingest: Rc<Ingest>, conn: SourceConn) {
         }
     };
     tracing::info!(source = %origin, %mount, "source connected");
-    let reason = match feed {
-        Feed::Encoder(encoder) => read_encoder(&ingest, &mount, claim, encoder).await,
-        Feed::Pieces(pieces) => read_pieces(&ingest, &mount, claim, pieces).await,
+    let mut src = Source {
+        ingest: &ingest,
+        mount: &mount,
+        claim,
+        format,
+        events: Vec::new(),
     };
+    let reason = match feed {
+        Feed::Encoder(encoder) => read_encoder(&mut src, encoder).await,
+        Feed::Pieces(pieces) => read_pieces(&mut src, pieces).await,
+    };
+    src.finish();
     tracing::info!(source = %origin, %mount, reason, "source disconnected");
     ingest.release(&mount, claim, reason);
 }
 
-/// Answers an encoder (`100 Continue` if it waits for one, then `200 OK`) and reads its stream.
-async fn read_encoder(
-    ingest: &Ingest,
-    mount: &str,
+/// A claimed source as ingest reads it: its mount, its claim, and its format parser.
+struct Source<'a> {
+    ingest: &'a Ingest,
+    mount: &'a str,
     claim: Claim,
-    encoder: Encoder,
-) -> &'static str {
+    format: Format,
+    /// What the parser yields, reused from piece to piece.
+    events: Vec<Event>,
+}
+
+impl Source<'_> {
+    /// Parses a piece of the stream and publishes the result; Err says why the source must end.
+    fn append(&mut self, piece: Bytes) -> Result<(), &'static str> {
+        self.ingest
+            .shared
+            .metrics
+            .source_received_bytes
+            .with_label_values(&[self.mount])
+            .inc_by(piece.len() as u64);
+        if let Err(e) = self.format.push(piece, &mut self.events) {
+            tracing::warn!(mount = %self.mount, reason = e.reason(), "source's stream refused");
+            return Err(e.reason());
+        }
+        if self.events.is_empty() {
+            return Ok(());
+        }
+        let subtype = self.format.subtype();
+        if self
+            .ingest
+            .publish(self.mount, self.claim, &mut self.events, subtype)
+        {
+            Ok(())
+        } else {
+            Err("replaced")
+        }
+    }
+
+    /// The source ended: what the parser still holds goes out.
+    fn finish(&mut self) {
+        self.format.finish(&mut self.events);
+        if !self.events.is_empty() {
+            let subtype = self.format.subtype();
+            self.ingest
+                .publish(self.mount, self.claim, &mut self.events, subtype);
+        }
+    }
+}
+
+/// Answers an encoder (`100 Continue` if it waits for one, then `200 OK`) and reads its stream.
+async fn read_encoder(src: &mut Source<'_>, encoder: Encoder) -> &'static str {
     let Ok(mut stream) = TcpStream::from_std(encoder.stream) else {
         return "read_error";
     };
@@ -281,36 +381,21 @@ async fn read_encoder(
     }
     answer.extend_from_slice(b"HTTP/1.0 200 OK\r\nServer: fanstream\r\n\r\n");
     match tokio::time::timeout(RESPONSE_TIMEOUT, stream.write_all(&answer)).await {
-        Ok(Ok(())) => {
-            read_stream(
-                ingest,
-                mount,
-                claim,
-                &mut stream,
-                encoder.chunked,
-                encoder.leftover,
-            )
-            .await
-        }
+        Ok(Ok(())) => read_stream(src, &mut stream, encoder.chunked, encoder.leftover).await,
         _ => "write_error",
     }
 }
 
 /// Appends pieces made on another thread until their maker stops or stalls.
-async fn read_pieces(
-    ingest: &Ingest,
-    mount: &str,
-    claim: Claim,
-    mut pieces: mpsc::Receiver<Bytes>,
-) -> &'static str {
-    let timeout = Duration::from_secs(ingest.shared.config.load().source_timeout_secs);
+async fn read_pieces(src: &mut Source<'_>, mut pieces: mpsc::Receiver<Bytes>) -> &'static str {
+    let timeout = Duration::from_secs(src.ingest.shared.config.load().source_timeout_secs);
     loop {
         match tokio::time::timeout(timeout, pieces.recv()).await {
             Err(_) => return "source_timeout",
             Ok(None) => return "end_of_stream",
             Ok(Some(piece)) => {
-                if !ingest.append(mount, claim, piece) {
-                    return "replaced";
+                if let Err(why) = src.append(piece) {
+                    return why;
                 }
             }
         }
@@ -319,14 +404,12 @@ async fn read_pieces(
 
 /// Reads the body until the encoder closes, stalls, or breaks the framing; returns why it ended.
 async fn read_stream(
-    ingest: &Ingest,
-    mount: &str,
-    claim: Claim,
+    src: &mut Source<'_>,
     stream: &mut TcpStream,
     chunked: bool,
     leftover: Vec<u8>,
 ) -> &'static str {
-    let timeout = Duration::from_secs(ingest.shared.config.load().source_timeout_secs);
+    let timeout = Duration::from_secs(src.ingest.shared.config.load().source_timeout_secs);
     let mut decoder = chunked.then(ChunkedDecoder::default);
     let mut buf = BytesMut::from(&leftover[..]);
     let mut decoded = BytesMut::new();
@@ -345,8 +428,10 @@ async fn read_stream(
                     decoded.split().freeze()
                 }
             };
-            if !piece.is_empty() && !ingest.append(mount, claim, piece) {
-                return "replaced";
+            if !piece.is_empty() {
+                if let Err(why) = src.append(piece) {
+                    return why;
+                }
             }
             if decoder.as_ref().is_some_and(|d| d.is_done()) {
                 return "end_of_stream";

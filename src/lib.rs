@@ -34,15 +34,17 @@
 //! lines: there is no import loop), so the lower layers know nothing of the ones above.
 //!
 //! 1. **Wire and data** (std and crates only): [`http`] (request heads, short responses),
-//!    [`chunked`], the stream formats ([`mpeg`] frames, [`ogg`] pages, and [`format`], which picks
-//!    one by Content-Type), [`store`] (the segment store and its snapshot, generic over the settings it
+//!    [`chunked`], the stream formats ([`format`], what every parser yields; [`mpeg`] frames;
+//!    [`ogg`] pages; [`framing`], which picks one by Content-Type), [`icy`] (metadata blocks
+//!    between the audio), [`store`] (the segment store and its snapshot, generic over the settings it
 //!    carries), [`threads`] (named, pinned, CPU-accounted threads), [`open_files`].
 //! 2. **Vocabulary** shared by the stages: [`config`], [`reasons`] (`Refusal`, `Disconnect`: the
 //!    fixed reason labels), [`metrics`], [`usage`], [`mounts`] (the mount table), [`auth`],
 //!    [`shared`] (the state every thread shares, `Stop`), [`conn`] (what one stage hands the
 //!    next, the guards that count connections, and the one writer of refusals).
-//! 3. **Stages**: [`acceptor`], [`status`], [`admission`], [`fanout`], [`source`], [`ingest`],
-//!    [`demo`], [`admin`], and [`worker`] (the router, which calls admission, source and status).
+//! 3. **Stages**: [`acceptor`], [`status`], [`metadata`] (title updates), [`admission`],
+//!    [`fanout`], [`source`], [`ingest`], [`demo`], [`admin`], and [`worker`] (the router, which
+//!    calls admission, source, metadata and status).
 //! 4. **Wiring**: [`server`].
 //! 5. **Entry**: `main.rs`.
 //!
@@ -52,7 +54,9 @@
 // Layer 1: wire and data.
 pub(crate) mod chunked;
 pub(crate) mod format;
+pub(crate) mod framing;
 pub(crate) mod http;
+pub(crate) mod icy;
 pub(crate) mod mpeg;
 pub(crate) mod ogg;
 pub mod open_files;
@@ -74,6 +78,7 @@ pub(crate) mod admission;
 pub(crate) mod demo;
 pub(crate) mod fanout;
 pub(crate) mod ingest;
+pub(crate) mod metadata;
 pub(crate) mod source;
 pub(crate) mod status;
 pub(crate) mod worker;
@@ -114,7 +119,7 @@ pub mod bench_api {
     impl Store {
         /// Appends one chunk and publishes the new snapshot, keeping `window` bytes readable.
         pub fn append(&mut self, data: Bytes, window: u64) {
-            self.0.append(data, Instant::now(), window);
+            self.0.append(data, Instant::now(), window, true);
         }
 
         /// The published snapshot, as a worker loads it.

@@ -57,6 +57,13 @@ pub(crate) struct Metrics {
     pub source_disconnects: IntCounterVec,
     /// Payload bytes a mount retains now.
     pub retained_bytes: IntGaugeVec,
+    /// Title changes, by mount: from `/admin/metadata` or the stream's own tags.
+    pub metadata_updates: IntCounterVec,
+    /// Source bytes the format layer could not place on a frame or page, by mount and action
+    /// (`passed` on as they came, or `dropped`: garbage, a torn or corrupt Ogg page).
+    pub source_unsynced_bytes: IntCounterVec,
+    /// Listeners receiving ICY metadata blocks now, by mount.
+    pub icy_listeners: IntGaugeVec,
     /// Requests refused, by reason.
     pub rejected_requests: IntCounterVec,
     /// Panics caught (bugs), by where: `request` or `listener`.
@@ -182,6 +189,24 @@ impl Metrics {
                 "Payload bytes a mount retains.",
                 &["mount"],
             ),
+            metadata_updates: counter(
+                &reg,
+                "metadata_updates_total",
+                "Title changes, from /admin/metadata or the stream's own tags.",
+                &["mount"],
+            ),
+            source_unsynced_bytes: counter(
+                &reg,
+                "source_unsynced_bytes_total",
+                "Source bytes not on a frame or page boundary: passed on as they came, or dropped.",
+                &["mount", "action"],
+            ),
+            icy_listeners: gauge(
+                &reg,
+                "icy_listeners",
+                "Listeners receiving ICY metadata blocks now.",
+                &["mount"],
+            ),
             rejected_requests: counter(
                 &reg,
                 "rejected_requests_total",
@@ -231,6 +256,7 @@ impl Metrics {
         self.listener_connects.with_label_values(&[mount]);
         self.listener_skips.with_label_values(&[mount]);
         self.source_received_bytes.with_label_values(&[mount]);
+        self.metadata_updates.with_label_values(&[mount]);
         for why in Disconnect::ALL {
             self.listener_disconnects
                 .with_label_values(&[mount, why.reason()]);

@@ -15,6 +15,7 @@
 //! | `headers_too_large` | 431 | the head exceeds 8 KiB or 64 headers |
 //! | `method_not_allowed` | 405 | not GET, HEAD, SOURCE or PUT (or not GET/HEAD on the admin port) |
 //! | `bad_path` | 400 | not a mount path (odd bytes, `..`, empty segments, too long) |
+//! | `bad_query` | 400 | a title update without `mode=updinfo`, a mount or a title |
 //! | `unknown_mount` | 404 | no such mount |
 //! | `mount_idle` | 404 | the mount waits for its source |
 //! | `mount_full` | 503 | the mount holds its `max_listeners` |
@@ -65,6 +66,7 @@ pub(crate) enum Refusal {
     /// Carries the methods the port allows, for `Allow`.
     MethodNotAllowed(&'static str),
     BadPath,
+    BadQuery,
     UnknownMount,
     MountIdle,
     MountFull,
@@ -86,6 +88,7 @@ impl Refusal {
         match self {
             Refusal::Malformed
             | Refusal::BadPath
+            | Refusal::BadQuery
             | Refusal::ConflictingLength
             | Refusal::MissingContentType => 400,
             Refusal::AuthRequired(_) | Refusal::BadCredentials(_) => 401,
@@ -109,6 +112,7 @@ impl Refusal {
             Refusal::HeadersTooLarge => "headers_too_large",
             Refusal::MethodNotAllowed(_) => "method_not_allowed",
             Refusal::BadPath => "bad_path",
+            Refusal::BadQuery => "bad_query",
             Refusal::UnknownMount => "unknown_mount",
             Refusal::MountIdle => "mount_idle",
             Refusal::MountFull => "mount_full",

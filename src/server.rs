@@ -110,7 +110,7 @@ impl Server {
             let (claimed_tx, claimed_rx) = std::sync::mpsc::sync_channel(1);
             source.claimed = Some(claimed_tx);
             // Ingest holds the receiver until it stops: this send succeeds.
-            let _ = to_ingest.send(source);
+            let _ = to_ingest.send(crate::conn::ToIngest::Source(Box::new(source)));
             match claimed_rx.recv() {
                 Ok(Ok(())) => {
                     let stop = shared.stop.clone();
@@ -149,7 +149,7 @@ impl Server {
             admin_socket.set_nonblocking(true)?;
             let s = shared.clone();
             spawn_stage(&mut handles, &registry, "fs-admin", None, move |rt| {
-                crate::admin::run(rt, s, admin_socket)
+                crate::admin::run(rt, s, admin_socket, to_ingest)
             })?;
         }
         tracing::info!(%listen_addr, admin = ?admin_addr, workers = nworkers, "fanstream started");

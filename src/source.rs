@@ -17,7 +17,7 @@ use std::time::SystemTime;
 use bytes::Bytes;
 
 use crate::auth;
-use crate::conn::{Encoder, Feed, Incoming, SourceConn, WorkerCtx};
+use crate::conn::{Encoder, Feed, Incoming, SourceConn, ToIngest, WorkerCtx};
 use crate::http::{valid_mount_path, Method, Request};
 use crate::reasons::{Realm, Refusal};
 use crate::shared::Shared;
@@ -65,7 +65,11 @@ pub(crate) async fn handshake(ctx: &WorkerCtx, incoming: Incoming) {
         }),
         claimed: None,
     };
-    if ctx.to_ingest.send(source).is_err() {
+    if ctx
+        .to_ingest
+        .send(ToIngest::Source(Box::new(source)))
+        .is_err()
+    {
         tracing::debug!(%peer, "ingest has stopped; source dropped");
     }
 }
@@ -139,6 +143,7 @@ fn stream_info(req: &Request, content_type: String) -> StreamInfo {
         bitrate_kbps: bitrate,
         audio_info,
         started: Some(SystemTime::now()),
+        subtype: None,
     };
     StreamInfo::new(meta, Bytes::new())
 }

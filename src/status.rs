@@ -10,10 +10,9 @@ use std::sync::atomic::Ordering;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use serde::Serialize;
-use tokio::io::AsyncWriteExt;
 
 use crate::conn::Incoming;
-use crate::http::{Method, Request, RESPONSE_TIMEOUT};
+use crate::http::{self, Method, Request};
 use crate::mounts::Mount;
 use crate::shared::Shared;
 use crate::store::SourceState;
@@ -31,12 +30,7 @@ pub(crate) fn is_status_path(path: &str) -> bool {
 /// Answers a `GET` or `HEAD` of a status path and closes.
 pub(crate) async fn serve(shared: &Shared, incoming: Incoming) {
     let resp = response(shared, &incoming.req);
-    let mut stream = incoming.stream;
-    let _ = tokio::time::timeout(RESPONSE_TIMEOUT, async {
-        stream.write_all(&resp).await?;
-        stream.shutdown().await
-    })
-    .await;
+    http::write_and_close(incoming.stream, &resp).await;
 }
 
 /// The whole HTTP response for a `GET` or `HEAD` of a status path.
@@ -87,6 +81,13 @@ struct MountStatus {
     url: Option<String>,
     bitrate_kbps: Option<u32>,
     audio_info: Option<String>,
+    /// What the format layer found the stream to be (`MP3`, `Opus`, ...).
+    subtype: Option<String>,
+    /// Now playing, from title updates or the stream's own tags.
+    title: Option<String>,
+    artist: Option<String>,
+    /// When the title last changed.
+    metadata_updated: Option<String>,
     stream_start_iso8601: Option<String>,
     /// Payload bytes received from sources since the mount appeared.
     received_bytes: u64,
@@ -120,6 +121,10 @@ fn own(shared: &Shared, host: &str) -> Status {
                 url: meta.url.clone(),
                 bitrate_kbps: meta.bitrate_kbps,
                 audio_info: meta.audio_info.clone(),
+                subtype: meta.subtype.clone(),
+                title: snap.now_playing.title.clone(),
+                artist: snap.now_playing.artist.clone(),
+                metadata_updated: snap.now_playing.updated.map(|t| Date::of(t).iso8601()),
                 stream_start_iso8601: meta.started.map(|t| Date::of(t).iso8601()),
                 received_bytes: received_bytes(shared, &m),
                 sent_bytes: sent_bytes(shared, &m),
@@ -176,6 +181,8 @@ enum OneOrMany<T> {
 #[derive(Serialize)]
 struct IceSource {
     #[serde(skip_serializing_if = "Option::is_none")]
+    artist: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     audio_info: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     bitrate: Option<u32>,
@@ -190,6 +197,11 @@ struct IceSource {
     server_url: Option<String>,
     stream_start: String,
     stream_start_iso8601: String,
+    /// The Ogg codec (`Vorbis`, `Opus`, ...), as Icecast gives it for Ogg streams.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    subtype: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    title: Option<String>,
     /// Icecast's stylesheet hides these two; they are in its XML stats and the users ask
     /// for them, and an extra field breaks no client.
     total_bytes_read: u64,
@@ -209,6 +221,7 @@ fn icecast(shared: &Shared, host: &str) -> IcecastDoc {
             let meta = &snap.info.meta;
             let started = Date::of(meta.started.unwrap_or(shared.started));
             Some(IceSource {
+                artist: snap.now_playing.artist.clone(),
                 audio_info: meta.audio_info.clone(),
                 bitrate: meta.bitrate_kbps,
                 // Icecast's words for a source that did not say.
@@ -228,6 +241,8 @@ fn icecast(shared: &Shared, host: &str) -> IcecastDoc {
                 server_url: meta.url.clone(),
                 stream_start: started.rfc2822(),
                 stream_start_iso8601: started.iso8601(),
+                subtype: meta.subtype.clone(),
+                title: snap.now_playing.title.clone(),
                 total_bytes_read: received_bytes(shared, &m),
                 total_bytes_sent: sent_bytes(shared, &m),
                 dummy: (),

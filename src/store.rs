@@ -35,6 +35,9 @@ pub(crate) struct Chunk {
     /// When ingest received it: write coalescing flushes a listener once its oldest unsent byte is
     /// this old.
     pub arrived: Instant,
+    /// A player may start at its first byte (a frame or page boundary, as the format layer
+    /// found it): join points are chosen among these.
+    pub sync: bool,
 }
 
 /// Contiguous chunks, immutable once published.
@@ -63,7 +66,7 @@ pub(crate) enum SourceState {
 
 /// What a listener is sent before the stream's bytes, and what status pages show: built once per
 /// source connection.
-#[derive(Debug, Default)]
+#[derive(Clone, Debug, Default)]
 pub(crate) struct StreamInfo {
     /// The HTTP response head (status line, Content-Type, icy-* headers, blank line).
     pub response_head: Bytes,
@@ -96,6 +99,33 @@ impl StreamInfo {
     }
 }
 
+/// What is playing now, from the source's metadata updates or its stream's own tags; replaced
+/// whole on each change and published with the stream.
+#[derive(Debug, Default)]
+pub(crate) struct NowPlaying {
+    pub title: Option<String>,
+    pub artist: Option<String>,
+    /// A URL for the song or the show (`StreamUrl` in ICY blocks).
+    pub url: Option<String>,
+    /// Counts changes since the mount appeared (0: nothing was ever set): an ICY listener is sent
+    /// the title again only when this moved since its previous block.
+    pub version: u64,
+    /// When it last changed, on the wall clock.
+    pub updated: Option<std::time::SystemTime>,
+    /// The ICY metadata block for it, built once and shared by every ICY listener.
+    pub icy_block: Bytes,
+}
+
+impl NowPlaying {
+    /// What players show: `artist - title`, or whichever of the two is known.
+    pub fn display(&self) -> Option<String> {
+        match (&self.artist, &self.title) {
+            (Some(a), Some(t)) => Some(format!("{a} - {t}")),
+            (a, t) => t.clone().or_else(|| a.clone()),
+        }
+    }
+}
+
 /// What the source said about its stream (from its `ice-*`/`icy-*` headers), for listeners'
 /// `icy-*` headers and the status pages.
 #[derive(Clone, Debug, Default)]
@@ -112,6 +142,8 @@ pub(crate) struct StreamMeta {
     pub audio_info: Option<String>,
     /// When the source connected, on the wall clock (status pages show it as a date).
     pub started: Option<std::time::SystemTime>,
+    /// What the format layer found the stream to be (`MP3`, `Vorbis`, `Opus`, ...), once known.
+    pub subtype: Option<String>,
 }
 
 /// One consistent view of a mount, replaced whole on every change.
@@ -127,6 +159,11 @@ pub(crate) struct Snapshot<S> {
     pub end: u64,
     pub state: SourceState,
     pub info: Arc<StreamInfo>,
+    /// Header pages a player needs before the stream (Ogg), sent to each new listener.
+    pub headers: Bytes,
+    /// Where `headers` begin to apply: join points lie at or after it.
+    pub headers_from: u64,
+    pub now_playing: Arc<NowPlaying>,
     /// The mount's settings in force for this publication.
     pub settings: Arc<S>,
 }
@@ -195,6 +232,14 @@ impl<S> Snapshot<S> {
             })
     }
 
+    /// The stream from `pos` on, as the pieces it is stored in (the first one cut at `pos`).
+    pub fn pieces_from(&self, pos: u64) -> impl Iterator<Item = &[u8]> {
+        self.chunks_from(pos).map(move |c| {
+            let skip = pos.saturating_sub(c.offset) as usize;
+            &c.data[skip..]
+        })
+    }
+
     /// When the oldest byte at or after `pos` arrived, for write coalescing.
     pub fn arrival_of(&self, pos: u64) -> Option<Instant> {
         self.chunks_from(pos).next().map(|c| c.arrived)
@@ -223,16 +268,25 @@ impl<S> Snapshot<S> {
         total
     }
 
-    /// The join point for a new listener: the first chunk boundary at most `burst` bytes behind
-    /// the live edge, so a player starts at once with at most `burst` bytes of backlog.
+    /// The join point for a new listener: the first sync point (a frame or page boundary) at
+    /// most `burst` bytes behind the live edge, so a player starts at once with at most `burst`
+    /// bytes of backlog, and never before the current header pages apply. Failing that, the live
+    /// edge, where the next piece of a stream in sync begins; but with no sync point at all since
+    /// the headers (an Ogg stream whose header pages are still arriving), the oldest byte that may
+    /// be joined, so that the player gets every header page.
     pub fn join_point(&self, burst: u64) -> u64 {
-        let target = self.end.saturating_sub(burst).max(self.start);
-        match self.locate(target) {
-            None => self.end,
-            Some(_) => self
-                .chunks_from(target)
-                .find(|c| c.offset >= target)
-                .map_or(self.end, |c| c.offset),
+        let floor = self.start.max(self.headers_from);
+        let target = self.end.saturating_sub(burst).max(floor);
+        if let Some(c) = self
+            .chunks_from(target)
+            .find(|c| c.offset >= target && c.sync)
+        {
+            return c.offset;
+        }
+        if self.chunks_from(floor).any(|c| c.sync && c.offset >= floor) {
+            self.end
+        } else {
+            floor.min(self.end)
         }
     }
 }
@@ -262,6 +316,9 @@ pub(crate) struct StoreWriter<S> {
     end: u64,
     state: SourceState,
     info: Arc<StreamInfo>,
+    headers: Bytes,
+    headers_from: u64,
+    now_playing: Arc<NowPlaying>,
     settings: Arc<S>,
 }
 
@@ -276,6 +333,9 @@ impl<S> StoreWriter<S> {
             end: 0,
             state: SourceState::Closed,
             info: info.clone(),
+            headers: Bytes::new(),
+            headers_from: 0,
+            now_playing: Arc::default(),
             settings: settings.clone(),
         };
         StoreWriter {
@@ -290,6 +350,9 @@ impl<S> StoreWriter<S> {
             end: 0,
             state: SourceState::Closed,
             info,
+            headers: Bytes::new(),
+            headers_from: 0,
+            now_playing: Arc::default(),
             settings,
         }
     }
@@ -314,8 +377,8 @@ impl<S> StoreWriter<S> {
 
     /// Appends one chunk and publishes the new snapshot. `window` is how many bytes behind the
     /// live edge must stay readable (the mount's current burst and lag limit; a reload may
-    /// change it).
-    pub fn append(&mut self, data: Bytes, arrived: Instant, window: u64) {
+    /// change it); `sync` marks the chunk's start as a place a player may start.
+    pub fn append(&mut self, data: Bytes, arrived: Instant, window: u64, sync: bool) {
         if data.is_empty() {
             return;
         }
@@ -324,6 +387,7 @@ impl<S> StoreWriter<S> {
             offset: self.end,
             data,
             arrived,
+            sync,
         });
         self.open_bytes += len;
         self.end += len as u64;
@@ -364,11 +428,59 @@ impl<S> StoreWriter<S> {
             .unwrap_or(self.end);
     }
 
-    /// A source took the mount: new stream info, state Live.
+    /// A source took the mount: new stream info, state Live, no header pages or title yet (they
+    /// belong to the source that sent them).
     pub fn go_live(&mut self, info: StreamInfo) {
         self.info = Arc::new(info);
         self.state = SourceState::Live;
+        self.headers = Bytes::new();
+        self.headers_from = self.end;
+        // A new version with an empty title: ICY listeners who heard the old source's title are
+        // told it no longer plays.
+        self.now_playing = Arc::new(NowPlaying {
+            version: self.now_playing.version + 1,
+            icy_block: crate::icy::block("", None),
+            ..NowPlaying::default()
+        });
         self.publish();
+    }
+
+    /// New header pages, which apply from the next byte on (the pages themselves are already in
+    /// the stream, for listeners connected now).
+    pub fn set_headers(&mut self, headers: Bytes) {
+        self.headers = headers;
+        self.headers_from = self.end;
+        self.publish();
+    }
+
+    /// A new title (and artist, URL), published with the stream.
+    pub fn set_now_playing(
+        &mut self,
+        title: Option<String>,
+        artist: Option<String>,
+        url: Option<String>,
+    ) {
+        let mut now = NowPlaying {
+            title,
+            artist,
+            url,
+            version: self.now_playing.version + 1,
+            updated: Some(std::time::SystemTime::now()),
+            icy_block: Bytes::new(),
+        };
+        now.icy_block = crate::icy::block(&now.display().unwrap_or_default(), now.url.as_deref());
+        self.now_playing = Arc::new(now);
+        self.publish();
+    }
+
+    /// Records what the stream turned out to be; published only when it changed.
+    pub fn set_subtype(&mut self, subtype: Option<String>) {
+        if self.info.meta.subtype != subtype {
+            let mut info = StreamInfo::clone(&self.info);
+            info.meta.subtype = subtype;
+            self.info = Arc::new(info);
+            self.publish();
+        }
     }
 
     /// Publishes a new source state. A closed mount keeps its bytes so that listeners get a last
@@ -388,6 +500,9 @@ impl<S> StoreWriter<S> {
             end: self.end,
             state: self.state.clone(),
             info: self.info.clone(),
+            headers: self.headers.clone(),
+            headers_from: self.headers_from,
+            now_playing: self.now_playing.clone(),
             settings: self.settings.clone(),
         };
         self.store.current.store(Arc::new(snap));
@@ -406,7 +521,7 @@ mod tests {
 
     impl TestWriter {
         fn append(&mut self, data: Bytes, arrived: Instant) {
-            self.w.append(data, arrived, self.window);
+            self.w.append(data, arrived, self.window, true);
         }
         fn store(&self) -> &Arc<Store<u32>> {
             self.w.store()
@@ -573,5 +688,60 @@ mod tests {
             2,
             "later publications keep them"
         );
+    }
+
+    #[test]
+    fn joins_start_at_sync_points_after_the_current_headers() {
+        let mut w = writer(1 << 20);
+        let now = Instant::now();
+        // Header pages (not joinable), then data pages at offsets 10, 20, ... (joinable),
+        // with unjoinable continuation pieces between them.
+        w.w.append(Bytes::from(vec![0u8; 10]), now, 1 << 20, false);
+        w.w.set_headers(Bytes::from_static(b"HEADERS"));
+        for _ in 0..10 {
+            w.w.append(Bytes::from(vec![1u8; 6]), now, 1 << 20, true);
+            w.w.append(Bytes::from(vec![2u8; 4]), now, 1 << 20, false);
+        }
+        let snap = w.store().load_full();
+        assert_eq!(snap.end, 110);
+        assert_eq!(&snap.headers[..], b"HEADERS");
+        assert_eq!(
+            snap.join_point(25),
+            90,
+            "the first sync point within the burst"
+        );
+        assert_eq!(
+            snap.join_point(2),
+            110,
+            "none after the target: the live edge"
+        );
+        assert_eq!(snap.join_point(1000), 10, "never before the headers apply");
+        // A new source starts a new header epoch.
+        w.go_live(StreamInfo::default());
+        w.w.append(Bytes::from(vec![3u8; 5]), now, 1 << 20, false);
+        let snap = w.store().load_full();
+        assert!(snap.headers.is_empty());
+        assert_eq!(
+            snap.join_point(1000),
+            110,
+            "no sync point yet: from where this source began"
+        );
+    }
+
+    #[test]
+    fn each_title_change_is_a_new_version_with_its_block() {
+        let mut w = writer(1 << 20);
+        let first = w.store().load().now_playing.version;
+        w.w.set_now_playing(Some("Song".into()), Some("Band".into()), None);
+        let snap = w.store().load_full();
+        let np = &snap.now_playing;
+        assert_eq!(np.version, first + 1);
+        assert_eq!(np.display().as_deref(), Some("Band - Song"));
+        assert!(np.icy_block[1..].starts_with(b"StreamTitle='Band - Song';"));
+        assert!(np.updated.is_some());
+        w.go_live(StreamInfo::default());
+        let np = w.store().load().now_playing.clone();
+        assert_eq!((np.version, np.title.clone()), (first + 2, None));
+        assert!(np.icy_block[1..].starts_with(b"StreamTitle='';"));
     }
 }

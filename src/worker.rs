@@ -14,7 +14,7 @@ use tokio::runtime::Runtime;
 use tokio::sync::mpsc::{self, UnboundedSender};
 use tokio::task::LocalSet;
 
-use crate::conn::{refuse, Accepted, ConnGuard, Incoming, SourceConn, WorkerCtx};
+use crate::conn::{refuse, Accepted, ConnGuard, Incoming, ToIngest, WorkerCtx};
 use crate::fanout::FanOut;
 use crate::http::{self, Method, ReadHeadError};
 use crate::reasons::{Refusal, Unanswered};
@@ -28,7 +28,7 @@ pub(crate) fn run(
     shared: Arc<Shared>,
     index: usize,
     conns: Receiver<Accepted>,
-    to_ingest: UnboundedSender<SourceConn>,
+    to_ingest: UnboundedSender<ToIngest>,
 ) {
     let local = LocalSet::new();
     local.block_on(&rt, async move {
@@ -123,6 +123,13 @@ async fn handle(ctx: Rc<WorkerCtx>, mut stream: TcpStream, conn: ConnGuard, over
         conn,
     };
     match incoming.req.method {
+        Method::Get if crate::metadata::is_metadata_path(&incoming.req.path) => {
+            let answer = crate::metadata::update(shared, &ctx.to_ingest, &incoming.req, peer);
+            match answer {
+                Ok(resp) => http::write_and_close(incoming.stream, &resp).await,
+                Err(no) => incoming.refuse(shared, no).await,
+            }
+        }
         Method::Get | Method::Head if crate::status::is_status_path(&incoming.req.path) => {
             crate::status::serve(shared, incoming).await
         }

@@ -1,0 +1,86 @@
+//! Picks a source's parser ([`crate::format`]) by its `Content-Type`, and runs it.
+
+use bytes::Bytes;
+
+use crate::format::{Event, FormatError};
+use crate::{mpeg, ogg};
+
+/// Whether a stream of this `Content-Type` carries its metadata itself (Ogg comments, WebM
+/// tags): ICY blocks inserted into it would corrupt it.
+pub(crate) fn carries_own_metadata(content_type: &str) -> bool {
+    let essence = content_type.split(';').next().unwrap_or_default().trim();
+    ["ogg", "opus", "webm"]
+        .iter()
+        .any(|k| essence.to_ascii_lowercase().contains(k))
+}
+
+/// One source connection's parser.
+pub(crate) enum Format {
+    PassThrough,
+    Mpeg(mpeg::Framer),
+    Ogg(ogg::Framer),
+}
+
+impl Format {
+    /// The parser for a source's `Content-Type` (parameters and case ignored).
+    pub fn for_content_type(content_type: &str) -> Format {
+        let essence = content_type
+            .split(';')
+            .next()
+            .unwrap_or_default()
+            .trim()
+            .to_ascii_lowercase();
+        match essence.as_str() {
+            "audio/mpeg" | "audio/mp3" | "audio/mpeg3" => {
+                Format::Mpeg(mpeg::Framer::new(mpeg::Kind::Mp3))
+            }
+            "audio/aac" | "audio/aacp" | "audio/x-aac" => {
+                Format::Mpeg(mpeg::Framer::new(mpeg::Kind::Adts))
+            }
+            "audio/ogg" | "application/ogg" | "audio/opus" | "video/ogg" | "audio/x-ogg" => {
+                Format::Ogg(ogg::Framer::new())
+            }
+            _ => Format::PassThrough,
+        }
+    }
+
+    /// Parses the next piece of the stream, appending what it yields to `out`.
+    pub fn push(&mut self, data: Bytes, out: &mut Vec<Event>) -> Result<(), FormatError> {
+        match self {
+            Format::PassThrough => {
+                if !data.is_empty() {
+                    out.push(Event::Data {
+                        bytes: data,
+                        sync: true,
+                    });
+                }
+                Ok(())
+            }
+            Format::Mpeg(f) => {
+                f.push(data, out);
+                Ok(())
+            }
+            Format::Ogg(f) => f.push(data, out),
+        }
+    }
+
+    /// The source ended: whatever the parser still holds (a partial frame) goes out as it is,
+    /// so that no byte the encoder sent is lost to an encoder restart.
+    pub fn finish(&mut self, out: &mut Vec<Event>) {
+        match self {
+            Format::PassThrough => {}
+            Format::Mpeg(f) => f.finish(out),
+            Format::Ogg(f) => f.finish(out),
+        }
+    }
+
+    /// What the stream turned out to be, for status pages (`MP3`, `AAC`, `Vorbis`, `Opus`,
+    /// `FLAC`, `Speex`, `Theora`, several joined with `/`); None until known.
+    pub fn subtype(&self) -> Option<String> {
+        match self {
+            Format::PassThrough => None,
+            Format::Mpeg(f) => f.subtype(),
+            Format::Ogg(f) => f.subtype(),
+        }
+    }
+}

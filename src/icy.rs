@@ -1,0 +1,312 @@
+//! ICY metadata, the in-band protocol of SHOUTcast and Icecast: a player that asks with
+//! `Icy-MetaData: 1` is told `icy-metaint: N`, and after every N bytes of audio it receives one
+//! metadata block: a length byte L, then L·16 bytes of `StreamTitle='...';StreamUrl='...';`
+//! padded with zeros (L = 0, a single zero byte, when nothing changed since its previous block).
+//!
+//! A block is built once per title change and shared by every listener. [`Cadence`] lays out one
+//! listener's write: the shared audio slices with the shared blocks between them, so the audio is
+//! never copied per listener.
+
+use std::io::IoSlice;
+
+use bytes::{BufMut, Bytes, BytesMut};
+
+/// The most text a block's length byte can announce.
+const MAX_BLOCK_TEXT: usize = 255 * 16;
+/// The block sent when the title did not change since the listener's previous block.
+static EMPTY_BLOCK: Bytes = Bytes::from_static(&[0]);
+
+/// The metadata block for a title (and a URL, when set), ready to send. What could end the quoted
+/// value early (`'`) becomes a typographic apostrophe and control characters become spaces, so
+/// no title can forge another field; what does not fit the 4080 bytes a block holds is cut at a
+/// character boundary.
+pub(crate) fn block(title: &str, url: Option<&str>) -> Bytes {
+    let url_field = url
+        .map(|u| format!("StreamUrl='{}';", truncate(&clean(u), MAX_BLOCK_TEXT / 4)))
+        .unwrap_or_default();
+    let room = MAX_BLOCK_TEXT - "StreamTitle='';".len() - url_field.len();
+    let text = format!(
+        "StreamTitle='{}';{url_field}",
+        truncate(&clean(title), room)
+    );
+    let units = text.len().div_ceil(16);
+    let mut out = BytesMut::with_capacity(1 + units * 16);
+    out.put_u8(units as u8);
+    out.put_slice(text.as_bytes());
+    out.put_bytes(0, units * 16 - text.len());
+    out.freeze()
+}
+
+fn clean(s: &str) -> String {
+    s.chars()
+        .map(|c| match c {
+            '\'' => '\u{2019}',
+            c if c.is_control() => ' ',
+            c => c,
+        })
+        .collect()
+}
+
+fn truncate(s: &str, max: usize) -> &str {
+    let mut end = s.len().min(max);
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    &s[..end]
+}
+
+/// Where one listener stands in its ICY framing.
+#[derive(Debug)]
+pub(crate) struct Cadence {
+    /// Audio bytes between blocks (the `icy-metaint` the listener was told).
+    metaint: usize,
+    /// Audio bytes still to send before the next block.
+    until_block: usize,
+    /// The rest of a block that a write cut short: it goes out before any more audio.
+    partial: Option<Bytes>,
+    /// The title version of the last block sent with text.
+    sent_version: u64,
+}
+
+/// One part of a laid-out write, to account for a write that took only some of it.
+#[derive(Debug)]
+pub(crate) enum Step {
+    Audio(usize),
+    /// A block; `version` is set when it carries that title version.
+    Block {
+        bytes: Bytes,
+        version: Option<u64>,
+    },
+}
+
+impl Cadence {
+    pub fn new(metaint: usize) -> Self {
+        Cadence {
+            metaint,
+            until_block: metaint,
+            partial: None,
+            sent_version: 0,
+        }
+    }
+
+    /// A cadence whose first interval already holds `sent` bytes (a preamble sent before the
+    /// stream); None if they fill it, as a block would be owed inside them.
+    pub fn after(metaint: usize, sent: usize) -> Option<Self> {
+        (sent < metaint).then(|| Cadence {
+            until_block: metaint - sent,
+            ..Cadence::new(metaint)
+        })
+    }
+
+    /// Lays out one vectored write: the rest of a cut block, then `audio` (the stream from the
+    /// listener's position, in pieces) with a block every `metaint` bytes; `current` is the
+    /// mount's block and its title version (0: no title yet). Stops before `max_slices` slices.
+    /// `plan` records the parts for [`Cadence::wrote`].
+    pub fn lay_out<'a>(
+        &'a self,
+        audio: impl Iterator<Item = &'a [u8]>,
+        current: (&'a Bytes, u64),
+        iov: &mut Vec<IoSlice<'a>>,
+        plan: &mut Vec<Step>,
+        max_slices: usize,
+    ) {
+        iov.clear();
+        plan.clear();
+        if let Some(rest) = &self.partial {
+            iov.push(IoSlice::new(rest));
+            plan.push(Step::Block {
+                bytes: rest.clone(),
+                version: None,
+            });
+        }
+        let mut until = self.until_block;
+        let mut version = self.sent_version;
+        for mut data in audio {
+            while !data.is_empty() {
+                if iov.len() + 2 > max_slices {
+                    return;
+                }
+                if until == 0 {
+                    let (blk, v) = if current.1 != version {
+                        version = current.1;
+                        (current.0, Some(version))
+                    } else {
+                        (&EMPTY_BLOCK, None)
+                    };
+                    iov.push(IoSlice::new(blk));
+                    plan.push(Step::Block {
+                        bytes: blk.clone(),
+                        version: v,
+                    });
+                    until = self.metaint;
+                }
+                let take = data.len().min(until);
+                iov.push(IoSlice::new(&data[..take]));
+                plan.push(Step::Audio(take));
+                until -= take;
+                data = &data[take..];
+            }
+        }
+    }
+
+    /// Accounts for a write of `n` bytes of the laid-out `plan`; returns how many of them were
+    /// audio, by which the listener's stream position advances.
+    pub fn wrote(&mut self, mut n: usize, plan: &mut Vec<Step>) -> usize {
+        let mut audio = 0;
+        for step in plan.drain(..) {
+            if n == 0 {
+                break;
+            }
+            match step {
+                Step::Audio(len) => {
+                    let k = len.min(n);
+                    audio += k;
+                    self.until_block -= k;
+                    n -= k;
+                }
+                Step::Block { bytes, version } => {
+                    if n < bytes.len() {
+                        self.partial = Some(bytes.slice(n..));
+                        n = 0;
+                    } else {
+                        n -= bytes.len();
+                        self.partial = None;
+                    }
+                    // A block begun is a block owed in full: from here on the cadence counts
+                    // the next interval, whatever is left of this block.
+                    self.until_block = self.metaint;
+                    if let Some(v) = version {
+                        self.sent_version = v;
+                    }
+                }
+            }
+        }
+        audio
+    }
+
+    /// Nothing is owed but audio: no block is cut short.
+    pub fn between_blocks(&self) -> bool {
+        self.partial.is_none()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Splits what a listener received into audio and blocks, as a player does.
+    fn parse(received: &[u8], metaint: usize) -> (Vec<u8>, Vec<String>) {
+        let (mut audio, mut blocks) = (Vec::new(), Vec::new());
+        let mut rest = received;
+        while !rest.is_empty() {
+            let take = rest.len().min(metaint);
+            audio.extend_from_slice(&rest[..take]);
+            rest = &rest[take..];
+            if rest.is_empty() {
+                break;
+            }
+            let len = rest[0] as usize * 16;
+            let text = &rest[1..1 + len];
+            blocks.push(
+                String::from_utf8_lossy(text)
+                    .trim_end_matches('\0')
+                    .to_string(),
+            );
+            rest = &rest[1 + len..];
+        }
+        (audio, blocks)
+    }
+
+    /// Runs a listener's cadence over `stream`, writing at most `cap` bytes per write.
+    fn deliver(stream: &[u8], metaint: usize, cap: usize, titles: &[(usize, &str)]) -> Vec<u8> {
+        let mut cadence = Cadence::new(metaint);
+        let mut plan = Vec::new();
+        let mut pos = 0;
+        let mut out = Vec::new();
+        let mut current = (Bytes::from_static(&[0]), 0u64);
+        while pos < stream.len() || !cadence.between_blocks() {
+            for (i, (at, title)) in titles.iter().enumerate() {
+                if pos >= *at && current.1 < i as u64 + 1 {
+                    current = (block(title, None), i as u64 + 1);
+                }
+            }
+            let pieces = stream[pos..].chunks(100);
+            let mut iov = Vec::new();
+            cadence.lay_out(pieces, (&current.0, current.1), &mut iov, &mut plan, 64);
+            let mut n = 0;
+            for s in &iov {
+                let k = s.len().min(cap - n);
+                out.extend_from_slice(&s[..k]);
+                n += k;
+                if n == cap {
+                    break;
+                }
+            }
+            drop(iov);
+            pos += cadence.wrote(n, &mut plan);
+        }
+        out
+    }
+
+    #[test]
+    fn a_block_holds_the_title_padded_to_sixteen_bytes() {
+        let b = block("Artist - Song", Some("http://x"));
+        assert_eq!(b.len(), 1 + 16 * b[0] as usize);
+        let text = String::from_utf8_lossy(&b[1..]);
+        assert!(
+            text.starts_with("StreamTitle='Artist - Song';StreamUrl='http://x';\0"),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn a_title_cannot_forge_a_field_and_is_bounded() {
+        let b = block("a';StreamUrl='http://evil';x\n", None);
+        let text = String::from_utf8_lossy(&b[1..]);
+        let text = text.trim_end_matches('\0');
+        assert_eq!(text.matches('\'').count(), 2, "{text}");
+        assert!(!text.contains('\n'));
+        let long = block(&"é".repeat(10_000), Some("u"));
+        assert_eq!(long.len(), 1 + 16 * long[0] as usize);
+        assert!(long.len() <= 1 + 4080);
+        assert!(
+            std::str::from_utf8(&long[1..]).is_ok(),
+            "cut inside a character"
+        );
+    }
+
+    #[test]
+    fn blocks_fall_every_metaint_bytes_whatever_the_writes_take() {
+        let stream: Vec<u8> = (0..50_000u32).map(|i| (i % 251) as u8).collect();
+        for cap in [1, 7, 999, 4096, 1 << 20] {
+            let got = deliver(&stream, 1000, cap, &[(0, "one"), (20_000, "two")]);
+            let (audio, blocks) = parse(&got, 1000);
+            assert_eq!(audio, stream, "audio between blocks, writes of {cap}");
+            assert_eq!(blocks.len(), 49);
+            assert_eq!(blocks[0], "StreamTitle='one';");
+            assert!(
+                blocks[1..19].iter().all(|b| b.is_empty()),
+                "unchanged: empty blocks"
+            );
+            let two = blocks
+                .iter()
+                .position(|b| b == "StreamTitle='two';")
+                .unwrap();
+            // The title changes between writes (at the first write from 20,000 on): the
+            // block after the audio that write starts with carries it.
+            assert!(
+                (19..=24).contains(&two),
+                "new title at block {two}, writes of {cap}"
+            );
+            assert!(blocks[two + 1..].iter().all(|b| b.is_empty()));
+        }
+    }
+
+    #[test]
+    fn no_title_yet_sends_empty_blocks() {
+        let stream = vec![1u8; 3000];
+        let got = deliver(&stream, 1000, 10_000, &[]);
+        assert_eq!(got.len(), 3000 + 2, "two empty blocks");
+        assert_eq!((got[1000], got[2001]), (0, 0));
+    }
+}
