@@ -31,9 +31,7 @@ impl Framer {
     pub fn finish(&mut self, _out: &mut Vec<Event>) {}
 
     pub fn subtype(&self) -> Option<String> {
-        Some(match self.kind {
-            Kind::Mp3 => "MP3".into(),
-            Kind::Adts => "AAC".into(),
-        })
+        let _ = self.kind;
+        None
     }
 }

@@ -274,6 +274,11 @@ fn own_status_lists_mounts_with_their_state_and_counters() {
             ("url", "null"),
             ("bitrate_kbps", "number"),
             ("audio_info", "null"),
+            // What the format layer made of the stream: test patterns are no known format.
+            ("subtype", "null"),
+            ("title", "null"),
+            ("artist", "null"),
+            ("metadata_updated", "null"),
             ("stream_start_iso8601", "string"),
             ("received_bytes", "number"),
             ("sent_bytes", "number"),
