@@ -157,4 +157,25 @@ pub mod bench_api {
     pub fn parse_request_head(buf: &[u8]) -> Option<usize> {
         crate::http::parse_head(buf).ok().flatten().map(|(_, n)| n)
     }
+
+    /// Pushes `data` through a fresh MP3 framer in 1000-byte pieces, as an encoder writes, and
+    /// finishes it; returns the bytes it passed on in Data events.
+    pub fn mpeg_frames(data: &[u8]) -> usize {
+        use crate::format::Event;
+        use crate::mpeg::{Framer, Kind};
+
+        let data = Bytes::copy_from_slice(data);
+        let mut framer = Framer::new(Kind::Mp3);
+        let mut out = Vec::new();
+        for start in (0..data.len()).step_by(1000) {
+            framer.push(data.slice(start..(start + 1000).min(data.len())), &mut out);
+        }
+        framer.finish(&mut out);
+        out.iter()
+            .map(|e| match e {
+                Event::Data { bytes, .. } => bytes.len(),
+                _ => 0,
+            })
+            .sum()
+    }
 }

@@ -1,6 +1,36 @@
-//! MPEG audio frames (MP3) and ADTS (AAC): STUB, replaced by the real framer.
+//! MPEG audio frames (MP3, and MP2/MP1) and ADTS frames (AAC), found as a source's bytes arrive, so
+//! that every join point of the stream is the first byte of a frame: a player that starts on a
+//! header plays at once, one that starts mid-frame searches for seconds.
+//!
+//! Every byte passes, in order, unchanged: the framer only decides where the stream's pieces are
+//! cut and which cuts a listener may start from. What it holds back at any moment:
+//! - locked on a stream: the trailing partial frame (or the first bytes of a header or tag);
+//! - searching: one candidate header, until the header it announces after its frame length
+//!   confirms or refutes it, so at most the longest frame plus a header (MP3: 2,881 + 4 bytes,
+//!   MPEG-2.5 layer II at 160 kbit/s and 8 kHz; ADTS: 8,191 + 7 bytes, the largest 13-bit frame
+//!   length). Bytes that cannot start a candidate go on at once.
+//!
+//! Lock takes three headers in a row, each at the length the one before announces, with the same
+//! version, layer and sample rate (MP3) or profile, sample rate and channels (ADTS): the first of
+//! the three frames goes on unmarked, the second is the first join point. A random header passes a
+//! single check about once in 7,000 bytes of noise, two in a row far more rarely, and waiting for a
+//! third costs no hold-back because the first frame is already passed on. Once locked, each next
+//! header is checked and a wrong one drops back to searching.
+//!
+//! Tags are passed unmarked and not counted as unsynced: an ID3v2 tag (with its footer) wherever a
+//! frame could start, and an ID3v1 `TAG` block between frames. An ID3v2 tag's bytes go on as they
+//! arrive, so a tag with cover art does not hold anything back.
+//!
+//! A stream that is not MPEG at all must stay joinable as it was before there was a parser: after
+//! [`PASS_THROUGH_AFTER`] bytes since the last lock that were not tags, the first unplaced byte of
+//! each push is a join point again (the encoder's own boundaries, as near as a held candidate
+//! allows), while the search for a lock goes on. Unplaced bytes (not frames, not tags) are counted
+//! in [`Event::Unsynced`], with `dropped: false`.
+//!
+//! [`Framer::subtype`] is None until the first lock: the `Content-Type` says what a source claims,
+//! the subtype says what its frames turned out to be (`MP3`, `MP2`, `MP1`, `AAC`).
 
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
 
 use crate::format::Event;
 
@@ -10,28 +40,1085 @@ pub(crate) enum Kind {
     Adts,
 }
 
-pub(crate) struct Framer {
+/// Bytes since the last lock (tags aside) after which pushes are join points again. A real MPEG
+/// stream locks within three frames (about 1.3 KB at 128 kbit/s, 24 KB for three of the largest
+/// ADTS frames); 64 KiB, 4 s at 128 kbit/s and a default burst, without a lock means the stream is
+/// not what its `Content-Type` says, and the encoder's boundaries are the best join points left.
+const PASS_THROUGH_AFTER: u64 = 64 * 1024;
+
+/// Bytes an ID3v1 tag takes: `TAG` and 125 bytes of fixed fields.
+const ID3V1_BYTES: usize = 128;
+
+/// What makes one stream's frames: a header that differs in these is not the next frame.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Stream {
+    /// MP3: version, layer and sample rate index; ADTS: profile, sample rate index and channels.
+    id: u16,
+    /// The subtype a lock on this stream reports.
+    codec: &'static str,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Header {
+    stream: Stream,
+    /// The whole frame, header included.
+    len: usize,
+}
+
+/// What the bytes at a position turn out to be, as far as the bytes there so far tell.
+#[derive(Debug, PartialEq, Eq)]
+enum Parsed<T> {
+    /// Consistent so far; more bytes decide.
+    Need,
+    No,
+    Yes(T),
+}
+
+/// Kilobits per second by bitrate index (0 is free format and 15 is invalid: both refused).
+const BITRATES_KBPS: [[u16; 15]; 5] = [
+    // MPEG-1 layer I, II, III
+    [
+        0, 32, 64, 96, 128, 160, 192, 224, 256, 288, 320, 352, 384, 416, 448,
+    ],
+    [
+        0, 32, 48, 56, 64, 80, 96, 112, 128, 160, 192, 224, 256, 320, 384,
+    ],
+    [
+        0, 32, 40, 48, 56, 64, 80, 96, 112, 128, 160, 192, 224, 256, 320,
+    ],
+    // MPEG-2 and 2.5 layer I; layers II and III
+    [
+        0, 32, 48, 56, 64, 80, 96, 112, 128, 144, 160, 176, 192, 224, 256,
+    ],
+    [0, 8, 16, 24, 32, 40, 48, 56, 64, 80, 96, 112, 128, 144, 160],
+];
+
+/// Hertz by sample rate index, for MPEG-1, 2 and 2.5.
+const SAMPLE_RATES: [[u32; 3]; 3] = [
+    [44100, 48000, 32000],
+    [22050, 24000, 16000],
+    [11025, 12000, 8000],
+];
+
+/// An MPEG audio frame header (4 bytes); each byte is checked as soon as it is there, so that a
+/// false candidate is refuted without waiting for the rest.
+fn mp3_header(b: &[u8]) -> Parsed<Header> {
+    let Some(&b0) = b.first() else {
+        return Parsed::Need;
+    };
+    if b0 != 0xFF {
+        return Parsed::No;
+    }
+    let Some(&b1) = b.get(1) else {
+        return Parsed::Need;
+    };
+    // Version bits: 00 MPEG-2.5, 01 reserved, 10 MPEG-2, 11 MPEG-1. Layer bits: 00 reserved,
+    // 01 layer III, 10 layer II, 11 layer I.
+    let (version_bits, layer_bits) = ((b1 >> 3) & 3, (b1 >> 1) & 3);
+    if b1 & 0xE0 != 0xE0 || version_bits == 1 || layer_bits == 0 {
+        return Parsed::No;
+    }
+    let Some(&b2) = b.get(2) else {
+        return Parsed::Need;
+    };
+    let (bitrate_index, rate_index, padding) = (b2 >> 4, (b2 >> 2) & 3, usize::from((b2 >> 1) & 1));
+    if bitrate_index == 0 || bitrate_index == 15 || rate_index == 3 {
+        return Parsed::No;
+    }
+    let Some(&b3) = b.get(3) else {
+        return Parsed::Need;
+    };
+    if b3 & 3 == 2 {
+        // Reserved emphasis.
+        return Parsed::No;
+    }
+    let version = match version_bits {
+        3 => 0,
+        2 => 1,
+        _ => 2,
+    };
+    let layer = 4 - usize::from(layer_bits);
+    let table = match (version, layer) {
+        (0, l) => l - 1,
+        (_, 1) => 3,
+        _ => 4,
+    };
+    let bitrate = u32::from(BITRATES_KBPS[table][usize::from(bitrate_index)]) * 1000;
+    let rate = SAMPLE_RATES[version][usize::from(rate_index)];
+    let len = match layer {
+        1 => (12 * bitrate / rate) as usize * 4 + padding * 4,
+        // Layer III outside MPEG-1 carries half the samples per frame.
+        3 if version > 0 => (72 * bitrate / rate) as usize + padding,
+        _ => (144 * bitrate / rate) as usize + padding,
+    };
+    Parsed::Yes(Header {
+        stream: Stream {
+            id: u16::from(version_bits) << 4 | u16::from(layer_bits) << 2 | u16::from(rate_index),
+            codec: ["MP1", "MP2", "MP3"][layer - 1],
+        },
+        len,
+    })
+}
+
+/// An ADTS frame header (7 bytes; the CRC that may follow is inside the frame length).
+fn adts_header(b: &[u8]) -> Parsed<Header> {
+    let Some(&b0) = b.first() else {
+        return Parsed::Need;
+    };
+    if b0 != 0xFF {
+        return Parsed::No;
+    }
+    let Some(&b1) = b.get(1) else {
+        return Parsed::Need;
+    };
+    // Sync 0xFFF, the MPEG version bit, layer 00, protection_absent.
+    if b1 & 0xF6 != 0xF0 {
+        return Parsed::No;
+    }
+    let Some(&b2) = b.get(2) else {
+        return Parsed::Need;
+    };
+    // Sample rate indexes 13 and 14 are reserved, 15 (explicit rate) has no place in ADTS.
+    if (b2 >> 2) & 0xF > 12 {
+        return Parsed::No;
+    }
+    let (Some(&b3), Some(&b4), Some(&b5)) = (b.get(3), b.get(4), b.get(5)) else {
+        return Parsed::Need;
+    };
+    let len = usize::from(b3 & 3) << 11 | usize::from(b4) << 3 | usize::from(b5 >> 5);
+    let header_len = if b1 & 1 == 1 { 7 } else { 9 };
+    if len < header_len {
+        return Parsed::No;
+    }
+    if b.len() < 7 {
+        return Parsed::Need;
+    }
+    Parsed::Yes(Header {
+        stream: Stream {
+            // Profile, sample rate index and the channel configuration's first bit, then its two
+            // others.
+            id: u16::from(b2 & 0xFD) << 2 | u16::from(b3 >> 6),
+            codec: "AAC",
+        },
+        len,
+    })
+}
+
+/// An ID3v2 tag's whole length, footer included.
+fn id3v2_tag(b: &[u8]) -> Parsed<usize> {
+    let n = b.len().min(3);
+    if b[..n] != b"ID3"[..n] {
+        return Parsed::No;
+    }
+    let Some(h) = b.get(..10) else {
+        return Parsed::Need;
+    };
+    // Versions 2.2 to 2.4 exist; undefined flags are zero; the size is 28 bits, 7 per byte.
+    if !(2..=4).contains(&h[3])
+        || h[4] == 0xFF
+        || h[5] & 0x0F != 0
+        || h[6..].iter().any(|&x| x >= 0x80)
+    {
+        return Parsed::No;
+    }
+    let size = h[6..].iter().fold(0, |n, &x| n << 7 | usize::from(x));
+    let footer = if h[3] == 4 && h[5] & 0x10 != 0 { 10 } else { 0 };
+    Parsed::Yes(10 + size + footer)
+}
+
+/// An ID3v1 tag's length, from the `TAG` it starts with.
+fn id3v1_tag(b: &[u8]) -> Parsed<usize> {
+    let n = b.len().min(3);
+    if b[..n] != b"TAG"[..n] {
+        Parsed::No
+    } else if n < 3 {
+        Parsed::Need
+    } else {
+        Parsed::Yes(ID3V1_BYTES)
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum State {
+    Searching,
+    /// One frame confirmed by the header after it and passed on; the frame here needs the same.
+    Confirming(Stream),
+    Locked(Stream),
+}
+
+/// What the bytes at the current position are.
+enum Step {
+    /// Undecided until more bytes come: hold them from here.
+    Hold,
+    Pass(usize, Class),
+    /// A tag of this many bytes starts here.
+    Tag(usize),
+    /// The state changed: look at the same bytes again.
+    Again,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Class {
+    /// Frames of the locked stream: a join point where a run of them starts.
+    Frames,
+    /// Tags: not a join point, not unplaced either.
+    Tag,
+    /// The first of the three frames a lock takes: not a join point, and not counted as unplaced
+    /// (it is most likely a frame), but it counts towards pass-through, so that false locks that
+    /// never last in noise cannot put pass-through off.
+    Tentative,
+    /// Bytes the framer could not place.
+    Unplaced,
+}
+
+/// The search for frames, apart from the bytes it holds so that both can be borrowed at once.
+struct Scanner {
     kind: Kind,
+    state: State,
+    /// Bytes of a tag still to pass before the next frame or tag.
+    tag_left: usize,
+    /// Bytes passed since the last lock (or the start) that were not tags.
+    unlocked: u64,
+    /// The stream of the latest lock, kept when the lock is lost: it is still what the source sent.
+    last_lock: Option<Stream>,
+}
+
+/// How one push's passed bytes are cut into events.
+struct Cuts<'a> {
+    /// Where each Data event starts, and whether it is a join point.
+    starts: &'a mut Vec<(usize, bool)>,
+    last: Option<Class>,
+    /// A join point is already cut in this push: pass-through needs no other.
+    joinable: bool,
+    unplaced: usize,
+}
+
+impl Cuts<'_> {
+    fn add(&mut self, at: usize, n: usize, class: Class, pass_through: bool) {
+        let sync = match class {
+            Class::Frames => self.last != Some(Class::Frames),
+            Class::Unplaced => pass_through && !self.joinable,
+            Class::Tag | Class::Tentative => false,
+        };
+        if sync || self.last.is_none() {
+            self.starts.push((at, sync));
+            self.joinable |= sync;
+        }
+        self.last = Some(class);
+        if class == Class::Unplaced {
+            self.unplaced += n;
+        }
+    }
+
+    fn emit(self, passed: Bytes, out: &mut Vec<Event>) {
+        for (i, &(start, sync)) in self.starts.iter().enumerate() {
+            let end = self
+                .starts
+                .get(i + 1)
+                .map_or(passed.len(), |&(next, _)| next);
+            out.push(Event::Data {
+                bytes: passed.slice(start..end),
+                sync,
+            });
+        }
+        if self.unplaced > 0 {
+            out.push(Event::Unsynced {
+                bytes: self.unplaced,
+                dropped: false,
+            });
+        }
+    }
+}
+
+impl Scanner {
+    fn header(&self, b: &[u8]) -> Parsed<Header> {
+        match self.kind {
+            Kind::Mp3 => mp3_header(b),
+            Kind::Adts => adts_header(b),
+        }
+    }
+
+    /// A header whose frame is followed by another header of the same stream.
+    fn confirmed(&self, b: &[u8]) -> Parsed<Header> {
+        let h = match self.header(b) {
+            Parsed::Yes(h) => h,
+            other => return other,
+        };
+        match b
+            .get(h.len..)
+            .map_or(Parsed::Need, |next| self.header(next))
+        {
+            Parsed::Yes(next) if next.stream == h.stream => Parsed::Yes(h),
+            Parsed::Need => Parsed::Need,
+            _ => Parsed::No,
+        }
+    }
+
+    /// Decides how much of `b` goes on now, recording the cuts; the rest is held.
+    fn scan(&mut self, b: &[u8], cuts: &mut Cuts) -> usize {
+        let mut pos = 0;
+        while pos < b.len() {
+            if self.tag_left > 0 {
+                let n = self.tag_left.min(b.len() - pos);
+                cuts.add(pos, n, Class::Tag, false);
+                self.tag_left -= n;
+                pos += n;
+                continue;
+            }
+            let rest = &b[pos..];
+            let step = match self.state {
+                State::Locked(stream) => self.locked(stream, rest),
+                State::Searching | State::Confirming(_) => self.searching(rest),
+            };
+            match step {
+                Step::Hold => break,
+                Step::Pass(n, class) => {
+                    cuts.add(pos, n, class, self.unlocked >= PASS_THROUGH_AFTER);
+                    if matches!(class, Class::Unplaced | Class::Tentative) {
+                        self.unlocked += n as u64;
+                    }
+                    pos += n;
+                }
+                Step::Tag(len) => self.tag_left = len,
+                Step::Again => {}
+            }
+        }
+        pos
+    }
+
+    fn locked(&mut self, stream: Stream, rest: &[u8]) -> Step {
+        let tag = match rest[0] {
+            0xFF => match self.header(rest) {
+                Parsed::Need => return Step::Hold,
+                Parsed::Yes(h) if h.stream == stream => {
+                    return if rest.len() >= h.len {
+                        Step::Pass(h.len, Class::Frames)
+                    } else {
+                        Step::Hold
+                    };
+                }
+                _ => Parsed::No,
+            },
+            b'I' => id3v2_tag(rest),
+            b'T' => id3v1_tag(rest),
+            _ => Parsed::No,
+        };
+        match tag {
+            Parsed::Need => Step::Hold,
+            Parsed::Yes(len) => Step::Tag(len),
+            Parsed::No => {
+                self.state = State::Searching;
+                Step::Again
+            }
+        }
+    }
+
+    fn searching(&mut self, rest: &[u8]) -> Step {
+        match rest[0] {
+            0xFF => match self.confirmed(rest) {
+                Parsed::Need => Step::Hold,
+                Parsed::No => {
+                    self.state = State::Searching;
+                    Step::Pass(1, Class::Unplaced)
+                }
+                Parsed::Yes(h) if self.state == State::Confirming(h.stream) => {
+                    self.state = State::Locked(h.stream);
+                    self.last_lock = Some(h.stream);
+                    self.unlocked = 0;
+                    Step::Again
+                }
+                Parsed::Yes(h) => {
+                    self.state = State::Confirming(h.stream);
+                    Step::Pass(h.len, Class::Tentative)
+                }
+            },
+            b'I' => match id3v2_tag(rest) {
+                Parsed::Need => Step::Hold,
+                Parsed::No => Step::Pass(1, Class::Unplaced),
+                Parsed::Yes(len) => Step::Tag(len),
+            },
+            _ => {
+                let next = rest[1..].iter().position(|&x| x == 0xFF || x == b'I');
+                Step::Pass(next.map_or(rest.len(), |i| i + 1), Class::Unplaced)
+            }
+        }
+    }
+}
+
+/// One source's MPEG or ADTS framer.
+pub(crate) struct Framer {
+    scanner: Scanner,
+    /// Bytes received but not passed on yet: a partial frame, or a candidate not yet confirmed.
+    held: BytesMut,
+    /// The cuts of the current push, kept between pushes for their allocation.
+    starts: Vec<(usize, bool)>,
 }
 
 impl Framer {
     pub fn new(kind: Kind) -> Self {
-        Framer { kind }
+        Framer {
+            scanner: Scanner {
+                kind,
+                state: State::Searching,
+                tag_left: 0,
+                unlocked: 0,
+                last_lock: None,
+            },
+            held: BytesMut::new(),
+            starts: Vec::new(),
+        }
     }
 
     pub fn push(&mut self, data: Bytes, out: &mut Vec<Event>) {
-        if !data.is_empty() {
-            out.push(Event::Data {
-                bytes: data,
-                sync: true,
+        if data.is_empty() {
+            return;
+        }
+        self.starts.clear();
+        let mut cuts = Cuts {
+            starts: &mut self.starts,
+            last: None,
+            joinable: false,
+            unplaced: 0,
+        };
+        // Without anything held, the piece itself is cut and only its tail is copied; otherwise
+        // the piece joins what is held, so each byte is copied once however small the pieces.
+        let passed = if self.held.is_empty() {
+            let n = self.scanner.scan(&data, &mut cuts);
+            self.held.extend_from_slice(&data[n..]);
+            data.slice(..n)
+        } else {
+            self.held.extend_from_slice(&data);
+            let n = self.scanner.scan(&self.held, &mut cuts);
+            self.held.split_to(n).freeze()
+        };
+        cuts.emit(passed, out);
+    }
+
+    /// Passes on whatever is held, unmarked: the source ended, and no byte it sent is lost. Counted
+    /// as unsynced only if it was a candidate still unconfirmed.
+    pub fn finish(&mut self, out: &mut Vec<Event>) {
+        if self.held.is_empty() {
+            return;
+        }
+        let bytes = self.held.split().freeze();
+        let len = bytes.len();
+        out.push(Event::Data { bytes, sync: false });
+        if self.scanner.state == State::Searching {
+            out.push(Event::Unsynced {
+                bytes: len,
+                dropped: false,
             });
         }
     }
 
-    pub fn finish(&mut self, _out: &mut Vec<Event>) {}
-
     pub fn subtype(&self) -> Option<String> {
-        let _ = self.kind;
-        None
+        self.scanner.last_lock.map(|s| s.codec.to_string())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::path::PathBuf;
+    use std::process::Command;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::OnceLock;
+
+    use super::*;
+
+    /// Most bytes the framer may hold: a candidate's frame and all but one byte of the header that
+    /// confirms it (MPEG-2.5 layer II at 160 kbit/s and 8 kHz, padded; a 13-bit ADTS length).
+    fn max_held(kind: Kind) -> usize {
+        match kind {
+            Kind::Mp3 => 2881 + 4 - 1,
+            Kind::Adts => 8191 + 7 - 1,
+        }
+    }
+
+    /// A few seconds of a real encoder's output, and what ffprobe calls its codec.
+    struct Sample {
+        name: &'static str,
+        kind: Kind,
+        codec: &'static str,
+        subtype: &'static str,
+        bytes: Vec<u8>,
+    }
+
+    fn temp_path(name: &str) -> PathBuf {
+        static NEXT: AtomicUsize = AtomicUsize::new(0);
+        let n = NEXT.fetch_add(1, Ordering::Relaxed);
+        std::env::temp_dir().join(format!("fanstream-mpeg-{}-{n}-{name}", std::process::id()))
+    }
+
+    fn encode(name: &str, args: &[&str]) -> Vec<u8> {
+        let path = temp_path(name);
+        let out = Command::new("ffmpeg")
+            .args(["-v", "error", "-y", "-f", "lavfi", "-i"])
+            .arg("sine=frequency=440:duration=3")
+            .args(args)
+            .arg(&path)
+            .output()
+            .expect("these tests need ffmpeg and ffprobe (make deps installs them)");
+        assert!(
+            out.status.success(),
+            "ffmpeg {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let bytes = std::fs::read(&path).unwrap();
+        std::fs::remove_file(&path).unwrap();
+        bytes
+    }
+
+    fn samples() -> &'static [Sample] {
+        static SAMPLES: OnceLock<Vec<Sample>> = OnceLock::new();
+        SAMPLES.get_or_init(|| {
+            // ffmpeg's MP3 muxer leads with an ID3v2.4 tag and a Xing/Info frame.
+            let mp3 = "-c:a libmp3lame -f mp3";
+            [
+                ("cbr", Kind::Mp3, "mp3", "MP3", &*format!("{mp3} -b:a 128k")),
+                (
+                    "id3v23",
+                    Kind::Mp3,
+                    "mp3",
+                    "MP3",
+                    &format!("{mp3} -b:a 128k -id3v2_version 3 -metadata title=T"),
+                ),
+                ("vbr", Kind::Mp3, "mp3", "MP3", &format!("{mp3} -q:a 4")),
+                (
+                    "mpeg2",
+                    Kind::Mp3,
+                    "mp3",
+                    "MP3",
+                    &format!("{mp3} -ac 1 -ar 22050 -b:a 32k"),
+                ),
+                ("mp2", Kind::Mp3, "mp2", "MP2", "-c:a mp2 -b:a 192k -f mp2"),
+                (
+                    "adts",
+                    Kind::Adts,
+                    "aac",
+                    "AAC",
+                    "-c:a aac -b:a 128k -f adts",
+                ),
+            ]
+            .into_iter()
+            .map(|(name, kind, codec, subtype, args)| Sample {
+                name,
+                kind,
+                codec,
+                subtype,
+                bytes: encode(name, &args.split(' ').collect::<Vec<_>>()),
+            })
+            .collect()
+        })
+    }
+
+    fn sample(name: &str) -> &'static Sample {
+        samples().iter().find(|s| s.name == name).unwrap()
+    }
+
+    /// What ffprobe makes of a capture: its codec and where its packets (frames) start. A capture
+    /// that starts mid-frame still probes as its codec, but its first packet is not at 0.
+    fn probe(bytes: &[u8], name: &str) -> (String, Vec<usize>) {
+        let path = temp_path(name);
+        std::fs::write(&path, bytes).unwrap();
+        let out = Command::new("ffprobe")
+            .args([
+                "-v",
+                "error",
+                "-show_entries",
+                "stream=codec_name:packet=pos",
+                "-of",
+                "csv=p=0",
+            ])
+            .arg(&path)
+            .output()
+            .expect("these tests need ffmpeg and ffprobe (make deps installs them)");
+        std::fs::remove_file(&path).unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            out.status.success() && stderr.is_empty(),
+            "ffprobe {name}: {stderr}"
+        );
+        let text = String::from_utf8(out.stdout).unwrap();
+        let mut codec = String::new();
+        let mut packets = Vec::new();
+        for line in text
+            .lines()
+            .map(|l| l.trim_end_matches(','))
+            .filter(|l| !l.is_empty())
+        {
+            match line.parse() {
+                Ok(pos) => packets.push(pos),
+                Err(_) => codec = line.to_string(),
+            }
+        }
+        (codec, packets)
+    }
+
+    /// A framer's output for one input, push by push.
+    struct Fed {
+        pushes: Vec<Vec<Event>>,
+        finish: Vec<Event>,
+        /// The bytes held back after each push.
+        held: Vec<usize>,
+    }
+
+    impl Fed {
+        fn events(&self) -> impl Iterator<Item = &Event> {
+            self.pushes.iter().flatten().chain(&self.finish)
+        }
+
+        fn max_held(&self) -> usize {
+            self.held.iter().copied().max().unwrap_or(0)
+        }
+
+        fn stream(&self) -> Vec<u8> {
+            let mut all = Vec::new();
+            for e in self.events() {
+                if let Event::Data { bytes, .. } = e {
+                    all.extend_from_slice(bytes);
+                }
+            }
+            all
+        }
+
+        /// Offsets in the stream of each `sync: true` event.
+        fn joins(&self) -> Vec<usize> {
+            let (mut at, mut joins) = (0, Vec::new());
+            for e in self.events() {
+                if let Event::Data { bytes, sync } = e {
+                    if *sync {
+                        joins.push(at);
+                    }
+                    at += bytes.len();
+                }
+            }
+            joins
+        }
+
+        fn unsynced(&self) -> usize {
+            self.events()
+                .map(|e| match e {
+                    Event::Unsynced { bytes, dropped } => {
+                        assert!(!dropped, "the MPEG framer never drops");
+                        *bytes
+                    }
+                    _ => 0,
+                })
+                .sum()
+        }
+    }
+
+    fn feed(kind: Kind, input: &[u8], mut piece: impl FnMut() -> usize) -> Fed {
+        let mut f = Framer::new(kind);
+        let source = Bytes::copy_from_slice(input);
+        let (mut pos, mut passed) = (0, 0);
+        let mut held = Vec::new();
+        let mut pushes = Vec::new();
+        while pos < input.len() {
+            let end = (pos + piece().max(1)).min(input.len());
+            let mut out = Vec::new();
+            f.push(source.slice(pos..end), &mut out);
+            pos = end;
+            for e in &out {
+                if let Event::Data { bytes, .. } = e {
+                    assert!(!bytes.is_empty(), "empty Data event");
+                    passed += bytes.len();
+                }
+            }
+            held.push(pos - passed);
+            pushes.push(out);
+        }
+        let mut finish = Vec::new();
+        f.finish(&mut finish);
+        assert!(
+            finish
+                .iter()
+                .all(|e| !matches!(e, Event::Data { sync: true, .. })),
+            "finish marks a join point"
+        );
+        Fed {
+            pushes,
+            finish,
+            held,
+        }
+    }
+
+    fn frame_len(kind: Kind, b: &[u8]) -> Option<usize> {
+        let parsed = match kind {
+            Kind::Mp3 => mp3_header(b),
+            Kind::Adts => adts_header(b),
+        };
+        match parsed {
+            Parsed::Yes(h) => Some(h.len),
+            _ => None,
+        }
+    }
+
+    /// A fixed-seed xorshift generator: the same "random" input on every run.
+    struct Rng(u64);
+
+    impl Rng {
+        fn next(&mut self) -> u64 {
+            self.0 ^= self.0 << 13;
+            self.0 ^= self.0 >> 7;
+            self.0 ^= self.0 << 17;
+            self.0
+        }
+
+        fn below(&mut self, n: usize) -> usize {
+            (self.next() % n as u64) as usize
+        }
+
+        fn bytes(&mut self, n: usize) -> Vec<u8> {
+            (0..n).map(|_| self.next() as u8).collect()
+        }
+
+        /// Half 0xFF, the byte every header starts with, half anything.
+        fn ff_heavy(&mut self, n: usize) -> Vec<u8> {
+            (0..n)
+                .map(|_| {
+                    if self.next() & 1 == 0 {
+                        0xFF
+                    } else {
+                        self.next() as u8
+                    }
+                })
+                .collect()
+        }
+    }
+
+    #[test]
+    fn headers_give_frame_lengths_and_refuse_reserved_values() {
+        let mp3 = |b: &[u8]| frame_len(Kind::Mp3, b);
+        // MPEG-1 layer III, 128 kbit/s, 44.1 kHz, without and with padding.
+        assert_eq!(mp3(&[0xFF, 0xFB, 0x90, 0x64]), Some(417));
+        assert_eq!(mp3(&[0xFF, 0xFB, 0x92, 0x64]), Some(418));
+        // MPEG-1 layer II 192 kbit/s 48 kHz; layer I 384 kbit/s 48 kHz, padded (a 4-byte slot).
+        assert_eq!(mp3(&[0xFF, 0xFD, 0xA4, 0x00]), Some(576));
+        assert_eq!(mp3(&[0xFF, 0xFF, 0xC6, 0x00]), Some(388));
+        // MPEG-2 layer III 32 kbit/s 22.05 kHz: half the samples per frame.
+        assert_eq!(mp3(&[0xFF, 0xF3, 0x40, 0xC4]), Some(104));
+        // MPEG-2.5 layer II 160 kbit/s 8 kHz, padded: the longest frame.
+        assert_eq!(mp3(&[0xFF, 0xE5, 0xEA, 0x00]), Some(2881));
+        for bad in [
+            [0xFF, 0xFB, 0x04, 0x64], // free format
+            [0xFF, 0xFB, 0xF0, 0x64], // bitrate index 15
+            [0xFF, 0xFB, 0x9C, 0x64], // sample rate index 3
+            [0xFF, 0xEB, 0x90, 0x64], // reserved version
+            [0xFF, 0xF9, 0x90, 0x64], // reserved layer
+            [0xFF, 0xFB, 0x90, 0x66], // reserved emphasis
+            [0xFF, 0x7B, 0x90, 0x64], // sync short of 11 bits
+        ] {
+            assert_eq!(mp3(&bad), None, "{bad:02X?}");
+        }
+        assert_eq!(mp3_header(&[0xFF, 0xFB, 0x90]), Parsed::Need);
+        assert_eq!(mp3_header(&[0xFF, 0xFB, 0x9C]), Parsed::No);
+
+        let adts = |b1: u8, b2: u8, len: usize| {
+            let b = [
+                0xFF,
+                b1,
+                b2,
+                0x80 | (len >> 11) as u8,
+                (len >> 3) as u8,
+                (len << 5) as u8 | 0x1F,
+                0xFC,
+                0,
+            ];
+            frame_len(Kind::Adts, &b)
+        };
+        assert_eq!(adts(0xF1, 0x50, 371), Some(371));
+        assert_eq!(adts(0xF1, 0x50, 8191), Some(8191));
+        assert_eq!(adts(0xF1, 0x50, 7), Some(7));
+        assert_eq!(adts(0xF1, 0x50, 6), None, "shorter than its header");
+        // With a CRC (protection_absent 0) the header is 9 bytes.
+        assert_eq!(adts(0xF0, 0x50, 9), Some(9));
+        assert_eq!(adts(0xF0, 0x50, 8), None);
+        assert_eq!(adts(0xF3, 0x50, 371), None, "layer must be 00");
+        assert_eq!(adts(0xF1, 0x74, 371), None, "sample rate index 13");
+        assert_eq!(adts_header(&[0xFF, 0xF1, 0x50, 0x80, 0x2E]), Parsed::Need);
+
+        assert_eq!(
+            id3v2_tag(b"ID3\x04\x00\x00\x00\x00\x01\x00"),
+            Parsed::Yes(10 + 128)
+        );
+        assert_eq!(
+            id3v2_tag(b"ID3\x04\x00\x10\x00\x00\x01\x00"),
+            Parsed::Yes(10 + 128 + 10)
+        );
+        assert_eq!(id3v2_tag(b"ID3\x03\x00\x00\x00\x00\x80\x00"), Parsed::No);
+        assert_eq!(id3v2_tag(b"ID3\x03\x00"), Parsed::Need);
+        assert_eq!(id3v2_tag(b"IDE"), Parsed::No);
+    }
+
+    #[test]
+    fn every_byte_passes_and_joins_start_on_frames_whatever_the_pieces() {
+        for s in samples() {
+            let (codec, packets) = probe(&s.bytes, s.name);
+            assert_eq!(codec, s.codec, "{}", s.name);
+            let largest = packets
+                .iter()
+                .map(|&p| frame_len(s.kind, &s.bytes[p..]).unwrap())
+                .max()
+                .unwrap();
+            for piece in [1, 7, 1000, 4096, s.bytes.len()] {
+                let what = format!("{} in pieces of {piece}", s.name);
+                assert_eq!(Framer::new(s.kind).subtype(), None);
+                let fed = feed(s.kind, &s.bytes, || piece);
+                assert!(fed.stream() == s.bytes, "{what}: output differs from input");
+                assert_eq!(fed.unsynced(), 0, "{what}: tags and frames are all placed");
+                assert!(
+                    fed.max_held() <= max_held(s.kind),
+                    "{what}: held {}",
+                    fed.max_held()
+                );
+                let joins = fed.joins();
+                assert!(!joins.is_empty(), "{what}: never locked");
+                for &at in &joins {
+                    // ffmpeg's demuxer, which skips the Info frame, agrees on where frames are.
+                    assert!(
+                        packets.binary_search(&at).is_ok(),
+                        "{what}: join at {at} is not a frame"
+                    );
+                    let len = frame_len(s.kind, &s.bytes[at..]).unwrap();
+                    assert!(
+                        at + len == s.bytes.len()
+                            || frame_len(s.kind, &s.bytes[at + len..]).is_some(),
+                        "{what}: the frame at {at} does not end on a header"
+                    );
+                }
+                // Locked: each push passes its complete frames as one join point, or nothing,
+                // and holds at most one partial frame.
+                let mut passed = 0;
+                for (i, out) in fed.pushes.iter().enumerate() {
+                    if passed > joins[0] {
+                        // A piece at least a frame long completes one.
+                        let complete = piece < largest || !out.is_empty();
+                        assert!(
+                            complete && matches!(out[..], [] | [Event::Data { sync: true, .. }]),
+                            "{what}: push {i} gives {out:?}"
+                        );
+                        assert!(fed.held[i] < largest, "{what}: holds {}", fed.held[i]);
+                    }
+                    passed += out
+                        .iter()
+                        .map(|e| match e {
+                            Event::Data { bytes, .. } => bytes.len(),
+                            _ => 0,
+                        })
+                        .sum::<usize>();
+                }
+                assert!(
+                    fed.finish.is_empty(),
+                    "{what}: a whole file leaves nothing held"
+                );
+            }
+            let mut f = Framer::new(s.kind);
+            f.push(Bytes::copy_from_slice(&s.bytes), &mut Vec::new());
+            assert_eq!(f.subtype().as_deref(), Some(s.subtype), "{}", s.name);
+        }
+    }
+
+    #[test]
+    fn a_listener_joining_at_any_join_point_gets_a_stream_that_decodes() {
+        std::thread::scope(|scope| {
+            for s in samples() {
+                scope.spawn(move || {
+                    // Pieces smaller than a frame, so that the join points are many even in
+                    // the 32 kbit/s sample.
+                    let fed = feed(s.kind, &s.bytes, || 300);
+                    let joins = fed.joins();
+                    // ffprobe wants a few frames to recognise MP2; a listener does not.
+                    let joins = &joins[..joins.len().saturating_sub(8)];
+                    assert!(joins.len() >= 20, "{}: {} joins", s.name, joins.len());
+                    for k in 0..20 {
+                        let at = joins[k * (joins.len() - 1) / 19];
+                        let tail = &s.bytes[at..];
+                        assert!(frame_len(s.kind, tail).is_some(), "{} at {at}", s.name);
+                        let (codec, packets) = probe(tail, s.name);
+                        assert_eq!(codec, s.codec, "{} from {at}", s.name);
+                        assert_eq!(
+                            packets.first(),
+                            Some(&0),
+                            "{} from {at}: first frame not at 0",
+                            s.name
+                        );
+                    }
+                });
+            }
+        });
+    }
+
+    #[test]
+    fn a_stream_that_is_not_mpeg_flows_unchanged_and_stays_joinable() {
+        let mut rng = Rng(0x5EED_F00D);
+        let inputs = [
+            (
+                "pattern",
+                (0..300_000).map(|i| (i % 251) as u8).collect::<Vec<u8>>(),
+            ),
+            ("random", rng.bytes(300_000)),
+            ("0xFF-heavy", rng.ff_heavy(300_000)),
+        ];
+        for (name, input) in &inputs {
+            for kind in [Kind::Mp3, Kind::Adts] {
+                for piece in [1, 7, 1000, 4096] {
+                    let what = format!("{name} as {kind:?} in pieces of {piece}");
+                    let fed = feed(kind, input, || piece);
+                    assert!(fed.stream() == *input, "{what}: output differs from input");
+                    assert!(
+                        fed.max_held() <= max_held(kind),
+                        "{what}: held {}",
+                        fed.max_held()
+                    );
+                    // Join points at least as often as pass-through promises: after at most
+                    // PASS_THROUGH_AFTER unplaced bytes, a held candidate and a piece.
+                    let gap = PASS_THROUGH_AFTER as usize + max_held(kind) + piece;
+                    let mut last = 0;
+                    for at in fed.joins().into_iter().chain([input.len()]) {
+                        assert!(
+                            at - last <= gap,
+                            "{what}: no join point from {last} to {at}"
+                        );
+                        last = at;
+                    }
+                    if *name == "pattern" {
+                        // No 0xFF: nothing is a frame, everything is counted.
+                        assert_eq!(fed.unsynced(), input.len(), "{what}");
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn garbage_between_two_streams_is_passed_and_the_second_is_locked() {
+        let (a, b) = (sample("cbr"), sample("mpeg2"));
+        let mut rng = Rng(42);
+        let mut garbage = rng.bytes(3000);
+        garbage.extend(rng.ff_heavy(2000));
+        let input = [&a.bytes[..], &garbage, &b.bytes].concat();
+        let b_start = a.bytes.len() + garbage.len();
+        let fed = feed(Kind::Mp3, &input, || 1000);
+        assert!(fed.stream() == input, "output differs from input");
+        let unsynced = fed.unsynced();
+        assert!(
+            unsynced > 0 && unsynced <= garbage.len(),
+            "unsynced {unsynced}"
+        );
+
+        let (_, a_packets) = probe(&a.bytes, "a");
+        let (_, b_packets) = probe(&b.bytes, "b");
+        let frames: Vec<usize> = a_packets
+            .iter()
+            .copied()
+            .chain(b_packets.iter().map(|p| p + b_start))
+            .collect();
+        let joins = fed.joins();
+        for at in &joins {
+            assert!(
+                frames.contains(at),
+                "join at {at} is not a frame of either stream"
+            );
+        }
+        let first_b = *joins
+            .iter()
+            .find(|&&at| at >= b_start)
+            .expect("the second stream locks");
+        // Three headers to lock: B's Info frame passes unmarked, its first audio frame joins.
+        assert!(
+            first_b == b_start + b_packets[0],
+            "locked late, at {first_b}"
+        );
+        let (codec, packets) = probe(&input[first_b..], "after-garbage");
+        assert_eq!((codec.as_str(), packets[0]), ("mp3", 0));
+    }
+
+    #[test]
+    fn tags_between_frames_keep_the_lock() {
+        let s = sample("cbr");
+        let frames = match id3v2_tag(&s.bytes) {
+            Parsed::Yes(len) => &s.bytes[len..],
+            other => panic!("ffmpeg's MP3 starts with an ID3v2 tag, got {other:?}"),
+        };
+        let mut id3v1 = b"TAG".to_vec();
+        id3v1.resize(128, b' ');
+        let mut id3v2 = b"ID3\x04\x00\x10\x00\x00\x02\x00".to_vec();
+        id3v2.extend([0xFF; 256]);
+        id3v2.extend(b"3DI\x04\x00\x10\x00\x00\x02\x00");
+        let input = [frames, &id3v1, &id3v2, frames].concat();
+        let second = frames.len() + id3v1.len() + id3v2.len();
+        for piece in [1, 1000] {
+            let fed = feed(Kind::Mp3, &input, || piece);
+            assert!(fed.stream() == input);
+            assert_eq!(fed.unsynced(), 0);
+            // Still locked after the tags: the second copy's first frame (its Info frame) is a
+            // join point, where a new lock would have passed it on unmarked.
+            assert!(
+                fed.joins().contains(&second),
+                "pieces of {piece}: {:?}",
+                fed.joins()
+            );
+        }
+    }
+
+    #[test]
+    fn finish_passes_a_torn_frame_unmarked() {
+        let s = sample("cbr");
+        let torn = &s.bytes[..s.bytes.len() - 100];
+        let fed = feed(Kind::Mp3, torn, || 4096);
+        assert!(fed.stream() == torn);
+        match &fed.finish[..] {
+            [Event::Data { bytes, sync: false }] => assert!(bytes.len() < 418 && !bytes.is_empty()),
+            other => panic!("finish gave {other:?}"),
+        }
+    }
+
+    #[test]
+    fn any_input_in_any_pieces_passes_unchanged_without_panic() {
+        let mut rng = Rng(0xDEC0DE);
+        let real = [sample("cbr"), sample("adts")];
+        for round in 0..300 {
+            let mut input = Vec::new();
+            for _ in 0..rng.below(12) + 1 {
+                match rng.below(6) {
+                    0 => {
+                        let n = rng.below(5000);
+                        input.extend(rng.bytes(n))
+                    }
+                    1 => {
+                        let n = rng.below(5000);
+                        input.extend(rng.ff_heavy(n))
+                    }
+                    2 | 3 => {
+                        let s = &real[rng.below(2)].bytes;
+                        let from = rng.below(s.len());
+                        let to = (from + rng.below(20_000)).min(s.len());
+                        input.extend(&s[from..to]);
+                    }
+                    4 => {
+                        let mut tag = b"ID3\x04\x00".to_vec();
+                        tag.push([0, 0x10][rng.below(2)]);
+                        tag.extend((0..4).map(|_| rng.below(3) as u8));
+                        input.extend(tag);
+                    }
+                    _ => input.extend(b"TAG"),
+                }
+            }
+            for kind in [Kind::Mp3, Kind::Adts] {
+                let fed = feed(kind, &input, || {
+                    [1, rng.below(64), rng.below(5000)][rng.below(3)]
+                });
+                assert!(
+                    fed.stream() == input,
+                    "round {round} as {kind:?}: output differs"
+                );
+                assert!(
+                    fed.max_held() <= max_held(kind),
+                    "round {round}: held {}",
+                    fed.max_held()
+                );
+            }
+        }
     }
 }
