@@ -178,4 +178,31 @@ pub mod bench_api {
             })
             .sum()
     }
+
+    /// Pushes `data` through a new Ogg framer in 4 KiB pieces, as a source writes them, and
+    /// ends it; returns how many bytes it passed as stream data.
+    pub fn ogg_pages(data: &[u8]) -> usize {
+        let mut framer = crate::ogg::Framer::new();
+        let mut out = Vec::new();
+        let mut passed = 0;
+        let mut count = |out: &mut Vec<crate::format::Event>| {
+            for event in out.drain(..) {
+                if let crate::format::Event::Data { bytes, .. } = event {
+                    passed += bytes.len();
+                }
+            }
+        };
+        for piece in data.chunks(4096) {
+            if framer
+                .push(Bytes::copy_from_slice(piece), &mut out)
+                .is_err()
+            {
+                break;
+            }
+            count(&mut out);
+        }
+        framer.finish(&mut out);
+        count(&mut out);
+        passed
+    }
 }
