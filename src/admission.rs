@@ -35,7 +35,7 @@ pub(crate) async fn admit(ctx: &Rc<WorkerCtx>, incoming: Incoming) {
         }
     }
     let preamble_len = snap.info.preamble.len() + snap.headers.len();
-    let mut icy = wants_icy(&req, &snap)
+    let icy = wants_icy(&req, &snap)
         .then(|| Cadence::after(snap.settings.icy_metaint, preamble_len))
         .flatten();
     let head = async {
@@ -84,7 +84,7 @@ pub(crate) async fn admit(ctx: &Rc<WorkerCtx>, incoming: Incoming) {
         mount,
         stream,
         pos,
-        icy: icy.take(),
+        icy,
         guard,
         conn,
     });

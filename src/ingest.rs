@@ -108,14 +108,14 @@ impl Ingest {
         })
     }
 
-    /// Publishes what the format layer made of a piece of the stream, then wakes the workers.
-    /// False if the claim is stale.
+    /// Publishes what the format layer made of a piece of the stream (and the stream's subtype,
+    /// when it changed), then wakes the workers. False if the claim is stale.
     fn publish(
         &self,
         path: &str,
         claim: Claim,
         events: &mut Vec<Event>,
-        subtype: Option<String>,
+        subtype: Option<Option<String>>,
     ) -> bool {
         let mut entries = self.entries.borrow_mut();
         let Some(entry) = entries
@@ -143,7 +143,9 @@ impl Ingest {
                 }
             }
         }
-        entry.writer.set_subtype(subtype);
+        if let Some(subtype) = subtype {
+            entry.writer.set_subtype(subtype);
+        }
         m.retained_bytes
             .with_label_values(&[path])
             .set(entry.writer.store().load().retained_bytes() as i64);
@@ -312,6 +314,7 @@ async fn serve_source(ingest: Rc<Ingest>, conn: SourceConn) {
         claim,
         format,
         events: Vec::new(),
+        subtype: None,
     };
     let reason = match feed {
         Feed::Encoder(encoder) => read_encoder(&mut src, encoder).await,
@@ -330,6 +333,9 @@ struct Source<'a> {
     format: Format,
     /// What the parser yields, reused from piece to piece.
     events: Vec<Event>,
+    /// The subtype last published: the parser is asked again only until it knows, or when new
+    /// header pages may name other codecs, not for every piece.
+    subtype: Option<String>,
 }
 
 impl Source<'_> {
@@ -348,7 +354,7 @@ impl Source<'_> {
         if self.events.is_empty() {
             return Ok(());
         }
-        let subtype = self.format.subtype();
+        let subtype = self.subtype_change();
         if self
             .ingest
             .publish(self.mount, self.claim, &mut self.events, subtype)
@@ -363,10 +369,24 @@ impl Source<'_> {
     fn finish(&mut self) {
         self.format.finish(&mut self.events);
         if !self.events.is_empty() {
-            let subtype = self.format.subtype();
+            let subtype = self.subtype_change();
             self.ingest
                 .publish(self.mount, self.claim, &mut self.events, subtype);
         }
+    }
+
+    /// The stream's subtype, if it changed with the events at hand.
+    fn subtype_change(&mut self) -> Option<Option<String>> {
+        let may_change =
+            self.subtype.is_none() || self.events.iter().any(|e| matches!(e, Event::Headers(_)));
+        if !may_change {
+            return None;
+        }
+        let now = self.format.subtype();
+        (now != self.subtype).then(|| {
+            self.subtype = now.clone();
+            now
+        })
     }
 }
 
