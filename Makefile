@@ -4,9 +4,15 @@ CARGO ?= cargo
 # Programs the tests drive for real; installed from Debian when missing. The tests start their
 # own Prometheus on an ephemeral loopback port, so a system one (Debian's package starts a service
 # on :9090 where systemd runs) does not interfere. Recommends are skipped: they would add
-# prometheus-node-exporter, another service, which no test needs.
-TEST_PROGRAMS := ffmpeg ffprobe curl prometheus promtool
-APT_PACKAGES := ffmpeg curl prometheus
+# prometheus-node-exporter, another service, which no test needs. The real clients of the formats
+# and titles tests (tests/formats.rs, titles.rs, browser.rs): libshout encoders (ezstream, ices2,
+# GStreamer's shout2send), liquidsoap, players (mpv, GStreamer's souphttpsrc and decoders) and a
+# headless browser. Chromium runs as root with --no-sandbox, so its recommended chromium-sandbox
+# is not needed either.
+TEST_PROGRAMS := ffmpeg ffprobe curl prometheus promtool ezstream ices2 liquidsoap mpv \
+  gst-launch-1.0 gst-inspect-1.0 chromium timeout
+APT_PACKAGES := ffmpeg curl prometheus ezstream ices2 liquidsoap mpv gstreamer1.0-tools \
+  gstreamer1.0-plugins-base gstreamer1.0-plugins-good gstreamer1.0-plugins-bad chromium coreutils
 
 .PHONY: run build release test deps fuzz-deps fmt fmt-check clippy unit soak fuzz load sweep compare coalescing bench icecast fonts
 
