@@ -235,14 +235,7 @@ fn chained_ogg_gives_late_joiners_the_new_headers_and_a_listener_across_keeps_de
         c.defaults.burst_bytes = burst;
         c.defaults.max_write_delay_ms = 100;
     });
-    let mut first = Tone::new(Codec::Vorbis, 5.0).tagged("Tester", "First");
-    first.frequency = 440;
-    let mut second = Tone::new(Codec::Vorbis, 12.0).tagged("Tester", "Second");
-    second.sample_rate = 22050;
-    second.frequency = 660;
-    second.kbps = 64;
-    let first = make_file(&dir, "first.ogg", &first);
-    let second = make_file(&dir, "second.ogg", &second);
+    let (first, second) = chain_files(&dir);
     let label = "mount=\"/chain\"";
 
     let mut a = ffmpeg_source_file(srv.addr, "/chain", &first, Codec::Vorbis);
@@ -267,8 +260,29 @@ fn chained_ogg_gives_late_joiners_the_new_headers_and_a_listener_across_keeps_de
     let across = across.join().unwrap();
     drop(b);
 
-    let across_file = save(&dir, "across.ogg", &across);
-    let pages = ogg_pages(&across, "listener across the chain");
+    assert_chain(&dir, &across, &late);
+}
+
+/// The two Vorbis files of the chained tests: 44.1 kHz titled "First", then 22.05 kHz titled
+/// "Second".
+fn chain_files(dir: &Path) -> (std::path::PathBuf, std::path::PathBuf) {
+    let mut first = Tone::new(Codec::Vorbis, 5.0).tagged("Tester", "First");
+    first.frequency = 440;
+    let mut second = Tone::new(Codec::Vorbis, 12.0).tagged("Tester", "Second");
+    second.sample_rate = 22050;
+    second.frequency = 660;
+    second.kbps = 64;
+    (
+        make_file(dir, "first.ogg", &first),
+        make_file(dir, "second.ogg", &second),
+    )
+}
+
+/// A listener across the chain decodes it end to end; one joining after it starts with the
+/// second stream's headers.
+fn assert_chain(dir: &Path, across: &[u8], late: &[u8]) {
+    let across_file = save(dir, "across.ogg", across);
+    let pages = ogg_pages(across, "listener across the chain");
     let serials: Vec<u32> = pages.iter().filter(|p| p.bos()).map(|p| p.serial).collect();
     assert_eq!(
         serials.len(),
@@ -281,9 +295,9 @@ fn chained_ogg_gives_late_joiners_the_new_headers_and_a_listener_across_keeps_de
         "the listener across the change does not decode end to end: {decoded:?}"
     );
 
-    let late_file = save(&dir, "late.ogg", &late);
+    let late_file = save(dir, "late.ogg", late);
     let who = "listener joining after the chain";
-    let (_, first_audio, _) = assert_headers_then_mid_stream(&late, 22050.0, 2.0, who);
+    let (_, first_audio, _) = assert_headers_then_mid_stream(late, 22050.0, 2.0, who);
     let probe = ffprobe(&late_file);
     assert_eq!(
         (
@@ -298,6 +312,42 @@ fn chained_ogg_gives_late_joiners_the_new_headers_and_a_listener_across_keeps_de
         first_audio.serial, serials[1],
         "{who}: audio of another stream than the second"
     );
+}
+
+/// ices2 (libshout) playing the same two files from a playlist over one connection: the chain
+/// comes from a track change rather than an encoder restart.
+#[test]
+fn chained_ogg_from_ices2_track_changes_gives_late_joiners_the_new_headers() {
+    static STOP: AtomicBool = AtomicBool::new(false);
+    let dir = scratch_dir("chained_ogg_ices2");
+    let burst = 16 * 1024;
+    let srv = TestServer::start(|c| {
+        c.defaults.burst_bytes = burst;
+        c.defaults.max_write_delay_ms = 100;
+    });
+    let (first, second) = chain_files(&dir);
+    let label = "mount=\"/ices\"";
+    let mut ices = ices2(&dir, srv.addr, "/ices", &[first, second.clone()]);
+    srv.wait_metric("fanstream_source_up", &[label], |v| v == 1.0);
+    let across = background_capture(srv.addr, "/ices", &STOP);
+    let second_name = second.display().to_string();
+    ices.wait_line("the second track", Duration::from_secs(30), |l| {
+        l.contains("Currently playing") && l.contains(&second_name)
+    });
+    let at_change = srv.metric("fanstream_source_received_bytes_total", &[label]);
+    wait_stream(
+        &srv,
+        "/ices",
+        at_change + 3.0 * burst as f64,
+        Instant::now(),
+        Duration::ZERO,
+        &mut ices,
+    );
+    let late = capture_for(srv.addr, "/ices", 3.0);
+    STOP.store(true, Ordering::Relaxed);
+    let across = across.join().unwrap();
+    drop(ices);
+    assert_chain(&dir, &across, &late);
 }
 
 /// The join checks for MPEG-framed formats: the source writes an ffmpeg-made file in 1000-byte

@@ -198,7 +198,7 @@ impl IcyCapture {
         self.pending.extend_from_slice(data);
         loop {
             let until_block = self.metaint - self.audio.len() % self.metaint;
-            let at_block = self.audio.len() % self.metaint == 0 && !self.audio.is_empty();
+            let at_block = self.audio.len().is_multiple_of(self.metaint) && !self.audio.is_empty();
             let expecting_block =
                 at_block && self.blocks.last().map(|b| b.0) != Some(self.audio.len());
             if expecting_block {
@@ -303,6 +303,37 @@ pub fn icy_metaint(head: &str) -> Option<usize> {
                 .then(|| v.trim().to_string())
         })
         .and_then(|v| v.parse().ok())
+}
+
+/// Reads from `s` into `capture` until `done` holds (true), or the stream ends or `deadline`
+/// passes (false).
+pub fn read_while_open(
+    s: &mut TcpStream,
+    capture: &mut IcyCapture,
+    deadline: Duration,
+    mut done: impl FnMut(&IcyCapture) -> bool,
+) -> bool {
+    use std::io::Read;
+    let start = Instant::now();
+    let mut buf = vec![0u8; 16 * 1024];
+    s.set_read_timeout(Some(Duration::from_millis(200)))
+        .unwrap();
+    while !done(capture) {
+        if start.elapsed() > deadline {
+            return false;
+        }
+        match s.read(&mut buf) {
+            Ok(0) => return false,
+            Ok(n) => capture.feed(&buf[..n]),
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ) => {}
+            Err(_) => return false,
+        }
+    }
+    true
 }
 
 /// Reads from `s` into `capture` until `done` holds, failing at `deadline` with `what`.
