@@ -364,13 +364,7 @@ fn joins_start_on_frames(codec: Codec) {
     let file = make_file(&dir, &format!("tone.{name}"), &Tone::new(codec, 10.0));
     let bytes = std::fs::read(&file).unwrap();
     // The checker itself, on the file as ffmpeg wrote it (past an ID3v2 tag, if any).
-    let id3 = if bytes.starts_with(b"ID3") {
-        10 + bytes[6..10]
-            .iter()
-            .fold(0usize, |n, &b| (n << 7) | (b & 0x7F) as usize)
-    } else {
-        0
-    };
+    let id3 = id3v2_len(&bytes);
     let frame_len = match codec {
         Codec::Aac => adts_frame_len,
         _ => mpeg_frame_len,

@@ -513,7 +513,8 @@ pub fn curl_get(
     (status, head, String::from_utf8_lossy(&body).to_string())
 }
 
-/// The body `/admin/metadata` answers a successful update with (Icecast's, byte for byte).
+/// The body `/admin/metadata` answers a successful update with: Icecast's, byte for byte, but for
+/// the newline Icecast 2.4.4 adds at its end (tests compare it with the body's end trimmed).
 pub const METADATA_OK: &str = "<?xml version=\"1.0\"?>\n<iceresponse><message>Metadata update successful</message><return>1</return></iceresponse>";
 
 // ---------------------------------------------------------------------------------------------

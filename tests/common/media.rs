@@ -105,6 +105,39 @@ pub fn assert_frame_chain(bytes: &[u8], frame_len: fn(&[u8]) -> Option<usize>, w
     frames
 }
 
+/// The length of the ID3v2 tag that starts `bytes`, or 0.
+pub fn id3v2_len(bytes: &[u8]) -> usize {
+    if bytes.len() < 10 || !bytes.starts_with(b"ID3") {
+        return 0;
+    }
+    10 + bytes[6..10]
+        .iter()
+        .fold(0usize, |n, &b| (n << 7) | (b & 0x7F) as usize)
+}
+
+/// Asserts that `received` is a run of `sent` (a listener's bytes are the source's, from its own
+/// join point, without a byte added, lost or changed); returns where in `sent` it starts.
+pub fn assert_slice_of(received: &[u8], sent: &[u8], who: &str) -> usize {
+    let probe = &received[..received.len().min(256)];
+    let at = super::find(sent, probe)
+        .unwrap_or_else(|| panic!("{who}: the first bytes received are nowhere in what was sent"));
+    let expected = &sent[at..(at + received.len()).min(sent.len())];
+    if let Some(i) = received.iter().zip(expected).position(|(a, b)| a != b) {
+        panic!(
+            "{who}: byte {i} after the join point ({at}) differs from what the source sent \
+             ({} bytes received)",
+            received.len()
+        );
+    }
+    assert!(
+        received.len() <= expected.len(),
+        "{who}: {} bytes received, more than the {} sent after the join point",
+        received.len(),
+        expected.len()
+    );
+    at
+}
+
 // ---------------------------------------------------------------------------------------------
 // Ogg
 
