@@ -489,7 +489,7 @@ fn icy_metaint_comes_from_the_config_file() {
     }
 }
 
-/// ezstream (libshout) streaming two tagged MP3 files: each title change reaches an ICY listener,
+/// ezstream (libshout) streaming two tagged MP3 files: each title change reaches an ICY listener
 /// and mpv, and ezstream reports no failed metadata update.
 #[test]
 fn ezstream_titles_reach_icy_listeners_and_mpv() {
