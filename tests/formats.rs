@@ -95,7 +95,11 @@ fn assert_headers_then_mid_stream(
         pages[0].granule,
         pages[0].body_start
     );
-    let headers = pages.iter().take_while(|p| p.is_codec_header()).count();
+    // Header pages carry granule position 0 (Vorbis I and RFC 7845); audio pages do not.
+    let headers = pages
+        .iter()
+        .take_while(|p| p.granule == 0 || p.is_codec_header())
+        .count();
     assert!(
         pages.len() > headers + 1,
         "{who}: {} header pages and only {} audio pages",
@@ -154,16 +158,39 @@ fn late_join_ogg(codec: Codec) {
         let capture = capture_for(srv.addr, &mount, 4.0);
         (capture, gst.join().unwrap(), mpv.join().unwrap())
     });
-    let file = save(&dir, &format!("late.{name}.ogg"), &capture);
     let who = format!("{name} listener joining after {JOIN_AFTER:?}");
+    check_late_ogg_capture(&dir, &capture, codec, tone.sample_rate, 10.0, &who);
+    assert!(
+        gst_status.success(),
+        "{who}: GStreamer (souphttpsrc ! decodebin) did not decode 100 buffers: {gst_status}\n{gst_log}"
+    );
+    assert!(
+        mpv_status.success() && mpv_log.contains("AO: [null]"),
+        "{who}: mpv did not play: {mpv_status}\n{mpv_log}"
+    );
+    drop(source);
+}
 
+/// What a late Ogg listener's capture must be: header pages, then audio pages from at least
+/// `min_secs` into the stream, decoded by ffprobe/ffmpeg (as much audio as its pages span) and by
+/// GStreamer.
+fn check_late_ogg_capture(
+    dir: &Path,
+    capture: &[u8],
+    codec: Codec,
+    sample_rate: u32,
+    min_secs: f64,
+    who: &str,
+) {
+    let name = codec.name();
+    let file = save(dir, &format!("late.{name}.ogg"), capture);
     // Granule positions count samples at 48 kHz for Opus, at the sample rate for Vorbis.
     let rate = if codec == Codec::Opus {
         48000.0
     } else {
-        tone.sample_rate as f64
+        sample_rate as f64
     };
-    let (_, first_audio, last) = assert_headers_then_mid_stream(&capture, rate, 10.0, &who);
+    let (_, first_audio, last) = assert_headers_then_mid_stream(capture, rate, min_secs, who);
     let probe = ffprobe(&file);
     assert_eq!(probe.codec, name, "{who}: ffprobe says {probe:?}");
     let decoded = ffmpeg_decode(&file);
@@ -178,15 +205,40 @@ fn late_join_ogg(codec: Codec) {
         decoded.seconds,
         probe.duration
     );
+    let (status, log) = gst_decode_file(&file);
     assert!(
-        gst_status.success(),
-        "{who}: GStreamer (souphttpsrc ! decodebin) did not decode 100 buffers: {gst_status}\n{gst_log}"
+        status.success(),
+        "{who}: GStreamer (filesrc ! decodebin) failed: {status}\n{log}"
     );
-    assert!(
-        mpv_status.success() && mpv_log.contains("AO: [null]"),
-        "{who}: mpv did not play: {mpv_status}\n{mpv_log}"
-    );
-    drop(source);
+}
+
+/// The checks themselves accept what the feature must produce: header pages spliced before pages
+/// from 20 s into a file (what a late joiner should get) pass, for Opus and Vorbis; the same
+/// without the headers (what joiners get without the feature) fails.
+#[test]
+fn late_ogg_checks_accept_headers_before_mid_stream_pages_and_refuse_them_missing() {
+    let dir = scratch_dir("late_ogg_checks");
+    for codec in [Codec::Opus, Codec::Vorbis] {
+        let tone = Tone::new(codec, 30.0);
+        let file = make_file(&dir, &format!("whole.{}", codec.name()), &tone);
+        let bytes = std::fs::read(&file).unwrap();
+        let pages = ogg_pages(&bytes, "whole file");
+        let rate = if codec == Codec::Opus {
+            48000
+        } else {
+            tone.sample_rate
+        } as u64;
+        let headers_end = pages.iter().find(|p| p.granule > 0).unwrap().offset;
+        let from = pages.iter().find(|p| p.granule > 20 * rate).unwrap().offset;
+        let mut spliced = bytes[..headers_end].to_vec();
+        spliced.extend_from_slice(&bytes[from..]);
+        let who = format!("spliced {}", codec.name());
+        check_late_ogg_capture(&dir, &spliced, codec, tone.sample_rate, 10.0, &who);
+        let headless = std::panic::catch_unwind(|| {
+            assert_headers_then_mid_stream(&bytes[from..], rate as f64, 10.0, "headless")
+        });
+        assert!(headless.is_err(), "a capture without headers passed");
+    }
 }
 
 #[test]
@@ -402,8 +454,8 @@ fn joins_start_on_frames(codec: Codec) {
     let mut starts = Vec::new();
     for (i, c) in captures.iter().enumerate() {
         let who = format!("{name} join {i}");
-        let path = save(&dir, &format!("join{i}.{name}"), c);
-        assert_frame_chain(c, frame_len, &who);
+        let complete = assert_frame_chain(c, frame_len, &who);
+        let path = save(&dir, &format!("join{i}.{name}"), &c[..complete]);
         let probe = ffprobe(&path);
         assert_eq!(probe.codec, name, "{who}: {probe:?}");
         let decoded = ffmpeg_decode(&path);
@@ -418,6 +470,43 @@ fn joins_start_on_frames(codec: Codec) {
         starts.len() > 5,
         "the joins were meant to land at different points of the stream"
     );
+}
+
+/// The checks themselves: a capture cut on a frame header in the middle of an MP3 or ADTS file
+/// chains and decodes cleanly; one cut 100 bytes later is refused.
+#[test]
+fn frame_join_checks_accept_a_cut_on_a_header_and_refuse_one_inside_a_frame() {
+    let dir = scratch_dir("frame_join_checks");
+    for codec in [Codec::Mp3, Codec::Aac] {
+        let name = codec.name();
+        let bytes = std::fs::read(make_file(
+            &dir,
+            &format!("whole.{name}"),
+            &Tone::new(codec, 6.0),
+        ))
+        .unwrap();
+        let frame_len = match codec {
+            Codec::Aac => adts_frame_len,
+            _ => mpeg_frame_len,
+        };
+        let mut at = id3v2_len(&bytes);
+        while at < bytes.len() / 2 {
+            at += frame_len(&bytes[at..]).unwrap();
+        }
+        let cut = &bytes[at..at + 16000];
+        let complete = assert_frame_chain(cut, frame_len, name);
+        let path = save(&dir, &format!("cut.{name}"), &cut[..complete]);
+        assert_eq!(ffprobe(&path).codec, name);
+        let decoded = ffmpeg_decode(&path);
+        assert!(
+            decoded.success && decoded.errors.is_empty(),
+            "{name}: {decoded:?}"
+        );
+        let inside = std::panic::catch_unwind(|| {
+            assert_frame_chain(&bytes[at + 100..at + 16100], frame_len, "inside")
+        });
+        assert!(inside.is_err(), "{name}: a cut inside a frame passed");
+    }
 }
 
 #[test]
@@ -459,8 +548,8 @@ fn mp3_joins_from_ezstream_start_on_a_frame_header() {
         let who = format!("ezstream join {i}");
         let mut l = Listener::connect(srv.addr, "/ez");
         l.read_at_least(8_000);
-        let path = save(&dir, &format!("join{i}.mp3"), &l.body);
-        assert_frame_chain(&l.body, mpeg_frame_len, &who);
+        let complete = assert_frame_chain(&l.body, mpeg_frame_len, &who);
+        let path = save(&dir, &format!("join{i}.mp3"), &l.body[..complete]);
         let decoded = ffmpeg_decode(&path);
         assert!(
             decoded.success && decoded.errors.is_empty(),

@@ -78,18 +78,23 @@ pub fn adts_frame_len(b: &[u8]) -> Option<usize> {
 }
 
 /// Checks that `bytes` starts on a frame header and that each frame's computed length lands on the
-/// next header, through the whole capture (its last frame may be cut short); returns the number of
-/// frames. Panics naming `who` and the offset where the chain breaks.
+/// next header, through the whole capture (its last frame may be cut short); returns the length of
+/// the complete frames (a decoder given a cut last frame reports an error). Panics naming `who` and
+/// the offset where the chain breaks.
 pub fn assert_frame_chain(bytes: &[u8], frame_len: fn(&[u8]) -> Option<usize>, who: &str) -> usize {
     let head: Vec<String> = bytes.iter().take(8).map(|b| format!("{b:02x}")).collect();
     let mut at = 0;
     let mut frames = 0;
+    let mut complete = 0;
     while at < bytes.len() {
         let rest = &bytes[at..];
         match frame_len(rest) {
             Some(len) => {
                 frames += 1;
                 at += len;
+                if at <= bytes.len() {
+                    complete = at;
+                }
             }
             // A header cut by the end of the capture.
             None if rest.len() < 7 => break,
@@ -102,7 +107,7 @@ pub fn assert_frame_chain(bytes: &[u8], frame_len: fn(&[u8]) -> Option<usize>, w
         }
     }
     assert!(frames >= 2, "{who}: only {frames} frame(s) in the capture");
-    frames
+    complete
 }
 
 /// The length of the ID3v2 tag that starts `bytes`, or 0.
