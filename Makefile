@@ -4,9 +4,17 @@ CARGO ?= cargo
 # Programs the tests drive for real; installed from Debian when missing. The tests start their
 # own Prometheus on an ephemeral loopback port, so a system one (Debian's package starts a service
 # on :9090 where systemd runs) does not interfere. Recommends are skipped: they would add
-# prometheus-node-exporter, another service, which no test needs.
-TEST_PROGRAMS := ffmpeg ffprobe curl prometheus promtool
-APT_PACKAGES := ffmpeg curl prometheus
+# prometheus-node-exporter, another service, which no test needs. The real clients of the formats
+# and titles tests (tests/formats.rs, titles.rs, browser.rs): libshout encoders (ezstream, ices2,
+# GStreamer's shout2send), liquidsoap, players (mpv, GStreamer's souphttpsrc and decoders) and a
+# headless browser. Chromium runs as root with --no-sandbox, so its recommended chromium-sandbox
+# is not needed either.
+TEST_PROGRAMS := ffmpeg ffprobe curl prometheus promtool ezstream ices2 liquidsoap mpv \
+  gst-launch-1.0 gst-inspect-1.0 chromium timeout
+APT_PACKAGES := ffmpeg curl prometheus ezstream ices2 liquidsoap mpv gstreamer1.0-tools \
+  gstreamer1.0-plugins-base gstreamer1.0-plugins-good gstreamer1.0-plugins-bad chromium coreutils
+# GStreamer elements the tests use, which come in plugin packages rather than as programs.
+TEST_GST_ELEMENTS := souphttpsrc decodebin oggdemux opusdec vorbisdec mpegaudioparse identity
 
 .PHONY: run build release test deps fuzz-deps fmt fmt-check clippy unit soak fuzz load sweep compare coalescing bench icecast fonts
 
@@ -39,12 +47,14 @@ release:
 ## make deps: install what the tests need (Debian packages) when it is missing.
 deps: fuzz-deps
 	@missing=""; for p in $(TEST_PROGRAMS); do command -v $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
+	for e in $(TEST_GST_ELEMENTS); do gst-inspect-1.0 $$e >/dev/null 2>&1 || missing="$$missing gst:$$e"; done; \
 	if [ -n "$$missing" ]; then \
 	  echo "installing test dependencies (missing:$$missing)"; \
 	  SUDO=""; [ "$$(id -u)" = 0 ] || SUDO=sudo; \
 	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq --no-install-recommends $(APT_PACKAGES) >/dev/null; \
 	fi
 	@for p in $(TEST_PROGRAMS); do command -v $$p >/dev/null 2>&1 || { echo "error: $$p is still missing after install"; exit 1; }; done
+	@for e in $(TEST_GST_ELEMENTS); do gst-inspect-1.0 $$e >/dev/null 2>&1 || { echo "error: GStreamer element $$e is still missing after install"; exit 1; }; done
 
 fmt:
 	$(CARGO) fmt --all

@@ -2,6 +2,8 @@
 //! clients, a verifiable byte pattern, and waiting on /metrics with deadlines.
 #![allow(dead_code)] // each test binary uses its own part of this module
 
+pub mod clients;
+pub mod media;
 pub mod process;
 
 use std::io::{Read, Write};
@@ -155,6 +157,39 @@ impl Source {
             basic("source", PASSWORD)
         );
         Source::connect_raw(addr, head.as_bytes())
+    }
+
+    /// A `PUT` source announcing `content_type` (e.g. `audio/aac`, `audio/ogg`).
+    pub fn connect_typed(addr: SocketAddr, mount: &str, content_type: &str) -> Source {
+        let head = format!(
+            "PUT {mount} HTTP/1.1\r\nHost: test\r\nAuthorization: Basic {}\r\nContent-Type: {content_type}\r\nIce-Name: Test Radio\r\n\r\n",
+            basic("source", PASSWORD)
+        );
+        Source::connect_raw(addr, head.as_bytes())
+    }
+
+    /// Sends `bytes` in pieces of `piece` bytes at `bytes_per_sec`, on an absolute schedule (as an
+    /// encoder writing whatever sizes it likes in real time), until all are sent or `stop` holds.
+    pub fn send_paced(
+        &mut self,
+        bytes: &[u8],
+        piece: usize,
+        bytes_per_sec: u64,
+        stop: &std::sync::atomic::AtomicBool,
+    ) {
+        let start = Instant::now();
+        let mut sent = 0usize;
+        for chunk in bytes.chunks(piece) {
+            if stop.load(std::sync::atomic::Ordering::Relaxed) {
+                return;
+            }
+            let due = Duration::from_secs_f64(sent as f64 / bytes_per_sec as f64);
+            if let Some(wait) = due.checked_sub(start.elapsed()) {
+                std::thread::sleep(wait);
+            }
+            self.send(chunk);
+            sent += chunk.len();
+        }
     }
 
     /// Sends `head` and reads the answer up to the end of its head; panics unless it is 200.

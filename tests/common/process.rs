@@ -16,7 +16,37 @@ pub fn require(program: &str) {
         .is_ok_and(|s| s.success());
     assert!(
         found,
-        "{program} is required by this test but is not installed: run `make deps` (or `apt-get install -y ffmpeg curl prometheus`)"
+        "{program} is required by this test but is not installed: run `make deps` (it installs the \
+         Makefile's APT_PACKAGES, e.g. `apt-get install -y --no-install-recommends {}`)",
+        debian_package(program)
+    );
+}
+
+/// The Debian package that provides `program`, for `require`'s message.
+fn debian_package(program: &str) -> &str {
+    match program {
+        "ffprobe" => "ffmpeg",
+        "promtool" => "prometheus",
+        "gst-launch-1.0" | "gst-inspect-1.0" => {
+            "gstreamer1.0-tools gstreamer1.0-plugins-base gstreamer1.0-plugins-good gstreamer1.0-plugins-bad"
+        }
+        "timeout" => "coreutils",
+        other => other,
+    }
+}
+
+/// Panics with an actionable message unless GStreamer has `element` (e.g. `souphttpsrc`).
+pub fn require_gst_element(element: &str) {
+    require("gst-inspect-1.0");
+    let found = Command::new("gst-inspect-1.0")
+        .arg(element)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success());
+    assert!(
+        found,
+        "GStreamer element {element} is required by this test but is missing: run `make deps` (apt-get install -y --no-install-recommends gstreamer1.0-plugins-base gstreamer1.0-plugins-good gstreamer1.0-plugins-bad)"
     );
 }
 
@@ -28,10 +58,13 @@ pub fn scratch_dir(test: &str) -> PathBuf {
     dir
 }
 
-/// A child process killed on drop.
+/// A child process killed on drop: the child alone, or with `spawn_group` its whole process group
+/// (a program that starts its own children, such as chromium, or one run under `timeout`).
 pub struct ChildGuard {
     pub child: Option<Child>,
     pub name: String,
+    /// Killed as a process group (the child leads it) rather than alone.
+    pub group: bool,
 }
 
 impl ChildGuard {
@@ -42,7 +75,18 @@ impl ChildGuard {
         ChildGuard {
             child: Some(child),
             name: name.into(),
+            group: false,
         }
+    }
+
+    /// Starts the child as the leader of a new process group; drop kills the whole group, so
+    /// nothing it started (renderers, the program under `timeout`) outlives the test.
+    pub fn spawn_group(name: &str, cmd: &mut Command) -> ChildGuard {
+        use std::os::unix::process::CommandExt;
+        cmd.process_group(0);
+        let mut guard = ChildGuard::spawn(name, cmd);
+        guard.group = true;
+        guard
     }
 
     pub fn pid(&self) -> i32 {
@@ -89,6 +133,13 @@ impl ChildGuard {
 
 impl Drop for ChildGuard {
     fn drop(&mut self) {
+        if self.group {
+            if let Some(c) = &self.child {
+                // SAFETY: kill(2) on the process group our child leads; the child is not reaped
+                // yet, so the group id cannot have been reused.
+                unsafe { libc::kill(-(c.id() as i32), libc::SIGKILL) };
+            }
+        }
         if let Some(mut c) = self.child.take() {
             let _ = c.kill();
             let _ = c.wait();
