@@ -201,15 +201,9 @@ fn past_max_mount_series_mounts_share_other_until_they_leave() {
     );
 }
 
-fn declare(c: &mut Config, paths: &[&str]) {
-    for p in paths {
-        c.mounts.insert(p.to_string(), c.defaults.clone());
-    }
-}
-
 #[test]
 fn source_up_is_reported_for_declared_mounts_and_live_ones_only() {
-    let srv = TestServer::start(|c| declare(c, &["/declared"]));
+    let srv = TestServer::start(|c| declare(c, "/declared"));
     let text = srv.metrics();
     assert!(
         text.contains("fanstream_source_up{mount=\"/declared\"} 0\n"),
@@ -248,7 +242,7 @@ fn source_up_is_reported_for_declared_mounts_and_live_ones_only() {
         source_password: Some(PASSWORD.into()),
         ..Config::default()
     };
-    declare(&mut config, &["/added"]);
+    declare(&mut config, "/added");
     srv.server.as_ref().unwrap().reload(config).unwrap();
     wait_until("the reload applied", || {
         let text = srv.metrics();
