@@ -101,9 +101,11 @@ fn thousands_of_short_lived_mounts_leave_metrics_and_status_as_they_were() {
         l.join().unwrap();
     }
     let mut text = String::new();
+    // Mounts in their grace period pile up faster than they expire: past the first 1000,
+    // `max_mount_series` counted them under `other`, which must go with them too.
     wait_until("every churned mount's series gone", || {
         text = srv.metrics();
-        mount_lines(&text, "/churn-").is_empty()
+        mount_lines(&text, "/churn-").is_empty() && mount_lines(&text, "other").is_empty()
     });
     let after = samples(&text).len();
     assert!(
@@ -111,10 +113,6 @@ fn thousands_of_short_lived_mounts_leave_metrics_and_status_as_they_were() {
         "/metrics had {baseline} samples before {MOUNTS} mounts came and went, {after} after"
     );
     assert_eq!(metric_value(&text, "fanstream_listeners", &[]), 0.0);
-    assert_eq!(
-        metric_value(&text, "fanstream_mount_series_overflow_total", &[]),
-        0.0
-    );
     for page in ["/status.json", "/status-json.xsl"] {
         let body = status(&srv, page);
         assert!(
@@ -204,11 +202,11 @@ fn past_max_mount_series_mounts_share_other_until_they_leave() {
 #[test]
 fn source_up_is_reported_for_declared_mounts_and_live_ones_only() {
     let srv = TestServer::start(|c| declare(c, "/declared"));
-    let text = srv.metrics();
-    assert!(
-        text.contains("fanstream_source_up{mount=\"/declared\"} 0\n"),
-        "{text}"
-    );
+    // Ingest declares the mounts as it starts, just after the server returns.
+    wait_until("the declared mount's series", || {
+        srv.metrics()
+            .contains("fanstream_source_up{mount=\"/declared\"} 0\n")
+    });
 
     // A declared mount's source comes and goes: its series stay, at 0 once it is away.
     let declared = Source::connect(srv.addr, "/declared");
