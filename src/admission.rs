@@ -71,7 +71,7 @@ pub(crate) async fn admit(ctx: &Rc<WorkerCtx>, incoming: Incoming) {
     ctx.shared
         .metrics
         .listener_connects
-        .with_label_values(&[&mount.path])
+        .with_label_values(&[mount.label.as_str()])
         .inc();
     let mut guard = guard;
     if icy.is_some() {

@@ -185,6 +185,13 @@ pub struct Config {
     pub max_listeners: usize,
     /// Most sources live at once (the demo counts); past it, 503. Default 100.
     pub max_sources: usize,
+    /// Most mounts not declared in `[mounts]` whose metrics carry their own `mount` label at
+    /// once (each has some 15 to 30 series). Past it, the series of further mounts add up under
+    /// `mount="other"`, counted by `fanstream_mount_series_overflow_total`; a mount keeps the
+    /// label it appeared with, and a label is free again once its mount has left. Declared
+    /// mounts and the demo always have their own. Default 1000; 0 = every undeclared mount
+    /// under `other`.
+    pub max_mount_series: usize,
     /// Most connections from one IP address; past it, 429. Default 0 = no limit (listeners behind
     /// one NAT share an address).
     pub max_connections_per_ip: usize,
@@ -230,6 +237,7 @@ impl Default for Config {
             source_password_file: None,
             max_listeners: 100_000,
             max_sources: 100,
+            max_mount_series: 1000,
             max_connections_per_ip: 0,
             auth_max_failures: 10,
             auth_failure_window_secs: 60,
@@ -400,6 +408,15 @@ impl Config {
             .get(path)
             .cloned()
             .unwrap_or_else(|| self.defaults.clone())
+    }
+
+    /// The mounts an operator expects a source on: those in `[mounts]`, and the demo's.
+    pub fn declared_mounts(&self) -> impl Iterator<Item = &str> {
+        let demo = self
+            .startup
+            .demo
+            .then_some(self.startup.demo_mount.as_str());
+        self.mounts.keys().map(String::as_str).chain(demo)
     }
 
     /// Whether a source may create `path` (declared, the demo, or admitted by a global password).

@@ -192,7 +192,7 @@ impl ListenerGuard {
         let gauge = shared
             .metrics
             .listeners
-            .with_label_values(&[&mount.path, worker]);
+            .with_label_values(&[mount.label.as_str(), worker]);
         gauge.inc();
         // Built before the checks so that dropping it undoes the increments on refusal too.
         let guard = ListenerGuard {
@@ -223,7 +223,7 @@ impl ListenerGuard {
             .shared
             .metrics
             .icy_listeners
-            .with_label_values(&[&self.mount.path]);
+            .with_label_values(&[self.mount.label.as_str()]);
         gauge.inc();
         self.icy_gauge = Some(gauge);
     }

@@ -17,6 +17,7 @@
 use std::cell::RefCell;
 use std::io::{self, IoSlice};
 use std::rc::Rc;
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -245,6 +246,11 @@ impl Shard {
         }
         pass.out.writes.inc_by(tally.writes);
         self.sent_bytes.inc_by(tally.bytes);
+        if tally.bytes > 0 {
+            self.mount
+                .sent_bytes
+                .fetch_add(tally.bytes, Ordering::Relaxed);
+        }
         for (key, why) in dropped {
             if self.listeners.try_remove(key).is_some() {
                 self.count_disconnects(why, 1);
@@ -262,7 +268,7 @@ impl Shard {
     fn count_disconnects(&self, why: Disconnect, n: u64) {
         if n > 0 {
             self.disconnects
-                .with_label_values(&[&self.mount.path, why.reason()])
+                .with_label_values(&[self.mount.label.as_str(), why.reason()])
                 .inc_by(n);
         }
     }
@@ -384,6 +390,7 @@ impl FanOut {
             Some(i) => i,
             None => {
                 let metrics = &self.ctx.shared.metrics;
+                let label = mount.label.as_str();
                 self.next_shard_id += 1;
                 self.shards.push(Shard {
                     id: self.next_shard_id,
@@ -391,10 +398,10 @@ impl FanOut {
                     listeners: Slab::new(),
                     sent_bytes: metrics
                         .sent_bytes
-                        .with_label_values(&[&mount.path, &self.ctx.label]),
-                    skips: metrics.listener_skips.with_label_values(&[&mount.path]),
+                        .with_label_values(&[label, &self.ctx.label]),
+                    skips: metrics.listener_skips.with_label_values(&[label]),
                     disconnects: metrics.listener_disconnects.clone(),
-                    lag: metrics.listener_lag.with_label_values(&[&mount.path]),
+                    lag: metrics.listener_lag.with_label_values(&[label]),
                     #[cfg(feature = "fault-injection")]
                     inject_panic: self.ctx.shared.config.load().panic_injection_mount.as_ref()
                         == Some(&mount.path),

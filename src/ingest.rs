@@ -13,11 +13,12 @@
 use std::cell::RefCell;
 use std::collections::HashMap;
 use std::rc::Rc;
-use std::sync::atomic::AtomicUsize;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
+use prometheus::IntCounter;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::runtime::Runtime;
@@ -29,6 +30,7 @@ use crate::conn::{refuse, Encoder, Feed, SourceConn, TitleUpdate, ToIngest};
 use crate::format::Event;
 use crate::framing::Format;
 use crate::http::RESPONSE_TIMEOUT;
+use crate::metrics::unsynced_action;
 use crate::mounts::{Mount, StoreWriter};
 use crate::reasons::Refusal;
 use crate::shared::{stopped, Shared};
@@ -47,6 +49,9 @@ struct Entry {
     /// Bumped on every claim: a grace timer or a source task from an earlier claim sees that it
     /// no longer owns the mount.
     generation: u64,
+    /// What this mount has added to `fanstream_retained_bytes`: the gauge goes by differences,
+    /// since under `mount="other"` it adds up several mounts.
+    retained: i64,
 }
 
 /// Ingest's state; lives on the ingest thread only.
@@ -63,7 +68,7 @@ struct Claim {
 
 impl Ingest {
     /// Takes `path` for a new source: creates the mount, or revives it within its grace period.
-    fn claim(&self, path: &str, info: StreamInfo) -> Result<Claim, Refusal> {
+    fn claim(&self, path: &str, info: StreamInfo) -> Result<(Claim, Arc<Mount>), Refusal> {
         let mut entries = self.entries.borrow_mut();
         let shared = &self.shared;
         let live = entries
@@ -80,32 +85,39 @@ impl Ingest {
             return Err(Refusal::TooManySources);
         }
         let entry = entries.entry(path.to_string()).or_insert_with(|| {
-            let writer = StoreWriter::new(Arc::new(shared.config.load().mount(path)));
+            let config = shared.config.load();
+            let writer = StoreWriter::new(Arc::new(config.mount(path)));
             let mount = Arc::new(Mount {
                 path: path.to_string(),
+                label: shared.metrics.mount_label(path, config.max_mount_series),
                 store: writer.store().clone(),
                 listeners: AtomicUsize::new(0),
                 listener_peak: AtomicUsize::new(0),
+                received_bytes: AtomicU64::new(0),
+                sent_bytes: AtomicU64::new(0),
             });
-            shared.metrics.new_mount(path);
             shared.mounts.insert(mount.clone());
             Entry {
                 writer,
                 mount,
                 generation: 0,
+                retained: 0,
             }
         });
         entry.generation += 1;
         entry.writer.go_live(info);
-        shared.metrics.source_up.with_label_values(&[path]).set(1);
+        let label = [entry.mount.label.as_str()];
+        // Up and down by one, not set: under `mount="other"` it counts several mounts' sources.
+        shared.metrics.source_up.with_label_values(&label).inc();
         shared
             .metrics
             .source_connects
-            .with_label_values(&[path])
+            .with_label_values(&label)
             .inc();
-        Ok(Claim {
+        let claim = Claim {
             generation: entry.generation,
-        })
+        };
+        Ok((claim, entry.mount.clone()))
     }
 
     /// Publishes what the format layer made of a piece of the stream (and the stream's subtype,
@@ -125,6 +137,7 @@ impl Ingest {
             return false;
         };
         let m = &self.shared.metrics;
+        let label = entry.mount.label.as_str();
         let window = entry.writer.settings().window_bytes();
         let now = Instant::now();
         for event in events.drain(..) {
@@ -133,12 +146,11 @@ impl Ingest {
                 Event::Headers(pages) => entry.writer.set_headers(pages),
                 Event::Tags { title, artist } => {
                     entry.writer.set_now_playing(title, artist, None);
-                    m.metadata_updates.with_label_values(&[path]).inc();
+                    m.metadata_updates.with_label_values(&[label]).inc();
                 }
                 Event::Unsynced { bytes, dropped } => {
-                    let action = if dropped { "dropped" } else { "passed" };
                     m.source_unsynced_bytes
-                        .with_label_values(&[path, action])
+                        .with_label_values(&[label, unsynced_action(dropped)])
                         .inc_by(bytes as u64);
                 }
             }
@@ -146,9 +158,11 @@ impl Ingest {
         if let Some(subtype) = subtype {
             entry.writer.set_subtype(subtype);
         }
+        let retained = entry.writer.store().load().retained_bytes() as i64;
         m.retained_bytes
-            .with_label_values(&[path])
-            .set(entry.writer.store().load().retained_bytes() as i64);
+            .with_label_values(&[label])
+            .add(retained - entry.retained);
+        entry.retained = retained;
         drop(entries);
         self.shared.wake_workers();
         true
@@ -169,7 +183,7 @@ impl Ingest {
         self.shared
             .metrics
             .metadata_updates
-            .with_label_values(&[&update.mount])
+            .with_label_values(&[entry.mount.label.as_str()])
             .inc();
         drop(entries);
         // ICY listeners get the new block at their next interval; nothing to write now.
@@ -179,7 +193,7 @@ impl Ingest {
     /// The source went away: listeners wait `source_grace_secs` for another, then move to the
     /// fallback mount or are closed.
     fn release(self: &Rc<Self>, path: &str, claim: Claim, reason: &'static str) {
-        let grace = {
+        let (grace, mount) = {
             let mut entries = self.entries.borrow_mut();
             let Some(entry) = entries
                 .get_mut(path)
@@ -188,13 +202,12 @@ impl Ingest {
                 return;
             };
             entry.writer.set_state(SourceState::Gone(Instant::now()));
-            Duration::from_secs(entry.writer.settings().source_grace_secs)
+            let grace = Duration::from_secs(entry.writer.settings().source_grace_secs);
+            (grace, entry.mount.clone())
         };
         let m = &self.shared.metrics;
-        m.source_up.with_label_values(&[path]).set(0);
-        m.source_disconnects
-            .with_label_values(&[path, reason])
-            .inc();
+        m.source_up.with_label_values(&[mount.label.as_str()]).dec();
+        m.source_disconnected(&mount.label, reason);
         self.shared.wake_workers();
         let this = self.clone();
         let path = path.to_string();
@@ -205,7 +218,8 @@ impl Ingest {
     }
 
     /// The grace period ended: if no source came back, the mount closes (or moves its listeners)
-    /// and leaves the table.
+    /// and leaves the table. Its series go once the workers have let its listeners go (see
+    /// [`crate::metrics::MountLabel`]), unless it is declared.
     fn expire(&self, path: &str, claim: Claim) {
         let mut entries = self.entries.borrow_mut();
         let Some(entry) = entries.get_mut(path) else {
@@ -226,11 +240,28 @@ impl Ingest {
         self.shared
             .metrics
             .retained_bytes
-            .with_label_values(&[path])
-            .set(0);
+            .with_label_values(&[entry.mount.label.as_str()])
+            .sub(entry.retained);
         entries.remove(path);
         drop(entries);
+        self.declare_mounts();
         self.shared.wake_workers();
+    }
+
+    /// Gives the mounts the config declares their series (see [`Metrics::declare_mounts`]). A
+    /// mount keeps the label it appeared with: one counted under `other` before its path was
+    /// declared gets its own series once it has left.
+    ///
+    /// [`Metrics::declare_mounts`]: crate::metrics::Metrics::declare_mounts
+    fn declare_mounts(&self) {
+        let config = self.shared.config.load();
+        let entries = self.entries.borrow();
+        let declared = config.declared_mounts().filter(|path| {
+            entries
+                .get(*path)
+                .is_none_or(|e| e.mount.label.as_str() == *path)
+        });
+        self.shared.metrics.declare_mounts(declared);
     }
 
     /// The config was replaced: each mount publishes its new settings with its stream.
@@ -242,6 +273,7 @@ impl Ingest {
                 entry.writer.set_settings(Arc::new(settings));
             }
         }
+        self.declare_mounts();
         self.shared.wake_workers();
     }
 }
@@ -254,6 +286,7 @@ pub(crate) fn run(rt: Runtime, shared: Arc<Shared>, mut inbox: mpsc::UnboundedRe
             shared: shared.clone(),
             entries: RefCell::new(HashMap::new()),
         });
+        ingest.declare_mounts();
         let mut stop = shared.stop.clone();
         loop {
             tokio::select! {
@@ -289,10 +322,10 @@ async fn serve_source(ingest: Rc<Ingest>, conn: SourceConn) {
     let format = Format::for_content_type(&info.meta.content_type);
     let claim = ingest.claim(&mount, info);
     if let Some(tx) = claimed {
-        let _ = tx.send(claim.map(|_| ()));
+        let _ = tx.send(claim.as_ref().map(|_| ()).map_err(|no| *no));
     }
-    let claim = match claim {
-        Ok(claim) => claim,
+    let (claim, claimed_mount) = match claim {
+        Ok(claimed) => claimed,
         Err(no) => {
             match feed {
                 Feed::Encoder(Encoder { stream, peer, .. }) => {
@@ -308,9 +341,16 @@ async fn serve_source(ingest: Rc<Ingest>, conn: SourceConn) {
         }
     };
     tracing::info!(source = %origin, %mount, "source connected");
+    let received = ingest
+        .shared
+        .metrics
+        .source_received_bytes
+        .with_label_values(&[claimed_mount.label.as_str()]);
     let mut src = Source {
         ingest: &ingest,
         mount: &mount,
+        counted: claimed_mount,
+        received,
         claim,
         format,
         events: Vec::new(),
@@ -329,6 +369,10 @@ async fn serve_source(ingest: Rc<Ingest>, conn: SourceConn) {
 struct Source<'a> {
     ingest: &'a Ingest,
     mount: &'a str,
+    /// The mount it feeds, whose received bytes it counts.
+    counted: Arc<Mount>,
+    /// `fanstream_source_received_bytes_total` for the mount's label.
+    received: IntCounter,
     claim: Claim,
     format: Format,
     /// What the parser yields, reused from piece to piece.
@@ -341,12 +385,10 @@ struct Source<'a> {
 impl Source<'_> {
     /// Parses a piece of the stream and publishes the result; Err says why the source must end.
     fn append(&mut self, piece: Bytes) -> Result<(), &'static str> {
-        self.ingest
-            .shared
-            .metrics
-            .source_received_bytes
-            .with_label_values(&[self.mount])
-            .inc_by(piece.len() as u64);
+        self.received.inc_by(piece.len() as u64);
+        self.counted
+            .received_bytes
+            .fetch_add(piece.len() as u64, Ordering::Relaxed);
         if let Err(e) = self.format.push(piece, &mut self.events) {
             tracing::warn!(mount = %self.mount, reason = e.reason(), "source's stream refused");
             return Err(e.reason());

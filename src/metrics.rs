@@ -4,15 +4,21 @@
 //! reason, thread name. Nothing is labelled per listener or per address. Hot-path counters are
 //! resolved to their label child once per worker (or per worker and mount), so a write touches
 //! one uncontended atomic.
+//!
+//! Mount labels are leased ([`MountLabel`]): a mount holds one from the moment it appears, and
+//! every series labelled with it goes when the last holder lets go, so sources that come and go
+//! on ever new names leave nothing behind. Past `max_mount_series` mounts, newcomers share the
+//! label `other`.
 
-use std::sync::Arc;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use prometheus::core::{Collector, Desc};
 use prometheus::proto::MetricFamily;
 use prometheus::{
-    Counter, CounterVec, Encoder, HistogramOpts, HistogramVec, IntCounterVec, IntGaugeVec, Opts,
-    Registry, TextEncoder,
+    Counter, CounterVec, Encoder, HistogramOpts, HistogramVec, IntCounter, IntCounterVec,
+    IntGaugeVec, Opts, Registry, TextEncoder,
 };
 
 use crate::reasons::{Disconnect, Refusal, Unanswered};
@@ -30,6 +36,20 @@ const LAG_BUCKETS: [f64; 10] = [
     1024.0, 4096.0, 16384.0, 65536.0, 131072.0, 262144.0, 524288.0, 1048576.0, 4194304.0,
     16777216.0,
 ];
+
+/// The `mount` label shared by the mounts that appeared past `max_mount_series`. Mount paths
+/// start with `/`, so no mount is named that.
+pub(crate) const OTHER_MOUNTS: &str = "other";
+
+/// `fanstream_source_unsynced_bytes_total`'s `action`: source bytes passed on as they came, or
+/// dropped.
+pub(crate) fn unsynced_action(dropped: bool) -> &'static str {
+    if dropped {
+        "dropped"
+    } else {
+        "passed"
+    }
+}
 
 pub(crate) struct Metrics {
     pub registry: Registry,
@@ -49,12 +69,14 @@ pub(crate) struct Metrics {
     pub worker_wakeups: IntCounterVec,
     /// Payload bytes received from sources, by mount.
     pub source_received_bytes: IntCounterVec,
-    /// 1 while a source feeds the mount.
+    /// 1 while a source feeds the mount, 0 while a declared mount (or one in its grace period)
+    /// has none; under `mount="other"`, how many of those mounts have a source.
     pub source_up: IntGaugeVec,
     /// Source connections accepted, by mount.
     pub source_connects: IntCounterVec,
-    /// Source connections ended, by mount and reason.
-    pub source_disconnects: IntCounterVec,
+    /// Source connections ended, by mount and reason: counted through
+    /// [`Metrics::source_disconnected`], which notes the reason for the series' removal.
+    source_disconnects: IntCounterVec,
     /// Payload bytes a mount retains now.
     pub retained_bytes: IntGaugeVec,
     /// Title changes, by mount: from `/admin/metadata` or the stream's own tags.
@@ -77,6 +99,8 @@ pub(crate) struct Metrics {
     /// How far listeners are behind the live edge, sampled for every listener once a second, by
     /// mount.
     pub listener_lag: HistogramVec,
+    /// Which mount labels are in use; removes a label's series when it is no longer.
+    labels: Arc<MountLabels>,
 }
 
 fn counter(reg: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
@@ -110,157 +134,263 @@ fn histogram(
 }
 
 impl Metrics {
-    pub fn new(threads: Arc<ThreadRegistry>) -> Metrics {
+    /// The server's metrics, for `workers` fan-out workers (their indexes are label values).
+    pub fn new(threads: Arc<ThreadRegistry>, workers: usize) -> Metrics {
         let reg = Registry::new();
         reg.register(Box::new(ProcessCollector::new()))
             .expect("process collector registers once");
         reg.register(Box::new(ThreadCpuCollector::new(threads)))
             .expect("thread collector registers once");
-        Metrics {
-            listeners: gauge(
-                &reg,
-                "listeners",
-                "Listeners connected now.",
-                &["mount", "worker"],
-            ),
-            listener_connects: counter(
-                &reg,
-                "listener_connects_total",
-                "Listeners admitted.",
-                &["mount"],
-            ),
-            listener_disconnects: counter(
-                &reg,
-                "listener_disconnects_total",
-                "Listeners gone, by reason.",
-                &["mount", "reason"],
-            ),
-            listener_skips: counter(
-                &reg,
-                "listener_skips_total",
-                "Slow listeners moved to the live edge (lag_policy = skip).",
-                &["mount"],
-            ),
-            sent_bytes: counter(
-                &reg,
-                "sent_bytes_total",
-                "Payload bytes written to listeners.",
-                &["mount", "worker"],
-            ),
-            write_syscalls: counter(
-                &reg,
-                "write_syscalls_total",
-                "Write syscalls to listeners.",
+        let overflow = IntCounter::new(
+            "fanstream_mount_series_overflow_total",
+            "Mounts counted under the mount label \"other\": max_mount_series mounts had their own.",
+        )
+        .expect("valid metric definition");
+        reg.register(Box::new(overflow.clone()))
+            .expect("metric names are unique");
+        let listeners = gauge(
+            &reg,
+            "listeners",
+            "Listeners connected now.",
+            &["mount", "worker"],
+        );
+        let listener_connects = counter(
+            &reg,
+            "listener_connects_total",
+            "Listeners admitted.",
+            &["mount"],
+        );
+        let listener_disconnects = counter(
+            &reg,
+            "listener_disconnects_total",
+            "Listeners gone, by reason.",
+            &["mount", "reason"],
+        );
+        let listener_skips = counter(
+            &reg,
+            "listener_skips_total",
+            "Slow listeners moved to the live edge (lag_policy = skip).",
+            &["mount"],
+        );
+        let sent_bytes = counter(
+            &reg,
+            "sent_bytes_total",
+            "Payload bytes written to listeners.",
+            &["mount", "worker"],
+        );
+        let write_syscalls = counter(
+            &reg,
+            "write_syscalls_total",
+            "Write syscalls to listeners.",
+            &["worker"],
+        );
+        let worker_wakeups = counter(
+            &reg,
+            "worker_wakeups_total",
+            "Times ingest woke a worker for new data.",
+            &["worker"],
+        );
+        let source_received_bytes = counter(
+            &reg,
+            "source_received_bytes_total",
+            "Payload bytes received from sources.",
+            &["mount"],
+        );
+        let source_up = gauge(
+            &reg,
+            "source_up",
+            "1 while a source feeds the mount.",
+            &["mount"],
+        );
+        let source_connects = counter(
+            &reg,
+            "source_connects_total",
+            "Sources accepted.",
+            &["mount"],
+        );
+        let source_disconnects = counter(
+            &reg,
+            "source_disconnects_total",
+            "Sources gone, by reason.",
+            &["mount", "reason"],
+        );
+        let retained_bytes = gauge(
+            &reg,
+            "retained_bytes",
+            "Payload bytes a mount retains.",
+            &["mount"],
+        );
+        let metadata_updates = counter(
+            &reg,
+            "metadata_updates_total",
+            "Title changes, from /admin/metadata or the stream's own tags.",
+            &["mount"],
+        );
+        let source_unsynced_bytes = counter(
+            &reg,
+            "source_unsynced_bytes_total",
+            "Source bytes not on a frame or page boundary: passed on as they came, or dropped.",
+            &["mount", "action"],
+        );
+        let icy_listeners = gauge(
+            &reg,
+            "icy_listeners",
+            "Listeners receiving ICY metadata blocks now.",
+            &["mount"],
+        );
+        let rejected_requests = counter(
+            &reg,
+            "rejected_requests_total",
+            "Requests refused, by reason.",
+            &["reason"],
+        );
+        let panics = counter(
+            &reg,
+            "panics_total",
+            "Panics caught and contained to one connection (bugs), by where.",
+            &["where"],
+        );
+        let listener_seconds = {
+            let c = CounterVec::new(
+                Opts::new(
+                    "fanstream_listener_seconds_total",
+                    "Listener-seconds served: the time each listener was connected, summed.",
+                ),
                 &["worker"],
-            ),
-            worker_wakeups: counter(
-                &reg,
-                "worker_wakeups_total",
-                "Times ingest woke a worker for new data.",
-                &["worker"],
-            ),
-            source_received_bytes: counter(
-                &reg,
-                "source_received_bytes_total",
-                "Payload bytes received from sources.",
-                &["mount"],
-            ),
-            source_up: gauge(
-                &reg,
-                "source_up",
-                "1 while a source feeds the mount.",
-                &["mount"],
-            ),
-            source_connects: counter(
-                &reg,
-                "source_connects_total",
-                "Sources accepted.",
-                &["mount"],
-            ),
-            source_disconnects: counter(
-                &reg,
-                "source_disconnects_total",
-                "Sources gone, by reason.",
-                &["mount", "reason"],
-            ),
-            retained_bytes: gauge(
-                &reg,
-                "retained_bytes",
-                "Payload bytes a mount retains.",
-                &["mount"],
-            ),
-            metadata_updates: counter(
-                &reg,
-                "metadata_updates_total",
-                "Title changes, from /admin/metadata or the stream's own tags.",
-                &["mount"],
-            ),
-            source_unsynced_bytes: counter(
-                &reg,
-                "source_unsynced_bytes_total",
-                "Source bytes not on a frame or page boundary: passed on as they came, or dropped.",
-                &["mount", "action"],
-            ),
-            icy_listeners: gauge(
-                &reg,
-                "icy_listeners",
-                "Listeners receiving ICY metadata blocks now.",
-                &["mount"],
-            ),
-            rejected_requests: counter(
-                &reg,
-                "rejected_requests_total",
-                "Requests refused, by reason.",
-                &["reason"],
-            ),
-            panics: counter(
-                &reg,
-                "panics_total",
-                "Panics caught and contained to one connection (bugs), by where.",
-                &["where"],
-            ),
-            listener_seconds: {
-                let c = CounterVec::new(
-                    Opts::new(
-                        "fanstream_listener_seconds_total",
-                        "Listener-seconds served: the time each listener was connected, summed.",
-                    ),
-                    &["worker"],
-                )
-                .expect("valid metric definition");
-                reg.register(Box::new(c.clone()))
-                    .expect("metric names are unique");
-                c
+            )
+            .expect("valid metric definition");
+            reg.register(Box::new(c.clone()))
+                .expect("metric names are unique");
+            c
+        };
+        let round_cpu_per_listener = histogram(
+            &reg,
+            "fanout_round_cpu_per_listener_seconds",
+            "A worker's CPU since its previous fan-out round, divided by its listeners.",
+            &ROUND_CPU_BUCKETS,
+            &["worker"],
+        );
+        let listener_lag = histogram(
+            &reg,
+            "listener_lag_bytes",
+            "Bytes between listeners' positions and the live edge, sampled once a second.",
+            &LAG_BUCKETS,
+            &["mount"],
+        );
+        let labels = Arc::new(MountLabels {
+            held: Mutex::default(),
+            series: MountSeries {
+                listeners: listeners.clone(),
+                listener_connects: listener_connects.clone(),
+                listener_disconnects: listener_disconnects.clone(),
+                listener_skips: listener_skips.clone(),
+                sent_bytes: sent_bytes.clone(),
+                source_received_bytes: source_received_bytes.clone(),
+                source_up: source_up.clone(),
+                source_connects: source_connects.clone(),
+                source_disconnects: source_disconnects.clone(),
+                retained_bytes: retained_bytes.clone(),
+                metadata_updates: metadata_updates.clone(),
+                source_unsynced_bytes: source_unsynced_bytes.clone(),
+                icy_listeners: icy_listeners.clone(),
+                listener_lag: listener_lag.clone(),
+                workers: (0..workers).map(|w| w.to_string()).collect(),
             },
-            round_cpu_per_listener: histogram(
-                &reg,
-                "fanout_round_cpu_per_listener_seconds",
-                "A worker's CPU since its previous fan-out round, divided by its listeners.",
-                &ROUND_CPU_BUCKETS,
-                &["worker"],
-            ),
-            listener_lag: histogram(
-                &reg,
-                "listener_lag_bytes",
-                "Bytes between listeners' positions and the live edge, sampled once a second.",
-                &LAG_BUCKETS,
-                &["mount"],
-            ),
+            overflow,
+        });
+        Metrics {
+            listeners,
+            listener_connects,
+            listener_disconnects,
+            listener_skips,
+            sent_bytes,
+            write_syscalls,
+            worker_wakeups,
+            source_received_bytes,
+            source_up,
+            source_connects,
+            source_disconnects,
+            retained_bytes,
+            metadata_updates,
+            source_unsynced_bytes,
+            icy_listeners,
+            rejected_requests,
+            panics,
+            listener_seconds,
+            round_cpu_per_listener,
+            listener_lag,
             registry: reg,
+            labels,
         }
     }
 
-    /// Creates a new mount's counters at zero, so that rates and alerts over them have data
-    /// before the first event (a missing series is not a zero in PromQL).
-    pub fn new_mount(&self, mount: &str) {
-        self.listener_connects.with_label_values(&[mount]);
-        self.listener_skips.with_label_values(&[mount]);
-        self.source_received_bytes.with_label_values(&[mount]);
-        self.metadata_updates.with_label_values(&[mount]);
-        for why in Disconnect::ALL {
-            self.listener_disconnects
-                .with_label_values(&[mount, why.reason()]);
+    /// The label for a mount appearing at `path`: its path while fewer than `max_mount_series`
+    /// undeclared mounts have their own (a declared mount always has), else `other`. Its
+    /// listener counters and received bytes exist at zero from now on, so that rates and alerts
+    /// over them have data before the first event (a missing series is not a zero in PromQL).
+    pub fn mount_label(&self, path: &str, max_mount_series: usize) -> MountLabel {
+        let labels = &self.labels;
+        let mut held = labels.lock();
+        let own = held.contains_key(path)
+            || held
+                .iter()
+                .filter(|(label, hold)| !hold.declared && *label != OTHER_MOUNTS)
+                .count()
+                < max_mount_series;
+        let name = if own {
+            path
+        } else {
+            labels.overflow.inc();
+            OTHER_MOUNTS
+        };
+        held.entry(name.to_string()).or_default().mounts += 1;
+        labels.series.create(name);
+        MountLabel {
+            name: name.to_string(),
+            labels: labels.clone(),
         }
+    }
+
+    /// The mounts declared in the config (and the demo mount): each keeps its series whether or
+    /// not a source is there, `fanstream_source_up` 0 while none is, so that an alert can tell
+    /// that it is missing. Mounts no longer declared lose their series once no mount carries
+    /// their label.
+    pub fn declare_mounts<'a>(&self, paths: impl IntoIterator<Item = &'a str>) {
+        let paths: Vec<&str> = paths.into_iter().collect();
+        let labels = &self.labels;
+        let mut held = labels.lock();
+        let undeclared: Vec<String> = held
+            .iter()
+            .filter(|(label, hold)| hold.declared && !paths.contains(&label.as_str()))
+            .map(|(label, _)| label.clone())
+            .collect();
+        for label in undeclared {
+            if let Some(hold) = held.get_mut(&label) {
+                hold.declared = false;
+            }
+            labels.drop_if_unheld(&mut held, &label);
+        }
+        for path in paths {
+            let hold = held.entry(path.to_string()).or_default();
+            if !hold.declared {
+                hold.declared = true;
+                labels.series.create(path);
+                labels.series.source_up.with_label_values(&[path]);
+            }
+        }
+    }
+
+    /// Counts a source gone from the mount labelled `label`, by reason.
+    pub fn source_disconnected(&self, label: &MountLabel, reason: &'static str) {
+        let mut held = self.labels.lock();
+        if let Some(hold) = held.get_mut(&label.name) {
+            if !hold.source_disconnect_reasons.contains(&reason) {
+                hold.source_disconnect_reasons.push(reason);
+            }
+        }
+        self.source_disconnects
+            .with_label_values(&[&label.name, reason])
+            .inc();
     }
 
     /// Counts a request refused with an answer.
@@ -284,6 +414,144 @@ impl Metrics {
             tracing::error!(error = %e, "encoding metrics failed");
         }
         out
+    }
+}
+
+/// A mount's hold on its `mount` label. Whoever may still count something for the mount holds
+/// the mount (and so this): the mount table and ingest while it exists, each worker's shard and
+/// each listener's guard while they serve it. So the label's series are removed only after the
+/// last count for the mount, and nothing counts for it afterwards to bring a series back. A source
+/// that takes the path again while the old mount's listeners are still being closed shares the
+/// label; once both have gone, a later one starts from zero.
+pub(crate) struct MountLabel {
+    name: String,
+    labels: Arc<MountLabels>,
+}
+
+impl MountLabel {
+    pub fn as_str(&self) -> &str {
+        &self.name
+    }
+}
+
+impl Drop for MountLabel {
+    fn drop(&mut self) {
+        let mut held = self.labels.lock();
+        if let Some(hold) = held.get_mut(&self.name) {
+            hold.mounts -= 1;
+        }
+        self.labels.drop_if_unheld(&mut held, &self.name);
+    }
+}
+
+/// The mount labels in use, and what holds each.
+struct MountLabels {
+    held: Mutex<HashMap<String, Hold>>,
+    series: MountSeries,
+    /// `fanstream_mount_series_overflow_total`.
+    overflow: IntCounter,
+}
+
+#[derive(Default)]
+struct Hold {
+    /// Mounts carrying the label: one, or a leaving mount and its successor on the same path, or
+    /// any number under `other`.
+    mounts: usize,
+    /// Declared in the config: the series stay without a mount.
+    declared: bool,
+    /// The `reason`s counted for it in `fanstream_source_disconnects_total`, whose series must
+    /// go with it (the other per-mount series' second labels are fixed sets).
+    source_disconnect_reasons: Vec<&'static str>,
+}
+
+impl MountLabels {
+    fn lock(&self) -> MutexGuard<'_, HashMap<String, Hold>> {
+        // The map stays consistent across a panic: every change to it is a single step.
+        self.held.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Removes `label` and its series once neither a mount nor the config holds it. Runs under
+    /// the lock, so a mount appearing on the same path meanwhile finds the label either still
+    /// held or gone with all its series.
+    fn drop_if_unheld(&self, held: &mut HashMap<String, Hold>, label: &str) {
+        if held
+            .get(label)
+            .is_some_and(|hold| hold.mounts == 0 && !hold.declared)
+        {
+            if let Some(hold) = held.remove(label) {
+                self.series.remove(label, &hold);
+            }
+        }
+    }
+}
+
+/// Every metric with a `mount` label, to create and remove a label's series.
+struct MountSeries {
+    listeners: IntGaugeVec,
+    listener_connects: IntCounterVec,
+    listener_disconnects: IntCounterVec,
+    listener_skips: IntCounterVec,
+    sent_bytes: IntCounterVec,
+    source_received_bytes: IntCounterVec,
+    source_up: IntGaugeVec,
+    source_connects: IntCounterVec,
+    source_disconnects: IntCounterVec,
+    retained_bytes: IntGaugeVec,
+    metadata_updates: IntCounterVec,
+    source_unsynced_bytes: IntCounterVec,
+    icy_listeners: IntGaugeVec,
+    listener_lag: HistogramVec,
+    /// The `worker` label values.
+    workers: Vec<String>,
+}
+
+impl MountSeries {
+    /// The counters that exist at zero for every mount.
+    fn create(&self, label: &str) {
+        self.listener_connects.with_label_values(&[label]);
+        self.listener_skips.with_label_values(&[label]);
+        self.source_received_bytes.with_label_values(&[label]);
+        self.metadata_updates.with_label_values(&[label]);
+        for why in Disconnect::ALL {
+            self.listener_disconnects
+                .with_label_values(&[label, why.reason()]);
+        }
+    }
+
+    /// Removes every series labelled `label`. An error only says that a series never existed.
+    fn remove(&self, label: &str, hold: &Hold) {
+        for vec in [
+            &self.listener_connects,
+            &self.listener_skips,
+            &self.source_received_bytes,
+            &self.source_connects,
+            &self.metadata_updates,
+        ] {
+            let _ = vec.remove_label_values(&[label]);
+        }
+        for vec in [&self.source_up, &self.retained_bytes, &self.icy_listeners] {
+            let _ = vec.remove_label_values(&[label]);
+        }
+        let _ = self.listener_lag.remove_label_values(&[label]);
+        for worker in &self.workers {
+            let _ = self.listeners.remove_label_values(&[label, worker]);
+            let _ = self.sent_bytes.remove_label_values(&[label, worker]);
+        }
+        for why in Disconnect::ALL {
+            let _ = self
+                .listener_disconnects
+                .remove_label_values(&[label, why.reason()]);
+        }
+        for reason in &hold.source_disconnect_reasons {
+            let _ = self
+                .source_disconnects
+                .remove_label_values(&[label, reason]);
+        }
+        for dropped in [false, true] {
+            let _ = self
+                .source_unsynced_bytes
+                .remove_label_values(&[label, unsynced_action(dropped)]);
+        }
     }
 }
 
@@ -374,5 +642,102 @@ impl Collector for ProcessCollector {
             families.extend(process_cpu(cpu).collect());
         }
         families
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn metrics() -> Metrics {
+        Metrics::new(Arc::new(ThreadRegistry::default()), 2)
+    }
+
+    fn lines_with(m: &Metrics, label: &str) -> usize {
+        let text = String::from_utf8(m.render()).unwrap();
+        let needle = format!("mount=\"{label}\"");
+        text.lines()
+            .filter(|l| !l.starts_with('#') && l.contains(&needle))
+            .count()
+    }
+
+    /// Creates a series in every metric with a `mount` label, as the stages do.
+    fn touch_every_series(m: &Metrics, label: &MountLabel) {
+        let l = label.as_str();
+        for w in ["0", "1"] {
+            m.listeners.with_label_values(&[l, w]).inc();
+            m.sent_bytes.with_label_values(&[l, w]).inc();
+        }
+        m.source_up.with_label_values(&[l]).inc();
+        m.source_connects.with_label_values(&[l]).inc();
+        m.source_disconnected(label, "closed");
+        m.retained_bytes.with_label_values(&[l]).add(5);
+        m.icy_listeners.with_label_values(&[l]).inc();
+        m.listener_lag.with_label_values(&[l]).observe(1.0);
+        for dropped in [false, true] {
+            m.source_unsynced_bytes
+                .with_label_values(&[l, unsynced_action(dropped)])
+                .inc();
+        }
+    }
+
+    #[test]
+    fn a_mount_label_takes_every_series_with_it_when_its_last_holder_goes() {
+        let m = metrics();
+        let first = m.mount_label("/a", 10);
+        touch_every_series(&m, &first);
+        assert!(lines_with(&m, "/a") > 20);
+        // A successor on the same path while the first is still held shares the label.
+        let second = m.mount_label("/a", 10);
+        drop(first);
+        assert!(lines_with(&m, "/a") > 20, "still held by the successor");
+        drop(second);
+        assert_eq!(lines_with(&m, "/a"), 0);
+        // A later mount on the path starts from zero.
+        let again = m.mount_label("/a", 10);
+        assert_eq!(m.source_connects.with_label_values(&["/a"]).get(), 0);
+        drop(again);
+    }
+
+    #[test]
+    fn past_the_limit_mounts_share_other_and_free_their_slots_when_they_go() {
+        let m = metrics();
+        let a = m.mount_label("/a", 2);
+        let b = m.mount_label("/b", 2);
+        let c = m.mount_label("/c", 2);
+        let d = m.mount_label("/d", 2);
+        assert_eq!(
+            [a.as_str(), b.as_str(), c.as_str(), d.as_str()],
+            ["/a", "/b", OTHER_MOUNTS, OTHER_MOUNTS]
+        );
+        assert_eq!(m.labels.overflow.get(), 2);
+        touch_every_series(&m, &c);
+        drop(c);
+        assert!(lines_with(&m, OTHER_MOUNTS) > 0, "still held by /d");
+        drop(d);
+        assert_eq!(lines_with(&m, OTHER_MOUNTS), 0);
+        drop(a);
+        assert_eq!(m.mount_label("/e", 2).as_str(), "/e", "/a's slot is free");
+        drop(b);
+    }
+
+    #[test]
+    fn declared_mounts_keep_their_series_and_never_count_against_the_limit() {
+        let m = metrics();
+        m.declare_mounts(["/live"]);
+        assert_eq!(m.source_up.with_label_values(&["/live"]).get(), 0);
+        let other = m.mount_label("/x", 0);
+        assert_eq!(other.as_str(), OTHER_MOUNTS);
+        let live = m.mount_label("/live", 0);
+        assert_eq!(live.as_str(), "/live");
+        touch_every_series(&m, &live);
+        drop(live);
+        assert!(
+            lines_with(&m, "/live") > 20,
+            "a declared mount keeps its series"
+        );
+        m.declare_mounts([]);
+        assert_eq!(lines_with(&m, "/live"), 0, "undeclared and unheld");
+        drop(other);
     }
 }

@@ -5,12 +5,13 @@
 //! it once per listener admission. A mount's settings travel in its snapshots, not here.
 
 use std::collections::HashMap;
-use std::sync::atomic::AtomicUsize;
+use std::sync::atomic::{AtomicU64, AtomicUsize};
 use std::sync::Arc;
 
 use arc_swap::ArcSwap;
 
 use crate::config::MountSettings;
+use crate::metrics::MountLabel;
 use crate::store;
 
 /// A mount's published state, with the settings in force for it.
@@ -20,6 +21,10 @@ pub(crate) type StoreWriter = store::StoreWriter<MountSettings>;
 
 pub(crate) struct Mount {
     pub path: String,
+    /// The `mount` label of everything counted for it. Held as long as the mount is (by the
+    /// table, ingest, and the workers' shards and listeners), so its series go with the last of
+    /// them.
+    pub label: MountLabel,
     pub store: Arc<Store>,
     /// Listeners on this mount across all workers: admission checks it against `max_listeners`.
     /// Incremented by the admitting worker, decremented when the listener is dropped.
@@ -27,6 +32,12 @@ pub(crate) struct Mount {
     /// Most listeners the mount had at once since it appeared (the status pages' `listener_peak`).
     /// Raised by the admitting worker.
     pub listener_peak: AtomicUsize,
+    /// Payload bytes received since the mount appeared, for the status pages (its metric may add
+    /// up several mounts under `other`). Added to by ingest.
+    pub received_bytes: AtomicU64,
+    /// Payload bytes sent to its listeners since it appeared, likewise. Added to by each worker
+    /// once per fan-out round.
+    pub sent_bytes: AtomicU64,
 }
 
 #[derive(Default)]

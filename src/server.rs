@@ -84,7 +84,7 @@ impl Server {
             per_ip: Mutex::new(HashMap::new()),
             room: Default::default(),
             mounts: Mounts::default(),
-            metrics: Metrics::new(registry.clone()),
+            metrics: Metrics::new(registry.clone(), nworkers),
             workers: (0..nworkers).map(|_| WorkerLink::default()).collect(),
             listeners_total: Default::default(),
             stop: stop_rx,

@@ -3,7 +3,7 @@
 //! unchanged. Both are public on the listener port, as Icecast's are (web players fetch them from
 //! the stream's origin, hence `Access-Control-Allow-Origin: *`), and also served on the admin port,
 //! whose thread answers even when every worker is saturated. Built at request time from the mount
-//! table and the metrics; nothing here runs on the fan-out's path.
+//! table; nothing here runs on the fan-out's path.
 
 use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
@@ -126,8 +126,8 @@ fn own(shared: &Shared, host: &str) -> Status {
                 artist: snap.now_playing.artist.clone(),
                 metadata_updated: snap.now_playing.updated.map(|t| Date::of(t).iso8601()),
                 stream_start_iso8601: meta.started.map(|t| Date::of(t).iso8601()),
-                received_bytes: received_bytes(shared, &m),
-                sent_bytes: sent_bytes(shared, &m),
+                received_bytes: m.received_bytes.load(Ordering::Relaxed),
+                sent_bytes: m.sent_bytes.load(Ordering::Relaxed),
                 retained_bytes: snap.retained_bytes(),
                 mount: m.path.clone(),
             })
@@ -243,8 +243,8 @@ fn icecast(shared: &Shared, host: &str) -> IcecastDoc {
                 stream_start_iso8601: started.iso8601(),
                 subtype: meta.subtype.clone(),
                 title: snap.now_playing.title.clone(),
-                total_bytes_read: received_bytes(shared, &m),
-                total_bytes_sent: sent_bytes(shared, &m),
+                total_bytes_read: m.received_bytes.load(Ordering::Relaxed),
+                total_bytes_sent: m.sent_bytes.load(Ordering::Relaxed),
                 dummy: (),
             })
         })
@@ -277,26 +277,6 @@ fn sorted_mounts(shared: &Shared) -> Vec<std::sync::Arc<Mount>> {
     let mut mounts = shared.mounts.all();
     mounts.sort_by(|a, b| a.path.cmp(&b.path));
     mounts
-}
-
-fn received_bytes(shared: &Shared, m: &Mount) -> u64 {
-    shared
-        .metrics
-        .source_received_bytes
-        .with_label_values(&[&m.path])
-        .get()
-}
-
-fn sent_bytes(shared: &Shared, m: &Mount) -> u64 {
-    (0..shared.workers.len())
-        .map(|w| {
-            shared
-                .metrics
-                .sent_bytes
-                .with_label_values(&[&m.path, &w.to_string()])
-                .get()
-        })
-        .sum()
 }
 
 fn listen_url(shared: &Shared, host: &str, mount: &str) -> String {

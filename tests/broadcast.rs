@@ -16,6 +16,7 @@ fn two_hundred_listeners_on_two_workers_receive_every_byte_from_their_join_point
     let srv = TestServer::start(|c| {
         c.defaults.burst_bytes = 16 * 1024;
         c.defaults.max_lag_bytes = 4 * 1024 * 1024;
+        declare(c, "/live");
     });
     let mut source = Source::connect(srv.addr, "/live");
     const TOTAL: u64 = 1_000_000;
@@ -255,7 +256,10 @@ fn an_encoder_restart_within_the_grace_period_keeps_listeners_byte_exact() {
 
 #[test]
 fn after_the_grace_period_listeners_are_closed_and_the_mount_is_gone() {
-    let srv = TestServer::start(|c| c.defaults.source_grace_secs = 1);
+    let srv = TestServer::start(|c| {
+        c.defaults.source_grace_secs = 1;
+        declare(c, "/live");
+    });
     let mut source = Source::connect(srv.addr, "/live");
     source.send_pattern(0, 10_000, 1000, Duration::ZERO);
     srv.wait_metric(

@@ -23,6 +23,7 @@ fn bytes_sent_equal_bytes_received_and_listener_gauges_follow_listeners() {
     let srv = TestServer::start(|c| {
         c.defaults.burst_bytes = 16 * 1024;
         c.defaults.max_lag_bytes = 8 * 1024 * 1024;
+        declare(c, "/live");
     });
     let mut source = Source::connect(srv.addr, "/live");
     source.send_pattern(0, 50_000, 1000, Duration::ZERO);
@@ -135,7 +136,10 @@ fn cpu(text: &str) -> (f64, f64) {
 
 #[test]
 fn thread_cpu_rises_with_work_and_never_exceeds_the_process_cpu() {
-    let srv = TestServer::start(|c| c.defaults.max_lag_bytes = 16 * 1024 * 1024);
+    let srv = TestServer::start(|c| {
+        c.defaults.max_lag_bytes = 16 * 1024 * 1024;
+        declare(c, "/live");
+    });
     let workers = "thread=\"fs-worker-";
     // Threads register their clocks as they start, just after the server returns.
     let mut before = String::new();

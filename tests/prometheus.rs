@@ -271,6 +271,57 @@ fn substitute(expr: &str, mount: &str, worker: &str) -> String {
     out
 }
 
+/// Sources come and go on new mount names, each scraped while it lives: once their grace periods
+/// are over, Prometheus has no series of theirs, `fanstream_source_up == 0` returns the declared
+/// mount without a source and nothing else, and `FanstreamSourceDown` is pending for it alone.
+fn mounts_that_leave_leave_no_alert(prom: &Prometheus, srv: &TestServer) {
+    const CHURNED: usize = 20;
+    let deadline = Instant::now() + PROM_DEADLINE;
+    let sources: Vec<Source> = (0..CHURNED)
+        .map(|i| {
+            let mut s = Source::connect(srv.addr, &format!("/churn-{i}"));
+            s.send(&pattern(0, 1000));
+            s
+        })
+        .collect();
+    prom.wait_for_data(
+        &format!("count(fanstream_source_up{{mount=~\"/churn-.*\"}} == 1) == {CHURNED}"),
+        "the churned mounts, live",
+        deadline,
+    );
+    drop(sources);
+    let mounts = |result: &[Value]| -> Vec<String> {
+        let mut m: Vec<String> = result
+            .iter()
+            .map(|s| s["metric"]["mount"].as_str().unwrap_or("").to_string())
+            .collect();
+        m.sort();
+        m
+    };
+    loop {
+        let churn_series = prom.query("{mount=~\"/churn-.*\"}");
+        let down = mounts(&prom.query("fanstream_source_up == 0"));
+        let alerts = prom.api("/api/v1/alerts")["data"]["alerts"].clone();
+        let source_down: Vec<String> = alerts
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|a| a["labels"]["alertname"] == "FanstreamSourceDown")
+            .map(|a| a["labels"]["mount"].as_str().unwrap_or("").to_string())
+            .collect();
+        if churn_series.is_empty() && down == ["/declared"] && source_down == ["/declared"] {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "after the churn: {} series of churned mounts, source_up == 0 for {down:?}, \
+             FanstreamSourceDown for {source_down:?}",
+            churn_series.len()
+        );
+        thread::sleep(Duration::from_millis(250));
+    }
+}
+
 #[test]
 fn every_dashboard_and_alert_expression_returns_data_from_a_real_prometheus() {
     require("prometheus");
@@ -307,8 +358,12 @@ fn every_dashboard_and_alert_expression_returns_data_from_a_real_prometheus() {
     assert_eq!(var("datasource")["type"], "datasource");
     assert_eq!(var("datasource")["query"], "prometheus");
 
-    // fanstream under load: a source pushing steadily, listeners on both workers.
-    let srv = TestServer::start(|c| c.defaults.max_lag_bytes = 16 * 1024 * 1024);
+    // fanstream under load: a source pushing steadily, listeners on both workers; and a mount
+    // declared in the config whose source never comes.
+    let srv = TestServer::start(|c| {
+        c.defaults.max_lag_bytes = 16 * 1024 * 1024;
+        declare(c, "/declared");
+    });
     let mut source = Source::connect(srv.addr, "/live");
     source.send(&pattern(0, 4096));
     srv.wait_metric(
@@ -431,6 +486,8 @@ fn every_dashboard_and_alert_expression_returns_data_from_a_real_prometheus() {
         value > 0.0 && value < 1e6,
         "CPU per listener is {value} µs per listener-second"
     );
+
+    mounts_that_leave_leave_no_alert(&prom, &srv);
 
     stop.store(true, Ordering::Relaxed);
     sender.join().unwrap();

@@ -175,7 +175,7 @@ fn legacy_source_media_in_the_header_packet_is_kept() {
 
 #[test]
 fn chunked_source_bodies_are_decoded() {
-    let srv = TestServer::start(|_| {});
+    let srv = TestServer::start(|c| declare(c, "/live"));
     let head = put_head(
         "/live",
         &basic("source", PASSWORD),

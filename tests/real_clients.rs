@@ -41,7 +41,10 @@ fn push_and_capture(legacy: bool) {
         "ffmpeg_put"
     });
     let mp3 = make_mp3(&dir);
-    let srv = TestServer::start(|c| c.defaults.source_grace_secs = 1);
+    let srv = TestServer::start(|c| {
+        c.defaults.source_grace_secs = 1;
+        declare(c, "/live");
+    });
 
     let url = format!("icecast://source:{PASSWORD}@{}/live", srv.addr);
     let mut cmd = Command::new("ffmpeg");

@@ -1,8 +1,9 @@
-//! The soak run: the real binary under a mix of churning, stalled and garbage clients, floods and a
-//! restarting source, while healthy listeners verify every byte. `SOAK_SECONDS` sets its length
-//! (60 by default, as in CI; `make soak` runs 600). It reports, and asserts: bytes lost by healthy
-//! listeners (0), server RSS after warm-up against the end, descriptors and listener gauges back to
-//! their baseline, and panics (0).
+//! The soak run: the real binary under a mix of churning, stalled and garbage clients, floods, a
+//! restarting source and short-lived sources on ever new mounts, while healthy listeners verify
+//! every byte. `SOAK_SECONDS` sets its length (60 by default, as in CI; `make soak` runs 600). It
+//! reports, and asserts: bytes lost by healthy listeners (0), server RSS after warm-up against the
+//! end, `/metrics` back to its size with only the long-lived mount, descriptors and listener gauges
+//! back to their baseline, and panics (0).
 
 mod common;
 
@@ -53,7 +54,8 @@ fn start_server(dir: &std::path::Path) -> (ChildGuard, SocketAddr, SocketAddr) {
         format!(
             "demo = false\nsource_password = \"{PASS}\"\nheader_timeout_secs = 2\nsource_timeout_secs = 5\n\
              send_timeout_secs = 5\nauth_max_failures = 5\nauth_failure_window_secs = 2\n\
-             [defaults]\nsource_grace_secs = 30\nmax_lag_bytes = 262144\nburst_bytes = 16384\n"
+             [defaults]\nsource_grace_secs = 2\nmax_lag_bytes = 262144\nburst_bytes = 16384\n\
+             [mounts.\"/live\"]\nsource_grace_secs = 30\n"
         ),
     )
     .unwrap();
@@ -91,6 +93,16 @@ fn start_server(dir: &std::path::Path) -> (ChildGuard, SocketAddr, SocketAddr) {
 
 fn scrape(admin: SocketAddr) -> String {
     String::from_utf8(request(admin, b"GET /metrics HTTP/1.0\r\n\r\n").2).unwrap()
+}
+
+/// Sample lines of a scrape, and how many of them are labelled with a churned mount.
+fn metric_lines(text: &str) -> (usize, usize) {
+    let samples = text.lines().filter(|l| !l.starts_with('#'));
+    let churned = samples
+        .clone()
+        .filter(|l| l.contains("mount=\"/churn-"))
+        .count();
+    (samples.count(), churned)
 }
 
 fn fd_count(pid: i32) -> usize {
@@ -262,6 +274,47 @@ fn stalled(soak: Arc<Soak>) {
     }
 }
 
+/// Sources that stream for a moment on a new mount each, a few a second, half of them with a
+/// listener, and leave; their mounts expire after the 2 s grace period. Returns how many there were.
+fn mount_churn(soak: Arc<Soak>) -> u64 {
+    let mut n = 0;
+    while soak.running() {
+        let mount = format!("/churn-{n}");
+        n += 1;
+        let Ok(mut source) = TcpStream::connect(soak.addr) else {
+            continue;
+        };
+        source
+            .set_read_timeout(Some(Duration::from_secs(5)))
+            .unwrap();
+        let head = format!(
+            "PUT {mount} HTTP/1.1\r\nAuthorization: Basic {}\r\nContent-Type: audio/mpeg\r\n\r\n",
+            basic("source", PASS)
+        );
+        let mut answer = [0u8; 12];
+        let live = source.write_all(head.as_bytes()).is_ok()
+            && source.read_exact(&mut answer).is_ok()
+            && answer.starts_with(b"HTTP/1.0 200");
+        if !live {
+            continue;
+        }
+        for piece in 0..5 {
+            let _ = source.write_all(&pattern(piece * 640, 640));
+            thread::sleep(Duration::from_millis(20));
+        }
+        if n % 2 == 0 {
+            if let Ok(mut l) = TcpStream::connect(soak.addr) {
+                l.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+                let _ = write!(l, "GET {mount} HTTP/1.0\r\n\r\n");
+                let _ = l.read(&mut [0u8; 4096]);
+            }
+        }
+        drop(source);
+        thread::sleep(Duration::from_millis(150));
+    }
+    n
+}
+
 /// Scanners, slowloris, oversized heads, bad methods and password guessing.
 fn garbage(soak: Arc<Soak>, seed: u64) {
     let mut rng = Lcg(seed);
@@ -371,10 +424,15 @@ fn soak() {
     load.push(thread::spawn(move || stalled(s)));
     let s = soak.clone();
     load.push(thread::spawn(move || flood(s)));
+    let s = soak.clone();
+    let mount_churner = thread::spawn(move || mount_churn(s));
 
-    // Warm-up: a fifth of the run, then the memory reference.
+    // Warm-up: a fifth of the run, then the memory and /metrics references (the latter without
+    // the churned mounts live at that moment).
     thread::sleep(Duration::from_secs(seconds / 5));
     let rss_warm = rss_kib(pid);
+    let (lines_warm, churned_warm) = metric_lines(&scrape(admin));
+    let lines_warm = lines_warm - churned_warm;
     let mut rss_peak = rss_warm;
     while Instant::now() < soak.until {
         thread::sleep(Duration::from_millis(500));
@@ -385,6 +443,7 @@ fn soak() {
         t.join().unwrap();
     }
     let churn_mismatches: u64 = churners.into_iter().map(|t| t.join().unwrap()).sum();
+    let mounts_churned = mount_churner.join().unwrap();
 
     // Every healthy listener must receive the whole stream up to what the source has sent by now
     // (it goes on sending, so the server notices the listeners that leave next).
@@ -406,6 +465,18 @@ fn soak() {
     wait_until("listener gauges back to 0", || {
         metric_value(&scrape(admin), "fanstream_listeners", &[]) == 0.0
     });
+    // The churned mounts' series go once their grace periods are over.
+    let mut lines_end = (0, 0);
+    let churn_gone = wait_for(|| {
+        lines_end = metric_lines(&scrape(admin));
+        lines_end.1 == 0
+    });
+    assert!(
+        churn_gone,
+        "{} series of churned mounts remain after their grace periods",
+        lines_end.1
+    );
+    let lines_end = lines_end.0;
     soak.stop.store(true, Ordering::Relaxed);
     source_thread.join().unwrap();
     let fds_ok = wait_for(|| fd_count(pid) <= baseline_fds);
@@ -417,7 +488,7 @@ fn soak() {
     let metrics = scrape(admin);
     let count = |name: &str, labels: &[&str]| metric_value(&metrics, name, labels) as u64;
     let panics = count("fanstream_panics_total", &[]);
-    let restarts = count("fanstream_source_connects_total", &[]);
+    let restarts = count("fanstream_source_connects_total", &["mount=\"/live\""]);
     let rejected = count("fanstream_rejected_requests_total", &[]);
     let dropped_slow = count("fanstream_listener_disconnects_total", &["reason=\"slow\""])
         + count(
@@ -428,6 +499,7 @@ fn soak() {
         "soak {seconds}s: source sent {sent} bytes over {restarts} sessions; healthy listeners received {received} \
          bytes, lost {lost}, mismatched {mismatches}; churn mismatches {churn_mismatches}; rejected {rejected}; \
          stalled dropped {dropped_slow}; RSS warm {rss_warm} KiB, peak {rss_peak} KiB, end {rss_end} KiB; \
+         {mounts_churned} mounts churned, /metrics {lines_warm} samples after warm-up, {lines_end} at the end; \
          fds baseline {baseline_fds}, end {}; panics {panics}",
         fd_count(pid)
     );
@@ -450,6 +522,16 @@ fn soak() {
         "stalled listeners should have been dropped"
     );
     assert!(rejected >= 10, "garbage should have been refused");
+    assert!(
+        mounts_churned >= seconds,
+        "only {mounts_churned} short-lived mounts in {seconds} s"
+    );
+    // Series that appear late (a refusal reason first met after warm-up, a source's end reason)
+    // are a few; a mount's are 15 or more each.
+    assert!(
+        lines_end <= lines_warm + 30,
+        "/metrics grew from {lines_warm} to {lines_end} samples with {mounts_churned} mounts churned"
+    );
     // Allocators keep some freed memory; growth beyond a quarter plus 4 MiB is a leak.
     assert!(
         rss_end <= rss_warm + rss_warm / 4 + 4096,
