@@ -3,8 +3,9 @@
 //! It never reads from a socket, so a slow client cannot hold it up. What it enforces, cheapest
 //! first:
 //! - `max_pending_heads_per_ip`: a connection from an address that already has that many
-//!   connections still sending their request head is closed at once, unanswered: it cost one
-//!   `accept`, and answering reliably would mean reading its head first.
+//!   connections still sending their request head is closed at once, unanswered, unless its
+//!   head has already arrived: it cost one `accept`, and answering reliably would mean reading
+//!   its head first (closing with unread bytes resets the connection, answer included).
 //! - `max_connections`: at the limit it stops calling `accept()` (the kernel's backlog holds
 //!   newcomers instead of the process running out of descriptors), except to take in a newcomer
 //!   in place of a connection that has sent no head for [`IDLE_HEAD_MIN_AGE`] (see
@@ -66,24 +67,31 @@ pub(crate) fn run(
         let mut stop = shared.stop.clone();
         let limit = shared.max_connections;
         let mut gate = Gate::new(limit);
+        // A storm that comes in waves is one episode per wave: past the first few, they are
+        // summarised like refusals, and a resume is logged only if its pause was.
+        let mut pause_logged = false;
         loop {
             let now = Instant::now();
             let open = shared.open_connections();
             match gate.update(open, now) {
                 Some(Change::Paused) => {
-                    shared.metrics.unanswered(Unanswered::WorkersFull);
-                    tracing::warn!(
-                        limit,
-                        "connection limit reached: newcomers wait in the kernel backlog or replace connections idle without a request head"
-                    );
+                    let full = Unanswered::WorkersFull;
+                    shared.metrics.unanswered(full);
+                    pause_logged = shared.logs.full(full.reason(), shared.listen_addr, now);
+                    if pause_logged {
+                        tracing::warn!(
+                            limit,
+                            "connection limit reached: newcomers wait in the kernel backlog or replace connections idle without a request head"
+                        );
+                    }
                 }
-                Some(Change::Resumed { after, replaced }) => tracing::info!(
+                Some(Change::Resumed { after, replaced }) if pause_logged => tracing::info!(
                     at_limit_secs = format!("{:.1}", after.as_secs_f64()),
                     replaced,
                     waiting = accept_queue(&listen_socket),
                     "room again: accepting"
                 ),
-                None => {}
+                Some(Change::Resumed { .. }) | None => {}
             }
             if gate.paused() {
                 let idle = if open < limit + REPLACING_MAX {
@@ -208,9 +216,9 @@ async fn write_summaries(shared: Arc<Shared>) {
             tracing::info!(
                 reason = s.reason,
                 count = s.count,
-                sample_peer = %s.sample,
+                sample = %s.sample,
                 over_secs = s.over.as_secs(),
-                "more connections refused or closed for this reason, not logged one by one"
+                "more of the same, not logged one by one"
             );
         }
     }
@@ -234,12 +242,16 @@ fn hand_off(
 ) -> bool {
     let config = shared.config.load();
     let now = Instant::now();
-    let Some(head) = shared
-        .heads
-        .enter(peer.ip(), config.max_pending_heads_per_ip, now)
-    else {
-        close_unanswered(shared, Unanswered::PendingHeadsPerIp, peer);
-        return false;
+    let heads = &shared.heads;
+    let head = match heads.enter(peer.ip(), config.max_pending_heads_per_ip, now) {
+        Some(head) => head,
+        // Its head has arrived: it only waits for a worker to read it, as in a burst of players
+        // behind one NAT reconnecting at once, so it is not the idle kind the limit is for.
+        None if has_bytes(&stream) => heads.enter(peer.ip(), 0, now).expect("no limit"),
+        None => {
+            close_unanswered(shared, Unanswered::PendingHeadsPerIp, peer, &stream);
+            return false;
+        }
     };
     // Streams are written in coalesced pieces; Nagle would only add delay to the last one.
     let _ = stream.set_nodelay(true);
@@ -279,6 +291,14 @@ fn hand_off(
         worker.conns_ready.notify_one();
     }
     true
+}
+
+/// Whether the peer has sent anything yet (without waiting or consuming it).
+fn has_bytes(stream: &tokio::net::TcpStream) -> bool {
+    let mut byte = [std::mem::MaybeUninit::uninit()];
+    socket2::SockRef::from(stream)
+        .peek(&mut byte)
+        .is_ok_and(|n| n > 0)
 }
 
 #[cfg(test)]

@@ -126,7 +126,7 @@ async fn serve(
     let read = tokio::select! {
         read = tokio::time::timeout(REQUEST_TIMEOUT, http::read_head(&mut stream)) => read,
         () = head.evicted() => {
-            return close_unanswered(&shared, Unanswered::IdleHeadEvicted, peer);
+            return close_unanswered(&shared, Unanswered::IdleHeadEvicted, peer, &stream);
         }
     };
     drop(head);

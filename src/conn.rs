@@ -274,8 +274,16 @@ pub(crate) async fn refuse(shared: &Shared, stream: &mut TcpStream, peer: Socket
 }
 
 /// Counts a connection closed without an answer and logs it like a refusal: in full for the
-/// first few of its reason, in the summary after.
-pub(crate) fn close_unanswered(shared: &Shared, why: Unanswered, peer: SocketAddr) {
+/// first few of its reason, in the summary after. The caller drops the socket, which is reset
+/// (as nginx's `reset_timedout_connection` does): the client sent nothing worth a goodbye, and a
+/// storm of closes would otherwise leave the server's side of each in TIME_WAIT.
+pub(crate) fn close_unanswered(
+    shared: &Shared,
+    why: Unanswered,
+    peer: SocketAddr,
+    socket: impl std::os::fd::AsFd,
+) {
+    let _ = socket2::SockRef::from(&socket).set_linger(Some(Duration::ZERO));
     shared.metrics.unanswered(why);
     if shared.logs.full(why.reason(), peer, Instant::now()) {
         tracing::info!(%peer, reason = why.reason(), "{}", why.message());

@@ -122,13 +122,13 @@ async fn handle(
     let read = tokio::select! {
         read = tokio::time::timeout(head_timeout, http::read_head(&mut stream)) => read,
         () = head.evicted() => {
-            return close_unanswered(shared, Unanswered::IdleHeadEvicted, peer);
+            return close_unanswered(shared, Unanswered::IdleHeadEvicted, peer, &stream);
         }
     };
     // Past its head, the connection no longer counts against its address's pending heads.
     drop(head);
     let (req, leftover) = match read {
-        Err(_) => return close_unanswered(shared, Unanswered::HeaderTimeout, peer),
+        Err(_) => return close_unanswered(shared, Unanswered::HeaderTimeout, peer, &stream),
         Ok(Err(ReadHeadError::Closed)) => return,
         Ok(Err(ReadHeadError::Head(e))) => {
             return refuse(shared, &mut stream, peer, e.into()).await
