@@ -1,26 +1,51 @@
 //! The acceptor thread: accepts TCP connections and places each on the least-loaded worker.
 //!
-//! It never reads from a socket, so a slow client cannot hold it up. When every worker holds its
-//! share of `max_connections`, it stops calling `accept()` until a connection closes: the kernel's
-//! backlog holds newcomers instead of the process running out of descriptors. Accept errors are
-//! sorted: a connection reset before we took it is skipped; running out of file descriptors backs
-//! off for a while instead of spinning on an error that will not clear until something closes.
+//! It never reads from a socket, so a slow client cannot hold it up. What it enforces, cheapest
+//! first:
+//! - `max_pending_heads_per_ip`: a connection from an address that already has that many
+//!   connections still sending their request head is closed at once, unanswered, unless its
+//!   head has already arrived: it cost one `accept`, and answering reliably would mean reading
+//!   its head first (closing with unread bytes resets the connection, answer included).
+//! - `max_connections`: at the limit it stops calling `accept()` (the kernel's backlog holds
+//!   newcomers instead of the process running out of descriptors), except to take in a newcomer
+//!   in place of a connection that has sent no head for [`IDLE_HEAD_MIN_AGE`] (see
+//!   [`crate::heads`]). It resumes once a margin of slots is free (1% of the limit), so a storm
+//!   is one pause and one resume, not one of each per slot freed; each is logged once.
+//! - Above [`PRESSURE_PERCENT`] of the limit, newcomers get `header_timeout_under_pressure_secs`
+//!   instead of `header_timeout_secs`, so idle connections clear in seconds.
+//!
+//! Accept errors are sorted: a connection reset before we took it is skipped; running out of
+//! file descriptors backs off for a while instead of spinning on an error that will not clear
+//! until something closes. This thread also writes the log summaries ([`crate::logs`]).
 
 use std::io;
 use std::net::SocketAddr;
+use std::os::fd::AsRawFd;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use crossbeam::channel::Sender;
+use tokio::net::TcpListener;
 use tokio::runtime::Runtime;
 
-use crate::conn::{Accepted, ConnGuard};
+use crate::conn::{close_unanswered, Accepted, ConnGuard};
 use crate::reasons::Unanswered;
 use crate::shared::{stopped, Shared};
 
 /// How long to pause accepting after EMFILE/ENFILE/ENOBUFS/ENOMEM.
 const RESOURCE_BACKOFF: Duration = Duration::from_millis(100);
+/// How long a connection may go without sending its head before, at the limit, it can be closed
+/// to make room. A client sends its head with its connection; one still silent after this (and
+/// after its worker had time to read it, on a loaded machine) is idle or far too slow to serve.
+const IDLE_HEAD_MIN_AGE: Duration = Duration::from_millis(250);
+/// Connections beyond the limit while the ones closed to make room are still closing, on their
+/// workers: bounds the descriptors replacing can take, within the reserve.
+const REPLACING_MAX: usize = 32;
+/// Above this share of `max_connections`, newcomers get the short head timeout.
+const PRESSURE_PERCENT: usize = 80;
+/// How often held-back log lines are summarised (each reason at most once per interval).
+const SUMMARY_TICK: Duration = Duration::from_secs(1);
 
 /// Accepts on `listen_socket` until the server stops, handing each connection to a worker
 /// through `workers` (one sender per worker, in the order of `shared.workers`).
@@ -31,41 +56,78 @@ pub(crate) fn run(
     workers: Vec<Sender<Accepted>>,
 ) {
     rt.block_on(async move {
-        let listen_socket = match tokio::net::TcpListener::from_std(listen_socket) {
+        let listen_socket = match TcpListener::from_std(listen_socket) {
             Ok(l) => l,
             Err(e) => {
                 tracing::error!(error = %e, "acceptor cannot register its listening socket");
                 return;
             }
         };
+        tokio::spawn(write_summaries(shared.clone()));
         let mut stop = shared.stop.clone();
-        let mut waiting = false;
+        let limit = shared.max_connections;
+        let mut gate = Gate::new(limit);
+        // A storm that comes in waves is one episode per wave: past the first few, they are
+        // summarised like refusals, and a resume is logged only if its pause was.
+        let mut pause_logged = false;
         loop {
-            if all_full(&shared) {
-                if !waiting {
-                    waiting = true;
-                    shared.metrics.unanswered(Unanswered::WorkersFull);
-                    tracing::warn!(
-                        limit = shared.connections_per_worker * shared.workers.len(),
-                        "every worker is full: not accepting until a connection closes"
-                    );
+            let now = Instant::now();
+            let open = shared.open_connections();
+            match gate.update(open, now) {
+                Some(Change::Paused) => {
+                    let full = Unanswered::WorkersFull;
+                    shared.metrics.unanswered(full);
+                    pause_logged = shared.logs.full(full.reason(), shared.listen_addr, now);
+                    if pause_logged {
+                        tracing::warn!(
+                            limit,
+                            "connection limit reached: newcomers wait in the kernel backlog or replace connections idle without a request head"
+                        );
+                    }
                 }
-                tokio::select! {
-                    _ = stopped(&mut stop) => break,
-                    _ = shared.room.notified() => continue,
-                }
+                Some(Change::Resumed { after, replaced }) if pause_logged => tracing::info!(
+                    at_limit_secs = format!("{:.1}", after.as_secs_f64()),
+                    replaced,
+                    waiting = accept_queue(&listen_socket),
+                    "room again: accepting"
+                ),
+                Some(Change::Resumed { .. }) | None => {}
             }
-            if waiting {
-                waiting = false;
-                tracing::info!("room again: accepting");
+            if gate.paused() {
+                let idle = if open < limit + REPLACING_MAX {
+                    shared.heads.oldest_idle(IDLE_HEAD_MIN_AGE, now)
+                } else {
+                    Err(None)
+                };
+                if let Err(idle_at) = idle {
+                    let until = idle_at.map(tokio::time::Instant::from_std);
+                    tokio::select! {
+                        _ = stopped(&mut stop) => break,
+                        _ = shared.room.notified() => {}
+                        _ = tokio::time::sleep_until(until.unwrap_or_else(tokio::time::Instant::now)), if until.is_some() => {}
+                    }
+                    continue;
+                }
             }
             tokio::select! {
                 _ = stopped(&mut stop) => break,
+                // While paused, a slot freed may end the pause, or nobody is coming: look again.
+                _ = shared.room.notified(), if gate.paused() => {}
                 accepted = listen_socket.accept() => match accepted {
-                    Ok((stream, peer)) => hand_off(&shared, &workers, stream, peer),
+                    Ok((stream, peer)) => {
+                        let open = shared.open_connections();
+                        if hand_off(&shared, &workers, stream, peer, open) && gate.paused()
+                            && shared.heads.evict_oldest(IDLE_HEAD_MIN_AGE, Instant::now())
+                        {
+                            gate.replaced += 1;
+                        }
+                    }
                     Err(e) if is_resource_exhaustion(&e) => {
                         shared.metrics.unanswered(Unanswered::AcceptResourcesExhausted);
-                        tracing::warn!(error = %e, "accept failed: out of resources; pausing accepts");
+                        let why = Unanswered::AcceptResourcesExhausted;
+                        if shared.logs.full(why.reason(), shared.listen_addr, Instant::now()) {
+                            tracing::warn!(error = %e, "accept failed: out of resources; pausing accepts");
+                        }
                         tokio::time::sleep(RESOURCE_BACKOFF).await;
                     }
                     Err(e) => tracing::debug!(error = %e, "accept failed; continuing"),
@@ -76,11 +138,90 @@ pub(crate) fn run(
     });
 }
 
-fn all_full(shared: &Shared) -> bool {
-    shared
-        .workers
-        .iter()
-        .all(|w| w.connections.load(Ordering::Relaxed) >= shared.connections_per_worker)
+/// Whether the acceptor is at its limit, with the hysteresis that keeps a storm to one pause and
+/// one resume: paused once `limit` connections are open, resumed once `margin` slots are free.
+struct Gate {
+    limit: usize,
+    margin: usize,
+    since: Option<Instant>,
+    /// Idle connections closed to make room during this pause.
+    replaced: u64,
+}
+
+#[derive(Debug, PartialEq)]
+enum Change {
+    Paused,
+    Resumed { after: Duration, replaced: u64 },
+}
+
+impl Gate {
+    fn new(limit: usize) -> Gate {
+        Gate {
+            limit,
+            margin: (limit / 100).max(1),
+            since: None,
+            replaced: 0,
+        }
+    }
+
+    fn paused(&self) -> bool {
+        self.since.is_some()
+    }
+
+    fn update(&mut self, open: usize, now: Instant) -> Option<Change> {
+        match self.since {
+            None if open >= self.limit => {
+                self.since = Some(now);
+                self.replaced = 0;
+                Some(Change::Paused)
+            }
+            Some(since) if open + self.margin <= self.limit => {
+                self.since = None;
+                Some(Change::Resumed {
+                    after: now.saturating_duration_since(since),
+                    replaced: self.replaced,
+                })
+            }
+            _ => None,
+        }
+    }
+}
+
+/// Connections in the kernel's accept queue now (Linux reports it for a listening socket in
+/// `tcpi_unacked`): how many waited for the pause to end.
+fn accept_queue(listener: &TcpListener) -> Option<u32> {
+    // SAFETY: tcp_info is plain integers, for which all zeroes is a valid value.
+    let mut info: libc::tcp_info = unsafe { std::mem::zeroed() };
+    let mut len = std::mem::size_of::<libc::tcp_info>() as libc::socklen_t;
+    // SAFETY: getsockopt writes at most `len` bytes into `info`, which is that large, on a
+    // descriptor the listener keeps open for the duration of the call.
+    let rc = unsafe {
+        libc::getsockopt(
+            listener.as_raw_fd(),
+            libc::IPPROTO_TCP,
+            libc::TCP_INFO,
+            (&mut info as *mut libc::tcp_info).cast(),
+            &mut len,
+        )
+    };
+    (rc == 0).then_some(info.tcpi_unacked)
+}
+
+/// Logs, once a second, the summaries of log lines held back ([`crate::logs`]).
+async fn write_summaries(shared: Arc<Shared>) {
+    let mut tick = tokio::time::interval(SUMMARY_TICK);
+    loop {
+        tick.tick().await;
+        for s in shared.logs.due(Instant::now()) {
+            tracing::info!(
+                reason = s.reason,
+                count = s.count,
+                sample = %s.sample,
+                over_secs = s.over.as_secs(),
+                "more of the same, not logged one by one"
+            );
+        }
+    }
 }
 
 fn is_resource_exhaustion(e: &io::Error) -> bool {
@@ -90,19 +231,35 @@ fn is_resource_exhaustion(e: &io::Error) -> bool {
     )
 }
 
+/// Places a connection on the least-loaded worker, or closes it at once when its address has too
+/// many heads pending. Returns whether it was placed.
 fn hand_off(
     shared: &Arc<Shared>,
     workers: &[Sender<Accepted>],
     stream: tokio::net::TcpStream,
     peer: SocketAddr,
-) {
+    open: usize,
+) -> bool {
+    let config = shared.config.load();
+    let now = Instant::now();
+    let heads = &shared.heads;
+    let head = match heads.enter(peer.ip(), config.max_pending_heads_per_ip, now) {
+        Some(head) => head,
+        // Its head has arrived: it only waits for a worker to read it, as in a burst of players
+        // behind one NAT reconnecting at once, so it is not the idle kind the limit is for.
+        None if has_bytes(&stream) => heads.enter(peer.ip(), 0, now).expect("no limit"),
+        None => {
+            close_unanswered(shared, Unanswered::PendingHeadsPerIp, peer, &stream);
+            return false;
+        }
+    };
     // Streams are written in coalesced pieces; Nagle would only add delay to the last one.
     let _ = stream.set_nodelay(true);
     let stream = match stream.into_std() {
         Ok(s) => s,
         Err(e) => {
             tracing::debug!(%peer, error = %e, "cannot detach accepted socket");
-            return;
+            return false;
         }
     };
     let (index, worker) = shared
@@ -112,7 +269,7 @@ fn hand_off(
         .min_by_key(|(_, w)| w.connections.load(Ordering::Relaxed))
         .expect("at least one worker");
     worker.connections.fetch_add(1, Ordering::Relaxed);
-    let per_ip_limit = shared.config.load().max_connections_per_ip;
+    let per_ip_limit = config.max_connections_per_ip;
     let (ip, over_ip_limit) = if per_ip_limit > 0 {
         let mut per_ip = shared.per_ip.lock().unwrap_or_else(|e| e.into_inner());
         let n = per_ip.entry(peer.ip()).or_insert(0);
@@ -121,13 +278,64 @@ fn hand_off(
     } else {
         (None, false)
     };
+    let under_pressure = open * 100 >= shared.max_connections * PRESSURE_PERCENT;
     let accepted = Accepted {
         stream,
         guard: ConnGuard::new(shared.clone(), index, ip),
+        head,
+        head_timeout: config.header_timeout(under_pressure),
         over_ip_limit,
     };
     // Fails only when the worker has exited (shutting down): the socket is then dropped, closed.
     if workers[index].send(accepted).is_ok() {
         worker.conns_ready.notify_one();
+    }
+    true
+}
+
+/// Whether the peer has sent anything yet (without waiting or consuming it).
+fn has_bytes(stream: &tokio::net::TcpStream) -> bool {
+    let mut byte = [std::mem::MaybeUninit::uninit()];
+    socket2::SockRef::from(stream)
+        .peek(&mut byte)
+        .is_ok_and(|n| n > 0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_pause_lasts_until_a_margin_of_slots_is_free_and_each_edge_is_reported_once() {
+        let t0 = Instant::now();
+        let at = |ms| t0 + Duration::from_millis(ms);
+        let mut gate = Gate::new(2000);
+        assert_eq!(gate.update(1999, at(0)), None);
+        assert_eq!(gate.update(2000, at(1)), Some(Change::Paused));
+        assert!(gate.paused());
+        gate.replaced = 7;
+        // Slots freed one at a time do not end it...
+        for open in (1981..2000).rev() {
+            assert_eq!(gate.update(open, at(2)), None, "{open} open");
+            assert_eq!(gate.update(open + 1, at(2)), None);
+        }
+        // ...a margin of 1% does, once.
+        assert_eq!(
+            gate.update(1980, at(1500)),
+            Some(Change::Resumed {
+                after: Duration::from_millis(1499),
+                replaced: 7
+            })
+        );
+        assert_eq!(gate.update(1980, at(1501)), None);
+        assert_eq!(gate.update(2000, at(1600)), Some(Change::Paused));
+    }
+
+    #[test]
+    fn a_small_limit_resumes_with_one_slot_free() {
+        let mut gate = Gate::new(4);
+        let now = Instant::now();
+        assert_eq!(gate.update(4, now), Some(Change::Paused));
+        assert!(matches!(gate.update(3, now), Some(Change::Resumed { .. })));
     }
 }

@@ -1,26 +1,55 @@
 //! The admin listener: `/metrics` for Prometheus (and the status pages), on its own thread and
 //! runtime so that a scrape is answered even when every worker is saturated.
+//!
+//! Its connections are bounded apart from the listener port's: at most `max_admin_connections`
+//! (part of the descriptor reserve, see `Config::descriptor_reserve`). At the limit it stops
+//! accepting, except to take a newcomer in place of a connection that has sent no request for
+//! [`IDLE_REQUEST_MIN_AGE`], so idle connections cannot keep a scrape out. The accept loop
+//! counts a connection in; its [`AdminConn`], dropped when its task ends, counts it out.
 
+use std::cell::Cell;
 use std::net::SocketAddr;
+use std::rc::Rc;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 use tokio::runtime::Runtime;
 use tokio::sync::mpsc::UnboundedSender;
+use tokio::sync::Notify;
 use tokio::task::LocalSet;
 
 use crate::auth;
-use crate::conn::{refuse, ToIngest};
+use crate::conn::{close_unanswered, refuse, ToIngest};
+use crate::heads::{Heads, Pending};
 use crate::http::{self, Method, Request};
 use crate::metadata;
-use crate::reasons::{Realm, Refusal};
+use crate::reasons::{Realm, Refusal, Unanswered};
 use crate::shared::{stopped, Shared};
 use crate::status;
 
 /// A scrape request must arrive within this.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long an admin connection may go without its request before, at the limit, it can be
+/// closed for a newcomer: Prometheus and curl send the request with the connection, and this
+/// thread has nothing else to do than read it, so shorter than on the listener port.
+const IDLE_REQUEST_MIN_AGE: Duration = Duration::from_millis(100);
+/// Connections beyond the limit while the ones closed to make room are still closing.
+const REPLACING_MAX: usize = 8;
+
+/// Counts one admin connection while it lives; all of them live on the admin thread.
+struct AdminConn {
+    open: Rc<Cell<usize>>,
+    room: Rc<Notify>,
+}
+
+impl Drop for AdminConn {
+    fn drop(&mut self) {
+        self.open.set(self.open.get() - 1);
+        self.room.notify_one();
+    }
+}
 
 pub(crate) fn run(
     rt: Runtime,
@@ -39,12 +68,41 @@ pub(crate) fn run(
         };
 
         let mut stop = shared.stop.clone();
+        let limit = shared.config.load().startup.max_admin_connections;
+        let heads = Arc::new(Heads::default());
+        let open = Rc::new(Cell::new(0));
+        let room = Rc::new(Notify::new());
         loop {
+            let at_limit = open.get() >= limit;
+            if at_limit {
+                let idle = if open.get() < limit + REPLACING_MAX {
+                    heads.oldest_idle(IDLE_REQUEST_MIN_AGE, Instant::now())
+                } else {
+                    Err(None)
+                };
+                if let Err(idle_at) = idle {
+                    let until = idle_at.map(tokio::time::Instant::from_std);
+                    tokio::select! {
+                        _ = stopped(&mut stop) => break,
+                        _ = room.notified() => {}
+                        _ = tokio::time::sleep_until(until.unwrap_or_else(tokio::time::Instant::now)), if until.is_some() => {}
+                    }
+                    continue;
+                }
+            }
             tokio::select! {
                 _ = stopped(&mut stop) => break,
+                _ = room.notified(), if at_limit => {}
                 accepted = listen_socket.accept() => match accepted {
                     Ok((stream, peer)) => {
-                        let task = serve(shared.clone(), to_ingest.clone(), stream, peer);
+                        let now = Instant::now();
+                        if at_limit {
+                            heads.evict_oldest(IDLE_REQUEST_MIN_AGE, now);
+                        }
+                        let head = heads.enter(peer.ip(), 0, now).expect("no per-address limit");
+                        open.set(open.get() + 1);
+                        let conn = AdminConn { open: open.clone(), room: room.clone() };
+                        let task = serve(shared.clone(), to_ingest.clone(), stream, peer, head, conn);
                         tokio::task::spawn_local(task);
                     }
                     Err(e) => {
@@ -62,10 +120,17 @@ async fn serve(
     to_ingest: UnboundedSender<ToIngest>,
     mut stream: TcpStream,
     peer: SocketAddr,
+    head: Pending,
+    _conn: AdminConn,
 ) {
-    let Ok(Ok((req, _))) =
-        tokio::time::timeout(REQUEST_TIMEOUT, http::read_head(&mut stream)).await
-    else {
+    let read = tokio::select! {
+        read = tokio::time::timeout(REQUEST_TIMEOUT, http::read_head(&mut stream)) => read,
+        () = head.evicted() => {
+            return close_unanswered(&shared, Unanswered::IdleHeadEvicted, peer, &stream);
+        }
+    };
+    drop(head);
+    let Ok(Ok((req, _))) = read else {
         return;
     };
     // A title update checks its own credentials: the mount's source password will do.

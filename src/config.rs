@@ -99,10 +99,17 @@ pub struct Startup {
     pub workers: usize,
     /// Pin each worker to a core. Default true.
     pub pin_workers: bool,
-    /// Most open connections (listeners, sources, requests in progress). When every worker holds
-    /// its share, the acceptor stops accepting until one closes. Default 0 = the process's open
-    /// file limit less 64 for everything else.
+    /// Most open connections on the listener port (listeners, requests in progress, sources in
+    /// their handshake). At the limit the acceptor stops accepting until there is room again,
+    /// except to replace a connection that has sent no request head for 250 ms. Default 0 = the
+    /// process's open file limit less the reserve: 1% of that limit (at least 64) for the
+    /// server's own files (a config reload, logs), `max_admin_connections`, and `max_sources`
+    /// (sources past their handshake leave this pool).
     pub max_connections: usize,
+    /// Most connections the admin listener holds at once, counted apart from `max_connections`.
+    /// At the limit it stops accepting, except to replace a connection that has sent no request
+    /// for 100 ms. Default 64.
+    pub max_admin_connections: usize,
     /// Serve the built-in demo mount (a tone as WAV). Default true.
     pub demo: bool,
     /// Path of the demo mount. Default `/demo`.
@@ -117,6 +124,7 @@ impl Default for Startup {
             workers: 0,
             pin_workers: true,
             max_connections: 0,
+            max_admin_connections: 64,
             demo: true,
             demo_mount: "/demo".into(),
         }
@@ -195,6 +203,11 @@ pub struct Config {
     /// Most connections from one IP address; past it, 429. Default 0 = no limit (listeners behind
     /// one NAT share an address).
     pub max_connections_per_ip: usize,
+    /// Most connections from one IP address still sending their request head; past it, a new
+    /// connection from that address is closed at once, unanswered. Listeners and sources past
+    /// their handshake do not count, so listeners behind one NAT are not limited. Default 64;
+    /// 0 = no limit.
+    pub max_pending_heads_per_ip: usize,
     /// Failed source logins from one address within `auth_failure_window_secs` before further
     /// attempts get 429 until the window ends. Default 10.
     pub auth_max_failures: u32,
@@ -209,6 +222,10 @@ pub struct Config {
     pub listener_send_buffer_bytes: usize,
     /// A request's head must arrive within this. Default 10.
     pub header_timeout_secs: u64,
+    /// ...or within this, for a connection accepted while the listener port holds over 80% of
+    /// `max_connections`: a storm of idle connections then clears in seconds (never longer than
+    /// `header_timeout_secs`). Default 2.
+    pub header_timeout_under_pressure_secs: u64,
     /// A source that sends nothing for this long is dropped. Default 10.
     pub source_timeout_secs: u64,
     /// On SIGTERM, listeners get this long to receive what is pending. Default 5.
@@ -239,11 +256,13 @@ impl Default for Config {
             max_sources: 100,
             max_mount_series: 1000,
             max_connections_per_ip: 0,
+            max_pending_heads_per_ip: 64,
             auth_max_failures: 10,
             auth_failure_window_secs: 60,
             send_timeout_secs: 30,
             listener_send_buffer_bytes: 64 * 1024,
             header_timeout_secs: 10,
+            header_timeout_under_pressure_secs: 2,
             source_timeout_secs: 10,
             shutdown_grace_secs: 5,
             defaults: MountSettings::default(),
@@ -393,13 +412,33 @@ impl Config {
         Ok(())
     }
 
-    /// The connection limit in force: `max_connections`, or the open-file limit less a reserve.
+    /// The listener port's connection limit in force: `max_connections`, or the open-file limit
+    /// less [`Config::descriptor_reserve`].
     pub fn connection_limit(&self) -> usize {
         if self.startup.max_connections > 0 {
             return self.startup.max_connections;
         }
-        let soft = crate::open_files::soft_limit().unwrap_or(1024);
-        (soft as usize).saturating_sub(64).max(16)
+        let soft = crate::open_files::soft_limit().unwrap_or(1024) as usize;
+        soft.saturating_sub(self.descriptor_reserve(soft)).max(16)
+    }
+
+    /// Descriptors that connections on the listener port must leave free under an open-file
+    /// limit of `open_files`: 1% (at least 64) for the server's own (runtimes, a config reload,
+    /// logs), the admin listener's connections, and sources, which leave the listener port's
+    /// count once handed to ingest.
+    pub fn descriptor_reserve(&self, open_files: usize) -> usize {
+        (open_files / 100).max(64) + self.startup.max_admin_connections + self.max_sources
+    }
+
+    /// How long a connection accepted now has to send its request head.
+    pub fn header_timeout(&self, under_pressure: bool) -> std::time::Duration {
+        let secs = if under_pressure {
+            self.header_timeout_under_pressure_secs
+                .min(self.header_timeout_secs)
+        } else {
+            self.header_timeout_secs
+        };
+        std::time::Duration::from_secs(secs)
     }
 
     /// Settings for a mount: its own if declared, else the defaults.
@@ -447,6 +486,15 @@ impl Config {
         }
         if self.header_timeout_secs == 0 {
             return Err("header_timeout_secs must be at least 1".into());
+        }
+        if self.header_timeout_under_pressure_secs == 0 {
+            return Err("header_timeout_under_pressure_secs must be at least 1".into());
+        }
+        if !(1..=65536).contains(&self.startup.max_admin_connections) {
+            return Err(format!(
+                "max_admin_connections = {}: 1 to 65536",
+                self.startup.max_admin_connections
+            ));
         }
         if self.source_timeout_secs == 0 {
             return Err("source_timeout_secs must be at least 1".into());

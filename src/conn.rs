@@ -11,6 +11,7 @@
 use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use prometheus::IntGauge;
@@ -19,10 +20,11 @@ use tokio::net::TcpStream;
 
 use tokio::sync::mpsc::UnboundedSender;
 
+use crate::heads::Pending;
 use crate::http::{Request, RESPONSE_TIMEOUT};
 use crate::icy::Cadence;
 use crate::mounts::Mount;
-use crate::reasons::Refusal;
+use crate::reasons::{Refusal, Unanswered};
 use crate::shared::Shared;
 use crate::store::StreamInfo;
 
@@ -33,6 +35,11 @@ const LINGER_MAX_BYTES: usize = 256 * 1024;
 pub(crate) struct Accepted {
     pub stream: std::net::TcpStream,
     pub guard: ConnGuard,
+    /// Counts the connection among pending heads (its address's, and the idle ones that can be
+    /// closed to make room) until the worker has read its head.
+    pub head: Pending,
+    /// How long it has to send its head, chosen when accepted (shorter under pressure).
+    pub head_timeout: Duration,
     /// The client's address already holds `max_connections_per_ip`: the worker answers 429.
     pub over_ip_limit: bool,
 }
@@ -240,11 +247,13 @@ impl Drop for ListenerGuard {
     }
 }
 
-/// Answers a refused request, counts it, logs it once with the peer, and lets the connection
-/// close.
+/// Answers a refused request, counts it, logs it once with the peer (or, past the first few of
+/// its reason, in the summary: [`crate::logs`]), and lets the connection close.
 pub(crate) async fn refuse(shared: &Shared, stream: &mut TcpStream, peer: SocketAddr, no: Refusal) {
     shared.metrics.refused(no);
-    tracing::info!(%peer, status = no.status(), reason = no.reason(), "refused request");
+    if shared.logs.full(no.reason(), peer, Instant::now()) {
+        tracing::info!(%peer, status = no.status(), reason = no.reason(), "refused request");
+    }
     let resp = no.response();
     let _ = tokio::time::timeout(RESPONSE_TIMEOUT, async {
         stream.write_all(&resp).await?;
@@ -262,4 +271,21 @@ pub(crate) async fn refuse(shared: &Shared, stream: &mut TcpStream, peer: Socket
         Ok::<_, std::io::Error>(())
     })
     .await;
+}
+
+/// Counts a connection closed without an answer and logs it like a refusal: in full for the
+/// first few of its reason, in the summary after. The caller drops the socket, which is reset
+/// (as nginx's `reset_timedout_connection` does): the client sent nothing worth a goodbye, and a
+/// storm of closes would otherwise leave the server's side of each in TIME_WAIT.
+pub(crate) fn close_unanswered(
+    shared: &Shared,
+    why: Unanswered,
+    peer: SocketAddr,
+    socket: impl std::os::fd::AsFd,
+) {
+    let _ = socket2::SockRef::from(&socket).set_linger(Some(Duration::ZERO));
+    shared.metrics.unanswered(why);
+    if shared.logs.full(why.reason(), peer, Instant::now()) {
+        tracing::info!(%peer, reason = why.reason(), "{}", why.message());
+    }
 }

@@ -40,6 +40,8 @@
 //!    carries), [`threads`] (named, pinned, CPU-accounted threads), [`open_files`].
 //! 2. **Vocabulary** shared by the stages: [`config`], [`reasons`] (`Refusal`, `Disconnect`: the
 //!    fixed reason labels), [`metrics`], [`usage`], [`mounts`] (the mount table), [`auth`],
+//!    [`logs`] (log lines that summarise a flood per reason), [`heads`] (request heads not read
+//!    yet: the per-address limit on them, and the idle one closed to make room at the limit),
 //!    [`shared`] (the state every thread shares, `Stop`), [`conn`] (what one stage hands the
 //!    next, the guards that count connections, and the one writer of refusals).
 //! 3. **Stages**: [`acceptor`], [`status`], [`metadata`] (title updates), [`admission`],
@@ -66,6 +68,8 @@ pub(crate) mod threads;
 pub(crate) mod auth;
 pub mod config;
 pub(crate) mod conn;
+pub(crate) mod heads;
+pub(crate) mod logs;
 pub(crate) mod metrics;
 pub(crate) mod mounts;
 pub(crate) mod reasons;

@@ -119,9 +119,11 @@ fn run(args: Args) -> Result<(), String> {
             tracing::warn!(%addr, "the admin listener is reachable beyond this host and asks for no password: set admin_password, or keep it behind a firewall");
         }
     }
+    // The same backlog on the admin port: a burst of connections there waits in the kernel
+    // instead of having its SYNs dropped, which would cost a scrape a second.
     let admin_socket = match config.startup.admin_listen {
         Some(addr) => Some(
-            TcpListener::bind(addr)
+            bind_listen_socket(addr)
                 .map_err(|e| format!("cannot listen on {addr} (admin_listen): {e}"))?,
         ),
         None => None,

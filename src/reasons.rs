@@ -28,8 +28,10 @@
 //! | `auth_rate_limited` | 429 | too many failed logins from the address |
 //! | `mount_in_use` | 403 | a source is live on the mount |
 //! | `too_many_sources` | 503 | `max_sources` sources are live |
-//! | `header_timeout` | none | the head did not arrive within `header_timeout_secs`; closed |
-//! | `workers_full` | none | every worker holds its share of `max_connections`; accepting paused |
+//! | `header_timeout` | none | the head did not arrive within `header_timeout_secs` (`header_timeout_under_pressure_secs` when accepted above 80% of `max_connections`); closed |
+//! | `pending_heads_per_ip` | none | the address holds `max_pending_heads_per_ip` connections still sending their head; closed at accept |
+//! | `idle_head_evicted` | none | at `max_connections`, the oldest connection still without a head (after 250 ms; 100 ms on the admin port) was closed to make room |
+//! | `workers_full` | none | the server holds `max_connections`; accepting paused (once per episode) |
 //! | `accept_resources_exhausted` | none | accept failed for lack of descriptors or memory |
 
 use std::io;
@@ -168,6 +170,8 @@ impl From<http::HeadError> for Refusal {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) enum Unanswered {
     HeaderTimeout,
+    PendingHeadsPerIp,
+    IdleHeadEvicted,
     WorkersFull,
     AcceptResourcesExhausted,
 }
@@ -176,8 +180,25 @@ impl Unanswered {
     pub fn reason(self) -> &'static str {
         match self {
             Unanswered::HeaderTimeout => "header_timeout",
+            Unanswered::PendingHeadsPerIp => "pending_heads_per_ip",
+            Unanswered::IdleHeadEvicted => "idle_head_evicted",
             Unanswered::WorkersFull => "workers_full",
             Unanswered::AcceptResourcesExhausted => "accept_resources_exhausted",
+        }
+    }
+
+    /// What happened, for the log line of a connection closed this way.
+    pub fn message(self) -> &'static str {
+        match self {
+            Unanswered::HeaderTimeout => "closed: request head not complete in time",
+            Unanswered::PendingHeadsPerIp => {
+                "closed at once: the address has max_pending_heads_per_ip connections still sending their request head"
+            }
+            Unanswered::IdleHeadEvicted => {
+                "closed: no request head yet, and the server at its connection limit needed the room"
+            }
+            Unanswered::WorkersFull => "the server holds max_connections",
+            Unanswered::AcceptResourcesExhausted => "accept failed: out of resources",
         }
     }
 }

@@ -76,9 +76,13 @@ impl Server {
             .startup
             .demo
             .then(|| config.startup.demo_mount.clone());
+        let max_connections = config.connection_limit();
+        warn_if_over_budget(&config, max_connections);
         let shared = Arc::new(Shared {
             auth_failures: AuthFailures::default(),
-            connections_per_worker: config.connection_limit().div_ceil(nworkers),
+            max_connections,
+            heads: Default::default(),
+            logs: Default::default(),
             config: ArcSwap::from_pointee(config),
             config_changed: Default::default(),
             per_ip: Mutex::new(HashMap::new()),
@@ -229,6 +233,25 @@ impl Drop for Server {
             self.stop(Stop::Now);
             self.join_threads();
         }
+    }
+}
+
+/// An explicit `max_connections` is the operator's to set, but one that leaves less than the
+/// reserve for the admin port, sources and the server's own files lets a flood take the
+/// descriptors a config reload or a source needs: say so at start-up.
+fn warn_if_over_budget(config: &Config, max_connections: usize) {
+    let Some(open_files) = crate::open_files::soft_limit() else {
+        return;
+    };
+    let open_files = open_files as usize;
+    let reserve = config.descriptor_reserve(open_files);
+    if max_connections + reserve > open_files {
+        tracing::warn!(
+            max_connections,
+            open_files,
+            reserve,
+            "max_connections leaves less than the reserve free: a flood can exhaust descriptors"
+        );
     }
 }
 

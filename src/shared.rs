@@ -5,8 +5,8 @@
 
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
-use std::sync::atomic::AtomicUsize;
-use std::sync::Mutex;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::SystemTime;
 
 use arc_swap::ArcSwap;
@@ -14,6 +14,8 @@ use tokio::sync::{watch, Notify};
 
 use crate::auth::AuthFailures;
 use crate::config::Config;
+use crate::heads::Heads;
+use crate::logs::Summaries;
 use crate::metrics::Metrics;
 use crate::mounts::Mounts;
 
@@ -49,8 +51,9 @@ pub(crate) struct WorkerLink {
     /// Wakes the worker's fan-out after ingest published new data: one cross-thread wake-up per
     /// worker per publication, however many listeners the worker serves.
     pub data_ready: Notify,
-    /// Connections the worker holds now (handshaking or listening): the acceptor's placement key.
-    /// Incremented by the acceptor before the hand-off, decremented by the connection's guard.
+    /// Connections the worker holds now (handshaking or listening): the acceptor's placement key,
+    /// and summed, what it holds against `max_connections`. Incremented by the acceptor before
+    /// the hand-off, decremented by the connection's guard (a source's, when ingest takes it).
     pub connections: AtomicUsize,
 }
 
@@ -61,12 +64,19 @@ pub(crate) struct Shared {
     /// Wakes ingest after `config` was replaced, so that it publishes each mount's new settings
     /// with its stream (readers take a mount's settings from its snapshot, never from `config`).
     pub config_changed: Notify,
-    /// Connections a worker may hold before the acceptor waits for room.
-    pub connections_per_worker: usize,
+    /// Connections the listener port may hold (`Config::connection_limit`, fixed at start-up):
+    /// past it the acceptor waits for room.
+    pub max_connections: usize,
+    /// Connections on the listener port that have not sent their request head yet: counted per
+    /// address, and the oldest idle one is what the acceptor closes to make room at the limit.
+    pub heads: Arc<Heads>,
+    /// Which log lines about refused and closed connections are written in full, and the
+    /// summaries of the rest.
+    pub logs: Summaries,
     /// Open connections per client address, kept only when `max_connections_per_ip` is set.
     /// Incremented by the acceptor, decremented by the connection's guard.
     pub per_ip: Mutex<HashMap<IpAddr, usize>>,
-    /// Wakes the acceptor when a connection closes while every worker was full.
+    /// Wakes the acceptor when a connection closes while it waits for room.
     pub room: Notify,
     /// Failed logins per address: the brake on password guessing.
     pub auth_failures: AuthFailures,
@@ -83,6 +93,14 @@ pub(crate) struct Shared {
 }
 
 impl Shared {
+    /// Connections the listener port holds now, across workers.
+    pub fn open_connections(&self) -> usize {
+        self.workers
+            .iter()
+            .map(|w| w.connections.load(Ordering::Relaxed))
+            .sum()
+    }
+
     /// Wakes every worker once: new data was published.
     pub fn wake_workers(&self) {
         for w in &self.workers {

@@ -14,8 +14,9 @@ use tokio::runtime::Runtime;
 use tokio::sync::mpsc::{self, UnboundedSender};
 use tokio::task::LocalSet;
 
-use crate::conn::{refuse, Accepted, ConnGuard, Incoming, ToIngest, WorkerCtx};
+use crate::conn::{close_unanswered, refuse, Accepted, ConnGuard, Incoming, ToIngest, WorkerCtx};
 use crate::fanout::FanOut;
+use crate::heads::Pending;
 use crate::http::{self, Method, ReadHeadError};
 use crate::reasons::{Refusal, Unanswered};
 use crate::shared::Shared;
@@ -53,9 +54,23 @@ async fn intake(ctx: Rc<WorkerCtx>, conns: Receiver<Accepted>) {
     loop {
         link.conns_ready.notified().await;
         while let Ok(accepted) = conns.try_recv() {
-            match TcpStream::from_std(accepted.stream) {
+            let Accepted {
+                stream,
+                guard,
+                head,
+                head_timeout,
+                over_ip_limit,
+            } = accepted;
+            match TcpStream::from_std(stream) {
                 Ok(stream) => {
-                    let task = handle(ctx.clone(), stream, accepted.guard, accepted.over_ip_limit);
+                    let task = handle(
+                        ctx.clone(),
+                        stream,
+                        guard,
+                        head,
+                        head_timeout,
+                        over_ip_limit,
+                    );
                     spawn_isolated(&ctx, task);
                 }
                 Err(e) => tracing::warn!(error = %e, "cannot register accepted socket"),
@@ -86,22 +101,34 @@ fn spawn_isolated(ctx: &Rc<WorkerCtx>, task: impl std::future::Future<Output = (
     });
 }
 
-/// Reads the request head within `header_timeout_secs` and routes the request by its method.
-async fn handle(ctx: Rc<WorkerCtx>, mut stream: TcpStream, conn: ConnGuard, over_ip_limit: bool) {
+/// Reads the request head within the time the acceptor gave it, unless the acceptor closes it
+/// first to make room, and routes the request by its method.
+async fn handle(
+    ctx: Rc<WorkerCtx>,
+    mut stream: TcpStream,
+    conn: ConnGuard,
+    head: Pending,
+    head_timeout: Duration,
+    over_ip_limit: bool,
+) {
     let Ok(peer) = stream.peer_addr() else {
         return;
     };
     let shared = &ctx.shared;
     if over_ip_limit {
+        drop(head);
         return refuse(shared, &mut stream, peer, Refusal::PerIpLimit).await;
     }
-    let timeout = Duration::from_secs(shared.config.load().header_timeout_secs);
-    let (req, leftover) = match tokio::time::timeout(timeout, http::read_head(&mut stream)).await {
-        Err(_) => {
-            shared.metrics.unanswered(Unanswered::HeaderTimeout);
-            tracing::info!(%peer, "closed: request head not complete within header_timeout_secs");
-            return;
+    let read = tokio::select! {
+        read = tokio::time::timeout(head_timeout, http::read_head(&mut stream)) => read,
+        () = head.evicted() => {
+            return close_unanswered(shared, Unanswered::IdleHeadEvicted, peer, &stream);
         }
+    };
+    // Past its head, the connection no longer counts against its address's pending heads.
+    drop(head);
+    let (req, leftover) = match read {
+        Err(_) => return close_unanswered(shared, Unanswered::HeaderTimeout, peer, &stream),
         Ok(Err(ReadHeadError::Closed)) => return,
         Ok(Err(ReadHeadError::Head(e))) => {
             return refuse(shared, &mut stream, peer, e.into()).await
