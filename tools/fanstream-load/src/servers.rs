@@ -34,6 +34,8 @@ pub struct ServerOpts {
     pub mounts: usize,
     pub min_write_bytes: Option<usize>,
     pub max_write_delay_ms: Option<u64>,
+    /// Audio bytes between ICY blocks (the mounts' `icy_metaint`); None: the server's default.
+    pub icy_metaint: Option<usize>,
     /// Extra top-level `KEY=VALUE` lines for fanstream's config.
     pub settings: Vec<String>,
     pub fanstream_bin: PathBuf,
@@ -180,6 +182,9 @@ fn start_fanstream(o: &ServerOpts, dir: &Path, addr: SocketAddr) -> Result<Serve
     if let Some(ms) = o.max_write_delay_ms {
         defaults += &format!("max_write_delay_ms = {ms}\n");
     }
+    if let Some(m) = o.icy_metaint {
+        defaults += &format!("icy_metaint = {m}\n");
+    }
     let extra: String = o.settings.iter().map(|kv| format!("{kv}\n")).collect();
     let config = format!(
         "listen = \"{addr}\"\nadmin_listen = \"{admin}\"\nworkers = {}\ndemo = false\n\
@@ -217,6 +222,9 @@ fn icecast_user() -> (u32, u32) {
 }
 
 fn start_icecast(o: &ServerOpts, dir: &Path, addr: SocketAddr) -> Result<ServerProc, String> {
+    if o.icy_metaint.is_some() {
+        return Err("--icy-metaint is set on fanstream only: Icecast keeps its own (16000)".into());
+    }
     let (uid, gid) = icecast_user();
     let logdir = dir.join("icecast-log");
     fs::create_dir_all(&logdir).map_err(|e| e.to_string())?;
