@@ -78,16 +78,18 @@ impl Drop for ServerProc {
     }
 }
 
-/// Sum of a metric's samples (all labels).
+/// Sum of a metric's samples (all labels); 0 when it has none (not -0, the empty f64 sum).
 pub fn metric_sum(text: &str, name: &str) -> f64 {
-    text.lines()
+    let sum: f64 = text
+        .lines()
         .filter(|l| !l.starts_with('#'))
         .filter_map(|l| {
             let (series, value) = l.rsplit_once(' ')?;
             let metric = series.split('{').next()?;
             (metric == name).then(|| value.parse::<f64>().ok())?
         })
-        .sum()
+        .sum();
+    sum + 0.0
 }
 
 /// A metric's samples summed by the value of one label (e.g. disconnects by `reason`).
@@ -315,5 +317,11 @@ mod tests {
         assert_eq!(by.get("slow"), Some(&5.0));
         assert_eq!(by.get("shutdown"), Some(&1.0));
         assert_eq!(by.len(), 2);
+        assert_eq!(
+            metric_sum(text, "fanstream_listener_disconnects_total"),
+            6.0
+        );
+        let none = metric_sum(text, "fanstream_icy_listeners");
+        assert!(none == 0.0 && none.is_sign_positive(), "{none}");
     }
 }
