@@ -5,6 +5,10 @@
 //! one 64 KiB read buffer shared by all of them (a current-thread runtime runs one task at a
 //! time), no timer per connection (the deadline ends the runtime), and per-byte work limited to
 //! the record check. Each second it prints a progress line (JSON) and at the deadline a report.
+//!
+//! A share of the listeners (`icy_share`) ask for ICY metadata (`Icy-MetaData: 1`): they split
+//! the blocks off as a player does ([`crate::icy`]) and verify the audio between them exactly as
+//! plain listeners verify theirs. The report counts them apart.
 
 use std::cell::RefCell;
 use std::collections::BTreeMap;
@@ -16,6 +20,7 @@ use std::time::Duration;
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 
+use crate::icy::{self, IcyCounts, IcyParser};
 use crate::record::{Errors, Verifier};
 use crate::schedule::{unix_us, Schedule};
 
@@ -45,6 +50,10 @@ pub struct ListenOpts {
     /// Bytes sent in the last this-many ms before the deadline are not owed yet (they may be in
     /// flight or held by write coalescing).
     pub allowance_ms: u64,
+    /// The share of listeners that ask for ICY metadata (0 to 1).
+    pub icy_share: f64,
+    /// The `icy-metaint` the server was configured with; None: whatever it says.
+    pub icy_metaint: Option<usize>,
 }
 
 /// One connection's state, read by the progress lines and the report.
@@ -57,6 +66,27 @@ struct Conn {
     failed: Option<String>,
     /// The server closed it before the deadline.
     closed_early: bool,
+    /// It asked for ICY metadata.
+    wants_icy: bool,
+    /// Its ICY framing, once the response head said `icy-metaint`.
+    icy: Option<IcyParser>,
+    /// An ICY response head without the `icy-metaint` asked for.
+    icy_head_error: bool,
+}
+
+impl Conn {
+    /// Integrity errors, ICY framing errors counted as corruption.
+    fn errors(&self) -> Errors {
+        let mut e = self.verifier.errors;
+        e.corrupt += self.icy_counts().framing_errors;
+        e
+    }
+
+    fn icy_counts(&self) -> IcyCounts {
+        let mut c = self.icy.as_ref().map(|p| p.counts).unwrap_or_default();
+        c.framing_errors += u64::from(self.icy_head_error);
+        c
+    }
 }
 
 /// Printed each second.
@@ -86,12 +116,45 @@ pub struct ListenReport {
     /// End-to-end latency (source send time to receipt) of every record received after
     /// `measure_from_us`: milliseconds to count.
     pub latency_ms: BTreeMap<u64, u64>,
+    /// The ICY listeners among them (included in every figure above, framing errors counted as
+    /// corrupt).
+    pub icy: IcyReport,
+}
+
+/// The ICY listeners' share of a report.
+#[derive(Clone, Debug, Default, serde::Serialize, serde::Deserialize)]
+pub struct IcyReport {
+    /// Listeners that asked for ICY metadata.
+    pub clients: usize,
+    pub streaming_at_end: usize,
+    /// Their blocks, titles and framing errors.
+    pub counts: IcyCounts,
+    /// Their integrity errors (framing errors counted as corrupt).
+    pub errors: Errors,
+    pub listeners_with_errors: usize,
+    /// Streaming ones that never saw a block.
+    pub listeners_without_blocks: usize,
+    pub delivered_bytes: u64,
+    pub owed_bytes: u64,
+}
+
+impl IcyReport {
+    pub fn add(&mut self, o: &IcyReport) {
+        self.clients += o.clients;
+        self.streaming_at_end += o.streaming_at_end;
+        self.counts.add(&o.counts);
+        self.errors.add(&o.errors);
+        self.listeners_with_errors += o.listeners_with_errors;
+        self.listeners_without_blocks += o.listeners_without_blocks;
+        self.delivered_bytes += o.delivered_bytes;
+        self.owed_bytes += o.owed_bytes;
+    }
 }
 
 #[derive(serde::Serialize, serde::Deserialize)]
 pub enum Line {
     Progress(Progress),
-    Report(ListenReport),
+    Report(Box<ListenReport>),
 }
 
 type Conns = Rc<Vec<RefCell<Conn>>>;
@@ -158,10 +221,25 @@ fn at(unix: u64) -> tokio::time::Instant {
 
 async fn listen(s: &Shared, i: usize) {
     let conn = &s.conns[i];
-    conn.borrow_mut().connect_us = unix_us();
-    let mount = &s.opts.mounts[(s.opts.first_index + i) % s.opts.mounts.len()];
-    let stream = match tokio::time::timeout(CONNECT_TIMEOUT, open(s.opts.addr, mount)).await {
-        Ok(Ok((stream, body))) => {
+    let index = s.opts.first_index + i;
+    let wants_icy = icy::is_icy(index, s.opts.mounts.len(), s.opts.icy_share);
+    {
+        let mut c = conn.borrow_mut();
+        c.connect_us = unix_us();
+        c.wants_icy = wants_icy;
+    }
+    let mount = &s.opts.mounts[index % s.opts.mounts.len()];
+    let opened = open(s.opts.addr, mount, wants_icy);
+    let stream = match tokio::time::timeout(CONNECT_TIMEOUT, opened).await {
+        Ok(Ok((stream, metaint, body))) => {
+            if wants_icy {
+                let mut c = conn.borrow_mut();
+                // A player uses the interval it is told; one other than the server was given,
+                // or none, is an error.
+                c.icy_head_error = metaint.is_none()
+                    || s.opts.icy_metaint.is_some_and(|want| metaint != Some(want));
+                c.icy = metaint.filter(|m| *m > 0).map(IcyParser::new);
+            }
             if !body.is_empty() {
                 received(s, conn, &body);
             }
@@ -186,16 +264,23 @@ async fn listen(s: &Shared, i: usize) {
     conn.borrow_mut().closed_early = true;
 }
 
-/// Connects, sends the request and reads the response head: the stream and any body bytes
-/// that came with the head, or why it failed.
-async fn open(addr: SocketAddr, mount: &str) -> Result<(TcpStream, Vec<u8>), String> {
+/// Connects, sends the request (asking for ICY metadata if `icy`) and reads the response head:
+/// the stream, the head's `icy-metaint` and any body bytes that came with the head, or why it
+/// failed.
+async fn open(
+    addr: SocketAddr,
+    mount: &str,
+    icy: bool,
+) -> Result<(TcpStream, Option<usize>, Vec<u8>), String> {
     let mut stream = TcpStream::connect(addr)
         .await
         .map_err(|e| format!("connect: {}", e.kind()))?;
     // Closing with a reset leaves no TIME_WAIT behind: a sweep opens tens of thousands of
     // connections from loopback's one address and would run out of ephemeral ports.
     stream.set_zero_linger().ok();
-    let req = format!("GET {mount} HTTP/1.0\r\nHost: {addr}\r\nUser-Agent: fanstream-load\r\n\r\n");
+    let icy = if icy { "Icy-MetaData: 1\r\n" } else { "" };
+    let req =
+        format!("GET {mount} HTTP/1.0\r\nHost: {addr}\r\nUser-Agent: fanstream-load\r\n{icy}\r\n");
     stream
         .write_all(req.as_bytes())
         .await
@@ -214,12 +299,13 @@ async fn open(addr: SocketAddr, mount: &str) -> Result<(TcpStream, Vec<u8>), Str
             Err(e) => return Err(format!("head: {}", e.kind())),
         }
         if let Some(end) = head.windows(4).position(|w| w == b"\r\n\r\n") {
-            let line = String::from_utf8_lossy(&head[..end]);
-            let status = line.split_whitespace().nth(1).unwrap_or("?").to_string();
+            let text = String::from_utf8_lossy(&head[..end]);
+            let status = text.split_whitespace().nth(1).unwrap_or("?").to_string();
             if status != "200" {
                 return Err(format!("http {status}"));
             }
-            return Ok((stream, head.split_off(end + 4)));
+            let metaint = icy::metaint_of(&text);
+            return Ok((stream, metaint, head.split_off(end + 4)));
         }
         if head.len() > HEAD_MAX_BYTES {
             return Err("head too large".into());
@@ -233,14 +319,22 @@ fn received(s: &Shared, conn: &RefCell<Conn>, data: &[u8]) {
     if c.ttfb_us.is_none() {
         c.ttfb_us = Some(now.saturating_sub(c.connect_us));
     }
+    let Conn { verifier, icy, .. } = &mut *c;
     if now >= s.opts.measure_from_us {
         let mut latency = s.latency.borrow_mut();
         let last = latency.len() - 1;
-        c.verifier.feed(data, &mut |sent| {
+        let mut f = |sent: u64| {
             latency[((now.saturating_sub(sent) / 1000) as usize).min(last)] += 1;
-        });
+        };
+        match icy {
+            Some(p) => p.feed(data, verifier, &mut f),
+            None => verifier.feed(data, &mut f),
+        }
     } else {
-        c.verifier.feed(data, &mut |_| {});
+        match icy {
+            Some(p) => p.feed(data, verifier, &mut |_| {}),
+            None => verifier.feed(data, &mut |_| {}),
+        }
     }
 }
 
@@ -256,7 +350,7 @@ fn progress(conns: &Conns) -> Progress {
             p.streaming += 1;
         }
         p.bytes += c.verifier.delivered_bytes();
-        p.errors += c.verifier.errors.total();
+        p.errors += c.errors().total();
     }
     p
 }
@@ -292,9 +386,23 @@ fn report(s: &Shared) -> ListenReport {
         if (delivered as f64) < owed as f64 * 0.999 {
             r.listeners_short += 1;
         }
-        r.errors.add(&v.errors);
-        if v.errors.total() > 0 {
+        let errors = c.errors();
+        r.errors.add(&errors);
+        if errors.total() > 0 {
             r.listeners_with_errors += 1;
+        }
+        let streaming = c.failed.is_none() && !c.closed_early && c.ttfb_us.is_some();
+        if c.wants_icy {
+            let i = &mut r.icy;
+            i.clients += 1;
+            i.streaming_at_end += usize::from(streaming);
+            let counts = c.icy_counts();
+            i.counts.add(&counts);
+            i.errors.add(&errors);
+            i.listeners_with_errors += usize::from(errors.total() > 0);
+            i.listeners_without_blocks += usize::from(streaming && counts.blocks == 0);
+            i.delivered_bytes += delivered;
+            i.owed_bytes += owed;
         }
         if let Some(t) = c.ttfb_us {
             r.ttfb_us.push(t);

@@ -6,13 +6,17 @@
 //! - `sweep`: runs at growing listener counts and two bitrates, with plots; `make sweep`.
 //! - `compare`: the same run against Icecast and fanstream; `make compare`.
 //! - `coalesce`: the same run at several write coalescing settings; `make coalescing`.
+//! - `icy-compare`: the same run with plain listeners, then ICY ones; `make icy-compare`.
 //!
 //! Layout: [`record`] (the stream format and its verifier), [`schedule`] (the source's pace),
-//! [`source`], [`listen`], [`servers`] (the servers under test), [`procstat`] (/proc),
-//! [`run`] (one run and its summary), [`sweep`] (with [`plot`]), [`compare`] and [`coalesce`].
+//! [`source`], [`listen`] (with [`icy`], the ICY listener's framing), [`servers`] (the servers
+//! under test), [`procstat`] (/proc), [`run`] (one run and its summary, with [`titles`], the
+//! title updates), [`sweep`] (with [`plot`]), [`compare`], [`coalesce`] and [`icy_compare`].
 
 mod coalesce;
 mod compare;
+mod icy;
+mod icy_compare;
 mod listen;
 mod plot;
 mod procstat;
@@ -22,6 +26,7 @@ mod schedule;
 mod servers;
 mod source;
 mod sweep;
+mod titles;
 
 use std::net::SocketAddr;
 use std::process::ExitCode;
@@ -91,6 +96,12 @@ enum Cmd {
         interval_ms: u64,
         #[arg(long, default_value_t = 1000)]
         allowance_ms: u64,
+        /// The share of listeners that ask for ICY metadata (0 to 1).
+        #[arg(long, default_value_t = 0.0)]
+        icy_share: f64,
+        /// The `icy-metaint` the server must announce; default: whatever it says.
+        #[arg(long)]
+        icy_metaint: Option<usize>,
     },
     /// One load run: server, sources, listeners, summary (also as JSON under --out-dir).
     Run(run::RunOpts),
@@ -100,6 +111,9 @@ enum Cmd {
     Compare(run::RunOpts),
     /// The same run at several write coalescing settings of fanstream.
     Coalesce(coalesce::CoalesceOpts),
+    /// The same run twice: every listener plain, then every listener ICY (titles updated in
+    /// both), side by side with the ratio.
+    IcyCompare(run::RunOpts),
 }
 
 fn main() -> ExitCode {
@@ -151,6 +165,8 @@ fn main() -> ExitCode {
             bitrate_kbps,
             interval_ms,
             allowance_ms,
+            icy_share,
+            icy_metaint,
         } => {
             let limit = procstat::raise_fd_limit();
             if clients as u64 + 32 > limit {
@@ -170,9 +186,11 @@ fn main() -> ExitCode {
                 measure_from_us: measure_from_us.unwrap_or(start_us),
                 schedule: Schedule::new(t0_us, bitrate_kbps, interval_ms),
                 allowance_ms,
+                icy_share,
+                icy_metaint,
             };
             let report = listen::run(opts);
-            listen::print_line(&listen::Line::Report(report));
+            listen::print_line(&listen::Line::Report(Box::new(report)));
             ExitCode::SUCCESS
         }
         Cmd::Run(o) => match run::run(&o) {
@@ -191,6 +209,9 @@ fn main() -> ExitCode {
             coalesce::coalesce(&o).map_or_else(|e| fail(&e), |()| ExitCode::SUCCESS)
         }
         Cmd::Compare(o) => compare::compare(&o).map_or_else(|e| fail(&e), |()| ExitCode::SUCCESS),
+        Cmd::IcyCompare(o) => {
+            icy_compare::icy_compare(&o).map_or_else(|e| fail(&e), |()| ExitCode::SUCCESS)
+        }
     }
 }
 

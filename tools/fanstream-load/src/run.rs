@@ -5,6 +5,10 @@
 //! from `start`; the measured window opens once the ramp and every listener's burst are done
 //! (`measure_from`) and lasts `--seconds`; at its end (`end`) every listener closes, then the
 //! sources and the server are stopped. Server and load CPU are taken over the window only.
+//!
+//! With `--icy-share`, that share of the listeners ask for ICY metadata and verify the audio
+//! between the blocks; with `--title-every-secs`, the title of every mount is updated that often
+//! from the sources' start on, so that the blocks carry titles.
 
 use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader};
@@ -13,12 +17,13 @@ use std::process::{Child, Command};
 use std::sync::mpsc;
 use std::time::Duration;
 
-use crate::listen::{Line, ListenReport, Progress};
+use crate::listen::{IcyReport, Line, ListenReport, Progress};
 use crate::procstat;
 use crate::record::Errors;
 use crate::schedule::{unix_us, Schedule};
 use crate::servers::{self, metric_by_label, metric_sum, ServerOpts, ServerProc, Target, PASSWORD};
 use crate::source::{self, SourceOpts, SourceReport};
+use crate::titles::{self, TitleReport};
 
 /// A process holds at most this many connections: its open-file hard limit is 20,000 here.
 const MAX_PER_PROCESS: usize = 9_000;
@@ -68,6 +73,18 @@ pub struct RunOpts {
     /// be in flight, or held by write coalescing (up to `max_write_delay_ms`).
     #[arg(long, default_value_t = 2000)]
     pub allowance_ms: u64,
+    /// The share of listeners that ask for ICY metadata (`Icy-MetaData: 1`), 0 to 1, spread
+    /// evenly over each mount; they strip the blocks and verify the audio between them.
+    #[arg(long, default_value_t = 0.0)]
+    pub icy_share: f64,
+    /// Audio bytes between ICY blocks, set as the mounts' `icy_metaint` (fanstream only);
+    /// unset = the server's default (16000).
+    #[arg(long)]
+    pub icy_metaint: Option<usize>,
+    /// Update every mount's title this often (`/admin/metadata`), so that ICY blocks carry
+    /// titles; unset = never.
+    #[arg(long)]
+    pub title_every_secs: Option<f64>,
     #[arg(long, default_value = "target/release/fanstream")]
     pub fanstream_bin: PathBuf,
     #[arg(long, default_value = "icecast2")]
@@ -116,6 +133,8 @@ pub struct Summary {
     pub server_settings: Vec<String>,
     pub load_processes: usize,
     pub machine: String,
+    /// When the run started (UTC).
+    pub started_utc: String,
     pub loadavg_before: String,
     pub streaming_at_end: usize,
     pub failed: BTreeMap<String, usize>,
@@ -148,6 +167,20 @@ pub struct Summary {
     pub cores: usize,
     pub source_max_late_ms: f64,
     pub sources: Vec<SourceReport>,
+    /// The share of listeners asked to take ICY metadata.
+    pub icy_share: f64,
+    /// The `icy_metaint` set on the server (None: its default).
+    pub icy_metaint: Option<usize>,
+    pub title_every_secs: Option<f64>,
+    /// Title updates answered 200, and refused or unanswered.
+    pub title_updates: TitleReport,
+    /// The ICY listeners alone (also counted in every figure above).
+    pub icy: IcyReport,
+    /// Blocks per streaming ICY listener, and titles per streaming ICY listener.
+    pub icy_blocks_per_listener: f64,
+    pub icy_titles_per_listener: f64,
+    /// ICY listeners by the server's count (`fanstream_icy_listeners`) at the window's end.
+    pub server_icy_listeners: Option<f64>,
     /// Delivered >= 99.9% to every listener asked for, with no integrity error.
     pub ok: bool,
     /// What limited the run, as far as can be told.
@@ -167,6 +200,7 @@ struct Sample {
     server_rss: Option<u64>,
     /// fanstream's listener disconnects by reason, since it started.
     disconnects: BTreeMap<String, f64>,
+    icy_listeners: Option<f64>,
 }
 
 fn sample(server: &ServerProc, loads: &[Child]) -> Sample {
@@ -187,6 +221,7 @@ fn sample(server: &ServerProc, loads: &[Child]) -> Sample {
         disconnects: metrics.as_deref().map_or_else(BTreeMap::new, |t| {
             metric_by_label(t, "fanstream_listener_disconnects_total", "reason")
         }),
+        icy_listeners: m("fanstream_icy_listeners"),
     }
 }
 
@@ -230,6 +265,28 @@ fn cores() -> usize {
     std::thread::available_parallelism().map_or(1, |n| n.get())
 }
 
+/// Now, in UTC, as `YYYY-MM-DD HH:MM:SS UTC`.
+pub fn utc_now() -> String {
+    let secs = unix_us() / 1_000_000;
+    let (days, rest) = (secs / 86_400, secs % 86_400);
+    // Civil date from days since 1970-01-01 (Howard Hinnant's algorithm).
+    let z = days as i64 + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    format!(
+        "{year:04}-{month:02}-{day:02} {:02}:{:02}:{:02} UTC",
+        rest / 3600,
+        rest / 60 % 60,
+        rest % 60
+    )
+}
+
 fn loadavg() -> String {
     std::fs::read_to_string("/proc/loadavg")
         .map(|l| l.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
@@ -237,7 +294,16 @@ fn loadavg() -> String {
 }
 
 pub fn run(o: &RunOpts) -> Result<Summary, String> {
+    if !(0.0..=1.0).contains(&o.icy_share) {
+        return Err(format!("--icy-share {}: 0 to 1", o.icy_share));
+    }
+    if o.title_every_secs
+        .is_some_and(|s| !s.is_finite() || s <= 0.0)
+    {
+        return Err("--title-every-secs: more than 0".into());
+    }
     let name = o.name();
+    let started_utc = utc_now();
     let dir = o.out_dir.join(&name);
     std::fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
     let loadavg_before = loadavg();
@@ -253,6 +319,7 @@ pub fn run(o: &RunOpts) -> Result<Summary, String> {
             mounts: o.mounts,
             min_write_bytes: o.min_write_bytes,
             max_write_delay_ms: o.max_write_delay_ms,
+            icy_metaint: o.icy_metaint,
             settings: o.server_settings.clone(),
             fanstream_bin: o.fanstream_bin.clone(),
             icecast_bin: o.icecast_bin.clone(),
@@ -275,6 +342,20 @@ pub fn run(o: &RunOpts) -> Result<Summary, String> {
         .into_iter()
         .map(|(so, s)| source::start(so, s, schedule))
         .collect();
+    let titles = o.title_every_secs.map(|every| {
+        // Icecast takes title updates with the admin credentials.
+        let user = match o.target {
+            Target::Fanstream => "source",
+            Target::Icecast => "admin",
+        };
+        titles::start(
+            server.addr,
+            mounts.clone(),
+            user,
+            PASSWORD,
+            Duration::from_secs_f64(every),
+        )
+    });
     let rss_before = wait_rss(&server);
 
     let per_process = o.per_process.clamp(1, MAX_PER_PROCESS);
@@ -305,7 +386,11 @@ pub fn run(o: &RunOpts) -> Result<Summary, String> {
             .args(["--t0-us", &schedule.t0_us.to_string()])
             .args(["--bitrate-kbps", &o.bitrate_kbps.to_string()])
             .args(["--interval-ms", &o.interval_ms.to_string()])
-            .args(["--allowance-ms", &o.allowance_ms.to_string()]);
+            .args(["--allowance-ms", &o.allowance_ms.to_string()])
+            .args(["--icy-share", &o.icy_share.to_string()]);
+        if let Some(m) = o.icy_metaint {
+            cmd.args(["--icy-metaint", &m.to_string()]);
+        }
         let mut child = servers::spawn_piped(&mut cmd)?;
         let out = child.stdout.take().expect("piped stdout");
         let tx = tx.clone();
@@ -335,7 +420,7 @@ pub fn run(o: &RunOpts) -> Result<Summary, String> {
         while let Ok((p, line)) = rx.try_recv() {
             match line {
                 Line::Progress(pr) => progress[p] = pr,
-                Line::Report(r) => reports[p] = Some(r),
+                Line::Report(r) => reports[p] = Some(*r),
             }
         }
         let now = unix_us();
@@ -364,6 +449,7 @@ pub fn run(o: &RunOpts) -> Result<Summary, String> {
         std::thread::sleep(Duration::from_millis(50));
     }
     let sources: Vec<SourceReport> = sources.into_iter().map(|s| s.stop()).collect();
+    let title_updates = titles.map(|t| t.stop()).unwrap_or_default();
     drop(loads);
     drop(server);
     let (Some(begin), Some(finish)) = (begin, finish) else {
@@ -387,6 +473,11 @@ pub fn run(o: &RunOpts) -> Result<Summary, String> {
         sources,
         loadavg_before,
     );
+    let s = Summary {
+        started_utc,
+        title_updates,
+        ..s
+    };
     write_json(&o.out_dir.join(format!("{}.json", s.name)), &s)?;
     Ok(s)
 }
@@ -496,6 +587,7 @@ fn summarize(
         s.integrity.add(&r.errors);
         s.listeners_with_errors += r.listeners_with_errors;
         ttfb.extend_from_slice(&r.ttfb_us);
+        s.icy.add(&r.icy);
         for (k, v) in &r.latency_ms {
             *latency.entry(*k).or_insert(0) += v;
         }
@@ -522,6 +614,13 @@ fn summarize(
     let listener_secs = s.streaming_at_end.max(1) as f64 * secs;
     s.cpu_us_per_listener_sec = (finish.server - begin.server) * 1e6 / listener_secs;
     s.server_disconnect_reasons = finish.disconnects.clone();
+    s.icy_share = o.icy_share;
+    s.icy_metaint = o.icy_metaint;
+    s.title_every_secs = o.title_every_secs;
+    let icy_streaming = s.icy.streaming_at_end.max(1) as f64;
+    s.icy_blocks_per_listener = s.icy.counts.blocks as f64 / icy_streaming;
+    s.icy_titles_per_listener = s.icy.counts.titles as f64 / icy_streaming;
+    s.server_icy_listeners = finish.icy_listeners;
     s.server_rss_bytes = finish.server_rss.unwrap_or(0);
     s.server_rss_before_listeners_bytes = rss_before;
     s.rss_per_listener_bytes =
@@ -644,6 +743,26 @@ pub fn print_summary(s: &Summary) {
         s.cores,
         s.source_max_late_ms
     );
+    if s.icy.clients > 0 || s.title_every_secs.is_some() {
+        println!(
+            "ICY                {} of {} listeners (share {}), icy_metaint {}: {} streaming at the end; {} blocks ({:.1} each), {} with a title ({:.1} each), {} framing errors, {} integrity errors, {} streaming without a block; title updates every {}: {} sent, {} failed",
+            s.icy.clients,
+            s.clients,
+            s.icy_share,
+            s.icy_metaint.map_or("default".into(), |m| m.to_string()),
+            s.icy.streaming_at_end,
+            s.icy.counts.blocks,
+            s.icy_blocks_per_listener,
+            s.icy.counts.titles,
+            s.icy_titles_per_listener,
+            s.icy.counts.framing_errors,
+            s.icy.errors.total(),
+            s.icy.listeners_without_blocks,
+            s.title_every_secs.map_or("(never)".into(), |t| format!("{t} s")),
+            s.title_updates.sent,
+            s.title_updates.failed,
+        );
+    }
     println!("result             {}", if s.ok { "OK" } else { "SHORT" });
     println!("limited by         {}", s.limit);
 }

@@ -34,6 +34,8 @@ pub struct ServerOpts {
     pub mounts: usize,
     pub min_write_bytes: Option<usize>,
     pub max_write_delay_ms: Option<u64>,
+    /// Audio bytes between ICY blocks (the mounts' `icy_metaint`); None: the server's default.
+    pub icy_metaint: Option<usize>,
     /// Extra top-level `KEY=VALUE` lines for fanstream's config.
     pub settings: Vec<String>,
     pub fanstream_bin: PathBuf,
@@ -76,16 +78,18 @@ impl Drop for ServerProc {
     }
 }
 
-/// Sum of a metric's samples (all labels).
+/// Sum of a metric's samples (all labels); 0 when it has none (not -0, the empty f64 sum).
 pub fn metric_sum(text: &str, name: &str) -> f64 {
-    text.lines()
+    let sum: f64 = text
+        .lines()
         .filter(|l| !l.starts_with('#'))
         .filter_map(|l| {
             let (series, value) = l.rsplit_once(' ')?;
             let metric = series.split('{').next()?;
             (metric == name).then(|| value.parse::<f64>().ok())?
         })
-        .sum()
+        .sum();
+    sum + 0.0
 }
 
 /// A metric's samples summed by the value of one label (e.g. disconnects by `reason`).
@@ -180,6 +184,9 @@ fn start_fanstream(o: &ServerOpts, dir: &Path, addr: SocketAddr) -> Result<Serve
     if let Some(ms) = o.max_write_delay_ms {
         defaults += &format!("max_write_delay_ms = {ms}\n");
     }
+    if let Some(m) = o.icy_metaint {
+        defaults += &format!("icy_metaint = {m}\n");
+    }
     let extra: String = o.settings.iter().map(|kv| format!("{kv}\n")).collect();
     let config = format!(
         "listen = \"{addr}\"\nadmin_listen = \"{admin}\"\nworkers = {}\ndemo = false\n\
@@ -217,6 +224,9 @@ fn icecast_user() -> (u32, u32) {
 }
 
 fn start_icecast(o: &ServerOpts, dir: &Path, addr: SocketAddr) -> Result<ServerProc, String> {
+    if o.icy_metaint.is_some() {
+        return Err("--icy-metaint is set on fanstream only: Icecast keeps its own (16000)".into());
+    }
     let (uid, gid) = icecast_user();
     let logdir = dir.join("icecast-log");
     fs::create_dir_all(&logdir).map_err(|e| e.to_string())?;
@@ -307,5 +317,11 @@ mod tests {
         assert_eq!(by.get("slow"), Some(&5.0));
         assert_eq!(by.get("shutdown"), Some(&1.0));
         assert_eq!(by.len(), 2);
+        assert_eq!(
+            metric_sum(text, "fanstream_listener_disconnects_total"),
+            6.0
+        );
+        let none = metric_sum(text, "fanstream_icy_listeners");
+        assert!(none == 0.0 && none.is_sign_positive(), "{none}");
     }
 }

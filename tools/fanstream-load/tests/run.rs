@@ -60,3 +60,55 @@ fn a_short_load_run_serves_every_listener_in_full() {
     assert!(s["server_cpu_pct_metrics"].is_number(), "{text}");
     assert_eq!(s["ok"], true, "{text}");
 }
+
+#[test]
+fn a_short_load_run_with_icy_listeners_verifies_the_audio_between_blocks() {
+    let fanstream = fanstream_bin();
+    let out = scratch_dir("load_tool_run_icy");
+    let status = Command::new(env!("CARGO_BIN_EXE_fanstream-load"))
+        .args([
+            "run",
+            "--clients",
+            "40",
+            "--seconds",
+            "3",
+            "--ramp-per-sec",
+            "400",
+        ])
+        // Half of them ICY, side by side with plain ones; a short interval and titles each
+        // second, so that a 3 s window holds many blocks and several titles.
+        .args(["--icy-share", "0.5", "--icy-metaint", "1024"])
+        .args(["--title-every-secs", "1"])
+        .args(["--per-process", "20", "--name", "icy"])
+        .arg("--fanstream-bin")
+        .arg(fanstream)
+        .arg("--out-dir")
+        .arg(&out)
+        .status()
+        .expect("fanstream-load runs");
+    assert!(status.success(), "fanstream-load run failed: {status}");
+    let text = std::fs::read_to_string(out.join("icy.json")).expect("summary written");
+    let s: serde_json::Value = serde_json::from_str(&text).expect("summary is JSON");
+    assert_eq!(s["streaming_at_end"], 40, "{text}");
+    assert_eq!(s["icy"]["clients"], 20, "{text}");
+    assert_eq!(s["icy"]["streaming_at_end"], 20, "{text}");
+    assert_eq!(s["server_icy_listeners"], 20.0, "{text}");
+    for kind in ["gaps", "duplicates", "corrupt"] {
+        assert_eq!(s["integrity"][kind], 0, "{kind}: {text}");
+    }
+    assert_eq!(s["icy"]["counts"]["framing_errors"], 0, "{text}");
+    assert_eq!(s["icy"]["listeners_without_blocks"], 0, "{text}");
+    // At 16,000 audio bytes a second, a block every 1,024: well over 40 per listener.
+    assert!(
+        s["icy_blocks_per_listener"].as_f64().unwrap() >= 40.0,
+        "{text}"
+    );
+    assert!(
+        s["icy"]["counts"]["titles"].as_u64().unwrap() >= 20,
+        "{text}"
+    );
+    assert!(s["title_updates"]["sent"].as_u64().unwrap() >= 3, "{text}");
+    assert_eq!(s["title_updates"]["failed"], 0, "{text}");
+    assert!(s["icy"]["delivered_bytes"].as_u64().unwrap() > 0, "{text}");
+    assert_eq!(s["ok"], true, "{text}");
+}

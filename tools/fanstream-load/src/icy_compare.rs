@@ -1,0 +1,212 @@
+//! What ICY metadata costs the server: the same run twice, back to back on the same machine,
+//! every listener plain, then every listener ICY, titles updated in both (every 5 s unless told
+//! otherwise) so that the only difference is the listeners' kind. Server CPU cannot be split by
+//! listener kind within one run, so the two runs are compared: both rows and their ratio.
+
+use crate::run::{self, write_json, RunOpts, Summary};
+
+/// The target: ICY at most this many times plain, in CPU per listener-second.
+const TARGET_RATIO: f64 = 1.2;
+const DEFAULT_TITLE_EVERY_SECS: f64 = 5.0;
+
+pub fn icy_compare(o: &RunOpts) -> Result<(), String> {
+    let title_every = o.title_every_secs.or(Some(DEFAULT_TITLE_EVERY_SECS));
+    let mut rows = Vec::new();
+    for (kind, share) in [("plain", 0.0), ("icy", 1.0)] {
+        let opts = RunOpts {
+            icy_share: share,
+            title_every_secs: title_every,
+            name: Some(format!(
+                "icy-compare-{kind}-{}c-{}k",
+                o.clients, o.bitrate_kbps
+            )),
+            ..o.clone()
+        };
+        let s = run::run(&opts)?;
+        run::print_summary(&s);
+        rows.push(s);
+        // Let sockets of the first run drain before the second.
+        std::thread::sleep(std::time::Duration::from_secs(3));
+    }
+    let table = table(&rows[0], &rows[1]);
+    println!("\n{table}");
+    let stem = format!("icy-{}c-{}k", o.clients, o.bitrate_kbps);
+    std::fs::write(o.out_dir.join(format!("{stem}.md")), &table).map_err(|e| e.to_string())?;
+    write_json(&o.out_dir.join(format!("{stem}.json")), &rows)?;
+    eprintln!(
+        "written to {}",
+        o.out_dir.join(format!("{stem}.md")).display()
+    );
+    Ok(())
+}
+
+fn ratio(icy: f64, plain: f64) -> String {
+    if plain > 0.0 {
+        format!("{:.2}", icy / plain)
+    } else {
+        "n/a".into()
+    }
+}
+
+fn table(plain: &Summary, icy: &Summary) -> String {
+    let mut t = format!(
+        "{} listeners at {} kbit/s ({} B every {} ms), {:.0} s window, icy_metaint {}, title updated every {} s in both runs; machine: {}\n\n",
+        icy.clients,
+        icy.bitrate_kbps,
+        icy.piece_bytes,
+        icy.interval_ms,
+        icy.window_secs,
+        icy.icy_metaint
+            .map_or("16000 (default)".into(), |m| m.to_string()),
+        icy.title_every_secs.unwrap_or_default(),
+        icy.machine
+    );
+    t += "| | plain | ICY | ICY / plain |\n|---|---|---|---|\n";
+    let metrics_us = |s: &Summary| {
+        s.server_cpu_pct_metrics
+            .map_or(0.0, |p| p * 1e4 / s.streaming_at_end.max(1) as f64)
+    };
+    let numeric: [(&str, f64, f64, usize); 9] = [
+        (
+            "listeners streaming at the end",
+            plain.streaming_at_end as f64,
+            icy.streaming_at_end as f64,
+            0,
+        ),
+        (
+            "delivered (% of bytes owed)",
+            plain.delivered_ratio * 100.0,
+            icy.delivered_ratio * 100.0,
+            3,
+        ),
+        (
+            "server CPU, % of a core",
+            plain.server_cpu_pct,
+            icy.server_cpu_pct,
+            1,
+        ),
+        (
+            "**CPU µs per listener-second** (/proc)",
+            plain.cpu_us_per_listener_sec,
+            icy.cpu_us_per_listener_sec,
+            1,
+        ),
+        (
+            "CPU µs per listener-second (/metrics threads)",
+            metrics_us(plain),
+            metrics_us(icy),
+            1,
+        ),
+        (
+            "RSS per listener, bytes",
+            plain.rss_per_listener_bytes,
+            icy.rss_per_listener_bytes,
+            0,
+        ),
+        (
+            "server RSS, MiB",
+            plain.server_rss_bytes as f64 / 1048576.0,
+            icy.server_rss_bytes as f64 / 1048576.0,
+            1,
+        ),
+        (
+            "write syscalls per listener-second",
+            plain.write_syscalls_per_listener_sec.unwrap_or(0.0),
+            icy.write_syscalls_per_listener_sec.unwrap_or(0.0),
+            3,
+        ),
+        (
+            "bytes per write (audio)",
+            plain.bytes_per_write.unwrap_or(0.0),
+            icy.bytes_per_write.unwrap_or(0.0),
+            0,
+        ),
+    ];
+    for (name, p, i, prec) in numeric {
+        t += &format!("| {name} | {p:.prec$} | {i:.prec$} | {} |\n", ratio(i, p));
+    }
+    let integrity = |s: &Summary| {
+        format!(
+            "{} (gaps {}, duplicates {}, corrupt {})",
+            s.integrity.total(),
+            s.integrity.gaps,
+            s.integrity.duplicates,
+            s.integrity.corrupt
+        )
+    };
+    let icy_line = |s: &Summary| {
+        format!(
+            "{} ({} by the server)",
+            s.icy.streaming_at_end,
+            s.server_icy_listeners
+                .map_or("n/a".into(), |n| format!("{n:.0}"))
+        )
+    };
+    let blocks = |s: &Summary| {
+        format!(
+            "{} / {} ({:.1} / {:.1} per listener)",
+            s.icy.counts.blocks,
+            s.icy.counts.titles,
+            s.icy_blocks_per_listener,
+            s.icy_titles_per_listener
+        )
+    };
+    let text: [(&str, String, String); 11] = [
+        ("integrity errors", integrity(plain), integrity(icy)),
+        ("ICY listeners at the end", icy_line(plain), icy_line(icy)),
+        ("ICY blocks / with a title", blocks(plain), blocks(icy)),
+        (
+            "ICY framing errors (in corrupt)",
+            plain.icy.counts.framing_errors.to_string(),
+            icy.icy.counts.framing_errors.to_string(),
+        ),
+        (
+            "title updates sent / failed",
+            format!(
+                "{} / {}",
+                plain.title_updates.sent, plain.title_updates.failed
+            ),
+            format!("{} / {}", icy.title_updates.sent, icy.title_updates.failed),
+        ),
+        (
+            "latency p50 / p99, ms",
+            format!("{:.0} / {:.0}", plain.latency_p50_ms, plain.latency_p99_ms),
+            format!("{:.0} / {:.0}", icy.latency_p50_ms, icy.latency_p99_ms),
+        ),
+        (
+            "load tool CPU, % of a core",
+            format!("{:.0}", plain.load_cpu_pct.iter().sum::<f64>()),
+            format!("{:.0}", icy.load_cpu_pct.iter().sum::<f64>()),
+        ),
+        (
+            "machine busy, % (of 200%)",
+            format!("{:.0}", plain.machine_busy_pct),
+            format!("{:.0}", icy.machine_busy_pct),
+        ),
+        (
+            "started",
+            plain.started_utc.clone(),
+            icy.started_utc.clone(),
+        ),
+        (
+            "load average before",
+            plain.loadavg_before.clone(),
+            icy.loadavg_before.clone(),
+        ),
+        ("limited by", plain.limit.clone(), icy.limit.clone()),
+    ];
+    for (name, p, i) in text {
+        t += &format!("| {name} | {p} | {i} | |\n");
+    }
+    let r = icy.cpu_us_per_listener_sec / plain.cpu_us_per_listener_sec.max(f64::MIN_POSITIVE);
+    t += &format!(
+        "\nICY / plain CPU per listener-second: {r:.2} (target: at most {TARGET_RATIO:.1}): {}; audio between blocks {}.\n",
+        if r <= TARGET_RATIO { "within" } else { "over" },
+        if icy.integrity.total() == 0 && icy.icy.counts.blocks > 0 {
+            "byte-exact for every ICY listener"
+        } else {
+            "NOT verified clean: see the integrity row"
+        }
+    );
+    t
+}
