@@ -37,7 +37,8 @@ pub(crate) async fn admit(ctx: &Rc<WorkerCtx>, incoming: Incoming) {
     let preamble_len = snap.info.preamble.len() + snap.headers.len();
     let icy = wants_icy(&req, &snap)
         .then(|| Cadence::after(snap.settings.icy_metaint, preamble_len))
-        .flatten();
+        .flatten()
+        .map(Box::new);
     let head = async {
         match &icy {
             // The shared head, with `icy-metaint` before its closing blank line.

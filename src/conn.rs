@@ -171,7 +171,8 @@ pub(crate) struct NewListener {
     /// Absolute offset of the first byte to send it (its join point).
     pub pos: u64,
     /// The ICY framing it asked for, with what of its first interval the preamble used.
-    pub icy: Option<Cadence>,
+    /// Boxed: most listeners take no ICY, and the fan-out keeps this inline per listener.
+    pub icy: Option<Box<Cadence>>,
     pub guard: ListenerGuard,
     pub conn: ConnGuard,
 }
