@@ -8,7 +8,7 @@
 //!   its head first (closing with unread bytes resets the connection, answer included).
 //! - `max_connections`: at the limit it stops calling `accept()` (the kernel's backlog holds
 //!   newcomers instead of the process running out of descriptors), except to take in a newcomer
-//!   in place of a connection that has sent no head for [`IDLE_HEAD_MIN_AGE`] (see
+//!   in place of a connection that has sent no head for [`REPLACE`] (see
 //!   [`crate::heads`]). It resumes once a margin of slots is free (1% of the limit), so a storm
 //!   is one pause and one resume, not one of each per slot freed; each is logged once.
 //! - Above [`PRESSURE_PERCENT`] of the limit, newcomers get `header_timeout_under_pressure_secs`
@@ -30,18 +30,21 @@ use tokio::net::TcpListener;
 use tokio::runtime::Runtime;
 
 use crate::conn::{close_unanswered, Accepted, ConnGuard};
+use crate::heads::{room_or, Replace};
 use crate::reasons::Unanswered;
 use crate::shared::{stopped, Shared};
 
 /// How long to pause accepting after EMFILE/ENFILE/ENOBUFS/ENOMEM.
 const RESOURCE_BACKOFF: Duration = Duration::from_millis(100);
-/// How long a connection may go without sending its head before, at the limit, it can be closed
-/// to make room. A client sends its head with its connection; one still silent after this (and
-/// after its worker had time to read it, on a loaded machine) is idle or far too slow to serve.
-const IDLE_HEAD_MIN_AGE: Duration = Duration::from_millis(250);
-/// Connections beyond the limit while the ones closed to make room are still closing, on their
-/// workers: bounds the descriptors replacing can take, within the reserve.
-const REPLACING_MAX: usize = 32;
+/// At the limit, a connection silent for 250 ms may be closed to make room: a client sends its
+/// head with its connection, so one still silent after this (and after its worker had time to
+/// read it, on a loaded machine) is idle or far too slow to serve. At most 32 such replacements
+/// may still be closing on their workers: that bounds the descriptors replacing takes, within the
+/// reserve.
+const REPLACE: Replace = Replace {
+    min_age: Duration::from_millis(250),
+    in_flight: 32,
+};
 /// Above this share of `max_connections`, newcomers get the short head timeout.
 const PRESSURE_PERCENT: usize = 80;
 /// How often held-back log lines are summarised (each reason at most once per interval).
@@ -94,17 +97,10 @@ pub(crate) fn run(
                 Some(Change::Resumed { .. }) | None => {}
             }
             if gate.paused() {
-                let idle = if open < limit + REPLACING_MAX {
-                    shared.heads.oldest_idle(IDLE_HEAD_MIN_AGE, now)
-                } else {
-                    Err(None)
-                };
-                if let Err(idle_at) = idle {
-                    let until = idle_at.map(tokio::time::Instant::from_std);
+                if let Err(until) = shared.heads.room_by_replacing(REPLACE, open, limit, now) {
                     tokio::select! {
                         _ = stopped(&mut stop) => break,
-                        _ = shared.room.notified() => {}
-                        _ = tokio::time::sleep_until(until.unwrap_or_else(tokio::time::Instant::now)), if until.is_some() => {}
+                        () = room_or(&shared.room, until) => {}
                     }
                     continue;
                 }
@@ -117,7 +113,7 @@ pub(crate) fn run(
                     Ok((stream, peer)) => {
                         let open = shared.open_connections();
                         if hand_off(&shared, &workers, stream, peer, open) && gate.paused()
-                            && shared.heads.evict_oldest(IDLE_HEAD_MIN_AGE, Instant::now())
+                            && shared.heads.evict_oldest(REPLACE.min_age, Instant::now())
                         {
                             gate.replaced += 1;
                         }

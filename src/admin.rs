@@ -4,7 +4,7 @@
 //! Its connections are bounded apart from the listener port's: at most `max_admin_connections`
 //! (part of the descriptor reserve, see `Config::descriptor_reserve`). At the limit it stops
 //! accepting, except to take a newcomer in place of a connection that has sent no request for
-//! [`IDLE_REQUEST_MIN_AGE`], so idle connections cannot keep a scrape out. The accept loop
+//! [`REPLACE`], so idle connections cannot keep a scrape out. The accept loop
 //! counts a connection in; its [`AdminConn`], dropped when its task ends, counts it out.
 
 use std::cell::Cell;
@@ -22,7 +22,7 @@ use tokio::task::LocalSet;
 
 use crate::auth;
 use crate::conn::{close_unanswered, refuse, ToIngest};
-use crate::heads::{Heads, Pending};
+use crate::heads::{room_or, Heads, Pending, Replace};
 use crate::http::{self, Method, Request};
 use crate::metadata;
 use crate::reasons::{Realm, Refusal, Unanswered};
@@ -31,12 +31,13 @@ use crate::status;
 
 /// A scrape request must arrive within this.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
-/// How long an admin connection may go without its request before, at the limit, it can be
-/// closed for a newcomer: Prometheus and curl send the request with the connection, and this
-/// thread has nothing else to do than read it, so shorter than on the listener port.
-const IDLE_REQUEST_MIN_AGE: Duration = Duration::from_millis(100);
-/// Connections beyond the limit while the ones closed to make room are still closing.
-const REPLACING_MAX: usize = 8;
+/// At the limit, an admin connection silent for 100 ms may be closed for a newcomer: Prometheus
+/// and curl send the request with the connection, and this thread has nothing else to do than
+/// read it, so shorter than on the listener port. At most 8 replacements still closing.
+const REPLACE: Replace = Replace {
+    min_age: Duration::from_millis(100),
+    in_flight: 8,
+};
 
 /// Counts one admin connection while it lives; all of them live on the admin thread.
 struct AdminConn {
@@ -75,17 +76,11 @@ pub(crate) fn run(
         loop {
             let at_limit = open.get() >= limit;
             if at_limit {
-                let idle = if open.get() < limit + REPLACING_MAX {
-                    heads.oldest_idle(IDLE_REQUEST_MIN_AGE, Instant::now())
-                } else {
-                    Err(None)
-                };
-                if let Err(idle_at) = idle {
-                    let until = idle_at.map(tokio::time::Instant::from_std);
+                let now = Instant::now();
+                if let Err(until) = heads.room_by_replacing(REPLACE, open.get(), limit, now) {
                     tokio::select! {
                         _ = stopped(&mut stop) => break,
-                        _ = room.notified() => {}
-                        _ = tokio::time::sleep_until(until.unwrap_or_else(tokio::time::Instant::now)), if until.is_some() => {}
+                        () = room_or(&room, until) => {}
                     }
                     continue;
                 }
@@ -97,7 +92,7 @@ pub(crate) fn run(
                     Ok((stream, peer)) => {
                         let now = Instant::now();
                         if at_limit {
-                            heads.evict_oldest(IDLE_REQUEST_MIN_AGE, now);
+                            heads.evict_oldest(REPLACE.min_age, now);
                         }
                         let head = heads.enter(peer.ip(), 0, now).expect("no per-address limit");
                         open.set(open.get() + 1);

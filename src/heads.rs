@@ -55,6 +55,25 @@ pub(crate) struct Pending {
     head: Arc<Head>,
 }
 
+/// How a port at its connection limit makes room: a newcomer takes the place of the oldest
+/// connection that has sent no head for `min_age`, with at most `in_flight` such replacements
+/// still closing.
+#[derive(Clone, Copy)]
+pub(crate) struct Replace {
+    pub min_age: Duration,
+    pub in_flight: usize,
+}
+
+/// Resolves when a slot frees (`room` is notified) or at `until`, whichever comes first.
+pub(crate) async fn room_or(room: &Notify, until: Option<Instant>) {
+    match until {
+        Some(at) => {
+            let _ = tokio::time::timeout_at(at.into(), room.notified()).await;
+        }
+        None => room.notified().await,
+    }
+}
+
 impl Heads {
     /// Counts a new connection's head in; `None` when its address already has `per_ip_limit`
     /// heads pending (0: no limit).
@@ -94,6 +113,23 @@ impl Heads {
             Some(h) if now.saturating_duration_since(h.accepted) >= min_age => Ok(()),
             Some(h) => Err(Some(h.accepted + min_age)),
         }
+    }
+
+    /// At a port's connection limit with `open` connections: Ok when a newcomer may be accepted
+    /// now in place of the oldest head pending for `replace.min_age`, else when to look again
+    /// (None: only once a slot frees). Replacements not yet closed count against
+    /// `replace.in_flight`, so descriptors never exceed the limit by more than that.
+    pub fn room_by_replacing(
+        &self,
+        replace: Replace,
+        open: usize,
+        limit: usize,
+        now: Instant,
+    ) -> Result<(), Option<Instant>> {
+        if open >= limit + replace.in_flight {
+            return Err(None);
+        }
+        self.oldest_idle(replace.min_age, now)
     }
 
     /// Asks the oldest head pending for `min_age` or more to close; false if there is none.
