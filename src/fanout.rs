@@ -35,8 +35,13 @@ use crate::shared::{stopped, Stop};
 use crate::store::{Position, SourceState};
 use crate::usage::WorkerUsage;
 
-/// Most slices in one vectored write (Linux allows 1024; beyond a few dozen nothing is gained).
-const MAX_WRITE_SLICES: usize = 64;
+/// Most slices in one vectored write: Linux's `IOV_MAX`, so that a write carries all a listener is
+/// owed even when the source's pieces are small (std's `writev` caps a longer list at the
+/// platform's own limit, so this is never too many elsewhere).
+const MAX_WRITE_SLICES: usize = 1024;
+/// Slices a write's list starts with room for: a coalesced write at 128 kbit/s carries about 50
+/// encoder pieces; more grows the list, up to `MAX_WRITE_SLICES`.
+const USUAL_WRITE_SLICES: usize = 64;
 /// Most bytes offered to one write.
 const MAX_WRITE_BYTES: usize = 256 * 1024;
 /// How often listeners' lag is sampled into `fanstream_listener_lag_bytes`: each sample costs a
@@ -77,6 +82,7 @@ struct Shard {
     mount: Arc<Mount>,
     listeners: Slab<Listener>,
     sent_bytes: IntCounter,
+    writes: IntCounter,
     skips: IntCounter,
     disconnects: IntCounterVec,
     lag: Histogram,
@@ -111,7 +117,7 @@ impl<'s> Gathered<'s> {
     fn new() -> Self {
         Gathered {
             pos: None,
-            slices: Vec::with_capacity(MAX_WRITE_SLICES),
+            slices: Vec::with_capacity(USUAL_WRITE_SLICES),
             arrival: None,
         }
     }
@@ -173,7 +179,6 @@ impl Parking {
 /// Where a serving pass reports: the worker's parking and counters.
 struct Outlets {
     parking: Parking,
-    writes: IntCounter,
     panics: IntCounter,
 }
 
@@ -243,7 +248,7 @@ impl Shard {
             }
             None => listeners.iter_mut().for_each(|(key, l)| visit(key, l)),
         }
-        pass.out.writes.inc_by(tally.writes);
+        self.writes.inc_by(tally.writes);
         self.sent_bytes.inc_by(tally.bytes);
         for (key, why) in dropped {
             if self.listeners.try_remove(key).is_some() {
@@ -283,7 +288,6 @@ pub(crate) struct FanOut {
 impl FanOut {
     pub fn new(ctx: Rc<WorkerCtx>, admit_rx: mpsc::UnboundedReceiver<NewListener>) -> Self {
         let m = &ctx.shared.metrics;
-        let writes = m.write_syscalls.with_label_values(&[&ctx.label]);
         let wakeups = m.worker_wakeups.with_label_values(&[&ctx.label]);
         let panics = m.panics.with_label_values(&["listener"]);
         let usage = WorkerUsage::new(m, &ctx.label);
@@ -294,7 +298,6 @@ impl FanOut {
             next_shard_id: 0,
             out: Outlets {
                 parking: Parking::default(),
-                writes,
                 panics,
             },
             wakeups,
@@ -391,6 +394,9 @@ impl FanOut {
                     listeners: Slab::new(),
                     sent_bytes: metrics
                         .sent_bytes
+                        .with_label_values(&[&mount.path, &self.ctx.label]),
+                    writes: metrics
+                        .write_syscalls
                         .with_label_values(&[&mount.path, &self.ctx.label]),
                     skips: metrics.listener_skips.with_label_values(&[&mount.path]),
                     disconnects: metrics.listener_disconnects.clone(),
@@ -659,8 +665,8 @@ fn write_icy(
         (take > 0).then(|| &p[..take])
     });
     let now = &snap.now_playing;
-    let mut iov = Vec::with_capacity(MAX_WRITE_SLICES);
-    let mut plan = Vec::with_capacity(MAX_WRITE_SLICES);
+    let mut iov = Vec::with_capacity(USUAL_WRITE_SLICES);
+    let mut plan = Vec::with_capacity(USUAL_WRITE_SLICES);
     cadence.lay_out(
         audio,
         (&now.icy_block, now.version),

@@ -9,6 +9,31 @@
 //!
 //! It also applies a reload to its mounts: each mount's settings are published in its snapshots,
 //! so readers see the stream and the settings that govern it in one load.
+//!
+//! # Small reads are merged
+//!
+//! Each piece ingest publishes is a chunk every listener's write must carry as one slice, and a
+//! wake-up of every worker. An encoder writes a few hundred bytes every 20-26 ms, but a source
+//! writing a byte at a time would make every byte a chunk. So a read smaller than
+//! [`SMALL_PIECE_BYTES`] that comes less than the mount's *merge gap* after the previous piece is
+//! not published at once: ingest stops reading until the gap has passed, letting what arrives
+//! meanwhile wait in the socket's receive buffer, then takes all of it in one read and publishes
+//! it as one piece. A mount thus gets at most one small piece per gap, whatever its source's
+//! writes, and ingest makes one read per piece, not one per write. Nothing is copied: the merged
+//! piece is one read into the read buffer.
+//!
+//! The gap is a twentieth of the mount's `max_write_delay_ms`, at most [`MAX_MERGE_GAP`]: a
+//! listener's coalesced write is due `max_write_delay_ms` after the oldest byte pending, stamped
+//! with when it was read (not when it was published), so holding it for less than the delay moves
+//! no write, and at worst adds a twentieth to the latency bound. Pieces of an encoder that writes
+//! every 20 ms or more, or that are not small, are never held. `max_write_delay_ms = 0` asks for
+//! every piece at once: nothing is held, and a source writing tiny pieces to such a mount costs a
+//! chunk and a write to every listener per piece, which is what that mount asked for.
+//!
+//! The merge is of raw bytes, before the format layer: the sync points stored are the ones the
+//! parser finds in the merged bytes. Frame and page boundaries are found however the bytes were
+//! split; only a stream the parser passes through as it came (no format, or MPEG not yet locked)
+//! has its join points at read boundaries, which merging makes at most one per gap.
 
 use std::cell::RefCell;
 use std::collections::HashMap;
@@ -39,6 +64,15 @@ use crate::store::{SourceState, StreamInfo};
 const READ_BUF_BYTES: usize = 64 * 1024;
 /// Below this much free room, the next read gets a fresh allocation.
 const MIN_READ_ROOM: usize = 4 * 1024;
+/// A read at least this big is published at once: a chunk of it costs a listener's write little
+/// per byte, and an encoder's pieces (a frame or more) are bigger.
+const SMALL_PIECE_BYTES: usize = 256;
+/// The longest a small read is held for more to merge with: below the 20-26 ms at which encoders
+/// write, so that their pieces never wait, and enough to make a byte-at-a-time source's pieces
+/// about 160 bytes at 128 kbit/s.
+const MAX_MERGE_GAP: Duration = Duration::from_millis(10);
+/// The merge gap is at most this fraction of the mount's `max_write_delay_ms`.
+const MERGE_GAP_PER_WRITE_DELAY: u32 = 20;
 
 /// One mount as ingest keeps it.
 struct Entry {
@@ -116,6 +150,7 @@ impl Ingest {
         claim: Claim,
         events: &mut Vec<Event>,
         subtype: Option<Option<String>>,
+        arrived: Instant,
     ) -> bool {
         let mut entries = self.entries.borrow_mut();
         let Some(entry) = entries
@@ -126,10 +161,9 @@ impl Ingest {
         };
         let m = &self.shared.metrics;
         let window = entry.writer.settings().window_bytes();
-        let now = Instant::now();
         for event in events.drain(..) {
             match event {
-                Event::Data { bytes, sync } => entry.writer.append(bytes, now, window, sync),
+                Event::Data { bytes, sync } => entry.writer.append(bytes, arrived, window, sync),
                 Event::Headers(pages) => entry.writer.set_headers(pages),
                 Event::Tags { title, artist } => {
                     entry.writer.set_now_playing(title, artist, None);
@@ -149,6 +183,9 @@ impl Ingest {
         m.retained_bytes
             .with_label_values(&[path])
             .set(entry.writer.store().load().retained_bytes() as i64);
+        m.retained_pieces
+            .with_label_values(&[path])
+            .set(entry.writer.retained_pieces() as i64);
         drop(entries);
         self.shared.wake_workers();
         true
@@ -223,11 +260,9 @@ impl Ingest {
         tracing::info!(mount = %path, then = ?next, "source did not return within the grace period");
         entry.writer.set_state(next);
         self.shared.mounts.remove(&entry.mount);
-        self.shared
-            .metrics
-            .retained_bytes
-            .with_label_values(&[path])
-            .set(0);
+        let m = &self.shared.metrics;
+        m.retained_bytes.with_label_values(&[path]).set(0);
+        m.retained_pieces.with_label_values(&[path]).set(0);
         entries.remove(path);
         drop(entries);
         self.shared.wake_workers();
@@ -339,8 +374,9 @@ struct Source<'a> {
 }
 
 impl Source<'_> {
-    /// Parses a piece of the stream and publishes the result; Err says why the source must end.
-    fn append(&mut self, piece: Bytes) -> Result<(), &'static str> {
+    /// Parses a piece of the stream, whose first byte was read at `arrived`, and publishes the
+    /// result; Err says why the source must end.
+    fn append(&mut self, piece: Bytes, arrived: Instant) -> Result<(), &'static str> {
         self.ingest
             .shared
             .metrics
@@ -357,7 +393,7 @@ impl Source<'_> {
         let subtype = self.subtype_change();
         if self
             .ingest
-            .publish(self.mount, self.claim, &mut self.events, subtype)
+            .publish(self.mount, self.claim, &mut self.events, subtype, arrived)
         {
             Ok(())
         } else {
@@ -370,9 +406,32 @@ impl Source<'_> {
         self.format.finish(&mut self.events);
         if !self.events.is_empty() {
             let subtype = self.subtype_change();
-            self.ingest
-                .publish(self.mount, self.claim, &mut self.events, subtype);
+            self.ingest.publish(
+                self.mount,
+                self.claim,
+                &mut self.events,
+                subtype,
+                Instant::now(),
+            );
         }
+    }
+
+    /// Until when a read of `len` bytes at `read_at` is held for more to merge with, given when the
+    /// previous piece was published (see the module's doc); None to publish it at once.
+    fn hold(&self, len: usize, read_at: Instant, published: Option<Instant>) -> Option<Instant> {
+        if len >= SMALL_PIECE_BYTES {
+            return None;
+        }
+        let delay_ms = self
+            .ingest
+            .entries
+            .borrow()
+            .get(self.mount)
+            .map_or(0, |e| e.writer.settings().max_write_delay_ms);
+        let gap = (Duration::from_millis(delay_ms) / MERGE_GAP_PER_WRITE_DELAY).min(MAX_MERGE_GAP);
+        published
+            .map(|at| at + gap)
+            .filter(|until| *until > read_at)
     }
 
     /// The stream's subtype, if it changed with the events at hand.
@@ -414,7 +473,7 @@ async fn read_pieces(src: &mut Source<'_>, mut pieces: mpsc::Receiver<Bytes>) ->
             Err(_) => return "source_timeout",
             Ok(None) => return "end_of_stream",
             Ok(Some(piece)) => {
-                if let Err(why) = src.append(piece) {
+                if let Err(why) = src.append(piece, Instant::now()) {
                     return why;
                 }
             }
@@ -433,6 +492,10 @@ async fn read_stream(
     let mut decoder = chunked.then(ChunkedDecoder::default);
     let mut buf = BytesMut::from(&leftover[..]);
     let mut decoded = BytesMut::new();
+    let mut read_at = Instant::now();
+    let mut published = None;
+    // Why the stream ended while a piece was held: the piece goes out first.
+    let mut ended = None;
     loop {
         if !buf.is_empty() {
             let raw = buf.split().freeze();
@@ -449,13 +512,17 @@ async fn read_stream(
                 }
             };
             if !piece.is_empty() {
-                if let Err(why) = src.append(piece) {
+                if let Err(why) = src.append(piece, read_at) {
                     return why;
                 }
+                published = Some(Instant::now());
             }
             if decoder.as_ref().is_some_and(|d| d.is_done()) {
                 return "end_of_stream";
             }
+        }
+        if let Some(why) = ended {
+            return why;
         }
         if buf.capacity() < MIN_READ_ROOM {
             buf.reserve(READ_BUF_BYTES);
@@ -466,5 +533,28 @@ async fn read_stream(
             Ok(Ok(_)) => {}
             Ok(Err(_)) => return "read_error",
         }
+        read_at = Instant::now();
+        if let Some(until) = src.hold(buf.len(), read_at, published) {
+            tokio::time::sleep_until(until.into()).await;
+            ended = take_waiting(stream, &mut buf);
+        }
     }
+}
+
+/// Reads what waits in the socket without waiting for more, up to a read buffer's worth; Some
+/// says why the stream ended.
+fn take_waiting(stream: &TcpStream, buf: &mut BytesMut) -> Option<&'static str> {
+    while buf.len() < READ_BUF_BYTES {
+        if buf.capacity() - buf.len() < MIN_READ_ROOM {
+            buf.reserve(READ_BUF_BYTES);
+        }
+        match stream.try_read_buf(buf) {
+            Ok(0) => return Some("closed"),
+            Ok(_) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return None,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(_) => return Some("read_error"),
+        }
+    }
+    None
 }

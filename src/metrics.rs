@@ -43,7 +43,7 @@ pub(crate) struct Metrics {
     pub listener_skips: IntCounterVec,
     /// Payload bytes written to listeners, by mount and worker.
     pub sent_bytes: IntCounterVec,
-    /// Write syscalls to listeners, by worker.
+    /// Write syscalls to listeners, by mount and worker.
     pub write_syscalls: IntCounterVec,
     /// Times a worker was woken by ingest for new data, by worker.
     pub worker_wakeups: IntCounterVec,
@@ -57,6 +57,9 @@ pub(crate) struct Metrics {
     pub source_disconnects: IntCounterVec,
     /// Payload bytes a mount retains now.
     pub retained_bytes: IntGaugeVec,
+    /// Chunks a mount retains now: each costs memory and a slice in a listener's write beyond
+    /// its bytes, so a source writing tiny pieces shows here.
+    pub retained_pieces: IntGaugeVec,
     /// Title changes, by mount: from `/admin/metadata` or the stream's own tags.
     pub metadata_updates: IntCounterVec,
     /// Source bytes the format layer could not place on a frame or page, by mount and action
@@ -151,7 +154,7 @@ impl Metrics {
                 &reg,
                 "write_syscalls_total",
                 "Write syscalls to listeners.",
-                &["worker"],
+                &["mount", "worker"],
             ),
             worker_wakeups: counter(
                 &reg,
@@ -187,6 +190,12 @@ impl Metrics {
                 &reg,
                 "retained_bytes",
                 "Payload bytes a mount retains.",
+                &["mount"],
+            ),
+            retained_pieces: gauge(
+                &reg,
+                "retained_pieces",
+                "Chunks (pieces as ingest stored them) a mount retains.",
                 &["mount"],
             ),
             metadata_updates: counter(

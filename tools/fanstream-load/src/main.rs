@@ -54,6 +54,10 @@ enum Cmd {
         bitrate_kbps: u64,
         #[arg(long, default_value_t = 20)]
         interval_ms: u64,
+        /// Bytes per write (each its own syscall), paced over each interval; default: one write
+        /// per interval.
+        #[arg(long)]
+        piece_bytes: Option<usize>,
         #[arg(long, default_value_t = 60)]
         seconds: u64,
     },
@@ -111,6 +115,7 @@ fn main() -> ExitCode {
             password,
             bitrate_kbps,
             interval_ms,
+            piece_bytes,
             seconds,
         } => {
             let o = source::SourceOpts {
@@ -118,6 +123,7 @@ fn main() -> ExitCode {
                 mount,
                 user,
                 password,
+                piece_bytes,
             };
             let stream = match source::connect(&o) {
                 Ok(s) => s,
