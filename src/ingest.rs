@@ -22,13 +22,15 @@
 //! writes, and ingest makes one read per piece, not one per write. Nothing is copied: the merged
 //! piece is one read into the read buffer.
 //!
-//! The gap is a twentieth of the mount's `max_write_delay_ms`, at most [`MAX_MERGE_GAP`]: a
-//! listener's coalesced write is due `max_write_delay_ms` after the oldest byte pending, stamped
-//! with when it was read (not when it was published), so holding it for less than the delay moves
-//! no write, and at worst adds a twentieth to the latency bound. Pieces of an encoder that writes
-//! every 20 ms or more, or that are not small, are never held. `max_write_delay_ms = 0` asks for
-//! every piece at once: nothing is held, and a source writing tiny pieces to such a mount costs a
-//! chunk and a write to every listener per piece, which is what that mount asked for.
+//! The gap is a twentieth of the mount's `max_write_delay_ms`, at most [`MAX_MERGE_GAP`]. A
+//! listener's coalesced write falls due `max_write_delay_ms` after its oldest pending byte was
+//! read (a merged piece is stamped with when its first byte was read, not when it went out), so a
+//! hold shorter than that delay makes no byte later than its deadline: a write that falls due
+//! during a hold goes without the held bytes, which follow by their own. Reads of an encoder that
+//! writes every 20 ms or more, and reads that are not small, are never held.
+//! `max_write_delay_ms = 0` asks for every piece at once: nothing is held, and a source writing
+//! tiny pieces to such a mount costs a chunk, and a write to every listener, per read, which is
+//! what that mount asked for.
 //!
 //! The merge is of raw bytes, before the format layer: the sync points stored are the ones the
 //! parser finds in the merged bytes. Frame and page boundaries are found however the bytes were
