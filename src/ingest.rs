@@ -16,18 +16,21 @@
 //! wake-up of every worker. An encoder writes a few hundred bytes every 20-26 ms, but a source
 //! writing a byte at a time would make every byte a chunk. So a read smaller than
 //! [`SMALL_PIECE_BYTES`] that comes less than the mount's *merge gap* after the previous piece is
-//! not published at once: ingest stops reading until the gap has passed, letting what arrives
-//! meanwhile wait in the socket's receive buffer, then takes all of it in one read and publishes
-//! it as one piece. A mount thus gets at most one small piece per gap, whatever its source's
-//! writes, and ingest makes one read per piece, not one per write. Nothing is copied: the merged
-//! piece is one read into the read buffer.
+//! not published at once: ingest stops reading until the gap has passed (or [`MERGE_BYTES`] wait),
+//! letting what arrives meanwhile wait in the socket's receive buffer, then takes all of it in one
+//! read and publishes it as one piece. A mount thus gets a small piece once per gap at most,
+//! whatever its source's writes (sooner only if the receive buffer fills). While it holds, the kernel is told not to signal the socket readable for
+//! less than [`MERGE_BYTES`] (`SO_RCVLOWAT`): otherwise each byte the source sends would still
+//! wake the ingest thread, which costs more than the read it no longer makes. Nothing is copied:
+//! the merged piece is one read into the read buffer.
 //!
 //! The gap is a twentieth of the mount's `max_write_delay_ms`, at most [`MAX_MERGE_GAP`]. A
 //! listener's coalesced write falls due `max_write_delay_ms` after its oldest pending byte was
 //! read (a merged piece is stamped with when its first byte was read, not when it went out), so a
 //! hold shorter than that delay makes no byte later than its deadline: a write that falls due
-//! during a hold goes without the held bytes, which follow by their own. Reads of an encoder that
-//! writes every 20 ms or more, and reads that are not small, are never held.
+//! during a hold goes without the held bytes, which follow by their own. Reads that are not small
+//! (an encoder's pieces at 128 kbit/s and up: the demo's and the load tool's 320 bytes every 20
+//! ms) are never held.
 //! `max_write_delay_ms = 0` asks for every piece at once: nothing is held, and a source writing
 //! tiny pieces to such a mount costs a chunk, and a write to every listener, per read, which is
 //! what that mount asked for.
@@ -69,12 +72,17 @@ const MIN_READ_ROOM: usize = 4 * 1024;
 /// A read at least this big is published at once: a chunk of it costs a listener's write little
 /// per byte, and an encoder's pieces (a frame or more) are bigger.
 const SMALL_PIECE_BYTES: usize = 256;
-/// The longest a small read is held for more to merge with: below the 20-26 ms at which encoders
-/// write, so that their pieces never wait, and enough to make a byte-at-a-time source's pieces
-/// about 160 bytes at 128 kbit/s.
-const MAX_MERGE_GAP: Duration = Duration::from_millis(10);
+/// The longest a small read is held for more to merge with: an encoder's piece time (20-26 ms),
+/// so that a mount gets small pieces no more often than an encoder's, and a small-piece encoder
+/// writing at that pace is held by its jitter at most. (A byte-at-a-time source's one-byte
+/// segments fill the socket's receive buffer within about 10 ms, and the kernel then signals it
+/// readable whatever `SO_RCVLOWAT` says: its pieces come about every 10 ms.)
+const MAX_MERGE_GAP: Duration = Duration::from_millis(20);
 /// The merge gap is at most this fraction of the mount's `max_write_delay_ms`.
 const MERGE_GAP_PER_WRITE_DELAY: u32 = 20;
+/// A held read goes out before the gap ends once this much more waits: merging more saves
+/// nothing (a 2 Mbit/s encoder's pieces are 5 KB).
+const MERGE_BYTES: usize = 16 * 1024;
 
 /// One mount as ingest keeps it.
 struct Entry {
@@ -537,9 +545,44 @@ async fn read_stream(
         }
         read_at = Instant::now();
         if let Some(until) = src.hold(buf.len(), read_at, published) {
-            tokio::time::sleep_until(until.into()).await;
-            ended = take_waiting(stream, &mut buf);
+            ended = hold(stream, &mut buf, until).await;
         }
+    }
+}
+
+/// Lets bytes gather in the socket until `until`, or until `MERGE_BYTES` wait, then takes them
+/// into `buf`; Some says why the stream ended.
+async fn hold(stream: &TcpStream, buf: &mut BytesMut, until: Instant) -> Option<&'static str> {
+    set_wake_bytes(stream, MERGE_BYTES);
+    // The runtime takes the socket for readable until a read finds it empty.
+    if let Some(ended) = take_waiting(stream, buf) {
+        set_wake_bytes(stream, 1);
+        return Some(ended);
+    }
+    tokio::select! {
+        _ = tokio::time::sleep_until(until.into()) => {}
+        _ = stream.readable() => {}
+    }
+    // Before the last read: bytes arriving after it must wake the next one.
+    set_wake_bytes(stream, 1);
+    take_waiting(stream, buf)
+}
+
+/// Sets `SO_RCVLOWAT`: the kernel signals the socket readable (and wakes the ingest thread) only
+/// once this many bytes wait. A failure only costs wake-ups, so it is not reported.
+fn set_wake_bytes(stream: &TcpStream, bytes: usize) {
+    use std::os::fd::AsRawFd;
+    let value = libc::c_int::try_from(bytes).unwrap_or(libc::c_int::MAX);
+    // SAFETY: the descriptor is the open socket `stream` owns, and the option value is a c_int
+    // of the length given, as SO_RCVLOWAT takes.
+    unsafe {
+        libc::setsockopt(
+            stream.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_RCVLOWAT,
+            (&value as *const libc::c_int).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        );
     }
 }
 
