@@ -36,8 +36,13 @@ use crate::shared::{stopped, Stop};
 use crate::store::{Position, SourceState};
 use crate::usage::WorkerUsage;
 
-/// Most slices in one vectored write (Linux allows 1024; beyond a few dozen nothing is gained).
-const MAX_WRITE_SLICES: usize = 64;
+/// Most slices in one vectored write: Linux's `IOV_MAX`, so that a write carries all a listener is
+/// owed even when the source's pieces are small (std's `writev` caps a longer list at the
+/// platform's own limit, so this is never too many elsewhere).
+const MAX_WRITE_SLICES: usize = 1024;
+/// Slices a write's list starts with room for: a coalesced write at 128 kbit/s carries about 50
+/// encoder pieces; more grows the list, up to `MAX_WRITE_SLICES`.
+const USUAL_WRITE_SLICES: usize = 64;
 /// Most bytes offered to one write.
 const MAX_WRITE_BYTES: usize = 256 * 1024;
 /// How often listeners' lag is sampled into `fanstream_listener_lag_bytes`: each sample costs a
@@ -79,6 +84,7 @@ struct Shard {
     mount: Arc<Mount>,
     listeners: Slab<Listener>,
     sent_bytes: IntCounter,
+    writes: IntCounter,
     skips: IntCounter,
     disconnects: IntCounterVec,
     lag: Histogram,
@@ -113,7 +119,7 @@ impl<'s> Gathered<'s> {
     fn new() -> Self {
         Gathered {
             pos: None,
-            slices: Vec::with_capacity(MAX_WRITE_SLICES),
+            slices: Vec::with_capacity(USUAL_WRITE_SLICES),
             arrival: None,
         }
     }
@@ -175,7 +181,6 @@ impl Parking {
 /// Where a serving pass reports: the worker's parking and counters.
 struct Outlets {
     parking: Parking,
-    writes: IntCounter,
     panics: IntCounter,
 }
 
@@ -245,7 +250,7 @@ impl Shard {
             }
             None => listeners.iter_mut().for_each(|(key, l)| visit(key, l)),
         }
-        pass.out.writes.inc_by(tally.writes);
+        self.writes.inc_by(tally.writes);
         self.sent_bytes.inc_by(tally.bytes);
         if tally.bytes > 0 {
             self.mount
@@ -290,7 +295,6 @@ pub(crate) struct FanOut {
 impl FanOut {
     pub fn new(ctx: Rc<WorkerCtx>, admit_rx: mpsc::UnboundedReceiver<NewListener>) -> Self {
         let m = &ctx.shared.metrics;
-        let writes = m.write_syscalls.with_label_values(&[&ctx.label]);
         let wakeups = m.worker_wakeups.with_label_values(&[&ctx.label]);
         let panics = m.panics.with_label_values(&["listener"]);
         let usage = WorkerUsage::new(m, &ctx.label);
@@ -301,7 +305,6 @@ impl FanOut {
             next_shard_id: 0,
             out: Outlets {
                 parking: Parking::default(),
-                writes,
                 panics,
             },
             wakeups,
@@ -399,6 +402,9 @@ impl FanOut {
                     listeners: Slab::new(),
                     sent_bytes: metrics
                         .sent_bytes
+                        .with_label_values(&[label, &self.ctx.label]),
+                    writes: metrics
+                        .write_syscalls
                         .with_label_values(&[label, &self.ctx.label]),
                     skips: metrics.listener_skips.with_label_values(&[label]),
                     disconnects: metrics.listener_disconnects.clone(),
@@ -667,8 +673,8 @@ fn write_icy(
         (take > 0).then(|| &p[..take])
     });
     let now = &snap.now_playing;
-    let mut iov = Vec::with_capacity(MAX_WRITE_SLICES);
-    let mut plan = Vec::with_capacity(MAX_WRITE_SLICES);
+    let mut iov = Vec::with_capacity(USUAL_WRITE_SLICES);
+    let mut plan = Vec::with_capacity(USUAL_WRITE_SLICES);
     cadence.lay_out(
         audio,
         (&now.icy_block, now.version),

@@ -9,6 +9,36 @@
 //!
 //! It also applies a reload to its mounts: each mount's settings are published in its snapshots,
 //! so readers see the stream and the settings that govern it in one load.
+//!
+//! # Small reads are merged
+//!
+//! Each piece ingest publishes is a chunk every listener's write must carry as one slice, and a
+//! wake-up of every worker. An encoder writes a few hundred bytes every 20-26 ms, but a source
+//! writing a byte at a time would make every byte a chunk. So a read smaller than
+//! [`SMALL_PIECE_BYTES`] that comes less than the mount's *merge gap* after the previous piece is
+//! not published at once: ingest stops reading until the gap has passed (or [`MERGE_BYTES`] wait),
+//! letting what arrives meanwhile wait in the socket's receive buffer, then takes all of it in one
+//! read and publishes it as one piece. A mount thus gets a small piece once per gap at most,
+//! whatever its source's writes (sooner only if the receive buffer fills). While it holds, the kernel is told not to signal the socket readable for
+//! less than [`MERGE_BYTES`] (`SO_RCVLOWAT`): otherwise each byte the source sends would still
+//! wake the ingest thread, which costs more than the read it no longer makes. Nothing is copied:
+//! the merged piece is one read into the read buffer.
+//!
+//! The gap is a twentieth of the mount's `max_write_delay_ms`, at most [`MAX_MERGE_GAP`]. A
+//! listener's coalesced write falls due `max_write_delay_ms` after its oldest pending byte was
+//! read (a merged piece is stamped with when its first byte was read, not when it went out), so a
+//! hold shorter than that delay makes no byte later than its deadline: a write that falls due
+//! during a hold goes without the held bytes, which follow by their own. Reads that are not small
+//! (an encoder's pieces at 128 kbit/s and up: the demo's and the load tool's 320 bytes every 20
+//! ms) are never held.
+//! `max_write_delay_ms = 0` asks for every piece at once: nothing is held, and a source writing
+//! tiny pieces to such a mount costs a chunk, and a write to every listener, per read, which is
+//! what that mount asked for.
+//!
+//! The merge is of raw bytes, before the format layer: the sync points stored are the ones the
+//! parser finds in the merged bytes. Frame and page boundaries are found however the bytes were
+//! split; only a stream the parser passes through as it came (no format, or MPEG not yet locked)
+//! has its join points at read boundaries, which merging makes at most one per gap.
 
 use std::cell::RefCell;
 use std::collections::HashMap;
@@ -41,6 +71,20 @@ use crate::store::{SourceState, StreamInfo};
 const READ_BUF_BYTES: usize = 64 * 1024;
 /// Below this much free room, the next read gets a fresh allocation.
 const MIN_READ_ROOM: usize = 4 * 1024;
+/// A read at least this big is published at once: a chunk of it costs a listener's write little
+/// per byte, and an encoder's pieces (a frame or more) are bigger.
+const SMALL_PIECE_BYTES: usize = 256;
+/// The longest a small read is held for more to merge with: an encoder's piece time (20-26 ms),
+/// so that a mount gets small pieces no more often than an encoder's, and a small-piece encoder
+/// writing at that pace is held by its jitter at most. (A byte-at-a-time source's one-byte
+/// segments fill the socket's receive buffer within about 10 ms, and the kernel then signals it
+/// readable whatever `SO_RCVLOWAT` says: its pieces come about every 10 ms.)
+const MAX_MERGE_GAP: Duration = Duration::from_millis(20);
+/// The merge gap is at most this fraction of the mount's `max_write_delay_ms`.
+const MERGE_GAP_PER_WRITE_DELAY: u32 = 20;
+/// A held read goes out before the gap ends once this much more waits: merging more saves
+/// nothing (a 2 Mbit/s encoder's pieces are 5 KB).
+const MERGE_BYTES: usize = 16 * 1024;
 
 /// One mount as ingest keeps it.
 struct Entry {
@@ -49,9 +93,10 @@ struct Entry {
     /// Bumped on every claim: a grace timer or a source task from an earlier claim sees that it
     /// no longer owns the mount.
     generation: u64,
-    /// What this mount has added to `fanstream_retained_bytes`: the gauge goes by differences,
-    /// since under `mount="other"` it adds up several mounts.
+    /// What this mount has added to `fanstream_retained_bytes` and `fanstream_retained_pieces`:
+    /// the gauges go by differences, since under `mount="other"` they add up several mounts.
     retained: i64,
+    retained_pieces: i64,
 }
 
 /// Ingest's state; lives on the ingest thread only.
@@ -102,6 +147,7 @@ impl Ingest {
                 mount,
                 generation: 0,
                 retained: 0,
+                retained_pieces: 0,
             }
         });
         entry.generation += 1;
@@ -128,6 +174,7 @@ impl Ingest {
         claim: Claim,
         events: &mut Vec<Event>,
         subtype: Option<Option<String>>,
+        arrived: Instant,
     ) -> bool {
         let mut entries = self.entries.borrow_mut();
         let Some(entry) = entries
@@ -139,10 +186,9 @@ impl Ingest {
         let m = &self.shared.metrics;
         let label = entry.mount.label.as_str();
         let window = entry.writer.settings().window_bytes();
-        let now = Instant::now();
         for event in events.drain(..) {
             match event {
-                Event::Data { bytes, sync } => entry.writer.append(bytes, now, window, sync),
+                Event::Data { bytes, sync } => entry.writer.append(bytes, arrived, window, sync),
                 Event::Headers(pages) => entry.writer.set_headers(pages),
                 Event::Tags { title, artist } => {
                     entry.writer.set_now_playing(title, artist, None);
@@ -163,6 +209,11 @@ impl Ingest {
             .with_label_values(&[label])
             .add(retained - entry.retained);
         entry.retained = retained;
+        let pieces = entry.writer.retained_pieces() as i64;
+        m.retained_pieces
+            .with_label_values(&[label])
+            .add(pieces - entry.retained_pieces);
+        entry.retained_pieces = pieces;
         drop(entries);
         self.shared.wake_workers();
         true
@@ -237,11 +288,14 @@ impl Ingest {
         tracing::info!(mount = %path, then = ?next, "source did not return within the grace period");
         entry.writer.set_state(next);
         self.shared.mounts.remove(&entry.mount);
-        self.shared
-            .metrics
-            .retained_bytes
-            .with_label_values(&[entry.mount.label.as_str()])
+        let m = &self.shared.metrics;
+        let label = [entry.mount.label.as_str()];
+        m.retained_bytes
+            .with_label_values(&label)
             .sub(entry.retained);
+        m.retained_pieces
+            .with_label_values(&label)
+            .sub(entry.retained_pieces);
         entries.remove(path);
         drop(entries);
         self.declare_mounts();
@@ -383,8 +437,9 @@ struct Source<'a> {
 }
 
 impl Source<'_> {
-    /// Parses a piece of the stream and publishes the result; Err says why the source must end.
-    fn append(&mut self, piece: Bytes) -> Result<(), &'static str> {
+    /// Parses a piece of the stream, whose first byte was read at `arrived`, and publishes the
+    /// result; Err says why the source must end.
+    fn append(&mut self, piece: Bytes, arrived: Instant) -> Result<(), &'static str> {
         self.received.inc_by(piece.len() as u64);
         self.counted
             .received_bytes
@@ -399,7 +454,7 @@ impl Source<'_> {
         let subtype = self.subtype_change();
         if self
             .ingest
-            .publish(self.mount, self.claim, &mut self.events, subtype)
+            .publish(self.mount, self.claim, &mut self.events, subtype, arrived)
         {
             Ok(())
         } else {
@@ -412,9 +467,32 @@ impl Source<'_> {
         self.format.finish(&mut self.events);
         if !self.events.is_empty() {
             let subtype = self.subtype_change();
-            self.ingest
-                .publish(self.mount, self.claim, &mut self.events, subtype);
+            self.ingest.publish(
+                self.mount,
+                self.claim,
+                &mut self.events,
+                subtype,
+                Instant::now(),
+            );
         }
+    }
+
+    /// Until when a read of `len` bytes at `read_at` is held for more to merge with, given when the
+    /// previous piece was published (see the module's doc); None to publish it at once.
+    fn hold(&self, len: usize, read_at: Instant, published: Option<Instant>) -> Option<Instant> {
+        if len >= SMALL_PIECE_BYTES {
+            return None;
+        }
+        let delay_ms = self
+            .ingest
+            .entries
+            .borrow()
+            .get(self.mount)
+            .map_or(0, |e| e.writer.settings().max_write_delay_ms);
+        let gap = (Duration::from_millis(delay_ms) / MERGE_GAP_PER_WRITE_DELAY).min(MAX_MERGE_GAP);
+        published
+            .map(|at| at + gap)
+            .filter(|until| *until > read_at)
     }
 
     /// The stream's subtype, if it changed with the events at hand.
@@ -456,7 +534,7 @@ async fn read_pieces(src: &mut Source<'_>, mut pieces: mpsc::Receiver<Bytes>) ->
             Err(_) => return "source_timeout",
             Ok(None) => return "end_of_stream",
             Ok(Some(piece)) => {
-                if let Err(why) = src.append(piece) {
+                if let Err(why) = src.append(piece, Instant::now()) {
                     return why;
                 }
             }
@@ -475,6 +553,10 @@ async fn read_stream(
     let mut decoder = chunked.then(ChunkedDecoder::default);
     let mut buf = BytesMut::from(&leftover[..]);
     let mut decoded = BytesMut::new();
+    let mut read_at = Instant::now();
+    let mut published = None;
+    // Why the stream ended while a piece was held: the piece goes out first.
+    let mut ended = None;
     loop {
         if !buf.is_empty() {
             let raw = buf.split().freeze();
@@ -491,13 +573,17 @@ async fn read_stream(
                 }
             };
             if !piece.is_empty() {
-                if let Err(why) = src.append(piece) {
+                if let Err(why) = src.append(piece, read_at) {
                     return why;
                 }
+                published = Some(Instant::now());
             }
             if decoder.as_ref().is_some_and(|d| d.is_done()) {
                 return "end_of_stream";
             }
+        }
+        if let Some(why) = ended {
+            return why;
         }
         if buf.capacity() < MIN_READ_ROOM {
             buf.reserve(READ_BUF_BYTES);
@@ -508,5 +594,63 @@ async fn read_stream(
             Ok(Ok(_)) => {}
             Ok(Err(_)) => return "read_error",
         }
+        read_at = Instant::now();
+        if let Some(until) = src.hold(buf.len(), read_at, published) {
+            ended = hold(stream, &mut buf, until).await;
+        }
     }
+}
+
+/// Lets bytes gather in the socket until `until`, or until `MERGE_BYTES` wait, then takes them
+/// into `buf`; Some says why the stream ended.
+async fn hold(stream: &TcpStream, buf: &mut BytesMut, until: Instant) -> Option<&'static str> {
+    set_wake_bytes(stream, MERGE_BYTES);
+    // The runtime takes the socket for readable until a read finds it empty.
+    if let Some(ended) = take_waiting(stream, buf) {
+        set_wake_bytes(stream, 1);
+        return Some(ended);
+    }
+    tokio::select! {
+        _ = tokio::time::sleep_until(until.into()) => {}
+        _ = stream.readable() => {}
+    }
+    // Before the last read: bytes arriving after it must wake the next one.
+    set_wake_bytes(stream, 1);
+    take_waiting(stream, buf)
+}
+
+/// Sets `SO_RCVLOWAT`: the kernel signals the socket readable (and wakes the ingest thread) only
+/// once this many bytes wait. A failure only costs wake-ups, so it is not reported.
+fn set_wake_bytes(stream: &TcpStream, bytes: usize) {
+    use std::os::fd::AsRawFd;
+    let value = libc::c_int::try_from(bytes).unwrap_or(libc::c_int::MAX);
+    // SAFETY: the descriptor is the open socket `stream` owns, and the option value is a c_int
+    // of the length given, as SO_RCVLOWAT takes.
+    unsafe {
+        libc::setsockopt(
+            stream.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_RCVLOWAT,
+            (&value as *const libc::c_int).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        );
+    }
+}
+
+/// Reads what waits in the socket without waiting for more, up to a read buffer's worth; Some
+/// says why the stream ended.
+fn take_waiting(stream: &TcpStream, buf: &mut BytesMut) -> Option<&'static str> {
+    while buf.len() < READ_BUF_BYTES {
+        if buf.capacity() - buf.len() < MIN_READ_ROOM {
+            buf.reserve(READ_BUF_BYTES);
+        }
+        match stream.try_read_buf(buf) {
+            Ok(0) => return Some("closed"),
+            Ok(_) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return None,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(_) => return Some("read_error"),
+        }
+    }
+    None
 }

@@ -63,7 +63,7 @@ pub(crate) struct Metrics {
     pub listener_skips: IntCounterVec,
     /// Payload bytes written to listeners, by mount and worker.
     pub sent_bytes: IntCounterVec,
-    /// Write syscalls to listeners, by worker.
+    /// Write syscalls to listeners, by mount and worker.
     pub write_syscalls: IntCounterVec,
     /// Times a worker was woken by ingest for new data, by worker.
     pub worker_wakeups: IntCounterVec,
@@ -79,6 +79,9 @@ pub(crate) struct Metrics {
     source_disconnects: IntCounterVec,
     /// Payload bytes a mount retains now.
     pub retained_bytes: IntGaugeVec,
+    /// Chunks a mount retains now: each costs memory and a slice in a listener's write beyond
+    /// its bytes, so a source writing tiny pieces shows here.
+    pub retained_pieces: IntGaugeVec,
     /// Title changes, by mount: from `/admin/metadata` or the stream's own tags.
     pub metadata_updates: IntCounterVec,
     /// Source bytes the format layer could not place on a frame or page, by mount and action
@@ -182,7 +185,7 @@ impl Metrics {
             &reg,
             "write_syscalls_total",
             "Write syscalls to listeners.",
-            &["worker"],
+            &["mount", "worker"],
         );
         let worker_wakeups = counter(
             &reg,
@@ -218,6 +221,12 @@ impl Metrics {
             &reg,
             "retained_bytes",
             "Payload bytes a mount retains.",
+            &["mount"],
+        );
+        let retained_pieces = gauge(
+            &reg,
+            "retained_pieces",
+            "Chunks (pieces as ingest stored them) a mount retains.",
             &["mount"],
         );
         let metadata_updates = counter(
@@ -290,6 +299,8 @@ impl Metrics {
                 source_connects: source_connects.clone(),
                 source_disconnects: source_disconnects.clone(),
                 retained_bytes: retained_bytes.clone(),
+                retained_pieces: retained_pieces.clone(),
+                write_syscalls: write_syscalls.clone(),
                 metadata_updates: metadata_updates.clone(),
                 source_unsynced_bytes: source_unsynced_bytes.clone(),
                 icy_listeners: icy_listeners.clone(),
@@ -311,6 +322,7 @@ impl Metrics {
             source_connects,
             source_disconnects,
             retained_bytes,
+            retained_pieces,
             metadata_updates,
             source_unsynced_bytes,
             icy_listeners,
@@ -497,6 +509,8 @@ struct MountSeries {
     source_connects: IntCounterVec,
     source_disconnects: IntCounterVec,
     retained_bytes: IntGaugeVec,
+    retained_pieces: IntGaugeVec,
+    write_syscalls: IntCounterVec,
     metadata_updates: IntCounterVec,
     source_unsynced_bytes: IntCounterVec,
     icy_listeners: IntGaugeVec,
@@ -529,13 +543,19 @@ impl MountSeries {
         ] {
             let _ = vec.remove_label_values(&[label]);
         }
-        for vec in [&self.source_up, &self.retained_bytes, &self.icy_listeners] {
+        for vec in [
+            &self.source_up,
+            &self.retained_bytes,
+            &self.retained_pieces,
+            &self.icy_listeners,
+        ] {
             let _ = vec.remove_label_values(&[label]);
         }
         let _ = self.listener_lag.remove_label_values(&[label]);
         for worker in &self.workers {
             let _ = self.listeners.remove_label_values(&[label, worker]);
             let _ = self.sent_bytes.remove_label_values(&[label, worker]);
+            let _ = self.write_syscalls.remove_label_values(&[label, worker]);
         }
         for why in Disconnect::ALL {
             let _ = self

@@ -312,6 +312,8 @@ pub(crate) struct StoreWriter<S> {
     sealed_shared: Arc<[Arc<Segment>]>,
     open: Vec<Chunk>,
     open_bytes: usize,
+    /// Chunks retained, sealed and open: what the mount's memory costs beyond its bytes.
+    pieces: usize,
     start: u64,
     end: u64,
     state: SourceState,
@@ -346,6 +348,7 @@ impl<S> StoreWriter<S> {
             sealed_shared: Arc::from(Vec::new()),
             open: Vec::new(),
             open_bytes: 0,
+            pieces: 0,
             start: 0,
             end: 0,
             state: SourceState::Closed,
@@ -375,6 +378,11 @@ impl<S> StoreWriter<S> {
         &self.state
     }
 
+    /// How many chunks the store retains now.
+    pub fn retained_pieces(&self) -> usize {
+        self.pieces
+    }
+
     /// Appends one chunk and publishes the new snapshot. `window` is how many bytes behind the
     /// live edge must stay readable (the mount's current burst and lag limit; a reload may
     /// change it); `sync` marks the chunk's start as a place a player may start.
@@ -390,6 +398,7 @@ impl<S> StoreWriter<S> {
             sync,
         });
         self.open_bytes += len;
+        self.pieces += 1;
         self.end += len as u64;
         if self.open.len() >= SEGMENT_MAX_CHUNKS || self.open_bytes >= SEGMENT_MAX_BYTES {
             let seg = Arc::new(Segment {
@@ -418,7 +427,11 @@ impl<S> StoreWriter<S> {
             }
         }
         if drop > 0 {
-            self.sealed.drain(..drop);
+            self.pieces -= self
+                .sealed
+                .drain(..drop)
+                .map(|s| s.chunks.len())
+                .sum::<usize>();
         }
         self.start = self
             .sealed
@@ -612,6 +625,8 @@ mod tests {
                 "retained {} for window {window}",
                 snap.retained_bytes()
             );
+            let chunks = snap.segments().map(|s| s.chunks.len()).sum::<usize>();
+            assert_eq!(w.w.retained_pieces(), chunks, "the count follows eviction");
         }
     }
 

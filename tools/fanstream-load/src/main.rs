@@ -59,6 +59,10 @@ enum Cmd {
         bitrate_kbps: u64,
         #[arg(long, default_value_t = 20)]
         interval_ms: u64,
+        /// Bytes per write (each its own syscall), paced over each interval; default: one write
+        /// per interval.
+        #[arg(long)]
+        piece_bytes: Option<usize>,
         #[arg(long, default_value_t = 60)]
         seconds: u64,
     },
@@ -125,6 +129,7 @@ fn main() -> ExitCode {
             password,
             bitrate_kbps,
             interval_ms,
+            piece_bytes,
             seconds,
         } => {
             let o = source::SourceOpts {
@@ -132,6 +137,7 @@ fn main() -> ExitCode {
                 mount,
                 user,
                 password,
+                piece_bytes,
             };
             let stream = match source::connect(&o) {
                 Ok(s) => s,

@@ -54,6 +54,10 @@ pub struct RunOpts {
     /// The source sends one piece this often (its size follows from the bitrate).
     #[arg(long, default_value_t = 20)]
     pub interval_ms: u64,
+    /// Bytes per write of the source, each its own syscall, paced over each interval (1: a
+    /// source writing a byte at a time at the same bitrate); default: one write per interval.
+    #[arg(long)]
+    pub piece_bytes: Option<usize>,
     /// New connections per second, over all listen processes.
     #[arg(long, default_value_t = 2000.0)]
     pub ramp_per_sec: f64,
@@ -125,6 +129,8 @@ pub struct Summary {
     pub bitrate_kbps: u64,
     pub piece_bytes: u64,
     pub interval_ms: u64,
+    /// Bytes per write syscall of the source (`piece_bytes` unless `--piece-bytes` said less).
+    pub source_write_bytes: u64,
     pub window_secs: f64,
     pub workers: usize,
     pub mounts: usize,
@@ -334,6 +340,7 @@ pub fn run(o: &RunOpts) -> Result<Summary, String> {
             mount: mount.clone(),
             user: "source".into(),
             password: PASSWORD.into(),
+            piece_bytes: o.piece_bytes,
         };
         streams.push((so.clone(), source::connect(&so)?));
     }
@@ -562,6 +569,9 @@ fn summarize(
         bitrate_kbps: o.bitrate_kbps,
         piece_bytes: schedule.piece_bytes,
         interval_ms: o.interval_ms,
+        source_write_bytes: o.piece_bytes.map_or(schedule.piece_bytes, |b| {
+            (b.max(1) as u64).min(schedule.piece_bytes)
+        }),
         workers: o.workers,
         mounts: o.mounts,
         min_write_bytes: o.min_write_bytes,
@@ -695,8 +705,8 @@ pub fn print_summary(s: &Summary) {
         s.machine, s.loadavg_before
     );
     println!(
-        "load               {} listeners, {} kbit/s ({} B every {} ms), {} mount(s), {} worker(s) (0: one per core), {:.1} s window, {} load process(es)",
-        s.clients, s.bitrate_kbps, s.piece_bytes, s.interval_ms, s.mounts, s.workers, s.window_secs, s.load_processes
+        "load               {} listeners, {} kbit/s ({} B every {} ms, in writes of {} B), {} mount(s), {} worker(s) (0: one per core), {:.1} s window, {} load process(es)",
+        s.clients, s.bitrate_kbps, s.piece_bytes, s.interval_ms, s.source_write_bytes, s.mounts, s.workers, s.window_secs, s.load_processes
     );
     println!(
         "listeners          {} streaming at the end, {} disconnected early (server's reasons: {:?}), failed: {:?}",

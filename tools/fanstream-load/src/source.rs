@@ -4,6 +4,11 @@
 //! `Expect: 100-continue`, and sends no body before the server answered. Pieces go out on an
 //! absolute schedule (piece `k` at `t0 + k * interval`), so a late piece does not shift the ones
 //! after it and listeners can tell how many bytes were sent by any instant.
+//!
+//! With `--piece-bytes` below the scheduled piece, each piece goes out as writes of that many
+//! bytes, each its own syscall (and, with `TCP_NODELAY`, its own segment), spread over the
+//! piece's interval in bursts every millisecond: a source writing tiny pieces at the same
+//! bitrate, whose own thread still keeps the pace.
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
@@ -19,6 +24,8 @@ use crate::schedule::{unix_us, Schedule};
 
 /// How long the server may take to answer the source's request.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Writes smaller than a piece go out in a burst this often.
+const BURST_EVERY: Duration = Duration::from_millis(1);
 
 #[derive(Clone, Debug)]
 pub struct SourceOpts {
@@ -26,6 +33,8 @@ pub struct SourceOpts {
     pub mount: String,
     pub user: String,
     pub password: String,
+    /// Bytes per write; None: one write per scheduled piece.
+    pub piece_bytes: Option<usize>,
 }
 
 /// What a source thread reports when it stops.
@@ -120,6 +129,12 @@ fn send(
     };
     let mut generator = Generator::default();
     let records = schedule.piece_bytes as usize / RECORD_BYTES;
+    let write_bytes = o
+        .piece_bytes
+        .map_or(schedule.piece_bytes as usize, |b| b.max(1));
+    let writes = (schedule.piece_bytes as usize).div_ceil(write_bytes);
+    let bursts = (schedule.interval_us / BURST_EVERY.as_micros() as u64).max(1) as usize;
+    let per_burst = writes.div_ceil(bursts);
     let start = Instant::now() + Duration::from_micros(schedule.t0_us.saturating_sub(unix_us()));
     for k in 0u64.. {
         if stop.load(Ordering::Relaxed) {
@@ -133,9 +148,18 @@ fn send(
             report.max_late_ms = report.max_late_ms.max((now - due).as_secs_f64() * 1e3);
         }
         let piece = generator.piece(records, unix_us());
-        if let Err(e) = stream.write_all(&piece) {
-            report.error = Some(format!("source {}: {e}", o.mount));
-            break;
+        for (i, part) in piece.chunks(write_bytes).enumerate() {
+            if i > 0 && i % per_burst == 0 {
+                let at = due + BURST_EVERY * (i / per_burst) as u32;
+                let now = Instant::now();
+                if at > now {
+                    std::thread::sleep(at - now);
+                }
+            }
+            if let Err(e) = stream.write_all(part) {
+                report.error = Some(format!("source {}: {e}", o.mount));
+                return report;
+            }
         }
         report.sent_bytes = generator.offset();
     }
