@@ -91,15 +91,15 @@ fn spawn_isolated<F: Future<Output = ()> + 'static>(
     let ctx = ctx.clone();
     tokio::task::spawn_local(async move {
         let mut task = pin!(make());
-        let outcome =
-            poll_fn(
-                |cx| match catch_unwind(AssertUnwindSafe(|| task.as_mut().poll(cx))) {
-                    Ok(poll) => poll.map(Ok),
-                    Err(panic) => Poll::Ready(Err(panic)),
-                },
-            )
-            .await;
-        if outcome.is_err() {
+        let mut panicked = false;
+        poll_fn(|cx| {
+            catch_unwind(AssertUnwindSafe(|| task.as_mut().poll(cx))).unwrap_or_else(|_| {
+                panicked = true;
+                Poll::Ready(())
+            })
+        })
+        .await;
+        if panicked {
             ctx.shared
                 .metrics
                 .panics
