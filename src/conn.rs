@@ -15,13 +15,13 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use prometheus::IntGauge;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 
 use tokio::sync::mpsc::UnboundedSender;
 
 use crate::heads::Pending;
-use crate::http::{Request, RESPONSE_TIMEOUT};
+use crate::http::{read_with, Request, RESPONSE_TIMEOUT};
 use crate::icy::Cadence;
 use crate::mounts::Mount;
 use crate::reasons::{Refusal, Unanswered};
@@ -261,10 +261,9 @@ pub(crate) async fn refuse(shared: &Shared, stream: &mut TcpStream, peer: Socket
         stream.shutdown().await?;
         // Read what the peer still sends (a source's media) until it closes: closing a socket
         // with unread bytes sends a reset, which can destroy the response before it is read.
-        let mut sink = [0u8; 4096];
         let mut left = LINGER_MAX_BYTES;
         while left > 0 {
-            match stream.read(&mut sink).await? {
+            match read_with(stream, left, |_| {}).await? {
                 0 => break,
                 n => left = left.saturating_sub(n),
             }

@@ -3,10 +3,13 @@
 //! Both listeners (`GET`, `HEAD`) and sources (`SOURCE`, `PUT`) start with one request head; this
 //! module turns bytes into a [`Request`] or a specific [`HeadError`], and never panics on input.
 
+use std::mem::MaybeUninit;
+use std::pin::Pin;
+use std::task::{ready, Poll};
 use std::time::Duration;
 
 use base64::Engine;
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
 
 /// Largest request head accepted: request line plus headers.
 pub(crate) const MAX_HEAD_BYTES: usize = 8192;
@@ -201,22 +204,41 @@ pub(crate) enum ReadHeadError {
 }
 
 /// Reads until a whole request head has arrived; returns it and any bytes after it (a legacy
-/// source sends media in the same packet as its headers).
+/// source sends media in the same packet as its headers). Nothing is allocated before the first
+/// bytes arrive, and then only what arrived: most connections of a flood never send any.
 pub(crate) async fn read_head<S: AsyncRead + Unpin>(
     stream: &mut S,
 ) -> Result<(Request, Vec<u8>), ReadHeadError> {
-    let mut buf = Vec::with_capacity(1024);
+    let mut buf = Vec::new();
     loop {
         if let Some((req, n)) = parse_head(&buf).map_err(ReadHeadError::Head)? {
             return Ok((req, buf.split_off(n)));
         }
         let room = MAX_HEAD_BYTES - buf.len();
-        let mut take = (&mut *stream).take(room as u64);
-        match take.read_buf(&mut buf).await {
+        match read_with(stream, room, |bytes| buf.extend_from_slice(bytes)).await {
             Ok(0) | Err(_) => return Err(ReadHeadError::Closed),
             Ok(_) => {}
         }
     }
+}
+
+/// Reads once, at most `max` bytes (up to [`MAX_HEAD_BYTES`]), and hands what came to `take`;
+/// returns how many bytes (0: the peer closed). The buffer read into lives on the stack of the
+/// poll that completes the read, not in the caller's future: a connection that waits for bytes
+/// holds none, whether it is a request head not sent yet or a refused peer being drained.
+pub(crate) async fn read_with<S: AsyncRead + Unpin>(
+    stream: &mut S,
+    max: usize,
+    mut take: impl FnMut(&[u8]),
+) -> std::io::Result<usize> {
+    std::future::poll_fn(|cx| {
+        let mut scratch = [MaybeUninit::<u8>::uninit(); MAX_HEAD_BYTES];
+        let mut read = ReadBuf::uninit(&mut scratch[..max.min(MAX_HEAD_BYTES)]);
+        ready!(Pin::new(&mut *stream).poll_read(cx, &mut read))?;
+        take(read.filled());
+        Poll::Ready(Ok(read.filled().len()))
+    })
+    .await
 }
 
 /// The reason phrase of the statuses fanstream sends.

@@ -11,6 +11,19 @@ use fanstream::config::parse_admin_listen;
 use fanstream::{Config, Server, Stop};
 use tokio::signal::unix::{signal, SignalKind};
 
+/// jemalloc rather than glibc's malloc: after a storm of idle connections closes, glibc keeps
+/// what they used for the process (only `malloc_trim` gives it back), while jemalloc returns
+/// freed pages to the system after `dirty_decay_ms` (10 s). See docs/performance/allocator.md.
+#[global_allocator]
+static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
+/// jemalloc's options, read at its start. It purges freed pages only when the arena they belong
+/// to allocates again, which a server with nothing more to do after a storm may not; a
+/// background thread purges them on time instead. One is enough for the few threads that
+/// allocate here (by default jemalloc starts one per core).
+#[export_name = "_rjem_malloc_conf"]
+static JEMALLOC_OPTIONS: &[u8; 48] = b"background_thread:true,max_background_threads:1\0";
+
 /// A live broadcast streaming server: Icecast-compatible sources in, many HTTP listeners out.
 #[derive(Parser, Debug)]
 #[command(version, about)]

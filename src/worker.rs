@@ -4,8 +4,13 @@
 //! into this worker's fan-out ([`crate::fanout`]); a source is checked ([`crate::source`]) and
 //! handed to the ingest thread.
 
+use std::future::{poll_fn, Future};
+use std::net::SocketAddr;
+use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::pin::pin;
 use std::rc::Rc;
 use std::sync::Arc;
+use std::task::Poll;
 use std::time::Duration;
 
 use crossbeam::channel::Receiver;
@@ -63,15 +68,10 @@ async fn intake(ctx: Rc<WorkerCtx>, conns: Receiver<Accepted>) {
             } = accepted;
             match TcpStream::from_std(stream) {
                 Ok(stream) => {
-                    let task = handle(
-                        ctx.clone(),
-                        stream,
-                        guard,
-                        head,
-                        head_timeout,
-                        over_ip_limit,
-                    );
-                    spawn_isolated(&ctx, task);
+                    let task_ctx = ctx.clone();
+                    spawn_isolated(&ctx, move || {
+                        handle(task_ctx, stream, guard, head, head_timeout, over_ip_limit)
+                    });
                 }
                 Err(e) => tracing::warn!(error = %e, "cannot register accepted socket"),
             }
@@ -79,24 +79,36 @@ async fn intake(ctx: Rc<WorkerCtx>, conns: Receiver<Accepted>) {
     }
 }
 
-/// Runs a request's task so that a panic in it (a bug) costs that one connection only: the
-/// runtime catches the panic, this watcher counts and logs it, the worker goes on.
-fn spawn_isolated(ctx: &Rc<WorkerCtx>, task: impl std::future::Future<Output = ()> + 'static) {
-    let handle = tokio::task::spawn_local(task);
+/// Runs a request's task so that a panic in it (a bug) costs that one connection only: the panic
+/// is caught where the task is polled, counted and logged, and the worker goes on. Caught here
+/// rather than by a second task awaiting its `JoinHandle`, which would cost every connection,
+/// idle ones included, a task of its own. The request's future is made inside the task's own:
+/// one passed in made would be held twice there, once as given and once pinned.
+fn spawn_isolated<F: Future<Output = ()> + 'static>(
+    ctx: &Rc<WorkerCtx>,
+    make: impl FnOnce() -> F + 'static,
+) {
     let ctx = ctx.clone();
     tokio::task::spawn_local(async move {
-        if let Err(e) = handle.await {
-            if e.is_panic() {
-                ctx.shared
-                    .metrics
-                    .panics
-                    .with_label_values(&["request"])
-                    .inc();
-                tracing::error!(
-                    worker = ctx.index,
-                    "a request handler panicked; connection dropped"
-                );
-            }
+        let mut task = pin!(make());
+        let mut panicked = false;
+        poll_fn(|cx| {
+            catch_unwind(AssertUnwindSafe(|| task.as_mut().poll(cx))).unwrap_or_else(|_| {
+                panicked = true;
+                Poll::Ready(())
+            })
+        })
+        .await;
+        if panicked {
+            ctx.shared
+                .metrics
+                .panics
+                .with_label_values(&["request"])
+                .inc();
+            tracing::error!(
+                worker = ctx.index,
+                "a request handler panicked; connection dropped"
+            );
         }
     });
 }
@@ -135,6 +147,21 @@ async fn handle(
         }
         Ok(Ok(r)) => r,
     };
+    // The stages' futures are several KiB, and the head above may take seconds to come, or never:
+    // boxed, they cost only the connections that got this far.
+    Box::pin(route(ctx, stream, req, leftover, peer, conn)).await
+}
+
+/// Hands a request whose head has been read to its stage.
+async fn route(
+    ctx: Rc<WorkerCtx>,
+    stream: TcpStream,
+    req: http::Request,
+    leftover: Vec<u8>,
+    peer: SocketAddr,
+    conn: ConnGuard,
+) {
+    let shared = &ctx.shared;
     // Test hook: proves that a panic costs one connection only.
     #[cfg(feature = "fault-injection")]
     if let Some(m) = &shared.config.load().panic_injection_mount {
