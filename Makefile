@@ -123,10 +123,11 @@ fonts:
 	@[ -f /usr/share/fonts/truetype/dejavu/DejaVuSans.ttf ] || { SUDO=""; [ "$$(id -u)" = 0 ] || SUDO=sudo; \
 	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq fonts-dejavu-core >/dev/null; }
 
-## make soak: the soak run against the real binary (SOAK_SECONDS, default 600); `make test` runs 60 s of it.
+## make soak: the soak run and the connection storm against the real binary, each for SOAK_SECONDS
+## (default 600); `make test` runs 60 s of the soak and 12 s of the storm.
 SOAK_SECONDS ?= 600
 soak:
-	SOAK_SECONDS=$(SOAK_SECONDS) $(CARGO) test --release --test soak -- --nocapture
+	SOAK_SECONDS=$(SOAK_SECONDS) $(CARGO) test --release --test soak --test storm -- --nocapture --test-threads 1
 
 ## make fuzz: each cargo-fuzz target for FUZZ_SECONDS, from the committed seeds (fuzz/seeds/);
 ## new inputs it finds go to target/fuzz-corpus/, a crash to fuzz/artifacts/.
