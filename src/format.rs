@@ -40,6 +40,9 @@ pub(crate) enum FormatError {
     HeadersTooLarge,
     /// More than [`MAX_LOGICAL_STREAMS`] logical streams in one Ogg chain.
     TooManyStreams,
+    /// So much of the stream is garbage that checking it costs far more than the stream brings
+    /// (Ogg: captures claiming long pages whose CRC fails, over and over).
+    TooMuchGarbage,
 }
 
 impl FormatError {
@@ -47,6 +50,7 @@ impl FormatError {
         match self {
             FormatError::HeadersTooLarge => "headers_too_large",
             FormatError::TooManyStreams => "too_many_streams",
+            FormatError::TooMuchGarbage => "too_much_garbage",
         }
     }
 }

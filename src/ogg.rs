@@ -61,7 +61,8 @@ enum Scan {
     /// Could still become a page: more bytes are needed to tell.
     Incomplete,
     /// Not a page (wrong version, or its CRC does not match): resynchronise after its first byte.
-    Invalid,
+    /// `checked`: the bytes its CRC was computed over, 0 if it was refused before.
+    Invalid { checked: usize },
     /// A whole, checked page of this many bytes.
     Page(usize),
 }
@@ -69,7 +70,7 @@ enum Scan {
 /// Looks at `buf`, which starts with the capture pattern.
 fn check_page(buf: &[u8]) -> Scan {
     if buf.len() > 4 && buf[4] != 0 {
-        return Scan::Invalid;
+        return Scan::Invalid { checked: 0 };
     }
     if buf.len() < HEADER_LEN {
         return Scan::Incomplete;
@@ -90,7 +91,7 @@ fn check_page(buf: &[u8]) -> Scan {
     if page_crc(&buf[..len]) == stored {
         Scan::Page(len)
     } else {
-        Scan::Invalid
+        Scan::Invalid { checked: len }
     }
 }
 
@@ -514,7 +515,19 @@ pub(crate) struct Framer {
     /// Bytes dropped and not yet reported.
     dropped: usize,
     chain: Option<Chain>,
+    /// Bytes received, and bytes CRC-checked for captures that were no page: a resync looks for
+    /// the next capture inside a failed page, so crafted garbage (captures claiming 64 KiB pages,
+    /// a few bytes apart) could make every byte cost a whole page's CRC on the one ingest thread
+    /// that serves every mount. Past [`WASTE_PER_BYTE`] the source is refused.
+    received: u64,
+    wasted: u64,
 }
+
+/// CRC work on failed pages allowed per byte received (plus [`WASTE_ALLOWANCE`]): a real stream
+/// with the odd corrupt page stays far below; random bytes cost about 2; crafted captures cost
+/// thousands.
+const WASTE_PER_BYTE: u64 = 8;
+const WASTE_ALLOWANCE: u64 = 1 << 20;
 
 impl Framer {
     pub fn new() -> Self {
@@ -523,10 +536,13 @@ impl Framer {
             run: Run::default(),
             dropped: 0,
             chain: None,
+            received: 0,
+            wasted: 0,
         }
     }
 
     pub fn push(&mut self, data: Bytes, out: &mut Vec<Event>) -> Result<(), FormatError> {
+        self.received += data.len() as u64;
         self.buf.extend_from_slice(&data);
         self.scan(false, out)?;
         self.flush(out);
@@ -565,7 +581,14 @@ impl Framer {
                 Scan::Incomplete if !at_end => return Ok(()),
                 // Resynchronise on the next capture pattern, which may lie inside this one's
                 // claimed length when bytes were lost.
-                Scan::Incomplete | Scan::Invalid => self.drop_bytes(1, out),
+                Scan::Incomplete => self.drop_bytes(1, out),
+                Scan::Invalid { checked } => {
+                    self.wasted += checked as u64;
+                    if self.wasted > WASTE_PER_BYTE * self.received + WASTE_ALLOWANCE {
+                        return Err(FormatError::TooMuchGarbage);
+                    }
+                    self.drop_bytes(1, out);
+                }
                 Scan::Page(len) => self.take_page(len, out)?,
             }
         }
@@ -1389,6 +1412,25 @@ mod tests {
     }
 
     /// Random bytes, with capture patterns whose headers claim pages up to the largest size.
+    #[test]
+    fn captures_claiming_long_pages_over_and_over_are_refused() {
+        // Each capture claims 255 segments of 255 bytes, and the next one is 28 bytes on: once
+        // 65 KB are in, every one of them is CRC-checked over 65 KB before it fails.
+        let mut crafted = Vec::new();
+        for _ in 0..6000 {
+            crafted.extend_from_slice(b"OggS\0");
+            crafted.extend_from_slice(&[0xFF; 23]);
+        }
+        let mut f = Framer::new();
+        let mut out = Vec::new();
+        let refused = crafted
+            .chunks(4096)
+            .map(|piece| f.push(Bytes::copy_from_slice(piece), &mut out))
+            .find_map(Result::err);
+        assert_eq!(refused, Some(FormatError::TooMuchGarbage));
+        assert!(f.received < 96 * 1024, "refused after {} bytes", f.received);
+    }
+
     #[test]
     fn random_bytes_never_pass() {
         let mut rng = Rng(0x9e37_79b9_7f4a_7c15);
