@@ -181,37 +181,7 @@ fn source(soak: Arc<Soak>) {
 /// A listener that keeps up for the whole run and checks every byte, until it has the stream up
 /// to `last` (set once the source has sent its last byte) or the deadline passes.
 fn healthy(soak: Arc<Soak>, last: Arc<AtomicU64>) -> StreamCheck {
-    let mut l = Listener::connect(soak.addr, "/live");
-    let mut check = StreamCheck::default();
-    check.feed(&l.body);
-    l.stream
-        .set_read_timeout(Some(Duration::from_millis(200)))
-        .unwrap();
-    let mut buf = vec![0u8; 64 * 1024];
-    let mut deadline = None;
-    loop {
-        let target = last.load(Ordering::Relaxed);
-        if target != u64::MAX {
-            if check.next.is_some_and(|n| n >= target) {
-                break;
-            }
-            let d = *deadline.get_or_insert_with(|| Instant::now() + DEADLINE);
-            if Instant::now() > d {
-                break;
-            }
-        }
-        match l.stream.read(&mut buf) {
-            Ok(0) => break,
-            Ok(n) => check.feed(&buf[..n]),
-            Err(e)
-                if matches!(
-                    e.kind(),
-                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
-                ) => {}
-            Err(e) => panic!("healthy listener failed: {e}"),
-        }
-    }
-    check
+    Listener::connect(soak.addr, "/live").check_until(&last, "healthy listener")
 }
 
 /// Listeners that come and go: read a little, leave (half of them with a reset).

@@ -180,38 +180,6 @@ fn encoder(s: Arc<Storm>) {
     }
 }
 
-/// A listener that checks every byte until it has the stream up to `last`.
-fn listener(mut l: Listener, last: Arc<AtomicU64>) -> StreamCheck {
-    let mut check = StreamCheck::default();
-    l.stream
-        .set_read_timeout(Some(Duration::from_millis(200)))
-        .unwrap();
-    let mut buf = vec![0u8; 64 * 1024];
-    let mut deadline = None;
-    loop {
-        let target = last.load(Ordering::Relaxed);
-        if target != u64::MAX {
-            if check.next.is_some_and(|n| n >= target) {
-                break;
-            }
-            if Instant::now() > *deadline.get_or_insert_with(|| Instant::now() + DEADLINE) {
-                break;
-            }
-        }
-        match l.stream.read(&mut buf) {
-            Ok(0) => break,
-            Ok(n) => check.feed(&buf[..n]),
-            Err(e)
-                if matches!(
-                    e.kind(),
-                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
-                ) => {}
-            Err(e) => panic!("listener failed: {e}"),
-        }
-    }
-    check
-}
-
 /// A newcomer from 127.0.0.2: how long until its `GET /live` has its `200` head.
 fn newcomer(addr: SocketAddr) -> Result<Duration, String> {
     let start = Instant::now();
@@ -329,7 +297,7 @@ fn a_storm_of_idle_connections_spares_listeners_newcomers_sources_admin_and_the_
     let listeners: Vec<_> = (0..LISTENERS)
         .map(|_| {
             let (l, last) = (Listener::connect(addr, "/live"), last.clone());
-            thread::spawn(move || listener(l, last))
+            thread::spawn(move || l.check_until(&last, "listener"))
         })
         .collect();
     wait_until("the listeners", || {

@@ -419,6 +419,43 @@ fn pattern_offsets_are_recovered_at_any_alignment() {
     assert_eq!(exact_runs(&joined), vec![(5, 50), (300, 50)]);
 }
 
+impl Listener {
+    /// Reads and checks every byte until the stream is had up to `last` (`u64::MAX` until the
+    /// source has sent its last byte), the server closes, or the deadline after `last` is set
+    /// passes; `who` names the listener if a read fails.
+    pub fn check_until(mut self, last: &std::sync::atomic::AtomicU64, who: &str) -> StreamCheck {
+        let mut check = StreamCheck::default();
+        check.feed(&self.body);
+        self.stream
+            .set_read_timeout(Some(Duration::from_millis(200)))
+            .unwrap();
+        let mut buf = vec![0u8; 64 * 1024];
+        let mut deadline = None;
+        loop {
+            let target = last.load(std::sync::atomic::Ordering::Relaxed);
+            if target != u64::MAX {
+                if check.next.is_some_and(|n| n >= target) {
+                    break;
+                }
+                if Instant::now() > *deadline.get_or_insert_with(|| Instant::now() + DEADLINE) {
+                    break;
+                }
+            }
+            match self.stream.read(&mut buf) {
+                Ok(0) => break,
+                Ok(n) => check.feed(&buf[..n]),
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                    ) => {}
+                Err(e) => panic!("{who} failed: {e}"),
+            }
+        }
+        check
+    }
+}
+
 /// Checks a listener's bytes as they arrive, without keeping them: the first 16 bytes tell the
 /// join point, every later byte must continue the stream exactly.
 #[derive(Default)]
