@@ -5,18 +5,33 @@ use crate::run::{self, write_json, RunOpts, Summary};
 use crate::servers::Target;
 
 pub fn compare(o: &RunOpts) -> Result<(), String> {
+    let variant = |target| RunOpts {
+        target,
+        name: Some(format!(
+            "compare-{}-{}c-{}k",
+            run::target_name(target),
+            o.clients,
+            o.bitrate_kbps
+        )),
+        ..o.clone()
+    };
+    let stem = format!("compare-{}c-{}k", o.clients, o.bitrate_kbps);
+    side_by_side(
+        [variant(Target::Icecast), variant(Target::Fanstream)],
+        &o.out_dir.join(stem),
+        table,
+    )
+}
+
+/// Runs two variants back to back on the same machine, prints each summary, and writes the
+/// table of both (`<stem>.md`) and their summaries (`<stem>.json`).
+pub fn side_by_side(
+    variants: [RunOpts; 2],
+    stem: &std::path::Path,
+    table: fn(&Summary, &Summary) -> String,
+) -> Result<(), String> {
     let mut rows = Vec::new();
-    for target in [Target::Icecast, Target::Fanstream] {
-        let opts = RunOpts {
-            target,
-            name: Some(format!(
-                "compare-{}-{}c-{}k",
-                run::target_name(target),
-                o.clients,
-                o.bitrate_kbps
-            )),
-            ..o.clone()
-        };
+    for opts in variants {
         let s = run::run(&opts)?;
         run::print_summary(&s);
         rows.push(s);
@@ -25,24 +40,23 @@ pub fn compare(o: &RunOpts) -> Result<(), String> {
     }
     let table = table(&rows[0], &rows[1]);
     println!("\n{table}");
-    let stem = format!("compare-{}c-{}k", o.clients, o.bitrate_kbps);
-    std::fs::write(o.out_dir.join(format!("{stem}.md")), &table).map_err(|e| e.to_string())?;
-    write_json(&o.out_dir.join(format!("{stem}.json")), &rows)?;
-    eprintln!(
-        "written to {}",
-        o.out_dir.join(format!("{stem}.md")).display()
-    );
+    let md = stem.with_extension("md");
+    std::fs::write(&md, &table).map_err(|e| e.to_string())?;
+    write_json(&stem.with_extension("json"), &rows)?;
+    eprintln!("written to {}", md.display());
     Ok(())
 }
 
+/// `a / b` for a table cell, or `n/a` without a `b`.
+pub fn ratio(a: f64, b: f64) -> String {
+    if b > 0.0 {
+        format!("{:.2}", a / b)
+    } else {
+        "n/a".into()
+    }
+}
+
 fn table(ice: &Summary, fan: &Summary) -> String {
-    let ratio = |i: f64, f: f64| {
-        if f > 0.0 {
-            format!("{:.2}", i / f)
-        } else {
-            "n/a".into()
-        }
-    };
     let mut t = format!(
         "{} listeners at {} kbit/s ({} B every {} ms), {:.0} s window; machine: {}; load average before: Icecast run {}, fanstream run {}\n\n",
         fan.clients, fan.bitrate_kbps, fan.piece_bytes, fan.interval_ms, fan.window_secs, fan.machine, ice.loadavg_before, fan.loadavg_before

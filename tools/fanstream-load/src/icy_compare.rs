@@ -3,7 +3,8 @@
 //! otherwise) so that the only difference is the listeners' kind. Server CPU cannot be split by
 //! listener kind within one run, so the two runs are compared: both rows and their ratio.
 
-use crate::run::{self, write_json, RunOpts, Summary};
+use crate::compare::{ratio, side_by_side};
+use crate::run::{RunOpts, Summary};
 
 /// The target: ICY at most this many times plain, in CPU per listener-second.
 const TARGET_RATIO: f64 = 1.2;
@@ -11,41 +12,21 @@ const DEFAULT_TITLE_EVERY_SECS: f64 = 5.0;
 
 pub fn icy_compare(o: &RunOpts) -> Result<(), String> {
     let title_every = o.title_every_secs.or(Some(DEFAULT_TITLE_EVERY_SECS));
-    let mut rows = Vec::new();
-    for (kind, share) in [("plain", 0.0), ("icy", 1.0)] {
-        let opts = RunOpts {
-            icy_share: share,
-            title_every_secs: title_every,
-            name: Some(format!(
-                "icy-compare-{kind}-{}c-{}k",
-                o.clients, o.bitrate_kbps
-            )),
-            ..o.clone()
-        };
-        let s = run::run(&opts)?;
-        run::print_summary(&s);
-        rows.push(s);
-        // Let sockets of the first run drain before the second.
-        std::thread::sleep(std::time::Duration::from_secs(3));
-    }
-    let table = table(&rows[0], &rows[1]);
-    println!("\n{table}");
+    let variant = |kind, icy_share| RunOpts {
+        icy_share,
+        title_every_secs: title_every,
+        name: Some(format!(
+            "icy-compare-{kind}-{}c-{}k",
+            o.clients, o.bitrate_kbps
+        )),
+        ..o.clone()
+    };
     let stem = format!("icy-{}c-{}k", o.clients, o.bitrate_kbps);
-    std::fs::write(o.out_dir.join(format!("{stem}.md")), &table).map_err(|e| e.to_string())?;
-    write_json(&o.out_dir.join(format!("{stem}.json")), &rows)?;
-    eprintln!(
-        "written to {}",
-        o.out_dir.join(format!("{stem}.md")).display()
-    );
-    Ok(())
-}
-
-fn ratio(icy: f64, plain: f64) -> String {
-    if plain > 0.0 {
-        format!("{:.2}", icy / plain)
-    } else {
-        "n/a".into()
-    }
+    side_by_side(
+        [variant("plain", 0.0), variant("icy", 1.0)],
+        &o.out_dir.join(stem),
+        table,
+    )
 }
 
 fn table(plain: &Summary, icy: &Summary) -> String {
