@@ -13,7 +13,6 @@ use std::rc::Rc;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 use tokio::runtime::Runtime;
 use tokio::sync::mpsc::UnboundedSender;
@@ -138,8 +137,7 @@ async fn serve(
         Ok(resp) => resp,
         Err(no) => return refuse(&shared, &mut stream, peer, no).await,
     };
-    let _ = tokio::time::timeout(REQUEST_TIMEOUT, stream.write_all(&resp)).await;
-    let _ = stream.shutdown().await;
+    http::write_and_close(stream, &resp).await;
 }
 
 /// With `admin_password` set, every admin request must carry it (Prometheus sends it with
