@@ -1,5 +1,5 @@
 //! The ingest thread: reads every source, appends what arrives to its mount's store, publishes the
-//! new snapshot and wakes each worker once.
+//! new snapshot and wakes each worker with listeners of that mount once.
 //!
 //! It is the only writer of the stores and of the mount table, so claiming a mount (exactly one
 //! source wins), publishing and the grace timers need no locks: they run on one thread, in one
@@ -95,6 +95,7 @@ impl Ingest {
                 listener_peak: AtomicUsize::new(0),
                 received_bytes: AtomicU64::new(0),
                 sent_bytes: AtomicU64::new(0),
+                on_workers: shared.workers.iter().map(|_| Default::default()).collect(),
             });
             shared.mounts.insert(mount.clone());
             Entry {
@@ -121,7 +122,7 @@ impl Ingest {
     }
 
     /// Publishes what the format layer made of a piece of the stream (and the stream's subtype,
-    /// when it changed), then wakes the workers. False if the claim is stale.
+    /// when it changed), then wakes the mount's workers. False if the claim is stale.
     fn publish(
         &self,
         path: &str,
@@ -163,8 +164,9 @@ impl Ingest {
             .with_label_values(&[label])
             .add(retained - entry.retained);
         entry.retained = retained;
+        let mount = entry.mount.clone();
         drop(entries);
-        self.shared.wake_workers();
+        self.shared.published(&mount);
         true
     }
 
@@ -208,7 +210,7 @@ impl Ingest {
         let m = &self.shared.metrics;
         m.source_up.with_label_values(&[mount.label.as_str()]).dec();
         m.source_disconnected(&mount.label, reason);
-        self.shared.wake_workers();
+        self.shared.published(&mount);
         let this = self.clone();
         let path = path.to_string();
         tokio::task::spawn_local(async move {
@@ -242,10 +244,12 @@ impl Ingest {
             .retained_bytes
             .with_label_values(&[entry.mount.label.as_str()])
             .sub(entry.retained);
-        entries.remove(path);
+        let mount = entries.remove(path).map(|e| e.mount);
         drop(entries);
         self.declare_mounts();
-        self.shared.wake_workers();
+        if let Some(mount) = mount {
+            self.shared.published(&mount);
+        }
     }
 
     /// Gives the mounts the config declares their series (see [`Metrics::declare_mounts`]). A
@@ -267,14 +271,18 @@ impl Ingest {
     /// The config was replaced: each mount publishes its new settings with its stream.
     fn apply_config(&self) {
         let config = self.shared.config.load();
+        let mut changed = Vec::new();
         for (path, entry) in self.entries.borrow_mut().iter_mut() {
             let settings = config.mount(path);
             if *entry.writer.settings().as_ref() != settings {
                 entry.writer.set_settings(Arc::new(settings));
+                changed.push(entry.mount.clone());
             }
         }
         self.declare_mounts();
-        self.shared.wake_workers();
+        for mount in &changed {
+            self.shared.published(mount);
+        }
     }
 }
 

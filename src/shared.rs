@@ -5,7 +5,7 @@
 
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{fence, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::SystemTime;
 
@@ -17,7 +17,7 @@ use crate::config::Config;
 use crate::heads::Heads;
 use crate::logs::Summaries;
 use crate::metrics::Metrics;
-use crate::mounts::Mounts;
+use crate::mounts::{Mount, Mounts};
 
 /// How the server should be running; sent to every thread through a `watch` channel.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -48,9 +48,12 @@ pub(crate) struct WorkerLink {
     /// Wakes the worker's intake after the acceptor sent it a socket. A `Notify` keeps one permit
     /// when the worker is busy, so no hand-off is missed and bursts cost one wake-up.
     pub conns_ready: Notify,
-    /// Wakes the worker's fan-out after ingest published new data: one cross-thread wake-up per
-    /// worker per publication, however many listeners the worker serves.
+    /// Wakes the worker's fan-out after ingest published on a mount it has listeners of: at most
+    /// one cross-thread wake-up per worker per publication, however many listeners it serves.
     pub data_ready: Notify,
+    /// The mounts published on since the worker last looked, each once (see
+    /// [`crate::mounts::OnWorker::queued`]). Pushed by ingest, drained by the worker.
+    pub published: Mutex<Vec<Arc<Mount>>>,
     /// Connections the worker holds now (handshaking or listening): the acceptor's placement key,
     /// and summed, what it holds against `max_connections`. Incremented by the acceptor before
     /// the hand-off, decremented by the connection's guard (a source's, when ingest takes it).
@@ -101,10 +104,20 @@ impl Shared {
             .sum()
     }
 
-    /// Wakes every worker once: new data was published.
-    pub fn wake_workers(&self) {
-        for w in &self.workers {
-            w.data_ready.notify_one();
+    /// Called by ingest after each publication on `mount` (data, settings, or the source's state):
+    /// queues the mount for, and wakes, each worker with listeners of it, once until it looks.
+    pub fn published(&self, mount: &Arc<Mount>) {
+        // Pairs with the fence a worker puts between creating its shard and loading the
+        // snapshot: either the worker loads this publication, or this sees its shard.
+        fence(Ordering::SeqCst);
+        for (link, on) in self.workers.iter().zip(mount.on_workers.iter()) {
+            if on.shard.load(Ordering::SeqCst) != 0 && !on.queued.swap(true, Ordering::SeqCst) {
+                link.published
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .push(mount.clone());
+                link.data_ready.notify_one();
+            }
         }
     }
 }
