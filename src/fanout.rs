@@ -2,7 +2,9 @@
 //!
 //! The loop owns all of its worker's listeners, grouped in shards by mount. Its work follows what
 //! is due, not how many mounts and listeners it holds: ingest wakes only the workers with
-//! listeners of the mount that published, and queues that mount for them
+//! listeners of the mount that published, and only once the stream reached what each shard said
+//! it waits for ([`crate::mounts::OnWorker::wake_at`]: the first byte past the edge, or enough
+//! bytes for a coalesced write, or a parked listener's lag limit), and queues that mount for them
 //! ([`crate::shared::Shared::published`]); the woken loop serves only the queued mounts' shards,
 //! loading each snapshot once (stream and settings in one load) and writing each due listener's
 //! backlog with one vectored write of shared `Bytes` (no copy, no allocation, no lock per
@@ -249,11 +251,10 @@ impl<'a> Pass<'a> {
 }
 
 /// Which listeners of a shard a serving pass visits.
+#[derive(Clone, Copy)]
 enum Visit {
-    /// The mount published: those whose coalesced write is due, and the parked ones, whose lag
-    /// grew.
-    Published,
-    /// A deadline passed: those whose coalesced write is due.
+    /// Those whose coalesced write is due, and the parked ones (few), whose lag may have passed
+    /// the limit or whose send timeout may have run out.
     Due,
     /// One listener, written at once: a newcomer, or one whose socket drained.
     One(usize),
@@ -287,10 +288,8 @@ impl Shard {
         let mut batch = Vec::new();
         match visit {
             Visit::One(key) => batch.push(key),
-            Visit::Published | Visit::Due => {
-                if matches!(visit, Visit::Published) {
-                    batch.append(&mut self.parked);
-                }
+            Visit::Due => {
+                batch.append(&mut self.parked);
                 self.due.take_due(|pos| is_due(&round, pos), &mut batch);
             }
         }
@@ -330,20 +329,55 @@ impl Shard {
         }
     }
 
-    /// When the first listener in the due list falls due, if bytes are pending for it.
+    /// When the first listener in the due list falls due, if bytes are pending for it, or a
+    /// parked listener's send timeout runs out, whichever comes first.
     fn next_deadline(&self, snap: &Snapshot, pass: &Pass) -> Option<Instant> {
-        let pos = self.due.first()?;
-        if snap.position(pos) != Position::Behind {
-            return None;
+        let coalesced = self
+            .due
+            .first()
+            .filter(|&pos| snap.position(pos) == Position::Behind)
+            .map(|pos| {
+                let force = pass.force || snap.state != SourceState::Live;
+                // One due already (it cannot be after a pass) is served at the next deadline.
+                held_until(&snap.settings, snap.end - pos, pass.now, force, || {
+                    snap.arrival_of(pos)
+                })
+                .unwrap_or(pass.now)
+            });
+        // A millisecond late: the timeout is "longer than", and timers round to milliseconds.
+        let timeout = pass.send_timeout + Duration::from_millis(1);
+        let parked = self
+            .parked
+            .iter()
+            .filter_map(|&key| self.listeners.get(key)?.parked.as_ref())
+            .map(|p| p.since + timeout)
+            .min();
+        match (coalesced, parked) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
         }
-        let force = pass.force || snap.state != SourceState::Live;
-        // One that is due already (it cannot be after a pass) is served at the next deadline.
-        Some(
-            held_until(&snap.settings, snap.end - pos, pass.now, force, || {
-                snap.arrival_of(pos)
-            })
-            .unwrap_or(pass.now),
-        )
+    }
+
+    /// How far the stream must reach before this shard has anything to do (see
+    /// [`crate::mounts::OnWorker::wake_at`]): only the first waiting listener's position counts,
+    /// since those behind it fall due no sooner.
+    fn wake_at(&self, snap: &Snapshot) -> u64 {
+        let settings = &snap.settings;
+        let waiting = self.due.first().map(|pos| {
+            if pos >= snap.end || settings.max_write_delay_ms == 0 {
+                // The next byte starts its coalescing delay, which the worker's timer keeps.
+                pos + 1
+            } else {
+                pos + settings.min_write_bytes.max(1) as u64
+            }
+        });
+        let parked = self
+            .parked
+            .iter()
+            .filter_map(|&key| self.listeners.get(key))
+            .map(|l| l.pos + settings.max_lag_bytes + 1)
+            .min();
+        waiting.into_iter().chain(parked).min().unwrap_or(u64::MAX)
     }
 
     fn drop_all(&mut self, why: Disconnect) {
@@ -397,9 +431,13 @@ fn held_until(
 }
 
 /// A worker's shards by id, with their deadlines.
-#[derive(Default)]
 struct Shards {
+    /// The worker's index, which names its hold on each mount ([`Mount::on_workers`]).
+    worker: usize,
     by_id: HashMap<u64, Shard>,
+    /// Listeners across the shards, kept as they come and go, since the loop reads it on every
+    /// pass and summing it would visit every shard.
+    listeners: usize,
     /// Every shard's next deadline: the worker keeps one timer, for the first of them, and on
     /// that timer visits only the shards whose deadline passed.
     deadlines: BTreeSet<(Instant, u64)>,
@@ -408,12 +446,27 @@ struct Shards {
 impl Shards {
     /// Serves a shard's listeners as `visit` says, refiles its deadline, and says what is left
     /// to do with it.
-    fn serve(&mut self, id: u64, visit: Visit, pass: &Pass) -> After {
+    fn serve(&mut self, id: u64, mut visit: Visit, pass: &Pass) -> After {
         let Some(shard) = self.by_id.get_mut(&id) else {
             return After::Keep;
         };
-        let snap = shard.mount.store.load();
-        shard.serve(&snap, visit, pass);
+        let mount = shard.mount.clone();
+        let on = &mount.on_workers[self.worker];
+        let snap = loop {
+            let snap = shard.mount.store.load();
+            let before = shard.listeners.len();
+            shard.serve(&snap, visit, pass);
+            self.listeners -= before - shard.listeners.len();
+            let wake_at = shard.wake_at(&snap);
+            on.wake_at.store(wake_at, Ordering::SeqCst);
+            // Pairs with the fence in `Shared::queue`: a publication that came after this
+            // snapshot and before the new threshold was seen is served now, not missed.
+            fence(Ordering::SeqCst);
+            if shard.mount.store.load().end < wake_at {
+                break snap;
+            }
+            visit = Visit::Due;
+        };
         let deadline = shard.next_deadline(&snap, pass);
         if deadline != shard.deadline {
             if let Some(old) = shard.deadline {
@@ -471,10 +524,16 @@ impl FanOut {
         let wakeups = m.worker_wakeups.with_label_values(&[&ctx.label]);
         let panics = m.panics.with_label_values(&["listener"]);
         let usage = WorkerUsage::new(m, &ctx.label);
+        let index = ctx.index;
         FanOut {
             ctx,
             admit_rx,
-            shards: Shards::default(),
+            shards: Shards {
+                worker: index,
+                by_id: HashMap::new(),
+                listeners: 0,
+                deadlines: BTreeSet::new(),
+            },
             next_shard_id: 0,
             out: Outlets {
                 parking: Parking::default(),
@@ -522,7 +581,7 @@ impl FanOut {
     }
 
     fn listener_count(&self) -> usize {
-        self.shards.by_id.values().map(|s| s.listeners.len()).sum()
+        self.shards.listeners
     }
 
     /// A round, with its CPU per listener accounted and, once a second, listeners' lag sampled.
@@ -554,7 +613,7 @@ impl FanOut {
             on.queued.store(false, Ordering::SeqCst);
             let id = on.shard.load(Ordering::Relaxed);
             if id != 0 {
-                after.push((id, self.shards.serve(id, Visit::Published, &pass)));
+                after.push((id, self.shards.serve(id, Visit::Due, &pass)));
             }
         }
         self.settle(after);
@@ -644,6 +703,7 @@ impl FanOut {
             .by_id
             .get_mut(&id)
             .map(|s| s.listeners.insert(listener));
+        self.shards.listeners += 1;
         (
             id,
             key.expect("a mount names only a shard its worker holds"),
@@ -652,6 +712,7 @@ impl FanOut {
 
     fn remove_shard(&mut self, id: u64) -> Option<Shard> {
         let shard = self.shards.by_id.remove(&id)?;
+        self.shards.listeners -= shard.listeners.len();
         if let Some(at) = shard.deadline {
             self.shards.deadlines.remove(&(at, id));
         }
@@ -738,7 +799,7 @@ impl FanOut {
             let ids: Vec<u64> = self.shards.by_id.keys().copied().collect();
             let after = ids
                 .into_iter()
-                .map(|id| (id, self.shards.serve(id, Visit::Published, &pass)))
+                .map(|id| (id, self.shards.serve(id, Visit::Due, &pass)))
                 .collect();
             self.settle(after);
             while self.any_pending() {

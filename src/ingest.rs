@@ -1,5 +1,6 @@
 //! The ingest thread: reads every source, appends what arrives to its mount's store, publishes the
-//! new snapshot and wakes each worker with listeners of that mount once.
+//! new snapshot and wakes, once, each worker with listeners of that mount that have something to
+//! do.
 //!
 //! It is the only writer of the stores and of the mount table, so claiming a mount (exactly one
 //! source wins), publishing and the grace timers need no locks: they run on one thread, in one
@@ -159,14 +160,15 @@ impl Ingest {
         if let Some(subtype) = subtype {
             entry.writer.set_subtype(subtype);
         }
-        let retained = entry.writer.store().load().retained_bytes() as i64;
+        let snap = entry.writer.store().load();
+        let retained = snap.retained_bytes() as i64;
         m.retained_bytes
             .with_label_values(&[label])
             .add(retained - entry.retained);
         entry.retained = retained;
-        let mount = entry.mount.clone();
+        let (mount, end) = (entry.mount.clone(), snap.end);
         drop(entries);
-        self.shared.published(&mount);
+        self.shared.published(&mount, end);
         true
     }
 
@@ -210,7 +212,7 @@ impl Ingest {
         let m = &self.shared.metrics;
         m.source_up.with_label_values(&[mount.label.as_str()]).dec();
         m.source_disconnected(&mount.label, reason);
-        self.shared.published(&mount);
+        self.shared.changed(&mount);
         let this = self.clone();
         let path = path.to_string();
         tokio::task::spawn_local(async move {
@@ -248,7 +250,7 @@ impl Ingest {
         drop(entries);
         self.declare_mounts();
         if let Some(mount) = mount {
-            self.shared.published(&mount);
+            self.shared.changed(&mount);
         }
     }
 
@@ -281,7 +283,7 @@ impl Ingest {
         }
         self.declare_mounts();
         for mount in &changed {
-            self.shared.published(mount);
+            self.shared.changed(mount);
         }
     }
 }

@@ -51,6 +51,12 @@ pub(crate) struct OnWorker {
     /// here. Written by that worker only, when it creates or removes the shard; read by ingest
     /// after each publication.
     pub shard: AtomicU64,
+    /// How far the stream must reach before the worker has anything to do here (the first
+    /// waiting listener's coalescing threshold, or the first byte past a listener at the edge,
+    /// or a parked listener's lag limit): publications short of it wake nobody, since the
+    /// worker's own timer covers coalescing by time. Written by the worker after each serving
+    /// pass, compared by ingest with the stream's end after each publication.
+    pub wake_at: AtomicU64,
     /// The mount waits in the worker's queue of published mounts. Set by ingest when it queues
     /// the mount, cleared by the worker when it takes it, before it loads the snapshot: a
     /// publication is queued once however many come before the worker runs, and none is missed.

@@ -17,7 +17,7 @@ use crate::config::Config;
 use crate::heads::Heads;
 use crate::logs::Summaries;
 use crate::metrics::Metrics;
-use crate::mounts::{Mount, Mounts};
+use crate::mounts::{Mount, Mounts, OnWorker};
 
 /// How the server should be running; sent to every thread through a `watch` channel.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -48,8 +48,9 @@ pub(crate) struct WorkerLink {
     /// Wakes the worker's intake after the acceptor sent it a socket. A `Notify` keeps one permit
     /// when the worker is busy, so no hand-off is missed and bursts cost one wake-up.
     pub conns_ready: Notify,
-    /// Wakes the worker's fan-out after ingest published on a mount it has listeners of: at most
-    /// one cross-thread wake-up per worker per publication, however many listeners it serves.
+    /// Wakes the worker's fan-out after ingest published on a mount it has listeners of, with
+    /// something for them to do: at most one cross-thread wake-up per worker per publication,
+    /// however many listeners it serves.
     pub data_ready: Notify,
     /// The mounts published on since the worker last looked, each once (see
     /// [`crate::mounts::OnWorker::queued`]). Pushed by ingest, drained by the worker.
@@ -104,14 +105,27 @@ impl Shared {
             .sum()
     }
 
-    /// Called by ingest after each publication on `mount` (data, settings, or the source's state):
-    /// queues the mount for, and wakes, each worker with listeners of it, once until it looks.
-    pub fn published(&self, mount: &Arc<Mount>) {
-        // Pairs with the fence a worker puts between creating its shard and loading the
-        // snapshot: either the worker loads this publication, or this sees its shard.
+    /// Called by ingest after it published stream data on `mount`, up to `end`: queues the mount
+    /// for, and wakes, each worker with listeners of it that have something to do by then.
+    pub fn published(&self, mount: &Arc<Mount>, end: u64) {
+        self.queue(mount, |on| end >= on.wake_at.load(Ordering::SeqCst));
+    }
+
+    /// Called by ingest after `mount`'s source state or settings changed: every worker with
+    /// listeners of it must act on that, whatever their stream position.
+    pub fn changed(&self, mount: &Arc<Mount>) {
+        self.queue(mount, |_| true);
+    }
+
+    fn queue(&self, mount: &Arc<Mount>, due: impl Fn(&OnWorker) -> bool) {
+        // Pairs with the fence a worker puts between publishing its shard's `wake_at` and loading
+        // the stream's end: either the worker sees this publication, or this sees its threshold.
         fence(Ordering::SeqCst);
         for (link, on) in self.workers.iter().zip(mount.on_workers.iter()) {
-            if on.shard.load(Ordering::SeqCst) != 0 && !on.queued.swap(true, Ordering::SeqCst) {
+            if on.shard.load(Ordering::SeqCst) != 0
+                && due(on)
+                && !on.queued.swap(true, Ordering::SeqCst)
+            {
                 link.published
                     .lock()
                     .unwrap_or_else(|e| e.into_inner())
