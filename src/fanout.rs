@@ -273,8 +273,9 @@ enum After {
 
 impl Shard {
     /// Serves the listeners `visit` names against `snap`, the mount's snapshot loaded once for
-    /// the pass, files each by its outcome, and adds the work to the counters once.
-    fn serve(&mut self, snap: &Snapshot, visit: Visit, pass: &Pass) {
+    /// the pass, files each by its outcome, and adds the work to the counters once. Returns when
+    /// the first listener left waiting falls due, if bytes are pending for it.
+    fn serve(&mut self, snap: &Snapshot, visit: Visit, pass: &Pass) -> Option<Instant> {
         let round = Round {
             snap,
             settings: &snap.settings,
@@ -286,11 +287,25 @@ impl Shard {
             inject_panic: self.inject_panic,
         };
         let mut batch = Vec::new();
+        // The first offset left waiting, with when it falls due: found while taking the due
+        // ones, so that the stream is not searched for it twice.
+        let mut refused = None;
         match visit {
             Visit::One(key) => batch.push(key),
             Visit::Due => {
                 batch.append(&mut self.parked);
-                self.due.take_due(|pos| is_due(&round, pos), &mut batch);
+                let mut due = |pos| match due_at(&round, pos) {
+                    Due::Now => true,
+                    Due::At(at) => {
+                        refused = Some((pos, Some(at)));
+                        false
+                    }
+                    Due::OnData => {
+                        refused = Some((pos, None));
+                        false
+                    }
+                };
+                self.due.take_due(&mut due, &mut batch);
             }
         }
         let mut gathered = Gathered::new();
@@ -327,23 +342,27 @@ impl Shard {
                 self.count_disconnects(why, 1);
             }
         }
+        // Those served wait at or past the refused offset: it stays first unless none was.
+        let first = self.due.first()?;
+        // A pass forced for one listener does not make the others due.
+        let unforced = Round {
+            force: snap.state != SourceState::Live,
+            ..round
+        };
+        match refused {
+            Some((pos, at)) if pos == first => at,
+            _ => match due_at(&unforced, first) {
+                // Due already (it cannot be after a pass): served at the next deadline.
+                Due::Now => Some(round.now),
+                Due::At(at) => Some(at),
+                Due::OnData => None,
+            },
+        }
     }
 
-    /// When the first listener in the due list falls due, if bytes are pending for it, or a
-    /// parked listener's send timeout runs out, whichever comes first.
-    fn next_deadline(&self, snap: &Snapshot, pass: &Pass) -> Option<Instant> {
-        let coalesced = self
-            .due
-            .first()
-            .filter(|&pos| snap.position(pos) == Position::Behind)
-            .map(|pos| {
-                let force = pass.force || snap.state != SourceState::Live;
-                // One due already (it cannot be after a pass) is served at the next deadline.
-                held_until(&snap.settings, snap.end - pos, pass.now, force, || {
-                    snap.arrival_of(pos)
-                })
-                .unwrap_or(pass.now)
-            });
+    /// The earlier of `coalesced` (when the first waiting listener falls due) and the first
+    /// parked listener's send timeout.
+    fn next_deadline(&self, coalesced: Option<Instant>, pass: &Pass) -> Option<Instant> {
         // A millisecond late: the timeout is "longer than", and timers round to milliseconds.
         let timeout = pass.send_timeout + Duration::from_millis(1);
         let parked = self
@@ -397,20 +416,30 @@ impl Shard {
     }
 }
 
-/// Whether the listeners at `pos` are to be written now.
-fn is_due(round: &Round, pos: u64) -> bool {
+/// When the listeners waiting at an offset are to be written.
+enum Due {
+    Now,
+    /// When their coalescing delay runs out.
+    At(Instant),
+    /// Nothing is pending for them: they are at the live edge.
+    OnData,
+}
+
+fn due_at(round: &Round, pos: u64) -> Due {
     let snap = round.snap;
     match snap.position(pos) {
-        Position::AtEdge => false,
-        Position::Evicted => true,
-        Position::Behind => held_until(
+        Position::AtEdge => Due::OnData,
+        Position::Evicted => Due::Now,
+        Position::Behind => match held_until(
             round.settings,
             snap.end - pos,
             round.now,
             round.force,
             || snap.arrival_of(pos),
-        )
-        .is_none(),
+        ) {
+            None => Due::Now,
+            Some(at) => Due::At(at),
+        },
     }
 }
 
@@ -452,10 +481,10 @@ impl Shards {
         };
         let mount = shard.mount.clone();
         let on = &mount.on_workers[self.worker];
-        let snap = loop {
+        let (snap, coalesced) = loop {
             let snap = shard.mount.store.load();
             let before = shard.listeners.len();
-            shard.serve(&snap, visit, pass);
+            let coalesced = shard.serve(&snap, visit, pass);
             self.listeners -= before - shard.listeners.len();
             let wake_at = shard.wake_at(&snap);
             on.wake_at.store(wake_at, Ordering::SeqCst);
@@ -463,11 +492,11 @@ impl Shards {
             // snapshot and before the new threshold was seen is served now, not missed.
             fence(Ordering::SeqCst);
             if shard.mount.store.load().end < wake_at {
-                break snap;
+                break (snap, coalesced);
             }
             visit = Visit::Due;
         };
-        let deadline = shard.next_deadline(&snap, pass);
+        let deadline = shard.next_deadline(coalesced, pass);
         if deadline != shard.deadline {
             if let Some(old) = shard.deadline {
                 self.deadlines.remove(&(old, id));
