@@ -685,7 +685,10 @@ mod tests {
         live.source_password = None;
         let packaged = Config::from_toml(include_str!("../packaging/fanstream.toml")).unwrap();
         packaged.validate().unwrap();
-        assert_eq!(packaged, expected, "packaging/fanstream.toml and the README differ");
+        assert_eq!(
+            packaged, expected,
+            "packaging/fanstream.toml and the README differ"
+        );
         assert!(packaged.startup.demo);
         assert!(packaged.startup.admin_listen.unwrap().ip().is_loopback());
     }

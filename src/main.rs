@@ -131,7 +131,8 @@ fn load_config(args: &Args) -> Result<Config, String> {
 /// package writes at install). Without either, a password is generated for the run.
 fn source_password_fallback(config_file: Option<&Path>) -> Result<Option<String>, String> {
     const FILE: &str = "source_password";
-    let credential = std::env::var_os("CREDENTIALS_DIRECTORY").map(|dir| Path::new(&dir).join(FILE));
+    let credential =
+        std::env::var_os("CREDENTIALS_DIRECTORY").map(|dir| Path::new(&dir).join(FILE));
     let beside_config = config_file.map(|file| file.with_file_name(FILE));
     for path in credential.into_iter().chain(beside_config) {
         // A file that is there but unreadable (its mode, its owner) is an error to fix, not a
@@ -152,7 +153,9 @@ fn check_config(args: &Args) -> Result<(), String> {
     // the config has them, so that a reload cannot fail on a file the check passed.
     let config = load_config(args)?;
     let file = args.config.as_deref().unwrap_or(Path::new("")).display();
-    config.validate().map_err(|e| format!("config {file}: {e}"))?;
+    config
+        .validate()
+        .map_err(|e| format!("config {file}: {e}"))?;
     println!("fanstream: config {file} is valid");
     Ok(())
 }
@@ -225,7 +228,13 @@ fn run(args: Args) -> Result<(), String> {
     };
     let server = Server::start(config, listen_socket, admin_socket).map_err(|e| e.to_string())?;
     // Both ports are bound and listening, and every stage runs: a client connecting now is served.
-    notify(&format!("READY=1\nSTATUS=listening on {}", server.listen_addr()));
+    let admin = server
+        .admin_addr()
+        .map_or(String::new(), |a| format!(", admin on {a}"));
+    notify(&format!(
+        "READY=1\nSTATUS=listening on {}{admin}",
+        server.listen_addr()
+    ));
     rt.block_on(async {
         loop {
             tokio::select! {
@@ -364,13 +373,18 @@ fn markdown_to_roff(roff: &mut clap_mangen::roff::Roff, markdown: &str) {
     let mut lines = markdown.lines().peekable();
     while let Some(line) = lines.next() {
         if line.starts_with("```") {
-            roff.control("PP", []).control("nf", []).control("RS", ["4"]);
+            roff.control("PP", [])
+                .control("nf", [])
+                .control("RS", ["4"]);
             for code in lines.by_ref().take_while(|l| !l.starts_with("```")) {
                 roff.text([roman(code)]);
             }
             roff.control("RE", []).control("fi", []);
         } else if let Some(heading) = line.strip_prefix('#') {
-            roff.control("SS", [plain(heading.trim_start_matches('#').trim()).as_str()]);
+            roff.control(
+                "SS",
+                [plain(heading.trim_start_matches('#').trim()).as_str()],
+            );
         } else if !line.trim().is_empty() {
             let mut paragraph = line.strip_prefix("- ").unwrap_or(line).to_string();
             while let Some(more) = lines.next_if(|l| !l.trim().is_empty() && !l.starts_with("- ")) {

@@ -89,8 +89,8 @@ mod tests {
         std::fs::remove_file(&path).unwrap();
 
         let name = format!("fanstream-notify-test-{}", std::process::id());
-        let by_name = UnixDatagram::bind_addr(&SocketAddr::from_abstract_name(&name).unwrap())
-            .unwrap();
+        let by_name =
+            UnixDatagram::bind_addr(&SocketAddr::from_abstract_name(&name).unwrap()).unwrap();
         Notifier::to(&format!("@{name}"))
             .unwrap()
             .send("STOPPING=1")

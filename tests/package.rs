@@ -114,6 +114,39 @@ fn the_debian_package_builds_installs_serves_and_purges() {
     let deb = build_package();
     let deb = deb.to_str().unwrap();
 
+    // `make install` (for hosts without dpkg) stages the same files under a prefix, the unit
+    // pointing at them.
+    let stage = scratch_dir("package-install");
+    let out = Command::new("make")
+        .args(["install", "PREFIX=/opt/fs"])
+        .arg(format!("DESTDIR={}", stage.display()))
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "make install: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    for path in [
+        "opt/fs/bin/fanstream",
+        "opt/fs/etc/fanstream/fanstream.toml",
+        "opt/fs/etc/logrotate.d/fanstream",
+        "opt/fs/share/man/man8/fanstream.8.gz",
+        "opt/fs/share/doc/fanstream/LICENSE",
+    ] {
+        assert!(stage.join(path).is_file(), "make install made no {path}");
+    }
+    let unit =
+        std::fs::read_to_string(stage.join("opt/fs/lib/systemd/system/fanstream.service")).unwrap();
+    assert!(
+        unit.contains(
+            "ExecStart=/opt/fs/bin/fanstream --config /opt/fs/etc/fanstream/fanstream.toml"
+        ) && unit.contains("LoadCredential=source_password:/opt/fs/etc/fanstream/source_password")
+            && !unit.contains("/usr/bin/fanstream"),
+        "{unit}"
+    );
+
     // What the package holds.
     let contents = run_ok("dpkg-deb", &["-c", deb]);
     for path in [
@@ -159,7 +192,12 @@ fn the_debian_package_builds_installs_serves_and_purges() {
 
     // The manual renders without groff's complaints, with the flags and the README's sections.
     let man = Command::new("man")
-        .args(["--warnings", "-l", "-Tutf8", "/usr/share/man/man8/fanstream.8.gz"])
+        .args([
+            "--warnings",
+            "-l",
+            "-Tutf8",
+            "/usr/share/man/man8/fanstream.8.gz",
+        ])
         .env("MANWIDTH", "100")
         .output()
         .unwrap();
@@ -329,6 +367,12 @@ fn the_debian_package_builds_installs_serves_and_purges() {
     assert!(Path::new(CONFIG).exists(), "dpkg -r removed the conffile");
     assert!(Path::new(PASSWORD_FILE).exists());
     run_ok("dpkg", &["--purge", "fanstream"]);
-    assert!(!Path::new(CONFIG).exists(), "dpkg --purge left the conffile");
-    assert!(!Path::new("/etc/fanstream").exists(), "purge left /etc/fanstream");
+    assert!(
+        !Path::new(CONFIG).exists(),
+        "dpkg --purge left the conffile"
+    );
+    assert!(
+        !Path::new("/etc/fanstream").exists(),
+        "purge left /etc/fanstream"
+    );
 }
