@@ -369,7 +369,7 @@ fn readme_section(heading: &str) -> &'static str {
 /// verbatim. Inline marks are dropped: a terminal shows `code` and **bold** as plain text.
 fn markdown_to_roff(roff: &mut clap_mangen::roff::Roff, markdown: &str) {
     use clap_mangen::roff::roman;
-    let plain = |text: &str| text.replace(['`', '*'], "");
+    let plain = |text: &str| text.replace('`', "").replace("**", "");
     let mut lines = markdown.lines().peekable();
     while let Some(line) = lines.next() {
         if line.starts_with("```") {

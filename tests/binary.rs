@@ -70,6 +70,7 @@ fn help_documents_every_common_setting() {
         "FANSTREAM_ADMIN_PASSWORD",
         "--no-demo",
         "--no-pin",
+        "--check-config",
     ] {
         assert!(
             help.contains(flag),

@@ -190,6 +190,17 @@ fn the_debian_package_builds_installs_serves_and_purges() {
     let mode = run_ok("stat", &["-c", "%a %U %G", PASSWORD_FILE]);
     assert_eq!(mode.trim(), "640 root fanstream");
 
+    // Installing again (an upgrade to the same version) keeps the operator's config and the
+    // password written the first time.
+    let local = std::fs::read_to_string(CONFIG).unwrap() + "# changed here\n";
+    std::fs::write(CONFIG, &local).unwrap();
+    run_ok("dpkg", &["-i", deb]);
+    assert_eq!(std::fs::read_to_string(CONFIG).unwrap(), local);
+    assert_eq!(
+        std::fs::read_to_string(PASSWORD_FILE).unwrap().trim(),
+        password
+    );
+
     // The manual renders without groff's complaints, with the flags and the README's sections.
     let man = Command::new("man")
         .args([
@@ -222,6 +233,7 @@ fn the_debian_package_builds_installs_serves_and_purges() {
         "CONFIGURATION",
         "max_lag_bytes",
         "systemctl reload fanstream",
+        "/var/log/fanstream/*.log",
     ] {
         assert!(page.contains(text), "the manual lacks {text:?}:\n{page}");
     }
