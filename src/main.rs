@@ -179,8 +179,12 @@ fn bind_listen_socket(addr: SocketAddr) -> std::io::Result<TcpListener> {
 
 fn run(args: Args) -> Result<(), String> {
     fanstream::open_files::raise_to_hard_limit();
-    let notifier = Notifier::from_env().map_err(|e| format!("NOTIFY_SOCKET: {e}"))?;
-    // A service manager that stopped listening must not stop the server: say so and go on.
+    // A service manager that cannot be told (a socket of a kind not known here, one that stopped
+    // listening) must not stop the server: say so and go on.
+    let notifier = Notifier::from_env().unwrap_or_else(|e| {
+        tracing::warn!(error = %e, "cannot notify the service manager (NOTIFY_SOCKET)");
+        None
+    });
     let notify = |state: &str| {
         if let Some(n) = &notifier {
             if let Err(e) = n.send(state) {
@@ -398,5 +402,27 @@ fn markdown_to_roff(roff: &mut clap_mangen::roff::Roff, markdown: &str) {
             }
             roff.text([roman(plain(&paragraph))]);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_manual_has_the_flags_and_the_readme_sections() {
+        let page = String::from_utf8(man_page()).unwrap();
+        assert!(page.contains("\n.TH fanstream 8 "), "{page}");
+        for text in [
+            ".SH OPTIONS",
+            "check\\-config",
+            ".SH CONFIGURATION",
+            "max_lag_bytes = 524288",
+            ".SH SERVICE",
+            "LoadCredential=",
+        ] {
+            assert!(page.contains(text), "the manual lacks {text:?}:\n{page}");
+        }
+        assert!(!page.contains("\\-\\-man"), "--man is hidden:\n{page}");
     }
 }
