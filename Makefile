@@ -12,13 +12,13 @@ CARGO ?= cargo
 # The package test (tests/package.rs) builds the Debian package and checks it with Debian's own
 # tools: lintian, dpkg-shlibdeps (dpkg-dev; cargo-deb computes Depends with it), adduser (the
 # package's postinst), systemd-analyze (the package `systemd`: its tools only; nothing here makes
-# it the container's init) and logrotate.
+# it the container's init), logrotate and man (man-db, to render the manual page).
 TEST_PROGRAMS := ffmpeg ffprobe curl prometheus promtool ezstream ices2 liquidsoap mpv \
   gst-launch-1.0 gst-inspect-1.0 chromium timeout lintian dpkg-shlibdeps adduser systemd-analyze \
-  logrotate
+  logrotate man
 APT_PACKAGES := ffmpeg curl prometheus ezstream ices2 liquidsoap mpv gstreamer1.0-tools \
   gstreamer1.0-plugins-base gstreamer1.0-plugins-good gstreamer1.0-plugins-bad chromium coreutils \
-  lintian dpkg-dev adduser systemd logrotate
+  lintian dpkg-dev adduser systemd logrotate man-db
 # GStreamer elements the tests use, which come in plugin packages rather than as programs.
 TEST_GST_ELEMENTS := souphttpsrc decodebin oggdemux opusdec vorbisdec mpegaudioparse identity
 
