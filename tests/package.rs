@@ -13,7 +13,7 @@ use common::process::{require, scratch_dir, wait_line, ChildGuard};
 
 const CONFIG: &str = "/etc/fanstream/fanstream.toml";
 const PASSWORD_FILE: &str = "/etc/fanstream/source_password";
-const UNIT: &str = "/lib/systemd/system/fanstream.service";
+const UNIT: &str = "/usr/lib/systemd/system/fanstream.service";
 
 /// Runs `program` with `args`, returning its output whatever its status.
 fn run(program: &str, args: &[&str]) -> Output {
