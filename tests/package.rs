@@ -252,13 +252,32 @@ fn the_debian_package_builds_installs_serves_and_purges() {
         "systemd-analyze",
         &["security", "--offline=true", "--threshold=20", UNIT],
     );
-    // logrotate accepts the file (-d: reads it, rotates nothing).
-    let logrotate = run("logrotate", &["-d", "/etc/logrotate.d/fanstream"]);
-    assert!(
-        logrotate.status.success(),
-        "logrotate -d: {}",
-        String::from_utf8_lossy(&logrotate.stderr)
+    // A rotation with the packaged file, in the log directory as systemd's LogsDirectory= makes
+    // it (owned by the service's user): the log moves aside, a new one is created for the
+    // server, and the postrotate signal (to no running unit here) does not fail it.
+    let logs = Path::new("/var/log/fanstream");
+    std::fs::create_dir_all(logs).unwrap();
+    run_ok("chown", &["fanstream:fanstream", "/var/log/fanstream"]);
+    std::fs::write(logs.join("access.log"), "a request\n").unwrap();
+    let state = scratch_dir("package-logrotate").join("state");
+    run_ok(
+        "logrotate",
+        &[
+            "--force",
+            "--state",
+            state.to_str().unwrap(),
+            "/etc/logrotate.d/fanstream",
+        ],
     );
+    assert_eq!(
+        std::fs::read_to_string(logs.join("access.log.1")).unwrap(),
+        "a request\n"
+    );
+    let created = run_ok(
+        "stat",
+        &["-c", "%a %U %G %s", "/var/log/fanstream/access.log"],
+    );
+    assert_eq!(created.trim(), "640 fanstream adm 0");
 
     // --check-config: the installed file passes as the service's user; bad ones fail, saying why.
     let good = check_config(Path::new(CONFIG));
@@ -388,4 +407,5 @@ fn the_debian_package_builds_installs_serves_and_purges() {
         !Path::new("/etc/fanstream").exists(),
         "purge left /etc/fanstream"
     );
+    assert!(!logs.exists(), "purge left /var/log/fanstream");
 }
