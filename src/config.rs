@@ -185,7 +185,8 @@ pub struct Config {
     /// User name sources authenticate with. Default `source`.
     pub source_user: String,
     /// Password for mounts without their own; also admits sources on mounts not in the file.
-    /// Default: none given means a random one is generated at start-up and printed once.
+    /// Default none: the binary then reads the systemd credential `source_password` or the file
+    /// `source_password` beside the config, or else generates one at start-up and prints it.
     pub source_password: Option<String>,
     /// File holding the global source password (first line). Default none.
     pub source_password_file: Option<PathBuf>,
