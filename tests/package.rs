@@ -2,6 +2,8 @@
 //! it, Debian's tools check it, `dpkg` installs it, the installed binary serves the demo with the
 //! installed config as the service's user, and removing then purging it leaves what Debian's
 //! rules say. It installs into this machine's root: CI runs as root on Debian, and so must this.
+//! Where systemd runs (not in CI's container), installing also starts the service, on port 8000,
+//! until the purge at the end.
 
 mod common;
 
