@@ -193,7 +193,8 @@ pub struct Config {
     /// User name sources authenticate with. Default `source`.
     pub source_user: String,
     /// Password for mounts without their own; also admits sources on mounts not in the file.
-    /// Default: none given means a random one is generated at start-up and printed once.
+    /// Default none: the binary then reads the systemd credential `source_password` or the file
+    /// `source_password` beside the config, or else generates one at start-up and prints it.
     pub source_password: Option<String>,
     /// File holding the global source password (first line). Default none.
     pub source_password_file: Option<PathBuf>,
@@ -388,18 +389,7 @@ impl Config {
     /// Reads the password files into the passwords they stand for, so that secrets can live
     /// outside the config (mounted secrets, files readable only by the service user).
     pub fn resolve_password_files(&mut self) -> Result<(), String> {
-        fn read(what: &str, path: &Path) -> Result<String, String> {
-            let text = std::fs::read_to_string(path)
-                .map_err(|e| format!("{what} = {}: {e}", path.display()))?;
-            let pw = text.lines().next().unwrap_or("").trim().to_string();
-            if pw.is_empty() {
-                return Err(format!(
-                    "{what} = {}: the file holds no password",
-                    path.display()
-                ));
-            }
-            Ok(pw)
-        }
+        let read = read_password_file;
         if let Some(path) = &self.source_password_file {
             self.source_password = Some(read("source_password_file", path)?);
         }
@@ -548,6 +538,21 @@ impl Config {
     }
 }
 
+/// The password a file holds: its first line, trimmed. `what` names the setting (or the source)
+/// that points at the file, for the error.
+pub fn read_password_file(what: &str, path: &Path) -> Result<String, String> {
+    let text =
+        std::fs::read_to_string(path).map_err(|e| format!("{what} = {}: {e}", path.display()))?;
+    let pw = text.lines().next().unwrap_or("").trim().to_string();
+    if pw.is_empty() {
+        return Err(format!(
+            "{what} = {}: the file holds no password",
+            path.display()
+        ));
+    }
+    Ok(pw)
+}
+
 fn check_mount_path(what: &str, path: &str) -> Result<(), String> {
     if crate::http::valid_mount_path(path) {
         Ok(())
@@ -691,6 +696,24 @@ mod tests {
             Config::default(),
             "the README's defaults differ from the code's"
         );
+    }
+
+    #[test]
+    fn the_packaged_config_is_the_readme_example_without_its_example_password() {
+        let readme = include_str!("../README.md");
+        let example = readme.split("```toml\n").nth(1).unwrap();
+        let mut expected = Config::from_toml(example.split("```").next().unwrap()).unwrap();
+        let live = expected.mounts.get_mut("/live").unwrap();
+        assert_eq!(live.source_password.as_deref(), Some("change-me"));
+        live.source_password = None;
+        let packaged = Config::from_toml(include_str!("../packaging/fanstream.toml")).unwrap();
+        packaged.validate().unwrap();
+        assert_eq!(
+            packaged, expected,
+            "packaging/fanstream.toml and the README differ"
+        );
+        assert!(packaged.startup.demo);
+        assert!(packaged.startup.admin_listen.unwrap().ip().is_loopback());
     }
 
     #[test]

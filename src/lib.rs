@@ -39,7 +39,8 @@
 //!    [`chunked`], the stream formats ([`format`], what every parser yields; [`mpeg`] frames;
 //!    [`ogg`] pages; [`framing`], which picks one by Content-Type), [`icy`] (metadata blocks
 //!    between the audio), [`store`] (the segment store and its snapshot, generic over the settings it
-//!    carries), [`threads`] (named, pinned, CPU-accounted threads), [`open_files`].
+//!    carries), [`threads`] (named, pinned, CPU-accounted threads), [`open_files`], [`sd_notify`]
+//!    (telling systemd the server is ready, reloading or stopping).
 //! 2. **Vocabulary** shared by the stages: [`config`], [`reasons`] (`Refusal`, `Disconnect`: the
 //!    fixed reason labels), [`metrics`], [`usage`], [`mounts`] (the mount table), [`auth`],
 //!    [`logs`] (log lines that summarise a flood per reason), [`heads`] (request heads not read
@@ -64,6 +65,7 @@ pub(crate) mod icy;
 pub(crate) mod mpeg;
 pub(crate) mod ogg;
 pub mod open_files;
+pub mod sd_notify;
 pub(crate) mod store;
 pub(crate) mod threads;
 // Layer 2: vocabulary.
