@@ -200,7 +200,9 @@ pub struct Config {
     pub source_password_file: Option<PathBuf>,
     /// Most listeners the server admits at once; past it, 503. Default 100000.
     pub max_listeners: usize,
-    /// Most sources live at once (the demo counts); past it, 503. Default 100.
+    /// Most sources live at once (the demo counts); past it, 503. Default 0 = derived from the
+    /// open-file limit ([`Config::source_limit`]): 1% of it, at least 100, so a hosting server
+    /// with a raised limit (the systemd unit's 1,048,576) takes thousands of stations unasked.
     pub max_sources: usize,
     /// Most mounts not declared in `[mounts]` whose metrics carry their own `mount` label at
     /// once (each has some 15 to 30 series). Past it, the series of further mounts add up under
@@ -262,7 +264,7 @@ impl Default for Config {
             source_password: None,
             source_password_file: None,
             max_listeners: 100_000,
-            max_sources: 100,
+            max_sources: 0,
             max_mount_series: 1000,
             max_connections_per_ip: 0,
             max_pending_heads_per_ip: 64,
@@ -425,7 +427,25 @@ impl Config {
     /// logs), the admin listener's connections, and sources, which leave the listener port's
     /// count once handed to ingest.
     pub fn descriptor_reserve(&self, open_files: usize) -> usize {
-        (open_files / 100).max(64) + self.startup.max_admin_connections + self.max_sources
+        (open_files / 100).max(64)
+            + self.startup.max_admin_connections
+            + self.source_limit_under(open_files)
+    }
+
+    /// The most sources live at once: `max_sources`, or when 0, derived from the process's
+    /// open-file limit.
+    pub fn source_limit(&self) -> usize {
+        self.source_limit_under(crate::open_files::soft_limit().unwrap_or(1024) as usize)
+    }
+
+    /// Each live source holds a descriptor, which the reserve keeps for it: 1% of the limit
+    /// leaves 99% to listeners (19,600 of 20,000 here) and still gives 10,000 sources under the
+    /// systemd unit's limit.
+    fn source_limit_under(&self, open_files: usize) -> usize {
+        match self.max_sources {
+            0 => (open_files / 100).max(100),
+            n => n,
+        }
     }
 
     /// How long a connection accepted now has to send its request head.
@@ -499,9 +519,6 @@ impl Config {
         }
         if self.max_listeners == 0 {
             return Err("max_listeners must be at least 1".into());
-        }
-        if self.max_sources == 0 {
-            return Err("max_sources must be at least 1".into());
         }
         if self.send_timeout_secs == 0 {
             return Err("send_timeout_secs must be at least 1".into());

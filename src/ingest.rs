@@ -127,7 +127,9 @@ impl Ingest {
         if taken {
             return Err(Refusal::MountInUse);
         }
-        if live >= shared.config.load().max_sources {
+        let limit = shared.config.load().source_limit();
+        if live >= limit {
+            tracing::warn!(mount = %path, live, limit, "source refused: max_sources sources are live; raise max_sources");
             return Err(Refusal::TooManySources);
         }
         let entry = entries.entry(path.to_string()).or_insert_with(|| {
