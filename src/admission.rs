@@ -3,11 +3,13 @@
 //! from then on (the two share only the `NewListener` type they pass).
 
 use std::io;
+use std::net::SocketAddr;
 use std::rc::Rc;
 use std::sync::Arc;
 
 use tokio::io::AsyncWriteExt;
 
+use crate::clients::{next_id, Client};
 use crate::conn::{Incoming, ListenerGuard, NewListener, WorkerCtx};
 use crate::framing::carries_own_metadata;
 use crate::http::{valid_mount_path, Method, Request, RESPONSE_TIMEOUT};
@@ -17,7 +19,7 @@ use crate::reasons::Refusal;
 use crate::store::SourceState;
 
 pub(crate) async fn admit(ctx: &Rc<WorkerCtx>, incoming: Incoming) {
-    let (mount, snap, guard) = match check(ctx, &incoming.req.path) {
+    let (mount, snap, guard) = match check(ctx, &incoming.req, incoming.peer) {
         Ok(admitted) => admitted,
         Err(no) => return incoming.refuse(&ctx.shared, no).await,
     };
@@ -83,7 +85,7 @@ pub(crate) async fn admit(ctx: &Rc<WorkerCtx>, incoming: Incoming) {
     // The fan-out loop lives as long as the worker; if it is gone, so is the listener.
     let _ = ctx.admit.send(NewListener {
         mount,
-        stream,
+        stream: Rc::new(stream),
         pos,
         icy,
         guard,
@@ -101,8 +103,10 @@ fn wants_icy(req: &Request, snap: &Snapshot) -> bool {
 /// The mount to join, as it stands now, and the listener counted in; or why not.
 fn check(
     ctx: &WorkerCtx,
-    path: &str,
+    req: &Request,
+    peer: SocketAddr,
 ) -> Result<(Arc<Mount>, Arc<Snapshot>, ListenerGuard), Refusal> {
+    let path = req.path.as_str();
     if !valid_mount_path(path) {
         return Err(Refusal::BadPath);
     }
@@ -112,6 +116,7 @@ fn check(
         return Err(Refusal::MountIdle);
     }
     let limit = Some(snap.settings.max_listeners);
-    let guard = ListenerGuard::enter(&ctx.shared, &mount, &ctx.label, limit)?;
+    let client = Client::new(next_id(), peer, req.header("user-agent"), ctx.index);
+    let guard = ListenerGuard::enter(&ctx.shared, &mount, &ctx.label, limit, client)?;
     Ok((mount, snap, guard))
 }

@@ -7,8 +7,11 @@
 //! - worker (source handshake) or the demo → ingest: [`SourceConn`], a source for a mount, and
 //!   worker or admin → ingest: [`TitleUpdate`], both as [`ToIngest`].
 //! - admission → the worker's fan-out: [`NewListener`], with its [`ListenerGuard`].
+//! - the admin API (on any worker or the admin thread) → the worker holding a listener:
+//!   [`Control`]; → ingest: [`ToIngest::KillSource`] and [`ToIngest::Fallback`].
 
 use std::net::SocketAddr;
+use std::rc::Rc;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -19,7 +22,9 @@ use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 
 use tokio::sync::mpsc::UnboundedSender;
+use tokio::sync::oneshot;
 
+use crate::clients::Client;
 use crate::heads::Pending;
 use crate::http::{read_with, Request, RESPONSE_TIMEOUT};
 use crate::icy::Cadence;
@@ -90,6 +95,30 @@ pub(crate) struct WorkerCtx {
     pub admit: UnboundedSender<NewListener>,
     /// Sources and title updates, to the ingest thread.
     pub to_ingest: UnboundedSender<ToIngest>,
+    /// Every worker's fan-out, by worker index: where the admin API sends a kill or a move.
+    pub control: Arc<[UnboundedSender<Control>]>,
+}
+
+/// What the admin API asks of the fan-out loop holding a listener; the answer comes back on
+/// `reply` once done, so an admin response says what happened.
+pub(crate) enum Control {
+    /// How far behind the live edge (bytes) each of the worker's listeners of `mount` is, by id.
+    Lags {
+        mount: Arc<Mount>,
+        reply: oneshot::Sender<Vec<(u64, u64)>>,
+    },
+    /// Close the listener with this id now; true if the worker held it.
+    Kill {
+        id: u64,
+        reply: oneshot::Sender<bool>,
+    },
+    /// Move the worker's listeners of `from` to `to`, each joining at a sync point (after the
+    /// destination's Ogg header pages); answers how many moved.
+    Move {
+        from: Arc<Mount>,
+        to: Arc<Mount>,
+        reply: oneshot::Sender<usize>,
+    },
 }
 
 /// A request whose head has been read, with its connection: what the router hands a stage.
@@ -114,6 +143,19 @@ pub(crate) enum ToIngest {
     /// Boxed: a source is far larger than a title update, and both share the channel.
     Source(Box<SourceConn>),
     Title(TitleUpdate),
+    /// Disconnect the mount's source (`/admin/killsource`); its listeners then wait for
+    /// another as for any source that left. Answers whether a source was live there.
+    KillSource {
+        mount: String,
+        reply: oneshot::Sender<bool>,
+    },
+    /// Set the mount's fallback until the next reload (`/admin/fallbacks`); answers whether the
+    /// mount exists.
+    Fallback {
+        mount: String,
+        fallback: String,
+        reply: oneshot::Sender<bool>,
+    },
 }
 
 /// A new title for a mount, from `/admin/metadata`.
@@ -167,7 +209,8 @@ pub(crate) struct Encoder {
 /// A listener whose response head is sent, on its way to its worker's fan-out loop.
 pub(crate) struct NewListener {
     pub mount: Arc<Mount>,
-    pub stream: TcpStream,
+    /// Shared (a moved listener's parked task may still hold it while it closes).
+    pub stream: Rc<TcpStream>,
     /// Absolute offset of the first byte to send it (its join point).
     pub pos: u64,
     /// The ICY framing it asked for, with what of its first interval the preamble used.
@@ -184,16 +227,20 @@ pub(crate) struct ListenerGuard {
     gauge: IntGauge,
     /// Set while it receives ICY metadata.
     icy_gauge: Option<IntGauge>,
+    /// Its entry in the mount's [`crate::clients::Clients`], removed when the guard goes.
+    id: u64,
 }
 
 impl ListenerGuard {
-    /// Counts a listener in. With `max_listeners` (the mount's limit, 0 for none) it is refused,
-    /// and counted out again, when the mount or the server is full.
+    /// Counts a listener in, and lists it among the mount's clients. With `max_listeners` (the
+    /// mount's limit, 0 for none) it is refused, and counted out again, when the mount or the
+    /// server is full.
     pub fn enter(
         shared: &Arc<Shared>,
         mount: &Arc<Mount>,
         worker: &str,
         max_listeners: Option<usize>,
+        client: Client,
     ) -> Result<Self, Refusal> {
         let on_mount = mount.listeners.fetch_add(1, Ordering::Relaxed);
         let total = shared.listeners_total.fetch_add(1, Ordering::Relaxed);
@@ -208,6 +255,7 @@ impl ListenerGuard {
             mount: mount.clone(),
             gauge,
             icy_gauge: None,
+            id: client.id,
         };
         if let Some(max) = max_listeners {
             if max > 0 && on_mount >= max {
@@ -220,7 +268,18 @@ impl ListenerGuard {
         mount
             .listener_peak
             .fetch_max(on_mount + 1, Ordering::Relaxed);
+        mount.clients.join(client);
         Ok(guard)
+    }
+
+    /// The listener's id, as the admin API names it.
+    pub fn id(&self) -> u64 {
+        self.id
+    }
+
+    /// Its entry among the mount's clients, as it was listed.
+    pub fn client(&self) -> Option<Client> {
+        self.mount.clients.get(self.id)
     }
 }
 
@@ -239,6 +298,7 @@ impl ListenerGuard {
 
 impl Drop for ListenerGuard {
     fn drop(&mut self) {
+        self.mount.clients.leave(self.id);
         self.mount.listeners.fetch_sub(1, Ordering::Relaxed);
         self.shared.listeners_total.fetch_sub(1, Ordering::Relaxed);
         self.gauge.dec();

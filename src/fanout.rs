@@ -28,7 +28,8 @@ use tokio::sync::{mpsc, Notify};
 use tokio::task::JoinHandle;
 
 use crate::config::{LagPolicy, MountSettings};
-use crate::conn::{ConnGuard, ListenerGuard, NewListener, WorkerCtx};
+use crate::conn::{ConnGuard, Control, ListenerGuard, NewListener, WorkerCtx};
+use crate::http::RESPONSE_TIMEOUT;
 use crate::icy::Cadence;
 use crate::mounts::{Mount, Snapshot};
 use crate::reasons::Disconnect;
@@ -59,8 +60,8 @@ struct Listener {
     icy: Option<Box<Cadence>>,
     /// The task waiting for the socket to become writable, while parked.
     parked: Option<Parked>,
-    /// Held for its `Drop`: counts the listener while it lives.
-    _guard: ListenerGuard,
+    /// Counts the listener while it lives, and names it (its id) to the admin API.
+    guard: ListenerGuard,
     conn: ConnGuard,
 }
 
@@ -284,6 +285,8 @@ impl Shard {
 pub(crate) struct FanOut {
     ctx: Rc<WorkerCtx>,
     admit_rx: mpsc::UnboundedReceiver<NewListener>,
+    /// The admin API's requests for this worker's listeners.
+    control_rx: mpsc::UnboundedReceiver<Control>,
     shards: Vec<Shard>,
     next_shard_id: u64,
     out: Outlets,
@@ -293,7 +296,11 @@ pub(crate) struct FanOut {
 }
 
 impl FanOut {
-    pub fn new(ctx: Rc<WorkerCtx>, admit_rx: mpsc::UnboundedReceiver<NewListener>) -> Self {
+    pub fn new(
+        ctx: Rc<WorkerCtx>,
+        admit_rx: mpsc::UnboundedReceiver<NewListener>,
+        control_rx: mpsc::UnboundedReceiver<Control>,
+    ) -> Self {
         let m = &ctx.shared.metrics;
         let wakeups = m.worker_wakeups.with_label_values(&[&ctx.label]);
         let panics = m.panics.with_label_values(&["listener"]);
@@ -301,6 +308,7 @@ impl FanOut {
         FanOut {
             ctx,
             admit_rx,
+            control_rx,
             shards: Vec::new(),
             next_shard_id: 0,
             out: Outlets {
@@ -329,6 +337,10 @@ impl FanOut {
                 }
                 Some(new) = self.admit_rx.recv() => {
                     self.add(new);
+                    continue;
+                }
+                Some(control) = self.control_rx.recv() => {
+                    self.control(control);
                     continue;
                 }
                 _ = link.data_ready.notified() => {
@@ -372,11 +384,11 @@ impl FanOut {
 
     fn add(&mut self, new: NewListener) {
         let listener = Listener {
-            stream: Rc::new(new.stream),
+            stream: new.stream,
             pos: new.pos,
             icy: new.icy,
             parked: None,
-            _guard: new.guard,
+            guard: new.guard,
             conn: new.conn,
         };
         let (idx, key) = self.insert(&new.mount, listener);
@@ -478,37 +490,106 @@ impl FanOut {
             return;
         };
         let mut shard = self.shards.swap_remove(idx);
-        let shared = self.ctx.shared.clone();
-        let target = shared.mounts.get(fallback).and_then(|m| {
-            let snap = m.store.load_full();
-            (snap.state == SourceState::Live).then_some((m, snap))
-        });
-        let Some((target, snap)) = target else {
-            shard.drop_all(Disconnect::SourceGone);
-            return;
-        };
-        let pos = snap.join_point(snap.settings.burst_bytes);
-        tracing::info!(from = %shard.mount.path, to = %target.path, listeners = shard.listeners.len(), "moving listeners to the fallback mount");
+        let target = self.ctx.shared.mounts.get(fallback);
+        let live = target
+            .as_ref()
+            .is_some_and(|m| m.store.load().state == SourceState::Live);
+        match target {
+            Some(target) if live => {
+                tracing::info!(from = %shard.mount.path, to = %target.path, listeners = shard.listeners.len(), "moving listeners to the fallback mount");
+                self.move_all(shard, &target);
+            }
+            _ => shard.drop_all(Disconnect::SourceGone),
+        }
+    }
+
+    /// Moves every listener of `shard` to `target`. Each is handed back to this loop through the
+    /// admission channel once the destination's Ogg header pages are written to it (see
+    /// [`rejoin`]), so it joins at a sync point with what a decoder needs, as a newcomer does.
+    /// Moved listeners are not refused for the destination's limits: they were admitted once.
+    fn move_all(&mut self, mut shard: Shard, target: &Arc<Mount>) -> usize {
+        let shared = &self.ctx.shared;
+        let mut moved = 0;
         for l in shard.listeners.drain() {
             let Listener {
-                stream, conn, icy, ..
+                stream,
+                conn,
+                icy,
+                guard,
+                parked,
+                ..
             } = l;
-            // Moved listeners are not refused for the fallback's limits: they were admitted once.
-            let Ok(guard) = ListenerGuard::enter(&shared, &target, &self.ctx.label, None) else {
+            // Its parked task (if any) is cancelled: the stream is written by `rejoin` now.
+            drop(parked);
+            let client = guard.client();
+            drop(guard);
+            let Some(client) = client else { continue };
+            let Ok(guard) = ListenerGuard::enter(shared, target, &self.ctx.label, None, client)
+            else {
                 continue;
             };
-            let (idx, key) = self.insert(
-                &target,
-                Listener {
-                    stream,
-                    pos,
-                    icy,
-                    parked: None,
-                    _guard: guard,
-                    conn,
-                },
-            );
-            self.serve_one(idx, key);
+            moved += 1;
+            let new = NewListener {
+                mount: target.clone(),
+                stream,
+                pos: 0,
+                icy,
+                guard,
+                conn,
+            };
+            tokio::task::spawn_local(rejoin(self.ctx.admit.clone(), new));
+        }
+        moved
+    }
+
+    /// Answers the admin API (see [`Control`]).
+    fn control(&mut self, control: Control) {
+        match control {
+            Control::Lags { mount, reply } => {
+                let mut lags = Vec::new();
+                for shard in self.shards.iter().filter(|s| Arc::ptr_eq(&s.mount, &mount)) {
+                    let end = shard.mount.store.load().end;
+                    lags.extend(
+                        shard
+                            .listeners
+                            .iter()
+                            .map(|(_, l)| (l.guard.id(), end.saturating_sub(l.pos))),
+                    );
+                }
+                let _ = reply.send(lags);
+            }
+            Control::Kill { id, reply } => {
+                let mut found = false;
+                for shard in &mut self.shards {
+                    let key = shard
+                        .listeners
+                        .iter()
+                        .find(|(_, l)| l.guard.id() == id)
+                        .map(|(key, _)| key);
+                    if let Some(key) = key {
+                        shard.listeners.remove(key);
+                        shard.count_disconnects(Disconnect::Killed, 1);
+                        found = true;
+                        break;
+                    }
+                }
+                self.shards.retain(|s| !s.listeners.is_empty());
+                let _ = reply.send(found);
+            }
+            Control::Move { from, to, reply } => {
+                let moved = match self
+                    .shards
+                    .iter()
+                    .position(|s| Arc::ptr_eq(&s.mount, &from))
+                {
+                    Some(idx) => {
+                        let shard = self.shards.swap_remove(idx);
+                        self.move_all(shard, &to)
+                    }
+                    None => 0,
+                };
+                let _ = reply.send(moved);
+            }
         }
     }
 
@@ -537,6 +618,40 @@ impl FanOut {
             s.listeners.iter().any(|(_, l)| l.pos < end)
         })
     }
+}
+
+/// A moved listener, on its way into the destination's shard: writes it the destination's Ogg
+/// header pages (a chained Ogg stream, which decoders follow), then hands it to the loop at the
+/// destination's join point. An ICY listener gets no header pages: they would break its block
+/// cadence, and formats with header pages never carry ICY blocks. A listener that does not take
+/// them within [`RESPONSE_TIMEOUT`], or whose destination lost its source meanwhile, is closed.
+async fn rejoin(admit: mpsc::UnboundedSender<NewListener>, mut new: NewListener) {
+    let snap = new.mount.store.load_full();
+    if snap.state != SourceState::Live {
+        return;
+    }
+    if new.icy.is_none() && !snap.headers.is_empty() {
+        let written = tokio::time::timeout(RESPONSE_TIMEOUT, write_all(&new.stream, &snap.headers));
+        if !matches!(written.await, Ok(Ok(()))) {
+            return;
+        }
+    }
+    new.pos = snap.join_point(snap.settings.burst_bytes);
+    let _ = admit.send(new);
+}
+
+/// Writes all of `buf` to a socket shared with the fan-out.
+async fn write_all(stream: &TcpStream, mut buf: &[u8]) -> io::Result<()> {
+    while !buf.is_empty() {
+        stream.writable().await?;
+        match stream.try_write(buf) {
+            Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+            Ok(n) => buf = &buf[n..],
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
 }
 
 fn earliest(a: Option<Instant>, b: Option<Instant>) -> Option<Instant> {

@@ -52,10 +52,11 @@ use prometheus::IntCounter;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::runtime::Runtime;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, Notify};
 use tokio::task::LocalSet;
 
 use crate::chunked::ChunkedDecoder;
+use crate::config::MountSettings;
 use crate::conn::{refuse, Encoder, Feed, SourceConn, TitleUpdate, ToIngest};
 use crate::format::Event;
 use crate::framing::Format;
@@ -97,6 +98,8 @@ struct Entry {
     /// the gauges go by differences, since under `mount="other"` they add up several mounts.
     retained: i64,
     retained_pieces: i64,
+    /// Ends the current claim's source (`/admin/killsource`); replaced on every claim.
+    kill: Rc<Notify>,
 }
 
 /// Ingest's state; lives on the ingest thread only.
@@ -140,6 +143,7 @@ impl Ingest {
                 listener_peak: AtomicUsize::new(0),
                 received_bytes: AtomicU64::new(0),
                 sent_bytes: AtomicU64::new(0),
+                clients: Default::default(),
             });
             shared.mounts.insert(mount.clone());
             Entry {
@@ -148,9 +152,11 @@ impl Ingest {
                 generation: 0,
                 retained: 0,
                 retained_pieces: 0,
+                kill: Rc::default(),
             }
         });
         entry.generation += 1;
+        entry.kill = Rc::default();
         entry.writer.go_live(info);
         let label = [entry.mount.label.as_str()];
         // Up and down by one, not set: under `mount="other"` it counts several mounts' sources.
@@ -238,6 +244,34 @@ impl Ingest {
             .inc();
         drop(entries);
         // ICY listeners get the new block at their next interval; nothing to write now.
+        true
+    }
+
+    /// Ends the live source on `path`, if any, as if it had left (`/admin/killsource`).
+    fn kill_source(&self, path: &str) -> bool {
+        let entries = self.entries.borrow();
+        let Some(entry) = entries
+            .get(path)
+            .filter(|e| *e.writer.state() == SourceState::Live)
+        else {
+            return false;
+        };
+        entry.kill.notify_one();
+        true
+    }
+
+    /// Sets the mount's fallback (`/admin/fallbacks`) until the config is next applied: the file
+    /// stays the one place settings are kept, so a reload puts its own value back.
+    fn set_fallback(&self, path: &str, fallback: String) -> bool {
+        let mut entries = self.entries.borrow_mut();
+        let Some(entry) = entries.get_mut(path) else {
+            return false;
+        };
+        let settings = MountSettings {
+            fallback_mount: Some(fallback),
+            ..MountSettings::clone(entry.writer.settings())
+        };
+        entry.writer.set_settings(Arc::new(settings));
         true
     }
 
@@ -356,6 +390,12 @@ pub(crate) fn run(rt: Runtime, shared: Arc<Shared>, mut inbox: mpsc::UnboundedRe
                             tracing::debug!(%mount, "title update for a mount without a source");
                         }
                     }
+                    ToIngest::KillSource { mount, reply } => {
+                        let _ = reply.send(ingest.kill_source(&mount));
+                    }
+                    ToIngest::Fallback { mount, fallback, reply } => {
+                        let _ = reply.send(ingest.set_fallback(&mount, fallback));
+                    }
                 },
             }
         }
@@ -410,9 +450,21 @@ async fn serve_source(ingest: Rc<Ingest>, conn: SourceConn) {
         events: Vec::new(),
         subtype: None,
     };
-    let reason = match feed {
-        Feed::Encoder(encoder) => read_encoder(&mut src, encoder).await,
-        Feed::Pieces(pieces) => read_pieces(&mut src, pieces).await,
+    let kill = ingest
+        .entries
+        .borrow()
+        .get(&mount)
+        .map(|e| e.kill.clone())
+        .unwrap_or_default();
+    let reading = async {
+        match feed {
+            Feed::Encoder(encoder) => read_encoder(&mut src, encoder).await,
+            Feed::Pieces(pieces) => read_pieces(&mut src, pieces).await,
+        }
+    };
+    let reason = tokio::select! {
+        reason = reading => reason,
+        () = kill.notified() => "killed",
     };
     src.finish();
     tracing::info!(source = %origin, %mount, reason, "source disconnected");

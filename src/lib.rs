@@ -39,14 +39,16 @@
 //!    between the audio), [`store`] (the segment store and its snapshot, generic over the settings it
 //!    carries), [`threads`] (named, pinned, CPU-accounted threads), [`open_files`].
 //! 2. **Vocabulary** shared by the stages: [`config`], [`reasons`] (`Refusal`, `Disconnect`: the
-//!    fixed reason labels), [`metrics`], [`usage`], [`mounts`] (the mount table), [`auth`],
-//!    [`logs`] (log lines that summarise a flood per reason), [`heads`] (request heads not read
-//!    yet: the per-address limit on them, and the idle one closed to make room at the limit),
-//!    [`shared`] (the state every thread shares, `Stop`), [`conn`] (what one stage hands the
-//!    next, the guards that count connections, and the one writer of refusals).
+//!    fixed reason labels), [`metrics`], [`usage`], [`clients`] (who listens to each mount),
+//!    [`mounts`] (the mount table), [`auth`], [`logs`] (log lines that summarise a flood per
+//!    reason), [`heads`] (request heads not read yet: the per-address limit on them, and the
+//!    idle one closed to make room at the limit), [`shared`] (the state every thread shares,
+//!    `Stop`), [`conn`] (what one stage hands the next, the guards that count connections, and
+//!    the one writer of refusals).
 //! 3. **Stages**: [`acceptor`], [`status`], [`metadata`] (title updates), [`admission`],
-//!    [`fanout`], [`source`], [`ingest`], [`demo`], [`admin`], and [`worker`] (the router, which
-//!    calls admission, source, metadata and status).
+//!    [`fanout`], [`source`], [`ingest`], [`demo`], [`admin_api`] (Icecast's admin commands, on
+//!    both ports), [`admin`], and [`worker`] (the router, which calls admission, source, metadata,
+//!    the admin API and status).
 //! 4. **Wiring**: [`server`].
 //! 5. **Entry**: `main.rs`.
 //!
@@ -66,6 +68,7 @@ pub(crate) mod store;
 pub(crate) mod threads;
 // Layer 2: vocabulary.
 pub(crate) mod auth;
+pub(crate) mod clients;
 pub mod config;
 pub(crate) mod conn;
 pub(crate) mod heads;
@@ -78,6 +81,7 @@ pub(crate) mod usage;
 // Layer 3: stages.
 pub(crate) mod acceptor;
 pub(crate) mod admin;
+pub(crate) mod admin_api;
 pub(crate) mod admission;
 pub(crate) mod demo;
 pub(crate) mod fanout;

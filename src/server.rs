@@ -78,6 +78,7 @@ impl Server {
             .then(|| config.startup.demo_mount.clone());
         let max_connections = config.connection_limit();
         warn_if_over_budget(&config, max_connections);
+        crate::admin_api::warn_if_closed(config.admin_password.as_deref());
         let shared = Arc::new(Shared {
             auth_failures: AuthFailures::default(),
             max_connections,
@@ -101,6 +102,10 @@ impl Server {
         let (to_workers, worker_intakes): (Vec<_>, Vec<_>) = (0..nworkers)
             .map(|_| crossbeam::channel::unbounded())
             .unzip();
+        // The admin API, on any worker or the admin thread, reaches each worker's listeners.
+        let (control, control_rxs): (Vec<_>, Vec<_>) =
+            (0..nworkers).map(|_| mpsc::unbounded_channel()).unzip();
+        let control: Arc<[_]> = control.into();
 
         let mut handles = Vec::new();
 
@@ -130,16 +135,18 @@ impl Server {
             }
         }
 
-        for (index, intake) in worker_intakes.into_iter().enumerate() {
+        let intakes = worker_intakes.into_iter().zip(control_rxs);
+        for (index, (intake, control_rx)) in intakes.enumerate() {
             let s = shared.clone();
             let to_ingest = to_ingest.clone();
+            let control = control.clone();
             let core = (!cores.is_empty()).then(|| cores[index % cores.len()]);
             spawn_stage(
                 &mut handles,
                 &registry,
                 &format!("fs-worker-{index}"),
                 core,
-                move |rt| crate::worker::run(rt, s, index, intake, to_ingest),
+                move |rt| crate::worker::run(rt, s, index, intake, to_ingest, control, control_rx),
             )?;
         }
 
@@ -153,7 +160,7 @@ impl Server {
             admin_socket.set_nonblocking(true)?;
             let s = shared.clone();
             spawn_stage(&mut handles, &registry, "fs-admin", None, move |rt| {
-                crate::admin::run(rt, s, admin_socket, to_ingest)
+                crate::admin::run(rt, s, admin_socket, to_ingest, control)
             })?;
         }
         tracing::info!(%listen_addr, admin = ?admin_addr, workers = nworkers, "fanstream started");

@@ -269,24 +269,24 @@ fn icecast(shared: &Shared, host: &str) -> IcecastDoc {
     }
 }
 
-fn server_id() -> String {
+pub(crate) fn server_id() -> String {
     format!("fanstream {}", env!("CARGO_PKG_VERSION"))
 }
 
-fn sorted_mounts(shared: &Shared) -> Vec<std::sync::Arc<Mount>> {
+pub(crate) fn sorted_mounts(shared: &Shared) -> Vec<std::sync::Arc<Mount>> {
     let mut mounts = shared.mounts.all();
     mounts.sort_by(|a, b| a.path.cmp(&b.path));
     mounts
 }
 
-fn listen_url(shared: &Shared, host: &str, mount: &str) -> String {
+pub(crate) fn listen_url(shared: &Shared, host: &str, mount: &str) -> String {
     let port = shared.listen_addr.port();
     format!("http://{host}:{port}{mount}")
 }
 
 /// The host clients reached us by, for `listenurl`: the request's `Host` without its port when it
 /// is a plausible host name, else the listen address, else `localhost` (Icecast's default).
-fn host_name(header: Option<&str>, listen: SocketAddr) -> String {
+pub(crate) fn host_name(header: Option<&str>, listen: SocketAddr) -> String {
     let from_header = header.map(str::trim).and_then(|h| {
         let host = if h.starts_with('[') {
             &h[..=h.find(']')?]
@@ -314,7 +314,7 @@ fn host_name(header: Option<&str>, listen: SocketAddr) -> String {
 
 /// A UTC calendar date and time, for the formats Icecast prints.
 #[derive(Debug, PartialEq, Eq)]
-struct Date {
+pub(crate) struct Date {
     year: i64,
     month: u32,
     day: u32,
@@ -326,7 +326,7 @@ struct Date {
 }
 
 impl Date {
-    fn of(t: SystemTime) -> Date {
+    pub fn of(t: SystemTime) -> Date {
         let secs = t
             .duration_since(UNIX_EPOCH)
             .unwrap_or(Duration::ZERO)
@@ -357,7 +357,7 @@ impl Date {
     }
 
     /// `Fri, 09 Apr 2021 19:49:50 +0000`, as Icecast's `server_start`.
-    fn rfc2822(&self) -> String {
+    pub fn rfc2822(&self) -> String {
         const DAYS: [&str; 7] = ["Sun", "Mon", "Tue", "Wed", "Thu", "Fri", "Sat"];
         const MONTHS: [&str; 12] = [
             "Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec",
@@ -375,7 +375,7 @@ impl Date {
     }
 
     /// `2021-04-09T19:49:50+0000`, as Icecast's `server_start_iso8601`.
-    fn iso8601(&self) -> String {
+    pub fn iso8601(&self) -> String {
         format!(
             "{}-{:02}-{:02}T{:02}:{:02}:{:02}+0000",
             self.year, self.month, self.day, self.hour, self.minute, self.second

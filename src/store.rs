@@ -144,6 +144,9 @@ pub(crate) struct StreamMeta {
     pub started: Option<std::time::SystemTime>,
     /// What the format layer found the stream to be (`MP3`, `Vorbis`, `Opus`, ...), once known.
     pub subtype: Option<String>,
+    /// The encoder's address and `User-Agent`, for the admin API's stats (none for the demo).
+    pub source_ip: Option<String>,
+    pub user_agent: Option<String>,
 }
 
 /// One consistent view of a mount, replaced whole on every change.
