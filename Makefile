@@ -8,11 +8,14 @@ CARGO ?= cargo
 # and titles tests (tests/formats.rs, titles.rs, browser.rs): libshout encoders (ezstream, ices2,
 # GStreamer's shout2send), liquidsoap, players (mpv, GStreamer's souphttpsrc and decoders) and a
 # headless browser. Chromium runs as root with --no-sandbox, so its recommended chromium-sandbox
-# is not needed either.
+# is not needed either. tests/admin_api.rs compares the admin API with Debian's Icecast 2.4
+# (icecast2), which it starts itself on an ephemeral loopback port; where an init system runs, the
+# package's own service listens on :8000 and must be stopped before `make run`.
 TEST_PROGRAMS := ffmpeg ffprobe curl prometheus promtool ezstream ices2 liquidsoap mpv \
-  gst-launch-1.0 gst-inspect-1.0 chromium timeout
+  gst-launch-1.0 gst-inspect-1.0 chromium timeout icecast2
 APT_PACKAGES := ffmpeg curl prometheus ezstream ices2 liquidsoap mpv gstreamer1.0-tools \
-  gstreamer1.0-plugins-base gstreamer1.0-plugins-good gstreamer1.0-plugins-bad chromium coreutils
+  gstreamer1.0-plugins-base gstreamer1.0-plugins-good gstreamer1.0-plugins-bad chromium coreutils \
+  icecast2
 # GStreamer elements the tests use, which come in plugin packages rather than as programs.
 TEST_GST_ELEMENTS := souphttpsrc decodebin oggdemux opusdec vorbisdec mpegaudioparse identity
 

@@ -49,6 +49,10 @@ const MAX_WRITE_BYTES: usize = 256 * 1024;
 /// How often listeners' lag is sampled into `fanstream_listener_lag_bytes`: each sample costs a
 /// histogram update per listener, so not every round.
 const LAG_SAMPLE_EVERY: Duration = Duration::from_secs(1);
+/// The most of an unfinished frame or page a moved listener is sent: an Ogg page is at most
+/// 65,307 bytes; a stream without sync points (passed through as it came) has no frame to
+/// finish, and gets no more than this.
+const MAX_FRAME_REST_BYTES: usize = 65_307;
 
 struct Listener {
     /// Shared with the parked task while the socket is full.
@@ -509,16 +513,23 @@ impl FanOut {
     /// Moved listeners are not refused for the destination's limits: they were admitted once.
     fn move_all(&mut self, mut shard: Shard, target: &Arc<Mount>) -> usize {
         let shared = &self.ctx.shared;
+        let old = shard.mount.store.load_full();
         let mut moved = 0;
         for l in shard.listeners.drain() {
             let Listener {
                 stream,
+                pos,
                 conn,
                 icy,
                 guard,
                 parked,
-                ..
             } = l;
+            // A listener stopped inside a frame or page (a partial write) first gets the rest of
+            // it: decoders resync on the next stream's headers, not inside a torn page.
+            let rest = match icy {
+                None => old.rest_of_frame(pos, MAX_FRAME_REST_BYTES),
+                Some(_) => Vec::new(),
+            };
             // Its parked task (if any) is cancelled: the stream is written by `rejoin` now.
             drop(parked);
             let client = guard.client();
@@ -537,7 +548,7 @@ impl FanOut {
                 guard,
                 conn,
             };
-            tokio::task::spawn_local(rejoin(self.ctx.admit.clone(), new));
+            tokio::task::spawn_local(rejoin(self.ctx.admit.clone(), new, rest));
         }
         moved
     }
@@ -620,21 +631,27 @@ impl FanOut {
     }
 }
 
-/// A moved listener, on its way into the destination's shard: writes it the destination's Ogg
-/// header pages (a chained Ogg stream, which decoders follow), then hands it to the loop at the
-/// destination's join point. An ICY listener gets no header pages: they would break its block
-/// cadence, and formats with header pages never carry ICY blocks. A listener that does not take
+/// A moved listener, on its way into the destination's shard: writes it the rest of the frame
+/// or page it stopped in, then the destination's Ogg header pages (a chained Ogg stream, which
+/// decoders follow), then hands it to the loop at the destination's join point. An ICY listener
+/// gets neither: they would break its block cadence, and formats with header pages never carry
+/// ICY blocks. A listener that does not take
 /// them within [`RESPONSE_TIMEOUT`], or whose destination lost its source meanwhile, is closed.
-async fn rejoin(admit: mpsc::UnboundedSender<NewListener>, mut new: NewListener) {
+async fn rejoin(admit: mpsc::UnboundedSender<NewListener>, mut new: NewListener, rest: Vec<u8>) {
     let snap = new.mount.store.load_full();
     if snap.state != SourceState::Live {
         return;
     }
-    if new.icy.is_none() && !snap.headers.is_empty() {
-        let written = tokio::time::timeout(RESPONSE_TIMEOUT, write_all(&new.stream, &snap.headers));
-        if !matches!(written.await, Ok(Ok(()))) {
-            return;
-        }
+    let headers: &[u8] = match new.icy {
+        None => &snap.headers,
+        Some(_) => &[],
+    };
+    let written = tokio::time::timeout(RESPONSE_TIMEOUT, async {
+        write_all(&new.stream, &rest).await?;
+        write_all(&new.stream, headers).await
+    });
+    if !matches!(written.await, Ok(Ok(()))) {
+        return;
     }
     new.pos = snap.join_point(snap.settings.burst_bytes);
     let _ = admit.send(new);
