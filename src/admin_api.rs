@@ -367,10 +367,11 @@ fn live_mounts(shared: &Shared) -> Vec<(Arc<Mount>, Arc<crate::mounts::Snapshot>
         .collect()
 }
 
-/// `/admin/streamlist.txt`: what a relay polls to mirror every mount.
+/// `/admin/streamlist.txt`: what a relay polls to mirror every mount, hidden ones left out.
 fn stream_list(shared: &Shared) -> Vec<String> {
     live_mounts(shared)
         .into_iter()
+        .filter(|(_, snap)| !snap.settings.hidden)
         .map(|(m, _)| m.path.clone())
         .collect()
 }

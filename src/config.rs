@@ -54,6 +54,9 @@ pub struct MountSettings {
     /// `Icy-MetaData: 1` (never in Ogg or WebM streams, which carry their own). Default 16000,
     /// as Icecast.
     pub icy_metaint: usize,
+    /// Leave the mount out of the status pages, `/admin/streamlist.txt` and playlists; it still
+    /// plays for whoever knows its path, and the admin API still lists it. Default false.
+    pub hidden: bool,
 }
 
 impl Default for MountSettings {
@@ -70,6 +73,7 @@ impl Default for MountSettings {
             min_write_bytes: 64 * 1024,
             max_write_delay_ms: 1000,
             icy_metaint: 16000,
+            hidden: false,
         }
     }
 }

@@ -1,6 +1,6 @@
 //! Status pages, as JSON: `/status.json` in fanstream's own shape, and `/status-json.xsl` in
 //! Icecast 2.4's shape so that the exporters, web players and scripts written for Icecast work
-//! unchanged. Both are public on the listener port, as Icecast's are (web players fetch them from
+//! unchanged. Mounts set `hidden` are left out of both, as Icecast leaves them out. Both are public on the listener port, as Icecast's are (web players fetch them from
 //! the stream's origin, hence `Access-Control-Allow-Origin: *`), and also served on the admin port,
 //! whose thread answers even when every worker is saturated. Built at request time from the mount
 //! table; nothing here runs on the fan-out's path.
@@ -102,6 +102,9 @@ fn own(shared: &Shared, host: &str) -> Status {
         .into_iter()
         .filter_map(|m| {
             let snap = m.store.load_full();
+            if snap.settings.hidden {
+                return None;
+            }
             let state = match snap.state {
                 SourceState::Live => "live",
                 SourceState::Gone(_) => "waiting",
@@ -215,7 +218,7 @@ fn icecast(shared: &Shared, host: &str) -> IcecastDoc {
         .filter_map(|m| {
             let snap = m.store.load_full();
             // Icecast lists sources, not mounts: one waiting for its encoder is not there.
-            if snap.state != SourceState::Live {
+            if snap.state != SourceState::Live || snap.settings.hidden {
                 return None;
             }
             let meta = &snap.info.meta;

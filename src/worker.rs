@@ -205,6 +205,9 @@ async fn route(
         Method::Get | Method::Head if crate::status::is_status_path(&incoming.req.path) => {
             crate::status::serve(shared, incoming).await
         }
+        Method::Get | Method::Head if crate::playlists::is_playlist(shared, &incoming.req.path) => {
+            crate::playlists::serve(shared, incoming).await
+        }
         Method::Get | Method::Head => crate::admission::admit(&ctx, incoming).await,
         Method::Source | Method::Put => crate::source::handshake(&ctx, incoming).await,
         Method::Other(ref m) => {
