@@ -22,7 +22,7 @@ use tokio::task::LocalSet;
 
 use crate::admin_api;
 use crate::auth;
-use crate::conn::{close_unanswered, refuse, Control, ToIngest};
+use crate::conn::{close_unanswered, log_request, log_response, refuse, Control, ToIngest};
 use crate::heads::{room_or, Heads, Pending, Replace};
 use crate::http::{self, Method, Request};
 use crate::metadata;
@@ -145,8 +145,12 @@ async fn serve(
     };
     let resp = match answer {
         Ok(resp) => resp,
-        Err(no) => return refuse(&shared, &mut stream, peer, no).await,
+        Err(no) => {
+            log_request(&shared, &req, peer, no.status(), no.response().len());
+            return refuse(&shared, &mut stream, peer, no).await;
+        }
     };
+    log_response(&shared, &req, peer, &resp);
     http::write_and_close(stream, &resp).await;
 }
 

@@ -32,11 +32,12 @@ use tokio::sync::oneshot;
 
 use crate::auth;
 use crate::conn::{Control, ToIngest};
+use crate::dates::Date;
 use crate::http::{valid_mount_path, Request};
 use crate::mounts::Mount;
 use crate::reasons::{Realm, Refusal};
 use crate::shared::Shared;
-use crate::status::{host_name, listen_url, server_id, sorted_mounts, Date};
+use crate::status::{host_name, listen_url, server_id, sorted_mounts};
 use crate::store::SourceState;
 
 const PREFIX: &str = "/admin/";

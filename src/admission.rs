@@ -4,13 +4,15 @@
 
 use std::io;
 use std::net::SocketAddr;
+use std::os::fd::{AsRawFd, RawFd};
 use std::rc::Rc;
 use std::sync::Arc;
 
 use tokio::io::AsyncWriteExt;
 
+use crate::access_log::Record;
 use crate::clients::{next_id, Client};
-use crate::conn::{Incoming, ListenerGuard, NewListener, WorkerCtx};
+use crate::conn::{Incoming, ListenerGuard, Listening, NewListener, WorkerCtx};
 use crate::framing::carries_own_metadata;
 use crate::http::{valid_mount_path, Method, Request, RESPONSE_TIMEOUT};
 use crate::icy::Cadence;
@@ -19,7 +21,8 @@ use crate::reasons::Refusal;
 use crate::store::SourceState;
 
 pub(crate) async fn admit(ctx: &Rc<WorkerCtx>, incoming: Incoming) {
-    let (mount, snap, guard) = match check(ctx, &incoming.req, incoming.peer) {
+    let fd = incoming.stream.as_raw_fd();
+    let (mount, snap, guard) = match check(ctx, &incoming.req, incoming.peer, fd) {
         Ok(admitted) => admitted,
         Err(no) => return incoming.refuse(&ctx.shared, no).await,
     };
@@ -105,6 +108,7 @@ fn check(
     ctx: &WorkerCtx,
     req: &Request,
     peer: SocketAddr,
+    fd: RawFd,
 ) -> Result<(Arc<Mount>, Arc<Snapshot>, ListenerGuard), Refusal> {
     let path = req.path.as_str();
     if !valid_mount_path(path) {
@@ -116,7 +120,13 @@ fn check(
         return Err(Refusal::MountIdle);
     }
     let limit = Some(snap.settings.max_listeners);
-    let client = Client::new(next_id(), peer, req.header("user-agent"), ctx.index);
-    let guard = ListenerGuard::enter(&ctx.shared, &mount, &ctx.label, limit, client)?;
+    let id = next_id();
+    let client = Client::new(id, peer, req.header("user-agent"), ctx.index);
+    let listening = Box::new(Listening {
+        id,
+        fd,
+        record: Record::of(req, peer.ip(), 200, 0),
+    });
+    let guard = ListenerGuard::enter(&ctx.shared, &mount, &ctx.label, limit, client, listening)?;
     Ok((mount, snap, guard))
 }

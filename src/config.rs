@@ -118,6 +118,9 @@ pub struct Startup {
     pub demo: bool,
     /// Path of the demo mount. Default `/demo`.
     pub demo_mount: String,
+    /// Where the access log goes: a file (appended to, reopened on `SIGHUP` for logrotate), or
+    /// `-` for stderr. Default none: no access log.
+    pub access_log: Option<String>,
 }
 
 impl Default for Startup {
@@ -131,6 +134,7 @@ impl Default for Startup {
             max_admin_connections: 64,
             demo: true,
             demo_mount: "/demo".into(),
+            access_log: None,
         }
     }
 }

@@ -11,6 +11,7 @@
 //!   [`Control`]; → ingest: [`ToIngest::KillSource`] and [`ToIngest::Fallback`].
 
 use std::net::SocketAddr;
+use std::os::fd::RawFd;
 use std::rc::Rc;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -24,6 +25,7 @@ use tokio::net::TcpStream;
 use tokio::sync::mpsc::UnboundedSender;
 use tokio::sync::oneshot;
 
+use crate::access_log::Record;
 use crate::clients::Client;
 use crate::heads::Pending;
 use crate::http::{read_with, Request, RESPONSE_TIMEOUT};
@@ -132,9 +134,75 @@ pub(crate) struct Incoming {
 }
 
 impl Incoming {
-    /// Refuses the request (see [`refuse`]).
+    /// Refuses the request (see [`refuse`]), and logs it in the access log.
     pub async fn refuse(mut self, shared: &Shared, no: Refusal) {
+        log_request(
+            shared,
+            &self.req,
+            self.peer,
+            no.status(),
+            no.response().len(),
+        );
         refuse(shared, &mut self.stream, self.peer, no).await;
+    }
+}
+
+/// Writes the access log line of a request answered with `resp` (a whole response).
+pub(crate) fn log_response(shared: &Shared, req: &Request, peer: SocketAddr, resp: &[u8]) {
+    // `HTTP/1.0 200 ...`: every response fanstream writes starts so.
+    let status = resp
+        .get(9..12)
+        .and_then(|s| std::str::from_utf8(s).ok()?.parse().ok())
+        .unwrap_or(200);
+    log_request(shared, req, peer, status, resp.len());
+}
+
+/// Writes a finished request's line to the access log, if there is one.
+pub(crate) fn log_request(
+    shared: &Shared,
+    req: &Request,
+    peer: SocketAddr,
+    status: u16,
+    bytes: usize,
+) {
+    if shared.access_log.enabled() {
+        let record = Record::of(req, peer.ip(), status, bytes as u64);
+        shared.access_log.record(record);
+    }
+}
+
+/// A listener as the access log will show it when it leaves, carried from mount to mount by
+/// its [`ListenerGuard`]s.
+pub(crate) struct Listening {
+    /// Its id among the clients of the mount it is on.
+    pub id: u64,
+    /// Its socket, still open whenever its guard is dropped (the guard is dropped first): the
+    /// bytes it received are the kernel's count, so the fan-out counts nothing per listener.
+    pub fd: RawFd,
+    /// The line to write, but for the bytes.
+    pub record: Record,
+}
+
+/// Bytes the peer has acknowledged on a TCP socket (`tcpi_bytes_acked`), or 0 if unknown.
+fn bytes_acked(fd: RawFd) -> u64 {
+    // SAFETY: an all-zero tcp_info is a valid value of the plain C struct.
+    let mut info: libc::tcp_info = unsafe { std::mem::zeroed() };
+    let mut len = std::mem::size_of::<libc::tcp_info>() as libc::socklen_t;
+    // SAFETY: `fd` is an open socket (see `Listening::fd`), and `info` and `len` describe a
+    // buffer of the size given.
+    let rc = unsafe {
+        libc::getsockopt(
+            fd,
+            libc::IPPROTO_TCP,
+            libc::TCP_INFO,
+            (&mut info as *mut libc::tcp_info).cast(),
+            &mut len,
+        )
+    };
+    if rc == 0 {
+        info.tcpi_bytes_acked
+    } else {
+        0
     }
 }
 
@@ -208,6 +276,8 @@ pub(crate) struct Encoder {
 
 /// A listener whose response head is sent, on its way to its worker's fan-out loop.
 pub(crate) struct NewListener {
+    /// First, so that it is dropped while the socket is still open (see [`Listening::fd`]).
+    pub guard: ListenerGuard,
     pub mount: Arc<Mount>,
     /// Shared (a moved listener's parked task may still hold it while it closes).
     pub stream: Rc<TcpStream>,
@@ -216,7 +286,6 @@ pub(crate) struct NewListener {
     /// The ICY framing it asked for, with what of its first interval the preamble used.
     /// Boxed: most listeners take no ICY, and the fan-out keeps this inline per listener.
     pub icy: Option<Box<Cadence>>,
-    pub guard: ListenerGuard,
     pub conn: ConnGuard,
 }
 
@@ -227,8 +296,10 @@ pub(crate) struct ListenerGuard {
     gauge: IntGauge,
     /// Set while it receives ICY metadata.
     icy_gauge: Option<IntGauge>,
-    /// Its entry in the mount's [`crate::clients::Clients`], removed when the guard goes.
-    id: u64,
+    /// The listener's entry in the mount's [`crate::clients::Clients`] (by its id), removed
+    /// when the guard goes, and its access log line, written then. None once handed to the
+    /// guard of the mount it moves to, or for a listener refused.
+    listening: Option<Box<Listening>>,
 }
 
 impl ListenerGuard {
@@ -241,6 +312,7 @@ impl ListenerGuard {
         worker: &str,
         max_listeners: Option<usize>,
         client: Client,
+        listening: Box<Listening>,
     ) -> Result<Self, Refusal> {
         let on_mount = mount.listeners.fetch_add(1, Ordering::Relaxed);
         let total = shared.listeners_total.fetch_add(1, Ordering::Relaxed);
@@ -255,8 +327,9 @@ impl ListenerGuard {
             mount: mount.clone(),
             gauge,
             icy_gauge: None,
-            id: client.id,
+            listening: None,
         };
+        let mut guard = guard;
         if let Some(max) = max_listeners {
             if max > 0 && on_mount >= max {
                 return Err(Refusal::MountFull);
@@ -269,17 +342,21 @@ impl ListenerGuard {
             .listener_peak
             .fetch_max(on_mount + 1, Ordering::Relaxed);
         mount.clients.join(client);
+        guard.listening = Some(listening);
         Ok(guard)
     }
 
-    /// The listener's id, as the admin API names it.
+    /// The listener's id, as the admin API names it (0 once it left).
     pub fn id(&self) -> u64 {
-        self.id
+        self.listening.as_ref().map_or(0, |l| l.id)
     }
 
-    /// Its entry among the mount's clients, as it was listed.
-    pub fn client(&self) -> Option<Client> {
-        self.mount.clients.get(self.id)
+    /// The listener leaves this mount for another: its client entry (taken off this mount's
+    /// list) and its access log line, for the guard on the next mount.
+    pub fn leave_for_another(&mut self) -> Option<(Client, Box<Listening>)> {
+        let listening = self.listening.take()?;
+        let client = self.mount.clients.leave(listening.id)?;
+        Some((client, listening))
     }
 }
 
@@ -298,7 +375,14 @@ impl ListenerGuard {
 
 impl Drop for ListenerGuard {
     fn drop(&mut self) {
-        self.mount.clients.leave(self.id);
+        if let Some(l) = self.listening.take() {
+            self.mount.clients.leave(l.id);
+            if self.shared.access_log.enabled() {
+                let mut record = l.record;
+                record.bytes = bytes_acked(l.fd);
+                self.shared.access_log.record(record);
+            }
+        }
         self.mount.listeners.fetch_sub(1, Ordering::Relaxed);
         self.shared.listeners_total.fetch_sub(1, Ordering::Relaxed);
         self.gauge.dec();

@@ -55,6 +55,10 @@ const LAG_SAMPLE_EVERY: Duration = Duration::from_secs(1);
 const MAX_FRAME_REST_BYTES: usize = 65_307;
 
 struct Listener {
+    /// Counts the listener while it lives, and names it (its id) to the admin API. Declared
+    /// before the socket, so dropped while the socket is still open (the access log reads the
+    /// socket's byte count then).
+    guard: ListenerGuard,
     /// Shared with the parked task while the socket is full.
     stream: Rc<TcpStream>,
     /// Absolute offset of the next byte of the stream to send.
@@ -64,8 +68,6 @@ struct Listener {
     icy: Option<Box<Cadence>>,
     /// The task waiting for the socket to become writable, while parked.
     parked: Option<Parked>,
-    /// Counts the listener while it lives, and names it (its id) to the admin API.
-    guard: ListenerGuard,
     conn: ConnGuard,
 }
 
@@ -517,11 +519,11 @@ impl FanOut {
         let mut moved = 0;
         for l in shard.listeners.drain() {
             let Listener {
+                mut guard,
                 stream,
                 pos,
                 conn,
                 icy,
-                guard,
                 parked,
             } = l;
             // A listener stopped inside a frame or page (a partial write) first gets the rest of
@@ -532,10 +534,12 @@ impl FanOut {
             };
             // Its parked task (if any) is cancelled: the stream is written by `rejoin` now.
             drop(parked);
-            let client = guard.client();
+            let Some((client, listening)) = guard.leave_for_another() else {
+                continue;
+            };
             drop(guard);
-            let Some(client) = client else { continue };
-            let Ok(guard) = ListenerGuard::enter(shared, target, &self.ctx.label, None, client)
+            let label = &self.ctx.label;
+            let Ok(guard) = ListenerGuard::enter(shared, target, label, None, client, listening)
             else {
                 continue;
             };

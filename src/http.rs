@@ -28,6 +28,18 @@ pub(crate) enum Method {
     Other(String),
 }
 
+impl Method {
+    pub fn as_str(&self) -> &str {
+        match self {
+            Method::Get => "GET",
+            Method::Head => "HEAD",
+            Method::Source => "SOURCE",
+            Method::Put => "PUT",
+            Method::Other(m) => m,
+        }
+    }
+}
+
 /// A parsed request head.
 #[derive(Debug)]
 pub(crate) struct Request {
@@ -38,6 +50,8 @@ pub(crate) struct Request {
     pub query: String,
     /// Header names lower-cased; values as sent.
     pub headers: Vec<(String, String)>,
+    /// The minor version: 0 for HTTP/1.0, 1 for HTTP/1.1.
+    pub version: u8,
 }
 
 impl Request {
@@ -113,6 +127,7 @@ pub(crate) fn parse_head(buf: &[u8]) -> Result<Option<(Request, usize)>, HeadErr
             path,
             query,
             headers: hs,
+            version: req.version.unwrap_or(0),
         },
         n,
     )))
@@ -404,6 +419,7 @@ mod tests {
             path: "/".into(),
             query: String::new(),
             headers: vec![("authorization".into(), v.into())],
+            version: 1,
         };
         assert_eq!(
             req("basic c291cmNlOnA6dw==").basic_auth(),

@@ -37,13 +37,14 @@
 //!    [`chunked`], the stream formats ([`format`], what every parser yields; [`mpeg`] frames;
 //!    [`ogg`] pages; [`framing`], which picks one by Content-Type), [`icy`] (metadata blocks
 //!    between the audio), [`store`] (the segment store and its snapshot, generic over the settings it
-//!    carries), [`threads`] (named, pinned, CPU-accounted threads), [`open_files`].
+//!    carries), [`threads`] (named, pinned, CPU-accounted threads), [`open_files`], [`dates`]
+//!    (the date formats Icecast prints).
 //! 2. **Vocabulary** shared by the stages: [`config`], [`reasons`] (`Refusal`, `Disconnect`: the
 //!    fixed reason labels), [`metrics`], [`usage`], [`clients`] (who listens to each mount),
 //!    [`mounts`] (the mount table), [`auth`], [`logs`] (log lines that summarise a flood per
-//!    reason), [`heads`] (request heads not read yet: the per-address limit on them, and the
-//!    idle one closed to make room at the limit), [`shared`] (the state every thread shares,
-//!    `Stop`), [`conn`] (what one stage hands the next, the guards that count connections, and
+//!    reason), [`access_log`] (one line per finished request, to a writer thread), [`heads`]
+//!    (request heads not read yet: the per-address limit on them, and the idle one closed to
+//!    make room at the limit), [`shared`] (the state every thread shares, `Stop`), [`conn`] (what one stage hands the next, the guards that count connections, and
 //!    the one writer of refusals).
 //! 3. **Stages**: [`acceptor`], [`status`], [`playlists`] (`.m3u`, `.xspf`), [`metadata`]
 //!    (title updates), [`admission`], [`fanout`], [`source`], [`ingest`], [`demo`], [`admin_api`]
@@ -57,6 +58,7 @@
 
 // Layer 1: wire and data.
 pub(crate) mod chunked;
+pub(crate) mod dates;
 pub(crate) mod format;
 pub(crate) mod framing;
 pub(crate) mod http;
@@ -67,6 +69,7 @@ pub mod open_files;
 pub(crate) mod store;
 pub(crate) mod threads;
 // Layer 2: vocabulary.
+pub(crate) mod access_log;
 pub(crate) mod auth;
 pub(crate) mod clients;
 pub mod config;

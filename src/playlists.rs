@@ -5,7 +5,7 @@
 
 use std::net::SocketAddr;
 
-use crate::conn::Incoming;
+use crate::conn::{log_response, Incoming};
 use crate::http::{self, Method};
 use crate::shared::Shared;
 use crate::store::SourceState;
@@ -74,6 +74,7 @@ pub(crate) async fn serve(shared: &Shared, incoming: Incoming) {
     if req.method != Method::Head {
         resp.extend_from_slice(body.as_bytes());
     }
+    log_response(shared, req, incoming.peer, &resp);
     http::write_and_close(incoming.stream, &resp).await;
 }
 

@@ -28,6 +28,7 @@ use std::time::SystemTime;
 use arc_swap::ArcSwap;
 use tokio::sync::{mpsc, watch};
 
+use crate::access_log::AccessLog;
 use crate::auth::AuthFailures;
 use crate::config::Config;
 use crate::metrics::Metrics;
@@ -40,6 +41,8 @@ use crate::threads::{self, ThreadRegistry};
 pub struct Server {
     stop_tx: watch::Sender<Stop>,
     threads: Vec<JoinHandle<()>>,
+    /// The access log's writer, joined after every other thread.
+    log_writer: Option<JoinHandle<()>>,
     listen_addr: SocketAddr,
     admin_addr: Option<SocketAddr>,
     shared: Arc<Shared>,
@@ -76,6 +79,14 @@ impl Server {
             .startup
             .demo
             .then(|| config.startup.demo_mount.clone());
+        let (access_log, log_writer) = match &config.startup.access_log {
+            Some(path) => {
+                let (log, writer) = AccessLog::open(path)
+                    .map_err(|e| io::Error::new(e.kind(), format!("access_log = {path:?}: {e}")))?;
+                (log, Some(writer))
+            }
+            None => (AccessLog::default(), None),
+        };
         let max_connections = config.connection_limit();
         warn_if_over_budget(&config, max_connections);
         crate::admin_api::warn_if_closed(config.admin_password.as_deref());
@@ -95,6 +106,7 @@ impl Server {
             stop: stop_rx,
             started: SystemTime::now(),
             listen_addr,
+            access_log,
         });
 
         // The channels between stages.
@@ -108,6 +120,11 @@ impl Server {
         let control: Arc<[_]> = control.into();
 
         let mut handles = Vec::new();
+        // Started first and stopped last (see `join_threads`), so that it writes the lines of
+        // everything that ends before the other threads have.
+        let log_writer = log_writer
+            .map(|w| threads::spawn("fs-access-log", None, &registry, move || w.run()))
+            .transpose()?;
 
         let s = shared.clone();
         spawn_stage(&mut handles, &registry, "fs-ingest", None, move |rt| {
@@ -167,6 +184,7 @@ impl Server {
         Ok(Server {
             stop_tx,
             threads: handles,
+            log_writer,
             listen_addr,
             admin_addr,
             shared,
@@ -231,12 +249,25 @@ impl Server {
                 tracing::error!(thread = %name, "thread panicked");
             }
         }
+        // Every listener and request has ended, and logged its line: the writer writes the
+        // last ones and ends.
+        if let Some(h) = self.log_writer.take() {
+            self.shared.access_log.close();
+            if h.join().is_err() {
+                tracing::error!(thread = "fs-access-log", "thread panicked");
+            }
+        }
+    }
+
+    /// Reopens the access log (on `SIGHUP`, after logrotate moved it).
+    pub fn reopen_logs(&self) {
+        self.shared.access_log.reopen();
     }
 }
 
 impl Drop for Server {
     fn drop(&mut self) {
-        if !self.threads.is_empty() {
+        if !self.threads.is_empty() || self.log_writer.is_some() {
             self.stop(Stop::Now);
             self.join_threads();
         }

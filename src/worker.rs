@@ -21,7 +21,8 @@ use tokio::sync::mpsc::{self, UnboundedSender};
 use tokio::task::LocalSet;
 
 use crate::conn::{
-    close_unanswered, refuse, Accepted, ConnGuard, Control, Incoming, ToIngest, WorkerCtx,
+    close_unanswered, log_response, refuse, Accepted, ConnGuard, Control, Incoming, ToIngest,
+    WorkerCtx,
 };
 use crate::fanout::FanOut;
 use crate::heads::Pending;
@@ -185,10 +186,7 @@ async fn route(
     match incoming.req.method {
         Method::Get if crate::metadata::is_metadata_path(&incoming.req.path) => {
             let answer = crate::metadata::update(shared, &ctx.to_ingest, &incoming.req, peer);
-            match answer {
-                Ok(resp) => http::write_and_close(incoming.stream, &resp).await,
-                Err(no) => incoming.refuse(shared, no).await,
-            }
+            answer_short(shared, incoming, answer).await
         }
         Method::Get if crate::admin_api::is_admin_api_path(&incoming.req.path) => {
             let to = crate::admin_api::Links {
@@ -197,10 +195,7 @@ async fn route(
             };
             let port = crate::admin_api::Port::Public;
             let answer = crate::admin_api::answer(shared, to, &incoming.req, peer, port).await;
-            match answer {
-                Ok(resp) => http::write_and_close(incoming.stream, &resp).await,
-                Err(no) => incoming.refuse(shared, no).await,
-            }
+            answer_short(shared, incoming, answer).await
         }
         Method::Get | Method::Head if crate::status::is_status_path(&incoming.req.path) => {
             crate::status::serve(shared, incoming).await
@@ -215,5 +210,16 @@ async fn route(
             let no = Refusal::MethodNotAllowed(ALLOWED_METHODS);
             incoming.refuse(shared, no).await
         }
+    }
+}
+
+/// Sends a short answer (or refusal) and closes, with its access log line.
+async fn answer_short(shared: &Shared, incoming: Incoming, answer: Result<Vec<u8>, Refusal>) {
+    match answer {
+        Ok(resp) => {
+            log_response(shared, &incoming.req, incoming.peer, &resp);
+            http::write_and_close(incoming.stream, &resp).await
+        }
+        Err(no) => incoming.refuse(shared, no).await,
     }
 }
