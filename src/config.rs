@@ -121,6 +121,11 @@ pub struct Startup {
     /// Where the access log goes: a file (appended to, reopened on `SIGHUP` for logrotate), or
     /// `-` for stderr. Default none: no access log.
     pub access_log: Option<String>,
+    /// Where SHOUTcast v1 sources connect (DSP plugins, hardware encoders, butt in SHOUTcast
+    /// mode: a password line, then `icy-*` headers, then the stream), feeding `shoutcast_mount`
+    /// with that mount's source password. By SHOUTcast's convention, the listener port plus one.
+    /// Default none.
+    pub shoutcast_listen: Option<SocketAddr>,
 }
 
 impl Default for Startup {
@@ -135,6 +140,7 @@ impl Default for Startup {
             demo: true,
             demo_mount: "/demo".into(),
             access_log: None,
+            shoutcast_listen: None,
         }
     }
 }
@@ -238,6 +244,9 @@ pub struct Config {
     pub source_timeout_secs: u64,
     /// On SIGTERM, listeners get this long to receive what is pending. Default 5.
     pub shutdown_grace_secs: u64,
+    /// The mount SHOUTcast v1 sources (on `shoutcast_listen`) feed, and `/admin.cgi` title
+    /// updates without `mount=` go to. Default `/stream`, as Icecast.
+    pub shoutcast_mount: String,
     /// Settings for every mount, unless overridden in `mounts`.
     pub defaults: MountSettings,
     /// Mounts declared in the file, by path, with their resolved settings.
@@ -273,6 +282,7 @@ impl Default for Config {
             header_timeout_under_pressure_secs: 2,
             source_timeout_secs: 10,
             shutdown_grace_secs: 5,
+            shoutcast_mount: "/stream".into(),
             defaults: MountSettings::default(),
             mounts: BTreeMap::new(),
             #[cfg(feature = "fault-injection")]
@@ -539,6 +549,7 @@ impl Config {
             return Err("admin_user must be non-empty and contain no ':'".into());
         }
         check_mount_path("demo_mount", &self.startup.demo_mount)?;
+        check_mount_path("shoutcast_mount", &self.shoutcast_mount)?;
         check_mount("defaults", &self.defaults, self)?;
         for (path, m) in &self.mounts {
             check_mount_path(&format!("mounts.\"{path}\""), path)?;

@@ -268,6 +268,9 @@ pub(crate) struct Encoder {
     pub peer: SocketAddr,
     /// The encoder waits for `100 Continue` before sending.
     pub expect_continue: bool,
+    /// Ingest answers it `200 OK` once the mount is claimed; false for a SHOUTcast v1 source,
+    /// answered `OK2` in its own protocol before its headers.
+    pub answer: bool,
     /// The body is `Transfer-Encoding: chunked`.
     pub chunked: bool,
     /// Body bytes that arrived with the request head.

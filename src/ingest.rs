@@ -571,7 +571,9 @@ async fn read_encoder(src: &mut Source<'_>, encoder: Encoder) -> &'static str {
     if encoder.expect_continue {
         answer.extend_from_slice(b"HTTP/1.1 100 Continue\r\n\r\n");
     }
-    answer.extend_from_slice(b"HTTP/1.0 200 OK\r\nServer: fanstream\r\n\r\n");
+    if encoder.answer {
+        answer.extend_from_slice(b"HTTP/1.0 200 OK\r\nServer: fanstream\r\n\r\n");
+    }
     match tokio::time::timeout(RESPONSE_TIMEOUT, stream.write_all(&answer)).await {
         Ok(Ok(())) => read_stream(src, &mut stream, encoder.chunked, encoder.leftover).await,
         _ => "write_error",

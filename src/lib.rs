@@ -47,9 +47,10 @@
 //!    make room at the limit), [`shared`] (the state every thread shares, `Stop`), [`conn`] (what one stage hands the next, the guards that count connections, and
 //!    the one writer of refusals).
 //! 3. **Stages**: [`acceptor`], [`status`], [`playlists`] (`.m3u`, `.xspf`), [`metadata`]
-//!    (title updates), [`admission`], [`fanout`], [`source`], [`ingest`], [`demo`], [`admin_api`]
-//!    (Icecast's admin commands, on both ports), [`admin`], and [`worker`] (the router, which
-//!    calls admission, source, metadata, the admin API, playlists and status).
+//!    (title updates), [`admission`], [`fanout`], [`source`], [`shoutcast`] (SHOUTcast v1
+//!    sources), [`ingest`], [`demo`], [`admin_api`] (Icecast's admin commands, on both ports),
+//!    [`admin`], and [`worker`] (the router, which calls admission, source, metadata, the admin
+//!    API, playlists and status).
 //! 4. **Wiring**: [`server`].
 //! 5. **Entry**: `main.rs`.
 //!
@@ -91,6 +92,7 @@ pub(crate) mod fanout;
 pub(crate) mod ingest;
 pub(crate) mod metadata;
 pub(crate) mod playlists;
+pub(crate) mod shoutcast;
 pub(crate) mod source;
 pub(crate) mod status;
 pub(crate) mod worker;

@@ -7,7 +7,7 @@
 //!    `/demo` plays as soon as the server says it started;
 //! 3. **workers**, which hand sources to ingest and take sockets from the acceptor;
 //! 4. **the acceptor**, which starts accepting;
-//! 5. **the admin listener**.
+//! 5. **the admin listener**, and the SHOUTcast source port when there is one.
 //!
 //! Every thread's runtime is built before any thread starts, so running out of descriptors is a
 //! start-up error, not a thread dying later.
@@ -45,6 +45,7 @@ pub struct Server {
     log_writer: Option<JoinHandle<()>>,
     listen_addr: SocketAddr,
     admin_addr: Option<SocketAddr>,
+    shoutcast_addr: Option<SocketAddr>,
     shared: Arc<Shared>,
 }
 
@@ -66,6 +67,19 @@ impl Server {
             ));
         }
         let listen_addr = listen_socket.local_addr()?;
+        let shoutcast_socket = config
+            .startup
+            .shoutcast_listen
+            .map(|addr| {
+                TcpListener::bind(addr).map_err(|e| {
+                    io::Error::new(e.kind(), format!("shoutcast_listen = {addr}: {e}"))
+                })
+            })
+            .transpose()?;
+        let shoutcast_addr = shoutcast_socket
+            .as_ref()
+            .map(|s| s.local_addr())
+            .transpose()?;
         let admin_addr = admin_socket.as_ref().map(|a| a.local_addr()).transpose()?;
         let registry = Arc::new(ThreadRegistry::default());
         let (stop_tx, stop_rx) = watch::channel(Stop::Running);
@@ -176,17 +190,27 @@ impl Server {
         if let Some(admin_socket) = admin_socket {
             admin_socket.set_nonblocking(true)?;
             let s = shared.clone();
+            let to_ingest = to_ingest.clone();
             spawn_stage(&mut handles, &registry, "fs-admin", None, move |rt| {
                 crate::admin::run(rt, s, admin_socket, to_ingest, control)
             })?;
         }
-        tracing::info!(%listen_addr, admin = ?admin_addr, workers = nworkers, "fanstream started");
+        if let Some(socket) = shoutcast_socket {
+            socket.set_nonblocking(true)?;
+            let s = shared.clone();
+            let to_ingest = to_ingest.clone();
+            spawn_stage(&mut handles, &registry, "fs-shoutcast", None, move |rt| {
+                crate::shoutcast::run(rt, s, socket, to_ingest)
+            })?;
+        }
+        tracing::info!(%listen_addr, admin = ?admin_addr, shoutcast = ?shoutcast_addr, workers = nworkers, "fanstream started");
         Ok(Server {
             stop_tx,
             threads: handles,
             log_writer,
             listen_addr,
             admin_addr,
+            shoutcast_addr,
             shared,
         })
     }
@@ -197,6 +221,11 @@ impl Server {
 
     pub fn admin_addr(&self) -> Option<SocketAddr> {
         self.admin_addr
+    }
+
+    /// Where SHOUTcast v1 sources connect, when `shoutcast_listen` is set.
+    pub fn shoutcast_addr(&self) -> Option<SocketAddr> {
+        self.shoutcast_addr
     }
 
     /// Listeners connected now, across all mounts.

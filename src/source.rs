@@ -60,6 +60,7 @@ pub(crate) async fn handshake(ctx: &WorkerCtx, incoming: Incoming) {
             stream,
             peer,
             expect_continue: admitted.expect_continue,
+            answer: true,
             chunked: admitted.chunked,
             leftover,
         }),
@@ -118,7 +119,7 @@ fn check(shared: &Shared, req: &Request, peer: SocketAddr) -> Result<Admitted, R
 }
 
 /// What the source says about its stream, from its `ice-*` (or `icy-*`) headers.
-fn stream_info(req: &Request, content_type: String, peer: SocketAddr) -> StreamInfo {
+pub(crate) fn stream_info(req: &Request, content_type: String, peer: SocketAddr) -> StreamInfo {
     let pick = |names: &[&str]| {
         names
             .iter()

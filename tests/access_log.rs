@@ -35,7 +35,9 @@ fn not_a_line<T>(line: &str) -> T {
 }
 
 fn parse_line(line: &str) -> Line {
-    let (ip, rest) = line.split_once(" - - [").unwrap_or_else(|| not_a_line(line));
+    let (ip, rest) = line
+        .split_once(" - - [")
+        .unwrap_or_else(|| not_a_line(line));
     let (date, rest) = rest.split_once("] \"").unwrap_or_else(|| not_a_line(line));
     let (request, rest) = rest.split_once("\" ").unwrap_or_else(|| not_a_line(line));
     let mut words = rest.splitn(3, ' ');
