@@ -191,8 +191,10 @@ pub struct Config {
     pub startup: Startup,
     /// User name for the admin listener, when `admin_password` is set. Default `admin`.
     pub admin_user: String,
-    /// Password the admin listener (`/metrics`, status pages) asks for with HTTP Basic auth.
-    /// Default none: no authentication, for an admin listener kept on loopback.
+    /// Password the admin listener (`/metrics`, status pages, the admin API) asks for with HTTP
+    /// Basic auth, and the admin API under `/admin/` on the listener port. Default none: no
+    /// authentication on an admin listener kept on loopback, and no admin API (403) on the
+    /// listener port.
     pub admin_password: Option<String>,
     /// File holding the admin password (first line). Default none.
     pub admin_password_file: Option<PathBuf>,

@@ -239,6 +239,8 @@ pub(crate) struct SourceConn {
     pub mount: String,
     pub info: StreamInfo,
     pub feed: Feed,
+    /// Its access log line, but for the status and the bytes (none for the demo).
+    pub log: Option<Record>,
     /// Told the claim's outcome, for a sender that must know it before going on (the server
     /// starting the demo: the mount is live before start-up ends).
     pub claimed: Option<std::sync::mpsc::SyncSender<Result<(), Refusal>>>,

@@ -55,6 +55,7 @@ use tokio::runtime::Runtime;
 use tokio::sync::{mpsc, Notify};
 use tokio::task::LocalSet;
 
+use crate::access_log::Record;
 use crate::chunked::ChunkedDecoder;
 use crate::config::MountSettings;
 use crate::conn::{refuse, Encoder, Feed, SourceConn, TitleUpdate, ToIngest};
@@ -410,8 +411,10 @@ async fn serve_source(ingest: Rc<Ingest>, conn: SourceConn) {
         mount,
         info,
         feed,
+        log,
         claimed,
     } = conn;
+
     let origin = feed.origin();
     let format = Format::for_content_type(&info.meta.content_type);
     let claim = ingest.claim(&mount, info);
@@ -421,6 +424,10 @@ async fn serve_source(ingest: Rc<Ingest>, conn: SourceConn) {
     let (claim, claimed_mount) = match claim {
         Ok(claimed) => claimed,
         Err(no) => {
+            if let Some(mut record) = log {
+                record.status = no.status();
+                ingest.shared.access_log.record(record);
+            }
             match feed {
                 Feed::Encoder(Encoder { stream, peer, .. }) => {
                     if let Ok(mut stream) = TcpStream::from_std(stream) {
@@ -449,6 +456,8 @@ async fn serve_source(ingest: Rc<Ingest>, conn: SourceConn) {
         format,
         events: Vec::new(),
         subtype: None,
+        bytes: 0,
+        log,
     };
     let kill = ingest
         .entries
@@ -486,6 +495,20 @@ struct Source<'a> {
     /// The subtype last published: the parser is asked again only until it knows, or when new
     /// header pages may name other codecs, not for every piece.
     subtype: Option<String>,
+    /// Bytes of stream received from it, for its access log line.
+    bytes: u64,
+    /// Its access log line, written when it is dropped: when it ends, or when the server stops
+    /// and drops its task.
+    log: Option<Record>,
+}
+
+impl Drop for Source<'_> {
+    fn drop(&mut self) {
+        if let Some(mut record) = self.log.take() {
+            record.bytes = self.bytes;
+            self.ingest.shared.access_log.record(record);
+        }
+    }
 }
 
 impl Source<'_> {
@@ -493,6 +516,7 @@ impl Source<'_> {
     /// result; Err says why the source must end.
     fn append(&mut self, piece: Bytes, arrived: Instant) -> Result<(), &'static str> {
         self.received.inc_by(piece.len() as u64);
+        self.bytes += piece.len() as u64;
         self.counted
             .received_bytes
             .fetch_add(piece.len() as u64, Ordering::Relaxed);

@@ -24,6 +24,7 @@ use tokio::sync::mpsc::UnboundedSender;
 use tokio::sync::Semaphore;
 use tokio::task::LocalSet;
 
+use crate::access_log::Record;
 use crate::auth;
 use crate::conn::{Encoder, Feed, SourceConn, ToIngest};
 use crate::http::{parse_head, MAX_HEAD_BYTES, RESPONSE_TIMEOUT};
@@ -156,6 +157,7 @@ async fn handshake(
             chunked: false,
             leftover,
         }),
+        log: Some(Record::of(&req, peer.ip(), 200, 0)),
         claimed: None,
     };
     tracing::info!(%peer, "SHOUTcast source logged in");

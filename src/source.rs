@@ -16,6 +16,7 @@ use std::time::SystemTime;
 
 use bytes::Bytes;
 
+use crate::access_log::Record;
 use crate::auth;
 use crate::conn::{Encoder, Feed, Incoming, SourceConn, ToIngest, WorkerCtx};
 use crate::http::{valid_mount_path, Method, Request};
@@ -53,8 +54,10 @@ pub(crate) async fn handshake(ctx: &WorkerCtx, incoming: Incoming) {
     };
     // From here the ingest thread owns the connection; it no longer loads this worker.
     drop(conn);
+    let log = Some(Record::of(&req, peer.ip(), 200, 0));
     let source = SourceConn {
         mount: req.path,
+        log,
         info: admitted.info,
         feed: Feed::Encoder(Encoder {
             stream,

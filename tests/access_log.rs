@@ -171,6 +171,23 @@ fn every_listener_and_request_has_its_line_after_a_run() {
         .find(|l| l.request == "GET /nowhere HTTP/1.1")
         .unwrap_or_else(|| panic!("{all:#?}"));
     assert_eq!((lost.status, lost.agent.as_str()), (404, "lost"));
+    // The source too, with the bytes it sent (at 64 KB/s for some seconds).
+    let source = all
+        .iter()
+        .find(|l| l.request == "PUT /live HTTP/1.1")
+        .unwrap_or_else(|| panic!("{all:#?}"));
+    assert_eq!(source.status, 200);
+    assert!(source.bytes > 100_000 && source.seconds >= 2, "{source:?}");
+    // And the scrapes of /metrics the test made on the admin port: nothing else.
+    let others: Vec<_> = all
+        .iter()
+        .filter(|l| l.request != "GET /metrics HTTP/1.0")
+        .collect();
+    assert_eq!(
+        others.len(),
+        6,
+        "three listeners, two requests, a source: {all:#?}"
+    );
 }
 
 #[test]
