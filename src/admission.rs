@@ -125,7 +125,11 @@ fn check(
     let listening = Box::new(Listening {
         id,
         fd,
-        record: Record::of(req, peer.ip(), 200, 0),
+        record: ctx
+            .shared
+            .access_log
+            .enabled()
+            .then(|| Record::of(req, peer.ip(), 200, 0)),
     });
     let guard = ListenerGuard::enter(&ctx.shared, &mount, &ctx.label, limit, client, listening)?;
     Ok((mount, snap, guard))

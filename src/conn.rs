@@ -179,8 +179,9 @@ pub(crate) struct Listening {
     /// Its socket, still open whenever its guard is dropped (the guard is dropped first): the
     /// bytes it received are the kernel's count, so the fan-out counts nothing per listener.
     pub fd: RawFd,
-    /// The line to write, but for the bytes.
-    pub record: Record,
+    /// The line to write, but for the bytes; none without an access log, so that a listener
+    /// costs no copy of its request then.
+    pub record: Option<Record>,
 }
 
 /// Bytes the peer has acknowledged on a TCP socket (`tcpi_bytes_acked`), or 0 if unknown.
@@ -382,8 +383,7 @@ impl Drop for ListenerGuard {
     fn drop(&mut self) {
         if let Some(l) = self.listening.take() {
             self.mount.clients.leave(l.id);
-            if self.shared.access_log.enabled() {
-                let mut record = l.record;
+            if let Some(mut record) = l.record {
                 record.bytes = bytes_acked(l.fd);
                 self.shared.access_log.record(record);
             }
