@@ -1,5 +1,6 @@
 //! The ingest thread: reads every source, appends what arrives to its mount's store, publishes the
-//! new snapshot and wakes each worker once.
+//! new snapshot and wakes, once, each worker with listeners of that mount that have something to
+//! do.
 //!
 //! It is the only writer of the stores and of the mount table, so claiming a mount (exactly one
 //! source wins), publishing and the grace timers need no locks: they run on one thread, in one
@@ -145,6 +146,7 @@ impl Ingest {
                 received_bytes: AtomicU64::new(0),
                 sent_bytes: AtomicU64::new(0),
                 clients: Default::default(),
+                on_workers: shared.workers.iter().map(|_| Default::default()).collect(),
             });
             shared.mounts.insert(mount.clone());
             Entry {
@@ -174,7 +176,7 @@ impl Ingest {
     }
 
     /// Publishes what the format layer made of a piece of the stream (and the stream's subtype,
-    /// when it changed), then wakes the workers. False if the claim is stale.
+    /// when it changed), then wakes the mount's workers. False if the claim is stale.
     fn publish(
         &self,
         path: &str,
@@ -211,7 +213,8 @@ impl Ingest {
         if let Some(subtype) = subtype {
             entry.writer.set_subtype(subtype);
         }
-        let retained = entry.writer.store().load().retained_bytes() as i64;
+        let snap = entry.writer.store().load();
+        let retained = snap.retained_bytes() as i64;
         m.retained_bytes
             .with_label_values(&[label])
             .add(retained - entry.retained);
@@ -221,8 +224,9 @@ impl Ingest {
             .with_label_values(&[label])
             .add(pieces - entry.retained_pieces);
         entry.retained_pieces = pieces;
+        let (mount, end) = (entry.mount.clone(), snap.end);
         drop(entries);
-        self.shared.wake_workers();
+        self.shared.published(&mount, end);
         true
     }
 
@@ -273,6 +277,9 @@ impl Ingest {
             ..MountSettings::clone(entry.writer.settings())
         };
         entry.writer.set_settings(Arc::new(settings));
+        let mount = entry.mount.clone();
+        drop(entries);
+        self.shared.changed(&mount);
         true
     }
 
@@ -294,7 +301,7 @@ impl Ingest {
         let m = &self.shared.metrics;
         m.source_up.with_label_values(&[mount.label.as_str()]).dec();
         m.source_disconnected(&mount.label, reason);
-        self.shared.wake_workers();
+        self.shared.changed(&mount);
         let this = self.clone();
         let path = path.to_string();
         tokio::task::spawn_local(async move {
@@ -331,10 +338,12 @@ impl Ingest {
         m.retained_pieces
             .with_label_values(&label)
             .sub(entry.retained_pieces);
-        entries.remove(path);
+        let mount = entries.remove(path).map(|e| e.mount);
         drop(entries);
         self.declare_mounts();
-        self.shared.wake_workers();
+        if let Some(mount) = mount {
+            self.shared.changed(&mount);
+        }
     }
 
     /// Gives the mounts the config declares their series (see [`Metrics::declare_mounts`]). A
@@ -356,14 +365,18 @@ impl Ingest {
     /// The config was replaced: each mount publishes its new settings with its stream.
     fn apply_config(&self) {
         let config = self.shared.config.load();
+        let mut changed = Vec::new();
         for (path, entry) in self.entries.borrow_mut().iter_mut() {
             let settings = config.mount(path);
             if *entry.writer.settings().as_ref() != settings {
                 entry.writer.set_settings(Arc::new(settings));
+                changed.push(entry.mount.clone());
             }
         }
         self.declare_mounts();
-        self.shared.wake_workers();
+        for mount in &changed {
+            self.shared.changed(mount);
+        }
     }
 }
 
@@ -401,6 +414,8 @@ pub(crate) fn run(rt: Runtime, shared: Arc<Shared>, mut inbox: mpsc::UnboundedRe
             }
         }
         tracing::debug!("ingest stopped");
+        // No source task runs while this one does: every publication is complete.
+        shared.ingest_stopped.set();
     });
     // Dropping the LocalSet drops every source task, closing the encoders' connections.
 }

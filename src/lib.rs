@@ -5,7 +5,7 @@
 //!
 //! ```text
 //!  encoder ──PUT/SOURCE──▶ acceptor ──▶ worker: router ──▶ source ──▶ ingest ──▶ store (ArcSwap<Snapshot>)
-//!  demo ─────────────────────────────────────────────────────────────▲    │ one wake-up per worker
+//!  demo ─────────────────────────────────────────────────────────────▲    │ wakes its mount's workers
 //!  player  ◀──long GET──── fanout on each worker ◀── admission ◀── router ◀┘
 //! ```
 //!
@@ -17,11 +17,13 @@
 //! - [`source`](source): checks and authenticates an encoder, then hands it to ingest.
 //! - [`ingest`](ingest): one thread claims mounts for sources, reads every source (decoding
 //!   [`chunked`] bodies), appends each piece as shared `Bytes` to its mount's [`store`], publishes
-//!   an immutable snapshot (stream and the mount's settings) through one `ArcSwap`, and wakes each
-//!   worker once. The [`demo`] is a source like any other, on its own thread.
+//!   an immutable snapshot (stream and the mount's settings) through one `ArcSwap`, and wakes
+//!   once each worker with listeners of that mount, telling it which mount published. The
+//!   [`demo`] is a source like any other, on its own thread.
 //! - [`admission`](admission) answers a listener with the stream's head and hands it to its
-//!   worker's [`fanout`](fanout) loop, which writes every listener of its shard from the snapshot
-//!   with vectored writes, coalescing small pieces, applying the lag policy.
+//!   worker's [`fanout`](fanout) loop, which writes the listeners of the mounts that published,
+//!   and those whose coalesced write fell due, from the snapshot with vectored writes, applying
+//!   the lag policy.
 //! - [`metrics`] and [`admin`]: Prometheus metrics, per-thread CPU read at scrape time
 //!   ([`threads`]), listener-seconds and CPU per listener kept by each worker ([`usage`]), served
 //!   from their own thread. [`status`]: `/status.json` and Icecast's `/status-json.xsl`.

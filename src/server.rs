@@ -13,8 +13,9 @@
 //! start-up error, not a thread dying later.
 //!
 //! Stop order: every thread watches one `Stop` channel. The acceptor stops accepting at once;
-//! workers, on `Drain`, give listeners `shutdown_grace_secs` to receive what ingest already
-//! published, then close them; ingest closes its sources and the demo stops playing. `join` then
+//! ingest stops reading, closes its sources and says so (`Shared::ingest_stopped`), and the demo
+//! stops playing; workers, on `Drain`, wait for ingest to stop, then give listeners
+//! `shutdown_grace_secs` in all to receive what it published, then close them. `join` then
 //! waits for every thread.
 
 use std::collections::HashMap;
@@ -118,6 +119,7 @@ impl Server {
             workers: (0..nworkers).map(|_| WorkerLink::default()).collect(),
             listeners_total: Default::default(),
             stop: stop_rx,
+            ingest_stopped: Default::default(),
             started: SystemTime::now(),
             listen_addr,
             access_log,

@@ -226,11 +226,13 @@ impl<S> Snapshot<S> {
     /// Chunks from the one holding `pos` to the live edge.
     fn chunks_from(&self, pos: u64) -> impl Iterator<Item = &Chunk> {
         let (seg, idx) = self.locate(pos).unwrap_or((usize::MAX, 0));
+        // `skip` jumps straight to the segment (a slice iterator's `nth`), where `skip_while`
+        // stepped through every older one: a window holds dozens.
         self.segments()
+            .skip(seg)
             .enumerate()
-            .skip_while(move |(i, _)| *i < seg)
             .flat_map(move |(i, s)| {
-                let skip = if i == seg { idx } else { 0 };
+                let skip = if i == 0 { idx } else { 0 };
                 s.chunks[skip..].iter()
             })
     }
