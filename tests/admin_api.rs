@@ -661,3 +661,29 @@ fn element_names_are_the_ones_icecast_2_4_answers_for_the_same_stream() {
         }
     }
 }
+
+#[test]
+fn the_binary_warns_at_start_up_when_the_admin_api_is_closed_on_the_listener_port() {
+    let dir = scratch_dir("admin_warning");
+    let mut server = fanstream(&dir, "");
+    let line = server
+        .program
+        .wait_line("the admin_password warning", DEADLINE, |l| {
+            l.contains("admin_password is not set")
+        });
+    assert!(line.contains("WARN"), "{line}");
+    let (status, _, body) = curl_get(server.addr, "/admin/stats", Some(("admin", "x")), &[]);
+    assert_eq!(status, 403, "{body}");
+    assert!(body.contains("admin password not set"), "{body}");
+    let (status, _, _) = curl_get(server.admin, "/admin/stats", None, &[]);
+    assert_eq!(status, 200);
+
+    let dir = scratch_dir("admin_no_warning");
+    let mut server = fanstream(&dir, &format!("admin_password = {ADMIN_PASSWORD:?}\n"));
+    server.program.collect();
+    assert!(
+        !server.program.text().contains("admin_password is not set"),
+        "{}",
+        server.program.text()
+    );
+}
