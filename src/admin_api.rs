@@ -554,11 +554,12 @@ impl Params {
         )
     }
 
-    /// A parameter's value; None if absent or empty.
+    /// A parameter's value; None if absent, empty, or holding control characters (no mount
+    /// path, id or fallback has any, and they would forge log lines).
     fn get(&self, name: &str) -> Option<String> {
         self.0
             .iter()
-            .find(|(k, v)| k == name && !v.is_empty())
+            .find(|(k, v)| k == name && !v.is_empty() && !v.chars().any(char::is_control))
             .map(|(_, v)| v.clone())
     }
 }

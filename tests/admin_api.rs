@@ -260,6 +260,11 @@ fn every_command_answers_in_icecast_xml_and_in_json_on_both_ports() {
             "no such source",
         ),
         (
+            "/admin/killsource",
+            vec![("mount", "/live\nforged")],
+            "bad query",
+        ),
+        (
             "/admin/moveclients",
             vec![("mount", "/live"), ("destination", "/nowhere")],
             "bad destination",
