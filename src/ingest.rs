@@ -444,6 +444,17 @@ async fn serve_source(ingest: Rc<Ingest>, conn: SourceConn) {
                 ingest.shared.access_log.record(record);
             }
             match feed {
+                // A SHOUTcast source speaks no HTTP: it is told by the connection closing.
+                Feed::Encoder(Encoder {
+                    stream,
+                    peer,
+                    answer: false,
+                    ..
+                }) => {
+                    ingest.shared.metrics.refused(no);
+                    tracing::info!(%peer, %mount, reason = no.reason(), "source refused");
+                    drop(stream);
+                }
                 Feed::Encoder(Encoder { stream, peer, .. }) => {
                     if let Ok(mut stream) = TcpStream::from_std(stream) {
                         refuse(&ingest.shared, &mut stream, peer, no).await;

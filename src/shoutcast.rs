@@ -10,7 +10,9 @@
 //!
 //! The password is the source password of `shoutcast_mount`, the one mount this port feeds;
 //! failures count towards the per-address limit like other logins. The `icy-*` headers are
-//! mapped as a source's `ice-*` ones are, and the stream goes to ingest like any encoder's.
+//! mapped as a source's `ice-*` ones are, and the stream goes to ingest like any encoder's. A
+//! source ingest turns away (another is live on the mount) is closed: the protocol has no word
+//! for it after `OK2`.
 //! Its own thread and runtime, as the admin port has: a handful of encoders, never many.
 
 use std::net::SocketAddr;

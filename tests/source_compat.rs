@@ -139,6 +139,23 @@ fn a_shoutcast_v1_source_streams_to_shoutcast_mount() {
         body.contains("\"title\":\"Now\"")
     });
 
+    // A second source for the mount, while the first is live, is closed after its OK2.
+    let mut second = shoutcast_login(port, "sc-pass");
+    second.write_all(b"icy-name:Second\r\n\r\n").unwrap();
+    let mut answer = Vec::new();
+    let _ = second.read_to_end(&mut answer);
+    assert_eq!(
+        answer, b"OK2\r\nicy-caps:11\r\n\r\n",
+        "no HTTP answer for it"
+    );
+    assert_eq!(
+        srv.metric(
+            "fanstream_rejected_requests_total",
+            &["reason=\"mount_in_use\""]
+        ),
+        1.0
+    );
+
     // Wrong passwords count towards the address's limit, which then holds even for the right
     // one.
     for _ in 0..3 {
