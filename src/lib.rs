@@ -27,6 +27,12 @@
 //! - [`metrics`] and [`admin`]: Prometheus metrics, per-thread CPU read at scrape time
 //!   ([`threads`]), listener-seconds and CPU per listener kept by each worker ([`usage`]), served
 //!   from their own thread. [`status`]: `/status.json` and Icecast's `/status-json.xsl`.
+//! - [`admin_api`]: Icecast's admin API (`/admin/stats`, `listclients`, `killclient`,
+//!   `moveclients`...) on both ports; what a listener is doing lives on its worker, so kills,
+//!   moves and lag reports are messages to the worker holding it ([`conn::Control`]), and
+//!   [`clients`] lists each mount's listeners. [`shoutcast`] takes SHOUTcast v1 sources on their
+//!   own port; [`playlists`] answers `.m3u`/`.xspf`; [`access_log`] writes a line per finished
+//!   request or listener from its own thread.
 //! - [`server`] wires the stages and owns their start and stop order; `main.rs` reads flags and
 //!   signals.
 //!
