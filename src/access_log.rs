@@ -108,7 +108,8 @@ fn field(value: Option<&str>) -> String {
 }
 
 enum Msg {
-    Record(Box<Record>),
+    /// A record, and when its request or listener ended.
+    Record(Box<Record>, SystemTime),
     Reopen,
     /// Everything sent before has been written: the writer ends.
     Close,
@@ -153,7 +154,8 @@ impl AccessLog {
 
     pub fn record(&self, record: Record) {
         if let Some(tx) = &self.tx {
-            if let Err(TrySendError::Full(_)) = tx.try_send(Msg::Record(Box::new(record))) {
+            let msg = Msg::Record(Box::new(record), SystemTime::now());
+            if let Err(TrySendError::Full(_)) = tx.try_send(msg) {
                 self.dropped.fetch_add(1, Ordering::Relaxed);
             }
         }
@@ -205,7 +207,7 @@ impl Writer {
                 Err(RecvTimeoutError::Disconnected) => break,
             };
             match msg {
-                Msg::Record(r) => self.write(r.line(SystemTime::now()).as_bytes()),
+                Msg::Record(r, ended) => self.write(r.line(ended).as_bytes()),
                 Msg::Reopen => {
                     let _ = self.out.flush();
                     match open(self.target.as_ref()) {
