@@ -86,6 +86,14 @@ impl MountSettings {
             .max(self.max_lag_bytes)
             .max(self.min_write_bytes as u64)
     }
+
+    /// Bytes behind the live edge (`end`) the store must keep now, given the position of the
+    /// furthest-behind listener (None without listeners): the burst, always there for a
+    /// newcomer, and what that listener still needs, never more than the window.
+    pub fn retention_bytes(&self, end: u64, oldest: Option<u64>) -> u64 {
+        let needed = oldest.map_or(0, |pos| end.saturating_sub(pos));
+        self.burst_bytes.max(needed).min(self.window_bytes())
+    }
 }
 
 /// Settings bound at start-up (sockets, threads, the demo): a reload keeps them whole until the
@@ -201,13 +209,16 @@ pub struct Config {
     /// User name sources authenticate with. Default `source`.
     pub source_user: String,
     /// Password for mounts without their own; also admits sources on mounts not in the file.
-    /// Default: none given means a random one is generated at start-up and printed once.
+    /// Default none: the binary then reads the systemd credential `source_password` or the file
+    /// `source_password` beside the config, or else generates one at start-up and prints it.
     pub source_password: Option<String>,
     /// File holding the global source password (first line). Default none.
     pub source_password_file: Option<PathBuf>,
     /// Most listeners the server admits at once; past it, 503. Default 100000.
     pub max_listeners: usize,
-    /// Most sources live at once (the demo counts); past it, 503. Default 100.
+    /// Most sources live at once (the demo counts); past it, 503. Default 0 = derived from the
+    /// open-file limit ([`Config::source_limit`]): 1% of it, at least 100, so a hosting server
+    /// with a raised limit (the systemd unit's 1,048,576) takes thousands of stations unasked.
     pub max_sources: usize,
     /// Most mounts not declared in `[mounts]` whose metrics carry their own `mount` label at
     /// once (each has some 15 to 30 series). Past it, the series of further mounts add up under
@@ -272,7 +283,7 @@ impl Default for Config {
             source_password: None,
             source_password_file: None,
             max_listeners: 100_000,
-            max_sources: 100,
+            max_sources: 0,
             max_mount_series: 1000,
             max_connections_per_ip: 0,
             max_pending_heads_per_ip: 64,
@@ -400,18 +411,7 @@ impl Config {
     /// Reads the password files into the passwords they stand for, so that secrets can live
     /// outside the config (mounted secrets, files readable only by the service user).
     pub fn resolve_password_files(&mut self) -> Result<(), String> {
-        fn read(what: &str, path: &Path) -> Result<String, String> {
-            let text = std::fs::read_to_string(path)
-                .map_err(|e| format!("{what} = {}: {e}", path.display()))?;
-            let pw = text.lines().next().unwrap_or("").trim().to_string();
-            if pw.is_empty() {
-                return Err(format!(
-                    "{what} = {}: the file holds no password",
-                    path.display()
-                ));
-            }
-            Ok(pw)
-        }
+        let read = read_password_file;
         if let Some(path) = &self.source_password_file {
             self.source_password = Some(read("source_password_file", path)?);
         }
@@ -447,7 +447,25 @@ impl Config {
     /// logs), the admin listener's connections, and sources, which leave the listener port's
     /// count once handed to ingest.
     pub fn descriptor_reserve(&self, open_files: usize) -> usize {
-        (open_files / 100).max(64) + self.startup.max_admin_connections + self.max_sources
+        (open_files / 100).max(64)
+            + self.startup.max_admin_connections
+            + self.source_limit_under(open_files)
+    }
+
+    /// The most sources live at once: `max_sources`, or when 0, derived from the process's
+    /// open-file limit.
+    pub fn source_limit(&self) -> usize {
+        self.source_limit_under(crate::open_files::soft_limit().unwrap_or(1024) as usize)
+    }
+
+    /// Each live source holds a descriptor, which the reserve keeps for it: 1% of the limit
+    /// leaves 99% to listeners (19,600 of 20,000 here) and still gives 10,000 sources under the
+    /// systemd unit's limit.
+    fn source_limit_under(&self, open_files: usize) -> usize {
+        match self.max_sources {
+            0 => (open_files / 100).max(100),
+            n => n,
+        }
     }
 
     /// How long a connection accepted now has to send its request head.
@@ -522,9 +540,6 @@ impl Config {
         if self.max_listeners == 0 {
             return Err("max_listeners must be at least 1".into());
         }
-        if self.max_sources == 0 {
-            return Err("max_sources must be at least 1".into());
-        }
         if self.send_timeout_secs == 0 {
             return Err("send_timeout_secs must be at least 1".into());
         }
@@ -559,6 +574,21 @@ impl Config {
         }
         Ok(())
     }
+}
+
+/// The password a file holds: its first line, trimmed. `what` names the setting (or the source)
+/// that points at the file, for the error.
+pub fn read_password_file(what: &str, path: &Path) -> Result<String, String> {
+    let text =
+        std::fs::read_to_string(path).map_err(|e| format!("{what} = {}: {e}", path.display()))?;
+    let pw = text.lines().next().unwrap_or("").trim().to_string();
+    if pw.is_empty() {
+        return Err(format!(
+            "{what} = {}: the file holds no password",
+            path.display()
+        ));
+    }
+    Ok(pw)
 }
 
 fn check_mount_path(what: &str, path: &str) -> Result<(), String> {
@@ -631,6 +661,20 @@ mod tests {
     use super::*;
 
     #[test]
+    fn retention_is_the_burst_plus_what_the_furthest_behind_needs_within_the_window() {
+        let s = MountSettings::default();
+        let (burst, window) = (s.burst_bytes, s.window_bytes());
+        let end = 10 * window;
+        assert_eq!(s.retention_bytes(end, None), burst);
+        assert_eq!(s.retention_bytes(end, Some(end)), burst);
+        assert_eq!(s.retention_bytes(end, Some(end - burst / 2)), burst);
+        assert_eq!(s.retention_bytes(end, Some(end - burst - 1)), burst + 1);
+        assert_eq!(s.retention_bytes(end, Some(0)), window);
+        // A position past the end (a stale read) needs nothing beyond the burst.
+        assert_eq!(s.retention_bytes(end, Some(end + 5)), burst);
+    }
+
+    #[test]
     fn embedded_defaults_are_valid() {
         let c = Config::default();
         c.validate().unwrap();
@@ -690,6 +734,24 @@ mod tests {
             Config::default(),
             "the README's defaults differ from the code's"
         );
+    }
+
+    #[test]
+    fn the_packaged_config_is_the_readme_example_without_its_example_password() {
+        let readme = include_str!("../README.md");
+        let example = readme.split("```toml\n").nth(1).unwrap();
+        let mut expected = Config::from_toml(example.split("```").next().unwrap()).unwrap();
+        let live = expected.mounts.get_mut("/live").unwrap();
+        assert_eq!(live.source_password.as_deref(), Some("change-me"));
+        live.source_password = None;
+        let packaged = Config::from_toml(include_str!("../packaging/fanstream.toml")).unwrap();
+        packaged.validate().unwrap();
+        assert_eq!(
+            packaged, expected,
+            "packaging/fanstream.toml and the README differ"
+        );
+        assert!(packaged.startup.demo);
+        assert!(packaged.startup.admin_listen.unwrap().ip().is_loopback());
     }
 
     #[test]

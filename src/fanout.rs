@@ -429,6 +429,22 @@ impl Shard {
         Some(l)
     }
 
+    /// The position of the furthest-behind listener, `u64::MAX` with none: what the shard
+    /// needs the store to keep ([`crate::mounts::OnWorker::oldest`]).
+    fn oldest(&self) -> u64 {
+        let parked = self
+            .parked
+            .iter()
+            .filter_map(|&key| self.listeners.get(key))
+            .map(|l| l.pos);
+        self.due
+            .first()
+            .into_iter()
+            .chain(parked)
+            .min()
+            .unwrap_or(u64::MAX)
+    }
+
     fn drop_all(&mut self, why: Disconnect) {
         let n = self.listeners.len();
         self.listeners.clear();
@@ -517,6 +533,7 @@ impl Shards {
             let coalesced = shard.serve(&snap, visit, pass);
             self.listeners -= before - shard.listeners.len();
             let wake_at = shard.wake_at(&snap);
+            on.oldest.store(shard.oldest(), Ordering::Relaxed);
             on.wake_at.store(wake_at, Ordering::SeqCst);
             // Pairs with the fence in `Shared::queue`: a publication that came after this
             // snapshot and before the new threshold was seen is served now, not missed.

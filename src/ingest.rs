@@ -131,7 +131,9 @@ impl Ingest {
         if taken {
             return Err(Refusal::MountInUse);
         }
-        if live >= shared.config.load().max_sources {
+        let limit = shared.config.load().source_limit();
+        if live >= limit {
+            tracing::warn!(mount = %path, live, limit, "source refused: max_sources sources are live; raise max_sources");
             return Err(Refusal::TooManySources);
         }
         let entry = entries.entry(path.to_string()).or_insert_with(|| {
@@ -194,10 +196,20 @@ impl Ingest {
         };
         let m = &self.shared.metrics;
         let label = entry.mount.label.as_str();
-        let window = entry.writer.settings().window_bytes();
+        // What the furthest-behind listener still needs, over the burst: a mount whose
+        // listeners keep up keeps little more than its burst, and memory returns as they catch
+        // up or leave.
+        let oldest = entry.mount.oldest_listener();
+        let settings = entry.writer.settings().clone();
         for event in events.drain(..) {
             match event {
-                Event::Data { bytes, sync } => entry.writer.append(bytes, arrived, window, sync),
+                Event::Data { bytes, sync } => {
+                    // Counted from the end the piece makes: counted from before it, the piece's
+                    // length would be evicted from under the furthest-behind listener.
+                    let end = entry.writer.end() + bytes.len() as u64;
+                    let keep = settings.retention_bytes(end, oldest);
+                    entry.writer.append(bytes, arrived, keep, sync)
+                }
                 Event::Headers(pages) => entry.writer.set_headers(pages),
                 Event::Tags { title, artist } => {
                     entry.writer.set_now_playing(title, artist, None);

@@ -45,15 +45,17 @@
 //!    [`chunked`], the stream formats ([`format`], what every parser yields; [`mpeg`] frames;
 //!    [`ogg`] pages; [`framing`], which picks one by Content-Type), [`icy`] (metadata blocks
 //!    between the audio), [`store`] (the segment store and its snapshot, generic over the settings it
-//!    carries), [`threads`] (named, pinned, CPU-accounted threads), [`open_files`], [`dates`]
-//!    (the date formats Icecast prints).
+//!    carries), [`threads`] (named, pinned, CPU-accounted threads), [`open_files`], [`sd_notify`]
+//!    (telling systemd the server is ready, reloading or stopping), [`dates`] (the date formats
+//!    Icecast prints).
 //! 2. **Vocabulary** shared by the stages: [`config`], [`reasons`] (`Refusal`, `Disconnect`: the
 //!    fixed reason labels), [`metrics`], [`usage`], [`clients`] (who listens to each mount),
 //!    [`mounts`] (the mount table), [`auth`], [`logs`] (log lines that summarise a flood per
 //!    reason), [`access_log`] (one line per finished request, to a writer thread), [`heads`]
 //!    (request heads not read yet: the per-address limit on them, and the idle one closed to
-//!    make room at the limit), [`shared`] (the state every thread shares, `Stop`), [`conn`] (what one stage hands the next, the guards that count connections, and
-//!    the one writer of refusals).
+//!    make room at the limit), [`shared`] (the state every thread shares, `Stop`), [`conn`]
+//!    (what one stage hands the next, the guards that count connections, and the one writer of
+//!    refusals).
 //! 3. **Stages**: [`acceptor`], [`status`], [`playlists`] (`.m3u`, `.xspf`), [`metadata`]
 //!    (title updates), [`admission`], [`fanout`], [`source`], [`shoutcast`] (SHOUTcast v1
 //!    sources), [`ingest`], [`demo`], [`admin_api`] (Icecast's admin commands, on both ports),
@@ -75,6 +77,7 @@ pub(crate) mod icy;
 pub(crate) mod mpeg;
 pub(crate) mod ogg;
 pub mod open_files;
+pub mod sd_notify;
 pub(crate) mod store;
 pub(crate) mod threads;
 // Layer 2: vocabulary.

@@ -5,7 +5,7 @@
 //! it once per listener admission. A mount's settings travel in its snapshots, not here.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 
 use arc_swap::ArcSwap;
@@ -64,6 +64,23 @@ pub(crate) struct OnWorker {
     /// the mount, cleared by the worker when it takes it, before it loads the snapshot: a
     /// publication is queued once however many come before the worker runs, and none is missed.
     pub queued: AtomicBool,
+    /// The stream position of the worker's furthest-behind listener here (`u64::MAX` with
+    /// none): ingest keeps what the furthest behind of all still needs, and no more
+    /// ([`crate::config::MountSettings::retention_bytes`]). Written by the worker after each
+    /// serving pass; a stale value is older, so it only keeps more.
+    pub oldest: AtomicU64,
+}
+
+impl Mount {
+    /// The position of the furthest-behind listener across workers, if any.
+    pub fn oldest_listener(&self) -> Option<u64> {
+        self.on_workers
+            .iter()
+            .filter(|on| on.shard.load(Ordering::Relaxed) != 0)
+            .map(|on| on.oldest.load(Ordering::Relaxed))
+            .filter(|&pos| pos != u64::MAX)
+            .min()
+    }
 }
 
 #[derive(Default)]

@@ -147,6 +147,16 @@ impl Refusal {
 
     /// The whole response: status line, the headers this refusal needs, and a one-line body
     /// that says why (`503 Service Unavailable: mount full`).
+    /// For a limit an operator sets, which setting refused: a hosting server that outgrows it
+    /// must know what to raise.
+    fn setting_hint(self) -> &'static str {
+        match self {
+            Refusal::TooManySources => " (raise max_sources)",
+            Refusal::ServerFull => " (max_listeners)",
+            _ => "",
+        }
+    }
+
     pub fn response(self) -> Vec<u8> {
         let status = self.status();
         let phrase = http::status_phrase(status);
@@ -166,7 +176,11 @@ impl Refusal {
             }
             _ => None,
         };
-        let body = format!("{status} {phrase}: {}\n", self.reason().replace('_', " "));
+        let body = format!(
+            "{status} {phrase}: {}{}\n",
+            self.reason().replace('_', " "),
+            self.setting_hint()
+        );
         http::response(status, phrase, header.as_slice(), &body)
     }
 }

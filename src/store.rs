@@ -400,14 +400,19 @@ impl<S> StoreWriter<S> {
         &self.state
     }
 
+    /// The live edge: the offset the next byte appended gets.
+    pub fn end(&self) -> u64 {
+        self.end
+    }
+
     /// How many chunks the store retains now.
     pub fn retained_pieces(&self) -> usize {
         self.pieces
     }
 
     /// Appends one chunk and publishes the new snapshot. `window` is how many bytes behind the
-    /// live edge must stay readable (the mount's current burst and lag limit; a reload may
-    /// change it); `sync` marks the chunk's start as a place a player may start.
+    /// live edge must stay readable (the mount's burst and what its furthest-behind listener
+    /// needs: `MountSettings::retention_bytes`); `sync` marks the chunk's start as a place a player may start.
     pub fn append(&mut self, data: Bytes, arrived: Instant, window: u64, sync: bool) {
         if data.is_empty() {
             return;
