@@ -13,12 +13,15 @@ CARGO ?= cargo
 # tools: lintian, dpkg-shlibdeps (dpkg-dev; cargo-deb computes Depends with it), adduser (the
 # package's postinst), systemd-analyze (the package `systemd`: its tools only; nothing here makes
 # it the container's init), logrotate and man (man-db, to render the manual page).
+# tests/admin_api.rs compares the admin API with Debian's Icecast 2.4 (icecast2), which it starts
+# itself on an ephemeral loopback port; where an init system runs, the package's own service
+# listens on :8000 and must be stopped before `make run`.
 TEST_PROGRAMS := ffmpeg ffprobe curl prometheus promtool ezstream ices2 liquidsoap mpv \
   gst-launch-1.0 gst-inspect-1.0 chromium timeout lintian dpkg-shlibdeps adduser systemd-analyze \
-  logrotate man
+  logrotate man icecast2
 APT_PACKAGES := ffmpeg curl prometheus ezstream ices2 liquidsoap mpv gstreamer1.0-tools \
   gstreamer1.0-plugins-base gstreamer1.0-plugins-good gstreamer1.0-plugins-bad chromium coreutils \
-  lintian dpkg-dev adduser systemd logrotate man-db
+  lintian dpkg-dev adduser systemd logrotate man-db icecast2
 # GStreamer elements the tests use, which come in plugin packages rather than as programs.
 TEST_GST_ELEMENTS := souphttpsrc decodebin oggdemux opusdec vorbisdec mpegaudioparse identity
 

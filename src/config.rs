@@ -54,6 +54,9 @@ pub struct MountSettings {
     /// `Icy-MetaData: 1` (never in Ogg or WebM streams, which carry their own). Default 16000,
     /// as Icecast.
     pub icy_metaint: usize,
+    /// Leave the mount out of the status pages, `/admin/streamlist.txt` and playlists; it still
+    /// plays for whoever knows its path, and the admin API still lists it. Default false.
+    pub hidden: bool,
 }
 
 impl Default for MountSettings {
@@ -70,6 +73,7 @@ impl Default for MountSettings {
             min_write_bytes: 64 * 1024,
             max_write_delay_ms: 1000,
             icy_metaint: 16000,
+            hidden: false,
         }
     }
 }
@@ -122,6 +126,14 @@ pub struct Startup {
     pub demo: bool,
     /// Path of the demo mount. Default `/demo`.
     pub demo_mount: String,
+    /// Where the access log goes: a file (appended to, reopened on `SIGHUP` for logrotate), or
+    /// `-` for stderr. Default none: no access log.
+    pub access_log: Option<String>,
+    /// Where SHOUTcast v1 sources connect (DSP plugins, hardware encoders, butt in SHOUTcast
+    /// mode: a password line, then `icy-*` headers, then the stream), feeding `shoutcast_mount`
+    /// with that mount's source password. By SHOUTcast's convention, the listener port plus one.
+    /// Default none.
+    pub shoutcast_listen: Option<SocketAddr>,
 }
 
 impl Default for Startup {
@@ -135,6 +147,8 @@ impl Default for Startup {
             max_admin_connections: 64,
             demo: true,
             demo_mount: "/demo".into(),
+            access_log: None,
+            shoutcast_listen: None,
         }
     }
 }
@@ -185,8 +199,10 @@ pub struct Config {
     pub startup: Startup,
     /// User name for the admin listener, when `admin_password` is set. Default `admin`.
     pub admin_user: String,
-    /// Password the admin listener (`/metrics`, status pages) asks for with HTTP Basic auth.
-    /// Default none: no authentication, for an admin listener kept on loopback.
+    /// Password the admin listener (`/metrics`, status pages, the admin API) asks for with HTTP
+    /// Basic auth, and the admin API under `/admin/` on the listener port. Default none: no
+    /// authentication on an admin listener kept on loopback, and no admin API (403) on the
+    /// listener port.
     pub admin_password: Option<String>,
     /// File holding the admin password (first line). Default none.
     pub admin_password_file: Option<PathBuf>,
@@ -241,6 +257,9 @@ pub struct Config {
     pub source_timeout_secs: u64,
     /// On SIGTERM, listeners get this long to receive what is pending. Default 5.
     pub shutdown_grace_secs: u64,
+    /// The mount SHOUTcast v1 sources (on `shoutcast_listen`) feed, and `/admin.cgi` title
+    /// updates without `mount=` go to. Default `/stream`, as Icecast.
+    pub shoutcast_mount: String,
     /// Settings for every mount, unless overridden in `mounts`.
     pub defaults: MountSettings,
     /// Mounts declared in the file, by path, with their resolved settings.
@@ -276,6 +295,7 @@ impl Default for Config {
             header_timeout_under_pressure_secs: 2,
             source_timeout_secs: 10,
             shutdown_grace_secs: 5,
+            shoutcast_mount: "/stream".into(),
             defaults: MountSettings::default(),
             mounts: BTreeMap::new(),
             #[cfg(feature = "fault-injection")]
@@ -546,6 +566,7 @@ impl Config {
             return Err("admin_user must be non-empty and contain no ':'".into());
         }
         check_mount_path("demo_mount", &self.startup.demo_mount)?;
+        check_mount_path("shoutcast_mount", &self.shoutcast_mount)?;
         check_mount("defaults", &self.defaults, self)?;
         for (path, m) in &self.mounts {
             check_mount_path(&format!("mounts.\"{path}\""), path)?;

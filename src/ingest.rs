@@ -53,10 +53,12 @@ use prometheus::{IntCounter, IntGauge};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::runtime::Runtime;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, Notify};
 use tokio::task::LocalSet;
 
+use crate::access_log::Record;
 use crate::chunked::ChunkedDecoder;
+use crate::config::MountSettings;
 use crate::conn::{refuse, Encoder, Feed, SourceConn, TitleUpdate, ToIngest};
 use crate::format::Event;
 use crate::framing::Format;
@@ -104,6 +106,8 @@ struct Entry {
     /// and a lookup by label hashes and locks.
     retained_gauge: IntGauge,
     pieces_gauge: IntGauge,
+    /// Ends the current claim's source (`/admin/killsource`); replaced on every claim.
+    kill: Rc<Notify>,
 }
 
 /// Ingest's state; lives on the ingest thread only.
@@ -149,6 +153,7 @@ impl Ingest {
                 listener_peak: AtomicUsize::new(0),
                 received_bytes: AtomicU64::new(0),
                 sent_bytes: AtomicU64::new(0),
+                clients: Default::default(),
                 on_workers: shared.workers.iter().map(|_| Default::default()).collect(),
             });
             shared.mounts.insert(mount.clone());
@@ -160,10 +165,12 @@ impl Ingest {
                 retained_pieces: 0,
                 retained_gauge: shared.metrics.retained_bytes.with_label_values(&label),
                 pieces_gauge: shared.metrics.retained_pieces.with_label_values(&label),
+                kill: Rc::default(),
                 mount,
             }
         });
         entry.generation += 1;
+        entry.kill = Rc::default();
         entry.writer.go_live(info);
         let label = [entry.mount.label.as_str()];
         // Up and down by one, not set: under `mount="other"` it counts several mounts' sources.
@@ -259,6 +266,37 @@ impl Ingest {
             .inc();
         drop(entries);
         // ICY listeners get the new block at their next interval; nothing to write now.
+        true
+    }
+
+    /// Ends the live source on `path`, if any, as if it had left (`/admin/killsource`).
+    fn kill_source(&self, path: &str) -> bool {
+        let entries = self.entries.borrow();
+        let Some(entry) = entries
+            .get(path)
+            .filter(|e| *e.writer.state() == SourceState::Live)
+        else {
+            return false;
+        };
+        entry.kill.notify_one();
+        true
+    }
+
+    /// Sets the mount's fallback (`/admin/fallbacks`) until the config is next applied: the file
+    /// stays the one place settings are kept, so a reload puts its own value back.
+    fn set_fallback(&self, path: &str, fallback: String) -> bool {
+        let mut entries = self.entries.borrow_mut();
+        let Some(entry) = entries.get_mut(path) else {
+            return false;
+        };
+        let settings = MountSettings {
+            fallback_mount: Some(fallback),
+            ..MountSettings::clone(entry.writer.settings())
+        };
+        entry.writer.set_settings(Arc::new(settings));
+        let mount = entry.mount.clone();
+        drop(entries);
+        self.shared.changed(&mount);
         true
     }
 
@@ -377,6 +415,12 @@ pub(crate) fn run(rt: Runtime, shared: Arc<Shared>, mut inbox: mpsc::UnboundedRe
                             tracing::debug!(%mount, "title update for a mount without a source");
                         }
                     }
+                    ToIngest::KillSource { mount, reply } => {
+                        let _ = reply.send(ingest.kill_source(&mount));
+                    }
+                    ToIngest::Fallback { mount, fallback, reply } => {
+                        let _ = reply.send(ingest.set_fallback(&mount, fallback));
+                    }
                 },
             }
         }
@@ -393,8 +437,10 @@ async fn serve_source(ingest: Rc<Ingest>, conn: SourceConn) {
         mount,
         info,
         feed,
+        log,
         claimed,
     } = conn;
+
     let origin = feed.origin();
     let format = Format::for_content_type(&info.meta.content_type);
     let claim = ingest.claim(&mount, info);
@@ -404,7 +450,22 @@ async fn serve_source(ingest: Rc<Ingest>, conn: SourceConn) {
     let (claim, claimed_mount) = match claim {
         Ok(claimed) => claimed,
         Err(no) => {
+            if let Some(mut record) = log {
+                record.status = no.status();
+                ingest.shared.access_log.record(record);
+            }
             match feed {
+                // A SHOUTcast source speaks no HTTP: it is told by the connection closing.
+                Feed::Encoder(Encoder {
+                    stream,
+                    peer,
+                    answer: false,
+                    ..
+                }) => {
+                    ingest.shared.metrics.refused(no);
+                    tracing::info!(%peer, %mount, reason = no.reason(), "source refused");
+                    drop(stream);
+                }
                 Feed::Encoder(Encoder { stream, peer, .. }) => {
                     if let Ok(mut stream) = TcpStream::from_std(stream) {
                         refuse(&ingest.shared, &mut stream, peer, no).await;
@@ -432,10 +493,24 @@ async fn serve_source(ingest: Rc<Ingest>, conn: SourceConn) {
         format,
         events: Vec::new(),
         subtype: None,
+        bytes: 0,
+        log,
     };
-    let reason = match feed {
-        Feed::Encoder(encoder) => read_encoder(&mut src, encoder).await,
-        Feed::Pieces(pieces) => read_pieces(&mut src, pieces).await,
+    let kill = ingest
+        .entries
+        .borrow()
+        .get(&mount)
+        .map(|e| e.kill.clone())
+        .unwrap_or_default();
+    let reading = async {
+        match feed {
+            Feed::Encoder(encoder) => read_encoder(&mut src, encoder).await,
+            Feed::Pieces(pieces) => read_pieces(&mut src, pieces).await,
+        }
+    };
+    let reason = tokio::select! {
+        reason = reading => reason,
+        () = kill.notified() => "killed",
     };
     src.finish();
     tracing::info!(source = %origin, %mount, reason, "source disconnected");
@@ -457,6 +532,20 @@ struct Source<'a> {
     /// The subtype last published: the parser is asked again only until it knows, or when new
     /// header pages may name other codecs, not for every piece.
     subtype: Option<String>,
+    /// Bytes of stream received from it, for its access log line.
+    bytes: u64,
+    /// Its access log line, written when it is dropped: when it ends, or when the server stops
+    /// and drops its task.
+    log: Option<Record>,
+}
+
+impl Drop for Source<'_> {
+    fn drop(&mut self) {
+        if let Some(mut record) = self.log.take() {
+            record.bytes = self.bytes;
+            self.ingest.shared.access_log.record(record);
+        }
+    }
 }
 
 impl Source<'_> {
@@ -464,6 +553,7 @@ impl Source<'_> {
     /// result; Err says why the source must end.
     fn append(&mut self, piece: Bytes, arrived: Instant) -> Result<(), &'static str> {
         self.received.inc_by(piece.len() as u64);
+        self.bytes += piece.len() as u64;
         self.counted
             .received_bytes
             .fetch_add(piece.len() as u64, Ordering::Relaxed);
@@ -542,7 +632,9 @@ async fn read_encoder(src: &mut Source<'_>, encoder: Encoder) -> &'static str {
     if encoder.expect_continue {
         answer.extend_from_slice(b"HTTP/1.1 100 Continue\r\n\r\n");
     }
-    answer.extend_from_slice(b"HTTP/1.0 200 OK\r\nServer: fanstream\r\n\r\n");
+    if encoder.answer {
+        answer.extend_from_slice(b"HTTP/1.0 200 OK\r\nServer: fanstream\r\n\r\n");
+    }
     match tokio::time::timeout(RESPONSE_TIMEOUT, stream.write_all(&answer)).await {
         Ok(Ok(())) => read_stream(src, &mut stream, encoder.chunked, encoder.leftover).await,
         _ => "write_error",

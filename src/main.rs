@@ -255,6 +255,7 @@ fn run(args: Args) -> Result<(), String> {
                     break;
                 }
                 _ = hup.recv() => {
+                    server.reopen_logs();
                     if args.config.is_none() {
                         tracing::warn!("SIGHUP: no --config file to reload");
                         continue;

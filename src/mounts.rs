@@ -10,6 +10,7 @@ use std::sync::Arc;
 
 use arc_swap::ArcSwap;
 
+use crate::clients::Clients;
 use crate::config::MountSettings;
 use crate::metrics::MountLabel;
 use crate::store;
@@ -38,6 +39,8 @@ pub(crate) struct Mount {
     /// Payload bytes sent to its listeners since it appeared, likewise. Added to by each worker
     /// once per fan-out round.
     pub sent_bytes: AtomicU64,
+    /// Its listeners now, for the admin API; kept by their guards.
+    pub clients: Clients,
     /// The mount as each worker holds it, indexed by worker: a publication wakes only the
     /// workers with listeners here, and tells each which mount to serve, so that idle mounts and
     /// other mounts' listeners cost a worker nothing.

@@ -151,6 +151,9 @@ pub(crate) struct StreamMeta {
     pub started: Option<std::time::SystemTime>,
     /// What the format layer found the stream to be (`MP3`, `Vorbis`, `Opus`, ...), once known.
     pub subtype: Option<String>,
+    /// The encoder's address and `User-Agent`, for the admin API's stats (none for the demo).
+    pub source_ip: Option<String>,
+    pub user_agent: Option<String>,
 }
 
 /// One consistent view of a mount, replaced whole on every change.
@@ -247,6 +250,23 @@ impl<S> Snapshot<S> {
             let skip = pos.saturating_sub(c.offset) as usize;
             &c.data[skip..]
         })
+    }
+
+    /// The bytes from `pos` to the next sync point (the rest of the frame or page a listener
+    /// stopped inside, after a partial write), at most `max` of them; empty when `pos` is a sync
+    /// point or outside the window. A listener leaving the stream gets them first, so that what
+    /// it received ends on a whole frame or page.
+    pub fn rest_of_frame(&self, pos: u64, max: usize) -> Vec<u8> {
+        let mut out = Vec::new();
+        for c in self.chunks_from(pos) {
+            if (c.offset >= pos && c.sync) || out.len() >= max {
+                break;
+            }
+            let skip = pos.saturating_sub(c.offset) as usize;
+            let take = (c.data.len() - skip).min(max - out.len());
+            out.extend_from_slice(&c.data[skip..skip + take]);
+        }
+        out
     }
 
     /// When the oldest byte at or after `pos` arrived, for write coalescing.
@@ -706,6 +726,22 @@ mod tests {
         assert_eq!(snap.position(0), Position::Evicted);
         assert_eq!(snap.position(snap.end), Position::AtEdge);
         assert_eq!(snap.position(snap.end - 1), Position::Behind);
+    }
+
+    #[test]
+    fn the_rest_of_a_frame_runs_to_the_next_sync_point() {
+        let mut w = writer(1 << 20);
+        let t = Instant::now();
+        w.w.append(Bytes::from_static(b"aaaa"), t, 1 << 20, true);
+        w.w.append(Bytes::from_static(b"bb"), t, 1 << 20, false);
+        w.w.append(Bytes::from_static(b"cccc"), t, 1 << 20, true);
+        let snap = w.store().load_full();
+        assert_eq!(snap.rest_of_frame(0, 100), b"");
+        assert_eq!(snap.rest_of_frame(1, 100), b"aaabb");
+        assert_eq!(snap.rest_of_frame(4, 100), b"bb");
+        assert_eq!(snap.rest_of_frame(1, 4), b"aaab");
+        assert_eq!(snap.rest_of_frame(7, 100), b"ccc");
+        assert_eq!(snap.rest_of_frame(10, 100), b"");
     }
 
     #[test]
