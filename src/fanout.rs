@@ -909,12 +909,10 @@ impl FanOut {
                 stream,
                 pos,
                 icy,
-                parked,
                 conn,
+                // A parked listener's waker may still fire: it names a shard that is gone.
                 ..
             } = l;
-            // A parked listener's waker may still fire: it names a shard that is gone.
-            drop(parked);
             // A listener stopped inside a frame or page (a partial write) first gets the rest of
             // it: decoders resync on the next stream's headers, not inside a torn page.
             let rest = match icy {
