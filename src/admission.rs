@@ -16,13 +16,13 @@ use crate::conn::{Incoming, ListenerGuard, Listening, NewListener, WorkerCtx};
 use crate::framing::carries_own_metadata;
 use crate::http::{valid_mount_path, Method, Request, RESPONSE_TIMEOUT};
 use crate::icy::Cadence;
-use crate::mounts::{Mount, Snapshot};
+use crate::mounts::{Joining, Mount, Snapshot};
 use crate::reasons::Refusal;
 use crate::store::SourceState;
 
 pub(crate) async fn admit(ctx: &Rc<WorkerCtx>, incoming: Incoming) {
     let fd = incoming.stream.as_raw_fd();
-    let (mount, snap, guard) = match check(ctx, &incoming.req, incoming.peer, fd) {
+    let (mount, snap, guard, joining) = match check(ctx, &incoming.req, incoming.peer, fd) {
         Ok(admitted) => admitted,
         Err(no) => return incoming.refuse(&ctx.shared, no).await,
     };
@@ -85,6 +85,11 @@ pub(crate) async fn admit(ctx: &Rc<WorkerCtx>, incoming: Incoming) {
     }
     tracing::debug!(%peer, mount = %mount.path, worker = ctx.index, "listener joined");
     let pos = snap.join_point(snap.settings.burst_bytes);
+    #[cfg(feature = "fault-injection")]
+    {
+        let delay = ctx.shared.config.load().join_delay_injection_ms;
+        tokio::time::sleep(std::time::Duration::from_millis(delay)).await;
+    }
     // The fan-out loop lives as long as the worker; if it is gone, so is the listener.
     let _ = ctx.admit.send(NewListener {
         mount,
@@ -93,6 +98,7 @@ pub(crate) async fn admit(ctx: &Rc<WorkerCtx>, incoming: Incoming) {
         icy,
         guard,
         conn,
+        joining,
     });
 }
 
@@ -109,12 +115,13 @@ fn check(
     req: &Request,
     peer: SocketAddr,
     fd: RawFd,
-) -> Result<(Arc<Mount>, Arc<Snapshot>, ListenerGuard), Refusal> {
+) -> Result<(Arc<Mount>, Arc<Snapshot>, ListenerGuard, Joining), Refusal> {
     let path = req.path.as_str();
     if !valid_mount_path(path) {
         return Err(Refusal::BadPath);
     }
     let mount = ctx.shared.mounts.get(path).ok_or(Refusal::UnknownMount)?;
+    let joining = Joining::new(&mount);
     let snap = mount.store.load_full();
     if snap.state != SourceState::Live {
         return Err(Refusal::MountIdle);
@@ -132,5 +139,5 @@ fn check(
             .then(|| Record::of(req, peer.ip(), 200, 0)),
     });
     let guard = ListenerGuard::enter(&ctx.shared, &mount, &ctx.label, limit, client, listening)?;
-    Ok((mount, snap, guard))
+    Ok((mount, snap, guard, joining))
 }

@@ -270,6 +270,12 @@ pub struct Config {
     #[doc(hidden)]
     #[serde(skip)]
     pub panic_injection_mount: Option<String>,
+    /// Test hook, not settable from the file: a listener's hand-off from admission to its
+    /// fan-out is delayed this long, as on a machine too busy to run the worker at once.
+    #[cfg(feature = "fault-injection")]
+    #[doc(hidden)]
+    #[serde(skip)]
+    pub join_delay_injection_ms: u64,
 }
 
 impl Default for Config {
@@ -300,6 +306,8 @@ impl Default for Config {
             mounts: BTreeMap::new(),
             #[cfg(feature = "fault-injection")]
             panic_injection_mount: None,
+            #[cfg(feature = "fault-injection")]
+            join_delay_injection_ms: 0,
         }
     }
 }
@@ -404,6 +412,7 @@ impl Config {
         #[cfg(feature = "fault-injection")]
         {
             new.panic_injection_mount = self.panic_injection_mount.clone();
+            new.join_delay_injection_ms = self.join_delay_injection_ms;
         }
         (new, changed)
     }

@@ -30,7 +30,7 @@ use crate::clients::Client;
 use crate::heads::Pending;
 use crate::http::{read_with, Request, RESPONSE_TIMEOUT};
 use crate::icy::Cadence;
-use crate::mounts::Mount;
+use crate::mounts::{Joining, Mount};
 use crate::reasons::{Refusal, Unanswered};
 use crate::shared::Shared;
 use crate::store::StreamInfo;
@@ -293,6 +293,8 @@ pub(crate) struct NewListener {
     /// Boxed: most listeners take no ICY, and the fan-out keeps this inline per listener.
     pub icy: Option<Box<Cadence>>,
     pub conn: ConnGuard,
+    /// Keeps its join point in the store until the fan-out has served it once.
+    pub joining: Joining,
 }
 
 /// Counts one listener on its mount, the server and the gauges while it lives.

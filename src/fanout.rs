@@ -40,7 +40,7 @@ use crate::config::{LagPolicy, MountSettings};
 use crate::conn::{ConnGuard, Control, ListenerGuard, NewListener, WorkerCtx};
 use crate::http::RESPONSE_TIMEOUT;
 use crate::icy::Cadence;
-use crate::mounts::{Mount, Snapshot};
+use crate::mounts::{Joining, Mount, Snapshot};
 use crate::reasons::Disconnect;
 use crate::shared::{stopped, Stop};
 use crate::store::{Position, SourceState};
@@ -780,6 +780,8 @@ impl FanOut {
         let (id, key) = self.insert(&new.mount, listener);
         // A new listener has its burst pending: send it now, not at the next chunk.
         self.serve_one(id, key);
+        // Its position is filed now: the store keeps what it needs by that.
+        drop(new.joining);
     }
 
     /// Puts a listener in its mount's shard, creating the shard if needed.
@@ -936,6 +938,7 @@ impl FanOut {
                 pos: 0,
                 icy,
                 conn,
+                joining: Joining::new(target),
             };
             tokio::task::spawn_local(rejoin(self.ctx.admit.clone(), new, rest));
         }
