@@ -172,6 +172,7 @@ fn route(shared: &Shared, req: &Request) -> Result<Vec<u8>, Refusal> {
             r.extend_from_slice(&body);
             r
         }
+        (Method::Get | Method::Head, "/") => crate::page::response(shared, req),
         (Method::Get | Method::Head, p) if status::is_status_path(p) => {
             status::response(shared, req)
         }
@@ -179,7 +180,7 @@ fn route(shared: &Shared, req: &Request) -> Result<Vec<u8>, Refusal> {
             404,
             "Not Found",
             &[],
-            "404 Not Found: try /metrics, /status.json or /status-json.xsl\n",
+            "404 Not Found: try /, /metrics, /status.json or /status-json.xsl\n",
         ),
         _ => return Err(Refusal::MethodNotAllowed("GET, HEAD")),
     })

@@ -10,7 +10,7 @@ use tokio::io::AsyncWriteExt;
 
 use crate::conn::{Incoming, ListenerGuard, NewListener, WorkerCtx};
 use crate::framing::carries_own_metadata;
-use crate::http::{valid_mount_path, Method, Request, RESPONSE_TIMEOUT};
+use crate::http::{self, valid_mount_path, Method, Request, RESPONSE_TIMEOUT};
 use crate::icy::Cadence;
 use crate::mounts::{Mount, Snapshot};
 use crate::reasons::Refusal;
@@ -39,19 +39,16 @@ pub(crate) async fn admit(ctx: &Rc<WorkerCtx>, incoming: Incoming) {
         .then(|| Cadence::after(snap.settings.icy_metaint, preamble_len))
         .flatten()
         .map(Box::new);
+    // The mount's shared head, with what this request adds: CORS for its origin, and the ICY
+    // interval when it asked for ICY.
+    let mut lines = crate::cors::headers(&ctx.shared.config.load(), &req);
+    if icy.is_some() {
+        lines.push_str(&format!("icy-metaint: {}\r\n", snap.settings.icy_metaint));
+    }
     let head = async {
-        match &icy {
-            // The shared head, with `icy-metaint` before its closing blank line.
-            Some(_) => {
-                let shared = &snap.info.response_head;
-                let mut head = shared[..shared.len() - 2].to_vec();
-                head.extend_from_slice(
-                    format!("icy-metaint: {}\r\n\r\n", snap.settings.icy_metaint).as_bytes(),
-                );
-                stream.write_all(&head).await?;
-            }
-            None => stream.write_all(&snap.info.response_head).await?,
-        }
+        stream
+            .write_all(&http::head_with(&snap.info.response_head, &lines))
+            .await?;
         if req.method == Method::Get {
             stream.write_all(&snap.info.preamble).await?;
             stream.write_all(&snap.headers).await?;

@@ -230,6 +230,16 @@ pub struct Config {
     pub source_timeout_secs: u64,
     /// On SIGTERM, listeners get this long to receive what is pending. Default 5.
     pub shutdown_grace_secs: u64,
+    /// Web origins whose pages may read streams and status pages (`Access-Control-Allow-Origin`),
+    /// such as `"https://radio.example"`; `"*"` lets any page. Default `["*"]`, as Icecast: a
+    /// stream is public anyway, and web players on other sites are the point. An empty list
+    /// sends no CORS headers.
+    pub cors_allowed_origins: Vec<String>,
+    /// Per-address limits (`max_connections_per_ip`, `max_pending_heads_per_ip`, failed logins)
+    /// count IPv6 clients by their first this many bits. Default 128 (each address); 64 counts
+    /// each /64 as one client, since one subscriber usually holds a whole /64 and could
+    /// otherwise open connections from as many addresses as it likes.
+    pub ipv6_prefix_bits: u8,
     /// Settings for every mount, unless overridden in `mounts`.
     pub defaults: MountSettings,
     /// Mounts declared in the file, by path, with their resolved settings.
@@ -265,6 +275,8 @@ impl Default for Config {
             header_timeout_under_pressure_secs: 2,
             source_timeout_secs: 10,
             shutdown_grace_secs: 5,
+            cors_allowed_origins: vec!["*".into()],
+            ipv6_prefix_bits: 128,
             defaults: MountSettings::default(),
             mounts: BTreeMap::new(),
             #[cfg(feature = "fault-injection")]
@@ -529,6 +541,23 @@ impl Config {
         }
         if self.admin_user.is_empty() || self.admin_user.contains(':') {
             return Err("admin_user must be non-empty and contain no ':'".into());
+        }
+        for origin in &self.cors_allowed_origins {
+            let plausible = origin == "*"
+                || (origin.starts_with("http://") || origin.starts_with("https://"))
+                    && !origin.ends_with('/')
+                    && origin.bytes().all(|b| b.is_ascii_graphic());
+            if !plausible {
+                return Err(format!(
+                    "cors_allowed_origins: {origin:?} is not an origin (\"*\", or scheme://host[:port] with no path, as browsers send it)"
+                ));
+            }
+        }
+        if !(1..=128).contains(&self.ipv6_prefix_bits) {
+            return Err(format!(
+                "ipv6_prefix_bits = {}: 1 to 128",
+                self.ipv6_prefix_bits
+            ));
         }
         check_mount_path("demo_mount", &self.startup.demo_mount)?;
         check_mount("defaults", &self.defaults, self)?;

@@ -24,7 +24,8 @@
 //!   with vectored writes, coalescing small pieces, applying the lag policy.
 //! - [`metrics`] and [`admin`]: Prometheus metrics, per-thread CPU read at scrape time
 //!   ([`threads`]), listener-seconds and CPU per listener kept by each worker ([`usage`]), served
-//!   from their own thread. [`status`]: `/status.json` and Icecast's `/status-json.xsl`.
+//!   from their own thread. [`status`]: `/status.json` and Icecast's `/status-json.xsl`;
+//!   [`page`]: the page at `/` that lists and plays the mounts.
 //! - [`server`] wires the stages and owns their start and stop order; `main.rs` reads flags and
 //!   signals.
 //!
@@ -38,13 +39,15 @@
 //!    [`ogg`] pages; [`framing`], which picks one by Content-Type), [`icy`] (metadata blocks
 //!    between the audio), [`store`] (the segment store and its snapshot, generic over the settings it
 //!    carries), [`threads`] (named, pinned, CPU-accounted threads), [`open_files`].
-//! 2. **Vocabulary** shared by the stages: [`config`], [`reasons`] (`Refusal`, `Disconnect`: the
+//! 2. **Vocabulary** shared by the stages: [`config`], [`cors`] (which web pages may read what,
+//!    and the preflight's answer), [`reasons`] (`Refusal`, `Disconnect`: the
 //!    fixed reason labels), [`metrics`], [`usage`], [`mounts`] (the mount table), [`auth`],
 //!    [`logs`] (log lines that summarise a flood per reason), [`heads`] (request heads not read
 //!    yet: the per-address limit on them, and the idle one closed to make room at the limit),
 //!    [`shared`] (the state every thread shares, `Stop`), [`conn`] (what one stage hands the
 //!    next, the guards that count connections, and the one writer of refusals).
-//! 3. **Stages**: [`acceptor`], [`status`], [`metadata`] (title updates), [`admission`],
+//! 3. **Stages**: [`acceptor`], [`status`], [`page`] (the HTML page at `/`, from the status
+//!    document), [`metadata`] (title updates), [`admission`],
 //!    [`fanout`], [`source`], [`ingest`], [`demo`], [`admin`], and [`worker`] (the router, which
 //!    calls admission, source, metadata and status).
 //! 4. **Wiring**: [`server`].
@@ -68,6 +71,7 @@ pub(crate) mod threads;
 pub(crate) mod auth;
 pub mod config;
 pub(crate) mod conn;
+pub(crate) mod cors;
 pub(crate) mod heads;
 pub(crate) mod logs;
 pub(crate) mod metrics;
@@ -83,6 +87,7 @@ pub(crate) mod demo;
 pub(crate) mod fanout;
 pub(crate) mod ingest;
 pub(crate) mod metadata;
+pub(crate) mod page;
 pub(crate) mod source;
 pub(crate) mod status;
 pub(crate) mod worker;

@@ -13,7 +13,7 @@
 //! | `malformed_request` | 400 | the request head is not HTTP/1.x |
 //! | `uri_too_long` | 414 | the request line alone exceeds the head limit |
 //! | `headers_too_large` | 431 | the head exceeds 8 KiB or 64 headers |
-//! | `method_not_allowed` | 405 | not GET, HEAD, SOURCE or PUT (or not GET/HEAD on the admin port) |
+//! | `method_not_allowed` | 405 | not GET, HEAD, OPTIONS, SOURCE or PUT (or not GET/HEAD on the admin port) |
 //! | `bad_path` | 400 | not a mount path (odd bytes, `..`, empty segments, too long) |
 //! | `bad_query` | 400 | a title update without `mode=updinfo`, a mount or a title |
 //! | `unknown_mount` | 404 | no such mount |
@@ -21,7 +21,7 @@
 //! | `mount_full` | 503 | the mount holds its `max_listeners` |
 //! | `server_full` | 503 | the server holds `max_listeners` |
 //! | `unsupported_transfer_encoding` | 501 | a source body neither plain nor chunked |
-//! | `conflicting_length` | 400 | a source sent both chunked and Content-Length |
+//! | `conflicting_length` | 400 | `Content-Length` with `Transfer-Encoding: chunked`, given twice with different values, or not a number (RFC 9112: a proxy in front could frame it differently) |
 //! | `missing_content_type` | 400 | a `PUT` source without Content-Type |
 //! | `auth_required` | 401 | no credentials |
 //! | `bad_credentials` | 401 | wrong user or password |
@@ -162,6 +162,7 @@ impl From<http::HeadError> for Refusal {
             http::HeadError::Malformed => Refusal::Malformed,
             http::HeadError::UriTooLong => Refusal::UriTooLong,
             http::HeadError::HeadersTooLarge => Refusal::HeadersTooLarge,
+            http::HeadError::ConflictingLength => Refusal::ConflictingLength,
         }
     }
 }

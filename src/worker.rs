@@ -27,7 +27,7 @@ use crate::reasons::{Refusal, Unanswered};
 use crate::shared::Shared;
 
 /// What the listener port serves, for `Allow`.
-const ALLOWED_METHODS: &str = "GET, HEAD, SOURCE, PUT";
+const ALLOWED_METHODS: &str = "GET, HEAD, OPTIONS, SOURCE, PUT";
 
 pub(crate) fn run(
     rt: Runtime,
@@ -184,11 +184,19 @@ async fn route(
                 Err(no) => incoming.refuse(shared, no).await,
             }
         }
+        Method::Get | Method::Head if incoming.req.path == "/" => {
+            let resp = crate::page::response(shared, &incoming.req);
+            http::write_and_close(incoming.stream, &resp).await
+        }
         Method::Get | Method::Head if crate::status::is_status_path(&incoming.req.path) => {
             crate::status::serve(shared, incoming).await
         }
         Method::Get | Method::Head => crate::admission::admit(&ctx, incoming).await,
         Method::Source | Method::Put => crate::source::handshake(&ctx, incoming).await,
+        Method::Options => {
+            let resp = crate::cors::preflight(&shared.config.load(), &incoming.req);
+            http::write_and_close(incoming.stream, &resp).await
+        }
         Method::Other(ref m) => {
             tracing::debug!(%peer, method = %m, "unsupported method");
             let no = Refusal::MethodNotAllowed(ALLOWED_METHODS);
