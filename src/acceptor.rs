@@ -29,7 +29,7 @@ use crossbeam::channel::Sender;
 use tokio::net::TcpListener;
 use tokio::runtime::Runtime;
 
-use crate::conn::{close_unanswered, Accepted, ConnGuard};
+use crate::conn::{canonical, close_unanswered, Accepted, ConnGuard};
 use crate::heads::{room_or, Replace};
 use crate::reasons::Unanswered;
 use crate::shared::{stopped, Shared};
@@ -238,12 +238,14 @@ fn hand_off(
 ) -> bool {
     let config = shared.config.load();
     let now = Instant::now();
+    let peer = canonical(peer);
+    let client = config.client_key(peer.ip());
     let heads = &shared.heads;
-    let head = match heads.enter(peer.ip(), config.max_pending_heads_per_ip, now) {
+    let head = match heads.enter(client, config.max_pending_heads_per_ip, now) {
         Some(head) => head,
         // Its head has arrived: it only waits for a worker to read it, as in a burst of players
         // behind one NAT reconnecting at once, so it is not the idle kind the limit is for.
-        None if has_bytes(&stream) => heads.enter(peer.ip(), 0, now).expect("no limit"),
+        None if has_bytes(&stream) => heads.enter(client, 0, now).expect("no limit"),
         None => {
             close_unanswered(shared, Unanswered::PendingHeadsPerIp, peer, &stream);
             return false;
@@ -268,9 +270,9 @@ fn hand_off(
     let per_ip_limit = config.max_connections_per_ip;
     let (ip, over_ip_limit) = if per_ip_limit > 0 {
         let mut per_ip = shared.per_ip.lock().unwrap_or_else(|e| e.into_inner());
-        let n = per_ip.entry(peer.ip()).or_insert(0);
+        let n = per_ip.entry(client).or_insert(0);
         *n += 1;
-        (Some(peer.ip()), *n > per_ip_limit)
+        (Some(client), *n > per_ip_limit)
     } else {
         (None, false)
     };

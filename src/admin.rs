@@ -89,6 +89,7 @@ pub(crate) fn run(
                 _ = room.notified(), if at_limit => {}
                 accepted = listen_socket.accept() => match accepted {
                     Ok((stream, peer)) => {
+                        let peer = crate::conn::canonical(peer);
                         let now = Instant::now();
                         if at_limit {
                             heads.evict_oldest(REPLACE.min_age, now);

@@ -4,7 +4,7 @@
 //! rejects nonsense, naming the setting, before anything binds.
 
 use std::collections::BTreeMap;
-use std::net::{AddrParseError, SocketAddr};
+use std::net::{AddrParseError, IpAddr, Ipv6Addr, SocketAddr};
 use std::path::{Path, PathBuf};
 
 use serde::de::{DeserializeOwned, Error as _, Visitor};
@@ -373,6 +373,18 @@ impl Config {
     }
 
     /// The config to install when a server running `self` reloads `new`, and the names of the
+    /// The client an address counts as for the per-address limits: itself, or for IPv6 its
+    /// first `ipv6_prefix_bits` bits (the rest zero).
+    pub fn client_key(&self, ip: IpAddr) -> IpAddr {
+        match ip {
+            IpAddr::V6(v6) if self.ipv6_prefix_bits < 128 => {
+                let mask = u128::MAX << (128 - u32::from(self.ipv6_prefix_bits));
+                IpAddr::V6(Ipv6Addr::from(u128::from(v6) & mask))
+            }
+            ip => ip,
+        }
+    }
+
     /// [`Startup`] settings `new` changes: the running group is kept whole, since those settings
     /// are bound until the next restart. The running source password stays when `new` sets none
     /// (it may have been generated at start-up), and so does the test hook.
@@ -797,6 +809,24 @@ mod tests {
             "a mount's key stays in its mount"
         );
         assert_eq!(c.defaults.lag_policy, embedded.lag_policy);
+    }
+
+    #[test]
+    fn ipv6_clients_count_by_their_prefix_when_asked() {
+        let ip = |s: &str| s.parse::<IpAddr>().unwrap();
+        let mut c = Config::default();
+        let a = ip("2001:db8:1:2:aaaa::1");
+        assert_eq!(c.client_key(a), a, "each address by default");
+        c.ipv6_prefix_bits = 64;
+        assert_eq!(c.client_key(a), ip("2001:db8:1:2::"));
+        assert_eq!(
+            c.client_key(ip("2001:db8:1:2:ffff::9")),
+            ip("2001:db8:1:2::")
+        );
+        assert_ne!(c.client_key(ip("2001:db8:1:3::1")), ip("2001:db8:1:2::"));
+        assert_eq!(c.client_key(ip("192.0.2.7")), ip("192.0.2.7"), "IPv4 whole");
+        c.ipv6_prefix_bits = 1;
+        assert_eq!(c.client_key(ip("ffff::1")), ip("8000::"));
     }
 
     #[test]

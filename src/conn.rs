@@ -80,6 +80,12 @@ impl Drop for ConnGuard {
     }
 }
 
+/// The peer as logs and limits should name it: an IPv4 client reaching a dual-stack (`[::]`)
+/// listener arrives as `::ffff:a.b.c.d`, and is the same client as `a.b.c.d` on an IPv4 one.
+pub(crate) fn canonical(peer: SocketAddr) -> SocketAddr {
+    SocketAddr::new(peer.ip().to_canonical(), peer.port())
+}
+
 /// What every task on one worker shares.
 pub(crate) struct WorkerCtx {
     pub shared: Arc<Shared>,

@@ -111,6 +111,11 @@ fn bind_listen_socket(addr: SocketAddr) -> std::io::Result<TcpListener> {
         None,
     )?;
     socket.set_reuse_address(true)?;
+    // `[::]` serves IPv4 clients too (as `::ffff:a.b.c.d`), whatever the host's
+    // `net.ipv6.bindv6only` says: one `listen` line for both.
+    if addr.is_ipv6() {
+        socket.set_only_v6(false)?;
+    }
     socket.bind(&addr.into())?;
     socket.listen(LISTEN_BACKLOG)?;
     Ok(socket.into())

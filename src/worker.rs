@@ -123,7 +123,7 @@ async fn handle(
     head_timeout: Duration,
     over_ip_limit: bool,
 ) {
-    let Ok(peer) = stream.peer_addr() else {
+    let Ok(peer) = stream.peer_addr().map(crate::conn::canonical) else {
         return;
     };
     let shared = &ctx.shared;

@@ -156,6 +156,11 @@ pub struct Fanstream {
 /// `fanstream --config DIR/fanstream.toml --listen 127.0.0.1:0 --admin-listen 127.0.0.1:0
 /// --no-pin --no-demo --workers 2 --source-password test-secret`
 pub fn fanstream(dir: &Path, toml: &str) -> Fanstream {
+    fanstream_listening(dir, toml, "127.0.0.1:0")
+}
+
+/// [`fanstream`] with `--listen LISTEN` instead of `127.0.0.1:0`.
+pub fn fanstream_listening(dir: &Path, toml: &str, listen: &str) -> Fanstream {
     let path = dir.join("fanstream.toml");
     std::fs::write(&path, toml).unwrap();
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_fanstream"));
@@ -165,7 +170,7 @@ pub fn fanstream(dir: &Path, toml: &str) -> Fanstream {
         .arg(&path)
         .args([
             "--listen",
-            "127.0.0.1:0",
+            listen,
             "--admin-listen",
             "127.0.0.1:0",
             "--no-pin",
