@@ -239,9 +239,21 @@ fn hand_off(
     let config = shared.config.load();
     let now = Instant::now();
     let peer = canonical(peer);
+    // A trusted proxy's connections carry many clients: the worker counts each against its own
+    // address once the proxy has named it, and the proxy's own address is not limited.
+    let proxied = config.trusts(peer.ip());
+    if config.proxy_protocol && !proxied {
+        close_unanswered(shared, Unanswered::UntrustedProxy, peer, &stream);
+        return false;
+    }
     let client = config.client_key(peer.ip());
+    let heads_limit = if proxied {
+        0
+    } else {
+        config.max_pending_heads_per_ip
+    };
     let heads = &shared.heads;
-    let head = match heads.enter(client, config.max_pending_heads_per_ip, now) {
+    let head = match heads.enter(client, heads_limit, now) {
         Some(head) => head,
         // Its head has arrived: it only waits for a worker to read it, as in a burst of players
         // behind one NAT reconnecting at once, so it is not the idle kind the limit is for.
@@ -267,19 +279,13 @@ fn hand_off(
         .min_by_key(|(_, w)| w.connections.load(Ordering::Relaxed))
         .expect("at least one worker");
     worker.connections.fetch_add(1, Ordering::Relaxed);
+    let mut guard = ConnGuard::new(shared.clone(), index);
     let per_ip_limit = config.max_connections_per_ip;
-    let (ip, over_ip_limit) = if per_ip_limit > 0 {
-        let mut per_ip = shared.per_ip.lock().unwrap_or_else(|e| e.into_inner());
-        let n = per_ip.entry(client).or_insert(0);
-        *n += 1;
-        (Some(client), *n > per_ip_limit)
-    } else {
-        (None, false)
-    };
+    let over_ip_limit = per_ip_limit > 0 && !proxied && guard.count_address(client, per_ip_limit);
     let under_pressure = open * 100 >= shared.max_connections * PRESSURE_PERCENT;
     let accepted = Accepted {
         stream,
-        guard: ConnGuard::new(shared.clone(), index, ip),
+        guard,
         head,
         head_timeout: config.header_timeout(under_pressure),
         over_ip_limit,

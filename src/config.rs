@@ -20,6 +20,74 @@ pub enum LagPolicy {
     Skip,
 }
 
+/// The request header a trusted proxy names the client in.
+#[derive(Clone, Copy, Debug, Deserialize, PartialEq, Eq)]
+pub enum ForwardedHeader {
+    #[serde(rename = "x-forwarded-for")]
+    XForwardedFor,
+    #[serde(rename = "forwarded")]
+    Forwarded,
+}
+
+/// An address or a range of them, as `trusted_proxies` writes it: `10.0.0.0/8`, `::1`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Cidr {
+    net: IpAddr,
+    bits: u8,
+}
+
+impl Cidr {
+    /// Whether `ip` is in the range. An IPv4 address arriving as `::ffff:a.b.c.d` is the IPv4
+    /// address.
+    pub fn contains(&self, ip: IpAddr) -> bool {
+        match (self.net, ip.to_canonical()) {
+            (IpAddr::V4(net), IpAddr::V4(ip)) => {
+                let mask = u32::MAX.checked_shl(32 - u32::from(self.bits)).unwrap_or(0);
+                u32::from(net) & mask == u32::from(ip) & mask
+            }
+            (IpAddr::V6(net), IpAddr::V6(ip)) => {
+                let mask = u128::MAX
+                    .checked_shl(128 - u32::from(self.bits))
+                    .unwrap_or(0);
+                u128::from(net) & mask == u128::from(ip) & mask
+            }
+            _ => false,
+        }
+    }
+}
+
+impl std::str::FromStr for Cidr {
+    type Err = String;
+
+    fn from_str(text: &str) -> Result<Cidr, String> {
+        let (addr, bits) = match text.split_once('/') {
+            Some((addr, bits)) => (addr, Some(bits)),
+            None => (text, None),
+        };
+        let net: IpAddr = addr
+            .parse()
+            .map_err(|e| format!("{text:?} is not an address or a range ({e})"))?;
+        let max = if net.is_ipv4() { 32 } else { 128 };
+        let bits = match bits {
+            None => max,
+            Some(b) => b
+                .parse::<u8>()
+                .ok()
+                .filter(|&b| b <= max)
+                .ok_or_else(|| format!("{text:?}: the prefix length must be 0 to {max}"))?,
+        };
+        Ok(Cidr { net, bits })
+    }
+}
+
+impl<'de> Deserialize<'de> for Cidr {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Cidr, D::Error> {
+        let text = String::deserialize(d)?;
+        text.parse()
+            .map_err(|e| D::Error::custom(format!("trusted_proxies: {e}")))
+    }
+}
+
 /// Per-mount settings. `[defaults]` sets them for every mount; in `[mounts."/path"]` each key
 /// given overrides `[defaults]`, the rest come from it.
 #[derive(Clone, Debug, Deserialize, PartialEq)]
@@ -240,6 +308,22 @@ pub struct Config {
     /// each /64 as one client, since one subscriber usually holds a whole /64 and could
     /// otherwise open connections from as many addresses as it likes.
     pub ipv6_prefix_bits: u8,
+    /// Proxies in front whose word on the client's address is taken: addresses or CIDR ranges
+    /// (`"127.0.0.1"`, `"10.0.0.0/8"`, `"::1"`). From them alone, the client's address comes
+    /// from `forwarded_header` or the PROXY protocol header, and their own connections do not
+    /// count against the per-address limits (their clients' do). Default none.
+    pub trusted_proxies: Vec<Cidr>,
+    /// Every connection on the listener port starts with a PROXY protocol header (v1 or v2:
+    /// HAProxy's `send-proxy`/`send-proxy-v2`, nginx's `proxy_protocol on`), which gives the
+    /// client's address; a connection from outside `trusted_proxies` is closed unanswered
+    /// (`untrusted_proxy`), since anyone could claim any address with one. Default false.
+    pub proxy_protocol: bool,
+    /// Which request header names the client, on a connection from a trusted proxy:
+    /// `x-forwarded-for` (HAProxy's `option forwardfor`, nginx's
+    /// `$proxy_add_x_forwarded_for`) or `forwarded` (RFC 7239's `for=`). One only: a proxy that
+    /// writes one of them passes the other through from the client, who could then forge it.
+    /// Default `x-forwarded-for`.
+    pub forwarded_header: ForwardedHeader,
     /// Settings for every mount, unless overridden in `mounts`.
     pub defaults: MountSettings,
     /// Mounts declared in the file, by path, with their resolved settings.
@@ -277,6 +361,9 @@ impl Default for Config {
             shutdown_grace_secs: 5,
             cors_allowed_origins: vec!["*".into()],
             ipv6_prefix_bits: 128,
+            trusted_proxies: Vec::new(),
+            proxy_protocol: false,
+            forwarded_header: ForwardedHeader::XForwardedFor,
             defaults: MountSettings::default(),
             mounts: BTreeMap::new(),
             #[cfg(feature = "fault-injection")]
@@ -373,6 +460,11 @@ impl Config {
     }
 
     /// The config to install when a server running `self` reloads `new`, and the names of the
+    /// Whether `ip` is one of `trusted_proxies`.
+    pub fn trusts(&self, ip: IpAddr) -> bool {
+        self.trusted_proxies.iter().any(|range| range.contains(ip))
+    }
+
     /// The client an address counts as for the per-address limits: itself, or for IPv6 its
     /// first `ipv6_prefix_bits` bits (the rest zero).
     pub fn client_key(&self, ip: IpAddr) -> IpAddr {
@@ -827,6 +919,32 @@ mod tests {
         assert_eq!(c.client_key(ip("192.0.2.7")), ip("192.0.2.7"), "IPv4 whole");
         c.ipv6_prefix_bits = 1;
         assert_eq!(c.client_key(ip("ffff::1")), ip("8000::"));
+    }
+
+    #[test]
+    fn trusted_proxies_are_addresses_or_ranges() {
+        let c = Config::from_toml(
+            r#"trusted_proxies = ["127.0.0.1", "10.0.0.0/8", "::1", "2001:db8::/32"]"#,
+        )
+        .unwrap();
+        let ip = |s: &str| s.parse::<IpAddr>().unwrap();
+        for yes in [
+            "127.0.0.1",
+            "10.1.2.3",
+            "::1",
+            "2001:db8:ffff::1",
+            "::ffff:10.9.9.9",
+        ] {
+            assert!(c.trusts(ip(yes)), "{yes}");
+        }
+        for no in ["127.0.0.2", "11.0.0.1", "::2", "2001:db9::1", "192.0.2.1"] {
+            assert!(!c.trusts(ip(no)), "{no}");
+        }
+        assert!("0.0.0.0/0".parse::<Cidr>().unwrap().contains(ip("8.8.8.8")));
+        for bad in ["10.0.0.0/33", "nowhere", "::/129", "1.2.3.4/x"] {
+            let e = Config::from_toml(&format!("trusted_proxies = [{bad:?}]")).unwrap_err();
+            assert!(e.contains("trusted_proxies"), "{bad}: {e}");
+        }
     }
 
     #[test]

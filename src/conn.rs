@@ -54,10 +54,27 @@ pub(crate) struct ConnGuard {
 }
 
 impl ConnGuard {
-    /// Counts a connection in; the acceptor has already incremented the worker's count and the
-    /// address's, which the guard gives back when dropped.
-    pub fn new(shared: Arc<Shared>, worker: usize, ip: Option<std::net::IpAddr>) -> Self {
-        ConnGuard { shared, worker, ip }
+    /// Counts a connection in; the acceptor has already incremented the worker's count, which
+    /// the guard gives back when dropped.
+    pub fn new(shared: Arc<Shared>, worker: usize) -> Self {
+        ConnGuard {
+            shared,
+            worker,
+            ip: None,
+        }
+    }
+
+    /// Counts the connection against its client's address (`Config::client_key`) until it
+    /// closes; returns whether the address now holds more than `limit`. The acceptor calls it
+    /// for a direct client; for one behind a trusted proxy the worker does, once the proxy has
+    /// said who the client is.
+    pub fn count_address(&mut self, key: std::net::IpAddr, limit: usize) -> bool {
+        debug_assert!(self.ip.is_none(), "a connection is counted once");
+        let mut per_ip = self.shared.per_ip.lock().unwrap_or_else(|e| e.into_inner());
+        let n = per_ip.entry(key).or_insert(0);
+        *n += 1;
+        self.ip = Some(key);
+        *n > limit
     }
 }
 

@@ -238,7 +238,14 @@ pub(crate) enum ReadHeadError {
 pub(crate) async fn read_head<S: AsyncRead + Unpin>(
     stream: &mut S,
 ) -> Result<(Request, Vec<u8>), ReadHeadError> {
-    let mut buf = Vec::new();
+    read_head_after(stream, Vec::new()).await
+}
+
+/// [`read_head`], the head beginning with `buf`, bytes already read (after a PROXY header).
+pub(crate) async fn read_head_after<S: AsyncRead + Unpin>(
+    stream: &mut S,
+    mut buf: Vec<u8>,
+) -> Result<(Request, Vec<u8>), ReadHeadError> {
     loop {
         if let Some((req, n)) = parse_head(&buf).map_err(ReadHeadError::Head)? {
             return Ok((req, buf.split_off(n)));

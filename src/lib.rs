@@ -40,7 +40,8 @@
 //!    between the audio), [`store`] (the segment store and its snapshot, generic over the settings it
 //!    carries), [`threads`] (named, pinned, CPU-accounted threads), [`open_files`].
 //! 2. **Vocabulary** shared by the stages: [`config`], [`cors`] (which web pages may read what,
-//!    and the preflight's answer), [`reasons`] (`Refusal`, `Disconnect`: the
+//!    and the preflight's answer), [`proxy`] (the client's address behind a trusted proxy: the
+//!    PROXY protocol header, `X-Forwarded-For`, `Forwarded`), [`reasons`] (`Refusal`, `Disconnect`: the
 //!    fixed reason labels), [`metrics`], [`usage`], [`mounts`] (the mount table), [`auth`],
 //!    [`logs`] (log lines that summarise a flood per reason), [`heads`] (request heads not read
 //!    yet: the per-address limit on them, and the idle one closed to make room at the limit),
@@ -76,6 +77,7 @@ pub(crate) mod heads;
 pub(crate) mod logs;
 pub(crate) mod metrics;
 pub(crate) mod mounts;
+pub(crate) mod proxy;
 pub(crate) mod reasons;
 pub(crate) mod shared;
 pub(crate) mod usage;

@@ -33,6 +33,8 @@
 //! | `idle_head_evicted` | none | at `max_connections`, the oldest connection still without a head (after 250 ms; 100 ms on the admin port) was closed to make room |
 //! | `workers_full` | none | the server holds `max_connections`; accepting paused (once per episode) |
 //! | `accept_resources_exhausted` | none | accept failed for lack of descriptors or memory |
+//! | `untrusted_proxy` | none | with `proxy_protocol`, a connection from outside `trusted_proxies`; closed at accept |
+//! | `bad_proxy_header` | none | with `proxy_protocol`, a connection that did not start with a PROXY v1 or v2 header (or sent a malformed one, or one over 1 KiB); closed |
 
 use std::io;
 
@@ -175,6 +177,8 @@ pub(crate) enum Unanswered {
     IdleHeadEvicted,
     WorkersFull,
     AcceptResourcesExhausted,
+    UntrustedProxy,
+    BadProxyHeader,
 }
 
 impl Unanswered {
@@ -185,6 +189,8 @@ impl Unanswered {
             Unanswered::IdleHeadEvicted => "idle_head_evicted",
             Unanswered::WorkersFull => "workers_full",
             Unanswered::AcceptResourcesExhausted => "accept_resources_exhausted",
+            Unanswered::UntrustedProxy => "untrusted_proxy",
+            Unanswered::BadProxyHeader => "bad_proxy_header",
         }
     }
 
@@ -200,6 +206,12 @@ impl Unanswered {
             }
             Unanswered::WorkersFull => "the server holds max_connections",
             Unanswered::AcceptResourcesExhausted => "accept failed: out of resources",
+            Unanswered::UntrustedProxy => {
+                "closed at once: proxy_protocol is on and the peer is not in trusted_proxies"
+            }
+            Unanswered::BadProxyHeader => {
+                "closed: proxy_protocol is on and the connection did not start with a PROXY header"
+            }
         }
     }
 }

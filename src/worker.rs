@@ -23,6 +23,7 @@ use crate::conn::{close_unanswered, refuse, Accepted, ConnGuard, Incoming, ToIng
 use crate::fanout::FanOut;
 use crate::heads::Pending;
 use crate::http::{self, Method, ReadHeadError};
+use crate::proxy::ProxyHeaderError;
 use crate::reasons::{Refusal, Unanswered};
 use crate::shared::Shared;
 
@@ -118,7 +119,7 @@ fn spawn_isolated<F: Future<Output = ()> + 'static>(
 async fn handle(
     ctx: Rc<WorkerCtx>,
     mut stream: TcpStream,
-    conn: ConnGuard,
+    mut conn: ConnGuard,
     head: Pending,
     head_timeout: Duration,
     over_ip_limit: bool,
@@ -131,25 +132,84 @@ async fn handle(
         drop(head);
         return refuse(shared, &mut stream, peer, Refusal::PerIpLimit).await;
     }
+    let (proxied, proxy_protocol) = {
+        let cfg = shared.config.load();
+        let proxied = cfg.trusts(peer.ip());
+        // The acceptor has closed an untrusted peer's connection when proxy_protocol is on.
+        (proxied, proxied && cfg.proxy_protocol)
+    };
+    // One deadline for the PROXY header and the request head: a proxy sends both at once.
     let read = tokio::select! {
-        read = tokio::time::timeout(head_timeout, http::read_head(&mut stream)) => read,
+        read = tokio::time::timeout(head_timeout, read_request(&mut stream, proxy_protocol)) => read,
         () = head.evicted() => {
             return close_unanswered(shared, Unanswered::IdleHeadEvicted, peer, &stream);
         }
     };
     // Past its head, the connection no longer counts against its address's pending heads.
     drop(head);
-    let (req, leftover) = match read {
+    let (named, req, leftover) = match read {
         Err(_) => return close_unanswered(shared, Unanswered::HeaderTimeout, peer, &stream),
-        Ok(Err(ReadHeadError::Closed)) => return,
-        Ok(Err(ReadHeadError::Head(e))) => {
-            return refuse(shared, &mut stream, peer, e.into()).await
+        Ok(Err(Unread::Closed)) => return,
+        Ok(Err(Unread::BadProxyHeader)) => {
+            return close_unanswered(shared, Unanswered::BadProxyHeader, peer, &stream)
         }
+        Ok(Err(Unread::Head(e))) => return refuse(shared, &mut stream, peer, e.into()).await,
         Ok(Ok(r)) => r,
     };
+    // Behind a trusted proxy, the client is whom the proxy names; it is logged, throttled and
+    // counted against its own address from here on.
+    let mut client = peer;
+    if proxied {
+        let cfg = shared.config.load();
+        let named = match named {
+            Some(addr) => Some(addr),
+            None if !proxy_protocol => crate::proxy::forwarded_client(&cfg, &req)
+                .map(|ip| std::net::SocketAddr::new(ip, 0)),
+            None => None,
+        };
+        if let Some(named) = named {
+            tracing::debug!(%peer, client = %named, "client named by a trusted proxy");
+            client = named;
+            let limit = cfg.max_connections_per_ip;
+            if limit > 0 && conn.count_address(cfg.client_key(client.ip()), limit) {
+                drop(cfg);
+                return refuse(shared, &mut stream, client, Refusal::PerIpLimit).await;
+            }
+        }
+    }
     // The stages' futures are several KiB, and the head above may take seconds to come, or never:
     // boxed, they cost only the connections that got this far.
-    Box::pin(route(ctx, stream, req, leftover, peer, conn)).await
+    Box::pin(route(ctx, stream, req, leftover, client, conn)).await
+}
+
+/// Why no request came to route.
+enum Unread {
+    Closed,
+    BadProxyHeader,
+    Head(http::HeadError),
+}
+
+/// Reads the PROXY header when the connection must start with one, then the request head.
+/// Returns the client the header names, the head, and the bytes after it.
+async fn read_request(
+    stream: &mut TcpStream,
+    proxy_protocol: bool,
+) -> Result<(Option<std::net::SocketAddr>, http::Request, Vec<u8>), Unread> {
+    let (named, after) = if proxy_protocol {
+        crate::proxy::read_header(stream)
+            .await
+            .map_err(|e| match e {
+                ProxyHeaderError::Closed => Unread::Closed,
+                ProxyHeaderError::Bad => Unread::BadProxyHeader,
+            })?
+    } else {
+        (None, Vec::new())
+    };
+    match http::read_head_after(stream, after).await {
+        Ok((req, leftover)) => Ok((named, req, leftover)),
+        Err(ReadHeadError::Closed) => Err(Unread::Closed),
+        Err(ReadHeadError::Head(e)) => Err(Unread::Head(e)),
+    }
 }
 
 /// Hands a request whose head has been read to its stage.

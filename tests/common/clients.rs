@@ -202,6 +202,71 @@ pub fn fanstream_listening(dir: &Path, toml: &str, listen: &str) -> Fanstream {
 }
 
 // ---------------------------------------------------------------------------------------------
+// HAProxy in front
+
+pub struct HaProxy {
+    pub program: Program,
+    /// Where clients connect: its frontend.
+    pub addr: SocketAddr,
+}
+
+/// HAProxy on loopback in front of `server`: `haproxy -db -f DIR/haproxy.cfg` with a generated
+/// config (`mode MODE`, the `frontend_lines`, and `server fanstream SERVER SERVER_OPTIONS`). Its
+/// frontend listens on a socket the test bound and hands over as descriptor 3 (`bind fd@3`): no
+/// port picked and raced for, and it accepts as soon as the test returns (connections made
+/// before HAProxy is up wait in the socket's backlog).
+pub fn haproxy(
+    dir: &Path,
+    mode: &str,
+    frontend_lines: &str,
+    server: SocketAddr,
+    server_options: &str,
+) -> HaProxy {
+    use std::os::fd::AsRawFd;
+    use std::os::unix::process::CommandExt;
+    require("haproxy");
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    let config = format!(
+        "global\n  maxconn 1000\n\ndefaults\n  mode {mode}\n  timeout connect 5s\n  timeout client 60s\n  timeout server 60s\n\nfrontend fe\n  bind fd@3\n{frontend_lines}\n  default_backend be\n\nbackend be\n  server fanstream {server} {server_options}\n"
+    );
+    let path = dir.join("haproxy.cfg");
+    std::fs::write(&path, config).unwrap();
+    let fd = listener.as_raw_fd();
+    let mut cmd = Command::new("haproxy");
+    cmd.arg("-db").arg("-f").arg(&path);
+    // SAFETY: only async-signal-safe calls (dup2, fcntl) between fork and exec.
+    unsafe {
+        cmd.pre_exec(move || {
+            // dup2 onto another descriptor clears close-on-exec; onto itself it does not.
+            let ok = if fd == 3 {
+                libc::fcntl(3, libc::F_SETFD, 0)
+            } else {
+                libc::dup2(fd, 3)
+            };
+            if ok < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let program = Program::spawn("haproxy", &mut cmd);
+    HaProxy { program, addr }
+}
+
+/// A TCP connection to `to` from the loopback address `from` (any of 127.0.0.0/8 is this host):
+/// a client of its own address, as seen by a proxy.
+pub fn connect_from(from: &str, to: SocketAddr) -> std::net::TcpStream {
+    let local: SocketAddr = format!("{from}:0").parse().unwrap();
+    let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+    socket.bind(&local.into()).unwrap();
+    socket.connect(&to.into()).unwrap();
+    let stream: std::net::TcpStream = socket.into();
+    stream.set_read_timeout(Some(DEADLINE)).unwrap();
+    stream
+}
+
+// ---------------------------------------------------------------------------------------------
 // Media made by ffmpeg
 
 #[derive(Clone, Copy, Debug, PartialEq)]
