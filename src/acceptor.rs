@@ -56,11 +56,14 @@ pub(crate) fn run(
     rt: Runtime,
     shared: Arc<Shared>,
     listen_socket: std::net::TcpListener,
+    tls_socket: Option<std::net::TcpListener>,
     workers: Vec<Sender<Accepted>>,
 ) {
     rt.block_on(async move {
-        let listen_socket = match TcpListener::from_std(listen_socket) {
-            Ok(l) => l,
+        let registered = TcpListener::from_std(listen_socket)
+            .and_then(|l| Ok((l, tls_socket.map(TcpListener::from_std).transpose()?)));
+        let (listen_socket, tls_socket) = match registered {
+            Ok(both) => both,
             Err(e) => {
                 tracing::error!(error = %e, "acceptor cannot register its listening socket");
                 return;
@@ -109,10 +112,12 @@ pub(crate) fn run(
                 _ = stopped(&mut stop) => break,
                 // While paused, a slot freed may end the pause, or nobody is coming: look again.
                 _ = shared.room.notified(), if gate.paused() => {}
-                accepted = listen_socket.accept() => match accepted {
+                // Both ports count against the same limits and feed the same workers; a TLS
+                // connection's handshake is the worker's first step.
+                (accepted, tls) = accept_either(&listen_socket, tls_socket.as_ref()) => match accepted {
                     Ok((stream, peer)) => {
                         let open = shared.open_connections();
-                        if hand_off(&shared, &workers, stream, peer, open) && gate.paused()
+                        if hand_off(&shared, &workers, stream, peer, open, tls) && gate.paused()
                             && shared.heads.evict_oldest(REPLACE.min_age, Instant::now())
                         {
                             gate.replaced += 1;
@@ -132,6 +137,20 @@ pub(crate) fn run(
         }
         tracing::debug!("acceptor stopped");
     });
+}
+
+/// The next connection on either port, and whether it came on the TLS one.
+async fn accept_either(
+    plain: &TcpListener,
+    tls: Option<&TcpListener>,
+) -> (io::Result<(tokio::net::TcpStream, SocketAddr)>, bool) {
+    match tls {
+        None => (plain.accept().await, false),
+        Some(tls) => tokio::select! {
+            accepted = plain.accept() => (accepted, false),
+            accepted = tls.accept() => (accepted, true),
+        },
+    }
 }
 
 /// Whether the acceptor is at its limit, with the hysteresis that keeps a storm to one pause and
@@ -235,6 +254,7 @@ fn hand_off(
     stream: tokio::net::TcpStream,
     peer: SocketAddr,
     open: usize,
+    tls: bool,
 ) -> bool {
     let config = shared.config.load();
     let now = Instant::now();
@@ -242,7 +262,8 @@ fn hand_off(
     // A trusted proxy's connections carry many clients: the worker counts each against its own
     // address once the proxy has named it, and the proxy's own address is not limited.
     let proxied = config.trusts(peer.ip());
-    if config.proxy_protocol && !proxied {
+    // The PROXY header is read on the plain port only (see README, "Behind a proxy").
+    if config.proxy_protocol && !proxied && !tls {
         close_unanswered(shared, Unanswered::UntrustedProxy, peer, &stream);
         return false;
     }
@@ -289,6 +310,7 @@ fn hand_off(
         head,
         head_timeout: config.header_timeout(under_pressure),
         over_ip_limit,
+        tls,
     };
     // Fails only when the worker has exited (shutting down): the socket is then dropped, closed.
     if workers[index].send(accepted).is_ok() {

@@ -53,6 +53,9 @@ pub(crate) async fn admit(ctx: &Rc<WorkerCtx>, incoming: Incoming) {
             stream.write_all(&snap.info.preamble).await?;
             stream.write_all(&snap.headers).await?;
         }
+        // Over TLS, what the session still holds encrypted goes now, not with the first write
+        // of the fan-out.
+        stream.flush().await?;
         Ok::<_, io::Error>(())
     };
     match tokio::time::timeout(RESPONSE_TIMEOUT, head).await {

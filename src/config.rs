@@ -182,6 +182,15 @@ pub struct Startup {
     pub demo: bool,
     /// Path of the demo mount. Default `/demo`.
     pub demo_mount: String,
+    /// Where listeners and sources connect over TLS (HTTPS, `icecast://` with `-tls 1`), beside
+    /// `listen`: the same mounts and snapshot, encrypted per connection. Default none.
+    pub tls_listen: Option<SocketAddr>,
+    /// The certificate chain, PEM, the server's own first. Read at start-up and on `SIGHUP`
+    /// (new handshakes get the new one; a file that does not load is refused, the running one
+    /// stays). Required with `tls_listen`.
+    pub tls_cert: Option<PathBuf>,
+    /// The certificate's private key, PEM (PKCS#8, PKCS#1 or SEC1). Required with `tls_listen`.
+    pub tls_key: Option<PathBuf>,
 }
 
 impl Default for Startup {
@@ -195,6 +204,9 @@ impl Default for Startup {
             max_admin_connections: 64,
             demo: true,
             demo_mount: "/demo".into(),
+            tls_listen: None,
+            tls_cert: None,
+            tls_key: None,
         }
     }
 }
@@ -662,6 +674,10 @@ impl Config {
                 "ipv6_prefix_bits = {}: 1 to 128",
                 self.ipv6_prefix_bits
             ));
+        }
+        let st = &self.startup;
+        if st.tls_listen.is_some() && (st.tls_cert.is_none() || st.tls_key.is_none()) {
+            return Err("tls_listen needs tls_cert and tls_key (PEM files)".into());
         }
         check_mount_path("demo_mount", &self.startup.demo_mount)?;
         check_mount("defaults", &self.defaults, self)?;

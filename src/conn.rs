@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use prometheus::IntGauge;
-use tokio::io::AsyncWriteExt;
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::TcpStream;
 
 use tokio::sync::mpsc::UnboundedSender;
@@ -27,6 +27,7 @@ use crate::mounts::Mount;
 use crate::reasons::{Refusal, Unanswered};
 use crate::shared::Shared;
 use crate::store::StreamInfo;
+use crate::tls::TlsConn;
 
 /// After a refusal, how much of what the peer keeps sending we read before closing anyway.
 const LINGER_MAX_BYTES: usize = 256 * 1024;
@@ -42,6 +43,8 @@ pub(crate) struct Accepted {
     pub head_timeout: Duration,
     /// The client's address already holds `max_connections_per_ip`: the worker answers 429.
     pub over_ip_limit: bool,
+    /// It came on the TLS port: the worker runs the handshake first.
+    pub tls: bool,
 }
 
 /// Counts a connection against its worker's load and its address until dropped.
@@ -103,6 +106,93 @@ pub(crate) fn canonical(peer: SocketAddr) -> SocketAddr {
     SocketAddr::new(peer.ip().to_canonical(), peer.port())
 }
 
+/// A client's connection on a worker: plain, or TLS past its handshake. Stages read and write
+/// it as any stream; the fan-out writes it with [`Io::try_write_vectored`], the encryption (if
+/// any) per listener, from the same shared pieces.
+pub(crate) enum Io {
+    Plain(TcpStream),
+    /// Boxed: a session is large, and most connections are plain.
+    Tls(Box<TlsConn>),
+}
+
+impl Io {
+    /// The TCP socket under it.
+    pub fn socket(&self) -> &TcpStream {
+        match self {
+            Io::Plain(s) => s,
+            Io::Tls(t) => t.socket(),
+        }
+    }
+
+    /// Writes without waiting; `WouldBlock` when the socket is full.
+    pub fn try_write_vectored(&self, bufs: &[std::io::IoSlice<'_>]) -> std::io::Result<usize> {
+        match self {
+            Io::Plain(s) => s.try_write_vectored(bufs),
+            Io::Tls(t) => t.try_write_vectored(bufs),
+        }
+    }
+
+    /// Waits until the socket may take more.
+    pub async fn writable(&self) -> std::io::Result<()> {
+        match self {
+            Io::Plain(s) => s.writable().await,
+            Io::Tls(t) => t.writable().await,
+        }
+    }
+}
+
+impl AsyncRead for Io {
+    fn poll_read(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            Io::Plain(s) => std::pin::Pin::new(s).poll_read(cx, buf),
+            Io::Tls(t) => std::pin::Pin::new(&mut **t).poll_read(cx, buf),
+        }
+    }
+}
+
+impl AsyncWrite for Io {
+    fn poll_write(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        match self.get_mut() {
+            Io::Plain(s) => std::pin::Pin::new(s).poll_write(cx, buf),
+            Io::Tls(t) => std::pin::Pin::new(&mut **t).poll_write(cx, buf),
+        }
+    }
+
+    fn poll_flush(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            Io::Plain(s) => std::pin::Pin::new(s).poll_flush(cx),
+            Io::Tls(t) => std::pin::Pin::new(&mut **t).poll_flush(cx),
+        }
+    }
+
+    fn poll_shutdown(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            Io::Plain(s) => std::pin::Pin::new(s).poll_shutdown(cx),
+            Io::Tls(t) => std::pin::Pin::new(&mut **t).poll_shutdown(cx),
+        }
+    }
+}
+
+impl std::os::fd::AsFd for Io {
+    fn as_fd(&self) -> std::os::fd::BorrowedFd<'_> {
+        self.socket().as_fd()
+    }
+}
+
 /// What every task on one worker shares.
 pub(crate) struct WorkerCtx {
     pub shared: Arc<Shared>,
@@ -113,11 +203,13 @@ pub(crate) struct WorkerCtx {
     pub admit: UnboundedSender<NewListener>,
     /// Sources and title updates, to the ingest thread.
     pub to_ingest: UnboundedSender<ToIngest>,
+    /// Turns for TLS handshakes, so that a flood of them takes a bounded share of the worker.
+    pub handshakes: tokio::sync::Semaphore,
 }
 
 /// A request whose head has been read, with its connection: what the router hands a stage.
 pub(crate) struct Incoming {
-    pub stream: TcpStream,
+    pub stream: Io,
     pub req: Request,
     /// Bytes that arrived after the head (a legacy source's first media).
     pub leftover: Vec<u8>,
@@ -190,7 +282,7 @@ pub(crate) struct Encoder {
 /// A listener whose response head is sent, on its way to its worker's fan-out loop.
 pub(crate) struct NewListener {
     pub mount: Arc<Mount>,
-    pub stream: TcpStream,
+    pub stream: Io,
     /// Absolute offset of the first byte to send it (its join point).
     pub pos: u64,
     /// The ICY framing it asked for, with what of its first interval the preamble used.
@@ -273,7 +365,12 @@ impl Drop for ListenerGuard {
 
 /// Answers a refused request, counts it, logs it once with the peer (or, past the first few of
 /// its reason, in the summary: [`crate::logs`]), and lets the connection close.
-pub(crate) async fn refuse(shared: &Shared, stream: &mut TcpStream, peer: SocketAddr, no: Refusal) {
+pub(crate) async fn refuse<S: AsyncRead + AsyncWrite + Unpin>(
+    shared: &Shared,
+    stream: &mut S,
+    peer: SocketAddr,
+    no: Refusal,
+) {
     shared.metrics.refused(no);
     if shared.logs.full(no.reason(), peer, Instant::now()) {
         tracing::info!(%peer, status = no.status(), reason = no.reason(), "refused request");

@@ -23,12 +23,11 @@ use std::time::{Duration, Instant};
 
 use prometheus::{Histogram, IntCounter, IntCounterVec};
 use slab::Slab;
-use tokio::net::TcpStream;
 use tokio::sync::{mpsc, Notify};
 use tokio::task::JoinHandle;
 
 use crate::config::{LagPolicy, MountSettings};
-use crate::conn::{ConnGuard, ListenerGuard, NewListener, WorkerCtx};
+use crate::conn::{ConnGuard, Io, ListenerGuard, NewListener, WorkerCtx};
 use crate::icy::Cadence;
 use crate::mounts::{Mount, Snapshot};
 use crate::reasons::Disconnect;
@@ -51,7 +50,7 @@ const LAG_SAMPLE_EVERY: Duration = Duration::from_secs(1);
 
 struct Listener {
     /// Shared with the parked task while the socket is full.
-    stream: Rc<TcpStream>,
+    stream: Rc<Io>,
     /// Absolute offset of the next byte of the stream to send.
     pos: u64,
     /// Its ICY framing, when it asked for metadata blocks.
@@ -661,7 +660,7 @@ fn serve<'s>(
 /// blocks fall at its own offsets), so it is laid out per write: once a second or so per
 /// listener with the default coalescing, against a syscall that costs far more.
 fn write_icy(
-    stream: &TcpStream,
+    stream: &Io,
     cadence: &mut Cadence,
     snap: &Snapshot,
     pos: u64,

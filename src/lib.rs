@@ -37,7 +37,8 @@
 //! 1. **Wire and data** (std and crates only): [`http`] (request heads, short responses),
 //!    [`chunked`], the stream formats ([`format`], what every parser yields; [`mpeg`] frames;
 //!    [`ogg`] pages; [`framing`], which picks one by Content-Type), [`icy`] (metadata blocks
-//!    between the audio), [`store`] (the segment store and its snapshot, generic over the settings it
+//!    between the audio), [`tls`] (the certificate, and a TLS connection the fan-out can write
+//!    like a socket), [`store`] (the segment store and its snapshot, generic over the settings it
 //!    carries), [`threads`] (named, pinned, CPU-accounted threads), [`open_files`].
 //! 2. **Vocabulary** shared by the stages: [`config`], [`cors`] (which web pages may read what,
 //!    and the preflight's answer), [`proxy`] (the client's address behind a trusted proxy: the
@@ -68,6 +69,7 @@ pub(crate) mod ogg;
 pub mod open_files;
 pub(crate) mod store;
 pub(crate) mod threads;
+pub(crate) mod tls;
 // Layer 2: vocabulary.
 pub(crate) mod auth;
 pub mod config;

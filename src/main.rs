@@ -64,6 +64,16 @@ struct Args {
     /// Do not serve the built-in demo mount.
     #[arg(long)]
     no_demo: bool,
+    /// Address for listeners and sources over TLS [default: none]; needs --tls-cert and
+    /// --tls-key.
+    #[arg(long, value_name = "ADDR")]
+    tls_listen: Option<SocketAddr>,
+    /// Certificate chain for TLS, PEM (reloaded on SIGHUP).
+    #[arg(long, value_name = "FILE")]
+    tls_cert: Option<PathBuf>,
+    /// Private key for TLS, PEM (reloaded on SIGHUP).
+    #[arg(long, value_name = "FILE")]
+    tls_key: Option<PathBuf>,
 }
 
 fn main() -> ExitCode {
@@ -161,7 +171,15 @@ fn run(args: Args) -> Result<(), String> {
             on(SignalKind::hangup())?,
         )
     };
-    let server = Server::start(config, listen_socket, admin_socket).map_err(|e| e.to_string())?;
+    let tls_socket = match config.startup.tls_listen {
+        Some(addr) => Some(
+            bind_listen_socket(addr)
+                .map_err(|e| format!("cannot listen on {addr} (tls_listen): {e}"))?,
+        ),
+        None => None,
+    };
+    let server = Server::start_with_tls(config, listen_socket, admin_socket, tls_socket)
+        .map_err(|e| e.to_string())?;
     rt.block_on(async {
         loop {
             tokio::select! {
@@ -211,6 +229,15 @@ fn apply_flags(config: &mut Config, args: &Args) -> Result<(), String> {
     }
     if args.no_demo {
         startup.demo = false;
+    }
+    if let Some(l) = args.tls_listen {
+        startup.tls_listen = Some(l);
+    }
+    if let Some(c) = &args.tls_cert {
+        startup.tls_cert = Some(c.clone());
+    }
+    if let Some(k) = &args.tls_key {
+        startup.tls_key = Some(k.clone());
     }
     if let Some(p) = &args.source_password {
         config.source_password = Some(p.clone());

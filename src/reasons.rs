@@ -33,6 +33,7 @@
 //! | `idle_head_evicted` | none | at `max_connections`, the oldest connection still without a head (after 250 ms; 100 ms on the admin port) was closed to make room |
 //! | `workers_full` | none | the server holds `max_connections`; accepting paused (once per episode) |
 //! | `accept_resources_exhausted` | none | accept failed for lack of descriptors or memory |
+//! | `tls_handshake_failed` | none | a TLS handshake that failed (no common version, cipher or ALPN protocol; not TLS at all); closed |
 //! | `untrusted_proxy` | none | with `proxy_protocol`, a connection from outside `trusted_proxies`; closed at accept |
 //! | `bad_proxy_header` | none | with `proxy_protocol`, a connection that did not start with a PROXY v1 or v2 header (or sent a malformed one, or one over 1 KiB); closed |
 
@@ -85,6 +86,7 @@ pub(crate) enum Refusal {
     },
     MountInUse,
     TooManySources,
+    TlsSourceUnsupported,
 }
 
 impl Refusal {
@@ -102,7 +104,7 @@ impl Refusal {
             Refusal::UriTooLong => 414,
             Refusal::PerIpLimit | Refusal::AuthRateLimited { .. } => 429,
             Refusal::HeadersTooLarge => 431,
-            Refusal::UnsupportedTransferEncoding => 501,
+            Refusal::UnsupportedTransferEncoding | Refusal::TlsSourceUnsupported => 501,
             Refusal::MountFull | Refusal::ServerFull | Refusal::TooManySources => 503,
         }
     }
@@ -129,6 +131,7 @@ impl Refusal {
             Refusal::AuthRateLimited { .. } => "auth_rate_limited",
             Refusal::MountInUse => "mount_in_use",
             Refusal::TooManySources => "too_many_sources",
+            Refusal::TlsSourceUnsupported => "tls_source_unsupported",
         }
     }
 
@@ -179,6 +182,7 @@ pub(crate) enum Unanswered {
     AcceptResourcesExhausted,
     UntrustedProxy,
     BadProxyHeader,
+    TlsHandshakeFailed,
 }
 
 impl Unanswered {
@@ -191,6 +195,7 @@ impl Unanswered {
             Unanswered::AcceptResourcesExhausted => "accept_resources_exhausted",
             Unanswered::UntrustedProxy => "untrusted_proxy",
             Unanswered::BadProxyHeader => "bad_proxy_header",
+            Unanswered::TlsHandshakeFailed => "tls_handshake_failed",
         }
     }
 
@@ -212,6 +217,7 @@ impl Unanswered {
             Unanswered::BadProxyHeader => {
                 "closed: proxy_protocol is on and the connection did not start with a PROXY header"
             }
+            Unanswered::TlsHandshakeFailed => "closed: the TLS handshake failed",
         }
     }
 }

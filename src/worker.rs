@@ -19,13 +19,16 @@ use tokio::runtime::Runtime;
 use tokio::sync::mpsc::{self, UnboundedSender};
 use tokio::task::LocalSet;
 
-use crate::conn::{close_unanswered, refuse, Accepted, ConnGuard, Incoming, ToIngest, WorkerCtx};
+use crate::conn::{
+    close_unanswered, refuse, Accepted, ConnGuard, Incoming, Io, ToIngest, WorkerCtx,
+};
 use crate::fanout::FanOut;
 use crate::heads::Pending;
 use crate::http::{self, Method, ReadHeadError};
 use crate::proxy::ProxyHeaderError;
 use crate::reasons::{Refusal, Unanswered};
 use crate::shared::Shared;
+use crate::tls::TlsConn;
 
 /// What the listener port serves, for `Allow`.
 const ALLOWED_METHODS: &str = "GET, HEAD, OPTIONS, SOURCE, PUT";
@@ -46,6 +49,7 @@ pub(crate) fn run(
             label: index.to_string(),
             admit: admit_tx,
             to_ingest,
+            handshakes: tokio::sync::Semaphore::new(MAX_HANDSHAKES_PER_WORKER),
         });
         let intake = tokio::task::spawn_local(intake(ctx.clone(), conns));
         FanOut::new(ctx.clone(), admit_rx).run().await;
@@ -66,12 +70,19 @@ async fn intake(ctx: Rc<WorkerCtx>, conns: Receiver<Accepted>) {
                 head,
                 head_timeout,
                 over_ip_limit,
+                tls,
             } = accepted;
             match TcpStream::from_std(stream) {
                 Ok(stream) => {
                     let task_ctx = ctx.clone();
                     spawn_isolated(&ctx, move || {
-                        handle(task_ctx, stream, guard, head, head_timeout, over_ip_limit)
+                        let first = First {
+                            head,
+                            head_timeout,
+                            over_ip_limit,
+                            tls,
+                        };
+                        handle(task_ctx, stream, guard, first)
                     });
                 }
                 Err(e) => tracing::warn!(error = %e, "cannot register accepted socket"),
@@ -114,16 +125,33 @@ fn spawn_isolated<F: Future<Output = ()> + 'static>(
     });
 }
 
-/// Reads the request head within the time the acceptor gave it, unless the acceptor closes it
-/// first to make room, and routes the request by its method.
-async fn handle(
-    ctx: Rc<WorkerCtx>,
-    mut stream: TcpStream,
-    mut conn: ConnGuard,
+/// What the acceptor decided about a connection, for its first steps on the worker.
+struct First {
+    /// Counts it among pending heads until its head is read.
     head: Pending,
     head_timeout: Duration,
     over_ip_limit: bool,
-) {
+    /// It came on the TLS port.
+    tls: bool,
+}
+
+/// Most TLS handshakes one worker runs at once. A handshake costs a worker a fraction of a
+/// millisecond of CPU (a key exchange and a signature) in one poll of its connection's own
+/// task, between which the fan-out runs; past this many, newcomers wait their turn without
+/// costing anything, within their head timeout. So a flood of handshakes takes at most a
+/// bounded share of each worker, not the worker.
+const MAX_HANDSHAKES_PER_WORKER: usize = 16;
+
+/// Runs the TLS handshake if the connection came on the TLS port, reads the request head within
+/// the time the acceptor gave it (the handshake included), unless the acceptor closes it first
+/// to make room, and routes the request by its method.
+async fn handle(ctx: Rc<WorkerCtx>, mut stream: TcpStream, mut conn: ConnGuard, first: First) {
+    let First {
+        head,
+        head_timeout,
+        over_ip_limit,
+        tls,
+    } = first;
     let Ok(peer) = stream.peer_addr().map(crate::conn::canonical) else {
         return;
     };
@@ -132,15 +160,41 @@ async fn handle(
         drop(head);
         return refuse(shared, &mut stream, peer, Refusal::PerIpLimit).await;
     }
+    let deadline = tokio::time::Instant::now() + head_timeout;
+    let mut stream = if tls {
+        let Some(config) = shared.tls.as_ref().map(|t| t.load_full()) else {
+            return;
+        };
+        let handshake = async {
+            let _turn = ctx.handshakes.acquire().await;
+            TlsConn::handshake(config, &mut stream).await
+        };
+        let done = tokio::select! {
+            done = tokio::time::timeout_at(deadline, handshake) => done,
+            () = head.evicted() => {
+                return close_unanswered(shared, Unanswered::IdleHeadEvicted, peer, &stream);
+            }
+        };
+        match done {
+            Err(_) => return close_unanswered(shared, Unanswered::HeaderTimeout, peer, &stream),
+            Ok(Err(e)) => {
+                tracing::debug!(%peer, error = %e, "TLS handshake failed");
+                return close_unanswered(shared, Unanswered::TlsHandshakeFailed, peer, &stream);
+            }
+            Ok(Ok(session)) => Io::Tls(Box::new(TlsConn::new(stream, session))),
+        }
+    } else {
+        Io::Plain(stream)
+    };
     let (proxied, proxy_protocol) = {
         let cfg = shared.config.load();
         let proxied = cfg.trusts(peer.ip());
         // The acceptor has closed an untrusted peer's connection when proxy_protocol is on.
-        (proxied, proxied && cfg.proxy_protocol)
+        (proxied, proxied && cfg.proxy_protocol && !tls)
     };
     // One deadline for the PROXY header and the request head: a proxy sends both at once.
     let read = tokio::select! {
-        read = tokio::time::timeout(head_timeout, read_request(&mut stream, proxy_protocol)) => read,
+        read = tokio::time::timeout_at(deadline, read_request(&mut stream, proxy_protocol)) => read,
         () = head.evicted() => {
             return close_unanswered(shared, Unanswered::IdleHeadEvicted, peer, &stream);
         }
@@ -192,7 +246,7 @@ enum Unread {
 /// Reads the PROXY header when the connection must start with one, then the request head.
 /// Returns the client the header names, the head, and the bytes after it.
 async fn read_request(
-    stream: &mut TcpStream,
+    stream: &mut Io,
     proxy_protocol: bool,
 ) -> Result<(Option<std::net::SocketAddr>, http::Request, Vec<u8>), Unread> {
     let (named, after) = if proxy_protocol {
@@ -215,7 +269,7 @@ async fn read_request(
 /// Hands a request whose head has been read to its stage.
 async fn route(
     ctx: Rc<WorkerCtx>,
-    stream: TcpStream,
+    stream: Io,
     req: http::Request,
     leftover: Vec<u8>,
     peer: SocketAddr,
