@@ -141,6 +141,37 @@ impl Io {
     }
 }
 
+impl Io {
+    /// Takes the connection off this thread's runtime, to be attached on another's.
+    pub fn detach(self) -> std::io::Result<Detached> {
+        match self {
+            Io::Plain(tcp) => Ok(Detached::Plain(tcp.into_std()?)),
+            Io::Tls(tls) => {
+                let (tcp, session) = tls.into_parts();
+                Ok(Detached::Tls(tcp.into_std()?, Box::new(session)))
+            }
+        }
+    }
+}
+
+/// A connection between two threads' runtimes: a source on its way to ingest.
+pub(crate) enum Detached {
+    Plain(std::net::TcpStream),
+    Tls(std::net::TcpStream, Box<rustls::ServerConnection>),
+}
+
+impl Detached {
+    /// Registers the socket with the runtime of the thread calling.
+    pub fn attach(self) -> std::io::Result<Io> {
+        Ok(match self {
+            Detached::Plain(tcp) => Io::Plain(TcpStream::from_std(tcp)?),
+            Detached::Tls(tcp, session) => {
+                Io::Tls(Box::new(TlsConn::new(TcpStream::from_std(tcp)?, *session)))
+            }
+        })
+    }
+}
+
 impl AsyncRead for Io {
     fn poll_read(
         self: std::pin::Pin<&mut Self>,
@@ -269,7 +300,7 @@ impl Feed {
 
 /// An authenticated encoder, not answered yet.
 pub(crate) struct Encoder {
-    pub stream: std::net::TcpStream,
+    pub stream: Detached,
     pub peer: SocketAddr,
     /// The encoder waits for `100 Continue` before sending.
     pub expect_continue: bool,

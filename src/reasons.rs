@@ -86,7 +86,6 @@ pub(crate) enum Refusal {
     },
     MountInUse,
     TooManySources,
-    TlsSourceUnsupported,
 }
 
 impl Refusal {
@@ -104,7 +103,7 @@ impl Refusal {
             Refusal::UriTooLong => 414,
             Refusal::PerIpLimit | Refusal::AuthRateLimited { .. } => 429,
             Refusal::HeadersTooLarge => 431,
-            Refusal::UnsupportedTransferEncoding | Refusal::TlsSourceUnsupported => 501,
+            Refusal::UnsupportedTransferEncoding => 501,
             Refusal::MountFull | Refusal::ServerFull | Refusal::TooManySources => 503,
         }
     }
@@ -131,7 +130,6 @@ impl Refusal {
             Refusal::AuthRateLimited { .. } => "auth_rate_limited",
             Refusal::MountInUse => "mount_in_use",
             Refusal::TooManySources => "too_many_sources",
-            Refusal::TlsSourceUnsupported => "tls_source_unsupported",
         }
     }
 

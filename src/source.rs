@@ -44,22 +44,7 @@ pub(crate) async fn handshake(ctx: &WorkerCtx, incoming: Incoming) {
         peer,
         conn,
     } = incoming;
-    let stream = match stream {
-        crate::conn::Io::Plain(tcp) => tcp.into_std(),
-        crate::conn::Io::Tls(_) => {
-            // Ingest reads plain sockets only, for now.
-            return Incoming {
-                stream,
-                req,
-                leftover,
-                peer,
-                conn,
-            }
-            .refuse(&ctx.shared, Refusal::TlsSourceUnsupported)
-            .await;
-        }
-    };
-    let stream = match stream {
+    let stream = match stream.detach() {
         Ok(s) => s,
         Err(e) => {
             tracing::warn!(%peer, error = %e, "cannot hand source socket to ingest");

@@ -93,6 +93,11 @@ impl TlsConn {
         }
     }
 
+    /// The socket and the session, to move to another thread's runtime (a source, to ingest).
+    pub fn into_parts(self) -> (TcpStream, ServerConnection) {
+        (self.tcp, self.session.into_inner())
+    }
+
     pub fn socket(&self) -> &TcpStream {
         &self.tcp
     }

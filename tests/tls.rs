@@ -295,3 +295,99 @@ fn the_page_and_status_are_served_over_tls_and_a_silent_handshake_is_closed() {
         |v| v == 1.0,
     );
 }
+
+#[test]
+fn ffmpeg_pushes_over_tls_and_a_plain_listener_and_a_tls_one_decode_it() {
+    let dir = scratch_dir("tls_source");
+    let ca = Ca::new(&dir);
+    ca.issue(11);
+    let srv = tls_server(&ca);
+    let tls_addr = srv.tls.unwrap();
+    // `icecast://` with `-tls 1`: the source protocol over TLS, as ffmpeg speaks it.
+    let _source = ffmpeg_source_tls(tls_addr, "/secure", &Tone::new(Codec::Mp3, 60.0));
+    srv.wait_metric("fanstream_source_up", &["mount=\"/secure\""], |v| v == 1.0);
+    let plain = dir.join("plain.mp3");
+    let secure = dir.join("secure.mp3");
+    for (url, file, ca_args) in [
+        (format!("http://{}/secure", srv.addr), &plain, vec![]),
+        (
+            format!("https://localhost:{}/secure", tls_addr.port()),
+            &secure,
+            vec!["--cacert".to_string(), ca.path().display().to_string()],
+        ),
+    ] {
+        let out = Command::new("curl")
+            .args(["-sS", "--max-time", "4", "-o"])
+            .arg(file)
+            .args(&ca_args)
+            .arg(&url)
+            .output()
+            .expect("curl runs");
+        assert!(
+            out.status.code() == Some(28) || out.status.success(),
+            "curl {url}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let decoded = ffmpeg_decode(file);
+        assert!(decoded.seconds > 2.0, "{url}: {decoded:?}");
+    }
+}
+
+/// The binary: `--tls-listen`, `--tls-cert` and `--tls-key` bring up the TLS port, and `SIGHUP`
+/// puts a new certificate in service, or keeps the running one when the new file is bad.
+#[test]
+fn the_binary_takes_its_tls_flags_and_reloads_the_certificate_on_sighup() {
+    let dir = scratch_dir("tls_binary");
+    let ca = Ca::new(&dir);
+    let first = ca.issue(21);
+    let (cert, key) = (dir.join("cert.pem"), dir.join("key.pem"));
+    let server = fanstream_with(
+        &dir,
+        "",
+        "127.0.0.1:0",
+        &[
+            "--tls-listen",
+            "127.0.0.1:0",
+            "--tls-cert",
+            cert.to_str().unwrap(),
+            "--tls-key",
+            key.to_str().unwrap(),
+        ],
+    );
+    let mut program = server.program;
+    program.collect();
+    let tls_addr: SocketAddr = program
+        .log
+        .iter()
+        .find_map(|l| {
+            l.split_whitespace()
+                .find_map(|w| w.strip_prefix("tls=Some("))
+        })
+        .and_then(|a| a.trim_end_matches(')').parse().ok())
+        .unwrap_or_else(|| panic!("no TLS address in {:?}", program.log));
+    let versions = &[&rustls::version::TLS13];
+    let handshake = || {
+        let (tls, head) = tls_listener(tls_addr, client_config(&ca, versions), "/");
+        assert!(head.starts_with("HTTP/1.0 200"), "{head}");
+        peer_certificate(&tls)
+    };
+    assert_eq!(handshake(), first);
+    let hangup = |program: &Program| {
+        // SAFETY: signals the child this test started and still holds.
+        assert_eq!(unsafe { libc::kill(program.guard.pid(), libc::SIGHUP) }, 0);
+    };
+
+    let second = ca.issue(22);
+    hangup(&program);
+    program.wait_line("the reload", DEADLINE, |l| {
+        l.contains("TLS certificate reloaded")
+    });
+    assert_eq!(handshake(), second);
+
+    std::fs::write(&cert, "not a certificate\n").unwrap();
+    hangup(&program);
+    program.wait_line("the refusal", DEADLINE, |l| {
+        l.contains("config refused") && l.contains("tls_cert")
+    });
+    assert_eq!(handshake(), second, "the running certificate stays");
+}

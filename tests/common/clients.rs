@@ -161,6 +161,11 @@ pub fn fanstream(dir: &Path, toml: &str) -> Fanstream {
 
 /// [`fanstream`] with `--listen LISTEN` instead of `127.0.0.1:0`.
 pub fn fanstream_listening(dir: &Path, toml: &str, listen: &str) -> Fanstream {
+    fanstream_with(dir, toml, listen, &[])
+}
+
+/// [`fanstream_listening`] with `extra` flags after the others.
+pub fn fanstream_with(dir: &Path, toml: &str, listen: &str, extra: &[&str]) -> Fanstream {
     let path = dir.join("fanstream.toml");
     std::fs::write(&path, toml).unwrap();
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_fanstream"));
@@ -179,7 +184,8 @@ pub fn fanstream_listening(dir: &Path, toml: &str, listen: &str) -> Fanstream {
             "2",
             "--source-password",
             PASSWORD,
-        ]);
+        ])
+        .args(extra);
     let mut program = Program::spawn("fanstream", &mut cmd);
     let started = program.wait_line("the start-up line", DEADLINE, |l| {
         l.contains("fanstream started")
@@ -409,6 +415,22 @@ pub fn ffmpeg_source(addr: SocketAddr, mount: &str, tone: &Tone) -> Program {
         .args(["-content_type", tone.codec.content_type()])
         .arg(icecast_url(addr, mount));
     Program::spawn("ffmpeg source", &mut cmd)
+}
+
+/// [`ffmpeg_source`] over TLS, to the TLS port at `addr` by the name `localhost`:
+/// `... -content_type TYPE -tls 1 icecast://source:PASS@localhost:PORT/MOUNT`.
+pub fn ffmpeg_source_tls(addr: SocketAddr, mount: &str, tone: &Tone) -> Program {
+    require("ffmpeg");
+    let mut cmd = Command::new("ffmpeg");
+    cmd.args(["-hide_banner", "-loglevel", "error", "-re"])
+        .args(tone.input_args())
+        .args(tone.encode_args())
+        .args(["-content_type", tone.codec.content_type(), "-tls", "1"])
+        .arg(format!(
+            "icecast://source:{PASSWORD}@localhost:{}{mount}",
+            addr.port()
+        ));
+    Program::spawn("ffmpeg TLS source", &mut cmd)
 }
 
 /// A live source sending a file as it is, in real time:
