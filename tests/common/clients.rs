@@ -775,9 +775,16 @@ output.icecast({encoder}, host="{host}", port={port}, user="source", password="{
 
 /// The file:// address of tests/web/player.html playing `stream_url`.
 pub fn player_page(stream_url: &str) -> String {
-    let page = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/web/player.html");
+    test_page("player.html", "src", stream_url)
+}
+
+/// The file:// address of tests/web/PAGE with `?PARAM=VALUE` (the value percent-encoded).
+pub fn test_page(name: &str, param: &str, value: &str) -> String {
+    let page = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/web")
+        .join(name);
     assert!(page.exists(), "{} is missing", page.display());
-    let encoded: String = stream_url
+    let encoded: String = value
         .bytes()
         .map(|b| match b {
             b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'.' | b'_' | b'~' => {
@@ -786,7 +793,7 @@ pub fn player_page(stream_url: &str) -> String {
             _ => format!("%{b:02X}"),
         })
         .collect();
-    format!("file://{}?src={encoded}", page.display())
+    format!("file://{}?{param}={encoded}", page.display())
 }
 
 /// Headless Chromium opening `page` (as root, hence `--no-sandbox`):
@@ -794,6 +801,12 @@ pub fn player_page(stream_url: &str) -> String {
 /// --autoplay-policy=no-user-gesture-required --user-data-dir=DIR/chromium --enable-logging=stderr
 /// --v=0 PAGE`. The page's `console.log` lines appear in its stderr as `...:INFO:CONSOLE...`.
 pub fn chromium(dir: &Path, page: &str, secs: u32) -> Program {
+    chromium_with(dir, page, secs, &[])
+}
+
+/// [`chromium`] with `extra` flags before the page (`--ignore-certificate-errors` for a test
+/// certificate).
+pub fn chromium_with(dir: &Path, page: &str, secs: u32, extra: &[&str]) -> Program {
     require("timeout");
     require("chromium");
     let mut cmd = Command::new("timeout");
@@ -810,6 +823,7 @@ pub fn chromium(dir: &Path, page: &str, secs: u32) -> Program {
             dir.join("chromium").display()
         ))
         .args(["--enable-logging=stderr", "--v=0"])
+        .args(extra)
         .arg(page);
     Program::spawn("chromium", &mut cmd)
 }

@@ -2,6 +2,7 @@
 //! clients, a verifiable byte pattern, and waiting on /metrics with deadlines.
 #![allow(dead_code)] // each test binary uses its own part of this module
 
+pub mod certs;
 pub mod clients;
 pub mod media;
 pub mod process;
