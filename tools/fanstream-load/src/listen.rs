@@ -186,7 +186,9 @@ fn tls_connector(ca: &std::path::Path) -> TlsConnector {
     use rustls::pki_types::pem::PemObject;
     let mut roots = rustls::RootCertStore::empty();
     for cert in rustls::pki_types::CertificateDer::pem_file_iter(ca).expect("the CA file") {
-        roots.add(cert.expect("a CA certificate")).expect("a usable CA");
+        roots
+            .add(cert.expect("a CA certificate"))
+            .expect("a usable CA");
     }
     let mut config = rustls::ClientConfig::builder_with_provider(Arc::new(
         rustls::crypto::ring::default_provider(),

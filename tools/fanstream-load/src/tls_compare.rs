@@ -29,7 +29,12 @@ pub fn tls_compare(o: &RunOpts) -> Result<(), String> {
 fn table(plain: &Summary, tls: &Summary) -> String {
     let mut t = format!(
         "{} listeners at {} kbit/s ({} B every {} ms), {:.0} s window; machine: {}\n\n",
-        tls.clients, tls.bitrate_kbps, tls.piece_bytes, tls.interval_ms, tls.window_secs, tls.machine
+        tls.clients,
+        tls.bitrate_kbps,
+        tls.piece_bytes,
+        tls.interval_ms,
+        tls.window_secs,
+        tls.machine
     );
     t += "| | plain | TLS | TLS / plain |\n|---|---|---|---|\n";
     let numeric: [(&str, f64, f64, usize); 8] = [
@@ -111,7 +116,11 @@ fn table(plain: &Summary, tls: &Summary) -> String {
             format!("{:.0}", plain.machine_busy_pct),
             format!("{:.0}", tls.machine_busy_pct),
         ),
-        ("started", plain.started_utc.clone(), tls.started_utc.clone()),
+        (
+            "started",
+            plain.started_utc.clone(),
+            tls.started_utc.clone(),
+        ),
         (
             "load average before",
             plain.loadavg_before.clone(),
