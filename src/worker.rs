@@ -156,10 +156,6 @@ async fn handle(ctx: Rc<WorkerCtx>, mut stream: TcpStream, mut conn: ConnGuard, 
         return;
     };
     let shared = &ctx.shared;
-    if over_ip_limit {
-        drop(head);
-        return refuse(shared, &mut stream, peer, Refusal::PerIpLimit).await;
-    }
     let deadline = tokio::time::Instant::now() + head_timeout;
     let mut stream = if tls {
         let Some(config) = shared.tls.as_ref().map(|t| t.load_full()) else {
@@ -186,6 +182,11 @@ async fn handle(ctx: Rc<WorkerCtx>, mut stream: TcpStream, mut conn: ConnGuard, 
     } else {
         Io::Plain(stream)
     };
+    // Answered in the connection's own protocol: over TLS, once the handshake is done.
+    if over_ip_limit {
+        drop(head);
+        return refuse(shared, &mut stream, peer, Refusal::PerIpLimit).await;
+    }
     let (proxied, proxy_protocol) = {
         let cfg = shared.config.load();
         let proxied = cfg.trusts(peer.ip());
