@@ -352,3 +352,23 @@ fn the_binary_takes_its_tls_flags_and_reloads_the_certificate_on_sighup() {
     });
     assert_eq!(handshake(), second, "the running certificate stays");
 }
+
+/// A refusal on the TLS port is answered over TLS, after the handshake: a client sees its 429.
+#[test]
+fn over_the_per_address_limit_a_tls_client_gets_its_429_over_tls() {
+    let dir = scratch_dir("tls_per_ip");
+    let ca = Ca::new(&dir);
+    ca.issue(41);
+    let certs = dir.clone();
+    let srv = TestServer::start_tls(move |c| {
+        c.startup.tls_cert = Some(certs.join("cert.pem"));
+        c.startup.tls_key = Some(certs.join("key.pem"));
+        c.max_connections_per_ip = 1;
+    });
+    let _source = Source::connect(srv.addr, "/live");
+    let versions = &[&rustls::version::TLS13];
+    let (_held, head) = tls_listener(srv.tls.unwrap(), client_config(&ca, versions), "/live");
+    assert!(head.starts_with("HTTP/1.0 200"), "{head}");
+    let (_, head) = tls_listener(srv.tls.unwrap(), client_config(&ca, versions), "/live");
+    assert!(head.starts_with("HTTP/1.0 429"), "{head}");
+}
