@@ -178,6 +178,10 @@ impl AsyncRead for TlsConn {
                     return Poll::Ready(Ok(()));
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                // The peer closed without a close_notify, as encoders and players mostly do:
+                // the end of the stream, as on a plain socket. (A live stream has no length a
+                // truncation could shorten unnoticed.)
+                Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => return Poll::Ready(Ok(())),
                 Err(e) => return Poll::Ready(Err(e)),
             }
             // What the peer's messages asked for (a key update's answer) goes out with the

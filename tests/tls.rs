@@ -265,7 +265,7 @@ fn ffmpeg_pushes_over_tls_and_a_plain_listener_and_a_tls_one_decode_it() {
     let srv = tls_server(&ca);
     let tls_addr = srv.tls.unwrap();
     // `icecast://` with `-tls 1`: the source protocol over TLS, as ffmpeg speaks it.
-    let _source = ffmpeg_source_tls(tls_addr, "/secure", &Tone::new(Codec::Mp3, 60.0));
+    let source = ffmpeg_source_tls(tls_addr, "/secure", &Tone::new(Codec::Mp3, 60.0));
     srv.wait_metric("fanstream_source_up", &["mount=\"/secure\""], |v| v == 1.0);
     let plain = dir.join("plain.mp3");
     let secure = dir.join("secure.mp3");
@@ -292,6 +292,13 @@ fn ffmpeg_pushes_over_tls_and_a_plain_listener_and_a_tls_one_decode_it() {
         let decoded = ffmpeg_decode(file);
         assert!(decoded.seconds > 2.0, "{url}: {decoded:?}");
     }
+    // Killed, the encoder sends no close_notify: its stream has ended all the same.
+    drop(source);
+    srv.wait_metric(
+        "fanstream_source_disconnects_total",
+        &["mount=\"/secure\"", "reason=\"closed\""],
+        |v| v == 1.0,
+    );
 }
 
 /// The binary: `--tls-listen`, `--tls-cert` and `--tls-key` bring up the TLS port, and `SIGHUP`
