@@ -9,10 +9,13 @@
 //!  player  ◀──long GET──── fanout on each worker ◀── admission ◀── router ◀┘
 //! ```
 //!
-//! - [`acceptor`](acceptor): one thread accepts TCP connections and hands each, over a crossbeam
-//!   channel, to the least-loaded worker.
+//! - [`acceptor`](acceptor): one thread accepts TCP connections, on the plain port and the TLS
+//!   one, and hands each, over a crossbeam channel, to the least-loaded worker. Behind a trusted
+//!   proxy, the client's address comes from the proxy ([`proxy`]) once the worker has read it.
 //! - [`worker`](worker): N threads, each pinned to a core and running its own current-thread tokio
-//!   runtime. Its router reads the request head ([`http`]) and hands the request to a stage:
+//!   runtime. It runs a TLS connection's handshake ([`tls`]; the connection is then a
+//!   [`conn::Io`] like a plain one, down to the fan-out's writes). Its router reads the request
+//!   head ([`http`]) and hands the request to a stage (or answers `/`, the [`page`]):
 //!   [`status`] pages, listener [`admission`], or the [`source`] handshake.
 //! - [`source`](source): checks and authenticates an encoder, then hands it to ingest.
 //! - [`ingest`](ingest): one thread claims mounts for sources, reads every source (decoding

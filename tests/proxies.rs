@@ -158,3 +158,31 @@ fn an_untrusted_peers_x_forwarded_for_is_ignored() {
     });
     assert!(line.contains("peer=127.0.0.2:"), "{line}");
 }
+
+#[test]
+fn behind_haproxy_send_proxy_v1_the_client_is_counted() {
+    let dir = scratch_dir("proxies_v1");
+    let server = fanstream(
+        &dir,
+        "trusted_proxies = [\"127.0.0.0/8\"]\nproxy_protocol = true\nmax_connections_per_ip = 1\n[defaults]\nmax_write_delay_ms = 0\n",
+    );
+    let hap = haproxy(&dir, "tcp", "", server.addr, "send-proxy");
+    let mut source = live_source(hap.addr);
+    // The clients' own loopback addresses are in the trusted range too: the PROXY header, not
+    // the connection, names them.
+    let (mut first, head) = listen_from("127.0.0.2", hap.addr, "");
+    assert!(head.starts_with("HTTP/1.0 200"), "{head}");
+    let (_, head) = listen_from("127.0.0.2", hap.addr, "");
+    assert!(head.starts_with("HTTP/1.0 429"), "{head}");
+    let (_other, head) = listen_from("127.0.0.3", hap.addr, "");
+    assert!(head.starts_with("HTTP/1.0 200"), "{head}");
+    let mut log = server.program;
+    log.wait_line(
+        "the refusal logged with the client's address",
+        DEADLINE,
+        |l| l.contains("per_ip_limit") && l.contains("peer=127.0.0.2:"),
+    );
+    source.send_pattern(200_000, 400_000, 4000, Duration::ZERO);
+    assert_streams(&mut first, 100_000, "first listener");
+    drop(hap);
+}
