@@ -1,23 +1,32 @@
 //! The fan-out loop: one per worker, writing every listener of that worker.
 //!
-//! The loop owns all of its worker's listeners, grouped in shards by mount. When ingest
-//! publishes, the worker is woken once; the loop loads each mount's snapshot once (stream and
-//! settings in one load) and walks its listeners, writing each one's backlog with one vectored
-//! write of shared `Bytes` (no copy, no allocation, no lock per listener). Listeners at the same
-//! position (all who keep up) share one gathered slice list per round.
+//! The loop owns all of its worker's listeners, grouped in shards by mount. Its work follows what
+//! is due, not how many mounts and listeners it holds: ingest wakes only the workers with
+//! listeners of the mount that published, and only once the stream reached what each shard said
+//! it waits for ([`crate::mounts::OnWorker::wake_at`]: the first byte past the edge, or enough
+//! bytes for a coalesced write, or a parked listener's lag limit), and queues that mount for them
+//! ([`crate::shared::Shared::published`]); the woken loop serves only the queued mounts' shards,
+//! loading each snapshot once (stream and settings in one load) and writing each due listener's
+//! backlog with one vectored write of shared `Bytes` (no copy, no allocation, no lock per
+//! listener). Listeners at the same position (all who keep up) share one gathered slice list.
 //!
 //! Writes are coalesced: a listener is written once `min_write_bytes` are pending or its oldest
 //! pending byte is `max_write_delay_ms` old, since a syscall costs the same for 300 bytes as for
-//! 16 KiB. The loop keeps one timer for the earliest such deadline, not one per listener.
+//! 16 KiB. Each shard files its waiting listeners by stream offset ([`DueList`]), so the due ones
+//! are taken without looking at the others; each shard's next deadline is filed per worker, which
+//! keeps one timer for the earliest and on it serves only the shards whose deadline passed. An
+//! idle mount, and a mount without listeners, cost a worker nothing.
 //!
 //! A listener whose socket is full is parked: a small task waits for the socket to become writable
-//! and hands it back to the loop. Parked listeners cost nothing per round but a lag check, and the
-//! lag policy drops or skips them when they fall too far behind, so they never hold up others.
+//! and hands it back to the loop. Parked listeners cost nothing but a lag check when their mount
+//! publishes, and the lag policy drops or skips them when they fall too far behind, so they never
+//! hold up others.
 
 use std::cell::RefCell;
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::io::{self, IoSlice};
 use std::rc::Rc;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{fence, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -27,7 +36,8 @@ use tokio::sync::{mpsc, Notify};
 use tokio::task::JoinHandle;
 
 use crate::config::{LagPolicy, MountSettings};
-use crate::conn::{ConnGuard, Io, ListenerGuard, NewListener, WorkerCtx};
+use crate::conn::{ConnGuard, Control, Io, ListenerGuard, NewListener, WorkerCtx};
+use crate::http::RESPONSE_TIMEOUT;
 use crate::icy::Cadence;
 use crate::mounts::{Mount, Snapshot};
 use crate::reasons::Disconnect;
@@ -47,8 +57,16 @@ const MAX_WRITE_BYTES: usize = 256 * 1024;
 /// How often listeners' lag is sampled into `fanstream_listener_lag_bytes`: each sample costs a
 /// histogram update per listener, so not every round.
 const LAG_SAMPLE_EVERY: Duration = Duration::from_secs(1);
+/// The most of an unfinished frame or page a moved listener is sent: an Ogg page is at most
+/// 65,307 bytes; a stream without sync points (passed through as it came) has no frame to
+/// finish, and gets no more than this.
+const MAX_FRAME_REST_BYTES: usize = 65_307;
 
 struct Listener {
+    /// Counts the listener while it lives, and names it (its id) to the admin API. Declared
+    /// before the socket, so dropped while the socket is still open (the access log reads the
+    /// socket's byte count then).
+    guard: ListenerGuard,
     /// Shared with the parked task while the socket is full.
     stream: Rc<Io>,
     /// Absolute offset of the next byte of the stream to send.
@@ -58,8 +76,6 @@ struct Listener {
     icy: Option<Box<Cadence>>,
     /// The task waiting for the socket to become writable, while parked.
     parked: Option<Parked>,
-    /// Held for its `Drop`: counts the listener while it lives.
-    _guard: ListenerGuard,
     conn: ConnGuard,
 }
 
@@ -76,12 +92,64 @@ impl Drop for Parked {
     }
 }
 
+/// A shard's listeners that are neither parked nor being served, by the stream offset each waits
+/// at: the fan-out's deadline structure. The listeners behind at the smallest offsets are the
+/// most due (most bytes pending, oldest byte oldest), so those due form a prefix, taken without
+/// looking at the others; and the first offset left gives the shard's next deadline. Listeners
+/// that keep up all wait at one offset, so this is one entry for most of a shard.
+#[derive(Default)]
+struct DueList {
+    by_pos: BTreeMap<u64, Vec<usize>>,
+}
+
+impl DueList {
+    fn insert(&mut self, pos: u64, key: usize) {
+        self.by_pos.entry(pos).or_default().push(key);
+    }
+
+    /// Moves into `out` the listeners at the leading offsets that `due` accepts, stopping at the
+    /// first offset it refuses.
+    fn take_due(&mut self, mut due: impl FnMut(u64) -> bool, out: &mut Vec<usize>) {
+        while let Some(entry) = self.by_pos.first_entry() {
+            if !due(*entry.key()) {
+                return;
+            }
+            out.extend(entry.remove());
+        }
+    }
+
+    /// Takes out one listener, waiting at `pos`.
+    fn remove(&mut self, pos: u64, key: usize) {
+        if let Some(keys) = self.by_pos.get_mut(&pos) {
+            keys.retain(|&k| k != key);
+            if keys.is_empty() {
+                self.by_pos.remove(&pos);
+            }
+        }
+    }
+
+    /// The smallest offset a listener waits at.
+    fn first(&self) -> Option<u64> {
+        self.by_pos.first_key_value().map(|(pos, _)| *pos)
+    }
+
+    fn clear(&mut self) {
+        self.by_pos.clear();
+    }
+}
+
 /// A worker's listeners of one mount.
 struct Shard {
-    /// Unique within the worker for its lifetime: parked tasks name their listener by it.
+    /// Unique within the worker for its lifetime, never 0: parked tasks name their listener by
+    /// it, and the mount names this shard by it to the worker ([`crate::mounts::OnWorker`]).
     id: u64,
     mount: Arc<Mount>,
     listeners: Slab<Listener>,
+    /// Every listener is in exactly one of `due` and `parked`, except while being served.
+    due: DueList,
+    parked: Vec<usize>,
+    /// When its next coalesced write falls due, as filed in [`Shards::deadlines`].
+    deadline: Option<Instant>,
     sent_bytes: IntCounter,
     writes: IntCounter,
     skips: IntCounter,
@@ -94,8 +162,8 @@ struct Shard {
 
 /// What serving one listener came to.
 enum Served {
-    /// Nothing due; if bytes are pending, they are due at this instant.
-    Idle(Option<Instant>),
+    /// Nothing to write now: what is pending waits for coalescing, or for the socket to drain.
+    Idle,
     /// Caught up with the live edge.
     Done,
     /// Fell too far behind and was moved to the live edge (`lag_policy = "skip"`).
@@ -203,11 +271,32 @@ impl<'a> Pass<'a> {
     }
 }
 
+/// Which listeners of a shard a serving pass visits.
+#[derive(Clone, Copy)]
+enum Visit {
+    /// Those whose coalesced write is due, and the parked ones (few), whose lag may have passed
+    /// the limit or whose send timeout may have run out.
+    Due,
+    /// One listener, written at once: a newcomer, or one whose socket drained.
+    One(usize),
+}
+
+/// What is left to do with a shard after serving it.
+enum After {
+    Keep,
+    /// It has no listener left.
+    Empty,
+    /// Its mount ended: its listeners leave.
+    Closed,
+    /// Its mount ended with a fallback: its listeners move there.
+    MovedTo(String),
+}
+
 impl Shard {
-    /// Serves this shard's listeners (only the one at `only`, if given) against `snap`, the
-    /// mount's snapshot loaded once for the round, acts on each outcome, and adds the work to the
-    /// counters once. Returns the earliest instant a coalesced write falls due.
-    fn serve(&mut self, snap: &Snapshot, only: Option<usize>, pass: &Pass) -> Option<Instant> {
+    /// Serves the listeners `visit` names against `snap`, the mount's snapshot loaded once for
+    /// the pass, files each by its outcome, and adds the work to the counters once. Returns when
+    /// the first listener left waiting falls due, if bytes are pending for it.
+    fn serve(&mut self, snap: &Snapshot, visit: Visit, pass: &Pass) -> Option<Instant> {
         let round = Round {
             snap,
             settings: &snap.settings,
@@ -218,36 +307,49 @@ impl Shard {
             #[cfg(feature = "fault-injection")]
             inject_panic: self.inject_panic,
         };
+        let mut batch = Vec::new();
+        // The first offset left waiting, with when it falls due: found while taking the due
+        // ones, so that the stream is not searched for it twice.
+        let mut refused = None;
+        match visit {
+            Visit::One(key) => batch.push(key),
+            Visit::Due => {
+                batch.append(&mut self.parked);
+                let mut due = |pos| match due_at(&round, pos) {
+                    Due::Now => true,
+                    Due::At(at) => {
+                        refused = Some((pos, Some(at)));
+                        false
+                    }
+                    Due::OnData => {
+                        refused = Some((pos, None));
+                        false
+                    }
+                };
+                self.due.take_due(&mut due, &mut batch);
+            }
+        }
         let mut gathered = Gathered::new();
         let mut tally = Tally::default();
-        let mut next = None;
         let mut dropped = Vec::new();
-        let Shard {
-            id,
-            listeners,
-            skips,
-            ..
-        } = self;
-        let mut visit = |key: usize, l: &mut Listener| match serve_guarded(
-            l,
-            &round,
-            &mut gathered,
-            &mut tally,
-            &pass.out.panics,
-        ) {
-            Served::Idle(due) => next = earliest(next, due),
-            Served::Done => {}
-            Served::Skipped => skips.inc(),
-            Served::Full => pass.out.parking.park(l, *id, key),
-            Served::Drop(why) => dropped.push((key, why)),
-        };
-        match only {
-            Some(key) => {
-                if let Some(l) = listeners.get_mut(key) {
-                    visit(key, l);
+        for key in batch {
+            let Some(l) = self.listeners.get_mut(key) else {
+                continue;
+            };
+            match serve_guarded(l, &round, &mut gathered, &mut tally, &pass.out.panics) {
+                Served::Drop(why) => {
+                    dropped.push((key, why));
+                    continue;
                 }
+                Served::Full => pass.out.parking.park(l, self.id, key),
+                Served::Skipped => self.skips.inc(),
+                Served::Idle | Served::Done => {}
             }
-            None => listeners.iter_mut().for_each(|(key, l)| visit(key, l)),
+            if l.parked.is_some() {
+                self.parked.push(key);
+            } else {
+                self.due.insert(l.pos, key);
+            }
         }
         self.writes.inc_by(tally.writes);
         self.sent_bytes.inc_by(tally.bytes);
@@ -261,12 +363,92 @@ impl Shard {
                 self.count_disconnects(why, 1);
             }
         }
-        next
+        // Those served wait at or past the refused offset: it stays first unless none was.
+        let first = self.due.first()?;
+        // A pass forced for one listener does not make the others due.
+        let unforced = Round {
+            force: snap.state != SourceState::Live,
+            ..round
+        };
+        match refused {
+            Some((pos, at)) if pos == first => at,
+            _ => match due_at(&unforced, first) {
+                // Due already (it cannot be after a pass): served at the next deadline.
+                Due::Now => Some(round.now),
+                Due::At(at) => Some(at),
+                Due::OnData => None,
+            },
+        }
+    }
+
+    /// The earlier of `coalesced` (when the first waiting listener falls due) and the first
+    /// parked listener's send timeout.
+    fn next_deadline(&self, coalesced: Option<Instant>, pass: &Pass) -> Option<Instant> {
+        // A millisecond late: the timeout is "longer than", and timers round to milliseconds.
+        let timeout = pass.send_timeout + Duration::from_millis(1);
+        let parked = self
+            .parked
+            .iter()
+            .filter_map(|&key| self.listeners.get(key)?.parked.as_ref())
+            .map(|p| p.since + timeout)
+            .min();
+        match (coalesced, parked) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
+    }
+
+    /// How far the stream must reach before this shard has anything to do (see
+    /// [`crate::mounts::OnWorker::wake_at`]): only the first waiting listener's position counts,
+    /// since those behind it fall due no sooner.
+    fn wake_at(&self, snap: &Snapshot) -> u64 {
+        let settings = &snap.settings;
+        let waiting = self.due.first().map(|pos| {
+            if pos >= snap.end || settings.max_write_delay_ms == 0 {
+                // The next byte starts its coalescing delay, which the worker's timer keeps.
+                pos + 1
+            } else {
+                pos + settings.min_write_bytes.max(1) as u64
+            }
+        });
+        let parked = self
+            .parked
+            .iter()
+            .filter_map(|&key| self.listeners.get(key))
+            .map(|l| l.pos + settings.max_lag_bytes + 1)
+            .min();
+        waiting.into_iter().chain(parked).min().unwrap_or(u64::MAX)
+    }
+
+    /// Takes a listener out of the shard (not while serving it).
+    fn remove(&mut self, key: usize) -> Option<Listener> {
+        let l = self.listeners.try_remove(key)?;
+        self.parked.retain(|&k| k != key);
+        self.due.remove(l.pos, key);
+        Some(l)
+    }
+
+    /// The position of the furthest-behind listener, `u64::MAX` with none: what the shard
+    /// needs the store to keep ([`crate::mounts::OnWorker::oldest`]).
+    fn oldest(&self) -> u64 {
+        let parked = self
+            .parked
+            .iter()
+            .filter_map(|&key| self.listeners.get(key))
+            .map(|l| l.pos);
+        self.due
+            .first()
+            .into_iter()
+            .chain(parked)
+            .min()
+            .unwrap_or(u64::MAX)
     }
 
     fn drop_all(&mut self, why: Disconnect) {
         let n = self.listeners.len();
         self.listeners.clear();
+        self.due.clear();
+        self.parked.clear();
         self.count_disconnects(why, n as u64);
     }
 
@@ -279,11 +461,132 @@ impl Shard {
     }
 }
 
+/// When the listeners waiting at an offset are to be written.
+enum Due {
+    Now,
+    /// When their coalescing delay runs out.
+    At(Instant),
+    /// Nothing is pending for them: they are at the live edge.
+    OnData,
+}
+
+fn due_at(round: &Round, pos: u64) -> Due {
+    let snap = round.snap;
+    match snap.position(pos) {
+        Position::AtEdge => Due::OnData,
+        Position::Evicted => Due::Now,
+        Position::Behind => match held_until(
+            round.settings,
+            snap.end - pos,
+            round.now,
+            round.force,
+            || snap.arrival_of(pos),
+        ) {
+            None => Due::Now,
+            Some(at) => Due::At(at),
+        },
+    }
+}
+
+/// Until when a write of `lag` pending bytes is held back to coalesce it with what comes next
+/// (`arrival` is when the oldest of them arrived); None if it is due now.
+fn held_until(
+    settings: &MountSettings,
+    lag: u64,
+    now: Instant,
+    force: bool,
+    arrival: impl FnOnce() -> Option<Instant>,
+) -> Option<Instant> {
+    if force || settings.max_write_delay_ms == 0 || lag >= settings.min_write_bytes as u64 {
+        return None;
+    }
+    let due = arrival()? + Duration::from_millis(settings.max_write_delay_ms);
+    (due > now).then_some(due)
+}
+
+/// A worker's shards by id, with their deadlines.
+struct Shards {
+    /// The worker's index, which names its hold on each mount ([`Mount::on_workers`]).
+    worker: usize,
+    by_id: HashMap<u64, Shard>,
+    /// Listeners across the shards, kept as they come and go, since the loop reads it on every
+    /// pass and summing it would visit every shard.
+    listeners: usize,
+    /// Every shard's next deadline: the worker keeps one timer, for the first of them, and on
+    /// that timer visits only the shards whose deadline passed.
+    deadlines: BTreeSet<(Instant, u64)>,
+}
+
+impl Shards {
+    /// Serves a shard's listeners as `visit` says, refiles its deadline, and says what is left
+    /// to do with it.
+    fn serve(&mut self, id: u64, mut visit: Visit, pass: &Pass) -> After {
+        let Some(shard) = self.by_id.get_mut(&id) else {
+            return After::Keep;
+        };
+        let mount = shard.mount.clone();
+        let on = &mount.on_workers[self.worker];
+        let (snap, coalesced) = loop {
+            let snap = shard.mount.store.load();
+            let before = shard.listeners.len();
+            let coalesced = shard.serve(&snap, visit, pass);
+            self.listeners -= before - shard.listeners.len();
+            let wake_at = shard.wake_at(&snap);
+            on.oldest.store(shard.oldest(), Ordering::Relaxed);
+            on.wake_at.store(wake_at, Ordering::SeqCst);
+            // Pairs with the fence in `Shared::queue`: a publication that came after this
+            // snapshot and before the new threshold was seen is served now, not missed.
+            fence(Ordering::SeqCst);
+            if shard.mount.store.load().end < wake_at {
+                break (snap, coalesced);
+            }
+            visit = Visit::Due;
+        };
+        let deadline = shard.next_deadline(coalesced, pass);
+        if deadline != shard.deadline {
+            if let Some(old) = shard.deadline {
+                self.deadlines.remove(&(old, id));
+            }
+            if let Some(new) = deadline {
+                self.deadlines.insert((new, id));
+            }
+            shard.deadline = deadline;
+        }
+        match &snap.state {
+            // After that last flush, its listeners leave or move on.
+            SourceState::Closed => After::Closed,
+            SourceState::MovedTo(fallback) => After::MovedTo(fallback.clone()),
+            SourceState::Live | SourceState::Gone(_) if shard.listeners.is_empty() => After::Empty,
+            SourceState::Live | SourceState::Gone(_) => After::Keep,
+        }
+    }
+
+    /// Takes the shards whose deadline has passed.
+    fn take_due(&mut self, now: Instant, out: &mut Vec<u64>) {
+        while let Some(&(at, id)) = self.deadlines.first() {
+            if at > now {
+                return;
+            }
+            self.deadlines.pop_first();
+            if let Some(shard) = self.by_id.get_mut(&id) {
+                shard.deadline = None;
+            }
+            out.push(id);
+        }
+    }
+
+    fn next_deadline(&self) -> Option<Instant> {
+        self.deadlines.first().map(|(at, _)| *at)
+    }
+}
+
 /// The fan-out loop of one worker.
 pub(crate) struct FanOut {
     ctx: Rc<WorkerCtx>,
     admit_rx: mpsc::UnboundedReceiver<NewListener>,
-    shards: Vec<Shard>,
+    /// The admin API's requests for this worker's listeners.
+    control_rx: mpsc::UnboundedReceiver<Control>,
+    shards: Shards,
     next_shard_id: u64,
     out: Outlets,
     wakeups: IntCounter,
@@ -292,15 +595,26 @@ pub(crate) struct FanOut {
 }
 
 impl FanOut {
-    pub fn new(ctx: Rc<WorkerCtx>, admit_rx: mpsc::UnboundedReceiver<NewListener>) -> Self {
+    pub fn new(
+        ctx: Rc<WorkerCtx>,
+        admit_rx: mpsc::UnboundedReceiver<NewListener>,
+        control_rx: mpsc::UnboundedReceiver<Control>,
+    ) -> Self {
         let m = &ctx.shared.metrics;
         let wakeups = m.worker_wakeups.with_label_values(&[&ctx.label]);
         let panics = m.panics.with_label_values(&["listener"]);
         let usage = WorkerUsage::new(m, &ctx.label);
+        let index = ctx.index;
         FanOut {
             ctx,
             admit_rx,
-            shards: Vec::new(),
+            control_rx,
+            shards: Shards {
+                worker: index,
+                by_id: HashMap::new(),
+                listeners: 0,
+                deadlines: BTreeSet::new(),
+            },
             next_shard_id: 0,
             out: Outlets {
                 parking: Parking::default(),
@@ -318,146 +632,196 @@ impl FanOut {
         let mut stop = shared.stop.clone();
         let timer = tokio::time::sleep(Duration::from_secs(3600));
         tokio::pin!(timer);
-        let mut timer_armed = false;
+        let mut armed: Option<Instant> = None;
         loop {
             self.usage.pass(Instant::now(), self.listener_count());
-            let next = tokio::select! {
+            if armed != self.shards.next_deadline() {
+                armed = self.shards.next_deadline();
+                if let Some(at) = armed {
+                    timer.as_mut().reset(at.into());
+                }
+            }
+            tokio::select! {
                 how = stopped(&mut stop) => {
                     self.stop(how).await;
                     return;
                 }
-                Some(new) = self.admit_rx.recv() => {
-                    self.add(new);
-                    continue;
-                }
+                Some(new) = self.admit_rx.recv() => self.add(new),
+                Some(control) = self.control_rx.recv() => self.control(control),
                 _ = link.data_ready.notified() => {
                     self.wakeups.inc();
-                    self.measured_round()
+                    self.measured(Self::serve_published);
                 }
-                _ = self.out.parking.notify.notified() => {
-                    self.serve_unparked();
-                    continue;
+                _ = self.out.parking.notify.notified() => self.serve_unparked(),
+                _ = &mut timer, if armed.is_some() => {
+                    armed = None;
+                    self.measured(Self::serve_deadlines);
                 }
-                _ = &mut timer, if timer_armed => self.measured_round(),
-            };
-            timer_armed = next.is_some();
-            if let Some(at) = next {
-                timer.as_mut().reset(at.into());
             }
         }
     }
 
     fn listener_count(&self) -> usize {
-        self.shards.iter().map(|s| s.listeners.len()).sum()
+        self.shards.listeners
     }
 
     /// A round, with its CPU per listener accounted and, once a second, listeners' lag sampled.
-    fn measured_round(&mut self) -> Option<Instant> {
+    fn measured(&mut self, round: fn(&mut Self)) {
         let listeners = self.listener_count();
-        let next = self.round(false);
+        round(self);
         self.usage.round_done(listeners);
         let now = Instant::now();
         if now >= self.next_lag_sample && listeners > 0 {
             self.next_lag_sample = now + LAG_SAMPLE_EVERY;
-            for shard in &self.shards {
+            for shard in self.shards.by_id.values() {
                 let end = shard.mount.store.load().end;
                 for (_, l) in shard.listeners.iter() {
                     shard.lag.observe(end.saturating_sub(l.pos) as f64);
                 }
             }
         }
-        next
+    }
+
+    /// Serves the shards whose mount published since the last look.
+    fn serve_published(&mut self) {
+        let link = &self.ctx.shared.workers[self.ctx.index];
+        let mounts = std::mem::take(&mut *link.published.lock().unwrap_or_else(|e| e.into_inner()));
+        let pass = Pass::new(&self.ctx, &self.out, false);
+        let mut after = Vec::new();
+        for mount in mounts {
+            let on = &mount.on_workers[self.ctx.index];
+            // Cleared before the snapshot is loaded: a publication after the load queues it again.
+            on.queued.store(false, Ordering::SeqCst);
+            let id = on.shard.load(Ordering::Relaxed);
+            if id != 0 {
+                after.push((id, self.shards.serve(id, Visit::Due, &pass)));
+            }
+        }
+        self.settle(after);
+    }
+
+    /// Serves the shards whose coalescing deadline passed.
+    fn serve_deadlines(&mut self) {
+        let pass = Pass::new(&self.ctx, &self.out, false);
+        let mut due = Vec::new();
+        self.shards.take_due(pass.now, &mut due);
+        let after = due
+            .into_iter()
+            .map(|id| (id, self.shards.serve(id, Visit::Due, &pass)))
+            .collect();
+        self.settle(after);
+    }
+
+    /// Does what is left to do with shards after serving them.
+    fn settle(&mut self, after: Vec<(u64, After)>) {
+        for (id, after) in after {
+            match after {
+                After::Keep => {}
+                After::Empty => drop(self.remove_shard(id)),
+                After::Closed => {
+                    if let Some(mut shard) = self.remove_shard(id) {
+                        shard.drop_all(Disconnect::SourceGone);
+                    }
+                }
+                After::MovedTo(fallback) => self.move_to_fallback(id, &fallback),
+            }
+        }
     }
 
     fn add(&mut self, new: NewListener) {
         let listener = Listener {
-            stream: Rc::new(new.stream),
+            guard: new.guard,
+            stream: new.stream,
             pos: new.pos,
             icy: new.icy,
             parked: None,
-            _guard: new.guard,
             conn: new.conn,
         };
-        let (idx, key) = self.insert(&new.mount, listener);
+        let (id, key) = self.insert(&new.mount, listener);
         // A new listener has its burst pending: send it now, not at the next chunk.
-        self.serve_one(idx, key);
+        self.serve_one(id, key);
     }
 
     /// Puts a listener in its mount's shard, creating the shard if needed.
-    fn insert(&mut self, mount: &Arc<Mount>, listener: Listener) -> (usize, usize) {
-        let idx = match self
-            .shards
-            .iter()
-            .position(|s| Arc::ptr_eq(&s.mount, mount))
-        {
-            Some(i) => i,
-            None => {
+    fn insert(&mut self, mount: &Arc<Mount>, listener: Listener) -> (u64, usize) {
+        let on = &mount.on_workers[self.ctx.index];
+        let id = match on.shard.load(Ordering::Relaxed) {
+            0 => {
                 let metrics = &self.ctx.shared.metrics;
                 let label = mount.label.as_str();
                 self.next_shard_id += 1;
-                self.shards.push(Shard {
-                    id: self.next_shard_id,
-                    mount: mount.clone(),
-                    listeners: Slab::new(),
-                    sent_bytes: metrics
-                        .sent_bytes
-                        .with_label_values(&[label, &self.ctx.label]),
-                    writes: metrics
-                        .write_syscalls
-                        .with_label_values(&[label, &self.ctx.label]),
-                    skips: metrics.listener_skips.with_label_values(&[label]),
-                    disconnects: metrics.listener_disconnects.clone(),
-                    lag: metrics.listener_lag.with_label_values(&[label]),
-                    #[cfg(feature = "fault-injection")]
-                    inject_panic: self.ctx.shared.config.load().panic_injection_mount.as_ref()
-                        == Some(&mount.path),
-                });
-                self.shards.len() - 1
+                let id = self.next_shard_id;
+                self.shards.by_id.insert(
+                    id,
+                    Shard {
+                        id,
+                        mount: mount.clone(),
+                        listeners: Slab::new(),
+                        due: DueList::default(),
+                        parked: Vec::new(),
+                        deadline: None,
+                        sent_bytes: metrics
+                            .sent_bytes
+                            .with_label_values(&[label, &self.ctx.label]),
+                        writes: metrics
+                            .write_syscalls
+                            .with_label_values(&[label, &self.ctx.label]),
+                        skips: metrics.listener_skips.with_label_values(&[label]),
+                        disconnects: metrics.listener_disconnects.clone(),
+                        lag: metrics.listener_lag.with_label_values(&[label]),
+                        #[cfg(feature = "fault-injection")]
+                        inject_panic: self.ctx.shared.config.load().panic_injection_mount.as_ref()
+                            == Some(&mount.path),
+                    },
+                );
+                on.shard.store(id, Ordering::SeqCst);
+                // Pairs with the fence in `Shared::published`: either ingest sees this shard and
+                // queues the mount, or the snapshot loaded next (in `serve_one`) has its data.
+                fence(Ordering::SeqCst);
+                id
             }
+            id => id,
         };
-        let key = self.shards[idx].listeners.insert(listener);
-        (idx, key)
+        let key = self
+            .shards
+            .by_id
+            .get_mut(&id)
+            .map(|s| s.listeners.insert(listener));
+        self.shards.listeners += 1;
+        (
+            id,
+            key.expect("a mount names only a shard its worker holds"),
+        )
     }
 
-    /// Serves every listener; returns the earliest instant a coalesced write falls due.
-    fn round(&mut self, force: bool) -> Option<Instant> {
-        let pass = Pass::new(&self.ctx, &self.out, force);
-        let mut next: Option<Instant> = None;
-        let mut moves = Vec::new();
-        for shard in &mut self.shards {
-            let snap = shard.mount.store.load();
-            next = earliest(next, shard.serve(&snap, None, &pass));
-            // The mount ended: after that last flush, its listeners leave or move on.
-            match &snap.state {
-                SourceState::Closed => shard.drop_all(Disconnect::SourceGone),
-                SourceState::MovedTo(fallback) => moves.push((shard.id, fallback.clone())),
-                SourceState::Live | SourceState::Gone(_) => {}
-            }
+    fn remove_shard(&mut self, id: u64) -> Option<Shard> {
+        let shard = self.shards.by_id.remove(&id)?;
+        self.shards.listeners -= shard.listeners.len();
+        if let Some(at) = shard.deadline {
+            self.shards.deadlines.remove(&(at, id));
         }
-        for (shard_id, fallback) in moves {
-            self.move_to_fallback(shard_id, &fallback);
-        }
-        self.shards.retain(|s| !s.listeners.is_empty());
-        next
+        shard.mount.on_workers[self.ctx.index]
+            .shard
+            .store(0, Ordering::SeqCst);
+        Some(shard)
     }
 
     /// Serves one listener at once (a newcomer, or one whose socket drained): it is behind, so
     /// it is written without waiting for coalescing, and nothing is left pending.
-    fn serve_one(&mut self, idx: usize, key: usize) {
+    fn serve_one(&mut self, id: u64, key: usize) {
         let pass = Pass::new(&self.ctx, &self.out, true);
-        let shard = &mut self.shards[idx];
-        let snap = shard.mount.store.load();
-        shard.serve(&snap, Some(key), &pass);
+        let after = self.shards.serve(id, Visit::One(key), &pass);
+        self.settle(vec![(id, after)]);
     }
 
     /// Serves listeners whose sockets drained; they are behind, so they are written at once.
     fn serve_unparked(&mut self) {
         let ready = std::mem::take(&mut *self.out.parking.unparked.borrow_mut());
-        for (shard_id, key) in ready {
-            let Some(idx) = self.shards.iter().position(|s| s.id == shard_id) else {
+        for (id, key) in ready {
+            let Some(shard) = self.shards.by_id.get_mut(&id) else {
                 continue;
             };
-            let Some(l) = self.shards[idx].listeners.get_mut(key) else {
+            let Some(l) = shard.listeners.get_mut(key) else {
                 continue;
             };
             // A stale notice (the listener was replaced at this key) must not unpark another.
@@ -465,49 +829,121 @@ impl FanOut {
                 continue;
             }
             l.parked = None;
-            self.serve_one(idx, key);
+            shard.parked.retain(|&k| k != key);
+            self.serve_one(id, key);
         }
-        self.shards.retain(|s| !s.listeners.is_empty());
     }
 
     /// The mount's grace period ended with a fallback: its listeners continue there, from the
     /// fallback's join point, so players resume at once.
-    fn move_to_fallback(&mut self, shard_id: u64, fallback: &str) {
-        let Some(idx) = self.shards.iter().position(|s| s.id == shard_id) else {
+    fn move_to_fallback(&mut self, id: u64, fallback: &str) {
+        let Some(mut shard) = self.remove_shard(id) else {
             return;
         };
-        let mut shard = self.shards.swap_remove(idx);
-        let shared = self.ctx.shared.clone();
-        let target = shared.mounts.get(fallback).and_then(|m| {
-            let snap = m.store.load_full();
-            (snap.state == SourceState::Live).then_some((m, snap))
-        });
-        let Some((target, snap)) = target else {
-            shard.drop_all(Disconnect::SourceGone);
-            return;
-        };
-        let pos = snap.join_point(snap.settings.burst_bytes);
-        tracing::info!(from = %shard.mount.path, to = %target.path, listeners = shard.listeners.len(), "moving listeners to the fallback mount");
+        let target = self.ctx.shared.mounts.get(fallback);
+        let live = target
+            .as_ref()
+            .is_some_and(|m| m.store.load().state == SourceState::Live);
+        match target {
+            Some(target) if live => {
+                tracing::info!(from = %shard.mount.path, to = %target.path, listeners = shard.listeners.len(), "moving listeners to the fallback mount");
+                self.move_all(shard, &target);
+            }
+            _ => shard.drop_all(Disconnect::SourceGone),
+        }
+    }
+
+    /// Moves every listener of `shard` (taken out of the worker's shards) to `target`. Each is
+    /// handed back to this loop through the admission channel once the rest of its frame and
+    /// the destination's Ogg header pages are written to it (see [`rejoin`]), so it joins at a
+    /// sync point with what a decoder needs, as a newcomer does. Moved listeners are not refused
+    /// for the destination's limits: they were admitted once.
+    fn move_all(&mut self, mut shard: Shard, target: &Arc<Mount>) -> usize {
+        let shared = &self.ctx.shared;
+        let old = shard.mount.store.load_full();
+        let mut moved = 0;
         for l in shard.listeners.drain() {
             let Listener {
-                stream, conn, icy, ..
+                mut guard,
+                stream,
+                pos,
+                icy,
+                parked,
+                conn,
             } = l;
-            // Moved listeners are not refused for the fallback's limits: they were admitted once.
-            let Ok(guard) = ListenerGuard::enter(&shared, &target, &self.ctx.label, None) else {
+            // Its parked task (if any) is cancelled: the stream is written by `rejoin` now.
+            drop(parked);
+            // A listener stopped inside a frame or page (a partial write) first gets the rest of
+            // it: decoders resync on the next stream's headers, not inside a torn page.
+            let rest = match icy {
+                None => old.rest_of_frame(pos, MAX_FRAME_REST_BYTES),
+                Some(_) => Vec::new(),
+            };
+            let Some((client, listening)) = guard.leave_for_another() else {
                 continue;
             };
-            let (idx, key) = self.insert(
-                &target,
-                Listener {
-                    stream,
-                    pos,
-                    icy,
-                    parked: None,
-                    _guard: guard,
-                    conn,
-                },
-            );
-            self.serve_one(idx, key);
+            drop(guard);
+            let label = &self.ctx.label;
+            let Ok(guard) = ListenerGuard::enter(shared, target, label, None, client, listening)
+            else {
+                continue;
+            };
+            moved += 1;
+            let new = NewListener {
+                guard,
+                mount: target.clone(),
+                stream,
+                pos: 0,
+                icy,
+                conn,
+            };
+            tokio::task::spawn_local(rejoin(self.ctx.admit.clone(), new, rest));
+        }
+        moved
+    }
+
+    /// Answers the admin API (see [`Control`]).
+    fn control(&mut self, control: Control) {
+        let index = self.ctx.index;
+        match control {
+            Control::Lags { mount, reply } => {
+                let id = mount.on_workers[index].shard.load(Ordering::Relaxed);
+                let lags = self.shards.by_id.get(&id).map(|shard| {
+                    let end = shard.mount.store.load().end;
+                    shard
+                        .listeners
+                        .iter()
+                        .map(|(_, l)| (l.guard.id(), end.saturating_sub(l.pos)))
+                        .collect()
+                });
+                let _ = reply.send(lags.unwrap_or_default());
+            }
+            Control::Kill { id, reply } => {
+                let found = self.shards.by_id.iter().find_map(|(&shard, s)| {
+                    let key = s.listeners.iter().find(|(_, l)| l.guard.id() == id)?.0;
+                    Some((shard, key))
+                });
+                if let Some((shard_id, key)) = found {
+                    if let Some(shard) = self.shards.by_id.get_mut(&shard_id) {
+                        if shard.remove(key).is_some() {
+                            self.shards.listeners -= 1;
+                            shard.count_disconnects(Disconnect::Killed, 1);
+                        }
+                        if shard.listeners.is_empty() {
+                            self.remove_shard(shard_id);
+                        }
+                    }
+                }
+                let _ = reply.send(found.is_some());
+            }
+            Control::Move { from, to, reply } => {
+                let id = from.on_workers[index].shard.load(Ordering::Relaxed);
+                let moved = match self.remove_shard(id) {
+                    Some(shard) => self.move_all(shard, &to),
+                    None => 0,
+                };
+                let _ = reply.send(moved);
+            }
         }
     }
 
@@ -516,7 +952,16 @@ impl FanOut {
         if how == Stop::Drain {
             let grace = Duration::from_secs(self.ctx.shared.config.load().shutdown_grace_secs);
             let deadline = tokio::time::Instant::now() + grace;
-            self.round(true);
+            // Ingest may be publishing the last bytes it read as the stop comes.
+            let ingest = self.ctx.shared.clone();
+            let _ = tokio::time::timeout_at(deadline, ingest.ingest_stopped.wait()).await;
+            let pass = Pass::new(&self.ctx, &self.out, true);
+            let ids: Vec<u64> = self.shards.by_id.keys().copied().collect();
+            let after = ids
+                .into_iter()
+                .map(|id| (id, self.shards.serve(id, Visit::Due, &pass)))
+                .collect();
+            self.settle(after);
             while self.any_pending() {
                 tokio::select! {
                     _ = self.out.parking.notify.notified() => self.serve_unparked(),
@@ -524,26 +969,61 @@ impl FanOut {
                 }
             }
         }
-        for shard in &mut self.shards {
-            shard.drop_all(Disconnect::Shutdown);
+        let ids: Vec<u64> = self.shards.by_id.keys().copied().collect();
+        for id in ids {
+            if let Some(mut shard) = self.remove_shard(id) {
+                shard.drop_all(Disconnect::Shutdown);
+            }
         }
-        self.shards.clear();
     }
 
     fn any_pending(&self) -> bool {
-        self.shards.iter().any(|s| {
+        self.shards.by_id.values().any(|s| {
             let end = s.mount.store.load().end;
             s.listeners.iter().any(|(_, l)| l.pos < end)
         })
     }
 }
 
-fn earliest(a: Option<Instant>, b: Option<Instant>) -> Option<Instant> {
-    match (a, b) {
-        (Some(a), Some(b)) => Some(a.min(b)),
-        (a, None) => a,
-        (None, b) => b,
+/// A moved listener, on its way into the destination's shard: writes it the rest of the frame
+/// or page it stopped in, then the destination's Ogg header pages (a chained Ogg stream, which
+/// decoders follow), then hands it to the loop at the destination's join point. An ICY listener
+/// gets neither: they would break its block cadence, and formats with header pages never carry
+/// ICY blocks. A listener that does not take them within [`RESPONSE_TIMEOUT`], or whose
+/// destination lost its source meanwhile, is closed.
+async fn rejoin(admit: mpsc::UnboundedSender<NewListener>, mut new: NewListener, rest: Vec<u8>) {
+    let snap = new.mount.store.load_full();
+    if snap.state != SourceState::Live {
+        return;
     }
+    let headers: &[u8] = match new.icy {
+        None => &snap.headers,
+        Some(_) => &[],
+    };
+    let written = tokio::time::timeout(RESPONSE_TIMEOUT, async {
+        write_all(&new.stream, &rest).await?;
+        write_all(&new.stream, headers).await
+    });
+    if !matches!(written.await, Ok(Ok(()))) {
+        return;
+    }
+    new.pos = snap.join_point(snap.settings.burst_bytes);
+    let _ = admit.send(new);
+}
+
+/// Writes all of `buf` to a connection shared with the fan-out (over TLS, what the socket did
+/// not take yet goes first with the next write).
+async fn write_all(stream: &Io, mut buf: &[u8]) -> io::Result<()> {
+    while !buf.is_empty() {
+        stream.writable().await?;
+        match stream.try_write_vectored(&[IoSlice::new(buf)]) {
+            Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+            Ok(n) => buf = &buf[n..],
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
 }
 
 /// What every listener of a shard is served against in one round.
@@ -611,15 +1091,10 @@ fn serve<'s>(
         if now.saturating_duration_since(p.since) > round.send_timeout {
             return Served::Drop(Disconnect::SendTimeout);
         }
-        return Served::Idle(None);
+        return Served::Idle;
     }
-    if !force && settings.max_write_delay_ms > 0 && lag < settings.min_write_bytes as u64 {
-        let delay = Duration::from_millis(settings.max_write_delay_ms);
-        if let Some(due) = gathered.arrival(snap, l.pos).map(|t| t + delay) {
-            if due > now {
-                return Served::Idle(Some(due));
-            }
-        }
+    if held_until(settings, lag, now, force, || gathered.arrival(snap, l.pos)).is_some() {
+        return Served::Idle;
     }
     loop {
         tally.writes += 1;
@@ -709,5 +1184,80 @@ mod tests {
     fn a_listener_stays_small() {
         let size = std::mem::size_of::<Listener>();
         assert!(size <= 128, "a listener takes {size} bytes in the fan-out");
+    }
+
+    #[test]
+    fn only_due_listeners_are_taken_and_the_rest_are_not_looked_at() {
+        let mut due = DueList::default();
+        // Keys 0..6 wait at three offsets; the listeners that keep up share the newest one.
+        for (pos, key) in [(900, 0), (100, 1), (900, 2), (500, 3), (100, 4), (900, 5)] {
+            due.insert(pos, key);
+        }
+        let mut asked = Vec::new();
+        let mut out = Vec::new();
+        due.take_due(
+            |pos| {
+                asked.push(pos);
+                pos <= 500
+            },
+            &mut out,
+        );
+        out.sort();
+        assert_eq!(
+            out,
+            [1, 3, 4],
+            "the listeners at the due offsets, and only those"
+        );
+        assert_eq!(
+            asked,
+            [100, 500, 900],
+            "each offset is asked once, and none past the first refused"
+        );
+        assert_eq!(
+            due.first(),
+            Some(900),
+            "the first refused offset stays first"
+        );
+
+        let mut out = Vec::new();
+        due.take_due(|_| false, &mut out);
+        assert!(out.is_empty(), "nothing due, nothing taken");
+        due.take_due(|_| true, &mut out);
+        out.sort();
+        assert_eq!(out, [0, 2, 5]);
+        assert_eq!(due.first(), None);
+    }
+
+    #[test]
+    fn a_write_is_held_until_enough_bytes_or_the_delay() {
+        let settings = MountSettings {
+            min_write_bytes: 1000,
+            max_write_delay_ms: 500,
+            ..MountSettings::default()
+        };
+        let now = Instant::now();
+        let arrived = || Some(now);
+        let later = now + Duration::from_millis(500);
+        assert_eq!(held_until(&settings, 10, now, false, arrived), Some(later));
+        assert_eq!(
+            held_until(&settings, 1000, now, false, arrived),
+            None,
+            "enough bytes"
+        );
+        assert_eq!(
+            held_until(&settings, 10, now, true, arrived),
+            None,
+            "forced"
+        );
+        assert_eq!(
+            held_until(&settings, 10, later, false, arrived),
+            None,
+            "delay over"
+        );
+        let uncoalesced = MountSettings {
+            max_write_delay_ms: 0,
+            ..settings
+        };
+        assert_eq!(held_until(&uncoalesced, 10, now, false, arrived), None);
     }
 }

@@ -1,5 +1,6 @@
 //! The ingest thread: reads every source, appends what arrives to its mount's store, publishes the
-//! new snapshot and wakes each worker once.
+//! new snapshot and wakes, once, each worker with listeners of that mount that have something to
+//! do.
 //!
 //! It is the only writer of the stores and of the mount table, so claiming a mount (exactly one
 //! source wins), publishing and the grace timers need no locks: they run on one thread, in one
@@ -48,14 +49,16 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
-use prometheus::IntCounter;
+use prometheus::{IntCounter, IntGauge};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::runtime::Runtime;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, Notify};
 use tokio::task::LocalSet;
 
+use crate::access_log::Record;
 use crate::chunked::ChunkedDecoder;
+use crate::config::MountSettings;
 use crate::conn::{refuse, Encoder, Feed, Io, SourceConn, TitleUpdate, ToIngest};
 use crate::format::Event;
 use crate::framing::Format;
@@ -67,8 +70,10 @@ use crate::shared::{stopped, Shared};
 use crate::store::{SourceState, StreamInfo};
 
 /// Each read buffer allocation; reads fill it piece by piece and each piece is frozen into a
-/// chunk that shares the allocation, so small reads do not cost an allocation each.
-const READ_BUF_BYTES: usize = 64 * 1024;
+/// chunk that shares the allocation, so small reads do not cost an allocation each. Every
+/// source holds one being filled: 16 KiB (50 pieces at 128 kbit/s) rather than 64, which with
+/// 1,000 sources cost 48 MB more.
+const READ_BUF_BYTES: usize = 16 * 1024;
 /// Below this much free room, the next read gets a fresh allocation.
 const MIN_READ_ROOM: usize = 4 * 1024;
 /// A read at least this big is published at once: a chunk of it costs a listener's write little
@@ -97,6 +102,12 @@ struct Entry {
     /// the gauges go by differences, since under `mount="other"` they add up several mounts.
     retained: i64,
     retained_pieces: i64,
+    /// Those two gauges for the mount's label, looked up once: every publication updates them,
+    /// and a lookup by label hashes and locks.
+    retained_gauge: IntGauge,
+    pieces_gauge: IntGauge,
+    /// Ends the current claim's source (`/admin/killsource`); replaced on every claim.
+    kill: Rc<Notify>,
 }
 
 /// Ingest's state; lives on the ingest thread only.
@@ -126,7 +137,9 @@ impl Ingest {
         if taken {
             return Err(Refusal::MountInUse);
         }
-        if live >= shared.config.load().max_sources {
+        let limit = shared.config.load().source_limit();
+        if live >= limit {
+            tracing::warn!(mount = %path, live, limit, "source refused: max_sources sources are live; raise max_sources");
             return Err(Refusal::TooManySources);
         }
         let entry = entries.entry(path.to_string()).or_insert_with(|| {
@@ -140,17 +153,24 @@ impl Ingest {
                 listener_peak: AtomicUsize::new(0),
                 received_bytes: AtomicU64::new(0),
                 sent_bytes: AtomicU64::new(0),
+                clients: Default::default(),
+                on_workers: shared.workers.iter().map(|_| Default::default()).collect(),
             });
             shared.mounts.insert(mount.clone());
+            let label = [mount.label.as_str()];
             Entry {
                 writer,
-                mount,
                 generation: 0,
                 retained: 0,
                 retained_pieces: 0,
+                retained_gauge: shared.metrics.retained_bytes.with_label_values(&label),
+                pieces_gauge: shared.metrics.retained_pieces.with_label_values(&label),
+                kill: Rc::default(),
+                mount,
             }
         });
         entry.generation += 1;
+        entry.kill = Rc::default();
         entry.writer.go_live(info);
         let label = [entry.mount.label.as_str()];
         // Up and down by one, not set: under `mount="other"` it counts several mounts' sources.
@@ -167,7 +187,7 @@ impl Ingest {
     }
 
     /// Publishes what the format layer made of a piece of the stream (and the stream's subtype,
-    /// when it changed), then wakes the workers. False if the claim is stale.
+    /// when it changed), then wakes the mount's workers. False if the claim is stale.
     fn publish(
         &self,
         path: &str,
@@ -185,10 +205,20 @@ impl Ingest {
         };
         let m = &self.shared.metrics;
         let label = entry.mount.label.as_str();
-        let window = entry.writer.settings().window_bytes();
+        // What the furthest-behind listener still needs, over the burst: a mount whose
+        // listeners keep up keeps little more than its burst, and memory returns as they catch
+        // up or leave.
+        let oldest = entry.mount.oldest_listener();
+        let settings = entry.writer.settings().clone();
         for event in events.drain(..) {
             match event {
-                Event::Data { bytes, sync } => entry.writer.append(bytes, arrived, window, sync),
+                Event::Data { bytes, sync } => {
+                    // Counted from the end the piece makes: counted from before it, the piece's
+                    // length would be evicted from under the furthest-behind listener.
+                    let end = entry.writer.end() + bytes.len() as u64;
+                    let keep = settings.retention_bytes(end, oldest);
+                    entry.writer.append(bytes, arrived, keep, sync)
+                }
                 Event::Headers(pages) => entry.writer.set_headers(pages),
                 Event::Tags { title, artist } => {
                     entry.writer.set_now_playing(title, artist, None);
@@ -204,18 +234,16 @@ impl Ingest {
         if let Some(subtype) = subtype {
             entry.writer.set_subtype(subtype);
         }
-        let retained = entry.writer.store().load().retained_bytes() as i64;
-        m.retained_bytes
-            .with_label_values(&[label])
-            .add(retained - entry.retained);
+        let snap = entry.writer.store().load();
+        let retained = snap.retained_bytes() as i64;
+        entry.retained_gauge.add(retained - entry.retained);
         entry.retained = retained;
         let pieces = entry.writer.retained_pieces() as i64;
-        m.retained_pieces
-            .with_label_values(&[label])
-            .add(pieces - entry.retained_pieces);
+        entry.pieces_gauge.add(pieces - entry.retained_pieces);
         entry.retained_pieces = pieces;
+        let (mount, end) = (entry.mount.clone(), snap.end);
         drop(entries);
-        self.shared.wake_workers();
+        self.shared.published(&mount, end);
         true
     }
 
@@ -241,6 +269,37 @@ impl Ingest {
         true
     }
 
+    /// Ends the live source on `path`, if any, as if it had left (`/admin/killsource`).
+    fn kill_source(&self, path: &str) -> bool {
+        let entries = self.entries.borrow();
+        let Some(entry) = entries
+            .get(path)
+            .filter(|e| *e.writer.state() == SourceState::Live)
+        else {
+            return false;
+        };
+        entry.kill.notify_one();
+        true
+    }
+
+    /// Sets the mount's fallback (`/admin/fallbacks`) until the config is next applied: the file
+    /// stays the one place settings are kept, so a reload puts its own value back.
+    fn set_fallback(&self, path: &str, fallback: String) -> bool {
+        let mut entries = self.entries.borrow_mut();
+        let Some(entry) = entries.get_mut(path) else {
+            return false;
+        };
+        let settings = MountSettings {
+            fallback_mount: Some(fallback),
+            ..MountSettings::clone(entry.writer.settings())
+        };
+        entry.writer.set_settings(Arc::new(settings));
+        let mount = entry.mount.clone();
+        drop(entries);
+        self.shared.changed(&mount);
+        true
+    }
+
     /// The source went away: listeners wait `source_grace_secs` for another, then move to the
     /// fallback mount or are closed.
     fn release(self: &Rc<Self>, path: &str, claim: Claim, reason: &'static str) {
@@ -259,7 +318,7 @@ impl Ingest {
         let m = &self.shared.metrics;
         m.source_up.with_label_values(&[mount.label.as_str()]).dec();
         m.source_disconnected(&mount.label, reason);
-        self.shared.wake_workers();
+        self.shared.changed(&mount);
         let this = self.clone();
         let path = path.to_string();
         tokio::task::spawn_local(async move {
@@ -288,18 +347,14 @@ impl Ingest {
         tracing::info!(mount = %path, then = ?next, "source did not return within the grace period");
         entry.writer.set_state(next);
         self.shared.mounts.remove(&entry.mount);
-        let m = &self.shared.metrics;
-        let label = [entry.mount.label.as_str()];
-        m.retained_bytes
-            .with_label_values(&label)
-            .sub(entry.retained);
-        m.retained_pieces
-            .with_label_values(&label)
-            .sub(entry.retained_pieces);
-        entries.remove(path);
+        entry.retained_gauge.sub(entry.retained);
+        entry.pieces_gauge.sub(entry.retained_pieces);
+        let mount = entries.remove(path).map(|e| e.mount);
         drop(entries);
         self.declare_mounts();
-        self.shared.wake_workers();
+        if let Some(mount) = mount {
+            self.shared.changed(&mount);
+        }
     }
 
     /// Gives the mounts the config declares their series (see [`Metrics::declare_mounts`]). A
@@ -321,14 +376,18 @@ impl Ingest {
     /// The config was replaced: each mount publishes its new settings with its stream.
     fn apply_config(&self) {
         let config = self.shared.config.load();
+        let mut changed = Vec::new();
         for (path, entry) in self.entries.borrow_mut().iter_mut() {
             let settings = config.mount(path);
             if *entry.writer.settings().as_ref() != settings {
                 entry.writer.set_settings(Arc::new(settings));
+                changed.push(entry.mount.clone());
             }
         }
         self.declare_mounts();
-        self.shared.wake_workers();
+        for mount in &changed {
+            self.shared.changed(mount);
+        }
     }
 }
 
@@ -356,10 +415,18 @@ pub(crate) fn run(rt: Runtime, shared: Arc<Shared>, mut inbox: mpsc::UnboundedRe
                             tracing::debug!(%mount, "title update for a mount without a source");
                         }
                     }
+                    ToIngest::KillSource { mount, reply } => {
+                        let _ = reply.send(ingest.kill_source(&mount));
+                    }
+                    ToIngest::Fallback { mount, fallback, reply } => {
+                        let _ = reply.send(ingest.set_fallback(&mount, fallback));
+                    }
                 },
             }
         }
         tracing::debug!("ingest stopped");
+        // No source task runs while this one does: every publication is complete.
+        shared.ingest_stopped.set();
     });
     // Dropping the LocalSet drops every source task, closing the encoders' connections.
 }
@@ -370,8 +437,10 @@ async fn serve_source(ingest: Rc<Ingest>, conn: SourceConn) {
         mount,
         info,
         feed,
+        log,
         claimed,
     } = conn;
+
     let origin = feed.origin();
     let format = Format::for_content_type(&info.meta.content_type);
     let claim = ingest.claim(&mount, info);
@@ -381,7 +450,22 @@ async fn serve_source(ingest: Rc<Ingest>, conn: SourceConn) {
     let (claim, claimed_mount) = match claim {
         Ok(claimed) => claimed,
         Err(no) => {
+            if let Some(mut record) = log {
+                record.status = no.status();
+                ingest.shared.access_log.record(record);
+            }
             match feed {
+                // A SHOUTcast source speaks no HTTP: it is told by the connection closing.
+                Feed::Encoder(Encoder {
+                    stream,
+                    peer,
+                    answer: false,
+                    ..
+                }) => {
+                    ingest.shared.metrics.refused(no);
+                    tracing::info!(%peer, %mount, reason = no.reason(), "source refused");
+                    drop(stream);
+                }
                 Feed::Encoder(Encoder { stream, peer, .. }) => {
                     if let Ok(mut stream) = stream.attach() {
                         refuse(&ingest.shared, &mut stream, peer, no).await;
@@ -409,10 +493,24 @@ async fn serve_source(ingest: Rc<Ingest>, conn: SourceConn) {
         format,
         events: Vec::new(),
         subtype: None,
+        bytes: 0,
+        log,
     };
-    let reason = match feed {
-        Feed::Encoder(encoder) => read_encoder(&mut src, encoder).await,
-        Feed::Pieces(pieces) => read_pieces(&mut src, pieces).await,
+    let kill = ingest
+        .entries
+        .borrow()
+        .get(&mount)
+        .map(|e| e.kill.clone())
+        .unwrap_or_default();
+    let reading = async {
+        match feed {
+            Feed::Encoder(encoder) => read_encoder(&mut src, encoder).await,
+            Feed::Pieces(pieces) => read_pieces(&mut src, pieces).await,
+        }
+    };
+    let reason = tokio::select! {
+        reason = reading => reason,
+        () = kill.notified() => "killed",
     };
     src.finish();
     tracing::info!(source = %origin, %mount, reason, "source disconnected");
@@ -434,6 +532,20 @@ struct Source<'a> {
     /// The subtype last published: the parser is asked again only until it knows, or when new
     /// header pages may name other codecs, not for every piece.
     subtype: Option<String>,
+    /// Bytes of stream received from it, for its access log line.
+    bytes: u64,
+    /// Its access log line, written when it is dropped: when it ends, or when the server stops
+    /// and drops its task.
+    log: Option<Record>,
+}
+
+impl Drop for Source<'_> {
+    fn drop(&mut self) {
+        if let Some(mut record) = self.log.take() {
+            record.bytes = self.bytes;
+            self.ingest.shared.access_log.record(record);
+        }
+    }
 }
 
 impl Source<'_> {
@@ -441,6 +553,7 @@ impl Source<'_> {
     /// result; Err says why the source must end.
     fn append(&mut self, piece: Bytes, arrived: Instant) -> Result<(), &'static str> {
         self.received.inc_by(piece.len() as u64);
+        self.bytes += piece.len() as u64;
         self.counted
             .received_bytes
             .fetch_add(piece.len() as u64, Ordering::Relaxed);
@@ -519,7 +632,9 @@ async fn read_encoder(src: &mut Source<'_>, encoder: Encoder) -> &'static str {
     if encoder.expect_continue {
         answer.extend_from_slice(b"HTTP/1.1 100 Continue\r\n\r\n");
     }
-    answer.extend_from_slice(b"HTTP/1.0 200 OK\r\nServer: fanstream\r\n\r\n");
+    if encoder.answer {
+        answer.extend_from_slice(b"HTTP/1.0 200 OK\r\nServer: fanstream\r\n\r\n");
+    }
     let answered = async {
         stream.write_all(&answer).await?;
         stream.flush().await

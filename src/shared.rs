@@ -5,19 +5,20 @@
 
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{fence, AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::SystemTime;
 
 use arc_swap::ArcSwap;
 use tokio::sync::{watch, Notify};
 
+use crate::access_log::AccessLog;
 use crate::auth::AuthFailures;
 use crate::config::Config;
 use crate::heads::Heads;
 use crate::logs::Summaries;
 use crate::metrics::Metrics;
-use crate::mounts::Mounts;
+use crate::mounts::{Mount, Mounts, OnWorker};
 
 /// How the server should be running; sent to every thread through a `watch` channel.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -42,15 +43,44 @@ pub(crate) async fn stopped(stop: &mut watch::Receiver<Stop>) -> Stop {
     }
 }
 
+/// A flag set once, which threads can wait for.
+#[derive(Default)]
+pub(crate) struct Latch {
+    set: AtomicBool,
+    notify: Notify,
+}
+
+impl Latch {
+    pub fn set(&self) {
+        self.set.store(true, Ordering::SeqCst);
+        self.notify.notify_waiters();
+    }
+
+    /// Resolves once the latch is set.
+    pub async fn wait(&self) {
+        let notified = self.notify.notified();
+        tokio::pin!(notified);
+        // Registered before the flag is read: a `set` in between still wakes it.
+        notified.as_mut().enable();
+        if !self.set.load(Ordering::SeqCst) {
+            notified.await;
+        }
+    }
+}
+
 /// One worker as the other threads see it.
 #[derive(Default)]
 pub(crate) struct WorkerLink {
     /// Wakes the worker's intake after the acceptor sent it a socket. A `Notify` keeps one permit
     /// when the worker is busy, so no hand-off is missed and bursts cost one wake-up.
     pub conns_ready: Notify,
-    /// Wakes the worker's fan-out after ingest published new data: one cross-thread wake-up per
-    /// worker per publication, however many listeners the worker serves.
+    /// Wakes the worker's fan-out after ingest published on a mount it has listeners of, with
+    /// something for them to do: at most one cross-thread wake-up per worker per publication,
+    /// however many listeners it serves.
     pub data_ready: Notify,
+    /// The mounts published on since the worker last looked, each once (see
+    /// [`crate::mounts::OnWorker::queued`]). Pushed by ingest, drained by the worker.
+    pub published: Mutex<Vec<Arc<Mount>>>,
     /// Connections the worker holds now (handshaking or listening): the acceptor's placement key,
     /// and summed, what it holds against `max_connections`. Incremented by the acceptor before
     /// the hand-off, decremented by the connection's guard (a source's, when ingest takes it).
@@ -86,6 +116,9 @@ pub(crate) struct Shared {
     /// Listeners connected now, across mounts: admission checks it against `max_listeners`.
     pub listeners_total: AtomicUsize,
     pub stop: watch::Receiver<Stop>,
+    /// Ingest has stopped publishing: on `Drain`, workers flush their listeners after it, so
+    /// that what ingest read before the stop reaches them whatever order the threads saw it in.
+    pub ingest_stopped: Latch,
     /// When the server started, on the wall clock (status pages show it).
     pub started: SystemTime,
     /// Where listeners connect (status pages build listen URLs with its port).
@@ -93,6 +126,8 @@ pub(crate) struct Shared {
     /// The TLS certificate and settings new handshakes use, when there is a TLS port; replaced
     /// whole on `SIGHUP`, so a connection's handshake sees one or the other.
     pub tls: Option<ArcSwap<rustls::ServerConfig>>,
+    /// Finished requests and listeners, to the access log's writer (when `access_log` is set).
+    pub access_log: AccessLog,
 }
 
 impl Shared {
@@ -104,10 +139,33 @@ impl Shared {
             .sum()
     }
 
-    /// Wakes every worker once: new data was published.
-    pub fn wake_workers(&self) {
-        for w in &self.workers {
-            w.data_ready.notify_one();
+    /// Called by ingest after it published stream data on `mount`, up to `end`: queues the mount
+    /// for, and wakes, each worker with listeners of it that have something to do by then.
+    pub fn published(&self, mount: &Arc<Mount>, end: u64) {
+        self.queue(mount, |on| end >= on.wake_at.load(Ordering::SeqCst));
+    }
+
+    /// Called by ingest after `mount`'s source state or settings changed: every worker with
+    /// listeners of it must act on that, whatever their stream position.
+    pub fn changed(&self, mount: &Arc<Mount>) {
+        self.queue(mount, |_| true);
+    }
+
+    fn queue(&self, mount: &Arc<Mount>, due: impl Fn(&OnWorker) -> bool) {
+        // Pairs with the fence a worker puts between publishing its shard's `wake_at` and loading
+        // the stream's end: either the worker sees this publication, or this sees its threshold.
+        fence(Ordering::SeqCst);
+        for (link, on) in self.workers.iter().zip(mount.on_workers.iter()) {
+            if on.shard.load(Ordering::SeqCst) != 0
+                && due(on)
+                && !on.queued.swap(true, Ordering::SeqCst)
+            {
+                link.published
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .push(mount.clone());
+                link.data_ready.notify_one();
+            }
         }
     }
 }

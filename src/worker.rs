@@ -1,6 +1,7 @@
 //! A worker thread: its own current-thread tokio runtime, pinned to one core, serving a shard of the
 //! connections. It takes sockets from the acceptor, reads each request head and routes it: a
-//! status page is answered here ([`crate::status`]); a listener is admitted ([`crate::admission`])
+//! status page is answered here ([`crate::status`]), and so is the admin API under `/admin/`
+//! ([`crate::admin_api`]); a listener is admitted ([`crate::admission`])
 //! into this worker's fan-out ([`crate::fanout`]); a source is checked ([`crate::source`]) and
 //! handed to the ingest thread.
 
@@ -20,7 +21,8 @@ use tokio::sync::mpsc::{self, UnboundedSender};
 use tokio::task::LocalSet;
 
 use crate::conn::{
-    close_unanswered, refuse, Accepted, ConnGuard, Incoming, Io, ToIngest, WorkerCtx,
+    close_unanswered, log_response, refuse, Accepted, ConnGuard, Control, Incoming, Io, ToIngest,
+    WorkerCtx,
 };
 use crate::fanout::FanOut;
 use crate::heads::Pending;
@@ -39,6 +41,8 @@ pub(crate) fn run(
     index: usize,
     conns: Receiver<Accepted>,
     to_ingest: UnboundedSender<ToIngest>,
+    control: Arc<[UnboundedSender<Control>]>,
+    control_rx: mpsc::UnboundedReceiver<Control>,
 ) {
     let local = LocalSet::new();
     local.block_on(&rt, async move {
@@ -50,9 +54,10 @@ pub(crate) fn run(
             admit: admit_tx,
             to_ingest,
             handshakes: tokio::sync::Semaphore::new(MAX_HANDSHAKES_PER_WORKER),
+            control,
         });
         let intake = tokio::task::spawn_local(intake(ctx.clone(), conns));
-        FanOut::new(ctx.clone(), admit_rx).run().await;
+        FanOut::new(ctx.clone(), admit_rx, control_rx).run().await;
         intake.abort();
         tracing::debug!(worker = index, "worker stopped");
     });
@@ -294,10 +299,16 @@ async fn route(
     match incoming.req.method {
         Method::Get if crate::metadata::is_metadata_path(&incoming.req.path) => {
             let answer = crate::metadata::update(shared, &ctx.to_ingest, &incoming.req, peer);
-            match answer {
-                Ok(resp) => http::write_and_close(incoming.stream, &resp).await,
-                Err(no) => incoming.refuse(shared, no).await,
-            }
+            answer_short(shared, incoming, answer).await
+        }
+        Method::Get if crate::admin_api::is_admin_api_path(&incoming.req.path) => {
+            let to = crate::admin_api::Links {
+                to_ingest: &ctx.to_ingest,
+                control: &ctx.control,
+            };
+            let port = crate::admin_api::Port::Public;
+            let answer = crate::admin_api::answer(shared, to, &incoming.req, peer, port).await;
+            answer_short(shared, incoming, answer).await
         }
         Method::Get | Method::Head if incoming.req.path == "/" => {
             let resp = crate::page::response(shared, &incoming.req);
@@ -305,6 +316,9 @@ async fn route(
         }
         Method::Get | Method::Head if crate::status::is_status_path(&incoming.req.path) => {
             crate::status::serve(shared, incoming).await
+        }
+        Method::Get | Method::Head if crate::playlists::is_playlist(shared, &incoming.req.path) => {
+            crate::playlists::serve(shared, incoming).await
         }
         Method::Get | Method::Head => crate::admission::admit(&ctx, incoming).await,
         Method::Source | Method::Put => crate::source::handshake(&ctx, incoming).await,
@@ -317,5 +331,16 @@ async fn route(
             let no = Refusal::MethodNotAllowed(ALLOWED_METHODS);
             incoming.refuse(shared, no).await
         }
+    }
+}
+
+/// Sends a short answer (or refusal) and closes, with its access log line.
+async fn answer_short(shared: &Shared, incoming: Incoming, answer: Result<Vec<u8>, Refusal>) {
+    match answer {
+        Ok(resp) => {
+            log_response(shared, &incoming.req, incoming.peer, &resp);
+            http::write_and_close(incoming.stream, &resp).await
+        }
+        Err(no) => incoming.refuse(shared, no).await,
     }
 }

@@ -143,7 +143,21 @@ fn sources_over_max_sources_get_503() {
     let _b = Source::connect(srv.addr, "/b");
     let (status, _, body) = request(srv.addr, put("/c", PASSWORD, "").as_bytes());
     assert_eq!(status, 503);
-    assert!(String::from_utf8_lossy(&body).contains("too many sources"));
+    // It names the setting to raise.
+    assert!(
+        String::from_utf8_lossy(&body).contains("too many sources (raise max_sources)"),
+        "{}",
+        String::from_utf8_lossy(&body)
+    );
+}
+
+#[test]
+fn max_sources_defaults_to_a_share_of_the_open_file_limit() {
+    let config = fanstream::Config::default();
+    assert_eq!(config.max_sources, 0, "derived unless set");
+    let open_files = fanstream::open_files::soft_limit().expect("the process's limit") as usize;
+    assert_eq!(config.source_limit(), (open_files / 100).max(100));
+    assert!(config.source_limit() >= 100);
 }
 
 #[test]
@@ -451,6 +465,12 @@ fn a_listener_that_half_closes_after_its_request_keeps_receiving_the_stream() {
     wait_until("the listener", || {
         srv.server.as_ref().unwrap().listeners() == 1
     });
+    // It reads as it goes, like a player: what a listener that reads nothing can hold is up to
+    // the kernel's buffers, not the server.
+    let reader = std::thread::spawn(move || {
+        half.read_to_end();
+        half
+    });
     source.send_pattern(1000, 100_000, 1000, Duration::ZERO);
     let mut srv = srv;
     srv.wait_metric("fanstream_source_received_bytes_total", &[LIVE], |v| {
@@ -458,7 +478,7 @@ fn a_listener_that_half_closes_after_its_request_keeps_receiving_the_stream() {
     });
     assert_eq!(srv.server.as_ref().unwrap().listeners(), 1);
     srv.stop(fanstream::Stop::Drain);
-    half.read_to_end();
+    let half = reader.join().expect("the reading thread");
     assert_exact_suffix(&half.body, 100_000, "half-closed listener");
 }
 
