@@ -39,9 +39,19 @@ fn assert_streams(s: &mut TcpStream, n: usize, who: &str) {
     );
 }
 
-fn live_source(addr: SocketAddr) -> Source {
+/// A source on /live, through `addr`, with 200,000 bytes sent and taken in by the server (as its
+/// admin port's metrics say) before any listener joins.
+fn live_source(addr: SocketAddr, admin: SocketAddr) -> Source {
     let mut source = Source::connect(addr, "/live");
     source.send_pattern(0, 200_000, 4000, Duration::ZERO);
+    wait_until("the source's bytes ingested", || {
+        let (_, _, body) = request(admin, b"GET /metrics HTTP/1.0\r\n\r\n");
+        metric_value(
+            &String::from_utf8_lossy(&body),
+            "fanstream_source_received_bytes_total",
+            &["mount=\"/live\""],
+        ) == 200_000.0
+    });
     source
 }
 
@@ -73,7 +83,7 @@ fn behind_haproxy_send_proxy_v2_the_client_is_logged_and_counted() {
     let admin = server.admin;
     let hap = haproxy(&dir, "tcp", "", server.addr, "send-proxy-v2");
     // The source goes through HAProxy too: every connection must start with a PROXY header.
-    let mut source = live_source(hap.addr);
+    let mut source = live_source(hap.addr, server.admin);
 
     let (mut first, head) = listen_from("127.0.0.2", hap.addr, "");
     assert!(head.starts_with("HTTP/1.0 200"), "{head}");
@@ -111,13 +121,18 @@ fn behind_haproxy_send_proxy_v2_the_client_is_logged_and_counted() {
 #[test]
 fn behind_haproxy_forwardfor_the_client_is_logged_and_counted_and_forgeries_do_not_count() {
     let dir = scratch_dir("proxies_xff");
+    let access_log = dir.join("access.log");
     let server = fanstream(
         &dir,
-        "trusted_proxies = [\"127.0.0.1\"]\nmax_connections_per_ip = 1\n[defaults]\nmax_write_delay_ms = 0\n",
+        &format!(
+            "trusted_proxies = [\"127.0.0.1\"]\nmax_connections_per_ip = 1\naccess_log = {:?}\n[defaults]\nmax_write_delay_ms = 0\n",
+            access_log.display().to_string()
+        ),
     );
+    let admin = server.admin;
     // HTTP mode cannot carry a source's unframed PUT body: the source connects directly, from
     // the trusted address, with no X-Forwarded-For: it is itself.
-    let mut source = live_source(server.addr);
+    let mut source = live_source(server.addr, server.admin);
     let hap = haproxy(&dir, "http", "  option forwardfor", server.addr, "");
 
     // A client's own X-Forwarded-For is kept by HAProxy, which adds its own line after it.
@@ -136,6 +151,28 @@ fn behind_haproxy_forwardfor_the_client_is_logged_and_counted_and_forgeries_do_n
     source.send_pattern(200_000, 400_000, 4000, Duration::ZERO);
     assert_streams(&mut first, 100_000, "first listener");
     assert_streams(&mut other, 100_000, "other listener");
+    // The admin API's listener list names the clients, not the proxy...
+    let (status, _, body) = request(
+        admin,
+        b"GET /admin/listclients?mount=/live HTTP/1.0\r\n\r\n",
+    );
+    let body = String::from_utf8_lossy(&body);
+    assert_eq!(status, 200, "{body}");
+    for ip in ["<IP>127.0.0.2</IP>", "<IP>127.0.0.3</IP>"] {
+        assert!(body.contains(ip), "{ip} not in {body}");
+    }
+    assert!(!body.contains("<IP>127.0.0.1</IP>"), "{body}");
+    // ...and so does the access log, once they have gone.
+    drop((first, other));
+    source.send_pattern(400_000, 500_000, 4000, Duration::ZERO);
+    wait_until("both listeners in the access log", || {
+        std::fs::read_to_string(&access_log).is_ok_and(|log| {
+            ["127.0.0.2 ", "127.0.0.3 "].iter().all(|ip| {
+                log.lines()
+                    .any(|l| l.starts_with(ip) && l.contains("\"GET /live HTTP/1.0\" 200 "))
+            })
+        })
+    });
     drop(hap);
 }
 
@@ -146,7 +183,7 @@ fn an_untrusted_peers_x_forwarded_for_is_ignored() {
         &dir,
         "trusted_proxies = [\"127.0.0.1\"]\nmax_connections_per_ip = 1\n",
     );
-    let _source = live_source(server.addr);
+    let _source = live_source(server.addr, server.admin);
     let (_held, head) = listen_from("127.0.0.2", server.addr, "X-Forwarded-For: 192.0.2.1\r\n");
     assert!(head.starts_with("HTTP/1.0 200"), "{head}");
     // Another claimed address does not make it another client.
@@ -167,7 +204,7 @@ fn behind_haproxy_send_proxy_v1_the_client_is_counted() {
         "trusted_proxies = [\"127.0.0.0/8\"]\nproxy_protocol = true\nmax_connections_per_ip = 1\n[defaults]\nmax_write_delay_ms = 0\n",
     );
     let hap = haproxy(&dir, "tcp", "", server.addr, "send-proxy");
-    let mut source = live_source(hap.addr);
+    let mut source = live_source(hap.addr, server.admin);
     // The clients' own loopback addresses are in the trusted range too: the PROXY header, not
     // the connection, names them.
     let (mut first, head) = listen_from("127.0.0.2", hap.addr, "");
