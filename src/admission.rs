@@ -14,14 +14,14 @@ use crate::access_log::Record;
 use crate::clients::{next_id, Client};
 use crate::conn::{Incoming, ListenerGuard, Listening, NewListener, WorkerCtx};
 use crate::framing::carries_own_metadata;
-use crate::http::{valid_mount_path, Method, Request, RESPONSE_TIMEOUT};
+use crate::http::{self, valid_mount_path, Method, Request, RESPONSE_TIMEOUT};
 use crate::icy::Cadence;
 use crate::mounts::{Joining, Mount, Snapshot};
 use crate::reasons::Refusal;
 use crate::store::SourceState;
 
 pub(crate) async fn admit(ctx: &Rc<WorkerCtx>, incoming: Incoming) {
-    let fd = incoming.stream.as_raw_fd();
+    let fd = incoming.stream.socket().as_raw_fd();
     let (mount, snap, guard, joining) = match check(ctx, &incoming.req, incoming.peer, fd) {
         Ok(admitted) => admitted,
         Err(no) => return incoming.refuse(&ctx.shared, no).await,
@@ -44,23 +44,23 @@ pub(crate) async fn admit(ctx: &Rc<WorkerCtx>, incoming: Incoming) {
         .then(|| Cadence::after(snap.settings.icy_metaint, preamble_len))
         .flatten()
         .map(Box::new);
+    // The mount's shared head, with what this request adds: CORS for its origin, and the ICY
+    // interval when it asked for ICY.
+    let mut lines = crate::cors::headers(&ctx.shared.config.load(), &req);
+    if icy.is_some() {
+        lines.push_str(&format!("icy-metaint: {}\r\n", snap.settings.icy_metaint));
+    }
     let head = async {
-        match &icy {
-            // The shared head, with `icy-metaint` before its closing blank line.
-            Some(_) => {
-                let shared = &snap.info.response_head;
-                let mut head = shared[..shared.len() - 2].to_vec();
-                head.extend_from_slice(
-                    format!("icy-metaint: {}\r\n\r\n", snap.settings.icy_metaint).as_bytes(),
-                );
-                stream.write_all(&head).await?;
-            }
-            None => stream.write_all(&snap.info.response_head).await?,
-        }
+        stream
+            .write_all(&http::head_with(&snap.info.response_head, &lines))
+            .await?;
         if req.method == Method::Get {
             stream.write_all(&snap.info.preamble).await?;
             stream.write_all(&snap.headers).await?;
         }
+        // Over TLS, what the session still holds encrypted goes now, not with the first write
+        // of the fan-out.
+        stream.flush().await?;
         Ok::<_, io::Error>(())
     };
     match tokio::time::timeout(RESPONSE_TIMEOUT, head).await {

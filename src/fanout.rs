@@ -33,11 +33,10 @@ use std::time::{Duration, Instant};
 
 use prometheus::{Histogram, IntCounter, IntCounterVec};
 use slab::Slab;
-use tokio::net::TcpStream;
 use tokio::sync::{mpsc, Notify};
 
 use crate::config::{LagPolicy, MountSettings};
-use crate::conn::{ConnGuard, Control, ListenerGuard, NewListener, WorkerCtx};
+use crate::conn::{ConnGuard, Control, Io, ListenerGuard, NewListener, WorkerCtx};
 use crate::http::RESPONSE_TIMEOUT;
 use crate::icy::Cadence;
 use crate::mounts::{Joining, Mount, Snapshot};
@@ -69,7 +68,7 @@ struct Listener {
     /// socket's byte count then).
     guard: ListenerGuard,
     /// Shared with a move's `rejoin` while it writes the rest of a frame.
-    stream: Rc<TcpStream>,
+    stream: Rc<Io>,
     /// Absolute offset of the next byte of the stream to send.
     pos: u64,
     /// Its ICY framing, when it asked for metadata blocks.
@@ -1054,11 +1053,12 @@ async fn rejoin(admit: mpsc::UnboundedSender<NewListener>, mut new: NewListener,
     let _ = admit.send(new);
 }
 
-/// Writes all of `buf` to a socket shared with the fan-out.
-async fn write_all(stream: &TcpStream, mut buf: &[u8]) -> io::Result<()> {
+/// Writes all of `buf` to a connection shared with the fan-out (over TLS, what the socket did
+/// not take yet goes first with the next write).
+async fn write_all(stream: &Io, mut buf: &[u8]) -> io::Result<()> {
     while !buf.is_empty() {
         stream.writable().await?;
-        match stream.try_write(buf) {
+        match stream.try_write_vectored(&[IoSlice::new(buf)]) {
             Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
             Ok(n) => buf = &buf[n..],
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
@@ -1177,7 +1177,7 @@ fn serve<'s>(
 /// blocks fall at its own offsets), so it is laid out per write: once a second or so per
 /// listener with the default coalescing, against a syscall that costs far more.
 fn write_icy(
-    stream: &TcpStream,
+    stream: &Io,
     cadence: &mut Cadence,
     snap: &Snapshot,
     pos: u64,

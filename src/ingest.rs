@@ -61,7 +61,7 @@ use tokio::task::LocalSet;
 use crate::access_log::Record;
 use crate::chunked::ChunkedDecoder;
 use crate::config::MountSettings;
-use crate::conn::{refuse, Encoder, Feed, SourceConn, TitleUpdate, ToIngest};
+use crate::conn::{refuse, Encoder, Feed, Io, SourceConn, TitleUpdate, ToIngest};
 use crate::format::Event;
 use crate::framing::Format;
 use crate::http::RESPONSE_TIMEOUT;
@@ -470,7 +470,7 @@ async fn serve_source(ingest: Rc<Ingest>, conn: SourceConn) {
                     drop(stream);
                 }
                 Feed::Encoder(Encoder { stream, peer, .. }) => {
-                    if let Ok(mut stream) = TcpStream::from_std(stream) {
+                    if let Ok(mut stream) = stream.attach() {
                         refuse(&ingest.shared, &mut stream, peer, no).await;
                     }
                 }
@@ -628,7 +628,7 @@ impl Source<'_> {
 
 /// Answers an encoder (`100 Continue` if it waits for one, then `200 OK`) and reads its stream.
 async fn read_encoder(src: &mut Source<'_>, encoder: Encoder) -> &'static str {
-    let Ok(mut stream) = TcpStream::from_std(encoder.stream) else {
+    let Ok(mut stream) = encoder.stream.attach() else {
         return "read_error";
     };
     let mut answer = Vec::new();
@@ -638,7 +638,11 @@ async fn read_encoder(src: &mut Source<'_>, encoder: Encoder) -> &'static str {
     if encoder.answer {
         answer.extend_from_slice(b"HTTP/1.0 200 OK\r\nServer: fanstream\r\n\r\n");
     }
-    match tokio::time::timeout(RESPONSE_TIMEOUT, stream.write_all(&answer)).await {
+    let answered = async {
+        stream.write_all(&answer).await?;
+        stream.flush().await
+    };
+    match tokio::time::timeout(RESPONSE_TIMEOUT, answered).await {
         Ok(Ok(())) => read_stream(src, &mut stream, encoder.chunked, encoder.leftover).await,
         _ => "write_error",
     }
@@ -663,7 +667,7 @@ async fn read_pieces(src: &mut Source<'_>, mut pieces: mpsc::Receiver<Bytes>) ->
 /// Reads the body until the encoder closes, stalls, or breaks the framing; returns why it ended.
 async fn read_stream(
     src: &mut Source<'_>,
-    stream: &mut TcpStream,
+    stream: &mut Io,
     chunked: bool,
     leftover: Vec<u8>,
 ) -> &'static str {
@@ -713,8 +717,9 @@ async fn read_stream(
             Ok(Err(_)) => return "read_error",
         }
         read_at = Instant::now();
-        if let Some(until) = src.hold(buf.len(), read_at, published) {
-            ended = hold(stream, &mut buf, until).await;
+        // Over TLS the socket holds records, not the stream's bytes: nothing to merge there.
+        if let (Some(until), Io::Plain(tcp)) = (src.hold(buf.len(), read_at, published), &*stream) {
+            ended = hold(tcp, &mut buf, until).await;
         }
     }
 }

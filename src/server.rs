@@ -46,6 +46,7 @@ pub struct Server {
     log_writer: Option<JoinHandle<()>>,
     listen_addr: SocketAddr,
     admin_addr: Option<SocketAddr>,
+    tls_addr: Option<SocketAddr>,
     shoutcast_addr: Option<SocketAddr>,
     shared: Arc<Shared>,
 }
@@ -58,6 +59,17 @@ impl Server {
         listen_socket: TcpListener,
         admin_socket: Option<TcpListener>,
     ) -> io::Result<Server> {
+        Server::start_with_tls(config, listen_socket, admin_socket, None)
+    }
+
+    /// [`Server::start`] with a TLS port too, on `tls_socket`, with the certificate the
+    /// config's `tls_cert` and `tls_key` name.
+    pub fn start_with_tls(
+        config: Config,
+        listen_socket: TcpListener,
+        admin_socket: Option<TcpListener>,
+        tls_socket: Option<TcpListener>,
+    ) -> io::Result<Server> {
         config
             .validate()
             .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
@@ -67,6 +79,15 @@ impl Server {
                 "source_password must be set before the server starts",
             ));
         }
+        let tls = match &tls_socket {
+            Some(_) => {
+                Some(ArcSwap::new(load_certificate(&config).map_err(|e| {
+                    io::Error::new(io::ErrorKind::InvalidInput, e)
+                })?))
+            }
+            None => None,
+        };
+        let tls_addr = tls_socket.as_ref().map(|t| t.local_addr()).transpose()?;
         let listen_addr = listen_socket.local_addr()?;
         let shoutcast_socket = config
             .startup
@@ -122,6 +143,7 @@ impl Server {
             ingest_stopped: Default::default(),
             started: SystemTime::now(),
             listen_addr,
+            tls,
             access_log,
         });
 
@@ -184,9 +206,12 @@ impl Server {
         }
 
         listen_socket.set_nonblocking(true)?;
+        if let Some(t) = &tls_socket {
+            t.set_nonblocking(true)?;
+        }
         let s = shared.clone();
         spawn_stage(&mut handles, &registry, "fs-acceptor", None, move |rt| {
-            crate::acceptor::run(rt, s, listen_socket, to_workers)
+            crate::acceptor::run(rt, s, listen_socket, tls_socket, to_workers)
         })?;
 
         if let Some(admin_socket) = admin_socket {
@@ -205,16 +230,22 @@ impl Server {
                 crate::shoutcast::run(rt, s, socket, to_ingest)
             })?;
         }
-        tracing::info!(%listen_addr, admin = ?admin_addr, shoutcast = ?shoutcast_addr, workers = nworkers, "fanstream started");
+        tracing::info!(%listen_addr, admin = ?admin_addr, tls = ?tls_addr, shoutcast = ?shoutcast_addr, workers = nworkers, "fanstream started");
         Ok(Server {
             stop_tx,
             threads: handles,
             log_writer,
             listen_addr,
             admin_addr,
+            tls_addr,
             shoutcast_addr,
             shared,
         })
+    }
+
+    /// Where the TLS port listens, if there is one.
+    pub fn tls_addr(&self) -> Option<SocketAddr> {
+        self.tls_addr
     }
 
     pub fn listen_addr(&self) -> SocketAddr {
@@ -238,10 +269,19 @@ impl Server {
     /// Applies a new configuration without dropping anyone: passwords, limits and mount
     /// settings take effect at once (new retention windows as the stream moves on). Settings
     /// bound at start-up (addresses, workers, the demo) keep their running values until a
-    /// restart, with a warning. An invalid config is refused and the running one stays.
+    /// restart, with a warning. An invalid config is refused and the running one stays. With
+    /// a TLS port, the certificate and key are read again from their files, and new
+    /// handshakes get them (connections already made keep their session); if they do not
+    /// load, the whole reload is refused and the running certificate and config stay.
     pub fn reload(&self, new: Config) -> Result<(), String> {
         new.validate()?;
         let (new, restart_only) = self.shared.config.load().reloaded(new);
+        if let Some(tls) = &self.shared.tls {
+            let certificate = load_certificate(&new)
+                .map_err(|e| format!("{e}; the running certificate stays"))?;
+            tls.store(certificate);
+            tracing::info!("TLS certificate reloaded");
+        }
         for setting in &restart_only {
             tracing::warn!(
                 setting = setting.as_str(),
@@ -302,6 +342,14 @@ impl Drop for Server {
             self.stop(Stop::Now);
             self.join_threads();
         }
+    }
+}
+
+/// The TLS settings with the certificate and key the config names.
+fn load_certificate(config: &Config) -> Result<Arc<rustls::ServerConfig>, String> {
+    match (&config.startup.tls_cert, &config.startup.tls_key) {
+        (Some(cert), Some(key)) => crate::tls::server_config(cert, key),
+        _ => Err("a TLS port needs tls_cert and tls_key".into()),
     }
 }
 

@@ -123,6 +123,9 @@ pub(crate) struct Shared {
     pub started: SystemTime,
     /// Where listeners connect (status pages build listen URLs with its port).
     pub listen_addr: SocketAddr,
+    /// The TLS certificate and settings new handshakes use, when there is a TLS port; replaced
+    /// whole on `SIGHUP`, so a connection's handshake sees one or the other.
+    pub tls: Option<ArcSwap<rustls::ServerConfig>>,
     /// Finished requests and listeners, to the access log's writer (when `access_log` is set).
     pub access_log: AccessLog,
 }

@@ -45,7 +45,7 @@ pub(crate) async fn handshake(ctx: &WorkerCtx, incoming: Incoming) {
         peer,
         conn,
     } = incoming;
-    let stream = match stream.into_std() {
+    let stream = match stream.detach() {
         Ok(s) => s,
         Err(e) => {
             tracing::warn!(%peer, error = %e, "cannot hand source socket to ingest");
