@@ -114,6 +114,41 @@ pub struct Startup {
     pub demo: bool,
     /// Path of the demo mount. Default `/demo`.
     pub demo_mount: String,
+    /// Mounts fed by pulling from another server (`[[relays]]`), started with the server.
+    /// Default none.
+    pub relays: Vec<RelaySettings>,
+}
+
+/// One `[[relays]]` entry: a mount fed by pulling a stream from an upstream server (fanstream or
+/// Icecast) instead of by an encoder.
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct RelaySettings {
+    /// The local mount it feeds.
+    pub mount: String,
+    /// `http://` URLs of the stream, tried in this order. At least one.
+    pub upstreams: Vec<String>,
+    /// User for the upstream's Basic authentication. Default `relay` when `password` is set.
+    #[serde(default)]
+    pub user: Option<String>,
+    /// Password for the upstream's Basic authentication. Default none: no credentials (or
+    /// those written in the URL).
+    #[serde(default)]
+    pub password: Option<String>,
+    /// Pull only while the mount has listeners. Default false. Not supported yet: refused.
+    #[serde(default)]
+    pub on_demand: bool,
+    /// While on a later upstream, go back to the first as soon as it answers again. Default
+    /// false.
+    #[serde(default)]
+    pub prefer_first: bool,
+    /// With `prefer_first`, how often the first upstream is tried again. Default 30.
+    #[serde(default = "default_relay_retry_secs")]
+    pub retry_secs: u64,
+}
+
+fn default_relay_retry_secs() -> u64 {
+    30
 }
 
 impl Default for Startup {
@@ -127,6 +162,7 @@ impl Default for Startup {
             max_admin_connections: 64,
             demo: true,
             demo_mount: "/demo".into(),
+            relays: Vec::new(),
         }
     }
 }
@@ -531,10 +567,56 @@ impl Config {
             return Err("admin_user must be non-empty and contain no ':'".into());
         }
         check_mount_path("demo_mount", &self.startup.demo_mount)?;
+        self.check_relays()?;
         check_mount("defaults", &self.defaults, self)?;
         for (path, m) in &self.mounts {
             check_mount_path(&format!("mounts.\"{path}\""), path)?;
             check_mount(&format!("mounts.\"{path}\""), m, self)?;
+        }
+        Ok(())
+    }
+}
+
+impl Config {
+    fn check_relays(&self) -> Result<(), String> {
+        let mut mounts = std::collections::HashSet::new();
+        for (i, r) in self.startup.relays.iter().enumerate() {
+            let what = format!("relays[{i}]");
+            check_mount_path(&format!("{what}.mount"), &r.mount)?;
+            if !mounts.insert(r.mount.as_str()) {
+                return Err(format!("{what}.mount = {:?}: another relay feeds it", r.mount));
+            }
+            if self.startup.demo && r.mount == self.startup.demo_mount {
+                return Err(format!("{what}.mount = {:?}: the demo plays there", r.mount));
+            }
+            if r.upstreams.is_empty() {
+                return Err(format!("{what}.upstreams: at least one URL"));
+            }
+            for (j, url) in r.upstreams.iter().enumerate() {
+                crate::http_client::HttpUrl::parse(url)
+                    .map_err(|e| format!("{what}.upstreams[{j}] = {url:?}: {e}"))?;
+            }
+            if r.user.as_deref().is_some_and(|u| u.is_empty() || u.contains(':')) {
+                return Err(format!("{what}.user must be non-empty and contain no ':'"));
+            }
+            if r.user.is_some() && r.password.is_none() {
+                return Err(format!("{what}.user is set without a password"));
+            }
+            if r.on_demand {
+                return Err(format!(
+                    "{what}.on_demand = true: on-demand relays are not supported yet"
+                ));
+            }
+            if r.retry_secs == 0 {
+                return Err(format!("{what}.retry_secs must be at least 1"));
+            }
+        }
+        if self.startup.relays.len() > self.max_sources {
+            return Err(format!(
+                "{} relays but max_sources = {}: each relay is a source",
+                self.startup.relays.len(),
+                self.max_sources
+            ));
         }
         Ok(())
     }
@@ -790,5 +872,38 @@ mod tests {
         let (installed, changed) = running.reloaded(new);
         assert!(changed.is_empty(), "{changed:?}");
         assert_eq!(installed.source_password.as_deref(), Some("new"));
+    }
+
+    #[test]
+    fn relays_are_read_from_the_file_and_bad_ones_are_named() {
+        let c = Config::from_toml(
+            "[[relays]]\nmount = \"/live\"\nupstreams = [\"http://a:8000/live\", \"http://b/live\"]\npassword = \"pw\"\nprefer_first = true\n",
+        )
+        .unwrap();
+        c.validate().unwrap();
+        let r = &c.startup.relays[0];
+        assert_eq!(r.upstreams.len(), 2);
+        assert!(r.prefer_first && !r.on_demand);
+        assert_eq!((r.user.as_deref(), r.retry_secs), (None, 30));
+        for (toml, why) in [
+            ("mount = \"live\"\nupstreams = [\"http://a/x\"]", "relays[0].mount"),
+            ("mount = \"/l\"\nupstreams = []", "at least one URL"),
+            ("mount = \"/l\"\nupstreams = [\"https://a/x\"]", "https upstreams"),
+            ("mount = \"/l\"\nupstreams = [\"http://a:x/x\"]", "upstreams[0]"),
+            ("mount = \"/l\"\nupstreams = [\"http://a/x\"]\nuser = \"u\"", "without a password"),
+            ("mount = \"/l\"\nupstreams = [\"http://a/x\"]\non_demand = true", "on_demand"),
+            ("mount = \"/l\"\nupstreams = [\"http://a/x\"]\nretry_secs = 0", "retry_secs"),
+        ] {
+            let e = Config::from_toml(&format!("[[relays]]\n{toml}"))
+                .and_then(|c| c.validate())
+                .unwrap_err();
+            assert!(e.contains(why), "{toml}: {e}");
+        }
+        let e = Config::from_toml("[[relays]]\nmount = \"/l\"\nupstreams = [\"http://a/x\"]\nmirror = 1")
+            .unwrap_err();
+        assert!(e.contains("mirror"), "{e}");
+        let twice = "[[relays]]\nmount = \"/l\"\nupstreams = [\"http://a/x\"]\n";
+        let e = Config::from_toml(&twice.repeat(2)).unwrap().validate().unwrap_err();
+        assert!(e.contains("another relay"), "{e}");
     }
 }

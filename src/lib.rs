@@ -5,7 +5,7 @@
 //!
 //! ```text
 //!  encoder ──PUT/SOURCE──▶ acceptor ──▶ worker: router ──▶ source ──▶ ingest ──▶ store (ArcSwap<Snapshot>)
-//!  demo ─────────────────────────────────────────────────────────────▲    │ wakes its mount's workers
+//!  demo, relay ──────────────────────────────────────────────────────▲    │ wakes its mount's workers
 //!  player  ◀──long GET──── fanout on each worker ◀── admission ◀── router ◀┘
 //! ```
 //!
@@ -19,7 +19,8 @@
 //!   [`chunked`] bodies), appends each piece as shared `Bytes` to its mount's [`store`], publishes
 //!   an immutable snapshot (stream and the mount's settings) through one `ArcSwap`, and wakes
 //!   once each worker with listeners of that mount, telling it which mount published. The
-//!   [`demo`] is a source like any other, on its own thread.
+//!   [`demo`] is a source like any other, on its own thread; so is a [`relay`], which pulls a
+//!   mount from another server (on the `fs-relays` thread).
 //! - [`admission`](admission) answers a listener with the stream's head and hands it to its
 //!   worker's [`fanout`](fanout) loop, which writes the listeners of the mounts that published,
 //!   and those whose coalesced write fell due, from the snapshot with vectored writes, applying
@@ -38,7 +39,8 @@
 //! 1. **Wire and data** (std and crates only): [`http`] (request heads, short responses),
 //!    [`chunked`], the stream formats ([`format`], what every parser yields; [`mpeg`] frames;
 //!    [`ogg`] pages; [`framing`], which picks one by Content-Type), [`icy`] (metadata blocks
-//!    between the audio), [`store`] (the segment store and its snapshot, generic over the settings it
+//!    between the audio), [`http_client`] (the URL, request and response head a relay pulls
+//!    with), [`store`] (the segment store and its snapshot, generic over the settings it
 //!    carries), [`threads`] (named, pinned, CPU-accounted threads), [`open_files`].
 //! 2. **Vocabulary** shared by the stages: [`config`], [`reasons`] (`Refusal`, `Disconnect`: the
 //!    fixed reason labels), [`metrics`], [`usage`], [`mounts`] (the mount table), [`auth`],
@@ -47,7 +49,8 @@
 //!    [`shared`] (the state every thread shares, `Stop`), [`conn`] (what one stage hands the
 //!    next, the guards that count connections, and the one writer of refusals).
 //! 3. **Stages**: [`acceptor`], [`status`], [`metadata`] (title updates), [`admission`],
-//!    [`fanout`], [`source`], [`ingest`], [`demo`], [`admin`], and [`worker`] (the router, which
+//!    [`fanout`], [`source`], [`ingest`], [`demo`], [`relay`] (mounts pulled from another
+//!    server), [`admin`], and [`worker`] (the router, which
 //!    calls admission, source, metadata and status).
 //! 4. **Wiring**: [`server`].
 //! 5. **Entry**: `main.rs`.
@@ -60,6 +63,7 @@ pub(crate) mod chunked;
 pub(crate) mod format;
 pub(crate) mod framing;
 pub(crate) mod http;
+pub(crate) mod http_client;
 pub(crate) mod icy;
 pub(crate) mod mpeg;
 pub(crate) mod ogg;
@@ -85,6 +89,7 @@ pub(crate) mod demo;
 pub(crate) mod fanout;
 pub(crate) mod ingest;
 pub(crate) mod metadata;
+pub(crate) mod relay;
 pub(crate) mod source;
 pub(crate) mod status;
 pub(crate) mod worker;

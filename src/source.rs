@@ -18,7 +18,7 @@ use bytes::Bytes;
 
 use crate::auth;
 use crate::conn::{Encoder, Feed, Incoming, SourceConn, ToIngest, WorkerCtx};
-use crate::http::{valid_mount_path, Method, Request};
+use crate::http::{clean_header_value, valid_mount_path, Method, Request};
 use crate::reasons::{Realm, Refusal};
 use crate::shared::Shared;
 use crate::store::{StreamInfo, StreamMeta};
@@ -146,16 +146,6 @@ fn stream_info(req: &Request, content_type: String) -> StreamInfo {
         subtype: None,
     };
     StreamInfo::new(meta, Bytes::new())
-}
-
-/// Header values are echoed to every listener: keep printable text only, and not too much of it.
-fn clean_header_value(v: &str) -> String {
-    v.chars()
-        .filter(|c| !c.is_control())
-        .take(256)
-        .collect::<String>()
-        .trim()
-        .to_string()
 }
 
 #[cfg(test)]

@@ -1,0 +1,613 @@
+//! Relays: mounts fed by pulling a stream from another server (fanstream or Icecast) instead of
+//! by an encoder, as Icecast's `<relay>` does; an origin-edge tree is built from them.
+//!
+//! A relay sends what Icecast's relay sends (`GET` over HTTP/1.0, `Icy-MetaData: 1`, a
+//! `User-Agent` naming fanstream, Basic credentials when configured), follows redirects (at most
+//! [`MAX_REDIRECTS`]), takes the ICY blocks out of the stream ([`crate::icy::Deinterleaver`]) and
+//! hands ingest the audio and the titles the same way the demo and `/admin/metadata` do: the
+//! audio as a [`SourceConn`] fed by [`Feed::Pieces`], the titles as [`ToIngest::Title`]. Ingest
+//! then treats it as any pushed source: the format layer finds frames, keeps Ogg header pages,
+//! and fanstream's own ICY listeners and status pages get the titles.
+//!
+//! Each upstream connection is one source connection: when it ends, ingest keeps the listeners
+//! for the mount's grace period, as for an encoder restart, and the next connection (to the same
+//! or another upstream) continues the mount where it stood.
+//!
+//! # Failover
+//!
+//! On a failure (refused, garbage, closed, or silent for `source_timeout_secs`) the relay tries
+//! the next upstream at once; once every upstream failed in a row, it waits (a backoff that
+//! doubles from [`BACKOFF_FIRST`] to [`BACKOFF_MAX`], each wait drawn between half of it and
+//! all of it, so that edges restarted together do not return together) and starts again with
+//! the first. An upstream that streamed for [`STABLE`] or more resets the backoff. With
+//! `prefer_first`, a relay on a later upstream tries the first every `retry_secs` and moves
+//! back to it as soon as it answers with the same content type.
+//!
+//! # Why a thread of their own
+//!
+//! Relays run as tasks on one thread (`fs-relays`), not on ingest's: ingest is the one thread
+//! that publishes every mount, and pulling is network I/O (connecting, DNS lookups, slow or
+//! stalled upstreams, redirects) that must never delay it. The price is one channel hop per
+//! piece, which the demo pays too.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::{Bytes, BytesMut};
+use prometheus::IntCounter;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio::runtime::Runtime;
+use tokio::sync::mpsc::{self, UnboundedSender};
+use tokio::sync::{oneshot, watch};
+
+use crate::chunked::ChunkedDecoder;
+use crate::config::RelaySettings;
+use crate::conn::{Feed, SourceConn, TitleUpdate, ToIngest};
+use crate::http::{clean_header_value, MAX_HEAD_BYTES};
+use crate::http_client::{parse_response, HttpUrl, Response};
+use crate::icy::{Deinterleaver, StreamTitle};
+use crate::shared::{stopped, Shared, Stop};
+use crate::store::{SourceState, StreamInfo, StreamMeta};
+
+/// Redirects followed before an upstream counts as failed: Icecast follows a few, and a loop
+/// must end.
+pub(crate) const MAX_REDIRECTS: usize = 5;
+/// Pieces in flight to ingest, as for the demo: a busy ingest thread costs no gap.
+const PIECES_IN_FLIGHT: usize = 64;
+/// Each read buffer allocation; pieces share it, as ingest's reads do.
+const READ_BUF_BYTES: usize = 64 * 1024;
+/// Below this much free room, the next read gets a fresh allocation.
+const MIN_READ_ROOM: usize = 4 * 1024;
+/// The first wait after every upstream failed in a row.
+const BACKOFF_FIRST: Duration = Duration::from_secs(1);
+/// The longest wait: an origin that comes back is pulled from within this.
+const BACKOFF_MAX: Duration = Duration::from_secs(30);
+/// An upstream that streamed this long was healthy: its failure is news, not part of a
+/// failing streak, so the backoff starts over.
+const STABLE: Duration = Duration::from_secs(5);
+/// How long a relay waits for ingest to let its previous connection go before the next one
+/// claims the mount: ingest releases it as soon as it sees the pieces end, within milliseconds.
+const RELEASE_WAIT: Duration = Duration::from_secs(2);
+
+/// The relays thread's body: runs every configured relay until the server stops.
+pub(crate) fn run(
+    rt: Runtime,
+    shared: Arc<Shared>,
+    to_ingest: UnboundedSender<ToIngest>,
+    relays: Vec<RelaySettings>,
+    mut stop: watch::Receiver<Stop>,
+) {
+    rt.block_on(async move {
+        let mut tasks = tokio::task::JoinSet::new();
+        for settings in relays {
+            match Relay::new(shared.clone(), to_ingest.clone(), settings) {
+                Ok(relay) => {
+                    tasks.spawn(relay.run());
+                }
+                // Config::validate refused such a relay before the server started.
+                Err(e) => tracing::error!(error = %e, "relay not started"),
+            }
+        }
+        stopped(&mut stop).await;
+        tasks.shutdown().await;
+    });
+}
+
+/// One relay: a mount and the upstreams it pulls from.
+struct Relay {
+    shared: Arc<Shared>,
+    to_ingest: UnboundedSender<ToIngest>,
+    mount: String,
+    upstreams: Vec<HttpUrl>,
+    /// Basic credentials for the configured upstreams' server.
+    auth: Option<(String, String)>,
+    prefer_first: bool,
+    retry: Duration,
+    user_agent: String,
+    received: IntCounter,
+}
+
+/// An upstream that answered `2xx`, past its response head.
+struct Opened {
+    stream: TcpStream,
+    head: Response,
+    /// Body bytes that arrived with the head.
+    leftover: BytesMut,
+}
+
+impl Opened {
+    /// The stream's content type, made safe to echo to listeners.
+    fn content_type(&self) -> Option<String> {
+        self.head
+            .header("content-type")
+            .map(clean_header_value)
+            .filter(|t| !t.is_empty())
+    }
+}
+
+/// How one upstream connection ended.
+enum Ended {
+    /// It failed, for this reason (a `fanstream_relay_failovers_total` label).
+    Failed(&'static str),
+    /// The first upstream answers again (`prefer_first`): here it is, ready to stream.
+    Preferred(Opened),
+}
+
+impl Relay {
+    fn new(
+        shared: Arc<Shared>,
+        to_ingest: UnboundedSender<ToIngest>,
+        settings: RelaySettings,
+    ) -> Result<Relay, String> {
+        let upstreams = settings
+            .upstreams
+            .iter()
+            .map(|u| HttpUrl::parse(u).map_err(|e| format!("{u}: {e}")))
+            .collect::<Result<Vec<_>, _>>()?;
+        if upstreams.is_empty() {
+            return Err(format!("relay for {}: no upstream", settings.mount));
+        }
+        let auth = settings.password.clone().map(|p| {
+            let user = settings.user.clone().unwrap_or_else(|| "relay".into());
+            (user, p)
+        });
+        let received = shared
+            .metrics
+            .relay_received_bytes
+            .with_label_values(&[settings.mount.as_str()]);
+        Ok(Relay {
+            shared,
+            to_ingest,
+            mount: settings.mount,
+            upstreams,
+            auth,
+            prefer_first: settings.prefer_first,
+            retry: Duration::from_secs(settings.retry_secs),
+            user_agent: format!("fanstream/{} (relay)", env!("CARGO_PKG_VERSION")),
+            received,
+        })
+    }
+
+    /// Pulls from the upstreams in turn, forever (the thread's runtime ends it).
+    async fn run(self) {
+        let n = self.upstreams.len();
+        let mut index = 0;
+        let mut failed_in_row = 0;
+        let mut backoff = Backoff::default();
+        let mut preferred = None;
+        // The failure last logged, as (upstream, reason): a failing streak is logged once.
+        let mut logged = None;
+        loop {
+            let upstream = self.upstreams[index].public();
+            let opened = match preferred.take() {
+                Some(opened) => Ok(opened),
+                None => self.open(index).await,
+            };
+            let (why, healthy) = match opened {
+                Err(why) => (why, false),
+                Ok(opened) => {
+                    logged = None;
+                    let started = Instant::now();
+                    match self.feed(index, opened).await {
+                        Ended::Failed(why) => (why, started.elapsed() >= STABLE),
+                        Ended::Preferred(opened) => {
+                            self.count_failover("preferred");
+                            tracing::info!(mount = %self.mount, from = %upstream, to = %self.upstreams[0].public(), "relay returns to its first upstream");
+                            preferred = Some(opened);
+                            (index, failed_in_row) = (0, 0);
+                            backoff = Backoff::default();
+                            continue;
+                        }
+                    }
+                }
+            };
+            self.count_failover(why);
+            if logged != Some((index, why)) {
+                tracing::warn!(mount = %self.mount, %upstream, reason = why, "relay upstream failed");
+                logged = Some((index, why));
+            }
+            if healthy {
+                failed_in_row = 0;
+                backoff = Backoff::default();
+            }
+            failed_in_row += 1;
+            index = (index + 1) % n;
+            if failed_in_row >= n {
+                (index, failed_in_row) = (0, 0);
+                tokio::time::sleep(backoff.next_wait()).await;
+            }
+        }
+    }
+
+    fn count_failover(&self, why: &str) {
+        self.shared
+            .metrics
+            .relay_failovers
+            .with_label_values(&[self.mount.as_str(), why])
+            .inc();
+    }
+
+    fn timeout(&self) -> Duration {
+        Duration::from_secs(self.shared.config.load().source_timeout_secs)
+    }
+
+    /// Connects to upstream `index`, following redirects, until a `2xx` answer; Err says why not.
+    async fn open(&self, index: usize) -> Result<Opened, &'static str> {
+        let first = &self.upstreams[index];
+        let mut url = first.clone();
+        for _ in 0..=MAX_REDIRECTS {
+            // The configured credentials go to the configured server only, not to wherever a
+            // redirect points.
+            let auth = self
+                .auth
+                .as_ref()
+                .filter(|_| url.host == first.host && url.port == first.port)
+                .map(|(u, p)| (u.as_str(), p.as_str()));
+            let request = url.request(&self.user_agent, auth);
+            let (stream, head, leftover) =
+                tokio::time::timeout(self.timeout(), request_head(&url, &request))
+                    .await
+                    .map_err(|_| "timeout")??;
+            match head.status {
+                200..=299 => {
+                    return Ok(Opened {
+                        stream,
+                        head,
+                        leftover,
+                    })
+                }
+                301 | 302 | 303 | 307 | 308 => {
+                    let location = head.header("location").ok_or("bad_redirect")?;
+                    url = url.join(location).map_err(|_| "bad_redirect")?;
+                }
+                401 | 403 => return Err("unauthorized"),
+                404 => return Err("not_found"),
+                _ => return Err("status"),
+            }
+        }
+        Err("redirect_loop")
+    }
+
+    /// Opens the first upstream every `retry_secs`, until it answers with `content_type`.
+    async fn probe_first(&self, content_type: &str) -> Opened {
+        loop {
+            tokio::time::sleep(self.retry).await;
+            match self.open(0).await {
+                Ok(opened) if opened.content_type().as_deref() == Some(content_type) => {
+                    return opened
+                }
+                Ok(_) => tracing::debug!(mount = %self.mount, "first upstream's content type differs"),
+                Err(why) => tracing::debug!(mount = %self.mount, reason = why, "first upstream still failing"),
+            }
+        }
+    }
+
+    /// Feeds the mount from an open upstream until it fails (or, with `prefer_first`, until the
+    /// first upstream answers again).
+    async fn feed(&self, index: usize, opened: Opened) -> Ended {
+        let Some(content_type) = opened.content_type() else {
+            return Ended::Failed("no_content_type");
+        };
+        // Listeners kept through the grace period hold a stream of one type: another type would
+        // reach them as garbage, so it waits until the mount has closed.
+        if let Some(mount) = self.shared.mounts.get(&self.mount) {
+            if mount.store.load().info.meta.content_type != content_type {
+                return Ended::Failed("content_type");
+            }
+        }
+        let metaint = match opened.head.header("icy-metaint") {
+            None => None,
+            Some(v) => match v.trim().parse::<usize>() {
+                Ok(n) if n > 0 => Some(n),
+                _ => return Ended::Failed("bad_response"),
+            },
+        };
+        let chunked = opened
+            .head
+            .header("transfer-encoding")
+            .is_some_and(|v| v.to_ascii_lowercase().contains("chunked"));
+        let upstream = self.upstreams[index].public();
+        let info = StreamInfo::new(stream_meta(&opened.head, content_type.clone()), Bytes::new());
+        let (pieces, rx) = mpsc::channel(PIECES_IN_FLIGHT);
+        let (claimed_tx, claimed_rx) = oneshot::channel();
+        let source = SourceConn {
+            mount: self.mount.clone(),
+            info,
+            feed: Feed::Pieces(rx),
+            claimed: Some(claimed_tx),
+        };
+        if self
+            .to_ingest
+            .send(ToIngest::Source(Box::new(source)))
+            .is_err()
+        {
+            return Ended::Failed("stopping");
+        }
+        match claimed_rx.await {
+            Ok(Ok(())) => {}
+            Ok(Err(no)) => {
+                tracing::debug!(mount = %self.mount, reason = no.reason(), "ingest refused the relay");
+                return Ended::Failed("refused");
+            }
+            Err(_) => return Ended::Failed("stopping"),
+        }
+        tracing::info!(mount = %self.mount, %upstream, %content_type, "relay streaming");
+        let m = &self.shared.metrics;
+        let labels = [self.mount.as_str(), upstream.as_str()];
+        m.relay_connects.with_label_values(&labels).inc();
+        let up = m.relay_up.with_label_values(&labels);
+        up.set(1);
+        let mut body = Body {
+            decoder: chunked.then(ChunkedDecoder::default),
+            decoded: BytesMut::new(),
+            icy: metaint.map(Deinterleaver::new),
+            title: None,
+            audio: Vec::new(),
+            titles: Vec::new(),
+        };
+        let ended = self
+            .stream(index, opened, &content_type, &mut body, pieces)
+            .await;
+        up.set(0);
+        self.released().await;
+        ended
+    }
+
+    /// Reads the upstream's body into the mount's pieces and titles; returns how it ended.
+    async fn stream(
+        &self,
+        index: usize,
+        opened: Opened,
+        content_type: &str,
+        body: &mut Body,
+        pieces: mpsc::Sender<Bytes>,
+    ) -> Ended {
+        let Opened {
+            mut stream,
+            leftover: mut buf,
+            ..
+        } = opened;
+        let timeout = self.timeout();
+        let mut probe: Option<Pin<Box<dyn Future<Output = Opened> + Send + '_>>> =
+            (self.prefer_first && index > 0).then(|| {
+                Box::pin(self.probe_first(content_type)) as Pin<Box<dyn Future<Output = _> + Send>>
+            });
+        loop {
+            if !buf.is_empty() {
+                self.received.inc_by(buf.len() as u64);
+                if let Err(why) = body.take(buf.split().freeze()) {
+                    return Ended::Failed(why);
+                }
+                for piece in body.audio.drain(..) {
+                    if pieces.send(piece).await.is_err() {
+                        return Ended::Failed("ingest_ended");
+                    }
+                }
+                for title in body.titles.drain(..) {
+                    let update = TitleUpdate {
+                        mount: self.mount.clone(),
+                        title: Some(title.title).filter(|t| !t.is_empty()),
+                        artist: None,
+                        url: title.url,
+                    };
+                    let _ = self.to_ingest.send(ToIngest::Title(update));
+                }
+            }
+            if body.decoder.as_ref().is_some_and(|d| d.is_done()) {
+                return Ended::Failed("closed");
+            }
+            if buf.capacity() < MIN_READ_ROOM {
+                buf.reserve(READ_BUF_BYTES);
+            }
+            let preferred = async {
+                match probe.as_mut() {
+                    Some(p) => p.await,
+                    None => std::future::pending().await,
+                }
+            };
+            tokio::select! {
+                read = tokio::time::timeout(timeout, stream.read_buf(&mut buf)) => match read {
+                    Err(_) => return Ended::Failed("stalled"),
+                    Ok(Ok(0)) => return Ended::Failed("closed"),
+                    Ok(Ok(_)) => {}
+                    Ok(Err(_)) => return Ended::Failed("read_error"),
+                },
+                opened = preferred => return Ended::Preferred(opened),
+            }
+        }
+    }
+
+    /// Waits until ingest has let this relay's previous connection go (it sees the pieces end
+    /// and releases the mount), so that the next connection's claim is not refused as a second
+    /// source. Ingest tells no one, so this looks at the mount's published state.
+    async fn released(&self) {
+        let deadline = Instant::now() + RELEASE_WAIT;
+        while Instant::now() < deadline {
+            let live = self
+                .shared
+                .mounts
+                .get(&self.mount)
+                .is_some_and(|m| m.store.load().state == SourceState::Live);
+            if !live {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+}
+
+/// Connects to `url`, sends `request` and reads the response head: the stream, the head, and
+/// the body bytes that came with it.
+async fn request_head(
+    url: &HttpUrl,
+    request: &[u8],
+) -> Result<(TcpStream, Response, BytesMut), &'static str> {
+    let mut stream = TcpStream::connect((url.host.as_str(), url.port))
+        .await
+        .map_err(|_| "connect")?;
+    let _ = stream.set_nodelay(true);
+    stream.write_all(request).await.map_err(|_| "connect")?;
+    let mut buf = BytesMut::with_capacity(READ_BUF_BYTES);
+    loop {
+        match stream.read_buf(&mut buf).await {
+            Ok(0) => return Err("closed"),
+            Ok(_) => {}
+            Err(_) => return Err("read_error"),
+        }
+        match parse_response(&buf) {
+            Ok(Some((head, n))) => {
+                let _ = buf.split_to(n);
+                return Ok((stream, head, buf));
+            }
+            Ok(None) if buf.len() <= MAX_HEAD_BYTES => {}
+            _ => return Err("bad_response"),
+        }
+    }
+}
+
+/// What the upstream says about its stream (`icy-*` headers, as fanstream and Icecast send
+/// them, or `ice-*`), for this mount's listeners and status pages.
+fn stream_meta(head: &Response, content_type: String) -> StreamMeta {
+    let pick = |names: &[&str]| {
+        names
+            .iter()
+            .find_map(|n| head.header(n))
+            .map(clean_header_value)
+            .filter(|v| !v.is_empty())
+    };
+    StreamMeta {
+        content_type,
+        name: pick(&["icy-name", "ice-name"]),
+        description: pick(&["icy-description", "ice-description"]),
+        genre: pick(&["icy-genre", "ice-genre"]),
+        url: pick(&["icy-url", "ice-url"]),
+        public: pick(&["icy-pub", "ice-public"]),
+        bitrate_kbps: pick(&["icy-br", "ice-bitrate"]).and_then(|b| b.parse().ok()),
+        audio_info: pick(&["ice-audio-info"]),
+        started: Some(std::time::SystemTime::now()),
+        subtype: None,
+    }
+}
+
+/// An upstream's body on its way to ingest: chunked decoding, then the ICY blocks taken out.
+struct Body {
+    decoder: Option<ChunkedDecoder>,
+    decoded: BytesMut,
+    icy: Option<Deinterleaver>,
+    /// The title last passed on: an upstream repeating its block makes no update.
+    title: Option<StreamTitle>,
+    /// Audio pieces and new titles from the last [`Body::take`].
+    audio: Vec<Bytes>,
+    titles: Vec<StreamTitle>,
+}
+
+impl Body {
+    /// Takes a piece of the body; Err says why the upstream is given up.
+    fn take(&mut self, raw: Bytes) -> Result<(), &'static str> {
+        let piece = match self.decoder.as_mut() {
+            None => raw,
+            Some(d) => {
+                if self.decoded.capacity() - self.decoded.len() < MIN_READ_ROOM {
+                    self.decoded.reserve(READ_BUF_BYTES);
+                }
+                d.decode(&raw, &mut self.decoded)
+                    .map_err(|_| "bad_chunked")?;
+                self.decoded.split().freeze()
+            }
+        };
+        if piece.is_empty() {
+            return Ok(());
+        }
+        let Some(icy) = self.icy.as_mut() else {
+            self.audio.push(piece);
+            return Ok(());
+        };
+        let mut titles = Vec::new();
+        icy.push(piece, &mut self.audio, &mut titles)
+            .map_err(|_| "bad_metadata")?;
+        for title in titles {
+            if self.title.as_ref() != Some(&title) {
+                self.titles.push(StreamTitle {
+                    title: title.title.clone(),
+                    url: title.url.clone(),
+                });
+                self.title = Some(title);
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The wait before the next round once every upstream failed: doubling, capped, jittered.
+#[derive(Default)]
+struct Backoff {
+    failed_rounds: u32,
+}
+
+impl Backoff {
+    fn next_wait(&mut self) -> Duration {
+        let full = BACKOFF_FIRST
+            .saturating_mul(1 << self.failed_rounds.min(16))
+            .min(BACKOFF_MAX);
+        self.failed_rounds += 1;
+        full.mul_f64(0.5 + 0.5 * unit_random())
+    }
+}
+
+/// A number in [0, 1) that differs between calls and processes: std's hasher keys are seeded
+/// randomly per thread and advanced per `RandomState`, which is all the jitter needs.
+fn unit_random() -> f64 {
+    use std::hash::{BuildHasher, Hasher};
+    let bits = std::collections::hash_map::RandomState::new()
+        .build_hasher()
+        .finish();
+    (bits >> 11) as f64 / (1u64 << 53) as f64
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_doubles_to_its_cap_and_is_jittered() {
+        let mut b = Backoff::default();
+        let waits: Vec<Duration> = (0..10).map(|_| b.next_wait()).collect();
+        assert!(waits[0] >= BACKOFF_FIRST / 2 && waits[0] <= BACKOFF_FIRST);
+        assert!(waits[3] >= BACKOFF_FIRST * 4 && waits[3] <= BACKOFF_FIRST * 8);
+        assert!(waits.iter().all(|w| *w <= BACKOFF_MAX));
+        assert!(waits[9] >= BACKOFF_MAX / 2);
+        let draws: std::collections::HashSet<u64> =
+            (0..20).map(|_| (unit_random() * 1e9) as u64).collect();
+        assert!(draws.len() > 15, "jitter varies");
+    }
+
+    #[test]
+    fn a_body_loses_its_chunking_and_icy_blocks_and_repeats_no_title() {
+        let mut body = Body {
+            decoder: Some(ChunkedDecoder::default()),
+            decoded: BytesMut::new(),
+            icy: Some(Deinterleaver::new(4)),
+            title: None,
+            audio: Vec::new(),
+            titles: Vec::new(),
+        };
+        let block = crate::icy::block("A - B", None);
+        let inner = [b"abcd".as_slice(), &block, b"efgh", &block, b"ij"].concat();
+        let chunked = [
+            format!("{:x}\r\n", inner.len()).into_bytes(),
+            inner,
+            b"\r\n".to_vec(),
+        ]
+        .concat();
+        for byte in chunked.chunks(3) {
+            body.take(Bytes::copy_from_slice(byte)).unwrap();
+        }
+        assert_eq!(body.audio.concat(), b"abcdefghij");
+        assert_eq!(body.titles.len(), 1, "the same title twice is one update");
+        assert_eq!(body.titles[0].title, "A - B");
+        assert_eq!(body.take(Bytes::from_static(b"zz\r\n")), Err("bad_chunked"));
+    }
+}
