@@ -10,9 +10,9 @@ CARGO ?= cargo
 # headless browser. Chromium runs as root with --no-sandbox, so its recommended chromium-sandbox
 # is not needed either.
 TEST_PROGRAMS := ffmpeg ffprobe curl prometheus promtool ezstream ices2 liquidsoap mpv \
-  gst-launch-1.0 gst-inspect-1.0 chromium timeout
+  gst-launch-1.0 gst-inspect-1.0 chromium timeout icecast2
 APT_PACKAGES := ffmpeg curl prometheus ezstream ices2 liquidsoap mpv gstreamer1.0-tools \
-  gstreamer1.0-plugins-base gstreamer1.0-plugins-good gstreamer1.0-plugins-bad chromium coreutils
+  gstreamer1.0-plugins-base gstreamer1.0-plugins-good gstreamer1.0-plugins-bad chromium coreutils icecast2
 # GStreamer elements the tests use, which come in plugin packages rather than as programs.
 TEST_GST_ELEMENTS := souphttpsrc decodebin oggdemux opusdec vorbisdec mpegaudioparse identity
 

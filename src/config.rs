@@ -584,10 +584,16 @@ impl Config {
             let what = format!("relays[{i}]");
             check_mount_path(&format!("{what}.mount"), &r.mount)?;
             if !mounts.insert(r.mount.as_str()) {
-                return Err(format!("{what}.mount = {:?}: another relay feeds it", r.mount));
+                return Err(format!(
+                    "{what}.mount = {:?}: another relay feeds it",
+                    r.mount
+                ));
             }
             if self.startup.demo && r.mount == self.startup.demo_mount {
-                return Err(format!("{what}.mount = {:?}: the demo plays there", r.mount));
+                return Err(format!(
+                    "{what}.mount = {:?}: the demo plays there",
+                    r.mount
+                ));
             }
             if r.upstreams.is_empty() {
                 return Err(format!("{what}.upstreams: at least one URL"));
@@ -596,7 +602,10 @@ impl Config {
                 crate::http_client::HttpUrl::parse(url)
                     .map_err(|e| format!("{what}.upstreams[{j}] = {url:?}: {e}"))?;
             }
-            if r.user.as_deref().is_some_and(|u| u.is_empty() || u.contains(':')) {
+            if r.user
+                .as_deref()
+                .is_some_and(|u| u.is_empty() || u.contains(':'))
+            {
                 return Err(format!("{what}.user must be non-empty and contain no ':'"));
             }
             if r.user.is_some() && r.password.is_none() {
@@ -886,24 +895,47 @@ mod tests {
         assert!(r.prefer_first && !r.on_demand);
         assert_eq!((r.user.as_deref(), r.retry_secs), (None, 30));
         for (toml, why) in [
-            ("mount = \"live\"\nupstreams = [\"http://a/x\"]", "relays[0].mount"),
+            (
+                "mount = \"live\"\nupstreams = [\"http://a/x\"]",
+                "relays[0].mount",
+            ),
             ("mount = \"/l\"\nupstreams = []", "at least one URL"),
-            ("mount = \"/l\"\nupstreams = [\"https://a/x\"]", "https upstreams"),
-            ("mount = \"/l\"\nupstreams = [\"http://a:x/x\"]", "upstreams[0]"),
-            ("mount = \"/l\"\nupstreams = [\"http://a/x\"]\nuser = \"u\"", "without a password"),
-            ("mount = \"/l\"\nupstreams = [\"http://a/x\"]\non_demand = true", "on_demand"),
-            ("mount = \"/l\"\nupstreams = [\"http://a/x\"]\nretry_secs = 0", "retry_secs"),
+            (
+                "mount = \"/l\"\nupstreams = [\"https://a/x\"]",
+                "https upstreams",
+            ),
+            (
+                "mount = \"/l\"\nupstreams = [\"http://a:x/x\"]",
+                "upstreams[0]",
+            ),
+            (
+                "mount = \"/l\"\nupstreams = [\"http://a/x\"]\nuser = \"u\"",
+                "without a password",
+            ),
+            (
+                "mount = \"/l\"\nupstreams = [\"http://a/x\"]\non_demand = true",
+                "on_demand",
+            ),
+            (
+                "mount = \"/l\"\nupstreams = [\"http://a/x\"]\nretry_secs = 0",
+                "retry_secs",
+            ),
         ] {
             let e = Config::from_toml(&format!("[[relays]]\n{toml}"))
                 .and_then(|c| c.validate())
                 .unwrap_err();
             assert!(e.contains(why), "{toml}: {e}");
         }
-        let e = Config::from_toml("[[relays]]\nmount = \"/l\"\nupstreams = [\"http://a/x\"]\nmirror = 1")
-            .unwrap_err();
+        let e = Config::from_toml(
+            "[[relays]]\nmount = \"/l\"\nupstreams = [\"http://a/x\"]\nmirror = 1",
+        )
+        .unwrap_err();
         assert!(e.contains("mirror"), "{e}");
         let twice = "[[relays]]\nmount = \"/l\"\nupstreams = [\"http://a/x\"]\n";
-        let e = Config::from_toml(&twice.repeat(2)).unwrap().validate().unwrap_err();
+        let e = Config::from_toml(&twice.repeat(2))
+            .unwrap()
+            .validate()
+            .unwrap_err();
         assert!(e.contains("another relay"), "{e}");
     }
 }

@@ -118,7 +118,10 @@ impl HttpUrl {
             "GET {} HTTP/1.0\r\nHost: {host}:{}\r\nUser-Agent: {user_agent}\r\nIcy-MetaData: 1\r\nAccept: */*\r\n",
             self.target, self.port
         );
-        let auth = auth.or(self.user_info.as_ref().map(|(u, p)| (u.as_str(), p.as_str())));
+        let auth = auth.or(self
+            .user_info
+            .as_ref()
+            .map(|(u, p)| (u.as_str(), p.as_str())));
         if let Some((user, pass)) = auth {
             let token = base64::engine::general_purpose::STANDARD.encode(format!("{user}:{pass}"));
             out.push_str(&format!("Authorization: Basic {token}\r\n"));
@@ -235,7 +238,10 @@ mod tests {
         assert!(req.contains("User-Agent: fanstream/1 (relay)\r\n"));
         assert!(req.contains("Authorization: Basic dTpw\r\n"), "{req}");
         let req = String::from_utf8(u.request("x", Some(("a", "b")))).unwrap();
-        assert!(req.contains("Authorization: Basic YTpi\r\n"), "given credentials win");
+        assert!(
+            req.contains("Authorization: Basic YTpi\r\n"),
+            "given credentials win"
+        );
         assert!(req.ends_with("\r\n\r\n"));
     }
 
@@ -262,12 +268,18 @@ mod tests {
         let (resp, n) = parse_response(raw).unwrap().unwrap();
         assert_eq!(resp.status, 200);
         assert_eq!(&raw[n..], b"DATA");
-        assert!(parse_response(b"HTTP/1.0 200 OK\r\nA: b").unwrap().is_none());
+        assert!(parse_response(b"HTTP/1.0 200 OK\r\nA: b")
+            .unwrap()
+            .is_none());
         assert_eq!(
             parse_response(b"\x00\xff garbage\r\n\r\n").unwrap_err(),
             ResponseError::Malformed
         );
-        let huge = [b"HTTP/1.0 200 OK\r\nA: ".as_slice(), &[b'x'; MAX_HEAD_BYTES]].concat();
+        let huge = [
+            b"HTTP/1.0 200 OK\r\nA: ".as_slice(),
+            &[b'x'; MAX_HEAD_BYTES],
+        ]
+        .concat();
         assert_eq!(parse_response(&huge).unwrap_err(), ResponseError::Malformed);
     }
 }

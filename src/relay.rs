@@ -279,8 +279,12 @@ impl Relay {
                 Ok(opened) if opened.content_type().as_deref() == Some(content_type) => {
                     return opened
                 }
-                Ok(_) => tracing::debug!(mount = %self.mount, "first upstream's content type differs"),
-                Err(why) => tracing::debug!(mount = %self.mount, reason = why, "first upstream still failing"),
+                Ok(_) => {
+                    tracing::debug!(mount = %self.mount, "first upstream's content type differs")
+                }
+                Err(why) => {
+                    tracing::debug!(mount = %self.mount, reason = why, "first upstream still failing")
+                }
             }
         }
     }
@@ -310,7 +314,10 @@ impl Relay {
             .header("transfer-encoding")
             .is_some_and(|v| v.to_ascii_lowercase().contains("chunked"));
         let upstream = self.upstreams[index].public();
-        let info = StreamInfo::new(stream_meta(&opened.head, content_type.clone()), Bytes::new());
+        let info = StreamInfo::new(
+            stream_meta(&opened.head, content_type.clone()),
+            Bytes::new(),
+        );
         let (pieces, rx) = mpsc::channel(PIECES_IN_FLIGHT);
         let (claimed_tx, claimed_rx) = oneshot::channel();
         let source = SourceConn {

@@ -28,6 +28,12 @@ impl TestServer {
     /// Starts a server with test defaults (2 unpinned workers, no demo, a known password), then
     /// lets `adjust` change the config.
     pub fn start(adjust: impl FnOnce(&mut Config)) -> TestServer {
+        TestServer::start_at("127.0.0.1:0".parse().unwrap(), adjust)
+    }
+
+    /// Like [`TestServer::start`], listening on `listen` (to bring a stopped server back on its
+    /// address).
+    pub fn start_at(listen: SocketAddr, adjust: impl FnOnce(&mut Config)) -> TestServer {
         let mut config = Config {
             startup: Startup {
                 workers: 2,
@@ -40,7 +46,7 @@ impl TestServer {
         };
         config.defaults.source_grace_secs = 1;
         adjust(&mut config);
-        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let listener = TcpListener::bind(listen).unwrap();
         let admin = TcpListener::bind("127.0.0.1:0").unwrap();
         let server = Server::start(config, listener, Some(admin)).expect("server starts");
         TestServer {
