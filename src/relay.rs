@@ -314,10 +314,8 @@ impl Relay {
             .header("transfer-encoding")
             .is_some_and(|v| v.to_ascii_lowercase().contains("chunked"));
         let upstream = self.upstreams[index].public();
-        let info = StreamInfo::new(
-            stream_meta(&opened.head, content_type.clone()),
-            Bytes::new(),
-        );
+        let meta = stream_meta(&opened.head, content_type.clone(), upstream.clone());
+        let info = StreamInfo::new(meta, Bytes::new());
         let (pieces, rx) = mpsc::channel(PIECES_IN_FLIGHT);
         let (claimed_tx, claimed_rx) = oneshot::channel();
         let source = SourceConn {
@@ -477,7 +475,7 @@ async fn request_head(
 
 /// What the upstream says about its stream (`icy-*` headers, as fanstream and Icecast send
 /// them, or `ice-*`), for this mount's listeners and status pages.
-fn stream_meta(head: &Response, content_type: String) -> StreamMeta {
+fn stream_meta(head: &Response, content_type: String, upstream: String) -> StreamMeta {
     let pick = |names: &[&str]| {
         names
             .iter()
@@ -496,6 +494,7 @@ fn stream_meta(head: &Response, content_type: String) -> StreamMeta {
         audio_info: pick(&["ice-audio-info"]),
         started: Some(std::time::SystemTime::now()),
         subtype: None,
+        relayed_from: Some(upstream),
     }
 }
 

@@ -144,6 +144,7 @@ fn stream_info(req: &Request, content_type: String) -> StreamInfo {
         audio_info,
         started: Some(SystemTime::now()),
         subtype: None,
+        relayed_from: None,
     };
     StreamInfo::new(meta, Bytes::new())
 }

@@ -91,6 +91,8 @@ struct MountStatus {
     stream_start_iso8601: Option<String>,
     /// Payload bytes received from sources since the mount appeared.
     received_bytes: u64,
+    /// The upstream a relay pulls the mount from now (its URL without credentials).
+    relay_upstream: Option<String>,
     /// Payload bytes sent to listeners since the mount appeared.
     sent_bytes: u64,
     retained_bytes: u64,
@@ -127,6 +129,7 @@ fn own(shared: &Shared, host: &str) -> Status {
                 metadata_updated: snap.now_playing.updated.map(|t| Date::of(t).iso8601()),
                 stream_start_iso8601: meta.started.map(|t| Date::of(t).iso8601()),
                 received_bytes: m.received_bytes.load(Ordering::Relaxed),
+                relay_upstream: meta.relayed_from.clone(),
                 sent_bytes: m.sent_bytes.load(Ordering::Relaxed),
                 retained_bytes: snap.retained_bytes(),
                 mount: m.path.clone(),

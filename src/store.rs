@@ -144,6 +144,9 @@ pub(crate) struct StreamMeta {
     pub started: Option<std::time::SystemTime>,
     /// What the format layer found the stream to be (`MP3`, `Vorbis`, `Opus`, ...), once known.
     pub subtype: Option<String>,
+    /// The upstream a relay pulls the stream from (its URL without credentials); none for a
+    /// pushed source.
+    pub relayed_from: Option<String>,
 }
 
 /// One consistent view of a mount, replaced whole on every change.
