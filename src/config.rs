@@ -117,6 +117,38 @@ pub struct Startup {
     /// Mounts fed by pulling from another server (`[[relays]]`), started with the server.
     /// Default none.
     pub relays: Vec<RelaySettings>,
+    /// Mirror every mount of an origin (`[master]`). Default none.
+    pub master: Option<MasterSettings>,
+}
+
+/// `[master]`: keep one relay per mount an origin lists in its `/admin/streamlist.txt` (one
+/// mount path a line, as Icecast serves it to its relay user and its admin), adding and
+/// removing relays as the origin's mounts come and go. A `[[relays]]` entry for the same mount
+/// wins over the mirrored one.
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct MasterSettings {
+    /// The origin's base URL, `http://host:port`: the list is at `/admin/streamlist.txt` under
+    /// it, each mount at its path under it.
+    pub url: String,
+    /// User for the origin's Basic authentication. Default `relay` when `password` is set.
+    #[serde(default)]
+    pub user: Option<String>,
+    /// Password for the origin's Basic authentication (its `relay_password`, or the admin's).
+    /// Default none.
+    #[serde(default)]
+    pub password: Option<String>,
+    /// How often the list is read again. Default 120, as Icecast's `<master-update-interval>`.
+    #[serde(default = "default_master_interval_secs")]
+    pub interval_secs: u64,
+    /// Mirrored relays pull only while they have listeners. Default false: not supported yet,
+    /// and `true` is refused.
+    #[serde(default)]
+    pub on_demand: bool,
+}
+
+fn default_master_interval_secs() -> u64 {
+    120
 }
 
 /// One `[[relays]]` entry: a mount fed by pulling a stream from an upstream server (fanstream or
@@ -163,6 +195,7 @@ impl Default for Startup {
             demo: true,
             demo_mount: "/demo".into(),
             relays: Vec::new(),
+            master: None,
         }
     }
 }
@@ -620,6 +653,33 @@ impl Config {
                 return Err(format!("{what}.retry_secs must be at least 1"));
             }
         }
+        if let Some(m) = &self.startup.master {
+            let url = crate::http_client::HttpUrl::parse(&m.url)
+                .map_err(|e| format!("master.url = {:?}: {e}", m.url))?;
+            if url.target != "/" || url.user_info.is_some() {
+                return Err(format!(
+                    "master.url = {:?}: a base URL, http://host:port, without a path or credentials (they go in master.user and master.password)",
+                    m.url
+                ));
+            }
+            if m.user
+                .as_deref()
+                .is_some_and(|u| u.is_empty() || u.contains(':'))
+            {
+                return Err("master.user must be non-empty and contain no ':'".into());
+            }
+            if m.user.is_some() && m.password.is_none() {
+                return Err("master.user is set without a password".into());
+            }
+            if m.interval_secs == 0 {
+                return Err("master.interval_secs must be at least 1".into());
+            }
+            if m.on_demand {
+                return Err(
+                    "master.on_demand = true: on-demand relays are not supported yet".into(),
+                );
+            }
+        }
         if self.startup.relays.len() > self.max_sources {
             return Err(format!(
                 "{} relays but max_sources = {}: each relay is a source",
@@ -937,5 +997,27 @@ mod tests {
             .validate()
             .unwrap_err();
         assert!(e.contains("another relay"), "{e}");
+    }
+
+    #[test]
+    fn a_master_is_read_from_the_file_and_bad_ones_are_named() {
+        let c = Config::from_toml("[master]\nurl = \"http://origin:8000\"\npassword = \"pw\"\n")
+            .unwrap();
+        c.validate().unwrap();
+        let m = c.startup.master.as_ref().unwrap();
+        assert_eq!((m.interval_secs, m.on_demand), (120, false));
+        for (toml, why) in [
+            ("url = \"https://o\"", "https"),
+            ("url = \"http://o/live\"", "base URL"),
+            ("url = \"http://u:p@o\"", "base URL"),
+            ("url = \"http://o\"\ninterval_secs = 0", "interval_secs"),
+            ("url = \"http://o\"\non_demand = true", "on_demand"),
+            ("url = \"http://o\"\nuser = \"u\"", "without a password"),
+        ] {
+            let e = Config::from_toml(&format!("[master]\n{toml}"))
+                .and_then(|c| c.validate())
+                .unwrap_err();
+            assert!(e.contains(why), "{toml}: {e}");
+        }
     }
 }

@@ -30,23 +30,25 @@
 //! stalled upstreams, redirects) that must never delay it. The price is one channel hop per
 //! piece, which the demo pays too.
 
+use std::collections::{HashMap, HashSet};
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
-use prometheus::IntCounter;
+use prometheus::{IntCounter, IntGauge};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::runtime::Runtime;
 use tokio::sync::mpsc::{self, UnboundedSender};
 use tokio::sync::{oneshot, watch};
+use tokio::task::AbortHandle;
 
 use crate::chunked::ChunkedDecoder;
-use crate::config::RelaySettings;
+use crate::config::{MasterSettings, RelaySettings};
 use crate::conn::{Feed, SourceConn, TitleUpdate, ToIngest};
-use crate::http::{clean_header_value, MAX_HEAD_BYTES};
+use crate::http::{clean_header_value, valid_mount_path, MAX_HEAD_BYTES};
 use crate::http_client::{parse_response, HttpUrl, Response};
 use crate::icy::{Deinterleaver, StreamTitle};
 use crate::shared::{stopped, Shared, Stop};
@@ -55,6 +57,10 @@ use crate::store::{SourceState, StreamInfo, StreamMeta};
 /// Redirects followed before an upstream counts as failed: Icecast follows a few, and a loop
 /// must end.
 pub(crate) const MAX_REDIRECTS: usize = 5;
+/// Where an Icecast origin lists its mounts, one a line.
+const STREAMLIST_PATH: &str = "/admin/streamlist.txt";
+/// The longest mount list read: some 4,000 mounts of 256 bytes.
+const MAX_STREAMLIST_BYTES: usize = 1 << 20;
 /// Pieces in flight to ingest, as for the demo: a busy ingest thread costs no gap.
 const PIECES_IN_FLIGHT: usize = 64;
 /// Each read buffer allocation; pieces share it, as ingest's reads do.
@@ -72,28 +78,173 @@ const STABLE: Duration = Duration::from_secs(5);
 /// claims the mount: ingest releases it as soon as it sees the pieces end, within milliseconds.
 const RELEASE_WAIT: Duration = Duration::from_secs(2);
 
-/// The relays thread's body: runs every configured relay until the server stops.
+/// The relays thread's body: runs every configured relay, and the mirror of `master` if set,
+/// until the server stops (dropping the runtime then drops every relay and its connections).
 pub(crate) fn run(
     rt: Runtime,
     shared: Arc<Shared>,
     to_ingest: UnboundedSender<ToIngest>,
     relays: Vec<RelaySettings>,
+    master: Option<MasterSettings>,
     mut stop: watch::Receiver<Stop>,
 ) {
     rt.block_on(async move {
-        let mut tasks = tokio::task::JoinSet::new();
+        let configured: HashSet<String> = relays.iter().map(|r| r.mount.clone()).collect();
         for settings in relays {
-            match Relay::new(shared.clone(), to_ingest.clone(), settings) {
-                Ok(relay) => {
-                    tasks.spawn(relay.run());
-                }
-                // Config::validate refused such a relay before the server started.
-                Err(e) => tracing::error!(error = %e, "relay not started"),
-            }
+            spawn_relay(&shared, &to_ingest, settings);
+        }
+        if let Some(master) = master {
+            tokio::spawn(mirror(shared.clone(), to_ingest, master, configured));
         }
         stopped(&mut stop).await;
-        tasks.shutdown().await;
     });
+}
+
+/// Starts one relay as a task; None if its settings are unusable (which `Config::validate`
+/// refused before the server started).
+fn spawn_relay(
+    shared: &Arc<Shared>,
+    to_ingest: &UnboundedSender<ToIngest>,
+    settings: RelaySettings,
+) -> Option<AbortHandle> {
+    match Relay::new(shared.clone(), to_ingest.clone(), settings) {
+        Ok(relay) => Some(tokio::spawn(relay.run()).abort_handle()),
+        Err(e) => {
+            tracing::error!(error = %e, "relay not started");
+            None
+        }
+    }
+}
+
+/// Mirrors an origin: reads its `/admin/streamlist.txt` every `interval_secs` and keeps one
+/// relay per mount listed (but those `[[relays]]` feeds), stopping the relay of a mount no
+/// longer listed (its listeners then wait the grace period, as for any source that left). A
+/// list that cannot be read changes nothing: the relays keep going on their own.
+async fn mirror(
+    shared: Arc<Shared>,
+    to_ingest: UnboundedSender<ToIngest>,
+    master: MasterSettings,
+    configured: HashSet<String>,
+) {
+    let Ok(base) = HttpUrl::parse(&master.url) else {
+        tracing::error!(url = %master.url, "master.url is not usable; no mirror");
+        return;
+    };
+    let list = HttpUrl {
+        target: STREAMLIST_PATH.into(),
+        ..base.clone()
+    };
+    let auth = master
+        .password
+        .clone()
+        .map(|p| (master.user.clone().unwrap_or_else(|| "relay".into()), p));
+    let request = list.request(
+        &format!("fanstream/{} (relay)", env!("CARGO_PKG_VERSION")),
+        auth.as_ref().map(|(u, p)| (u.as_str(), p.as_str())),
+    );
+    let mut running: HashMap<String, AbortHandle> = HashMap::new();
+    let mut failing = None;
+    let mut tick = tokio::time::interval(Duration::from_secs(master.interval_secs));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        let timeout = Duration::from_secs(shared.config.load().source_timeout_secs);
+        let fetched = tokio::time::timeout(timeout, fetch_list(&list, &request)).await;
+        let mounts = match fetched.unwrap_or(Err("timeout")) {
+            Ok(mounts) => mounts,
+            Err(why) => {
+                shared
+                    .metrics
+                    .relay_failovers
+                    .with_label_values(&[STREAMLIST_PATH, why])
+                    .inc();
+                if failing != Some(why) {
+                    tracing::warn!(url = %list.public(), reason = why, "cannot read the master's mount list");
+                    failing = Some(why);
+                }
+                continue;
+            }
+        };
+        failing = None;
+        let max = shared.config.load().max_sources;
+        let wanted: HashSet<&String> = mounts
+            .iter()
+            .filter(|m| !configured.contains(*m))
+            .take(max)
+            .collect();
+        running.retain(|mount, task| {
+            let keep = wanted.contains(mount);
+            if !keep {
+                tracing::info!(%mount, "mount left the master: relay stopped");
+                task.abort();
+            }
+            keep
+        });
+        for mount in wanted {
+            if running.contains_key(mount) {
+                continue;
+            }
+            let upstream = HttpUrl {
+                target: mount.clone(),
+                ..base.clone()
+            };
+            let settings = RelaySettings {
+                mount: mount.clone(),
+                upstreams: vec![upstream.public()],
+                user: master.user.clone(),
+                password: master.password.clone(),
+                on_demand: false,
+                prefer_first: false,
+                retry_secs: master.interval_secs,
+            };
+            tracing::info!(%mount, "mount found on the master: relay started");
+            if let Some(task) = spawn_relay(&shared, &to_ingest, settings) {
+                running.insert(mount.clone(), task);
+            }
+        }
+    }
+}
+
+/// Reads the master's mount list: one mount path a line; lines that are not mount paths are
+/// skipped.
+async fn fetch_list(url: &HttpUrl, request: &[u8]) -> Result<Vec<String>, &'static str> {
+    let (mut stream, head, mut body) = request_head(url, request).await?;
+    match head.status {
+        200..=299 => {}
+        401 | 403 => return Err("unauthorized"),
+        404 => return Err("not_found"),
+        _ => return Err("status"),
+    }
+    loop {
+        if body.len() > MAX_STREAMLIST_BYTES {
+            return Err("bad_response");
+        }
+        match stream.read_buf(&mut body).await {
+            Ok(0) => break,
+            Ok(_) => {}
+            Err(_) => return Err("read_error"),
+        }
+    }
+    let text = if head
+        .header("transfer-encoding")
+        .is_some_and(|v| v.to_ascii_lowercase().contains("chunked"))
+    {
+        let mut decoded = BytesMut::new();
+        ChunkedDecoder::default()
+            .decode(&body, &mut decoded)
+            .map_err(|_| "bad_chunked")?;
+        decoded
+    } else {
+        body
+    };
+    let mut mounts = Vec::new();
+    for line in String::from_utf8_lossy(&text).lines() {
+        let mount = line.trim();
+        if valid_mount_path(mount) && !mounts.iter().any(|m| m == mount) {
+            mounts.push(mount.to_string());
+        }
+    }
+    Ok(mounts)
 }
 
 /// One relay: a mount and the upstreams it pulls from.
@@ -343,8 +494,7 @@ impl Relay {
         let m = &self.shared.metrics;
         let labels = [self.mount.as_str(), upstream.as_str()];
         m.relay_connects.with_label_values(&labels).inc();
-        let up = m.relay_up.with_label_values(&labels);
-        up.set(1);
+        let up = Up::new(m.relay_up.with_label_values(&labels));
         let mut body = Body {
             decoder: chunked.then(ChunkedDecoder::default),
             decoded: BytesMut::new(),
@@ -356,7 +506,7 @@ impl Relay {
         let ended = self
             .stream(index, opened, &content_type, &mut body, pieces)
             .await;
-        up.set(0);
+        drop(up);
         self.released().await;
         ended
     }
@@ -441,6 +591,23 @@ impl Relay {
             }
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
+    }
+}
+
+/// `fanstream_relay_up` for one upstream, 1 while this lives: a relay stopped in the middle of
+/// a stream (its mount left the master, the server stops) sets it back too.
+struct Up(IntGauge);
+
+impl Up {
+    fn new(gauge: IntGauge) -> Up {
+        gauge.set(1);
+        Up(gauge)
+    }
+}
+
+impl Drop for Up {
+    fn drop(&mut self) {
+        self.0.set(0);
     }
 }
 

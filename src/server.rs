@@ -133,11 +133,14 @@ impl Server {
             }
         }
 
-        let relays = shared.config.load().startup.relays.clone();
-        if !relays.is_empty() {
+        let (relays, master) = {
+            let config = shared.config.load();
+            (config.startup.relays.clone(), config.startup.master.clone())
+        };
+        if !relays.is_empty() || master.is_some() {
             let (s, to_ingest, stop) = (shared.clone(), to_ingest.clone(), shared.stop.clone());
             spawn_stage(&mut handles, &registry, "fs-relays", None, move |rt| {
-                crate::relay::run(rt, s, to_ingest, relays, stop)
+                crate::relay::run(rt, s, to_ingest, relays, master, stop)
             })?;
         }
 

@@ -18,7 +18,7 @@ use common::clients::*;
 use common::media::*;
 use common::process::{require, scratch_dir, ChildGuard};
 use common::*;
-use fanstream::config::RelaySettings;
+use fanstream::config::{MasterSettings, RelaySettings};
 use fanstream::{Config, Stop};
 
 /// The test streams' rate: 32 kB/s, 256 kbit/s.
@@ -530,7 +530,7 @@ fn bad_upstreams_are_counted_and_retried_with_backoff() {
         let labels: Vec<&str> = labels.iter().map(String::as_str).collect();
         edge.wait_metric("fanstream_relay_failovers_total", &labels, |v| v >= 2.0);
         assert_eq!(
-            edge.metric("fanstream_relay_failovers_total", &[&labels[0]]),
+            edge.metric("fanstream_relay_failovers_total", &[labels[0]]),
             edge.metric("fanstream_relay_failovers_total", &labels),
             "{path}: counted as {reason} only: {}",
             edge.metrics()
@@ -699,5 +699,78 @@ fn an_mp3_mount_relayed_from_icecast_brings_its_titles_to_icy_listeners() {
             .to_string()
             .contains("Relayed Artist - Relayed Title"),
         "the title shows in the status page: {status}"
+    );
+}
+
+/// The mounts a server's `/status.json` lists.
+fn status_mounts(server: &TestServer) -> Vec<String> {
+    let (_, _, body) = request(server.addr, b"GET /status.json HTTP/1.0\r\n\r\n");
+    let status: serde_json::Value = serde_json::from_slice(&body).unwrap();
+    status["mounts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["mount"].as_str().unwrap().to_string())
+        .collect()
+}
+
+/// icecast2's own mount list, as its relay user reads it.
+fn icecast_streamlist(ice: SocketAddr) -> String {
+    let (status, _, body) = curl_get(
+        ice,
+        "/admin/streamlist.txt",
+        Some(("relay", "relaypw")),
+        &[],
+    );
+    assert_eq!(status, 200, "icecast2's streamlist: {body}");
+    body
+}
+
+#[test]
+fn an_edge_mirrors_the_mounts_an_icecast_origin_lists() {
+    const INTERVAL_SECS: u64 = 2;
+    let dir = scratch_dir("relay_mirror");
+    let (_icecast, ice) = icecast(&dir);
+    let first = ffmpeg_source(ice, "/first", &Tone::new(Codec::Mp3, 120.0));
+    wait_until("icecast2 to list /first", || {
+        icecast_streamlist(ice).lines().any(|l| l == "/first")
+    });
+    let edge = TestServer::start(|c| {
+        c.startup.master = Some(MasterSettings {
+            url: format!("http://{ice}"),
+            user: None,
+            password: Some("relaypw".into()),
+            interval_secs: INTERVAL_SECS,
+            on_demand: false,
+        });
+    });
+    edge.wait_metric("fanstream_relay_up", &["mount=\"/first\""], |v| v == 1.0);
+    let mut listener = Listener::connect(edge.addr, "/first");
+    listener.read_at_least(16 * 1024);
+
+    let _second = ffmpeg_source(ice, "/second", &Tone::new(Codec::Mp3, 120.0));
+    wait_until("icecast2 to list /second", || {
+        icecast_streamlist(ice).lines().any(|l| l == "/second")
+    });
+    let listed = Instant::now();
+    edge.wait_metric("fanstream_relay_up", &["mount=\"/second\""], |v| v == 1.0);
+    assert!(
+        listed.elapsed() <= Duration::from_secs(INTERVAL_SECS + 1),
+        "a mount created on the origin is relayed within one interval: {:?}",
+        listed.elapsed()
+    );
+    assert!(status_mounts(&edge).contains(&"/second".to_string()));
+
+    drop(first);
+    wait_until("icecast2 to drop /first", || {
+        !icecast_streamlist(ice).lines().any(|l| l == "/first")
+    });
+    wait_until("the edge to drop /first", || {
+        !status_mounts(&edge).contains(&"/first".to_string())
+    });
+    assert_eq!(
+        edge.metric("fanstream_relay_up", &["mount=\"/second\""]),
+        1.0,
+        "the other mount is still relayed"
     );
 }
