@@ -141,10 +141,15 @@ pub struct MasterSettings {
     /// How often the list is read again. Default 120, as Icecast's `<master-update-interval>`.
     #[serde(default = "default_master_interval_secs")]
     pub interval_secs: u64,
-    /// Mirrored relays pull only while they have listeners. Default false: not supported yet,
-    /// and `true` is refused.
-    #[serde(default)]
+    /// Mirrored relays pull only while they have listeners (as `on_demand` of `[[relays]]`).
+    /// Default true, as Icecast's `<relays-on-demand>` is usually set for a mirror: an edge
+    /// costs its origin nothing for mounts nobody listens to there.
+    #[serde(default = "default_true")]
     pub on_demand: bool,
+}
+
+fn default_true() -> bool {
+    true
 }
 
 fn default_master_interval_secs() -> u64 {
@@ -167,7 +172,10 @@ pub struct RelaySettings {
     /// those written in the URL).
     #[serde(default)]
     pub password: Option<String>,
-    /// Pull only while the mount has listeners. Default false. Not supported yet: refused.
+    /// Pull only while the mount has listeners: the first listener's request wakes the relay
+    /// (and waits, up to `source_timeout_secs`, for the mount to go live); the relay lets the
+    /// upstream go within a second of its last listener leaving (and no listener asking for
+    /// `source_timeout_secs`). Default false.
     #[serde(default)]
     pub on_demand: bool,
     /// While on a later upstream, go back to the first as soon as it answers again. Default
@@ -644,11 +652,6 @@ impl Config {
             if r.user.is_some() && r.password.is_none() {
                 return Err(format!("{what}.user is set without a password"));
             }
-            if r.on_demand {
-                return Err(format!(
-                    "{what}.on_demand = true: on-demand relays are not supported yet"
-                ));
-            }
             if r.retry_secs == 0 {
                 return Err(format!("{what}.retry_secs must be at least 1"));
             }
@@ -673,11 +676,6 @@ impl Config {
             }
             if m.interval_secs == 0 {
                 return Err("master.interval_secs must be at least 1".into());
-            }
-            if m.on_demand {
-                return Err(
-                    "master.on_demand = true: on-demand relays are not supported yet".into(),
-                );
             }
         }
         if self.startup.relays.len() > self.max_sources {
@@ -973,10 +971,6 @@ mod tests {
                 "without a password",
             ),
             (
-                "mount = \"/l\"\nupstreams = [\"http://a/x\"]\non_demand = true",
-                "on_demand",
-            ),
-            (
                 "mount = \"/l\"\nupstreams = [\"http://a/x\"]\nretry_secs = 0",
                 "retry_secs",
             ),
@@ -1005,13 +999,12 @@ mod tests {
             .unwrap();
         c.validate().unwrap();
         let m = c.startup.master.as_ref().unwrap();
-        assert_eq!((m.interval_secs, m.on_demand), (120, false));
+        assert_eq!((m.interval_secs, m.on_demand), (120, true));
         for (toml, why) in [
             ("url = \"https://o\"", "https"),
             ("url = \"http://o/live\"", "base URL"),
             ("url = \"http://u:p@o\"", "base URL"),
             ("url = \"http://o\"\ninterval_secs = 0", "interval_secs"),
-            ("url = \"http://o\"\non_demand = true", "on_demand"),
             ("url = \"http://o\"\nuser = \"u\"", "without a password"),
         ] {
             let e = Config::from_toml(&format!("[master]\n{toml}"))

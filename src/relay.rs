@@ -51,7 +51,7 @@ use crate::conn::{Feed, SourceConn, TitleUpdate, ToIngest};
 use crate::http::{clean_header_value, valid_mount_path, MAX_HEAD_BYTES};
 use crate::http_client::{parse_response, HttpUrl, Response};
 use crate::icy::{Deinterleaver, StreamTitle};
-use crate::shared::{stopped, Shared, Stop};
+use crate::shared::{stopped, Demand, Shared, Stop};
 use crate::store::{SourceState, StreamInfo, StreamMeta};
 
 /// Redirects followed before an upstream counts as failed: Icecast follows a few, and a loop
@@ -193,7 +193,7 @@ async fn mirror(
                 upstreams: vec![upstream.public()],
                 user: master.user.clone(),
                 password: master.password.clone(),
-                on_demand: false,
+                on_demand: master.on_demand,
                 prefer_first: false,
                 retry_secs: master.interval_secs,
             };
@@ -259,6 +259,16 @@ struct Relay {
     retry: Duration,
     user_agent: String,
     received: IntCounter,
+    /// Set for an on-demand relay: what admission wakes it with.
+    demand: Option<Arc<Demand>>,
+}
+
+impl Drop for Relay {
+    fn drop(&mut self) {
+        if self.demand.is_some() {
+            self.shared.on_demand.unregister(&self.mount);
+        }
+    }
 }
 
 /// An upstream that answered `2xx`, past its response head.
@@ -285,6 +295,8 @@ enum Ended {
     Failed(&'static str),
     /// The first upstream answers again (`prefer_first`): here it is, ready to stream.
     Preferred(Opened),
+    /// On demand: the mount has no listener, and none asked within `source_timeout_secs`.
+    Unwanted,
 }
 
 impl Relay {
@@ -309,6 +321,9 @@ impl Relay {
             .metrics
             .relay_received_bytes
             .with_label_values(&[settings.mount.as_str()]);
+        let demand = settings
+            .on_demand
+            .then(|| shared.on_demand.register(&settings.mount));
         Ok(Relay {
             shared,
             to_ingest,
@@ -319,11 +334,40 @@ impl Relay {
             retry: Duration::from_secs(settings.retry_secs),
             user_agent: format!("fanstream/{} (relay)", env!("CARGO_PKG_VERSION")),
             received,
+            demand,
         })
     }
 
     /// Pulls from the upstreams in turn, forever (the thread's runtime ends it).
     async fn run(self) {
+        let Some(demand) = self.demand.clone() else {
+            return self.pull().await;
+        };
+        loop {
+            if !self.wanted() {
+                demand.wake.notified().await;
+            }
+            self.pull().await;
+        }
+    }
+
+    /// On demand: whether the mount has listeners, or one asked within `source_timeout_secs`
+    /// (it waits in admission for the mount to go live). Always true for other relays.
+    fn wanted(&self) -> bool {
+        let Some(demand) = &self.demand else {
+            return true;
+        };
+        let listened = self
+            .shared
+            .mounts
+            .get(&self.mount)
+            .is_some_and(|m| m.listeners.load(std::sync::atomic::Ordering::Relaxed) > 0);
+        listened || demand.asked_within(self.timeout())
+    }
+
+    /// Pulls from the upstreams in turn until, on demand, the mount is no longer wanted (for
+    /// other relays, forever).
+    async fn pull(&self) {
         let n = self.upstreams.len();
         let mut index = 0;
         let mut failed_in_row = 0;
@@ -332,6 +376,10 @@ impl Relay {
         // The failure last logged, as (upstream, reason): a failing streak is logged once.
         let mut logged = None;
         loop {
+            if !self.wanted() {
+                tracing::info!(mount = %self.mount, "on-demand relay idle: no listeners");
+                return;
+            }
             let upstream = self.upstreams[index].public();
             let opened = match preferred.take() {
                 Some(opened) => Ok(opened),
@@ -344,6 +392,7 @@ impl Relay {
                     let started = Instant::now();
                     match self.feed(index, opened).await {
                         Ended::Failed(why) => (why, started.elapsed() >= STABLE),
+                        Ended::Unwanted => continue,
                         Ended::Preferred(opened) => {
                             self.count_failover("preferred");
                             tracing::info!(mount = %self.mount, from = %upstream, to = %self.upstreams[0].public(), "relay returns to its first upstream");
@@ -526,6 +575,8 @@ impl Relay {
             ..
         } = opened;
         let timeout = self.timeout();
+        // On demand, how often the relay looks whether its mount still has listeners.
+        let mut idle = tokio::time::interval(Duration::from_secs(1));
         let mut probe: Option<Pin<Box<dyn Future<Output = Opened> + Send + '_>>> =
             (self.prefer_first && index > 0).then(|| {
                 Box::pin(self.probe_first(content_type)) as Pin<Box<dyn Future<Output = _> + Send>>
@@ -564,6 +615,9 @@ impl Relay {
                 }
             };
             tokio::select! {
+                _ = idle.tick(), if self.demand.is_some() => if !self.wanted() {
+                    return Ended::Unwanted;
+                },
                 read = tokio::time::timeout(timeout, stream.read_buf(&mut buf)) => match read {
                     Err(_) => return Ended::Failed("stalled"),
                     Ok(Ok(0)) => return Ended::Failed("closed"),

@@ -97,6 +97,7 @@ impl Server {
             ingest_stopped: Default::default(),
             started: SystemTime::now(),
             listen_addr,
+            on_demand: Default::default(),
         });
 
         // The channels between stages.

@@ -774,3 +774,69 @@ fn an_edge_mirrors_the_mounts_an_icecast_origin_lists() {
         "the other mount is still relayed"
     );
 }
+
+#[test]
+fn an_on_demand_relay_pulls_only_while_it_has_listeners() {
+    const TIMEOUT_SECS: u64 = 2;
+    let origin = TestServer::start(|c| declare(c, "/live"));
+    let _feeder = Feeder::start(vec![Source::connect(origin.addr, "/live")]);
+    let edge = TestServer::start(|c| {
+        c.source_timeout_secs = TIMEOUT_SECS;
+        c.startup.relays = vec![RelaySettings {
+            on_demand: true,
+            ..relay("/live", &[url(origin.addr, "/live")])
+        }];
+    });
+    let pulling = || origin.metric("fanstream_listeners", &["mount=\"/live\""]);
+    // An always-on relay connects within milliseconds of start-up; this one waits.
+    let watched = Instant::now();
+    while watched.elapsed() < Duration::from_secs(1) {
+        assert_eq!(
+            pulling(),
+            0.0,
+            "an on-demand relay pulled without a listener"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert_eq!(edge.metric("fanstream_relay_connects_total", &[]), 0.0);
+
+    // The first listener wakes it, waits for the mount, and gets the stream exactly.
+    let listener = Listener::connect(edge.addr, "/live");
+    assert_eq!(pulling(), 1.0);
+    let last = Arc::new(AtomicU64::new(u64::MAX));
+    let reader = {
+        let last = last.clone();
+        std::thread::spawn(move || listener.check_until(&last, "on-demand listener"))
+    };
+    // Two of the origin's coalesced writes to the relay (a second each).
+    edge.wait_metric("fanstream_relay_received_bytes_total", &[], |v| {
+        v >= 2.0 * RATE as f64
+    });
+    let upto = origin.metric(
+        "fanstream_source_received_bytes_total",
+        &["mount=\"/live\""],
+    );
+    last.store(upto as u64, Ordering::SeqCst);
+    let check = reader.join().unwrap();
+    assert_eq!(check.mismatches, 0);
+    assert!(check.bytes > 0);
+
+    // Without listeners it lets the upstream go: within a second of the edge noticing the
+    // listener left (at its next write, a second at most with the default coalescing).
+    let left = Instant::now();
+    wait_until("the on-demand relay to stop", || {
+        edge.metric("fanstream_relay_up", &[]) == 0.0
+    });
+    assert!(
+        left.elapsed() <= Duration::from_secs(3),
+        "the relay held its upstream {:?} without listeners",
+        left.elapsed()
+    );
+    wait_until("the origin to lose the relay", || pulling() == 0.0);
+
+    // And the next listener wakes it again.
+    let mut again = Listener::connect(edge.addr, "/live");
+    again.read_at_least(1000);
+    assert!(locate(&again.body).is_some(), "the stream again");
+    assert_eq!(edge.metric("fanstream_relay_connects_total", &[]), 2.0);
+}
