@@ -583,6 +583,11 @@ fn bad_upstreams_are_counted_and_retried_with_backoff() {
 /// Debian's icecast2 on a free loopback port with a generated config, run as its own user (it
 /// refuses root): `runuser -u icecast2 -- icecast2 -c DIR/icecast.xml`.
 fn icecast(dir: &std::path::Path) -> (ChildGuard, SocketAddr) {
+    icecast_with(dir, "")
+}
+
+/// [`icecast`] with more of its config (`<relay>` blocks).
+fn icecast_with(dir: &std::path::Path, extra: &str) -> (ChildGuard, SocketAddr) {
     require("icecast2");
     require("runuser");
     let port = TcpListener::bind("127.0.0.1:0")
@@ -613,6 +618,7 @@ fn icecast(dir: &std::path::Path) -> (ChildGuard, SocketAddr) {
     <adminroot>/usr/share/icecast2/admin</adminroot>
   </paths>
   <logging><accesslog>access.log</accesslog><errorlog>error.log</errorlog><loglevel>3</loglevel></logging>
+  {extra}
 </icecast>
 "#,
         dir = dir.display()
@@ -839,4 +845,44 @@ fn an_on_demand_relay_pulls_only_while_it_has_listeners() {
     again.read_at_least(1000);
     assert!(locate(&again.body).is_some(), "the stream again");
     assert_eq!(edge.metric("fanstream_relay_connects_total", &[]), 2.0);
+}
+
+#[test]
+fn an_icecast_relay_pulls_a_mount_from_fanstream_and_serves_it_exactly() {
+    let origin = TestServer::start(|_| {});
+    let feeder = Feeder::start(vec![Source::connect(origin.addr, "/live")]);
+    let dir = scratch_dir("icecast_relays_fanstream");
+    let relay = format!(
+        "<relay><server>127.0.0.1</server><port>{}</port><mount>/live</mount>\
+         <local-mount>/copy</local-mount><on-demand>0</on-demand>\
+         <relay-shoutcast-metadata>1</relay-shoutcast-metadata></relay>",
+        origin.addr.port()
+    );
+    let (_icecast, ice) = icecast_with(&dir, &relay);
+    wait_until("icecast2's relay to pull from fanstream", || {
+        origin.metric("fanstream_listeners", &["mount=\"/live\""]) == 1.0
+    });
+    wait_until("icecast2 to list /copy", || {
+        icecast_streamlist(ice).lines().any(|l| l == "/copy")
+    });
+    let listener = Listener::connect(ice, "/copy");
+    let last = Arc::new(AtomicU64::new(u64::MAX));
+    let reader = {
+        let last = last.clone();
+        std::thread::spawn(move || listener.check_until(&last, "icecast2's listener"))
+    };
+    let until = feeder.sent() + 3 * RATE;
+    wait_until("3 s more of the stream", || feeder.sent() >= until);
+    last.store(feeder.sent(), Ordering::SeqCst);
+    let check = reader.join().unwrap();
+    assert_eq!(
+        check.mismatches, 0,
+        "icecast2 served fanstream's stream with bytes changed (ICY blocks left in?)"
+    );
+    assert!(
+        check.next >= Some(last.load(Ordering::SeqCst)),
+        "icecast2's listener got up to {:?} of {}",
+        check.next,
+        last.load(Ordering::SeqCst)
+    );
 }
