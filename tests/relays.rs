@@ -71,6 +71,8 @@ fn relay_upstream(server: &TestServer, mount: &str) -> String {
 struct Feeder {
     sources: Arc<Mutex<Vec<TcpStream>>>,
     sent: Arc<AtomicU64>,
+    /// When each piece went out: (time, stream offset one past it).
+    log: Arc<Mutex<Vec<(Instant, u64)>>>,
     stop: Arc<AtomicBool>,
     thread: Option<JoinHandle<()>>,
 }
@@ -86,8 +88,9 @@ impl Feeder {
             sources.into_iter().map(|s| s.stream).collect::<Vec<_>>(),
         ));
         let sent = Arc::new(AtomicU64::new(0));
+        let log = Arc::new(Mutex::new(Vec::new()));
         let stop = Arc::new(AtomicBool::new(false));
-        let (s, n, st) = (sources.clone(), sent.clone(), stop.clone());
+        let (s, n, lg, st) = (sources.clone(), sent.clone(), log.clone(), stop.clone());
         let thread = std::thread::spawn(move || {
             let start = Instant::now();
             while !st.load(Ordering::SeqCst) {
@@ -107,12 +110,14 @@ impl Feeder {
                 s.lock()
                     .unwrap()
                     .retain_mut(|stream| stream.write_all(&piece).is_ok());
-                n.fetch_add(PIECE as u64, Ordering::SeqCst);
+                let end = n.fetch_add(piece.len() as u64, Ordering::SeqCst) + piece.len() as u64;
+                lg.lock().unwrap().push((Instant::now(), end));
             }
         });
         Feeder {
             sources,
             sent,
+            log,
             stop,
             thread: Some(thread),
         }
@@ -971,4 +976,76 @@ fn an_ogg_opus_listener_across_a_failover_still_decodes() {
         decoded.seconds,
         received.len()
     );
+}
+
+/// The median time from the encoder sending a byte to `capture` receiving it, over the pieces
+/// sent in the capture's window.
+fn median_latency(feeder: &Feeder, capture: &Capture) -> Duration {
+    let ends = capture.ends.lock().unwrap();
+    let log = feeder.log.lock().unwrap();
+    let first = ends.first().map_or(0, |e| e.1);
+    let last = ends.last().map_or(0, |e| e.1);
+    let mut delays: Vec<Duration> = log
+        .iter()
+        .filter(|(_, end)| *end > first && *end <= last)
+        .filter_map(|(sent, end)| {
+            let got = ends.iter().find(|(_, e)| e >= end)?;
+            Some(got.0.saturating_duration_since(*sent))
+        })
+        .collect();
+    delays.sort();
+    delays.get(delays.len() / 2).copied().unwrap_or_default()
+}
+
+/// Origin → edge → leaf, with a listener on each, for `secs` seconds of stream: the median
+/// latency from the encoder at each tier.
+fn latency_by_tier(write_delay_ms: u64, secs: u64) -> Vec<Duration> {
+    let tune = |c: &mut Config| c.defaults.max_write_delay_ms = write_delay_ms;
+    let origin = TestServer::start(tune);
+    let feeder = Feeder::start(vec![Source::connect(origin.addr, "/live")]);
+    let edge = TestServer::start(|c| {
+        tune(c);
+        c.startup.relays = vec![relay("/live", &[url(origin.addr, "/live")])];
+    });
+    edge.wait_metric("fanstream_relay_up", &[], |v| v == 1.0);
+    let leaf = TestServer::start(|c| {
+        tune(c);
+        c.startup.relays = vec![relay("/live", &[url(edge.addr, "/live")])];
+    });
+    leaf.wait_metric("fanstream_relay_up", &[], |v| v == 1.0);
+    let captures: Vec<Capture> = [&origin, &edge, &leaf]
+        .iter()
+        .map(|s| Capture::start(Listener::connect(s.addr, "/live")))
+        .collect();
+    let until = feeder.sent() + secs * RATE;
+    wait_until("the stream to run", || feeder.sent() >= until);
+    let latencies = captures
+        .iter()
+        .map(|c| median_latency(&feeder, c))
+        .collect();
+    for c in captures {
+        c.finish();
+    }
+    latencies
+}
+
+#[test]
+fn the_latency_each_hop_adds_is_measured() {
+    for (write_delay_ms, per_hop_bound) in [
+        (0, Duration::from_millis(100)),
+        (1000, Duration::from_millis(2500)),
+    ] {
+        let tiers = latency_by_tier(write_delay_ms, 6);
+        eprintln!(
+            "max_write_delay_ms = {write_delay_ms}: median latency from the encoder at the origin {:?}, edge {:?}, leaf {:?}",
+            tiers[0], tiers[1], tiers[2]
+        );
+        for hop in 1..tiers.len() {
+            let added = tiers[hop].saturating_sub(tiers[hop - 1]);
+            assert!(
+                added <= per_hop_bound,
+                "max_write_delay_ms = {write_delay_ms}: hop {hop} adds {added:?}"
+            );
+        }
+    }
 }
