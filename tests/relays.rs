@@ -806,6 +806,40 @@ fn an_edge_mirrors_the_mounts_an_icecast_origin_lists() {
         1.0,
         "the other mount is still relayed"
     );
+
+    // By default mirrored mounts are pulled on demand: nothing until a listener asks.
+    let lazy = TestServer::start(|c| {
+        c.startup.master = Some(MasterSettings {
+            url: format!("http://{ice}"),
+            user: None,
+            password: Some("relaypw".into()),
+            interval_secs: INTERVAL_SECS,
+            on_demand: true,
+        });
+    });
+    assert_eq!(lazy.metric("fanstream_relay_connects_total", &[]), 0.0);
+    let mut listener = None;
+    wait_until("the lazy edge to serve /second", || {
+        let mut s = TcpStream::connect(lazy.addr).unwrap();
+        s.set_read_timeout(Some(DEADLINE)).unwrap();
+        s.write_all(b"GET /second HTTP/1.0\r\n\r\n").unwrap();
+        let head = read_head(&mut s);
+        let ok = head.starts_with("HTTP/1.0 200");
+        listener = ok.then_some(s);
+        ok
+    });
+    let mut s = listener.unwrap();
+    let mut some = [0u8; 4096];
+    s.read_exact(&mut some).unwrap();
+    assert_eq!(
+        lazy.metric("fanstream_relay_up", &["mount=\"/second\""]),
+        1.0
+    );
+    assert_eq!(
+        lazy.metric("fanstream_relay_connects_total", &[]),
+        1.0,
+        "only the mount listened to is pulled"
+    );
 }
 
 #[test]
