@@ -373,8 +373,8 @@ impl Relay {
         let mut failed_in_row = 0;
         let mut backoff = Backoff::default();
         let mut preferred = None;
-        // The failure last logged, as (upstream, reason): a failing streak is logged once.
-        let mut logged = None;
+        // The failures logged in this streak, as (upstream, reason): each is logged once.
+        let mut logged = HashSet::new();
         loop {
             if !self.wanted() {
                 tracing::info!(mount = %self.mount, "on-demand relay idle: no listeners");
@@ -388,7 +388,6 @@ impl Relay {
             let (why, healthy) = match opened {
                 Err(why) => (why, false),
                 Ok(opened) => {
-                    logged = None;
                     let started = Instant::now();
                     match self.feed(index, opened).await {
                         Ended::Failed(why) => (why, started.elapsed() >= STABLE),
@@ -398,6 +397,7 @@ impl Relay {
                             tracing::info!(mount = %self.mount, from = %upstream, to = %self.upstreams[0].public(), "relay returns to its first upstream");
                             preferred = Some(opened);
                             (index, failed_in_row) = (0, 0);
+                            logged.clear();
                             backoff = Backoff::default();
                             continue;
                         }
@@ -405,9 +405,12 @@ impl Relay {
                 }
             };
             self.count_failover(why);
-            if logged != Some((index, why)) {
+            if healthy {
+                // A new streak: the failure of an upstream that streamed is news.
+                logged.clear();
+            }
+            if logged.insert((index, why)) {
                 tracing::warn!(mount = %self.mount, %upstream, reason = why, "relay upstream failed");
-                logged = Some((index, why));
             }
             if healthy {
                 failed_in_row = 0;

@@ -662,6 +662,12 @@ fn icecast_with(dir: &std::path::Path, extra: &str) -> (ChildGuard, SocketAddr) 
             .stderr(std::fs::File::create(dir.join("icecast2.stderr")).unwrap()),
     );
     let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    // icecast2 2.4.4 was once seen to crash (segmentation fault, on a machine with a load
+    // average of 100) when probed right after it started: wait for its log to say it runs.
+    let log = dir.join("error.log");
+    wait_until("icecast2 to say it started", || {
+        std::fs::read_to_string(&log).is_ok_and(|l| l.contains("server started"))
+    });
     wait_until("icecast2 to listen", || TcpStream::connect(addr).is_ok());
     (child, addr)
 }
@@ -889,13 +895,14 @@ fn an_on_demand_relay_pulls_only_while_it_has_listeners() {
     assert!(check.bytes > 0);
 
     // Without listeners it lets the upstream go: within a second of the edge noticing the
-    // listener left (at its next write, a second at most with the default coalescing).
+    // listener left (at its next write, a second at most with the default coalescing), and
+    // some slack for a loaded machine.
     let left = Instant::now();
     wait_until("the on-demand relay to stop", || {
         edge.metric("fanstream_relay_up", &[]) == 0.0
     });
     assert!(
-        left.elapsed() <= Duration::from_secs(3),
+        left.elapsed() <= Duration::from_secs(5),
         "the relay held its upstream {:?} without listeners",
         left.elapsed()
     );
