@@ -9,14 +9,23 @@ CARGO ?= cargo
 # GStreamer's shout2send), liquidsoap, players (mpv, GStreamer's souphttpsrc and decoders) and a
 # headless browser. Chromium runs as root with --no-sandbox, so its recommended chromium-sandbox
 # is not needed either.
+# The package test (tests/package.rs) builds the Debian package and checks it with Debian's own
+# tools: lintian, dpkg-shlibdeps (dpkg-dev; cargo-deb computes Depends with it), adduser (the
+# package's postinst), systemd-analyze (the package `systemd`: its tools only; nothing here makes
+# it the container's init), logrotate and man (man-db, to render the manual page).
+# tests/admin_api.rs compares the admin API with Debian's Icecast 2.4 (icecast2), which it starts
+# itself on an ephemeral loopback port; where an init system runs, the package's own service
+# listens on :8000 and must be stopped before `make run`.
 TEST_PROGRAMS := ffmpeg ffprobe curl prometheus promtool ezstream ices2 liquidsoap mpv \
-  gst-launch-1.0 gst-inspect-1.0 chromium timeout icecast2
+  gst-launch-1.0 gst-inspect-1.0 chromium timeout lintian dpkg-shlibdeps adduser systemd-analyze \
+  logrotate man icecast2
 APT_PACKAGES := ffmpeg curl prometheus ezstream ices2 liquidsoap mpv gstreamer1.0-tools \
-  gstreamer1.0-plugins-base gstreamer1.0-plugins-good gstreamer1.0-plugins-bad chromium coreutils icecast2
+  gstreamer1.0-plugins-base gstreamer1.0-plugins-good gstreamer1.0-plugins-bad chromium coreutils \
+  lintian dpkg-dev adduser systemd logrotate man-db icecast2
 # GStreamer elements the tests use, which come in plugin packages rather than as programs.
 TEST_GST_ELEMENTS := souphttpsrc decodebin oggdemux opusdec vorbisdec mpegaudioparse identity
 
-.PHONY: run build release test deps fuzz-deps fmt fmt-check clippy unit soak fuzz load sweep compare coalescing icy-compare bench icecast fonts
+.PHONY: run build release deb man install deb-deps test deps fuzz-deps fmt fmt-check clippy unit soak fuzz load sweep compare coalescing icy-compare bench icecast fonts
 
 # Load runs (make load / sweep / compare / coalescing / icy-compare): see README, "Performance".
 CLIENTS ?= 1000
@@ -44,8 +53,38 @@ build:
 release:
 	$(CARGO) build --release --workspace --bins
 
+## make deb: the Debian package, target/debian/fanstream_VERSION-1_ARCH.deb (README, "Install as
+## a service"); its contents are listed in Cargo.toml, [package.metadata.deb].
+deb: man deb-deps
+	$(CARGO) deb --no-build --strip
+
+# The release binary, and the manual page it renders from its flags and the README.
+MAN_PAGE := target/man/fanstream.8.gz
+man:
+	$(CARGO) build --release --bin fanstream
+	mkdir -p $(dir $(MAN_PAGE))
+	set -o pipefail; target/release/fanstream --man | gzip -9n >$(MAN_PAGE)
+
+## make install: the package's files under PREFIX (the config under SYSCONFDIR), for hosts
+## without dpkg; DESTDIR stages them. An existing config is left as it is.
+PREFIX ?= /usr/local
+SYSCONFDIR ?= $(PREFIX)/etc
+install: man
+	install -D -s -m 755 target/release/fanstream $(DESTDIR)$(PREFIX)/bin/fanstream
+	install -D -m 644 $(MAN_PAGE) $(DESTDIR)$(PREFIX)/share/man/man8/fanstream.8.gz
+	install -D -m 644 -t $(DESTDIR)$(PREFIX)/share/doc/fanstream README.md LICENSE
+	install -D -m 644 packaging/fanstream.logrotate $(DESTDIR)$(SYSCONFDIR)/logrotate.d/fanstream
+	[ -e $(DESTDIR)$(SYSCONFDIR)/fanstream/fanstream.toml ] || \
+	  install -D -m 644 packaging/fanstream.toml $(DESTDIR)$(SYSCONFDIR)/fanstream/fanstream.toml
+	install -d $(DESTDIR)$(PREFIX)/lib/systemd/system
+	sed -e 's|/usr/bin/fanstream|$(PREFIX)/bin/fanstream|g' -e 's|/etc/fanstream|$(SYSCONFDIR)/fanstream|g' \
+	  packaging/fanstream.service >$(DESTDIR)$(PREFIX)/lib/systemd/system/fanstream.service
+
+deb-deps:
+	@command -v cargo-deb >/dev/null 2>&1 || $(CARGO) install cargo-deb --version '^3' --locked
+
 ## make deps: install what the tests need (Debian packages) when it is missing.
-deps: fuzz-deps
+deps: fuzz-deps deb-deps
 	@missing=""; for p in $(TEST_PROGRAMS); do command -v $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
 	for e in $(TEST_GST_ELEMENTS); do gst-inspect-1.0 $$e >/dev/null 2>&1 || missing="$$missing gst:$$e"; done; \
 	if [ -n "$$missing" ]; then \

@@ -1,5 +1,6 @@
-//! The admin listener: `/metrics` for Prometheus (and the status pages), on its own thread and
-//! runtime so that a scrape is answered even when every worker is saturated.
+//! The admin listener: `/metrics` for Prometheus, the status pages and Icecast's admin API
+//! ([`crate::admin_api`]), on its own thread and runtime so that a scrape is answered even when
+//! every worker is saturated.
 //!
 //! Its connections are bounded apart from the listener port's: at most `max_admin_connections`
 //! (part of the descriptor reserve, see `Config::descriptor_reserve`). At the limit it stops
@@ -19,8 +20,9 @@ use tokio::sync::mpsc::UnboundedSender;
 use tokio::sync::Notify;
 use tokio::task::LocalSet;
 
+use crate::admin_api;
 use crate::auth;
-use crate::conn::{close_unanswered, refuse, ToIngest};
+use crate::conn::{close_unanswered, log_request, log_response, refuse, Control, ToIngest};
 use crate::heads::{room_or, Heads, Pending, Replace};
 use crate::http::{self, Method, Request};
 use crate::metadata;
@@ -56,6 +58,7 @@ pub(crate) fn run(
     shared: Arc<Shared>,
     listen_socket: std::net::TcpListener,
     to_ingest: UnboundedSender<ToIngest>,
+    control: Arc<[UnboundedSender<Control>]>,
 ) {
     let local = LocalSet::new();
     local.block_on(&rt, async move {
@@ -96,7 +99,8 @@ pub(crate) fn run(
                         let head = heads.enter(peer.ip(), 0, now).expect("no per-address limit");
                         open.set(open.get() + 1);
                         let conn = AdminConn { open: open.clone(), room: room.clone() };
-                        let task = serve(shared.clone(), to_ingest.clone(), stream, peer, head, conn);
+                        let links = (to_ingest.clone(), control.clone());
+                        let task = serve(shared.clone(), links, stream, peer, head, conn);
                         tokio::task::spawn_local(task);
                     }
                     Err(e) => {
@@ -111,7 +115,7 @@ pub(crate) fn run(
 
 async fn serve(
     shared: Arc<Shared>,
-    to_ingest: UnboundedSender<ToIngest>,
+    (to_ingest, control): (UnboundedSender<ToIngest>, Arc<[UnboundedSender<Control>]>),
     mut stream: TcpStream,
     peer: SocketAddr,
     head: Pending,
@@ -130,13 +134,23 @@ async fn serve(
     // A title update checks its own credentials: the mount's source password will do.
     let answer = if req.method == Method::Get && metadata::is_metadata_path(&req.path) {
         metadata::update(&shared, &to_ingest, &req, peer)
+    } else if req.method == Method::Get && admin_api::is_admin_api_path(&req.path) {
+        let to = admin_api::Links {
+            to_ingest: &to_ingest,
+            control: &control,
+        };
+        admin_api::answer(&shared, to, &req, peer, admin_api::Port::Admin).await
     } else {
         authorize(&shared, &req, peer).and_then(|()| route(&shared, &req))
     };
     let resp = match answer {
         Ok(resp) => resp,
-        Err(no) => return refuse(&shared, &mut stream, peer, no).await,
+        Err(no) => {
+            log_request(&shared, &req, peer, no.status(), no.response().len());
+            return refuse(&shared, &mut stream, peer, no).await;
+        }
     };
+    log_response(&shared, &req, peer, &resp);
     http::write_and_close(stream, &resp).await;
 }
 
@@ -179,7 +193,7 @@ fn route(shared: &Shared, req: &Request) -> Result<Vec<u8>, Refusal> {
             404,
             "Not Found",
             &[],
-            "404 Not Found: try /metrics, /status.json or /status-json.xsl\n",
+            "404 Not Found: try /metrics, /status.json, /status-json.xsl or /admin/stats\n",
         ),
         _ => return Err(Refusal::MethodNotAllowed("GET, HEAD")),
     })

@@ -3,12 +3,16 @@
 //! from then on (the two share only the `NewListener` type they pass).
 
 use std::io;
+use std::net::SocketAddr;
+use std::os::fd::{AsRawFd, RawFd};
 use std::rc::Rc;
 use std::sync::Arc;
 
 use tokio::io::AsyncWriteExt;
 
-use crate::conn::{Incoming, ListenerGuard, NewListener, WorkerCtx};
+use crate::access_log::Record;
+use crate::clients::{next_id, Client};
+use crate::conn::{Incoming, ListenerGuard, Listening, NewListener, WorkerCtx};
 use crate::framing::carries_own_metadata;
 use crate::http::{valid_mount_path, Method, Request, RESPONSE_TIMEOUT};
 use crate::icy::Cadence;
@@ -17,12 +21,13 @@ use crate::reasons::Refusal;
 use crate::store::SourceState;
 
 pub(crate) async fn admit(ctx: &Rc<WorkerCtx>, incoming: Incoming) {
-    let (mount, snap, guard) = match check(ctx, &incoming.req.path) {
+    let fd = incoming.stream.as_raw_fd();
+    let (mount, snap, guard) = match check(ctx, &incoming.req, incoming.peer, fd) {
         Ok(admitted) => admitted,
         Err(Refusal::UnknownMount | Refusal::MountIdle)
             if ctx.shared.on_demand.ask(&incoming.req.path) =>
         {
-            match on_demand(ctx, &incoming.req.path).await {
+            match on_demand(ctx, &incoming.req, incoming.peer, fd).await {
                 Ok(admitted) => admitted,
                 Err(no) => return incoming.refuse(&ctx.shared, no).await,
             }
@@ -91,7 +96,7 @@ pub(crate) async fn admit(ctx: &Rc<WorkerCtx>, incoming: Incoming) {
     // The fan-out loop lives as long as the worker; if it is gone, so is the listener.
     let _ = ctx.admit.send(NewListener {
         mount,
-        stream,
+        stream: Rc::new(stream),
         pos,
         icy,
         guard,
@@ -104,12 +109,14 @@ pub(crate) async fn admit(ctx: &Rc<WorkerCtx>, incoming: Incoming) {
 /// Looked at every few milliseconds: a listener waits here only while its relay connects.
 async fn on_demand(
     ctx: &WorkerCtx,
-    path: &str,
+    req: &Request,
+    peer: SocketAddr,
+    fd: RawFd,
 ) -> Result<(Arc<Mount>, Arc<Snapshot>, ListenerGuard), Refusal> {
     let deadline = std::time::Instant::now()
         + std::time::Duration::from_secs(ctx.shared.config.load().source_timeout_secs);
     loop {
-        match check(ctx, path) {
+        match check(ctx, req, peer, fd) {
             Err(Refusal::UnknownMount | Refusal::MountIdle)
                 if std::time::Instant::now() < deadline =>
             {
@@ -130,8 +137,11 @@ fn wants_icy(req: &Request, snap: &Snapshot) -> bool {
 /// The mount to join, as it stands now, and the listener counted in; or why not.
 fn check(
     ctx: &WorkerCtx,
-    path: &str,
+    req: &Request,
+    peer: SocketAddr,
+    fd: RawFd,
 ) -> Result<(Arc<Mount>, Arc<Snapshot>, ListenerGuard), Refusal> {
+    let path = req.path.as_str();
     if !valid_mount_path(path) {
         return Err(Refusal::BadPath);
     }
@@ -141,6 +151,17 @@ fn check(
         return Err(Refusal::MountIdle);
     }
     let limit = Some(snap.settings.max_listeners);
-    let guard = ListenerGuard::enter(&ctx.shared, &mount, &ctx.label, limit)?;
+    let id = next_id();
+    let client = Client::new(id, peer, req.header("user-agent"), ctx.index);
+    let listening = Box::new(Listening {
+        id,
+        fd,
+        record: ctx
+            .shared
+            .access_log
+            .enabled()
+            .then(|| Record::of(req, peer.ip(), 200, 0)),
+    });
+    let guard = ListenerGuard::enter(&ctx.shared, &mount, &ctx.label, limit, client, listening)?;
     Ok((mount, snap, guard))
 }

@@ -54,6 +54,9 @@ pub struct MountSettings {
     /// `Icy-MetaData: 1` (never in Ogg or WebM streams, which carry their own). Default 16000,
     /// as Icecast.
     pub icy_metaint: usize,
+    /// Leave the mount out of the status pages, `/admin/streamlist.txt` and playlists; it still
+    /// plays for whoever knows its path, and the admin API still lists it. Default false.
+    pub hidden: bool,
 }
 
 impl Default for MountSettings {
@@ -70,6 +73,7 @@ impl Default for MountSettings {
             min_write_bytes: 64 * 1024,
             max_write_delay_ms: 1000,
             icy_metaint: 16000,
+            hidden: false,
         }
     }
 }
@@ -81,6 +85,14 @@ impl MountSettings {
         self.burst_bytes
             .max(self.max_lag_bytes)
             .max(self.min_write_bytes as u64)
+    }
+
+    /// Bytes behind the live edge (`end`) the store must keep now, given the position of the
+    /// furthest-behind listener (None without listeners): the burst, always there for a
+    /// newcomer, and what that listener still needs, never more than the window.
+    pub fn retention_bytes(&self, end: u64, oldest: Option<u64>) -> u64 {
+        let needed = oldest.map_or(0, |pos| end.saturating_sub(pos));
+        self.burst_bytes.max(needed).min(self.window_bytes())
     }
 }
 
@@ -114,6 +126,14 @@ pub struct Startup {
     pub demo: bool,
     /// Path of the demo mount. Default `/demo`.
     pub demo_mount: String,
+    /// Where the access log goes: a file (appended to, reopened on `SIGHUP` for logrotate), or
+    /// `-` for stderr. Default none: no access log.
+    pub access_log: Option<String>,
+    /// Where SHOUTcast v1 sources connect (DSP plugins, hardware encoders, butt in SHOUTcast
+    /// mode: a password line, then `icy-*` headers, then the stream), feeding `shoutcast_mount`
+    /// with that mount's source password. By SHOUTcast's convention, the listener port plus one.
+    /// Default none.
+    pub shoutcast_listen: Option<SocketAddr>,
     /// Mounts fed by pulling from another server (`[[relays]]`), started with the server.
     /// Default none.
     pub relays: Vec<RelaySettings>,
@@ -202,6 +222,8 @@ impl Default for Startup {
             max_admin_connections: 64,
             demo: true,
             demo_mount: "/demo".into(),
+            access_log: None,
+            shoutcast_listen: None,
             relays: Vec::new(),
             master: None,
         }
@@ -254,21 +276,26 @@ pub struct Config {
     pub startup: Startup,
     /// User name for the admin listener, when `admin_password` is set. Default `admin`.
     pub admin_user: String,
-    /// Password the admin listener (`/metrics`, status pages) asks for with HTTP Basic auth.
-    /// Default none: no authentication, for an admin listener kept on loopback.
+    /// Password the admin listener (`/metrics`, status pages, the admin API) asks for with HTTP
+    /// Basic auth, and the admin API under `/admin/` on the listener port. Default none: no
+    /// authentication on an admin listener kept on loopback, and no admin API (403) on the
+    /// listener port.
     pub admin_password: Option<String>,
     /// File holding the admin password (first line). Default none.
     pub admin_password_file: Option<PathBuf>,
     /// User name sources authenticate with. Default `source`.
     pub source_user: String,
     /// Password for mounts without their own; also admits sources on mounts not in the file.
-    /// Default: none given means a random one is generated at start-up and printed once.
+    /// Default none: the binary then reads the systemd credential `source_password` or the file
+    /// `source_password` beside the config, or else generates one at start-up and prints it.
     pub source_password: Option<String>,
     /// File holding the global source password (first line). Default none.
     pub source_password_file: Option<PathBuf>,
     /// Most listeners the server admits at once; past it, 503. Default 100000.
     pub max_listeners: usize,
-    /// Most sources live at once (the demo counts); past it, 503. Default 100.
+    /// Most sources live at once (the demo counts); past it, 503. Default 0 = derived from the
+    /// open-file limit ([`Config::source_limit`]): 1% of it, at least 100, so a hosting server
+    /// with a raised limit (the systemd unit's 1,048,576) takes thousands of stations unasked.
     pub max_sources: usize,
     /// Most mounts not declared in `[mounts]` whose metrics carry their own `mount` label at
     /// once (each has some 15 to 30 series). Past it, the series of further mounts add up under
@@ -307,6 +334,9 @@ pub struct Config {
     pub source_timeout_secs: u64,
     /// On SIGTERM, listeners get this long to receive what is pending. Default 5.
     pub shutdown_grace_secs: u64,
+    /// The mount SHOUTcast v1 sources (on `shoutcast_listen`) feed, and `/admin.cgi` title
+    /// updates without `mount=` go to. Default `/stream`, as Icecast.
+    pub shoutcast_mount: String,
     /// Settings for every mount, unless overridden in `mounts`.
     pub defaults: MountSettings,
     /// Mounts declared in the file, by path, with their resolved settings.
@@ -330,7 +360,7 @@ impl Default for Config {
             source_password: None,
             source_password_file: None,
             max_listeners: 100_000,
-            max_sources: 100,
+            max_sources: 0,
             max_mount_series: 1000,
             max_connections_per_ip: 0,
             max_pending_heads_per_ip: 64,
@@ -342,6 +372,7 @@ impl Default for Config {
             header_timeout_under_pressure_secs: 2,
             source_timeout_secs: 10,
             shutdown_grace_secs: 5,
+            shoutcast_mount: "/stream".into(),
             defaults: MountSettings::default(),
             mounts: BTreeMap::new(),
             #[cfg(feature = "fault-injection")]
@@ -457,18 +488,7 @@ impl Config {
     /// Reads the password files into the passwords they stand for, so that secrets can live
     /// outside the config (mounted secrets, files readable only by the service user).
     pub fn resolve_password_files(&mut self) -> Result<(), String> {
-        fn read(what: &str, path: &Path) -> Result<String, String> {
-            let text = std::fs::read_to_string(path)
-                .map_err(|e| format!("{what} = {}: {e}", path.display()))?;
-            let pw = text.lines().next().unwrap_or("").trim().to_string();
-            if pw.is_empty() {
-                return Err(format!(
-                    "{what} = {}: the file holds no password",
-                    path.display()
-                ));
-            }
-            Ok(pw)
-        }
+        let read = read_password_file;
         if let Some(path) = &self.source_password_file {
             self.source_password = Some(read("source_password_file", path)?);
         }
@@ -504,7 +524,25 @@ impl Config {
     /// logs), the admin listener's connections, and sources, which leave the listener port's
     /// count once handed to ingest.
     pub fn descriptor_reserve(&self, open_files: usize) -> usize {
-        (open_files / 100).max(64) + self.startup.max_admin_connections + self.max_sources
+        (open_files / 100).max(64)
+            + self.startup.max_admin_connections
+            + self.source_limit_under(open_files)
+    }
+
+    /// The most sources live at once: `max_sources`, or when 0, derived from the process's
+    /// open-file limit.
+    pub fn source_limit(&self) -> usize {
+        self.source_limit_under(crate::open_files::soft_limit().unwrap_or(1024) as usize)
+    }
+
+    /// Each live source holds a descriptor, which the reserve keeps for it: 1% of the limit
+    /// leaves 99% to listeners (19,600 of 20,000 here) and still gives 10,000 sources under the
+    /// systemd unit's limit.
+    fn source_limit_under(&self, open_files: usize) -> usize {
+        match self.max_sources {
+            0 => (open_files / 100).max(100),
+            n => n,
+        }
     }
 
     /// How long a connection accepted now has to send its request head.
@@ -579,9 +617,6 @@ impl Config {
         if self.max_listeners == 0 {
             return Err("max_listeners must be at least 1".into());
         }
-        if self.max_sources == 0 {
-            return Err("max_sources must be at least 1".into());
-        }
         if self.send_timeout_secs == 0 {
             return Err("send_timeout_secs must be at least 1".into());
         }
@@ -608,6 +643,7 @@ impl Config {
             return Err("admin_user must be non-empty and contain no ':'".into());
         }
         check_mount_path("demo_mount", &self.startup.demo_mount)?;
+        check_mount_path("shoutcast_mount", &self.shoutcast_mount)?;
         self.check_relays()?;
         check_mount("defaults", &self.defaults, self)?;
         for (path, m) in &self.mounts {
@@ -678,15 +714,30 @@ impl Config {
                 return Err("master.interval_secs must be at least 1".into());
             }
         }
-        if self.startup.relays.len() > self.max_sources {
+        if self.startup.relays.len() > self.source_limit() {
             return Err(format!(
-                "{} relays but max_sources = {}: each relay is a source",
+                "{} relays but at most {} sources (max_sources): each relay is a source",
                 self.startup.relays.len(),
-                self.max_sources
+                self.source_limit()
             ));
         }
         Ok(())
     }
+}
+
+/// The password a file holds: its first line, trimmed. `what` names the setting (or the source)
+/// that points at the file, for the error.
+pub fn read_password_file(what: &str, path: &Path) -> Result<String, String> {
+    let text =
+        std::fs::read_to_string(path).map_err(|e| format!("{what} = {}: {e}", path.display()))?;
+    let pw = text.lines().next().unwrap_or("").trim().to_string();
+    if pw.is_empty() {
+        return Err(format!(
+            "{what} = {}: the file holds no password",
+            path.display()
+        ));
+    }
+    Ok(pw)
 }
 
 fn check_mount_path(what: &str, path: &str) -> Result<(), String> {
@@ -759,6 +810,20 @@ mod tests {
     use super::*;
 
     #[test]
+    fn retention_is_the_burst_plus_what_the_furthest_behind_needs_within_the_window() {
+        let s = MountSettings::default();
+        let (burst, window) = (s.burst_bytes, s.window_bytes());
+        let end = 10 * window;
+        assert_eq!(s.retention_bytes(end, None), burst);
+        assert_eq!(s.retention_bytes(end, Some(end)), burst);
+        assert_eq!(s.retention_bytes(end, Some(end - burst / 2)), burst);
+        assert_eq!(s.retention_bytes(end, Some(end - burst - 1)), burst + 1);
+        assert_eq!(s.retention_bytes(end, Some(0)), window);
+        // A position past the end (a stale read) needs nothing beyond the burst.
+        assert_eq!(s.retention_bytes(end, Some(end + 5)), burst);
+    }
+
+    #[test]
     fn embedded_defaults_are_valid() {
         let c = Config::default();
         c.validate().unwrap();
@@ -818,6 +883,24 @@ mod tests {
             Config::default(),
             "the README's defaults differ from the code's"
         );
+    }
+
+    #[test]
+    fn the_packaged_config_is_the_readme_example_without_its_example_password() {
+        let readme = include_str!("../README.md");
+        let example = readme.split("```toml\n").nth(1).unwrap();
+        let mut expected = Config::from_toml(example.split("```").next().unwrap()).unwrap();
+        let live = expected.mounts.get_mut("/live").unwrap();
+        assert_eq!(live.source_password.as_deref(), Some("change-me"));
+        live.source_password = None;
+        let packaged = Config::from_toml(include_str!("../packaging/fanstream.toml")).unwrap();
+        packaged.validate().unwrap();
+        assert_eq!(
+            packaged, expected,
+            "packaging/fanstream.toml and the README differ"
+        );
+        assert!(packaged.startup.demo);
+        assert!(packaged.startup.admin_listen.unwrap().ip().is_loopback());
     }
 
     #[test]

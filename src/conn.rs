@@ -7,8 +7,12 @@
 //! - worker (source handshake), the demo or a relay → ingest: [`SourceConn`], a source for a mount, and
 //!   worker or admin → ingest: [`TitleUpdate`], both as [`ToIngest`].
 //! - admission → the worker's fan-out: [`NewListener`], with its [`ListenerGuard`].
+//! - the admin API (on any worker or the admin thread) → the worker holding a listener:
+//!   [`Control`]; → ingest: [`ToIngest::KillSource`] and [`ToIngest::Fallback`].
 
 use std::net::SocketAddr;
+use std::os::fd::RawFd;
+use std::rc::Rc;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -19,7 +23,10 @@ use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 
 use tokio::sync::mpsc::UnboundedSender;
+use tokio::sync::oneshot;
 
+use crate::access_log::Record;
+use crate::clients::Client;
 use crate::heads::Pending;
 use crate::http::{read_with, Request, RESPONSE_TIMEOUT};
 use crate::icy::Cadence;
@@ -90,6 +97,30 @@ pub(crate) struct WorkerCtx {
     pub admit: UnboundedSender<NewListener>,
     /// Sources and title updates, to the ingest thread.
     pub to_ingest: UnboundedSender<ToIngest>,
+    /// Every worker's fan-out, by worker index: where the admin API sends a kill or a move.
+    pub control: Arc<[UnboundedSender<Control>]>,
+}
+
+/// What the admin API asks of the fan-out loop holding a listener; the answer comes back on
+/// `reply` once done, so an admin response says what happened.
+pub(crate) enum Control {
+    /// How far behind the live edge (bytes) each of the worker's listeners of `mount` is, by id.
+    Lags {
+        mount: Arc<Mount>,
+        reply: oneshot::Sender<Vec<(u64, u64)>>,
+    },
+    /// Close the listener with this id now; true if the worker held it.
+    Kill {
+        id: u64,
+        reply: oneshot::Sender<bool>,
+    },
+    /// Move the worker's listeners of `from` to `to`, each joining at a sync point (after the
+    /// destination's Ogg header pages); answers how many moved.
+    Move {
+        from: Arc<Mount>,
+        to: Arc<Mount>,
+        reply: oneshot::Sender<usize>,
+    },
 }
 
 /// A request whose head has been read, with its connection: what the router hands a stage.
@@ -103,9 +134,76 @@ pub(crate) struct Incoming {
 }
 
 impl Incoming {
-    /// Refuses the request (see [`refuse`]).
+    /// Refuses the request (see [`refuse`]), and logs it in the access log.
     pub async fn refuse(mut self, shared: &Shared, no: Refusal) {
+        log_request(
+            shared,
+            &self.req,
+            self.peer,
+            no.status(),
+            no.response().len(),
+        );
         refuse(shared, &mut self.stream, self.peer, no).await;
+    }
+}
+
+/// Writes the access log line of a request answered with `resp` (a whole response).
+pub(crate) fn log_response(shared: &Shared, req: &Request, peer: SocketAddr, resp: &[u8]) {
+    // `HTTP/1.0 200 ...`: every response fanstream writes starts so.
+    let status = resp
+        .get(9..12)
+        .and_then(|s| std::str::from_utf8(s).ok()?.parse().ok())
+        .unwrap_or(200);
+    log_request(shared, req, peer, status, resp.len());
+}
+
+/// Writes a finished request's line to the access log, if there is one.
+pub(crate) fn log_request(
+    shared: &Shared,
+    req: &Request,
+    peer: SocketAddr,
+    status: u16,
+    bytes: usize,
+) {
+    if shared.access_log.enabled() {
+        let record = Record::of(req, peer.ip(), status, bytes as u64);
+        shared.access_log.record(record);
+    }
+}
+
+/// A listener as the access log will show it when it leaves, carried from mount to mount by
+/// its [`ListenerGuard`]s.
+pub(crate) struct Listening {
+    /// Its id among the clients of the mount it is on.
+    pub id: u64,
+    /// Its socket, still open whenever its guard is dropped (the guard is dropped first): the
+    /// bytes it received are the kernel's count, so the fan-out counts nothing per listener.
+    pub fd: RawFd,
+    /// The line to write, but for the bytes; none without an access log, so that a listener
+    /// costs no copy of its request then.
+    pub record: Option<Record>,
+}
+
+/// Bytes the peer has acknowledged on a TCP socket (`tcpi_bytes_acked`), or 0 if unknown.
+fn bytes_acked(fd: RawFd) -> u64 {
+    // SAFETY: an all-zero tcp_info is a valid value of the plain C struct.
+    let mut info: libc::tcp_info = unsafe { std::mem::zeroed() };
+    let mut len = std::mem::size_of::<libc::tcp_info>() as libc::socklen_t;
+    // SAFETY: `fd` is an open socket (see `Listening::fd`), and `info` and `len` describe a
+    // buffer of the size given.
+    let rc = unsafe {
+        libc::getsockopt(
+            fd,
+            libc::IPPROTO_TCP,
+            libc::TCP_INFO,
+            (&mut info as *mut libc::tcp_info).cast(),
+            &mut len,
+        )
+    };
+    if rc == 0 {
+        info.tcpi_bytes_acked
+    } else {
+        0
     }
 }
 
@@ -114,6 +212,19 @@ pub(crate) enum ToIngest {
     /// Boxed: a source is far larger than a title update, and both share the channel.
     Source(Box<SourceConn>),
     Title(TitleUpdate),
+    /// Disconnect the mount's source (`/admin/killsource`); its listeners then wait for
+    /// another as for any source that left. Answers whether a source was live there.
+    KillSource {
+        mount: String,
+        reply: oneshot::Sender<bool>,
+    },
+    /// Set the mount's fallback until the next reload (`/admin/fallbacks`); answers whether the
+    /// mount exists.
+    Fallback {
+        mount: String,
+        fallback: String,
+        reply: oneshot::Sender<bool>,
+    },
 }
 
 /// A new title for a mount, from `/admin/metadata`.
@@ -129,6 +240,8 @@ pub(crate) struct SourceConn {
     pub mount: String,
     pub info: StreamInfo,
     pub feed: Feed,
+    /// Its access log line, but for the status and the bytes (none for the demo).
+    pub log: Option<Record>,
     /// Told the claim's outcome, for a sender that must know it before going on (the server
     /// starting the demo: the mount is live before start-up ends; a relay, which sends titles
     /// only to a mount it holds). A oneshot, so that a blocking thread and a task can both wait.
@@ -159,6 +272,9 @@ pub(crate) struct Encoder {
     pub peer: SocketAddr,
     /// The encoder waits for `100 Continue` before sending.
     pub expect_continue: bool,
+    /// Ingest answers it `200 OK` once the mount is claimed; false for a SHOUTcast v1 source,
+    /// answered `OK2` in its own protocol before its headers.
+    pub answer: bool,
     /// The body is `Transfer-Encoding: chunked`.
     pub chunked: bool,
     /// Body bytes that arrived with the request head.
@@ -167,14 +283,16 @@ pub(crate) struct Encoder {
 
 /// A listener whose response head is sent, on its way to its worker's fan-out loop.
 pub(crate) struct NewListener {
+    /// First, so that it is dropped while the socket is still open (see [`Listening::fd`]).
+    pub guard: ListenerGuard,
     pub mount: Arc<Mount>,
-    pub stream: TcpStream,
+    /// Shared (a moved listener's parked task may still hold it while it closes).
+    pub stream: Rc<TcpStream>,
     /// Absolute offset of the first byte to send it (its join point).
     pub pos: u64,
     /// The ICY framing it asked for, with what of its first interval the preamble used.
     /// Boxed: most listeners take no ICY, and the fan-out keeps this inline per listener.
     pub icy: Option<Box<Cadence>>,
-    pub guard: ListenerGuard,
     pub conn: ConnGuard,
 }
 
@@ -185,16 +303,23 @@ pub(crate) struct ListenerGuard {
     gauge: IntGauge,
     /// Set while it receives ICY metadata.
     icy_gauge: Option<IntGauge>,
+    /// The listener's entry in the mount's [`crate::clients::Clients`] (by its id), removed
+    /// when the guard goes, and its access log line, written then. None once handed to the
+    /// guard of the mount it moves to, or for a listener refused.
+    listening: Option<Box<Listening>>,
 }
 
 impl ListenerGuard {
-    /// Counts a listener in. With `max_listeners` (the mount's limit, 0 for none) it is refused,
-    /// and counted out again, when the mount or the server is full.
+    /// Counts a listener in, and lists it among the mount's clients. With `max_listeners` (the
+    /// mount's limit, 0 for none) it is refused, and counted out again, when the mount or the
+    /// server is full.
     pub fn enter(
         shared: &Arc<Shared>,
         mount: &Arc<Mount>,
         worker: &str,
         max_listeners: Option<usize>,
+        client: Client,
+        listening: Box<Listening>,
     ) -> Result<Self, Refusal> {
         let on_mount = mount.listeners.fetch_add(1, Ordering::Relaxed);
         let total = shared.listeners_total.fetch_add(1, Ordering::Relaxed);
@@ -209,7 +334,9 @@ impl ListenerGuard {
             mount: mount.clone(),
             gauge,
             icy_gauge: None,
+            listening: None,
         };
+        let mut guard = guard;
         if let Some(max) = max_listeners {
             if max > 0 && on_mount >= max {
                 return Err(Refusal::MountFull);
@@ -221,7 +348,22 @@ impl ListenerGuard {
         mount
             .listener_peak
             .fetch_max(on_mount + 1, Ordering::Relaxed);
+        mount.clients.join(client);
+        guard.listening = Some(listening);
         Ok(guard)
+    }
+
+    /// The listener's id, as the admin API names it (0 once it left).
+    pub fn id(&self) -> u64 {
+        self.listening.as_ref().map_or(0, |l| l.id)
+    }
+
+    /// The listener leaves this mount for another: its client entry (taken off this mount's
+    /// list) and its access log line, for the guard on the next mount.
+    pub fn leave_for_another(&mut self) -> Option<(Client, Box<Listening>)> {
+        let listening = self.listening.take()?;
+        let client = self.mount.clients.leave(listening.id)?;
+        Some((client, listening))
     }
 }
 
@@ -240,6 +382,13 @@ impl ListenerGuard {
 
 impl Drop for ListenerGuard {
     fn drop(&mut self) {
+        if let Some(l) = self.listening.take() {
+            self.mount.clients.leave(l.id);
+            if let Some(mut record) = l.record {
+                record.bytes = bytes_acked(l.fd);
+                self.shared.access_log.record(record);
+            }
+        }
         self.mount.listeners.fetch_sub(1, Ordering::Relaxed);
         self.shared.listeners_total.fetch_sub(1, Ordering::Relaxed);
         self.gauge.dec();

@@ -91,6 +91,7 @@ pub(crate) fn source(path: &str) -> (SourceConn, Player) {
         mount: path.to_string(),
         info: StreamInfo::new(meta, wav_header()),
         feed: Feed::Pieces(rx),
+        log: None,
         claimed: None,
     };
     (source, Player { pieces: tx })

@@ -37,7 +37,8 @@ use tokio::sync::{mpsc, Notify};
 use tokio::task::JoinHandle;
 
 use crate::config::{LagPolicy, MountSettings};
-use crate::conn::{ConnGuard, ListenerGuard, NewListener, WorkerCtx};
+use crate::conn::{ConnGuard, Control, ListenerGuard, NewListener, WorkerCtx};
+use crate::http::RESPONSE_TIMEOUT;
 use crate::icy::Cadence;
 use crate::mounts::{Mount, Snapshot};
 use crate::reasons::Disconnect;
@@ -57,8 +58,16 @@ const MAX_WRITE_BYTES: usize = 256 * 1024;
 /// How often listeners' lag is sampled into `fanstream_listener_lag_bytes`: each sample costs a
 /// histogram update per listener, so not every round.
 const LAG_SAMPLE_EVERY: Duration = Duration::from_secs(1);
+/// The most of an unfinished frame or page a moved listener is sent: an Ogg page is at most
+/// 65,307 bytes; a stream without sync points (passed through as it came) has no frame to
+/// finish, and gets no more than this.
+const MAX_FRAME_REST_BYTES: usize = 65_307;
 
 struct Listener {
+    /// Counts the listener while it lives, and names it (its id) to the admin API. Declared
+    /// before the socket, so dropped while the socket is still open (the access log reads the
+    /// socket's byte count then).
+    guard: ListenerGuard,
     /// Shared with the parked task while the socket is full.
     stream: Rc<TcpStream>,
     /// Absolute offset of the next byte of the stream to send.
@@ -68,8 +77,6 @@ struct Listener {
     icy: Option<Box<Cadence>>,
     /// The task waiting for the socket to become writable, while parked.
     parked: Option<Parked>,
-    /// Held for its `Drop`: counts the listener while it lives.
-    _guard: ListenerGuard,
     conn: ConnGuard,
 }
 
@@ -109,6 +116,16 @@ impl DueList {
                 return;
             }
             out.extend(entry.remove());
+        }
+    }
+
+    /// Takes out one listener, waiting at `pos`.
+    fn remove(&mut self, pos: u64, key: usize) {
+        if let Some(keys) = self.by_pos.get_mut(&pos) {
+            keys.retain(|&k| k != key);
+            if keys.is_empty() {
+                self.by_pos.remove(&pos);
+            }
         }
     }
 
@@ -404,6 +421,30 @@ impl Shard {
         waiting.into_iter().chain(parked).min().unwrap_or(u64::MAX)
     }
 
+    /// Takes a listener out of the shard (not while serving it).
+    fn remove(&mut self, key: usize) -> Option<Listener> {
+        let l = self.listeners.try_remove(key)?;
+        self.parked.retain(|&k| k != key);
+        self.due.remove(l.pos, key);
+        Some(l)
+    }
+
+    /// The position of the furthest-behind listener, `u64::MAX` with none: what the shard
+    /// needs the store to keep ([`crate::mounts::OnWorker::oldest`]).
+    fn oldest(&self) -> u64 {
+        let parked = self
+            .parked
+            .iter()
+            .filter_map(|&key| self.listeners.get(key))
+            .map(|l| l.pos);
+        self.due
+            .first()
+            .into_iter()
+            .chain(parked)
+            .min()
+            .unwrap_or(u64::MAX)
+    }
+
     fn drop_all(&mut self, why: Disconnect) {
         let n = self.listeners.len();
         self.listeners.clear();
@@ -492,6 +533,7 @@ impl Shards {
             let coalesced = shard.serve(&snap, visit, pass);
             self.listeners -= before - shard.listeners.len();
             let wake_at = shard.wake_at(&snap);
+            on.oldest.store(shard.oldest(), Ordering::Relaxed);
             on.wake_at.store(wake_at, Ordering::SeqCst);
             // Pairs with the fence in `Shared::queue`: a publication that came after this
             // snapshot and before the new threshold was seen is served now, not missed.
@@ -543,6 +585,8 @@ impl Shards {
 pub(crate) struct FanOut {
     ctx: Rc<WorkerCtx>,
     admit_rx: mpsc::UnboundedReceiver<NewListener>,
+    /// The admin API's requests for this worker's listeners.
+    control_rx: mpsc::UnboundedReceiver<Control>,
     shards: Shards,
     next_shard_id: u64,
     out: Outlets,
@@ -552,7 +596,11 @@ pub(crate) struct FanOut {
 }
 
 impl FanOut {
-    pub fn new(ctx: Rc<WorkerCtx>, admit_rx: mpsc::UnboundedReceiver<NewListener>) -> Self {
+    pub fn new(
+        ctx: Rc<WorkerCtx>,
+        admit_rx: mpsc::UnboundedReceiver<NewListener>,
+        control_rx: mpsc::UnboundedReceiver<Control>,
+    ) -> Self {
         let m = &ctx.shared.metrics;
         let wakeups = m.worker_wakeups.with_label_values(&[&ctx.label]);
         let panics = m.panics.with_label_values(&["listener"]);
@@ -561,6 +609,7 @@ impl FanOut {
         FanOut {
             ctx,
             admit_rx,
+            control_rx,
             shards: Shards {
                 worker: index,
                 by_id: HashMap::new(),
@@ -599,6 +648,7 @@ impl FanOut {
                     return;
                 }
                 Some(new) = self.admit_rx.recv() => self.add(new),
+                Some(control) = self.control_rx.recv() => self.control(control),
                 _ = link.data_ready.notified() => {
                     self.wakeups.inc();
                     self.measured(Self::serve_published);
@@ -681,11 +731,11 @@ impl FanOut {
 
     fn add(&mut self, new: NewListener) {
         let listener = Listener {
-            stream: Rc::new(new.stream),
+            guard: new.guard,
+            stream: new.stream,
             pos: new.pos,
             icy: new.icy,
             parked: None,
-            _guard: new.guard,
             conn: new.conn,
         };
         let (id, key) = self.insert(&new.mount, listener);
@@ -791,37 +841,110 @@ impl FanOut {
         let Some(mut shard) = self.remove_shard(id) else {
             return;
         };
-        let shared = self.ctx.shared.clone();
-        let target = shared.mounts.get(fallback).and_then(|m| {
-            let snap = m.store.load_full();
-            (snap.state == SourceState::Live).then_some((m, snap))
-        });
-        let Some((target, snap)) = target else {
-            shard.drop_all(Disconnect::SourceGone);
-            return;
-        };
-        let pos = snap.join_point(snap.settings.burst_bytes);
-        tracing::info!(from = %shard.mount.path, to = %target.path, listeners = shard.listeners.len(), "moving listeners to the fallback mount");
+        let target = self.ctx.shared.mounts.get(fallback);
+        let live = target
+            .as_ref()
+            .is_some_and(|m| m.store.load().state == SourceState::Live);
+        match target {
+            Some(target) if live => {
+                tracing::info!(from = %shard.mount.path, to = %target.path, listeners = shard.listeners.len(), "moving listeners to the fallback mount");
+                self.move_all(shard, &target);
+            }
+            _ => shard.drop_all(Disconnect::SourceGone),
+        }
+    }
+
+    /// Moves every listener of `shard` (taken out of the worker's shards) to `target`. Each is
+    /// handed back to this loop through the admission channel once the rest of its frame and
+    /// the destination's Ogg header pages are written to it (see [`rejoin`]), so it joins at a
+    /// sync point with what a decoder needs, as a newcomer does. Moved listeners are not refused
+    /// for the destination's limits: they were admitted once.
+    fn move_all(&mut self, mut shard: Shard, target: &Arc<Mount>) -> usize {
+        let shared = &self.ctx.shared;
+        let old = shard.mount.store.load_full();
+        let mut moved = 0;
         for l in shard.listeners.drain() {
             let Listener {
-                stream, conn, icy, ..
+                mut guard,
+                stream,
+                pos,
+                icy,
+                parked,
+                conn,
             } = l;
-            // Moved listeners are not refused for the fallback's limits: they were admitted once.
-            let Ok(guard) = ListenerGuard::enter(&shared, &target, &self.ctx.label, None) else {
+            // Its parked task (if any) is cancelled: the stream is written by `rejoin` now.
+            drop(parked);
+            // A listener stopped inside a frame or page (a partial write) first gets the rest of
+            // it: decoders resync on the next stream's headers, not inside a torn page.
+            let rest = match icy {
+                None => old.rest_of_frame(pos, MAX_FRAME_REST_BYTES),
+                Some(_) => Vec::new(),
+            };
+            let Some((client, listening)) = guard.leave_for_another() else {
                 continue;
             };
-            let (id, key) = self.insert(
-                &target,
-                Listener {
-                    stream,
-                    pos,
-                    icy,
-                    parked: None,
-                    _guard: guard,
-                    conn,
-                },
-            );
-            self.serve_one(id, key);
+            drop(guard);
+            let label = &self.ctx.label;
+            let Ok(guard) = ListenerGuard::enter(shared, target, label, None, client, listening)
+            else {
+                continue;
+            };
+            moved += 1;
+            let new = NewListener {
+                guard,
+                mount: target.clone(),
+                stream,
+                pos: 0,
+                icy,
+                conn,
+            };
+            tokio::task::spawn_local(rejoin(self.ctx.admit.clone(), new, rest));
+        }
+        moved
+    }
+
+    /// Answers the admin API (see [`Control`]).
+    fn control(&mut self, control: Control) {
+        let index = self.ctx.index;
+        match control {
+            Control::Lags { mount, reply } => {
+                let id = mount.on_workers[index].shard.load(Ordering::Relaxed);
+                let lags = self.shards.by_id.get(&id).map(|shard| {
+                    let end = shard.mount.store.load().end;
+                    shard
+                        .listeners
+                        .iter()
+                        .map(|(_, l)| (l.guard.id(), end.saturating_sub(l.pos)))
+                        .collect()
+                });
+                let _ = reply.send(lags.unwrap_or_default());
+            }
+            Control::Kill { id, reply } => {
+                let found = self.shards.by_id.iter().find_map(|(&shard, s)| {
+                    let key = s.listeners.iter().find(|(_, l)| l.guard.id() == id)?.0;
+                    Some((shard, key))
+                });
+                if let Some((shard_id, key)) = found {
+                    if let Some(shard) = self.shards.by_id.get_mut(&shard_id) {
+                        if shard.remove(key).is_some() {
+                            self.shards.listeners -= 1;
+                            shard.count_disconnects(Disconnect::Killed, 1);
+                        }
+                        if shard.listeners.is_empty() {
+                            self.remove_shard(shard_id);
+                        }
+                    }
+                }
+                let _ = reply.send(found.is_some());
+            }
+            Control::Move { from, to, reply } => {
+                let id = from.on_workers[index].shard.load(Ordering::Relaxed);
+                let moved = match self.remove_shard(id) {
+                    Some(shard) => self.move_all(shard, &to),
+                    None => 0,
+                };
+                let _ = reply.send(moved);
+            }
         }
     }
 
@@ -861,6 +984,46 @@ impl FanOut {
             s.listeners.iter().any(|(_, l)| l.pos < end)
         })
     }
+}
+
+/// A moved listener, on its way into the destination's shard: writes it the rest of the frame
+/// or page it stopped in, then the destination's Ogg header pages (a chained Ogg stream, which
+/// decoders follow), then hands it to the loop at the destination's join point. An ICY listener
+/// gets neither: they would break its block cadence, and formats with header pages never carry
+/// ICY blocks. A listener that does not take them within [`RESPONSE_TIMEOUT`], or whose
+/// destination lost its source meanwhile, is closed.
+async fn rejoin(admit: mpsc::UnboundedSender<NewListener>, mut new: NewListener, rest: Vec<u8>) {
+    let snap = new.mount.store.load_full();
+    if snap.state != SourceState::Live {
+        return;
+    }
+    let headers: &[u8] = match new.icy {
+        None => &snap.headers,
+        Some(_) => &[],
+    };
+    let written = tokio::time::timeout(RESPONSE_TIMEOUT, async {
+        write_all(&new.stream, &rest).await?;
+        write_all(&new.stream, headers).await
+    });
+    if !matches!(written.await, Ok(Ok(()))) {
+        return;
+    }
+    new.pos = snap.join_point(snap.settings.burst_bytes);
+    let _ = admit.send(new);
+}
+
+/// Writes all of `buf` to a socket shared with the fan-out.
+async fn write_all(stream: &TcpStream, mut buf: &[u8]) -> io::Result<()> {
+    while !buf.is_empty() {
+        stream.writable().await?;
+        match stream.try_write(buf) {
+            Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+            Ok(n) => buf = &buf[n..],
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
 }
 
 /// What every listener of a shard is served against in one round.

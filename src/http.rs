@@ -28,6 +28,18 @@ pub(crate) enum Method {
     Other(String),
 }
 
+impl Method {
+    pub fn as_str(&self) -> &str {
+        match self {
+            Method::Get => "GET",
+            Method::Head => "HEAD",
+            Method::Source => "SOURCE",
+            Method::Put => "PUT",
+            Method::Other(m) => m,
+        }
+    }
+}
+
 /// A parsed request head.
 #[derive(Debug)]
 pub(crate) struct Request {
@@ -38,6 +50,8 @@ pub(crate) struct Request {
     pub query: String,
     /// Header names lower-cased; values as sent.
     pub headers: Vec<(String, String)>,
+    /// The minor version: 0 for HTTP/1.0, 1 for HTTP/1.1.
+    pub version: u8,
 }
 
 impl Request {
@@ -79,6 +93,43 @@ pub(crate) enum HeadError {
 /// Parses a request head from the start of `buf`. `Ok(None)` means more bytes are needed;
 /// `Ok(Some((req, n)))` means the head is the first `n` bytes.
 pub(crate) fn parse_head(buf: &[u8]) -> Result<Option<(Request, usize)>, HeadError> {
+    // `SOURCE /m ICE/1.0`, the old libshout and Icecast 1 request line, which Icecast 2.4 takes
+    // as HTTP/1.0: parsed as that, its head one byte shorter than the rewritten copy.
+    if let Some(at) = ice_version_at(buf) {
+        let mut http = Vec::with_capacity(buf.len() + 1);
+        http.extend_from_slice(&buf[..at]);
+        http.extend_from_slice(b"HTTP/1.0");
+        http.extend_from_slice(&buf[at + ICE_VERSION.len()..]);
+        return Ok(parse_http_head(&http)?.map(|(req, n)| (req, n - 1)));
+    }
+    if waits_for_ice_version(buf) {
+        return Ok(None);
+    }
+    parse_http_head(buf)
+}
+
+const ICE_VERSION: &[u8] = b"ICE/1.0";
+
+/// Where `ICE/1.0` ends the request line, if it does.
+fn ice_version_at(buf: &[u8]) -> Option<usize> {
+    let end = buf.iter().position(|&b| b == b'\n')?;
+    let line = &buf[..end];
+    let line = line.strip_suffix(b"\r").unwrap_or(line);
+    let at = line.len().checked_sub(ICE_VERSION.len())?;
+    (line.ends_with(ICE_VERSION) && at > 0 && line[at - 1] == b' ').then_some(at)
+}
+
+/// The request line so far (no line end yet) ends with a third word that may become `ICE/1.0`.
+fn waits_for_ice_version(buf: &[u8]) -> bool {
+    if buf.contains(&b'\n') || buf.len() >= MAX_HEAD_BYTES {
+        return false;
+    }
+    let mut words = buf.split(|&b| b == b' ');
+    let third = words.nth(2).map(|w| w.strip_suffix(b"\r").unwrap_or(w));
+    third.is_some_and(|w| !w.is_empty() && ICE_VERSION.starts_with(w)) && words.next().is_none()
+}
+
+fn parse_http_head(buf: &[u8]) -> Result<Option<(Request, usize)>, HeadError> {
     let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
     let mut req = httparse::Request::new(&mut headers);
     let status = match req.parse(buf) {
@@ -113,6 +164,7 @@ pub(crate) fn parse_head(buf: &[u8]) -> Result<Option<(Request, usize)>, HeadErr
             path,
             query,
             headers: hs,
+            version: req.version.unwrap_or(0),
         },
         n,
     )))
@@ -349,6 +401,25 @@ mod tests {
     }
 
     #[test]
+    fn an_ice_request_line_is_taken_as_http_1_0() {
+        let raw = b"SOURCE /old ICE/1.0\r\nContent-Type: audio/mpeg\r\n\r\nMEDIA";
+        let (req, n) = parse_head(raw).unwrap().unwrap();
+        assert_eq!(req.method, Method::Source);
+        assert_eq!((req.path.as_str(), req.version), ("/old", 0));
+        assert_eq!(req.header("content-type"), Some("audio/mpeg"));
+        assert_eq!(&raw[n..], b"MEDIA");
+        for partial in [
+            &b"SOURCE /old I"[..],
+            b"SOURCE /old ICE/1",
+            b"SOURCE /old ICE/1.0\r",
+        ] {
+            assert!(parse_head(partial).unwrap().is_none(), "{partial:?}");
+        }
+        assert!(parse_head(b"SOURCE /old ICE/2.0\r\n\r\n").is_err());
+        assert!(parse_head(b"SOURCE /old XICE/1.0\r\n\r\n").is_err());
+    }
+
+    #[test]
     fn partial_heads_ask_for_more() {
         assert_eq!(
             parse_head(b"GET /live HTTP/1.1\r\nHost: a")
@@ -414,6 +485,7 @@ mod tests {
             path: "/".into(),
             query: String::new(),
             headers: vec![("authorization".into(), v.into())],
+            version: 1,
         };
         assert_eq!(
             req("basic c291cmNlOnA6dw==").basic_auth(),

@@ -13,25 +13,27 @@
 //!
 //! # Small reads are merged
 //!
-//! Each piece ingest publishes is a chunk every listener's write must carry as one slice, and a
-//! wake-up of every worker. An encoder writes a few hundred bytes every 20-26 ms, but a source
-//! writing a byte at a time would make every byte a chunk. So a read smaller than
-//! [`SMALL_PIECE_BYTES`] that comes less than the mount's *merge gap* after the previous piece is
-//! not published at once: ingest stops reading until the gap has passed (or [`MERGE_BYTES`] wait),
-//! letting what arrives meanwhile wait in the socket's receive buffer, then takes all of it in one
-//! read and publishes it as one piece. A mount thus gets a small piece once per gap at most,
-//! whatever its source's writes (sooner only if the receive buffer fills). While it holds, the kernel is told not to signal the socket readable for
-//! less than [`MERGE_BYTES`] (`SO_RCVLOWAT`): otherwise each byte the source sends would still
-//! wake the ingest thread, which costs more than the read it no longer makes. Nothing is copied:
-//! the merged piece is one read into the read buffer.
+//! Each piece ingest publishes costs it a wake-up, a read and a publication, and costs every
+//! listener a slice in its next write. An encoder writes a few hundred bytes every 20-26 ms; a
+//! source writing a byte at a time would make every byte a chunk; and a hosting server with 1,000
+//! such encoders makes 50,000 pieces a second. So a read smaller than [`SMALL_PIECE_BYTES`] that
+//! comes less than the mount's *merge gap* after the previous piece is not published at once:
+//! ingest stops reading until the gap has passed (or [`MERGE_BYTES`] wait), letting what arrives
+//! meanwhile wait in the socket's receive buffer, then takes all of it in one read and publishes
+//! it as one piece. A mount thus gets a small piece once per gap at most, whatever its source's
+//! writes (sooner only if the receive buffer fills). While it holds, the kernel is told not to
+//! signal the socket readable for less than [`MERGE_BYTES`] (`SO_RCVLOWAT`): otherwise each byte
+//! the source sends would still wake the ingest thread, which costs more than the read it no
+//! longer makes. Nothing is copied: the merged piece is one read into the read buffer.
 //!
-//! The gap is a twentieth of the mount's `max_write_delay_ms`, at most [`MAX_MERGE_GAP`]. A
-//! listener's coalesced write falls due `max_write_delay_ms` after its oldest pending byte was
-//! read (a merged piece is stamped with when its first byte was read, not when it went out), so a
-//! hold shorter than that delay makes no byte later than its deadline: a write that falls due
-//! during a hold goes without the held bytes, which follow by their own. Reads that are not small
-//! (an encoder's pieces at 128 kbit/s and up: the demo's and the load tool's 320 bytes every 20
-//! ms) are never held.
+//! The gap is a twentieth of the mount's `max_write_delay_ms`, at most [`MAX_MERGE_GAP`]: with the
+//! default delay (1 s), 50 ms, so a 128 kbit/s encoder's 320-byte pieces go out two or three at a
+//! time (with 1,000 such sources, ingest's CPU fell by a third). A listener's coalesced write falls
+//! due `max_write_delay_ms` after its oldest pending byte was read (a merged piece is stamped with
+//! when its first byte was read, not when it went out), so a hold shorter than that delay makes no
+//! byte later than its deadline: a write that falls due during a hold goes without the held bytes,
+//! which follow by their own. Reads of [`SMALL_PIECE_BYTES`] and more (encoders at 2 Mbit/s and
+//! up) are never held.
 //! `max_write_delay_ms = 0` asks for every piece at once: nothing is held, and a source writing
 //! tiny pieces to such a mount costs a chunk, and a write to every listener, per read, which is
 //! what that mount asked for.
@@ -49,14 +51,16 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
-use prometheus::IntCounter;
+use prometheus::{IntCounter, IntGauge};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::runtime::Runtime;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, Notify};
 use tokio::task::LocalSet;
 
+use crate::access_log::Record;
 use crate::chunked::ChunkedDecoder;
+use crate::config::MountSettings;
 use crate::conn::{refuse, Encoder, Feed, SourceConn, TitleUpdate, ToIngest};
 use crate::format::Event;
 use crate::framing::Format;
@@ -68,19 +72,21 @@ use crate::shared::{stopped, Shared};
 use crate::store::{SourceState, StreamInfo};
 
 /// Each read buffer allocation; reads fill it piece by piece and each piece is frozen into a
-/// chunk that shares the allocation, so small reads do not cost an allocation each.
-const READ_BUF_BYTES: usize = 64 * 1024;
+/// chunk that shares the allocation, so small reads do not cost an allocation each. Every
+/// source holds one being filled: 16 KiB (50 pieces at 128 kbit/s) rather than 64, which with
+/// 1,000 sources cost 48 MB more.
+const READ_BUF_BYTES: usize = 16 * 1024;
 /// Below this much free room, the next read gets a fresh allocation.
 const MIN_READ_ROOM: usize = 4 * 1024;
 /// A read at least this big is published at once: a chunk of it costs a listener's write little
-/// per byte, and an encoder's pieces (a frame or more) are bigger.
-const SMALL_PIECE_BYTES: usize = 256;
-/// The longest a small read is held for more to merge with: an encoder's piece time (20-26 ms),
-/// so that a mount gets small pieces no more often than an encoder's, and a small-piece encoder
-/// writing at that pace is held by its jitter at most. (A byte-at-a-time source's one-byte
-/// segments fill the socket's receive buffer within about 10 ms, and the kernel then signals it
-/// readable whatever `SO_RCVLOWAT` says: its pieces come about every 10 ms.)
-const MAX_MERGE_GAP: Duration = Duration::from_millis(20);
+/// per byte, and a 2 Mbit/s encoder's pieces (5 KB) are bigger.
+const SMALL_PIECE_BYTES: usize = 4096;
+/// The longest a small read is held for more to merge with: two to three of an encoder's piece
+/// times (20-26 ms), so that a mount's pieces come at most 20 times a second, well inside the
+/// default coalescing delay. (A byte-at-a-time source's one-byte segments fill the socket's
+/// receive buffer within about 10 ms, and the kernel then signals it readable whatever
+/// `SO_RCVLOWAT` says: its pieces come about every 10 ms.)
+const MAX_MERGE_GAP: Duration = Duration::from_millis(50);
 /// The merge gap is at most this fraction of the mount's `max_write_delay_ms`.
 const MERGE_GAP_PER_WRITE_DELAY: u32 = 20;
 /// A held read goes out before the gap ends once this much more waits: merging more saves
@@ -98,6 +104,12 @@ struct Entry {
     /// the gauges go by differences, since under `mount="other"` they add up several mounts.
     retained: i64,
     retained_pieces: i64,
+    /// Those two gauges for the mount's label, looked up once: every publication updates them,
+    /// and a lookup by label hashes and locks.
+    retained_gauge: IntGauge,
+    pieces_gauge: IntGauge,
+    /// Ends the current claim's source (`/admin/killsource`); replaced on every claim.
+    kill: Rc<Notify>,
 }
 
 /// Ingest's state; lives on the ingest thread only.
@@ -127,7 +139,9 @@ impl Ingest {
         if taken {
             return Err(Refusal::MountInUse);
         }
-        if live >= shared.config.load().max_sources {
+        let limit = shared.config.load().source_limit();
+        if live >= limit {
+            tracing::warn!(mount = %path, live, limit, "source refused: max_sources sources are live; raise max_sources");
             return Err(Refusal::TooManySources);
         }
         let entry = entries.entry(path.to_string()).or_insert_with(|| {
@@ -141,18 +155,24 @@ impl Ingest {
                 listener_peak: AtomicUsize::new(0),
                 received_bytes: AtomicU64::new(0),
                 sent_bytes: AtomicU64::new(0),
+                clients: Default::default(),
                 on_workers: shared.workers.iter().map(|_| Default::default()).collect(),
             });
             shared.mounts.insert(mount.clone());
+            let label = [mount.label.as_str()];
             Entry {
                 writer,
-                mount,
                 generation: 0,
                 retained: 0,
                 retained_pieces: 0,
+                retained_gauge: shared.metrics.retained_bytes.with_label_values(&label),
+                pieces_gauge: shared.metrics.retained_pieces.with_label_values(&label),
+                kill: Rc::default(),
+                mount,
             }
         });
         entry.generation += 1;
+        entry.kill = Rc::default();
         entry.writer.go_live(info);
         let label = [entry.mount.label.as_str()];
         // Up and down by one, not set: under `mount="other"` it counts several mounts' sources.
@@ -187,10 +207,20 @@ impl Ingest {
         };
         let m = &self.shared.metrics;
         let label = entry.mount.label.as_str();
-        let window = entry.writer.settings().window_bytes();
+        // What the furthest-behind listener still needs, over the burst: a mount whose
+        // listeners keep up keeps little more than its burst, and memory returns as they catch
+        // up or leave.
+        let oldest = entry.mount.oldest_listener();
+        let settings = entry.writer.settings().clone();
         for event in events.drain(..) {
             match event {
-                Event::Data { bytes, sync } => entry.writer.append(bytes, arrived, window, sync),
+                Event::Data { bytes, sync } => {
+                    // Counted from the end the piece makes: counted from before it, the piece's
+                    // length would be evicted from under the furthest-behind listener.
+                    let end = entry.writer.end() + bytes.len() as u64;
+                    let keep = settings.retention_bytes(end, oldest);
+                    entry.writer.append(bytes, arrived, keep, sync)
+                }
                 Event::Headers(pages) => entry.writer.set_headers(pages),
                 Event::Tags { title, artist } => {
                     entry.writer.set_now_playing(title, artist, None);
@@ -208,14 +238,10 @@ impl Ingest {
         }
         let snap = entry.writer.store().load();
         let retained = snap.retained_bytes() as i64;
-        m.retained_bytes
-            .with_label_values(&[label])
-            .add(retained - entry.retained);
+        entry.retained_gauge.add(retained - entry.retained);
         entry.retained = retained;
         let pieces = entry.writer.retained_pieces() as i64;
-        m.retained_pieces
-            .with_label_values(&[label])
-            .add(pieces - entry.retained_pieces);
+        entry.pieces_gauge.add(pieces - entry.retained_pieces);
         entry.retained_pieces = pieces;
         let (mount, end) = (entry.mount.clone(), snap.end);
         drop(entries);
@@ -242,6 +268,37 @@ impl Ingest {
             .inc();
         drop(entries);
         // ICY listeners get the new block at their next interval; nothing to write now.
+        true
+    }
+
+    /// Ends the live source on `path`, if any, as if it had left (`/admin/killsource`).
+    fn kill_source(&self, path: &str) -> bool {
+        let entries = self.entries.borrow();
+        let Some(entry) = entries
+            .get(path)
+            .filter(|e| *e.writer.state() == SourceState::Live)
+        else {
+            return false;
+        };
+        entry.kill.notify_one();
+        true
+    }
+
+    /// Sets the mount's fallback (`/admin/fallbacks`) until the config is next applied: the file
+    /// stays the one place settings are kept, so a reload puts its own value back.
+    fn set_fallback(&self, path: &str, fallback: String) -> bool {
+        let mut entries = self.entries.borrow_mut();
+        let Some(entry) = entries.get_mut(path) else {
+            return false;
+        };
+        let settings = MountSettings {
+            fallback_mount: Some(fallback),
+            ..MountSettings::clone(entry.writer.settings())
+        };
+        entry.writer.set_settings(Arc::new(settings));
+        let mount = entry.mount.clone();
+        drop(entries);
+        self.shared.changed(&mount);
         true
     }
 
@@ -292,14 +349,8 @@ impl Ingest {
         tracing::info!(mount = %path, then = ?next, "source did not return within the grace period");
         entry.writer.set_state(next);
         self.shared.mounts.remove(&entry.mount);
-        let m = &self.shared.metrics;
-        let label = [entry.mount.label.as_str()];
-        m.retained_bytes
-            .with_label_values(&label)
-            .sub(entry.retained);
-        m.retained_pieces
-            .with_label_values(&label)
-            .sub(entry.retained_pieces);
+        entry.retained_gauge.sub(entry.retained);
+        entry.pieces_gauge.sub(entry.retained_pieces);
         let mount = entries.remove(path).map(|e| e.mount);
         drop(entries);
         self.declare_mounts();
@@ -366,6 +417,12 @@ pub(crate) fn run(rt: Runtime, shared: Arc<Shared>, mut inbox: mpsc::UnboundedRe
                             tracing::debug!(%mount, "title update for a mount without a source");
                         }
                     }
+                    ToIngest::KillSource { mount, reply } => {
+                        let _ = reply.send(ingest.kill_source(&mount));
+                    }
+                    ToIngest::Fallback { mount, fallback, reply } => {
+                        let _ = reply.send(ingest.set_fallback(&mount, fallback));
+                    }
                 },
             }
         }
@@ -382,8 +439,10 @@ async fn serve_source(ingest: Rc<Ingest>, conn: SourceConn) {
         mount,
         info,
         feed,
+        log,
         claimed,
     } = conn;
+
     let origin = feed.origin();
     let format = Format::for_content_type(&info.meta.content_type);
     let claim = ingest.claim(&mount, info);
@@ -393,7 +452,22 @@ async fn serve_source(ingest: Rc<Ingest>, conn: SourceConn) {
     let (claim, claimed_mount) = match claim {
         Ok(claimed) => claimed,
         Err(no) => {
+            if let Some(mut record) = log {
+                record.status = no.status();
+                ingest.shared.access_log.record(record);
+            }
             match feed {
+                // A SHOUTcast source speaks no HTTP: it is told by the connection closing.
+                Feed::Encoder(Encoder {
+                    stream,
+                    peer,
+                    answer: false,
+                    ..
+                }) => {
+                    ingest.shared.metrics.refused(no);
+                    tracing::info!(%peer, %mount, reason = no.reason(), "source refused");
+                    drop(stream);
+                }
                 Feed::Encoder(Encoder { stream, peer, .. }) => {
                     if let Ok(mut stream) = TcpStream::from_std(stream) {
                         refuse(&ingest.shared, &mut stream, peer, no).await;
@@ -421,10 +495,24 @@ async fn serve_source(ingest: Rc<Ingest>, conn: SourceConn) {
         format,
         events: Vec::new(),
         subtype: None,
+        bytes: 0,
+        log,
     };
-    let reason = match feed {
-        Feed::Encoder(encoder) => read_encoder(&mut src, encoder).await,
-        Feed::Pieces(pieces) => read_pieces(&mut src, pieces).await,
+    let kill = ingest
+        .entries
+        .borrow()
+        .get(&mount)
+        .map(|e| e.kill.clone())
+        .unwrap_or_default();
+    let reading = async {
+        match feed {
+            Feed::Encoder(encoder) => read_encoder(&mut src, encoder).await,
+            Feed::Pieces(pieces) => read_pieces(&mut src, pieces).await,
+        }
+    };
+    let reason = tokio::select! {
+        reason = reading => reason,
+        () = kill.notified() => "killed",
     };
     src.finish();
     tracing::info!(source = %origin, %mount, reason, "source disconnected");
@@ -446,6 +534,20 @@ struct Source<'a> {
     /// The subtype last published: the parser is asked again only until it knows, or when new
     /// header pages may name other codecs, not for every piece.
     subtype: Option<String>,
+    /// Bytes of stream received from it, for its access log line.
+    bytes: u64,
+    /// Its access log line, written when it is dropped: when it ends, or when the server stops
+    /// and drops its task.
+    log: Option<Record>,
+}
+
+impl Drop for Source<'_> {
+    fn drop(&mut self) {
+        if let Some(mut record) = self.log.take() {
+            record.bytes = self.bytes;
+            self.ingest.shared.access_log.record(record);
+        }
+    }
 }
 
 impl Source<'_> {
@@ -453,6 +555,7 @@ impl Source<'_> {
     /// result; Err says why the source must end.
     fn append(&mut self, piece: Bytes, arrived: Instant) -> Result<(), &'static str> {
         self.received.inc_by(piece.len() as u64);
+        self.bytes += piece.len() as u64;
         self.counted
             .received_bytes
             .fetch_add(piece.len() as u64, Ordering::Relaxed);
@@ -531,7 +634,9 @@ async fn read_encoder(src: &mut Source<'_>, encoder: Encoder) -> &'static str {
     if encoder.expect_continue {
         answer.extend_from_slice(b"HTTP/1.1 100 Continue\r\n\r\n");
     }
-    answer.extend_from_slice(b"HTTP/1.0 200 OK\r\nServer: fanstream\r\n\r\n");
+    if encoder.answer {
+        answer.extend_from_slice(b"HTTP/1.0 200 OK\r\nServer: fanstream\r\n\r\n");
+    }
     match tokio::time::timeout(RESPONSE_TIMEOUT, stream.write_all(&answer)).await {
         Ok(Ok(())) => read_stream(src, &mut stream, encoder.chunked, encoder.leftover).await,
         _ => "write_error",

@@ -28,6 +28,12 @@
 //! - [`metrics`] and [`admin`]: Prometheus metrics, per-thread CPU read at scrape time
 //!   ([`threads`]), listener-seconds and CPU per listener kept by each worker ([`usage`]), served
 //!   from their own thread. [`status`]: `/status.json` and Icecast's `/status-json.xsl`.
+//! - [`admin_api`]: Icecast's admin API (`/admin/stats`, `listclients`, `killclient`,
+//!   `moveclients`...) on both ports; what a listener is doing lives on its worker, so kills,
+//!   moves and lag reports are messages to the worker holding it ([`conn::Control`]), and
+//!   [`clients`] lists each mount's listeners. [`shoutcast`] takes SHOUTcast v1 sources on their
+//!   own port; [`playlists`] answers `.m3u`/`.xspf`; [`access_log`] writes a line per finished
+//!   request or listener from its own thread.
 //! - [`server`] wires the stages and owns their start and stop order; `main.rs` reads flags and
 //!   signals.
 //!
@@ -41,17 +47,22 @@
 //!    [`ogg`] pages; [`framing`], which picks one by Content-Type), [`icy`] (metadata blocks
 //!    between the audio), [`http_client`] (the URL, request and response head a relay pulls
 //!    with), [`store`] (the segment store and its snapshot, generic over the settings it
-//!    carries), [`threads`] (named, pinned, CPU-accounted threads), [`open_files`].
+//!    carries), [`threads`] (named, pinned, CPU-accounted threads), [`open_files`], [`sd_notify`]
+//!    (telling systemd the server is ready, reloading or stopping), [`dates`] (the date formats
+//!    Icecast prints).
 //! 2. **Vocabulary** shared by the stages: [`config`], [`reasons`] (`Refusal`, `Disconnect`: the
-//!    fixed reason labels), [`metrics`], [`usage`], [`mounts`] (the mount table), [`auth`],
-//!    [`logs`] (log lines that summarise a flood per reason), [`heads`] (request heads not read
-//!    yet: the per-address limit on them, and the idle one closed to make room at the limit),
-//!    [`shared`] (the state every thread shares, `Stop`), [`conn`] (what one stage hands the
-//!    next, the guards that count connections, and the one writer of refusals).
-//! 3. **Stages**: [`acceptor`], [`status`], [`metadata`] (title updates), [`admission`],
-//!    [`fanout`], [`source`], [`ingest`], [`demo`], [`relay`] (mounts pulled from another
-//!    server), [`admin`], and [`worker`] (the router, which
-//!    calls admission, source, metadata and status).
+//!    fixed reason labels), [`metrics`], [`usage`], [`clients`] (who listens to each mount),
+//!    [`mounts`] (the mount table), [`auth`], [`logs`] (log lines that summarise a flood per
+//!    reason), [`access_log`] (one line per finished request, to a writer thread), [`heads`]
+//!    (request heads not read yet: the per-address limit on them, and the idle one closed to
+//!    make room at the limit), [`shared`] (the state every thread shares, `Stop`), [`conn`]
+//!    (what one stage hands the next, the guards that count connections, and the one writer of
+//!    refusals).
+//! 3. **Stages**: [`acceptor`], [`status`], [`playlists`] (`.m3u`, `.xspf`), [`metadata`]
+//!    (title updates), [`admission`], [`fanout`], [`source`], [`shoutcast`] (SHOUTcast v1
+//!    sources), [`ingest`], [`demo`], [`relay`] (mounts pulled from another server), [`admin_api`] (Icecast's admin commands, on both ports),
+//!    [`admin`], and [`worker`] (the router, which calls admission, source, metadata, the admin
+//!    API, playlists and status).
 //! 4. **Wiring**: [`server`].
 //! 5. **Entry**: `main.rs`.
 //!
@@ -60,6 +71,7 @@
 
 // Layer 1: wire and data.
 pub(crate) mod chunked;
+pub(crate) mod dates;
 pub(crate) mod format;
 pub(crate) mod framing;
 pub(crate) mod http;
@@ -68,10 +80,13 @@ pub(crate) mod icy;
 pub(crate) mod mpeg;
 pub(crate) mod ogg;
 pub mod open_files;
+pub mod sd_notify;
 pub(crate) mod store;
 pub(crate) mod threads;
 // Layer 2: vocabulary.
+pub(crate) mod access_log;
 pub(crate) mod auth;
+pub(crate) mod clients;
 pub mod config;
 pub(crate) mod conn;
 pub(crate) mod heads;
@@ -84,12 +99,15 @@ pub(crate) mod usage;
 // Layer 3: stages.
 pub(crate) mod acceptor;
 pub(crate) mod admin;
+pub(crate) mod admin_api;
 pub(crate) mod admission;
 pub(crate) mod demo;
 pub(crate) mod fanout;
 pub(crate) mod ingest;
 pub(crate) mod metadata;
+pub(crate) mod playlists;
 pub(crate) mod relay;
+pub(crate) mod shoutcast;
 pub(crate) mod source;
 pub(crate) mod status;
 pub(crate) mod worker;

@@ -1,13 +1,16 @@
-//! The `fanstream` binary: flags over the config file over the embedded defaults, then the server
-//! until SIGTERM (graceful drain) or SIGINT (stop at once).
+//! The `fanstream` binary: flags over the environment over the config file over the embedded
+//! defaults, then the server until SIGTERM (graceful drain) or SIGINT (stop at once). It tells a
+//! service manager how it is going (`sd_notify`), checks a config without starting
+//! (`--check-config`), and prints its own manual page (`--man`, for packaging).
 
-use std::io::{IsTerminal, Read};
+use std::io::{IsTerminal, Read, Write};
 use std::net::{SocketAddr, TcpListener};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
-use clap::Parser;
-use fanstream::config::parse_admin_listen;
+use clap::{CommandFactory, Parser};
+use fanstream::config::{parse_admin_listen, read_password_file};
+use fanstream::sd_notify::{self, Notifier};
 use fanstream::{Config, Server, Stop};
 use tokio::signal::unix::{signal, SignalKind};
 
@@ -64,6 +67,13 @@ struct Args {
     /// Do not serve the built-in demo mount.
     #[arg(long)]
     no_demo: bool,
+    /// Check FILE (with the other flags over it, and every file it names) as start-up would,
+    /// print what is wrong, and exit: 0 when it would start, 1 when not. Binds nothing.
+    #[arg(long, value_name = "FILE", conflicts_with = "config")]
+    check_config: Option<PathBuf>,
+    /// Print the manual page, fanstream(8), as roff, and exit.
+    #[arg(long, hide = true)]
+    man: bool,
 }
 
 fn main() -> ExitCode {
@@ -78,8 +88,18 @@ fn main() -> ExitCode {
         // with eprintln!, which panics when stderr is gone.
         .log_internal_errors(false)
         .init();
-    let args = Args::parse();
-    match run(args) {
+    let mut args = Args::parse();
+    let outcome = if args.man {
+        std::io::stdout()
+            .write_all(&man_page())
+            .map_err(|e| format!("cannot write the manual page: {e}"))
+    } else if let Some(file) = args.check_config.take() {
+        args.config = Some(file);
+        check_config(&args)
+    } else {
+        run(args)
+    };
+    match outcome {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("fanstream: {e}");
@@ -88,15 +108,56 @@ fn main() -> ExitCode {
     }
 }
 
-/// The configuration as the command line describes it: defaults, the file, then the flags.
+/// The configuration as the command line describes it: the embedded defaults, the file (and the
+/// password files it names), then the environment and the flags; then, for a source password
+/// none of them gave, [`source_password_fallback`].
 fn load_config(args: &Args) -> Result<Config, String> {
     let mut config = match &args.config {
         Some(path) => Config::from_file(path)?,
         None => Config::default(),
     };
-    apply_flags(&mut config, args)?;
     config.resolve_password_files()?;
+    apply_flags(&mut config, args)?;
+    if config.source_password.is_none() {
+        config.source_password = source_password_fallback(args.config.as_deref())?;
+    }
     Ok(config)
+}
+
+/// The file that holds the source password when neither the flags, the environment nor the
+/// config give one, first found first: the systemd credential `source_password` (the packaged
+/// unit loads it with `LoadCredential=`, so that it can be readable by root alone), then
+/// `source_password` beside the config file (`/etc/fanstream/source_password`, which the Debian
+/// package writes at install). Without either, a password is generated for the run.
+fn source_password_fallback(config_file: Option<&Path>) -> Result<Option<String>, String> {
+    const FILE: &str = "source_password";
+    let credential =
+        std::env::var_os("CREDENTIALS_DIRECTORY").map(|dir| Path::new(&dir).join(FILE));
+    let beside_config = config_file.map(|file| file.with_file_name(FILE));
+    for path in credential.into_iter().chain(beside_config) {
+        // A file that is there but unreadable (its mode, its owner) is an error to fix, not a
+        // reason to fall through to a password nobody knows.
+        if path.try_exists().unwrap_or(true) {
+            let password = read_password_file("source password file", &path)?;
+            tracing::info!(path = %path.display(), "source password read from a file");
+            return Ok(Some(password));
+        }
+    }
+    Ok(None)
+}
+
+/// `--check-config`: everything start-up refuses, without binding or starting anything.
+fn check_config(args: &Args) -> Result<(), String> {
+    // Loading reads every file the config names (password files) and so checks them; TLS
+    // certificate and key files (`tls_cert`, `tls_key`, issue 16) belong to this check too once
+    // the config has them, so that a reload cannot fail on a file the check passed.
+    let config = load_config(args)?;
+    let file = args.config.as_deref().unwrap_or(Path::new("")).display();
+    config
+        .validate()
+        .map_err(|e| format!("config {file}: {e}"))?;
+    println!("fanstream: config {file} is valid");
+    Ok(())
 }
 
 /// Connections the kernel queues for the acceptor (capped by `net.core.somaxconn`). std's 128
@@ -118,6 +179,19 @@ fn bind_listen_socket(addr: SocketAddr) -> std::io::Result<TcpListener> {
 
 fn run(args: Args) -> Result<(), String> {
     fanstream::open_files::raise_to_hard_limit();
+    // A service manager that cannot be told (a socket of a kind not known here, one that stopped
+    // listening) must not stop the server: say so and go on.
+    let notifier = Notifier::from_env().unwrap_or_else(|e| {
+        tracing::warn!(error = %e, "cannot notify the service manager (NOTIFY_SOCKET)");
+        None
+    });
+    let notify = |state: &str| {
+        if let Some(n) = &notifier {
+            if let Err(e) = n.send(state) {
+                tracing::warn!(error = %e, state, "cannot notify the service manager");
+            }
+        }
+    };
     let mut config = load_config(&args)?;
     if config.source_password.is_none() {
         let generated = random_password()?;
@@ -157,28 +231,45 @@ fn run(args: Args) -> Result<(), String> {
         )
     };
     let server = Server::start(config, listen_socket, admin_socket).map_err(|e| e.to_string())?;
+    // Both ports are bound and listening, and every stage runs: a client connecting now is served.
+    let admin = server
+        .admin_addr()
+        .map_or(String::new(), |a| format!(", admin on {a}"));
+    notify(&format!(
+        "READY=1\nSTATUS=listening on {}{admin}",
+        server.listen_addr()
+    ));
     rt.block_on(async {
         loop {
             tokio::select! {
                 _ = term.recv() => {
                     tracing::info!("SIGTERM: draining listeners, then exiting");
+                    notify("STOPPING=1\nSTATUS=draining listeners");
                     server.stop(Stop::Drain);
                     break;
                 }
                 _ = int.recv() => {
                     tracing::info!("SIGINT: stopping now");
+                    notify("STOPPING=1");
                     server.stop(Stop::Now);
                     break;
                 }
                 _ = hup.recv() => {
+                    server.reopen_logs();
                     if args.config.is_none() {
                         tracing::warn!("SIGHUP: no --config file to reload");
                         continue;
                     }
-                    match load_config(&args).and_then(|c| server.reload(c)) {
-                        Ok(()) => {}
-                        Err(e) => tracing::error!(error = %e, "SIGHUP: config refused; the running config stays"),
-                    }
+                    notify(&sd_notify::reloading());
+                    let status = match load_config(&args).and_then(|c| server.reload(c)) {
+                        Ok(()) => "config reloaded".to_string(),
+                        Err(e) => {
+                            tracing::error!(error = %e, "SIGHUP: config refused; the running config stays");
+                            // One line: a new line would start another assignment.
+                            format!("config refused, the running config stays: {}", e.replace('\n', " "))
+                        }
+                    };
+                    notify(&format!("READY=1\nSTATUS={status}"));
                 }
             }
         }
@@ -227,4 +318,112 @@ fn random_password() -> Result<String, String> {
         .iter()
         .map(|b| ALPHABET[*b as usize % ALPHABET.len()] as char)
         .collect())
+}
+
+/// fanstream(8): the flags as clap knows them, then the README's sections on configuration and on
+/// running as a service, so the manual says what the README says.
+fn man_page() -> Vec<u8> {
+    use clap_mangen::roff::{bold, roman, Roff};
+    let man = clap_mangen::Man::new(Args::command())
+        .section("8")
+        .manual("System Administration");
+    let mut out = Vec::new();
+    // Writing into a Vec cannot fail.
+    let _ = man
+        .render_title(&mut out)
+        .and_then(|()| man.render_name_section(&mut out))
+        .and_then(|()| man.render_synopsis_section(&mut out))
+        .and_then(|()| man.render_description_section(&mut out))
+        .and_then(|()| man.render_options_section(&mut out));
+    let mut roff = Roff::new();
+    for (heading, title) in [
+        ("## Configuration", "CONFIGURATION"),
+        ("## Install as a service", "SERVICE"),
+    ] {
+        roff.control("SH", [title]);
+        markdown_to_roff(&mut roff, readme_section(heading));
+    }
+    roff.control("SH", ["SEE ALSO"]);
+    roff.text([
+        bold("systemctl"),
+        roman("(1), "),
+        bold("journalctl"),
+        roman("(1), "),
+        bold("logrotate"),
+        roman("(8), "),
+        bold("systemd.exec"),
+        roman("(5)"),
+    ]);
+    let _ = roff.to_writer(&mut out);
+    let _ = man.render_version_section(&mut out);
+    out
+}
+
+/// The README's section under `heading`, up to the next one of its level.
+fn readme_section(heading: &str) -> &'static str {
+    const README: &str = include_str!("../README.md");
+    let start = README
+        .find(&format!("\n{heading}\n"))
+        .map(|at| at + heading.len() + 2)
+        .unwrap_or_else(|| panic!("README.md has no section {heading:?}"));
+    let rest = &README[start..];
+    &rest[..rest.find("\n## ").unwrap_or(rest.len())]
+}
+
+/// The Markdown the README's prose uses, as roff: paragraphs, `- ` lists, and fenced code shown
+/// verbatim. Inline marks are dropped: a terminal shows `code` and **bold** as plain text.
+fn markdown_to_roff(roff: &mut clap_mangen::roff::Roff, markdown: &str) {
+    use clap_mangen::roff::roman;
+    let plain = |text: &str| text.replace('`', "").replace("**", "");
+    let mut lines = markdown.lines().peekable();
+    while let Some(line) = lines.next() {
+        if line.starts_with("```") {
+            roff.control("PP", [])
+                .control("nf", [])
+                .control("RS", ["4"]);
+            for code in lines.by_ref().take_while(|l| !l.starts_with("```")) {
+                roff.text([roman(code)]);
+            }
+            roff.control("RE", []).control("fi", []);
+        } else if let Some(heading) = line.strip_prefix('#') {
+            roff.control(
+                "SS",
+                [plain(heading.trim_start_matches('#').trim()).as_str()],
+            );
+        } else if !line.trim().is_empty() {
+            let mut paragraph = line.strip_prefix("- ").unwrap_or(line).to_string();
+            while let Some(more) = lines.next_if(|l| !l.trim().is_empty() && !l.starts_with("- ")) {
+                paragraph.push(' ');
+                paragraph.push_str(more.trim());
+            }
+            if line.starts_with("- ") {
+                roff.control("IP", ["\\(bu", "2"]);
+            } else {
+                roff.control("PP", []);
+            }
+            roff.text([roman(plain(&paragraph))]);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_manual_has_the_flags_and_the_readme_sections() {
+        let page = String::from_utf8(man_page()).unwrap();
+        assert!(page.contains("\n.TH fanstream 8 "), "{page}");
+        for text in [
+            ".SH OPTIONS",
+            "check\\-config",
+            ".SH CONFIGURATION",
+            "max_lag_bytes = 524288",
+            ".SH SERVICE",
+            "LoadCredential=",
+        ] {
+            assert!(page.contains(text), "the manual lacks {text:?}:\n{page}");
+        }
+        assert!(!page.contains("\\-\\-man"), "--man is hidden:\n{page}");
+    }
 }

@@ -22,9 +22,6 @@ use crate::store::SourceState;
 pub(crate) const ICECAST_PATH: &str = "/admin/metadata";
 /// SHOUTcast v1's.
 pub(crate) const SHOUTCAST_PATH: &str = "/admin.cgi";
-/// The mount a SHOUTcast v1 update without `mount=` is for: SHOUTcast has one stream, and
-/// Icecast serves SHOUTcast sources on this mount by default.
-const SHOUTCAST_DEFAULT_MOUNT: &str = "/stream";
 /// Longest title (or artist, or URL) kept, in bytes.
 const MAX_FIELD_BYTES: usize = 4096;
 
@@ -41,15 +38,16 @@ pub(crate) fn update(
 ) -> Result<Vec<u8>, Refusal> {
     let params = Params::of(req);
     let shoutcast = req.path == SHOUTCAST_PATH;
+    let cfg = shared.config.load();
+    // SHOUTcast has one stream: the mount its sources feed (`shoutcast_mount`).
     let mount = match params.text("mount") {
         Some(m) => m,
-        None if shoutcast => SHOUTCAST_DEFAULT_MOUNT.to_string(),
+        None if shoutcast => cfg.shoutcast_mount.clone(),
         None => return Err(Refusal::BadQuery),
     };
     if !valid_mount_path(&mount) {
         return Err(Refusal::BadPath);
     }
-    let cfg = shared.config.load();
     let given = match params.text("pass") {
         Some(pass) if shoutcast => Some((cfg.source_user.clone(), pass)),
         _ => req.basic_auth(),

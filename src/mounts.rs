@@ -5,11 +5,12 @@
 //! it once per listener admission. A mount's settings travel in its snapshots, not here.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 
 use arc_swap::ArcSwap;
 
+use crate::clients::Clients;
 use crate::config::MountSettings;
 use crate::metrics::MountLabel;
 use crate::store;
@@ -38,6 +39,8 @@ pub(crate) struct Mount {
     /// Payload bytes sent to its listeners since it appeared, likewise. Added to by each worker
     /// once per fan-out round.
     pub sent_bytes: AtomicU64,
+    /// Its listeners now, for the admin API; kept by their guards.
+    pub clients: Clients,
     /// The mount as each worker holds it, indexed by worker: a publication wakes only the
     /// workers with listeners here, and tells each which mount to serve, so that idle mounts and
     /// other mounts' listeners cost a worker nothing.
@@ -61,6 +64,23 @@ pub(crate) struct OnWorker {
     /// the mount, cleared by the worker when it takes it, before it loads the snapshot: a
     /// publication is queued once however many come before the worker runs, and none is missed.
     pub queued: AtomicBool,
+    /// The stream position of the worker's furthest-behind listener here (`u64::MAX` with
+    /// none): ingest keeps what the furthest behind of all still needs, and no more
+    /// ([`crate::config::MountSettings::retention_bytes`]). Written by the worker after each
+    /// serving pass; a stale value is older, so it only keeps more.
+    pub oldest: AtomicU64,
+}
+
+impl Mount {
+    /// The position of the furthest-behind listener across workers, if any.
+    pub fn oldest_listener(&self) -> Option<u64> {
+        self.on_workers
+            .iter()
+            .filter(|on| on.shard.load(Ordering::Relaxed) != 0)
+            .map(|on| on.oldest.load(Ordering::Relaxed))
+            .filter(|&pos| pos != u64::MAX)
+            .min()
+    }
 }
 
 #[derive(Default)]

@@ -28,6 +28,10 @@
 //! | `auth_rate_limited` | 429 | too many failed logins from the address |
 //! | `mount_in_use` | 403 | a source is live on the mount |
 //! | `too_many_sources` | 503 | `max_sources` sources are live |
+//! | `admin_password_not_set` | 403 | the admin API on the listener port, with no `admin_password` configured |
+//! | `unknown_command` | 400 | an `/admin/` path that is no admin command |
+//! | `no_such_source` | 400 | an admin command for a mount that does not exist (or, for `killsource`, has no source) |
+//! | `bad_destination` | 400 | `moveclients` to a mount with no live source, or to the mount itself |
 //! | `header_timeout` | none | the head did not arrive within `header_timeout_secs` (`header_timeout_under_pressure_secs` when accepted above 80% of `max_connections`); closed |
 //! | `pending_heads_per_ip` | none | the address holds `max_pending_heads_per_ip` connections still sending their head; closed at accept |
 //! | `idle_head_evicted` | none | at `max_connections`, the oldest connection still without a head (after 250 ms; 100 ms on the admin port) was closed to make room |
@@ -83,6 +87,10 @@ pub(crate) enum Refusal {
     },
     MountInUse,
     TooManySources,
+    AdminPasswordNotSet,
+    UnknownCommand,
+    NoSuchSource,
+    BadDestination,
 }
 
 impl Refusal {
@@ -92,9 +100,12 @@ impl Refusal {
             | Refusal::BadPath
             | Refusal::BadQuery
             | Refusal::ConflictingLength
-            | Refusal::MissingContentType => 400,
+            | Refusal::MissingContentType
+            | Refusal::UnknownCommand
+            | Refusal::NoSuchSource
+            | Refusal::BadDestination => 400,
             Refusal::AuthRequired(_) | Refusal::BadCredentials(_) => 401,
-            Refusal::MountInUse => 403,
+            Refusal::MountInUse | Refusal::AdminPasswordNotSet => 403,
             Refusal::UnknownMount | Refusal::MountIdle => 404,
             Refusal::MethodNotAllowed(_) => 405,
             Refusal::UriTooLong => 414,
@@ -127,11 +138,25 @@ impl Refusal {
             Refusal::AuthRateLimited { .. } => "auth_rate_limited",
             Refusal::MountInUse => "mount_in_use",
             Refusal::TooManySources => "too_many_sources",
+            Refusal::AdminPasswordNotSet => "admin_password_not_set",
+            Refusal::UnknownCommand => "unknown_command",
+            Refusal::NoSuchSource => "no_such_source",
+            Refusal::BadDestination => "bad_destination",
         }
     }
 
     /// The whole response: status line, the headers this refusal needs, and a one-line body
     /// that says why (`503 Service Unavailable: mount full`).
+    /// For a limit an operator sets, which setting refused: a hosting server that outgrows it
+    /// must know what to raise.
+    fn setting_hint(self) -> &'static str {
+        match self {
+            Refusal::TooManySources => " (raise max_sources)",
+            Refusal::ServerFull => " (max_listeners)",
+            _ => "",
+        }
+    }
+
     pub fn response(self) -> Vec<u8> {
         let status = self.status();
         let phrase = http::status_phrase(status);
@@ -151,7 +176,11 @@ impl Refusal {
             }
             _ => None,
         };
-        let body = format!("{status} {phrase}: {}\n", self.reason().replace('_', " "));
+        let body = format!(
+            "{status} {phrase}: {}{}\n",
+            self.reason().replace('_', " "),
+            self.setting_hint()
+        );
         http::response(status, phrase, header.as_slice(), &body)
     }
 }
@@ -220,11 +249,13 @@ pub(crate) enum Disconnect {
     SendTimeout,
     /// Serving it panicked (a bug); only this listener is lost.
     Panic,
+    /// An operator closed it (`/admin/killclient`).
+    Killed,
 }
 
 impl Disconnect {
     /// Every reason, so that each mount's counters start at zero.
-    pub const ALL: [Disconnect; 7] = [
+    pub const ALL: [Disconnect; 8] = [
         Disconnect::ClientClosed,
         Disconnect::WriteError,
         Disconnect::Slow,
@@ -232,6 +263,7 @@ impl Disconnect {
         Disconnect::Shutdown,
         Disconnect::SendTimeout,
         Disconnect::Panic,
+        Disconnect::Killed,
     ];
 
     pub fn reason(self) -> &'static str {
@@ -243,6 +275,7 @@ impl Disconnect {
             Disconnect::Shutdown => "shutdown",
             Disconnect::SendTimeout => "send_timeout",
             Disconnect::Panic => "panic",
+            Disconnect::Killed => "killed",
         }
     }
 

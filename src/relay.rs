@@ -166,7 +166,7 @@ async fn mirror(
             }
         };
         failing = None;
-        let max = shared.config.load().max_sources;
+        let max = shared.config.load().source_limit();
         let wanted: HashSet<&String> = mounts
             .iter()
             .filter(|m| !configured.contains(*m))
@@ -525,6 +525,7 @@ impl Relay {
             mount: self.mount.clone(),
             info,
             feed: Feed::Pieces(rx),
+            log: None,
             claimed: Some(claimed_tx),
         };
         if self
@@ -719,6 +720,8 @@ fn stream_meta(head: &Response, content_type: String, upstream: String) -> Strea
         started: Some(std::time::SystemTime::now()),
         subtype: None,
         relayed_from: Some(upstream),
+        source_ip: None,
+        user_agent: None,
     }
 }
 

@@ -8,7 +8,7 @@
 //!    which connect to their upstreams on their own thread;
 //! 3. **workers**, which hand sources to ingest and take sockets from the acceptor;
 //! 4. **the acceptor**, which starts accepting;
-//! 5. **the admin listener**.
+//! 5. **the admin listener**, and the SHOUTcast source port when there is one.
 //!
 //! Every thread's runtime is built before any thread starts, so running out of descriptors is a
 //! start-up error, not a thread dying later.
@@ -30,6 +30,7 @@ use std::time::SystemTime;
 use arc_swap::ArcSwap;
 use tokio::sync::{mpsc, watch};
 
+use crate::access_log::AccessLog;
 use crate::auth::AuthFailures;
 use crate::config::Config;
 use crate::metrics::Metrics;
@@ -42,8 +43,11 @@ use crate::threads::{self, ThreadRegistry};
 pub struct Server {
     stop_tx: watch::Sender<Stop>,
     threads: Vec<JoinHandle<()>>,
+    /// The access log's writer, joined after every other thread.
+    log_writer: Option<JoinHandle<()>>,
     listen_addr: SocketAddr,
     admin_addr: Option<SocketAddr>,
+    shoutcast_addr: Option<SocketAddr>,
     shared: Arc<Shared>,
 }
 
@@ -65,6 +69,19 @@ impl Server {
             ));
         }
         let listen_addr = listen_socket.local_addr()?;
+        let shoutcast_socket = config
+            .startup
+            .shoutcast_listen
+            .map(|addr| {
+                TcpListener::bind(addr).map_err(|e| {
+                    io::Error::new(e.kind(), format!("shoutcast_listen = {addr}: {e}"))
+                })
+            })
+            .transpose()?;
+        let shoutcast_addr = shoutcast_socket
+            .as_ref()
+            .map(|s| s.local_addr())
+            .transpose()?;
         let admin_addr = admin_socket.as_ref().map(|a| a.local_addr()).transpose()?;
         let registry = Arc::new(ThreadRegistry::default());
         let (stop_tx, stop_rx) = watch::channel(Stop::Running);
@@ -78,8 +95,17 @@ impl Server {
             .startup
             .demo
             .then(|| config.startup.demo_mount.clone());
+        let (access_log, log_writer) = match &config.startup.access_log {
+            Some(path) => {
+                let (log, writer) = AccessLog::open(path)
+                    .map_err(|e| io::Error::new(e.kind(), format!("access_log = {path:?}: {e}")))?;
+                (log, Some(writer))
+            }
+            None => (AccessLog::default(), None),
+        };
         let max_connections = config.connection_limit();
         warn_if_over_budget(&config, max_connections);
+        crate::admin_api::warn_if_closed(config.admin_password.as_deref());
         let shared = Arc::new(Shared {
             auth_failures: AuthFailures::default(),
             max_connections,
@@ -97,6 +123,7 @@ impl Server {
             ingest_stopped: Default::default(),
             started: SystemTime::now(),
             listen_addr,
+            access_log,
             on_demand: Default::default(),
         });
 
@@ -105,8 +132,17 @@ impl Server {
         let (to_workers, worker_intakes): (Vec<_>, Vec<_>) = (0..nworkers)
             .map(|_| crossbeam::channel::unbounded())
             .unzip();
+        // The admin API, on any worker or the admin thread, reaches each worker's listeners.
+        let (control, control_rxs): (Vec<_>, Vec<_>) =
+            (0..nworkers).map(|_| mpsc::unbounded_channel()).unzip();
+        let control: Arc<[_]> = control.into();
 
         let mut handles = Vec::new();
+        // Started first and stopped last (see `join_threads`), so that it writes the lines of
+        // everything that ends before the other threads have.
+        let log_writer = log_writer
+            .map(|w| threads::spawn("fs-access-log", None, &registry, move || w.run()))
+            .transpose()?;
 
         let s = shared.clone();
         spawn_stage(&mut handles, &registry, "fs-ingest", None, move |rt| {
@@ -145,16 +181,18 @@ impl Server {
             })?;
         }
 
-        for (index, intake) in worker_intakes.into_iter().enumerate() {
+        let intakes = worker_intakes.into_iter().zip(control_rxs);
+        for (index, (intake, control_rx)) in intakes.enumerate() {
             let s = shared.clone();
             let to_ingest = to_ingest.clone();
+            let control = control.clone();
             let core = (!cores.is_empty()).then(|| cores[index % cores.len()]);
             spawn_stage(
                 &mut handles,
                 &registry,
                 &format!("fs-worker-{index}"),
                 core,
-                move |rt| crate::worker::run(rt, s, index, intake, to_ingest),
+                move |rt| crate::worker::run(rt, s, index, intake, to_ingest, control, control_rx),
             )?;
         }
 
@@ -167,16 +205,27 @@ impl Server {
         if let Some(admin_socket) = admin_socket {
             admin_socket.set_nonblocking(true)?;
             let s = shared.clone();
+            let to_ingest = to_ingest.clone();
             spawn_stage(&mut handles, &registry, "fs-admin", None, move |rt| {
-                crate::admin::run(rt, s, admin_socket, to_ingest)
+                crate::admin::run(rt, s, admin_socket, to_ingest, control)
             })?;
         }
-        tracing::info!(%listen_addr, admin = ?admin_addr, workers = nworkers, "fanstream started");
+        if let Some(socket) = shoutcast_socket {
+            socket.set_nonblocking(true)?;
+            let s = shared.clone();
+            let to_ingest = to_ingest.clone();
+            spawn_stage(&mut handles, &registry, "fs-shoutcast", None, move |rt| {
+                crate::shoutcast::run(rt, s, socket, to_ingest)
+            })?;
+        }
+        tracing::info!(%listen_addr, admin = ?admin_addr, shoutcast = ?shoutcast_addr, workers = nworkers, "fanstream started");
         Ok(Server {
             stop_tx,
             threads: handles,
+            log_writer,
             listen_addr,
             admin_addr,
+            shoutcast_addr,
             shared,
         })
     }
@@ -187,6 +236,11 @@ impl Server {
 
     pub fn admin_addr(&self) -> Option<SocketAddr> {
         self.admin_addr
+    }
+
+    /// Where SHOUTcast v1 sources connect, when `shoutcast_listen` is set.
+    pub fn shoutcast_addr(&self) -> Option<SocketAddr> {
+        self.shoutcast_addr
     }
 
     /// Listeners connected now, across all mounts.
@@ -239,12 +293,25 @@ impl Server {
                 tracing::error!(thread = %name, "thread panicked");
             }
         }
+        // Every listener and request has ended, and logged its line: the writer writes the
+        // last ones and ends.
+        if let Some(h) = self.log_writer.take() {
+            self.shared.access_log.close();
+            if h.join().is_err() {
+                tracing::error!(thread = "fs-access-log", "thread panicked");
+            }
+        }
+    }
+
+    /// Reopens the access log (on `SIGHUP`, after logrotate moved it).
+    pub fn reopen_logs(&self) {
+        self.shared.access_log.reopen();
     }
 }
 
 impl Drop for Server {
     fn drop(&mut self) {
-        if !self.threads.is_empty() {
+        if !self.threads.is_empty() || self.log_writer.is_some() {
             self.stop(Stop::Now);
             self.join_threads();
         }

@@ -12,6 +12,7 @@ use std::time::{Duration, Instant, SystemTime};
 use arc_swap::ArcSwap;
 use tokio::sync::{watch, Notify};
 
+use crate::access_log::AccessLog;
 use crate::auth::AuthFailures;
 use crate::config::Config;
 use crate::heads::Heads;
@@ -122,6 +123,8 @@ pub(crate) struct Shared {
     pub started: SystemTime,
     /// Where listeners connect (status pages build listen URLs with its port).
     pub listen_addr: SocketAddr,
+    /// Finished requests and listeners, to the access log's writer (when `access_log` is set).
+    pub access_log: AccessLog,
     /// Relays that pull only while listened to: admission asks one to connect when a listener
     /// comes for its mount.
     pub on_demand: OnDemand,

@@ -16,6 +16,7 @@ use std::time::SystemTime;
 
 use bytes::Bytes;
 
+use crate::access_log::Record;
 use crate::auth;
 use crate::conn::{Encoder, Feed, Incoming, SourceConn, ToIngest, WorkerCtx};
 use crate::http::{clean_header_value, valid_mount_path, Method, Request};
@@ -53,13 +54,16 @@ pub(crate) async fn handshake(ctx: &WorkerCtx, incoming: Incoming) {
     };
     // From here the ingest thread owns the connection; it no longer loads this worker.
     drop(conn);
+    let log = Some(Record::of(&req, peer.ip(), 200, 0));
     let source = SourceConn {
         mount: req.path,
+        log,
         info: admitted.info,
         feed: Feed::Encoder(Encoder {
             stream,
             peer,
             expect_continue: admitted.expect_continue,
+            answer: true,
             chunked: admitted.chunked,
             leftover,
         }),
@@ -76,7 +80,11 @@ pub(crate) async fn handshake(ctx: &WorkerCtx, incoming: Incoming) {
 
 /// Checks a source request: its path, its body framing, its Content-Type, its credentials.
 fn check(shared: &Shared, req: &Request, peer: SocketAddr) -> Result<Admitted, Refusal> {
-    if !valid_mount_path(&req.path) || crate::status::is_status_path(&req.path) {
+    // `/admin/` is the admin API's on the listener port: a mount there could not be played.
+    if !valid_mount_path(&req.path)
+        || crate::status::is_status_path(&req.path)
+        || req.path.starts_with("/admin/")
+    {
         return Err(Refusal::BadPath);
     }
     let chunked = match req.header("transfer-encoding") {
@@ -105,7 +113,7 @@ fn check(shared: &Shared, req: &Request, peer: SocketAddr) -> Result<Admitted, R
         expected,
     )?;
     Ok(Admitted {
-        info: stream_info(req, content_type),
+        info: stream_info(req, content_type, peer),
         expect_continue: req
             .header("expect")
             .is_some_and(|v| v.eq_ignore_ascii_case("100-continue")),
@@ -114,7 +122,7 @@ fn check(shared: &Shared, req: &Request, peer: SocketAddr) -> Result<Admitted, R
 }
 
 /// What the source says about its stream, from its `ice-*` (or `icy-*`) headers.
-fn stream_info(req: &Request, content_type: String) -> StreamInfo {
+pub(crate) fn stream_info(req: &Request, content_type: String, peer: SocketAddr) -> StreamInfo {
     let pick = |names: &[&str]| {
         names
             .iter()
@@ -144,6 +152,8 @@ fn stream_info(req: &Request, content_type: String) -> StreamInfo {
         audio_info,
         started: Some(SystemTime::now()),
         subtype: None,
+        source_ip: Some(peer.ip().to_string()),
+        user_agent: req.header("user-agent").map(clean_header_value),
         relayed_from: None,
     };
     StreamInfo::new(meta, Bytes::new())
@@ -154,11 +164,14 @@ mod tests {
     use super::*;
     use crate::http::parse_head;
 
+    const PEER: SocketAddr =
+        SocketAddr::new(std::net::IpAddr::V4(std::net::Ipv4Addr::LOCALHOST), 1);
+
     #[test]
     fn ice_headers_become_icy_headers() {
         let raw = b"PUT /live HTTP/1.1\r\nIce-Name: Radio\tX\r\nIce-Genre: jazz\r\nIce-Public: 1\r\nIce-Description: d\r\nIce-URL: http://x\r\nice-audio-info: channels=2;bitrate=128\r\n\r\n";
         let (req, _) = parse_head(raw).unwrap().unwrap();
-        let info = stream_info(&req, "audio/mpeg".into());
+        let info = stream_info(&req, "audio/mpeg".into(), PEER);
         let head = std::str::from_utf8(&info.response_head).unwrap();
         assert!(head.starts_with("HTTP/1.0 200 OK\r\n"), "{head}");
         for line in [
@@ -182,7 +195,7 @@ mod tests {
         let (req, _) = parse_head(b"SOURCE /a HTTP/1.0\r\nicy-br: 64\r\n\r\n")
             .unwrap()
             .unwrap();
-        let info = stream_info(&req, "audio/ogg".into());
+        let info = stream_info(&req, "audio/ogg".into(), PEER);
         let head = std::str::from_utf8(&info.response_head).unwrap();
         assert!(head.contains("icy-br: 64\r\n"));
         assert!(!head.contains("icy-name"));

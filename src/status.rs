@@ -1,17 +1,18 @@
 //! Status pages, as JSON: `/status.json` in fanstream's own shape, and `/status-json.xsl` in
 //! Icecast 2.4's shape so that the exporters, web players and scripts written for Icecast work
-//! unchanged. Both are public on the listener port, as Icecast's are (web players fetch them from
+//! unchanged. Mounts set `hidden` are left out of both, as Icecast leaves them out. Both are public on the listener port, as Icecast's are (web players fetch them from
 //! the stream's origin, hence `Access-Control-Allow-Origin: *`), and also served on the admin port,
 //! whose thread answers even when every worker is saturated. Built at request time from the mount
 //! table; nothing here runs on the fan-out's path.
 
 use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::SystemTime;
 
 use serde::Serialize;
 
-use crate::conn::Incoming;
+use crate::conn::{log_response, Incoming};
+use crate::dates::Date;
 use crate::http::{self, Method, Request};
 use crate::mounts::Mount;
 use crate::shared::Shared;
@@ -30,6 +31,7 @@ pub(crate) fn is_status_path(path: &str) -> bool {
 /// Answers a `GET` or `HEAD` of a status path and closes.
 pub(crate) async fn serve(shared: &Shared, incoming: Incoming) {
     let resp = response(shared, &incoming.req);
+    log_response(shared, &incoming.req, incoming.peer, &resp);
     http::write_and_close(incoming.stream, &resp).await;
 }
 
@@ -104,6 +106,9 @@ fn own(shared: &Shared, host: &str) -> Status {
         .into_iter()
         .filter_map(|m| {
             let snap = m.store.load_full();
+            if snap.settings.hidden {
+                return None;
+            }
             let state = match snap.state {
                 SourceState::Live => "live",
                 SourceState::Gone(_) => "waiting",
@@ -218,7 +223,7 @@ fn icecast(shared: &Shared, host: &str) -> IcecastDoc {
         .filter_map(|m| {
             let snap = m.store.load_full();
             // Icecast lists sources, not mounts: one waiting for its encoder is not there.
-            if snap.state != SourceState::Live {
+            if snap.state != SourceState::Live || snap.settings.hidden {
                 return None;
             }
             let meta = &snap.info.meta;
@@ -272,24 +277,24 @@ fn icecast(shared: &Shared, host: &str) -> IcecastDoc {
     }
 }
 
-fn server_id() -> String {
+pub(crate) fn server_id() -> String {
     format!("fanstream {}", env!("CARGO_PKG_VERSION"))
 }
 
-fn sorted_mounts(shared: &Shared) -> Vec<std::sync::Arc<Mount>> {
+pub(crate) fn sorted_mounts(shared: &Shared) -> Vec<std::sync::Arc<Mount>> {
     let mut mounts = shared.mounts.all();
     mounts.sort_by(|a, b| a.path.cmp(&b.path));
     mounts
 }
 
-fn listen_url(shared: &Shared, host: &str, mount: &str) -> String {
+pub(crate) fn listen_url(shared: &Shared, host: &str, mount: &str) -> String {
     let port = shared.listen_addr.port();
     format!("http://{host}:{port}{mount}")
 }
 
 /// The host clients reached us by, for `listenurl`: the request's `Host` without its port when it
 /// is a plausible host name, else the listen address, else `localhost` (Icecast's default).
-fn host_name(header: Option<&str>, listen: SocketAddr) -> String {
+pub(crate) fn host_name(header: Option<&str>, listen: SocketAddr) -> String {
     let from_header = header.map(str::trim).and_then(|h| {
         let host = if h.starts_with('[') {
             &h[..=h.find(']')?]
@@ -315,98 +320,9 @@ fn host_name(header: Option<&str>, listen: SocketAddr) -> String {
     })
 }
 
-/// A UTC calendar date and time, for the formats Icecast prints.
-#[derive(Debug, PartialEq, Eq)]
-struct Date {
-    year: i64,
-    month: u32,
-    day: u32,
-    hour: u64,
-    minute: u64,
-    second: u64,
-    /// 0 = Sunday.
-    weekday: u64,
-}
-
-impl Date {
-    fn of(t: SystemTime) -> Date {
-        let secs = t
-            .duration_since(UNIX_EPOCH)
-            .unwrap_or(Duration::ZERO)
-            .as_secs();
-        let days = (secs / 86_400) as i64;
-        let rem = secs % 86_400;
-        // Days to a civil date in the proleptic Gregorian calendar (Howard Hinnant's
-        // `civil_from_days`), counting in 400-year eras of 146097 days.
-        let z = days + 719_468;
-        let era = z.div_euclid(146_097);
-        let doe = z.rem_euclid(146_097);
-        let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-        let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-        let mp = (5 * doy + 2) / 153;
-        let day = (doy - (153 * mp + 2) / 5 + 1) as u32;
-        let month = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
-        let year = yoe + era * 400 + i64::from(month <= 2);
-        Date {
-            year,
-            month,
-            day,
-            hour: rem / 3600,
-            minute: rem % 3600 / 60,
-            second: rem % 60,
-            // 1970-01-01 was a Thursday.
-            weekday: (days as u64 + 4) % 7,
-        }
-    }
-
-    /// `Fri, 09 Apr 2021 19:49:50 +0000`, as Icecast's `server_start`.
-    fn rfc2822(&self) -> String {
-        const DAYS: [&str; 7] = ["Sun", "Mon", "Tue", "Wed", "Thu", "Fri", "Sat"];
-        const MONTHS: [&str; 12] = [
-            "Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec",
-        ];
-        format!(
-            "{}, {:02} {} {} {:02}:{:02}:{:02} +0000",
-            DAYS[self.weekday as usize],
-            self.day,
-            MONTHS[self.month as usize - 1],
-            self.year,
-            self.hour,
-            self.minute,
-            self.second
-        )
-    }
-
-    /// `2021-04-09T19:49:50+0000`, as Icecast's `server_start_iso8601`.
-    fn iso8601(&self) -> String {
-        format!(
-            "{}-{:02}-{:02}T{:02}:{:02}:{:02}+0000",
-            self.year, self.month, self.day, self.hour, self.minute, self.second
-        )
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn at(secs: u64) -> Date {
-        Date::of(UNIX_EPOCH + Duration::from_secs(secs))
-    }
-
-    #[test]
-    fn dates_print_as_icecast_prints_them() {
-        assert_eq!(at(0).rfc2822(), "Thu, 01 Jan 1970 00:00:00 +0000");
-        assert_eq!(at(0).iso8601(), "1970-01-01T00:00:00+0000");
-        assert_eq!(at(951_782_400).rfc2822(), "Tue, 29 Feb 2000 00:00:00 +0000");
-        assert_eq!(
-            at(1_700_000_000).rfc2822(),
-            "Tue, 14 Nov 2023 22:13:20 +0000"
-        );
-        assert_eq!(at(1_700_000_000).iso8601(), "2023-11-14T22:13:20+0000");
-        assert_eq!(at(4_107_542_399).iso8601(), "2100-02-28T23:59:59+0000");
-        assert_eq!(at(4_107_542_400).iso8601(), "2100-03-01T00:00:00+0000");
-    }
 
     #[test]
     fn host_comes_from_the_host_header_when_it_is_plausible() {

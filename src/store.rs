@@ -21,8 +21,15 @@ use arc_swap::ArcSwap;
 use bytes::Bytes;
 
 /// A segment is sealed once it holds this many chunks; bounds the per-append copy of the open
-/// segment's chunk list (a few dozen `Bytes` clones), whatever the window size.
-const SEGMENT_MAX_CHUNKS: usize = 64;
+/// segment's chunk list (a few `Bytes` clones), whatever the window size, and the step in which
+/// memory is given back (16 pieces of a 128 kbit/s encoder: 5 KB). Each seal copies the list of
+/// sealed segments, so far fewer chunks per segment would make seals the cost.
+const SEGMENT_MAX_CHUNKS: usize = 16;
+/// A sealed segment smaller than this is copied into one allocation of its own size: its small
+/// pieces came from ingest's read buffers, each piece keeping its whole buffer alive, so a mount
+/// of small pieces held about twice its retained bytes. Larger segments are made of large
+/// pieces, which waste little of their buffers.
+const COMPACT_BELOW_BYTES: usize = 16 * 1024;
 /// ...or this many bytes; bounds how much memory one segment keeps alive past the window.
 const SEGMENT_MAX_BYTES: usize = 64 * 1024;
 
@@ -144,6 +151,9 @@ pub(crate) struct StreamMeta {
     pub started: Option<std::time::SystemTime>,
     /// What the format layer found the stream to be (`MP3`, `Vorbis`, `Opus`, ...), once known.
     pub subtype: Option<String>,
+    /// The encoder's address and `User-Agent`, for the admin API's stats (none for the demo).
+    pub source_ip: Option<String>,
+    pub user_agent: Option<String>,
     /// The upstream a relay pulls the stream from (its URL without credentials); none for a
     /// pushed source.
     pub relayed_from: Option<String>,
@@ -243,6 +253,23 @@ impl<S> Snapshot<S> {
             let skip = pos.saturating_sub(c.offset) as usize;
             &c.data[skip..]
         })
+    }
+
+    /// The bytes from `pos` to the next sync point (the rest of the frame or page a listener
+    /// stopped inside, after a partial write), at most `max` of them; empty when `pos` is a sync
+    /// point or outside the window. A listener leaving the stream gets them first, so that what
+    /// it received ends on a whole frame or page.
+    pub fn rest_of_frame(&self, pos: u64, max: usize) -> Vec<u8> {
+        let mut out = Vec::new();
+        for c in self.chunks_from(pos) {
+            if (c.offset >= pos && c.sync) || out.len() >= max {
+                break;
+            }
+            let skip = pos.saturating_sub(c.offset) as usize;
+            let take = (c.data.len() - skip).min(max - out.len());
+            out.extend_from_slice(&c.data[skip..skip + take]);
+        }
+        out
     }
 
     /// When the oldest byte at or after `pos` arrived, for write coalescing.
@@ -383,14 +410,19 @@ impl<S> StoreWriter<S> {
         &self.state
     }
 
+    /// The live edge: the offset the next byte appended gets.
+    pub fn end(&self) -> u64 {
+        self.end
+    }
+
     /// How many chunks the store retains now.
     pub fn retained_pieces(&self) -> usize {
         self.pieces
     }
 
     /// Appends one chunk and publishes the new snapshot. `window` is how many bytes behind the
-    /// live edge must stay readable (the mount's current burst and lag limit; a reload may
-    /// change it); `sync` marks the chunk's start as a place a player may start.
+    /// live edge must stay readable (the mount's burst and what its furthest-behind listener
+    /// needs: `MountSettings::retention_bytes`); `sync` marks the chunk's start as a place a player may start.
     pub fn append(&mut self, data: Bytes, arrived: Instant, window: u64, sync: bool) {
         if data.is_empty() {
             return;
@@ -407,7 +439,7 @@ impl<S> StoreWriter<S> {
         self.end += len as u64;
         if self.open.len() >= SEGMENT_MAX_CHUNKS || self.open_bytes >= SEGMENT_MAX_BYTES {
             let seg = Arc::new(Segment {
-                chunks: std::mem::take(&mut self.open),
+                chunks: compact(std::mem::take(&mut self.open), self.open_bytes),
             });
             self.open_bytes = 0;
             self.sealed.push(seg);
@@ -527,6 +559,32 @@ impl<S> StoreWriter<S> {
     }
 }
 
+/// The chunks of a segment being sealed, their bytes moved into one exact allocation when they
+/// are few (see [`COMPACT_BELOW_BYTES`]); each chunk keeps its offset, arrival and sync mark.
+/// One copy per byte, at ingest, once for all listeners.
+fn compact(chunks: Vec<Chunk>, bytes: usize) -> Vec<Chunk> {
+    if bytes >= COMPACT_BELOW_BYTES || chunks.len() < 2 {
+        return chunks;
+    }
+    let mut all = bytes::BytesMut::with_capacity(bytes);
+    for c in &chunks {
+        all.extend_from_slice(&c.data);
+    }
+    let all = all.freeze();
+    let mut at = 0;
+    chunks
+        .into_iter()
+        .map(|c| {
+            let len = c.data.len();
+            at += len;
+            Chunk {
+                data: all.slice(at - len..at),
+                ..c
+            }
+        })
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -574,6 +632,32 @@ mod tests {
                 .map(|i| ((from + i) % 251) as u8)
                 .collect::<Vec<_>>(),
         )
+    }
+
+    #[test]
+    fn small_pieces_are_compacted_into_one_allocation_when_sealed() {
+        let mut w = writer(1 << 20);
+        let start = Instant::now();
+        // Each piece from an allocation of its own, as reads into separate buffers would be.
+        for i in 0..SEGMENT_MAX_CHUNKS as u64 {
+            w.append(pattern(100, i * 100), start);
+        }
+        let snap = w.store().load();
+        let seg = &snap.sealed[0];
+        assert_eq!(seg.chunks.len(), SEGMENT_MAX_CHUNKS);
+        for pair in seg.chunks.windows(2) {
+            let end = pair[0].data.as_ptr() as usize + pair[0].data.len();
+            assert_eq!(
+                end,
+                pair[1].data.as_ptr() as usize,
+                "one allocation, in order"
+            );
+            assert_eq!(pair[0].offset + 100, pair[1].offset);
+        }
+        assert_eq!(
+            collect(&snap, 0),
+            pattern(SEGMENT_MAX_CHUNKS * 100, 0).to_vec()
+        );
     }
 
     #[test]
@@ -645,6 +729,22 @@ mod tests {
         assert_eq!(snap.position(0), Position::Evicted);
         assert_eq!(snap.position(snap.end), Position::AtEdge);
         assert_eq!(snap.position(snap.end - 1), Position::Behind);
+    }
+
+    #[test]
+    fn the_rest_of_a_frame_runs_to_the_next_sync_point() {
+        let mut w = writer(1 << 20);
+        let t = Instant::now();
+        w.w.append(Bytes::from_static(b"aaaa"), t, 1 << 20, true);
+        w.w.append(Bytes::from_static(b"bb"), t, 1 << 20, false);
+        w.w.append(Bytes::from_static(b"cccc"), t, 1 << 20, true);
+        let snap = w.store().load_full();
+        assert_eq!(snap.rest_of_frame(0, 100), b"");
+        assert_eq!(snap.rest_of_frame(1, 100), b"aaabb");
+        assert_eq!(snap.rest_of_frame(4, 100), b"bb");
+        assert_eq!(snap.rest_of_frame(1, 4), b"aaab");
+        assert_eq!(snap.rest_of_frame(7, 100), b"ccc");
+        assert_eq!(snap.rest_of_frame(10, 100), b"");
     }
 
     #[test]

@@ -1,6 +1,7 @@
 //! A worker thread: its own current-thread tokio runtime, pinned to one core, serving a shard of the
 //! connections. It takes sockets from the acceptor, reads each request head and routes it: a
-//! status page is answered here ([`crate::status`]); a listener is admitted ([`crate::admission`])
+//! status page is answered here ([`crate::status`]), and so is the admin API under `/admin/`
+//! ([`crate::admin_api`]); a listener is admitted ([`crate::admission`])
 //! into this worker's fan-out ([`crate::fanout`]); a source is checked ([`crate::source`]) and
 //! handed to the ingest thread.
 
@@ -19,7 +20,10 @@ use tokio::runtime::Runtime;
 use tokio::sync::mpsc::{self, UnboundedSender};
 use tokio::task::LocalSet;
 
-use crate::conn::{close_unanswered, refuse, Accepted, ConnGuard, Incoming, ToIngest, WorkerCtx};
+use crate::conn::{
+    close_unanswered, log_response, refuse, Accepted, ConnGuard, Control, Incoming, ToIngest,
+    WorkerCtx,
+};
 use crate::fanout::FanOut;
 use crate::heads::Pending;
 use crate::http::{self, Method, ReadHeadError};
@@ -35,6 +39,8 @@ pub(crate) fn run(
     index: usize,
     conns: Receiver<Accepted>,
     to_ingest: UnboundedSender<ToIngest>,
+    control: Arc<[UnboundedSender<Control>]>,
+    control_rx: mpsc::UnboundedReceiver<Control>,
 ) {
     let local = LocalSet::new();
     local.block_on(&rt, async move {
@@ -45,9 +51,10 @@ pub(crate) fn run(
             label: index.to_string(),
             admit: admit_tx,
             to_ingest,
+            control,
         });
         let intake = tokio::task::spawn_local(intake(ctx.clone(), conns));
-        FanOut::new(ctx.clone(), admit_rx).run().await;
+        FanOut::new(ctx.clone(), admit_rx, control_rx).run().await;
         intake.abort();
         tracing::debug!(worker = index, "worker stopped");
     });
@@ -179,13 +186,22 @@ async fn route(
     match incoming.req.method {
         Method::Get if crate::metadata::is_metadata_path(&incoming.req.path) => {
             let answer = crate::metadata::update(shared, &ctx.to_ingest, &incoming.req, peer);
-            match answer {
-                Ok(resp) => http::write_and_close(incoming.stream, &resp).await,
-                Err(no) => incoming.refuse(shared, no).await,
-            }
+            answer_short(shared, incoming, answer).await
+        }
+        Method::Get if crate::admin_api::is_admin_api_path(&incoming.req.path) => {
+            let to = crate::admin_api::Links {
+                to_ingest: &ctx.to_ingest,
+                control: &ctx.control,
+            };
+            let port = crate::admin_api::Port::Public;
+            let answer = crate::admin_api::answer(shared, to, &incoming.req, peer, port).await;
+            answer_short(shared, incoming, answer).await
         }
         Method::Get | Method::Head if crate::status::is_status_path(&incoming.req.path) => {
             crate::status::serve(shared, incoming).await
+        }
+        Method::Get | Method::Head if crate::playlists::is_playlist(shared, &incoming.req.path) => {
+            crate::playlists::serve(shared, incoming).await
         }
         Method::Get | Method::Head => crate::admission::admit(&ctx, incoming).await,
         Method::Source | Method::Put => crate::source::handshake(&ctx, incoming).await,
@@ -194,5 +210,16 @@ async fn route(
             let no = Refusal::MethodNotAllowed(ALLOWED_METHODS);
             incoming.refuse(shared, no).await
         }
+    }
+}
+
+/// Sends a short answer (or refusal) and closes, with its access log line.
+async fn answer_short(shared: &Shared, incoming: Incoming, answer: Result<Vec<u8>, Refusal>) {
+    match answer {
+        Ok(resp) => {
+            log_response(shared, &incoming.req, incoming.peer, &resp);
+            http::write_and_close(incoming.stream, &resp).await
+        }
+        Err(no) => incoming.refuse(shared, no).await,
     }
 }

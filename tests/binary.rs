@@ -13,6 +13,8 @@ use common::*;
 fn fanstream() -> Command {
     let mut c = Command::new(env!("CARGO_BIN_EXE_fanstream"));
     c.env_remove("FANSTREAM_SOURCE_PASSWORD")
+        .env_remove("CREDENTIALS_DIRECTORY")
+        .env_remove("NOTIFY_SOCKET")
         .env("FANSTREAM_LOG", "info")
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
@@ -68,6 +70,7 @@ fn help_documents_every_common_setting() {
         "FANSTREAM_ADMIN_PASSWORD",
         "--no-demo",
         "--no-pin",
+        "--check-config",
     ] {
         assert!(
             help.contains(flag),
@@ -235,6 +238,8 @@ fn start_with_config(
         None => Command::new(bin),
     };
     cmd.env_remove("FANSTREAM_SOURCE_PASSWORD")
+        .env_remove("CREDENTIALS_DIRECTORY")
+        .env_remove("NOTIFY_SOCKET")
         .env("FANSTREAM_LOG", "info")
         .stdin(Stdio::null())
         .stdout(Stdio::null())
@@ -403,5 +408,183 @@ fn a_refusal_is_logged_once_with_the_peer_and_the_reason() {
         about_first[0].contains("method_not_allowed") && about_first[0].contains("405"),
         "{}",
         about_first[0]
+    );
+}
+
+#[test]
+fn under_systemd_it_notifies_ready_once_listening_then_reloading_and_stopping() {
+    use std::os::unix::net::UnixDatagram;
+    let dir = common::process::scratch_dir("sd_notify");
+    let socket_path = dir.join("notify");
+    let socket = UnixDatagram::bind(&socket_path).unwrap();
+    socket.set_read_timeout(Some(DEADLINE)).unwrap();
+    let next = || {
+        let mut buf = [0u8; 1024];
+        let n = socket
+            .recv(&mut buf)
+            .expect("a notification before the deadline");
+        String::from_utf8(buf[..n].to_vec()).unwrap()
+    };
+    let config = dir.join("fanstream.toml");
+    std::fs::write(&config, "demo = false\nsource_password = \"x\"\n").unwrap();
+    let mut cmd = fanstream();
+    cmd.args([
+        "--listen",
+        "127.0.0.1:0",
+        "--admin-listen",
+        "127.0.0.1:0",
+        "--no-pin",
+        "--config",
+    ])
+    .arg(&config)
+    .env("NOTIFY_SOCKET", &socket_path);
+    let mut child = ChildGuard::spawn("fanstream", &mut cmd);
+    let stderr = ChildGuard::lines(child.child.as_mut().unwrap().stderr.take().unwrap());
+
+    // READY=1 is the first word, and both ports answer as soon as it arrives.
+    let ready = next();
+    let status = ready
+        .strip_prefix("READY=1\nSTATUS=listening on ")
+        .unwrap_or_else(|| panic!("not READY=1 with the addresses: {ready:?}"));
+    let (listen, admin) = status.split_once(", admin on ").unwrap();
+    let listen: SocketAddr = listen.parse().unwrap();
+    let admin: SocketAddr = admin.parse().unwrap();
+    assert_eq!(request(listen, b"GET /nothing HTTP/1.0\r\n\r\n").0, 404);
+    assert_eq!(request(admin, b"GET /metrics HTTP/1.0\r\n\r\n").0, 200);
+
+    // A reload is bracketed by RELOADING=1 and READY=1, whether the file is taken or refused.
+    child.signal(libc::SIGHUP);
+    let reloading = next();
+    assert!(
+        reloading.starts_with("RELOADING=1\nMONOTONIC_USEC="),
+        "{reloading:?}"
+    );
+    assert_eq!(next(), "READY=1\nSTATUS=config reloaded");
+    std::fs::write(&config, "workers = 5000\n").unwrap();
+    child.signal(libc::SIGHUP);
+    assert!(next().starts_with("RELOADING=1\n"));
+    let refused = next();
+    assert!(
+        refused.starts_with("READY=1\nSTATUS=config refused") && refused.contains("workers"),
+        "{refused:?}"
+    );
+    assert_eq!(
+        refused.lines().count(),
+        2,
+        "one line of status: {refused:?}"
+    );
+
+    child.signal(libc::SIGTERM);
+    assert!(next().starts_with("STOPPING=1\n"));
+    assert!(child.wait_for(Duration::from_secs(15)).success());
+    drop(stderr);
+}
+
+#[test]
+fn the_source_password_comes_from_a_credential_then_beside_the_config_and_flags_come_first() {
+    let dir = common::process::scratch_dir("password_fallbacks");
+    let config = dir.join("fanstream.toml");
+    std::fs::write(&config, "demo = false\n").unwrap();
+    std::fs::write(dir.join("source_password"), "beside-pw\n").unwrap();
+    let credentials = dir.join("credentials");
+    std::fs::create_dir(&credentials).unwrap();
+    std::fs::write(credentials.join("source_password"), "credential-pw\n").unwrap();
+    let config_arg = ["--config", config.to_str().unwrap()];
+    let admits = |addr, pw: &str| {
+        // 404: authenticated, and no source on the mount; 401: the password is wrong.
+        let query = format!(
+            "GET /admin/metadata?mode=updinfo&mount=/live&song=x HTTP/1.0\r\nAuthorization: Basic {}\r\n\r\n",
+            basic("source", pw)
+        );
+        match request(addr, query.as_bytes()).0 {
+            404 => true,
+            401 => false,
+            other => panic!("title update answered {other}"),
+        }
+    };
+
+    let credential = credentials.to_str().unwrap();
+    let (_child, addr, stdout) = start(&config_arg, &[("CREDENTIALS_DIRECTORY", credential)]);
+    assert!(admits(addr, "credential-pw") && !admits(addr, "beside-pw"));
+    let (_child, addr, _) = start(&config_arg, &[]);
+    assert!(admits(addr, "beside-pw"));
+    assert!(stdout.try_iter().all(|l| !l.contains("generated")));
+
+    // A flag beats the config's password file (which beats both fallbacks).
+    let password_file = dir.join("file-pw");
+    std::fs::write(&password_file, "file-pw\n").unwrap();
+    let toml = format!(
+        "demo = false\nsource_password_file = \"{}\"\n",
+        password_file.display()
+    );
+    std::fs::write(&config, toml).unwrap();
+    let (_child, addr, _) = start(&config_arg, &[]);
+    assert!(admits(addr, "file-pw") && !admits(addr, "beside-pw"));
+    let (_child, addr, _) = start(
+        &[config_arg[0], config_arg[1], "--source-password", "flag-pw"],
+        &[],
+    );
+    assert!(admits(addr, "flag-pw") && !admits(addr, "file-pw"));
+
+    // A fallback that is there but cannot be read stops the start, naming it.
+    std::fs::write(&config, "demo = false\n").unwrap();
+    std::fs::remove_file(dir.join("source_password")).unwrap();
+    std::fs::create_dir(dir.join("source_password")).unwrap();
+    let out = fanstream().args(config_arg).output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains("source password file") && err.contains("source_password"),
+        "{err}"
+    );
+}
+
+#[test]
+fn check_config_says_why_and_binds_nothing() {
+    let dir = common::process::scratch_dir("check_config");
+    let config = dir.join("fanstream.toml");
+    // The address is in use: a check must not care, as the running server holds it.
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = taken.local_addr().unwrap();
+    std::fs::write(
+        &config,
+        format!("listen = \"{addr}\"\nsource_password = \"x\"\n"),
+    )
+    .unwrap();
+    let check = |extra: &[&str]| {
+        let out = fanstream()
+            .arg("--check-config")
+            .arg(&config)
+            .args(extra)
+            .output()
+            .unwrap();
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    let (code, stdout, stderr) = check(&[]);
+    assert_eq!(code, Some(0), "{stderr}");
+    assert!(stdout.contains("is valid"), "{stdout}");
+
+    // The flags are checked over the file, as start-up applies them.
+    let (code, _, stderr) = check(&["--workers", "5000"]);
+    assert_eq!(code, Some(1));
+    assert!(stderr.contains("workers = 5000"), "{stderr}");
+
+    // A file it names must be readable.
+    std::fs::write(&config, "admin_password_file = \"/nonexistent/pw\"\n").unwrap();
+    let (code, _, stderr) = check(&[]);
+    assert_eq!(code, Some(1));
+    assert!(
+        stderr.contains("admin_password_file = /nonexistent/pw"),
+        "{stderr}"
+    );
+    let (code, _, stderr) = check(&["--config", "x.toml"]);
+    assert_eq!(
+        code,
+        Some(2),
+        "--config with --check-config is a usage error: {stderr}"
     );
 }

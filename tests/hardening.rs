@@ -132,7 +132,21 @@ fn sources_over_max_sources_get_503() {
     let _b = Source::connect(srv.addr, "/b");
     let (status, _, body) = request(srv.addr, put("/c", PASSWORD, "").as_bytes());
     assert_eq!(status, 503);
-    assert!(String::from_utf8_lossy(&body).contains("too many sources"));
+    // It names the setting to raise.
+    assert!(
+        String::from_utf8_lossy(&body).contains("too many sources (raise max_sources)"),
+        "{}",
+        String::from_utf8_lossy(&body)
+    );
+}
+
+#[test]
+fn max_sources_defaults_to_a_share_of_the_open_file_limit() {
+    let config = fanstream::Config::default();
+    assert_eq!(config.max_sources, 0, "derived unless set");
+    let open_files = fanstream::open_files::soft_limit().expect("the process's limit") as usize;
+    assert_eq!(config.source_limit(), (open_files / 100).max(100));
+    assert!(config.source_limit() >= 100);
 }
 
 #[test]

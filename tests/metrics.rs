@@ -41,6 +41,7 @@ fn bytes_sent_equal_bytes_received_and_listener_gauges_follow_listeners() {
         "shutdown",
         "send_timeout",
         "panic",
+        "killed",
     ] {
         let series =
             format!("fanstream_listener_disconnects_total{{mount=\"/live\",reason=\"{why}\"}} 0\n");

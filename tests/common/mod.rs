@@ -302,6 +302,9 @@ impl Listener {
             match self.stream.read(&mut buf) {
                 Ok(0) => panic!("stream ended after {} of {n} bytes", self.body.len()),
                 Ok(k) => self.body.extend_from_slice(&buf[..k]),
+                // A read with a timeout returns EINTR when the process was stopped and resumed
+                // (SIGSTOP/SIGCONT, as a loaded machine's job control does), handler or not.
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
                 Err(e) => panic!("read failed after {} of {n} bytes: {e}", self.body.len()),
             }
         }
@@ -314,6 +317,7 @@ impl Listener {
             match self.stream.read(&mut buf) {
                 Ok(0) => return,
                 Ok(k) => self.body.extend_from_slice(&buf[..k]),
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
                 Err(e) => panic!("read failed after {} bytes: {e}", self.body.len()),
             }
         }

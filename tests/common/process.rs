@@ -31,6 +31,9 @@ fn debian_package(program: &str) -> &str {
             "gstreamer1.0-tools gstreamer1.0-plugins-base gstreamer1.0-plugins-good gstreamer1.0-plugins-bad"
         }
         "timeout" => "coreutils",
+        "systemd-analyze" => "systemd",
+        "dpkg-shlibdeps" => "dpkg-dev",
+        "man" => "man-db",
         other => other,
     }
 }

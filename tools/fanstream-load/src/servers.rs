@@ -192,7 +192,8 @@ fn start_fanstream(o: &ServerOpts, dir: &Path, addr: SocketAddr) -> Result<Serve
         "listen = \"{addr}\"\nadmin_listen = \"{admin}\"\nworkers = {}\ndemo = false\n\
          source_password = \"{PASSWORD}\"\nmax_listeners = {}\nmax_sources = {}\n{extra}\n[defaults]\n{defaults}",
         o.workers,
-        o.max_clients,
+        // A run with sources only (`--clients 0`) still needs a valid config.
+        o.max_clients.max(1),
         o.mounts + 1,
     );
     let path = dir.join("fanstream.toml");

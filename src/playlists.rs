@@ -1,0 +1,139 @@
+//! Playlists, as Icecast serves them: `GET /MOUNT.m3u` and `GET /MOUNT.xspf` for every listed
+//! mount (live, not `hidden`), pointing at the stream by the host the client used (its `Host`
+//! header, port included), so a playlist fetched through a proxy or a public name plays from
+//! there. A mount whose own path ends in `.m3u` or `.xspf` is the stream, not a playlist.
+
+use std::net::SocketAddr;
+
+use crate::conn::{log_response, Incoming};
+use crate::http::{self, Method};
+use crate::shared::Shared;
+use crate::store::SourceState;
+
+/// The two formats, by the extension that asks for them.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Kind {
+    M3u,
+    Xspf,
+}
+
+/// The mount a playlist request names, and the format, if `path` is one for a listed mount.
+fn wanted(shared: &Shared, path: &str) -> Option<(String, Kind)> {
+    let (mount, kind) = match (path.strip_suffix(".m3u"), path.strip_suffix(".xspf")) {
+        (Some(m), _) => (m, Kind::M3u),
+        (_, Some(m)) => (m, Kind::Xspf),
+        _ => return None,
+    };
+    let live = |p: &str| {
+        shared
+            .mounts
+            .get(p)
+            .map(|m| m.store.load_full())
+            .filter(|snap| snap.state == SourceState::Live)
+    };
+    if live(path).is_some() {
+        return None;
+    }
+    let snap = live(mount)?;
+    (!snap.settings.hidden).then(|| (mount.to_string(), kind))
+}
+
+/// Whether the router should answer `path` with a playlist.
+pub(crate) fn is_playlist(shared: &Shared, path: &str) -> bool {
+    wanted(shared, path).is_some()
+}
+
+/// Answers a `GET` or `HEAD` of a playlist and closes.
+pub(crate) async fn serve(shared: &Shared, incoming: Incoming) {
+    let req = &incoming.req;
+    let Some((mount, kind)) = wanted(shared, &req.path) else {
+        // The mount went between routing and now: as for any unknown path.
+        return incoming
+            .refuse(shared, crate::reasons::Refusal::UnknownMount)
+            .await;
+    };
+    let url = format!(
+        "http://{}{mount}",
+        host_and_port(req.header("host"), shared.listen_addr)
+    );
+    let name = shared
+        .mounts
+        .get(&mount)
+        .and_then(|m| m.store.load().info.meta.name.clone());
+    let (content_type, body) = match kind {
+        Kind::M3u => ("audio/x-mpegurl", format!("{url}\n")),
+        Kind::Xspf => ("application/xspf+xml", xspf(&url, name.as_deref())),
+    };
+    let mut resp = format!(
+        "HTTP/1.0 200 OK\r\nServer: fanstream/{}\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\nContent-Disposition: inline; filename=\"{}\"\r\nCache-Control: no-cache, no-store\r\nAccess-Control-Allow-Origin: *\r\nConnection: close\r\n\r\n",
+        env!("CARGO_PKG_VERSION"),
+        body.len(),
+        req.path.rsplit('/').next().unwrap_or("listen.m3u"),
+    )
+    .into_bytes();
+    if req.method != Method::Head {
+        resp.extend_from_slice(body.as_bytes());
+    }
+    log_response(shared, req, incoming.peer, &resp);
+    http::write_and_close(incoming.stream, &resp).await;
+}
+
+fn xspf(url: &str, name: Option<&str>) -> String {
+    let title = name
+        .map(|n| format!("<title>{}</title>", escape(n)))
+        .unwrap_or_default();
+    format!(
+        "<?xml version=\"1.0\" encoding=\"UTF-8\"?>\n<playlist xmlns=\"http://xspf.org/ns/0/\" version=\"1\">{title}<trackList><track><location>{}</location>{title}</track></trackList></playlist>\n",
+        escape(url)
+    )
+}
+
+fn escape(text: &str) -> String {
+    text.replace('&', "&amp;")
+        .replace('<', "&lt;")
+        .replace('>', "&gt;")
+        .replace('"', "&quot;")
+}
+
+/// The host (and port) the client reached us by: its `Host` header when that is a plausible
+/// host name or address with an optional port, else the listen address (`localhost` for a
+/// wildcard one).
+fn host_and_port(header: Option<&str>, listen: SocketAddr) -> String {
+    let plausible = header.map(str::trim).filter(|h| {
+        !h.is_empty()
+            && h.len() <= 261
+            && h.bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"-.[]:".contains(&b))
+    });
+    match plausible {
+        Some(h) => h.to_string(),
+        None if listen.ip().is_unspecified() => format!("localhost:{}", listen.port()),
+        None => listen.to_string(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_url_uses_the_host_the_client_used() {
+        let any: SocketAddr = "0.0.0.0:8000".parse().unwrap();
+        let local: SocketAddr = "127.0.0.1:8000".parse().unwrap();
+        assert_eq!(
+            host_and_port(Some("radio.example:8443"), any),
+            "radio.example:8443"
+        );
+        assert_eq!(host_and_port(Some("radio.example"), any), "radio.example");
+        assert_eq!(host_and_port(Some("[::1]:8000"), any), "[::1]:8000");
+        assert_eq!(host_and_port(Some("evil/\"x"), local), "127.0.0.1:8000");
+        assert_eq!(host_and_port(None, any), "localhost:8000");
+    }
+
+    #[test]
+    fn xspf_is_escaped() {
+        let x = xspf("http://h/m", Some("Rock & <Roll>"));
+        assert!(x.contains("<location>http://h/m</location>"), "{x}");
+        assert!(x.contains("<title>Rock &amp; &lt;Roll&gt;</title>"), "{x}");
+    }
+}

@@ -1,0 +1,103 @@
+//! Retention by need: a mount keeps its burst plus what its furthest-behind listener still needs,
+//! never more than its window, and gives memory back when that listener leaves.
+
+mod common;
+
+use std::thread;
+use std::time::Duration;
+
+use common::*;
+
+const LIVE: &str = "mount=\"/live\"";
+const BURST: u64 = 16 * 1024;
+const MAX_LAG: u64 = 400 * 1024;
+/// Small pieces, a little apart, so that ingest stores most as chunks of their own.
+const PIECE: usize = 500;
+/// Memory is given back a sealed segment at a time: a segment holds 64 chunks or 64 KiB, so with
+/// the few reads that merge pieces anyway, two segments are at most this.
+const SLACK: u64 = 2 * 64 * 1024;
+
+fn retained(srv: &TestServer) -> u64 {
+    srv.metric("fanstream_retained_bytes", &[LIVE]) as u64
+}
+
+/// Sends the pattern `from..to` and waits until ingest has it.
+fn feed(srv: &TestServer, source: &mut Source, from: u64, to: u64) {
+    source.send_pattern(from, to, PIECE, Duration::from_micros(100));
+    srv.wait_metric("fanstream_source_received_bytes_total", &[LIVE], |v| {
+        v == to as f64
+    });
+}
+
+#[test]
+fn a_mount_keeps_what_its_furthest_behind_listener_needs_and_no_more() {
+    let srv = TestServer::start(|c| {
+        c.defaults.burst_bytes = BURST;
+        c.defaults.max_lag_bytes = MAX_LAG;
+        c.defaults.min_write_bytes = 1;
+        c.defaults.max_write_delay_ms = 0;
+        // The slow listener's kernel buffers hold little, so that it falls behind in the store.
+        c.listener_send_buffer_bytes = 4096;
+        declare(c, "/live");
+    });
+    // Not audio: the stream is a verifiable pattern, stored as it comes.
+    let mut source = Source::connect_typed(srv.addr, "/live", "application/octet-stream");
+    // Without listeners a mount keeps its burst: the window would be 400 KiB.
+    feed(&srv, &mut source, 0, 300_000);
+    let idle = retained(&srv);
+    assert!(
+        (BURST..=BURST + SLACK).contains(&idle),
+        "a mount without listeners retains {idle} bytes for a {BURST}-byte burst"
+    );
+
+    // A listener that reads everything, from its burst to past the end of the third phase.
+    let fast = thread::spawn({
+        let addr = srv.addr;
+        move || {
+            let mut l = Listener::connect(addr, "/live");
+            l.read_at_least(700_000);
+            l
+        }
+    });
+    // A listener that stops reading: what it is owed piles up in the store, not in the kernel.
+    let slow = Listener::connect_small_buffer(srv.addr, "/live");
+    wait_until("both listeners", || {
+        srv.server.as_ref().unwrap().listeners() == 2
+    });
+    feed(&srv, &mut source, 300_000, 600_000);
+    let behind = retained(&srv);
+    // The slow one holds at most its kernel buffers (a few KiB each way) of the ~316 KB it is
+    // owed: the rest must still be in the store.
+    assert!(
+        behind >= 250_000,
+        "retained {behind} bytes while a listener is about 300 KB behind"
+    );
+
+    // Far past the lag limit: the store stays within the window whatever the slow one owes.
+    feed(&srv, &mut source, 600_000, 1_100_000);
+    let capped = retained(&srv);
+    assert!(
+        capped <= MAX_LAG + SLACK,
+        "retained {capped} bytes for a {MAX_LAG}-byte window"
+    );
+    // Kept what it needed, while the slow one held memory: every byte, none skipped.
+    let fast = fast.join().expect("the reading listener");
+    let runs = exact_runs(&fast.body);
+    assert_eq!(runs.len(), 1, "the reading listener lost bytes: {runs:?}");
+    assert!(
+        runs[0].0 >= 300_000 - BURST,
+        "joined at {} for a {BURST}-byte burst",
+        runs[0].0
+    );
+
+    // The listeners leave (the server finds out at their next write): memory goes back to the
+    // burst as the next segments are sealed.
+    drop(fast);
+    drop(slow);
+    let mut at = 1_100_000;
+    wait_until("the listeners gone and retention back to the burst", || {
+        feed(&srv, &mut source, at, at + 32 * 1024);
+        at += 32 * 1024;
+        srv.server.as_ref().unwrap().listeners() == 0 && retained(&srv) <= BURST + SLACK
+    });
+}
