@@ -114,6 +114,8 @@ pub(crate) struct Metrics {
     pub relay_failovers: IntCounterVec,
     /// Bytes a relay read from its upstreams' response bodies (ICY blocks included), by mount.
     pub relay_received_bytes: IntCounterVec,
+    /// Mounts relayed from `[master]`'s list now.
+    pub relay_mirrored: prometheus::IntGauge,
 }
 
 fn counter(reg: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
@@ -343,7 +345,15 @@ impl Metrics {
             "Bytes a relay read from its upstreams.",
             &["mount"],
         );
+        let relay_mirrored = prometheus::IntGauge::new(
+            "fanstream_relay_mirrored_mounts",
+            "Mounts relayed from the master's list now.",
+        )
+        .expect("valid metric definition");
+        reg.register(Box::new(relay_mirrored.clone()))
+            .expect("metric names are unique");
         Metrics {
+            relay_mirrored,
             relay_up,
             relay_connects,
             relay_failovers,

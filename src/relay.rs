@@ -202,6 +202,7 @@ async fn mirror(
                 running.insert(mount.clone(), task);
             }
         }
+        shared.metrics.relay_mirrored.set(running.len() as i64);
     }
 }
 

@@ -804,6 +804,7 @@ fn an_edge_mirrors_the_mounts_an_icecast_origin_lists() {
     wait_until("icecast2 to drop /first", || {
         !icecast_streamlist(ice).lines().any(|l| l == "/first")
     });
+    edge.wait_metric("fanstream_relay_mirrored_mounts", &[], |v| v == 1.0);
     wait_until("the edge to drop /first", || {
         !status_mounts(&edge).contains(&"/first".to_string())
     });
@@ -1089,4 +1090,51 @@ fn the_latency_each_hop_adds_is_measured() {
             );
         }
     }
+}
+
+#[test]
+fn an_edge_mirrors_the_mounts_a_fanstream_origin_lists() {
+    let origin = TestServer::start(|c| c.admin_password = Some("adminpw".into()));
+    let one = Source::connect(origin.addr, "/one");
+    let two = Source::connect(origin.addr, "/two");
+    let feeder = Feeder::start(vec![one]);
+    let mut two = Feeder::start(vec![two]);
+    let edge = TestServer::start(|c| {
+        c.startup.master = Some(MasterSettings {
+            url: format!("http://{}", origin.addr),
+            user: Some("admin".into()),
+            password: Some("adminpw".into()),
+            interval_secs: 1,
+            on_demand: false,
+        });
+    });
+    for mount in ["/one", "/two"] {
+        edge.wait_metric(
+            "fanstream_relay_up",
+            &[&format!("mount=\"{mount}\"")],
+            |v| v == 1.0,
+        );
+    }
+    assert_eq!(edge.metric("fanstream_relay_mirrored_mounts", &[]), 2.0);
+    let mut listener = Listener::connect(edge.addr, "/one");
+    listener.read_at_least(4 * PIECE);
+    assert!(locate(&listener.body).is_some(), "the origin's stream");
+
+    // /two's encoder leaves: after the origin's grace period it is no longer listed, and the
+    // edge stops relaying it (its own listeners would wait the edge's grace period).
+    two.stop.store(true, Ordering::SeqCst);
+    if let Some(t) = two.thread.take() {
+        t.join().unwrap();
+    }
+    two.sources.lock().unwrap().clear();
+    edge.wait_metric("fanstream_relay_mirrored_mounts", &[], |v| v == 1.0);
+    wait_until("the edge to drop /two", || {
+        !status_mounts(&edge).contains(&"/two".to_string())
+    });
+    assert_eq!(
+        edge.metric("fanstream_relay_up", &["mount=\"/one\""]),
+        1.0,
+        "the other mount is still relayed"
+    );
+    assert!(feeder.sent() > 0);
 }
