@@ -24,6 +24,14 @@ pub(crate) async fn admit(ctx: &Rc<WorkerCtx>, incoming: Incoming) {
     let fd = incoming.stream.socket().as_raw_fd();
     let (mount, snap, guard, joining) = match check(ctx, &incoming.req, incoming.peer, fd) {
         Ok(admitted) => admitted,
+        Err(Refusal::UnknownMount | Refusal::MountIdle)
+            if ctx.shared.on_demand.ask(&incoming.req.path) =>
+        {
+            match on_demand(ctx, &incoming.req, incoming.peer, fd).await {
+                Ok(admitted) => admitted,
+                Err(no) => return incoming.refuse(&ctx.shared, no).await,
+            }
+        }
         Err(no) => return incoming.refuse(&ctx.shared, no).await,
     };
     let Incoming {
@@ -100,6 +108,29 @@ pub(crate) async fn admit(ctx: &Rc<WorkerCtx>, incoming: Incoming) {
         conn,
         joining,
     });
+}
+
+/// The mount of an on-demand relay that was just asked to pull: waits for it to go live, for
+/// at most `source_timeout_secs` (a relay gives up an upstream that says nothing for that long).
+/// Looked at every few milliseconds: a listener waits here only while its relay connects.
+async fn on_demand(
+    ctx: &WorkerCtx,
+    req: &Request,
+    peer: SocketAddr,
+    fd: RawFd,
+) -> Result<(Arc<Mount>, Arc<Snapshot>, ListenerGuard, Joining), Refusal> {
+    let deadline = std::time::Instant::now()
+        + std::time::Duration::from_secs(ctx.shared.config.load().source_timeout_secs);
+    loop {
+        match check(ctx, req, peer, fd) {
+            Err(Refusal::UnknownMount | Refusal::MountIdle)
+                if std::time::Instant::now() < deadline =>
+            {
+                tokio::time::sleep(std::time::Duration::from_millis(20)).await
+            }
+            done => return done,
+        }
+    }
 }
 
 /// ICY blocks go to a player that asks for them (`Icy-MetaData: 1`), in a stream whose format

@@ -211,6 +211,81 @@ pub struct Startup {
     pub tls_cert: Option<PathBuf>,
     /// The certificate's private key, PEM (PKCS#8, PKCS#1 or SEC1). Required with `tls_listen`.
     pub tls_key: Option<PathBuf>,
+    /// Mounts fed by pulling from another server (`[[relays]]`), started with the server.
+    /// Default none.
+    pub relays: Vec<RelaySettings>,
+    /// Mirror every mount of an origin (`[master]`). Default none.
+    pub master: Option<MasterSettings>,
+}
+
+/// `[master]`: keep one relay per mount an origin lists in its `/admin/streamlist.txt` (one
+/// mount path a line, as Icecast serves it to its relay user and its admin), adding and
+/// removing relays as the origin's mounts come and go. A `[[relays]]` entry for the same mount
+/// wins over the mirrored one.
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct MasterSettings {
+    /// The origin's base URL, `http://host:port`: the list is at `/admin/streamlist.txt` under
+    /// it, each mount at its path under it.
+    pub url: String,
+    /// User for the origin's Basic authentication. Default `relay` when `password` is set.
+    #[serde(default)]
+    pub user: Option<String>,
+    /// Password for the origin's Basic authentication (its `relay_password`, or the admin's).
+    /// Default none.
+    #[serde(default)]
+    pub password: Option<String>,
+    /// How often the list is read again. Default 120, as Icecast's `<master-update-interval>`.
+    #[serde(default = "default_master_interval_secs")]
+    pub interval_secs: u64,
+    /// Mirrored relays pull only while they have listeners (as `on_demand` of `[[relays]]`).
+    /// Default true, as Icecast's `<relays-on-demand>` is usually set for a mirror: an edge
+    /// costs its origin nothing for mounts nobody listens to there.
+    #[serde(default = "default_true")]
+    pub on_demand: bool,
+}
+
+fn default_true() -> bool {
+    true
+}
+
+fn default_master_interval_secs() -> u64 {
+    120
+}
+
+/// One `[[relays]]` entry: a mount fed by pulling a stream from an upstream server (fanstream or
+/// Icecast) instead of by an encoder.
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct RelaySettings {
+    /// The local mount it feeds.
+    pub mount: String,
+    /// `http://` URLs of the stream, tried in this order. At least one.
+    pub upstreams: Vec<String>,
+    /// User for the upstream's Basic authentication. Default `relay` when `password` is set.
+    #[serde(default)]
+    pub user: Option<String>,
+    /// Password for the upstream's Basic authentication. Default none: no credentials (or
+    /// those written in the URL).
+    #[serde(default)]
+    pub password: Option<String>,
+    /// Pull only while the mount has listeners: the first listener's request wakes the relay
+    /// (and waits, up to `source_timeout_secs`, for the mount to go live); the relay lets the
+    /// upstream go within a second of its last listener leaving (and no listener asking for
+    /// `source_timeout_secs`). Default false.
+    #[serde(default)]
+    pub on_demand: bool,
+    /// While on a later upstream, go back to the first as soon as it answers again. Default
+    /// false.
+    #[serde(default)]
+    pub prefer_first: bool,
+    /// With `prefer_first`, how often the first upstream is tried again. Default 30.
+    #[serde(default = "default_relay_retry_secs")]
+    pub retry_secs: u64,
+}
+
+fn default_relay_retry_secs() -> u64 {
+    30
 }
 
 impl Default for Startup {
@@ -229,6 +304,8 @@ impl Default for Startup {
             tls_listen: None,
             tls_cert: None,
             tls_key: None,
+            relays: Vec::new(),
+            master: None,
         }
     }
 }
@@ -725,10 +802,82 @@ impl Config {
         }
         check_mount_path("demo_mount", &self.startup.demo_mount)?;
         check_mount_path("shoutcast_mount", &self.shoutcast_mount)?;
+        self.check_relays()?;
         check_mount("defaults", &self.defaults, self)?;
         for (path, m) in &self.mounts {
             check_mount_path(&format!("mounts.\"{path}\""), path)?;
             check_mount(&format!("mounts.\"{path}\""), m, self)?;
+        }
+        Ok(())
+    }
+}
+
+impl Config {
+    fn check_relays(&self) -> Result<(), String> {
+        let mut mounts = std::collections::HashSet::new();
+        for (i, r) in self.startup.relays.iter().enumerate() {
+            let what = format!("relays[{i}]");
+            check_mount_path(&format!("{what}.mount"), &r.mount)?;
+            if !mounts.insert(r.mount.as_str()) {
+                return Err(format!(
+                    "{what}.mount = {:?}: another relay feeds it",
+                    r.mount
+                ));
+            }
+            if self.startup.demo && r.mount == self.startup.demo_mount {
+                return Err(format!(
+                    "{what}.mount = {:?}: the demo plays there",
+                    r.mount
+                ));
+            }
+            if r.upstreams.is_empty() {
+                return Err(format!("{what}.upstreams: at least one URL"));
+            }
+            for (j, url) in r.upstreams.iter().enumerate() {
+                crate::http_client::HttpUrl::parse(url)
+                    .map_err(|e| format!("{what}.upstreams[{j}] = {url:?}: {e}"))?;
+            }
+            if r.user
+                .as_deref()
+                .is_some_and(|u| u.is_empty() || u.contains(':'))
+            {
+                return Err(format!("{what}.user must be non-empty and contain no ':'"));
+            }
+            if r.user.is_some() && r.password.is_none() {
+                return Err(format!("{what}.user is set without a password"));
+            }
+            if r.retry_secs == 0 {
+                return Err(format!("{what}.retry_secs must be at least 1"));
+            }
+        }
+        if let Some(m) = &self.startup.master {
+            let url = crate::http_client::HttpUrl::parse(&m.url)
+                .map_err(|e| format!("master.url = {:?}: {e}", m.url))?;
+            if url.target != "/" || url.user_info.is_some() {
+                return Err(format!(
+                    "master.url = {:?}: a base URL, http://host:port, without a path or credentials (they go in master.user and master.password)",
+                    m.url
+                ));
+            }
+            if m.user
+                .as_deref()
+                .is_some_and(|u| u.is_empty() || u.contains(':'))
+            {
+                return Err("master.user must be non-empty and contain no ':'".into());
+            }
+            if m.user.is_some() && m.password.is_none() {
+                return Err("master.user is set without a password".into());
+            }
+            if m.interval_secs == 0 {
+                return Err("master.interval_secs must be at least 1".into());
+            }
+        }
+        if self.startup.relays.len() > self.source_limit() {
+            return Err(format!(
+                "{} relays but at most {} sources (max_sources): each relay is a source",
+                self.startup.relays.len(),
+                self.source_limit()
+            ));
         }
         Ok(())
     }
@@ -1075,5 +1224,78 @@ mod tests {
         let (installed, changed) = running.reloaded(new);
         assert!(changed.is_empty(), "{changed:?}");
         assert_eq!(installed.source_password.as_deref(), Some("new"));
+    }
+
+    #[test]
+    fn relays_are_read_from_the_file_and_bad_ones_are_named() {
+        let c = Config::from_toml(
+            "[[relays]]\nmount = \"/live\"\nupstreams = [\"http://a:8000/live\", \"http://b/live\"]\npassword = \"pw\"\nprefer_first = true\n",
+        )
+        .unwrap();
+        c.validate().unwrap();
+        let r = &c.startup.relays[0];
+        assert_eq!(r.upstreams.len(), 2);
+        assert!(r.prefer_first && !r.on_demand);
+        assert_eq!((r.user.as_deref(), r.retry_secs), (None, 30));
+        for (toml, why) in [
+            (
+                "mount = \"live\"\nupstreams = [\"http://a/x\"]",
+                "relays[0].mount",
+            ),
+            ("mount = \"/l\"\nupstreams = []", "at least one URL"),
+            (
+                "mount = \"/l\"\nupstreams = [\"https://a/x\"]",
+                "https upstreams",
+            ),
+            (
+                "mount = \"/l\"\nupstreams = [\"http://a:x/x\"]",
+                "upstreams[0]",
+            ),
+            (
+                "mount = \"/l\"\nupstreams = [\"http://a/x\"]\nuser = \"u\"",
+                "without a password",
+            ),
+            (
+                "mount = \"/l\"\nupstreams = [\"http://a/x\"]\nretry_secs = 0",
+                "retry_secs",
+            ),
+        ] {
+            let e = Config::from_toml(&format!("[[relays]]\n{toml}"))
+                .and_then(|c| c.validate())
+                .unwrap_err();
+            assert!(e.contains(why), "{toml}: {e}");
+        }
+        let e = Config::from_toml(
+            "[[relays]]\nmount = \"/l\"\nupstreams = [\"http://a/x\"]\nmirror = 1",
+        )
+        .unwrap_err();
+        assert!(e.contains("mirror"), "{e}");
+        let twice = "[[relays]]\nmount = \"/l\"\nupstreams = [\"http://a/x\"]\n";
+        let e = Config::from_toml(&twice.repeat(2))
+            .unwrap()
+            .validate()
+            .unwrap_err();
+        assert!(e.contains("another relay"), "{e}");
+    }
+
+    #[test]
+    fn a_master_is_read_from_the_file_and_bad_ones_are_named() {
+        let c = Config::from_toml("[master]\nurl = \"http://origin:8000\"\npassword = \"pw\"\n")
+            .unwrap();
+        c.validate().unwrap();
+        let m = c.startup.master.as_ref().unwrap();
+        assert_eq!((m.interval_secs, m.on_demand), (120, true));
+        for (toml, why) in [
+            ("url = \"https://o\"", "https"),
+            ("url = \"http://o/live\"", "base URL"),
+            ("url = \"http://u:p@o\"", "base URL"),
+            ("url = \"http://o\"\ninterval_secs = 0", "interval_secs"),
+            ("url = \"http://o\"\nuser = \"u\"", "without a password"),
+        ] {
+            let e = Config::from_toml(&format!("[master]\n{toml}"))
+                .and_then(|c| c.validate())
+                .unwrap_err();
+            assert!(e.contains(why), "{toml}: {e}");
+        }
     }
 }

@@ -4,7 +4,7 @@
 //! - acceptor → worker: [`Accepted`], a socket with its [`ConnGuard`].
 //! - the worker's router → a stage on the same worker: [`Incoming`], a request with its socket,
 //!   served in the [`WorkerCtx`] every task of that worker shares.
-//! - worker (source handshake) or the demo → ingest: [`SourceConn`], a source for a mount, and
+//! - worker (source handshake), the demo or a relay → ingest: [`SourceConn`], a source for a mount, and
 //!   worker or admin → ingest: [`TitleUpdate`], both as [`ToIngest`].
 //! - admission → the worker's fan-out: [`NewListener`], with its [`ListenerGuard`].
 //! - the admin API (on any worker or the admin thread) → the worker holding a listener:
@@ -398,8 +398,9 @@ pub(crate) struct SourceConn {
     /// Its access log line, but for the status and the bytes (none for the demo).
     pub log: Option<Record>,
     /// Told the claim's outcome, for a sender that must know it before going on (the server
-    /// starting the demo: the mount is live before start-up ends).
-    pub claimed: Option<std::sync::mpsc::SyncSender<Result<(), Refusal>>>,
+    /// starting the demo: the mount is live before start-up ends; a relay, which sends titles
+    /// only to a mount it holds). A oneshot, so that a blocking thread and a task can both wait.
+    pub claimed: Option<tokio::sync::oneshot::Sender<Result<(), Refusal>>>,
 }
 
 /// Where a source's bytes come from.

@@ -411,6 +411,16 @@ pub(crate) fn secrets_equal(a: &str, b: &str) -> bool {
     diff == 0
 }
 
+/// Header values are echoed to every listener: keep printable text only, and not too much of it.
+pub(crate) fn clean_header_value(v: &str) -> String {
+    v.chars()
+        .filter(|c| !c.is_control())
+        .take(256)
+        .collect::<String>()
+        .trim()
+        .to_string()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

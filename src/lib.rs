@@ -5,7 +5,7 @@
 //!
 //! ```text
 //!  encoder ──PUT/SOURCE──▶ acceptor ──▶ worker: router ──▶ source ──▶ ingest ──▶ store (ArcSwap<Snapshot>)
-//!  demo ─────────────────────────────────────────────────────────────▲    │ wakes its mount's workers
+//!  demo, relay ──────────────────────────────────────────────────────▲    │ wakes its mount's workers
 //!  player  ◀──long GET──── fanout on each worker ◀── admission ◀── router ◀┘
 //! ```
 //!
@@ -22,7 +22,8 @@
 //!   [`chunked`] bodies), appends each piece as shared `Bytes` to its mount's [`store`], publishes
 //!   an immutable snapshot (stream and the mount's settings) through one `ArcSwap`, and wakes
 //!   once each worker with listeners of that mount, telling it which mount published. The
-//!   [`demo`] is a source like any other, on its own thread.
+//!   [`demo`] is a source like any other, on its own thread; so is a [`relay`], which pulls a
+//!   mount from another server (on the `fs-relays` thread).
 //! - [`admission`](admission) answers a listener with the stream's head and hands it to its
 //!   worker's [`fanout`](fanout) loop, which writes the listeners of the mounts that published,
 //!   and those whose coalesced write fell due, from the snapshot with vectored writes, applying
@@ -48,7 +49,8 @@
 //! 1. **Wire and data** (std and crates only): [`http`] (request heads, short responses),
 //!    [`chunked`], the stream formats ([`format`], what every parser yields; [`mpeg`] frames;
 //!    [`ogg`] pages; [`framing`], which picks one by Content-Type), [`icy`] (metadata blocks
-//!    between the audio), [`tls`] (the certificate, and a TLS connection the fan-out can write
+//!    between the audio), [`http_client`] (the URL, request and response head a relay pulls
+//!    with), [`tls`] (the certificate, and a TLS connection the fan-out can write
 //!    like a socket), [`store`] (the segment store and its snapshot, generic over the settings it
 //!    carries), [`threads`] (named, pinned, CPU-accounted threads), [`open_files`], [`sd_notify`]
 //!    (telling systemd the server is ready, reloading or stopping), [`dates`] (the date formats
@@ -66,8 +68,9 @@
 //! 3. **Stages**: [`acceptor`], [`status`], [`page`] (the HTML page at `/`, from the status
 //!    document), [`playlists`] (`.m3u`, `.xspf`), [`metadata`] (title updates), [`admission`],
 //!    [`fanout`], [`source`], [`shoutcast`] (SHOUTcast v1 sources), [`ingest`], [`demo`],
-//!    [`admin_api`] (Icecast's admin commands, on both ports), [`admin`], and [`worker`] (the
-//!    router, which calls admission, source, metadata, the admin API, playlists and status).
+//!    [`relay`] (mounts pulled from another server), [`admin_api`] (Icecast's admin commands,
+//!    on both ports), [`admin`], and [`worker`] (the router, which calls admission, source,
+//!    metadata, the admin API, playlists and status).
 //! 4. **Wiring**: [`server`].
 //! 5. **Entry**: `main.rs`.
 //!
@@ -80,6 +83,7 @@ pub(crate) mod dates;
 pub(crate) mod format;
 pub(crate) mod framing;
 pub(crate) mod http;
+pub(crate) mod http_client;
 pub(crate) mod icy;
 pub(crate) mod mpeg;
 pub(crate) mod ogg;
@@ -114,6 +118,7 @@ pub(crate) mod ingest;
 pub(crate) mod metadata;
 pub(crate) mod page;
 pub(crate) mod playlists;
+pub(crate) mod relay;
 pub(crate) mod shoutcast;
 pub(crate) mod source;
 pub(crate) mod status;

@@ -4,7 +4,8 @@
 //! Start order (each stage runs before anything that feeds it):
 //! 1. **ingest**, which takes sources from one channel;
 //! 2. **the demo**, a source like any other; `start` waits until ingest has claimed its mount, so
-//!    `/demo` plays as soon as the server says it started;
+//!    `/demo` plays as soon as the server says it started; then **the relays**, sources too,
+//!    which connect to their upstreams on their own thread;
 //! 3. **workers**, which hand sources to ingest and take sockets from the acceptor;
 //! 4. **the acceptor**, which starts accepting;
 //! 5. **the admin listener**, and the SHOUTcast source port when there is one.
@@ -13,8 +14,8 @@
 //! start-up error, not a thread dying later.
 //!
 //! Stop order: every thread watches one `Stop` channel. The acceptor stops accepting at once;
-//! ingest stops reading, closes its sources and says so (`Shared::ingest_stopped`), and the demo
-//! stops playing; workers, on `Drain`, wait for ingest to stop, then give listeners
+//! ingest stops reading, closes its sources and says so (`Shared::ingest_stopped`), the demo
+//! stops playing and the relays close their upstream connections; workers, on `Drain`, wait for ingest to stop, then give listeners
 //! `shutdown_grace_secs` in all to receive what it published, then close them. `join` then
 //! waits for every thread.
 
@@ -145,6 +146,7 @@ impl Server {
             listen_addr,
             tls,
             access_log,
+            on_demand: Default::default(),
         });
 
         // The channels between stages.
@@ -171,11 +173,11 @@ impl Server {
 
         if let Some(path) = demo {
             let (mut source, player) = crate::demo::source(&path);
-            let (claimed_tx, claimed_rx) = std::sync::mpsc::sync_channel(1);
+            let (claimed_tx, claimed_rx) = tokio::sync::oneshot::channel();
             source.claimed = Some(claimed_tx);
             // Ingest holds the receiver until it stops: this send succeeds.
             let _ = to_ingest.send(crate::conn::ToIngest::Source(Box::new(source)));
-            match claimed_rx.recv() {
+            match claimed_rx.blocking_recv() {
                 Ok(Ok(())) => {
                     let stop = shared.stop.clone();
                     spawn_stage(&mut handles, &registry, "fs-demo", None, move |rt| {
@@ -188,6 +190,17 @@ impl Server {
                 }
                 Err(_) => return Err(io::Error::other("the ingest thread failed to start")),
             }
+        }
+
+        let (relays, master) = {
+            let config = shared.config.load();
+            (config.startup.relays.clone(), config.startup.master.clone())
+        };
+        if !relays.is_empty() || master.is_some() {
+            let (s, to_ingest, stop) = (shared.clone(), to_ingest.clone(), shared.stop.clone());
+            spawn_stage(&mut handles, &registry, "fs-relays", None, move |rt| {
+                crate::relay::run(rt, s, to_ingest, relays, master, stop)
+            })?;
         }
 
         let intakes = worker_intakes.into_iter().zip(control_rxs);

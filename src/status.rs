@@ -95,6 +95,8 @@ pub(crate) struct MountStatus {
     pub(crate) stream_start_iso8601: Option<String>,
     /// Payload bytes received from sources since the mount appeared.
     pub(crate) received_bytes: u64,
+    /// The upstream a relay pulls the mount from now (its URL without credentials).
+    pub(crate) relay_upstream: Option<String>,
     /// Payload bytes sent to listeners since the mount appeared.
     pub(crate) sent_bytes: u64,
     pub(crate) retained_bytes: u64,
@@ -135,6 +137,7 @@ pub(crate) fn own(shared: &Shared, host: &str) -> Status {
                 metadata_updated: snap.now_playing.updated.map(|t| Date::of(t).iso8601()),
                 stream_start_iso8601: meta.started.map(|t| Date::of(t).iso8601()),
                 received_bytes: m.received_bytes.load(Ordering::Relaxed),
+                relay_upstream: meta.relayed_from.clone(),
                 sent_bytes: m.sent_bytes.load(Ordering::Relaxed),
                 retained_bytes: snap.retained_bytes(),
                 mount: m.path.clone(),

@@ -47,19 +47,25 @@ impl TestServer {
     /// Starts a server with test defaults (2 unpinned workers, no demo, a known password), then
     /// lets `adjust` change the config.
     pub fn start(adjust: impl FnOnce(&mut Config)) -> TestServer {
-        TestServer::start_on(adjust, false)
+        TestServer::start_on("127.0.0.1:0".parse().unwrap(), adjust, false)
     }
 
     /// [`TestServer::start`] with a TLS port on loopback too; `adjust` must set `tls_cert` and
     /// `tls_key`.
     pub fn start_tls(adjust: impl FnOnce(&mut Config)) -> TestServer {
-        TestServer::start_on(adjust, true)
+        TestServer::start_on("127.0.0.1:0".parse().unwrap(), adjust, true)
     }
 
-    fn start_on(adjust: impl FnOnce(&mut Config), tls: bool) -> TestServer {
+    /// Like [`TestServer::start`], listening on `listen` (to bring a stopped server back on its
+    /// address).
+    pub fn start_at(listen: SocketAddr, adjust: impl FnOnce(&mut Config)) -> TestServer {
+        TestServer::start_on(listen, adjust, false)
+    }
+
+    fn start_on(listen: SocketAddr, adjust: impl FnOnce(&mut Config), tls: bool) -> TestServer {
         let mut config = test_config();
         adjust(&mut config);
-        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let listener = TcpListener::bind(listen).unwrap();
         let admin = TcpListener::bind("127.0.0.1:0").unwrap();
         let tls_listener = tls.then(|| TcpListener::bind("127.0.0.1:0").unwrap());
         let server = Server::start_with_tls(config, listener, Some(admin), tls_listener)
