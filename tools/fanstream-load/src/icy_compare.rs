@@ -4,13 +4,14 @@
 //! listener kind within one run, so the two runs are compared: both rows and their ratio.
 
 use crate::compare::{ratio, side_by_side};
-use crate::run::{RunOpts, Summary};
+use crate::run::{RunArgs, RunOpts, Summary};
 
 /// The target: ICY at most this many times plain, in CPU per listener-second.
 const TARGET_RATIO: f64 = 1.2;
 const DEFAULT_TITLE_EVERY_SECS: f64 = 5.0;
 
-pub fn icy_compare(o: &RunOpts) -> Result<(), String> {
+pub fn icy_compare(args: &RunArgs) -> Result<(), String> {
+    let o = &args.opts();
     let title_every = o.title_every_secs.or(Some(DEFAULT_TITLE_EVERY_SECS));
     let variant = |kind, icy_share| RunOpts {
         icy_share,
