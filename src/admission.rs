@@ -13,6 +13,7 @@ use tokio::io::AsyncWriteExt;
 use crate::access_log::Record;
 use crate::clients::{next_id, Client};
 use crate::conn::{Incoming, ListenerGuard, Listening, NewListener, WorkerCtx};
+use crate::fallbacks::live_fallback;
 use crate::framing::carries_own_metadata;
 use crate::http::{valid_mount_path, Method, Request, RESPONSE_TIMEOUT};
 use crate::icy::Cadence;
@@ -114,11 +115,24 @@ fn check(
     if !valid_mount_path(path) {
         return Err(Refusal::BadPath);
     }
-    let mount = ctx.shared.mounts.get(path).ok_or(Refusal::UnknownMount)?;
-    let snap = mount.store.load_full();
-    if snap.state != SourceState::Live {
-        return Err(Refusal::MountIdle);
-    }
+    let config = ctx.shared.config.load();
+    let mounts = &ctx.shared.mounts;
+    // A mount whose source is away sends a newcomer to its fallback at once, as Icecast does.
+    let (mount, snap) = match mounts.get(path) {
+        Some(mount) => {
+            let snap = mount.store.load_full();
+            if snap.state == SourceState::Live {
+                (mount, snap)
+            } else {
+                live_fallback(&config, mounts, path, &snap.settings).ok_or(Refusal::MountIdle)?
+            }
+        }
+        None => config
+            .mounts
+            .get(path)
+            .and_then(|declared| live_fallback(&config, mounts, path, declared))
+            .ok_or(Refusal::UnknownMount)?,
+    };
     let limit = Some(snap.settings.max_listeners);
     let id = next_id();
     let client = Client::new(id, peer, req.header("user-agent"), ctx.index);

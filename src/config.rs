@@ -40,7 +40,10 @@ pub struct MountSettings {
     pub lag_policy: LagPolicy,
     /// How long listeners wait for a source that went away. Default 10.
     pub source_grace_secs: u64,
-    /// Where listeners go when the grace period ends instead of being closed. Default none.
+    /// Where listeners go when the source is away: new listeners at once, those already here
+    /// when the grace period ends. Followed in a chain (A → B → C) to the first mount with a
+    /// source; it need not be declared. A mount's fallback naming the mount itself is ignored,
+    /// so `[defaults]` may name a fallback every mount shares. Default none.
     pub fallback_mount: Option<String>,
     /// A listener is written once this many bytes are pending... Default 65536 (64 KiB).
     pub min_write_bytes: usize,
@@ -57,6 +60,16 @@ pub struct MountSettings {
     /// Leave the mount out of the status pages, `/admin/streamlist.txt` and playlists; it still
     /// plays for whoever knows its path, and the admin API still lists it. Default false.
     pub hidden: bool,
+    /// When the source comes back, the listeners of the fallback it had sent them to (the
+    /// first of the chain with a source) move back here, as Icecast's `fallback-override`:
+    /// every listener of that fallback, as Icecast moves them. Default false.
+    pub fallback_override: bool,
+    /// An MP3 (`.mp3`) or Ogg Vorbis/Opus (`.ogg`, `.oga`, `.opus`) file played in a loop, at
+    /// its own pace, as the last link of the fallback chain: listeners go there when no mount
+    /// of the chain has a source. Read once into memory at start-up (or at the reload that
+    /// names it) and fed by its own thread to a hidden mount under `/fallback-file/`. Default
+    /// none.
+    pub fallback_file: Option<PathBuf>,
 }
 
 impl Default for MountSettings {
@@ -74,6 +87,8 @@ impl Default for MountSettings {
             max_write_delay_ms: 1000,
             icy_metaint: 16000,
             hidden: false,
+            fallback_override: false,
+            fallback_file: None,
         }
     }
 }
@@ -479,12 +494,30 @@ impl Config {
         std::time::Duration::from_secs(secs)
     }
 
-    /// Settings for a mount: its own if declared, else the defaults.
+    /// Settings for a mount: its own if declared, else the defaults. A fallback file's mount
+    /// is hidden and has no fallback of its own: it is the end of a chain.
     pub fn mount(&self, path: &str) -> MountSettings {
+        if path.starts_with(FILE_MOUNT_PREFIX) {
+            return MountSettings {
+                hidden: true,
+                fallback_mount: None,
+                fallback_file: None,
+                fallback_override: false,
+                ..self.defaults.clone()
+            };
+        }
         self.mounts
             .get(path)
             .cloned()
             .unwrap_or_else(|| self.defaults.clone())
+    }
+
+    /// Every `fallback_file` the config names, once each.
+    pub fn fallback_files(&self) -> std::collections::BTreeSet<&Path> {
+        std::iter::once(&self.defaults)
+            .chain(self.mounts.values())
+            .filter_map(|m| m.fallback_file.as_deref())
+            .collect()
     }
 
     /// The mounts an operator expects a source on: those in `[mounts]`, and the demo's.
@@ -567,11 +600,12 @@ impl Config {
         }
         check_mount_path("demo_mount", &self.startup.demo_mount)?;
         check_mount_path("shoutcast_mount", &self.shoutcast_mount)?;
-        check_mount("defaults", &self.defaults, self)?;
+        check_mount("defaults", &self.defaults)?;
         for (path, m) in &self.mounts {
             check_mount_path(&format!("mounts.\"{path}\""), path)?;
-            check_mount(&format!("mounts.\"{path}\""), m, self)?;
+            check_mount(&format!("mounts.\"{path}\""), m)?;
         }
+        check_fallback_loops(self)?;
         Ok(())
     }
 }
@@ -601,7 +635,7 @@ fn check_mount_path(what: &str, path: &str) -> Result<(), String> {
     }
 }
 
-fn check_mount(what: &str, m: &MountSettings, cfg: &Config) -> Result<(), String> {
+fn check_mount(what: &str, m: &MountSettings) -> Result<(), String> {
     if m.max_lag_bytes < 4096 {
         return Err(format!(
             "{what}.max_lag_bytes = {}: at least 4096",
@@ -645,15 +679,96 @@ fn check_mount(what: &str, m: &MountSettings, cfg: &Config) -> Result<(), String
     }
     if let Some(f) = &m.fallback_mount {
         check_mount_path(&format!("{what}.fallback_mount"), f)?;
-        let known =
-            cfg.mounts.contains_key(f) || (cfg.startup.demo && *f == cfg.startup.demo_mount);
-        if !known {
+    }
+    if let Some(file) = &m.fallback_file {
+        if file_format(file).is_none() {
             return Err(format!(
-                "{what}.fallback_mount = {f:?}: not a declared mount (declare it under [mounts] or use the demo mount)"
+                "{what}.fallback_file = {}: not an MP3 (.mp3) or Ogg (.ogg, .oga, .opus) file",
+                file.display()
             ));
         }
     }
     Ok(())
+}
+
+/// Refuses a fallback chain that comes back to a mount it passed: listeners would be sent round
+/// it for ever. A link to the mount itself ends the chain (see `fallback_mount`); a mount not
+/// declared has the defaults' fallback.
+fn check_fallback_loops(cfg: &Config) -> Result<(), String> {
+    for start in cfg.mounts.keys() {
+        let mut chain = vec![start.as_str()];
+        let mut at = start.as_str();
+        while let Some(next) = cfg
+            .mounts
+            .get(at)
+            .unwrap_or(&cfg.defaults)
+            .fallback_mount
+            .as_deref()
+            .filter(|next| *next != at)
+        {
+            if chain.contains(&next) {
+                chain.push(next);
+                return Err(format!(
+                    "mounts.\"{start}\".fallback_mount: the fallback chain loops: {}",
+                    chain.join(" -> ")
+                ));
+            }
+            chain.push(next);
+            at = next;
+        }
+    }
+    Ok(())
+}
+
+/// Where the fallback file `file` plays: a hidden mount named after the file, the same for
+/// every mount that names it.
+pub fn file_mount_path(file: &Path) -> String {
+    // FNV-1a of the whole path: two files of one name in different directories differ.
+    let hash = file
+        .as_os_str()
+        .as_encoded_bytes()
+        .iter()
+        .fold(0xcbf2_9ce4_8422_2325_u64, |h, &b| {
+            (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
+        });
+    let stem: String = file
+        .file_stem()
+        .map(|s| s.to_string_lossy())
+        .unwrap_or_default()
+        .chars()
+        .map(|c| if c.is_ascii_alphanumeric() || c == '-' || c == '_' { c } else { '_' })
+        .take(64)
+        .collect();
+    format!("{FILE_MOUNT_PREFIX}{stem}-{hash:016x}")
+}
+
+/// Where fallback files play (see [`file_mount_path`]).
+pub const FILE_MOUNT_PREFIX: &str = "/fallback-file/";
+
+/// The formats a fallback file may have, by its extension.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum FileFormat {
+    Mp3,
+    Ogg,
+}
+
+impl FileFormat {
+    pub fn content_type(self) -> &'static str {
+        match self {
+            FileFormat::Mp3 => "audio/mpeg",
+            FileFormat::Ogg => "audio/ogg",
+        }
+    }
+}
+
+/// A fallback file's format, from its extension.
+pub fn file_format(file: &Path) -> Option<FileFormat> {
+    let ext = file.extension()?.to_str()?.to_ascii_lowercase();
+    match ext.as_str() {
+        "mp3" => Some(FileFormat::Mp3),
+        "ogg" | "oga" | "opus" => Some(FileFormat::Ogg),
+        _ => None,
+    }
 }
 
 #[cfg(test)]
@@ -766,9 +881,64 @@ mod tests {
         let c = Config::from_toml("[mounts.\"live\"]").unwrap();
         let e = c.validate().unwrap_err();
         assert!(e.contains("mounts.\"live\""), "{e}");
-        let c = Config::from_toml("[mounts.\"/a\"]\nfallback_mount = \"/nowhere\"").unwrap();
+        let c = Config::from_toml("[mounts.\"/a\"]\nfallback_file = \"/x/brb.wav\"").unwrap();
         let e = c.validate().unwrap_err();
-        assert!(e.contains("fallback_mount"), "{e}");
+        assert!(e.contains("mounts.\"/a\".fallback_file"), "{e}");
+    }
+
+    #[test]
+    fn a_fallback_need_not_be_declared_but_a_loop_is_refused() {
+        let c = Config::from_toml("[mounts.\"/a\"]\nfallback_mount = \"/nowhere\"").unwrap();
+        c.validate().unwrap();
+        let c = Config::from_toml(
+            r#"
+            [defaults]
+            fallback_mount = "/backup"
+            [mounts."/backup"]
+            [mounts."/a"]
+            fallback_mount = "/b"
+            "#,
+        )
+        .unwrap();
+        c.validate()
+            .expect("a chain into the defaults' fallback, which names itself there, ends");
+        let c = Config::from_toml(
+            r#"
+            [mounts."/a"]
+            fallback_mount = "/b"
+            [mounts."/b"]
+            fallback_mount = "/c"
+            [mounts."/c"]
+            fallback_mount = "/a"
+            "#,
+        )
+        .unwrap();
+        let e = c.validate().unwrap_err();
+        assert!(e.contains("loops: /a -> /b -> /c -> /a"), "{e}");
+    }
+
+    #[test]
+    fn fallback_files_play_on_hidden_mounts_of_their_own() {
+        let c = Config::from_toml(
+            r#"
+            [defaults]
+            fallback_file = "/srv/brb.mp3"
+            [mounts."/a"]
+            [mounts."/b"]
+            fallback_file = "/other/brb.ogg"
+            "#,
+        )
+        .unwrap();
+        c.validate().unwrap();
+        let files: Vec<_> = c.fallback_files().into_iter().collect();
+        assert_eq!(files, [Path::new("/other/brb.ogg"), Path::new("/srv/brb.mp3")]);
+        let (one, two) = (file_mount_path(files[0]), file_mount_path(files[1]));
+        assert!(one.starts_with("/fallback-file/brb-"), "{one}");
+        assert_ne!(one, two, "two files of one name");
+        assert!(crate::http::valid_mount_path(&one), "{one}");
+        let settings = c.mount(&one);
+        assert!(settings.hidden);
+        assert_eq!((settings.fallback_file, settings.fallback_mount), (None, None));
     }
 
     #[test]

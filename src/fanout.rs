@@ -38,6 +38,7 @@ use tokio::task::JoinHandle;
 
 use crate::config::{LagPolicy, MountSettings};
 use crate::conn::{ConnGuard, Control, ListenerGuard, NewListener, WorkerCtx};
+use crate::fallbacks::live_fallback;
 use crate::http::RESPONSE_TIMEOUT;
 use crate::icy::Cadence;
 use crate::mounts::{Mount, Snapshot};
@@ -837,20 +838,25 @@ impl FanOut {
 
     /// The mount's grace period ended with a fallback: its listeners continue there, from the
     /// fallback's join point, so players resume at once.
+    /// The first of its fallback chain with a source takes them (see [`live_fallback`]).
     fn move_to_fallback(&mut self, id: u64, fallback: &str) {
         let Some(mut shard) = self.remove_shard(id) else {
             return;
         };
-        let target = self.ctx.shared.mounts.get(fallback);
-        let live = target
-            .as_ref()
-            .is_some_and(|m| m.store.load().state == SourceState::Live);
+        let shared = &self.ctx.shared;
+        let settings = shard.mount.store.load().settings.clone();
+        let from = shard.mount.path.as_str();
+        let target = live_fallback(&shared.config.load(), &shared.mounts, from, &settings)
+            .map(|(mount, _)| mount);
         match target {
-            Some(target) if live => {
+            Some(target) => {
                 tracing::info!(from = %shard.mount.path, to = %target.path, listeners = shard.listeners.len(), "moving listeners to the fallback mount");
                 self.move_all(shard, &target);
             }
-            _ => shard.drop_all(Disconnect::SourceGone),
+            None => {
+                tracing::info!(from = %shard.mount.path, %fallback, "no fallback has a source: its listeners are closed");
+                shard.drop_all(Disconnect::SourceGone)
+            }
         }
     }
 

@@ -19,7 +19,8 @@
 //!   [`chunked`] bodies), appends each piece as shared `Bytes` to its mount's [`store`], publishes
 //!   an immutable snapshot (stream and the mount's settings) through one `ArcSwap`, and wakes
 //!   once each worker with listeners of that mount, telling it which mount published. The
-//!   [`demo`] is a source like any other, on its own thread.
+//!   [`demo`] is a source like any other, on its own thread, and so is each fallback file
+//!   ([`file_source`]); [`fallbacks`] finds where a mount's listeners go while it has no source.
 //! - [`admission`](admission) answers a listener with the stream's head and hands it to its
 //!   worker's [`fanout`](fanout) loop, which writes the listeners of the mounts that published,
 //!   and those whose coalesced write fell due, from the snapshot with vectored writes, applying
@@ -50,7 +51,8 @@
 //!    Icecast prints).
 //! 2. **Vocabulary** shared by the stages: [`config`], [`reasons`] (`Refusal`, `Disconnect`: the
 //!    fixed reason labels), [`metrics`], [`usage`], [`clients`] (who listens to each mount),
-//!    [`mounts`] (the mount table), [`auth`], [`logs`] (log lines that summarise a flood per
+//!    [`mounts`] (the mount table), [`fallbacks`] (following a mount's fallback chain to a live
+//!    mount), [`auth`], [`logs`] (log lines that summarise a flood per
 //!    reason), [`access_log`] (one line per finished request, to a writer thread), [`heads`]
 //!    (request heads not read yet: the per-address limit on them, and the idle one closed to
 //!    make room at the limit), [`shared`] (the state every thread shares, `Stop`), [`conn`]
@@ -58,7 +60,8 @@
 //!    refusals).
 //! 3. **Stages**: [`acceptor`], [`status`], [`playlists`] (`.m3u`, `.xspf`), [`metadata`]
 //!    (title updates), [`admission`], [`fanout`], [`source`], [`shoutcast`] (SHOUTcast v1
-//!    sources), [`ingest`], [`demo`], [`admin_api`] (Icecast's admin commands, on both ports),
+//!    sources), [`ingest`], [`demo`], [`file_source`] (a
+//!    `fallback_file` played in a loop), [`admin_api`] (Icecast's admin commands, on both ports),
 //!    [`admin`], and [`worker`] (the router, which calls admission, source, metadata, the admin
 //!    API, playlists and status).
 //! 4. **Wiring**: [`server`].
@@ -86,6 +89,7 @@ pub(crate) mod auth;
 pub(crate) mod clients;
 pub mod config;
 pub(crate) mod conn;
+pub(crate) mod fallbacks;
 pub(crate) mod heads;
 pub(crate) mod logs;
 pub(crate) mod metrics;
@@ -100,6 +104,7 @@ pub(crate) mod admin_api;
 pub(crate) mod admission;
 pub(crate) mod demo;
 pub(crate) mod fanout;
+pub(crate) mod file_source;
 pub(crate) mod ingest;
 pub(crate) mod metadata;
 pub(crate) mod playlists;

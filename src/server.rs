@@ -48,6 +48,8 @@ pub struct Server {
     admin_addr: Option<SocketAddr>,
     shoutcast_addr: Option<SocketAddr>,
     shared: Arc<Shared>,
+    /// The fallback files read at start-up, each playing on its own thread.
+    files: std::collections::BTreeSet<std::path::PathBuf>,
 }
 
 impl Server {
@@ -102,6 +104,18 @@ impl Server {
             }
             None => (AccessLog::default(), None),
         };
+        // Read before anything starts: a file that cannot play is a start-up error.
+        let files = config
+            .fallback_files()
+            .into_iter()
+            .map(|file| {
+                let looped = crate::file_source::load(file).map_err(|e| {
+                    let msg = format!("fallback_file = {}: {e}", file.display());
+                    io::Error::new(io::ErrorKind::InvalidInput, msg)
+                })?;
+                Ok((file.to_path_buf(), looped))
+            })
+            .collect::<io::Result<Vec<_>>>()?;
         let max_connections = config.connection_limit();
         warn_if_over_budget(&config, max_connections);
         crate::admin_api::warn_if_closed(config.admin_password.as_deref());
@@ -143,8 +157,9 @@ impl Server {
             .transpose()?;
 
         let s = shared.clone();
+        let ingest_control = control.clone();
         spawn_stage(&mut handles, &registry, "fs-ingest", None, move |rt| {
-            crate::ingest::run(rt, s, from_workers)
+            crate::ingest::run(rt, s, from_workers, ingest_control)
         })?;
 
         if let Some(path) = demo {
@@ -163,6 +178,29 @@ impl Server {
                 }
                 Ok(Err(no)) => {
                     tracing::warn!(mount = %path, reason = no.reason(), "demo not started")
+                }
+                Err(_) => return Err(io::Error::other("the ingest thread failed to start")),
+            }
+        }
+
+        let playing = files.iter().map(|(file, _)| file.clone()).collect();
+        // Each fallback file plays on its own thread, claimed before anyone can connect.
+        for (n, (file, looped)) in files.into_iter().enumerate() {
+            let path = crate::config::file_mount_path(&file);
+            let (mut source, player) = crate::file_source::source(&path, &file, looped);
+            let (claimed_tx, claimed_rx) = std::sync::mpsc::sync_channel(1);
+            source.claimed = Some(claimed_tx);
+            let _ = to_ingest.send(crate::conn::ToIngest::Source(Box::new(source)));
+            match claimed_rx.recv() {
+                Ok(Ok(())) => {
+                    let stop = shared.stop.clone();
+                    spawn_stage(&mut handles, &registry, &format!("fs-file-{n}"), None, move |rt| {
+                        crate::file_source::run(rt, player, stop)
+                    })?;
+                    tracing::info!(file = %file.display(), mount = %path, "fallback file playing");
+                }
+                Ok(Err(no)) => {
+                    tracing::warn!(file = %file.display(), mount = %path, reason = no.reason(), "fallback file not started")
                 }
                 Err(_) => return Err(io::Error::other("the ingest thread failed to start")),
             }
@@ -214,6 +252,7 @@ impl Server {
             admin_addr,
             shoutcast_addr,
             shared,
+            files: playing,
         })
     }
 
@@ -242,6 +281,11 @@ impl Server {
     pub fn reload(&self, new: Config) -> Result<(), String> {
         new.validate()?;
         let (new, restart_only) = self.shared.config.load().reloaded(new);
+        for file in new.fallback_files() {
+            if !self.files.contains(file) {
+                tracing::warn!(file = %file.display(), "fallback_file new to the config: it plays from the next restart");
+            }
+        }
         for setting in &restart_only {
             tracing::warn!(
                 setting = setting.as_str(),
