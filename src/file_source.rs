@@ -25,8 +25,11 @@ const PIECES_IN_FLIGHT: usize = 32;
 /// A file cut into the pieces it is played in.
 pub(crate) struct Looped {
     format: FileFormat,
-    /// Each piece with when it is due, from the start of a round.
-    pieces: Vec<(Bytes, Duration)>,
+    /// Each round's pieces, with when each is due from the start of the round; rounds take
+    /// these in turn. An Ogg file has two, whose streams differ in serial number only: each
+    /// round is a new link of a chained stream, which a decoder takes for a new stream (with
+    /// its own timestamps) only if its serial differs from the one before.
+    rounds: Vec<Vec<(Bytes, Duration)>>,
     /// How long one round lasts.
     length: Duration,
 }
@@ -34,7 +37,7 @@ pub(crate) struct Looped {
 /// Reads `file` and cuts it into timed pieces; the error says what is wrong with it.
 pub(crate) fn load(file: &Path) -> Result<Looped, String> {
     let format = file_format(file).ok_or("not an MP3 or Ogg file by its extension")?;
-    let data = Bytes::from(std::fs::read(file).map_err(|e| e.to_string())?);
+    let data = std::fs::read(file).map_err(|e| e.to_string())?;
     let (units, length) = match format {
         FileFormat::Mp3 => mp3_frames(&data),
         FileFormat::Ogg => ogg_pages(&data)?,
@@ -45,10 +48,26 @@ pub(crate) fn load(file: &Path) -> Result<Looped, String> {
             FileFormat::Ogg => "no timed Ogg pages in it".into(),
         });
     }
-    // Runs of frames or pages at most `PIECE` long, each one slice of the file.
+    let mut copies = vec![data];
+    if format == FileFormat::Ogg {
+        copies.push(reserialed(&copies[0], &units));
+    }
+    let rounds = copies
+        .into_iter()
+        .map(|data| cut(Bytes::from(data), &units))
+        .collect();
+    Ok(Looped {
+        format,
+        rounds,
+        length,
+    })
+}
+
+/// Runs of frames or pages at most `PIECE` long, each one slice of the file.
+fn cut(data: Bytes, units: &[(usize, usize, Duration)]) -> Vec<(Bytes, Duration)> {
     let mut pieces: Vec<(Bytes, Duration)> = Vec::new();
     let mut run: Option<(usize, usize, Duration)> = None;
-    for (start, end, at) in units {
+    for &(start, end, at) in units {
         run = match run {
             Some((s, e, t)) if e == start && at < t + PIECE => Some((s, end, t)),
             Some((s, e, t)) => {
@@ -61,11 +80,22 @@ pub(crate) fn load(file: &Path) -> Result<Looped, String> {
     if let Some((s, e, t)) = run {
         pieces.push((data.slice(s..e), t));
     }
-    Ok(Looped {
-        format,
-        pieces,
-        length,
-    })
+    pieces
+}
+
+/// The Ogg file with every page's serial number changed (the same change for all, so
+/// multiplexed streams stay apart) and its CRC made again.
+fn reserialed(data: &[u8], pages: &[(usize, usize, Duration)]) -> Vec<u8> {
+    let mut out = data.to_vec();
+    for &(start, end, _) in pages {
+        let page = &mut out[start..end];
+        for b in &mut page[14..18] {
+            *b ^= 0x5A;
+        }
+        let crc = crate::ogg::page_crc(page);
+        page[22..26].copy_from_slice(&crc.to_le_bytes());
+    }
+    out
 }
 
 /// MP3 frames as (start, end, due), skipping ID3 tags and whatever is not a frame; and the
@@ -228,9 +258,9 @@ pub(crate) fn run(rt: Runtime, player: Player, mut stop: watch::Receiver<Stop>) 
 async fn play(player: Player) {
     let Player { pieces, looped } = player;
     let start = tokio::time::Instant::now();
-    for round in 0.. {
+    for (round, pieces_of_round) in (0u32..).zip(looped.rounds.iter().cycle()) {
         let from = start + looped.length * round;
-        for (piece, at) in &looped.pieces {
+        for (piece, at) in pieces_of_round {
             tokio::time::sleep_until(from + *at).await;
             if pieces.send(piece.clone()).await.is_err() {
                 return;
