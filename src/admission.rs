@@ -7,6 +7,7 @@ use std::net::SocketAddr;
 use std::os::fd::{AsRawFd, RawFd};
 use std::rc::Rc;
 use std::sync::Arc;
+use std::time::Instant;
 
 use tokio::io::AsyncWriteExt;
 
@@ -144,6 +145,7 @@ fn check(
             .access_log
             .enabled()
             .then(|| Record::of(req, peer.ip(), 200, 0)),
+        connected: Instant::now(),
     });
     let guard = ListenerGuard::enter(&ctx.shared, &mount, &ctx.label, limit, client, listening)?;
     Ok((mount, snap, guard))

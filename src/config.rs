@@ -70,6 +70,20 @@ pub struct MountSettings {
     /// names it) and fed by its own thread to a hidden mount under `/fallback-file/`. Default
     /// none.
     pub fallback_file: Option<PathBuf>,
+    /// A listener is closed once it has listened this long (counted from when it connected,
+    /// across moves; `fanstream_listener_disconnects_total{reason="max_duration"}`), as
+    /// Icecast's `max-listener-duration`. Default 0 = no limit.
+    pub max_listener_duration_secs: u64,
+    /// The stream's name, genre, description and URL as listeners (`icy-*` headers), status
+    /// pages and the admin API see them, instead of what the source sends (`ice-*`/`icy-*`).
+    /// Default none: the source's.
+    pub stream_name: Option<String>,
+    pub genre: Option<String>,
+    pub description: Option<String>,
+    pub url: Option<String>,
+    /// Whether the stream says it may be listed in directories (`icy-pub`), instead of what the
+    /// source says. Default none: the source's.
+    pub public: Option<bool>,
 }
 
 impl Default for MountSettings {
@@ -89,6 +103,12 @@ impl Default for MountSettings {
             hidden: false,
             fallback_override: false,
             fallback_file: None,
+            max_listener_duration_secs: 0,
+            stream_name: None,
+            genre: None,
+            description: None,
+            url: None,
+            public: None,
         }
     }
 }

@@ -182,6 +182,8 @@ pub(crate) struct Listening {
     /// The line to write, but for the bytes; none without an access log, so that a listener
     /// costs no copy of its request then.
     pub record: Option<Record>,
+    /// When it connected: `max_listener_duration_secs` counts from here, across moves.
+    pub connected: Instant,
 }
 
 /// Bytes the peer has acknowledged on a TCP socket (`tcpi_bytes_acked`), or 0 if unknown.
@@ -355,6 +357,11 @@ impl ListenerGuard {
     /// The listener's id, as the admin API names it (0 once it left).
     pub fn id(&self) -> u64 {
         self.listening.as_ref().map_or(0, |l| l.id)
+    }
+
+    /// When the listener connected (None once it left).
+    pub fn connected(&self) -> Option<Instant> {
+        self.listening.as_ref().map(|l| l.connected)
     }
 
     /// The listener leaves this mount for another: its client entry (taken off this mount's

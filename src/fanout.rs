@@ -1018,6 +1018,16 @@ async fn rejoin(admit: mpsc::UnboundedSender<NewListener>, mut new: NewListener,
     let _ = admit.send(new);
 }
 
+/// Whether the listener has had its mount's `max_listener_duration_secs` (checked whenever it
+/// is served: at the latest once per `max_write_delay_ms` while the stream flows).
+fn over_duration(l: &Listener, settings: &MountSettings, now: Instant) -> bool {
+    let max = settings.max_listener_duration_secs;
+    max > 0
+        && l.guard
+            .connected()
+            .is_some_and(|at| now.saturating_duration_since(at) >= Duration::from_secs(max))
+}
+
 /// Writes all of `buf` to a socket shared with the fan-out.
 async fn write_all(stream: &TcpStream, mut buf: &[u8]) -> io::Result<()> {
     while !buf.is_empty() {
@@ -1082,6 +1092,9 @@ fn serve<'s>(
     #[cfg(feature = "fault-injection")]
     if round.inject_panic {
         panic!("panic injected for a test");
+    }
+    if over_duration(l, settings, now) {
+        return Served::Drop(Disconnect::MaxDuration);
     }
     let lag = match snap.position(l.pos) {
         Position::AtEdge => return Served::Done,

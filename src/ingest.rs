@@ -69,7 +69,7 @@ use crate::metrics::unsynced_action;
 use crate::mounts::{Mount, StoreWriter};
 use crate::reasons::Refusal;
 use crate::shared::{stopped, Shared};
-use crate::store::{SourceState, StreamInfo};
+use crate::store::{SourceState, StreamInfo, StreamMeta};
 
 /// Each read buffer allocation; reads fill it piece by piece and each piece is frozen into a
 /// chunk that shares the allocation, so small reads do not cost an allocation each. Every
@@ -110,6 +110,9 @@ struct Entry {
     pieces_gauge: IntGauge,
     /// Ends the current claim's source (`/admin/killsource`); replaced on every claim.
     kill: Rc<Notify>,
+    /// What the current source said of its stream, before the mount's overrides
+    /// (`stream_name`...): a reload that changes them starts again from it.
+    source_meta: StreamMeta,
     /// A source came back to a mount with `fallback_override`: once its stream has a first
     /// piece (and an Ogg stream its headers), the fallback's listeners move back.
     override_pending: bool,
@@ -174,12 +177,15 @@ impl Ingest {
                 pieces_gauge: shared.metrics.retained_pieces.with_label_values(&label),
                 kill: Rc::default(),
                 override_pending: false,
+                source_meta: StreamMeta::default(),
                 mount,
             }
         });
         entry.generation += 1;
         entry.kill = Rc::default();
         entry.override_pending = entry.writer.settings().fallback_override;
+        entry.source_meta = info.meta.clone();
+        let info = described(&info, &entry.source_meta, entry.writer.settings());
         entry.writer.go_live(info);
         let label = [entry.mount.label.as_str()];
         // Up and down by one, not set: under `mount="other"` it counts several mounts' sources.
@@ -418,6 +424,12 @@ impl Ingest {
         for (path, entry) in self.entries.borrow_mut().iter_mut() {
             let settings = config.mount(path);
             if *entry.writer.settings().as_ref() != settings {
+                if *entry.writer.state() == SourceState::Live {
+                    let info = entry.writer.store().load().info.clone();
+                    entry
+                        .writer
+                        .set_info(described(&info, &entry.source_meta, &settings));
+                }
                 entry.writer.set_settings(Arc::new(settings));
                 changed.push(entry.mount.clone());
             }
@@ -427,6 +439,22 @@ impl Ingest {
             self.shared.changed(mount);
         }
     }
+}
+
+/// The stream as the mount describes it: the source's own name, genre, description, URL and
+/// `public`, each replaced by the mount's setting when it has one; the rest as `info` has it.
+fn described(info: &StreamInfo, source: &StreamMeta, settings: &MountSettings) -> StreamInfo {
+    let pick = |own: &Option<String>, sent: &Option<String>| own.clone().or_else(|| sent.clone());
+    let public = settings.public.map(|p| if p { "1" } else { "0" }.to_string());
+    let meta = StreamMeta {
+        name: pick(&settings.stream_name, &source.name),
+        genre: pick(&settings.genre, &source.genre),
+        description: pick(&settings.description, &source.description),
+        url: pick(&settings.url, &source.url),
+        public: pick(&public, &source.public),
+        ..info.meta.clone()
+    };
+    StreamInfo::new(meta, info.preamble.clone())
 }
 
 /// Runs ingest until the server stops: takes each source from `sources` and serves it.

@@ -251,11 +251,13 @@ pub(crate) enum Disconnect {
     Panic,
     /// An operator closed it (`/admin/killclient`).
     Killed,
+    /// It had listened for its mount's `max_listener_duration_secs`.
+    MaxDuration,
 }
 
 impl Disconnect {
     /// Every reason, so that each mount's counters start at zero.
-    pub const ALL: [Disconnect; 8] = [
+    pub const ALL: [Disconnect; 9] = [
         Disconnect::ClientClosed,
         Disconnect::WriteError,
         Disconnect::Slow,
@@ -264,6 +266,7 @@ impl Disconnect {
         Disconnect::SendTimeout,
         Disconnect::Panic,
         Disconnect::Killed,
+        Disconnect::MaxDuration,
     ];
 
     pub fn reason(self) -> &'static str {
@@ -276,6 +279,7 @@ impl Disconnect {
             Disconnect::SendTimeout => "send_timeout",
             Disconnect::Panic => "panic",
             Disconnect::Killed => "killed",
+            Disconnect::MaxDuration => "max_duration",
         }
     }
 
