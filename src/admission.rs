@@ -18,13 +18,19 @@ use crate::fallbacks::live_fallback;
 use crate::framing::carries_own_metadata;
 use crate::http::{valid_mount_path, Method, Request, RESPONSE_TIMEOUT};
 use crate::icy::Cadence;
+use crate::listener_auth::{self, Asker, LeaveCall};
 use crate::mounts::{Mount, Snapshot};
 use crate::reasons::Refusal;
 use crate::store::SourceState;
 
 pub(crate) async fn admit(ctx: &Rc<WorkerCtx>, incoming: Incoming) {
     let fd = incoming.stream.as_raw_fd();
-    let (mount, snap, guard) = match check(ctx, &incoming.req, incoming.peer, fd) {
+    let id = next_id();
+    let leave = match authenticate(ctx, &incoming.req, incoming.peer, id).await {
+        Ok(leave) => leave,
+        Err(no) => return incoming.refuse(&ctx.shared, no).await,
+    };
+    let (mount, snap, guard) = match check(ctx, &incoming.req, incoming.peer, fd, id, leave) {
         Ok(admitted) => admitted,
         Err(no) => return incoming.refuse(&ctx.shared, no).await,
     };
@@ -105,12 +111,51 @@ fn wants_icy(req: &Request, snap: &Snapshot) -> bool {
         && !carries_own_metadata(&snap.info.meta.content_type)
 }
 
+/// Checks the listener with the auth of the mount it asked for (whichever mount it then gets,
+/// as Icecast does). A path that is no mount has none: it gets its 404 from `check`. The
+/// call runs in this listener's own task; the worker serves everyone else meanwhile.
+async fn authenticate(
+    ctx: &WorkerCtx,
+    req: &Request,
+    peer: SocketAddr,
+    id: u64,
+) -> Result<Option<LeaveCall>, Refusal> {
+    let shared = &ctx.shared;
+    let config = shared.config.load_full();
+    let settings = match shared.mounts.get(&req.path) {
+        Some(mount) => mount.store.load().settings.clone(),
+        None => match config.mounts.get(&req.path) {
+            Some(declared) => Arc::new(declared.clone()),
+            None => return Ok(None),
+        },
+    };
+    if settings.auth.is_none() {
+        return Ok(None);
+    }
+    let asker = Asker {
+        req,
+        peer,
+        id,
+        port: shared.listen_addr.port(),
+    };
+    listener_auth::check(
+        &shared.listener_auth,
+        &shared.auth_failures,
+        &config,
+        &settings,
+        asker,
+    )
+    .await
+}
+
 /// The mount to join, as it stands now, and the listener counted in; or why not.
 fn check(
     ctx: &WorkerCtx,
     req: &Request,
     peer: SocketAddr,
     fd: RawFd,
+    id: u64,
+    leave: Option<LeaveCall>,
 ) -> Result<(Arc<Mount>, Arc<Snapshot>, ListenerGuard), Refusal> {
     let path = req.path.as_str();
     if !valid_mount_path(path) {
@@ -135,7 +180,6 @@ fn check(
             .ok_or(Refusal::UnknownMount)?,
     };
     let limit = Some(snap.settings.max_listeners);
-    let id = next_id();
     let client = Client::new(id, peer, req.header("user-agent"), ctx.index);
     let listening = Box::new(Listening {
         id,
@@ -146,6 +190,7 @@ fn check(
             .enabled()
             .then(|| Record::of(req, peer.ip(), 200, 0)),
         connected: Instant::now(),
+        leave,
     });
     let guard = ListenerGuard::enter(&ctx.shared, &mount, &ctx.label, limit, client, listening)?;
     Ok((mount, snap, guard))

@@ -49,10 +49,7 @@ pub(crate) fn check_given(
     accepted: &[(&str, &str)],
 ) -> Result<(), Refusal> {
     let now = Instant::now();
-    let limits = AuthLimits {
-        max_failures: cfg.auth_max_failures,
-        window: Duration::from_secs(cfg.auth_failure_window_secs),
-    };
+    let limits = AuthLimits::of(cfg);
     if let Some(wait) = failures.blocked(peer.ip(), now, limits) {
         return Err(Refusal::AuthRateLimited {
             retry_after_secs: wait.as_secs() + 1,
@@ -82,6 +79,15 @@ const MAX_TRACKED: usize = 10_000;
 pub(crate) struct AuthLimits {
     pub max_failures: u32,
     pub window: Duration,
+}
+
+impl AuthLimits {
+    pub fn of(cfg: &Config) -> Self {
+        AuthLimits {
+            max_failures: cfg.auth_max_failures,
+            window: Duration::from_secs(cfg.auth_failure_window_secs),
+        }
+    }
 }
 
 #[derive(Default)]

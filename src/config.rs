@@ -84,6 +84,35 @@ pub struct MountSettings {
     /// Whether the stream says it may be listed in directories (`icy-pub`), instead of what the
     /// source says. Default none: the source's.
     pub public: Option<bool>,
+    /// Listener authentication: `url` asks `listener_add_url` about each listener, as
+    /// Icecast's URL auth; `htpasswd` checks its Basic credentials against `htpasswd_file`.
+    /// Default none: anyone may listen.
+    pub auth: Option<ListenerAuthKind>,
+    /// Where `auth = "url"` POSTs `action=listener_add` with `server`, `port`, `client`,
+    /// `mount` (with the listener's query string), `user`, `pass`, `ip` and `agent`, form-encoded;
+    /// the listener is let in when the answer has `icecast-auth-user: 1`. An `http://` URL.
+    /// Default none.
+    pub listener_add_url: Option<String>,
+    /// Where `auth = "url"` POSTs `action=listener_remove` (the same fields and `duration`, in
+    /// seconds) when a listener it let in leaves. Default none.
+    pub listener_remove_url: Option<String>,
+    /// How long `listener_add_url` may take to answer (connecting included). Default 5000.
+    pub auth_timeout_ms: u64,
+    /// Let the listener in when `listener_add_url` does not answer in time (or cannot be
+    /// reached); otherwise it gets 503. Default false.
+    pub auth_allow_on_timeout: bool,
+    /// The users file of `auth = "htpasswd"`: `user:hash` lines, the hash bcrypt (`$2y$`...,
+    /// as `htpasswd -B` writes) or Icecast's own (the password's MD5 in hex). Read again when
+    /// it changes. Default none.
+    pub htpasswd_file: Option<PathBuf>,
+}
+
+/// How a mount authenticates its listeners (`auth`).
+#[derive(Clone, Copy, Debug, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum ListenerAuthKind {
+    Url,
+    Htpasswd,
 }
 
 impl Default for MountSettings {
@@ -109,6 +138,12 @@ impl Default for MountSettings {
             description: None,
             url: None,
             public: None,
+            auth: None,
+            listener_add_url: None,
+            listener_remove_url: None,
+            auth_timeout_ms: 5000,
+            auth_allow_on_timeout: false,
+            htpasswd_file: None,
         }
     }
 }
@@ -169,6 +204,10 @@ pub struct Startup {
     /// with that mount's source password. By SHOUTcast's convention, the listener port plus one.
     /// Default none.
     pub shoutcast_listen: Option<SocketAddr>,
+    /// Most listener authentication calls in progress at once, server-wide (`auth = "url"`
+    /// requests, `auth = "htpasswd"` bcrypt checks, each off the workers' listeners); a
+    /// listener waits for a turn within its mount's `auth_timeout_ms`. Default 64.
+    pub max_listener_auth_calls: usize,
 }
 
 impl Default for Startup {
@@ -184,6 +223,7 @@ impl Default for Startup {
             demo_mount: "/demo".into(),
             access_log: None,
             shoutcast_listen: None,
+            max_listener_auth_calls: 64,
         }
     }
 }
@@ -581,6 +621,9 @@ impl Config {
         if self.header_timeout_under_pressure_secs == 0 {
             return Err("header_timeout_under_pressure_secs must be at least 1".into());
         }
+        if self.startup.max_listener_auth_calls == 0 {
+            return Err("max_listener_auth_calls must be at least 1".into());
+        }
         if !(1..=65536).contains(&self.startup.max_admin_connections) {
             return Err(format!(
                 "max_admin_connections = {}: 1 to 65536",
@@ -700,6 +743,27 @@ fn check_mount(what: &str, m: &MountSettings) -> Result<(), String> {
     if let Some(f) = &m.fallback_mount {
         check_mount_path(&format!("{what}.fallback_mount"), f)?;
     }
+    match m.auth {
+        Some(ListenerAuthKind::Url) => {
+            let add = m.listener_add_url.as_deref().ok_or_else(|| {
+                format!("{what}.auth = \"url\" needs listener_add_url")
+            })?;
+            check_auth_url(&format!("{what}.listener_add_url"), add)?;
+        }
+        Some(ListenerAuthKind::Htpasswd) if m.htpasswd_file.is_none() => {
+            return Err(format!("{what}.auth = \"htpasswd\" needs htpasswd_file"));
+        }
+        _ => {}
+    }
+    if let Some(remove) = &m.listener_remove_url {
+        check_auth_url(&format!("{what}.listener_remove_url"), remove)?;
+    }
+    if !(100..=60_000).contains(&m.auth_timeout_ms) {
+        return Err(format!(
+            "{what}.auth_timeout_ms = {}: 100 to 60000",
+            m.auth_timeout_ms
+        ));
+    }
     if let Some(file) = &m.fallback_file {
         if file_format(file).is_none() {
             return Err(format!(
@@ -709,6 +773,53 @@ fn check_mount(what: &str, m: &MountSettings) -> Result<(), String> {
         }
     }
     Ok(())
+}
+
+/// An auth URL must be one the server can call: plain `http://`, with a host.
+fn check_auth_url(what: &str, url: &str) -> Result<(), String> {
+    match HttpUrl::parse(url) {
+        Some(_) => Ok(()),
+        None => Err(format!(
+            "{what} = {url:?}: not an http:// URL with a host (https is not supported: call a local endpoint)"
+        )),
+    }
+}
+
+/// An `http://` URL, as the listener auth calls need it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct HttpUrl {
+    /// `host:port`, to connect to (port 80 when not given).
+    pub authority: String,
+    /// As sent in `Host`.
+    pub host: String,
+    /// Path and query, at least `/`.
+    pub target: String,
+}
+
+impl HttpUrl {
+    pub fn parse(url: &str) -> Option<HttpUrl> {
+        let rest = url.strip_prefix("http://")?;
+        let (host, target) = match rest.find('/') {
+            Some(i) => (&rest[..i], &rest[i..]),
+            None => (rest, "/"),
+        };
+        let bad = |c: char| c.is_whitespace() || c.is_control() || c == '@';
+        if host.is_empty() || host.contains(bad) || target.contains(bad) {
+            return None;
+        }
+        let authority = match host.rsplit_once(':') {
+            Some((_, port)) if !host.ends_with(']') => {
+                port.parse::<u16>().ok()?;
+                host.to_string()
+            }
+            _ => format!("{host}:80"),
+        };
+        Some(HttpUrl {
+            authority,
+            host: host.to_string(),
+            target: target.to_string(),
+        })
+    }
 }
 
 /// Refuses a fallback chain that comes back to a mount it passed: listeners would be sent round

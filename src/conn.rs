@@ -30,6 +30,7 @@ use crate::clients::Client;
 use crate::heads::Pending;
 use crate::http::{read_with, Request, RESPONSE_TIMEOUT};
 use crate::icy::Cadence;
+use crate::listener_auth::LeaveCall;
 use crate::mounts::Mount;
 use crate::reasons::{Refusal, Unanswered};
 use crate::shared::Shared;
@@ -184,6 +185,8 @@ pub(crate) struct Listening {
     pub record: Option<Record>,
     /// When it connected: `max_listener_duration_secs` counts from here, across moves.
     pub connected: Instant,
+    /// What `listener_remove_url` is told when it leaves (URL auth only).
+    pub leave: Option<LeaveCall>,
 }
 
 /// Bytes the peer has acknowledged on a TCP socket (`tcpi_bytes_acked`), or 0 if unknown.
@@ -388,7 +391,10 @@ impl ListenerGuard {
 
 impl Drop for ListenerGuard {
     fn drop(&mut self) {
-        if let Some(l) = self.listening.take() {
+        if let Some(mut l) = self.listening.take() {
+            if let Some(leave) = l.leave.take() {
+                leave.send();
+            }
             self.mount.clients.leave(l.id);
             if let Some(mut record) = l.record {
                 record.bytes = bytes_acked(l.fd);

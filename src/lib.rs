@@ -52,7 +52,8 @@
 //! 2. **Vocabulary** shared by the stages: [`config`], [`reasons`] (`Refusal`, `Disconnect`: the
 //!    fixed reason labels), [`metrics`], [`usage`], [`clients`] (who listens to each mount),
 //!    [`mounts`] (the mount table), [`fallbacks`] (following a mount's fallback chain to a live
-//!    mount), [`auth`], [`logs`] (log lines that summarise a flood per
+//!    mount), [`auth`], [`listener_auth`]
+//!    (a mount's listeners checked by URL or users file), [`logs`] (log lines that summarise a flood per
 //!    reason), [`access_log`] (one line per finished request, to a writer thread), [`heads`]
 //!    (request heads not read yet: the per-address limit on them, and the idle one closed to
 //!    make room at the limit), [`shared`] (the state every thread shares, `Stop`), [`conn`]
@@ -91,6 +92,7 @@ pub mod config;
 pub(crate) mod conn;
 pub(crate) mod fallbacks;
 pub(crate) mod heads;
+pub(crate) mod listener_auth;
 pub(crate) mod logs;
 pub(crate) mod metrics;
 pub(crate) mod mounts;

@@ -23,14 +23,15 @@
 //! | `unsupported_transfer_encoding` | 501 | a source body neither plain nor chunked |
 //! | `conflicting_length` | 400 | a source sent both chunked and Content-Length |
 //! | `missing_content_type` | 400 | a `PUT` source without Content-Type |
-//! | `auth_required` | 401 | no credentials |
-//! | `bad_credentials` | 401 | wrong user or password |
+//! | `auth_required` | 401 | no credentials (a source, the admin API, or a listener of an `htpasswd` mount) |
+//! | `bad_credentials` | 401 | wrong user or password, or a listener `listener_add_url` refused |
 //! | `auth_rate_limited` | 429 | too many failed logins from the address |
 //! | `mount_in_use` | 403 | a source is live on the mount |
 //! | `too_many_sources` | 503 | `max_sources` sources are live |
 //! | `admin_password_not_set` | 403 | the admin API on the listener port, with no `admin_password` configured |
 //! | `unknown_command` | 400 | an `/admin/` path that is no admin command |
 //! | `no_such_source` | 400 | an admin command for a mount that does not exist (or, for `killsource`, has no source) |
+//! | `auth_unavailable` | 503 | listener authentication could not decide: `listener_add_url` unreachable or too slow (without `auth_allow_on_timeout`), or the users file unreadable |
 //! | `bad_destination` | 400 | `moveclients` to a mount with no live source, or to the mount itself |
 //! | `header_timeout` | none | the head did not arrive within `header_timeout_secs` (`header_timeout_under_pressure_secs` when accepted above 80% of `max_connections`); closed |
 //! | `pending_heads_per_ip` | none | the address holds `max_pending_heads_per_ip` connections still sending their head; closed at accept |
@@ -48,6 +49,8 @@ use crate::http;
 pub(crate) enum Realm {
     Source,
     Admin,
+    /// A mount's listeners (`auth = "htpasswd"` or `"url"`).
+    Listener,
 }
 
 impl Realm {
@@ -55,6 +58,7 @@ impl Realm {
         match self {
             Realm::Source => "Basic realm=\"fanstream\"",
             Realm::Admin => "Basic realm=\"fanstream admin\"",
+            Realm::Listener => "Basic realm=\"fanstream listener\"",
         }
     }
 }
@@ -91,6 +95,9 @@ pub(crate) enum Refusal {
     UnknownCommand,
     NoSuchSource,
     BadDestination,
+    /// Listener authentication could not decide: `listener_add_url` did not answer in time (or
+    /// could not be reached), or the users file cannot be read.
+    AuthUnavailable,
 }
 
 impl Refusal {
@@ -112,7 +119,10 @@ impl Refusal {
             Refusal::PerIpLimit | Refusal::AuthRateLimited { .. } => 429,
             Refusal::HeadersTooLarge => 431,
             Refusal::UnsupportedTransferEncoding => 501,
-            Refusal::MountFull | Refusal::ServerFull | Refusal::TooManySources => 503,
+            Refusal::MountFull
+            | Refusal::ServerFull
+            | Refusal::TooManySources
+            | Refusal::AuthUnavailable => 503,
         }
     }
 
@@ -142,6 +152,7 @@ impl Refusal {
             Refusal::UnknownCommand => "unknown_command",
             Refusal::NoSuchSource => "no_such_source",
             Refusal::BadDestination => "bad_destination",
+            Refusal::AuthUnavailable => "auth_unavailable",
         }
     }
 

@@ -32,6 +32,7 @@ use tokio::sync::{mpsc, watch};
 use crate::access_log::AccessLog;
 use crate::auth::AuthFailures;
 use crate::config::Config;
+use crate::listener_auth::ListenerAuth;
 use crate::metrics::Metrics;
 use crate::mounts::Mounts;
 pub use crate::shared::Stop;
@@ -121,6 +122,7 @@ impl Server {
         crate::admin_api::warn_if_closed(config.admin_password.as_deref());
         let shared = Arc::new(Shared {
             auth_failures: AuthFailures::default(),
+            listener_auth: ListenerAuth::new(config.startup.max_listener_auth_calls),
             max_connections,
             heads: Default::default(),
             logs: Default::default(),

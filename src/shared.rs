@@ -16,6 +16,7 @@ use crate::access_log::AccessLog;
 use crate::auth::AuthFailures;
 use crate::config::Config;
 use crate::heads::Heads;
+use crate::listener_auth::ListenerAuth;
 use crate::logs::Summaries;
 use crate::metrics::Metrics;
 use crate::mounts::{Mount, Mounts, OnWorker};
@@ -110,6 +111,8 @@ pub(crate) struct Shared {
     pub room: Notify,
     /// Failed logins per address: the brake on password guessing.
     pub auth_failures: AuthFailures,
+    /// Listener authentication's turns and users files.
+    pub listener_auth: ListenerAuth,
     pub mounts: Mounts,
     pub metrics: Metrics,
     pub workers: Vec<WorkerLink>,
