@@ -7,12 +7,15 @@ use std::net::SocketAddr;
 use std::os::fd::{AsRawFd, RawFd};
 use std::rc::Rc;
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
 
 use tokio::io::AsyncWriteExt;
 
 use crate::access_log::Record;
 use crate::clients::{next_id, Client};
+use crate::config::{file_format, FileFormat};
 use crate::conn::{Incoming, ListenerGuard, Listening, NewListener, WorkerCtx};
 use crate::fallbacks::live_fallback;
 use crate::framing::carries_own_metadata;
@@ -21,6 +24,7 @@ use crate::icy::Cadence;
 use crate::listener_auth::{self, Asker, LeaveCall};
 use crate::mounts::{Mount, Snapshot};
 use crate::reasons::Refusal;
+use crate::shared::Shared;
 use crate::store::SourceState;
 
 pub(crate) async fn admit(ctx: &Rc<WorkerCtx>, incoming: Incoming) {
@@ -47,7 +51,8 @@ pub(crate) async fn admit(ctx: &Rc<WorkerCtx>, incoming: Incoming) {
             tracing::warn!(%peer, error = %e, "cannot bound the listener's send buffer");
         }
     }
-    let preamble_len = snap.info.preamble.len() + snap.headers.len();
+    let intro = intro_for(&ctx.shared, &snap);
+    let preamble_len = intro.len() + snap.info.preamble.len() + snap.headers.len();
     let icy = wants_icy(&req, &snap)
         .then(|| Cadence::after(snap.settings.icy_metaint, preamble_len))
         .flatten()
@@ -66,12 +71,21 @@ pub(crate) async fn admit(ctx: &Rc<WorkerCtx>, incoming: Incoming) {
             None => stream.write_all(&snap.info.response_head).await?,
         }
         if req.method == Method::Get {
+            stream.write_all(&intro).await?;
             stream.write_all(&snap.info.preamble).await?;
             stream.write_all(&snap.headers).await?;
         }
         Ok::<_, io::Error>(())
     };
-    match tokio::time::timeout(RESPONSE_TIMEOUT, head).await {
+    // An intro is written at once, as a burst is: the player may take it at its own pace.
+    let send_timeout = Duration::from_secs(ctx.shared.config.load().send_timeout_secs);
+    let timeout = RESPONSE_TIMEOUT
+        + if intro.is_empty() {
+            Duration::ZERO
+        } else {
+            send_timeout
+        };
+    match tokio::time::timeout(timeout, head).await {
         Ok(Ok(())) => {}
         _ => {
             tracing::debug!(%peer, mount = %mount.path, "listener gone before its response head was sent");
@@ -102,6 +116,20 @@ pub(crate) async fn admit(ctx: &Rc<WorkerCtx>, incoming: Incoming) {
         guard,
         conn,
     });
+}
+
+/// The mount's `intro_file`, as read at start-up or at the last reload, if its format is the
+/// stream's (an MP3 intro before an Ogg stream would only be noise to a decoder).
+fn intro_for(shared: &Shared, snap: &Snapshot) -> Bytes {
+    let Some(file) = &snap.settings.intro_file else {
+        return Bytes::new();
+    };
+    let stream = FileFormat::of_content_type(&snap.info.meta.content_type);
+    let same_format = stream.is_some() && file_format(file) == stream;
+    match shared.intros.load().get(file) {
+        Some(intro) if same_format => intro.clone(),
+        _ => Bytes::new(),
+    }
 }
 
 /// ICY blocks go to a player that asks for them (`Icy-MetaData: 1`), in a stream whose format

@@ -105,6 +105,10 @@ pub struct MountSettings {
     /// as `htpasswd -B` writes) or Icecast's own (the password's MD5 in hex). Read again when
     /// it changes. Default none.
     pub htpasswd_file: Option<PathBuf>,
+    /// An MP3 or Ogg file sent to each new listener before the live stream (which then starts
+    /// at a sync point, with its Ogg headers), when its format is the stream's. Read at start-up
+    /// and at each reload. Default none.
+    pub intro_file: Option<PathBuf>,
 }
 
 /// How a mount authenticates its listeners (`auth`).
@@ -144,6 +148,7 @@ impl Default for MountSettings {
             auth_timeout_ms: 5000,
             auth_allow_on_timeout: false,
             htpasswd_file: None,
+            intro_file: None,
         }
     }
 }
@@ -572,6 +577,14 @@ impl Config {
             .unwrap_or_else(|| self.defaults.clone())
     }
 
+    /// Every `intro_file` the config names, once each.
+    pub fn intro_files(&self) -> std::collections::BTreeSet<&Path> {
+        std::iter::once(&self.defaults)
+            .chain(self.mounts.values())
+            .filter_map(|m| m.intro_file.as_deref())
+            .collect()
+    }
+
     /// Every `fallback_file` the config names, once each.
     pub fn fallback_files(&self) -> std::collections::BTreeSet<&Path> {
         std::iter::once(&self.defaults)
@@ -745,9 +758,10 @@ fn check_mount(what: &str, m: &MountSettings) -> Result<(), String> {
     }
     match m.auth {
         Some(ListenerAuthKind::Url) => {
-            let add = m.listener_add_url.as_deref().ok_or_else(|| {
-                format!("{what}.auth = \"url\" needs listener_add_url")
-            })?;
+            let add = m
+                .listener_add_url
+                .as_deref()
+                .ok_or_else(|| format!("{what}.auth = \"url\" needs listener_add_url"))?;
             check_auth_url(&format!("{what}.listener_add_url"), add)?;
         }
         Some(ListenerAuthKind::Htpasswd) if m.htpasswd_file.is_none() => {
@@ -763,6 +777,14 @@ fn check_mount(what: &str, m: &MountSettings) -> Result<(), String> {
             "{what}.auth_timeout_ms = {}: 100 to 60000",
             m.auth_timeout_ms
         ));
+    }
+    if let Some(file) = &m.intro_file {
+        if file_format(file).is_none() {
+            return Err(format!(
+                "{what}.intro_file = {}: not an MP3 (.mp3) or Ogg (.ogg, .oga, .opus) file",
+                file.display()
+            ));
+        }
     }
     if let Some(file) = &m.fallback_file {
         if file_format(file).is_none() {
@@ -867,7 +889,13 @@ pub fn file_mount_path(file: &Path) -> String {
         .map(|s| s.to_string_lossy())
         .unwrap_or_default()
         .chars()
-        .map(|c| if c.is_ascii_alphanumeric() || c == '-' || c == '_' { c } else { '_' })
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '-' || c == '_' {
+                c
+            } else {
+                '_'
+            }
+        })
         .take(64)
         .collect();
     format!("{FILE_MOUNT_PREFIX}{stem}-{hash:016x}")
@@ -884,6 +912,16 @@ pub enum FileFormat {
 }
 
 impl FileFormat {
+    /// The format a stream of this `Content-Type` has, if it is one of these.
+    pub fn of_content_type(content_type: &str) -> Option<FileFormat> {
+        let essence = content_type.split(';').next()?.trim().to_ascii_lowercase();
+        match essence.as_str() {
+            "audio/mpeg" | "audio/mp3" | "audio/mpeg3" => Some(FileFormat::Mp3),
+            "audio/ogg" | "application/ogg" | "audio/opus" | "audio/x-ogg" => Some(FileFormat::Ogg),
+            _ => None,
+        }
+    }
+
     pub fn content_type(self) -> &'static str {
         match self {
             FileFormat::Mp3 => "audio/mpeg",
@@ -1062,14 +1100,20 @@ mod tests {
         .unwrap();
         c.validate().unwrap();
         let files: Vec<_> = c.fallback_files().into_iter().collect();
-        assert_eq!(files, [Path::new("/other/brb.ogg"), Path::new("/srv/brb.mp3")]);
+        assert_eq!(
+            files,
+            [Path::new("/other/brb.ogg"), Path::new("/srv/brb.mp3")]
+        );
         let (one, two) = (file_mount_path(files[0]), file_mount_path(files[1]));
         assert!(one.starts_with("/fallback-file/brb-"), "{one}");
         assert_ne!(one, two, "two files of one name");
         assert!(crate::http::valid_mount_path(&one), "{one}");
         let settings = c.mount(&one);
         assert!(settings.hidden);
-        assert_eq!((settings.fallback_file, settings.fallback_mount), (None, None));
+        assert_eq!(
+            (settings.fallback_file, settings.fallback_mount),
+            (None, None)
+        );
     }
 
     #[test]

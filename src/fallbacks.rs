@@ -37,7 +37,12 @@ pub(crate) fn live_fallback(
                 next = snap.settings.fallback_mount.clone();
             }
             // A mount without a source now: its declared fallback, if any.
-            None => next = config.mounts.get(&path).and_then(|m| m.fallback_mount.clone()),
+            None => {
+                next = config
+                    .mounts
+                    .get(&path)
+                    .and_then(|m| m.fallback_mount.clone())
+            }
         }
         seen.push(path);
     }

@@ -5,14 +5,15 @@
 //! round until the server stops. The pieces share the file's one buffer: a loop costs nothing
 //! but the sends.
 
-use std::path::Path;
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use bytes::Bytes;
 use tokio::runtime::Runtime;
 use tokio::sync::{mpsc, watch};
 
-use crate::config::{file_format, FileFormat};
+use crate::config::{file_format, Config, FileFormat};
 use crate::conn::{Feed, SourceConn};
 use crate::shared::{stopped, Stop};
 use crate::store::{StreamInfo, StreamMeta};
@@ -21,6 +22,9 @@ use crate::store::{StreamInfo, StreamMeta};
 const PIECE: Duration = Duration::from_millis(100);
 /// Pieces in flight to ingest: a few seconds' worth, so a busy ingest thread costs no gap.
 const PIECES_IN_FLIGHT: usize = 32;
+
+/// A frame or page of a file: where it starts and ends, and when it is due from the start.
+type Unit = (usize, usize, Duration);
 
 /// A file cut into the pieces it is played in.
 pub(crate) struct Looped {
@@ -63,10 +67,38 @@ pub(crate) fn load(file: &Path) -> Result<Looped, String> {
     })
 }
 
+/// Reads an `intro_file`: its whole MP3 frames (no tags) or Ogg pages, from the first to the
+/// last, as one piece sent before the live stream.
+pub(crate) fn load_intro(file: &Path) -> Result<Bytes, String> {
+    let format = file_format(file).ok_or("not an MP3 or Ogg file by its extension")?;
+    let data = std::fs::read(file).map_err(|e| e.to_string())?;
+    let (units, _) = match format {
+        FileFormat::Mp3 => mp3_frames(&data),
+        FileFormat::Ogg => ogg_pages(&data)?,
+    };
+    match (units.first(), units.last()) {
+        (Some(&(start, _, _)), Some(&(_, end, _))) => Ok(Bytes::from(data).slice(start..end)),
+        _ => Err("no MPEG audio frames or Ogg pages in it".into()),
+    }
+}
+
+/// Loads every `intro_file` of the config; the error names the file and what is wrong.
+pub(crate) fn load_intros(config: &Config) -> Result<HashMap<PathBuf, Bytes>, String> {
+    config
+        .intro_files()
+        .into_iter()
+        .map(|file| {
+            let intro =
+                load_intro(file).map_err(|e| format!("intro_file = {}: {e}", file.display()))?;
+            Ok((file.to_path_buf(), intro))
+        })
+        .collect()
+}
+
 /// Runs of frames or pages at most `PIECE` long, each one slice of the file.
-fn cut(data: Bytes, units: &[(usize, usize, Duration)]) -> Vec<(Bytes, Duration)> {
+fn cut(data: Bytes, units: &[Unit]) -> Vec<(Bytes, Duration)> {
     let mut pieces: Vec<(Bytes, Duration)> = Vec::new();
-    let mut run: Option<(usize, usize, Duration)> = None;
+    let mut run: Option<Unit> = None;
     for &(start, end, at) in units {
         run = match run {
             Some((s, e, t)) if e == start && at < t + PIECE => Some((s, end, t)),
@@ -85,7 +117,7 @@ fn cut(data: Bytes, units: &[(usize, usize, Duration)]) -> Vec<(Bytes, Duration)
 
 /// The Ogg file with every page's serial number changed (the same change for all, so
 /// multiplexed streams stay apart) and its CRC made again.
-fn reserialed(data: &[u8], pages: &[(usize, usize, Duration)]) -> Vec<u8> {
+fn reserialed(data: &[u8], pages: &[Unit]) -> Vec<u8> {
     let mut out = data.to_vec();
     for &(start, end, _) in pages {
         let page = &mut out[start..end];
@@ -100,7 +132,7 @@ fn reserialed(data: &[u8], pages: &[(usize, usize, Duration)]) -> Vec<u8> {
 
 /// MP3 frames as (start, end, due), skipping ID3 tags and whatever is not a frame; and the
 /// length of the whole.
-fn mp3_frames(data: &[u8]) -> (Vec<(usize, usize, Duration)>, Duration) {
+fn mp3_frames(data: &[u8]) -> (Vec<Unit>, Duration) {
     let mut at = id3v2_len(data);
     let mut frames = Vec::new();
     let mut samples = 0.0_f64;
@@ -129,10 +161,18 @@ fn id3v2_len(b: &[u8]) -> usize {
 /// An MPEG audio frame header: the frame's length, its samples and its sample rate.
 fn mp3_frame(b: &[u8]) -> Option<(usize, u32, u32)> {
     const KBPS: [[u32; 15]; 5] = [
-        [0, 32, 64, 96, 128, 160, 192, 224, 256, 288, 320, 352, 384, 416, 448],
-        [0, 32, 48, 56, 64, 80, 96, 112, 128, 160, 192, 224, 256, 320, 384],
-        [0, 32, 40, 48, 56, 64, 80, 96, 112, 128, 160, 192, 224, 256, 320],
-        [0, 32, 48, 56, 64, 80, 96, 112, 128, 144, 160, 176, 192, 224, 256],
+        [
+            0, 32, 64, 96, 128, 160, 192, 224, 256, 288, 320, 352, 384, 416, 448,
+        ],
+        [
+            0, 32, 48, 56, 64, 80, 96, 112, 128, 160, 192, 224, 256, 320, 384,
+        ],
+        [
+            0, 32, 40, 48, 56, 64, 80, 96, 112, 128, 160, 192, 224, 256, 320,
+        ],
+        [
+            0, 32, 48, 56, 64, 80, 96, 112, 128, 144, 160, 176, 192, 224, 256,
+        ],
         [0, 8, 16, 24, 32, 40, 48, 56, 64, 80, 96, 112, 128, 144, 160],
     ];
     if b[0] != 0xFF || b[1] & 0xE0 != 0xE0 {
@@ -171,7 +211,7 @@ fn mp3_frame(b: &[u8]) -> Option<(usize, u32, u32)> {
 /// Ogg pages as (start, end, due), a page due when the page before it ends (by granule
 /// position, at the rate the first stream's header gives: Vorbis's own, Opus's 48 kHz); and
 /// the length of the whole.
-fn ogg_pages(data: &[u8]) -> Result<(Vec<(usize, usize, Duration)>, Duration), String> {
+fn ogg_pages(data: &[u8]) -> Result<(Vec<Unit>, Duration), String> {
     let mut pages = Vec::new();
     let mut rate = None;
     let mut at = 0;
@@ -232,10 +272,7 @@ pub(crate) fn source(path: &str, file: &Path, looped: Looped) -> (SourceConn, Pl
         log: None,
         claimed: None,
     };
-    let player = Player {
-        pieces: tx,
-        looped,
-    };
+    let player = Player { pieces: tx, looped };
     (source, player)
 }
 

@@ -445,7 +445,9 @@ impl Ingest {
 /// `public`, each replaced by the mount's setting when it has one; the rest as `info` has it.
 fn described(info: &StreamInfo, source: &StreamMeta, settings: &MountSettings) -> StreamInfo {
     let pick = |own: &Option<String>, sent: &Option<String>| own.clone().or_else(|| sent.clone());
-    let public = settings.public.map(|p| if p { "1" } else { "0" }.to_string());
+    let public = settings
+        .public
+        .map(|p| if p { "1" } else { "0" }.to_string());
     let meta = StreamMeta {
         name: pick(&settings.stream_name, &source.name),
         genre: pick(&settings.genre, &source.genre),

@@ -117,12 +117,15 @@ impl Server {
                 Ok((file.to_path_buf(), looped))
             })
             .collect::<io::Result<Vec<_>>>()?;
+        let intros = crate::file_source::load_intros(&config)
+            .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
         let max_connections = config.connection_limit();
         warn_if_over_budget(&config, max_connections);
         crate::admin_api::warn_if_closed(config.admin_password.as_deref());
         let shared = Arc::new(Shared {
             auth_failures: AuthFailures::default(),
             listener_auth: ListenerAuth::new(config.startup.max_listener_auth_calls),
+            intros: ArcSwap::from_pointee(intros),
             max_connections,
             heads: Default::default(),
             logs: Default::default(),
@@ -196,9 +199,13 @@ impl Server {
             match claimed_rx.recv() {
                 Ok(Ok(())) => {
                     let stop = shared.stop.clone();
-                    spawn_stage(&mut handles, &registry, &format!("fs-file-{n}"), None, move |rt| {
-                        crate::file_source::run(rt, player, stop)
-                    })?;
+                    spawn_stage(
+                        &mut handles,
+                        &registry,
+                        &format!("fs-file-{n}"),
+                        None,
+                        move |rt| crate::file_source::run(rt, player, stop),
+                    )?;
                     tracing::info!(file = %file.display(), mount = %path, "fallback file playing");
                 }
                 Ok(Err(no)) => {
@@ -282,6 +289,7 @@ impl Server {
     /// restart, with a warning. An invalid config is refused and the running one stays.
     pub fn reload(&self, new: Config) -> Result<(), String> {
         new.validate()?;
+        let intros = crate::file_source::load_intros(&new)?;
         let (new, restart_only) = self.shared.config.load().reloaded(new);
         for file in new.fallback_files() {
             if !self.files.contains(file) {
@@ -294,6 +302,7 @@ impl Server {
                 "changed in the config; takes effect at the next restart"
             );
         }
+        self.shared.intros.store(Arc::new(intros));
         self.shared.config.store(Arc::new(new));
         // Ingest publishes each mount's new settings with its stream.
         self.shared.config_changed.notify_one();

@@ -67,7 +67,10 @@ fn newest_offset(l: &mut Listener) -> u64 {
         if let Some(at) = locate(tail) {
             return at;
         }
-        assert!(start.elapsed() < DEADLINE, "no pattern in the listener's newest bytes");
+        assert!(
+            start.elapsed() < DEADLINE,
+            "no pattern in the listener's newest bytes"
+        );
     }
 }
 
@@ -111,7 +114,10 @@ fn a_listener_arriving_during_an_outage_gets_the_fallback_at_once() {
     let _c = Feeding::start(srv.addr, "/c", 0);
     let a = Feeding::start(srv.addr, "/a", HIGH);
     let mut first = Listener::connect(srv.addr, "/a");
-    assert!(newest_offset(&mut first) >= HIGH, "/a's own stream while it is live");
+    assert!(
+        newest_offset(&mut first) >= HIGH,
+        "/a's own stream while it is live"
+    );
 
     // The source leaves; its listener waits out the grace period on /a...
     drop(a);
@@ -119,10 +125,24 @@ fn a_listener_arriving_during_an_outage_gets_the_fallback_at_once() {
     // ...but a newcomer gets the first live mount of the chain at once: /b has no source, /c.
     let asked = Instant::now();
     let mut late = Listener::connect(srv.addr, "/a");
-    assert!(newest_offset(&mut late) < HIGH, "the newcomer gets /c's stream");
-    assert!(asked.elapsed() < Duration::from_secs(10), "at once, not after the grace");
-    assert!(late.head.contains("Content-Type: audio/mpeg"), "{}", late.head);
-    assert_eq!(listeners(&srv, "/a"), 1.0, "the first listener still waits on /a");
+    assert!(
+        newest_offset(&mut late) < HIGH,
+        "the newcomer gets /c's stream"
+    );
+    assert!(
+        asked.elapsed() < Duration::from_secs(10),
+        "at once, not after the grace"
+    );
+    assert!(
+        late.head.contains("Content-Type: audio/mpeg"),
+        "{}",
+        late.head
+    );
+    assert_eq!(
+        listeners(&srv, "/a"),
+        1.0,
+        "the first listener still waits on /a"
+    );
     assert_eq!(listeners(&srv, "/c"), 1.0);
 
     // A declared mount that never had a source sends its listeners to its fallback too.
@@ -228,13 +248,20 @@ fn a_fallback_file_plays_in_a_loop_and_decodes() {
         while occurrences(&moved.body, &audio) == 0 {
             let had = moved.body.len();
             moved.read_at_least(had + 4096);
-            assert!(start.elapsed() < DEADLINE, "{name}: the moved listener never got the file");
+            assert!(
+                start.elapsed() < DEADLINE,
+                "{name}: the moved listener never got the file"
+            );
         }
 
         // A newcomer gets it from the start: three rounds of it, which decode as one stream.
         let mut l = Listener::connect(srv.addr, "/a");
         let ct = codec.content_type();
-        assert!(l.head.contains(&format!("Content-Type: {ct}")), "{}", l.head);
+        assert!(
+            l.head.contains(&format!("Content-Type: {ct}")),
+            "{}",
+            l.head
+        );
         let start = Instant::now();
         while occurrences(&l.body, &audio) < 3 {
             let had = l.body.len();
@@ -252,7 +279,10 @@ fn a_fallback_file_plays_in_a_loop_and_decodes() {
             .lines()
             .filter(|e| !(codec == Codec::Vorbis && e.contains("non monotonically increasing dts")))
             .collect();
-        assert!(decoded.success && unexpected.is_empty(), "{name}: {decoded:?}");
+        assert!(
+            decoded.success && unexpected.is_empty(),
+            "{name}: {decoded:?}"
+        );
         assert!(decoded.seconds > 4.0, "{name}: {decoded:?}");
         // Not in the status pages: it is a hidden mount of the server's own.
         let (_, _, body) = request(srv.addr, b"GET /status.json HTTP/1.0\r\n\r\n");
@@ -272,7 +302,13 @@ fn a_fallback_loop_is_refused_at_config_load() {
     .unwrap();
     let out = Command::new(env!("CARGO_BIN_EXE_fanstream"))
         .env_remove("FANSTREAM_SOURCE_PASSWORD")
-        .args(["--source-password", "x", "--listen", "127.0.0.1:0", "--config"])
+        .args([
+            "--source-password",
+            "x",
+            "--listen",
+            "127.0.0.1:0",
+            "--config",
+        ])
         .arg(&path)
         .stdin(Stdio::null())
         .output()
@@ -303,8 +339,13 @@ fn a_fallback_file_that_cannot_play_stops_the_start_naming_it() {
         ..fanstream::Config::default()
     };
     let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    let err = fanstream::Server::start(config, listener, None).err().expect("refused");
+    let err = fanstream::Server::start(config, listener, None)
+        .err()
+        .expect("refused");
     let msg = err.to_string();
-    assert!(msg.contains("fallback_file") && msg.contains("silence.mp3"), "{msg}");
+    assert!(
+        msg.contains("fallback_file") && msg.contains("silence.mp3"),
+        "{msg}"
+    );
     assert!(msg.contains("no MPEG audio frames"), "{msg}");
 }

@@ -130,7 +130,9 @@ fn get(addr: SocketAddr, target: &str, user: &str) -> (TcpStream, String) {
 }
 
 fn next_call(calls: &mpsc::Receiver<Call>) -> Call {
-    calls.recv_timeout(DEADLINE).expect("the auth server got a call")
+    calls
+        .recv_timeout(DEADLINE)
+        .expect("the auth server got a call")
 }
 
 #[test]
@@ -205,7 +207,10 @@ fn url_auth_asks_the_auth_server_and_a_slow_answer_holds_up_no_one_else() {
     // Past auth_timeout_ms, without auth_allow_on_timeout: 503.
     let head = slow.join().unwrap();
     assert!(head.starts_with("HTTP/1.0 503"), "{head}");
-    assert!(pending_since.elapsed() < Duration::from_secs(4), "the timeout, not the answer");
+    assert!(
+        pending_since.elapsed() < Duration::from_secs(4),
+        "the timeout, not the answer"
+    );
     // With it: let in.
     let (_, head) = get(srv.addr, "/lenient", "slow");
     assert!(head.starts_with("HTTP/1.0 200"), "{head}");
@@ -218,7 +223,10 @@ fn url_auth_asks_the_auth_server_and_a_slow_answer_holds_up_no_one_else() {
     assert_eq!(remove.field("action"), "listener_remove");
     assert_eq!(remove.field("client"), client);
     assert_eq!(remove.field("mount"), "/a?token=abc");
-    assert!(remove.field("duration").parse::<u64>().unwrap() >= 1, "{remove:?}");
+    assert!(
+        remove.field("duration").parse::<u64>().unwrap() >= 1,
+        "{remove:?}"
+    );
     srv.wait_metric(
         "fanstream_rejected_requests_total",
         &["reason=\"auth_unavailable\""],
@@ -257,7 +265,10 @@ fn htpasswd_auth_with_curl() {
     let bcrypted = bcrypt::hash("opensesame", 5).unwrap();
     std::fs::write(
         &users,
-        format!("# listeners\nalice:{bcrypted}\nbob:{}\n", md5_hex("hunter2")),
+        format!(
+            "# listeners\nalice:{bcrypted}\nbob:{}\n",
+            md5_hex("hunter2")
+        ),
     )
     .unwrap();
     let srv = TestServer::start(|c| {

@@ -93,7 +93,11 @@ fn the_mounts_description_replaces_the_sources_everywhere_and_a_reload_changes_i
     source.send_pattern(0, 20_000, 1000, Duration::ZERO);
     let l = Listener::connect(srv.addr, "/a");
     assert_eq!(header(&l.head, "icy-name"), Some("Station A"), "{}", l.head);
-    assert_eq!(header(&l.head, "icy-genre"), Some("Test"), "the source's, not overridden");
+    assert_eq!(
+        header(&l.head, "icy-genre"),
+        Some("Test"),
+        "the source's, not overridden"
+    );
     assert_eq!(header(&l.head, "icy-description"), Some("Our own words"));
     assert_eq!(header(&l.head, "icy-url"), Some("https://a.example/"));
     assert_eq!(header(&l.head, "icy-pub"), Some("1"));
@@ -153,7 +157,12 @@ fn the_mounts_description_replaces_the_sources_everywhere_and_a_reload_changes_i
         header(&l.head, "icy-genre") == Some("Jazz")
     });
     let l = Listener::connect(srv.addr, "/a");
-    assert_eq!(header(&l.head, "icy-name"), Some("Test Radio"), "{}", l.head);
+    assert_eq!(
+        header(&l.head, "icy-name"),
+        Some("Test Radio"),
+        "{}",
+        l.head
+    );
     assert_eq!(header(&l.head, "icy-pub"), Some("0"));
     assert_eq!(header(&l.head, "icy-description"), None);
     drop((l, source));
