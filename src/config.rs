@@ -679,6 +679,11 @@ impl Config {
         check_mount("defaults", &self.defaults)?;
         for (path, m) in &self.mounts {
             check_mount_path(&format!("mounts.\"{path}\""), path)?;
+            if path.starts_with(FILE_MOUNT_PREFIX) {
+                return Err(format!(
+                    "mounts.\"{path}\": mounts under {FILE_MOUNT_PREFIX} are where fallback files play"
+                ));
+            }
             check_mount(&format!("mounts.\"{path}\""), m)?;
         }
         check_fallback_loops(self)?;
@@ -1084,6 +1089,9 @@ mod tests {
         .unwrap();
         let e = c.validate().unwrap_err();
         assert!(e.contains("loops: /a -> /b -> /c -> /a"), "{e}");
+        let c = Config::from_toml("[mounts.\"/fallback-file/x\"]").unwrap();
+        let e = c.validate().unwrap_err();
+        assert!(e.contains("where fallback files play"), "{e}");
     }
 
     #[test]
