@@ -379,6 +379,18 @@ fn warn_if_over_budget(config: &Config, max_connections: usize) {
     }
 }
 
+/// Reads every media file the config names (`intro_file`, `fallback_file`) as the server
+/// would, for `--check-config`: a start or a reload cannot then fail on a file the check
+/// passed.
+pub fn check_media_files(config: &Config) -> Result<(), String> {
+    crate::file_source::load_intros(config)?;
+    for file in config.fallback_files() {
+        crate::file_source::load(file)
+            .map_err(|e| format!("fallback_file = {}: {e}", file.display()))?;
+    }
+    Ok(())
+}
+
 /// Starts one of our threads, named and registered ([`threads::spawn`]), running `body` on a
 /// runtime built before the thread starts.
 fn spawn_stage(

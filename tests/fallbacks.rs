@@ -322,6 +322,28 @@ fn a_fallback_loop_is_refused_at_config_load() {
 }
 
 #[test]
+fn check_config_reads_the_fallback_and_intro_files() {
+    let dir = common::process::scratch_dir("fallback_check_config");
+    let bad = dir.join("empty.mp3");
+    std::fs::write(&bad, b"").unwrap();
+    for key in ["fallback_file", "intro_file"] {
+        let path = dir.join("fanstream.toml");
+        let toml = format!("[mounts.\"/a\"]\n{key} = {:?}\n", bad.display().to_string());
+        std::fs::write(&path, toml).unwrap();
+        let out = Command::new(env!("CARGO_BIN_EXE_fanstream"))
+            .env_remove("FANSTREAM_SOURCE_PASSWORD")
+            .arg("--check-config")
+            .arg(&path)
+            .stdin(Stdio::null())
+            .output()
+            .unwrap();
+        assert_eq!(out.status.code(), Some(1), "{key}");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains(&format!("{key} = {}", bad.display())), "{err}");
+    }
+}
+
+#[test]
 fn a_fallback_file_that_cannot_play_stops_the_start_naming_it() {
     let dir = common::process::scratch_dir("fallback_file_bad");
     let file = dir.join("silence.mp3");
