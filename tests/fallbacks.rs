@@ -235,6 +235,7 @@ fn a_fallback_file_plays_in_a_loop_and_decodes() {
                 MountSettings {
                     source_grace_secs: 1,
                     fallback_file: Some(file.clone()),
+                    fallback_override: true,
                     ..c.defaults.clone()
                 },
             );
@@ -288,6 +289,10 @@ fn a_fallback_file_plays_in_a_loop_and_decodes() {
         let (_, _, body) = request(srv.addr, b"GET /status.json HTTP/1.0\r\n\r\n");
         let body = String::from_utf8_lossy(&body);
         assert!(!body.contains("fallback-file"), "{body}");
+        // The source returns: fallback_override takes both listeners back from the file.
+        let _back = Feeding::start(srv.addr, "/a", HIGH);
+        srv.wait_metric("fanstream_listeners", &["mount=\"/a\""], |v| v == 2.0);
+        wait_on(&mut l, "the newcomer back on /a", |at| at >= HIGH);
     }
 }
 
