@@ -836,9 +836,9 @@ impl FanOut {
         }
     }
 
-    /// The mount's grace period ended with a fallback: its listeners continue there, from the
-    /// fallback's join point, so players resume at once.
-    /// The first of its fallback chain with a source takes them (see [`live_fallback`]).
+    /// The mount's grace period ended with a fallback: its listeners continue on the first
+    /// mount of its fallback chain with a source (see [`live_fallback`]), from that mount's join
+    /// point, so players resume at once.
     fn move_to_fallback(&mut self, id: u64, fallback: &str) {
         let Some(mut shard) = self.remove_shard(id) else {
             return;
