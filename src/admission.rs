@@ -218,7 +218,7 @@ fn check(
             .enabled()
             .then(|| Record::of(req, peer.ip(), 200, 0)),
         connected: Instant::now(),
-        leave,
+        _leave: leave,
     });
     let guard = ListenerGuard::enter(&ctx.shared, &mount, &ctx.label, limit, client, listening)?;
     Ok((mount, snap, guard))

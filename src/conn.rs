@@ -185,8 +185,9 @@ pub(crate) struct Listening {
     pub record: Option<Record>,
     /// When it connected: `max_listener_duration_secs` counts from here, across moves.
     pub connected: Instant,
-    /// What `listener_remove_url` is told when it leaves (URL auth only).
-    pub leave: Option<LeaveCall>,
+    /// What `listener_remove_url` is told when it leaves (URL auth only): sent when this is
+    /// dropped, whether the listener played or was turned away after its auth call.
+    pub _leave: Option<LeaveCall>,
 }
 
 /// Bytes the peer has acknowledged on a TCP socket (`tcpi_bytes_acked`), or 0 if unknown.
@@ -391,10 +392,7 @@ impl ListenerGuard {
 
 impl Drop for ListenerGuard {
     fn drop(&mut self) {
-        if let Some(mut l) = self.listening.take() {
-            if let Some(leave) = l.leave.take() {
-                leave.send();
-            }
+        if let Some(l) = self.listening.take() {
             self.mount.clients.leave(l.id);
             if let Some(mut record) = l.record {
                 record.bytes = bytes_acked(l.fd);

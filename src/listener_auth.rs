@@ -69,24 +69,26 @@ pub(crate) struct LeaveCall {
     since: Instant,
 }
 
-impl LeaveCall {
+impl Drop for LeaveCall {
     /// Sends `action=listener_remove` in the background (on the runtime of the thread dropping
-    /// the listener); a failure is logged, never waited for.
-    pub fn send(self) {
+    /// the listener); a failure is logged, never waited for. Every listener the auth server
+    /// was told of is told off, however it ends.
+    fn drop(&mut self) {
         let Ok(rt) = tokio::runtime::Handle::try_current() else {
             return;
         };
         let duration = self.since.elapsed().as_secs();
         let body = format!("action=listener_remove&{}&duration={duration}", self.fields);
+        let (url, timeout, calls) = (self.url.clone(), self.timeout, self.calls.clone());
         rt.spawn(async move {
-            let Ok(_turn) = self.calls.acquire().await else {
+            let Ok(_turn) = calls.acquire().await else {
                 return;
             };
-            if let Err(e) = tokio::time::timeout(self.timeout, post(&self.url, &body))
+            if let Err(e) = tokio::time::timeout(timeout, post(&url, &body))
                 .await
                 .unwrap_or_else(|_| Err(std::io::ErrorKind::TimedOut.into()))
             {
-                tracing::warn!(url = %self.url.host, error = %e, "listener_remove_url call failed");
+                tracing::warn!(url = %url.host, error = %e, "listener_remove_url call failed");
             }
         });
     }
