@@ -52,11 +52,18 @@ pub(crate) async fn admit(ctx: &Rc<WorkerCtx>, incoming: Incoming) {
         }
     }
     let intro = intro_for(&ctx.shared, &snap);
-    let preamble_len = intro.len() + snap.info.preamble.len() + snap.headers.len();
+    let metaint = snap.settings.icy_metaint;
+    let preamble_len = snap.info.preamble.len() + snap.headers.len();
+    // An ICY listener gets the intro with an empty block every `icy_metaint` bytes, as the
+    // stream after it; what of the last interval it fills counts with the preamble.
     let icy = wants_icy(&req, &snap)
-        .then(|| Cadence::after(snap.settings.icy_metaint, preamble_len))
+        .then(|| Cadence::after(metaint, intro.len() % metaint + preamble_len))
         .flatten()
         .map(Box::new);
+    let intro = match icy {
+        Some(_) if !intro.is_empty() => with_empty_blocks(&intro, metaint),
+        _ => intro,
+    };
     let head = async {
         match &icy {
             // The shared head, with `icy-metaint` before its closing blank line.
@@ -130,6 +137,18 @@ fn intro_for(shared: &Shared, snap: &Snapshot) -> Bytes {
         Some(intro) if same_format => intro.clone(),
         _ => Bytes::new(),
     }
+}
+
+/// `audio` with an empty ICY block (one zero byte) after every `metaint` bytes.
+fn with_empty_blocks(audio: &[u8], metaint: usize) -> Bytes {
+    let mut out = Vec::with_capacity(audio.len() + audio.len() / metaint);
+    for interval in audio.chunks(metaint) {
+        out.extend_from_slice(interval);
+        if interval.len() == metaint {
+            out.push(0);
+        }
+    }
+    Bytes::from(out)
 }
 
 /// ICY blocks go to a player that asks for them (`Icy-MetaData: 1`), in a stream whose format

@@ -119,3 +119,56 @@ fn an_intro_of_another_format_is_not_sent() {
         "an MP3 stream with an Ogg intro set",
     );
 }
+
+#[test]
+fn an_icy_listener_gets_the_intro_in_its_block_cadence() {
+    use common::media::{icy_listener, icy_metaint, read_while_open, IcyCapture};
+    let dir = scratch_dir("intro_icy");
+    let mut tone = Tone::new(Codec::Mp3, 1.0);
+    tone.frequency = 880;
+    let file = make_file(&dir, "intro.mp3", &tone);
+    let raw = std::fs::read(&file).unwrap();
+    let frames = &raw[id3v2_len(&raw)..];
+    let intro_len = assert_frame_chain(frames, mpeg_frame_len, "the intro file");
+    let srv = TestServer::start(|c| {
+        c.mounts.insert(
+            "/live".into(),
+            MountSettings {
+                intro_file: Some(file.clone()),
+                burst_bytes: 8192,
+                icy_metaint: 4000,
+                ..c.defaults.clone()
+            },
+        );
+    });
+    let live = Tone::new(Codec::Mp3, 60.0);
+    let _source = ffmpeg_source(srv.addr, "/live", &live);
+    let start = Instant::now();
+    while srv.metric(
+        "fanstream_source_received_bytes_total",
+        &["mount=\"/live\""],
+    ) < 20_000.0
+    {
+        assert!(
+            start.elapsed() < DEADLINE,
+            "the ffmpeg source never sent 20 KB"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    let (mut s, head) = icy_listener(srv.addr, "/live");
+    assert_eq!(icy_metaint(&head), Some(4000), "{head}");
+    let mut capture = IcyCapture::new(4000);
+    let enough = read_while_open(&mut s, &mut capture, DEADLINE, |c| {
+        c.audio.len() > intro_len + 30_000
+    });
+    assert!(enough, "{} audio bytes", capture.audio.len());
+    // Blocks every 4000 bytes from the first audio byte, the intro's included.
+    assert!(
+        capture.blocks.len() >= (intro_len + 30_000) / 4000,
+        "{}",
+        capture.blocks.len()
+    );
+    assert_eq!(&capture.audio[..intro_len], &frames[..intro_len]);
+    let complete = assert_frame_chain(&capture.audio, mpeg_frame_len, "ICY audio");
+    assert!(complete > intro_len + 20_000);
+}
