@@ -23,14 +23,15 @@
 //! | `unsupported_transfer_encoding` | 501 | a source body neither plain nor chunked |
 //! | `conflicting_length` | 400 | `Content-Length` with `Transfer-Encoding: chunked`, given twice with different values, or not a number (RFC 9112: a proxy in front could frame it differently) |
 //! | `missing_content_type` | 400 | a `PUT` source without Content-Type |
-//! | `auth_required` | 401 | no credentials |
-//! | `bad_credentials` | 401 | wrong user or password |
+//! | `auth_required` | 401 | no credentials (a source, the admin API, or a listener of an `htpasswd` mount) |
+//! | `bad_credentials` | 401 | wrong user or password, or a listener `listener_add_url` refused |
 //! | `auth_rate_limited` | 429 | too many failed logins from the address |
 //! | `mount_in_use` | 403 | a source is live on the mount |
 //! | `too_many_sources` | 503 | `max_sources` sources are live |
 //! | `admin_password_not_set` | 403 | the admin API on the listener port, with no `admin_password` configured |
 //! | `unknown_command` | 400 | an `/admin/` path that is no admin command |
 //! | `no_such_source` | 400 | an admin command for a mount that does not exist (or, for `killsource`, has no source) |
+//! | `auth_unavailable` | 503 | listener authentication could not decide: `listener_add_url` unreachable or too slow (without `auth_allow_on_timeout`), or the users file unreadable |
 //! | `bad_destination` | 400 | `moveclients` to a mount with no live source, or to the mount itself |
 //! | `header_timeout` | none | the head did not arrive within `header_timeout_secs` (`header_timeout_under_pressure_secs` when accepted above 80% of `max_connections`); closed |
 //! | `pending_heads_per_ip` | none | the address holds `max_pending_heads_per_ip` connections still sending their head; closed at accept |
@@ -51,6 +52,8 @@ use crate::http;
 pub(crate) enum Realm {
     Source,
     Admin,
+    /// A mount's listeners (`auth = "htpasswd"` or `"url"`).
+    Listener,
 }
 
 impl Realm {
@@ -58,6 +61,7 @@ impl Realm {
         match self {
             Realm::Source => "Basic realm=\"fanstream\"",
             Realm::Admin => "Basic realm=\"fanstream admin\"",
+            Realm::Listener => "Basic realm=\"fanstream listener\"",
         }
     }
 }
@@ -94,6 +98,9 @@ pub(crate) enum Refusal {
     UnknownCommand,
     NoSuchSource,
     BadDestination,
+    /// Listener authentication could not decide: `listener_add_url` did not answer in time (or
+    /// could not be reached), or the users file cannot be read.
+    AuthUnavailable,
 }
 
 impl Refusal {
@@ -115,7 +122,10 @@ impl Refusal {
             Refusal::PerIpLimit | Refusal::AuthRateLimited { .. } => 429,
             Refusal::HeadersTooLarge => 431,
             Refusal::UnsupportedTransferEncoding => 501,
-            Refusal::MountFull | Refusal::ServerFull | Refusal::TooManySources => 503,
+            Refusal::MountFull
+            | Refusal::ServerFull
+            | Refusal::TooManySources
+            | Refusal::AuthUnavailable => 503,
         }
     }
 
@@ -145,6 +155,7 @@ impl Refusal {
             Refusal::UnknownCommand => "unknown_command",
             Refusal::NoSuchSource => "no_such_source",
             Refusal::BadDestination => "bad_destination",
+            Refusal::AuthUnavailable => "auth_unavailable",
         }
     }
 
@@ -268,11 +279,13 @@ pub(crate) enum Disconnect {
     Panic,
     /// An operator closed it (`/admin/killclient`).
     Killed,
+    /// It had listened for its mount's `max_listener_duration_secs`.
+    MaxDuration,
 }
 
 impl Disconnect {
     /// Every reason, so that each mount's counters start at zero.
-    pub const ALL: [Disconnect; 8] = [
+    pub const ALL: [Disconnect; 9] = [
         Disconnect::ClientClosed,
         Disconnect::WriteError,
         Disconnect::Slow,
@@ -281,6 +294,7 @@ impl Disconnect {
         Disconnect::SendTimeout,
         Disconnect::Panic,
         Disconnect::Killed,
+        Disconnect::MaxDuration,
     ];
 
     pub fn reason(self) -> &'static str {
@@ -293,6 +307,7 @@ impl Disconnect {
             Disconnect::SendTimeout => "send_timeout",
             Disconnect::Panic => "panic",
             Disconnect::Killed => "killed",
+            Disconnect::MaxDuration => "max_duration",
         }
     }
 
