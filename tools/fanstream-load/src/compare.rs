@@ -124,6 +124,113 @@ pub fn side_by_side(
     Ok(())
 }
 
+/// The rows every two-run comparison of fanstream shows (plain listeners against ICY or TLS
+/// ones): the figures with their ratio, the integrity of each run, then `extra` rows of the
+/// variant's own, then how each run went. Appended to `t`, a table with a header row.
+pub fn variant_rows(
+    t: &mut String,
+    base: &Summary,
+    other: &Summary,
+    extra: Vec<(&str, String, String)>,
+) {
+    let metrics_us = |s: &Summary| {
+        s.server_cpu_pct_metrics
+            .map_or(0.0, |p| p * 1e4 / s.streaming_at_end.max(1) as f64)
+    };
+    let mb = |s: &Summary| s.server_rss_bytes as f64 / 1048576.0;
+    let numeric: [(&str, f64, f64, usize); 9] = [
+        (
+            "listeners streaming at the end",
+            base.streaming_at_end as f64,
+            other.streaming_at_end as f64,
+            0,
+        ),
+        (
+            "delivered (% of bytes owed)",
+            base.delivered_ratio * 100.0,
+            other.delivered_ratio * 100.0,
+            3,
+        ),
+        (
+            "server CPU, % of a core",
+            base.server_cpu_pct,
+            other.server_cpu_pct,
+            1,
+        ),
+        (
+            "**CPU µs per listener-second** (/proc)",
+            base.cpu_us_per_listener_sec,
+            other.cpu_us_per_listener_sec,
+            1,
+        ),
+        (
+            "CPU µs per listener-second (/metrics threads)",
+            metrics_us(base),
+            metrics_us(other),
+            1,
+        ),
+        (
+            "RSS per listener, bytes",
+            base.rss_per_listener_bytes,
+            other.rss_per_listener_bytes,
+            0,
+        ),
+        ("server RSS, MiB", mb(base), mb(other), 1),
+        (
+            "write syscalls per listener-second",
+            base.write_syscalls_per_listener_sec.unwrap_or(0.0),
+            other.write_syscalls_per_listener_sec.unwrap_or(0.0),
+            3,
+        ),
+        (
+            "bytes per write (audio)",
+            base.bytes_per_write.unwrap_or(0.0),
+            other.bytes_per_write.unwrap_or(0.0),
+            0,
+        ),
+    ];
+    for (name, b, o, prec) in numeric {
+        *t += &format!("| {name} | {b:.prec$} | {o:.prec$} | {} |\n", ratio(o, b));
+    }
+    let integrity = |s: &Summary| {
+        format!(
+            "{} (gaps {}, duplicates {}, corrupt {})",
+            s.integrity.total(),
+            s.integrity.gaps,
+            s.integrity.duplicates,
+            s.integrity.corrupt
+        )
+    };
+    let latency = |s: &Summary| format!("{:.0} / {:.0}", s.latency_p50_ms, s.latency_p99_ms);
+    let load_tool = |s: &Summary| format!("{:.0}", s.load_cpu_pct.iter().sum::<f64>());
+    let busy = |s: &Summary| format!("{:.0}", s.machine_busy_pct);
+    let mut text = vec![("integrity errors", integrity(base), integrity(other))];
+    text.extend(extra);
+    text.extend([
+        ("latency p50 / p99, ms", latency(base), latency(other)),
+        (
+            "load tool CPU, % of a core",
+            load_tool(base),
+            load_tool(other),
+        ),
+        ("machine busy, % (of 200%)", busy(base), busy(other)),
+        (
+            "started",
+            base.started_utc.clone(),
+            other.started_utc.clone(),
+        ),
+        (
+            "load average before",
+            base.loadavg_before.clone(),
+            other.loadavg_before.clone(),
+        ),
+        ("limited by", base.limit.clone(), other.limit.clone()),
+    ]);
+    for (name, b, o) in text {
+        *t += &format!("| {name} | {b} | {o} | |\n");
+    }
+}
+
 /// `a / b` for a table cell, or `n/a` without a `b`.
 pub fn ratio(a: f64, b: f64) -> String {
     if b > 0.0 {
