@@ -139,10 +139,12 @@ fn every_listener_and_request_has_its_line_after_a_run() {
         .filter(|l| l.request == "GET /live HTTP/1.1")
         .collect();
     assert_eq!(listeners.len(), 3, "one line per listener: {all:#?}");
+    // Seconds connected run until the server finds the listener gone, at its next write (up to
+    // `max_write_delay_ms`, 1 s, later), and stretch on a busy machine: bounds, not values.
     for (agent, at_least, seconds) in [
-        ("agent-a", 10_000, 1..=2),
-        ("agent-b", 20_000, 2..=3),
-        ("agent-c", 50_000, 2..=10),
+        ("agent-a", 10_000, 1..=4),
+        ("agent-b", 20_000, 2..=5),
+        ("agent-c", 50_000, 2..=15),
     ] {
         let l = listeners
             .iter()
