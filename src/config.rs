@@ -57,6 +57,16 @@ pub struct MountSettings {
     /// Leave the mount out of the status pages, `/admin/streamlist.txt` and playlists; it still
     /// plays for whoever knows its path, and the admin API still lists it. Default false.
     pub hidden: bool,
+    /// Serve the mount as HLS too: `/MOUNT/index.m3u8` and its segments, cut from the stream at
+    /// ingest (MP3 and AAC in ADTS; other formats answer 404 saying so). Default false.
+    pub hls: bool,
+    /// Segments the live playlist lists; as many again stay fetchable after leaving it. At least
+    /// 4: a playlist must span three target durations (RFC 8216, 6.2.2), and segments end a
+    /// frame short of the target. Default 6.
+    pub hls_segments: usize,
+    /// Most seconds of audio in a segment (`EXT-X-TARGETDURATION`); segments end at the last
+    /// whole frame within it. Default 4.
+    pub hls_segment_secs: u64,
 }
 
 impl Default for MountSettings {
@@ -74,6 +84,9 @@ impl Default for MountSettings {
             max_write_delay_ms: 1000,
             icy_metaint: 16000,
             hidden: false,
+            hls: false,
+            hls_segments: 6,
+            hls_segment_secs: 4,
         }
     }
 }
@@ -636,6 +649,18 @@ fn check_mount(what: &str, m: &MountSettings, cfg: &Config) -> Result<(), String
         return Err(format!(
             "{what}.max_write_delay_ms = {}: at most 10000",
             m.max_write_delay_ms
+        ));
+    }
+    if !(4..=100).contains(&m.hls_segments) {
+        return Err(format!(
+            "{what}.hls_segments = {}: 4 to 100",
+            m.hls_segments
+        ));
+    }
+    if !(1..=60).contains(&m.hls_segment_secs) {
+        return Err(format!(
+            "{what}.hls_segment_secs = {}: 1 to 60",
+            m.hls_segment_secs
         ));
     }
     if let Some(p) = &m.source_password {

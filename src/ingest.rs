@@ -61,7 +61,8 @@ use crate::chunked::ChunkedDecoder;
 use crate::config::MountSettings;
 use crate::conn::{refuse, Encoder, Feed, SourceConn, TitleUpdate, ToIngest};
 use crate::format::Event;
-use crate::framing::Format;
+use crate::framing::{mpeg_kind, Format};
+use crate::hls::{Params, Segmenter, Title};
 use crate::http::RESPONSE_TIMEOUT;
 use crate::metrics::unsynced_action;
 use crate::mounts::{Mount, StoreWriter};
@@ -108,6 +109,45 @@ struct Entry {
     pieces_gauge: IntGauge,
     /// Ends the current claim's source (`/admin/killsource`); replaced on every claim.
     kill: Rc<Notify>,
+    /// Cuts the stream into HLS segments while the mount's `hls` is on; kept across sources,
+    /// so that its media sequence goes on.
+    hls: Option<Segmenter>,
+}
+
+impl Entry {
+    /// Feeds a piece of the stream to the mount's HLS segmenter (made when `hls` is turned on,
+    /// dropped when it is turned off); a new window goes out with the next publication.
+    fn segment(&mut self, settings: &MountSettings, bytes: &Bytes, sync: bool) {
+        let Some(params) = hls_params(settings) else {
+            if self.hls.take().is_some() {
+                self.writer.set_hls(None);
+            }
+            return;
+        };
+        let snap = self.writer.store().load();
+        let hls = self.hls.get_or_insert_with(|| {
+            let mut segmenter = Segmenter::new(params);
+            segmenter.start_source(mpeg_kind(&snap.info.meta.content_type));
+            segmenter
+        });
+        let np = &snap.now_playing;
+        let title = Title {
+            version: np.version,
+            title: np.title.as_deref(),
+            artist: np.artist.as_deref(),
+        };
+        if hls.push(bytes, sync, params, title) {
+            self.writer.set_hls(hls.window());
+        }
+    }
+}
+
+/// A mount's HLS settings, None when its `hls` is off.
+fn hls_params(settings: &MountSettings) -> Option<Params> {
+    settings.hls.then_some(Params {
+        segment_secs: settings.hls_segment_secs,
+        segments: settings.hls_segments,
+    })
 }
 
 /// Ingest's state; lives on the ingest thread only.
@@ -166,11 +206,17 @@ impl Ingest {
                 retained_gauge: shared.metrics.retained_bytes.with_label_values(&label),
                 pieces_gauge: shared.metrics.retained_pieces.with_label_values(&label),
                 kill: Rc::default(),
+                hls: None,
                 mount,
             }
         });
         entry.generation += 1;
         entry.kill = Rc::default();
+        if let Some(hls) = entry.hls.as_mut() {
+            if hls.start_source(mpeg_kind(&info.meta.content_type)) {
+                entry.writer.set_hls(hls.window());
+            }
+        }
         entry.writer.go_live(info);
         let label = [entry.mount.label.as_str()];
         // Up and down by one, not set: under `mount="other"` it counts several mounts' sources.
@@ -204,7 +250,9 @@ impl Ingest {
             return false;
         };
         let m = &self.shared.metrics;
-        let label = entry.mount.label.as_str();
+        // Held apart from `entry`, which the segmenter borrows mutably.
+        let mount = entry.mount.clone();
+        let label = mount.label.as_str();
         // What the furthest-behind listener still needs, over the burst: a mount whose
         // listeners keep up keeps little more than its burst, and memory returns as they catch
         // up or leave.
@@ -213,6 +261,7 @@ impl Ingest {
         for event in events.drain(..) {
             match event {
                 Event::Data { bytes, sync } => {
+                    entry.segment(&settings, &bytes, sync);
                     // Counted from the end the piece makes: counted from before it, the piece's
                     // length would be evicted from under the furthest-behind listener.
                     let end = entry.writer.end() + bytes.len() as u64;
@@ -241,7 +290,7 @@ impl Ingest {
         let pieces = entry.writer.retained_pieces() as i64;
         entry.pieces_gauge.add(pieces - entry.retained_pieces);
         entry.retained_pieces = pieces;
-        let (mount, end) = (entry.mount.clone(), snap.end);
+        let end = snap.end;
         drop(entries);
         self.shared.published(&mount, end);
         true
@@ -311,6 +360,11 @@ impl Ingest {
             else {
                 return;
             };
+            if let Some(hls) = entry.hls.as_mut() {
+                if hls.end_source() {
+                    entry.writer.set_hls(hls.window());
+                }
+            }
             entry.writer.set_state(SourceState::Gone(Instant::now()));
             let grace = Duration::from_secs(entry.writer.settings().source_grace_secs);
             (grace, entry.mount.clone())

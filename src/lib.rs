@@ -44,10 +44,11 @@
 //! 1. **Wire and data** (std and crates only): [`http`] (request heads, short responses),
 //!    [`chunked`], the stream formats ([`format`], what every parser yields; [`mpeg`] frames;
 //!    [`ogg`] pages; [`framing`], which picks one by Content-Type), [`icy`] (metadata blocks
-//!    between the audio), [`store`] (the segment store and its snapshot, generic over the settings it
-//!    carries), [`threads`] (named, pinned, CPU-accounted threads), [`open_files`], [`sd_notify`]
-//!    (telling systemd the server is ready, reloading or stopping), [`dates`] (the date formats
-//!    Icecast prints).
+//!    between the audio), [`dates`] (the date formats Icecast and HLS print), [`hls`] (MP3 and
+//!    AAC cut into HLS packed-audio segments, and their live playlist), [`store`] (the segment
+//!    store and its snapshot, generic over the settings it carries), [`threads`] (named, pinned,
+//!    CPU-accounted threads), [`open_files`], [`sd_notify`] (telling systemd the server is
+//!    ready, reloading or stopping).
 //! 2. **Vocabulary** shared by the stages: [`config`], [`reasons`] (`Refusal`, `Disconnect`: the
 //!    fixed reason labels), [`metrics`], [`usage`], [`clients`] (who listens to each mount),
 //!    [`mounts`] (the mount table), [`auth`], [`logs`] (log lines that summarise a flood per
@@ -59,8 +60,9 @@
 //! 3. **Stages**: [`acceptor`], [`status`], [`playlists`] (`.m3u`, `.xspf`), [`metadata`]
 //!    (title updates), [`admission`], [`fanout`], [`source`], [`shoutcast`] (SHOUTcast v1
 //!    sources), [`ingest`], [`demo`], [`admin_api`] (Icecast's admin commands, on both ports),
-//!    [`admin`], and [`worker`] (the router, which calls admission, source, metadata, the admin
-//!    API, playlists and status).
+//!    [`admin`], [`hls_http`] (HLS playlists and segments as cacheable keep-alive HTTP/1.1
+//!    responses), and [`worker`] (the router, which calls admission, source, metadata, the admin
+//!    API, playlists, HLS and status).
 //! 4. **Wiring**: [`server`].
 //! 5. **Entry**: `main.rs`.
 //!
@@ -72,6 +74,7 @@ pub(crate) mod chunked;
 pub(crate) mod dates;
 pub(crate) mod format;
 pub(crate) mod framing;
+pub(crate) mod hls;
 pub(crate) mod http;
 pub(crate) mod icy;
 pub(crate) mod mpeg;
@@ -100,6 +103,7 @@ pub(crate) mod admin_api;
 pub(crate) mod admission;
 pub(crate) mod demo;
 pub(crate) mod fanout;
+pub(crate) mod hls_http;
 pub(crate) mod ingest;
 pub(crate) mod metadata;
 pub(crate) mod playlists;

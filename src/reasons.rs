@@ -32,6 +32,10 @@
 //! | `unknown_command` | 400 | an `/admin/` path that is no admin command |
 //! | `no_such_source` | 400 | an admin command for a mount that does not exist (or, for `killsource`, has no source) |
 //! | `bad_destination` | 400 | `moveclients` to a mount with no live source, or to the mount itself |
+//! | `hls_off` | 404 | an HLS playlist or segment of a mount whose `hls` is off |
+//! | `hls_unsupported_format` | 404 | HLS of a mount whose stream is not MP3 or AAC (ADTS) |
+//! | `hls_not_ready` | 404 | HLS of a mount whose first segment is not complete yet |
+//! | `segment_gone` | 404 | a segment no longer (or never) in the mount's HLS window |
 //! | `header_timeout` | none | the head did not arrive within `header_timeout_secs` (`header_timeout_under_pressure_secs` when accepted above 80% of `max_connections`); closed |
 //! | `pending_heads_per_ip` | none | the address holds `max_pending_heads_per_ip` connections still sending their head; closed at accept |
 //! | `idle_head_evicted` | none | at `max_connections`, the oldest connection still without a head (after 250 ms; 100 ms on the admin port) was closed to make room |
@@ -91,6 +95,10 @@ pub(crate) enum Refusal {
     UnknownCommand,
     NoSuchSource,
     BadDestination,
+    HlsOff,
+    HlsUnsupportedFormat,
+    HlsNotReady,
+    SegmentGone,
 }
 
 impl Refusal {
@@ -106,7 +114,12 @@ impl Refusal {
             | Refusal::BadDestination => 400,
             Refusal::AuthRequired(_) | Refusal::BadCredentials(_) => 401,
             Refusal::MountInUse | Refusal::AdminPasswordNotSet => 403,
-            Refusal::UnknownMount | Refusal::MountIdle => 404,
+            Refusal::UnknownMount
+            | Refusal::MountIdle
+            | Refusal::HlsOff
+            | Refusal::HlsUnsupportedFormat
+            | Refusal::HlsNotReady
+            | Refusal::SegmentGone => 404,
             Refusal::MethodNotAllowed(_) => 405,
             Refusal::UriTooLong => 414,
             Refusal::PerIpLimit | Refusal::AuthRateLimited { .. } => 429,
@@ -142,6 +155,10 @@ impl Refusal {
             Refusal::UnknownCommand => "unknown_command",
             Refusal::NoSuchSource => "no_such_source",
             Refusal::BadDestination => "bad_destination",
+            Refusal::HlsOff => "hls_off",
+            Refusal::HlsUnsupportedFormat => "hls_unsupported_format",
+            Refusal::HlsNotReady => "hls_not_ready",
+            Refusal::SegmentGone => "segment_gone",
         }
     }
 
@@ -153,6 +170,12 @@ impl Refusal {
         match self {
             Refusal::TooManySources => " (raise max_sources)",
             Refusal::ServerFull => " (max_listeners)",
+            Refusal::HlsOff => " (set hls = true for this mount)",
+            Refusal::HlsUnsupportedFormat => {
+                " (HLS is cut from MP3 and AAC (ADTS) streams only; Ogg (Opus, Vorbis, FLAC) is not yet)"
+            }
+            Refusal::HlsNotReady => " (the first segment is still being cut; retry shortly)",
+            Refusal::SegmentGone => " (it is not in the mount's HLS window; reload the playlist)",
             _ => "",
         }
     }
