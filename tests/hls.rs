@@ -674,3 +674,41 @@ fn a_title_update_starts_a_segment_whose_id3_tag_carries_it() {
     );
     drop(source);
 }
+
+/// A browser: headless Chromium plays the live playlist through hls.js (tests/web/hls.html,
+/// hls.js vendored beside it), its `<audio>` element's `currentTime` advancing, and hls.js finds
+/// the title set through `/admin/metadata` in the segments' ID3 tags.
+#[test]
+fn chromium_plays_an_mp3_mount_through_hls_js_and_reads_its_title() {
+    let dir = process::scratch_dir("hls_chromium");
+    let srv = server();
+    let mut source = ffmpeg_source(srv.addr, "/live", &Tone::new(Codec::Mp3, 120.0));
+    wait_playlist(srv.addr, "/live", SEGMENTS, None, &mut source);
+    let params = [
+        ("mode", "updinfo"),
+        ("mount", "/live"),
+        ("song", "Chromium Song"),
+    ];
+    let (status, _, body) = curl_get(
+        srv.addr,
+        "/admin/metadata",
+        Some(("source", PASSWORD)),
+        &params,
+    );
+    assert_eq!(status, 200, "{body}");
+    let page = web_page("hls.html", &format!("http://{}/live/index.m3u8", srv.addr));
+    let mut browser = chromium(&dir, &page, 45);
+    wait_playing(&mut browser, 2.0, Duration::from_secs(35));
+    browser.wait_line(
+        "the title as hls.js read it from ID3",
+        Duration::from_secs(20),
+        |l| l.contains("fanstream-hls: id3 TIT2=Chromium Song"),
+    );
+    let log = browser.text();
+    assert!(
+        !log.lines()
+            .any(|l| l.contains("fanstream-hls: error") && l.contains("fatal=true")),
+        "hls.js failed:\n{log}"
+    );
+    drop(source);
+}

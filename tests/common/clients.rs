@@ -683,7 +683,14 @@ output.icecast({encoder}, host="{host}", port={port}, user="source", password="{
 
 /// The file:// address of tests/web/player.html playing `stream_url`.
 pub fn player_page(stream_url: &str) -> String {
-    let page = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/web/player.html");
+    web_page("player.html", stream_url)
+}
+
+/// The file:// address of the page tests/web/NAME, given `stream_url` as `?src=`.
+pub fn web_page(name: &str, stream_url: &str) -> String {
+    let page = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/web")
+        .join(name);
     assert!(page.exists(), "{} is missing", page.display());
     let encoded: String = stream_url
         .bytes()
