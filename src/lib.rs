@@ -24,6 +24,10 @@
 //!   worker's [`fanout`](fanout) loop, which writes the listeners of the mounts that published,
 //!   and those whose coalesced write fell due, from the snapshot with vectored writes, applying
 //!   the lag policy.
+//! - HLS: for a mount with `hls` on, ingest also cuts an MP3 or AAC stream into packed-audio
+//!   segments and renders its playlist ([`hls`]), published in the same snapshot; the router
+//!   hands `/MOUNT/index.m3u8` and segment requests to [`hls_http`], which answers them as
+//!   cacheable keep-alive HTTP/1.1 responses.
 //! - [`metrics`] and [`admin`]: Prometheus metrics, per-thread CPU read at scrape time
 //!   ([`threads`]), listener-seconds and CPU per listener kept by each worker ([`usage`]), served
 //!   from their own thread. [`status`]: `/status.json` and Icecast's `/status-json.xsl`.
