@@ -13,7 +13,9 @@
 //! to the router. A refusal (`404` naming why: HLS off, a format not segmented, no segment yet,
 //! a segment gone) closes the connection, as every refusal does.
 
-use std::time::{Duration, SystemTime};
+use std::hash::{Hash, Hasher};
+use std::net::IpAddr;
+use std::time::{Duration, Instant, SystemTime};
 
 use bytes::Bytes;
 use tokio::io::AsyncWriteExt;
@@ -27,6 +29,7 @@ use crate::http::{
     parse_head, read_with, status_phrase, valid_mount_path, HeadError, Method, Request,
     MAX_HEAD_BYTES,
 };
+use crate::metrics::HLS_KINDS;
 use crate::reasons::Refusal;
 use crate::shared::Shared;
 
@@ -63,7 +66,7 @@ pub(crate) async fn serve(shared: &Shared, incoming: Incoming) -> Option<Incomin
     let _ = stream.set_nodelay(true);
     loop {
         let keep_alive = keeps_alive(&req);
-        let response = match answer(shared, &req) {
+        let response = match answer(shared, &req, peer.ip()) {
             Ok(r) => r,
             Err(no) => {
                 let leftover = Vec::new();
@@ -163,8 +166,16 @@ struct Response {
     length: usize,
 }
 
+/// Who polls a playlist, as HLS sessions are told apart: the address and the `User-Agent`.
+fn client_key(req: &Request, peer: IpAddr) -> u64 {
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    peer.hash(&mut h);
+    req.header("user-agent").hash(&mut h);
+    h.finish()
+}
+
 /// What the mount's HLS window has at the path, or why not.
-fn answer(shared: &Shared, req: &Request) -> Result<Response, Refusal> {
+fn answer(shared: &Shared, req: &Request, peer: IpAddr) -> Result<Response, Refusal> {
     let (mount_path, file) = split(&req.path).ok_or(Refusal::UnknownMount)?;
     let mount = shared.mounts.get(mount_path).ok_or(Refusal::UnknownMount)?;
     let snap = mount.store.load_full();
@@ -177,7 +188,14 @@ fn answer(shared: &Shared, req: &Request) -> Result<Response, Refusal> {
             None => Refusal::HlsUnsupportedFormat,
         });
     };
+    let kind = if file == PLAYLIST { 0 } else { 1 };
     let (body, etag, content_type, cache_control) = if file == PLAYLIST {
+        // A player polls the playlist about once a target duration: three missed polls and it
+        // is gone.
+        let ttl = Duration::from_secs(3 * window.target_secs);
+        mount
+            .hls_sessions
+            .poll(client_key(req, peer), Instant::now(), ttl);
         // About half a segment: a player polls the playlist about once a target duration, and
         // a cache should not hold it much longer than the time a new segment takes to come.
         let max_age = window.target_secs.div_ceil(2);
@@ -196,6 +214,11 @@ fn answer(shared: &Shared, req: &Request) -> Result<Response, Refusal> {
             SEGMENT_CACHE_CONTROL.to_string(),
         )
     };
+    shared
+        .metrics
+        .hls_requests
+        .with_label_values(&[mount.label.as_str(), HLS_KINDS[kind]])
+        .inc();
     Ok(respond(req, body, &etag, content_type, &cache_control))
 }
 

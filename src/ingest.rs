@@ -194,6 +194,7 @@ impl Ingest {
                 received_bytes: AtomicU64::new(0),
                 sent_bytes: AtomicU64::new(0),
                 clients: Default::default(),
+                hls_sessions: Default::default(),
                 on_workers: shared.workers.iter().map(|_| Default::default()).collect(),
             });
             shared.mounts.insert(mount.clone());

@@ -96,6 +96,9 @@ struct MountStatus {
     /// Payload bytes sent to listeners since the mount appeared.
     sent_bytes: u64,
     retained_bytes: u64,
+    /// HLS players now, from their playlist polls; absent for a mount without HLS.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    hls_sessions: Option<usize>,
 }
 
 fn own(shared: &Shared, host: &str) -> Status {
@@ -134,6 +137,7 @@ fn own(shared: &Shared, host: &str) -> Status {
                 received_bytes: m.received_bytes.load(Ordering::Relaxed),
                 sent_bytes: m.sent_bytes.load(Ordering::Relaxed),
                 retained_bytes: snap.retained_bytes(),
+                hls_sessions: snap.settings.hls.then(|| m.hls_sessions_now()),
                 mount: m.path.clone(),
             })
         })

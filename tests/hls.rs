@@ -712,3 +712,44 @@ fn chromium_plays_an_mp3_mount_through_hls_js_and_reads_its_title() {
     );
     drop(source);
 }
+
+/// HLS players are counted from their playlist polls (by address and `User-Agent`) in
+/// `/status.json` and `fanstream_hls_sessions`, and leave the count once they stop polling;
+/// `fanstream_hls_requests_total` counts what was answered, by kind.
+#[test]
+fn hls_sessions_are_counted_from_playlist_polls_and_requests_by_kind() {
+    let srv = server();
+    let mut source = ffmpeg_source(srv.addr, "/live", &Tone::new(Codec::Mp3, 120.0));
+    let p = wait_playlist(srv.addr, "/live", 1, None, &mut source);
+    let poll = |agent: &str| {
+        let raw = format!("GET /live/index.m3u8 HTTP/1.0\r\nUser-Agent: {agent}\r\n\r\n");
+        assert_eq!(request(srv.addr, raw.as_bytes()).0, 200);
+    };
+    let sessions = || {
+        let (_, _, body) = get(srv.addr, "/status.json");
+        let status: serde_json::Value = serde_json::from_slice(&body).unwrap();
+        status["mounts"][0]["hls_sessions"].as_u64().unwrap()
+    };
+    let label = "mount=\"/live\"";
+    // The waiting above polled without a User-Agent: a third client.
+    poll("player-a");
+    poll("player-b");
+    poll("player-a");
+    assert_eq!(sessions(), 3);
+    assert_eq!(srv.metric("fanstream_hls_sessions", &[label]), 3.0);
+    let playlists = srv.metric(
+        "fanstream_hls_requests_total",
+        &[label, "kind=\"playlist\""],
+    );
+    assert!(playlists >= 4.0, "{playlists} playlist requests counted");
+    get(srv.addr, &format!("/live/{}", p.entries[0].name));
+    get(srv.addr, &format!("/live/{}", p.entries[0].name));
+    assert_eq!(
+        srv.metric("fanstream_hls_requests_total", &[label, "kind=\"segment\""]),
+        2.0
+    );
+    // No poll for three target durations: gone.
+    wait_until("the sessions to end", || sessions() == 0);
+    srv.wait_metric("fanstream_hls_sessions", &[label], |v| v == 0.0);
+    drop(source);
+}
