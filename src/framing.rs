@@ -32,6 +32,14 @@ fn essence(content_type: &str) -> String {
         .to_ascii_lowercase()
 }
 
+/// Whether a `Content-Type` announces an Ogg stream (parameters and case ignored).
+pub(crate) fn is_ogg(content_type: &str) -> bool {
+    matches!(
+        essence(content_type).as_str(),
+        "audio/ogg" | "application/ogg" | "audio/opus" | "video/ogg" | "audio/x-ogg"
+    )
+}
+
 /// One source connection's parser.
 pub(crate) enum Format {
     PassThrough,
@@ -45,11 +53,10 @@ impl Format {
         if let Some(kind) = mpeg_kind(content_type) {
             return Format::Mpeg(mpeg::Framer::new(kind));
         }
-        match essence(content_type).as_str() {
-            "audio/ogg" | "application/ogg" | "audio/opus" | "video/ogg" | "audio/x-ogg" => {
-                Format::Ogg(ogg::Framer::new())
-            }
-            _ => Format::PassThrough,
+        if is_ogg(content_type) {
+            Format::Ogg(ogg::Framer::new())
+        } else {
+            Format::PassThrough
         }
     }
 

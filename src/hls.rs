@@ -30,6 +30,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use bytes::{Bytes, BytesMut};
 
+use crate::fmp4::{fragment, init_segment, opus_packet_samples, OpusHead, OPUS_RATE};
 use crate::mpeg::{found_at, Found, Kind};
 
 /// The PRIV owner whose 8 bytes are a segment's first timestamp (RFC 8216, 3.4).
@@ -77,9 +78,39 @@ pub(crate) struct Segment {
     pub date: SystemTime,
     /// It starts a new source's stream (`EXT-X-DISCONTINUITY`).
     pub discontinuity: bool,
-    pub kind: Kind,
-    /// The ID3 tag, then whole frames.
+    pub kind: Media,
+    /// Packed audio: the ID3 tag, then whole frames. fMP4: a fragment (`moof`, `mdat`).
     pub data: Bytes,
+    /// fMP4: the init segment it needs (`EXT-X-MAP`).
+    pub init: Option<Arc<Init>>,
+}
+
+/// An fMP4 init segment, shared by the segments of one stream.
+#[derive(Debug)]
+pub(crate) struct Init {
+    /// Its file name: `EPOCH-init-N.mp4`.
+    pub name: String,
+    pub data: Bytes,
+}
+
+/// What a segment holds.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Media {
+    /// MPEG audio frames (MP3, MP2), packed.
+    Mp3,
+    /// ADTS frames, packed.
+    Aac,
+    /// Opus packets in an fMP4 fragment.
+    Opus,
+}
+
+/// The stream a source sends, as the segmenter takes it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Source {
+    /// MPEG or ADTS frames, cut into packed audio.
+    Packed(Kind),
+    /// Ogg pages, whose Opus stream (if any) goes into fMP4 fragments.
+    Ogg,
 }
 
 impl Segment {
@@ -93,17 +124,26 @@ impl Segment {
     }
 }
 
-fn content_type(kind: Kind) -> &'static str {
+fn content_type(kind: Media) -> &'static str {
     match kind {
-        Kind::Mp3 => "audio/mpeg",
-        Kind::Adts => "audio/aac",
+        Media::Mp3 => "audio/mpeg",
+        Media::Aac => "audio/aac",
+        Media::Opus => "audio/mp4",
     }
 }
 
-fn extension(kind: Kind) -> &'static str {
+fn extension(kind: Media) -> &'static str {
     match kind {
-        Kind::Mp3 => "mp3",
-        Kind::Adts => "aac",
+        Media::Mp3 => "mp3",
+        Media::Aac => "aac",
+        Media::Opus => "m4s",
+    }
+}
+
+fn media(kind: Kind) -> Media {
+    match kind {
+        Kind::Mp3 => Media::Mp3,
+        Kind::Adts => Media::Aac,
     }
 }
 
@@ -125,18 +165,41 @@ impl Window {
     pub fn segment(&self, name: &str) -> Option<&Arc<Segment>> {
         self.segments.iter().rev().find(|s| s.name == name)
     }
+
+    /// A retained segment's init segment by its file name.
+    pub fn init(&self, name: &str) -> Option<&Arc<Init>> {
+        self.segments
+            .iter()
+            .rev()
+            .filter_map(|s| s.init.as_ref())
+            .find(|i| i.name == name)
+    }
 }
 
-/// Whether a file name in a mount's directory is one the segmenter makes (`EPOCH-SEQ.mp3` or
-/// `.aac`), so the router knows the request is for HLS without looking the mount up.
+/// What the segmenter makes of a source's `Content-Type`: None for a format it does not cut.
+pub(crate) fn source_for(content_type: &str) -> Option<Source> {
+    match crate::framing::mpeg_kind(content_type) {
+        Some(kind) => Some(Source::Packed(kind)),
+        None => crate::framing::is_ogg(content_type).then_some(Source::Ogg),
+    }
+}
+
+/// Whether a file name in a mount's directory is one the segmenter makes (`EPOCH-SEQ.mp3`,
+/// `.aac` or `.m4s`, `EPOCH-init-N.mp4`), so the router knows the request is for HLS without
+/// looking the mount up.
 pub(crate) fn is_segment_name(name: &str) -> bool {
-    let Some(stem) = name
-        .strip_suffix(".mp3")
-        .or_else(|| name.strip_suffix(".aac"))
+    let digits = |s: &str| !s.is_empty() && s.len() <= 20 && s.bytes().all(|b| b.is_ascii_digit());
+    if let Some(stem) = name.strip_suffix(".mp4") {
+        return stem
+            .split_once("-init-")
+            .is_some_and(|(epoch, n)| digits(epoch) && digits(n));
+    }
+    let Some(stem) = [".mp3", ".aac", ".m4s"]
+        .iter()
+        .find_map(|ext| name.strip_suffix(ext))
     else {
         return false;
     };
-    let digits = |s: &str| !s.is_empty() && s.len() <= 20 && s.bytes().all(|b| b.is_ascii_digit());
     stem.split_once('-')
         .is_some_and(|(epoch, seq)| digits(epoch) && digits(seq))
 }
@@ -194,6 +257,32 @@ pub(crate) struct Segmenter {
     /// dates follow the audio's own timing from there.
     anchor: Option<(SystemTime, u64)>,
     segments: VecDeque<Arc<Segment>>,
+    /// The current source's Ogg stream, when it sends one.
+    ogg: Option<OggOpus>,
+    /// Opus decode time, in 48 kHz samples, of the next packet: fragments' `tfdt`.
+    opus_time: u64,
+    /// Init segments made so far, for their names.
+    inits: u64,
+}
+
+/// An Ogg source's Opus stream as the segmenter follows it, page by page.
+#[derive(Default)]
+struct OggOpus {
+    /// The Opus stream's serial number; pages of other logical streams are passed over.
+    serial: Option<u32>,
+    init: Option<Arc<Init>>,
+    /// The `OpusTags` header packet is still to pass over.
+    tags_pending: bool,
+    /// The start of a packet that goes on in the next page.
+    partial: Vec<u8>,
+    /// The start of a page that goes on in the next piece.
+    held: BytesMut,
+    /// The segment being built: its packets (slices of the pages, copied once into the
+    /// fragment), their samples, when and where (decode time) it starts.
+    packets: Vec<(u32, Bytes)>,
+    samples: u64,
+    date: Option<SystemTime>,
+    start: u64,
 }
 
 impl Segmenter {
@@ -216,15 +305,22 @@ impl Segmenter {
             run_rate: 0,
             anchor: None,
             segments: VecDeque::new(),
+            ogg: None,
+            opus_time: 0,
+            inits: 0,
         }
     }
 
-    /// A new source took the mount, sending `kind` frames (None: a format not segmented, whose
+    /// A new source took the mount, sending `source` (None: a format not segmented, whose
     /// mount then has no HLS stream). True if the window changed.
-    pub fn start_source(&mut self, kind: Option<Kind>) -> bool {
+    pub fn start_source(&mut self, source: Option<Source>) -> bool {
         let mut changed = self.end_source();
-        self.kind = kind;
-        if kind.is_none() && !self.segments.is_empty() {
+        self.kind = match source {
+            Some(Source::Packed(kind)) => Some(kind),
+            _ => None,
+        };
+        self.ogg = (source == Some(Source::Ogg)).then(OggOpus::default);
+        if source.is_none() && !self.segments.is_empty() {
             self.segments.clear();
             changed = true;
         }
@@ -234,7 +330,10 @@ impl Segmenter {
     /// The source left: the open segment is closed with what it has, and the next source's
     /// segments follow a discontinuity. True if the window changed.
     pub fn end_source(&mut self) -> bool {
-        let changed = self.close();
+        let changed = self.close() | self.close_opus();
+        if let Some(ogg) = self.ogg.as_mut() {
+            *ogg = OggOpus::default();
+        }
         self.walk = Walk::Lost;
         self.held.clear();
         self.anchor = None;
@@ -247,10 +346,13 @@ impl Segmenter {
     /// Takes a piece of the stream as the framer cut it (`sync`: a frame starts at its first
     /// byte). True if a segment was completed, and the window changed.
     pub fn push(&mut self, data: &Bytes, sync: bool, params: Params, title: Title) -> bool {
+        self.params = params;
+        if self.ogg.is_some() {
+            return self.push_ogg(data);
+        }
         let Some(kind) = self.kind else {
             return false;
         };
-        self.params = params;
         if sync && !(self.walk == Walk::Boundary && self.held.is_empty()) {
             // The framer says a frame starts here: a walk that disagrees was inside a frame the
             // framer gave up on, which is cut out.
@@ -333,13 +435,23 @@ impl Segmenter {
             .max(self.params.segment_secs);
         let discontinuity_seq = self.discontinuities_dropped
             + segments[..first].iter().filter(|s| s.discontinuity).count() as u64;
+        // fMP4 segments (`EXT-X-MAP`) need version 7 (RFC 8216, 7); packed audio, 3.
+        let fmp4 = segments[first..].iter().any(|s| s.init.is_some());
         let mut text = format!(
-            "#EXTM3U\n#EXT-X-VERSION:3\n#EXT-X-TARGETDURATION:{target_secs}\n#EXT-X-MEDIA-SEQUENCE:{}\n#EXT-X-DISCONTINUITY-SEQUENCE:{discontinuity_seq}\n",
+            "#EXTM3U\n#EXT-X-VERSION:{}\n#EXT-X-TARGETDURATION:{target_secs}\n#EXT-X-MEDIA-SEQUENCE:{}\n#EXT-X-DISCONTINUITY-SEQUENCE:{discontinuity_seq}\n",
+            if fmp4 { 7 } else { 3 },
             segments[first].seq
         );
+        let mut map: Option<&str> = None;
         for s in &segments[first..] {
             if s.discontinuity {
                 text.push_str("#EXT-X-DISCONTINUITY\n");
+            }
+            if let Some(init) = &s.init {
+                if map != Some(init.name.as_str()) {
+                    let _ = writeln!(text, "#EXT-X-MAP:URI=\"{}\"", init.name);
+                    map = Some(init.name.as_str());
+                }
             }
             let _ = write!(
                 text,
@@ -412,7 +524,7 @@ impl Segmenter {
     fn expected_bytes(&self, kind: Kind) -> usize {
         self.segments
             .back()
-            .filter(|s| s.kind == kind)
+            .filter(|s| s.kind == media(kind))
             .map_or(16 * 1024, |s| s.data.len() + s.data.len() / 8)
     }
 
@@ -443,24 +555,212 @@ impl Segmenter {
             self.discontinuity |= b.discontinuity;
             return false;
         }
-        let kind = self.kind.unwrap_or(Kind::Mp3);
+        let kind = media(self.kind.unwrap_or(Kind::Mp3));
+        self.run_samples += b.committed_samples;
+        self.add(
+            kind,
+            b.committed_samples as f64 / f64::from(b.rate),
+            b.date,
+            b.discontinuity,
+            b.data.freeze(),
+            None,
+        );
+        true
+    }
+
+    /// Publishes a segment under the next sequence number; the oldest beyond the retained
+    /// window go.
+    fn add(
+        &mut self,
+        kind: Media,
+        duration: f64,
+        date: SystemTime,
+        discontinuity: bool,
+        data: Bytes,
+        init: Option<Arc<Init>>,
+    ) {
         let seq = self.next_seq;
         self.next_seq += 1;
-        self.run_samples += b.committed_samples;
         self.segments.push_back(Arc::new(Segment {
             seq,
             name: format!("{}-{seq}.{}", self.epoch, extension(kind)),
-            duration: b.committed_samples as f64 / f64::from(b.rate),
-            date: b.date,
-            discontinuity: b.discontinuity,
+            duration,
+            date,
+            discontinuity,
             kind,
-            data: b.data.freeze(),
+            data,
+            init,
         }));
         while self.segments.len() > self.params.retained() {
             if self.segments.pop_front().is_some_and(|s| s.discontinuity) {
                 self.discontinuities_dropped += 1;
             }
         }
+    }
+
+    /// Takes whole Ogg pages (a page cut by the piece's end waits for the rest). True if a
+    /// segment was completed.
+    fn push_ogg(&mut self, data: &Bytes) -> bool {
+        let Some(ogg) = self.ogg.as_mut() else {
+            return false;
+        };
+        let data = if ogg.held.is_empty() {
+            data.clone()
+        } else {
+            ogg.held.extend_from_slice(data);
+            ogg.held.split().freeze()
+        };
+        let mut changed = false;
+        let mut pos = 0;
+        while pos < data.len() {
+            let b = &data[pos..];
+            let whole = match b.get(26) {
+                _ if !b.starts_with(&b"OggS"[..b.len().min(4)]) => None,
+                Some(&n) => b.get(27..27 + usize::from(n)).map(|lacing| {
+                    27 + usize::from(n) + lacing.iter().map(|&l| usize::from(l)).sum::<usize>()
+                }),
+                None => Some(usize::MAX),
+            };
+            match whole {
+                // Not a page: the framer passes whole pages only, so the walk is lost until
+                // the next piece.
+                None => break,
+                Some(len) if len > b.len() => {
+                    if let Some(ogg) = self.ogg.as_mut() {
+                        ogg.held.extend_from_slice(b);
+                    }
+                    break;
+                }
+                Some(len) => {
+                    changed |= self.ogg_page(&data.slice(pos..pos + len));
+                    pos += len;
+                }
+            }
+        }
+        changed
+    }
+
+    /// One whole page: a new Opus stream's first page makes a new init segment; the Opus
+    /// stream's packets go into the segment.
+    fn ogg_page(&mut self, page: &Bytes) -> bool {
+        let (flags, serial) = (
+            page[5],
+            u32::from_le_bytes([page[14], page[15], page[16], page[17]]),
+        );
+        let segments = usize::from(page[26]);
+        let lacing = &page[27..27 + segments];
+        let mut packets: Vec<Bytes> = Vec::new();
+        let mut start = 27 + segments;
+        let mut at = start;
+        let Some(ogg) = self.ogg.as_mut() else {
+            return false;
+        };
+        // A packet that went on from the previous page, unless that page was lost.
+        let continued = flags & 1 != 0;
+        if !continued {
+            ogg.partial.clear();
+        }
+        for (i, &l) in lacing.iter().enumerate() {
+            at += usize::from(l);
+            if l < 255 {
+                let packet = page.slice(start..at);
+                if i == 0 && continued && !ogg.partial.is_empty() {
+                    ogg.partial.extend_from_slice(&packet);
+                    packets.push(Bytes::from(std::mem::take(&mut ogg.partial)));
+                } else if !(i == 0 && continued) {
+                    packets.push(packet);
+                }
+                start = at;
+            }
+        }
+        if start < at {
+            ogg.partial.extend_from_slice(&page[start..at]);
+        }
+        let mut changed = false;
+        if flags & 2 != 0 {
+            // A stream begins; an Opus one replaces the one followed so far (a chain).
+            let Some(head) = packets.first().and_then(|p| OpusHead::parse(p)) else {
+                return false;
+            };
+            changed |= self.close_opus();
+            if self.next_seq > 0 {
+                self.discontinuity = true;
+            }
+            self.inits += 1;
+            let init = Arc::new(Init {
+                name: format!("{}-init-{}.mp4", self.epoch, self.inits),
+                data: Bytes::from(init_segment(&head)),
+            });
+            let ogg = self.ogg.as_mut().expect("an Ogg source");
+            ogg.serial = Some(serial);
+            ogg.init = Some(init);
+            ogg.tags_pending = true;
+            return changed;
+        }
+        if ogg.serial != Some(serial) || ogg.init.is_none() {
+            ogg.partial.clear();
+            return false;
+        }
+        for packet in packets {
+            let ogg = self.ogg.as_mut().expect("an Ogg source");
+            if ogg.tags_pending {
+                ogg.tags_pending = !packet.starts_with(b"OpusTags");
+                continue;
+            }
+            changed |= self.opus_packet(packet);
+        }
+        changed
+    }
+
+    /// An Opus audio packet: closes the segment first if it would take it past the target.
+    fn opus_packet(&mut self, packet: Bytes) -> bool {
+        let Some(samples) = opus_packet_samples(&packet) else {
+            return false;
+        };
+        let target = self.params.segment_secs * u64::from(OPUS_RATE);
+        let full = self
+            .ogg
+            .as_ref()
+            .is_some_and(|o| !o.packets.is_empty() && o.samples + u64::from(samples) > target);
+        let changed = full && self.close_opus();
+        let ticks = self.opus_time * TICKS_PER_SEC / u64::from(OPUS_RATE);
+        let (since, at) = *self.anchor.get_or_insert((SystemTime::now(), ticks));
+        let time = self.opus_time;
+        let Some(ogg) = self.ogg.as_mut() else {
+            return changed;
+        };
+        if ogg.packets.is_empty() {
+            ogg.date = Some(since + Duration::from_micros(ticks.saturating_sub(at) * 100 / 9));
+            ogg.start = time;
+        }
+        ogg.packets.push((samples, packet));
+        ogg.samples += u64::from(samples);
+        self.opus_time += u64::from(samples);
+        changed
+    }
+
+    /// Publishes the Opus segment being built as an fMP4 fragment; true if it had packets.
+    fn close_opus(&mut self) -> bool {
+        let Some(ogg) = self.ogg.as_mut() else {
+            return false;
+        };
+        if ogg.packets.is_empty() {
+            return false;
+        }
+        let packets = std::mem::take(&mut ogg.packets);
+        let samples = std::mem::take(&mut ogg.samples);
+        let refs: Vec<(u32, &[u8])> = packets.iter().map(|(n, p)| (*n, &p[..])).collect();
+        let data = fragment(self.next_seq as u32 + 1, ogg.start, &refs);
+        let (date, init) = (ogg.date.take(), ogg.init.clone());
+        let discontinuity = std::mem::take(&mut self.discontinuity);
+        self.add(
+            Media::Opus,
+            samples as f64 / f64::from(OPUS_RATE),
+            date.unwrap_or_else(SystemTime::now),
+            discontinuity,
+            Bytes::from(data),
+            init,
+        );
         true
     }
 }
@@ -546,7 +846,7 @@ mod tests {
     #[test]
     fn segments_hold_whole_frames_up_to_the_target_duration() {
         let mut s = Segmenter::new(PARAMS);
-        s.start_source(Some(Kind::Mp3));
+        s.start_source(Some(Source::Packed(Kind::Mp3)));
         // 1 s at 44.1 kHz is 38.28 frames of 1,152 samples: 38 per segment.
         feed(&mut s, 200, 1000, untitled());
         let w = s.window().unwrap();
@@ -581,7 +881,7 @@ mod tests {
     #[test]
     fn a_title_change_starts_a_segment_with_the_title() {
         let mut s = Segmenter::new(PARAMS);
-        s.start_source(Some(Kind::Mp3));
+        s.start_source(Some(Source::Packed(Kind::Mp3)));
         feed(&mut s, 10, 417, untitled());
         let titled = Title {
             version: 1,
@@ -600,7 +900,7 @@ mod tests {
     #[test]
     fn a_torn_frame_and_garbage_are_left_out_and_a_new_source_is_a_discontinuity() {
         let mut s = Segmenter::new(PARAMS);
-        s.start_source(Some(Kind::Mp3));
+        s.start_source(Some(Source::Packed(Kind::Mp3)));
         let frame = Bytes::from(mp3_frame(1));
         s.push(&frame, true, PARAMS, untitled());
         // Half a frame, then the framer resyncs on a new frame.
@@ -612,7 +912,7 @@ mod tests {
         assert!(s.end_source());
         let w = s.window().unwrap();
         assert_eq!(w.segments[0].data.len(), 73 + 4 * 417);
-        s.start_source(Some(Kind::Adts));
+        s.start_source(Some(Source::Packed(Kind::Adts)));
         let mut adts = vec![0xFF, 0xF1, 0x50, 0x80, 0x2E, 0x7F, 0xFC];
         adts.resize(371, 0);
         for _ in 0..100 {

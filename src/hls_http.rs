@@ -23,8 +23,7 @@ use tokio::net::TcpStream;
 
 use crate::conn::{log_request, refuse, Incoming};
 use crate::dates::Date;
-use crate::framing::mpeg_kind;
-use crate::hls::is_segment_name;
+use crate::hls::{is_segment_name, source_for, Source};
 use crate::http::{
     parse_head, read_with, status_phrase, valid_mount_path, HeadError, Method, Request,
     MAX_HEAD_BYTES,
@@ -183,9 +182,14 @@ fn answer(shared: &Shared, req: &Request, peer: IpAddr) -> Result<Response, Refu
         return Err(Refusal::HlsOff);
     }
     let Some(window) = snap.hls.as_ref() else {
-        return Err(match mpeg_kind(&snap.info.meta.content_type) {
-            Some(_) => Refusal::HlsNotReady,
-            None => Refusal::HlsUnsupportedFormat,
+        // An Ogg stream is segmented only if it carries Opus; until the format layer has seen
+        // its headers, it may.
+        let subtype = snap.info.meta.subtype.as_deref();
+        let opus = subtype.is_none_or(|s| s.split('/').any(|c| c == "Opus"));
+        return Err(match source_for(&snap.info.meta.content_type) {
+            Some(Source::Packed(_)) => Refusal::HlsNotReady,
+            Some(Source::Ogg) if opus => Refusal::HlsNotReady,
+            _ => Refusal::HlsUnsupportedFormat,
         });
     };
     let kind = if file == PLAYLIST { 0 } else { 1 };
@@ -204,6 +208,13 @@ fn answer(shared: &Shared, req: &Request, peer: IpAddr) -> Result<Response, Refu
             window.playlist_etag.clone(),
             "application/vnd.apple.mpegurl",
             format!("public, max-age={max_age}"),
+        )
+    } else if let Some(init) = window.init(file) {
+        (
+            init.data.clone(),
+            format!("\"{}\"", init.name),
+            "audio/mp4",
+            SEGMENT_CACHE_CONTROL.to_string(),
         )
     } else {
         let segment = window.segment(file).ok_or(Refusal::SegmentGone)?;

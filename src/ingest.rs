@@ -61,8 +61,8 @@ use crate::chunked::ChunkedDecoder;
 use crate::config::MountSettings;
 use crate::conn::{refuse, Encoder, Feed, SourceConn, TitleUpdate, ToIngest};
 use crate::format::Event;
-use crate::framing::{mpeg_kind, Format};
-use crate::hls::{Params, Segmenter, Title};
+use crate::framing::Format;
+use crate::hls::{source_for, Params, Segmenter, Title};
 use crate::http::RESPONSE_TIMEOUT;
 use crate::metrics::unsynced_action;
 use crate::mounts::{Mount, StoreWriter};
@@ -127,7 +127,7 @@ impl Entry {
         let snap = self.writer.store().load();
         let hls = self.hls.get_or_insert_with(|| {
             let mut segmenter = Segmenter::new(params);
-            segmenter.start_source(mpeg_kind(&snap.info.meta.content_type));
+            segmenter.start_source(source_for(&snap.info.meta.content_type));
             segmenter
         });
         let np = &snap.now_playing;
@@ -214,7 +214,7 @@ impl Ingest {
         entry.generation += 1;
         entry.kill = Rc::default();
         if let Some(hls) = entry.hls.as_mut() {
-            if hls.start_source(mpeg_kind(&info.meta.content_type)) {
+            if hls.start_source(source_for(&info.meta.content_type)) {
                 entry.writer.set_hls(hls.window());
             }
         }

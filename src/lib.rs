@@ -48,8 +48,9 @@
 //! 1. **Wire and data** (std and crates only): [`http`] (request heads, short responses),
 //!    [`chunked`], the stream formats ([`format`], what every parser yields; [`mpeg`] frames;
 //!    [`ogg`] pages; [`framing`], which picks one by Content-Type), [`icy`] (metadata blocks
-//!    between the audio), [`dates`] (the date formats Icecast and HLS print), [`hls`] (MP3 and
-//!    AAC cut into HLS packed-audio segments, and their live playlist), [`store`] (the segment
+//!    between the audio), [`dates`] (the date formats Icecast and HLS print), [`fmp4`]
+//!    (fragmented MP4 for Opus), [`hls`] (MP3 and AAC cut into HLS packed-audio segments, Opus
+//!    into fMP4 ones, and their live playlist), [`store`] (the segment
 //!    store and its snapshot, generic over the settings it carries), [`threads`] (named, pinned,
 //!    CPU-accounted threads), [`open_files`], [`sd_notify`] (telling systemd the server is
 //!    ready, reloading or stopping).
@@ -76,6 +77,7 @@
 // Layer 1: wire and data.
 pub(crate) mod chunked;
 pub(crate) mod dates;
+pub(crate) mod fmp4;
 pub(crate) mod format;
 pub(crate) mod framing;
 pub(crate) mod hls;

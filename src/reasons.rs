@@ -33,7 +33,7 @@
 //! | `no_such_source` | 400 | an admin command for a mount that does not exist (or, for `killsource`, has no source) |
 //! | `bad_destination` | 400 | `moveclients` to a mount with no live source, or to the mount itself |
 //! | `hls_off` | 404 | an HLS playlist or segment of a mount whose `hls` is off |
-//! | `hls_unsupported_format` | 404 | HLS of a mount whose stream is not MP3 or AAC (ADTS) |
+//! | `hls_unsupported_format` | 404 | HLS of a mount whose stream is not MP3, AAC (ADTS) or Ogg Opus |
 //! | `hls_not_ready` | 404 | HLS of a mount whose first segment is not complete yet |
 //! | `segment_gone` | 404 | a segment no longer (or never) in the mount's HLS window |
 //! | `header_timeout` | none | the head did not arrive within `header_timeout_secs` (`header_timeout_under_pressure_secs` when accepted above 80% of `max_connections`); closed |
@@ -172,7 +172,7 @@ impl Refusal {
             Refusal::ServerFull => " (max_listeners)",
             Refusal::HlsOff => " (set hls = true for this mount)",
             Refusal::HlsUnsupportedFormat => {
-                " (HLS is cut from MP3 and AAC (ADTS) streams only; Ogg (Opus, Vorbis, FLAC) is not yet)"
+                " (HLS is cut from MP3, AAC (ADTS) and Ogg Opus streams only; Vorbis, FLAC and other formats are not yet)"
             }
             Refusal::HlsNotReady => " (the first segment is still being cut; retry shortly)",
             Refusal::SegmentGone => " (it is not in the mount's HLS window; reload the playlist)",

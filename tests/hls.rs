@@ -40,6 +40,8 @@ struct Entry {
     duration: f64,
     discontinuity: bool,
     date: String,
+    /// The init segment in force (`EXT-X-MAP`), for fMP4.
+    map: Option<String>,
 }
 
 #[derive(Debug)]
@@ -56,7 +58,7 @@ fn parse_playlist(text: &str) -> Playlist {
     assert_eq!(lines.next(), Some("#EXTM3U"), "not a playlist: {text}");
     let (mut version, mut target, mut sequence) = (None, None, None);
     let mut entries = Vec::new();
-    let (mut duration, mut discontinuity, mut date) = (None, false, None);
+    let (mut duration, mut discontinuity, mut date, mut map) = (None, false, None, None);
     for line in lines {
         if let Some(v) = line.strip_prefix("#EXT-X-VERSION:") {
             version = v.parse().ok();
@@ -65,6 +67,8 @@ fn parse_playlist(text: &str) -> Playlist {
         } else if let Some(v) = line.strip_prefix("#EXT-X-MEDIA-SEQUENCE:") {
             sequence = v.parse().ok();
         } else if line.starts_with("#EXT-X-DISCONTINUITY-SEQUENCE:") {
+        } else if let Some(v) = line.strip_prefix("#EXT-X-MAP:URI=") {
+            map = Some(v.trim_matches('"').to_string());
         } else if line == "#EXT-X-DISCONTINUITY" {
             discontinuity = true;
         } else if let Some(v) = line.strip_prefix("#EXT-X-PROGRAM-DATE-TIME:") {
@@ -81,6 +85,7 @@ fn parse_playlist(text: &str) -> Playlist {
                     .unwrap_or_else(|| panic!("no EXTINF for {line}")),
                 discontinuity: std::mem::take(&mut discontinuity),
                 date: date.take().unwrap_or_else(|| panic!("no date for {line}")),
+                map: map.clone(),
             });
         }
     }
@@ -564,8 +569,8 @@ fn segments_and_playlists_are_cacheable_and_served_on_kept_alive_connections() {
 fn mounts_without_hls_answer_404_saying_why() {
     let srv = server();
     let mut mp3 = ffmpeg_source(srv.addr, "/plain", &Tone::new(Codec::Mp3, 60.0));
-    let mut ogg = ffmpeg_source(srv.addr, "/opus", &Tone::new(Codec::Opus, 60.0));
-    for (mount, source) in [("/plain", &mut mp3), ("/opus", &mut ogg)] {
+    let mut ogg = ffmpeg_source(srv.addr, "/vorbis", &Tone::new(Codec::Vorbis, 60.0));
+    for (mount, source) in [("/plain", &mut mp3), ("/vorbis", &mut ogg)] {
         let label = format!("mount=\"{mount}\"");
         srv.wait_metric("fanstream_source_received_bytes_total", &[&label], |v| {
             v > 20_000.0
@@ -579,11 +584,11 @@ fn mounts_without_hls_answer_404_saying_why() {
         body.contains("hls off") && body.contains("hls = true"),
         "{body}"
     );
-    let (status, _, body) = get(srv.addr, "/opus/index.m3u8");
+    let (status, _, body) = get(srv.addr, "/vorbis/index.m3u8");
     let body = String::from_utf8_lossy(&body);
     assert_eq!(status, 404);
     assert!(
-        body.contains("hls unsupported format") && body.contains("Ogg"),
+        body.contains("hls unsupported format") && body.contains("Vorbis"),
         "{body}"
     );
     let (status, _, body) = get(srv.addr, "/nowhere/index.m3u8");
@@ -675,6 +680,25 @@ fn a_title_update_starts_a_segment_whose_id3_tag_carries_it() {
     drop(source);
 }
 
+/// A browser: headless Chromium plays an Ogg Opus mount's fMP4 playlist through hls.js.
+#[test]
+fn chromium_plays_an_ogg_opus_mount_through_hls_js() {
+    let dir = process::scratch_dir("hls_chromium_opus");
+    let srv = server();
+    let mut source = ffmpeg_source(srv.addr, "/opus", &Tone::new(Codec::Opus, 120.0));
+    wait_playlist(srv.addr, "/opus", SEGMENTS, None, &mut source);
+    let page = web_page("hls.html", &format!("http://{}/opus/index.m3u8", srv.addr));
+    let mut browser = chromium(&dir, &page, 45);
+    wait_playing(&mut browser, 2.0, Duration::from_secs(35));
+    let log = browser.text();
+    assert!(
+        !log.lines()
+            .any(|l| l.contains("fanstream-hls: error") && l.contains("fatal=true")),
+        "hls.js failed:\n{log}"
+    );
+    drop(source);
+}
+
 /// A browser: headless Chromium plays the live playlist through hls.js (tests/web/hls.html,
 /// hls.js vendored beside it), its `<audio>` element's `currentTime` advancing, and hls.js finds
 /// the title set through `/admin/metadata` in the segments' ID3 tags.
@@ -751,5 +775,134 @@ fn hls_sessions_are_counted_from_playlist_polls_and_requests_by_kind() {
     // No poll for three target durations: gone.
     wait_until("the sessions to end", || sessions() == 0);
     srv.wait_metric("fanstream_hls_sessions", &[label], |v| v == 0.0);
+    drop(source);
+}
+
+/// The ISO BMFF boxes of `data` at one level: (type, body).
+fn boxes(data: &[u8]) -> Vec<([u8; 4], &[u8])> {
+    let mut out = Vec::new();
+    let mut at = 0;
+    while at + 8 <= data.len() {
+        let size = u32::from_be_bytes(data[at..at + 4].try_into().unwrap()) as usize;
+        assert!(
+            size >= 8 && at + size <= data.len(),
+            "a box of {size} bytes at {at} of {}",
+            data.len()
+        );
+        out.push((
+            data[at + 4..at + 8].try_into().unwrap(),
+            &data[at + 8..at + size],
+        ));
+        at += size;
+    }
+    assert_eq!(at, data.len(), "bytes after the last box");
+    out
+}
+
+fn child<'a>(parent: &'a [u8], kind: &[u8; 4]) -> &'a [u8] {
+    boxes(parent)
+        .into_iter()
+        .find(|(k, _)| k == kind)
+        .unwrap_or_else(|| panic!("no {} box", String::from_utf8_lossy(kind)))
+        .1
+}
+
+/// An Ogg Opus mount as fMP4 HLS: version 7, an init segment (`EXT-X-MAP`) with an Opus sample
+/// entry and its `dOps`, fragments whose track runs last their `EXTINF` in 48 kHz samples and
+/// whose decode times follow on, and ffprobe and ffmpeg play it.
+#[test]
+fn an_ogg_opus_mount_plays_as_fmp4_hls() {
+    let srv = server();
+    let mut source = ffmpeg_source(srv.addr, "/opus", &Tone::new(Codec::Opus, 120.0));
+    let p = wait_playlist(srv.addr, "/opus", SEGMENTS, None, &mut source);
+    assert_eq!(p.version, 7);
+    let init_name = p.entries[0].map.clone().expect("an EXT-X-MAP");
+    let (status, head, init) = get(srv.addr, &format!("/opus/{init_name}"));
+    assert_eq!(status, 200, "{head}");
+    assert!(head.contains("Content-Type: audio/mp4\r\n"), "{head}");
+    let top = boxes(&init);
+    assert_eq!(top[0].0, *b"ftyp");
+    let moov = child(&init, b"moov");
+    let stbl = child(
+        child(child(child(moov, b"trak"), b"mdia"), b"minf"),
+        b"stbl",
+    );
+    let stsd = child(stbl, b"stsd");
+    // Full box header and entry count, then the sample entry.
+    let entry = boxes(&stsd[8..]);
+    assert_eq!(entry[0].0, *b"Opus");
+    let dops = child(&entry[0].1[28..], b"dOps");
+    assert_eq!(dops[1], 1, "one channel, as the tone");
+    let mut next_time = None;
+    for e in &p.entries {
+        assert_eq!(e.map.as_deref(), Some(init_name.as_str()));
+        let (status, head, data) = get(srv.addr, &format!("/opus/{}", e.name));
+        assert_eq!(status, 200, "{head}");
+        let top = boxes(&data);
+        assert_eq!((top[0].0, top[1].0), (*b"moof", *b"mdat"), "{}", e.name);
+        let traf = child(top[0].1, b"traf");
+        let tfdt = child(traf, b"tfdt");
+        let time = u64::from_be_bytes(tfdt[4..12].try_into().unwrap());
+        let trun = child(traf, b"trun");
+        let count = u32::from_be_bytes(trun[4..8].try_into().unwrap()) as usize;
+        let (mut samples, mut bytes) = (0u64, 0usize);
+        for i in 0..count {
+            let at = 12 + 8 * i;
+            samples += u64::from(u32::from_be_bytes(trun[at..at + 4].try_into().unwrap()));
+            bytes += u32::from_be_bytes(trun[at + 4..at + 8].try_into().unwrap()) as usize;
+        }
+        assert_eq!(bytes, top[1].1.len(), "{}: the run covers the mdat", e.name);
+        assert!(
+            (samples as f64 / 48_000.0 - e.duration).abs() < 1e-4,
+            "{}: EXTINF {} for {samples} samples",
+            e.name,
+            e.duration
+        );
+        assert!(e.duration <= p.target as f64);
+        if let Some(t) = next_time {
+            assert_eq!(time, t, "{}: the decode time does not follow on", e.name);
+        }
+        next_time = Some(time + samples);
+    }
+    let url = format!("http://{}/opus/index.m3u8", srv.addr);
+    let probe = Command::new("timeout")
+        .args([
+            "30",
+            "ffprobe",
+            "-v",
+            "error",
+            "-show_entries",
+            "stream=codec_name",
+            "-of",
+            "csv=p=0",
+        ])
+        .arg(&url)
+        .output()
+        .expect("ffprobe runs");
+    let stderr = String::from_utf8_lossy(&probe.stderr);
+    assert!(
+        probe.status.success() && stderr.is_empty(),
+        "ffprobe {url}: {stderr}"
+    );
+    assert!(String::from_utf8_lossy(&probe.stdout)
+        .lines()
+        .filter(|l| !l.is_empty())
+        .all(|l| l == "opus"));
+    let decode = Command::new("timeout")
+        .args(["40", "ffmpeg", "-hide_banner", "-v", "error", "-i"])
+        .arg(&url)
+        .args(["-t", "6", "-f", "s16le", "-ac", "1", "-ar", "8000", "-"])
+        .output()
+        .expect("ffmpeg runs");
+    let stderr = String::from_utf8_lossy(&decode.stderr);
+    let seconds = decode.stdout.len() as f64 / 16_000.0;
+    assert!(
+        decode.status.success() && stderr.is_empty(),
+        "ffmpeg {url}: {stderr}"
+    );
+    assert!(
+        (5.9..=6.1).contains(&seconds),
+        "ffmpeg decoded {seconds} s of 6"
+    );
     drop(source);
 }
