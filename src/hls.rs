@@ -1,5 +1,8 @@
-//! HLS packed audio (RFC 8216, section 3.4): an MP3 or AAC (ADTS) mount's stream cut into
-//! segments at frame boundaries, and the live playlist that lists the latest of them.
+//! HLS segments and the live playlist that lists the latest of them: an MP3 or AAC (ADTS)
+//! mount's stream cut into packed audio (RFC 8216, section 3.4) at frame boundaries, and an Ogg
+//! Opus mount's packets put into fragmented MP4 ([`crate::fmp4`]) with an init segment
+//! (`EXT-X-MAP`). What follows is said of packed audio; the Opus path walks whole Ogg pages
+//! instead of frames, takes each packet's duration from its TOC byte, and cuts the same way.
 //!
 //! Built at ingest, once for every client: the [`Segmenter`] walks the frames the MPEG framer
 //! already delimited (a `sync` piece starts on a frame header), copies each frame once into the
