@@ -3,9 +3,12 @@
 //! duration respected, media sequence advancing, window bounded, stable segment URLs), every
 //! listed segment is fetched and taken apart (an ID3 tag with the transport-stream timestamp,
 //! then whole frames whose samples make its `EXTINF`, timestamps continuous from one segment to
-//! the next), and ffprobe and ffmpeg play the playlist over HTTP. curl checks the cache headers
-//! (`ETag`, `304`, `Range`, `HEAD`) and keeps one connection for several requests; a raw client
-//! pipelines them. Mounts without HLS, or of a format not segmented, answer 404 saying why.
+//! the next), and ffprobe and ffmpeg play the playlist over HTTP. An Ogg Opus mount's fMP4
+//! segments are taken apart the same way (init segment, track runs, decode times). curl checks
+//! the cache headers (`ETag`, `304`, `Range`, `HEAD`) and keeps one connection for several
+//! requests; a raw client pipelines them. Titles reach the segments' ID3 tags; HLS sessions and
+//! requests are counted; headless Chromium plays MP3 and Opus mounts through hls.js. Mounts
+//! without HLS, or of a format not segmented, answer 404 saying why.
 
 mod common;
 
