@@ -909,3 +909,139 @@ fn an_ogg_opus_mount_plays_as_fmp4_hls() {
     );
     drop(source);
 }
+
+/// The nginx config the README's "HLS and CDNs" shows, for a cache at `listen` in front of
+/// fanstream at `origin`, its files under `dir`: nginx keeps what fanstream's `Cache-Control`
+/// allows, collapses concurrent misses into one request (`proxy_cache_lock`), and talks to
+/// fanstream over kept-alive connections.
+fn nginx_config(dir: &std::path::Path, listen: SocketAddr, origin: SocketAddr) -> String {
+    let d = dir.display();
+    format!(
+        "daemon off;
+master_process off;
+worker_processes 1;
+pid {d}/nginx.pid;
+error_log {d}/error.log;
+events {{ worker_connections 4096; }}
+http {{
+    access_log off;
+    client_body_temp_path {d}/body;
+    proxy_temp_path {d}/proxy;
+    fastcgi_temp_path {d}/fastcgi;
+    uwsgi_temp_path {d}/uwsgi;
+    scgi_temp_path {d}/scgi;
+    proxy_cache_path {d}/cache keys_zone=hls:10m;
+    upstream fanstream {{
+        server {origin};
+        keepalive 16;
+    }}
+    server {{
+        listen {listen};
+        location / {{
+            proxy_pass http://fanstream;
+            proxy_http_version 1.1;
+            proxy_set_header Connection \"\";
+            proxy_cache hls;
+            proxy_cache_lock on;
+            proxy_cache_use_stale updating;
+            add_header X-Cache-Status $upstream_cache_status;
+        }}
+    }}
+}}
+"
+    )
+}
+
+/// A real cache in front: nginx with `proxy_cache` serves an MP3 mount's HLS to many clients
+/// polling the playlist and fetching every new segment, each segment intact; fanstream answers
+/// about one request per segment (and a playlist request per max-age), not one per client.
+#[test]
+fn nginx_in_front_asks_fanstream_once_per_segment_whatever_the_clients() {
+    require("nginx");
+    const CLIENTS: usize = 40;
+    let dir = process::scratch_dir("hls_nginx");
+    let srv = server();
+    let mut source = ffmpeg_source(srv.addr, "/live", &Tone::new(Codec::Mp3, 120.0));
+    wait_playlist(srv.addr, "/live", SEGMENTS, None, &mut source);
+    let listen = {
+        let probe = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        probe.local_addr().unwrap()
+    };
+    std::fs::write(dir.join("nginx.conf"), nginx_config(&dir, listen, srv.addr)).unwrap();
+    let mut cmd = Command::new("nginx");
+    cmd.arg("-c")
+        .arg(dir.join("nginx.conf"))
+        .arg("-p")
+        .arg(&dir);
+    let mut nginx = Program::spawn("nginx", &mut cmd);
+    wait_until("nginx to listen", || TcpStream::connect(listen).is_ok());
+    assert!(nginx.running(), "nginx: {}", nginx.text());
+    let label = "mount=\"/live\"";
+    let origin = |kind: &str| {
+        srv.metric(
+            "fanstream_hls_requests_total",
+            &[label, &format!("kind=\"{kind}\"")],
+        )
+    };
+    let (playlists_before, segments_before) = (origin("playlist"), origin("segment"));
+    let started = Instant::now();
+    let run = Duration::from_secs(6);
+    let fetched: Vec<(usize, std::collections::BTreeSet<String>)> = std::thread::scope(|s| {
+        let clients: Vec<_> = (0..CLIENTS)
+            .map(|_| {
+                s.spawn(move || {
+                    let mut seen = std::collections::BTreeSet::new();
+                    let mut polls = 0;
+                    while started.elapsed() < run {
+                        let (status, _, body) = get(listen, "/live/index.m3u8");
+                        assert_eq!(status, 200);
+                        polls += 1;
+                        let p = parse_playlist(std::str::from_utf8(&body).unwrap());
+                        for e in p.entries.iter().rev().take(2) {
+                            if seen.insert(e.name.clone()) {
+                                let (status, head, data) =
+                                    get(listen, &format!("/live/{}", e.name));
+                                assert_eq!(status, 200, "{head}");
+                                let who = format!("{} through nginx", e.name);
+                                let t = take_apart(&data, Codec::Mp3, &who);
+                                assert!(
+                                    (t.samples as f64 / f64::from(t.rate) - e.duration).abs()
+                                        < 1e-4,
+                                    "{who}"
+                                );
+                            }
+                        }
+                        std::thread::sleep(Duration::from_millis(250));
+                    }
+                    (polls, seen)
+                })
+            })
+            .collect();
+        clients.into_iter().map(|c| c.join().unwrap()).collect()
+    });
+    let polls: usize = fetched.iter().map(|(p, _)| p).sum();
+    let fetches: usize = fetched.iter().map(|(_, s)| s.len()).sum();
+    let distinct: std::collections::BTreeSet<&String> =
+        fetched.iter().flat_map(|(_, s)| s).collect();
+    let (playlists, segments) = (
+        origin("playlist") - playlists_before,
+        origin("segment") - segments_before,
+    );
+    assert!(
+        fetches >= CLIENTS * 4,
+        "the clients fetched only {fetches} segments"
+    );
+    assert!(
+        segments <= distinct.len() as f64 + 1.0,
+        "fanstream answered {segments} segment requests for {} distinct segments ({fetches} fetched through nginx)",
+        distinct.len()
+    );
+    // A 1 s max-age over the run: a few playlist requests a second at most, where the clients
+    // polled four times a second each.
+    assert!(
+        playlists <= 2.0 * run.as_secs_f64() + 2.0,
+        "fanstream answered {playlists} playlist requests for {polls} polls through nginx"
+    );
+    assert!(nginx.running(), "nginx: {}", nginx.text());
+    drop(source);
+}
