@@ -169,6 +169,12 @@ impl Window {
         self.segments.iter().rev().find(|s| s.name == name)
     }
 
+    /// The size of the newest segment (for the benches: what the segmenter made).
+    #[doc(hidden)]
+    pub fn newest_bytes(&self) -> usize {
+        self.segments.last().map_or(0, |s| s.data.len())
+    }
+
     /// A retained segment's init segment by its file name.
     pub fn init(&self, name: &str) -> Option<&Arc<Init>> {
         self.segments

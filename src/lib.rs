@@ -125,6 +125,7 @@ pub mod server;
 pub mod fuzzing;
 
 pub use config::{Config, LagPolicy, MountSettings};
+
 pub use server::{Server, Stop};
 
 /// Internals that the criterion benches in `benches/` measure. Not an API: hidden from the
@@ -212,6 +213,76 @@ pub mod bench_api {
                 _ => 0,
             })
             .sum()
+    }
+
+    /// Pushes `data` through a fresh MP3 framer in 1000-byte pieces, and what it passes through
+    /// an HLS segmenter (4 s segments), as ingest does for a mount with `hls` on; returns the
+    /// bytes of the segments it made.
+    pub fn hls_mpeg(data: &[u8]) -> usize {
+        hls(
+            format_of(crate::hls::Source::Packed(crate::mpeg::Kind::Mp3)),
+            crate::hls::Source::Packed(crate::mpeg::Kind::Mp3),
+            data,
+            1000,
+        )
+    }
+
+    /// Pushes an Ogg Opus stream through a new Ogg framer in 4 KiB pieces, and what it passes
+    /// through an HLS segmenter making fMP4 segments; returns the bytes of the segments.
+    pub fn hls_opus(data: &[u8]) -> usize {
+        hls(
+            format_of(crate::hls::Source::Ogg),
+            crate::hls::Source::Ogg,
+            data,
+            4096,
+        )
+    }
+
+    /// The parser ingest runs for a stream the segmenter takes.
+    fn format_of(source: crate::hls::Source) -> crate::framing::Format {
+        use crate::hls::Source;
+        use crate::mpeg::Kind;
+        crate::framing::Format::for_content_type(match source {
+            Source::Packed(Kind::Mp3) => "audio/mpeg",
+            Source::Packed(Kind::Adts) => "audio/aac",
+            Source::Ogg => "audio/ogg",
+        })
+    }
+
+    fn hls(
+        mut format: crate::framing::Format,
+        source: crate::hls::Source,
+        data: &[u8],
+        piece: usize,
+    ) -> usize {
+        use crate::format::Event;
+        use crate::hls::{Params, Segmenter, Title};
+
+        let params = Params {
+            segment_secs: 4,
+            segments: 6,
+        };
+        let title = Title {
+            version: 0,
+            title: None,
+            artist: None,
+        };
+        let mut segmenter = Segmenter::new(params);
+        segmenter.start_source(Some(source));
+        let data = Bytes::copy_from_slice(data);
+        let mut out = Vec::new();
+        let mut made = 0;
+        for start in (0..data.len()).step_by(piece) {
+            let _ = format.push(data.slice(start..(start + piece).min(data.len())), &mut out);
+            for event in out.drain(..) {
+                if let Event::Data { bytes, sync } = event {
+                    if segmenter.push(&bytes, sync, params, title) {
+                        made += segmenter.window().map_or(0, |w| w.newest_bytes());
+                    }
+                }
+            }
+        }
+        made
     }
 
     /// Pushes `data` through a new Ogg framer in 4 KiB pieces, as a source writes them, and
