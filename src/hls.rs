@@ -86,6 +86,9 @@ pub(crate) struct Segment {
     pub data: Bytes,
     /// fMP4: the init segment it needs (`EXT-X-MAP`).
     pub init: Option<Arc<Init>>,
+    /// fMP4: the `EXT-X-DATERANGE` line of the title that starts with it, if one does (packed
+    /// audio carries its titles in its ID3 tags).
+    pub daterange: Option<String>,
 }
 
 /// An fMP4 init segment, shared by the segments of one stream.
@@ -292,6 +295,10 @@ struct OggOpus {
     samples: u64,
     date: Option<SystemTime>,
     start: u64,
+    /// The title version of the segment being built, and its `EXT-X-DATERANGE` line when its
+    /// title is not the previous segment's.
+    title_version: Option<u64>,
+    daterange: Option<String>,
 }
 
 impl Segmenter {
@@ -357,7 +364,7 @@ impl Segmenter {
     pub fn push(&mut self, data: &Bytes, sync: bool, params: Params, title: Title) -> bool {
         self.params = params;
         if self.ogg.is_some() {
-            return self.push_ogg(data);
+            return self.push_ogg(data, title);
         }
         let Some(kind) = self.kind else {
             return false;
@@ -461,6 +468,9 @@ impl Segmenter {
                     let _ = writeln!(text, "#EXT-X-MAP:URI=\"{}\"", init.name);
                     map = Some(init.name.as_str());
                 }
+            }
+            if let Some(range) = &s.daterange {
+                let _ = writeln!(text, "{range}");
             }
             let _ = write!(
                 text,
@@ -572,13 +582,13 @@ impl Segmenter {
             b.date,
             b.discontinuity,
             b.data.freeze(),
-            None,
+            (None, None),
         );
         true
     }
 
-    /// Publishes a segment under the next sequence number; the oldest beyond the retained
-    /// window go.
+    /// Publishes a segment under the next sequence number (with, for fMP4, its init segment and
+    /// the title range it starts); the oldest beyond the retained window go.
     fn add(
         &mut self,
         kind: Media,
@@ -586,7 +596,7 @@ impl Segmenter {
         date: SystemTime,
         discontinuity: bool,
         data: Bytes,
-        init: Option<Arc<Init>>,
+        (init, daterange): (Option<Arc<Init>>, Option<String>),
     ) {
         let seq = self.next_seq;
         self.next_seq += 1;
@@ -599,6 +609,7 @@ impl Segmenter {
             kind,
             data,
             init,
+            daterange,
         }));
         while self.segments.len() > self.params.retained() {
             if self.segments.pop_front().is_some_and(|s| s.discontinuity) {
@@ -609,7 +620,7 @@ impl Segmenter {
 
     /// Takes whole Ogg pages (a page cut by the piece's end waits for the rest). True if a
     /// segment was completed.
-    fn push_ogg(&mut self, data: &Bytes) -> bool {
+    fn push_ogg(&mut self, data: &Bytes, title: Title) -> bool {
         let Some(ogg) = self.ogg.as_mut() else {
             return false;
         };
@@ -641,7 +652,7 @@ impl Segmenter {
                     break;
                 }
                 Some(len) => {
-                    changed |= self.ogg_page(&data.slice(pos..pos + len));
+                    changed |= self.ogg_page(&data.slice(pos..pos + len), title);
                     pos += len;
                 }
             }
@@ -651,7 +662,7 @@ impl Segmenter {
 
     /// One whole page: a new Opus stream's first page makes a new init segment; the Opus
     /// stream's packets go into the segment.
-    fn ogg_page(&mut self, page: &Bytes) -> bool {
+    fn ogg_page(&mut self, page: &Bytes, title: Title) -> bool {
         let (flags, serial) = (
             page[5],
             u32::from_le_bytes([page[14], page[15], page[16], page[17]]),
@@ -716,21 +727,23 @@ impl Segmenter {
                 ogg.tags_pending = !packet.starts_with(b"OpusTags");
                 continue;
             }
-            changed |= self.opus_packet(packet);
+            changed |= self.opus_packet(packet, title);
         }
         changed
     }
 
-    /// An Opus audio packet: closes the segment first if it would take it past the target.
-    fn opus_packet(&mut self, packet: Bytes) -> bool {
+    /// An Opus audio packet: closes the segment first if it would take it past the target, or
+    /// the title changed (the next segment starts with the new title's `EXT-X-DATERANGE`).
+    fn opus_packet(&mut self, packet: Bytes, title: Title) -> bool {
         let Some(samples) = opus_packet_samples(&packet) else {
             return false;
         };
         let target = self.params.segment_secs * u64::from(OPUS_RATE);
-        let full = self
-            .ogg
-            .as_ref()
-            .is_some_and(|o| !o.packets.is_empty() && o.samples + u64::from(samples) > target);
+        let full = self.ogg.as_ref().is_some_and(|o| {
+            !o.packets.is_empty()
+                && (o.samples + u64::from(samples) > target
+                    || o.title_version != Some(title.version))
+        });
         let changed = full && self.close_opus();
         let ticks = self.opus_time * TICKS_PER_SEC / u64::from(OPUS_RATE);
         let (since, at) = *self.anchor.get_or_insert((SystemTime::now(), ticks));
@@ -739,8 +752,13 @@ impl Segmenter {
             return changed;
         };
         if ogg.packets.is_empty() {
-            ogg.date = Some(since + Duration::from_micros(ticks.saturating_sub(at) * 100 / 9));
+            let date = since + Duration::from_micros(ticks.saturating_sub(at) * 100 / 9);
+            ogg.date = Some(date);
             ogg.start = time;
+            if ogg.title_version != Some(title.version) {
+                ogg.title_version = Some(title.version);
+                ogg.daterange = daterange(title, date);
+            }
         }
         ogg.packets.push((samples, packet));
         ogg.samples += u64::from(samples);
@@ -760,7 +778,7 @@ impl Segmenter {
         let samples = std::mem::take(&mut ogg.samples);
         let refs: Vec<(u32, &[u8])> = packets.iter().map(|(n, p)| (*n, &p[..])).collect();
         let data = fragment(self.next_seq as u32 + 1, ogg.start, &refs);
-        let (date, init) = (ogg.date.take(), ogg.init.clone());
+        let (date, init, range) = (ogg.date.take(), ogg.init.clone(), ogg.daterange.take());
         let discontinuity = std::mem::take(&mut self.discontinuity);
         self.add(
             Media::Opus,
@@ -768,10 +786,35 @@ impl Segmenter {
             date.unwrap_or_else(SystemTime::now),
             discontinuity,
             Bytes::from(data),
-            init,
+            (init, range),
         );
         true
     }
+}
+
+/// The `EXT-X-DATERANGE` of a title starting at `date` (RFC 8216, 4.3.2.7), with the title
+/// and artist as client attributes `X-TITLE` and `X-ARTIST`; None without either. Quoted
+/// strings cannot hold a quote or a line break: those become a space.
+fn daterange(title: Title, date: SystemTime) -> Option<String> {
+    if title.title.is_none() && title.artist.is_none() {
+        return None;
+    }
+    let quoted = |s: &str| -> String {
+        s.chars()
+            .map(|c| if c == '"' || c.is_control() { ' ' } else { c })
+            .collect()
+    };
+    let mut line = format!(
+        "#EXT-X-DATERANGE:ID=\"title-{}\",CLASS=\"com.fanstream.title\",START-DATE=\"{}\"",
+        title.version,
+        crate::dates::rfc3339_millis(date)
+    );
+    for (name, value) in [("X-TITLE", title.title), ("X-ARTIST", title.artist)] {
+        if let Some(v) = value {
+            let _ = write!(line, ",{name}=\"{}\"", quoted(v));
+        }
+    }
+    Some(line)
 }
 
 /// Writes an ID3v2.4 tag: the PRIV timestamp frame, then the title and artist if known.

@@ -45,6 +45,8 @@ struct Entry {
     date: String,
     /// The init segment in force (`EXT-X-MAP`), for fMP4.
     map: Option<String>,
+    /// An `EXT-X-DATERANGE` line just before it.
+    daterange: Option<String>,
 }
 
 #[derive(Debug)]
@@ -62,6 +64,7 @@ fn parse_playlist(text: &str) -> Playlist {
     let (mut version, mut target, mut sequence) = (None, None, None);
     let mut entries = Vec::new();
     let (mut duration, mut discontinuity, mut date, mut map) = (None, false, None, None);
+    let mut daterange = None;
     for line in lines {
         if let Some(v) = line.strip_prefix("#EXT-X-VERSION:") {
             version = v.parse().ok();
@@ -72,6 +75,9 @@ fn parse_playlist(text: &str) -> Playlist {
         } else if line.starts_with("#EXT-X-DISCONTINUITY-SEQUENCE:") {
         } else if let Some(v) = line.strip_prefix("#EXT-X-MAP:URI=") {
             map = Some(v.trim_matches('"').to_string());
+        } else if let Some(v) = line.strip_prefix("#EXT-X-DATERANGE:") {
+            assert!(v.contains("ID=\"") && v.contains("START-DATE=\""), "{line}");
+            daterange = Some(v.to_string());
         } else if line == "#EXT-X-DISCONTINUITY" {
             discontinuity = true;
         } else if let Some(v) = line.strip_prefix("#EXT-X-PROGRAM-DATE-TIME:") {
@@ -89,6 +95,7 @@ fn parse_playlist(text: &str) -> Playlist {
                 discontinuity: std::mem::take(&mut discontinuity),
                 date: date.take().unwrap_or_else(|| panic!("no date for {line}")),
                 map: map.clone(),
+                daterange: daterange.take(),
             });
         }
     }
@@ -1043,5 +1050,47 @@ fn nginx_in_front_asks_fanstream_once_per_segment_whatever_the_clients() {
         "fanstream answered {playlists} playlist requests for {polls} polls through nginx"
     );
     assert!(nginx.running(), "nginx: {}", nginx.text());
+    drop(source);
+}
+
+/// An Opus mount's title update reaches its fMP4 playlist as an `EXT-X-DATERANGE` starting with
+/// the segment it begins, at that segment's date.
+#[test]
+fn a_title_update_on_an_opus_mount_is_a_daterange_in_its_playlist() {
+    let srv = server();
+    let mut source = ffmpeg_source(srv.addr, "/opus", &Tone::new(Codec::Opus, 120.0));
+    wait_playlist(srv.addr, "/opus", 2, None, &mut source);
+    let params = [
+        ("mode", "updinfo"),
+        ("mount", "/opus"),
+        ("artist", "Band"),
+        ("title", "Say \"Hi\""),
+    ];
+    let (status, _, body) = curl_get(
+        srv.addr,
+        "/admin/metadata",
+        Some(("source", PASSWORD)),
+        &params,
+    );
+    assert_eq!(status, 200, "{body}");
+    let deadline = Instant::now() + DEADLINE;
+    let entry = loop {
+        let p = playlist(srv.addr, "/opus").unwrap();
+        if let Some(e) = p.entries.iter().find(|e| e.daterange.is_some()) {
+            break e.clone();
+        }
+        assert!(Instant::now() < deadline, "no EXT-X-DATERANGE: {p:?}");
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    let range = entry.daterange.unwrap();
+    assert!(
+        range.contains("X-TITLE=\"Say  Hi \"") && range.contains("X-ARTIST=\"Band\""),
+        "{range}"
+    );
+    assert!(
+        range.contains(&format!("START-DATE=\"{}\"", entry.date)),
+        "{range} for {}",
+        entry.date
+    );
     drop(source);
 }
