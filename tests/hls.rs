@@ -1094,3 +1094,59 @@ fn a_title_update_on_an_opus_mount_is_a_daterange_in_its_playlist() {
     );
     drop(source);
 }
+
+/// An encoder restart within the grace period is an `EXT-X-DISCONTINUITY`: the media sequence
+/// goes on, the new source's segments follow the tag, and both sides' segments check out.
+#[test]
+fn an_encoder_restart_is_a_discontinuity_in_a_playlist_that_goes_on() {
+    let srv = TestServer::start(|c| {
+        c.defaults.hls = true;
+        c.defaults.hls_segment_secs = SEGMENT_SECS;
+        c.defaults.hls_segments = SEGMENTS;
+        c.defaults.source_grace_secs = 20;
+    });
+    let mut first = ffmpeg_source(srv.addr, "/live", &Tone::new(Codec::Mp3, 3.0));
+    let before = wait_playlist(srv.addr, "/live", 2, None, &mut first);
+    assert!(first.wait_exit(DEADLINE).success(), "{}", first.text());
+    let mut second = ffmpeg_source(srv.addr, "/live", &Tone::new(Codec::Mp3, 60.0));
+    let deadline = Instant::now() + DEADLINE;
+    let after = loop {
+        let p = playlist(srv.addr, "/live").unwrap();
+        let cut = p.entries.iter().position(|e| e.discontinuity);
+        if cut.is_some_and(|i| i > 0 && p.entries.len() - i >= 2) {
+            break p;
+        }
+        assert!(second.running(), "{}", second.text());
+        assert!(
+            Instant::now() < deadline,
+            "no discontinuity with segments both sides: {p:?}"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    assert!(
+        after.sequence >= before.sequence,
+        "the media sequence went back"
+    );
+    let cut = after.entries.iter().position(|e| e.discontinuity).unwrap();
+    assert_eq!(after.entries.iter().filter(|e| e.discontinuity).count(), 1);
+    for e in &after.entries {
+        let (status, _, body) = get(srv.addr, &format!("/live/{}", e.name));
+        assert_eq!(status, 200, "{}", e.name);
+        let t = take_apart(&body, Codec::Mp3, &e.name);
+        assert!(
+            (t.samples as f64 / f64::from(t.rate) - e.duration).abs() < 1e-4,
+            "{}",
+            e.name
+        );
+    }
+    // The last segment of the first source may be short (cut where it stopped); the second's
+    // are whole.
+    assert!(
+        after.entries[cut..]
+            .iter()
+            .take(1)
+            .all(|e| e.duration > 0.9),
+        "{after:?}"
+    );
+    drop(second);
+}
