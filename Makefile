@@ -20,16 +20,16 @@ CARGO ?= cargo
 # fanstream as an HLS cache, started by the test with its own config on a loopback port.
 TEST_PROGRAMS := ffmpeg ffprobe curl prometheus promtool ezstream ices2 liquidsoap mpv \
   gst-launch-1.0 gst-inspect-1.0 chromium timeout lintian dpkg-shlibdeps adduser systemd-analyze \
-  logrotate man icecast2 nginx
+  logrotate man icecast2 haproxy nginx
 APT_PACKAGES := ffmpeg curl prometheus ezstream ices2 liquidsoap mpv gstreamer1.0-tools \
   gstreamer1.0-plugins-base gstreamer1.0-plugins-good gstreamer1.0-plugins-bad chromium coreutils \
-  lintian dpkg-dev adduser systemd logrotate man-db icecast2 nginx-light
+  lintian dpkg-dev adduser systemd logrotate man-db icecast2 haproxy nginx-light
 # GStreamer elements the tests use, which come in plugin packages rather than as programs.
 TEST_GST_ELEMENTS := souphttpsrc decodebin oggdemux opusdec vorbisdec mpegaudioparse identity
 
-.PHONY: run build release deb man install deb-deps test deps fuzz-deps fmt fmt-check clippy unit soak fuzz load sweep compare coalescing icy-compare bench icecast fonts
+.PHONY: run build release deb man install deb-deps test deps fuzz-deps fmt fmt-check clippy unit soak fuzz load sweep compare coalescing icy-compare tls-compare bench icecast fonts
 
-# Load runs (make load / sweep / compare / coalescing / icy-compare): see README, "Performance".
+# Load runs (make load / sweep / compare / coalescing / icy-compare / tls-compare): see README, "Performance".
 CLIENTS ?= 1000
 BITRATE_KBPS ?= 128
 SECONDS ?= 30
@@ -150,6 +150,13 @@ icy-compare: release
 	  --workers $(WORKERS) --mounts $(MOUNTS) --title-every-secs $(TITLE_EVERY_SECS) $(LOAD_FLAGS)
 	mkdir -p $(RESULTS)
 	cp target/load/icy-$(CLIENTS)c-$(BITRATE_KBPS)k.md target/load/icy-$(CLIENTS)c-$(BITRATE_KBPS)k.json $(RESULTS)/
+
+## make tls-compare: the same load twice, all plain then all TLS listeners, one table.
+tls-compare: release
+	$(LOAD_BIN) tls-compare --clients $(CLIENTS) --bitrate-kbps $(BITRATE_KBPS) --seconds $(SECONDS) \
+	  --workers $(WORKERS) --mounts $(MOUNTS) $(LOAD_FLAGS)
+	mkdir -p $(RESULTS)
+	cp target/load/tls-$(CLIENTS)c-$(BITRATE_KBPS)k.md target/load/tls-$(CLIENTS)c-$(BITRATE_KBPS)k.json $(RESULTS)/
 
 ## make bench: criterion benches (store, fan-out, request parsing).
 bench:

@@ -29,7 +29,7 @@ use crossbeam::channel::Sender;
 use tokio::net::TcpListener;
 use tokio::runtime::Runtime;
 
-use crate::conn::{close_unanswered, Accepted, ConnGuard};
+use crate::conn::{canonical, close_unanswered, Accepted, ConnGuard};
 use crate::heads::{room_or, Replace};
 use crate::reasons::Unanswered;
 use crate::shared::{stopped, Shared};
@@ -56,11 +56,14 @@ pub(crate) fn run(
     rt: Runtime,
     shared: Arc<Shared>,
     listen_socket: std::net::TcpListener,
+    tls_socket: Option<std::net::TcpListener>,
     workers: Vec<Sender<Accepted>>,
 ) {
     rt.block_on(async move {
-        let listen_socket = match TcpListener::from_std(listen_socket) {
-            Ok(l) => l,
+        let registered = TcpListener::from_std(listen_socket)
+            .and_then(|l| Ok((l, tls_socket.map(TcpListener::from_std).transpose()?)));
+        let (listen_socket, tls_socket) = match registered {
+            Ok(both) => both,
             Err(e) => {
                 tracing::error!(error = %e, "acceptor cannot register its listening socket");
                 return;
@@ -109,10 +112,12 @@ pub(crate) fn run(
                 _ = stopped(&mut stop) => break,
                 // While paused, a slot freed may end the pause, or nobody is coming: look again.
                 _ = shared.room.notified(), if gate.paused() => {}
-                accepted = listen_socket.accept() => match accepted {
+                // Both ports count against the same limits and feed the same workers; a TLS
+                // connection's handshake is the worker's first step.
+                (accepted, tls) = accept_either(&listen_socket, tls_socket.as_ref()) => match accepted {
                     Ok((stream, peer)) => {
                         let open = shared.open_connections();
-                        if hand_off(&shared, &workers, stream, peer, open) && gate.paused()
+                        if hand_off(&shared, &workers, stream, peer, open, tls) && gate.paused()
                             && shared.heads.evict_oldest(REPLACE.min_age, Instant::now())
                         {
                             gate.replaced += 1;
@@ -132,6 +137,20 @@ pub(crate) fn run(
         }
         tracing::debug!("acceptor stopped");
     });
+}
+
+/// The next connection on either port, and whether it came on the TLS one.
+async fn accept_either(
+    plain: &TcpListener,
+    tls: Option<&TcpListener>,
+) -> (io::Result<(tokio::net::TcpStream, SocketAddr)>, bool) {
+    match tls {
+        None => (plain.accept().await, false),
+        Some(tls) => tokio::select! {
+            accepted = plain.accept() => (accepted, false),
+            accepted = tls.accept() => (accepted, true),
+        },
+    }
 }
 
 /// Whether the acceptor is at its limit, with the hysteresis that keeps a storm to one pause and
@@ -235,15 +254,31 @@ fn hand_off(
     stream: tokio::net::TcpStream,
     peer: SocketAddr,
     open: usize,
+    tls: bool,
 ) -> bool {
     let config = shared.config.load();
     let now = Instant::now();
+    let peer = canonical(peer);
+    // A trusted proxy's connections carry many clients: the worker counts each against its own
+    // address once the proxy has named it, and the proxy's own address is not limited.
+    let proxied = config.trusts(peer.ip());
+    // The PROXY header is read on the plain port only (see README, "Behind a proxy").
+    if config.proxy_protocol && !proxied && !tls {
+        close_unanswered(shared, Unanswered::UntrustedProxy, peer, &stream);
+        return false;
+    }
+    let client = config.client_key(peer.ip());
+    let heads_limit = if proxied {
+        0
+    } else {
+        config.max_pending_heads_per_ip
+    };
     let heads = &shared.heads;
-    let head = match heads.enter(peer.ip(), config.max_pending_heads_per_ip, now) {
+    let head = match heads.enter(client, heads_limit, now) {
         Some(head) => head,
         // Its head has arrived: it only waits for a worker to read it, as in a burst of players
         // behind one NAT reconnecting at once, so it is not the idle kind the limit is for.
-        None if has_bytes(&stream) => heads.enter(peer.ip(), 0, now).expect("no limit"),
+        None if has_bytes(&stream) => heads.enter(client, 0, now).expect("no limit"),
         None => {
             close_unanswered(shared, Unanswered::PendingHeadsPerIp, peer, &stream);
             return false;
@@ -265,22 +300,17 @@ fn hand_off(
         .min_by_key(|(_, w)| w.connections.load(Ordering::Relaxed))
         .expect("at least one worker");
     worker.connections.fetch_add(1, Ordering::Relaxed);
+    let mut guard = ConnGuard::new(shared.clone(), index);
     let per_ip_limit = config.max_connections_per_ip;
-    let (ip, over_ip_limit) = if per_ip_limit > 0 {
-        let mut per_ip = shared.per_ip.lock().unwrap_or_else(|e| e.into_inner());
-        let n = per_ip.entry(peer.ip()).or_insert(0);
-        *n += 1;
-        (Some(peer.ip()), *n > per_ip_limit)
-    } else {
-        (None, false)
-    };
+    let over_ip_limit = per_ip_limit > 0 && !proxied && guard.count_address(client, per_ip_limit);
     let under_pressure = open * 100 >= shared.max_connections * PRESSURE_PERCENT;
     let accepted = Accepted {
         stream,
-        guard: ConnGuard::new(shared.clone(), index, ip),
+        guard,
         head,
         head_timeout: config.header_timeout(under_pressure),
         over_ip_limit,
+        tls,
     };
     // Fails only when the worker has exited (shutting down): the socket is then dropped, closed.
     if workers[index].send(accepted).is_ok() {

@@ -92,6 +92,7 @@ pub(crate) fn run(
                 _ = room.notified(), if at_limit => {}
                 accepted = listen_socket.accept() => match accepted {
                     Ok((stream, peer)) => {
+                        let peer = crate::conn::canonical(peer);
                         let now = Instant::now();
                         if at_limit {
                             heads.evict_oldest(REPLACE.min_age, now);
@@ -206,6 +207,7 @@ fn route(shared: &Shared, req: &Request) -> Result<Vec<u8>, Refusal> {
             r.extend_from_slice(&body);
             r
         }
+        (Method::Get | Method::Head, "/") => crate::page::response(shared, req),
         (Method::Get | Method::Head, p) if status::is_status_path(p) => {
             status::response(shared, req)
         }
@@ -213,7 +215,7 @@ fn route(shared: &Shared, req: &Request) -> Result<Vec<u8>, Refusal> {
             404,
             "Not Found",
             &[],
-            "404 Not Found: try /metrics, /status.json, /status-json.xsl or /admin/stats\n",
+            "404 Not Found: try /, /metrics, /status.json, /status-json.xsl or /admin/stats\n",
         ),
         _ => return Err(Refusal::MethodNotAllowed("GET, HEAD")),
     })

@@ -49,11 +49,12 @@ pub(crate) fn check_given(
     accepted: &[(&str, &str)],
 ) -> Result<(), Refusal> {
     let now = Instant::now();
+    let client = cfg.client_key(peer.ip());
     let limits = AuthLimits {
         max_failures: cfg.auth_max_failures,
         window: Duration::from_secs(cfg.auth_failure_window_secs),
     };
-    if let Some(wait) = failures.blocked(peer.ip(), now, limits) {
+    if let Some(wait) = failures.blocked(client, now, limits) {
         return Err(Refusal::AuthRateLimited {
             retry_after_secs: wait.as_secs() + 1,
         });
@@ -65,11 +66,11 @@ pub(crate) fn check_given(
         ok | (user_ok & pass_ok)
     });
     if !matches {
-        failures.failed(peer.ip(), now, limits);
+        failures.failed(client, now, limits);
         tracing::warn!(%peer, %path, ?realm, "authentication failed");
         return Err(Refusal::BadCredentials(realm));
     }
-    failures.succeeded(peer.ip());
+    failures.succeeded(client);
     Ok(())
 }
 

@@ -4,7 +4,7 @@
 //! rejects nonsense, naming the setting, before anything binds.
 
 use std::collections::BTreeMap;
-use std::net::{AddrParseError, SocketAddr};
+use std::net::{AddrParseError, IpAddr, Ipv6Addr, SocketAddr};
 use std::path::{Path, PathBuf};
 
 use serde::de::{DeserializeOwned, Error as _, Visitor};
@@ -18,6 +18,74 @@ pub enum LagPolicy {
     Disconnect,
     /// Move it to the live edge at a chunk boundary; it loses the bytes in between.
     Skip,
+}
+
+/// The request header a trusted proxy names the client in.
+#[derive(Clone, Copy, Debug, Deserialize, PartialEq, Eq)]
+pub enum ForwardedHeader {
+    #[serde(rename = "x-forwarded-for")]
+    XForwardedFor,
+    #[serde(rename = "forwarded")]
+    Forwarded,
+}
+
+/// An address or a range of them, as `trusted_proxies` writes it: `10.0.0.0/8`, `::1`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Cidr {
+    net: IpAddr,
+    bits: u8,
+}
+
+impl Cidr {
+    /// Whether `ip` is in the range. An IPv4 address arriving as `::ffff:a.b.c.d` is the IPv4
+    /// address.
+    pub fn contains(&self, ip: IpAddr) -> bool {
+        match (self.net, ip.to_canonical()) {
+            (IpAddr::V4(net), IpAddr::V4(ip)) => {
+                let mask = u32::MAX.checked_shl(32 - u32::from(self.bits)).unwrap_or(0);
+                u32::from(net) & mask == u32::from(ip) & mask
+            }
+            (IpAddr::V6(net), IpAddr::V6(ip)) => {
+                let mask = u128::MAX
+                    .checked_shl(128 - u32::from(self.bits))
+                    .unwrap_or(0);
+                u128::from(net) & mask == u128::from(ip) & mask
+            }
+            _ => false,
+        }
+    }
+}
+
+impl std::str::FromStr for Cidr {
+    type Err = String;
+
+    fn from_str(text: &str) -> Result<Cidr, String> {
+        let (addr, bits) = match text.split_once('/') {
+            Some((addr, bits)) => (addr, Some(bits)),
+            None => (text, None),
+        };
+        let net: IpAddr = addr
+            .parse()
+            .map_err(|e| format!("{text:?} is not an address or a range ({e})"))?;
+        let max = if net.is_ipv4() { 32 } else { 128 };
+        let bits = match bits {
+            None => max,
+            Some(b) => b
+                .parse::<u8>()
+                .ok()
+                .filter(|&b| b <= max)
+                .ok_or_else(|| format!("{text:?}: the prefix length must be 0 to {max}"))?,
+        };
+        Ok(Cidr { net, bits })
+    }
+}
+
+impl<'de> Deserialize<'de> for Cidr {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Cidr, D::Error> {
+        let text = String::deserialize(d)?;
+        text.parse()
+            .map_err(|e| D::Error::custom(format!("trusted_proxies: {e}")))
+    }
 }
 
 /// Per-mount settings. `[defaults]` sets them for every mount; in `[mounts."/path"]` each key
@@ -147,6 +215,90 @@ pub struct Startup {
     /// with that mount's source password. By SHOUTcast's convention, the listener port plus one.
     /// Default none.
     pub shoutcast_listen: Option<SocketAddr>,
+    /// Where listeners and sources connect over TLS (HTTPS, `icecast://` with `-tls 1`), beside
+    /// `listen`: the same mounts and snapshot, encrypted per connection. Default none.
+    pub tls_listen: Option<SocketAddr>,
+    /// The certificate chain, PEM, the server's own first. Read at start-up and on `SIGHUP`
+    /// (new handshakes get the new one; a file that does not load is refused, the running one
+    /// stays). Required with `tls_listen`.
+    pub tls_cert: Option<PathBuf>,
+    /// The certificate's private key, PEM (PKCS#8, PKCS#1 or SEC1). Required with `tls_listen`.
+    pub tls_key: Option<PathBuf>,
+    /// Mounts fed by pulling from another server (`[[relays]]`), started with the server.
+    /// Default none.
+    pub relays: Vec<RelaySettings>,
+    /// Mirror every mount of an origin (`[master]`). Default none.
+    pub master: Option<MasterSettings>,
+}
+
+/// `[master]`: keep one relay per mount an origin lists in its `/admin/streamlist.txt` (one
+/// mount path a line, as Icecast serves it to its relay user and its admin), adding and
+/// removing relays as the origin's mounts come and go. A `[[relays]]` entry for the same mount
+/// wins over the mirrored one.
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct MasterSettings {
+    /// The origin's base URL, `http://host:port`: the list is at `/admin/streamlist.txt` under
+    /// it, each mount at its path under it.
+    pub url: String,
+    /// User for the origin's Basic authentication. Default `relay` when `password` is set.
+    #[serde(default)]
+    pub user: Option<String>,
+    /// Password for the origin's Basic authentication (its `relay_password`, or the admin's).
+    /// Default none.
+    #[serde(default)]
+    pub password: Option<String>,
+    /// How often the list is read again. Default 120, as Icecast's `<master-update-interval>`.
+    #[serde(default = "default_master_interval_secs")]
+    pub interval_secs: u64,
+    /// Mirrored relays pull only while they have listeners (as `on_demand` of `[[relays]]`).
+    /// Default true, as Icecast's `<relays-on-demand>` is usually set for a mirror: an edge
+    /// costs its origin nothing for mounts nobody listens to there.
+    #[serde(default = "default_true")]
+    pub on_demand: bool,
+}
+
+fn default_true() -> bool {
+    true
+}
+
+fn default_master_interval_secs() -> u64 {
+    120
+}
+
+/// One `[[relays]]` entry: a mount fed by pulling a stream from an upstream server (fanstream or
+/// Icecast) instead of by an encoder.
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct RelaySettings {
+    /// The local mount it feeds.
+    pub mount: String,
+    /// `http://` URLs of the stream, tried in this order. At least one.
+    pub upstreams: Vec<String>,
+    /// User for the upstream's Basic authentication. Default `relay` when `password` is set.
+    #[serde(default)]
+    pub user: Option<String>,
+    /// Password for the upstream's Basic authentication. Default none: no credentials (or
+    /// those written in the URL).
+    #[serde(default)]
+    pub password: Option<String>,
+    /// Pull only while the mount has listeners: the first listener's request wakes the relay
+    /// (and waits, up to `source_timeout_secs`, for the mount to go live); the relay lets the
+    /// upstream go within a second of its last listener leaving (and no listener asking for
+    /// `source_timeout_secs`). Default false.
+    #[serde(default)]
+    pub on_demand: bool,
+    /// While on a later upstream, go back to the first as soon as it answers again. Default
+    /// false.
+    #[serde(default)]
+    pub prefer_first: bool,
+    /// With `prefer_first`, how often the first upstream is tried again. Default 30.
+    #[serde(default = "default_relay_retry_secs")]
+    pub retry_secs: u64,
+}
+
+fn default_relay_retry_secs() -> u64 {
+    30
 }
 
 impl Default for Startup {
@@ -162,6 +314,11 @@ impl Default for Startup {
             demo_mount: "/demo".into(),
             access_log: None,
             shoutcast_listen: None,
+            tls_listen: None,
+            tls_cert: None,
+            tls_key: None,
+            relays: Vec::new(),
+            master: None,
         }
     }
 }
@@ -273,6 +430,32 @@ pub struct Config {
     /// The mount SHOUTcast v1 sources (on `shoutcast_listen`) feed, and `/admin.cgi` title
     /// updates without `mount=` go to. Default `/stream`, as Icecast.
     pub shoutcast_mount: String,
+    /// Web origins whose pages may read streams and status pages (`Access-Control-Allow-Origin`),
+    /// such as `"https://radio.example"`; `"*"` lets any page. Default `["*"]`, as Icecast: a
+    /// stream is public anyway, and web players on other sites are the point. An empty list
+    /// sends no CORS headers.
+    pub cors_allowed_origins: Vec<String>,
+    /// Per-address limits (`max_connections_per_ip`, `max_pending_heads_per_ip`, failed logins)
+    /// count IPv6 clients by their first this many bits. Default 128 (each address); 64 counts
+    /// each /64 as one client, since one subscriber usually holds a whole /64 and could
+    /// otherwise open connections from as many addresses as it likes.
+    pub ipv6_prefix_bits: u8,
+    /// Proxies in front whose word on the client's address is taken: addresses or CIDR ranges
+    /// (`"127.0.0.1"`, `"10.0.0.0/8"`, `"::1"`). From them alone, the client's address comes
+    /// from `forwarded_header` or the PROXY protocol header, and their own connections do not
+    /// count against the per-address limits (their clients' do). Default none.
+    pub trusted_proxies: Vec<Cidr>,
+    /// Every connection on the listener port starts with a PROXY protocol header (v1 or v2:
+    /// HAProxy's `send-proxy`/`send-proxy-v2`, nginx's `proxy_protocol on`), which gives the
+    /// client's address; a connection from outside `trusted_proxies` is closed unanswered
+    /// (`untrusted_proxy`), since anyone could claim any address with one. Default false.
+    pub proxy_protocol: bool,
+    /// Which request header names the client, on a connection from a trusted proxy:
+    /// `x-forwarded-for` (HAProxy's `option forwardfor`, nginx's
+    /// `$proxy_add_x_forwarded_for`) or `forwarded` (RFC 7239's `for=`). One only: a proxy that
+    /// writes one of them passes the other through from the client, who could then forge it.
+    /// Default `x-forwarded-for`.
+    pub forwarded_header: ForwardedHeader,
     /// Settings for every mount, unless overridden in `mounts`.
     pub defaults: MountSettings,
     /// Mounts declared in the file, by path, with their resolved settings.
@@ -283,6 +466,12 @@ pub struct Config {
     #[doc(hidden)]
     #[serde(skip)]
     pub panic_injection_mount: Option<String>,
+    /// Test hook, not settable from the file: a listener's hand-off from admission to its
+    /// fan-out is delayed this long, as on a machine too busy to run the worker at once.
+    #[cfg(feature = "fault-injection")]
+    #[doc(hidden)]
+    #[serde(skip)]
+    pub join_delay_injection_ms: u64,
 }
 
 impl Default for Config {
@@ -309,10 +498,17 @@ impl Default for Config {
             source_timeout_secs: 10,
             shutdown_grace_secs: 5,
             shoutcast_mount: "/stream".into(),
+            cors_allowed_origins: vec!["*".into()],
+            ipv6_prefix_bits: 128,
+            trusted_proxies: Vec::new(),
+            proxy_protocol: false,
+            forwarded_header: ForwardedHeader::XForwardedFor,
             defaults: MountSettings::default(),
             mounts: BTreeMap::new(),
             #[cfg(feature = "fault-injection")]
             panic_injection_mount: None,
+            #[cfg(feature = "fault-injection")]
+            join_delay_injection_ms: 0,
         }
     }
 }
@@ -405,6 +601,23 @@ impl Config {
     }
 
     /// The config to install when a server running `self` reloads `new`, and the names of the
+    /// Whether `ip` is one of `trusted_proxies`.
+    pub fn trusts(&self, ip: IpAddr) -> bool {
+        self.trusted_proxies.iter().any(|range| range.contains(ip))
+    }
+
+    /// The client an address counts as for the per-address limits: itself, or for IPv6 its
+    /// first `ipv6_prefix_bits` bits (the rest zero).
+    pub fn client_key(&self, ip: IpAddr) -> IpAddr {
+        match ip {
+            IpAddr::V6(v6) if self.ipv6_prefix_bits < 128 => {
+                let mask = u128::MAX << (128 - u32::from(self.ipv6_prefix_bits));
+                IpAddr::V6(Ipv6Addr::from(u128::from(v6) & mask))
+            }
+            ip => ip,
+        }
+    }
+
     /// [`Startup`] settings `new` changes: the running group is kept whole, since those settings
     /// are bound until the next restart. The running source password stays when `new` sets none
     /// (it may have been generated at start-up), and so does the test hook.
@@ -417,6 +630,7 @@ impl Config {
         #[cfg(feature = "fault-injection")]
         {
             new.panic_injection_mount = self.panic_injection_mount.clone();
+            new.join_delay_injection_ms = self.join_delay_injection_ms;
         }
         (new, changed)
     }
@@ -578,12 +792,105 @@ impl Config {
         if self.admin_user.is_empty() || self.admin_user.contains(':') {
             return Err("admin_user must be non-empty and contain no ':'".into());
         }
+        for origin in &self.cors_allowed_origins {
+            let plausible = origin == "*"
+                || (origin.starts_with("http://") || origin.starts_with("https://"))
+                    && !origin.ends_with('/')
+                    && origin.bytes().all(|b| b.is_ascii_graphic());
+            if !plausible {
+                return Err(format!(
+                    "cors_allowed_origins: {origin:?} is not an origin (\"*\", or scheme://host[:port] with no path, as browsers send it)"
+                ));
+            }
+        }
+        if !(1..=128).contains(&self.ipv6_prefix_bits) {
+            return Err(format!(
+                "ipv6_prefix_bits = {}: 1 to 128",
+                self.ipv6_prefix_bits
+            ));
+        }
+        let st = &self.startup;
+        if st.tls_listen.is_some() && (st.tls_cert.is_none() || st.tls_key.is_none()) {
+            return Err("tls_listen needs tls_cert and tls_key (PEM files)".into());
+        }
         check_mount_path("demo_mount", &self.startup.demo_mount)?;
         check_mount_path("shoutcast_mount", &self.shoutcast_mount)?;
+        self.check_relays()?;
         check_mount("defaults", &self.defaults, self)?;
         for (path, m) in &self.mounts {
             check_mount_path(&format!("mounts.\"{path}\""), path)?;
             check_mount(&format!("mounts.\"{path}\""), m, self)?;
+        }
+        Ok(())
+    }
+}
+
+impl Config {
+    fn check_relays(&self) -> Result<(), String> {
+        let mut mounts = std::collections::HashSet::new();
+        for (i, r) in self.startup.relays.iter().enumerate() {
+            let what = format!("relays[{i}]");
+            check_mount_path(&format!("{what}.mount"), &r.mount)?;
+            if !mounts.insert(r.mount.as_str()) {
+                return Err(format!(
+                    "{what}.mount = {:?}: another relay feeds it",
+                    r.mount
+                ));
+            }
+            if self.startup.demo && r.mount == self.startup.demo_mount {
+                return Err(format!(
+                    "{what}.mount = {:?}: the demo plays there",
+                    r.mount
+                ));
+            }
+            if r.upstreams.is_empty() {
+                return Err(format!("{what}.upstreams: at least one URL"));
+            }
+            for (j, url) in r.upstreams.iter().enumerate() {
+                crate::http_client::HttpUrl::parse(url)
+                    .map_err(|e| format!("{what}.upstreams[{j}] = {url:?}: {e}"))?;
+            }
+            if r.user
+                .as_deref()
+                .is_some_and(|u| u.is_empty() || u.contains(':'))
+            {
+                return Err(format!("{what}.user must be non-empty and contain no ':'"));
+            }
+            if r.user.is_some() && r.password.is_none() {
+                return Err(format!("{what}.user is set without a password"));
+            }
+            if r.retry_secs == 0 {
+                return Err(format!("{what}.retry_secs must be at least 1"));
+            }
+        }
+        if let Some(m) = &self.startup.master {
+            let url = crate::http_client::HttpUrl::parse(&m.url)
+                .map_err(|e| format!("master.url = {:?}: {e}", m.url))?;
+            if url.target != "/" || url.user_info.is_some() {
+                return Err(format!(
+                    "master.url = {:?}: a base URL, http://host:port, without a path or credentials (they go in master.user and master.password)",
+                    m.url
+                ));
+            }
+            if m.user
+                .as_deref()
+                .is_some_and(|u| u.is_empty() || u.contains(':'))
+            {
+                return Err("master.user must be non-empty and contain no ':'".into());
+            }
+            if m.user.is_some() && m.password.is_none() {
+                return Err("master.user is set without a password".into());
+            }
+            if m.interval_secs == 0 {
+                return Err("master.interval_secs must be at least 1".into());
+            }
+        }
+        if self.startup.relays.len() > self.source_limit() {
+            return Err(format!(
+                "{} relays but at most {} sources (max_sources): each relay is a source",
+                self.startup.relays.len(),
+                self.source_limit()
+            ));
         }
         Ok(())
     }
@@ -879,6 +1186,50 @@ mod tests {
     }
 
     #[test]
+    fn ipv6_clients_count_by_their_prefix_when_asked() {
+        let ip = |s: &str| s.parse::<IpAddr>().unwrap();
+        let mut c = Config::default();
+        let a = ip("2001:db8:1:2:aaaa::1");
+        assert_eq!(c.client_key(a), a, "each address by default");
+        c.ipv6_prefix_bits = 64;
+        assert_eq!(c.client_key(a), ip("2001:db8:1:2::"));
+        assert_eq!(
+            c.client_key(ip("2001:db8:1:2:ffff::9")),
+            ip("2001:db8:1:2::")
+        );
+        assert_ne!(c.client_key(ip("2001:db8:1:3::1")), ip("2001:db8:1:2::"));
+        assert_eq!(c.client_key(ip("192.0.2.7")), ip("192.0.2.7"), "IPv4 whole");
+        c.ipv6_prefix_bits = 1;
+        assert_eq!(c.client_key(ip("ffff::1")), ip("8000::"));
+    }
+
+    #[test]
+    fn trusted_proxies_are_addresses_or_ranges() {
+        let c = Config::from_toml(
+            r#"trusted_proxies = ["127.0.0.1", "10.0.0.0/8", "::1", "2001:db8::/32"]"#,
+        )
+        .unwrap();
+        let ip = |s: &str| s.parse::<IpAddr>().unwrap();
+        for yes in [
+            "127.0.0.1",
+            "10.1.2.3",
+            "::1",
+            "2001:db8:ffff::1",
+            "::ffff:10.9.9.9",
+        ] {
+            assert!(c.trusts(ip(yes)), "{yes}");
+        }
+        for no in ["127.0.0.2", "11.0.0.1", "::2", "2001:db9::1", "192.0.2.1"] {
+            assert!(!c.trusts(ip(no)), "{no}");
+        }
+        assert!("0.0.0.0/0".parse::<Cidr>().unwrap().contains(ip("8.8.8.8")));
+        for bad in ["10.0.0.0/33", "nowhere", "::/129", "1.2.3.4/x"] {
+            let e = Config::from_toml(&format!("trusted_proxies = [{bad:?}]")).unwrap_err();
+            assert!(e.contains("trusted_proxies"), "{bad}: {e}");
+        }
+    }
+
+    #[test]
     fn a_reload_keeps_the_startup_group_and_names_what_it_changes() {
         let mut running = Config::from_toml("source_password = \"generated\"").unwrap();
         running.panic_injection_mount = Some("/boom".into());
@@ -898,5 +1249,78 @@ mod tests {
         let (installed, changed) = running.reloaded(new);
         assert!(changed.is_empty(), "{changed:?}");
         assert_eq!(installed.source_password.as_deref(), Some("new"));
+    }
+
+    #[test]
+    fn relays_are_read_from_the_file_and_bad_ones_are_named() {
+        let c = Config::from_toml(
+            "[[relays]]\nmount = \"/live\"\nupstreams = [\"http://a:8000/live\", \"http://b/live\"]\npassword = \"pw\"\nprefer_first = true\n",
+        )
+        .unwrap();
+        c.validate().unwrap();
+        let r = &c.startup.relays[0];
+        assert_eq!(r.upstreams.len(), 2);
+        assert!(r.prefer_first && !r.on_demand);
+        assert_eq!((r.user.as_deref(), r.retry_secs), (None, 30));
+        for (toml, why) in [
+            (
+                "mount = \"live\"\nupstreams = [\"http://a/x\"]",
+                "relays[0].mount",
+            ),
+            ("mount = \"/l\"\nupstreams = []", "at least one URL"),
+            (
+                "mount = \"/l\"\nupstreams = [\"https://a/x\"]",
+                "https upstreams",
+            ),
+            (
+                "mount = \"/l\"\nupstreams = [\"http://a:x/x\"]",
+                "upstreams[0]",
+            ),
+            (
+                "mount = \"/l\"\nupstreams = [\"http://a/x\"]\nuser = \"u\"",
+                "without a password",
+            ),
+            (
+                "mount = \"/l\"\nupstreams = [\"http://a/x\"]\nretry_secs = 0",
+                "retry_secs",
+            ),
+        ] {
+            let e = Config::from_toml(&format!("[[relays]]\n{toml}"))
+                .and_then(|c| c.validate())
+                .unwrap_err();
+            assert!(e.contains(why), "{toml}: {e}");
+        }
+        let e = Config::from_toml(
+            "[[relays]]\nmount = \"/l\"\nupstreams = [\"http://a/x\"]\nmirror = 1",
+        )
+        .unwrap_err();
+        assert!(e.contains("mirror"), "{e}");
+        let twice = "[[relays]]\nmount = \"/l\"\nupstreams = [\"http://a/x\"]\n";
+        let e = Config::from_toml(&twice.repeat(2))
+            .unwrap()
+            .validate()
+            .unwrap_err();
+        assert!(e.contains("another relay"), "{e}");
+    }
+
+    #[test]
+    fn a_master_is_read_from_the_file_and_bad_ones_are_named() {
+        let c = Config::from_toml("[master]\nurl = \"http://origin:8000\"\npassword = \"pw\"\n")
+            .unwrap();
+        c.validate().unwrap();
+        let m = c.startup.master.as_ref().unwrap();
+        assert_eq!((m.interval_secs, m.on_demand), (120, true));
+        for (toml, why) in [
+            ("url = \"https://o\"", "https"),
+            ("url = \"http://o/live\"", "base URL"),
+            ("url = \"http://u:p@o\"", "base URL"),
+            ("url = \"http://o\"\ninterval_secs = 0", "interval_secs"),
+            ("url = \"http://o\"\nuser = \"u\"", "without a password"),
+        ] {
+            let e = Config::from_toml(&format!("[master]\n{toml}"))
+                .and_then(|c| c.validate())
+                .unwrap_err();
+            assert!(e.contains(why), "{toml}: {e}");
+        }
     }
 }

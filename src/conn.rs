@@ -4,7 +4,7 @@
 //! - acceptor → worker: [`Accepted`], a socket with its [`ConnGuard`].
 //! - the worker's router → a stage on the same worker: [`Incoming`], a request with its socket,
 //!   served in the [`WorkerCtx`] every task of that worker shares.
-//! - worker (source handshake) or the demo → ingest: [`SourceConn`], a source for a mount, and
+//! - worker (source handshake), the demo or a relay → ingest: [`SourceConn`], a source for a mount, and
 //!   worker or admin → ingest: [`TitleUpdate`], both as [`ToIngest`].
 //! - admission → the worker's fan-out: [`NewListener`], with its [`ListenerGuard`].
 //! - the admin API (on any worker or the admin thread) → the worker holding a listener:
@@ -19,7 +19,7 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use prometheus::IntGauge;
-use tokio::io::AsyncWriteExt;
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::TcpStream;
 
 use tokio::sync::mpsc::UnboundedSender;
@@ -30,10 +30,11 @@ use crate::clients::Client;
 use crate::heads::Pending;
 use crate::http::{read_with, Request, RESPONSE_TIMEOUT};
 use crate::icy::Cadence;
-use crate::mounts::Mount;
+use crate::mounts::{Joining, Mount};
 use crate::reasons::{Refusal, Unanswered};
 use crate::shared::Shared;
 use crate::store::StreamInfo;
+use crate::tls::TlsConn;
 
 /// After a refusal, how much of what the peer keeps sending we read before closing anyway.
 const LINGER_MAX_BYTES: usize = 256 * 1024;
@@ -49,6 +50,8 @@ pub(crate) struct Accepted {
     pub head_timeout: Duration,
     /// The client's address already holds `max_connections_per_ip`: the worker answers 429.
     pub over_ip_limit: bool,
+    /// It came on the TLS port: the worker runs the handshake first.
+    pub tls: bool,
 }
 
 /// Counts a connection against its worker's load and its address until dropped.
@@ -61,10 +64,27 @@ pub(crate) struct ConnGuard {
 }
 
 impl ConnGuard {
-    /// Counts a connection in; the acceptor has already incremented the worker's count and the
-    /// address's, which the guard gives back when dropped.
-    pub fn new(shared: Arc<Shared>, worker: usize, ip: Option<std::net::IpAddr>) -> Self {
-        ConnGuard { shared, worker, ip }
+    /// Counts a connection in; the acceptor has already incremented the worker's count, which
+    /// the guard gives back when dropped.
+    pub fn new(shared: Arc<Shared>, worker: usize) -> Self {
+        ConnGuard {
+            shared,
+            worker,
+            ip: None,
+        }
+    }
+
+    /// Counts the connection against its client's address (`Config::client_key`) until it
+    /// closes; returns whether the address now holds more than `limit`. The acceptor calls it
+    /// for a direct client; for one behind a trusted proxy the worker does, once the proxy has
+    /// said who the client is.
+    pub fn count_address(&mut self, key: std::net::IpAddr, limit: usize) -> bool {
+        debug_assert!(self.ip.is_none(), "a connection is counted once");
+        let mut per_ip = self.shared.per_ip.lock().unwrap_or_else(|e| e.into_inner());
+        let n = per_ip.entry(key).or_insert(0);
+        *n += 1;
+        self.ip = Some(key);
+        *n > limit
     }
 }
 
@@ -87,6 +107,139 @@ impl Drop for ConnGuard {
     }
 }
 
+/// The peer as logs and limits should name it: an IPv4 client reaching a dual-stack (`[::]`)
+/// listener arrives as `::ffff:a.b.c.d`, and is the same client as `a.b.c.d` on an IPv4 one.
+pub(crate) fn canonical(peer: SocketAddr) -> SocketAddr {
+    SocketAddr::new(peer.ip().to_canonical(), peer.port())
+}
+
+/// A client's connection on a worker: plain, or TLS past its handshake. Stages read and write
+/// it as any stream; the fan-out writes it with [`Io::try_write_vectored`], the encryption (if
+/// any) per listener, from the same shared pieces.
+pub(crate) enum Io {
+    Plain(TcpStream),
+    /// Boxed: a session is large, and most connections are plain.
+    Tls(Box<TlsConn>),
+}
+
+impl Io {
+    /// The TCP socket under it.
+    pub fn socket(&self) -> &TcpStream {
+        match self {
+            Io::Plain(s) => s,
+            Io::Tls(t) => t.socket(),
+        }
+    }
+
+    /// Writes without waiting; `WouldBlock` when the socket is full.
+    pub fn try_write_vectored(&self, bufs: &[std::io::IoSlice<'_>]) -> std::io::Result<usize> {
+        match self {
+            Io::Plain(s) => s.try_write_vectored(bufs),
+            Io::Tls(t) => t.try_write_vectored(bufs),
+        }
+    }
+
+    /// Registers `cx`'s waker for when the socket may take more (a TLS session's pending bytes
+    /// wait for the same socket), or says it may now.
+    pub fn poll_write_ready(
+        &self,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        self.socket().poll_write_ready(cx)
+    }
+
+    /// Waits until the socket may take more.
+    pub async fn writable(&self) -> std::io::Result<()> {
+        match self {
+            Io::Plain(s) => s.writable().await,
+            Io::Tls(t) => t.writable().await,
+        }
+    }
+}
+
+impl Io {
+    /// Takes the connection off this thread's runtime, to be attached on another's.
+    pub fn detach(self) -> std::io::Result<Detached> {
+        match self {
+            Io::Plain(tcp) => Ok(Detached::Plain(tcp.into_std()?)),
+            Io::Tls(tls) => {
+                let (tcp, session) = tls.into_parts();
+                Ok(Detached::Tls(tcp.into_std()?, Box::new(session)))
+            }
+        }
+    }
+}
+
+/// A connection between two threads' runtimes: a source on its way to ingest.
+pub(crate) enum Detached {
+    Plain(std::net::TcpStream),
+    Tls(std::net::TcpStream, Box<rustls::ServerConnection>),
+}
+
+impl Detached {
+    /// Registers the socket with the runtime of the thread calling.
+    pub fn attach(self) -> std::io::Result<Io> {
+        Ok(match self {
+            Detached::Plain(tcp) => Io::Plain(TcpStream::from_std(tcp)?),
+            Detached::Tls(tcp, session) => {
+                Io::Tls(Box::new(TlsConn::new(TcpStream::from_std(tcp)?, *session)))
+            }
+        })
+    }
+}
+
+impl AsyncRead for Io {
+    fn poll_read(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            Io::Plain(s) => std::pin::Pin::new(s).poll_read(cx, buf),
+            Io::Tls(t) => std::pin::Pin::new(&mut **t).poll_read(cx, buf),
+        }
+    }
+}
+
+impl AsyncWrite for Io {
+    fn poll_write(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        match self.get_mut() {
+            Io::Plain(s) => std::pin::Pin::new(s).poll_write(cx, buf),
+            Io::Tls(t) => std::pin::Pin::new(&mut **t).poll_write(cx, buf),
+        }
+    }
+
+    fn poll_flush(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            Io::Plain(s) => std::pin::Pin::new(s).poll_flush(cx),
+            Io::Tls(t) => std::pin::Pin::new(&mut **t).poll_flush(cx),
+        }
+    }
+
+    fn poll_shutdown(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            Io::Plain(s) => std::pin::Pin::new(s).poll_shutdown(cx),
+            Io::Tls(t) => std::pin::Pin::new(&mut **t).poll_shutdown(cx),
+        }
+    }
+}
+
+impl std::os::fd::AsFd for Io {
+    fn as_fd(&self) -> std::os::fd::BorrowedFd<'_> {
+        self.socket().as_fd()
+    }
+}
+
 /// What every task on one worker shares.
 pub(crate) struct WorkerCtx {
     pub shared: Arc<Shared>,
@@ -97,6 +250,8 @@ pub(crate) struct WorkerCtx {
     pub admit: UnboundedSender<NewListener>,
     /// Sources and title updates, to the ingest thread.
     pub to_ingest: UnboundedSender<ToIngest>,
+    /// Turns for TLS handshakes, so that a flood of them takes a bounded share of the worker.
+    pub handshakes: tokio::sync::Semaphore,
     /// Every worker's fan-out, by worker index: where the admin API sends a kill or a move.
     pub control: Arc<[UnboundedSender<Control>]>,
 }
@@ -125,7 +280,7 @@ pub(crate) enum Control {
 
 /// A request whose head has been read, with its connection: what the router hands a stage.
 pub(crate) struct Incoming {
-    pub stream: TcpStream,
+    pub stream: Io,
     pub req: Request,
     /// Bytes that arrived after the head (a legacy source's first media).
     pub leftover: Vec<u8>,
@@ -243,8 +398,9 @@ pub(crate) struct SourceConn {
     /// Its access log line, but for the status and the bytes (none for the demo).
     pub log: Option<Record>,
     /// Told the claim's outcome, for a sender that must know it before going on (the server
-    /// starting the demo: the mount is live before start-up ends).
-    pub claimed: Option<std::sync::mpsc::SyncSender<Result<(), Refusal>>>,
+    /// starting the demo: the mount is live before start-up ends; a relay, which sends titles
+    /// only to a mount it holds). A oneshot, so that a blocking thread and a task can both wait.
+    pub claimed: Option<tokio::sync::oneshot::Sender<Result<(), Refusal>>>,
 }
 
 /// Where a source's bytes come from.
@@ -267,7 +423,7 @@ impl Feed {
 
 /// An authenticated encoder, not answered yet.
 pub(crate) struct Encoder {
-    pub stream: std::net::TcpStream,
+    pub stream: Detached,
     pub peer: SocketAddr,
     /// The encoder waits for `100 Continue` before sending.
     pub expect_continue: bool,
@@ -286,13 +442,15 @@ pub(crate) struct NewListener {
     pub guard: ListenerGuard,
     pub mount: Arc<Mount>,
     /// Shared (a moved listener's parked task may still hold it while it closes).
-    pub stream: Rc<TcpStream>,
+    pub stream: Rc<Io>,
     /// Absolute offset of the first byte to send it (its join point).
     pub pos: u64,
     /// The ICY framing it asked for, with what of its first interval the preamble used.
     /// Boxed: most listeners take no ICY, and the fan-out keeps this inline per listener.
     pub icy: Option<Box<Cadence>>,
     pub conn: ConnGuard,
+    /// Keeps its join point in the store until the fan-out has served it once.
+    pub joining: Joining,
 }
 
 /// Counts one listener on its mount, the server and the gauges while it lives.
@@ -399,7 +557,12 @@ impl Drop for ListenerGuard {
 
 /// Answers a refused request, counts it, logs it once with the peer (or, past the first few of
 /// its reason, in the summary: [`crate::logs`]), and lets the connection close.
-pub(crate) async fn refuse(shared: &Shared, stream: &mut TcpStream, peer: SocketAddr, no: Refusal) {
+pub(crate) async fn refuse<S: AsyncRead + AsyncWrite + Unpin>(
+    shared: &Shared,
+    stream: &mut S,
+    peer: SocketAddr,
+    no: Refusal,
+) {
     shared.metrics.refused(no);
     if shared.logs.full(no.reason(), peer, Instant::now()) {
         tracing::info!(%peer, status = no.status(), reason = no.reason(), "refused request");

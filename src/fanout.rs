@@ -17,30 +17,29 @@
 //! keeps one timer for the earliest and on it serves only the shards whose deadline passed. An
 //! idle mount, and a mount without listeners, cost a worker nothing.
 //!
-//! A listener whose socket is full is parked: a small task waits for the socket to become writable
-//! and hands it back to the loop. Parked listeners cost nothing but a lag check when their mount
+//! A listener whose socket is full is parked: its socket's readiness is registered with a waker
+//! made once per listener, which hands it back to the loop when the socket drains; parking
+//! allocates nothing and spawns no task. Parked listeners cost nothing but a lag check when their mount
 //! publishes, and the lag policy drops or skips them when they fall too far behind, so they never
 //! hold up others.
 
-use std::cell::RefCell;
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::io::{self, IoSlice};
 use std::rc::Rc;
 use std::sync::atomic::{fence, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Wake, Waker};
 use std::time::{Duration, Instant};
 
 use prometheus::{Histogram, IntCounter, IntCounterVec};
 use slab::Slab;
-use tokio::net::TcpStream;
 use tokio::sync::{mpsc, Notify};
-use tokio::task::JoinHandle;
 
 use crate::config::{LagPolicy, MountSettings};
-use crate::conn::{ConnGuard, Control, ListenerGuard, NewListener, WorkerCtx};
+use crate::conn::{ConnGuard, Control, Io, ListenerGuard, NewListener, WorkerCtx};
 use crate::http::RESPONSE_TIMEOUT;
 use crate::icy::Cadence;
-use crate::mounts::{Mount, Snapshot};
+use crate::mounts::{Joining, Mount, Snapshot};
 use crate::reasons::Disconnect;
 use crate::shared::{stopped, Stop};
 use crate::store::{Position, SourceState};
@@ -68,29 +67,23 @@ struct Listener {
     /// before the socket, so dropped while the socket is still open (the access log reads the
     /// socket's byte count then).
     guard: ListenerGuard,
-    /// Shared with the parked task while the socket is full.
-    stream: Rc<TcpStream>,
+    /// Shared with a move's `rejoin` while it writes the rest of a frame.
+    stream: Rc<Io>,
     /// Absolute offset of the next byte of the stream to send.
     pos: u64,
     /// Its ICY framing, when it asked for metadata blocks.
     /// Boxed, so that a plain listener pays a pointer for it, not the cadence.
     icy: Option<Box<Cadence>>,
-    /// The task waiting for the socket to become writable, while parked.
+    /// Set while its socket is full.
     parked: Option<Parked>,
+    /// What its socket wakes when it drains, made at its first parking and kept.
+    waker: Option<Arc<ParkWaker>>,
     conn: ConnGuard,
 }
 
-/// A parked listener's waiting task, cancelled when the listener goes.
 struct Parked {
-    task: JoinHandle<()>,
     /// When the socket filled: a listener parked longer than `send_timeout_secs` is dropped.
     since: Instant,
-}
-
-impl Drop for Parked {
-    fn drop(&mut self) {
-        self.task.abort();
-    }
 }
 
 /// A shard's listeners that are neither parked nor being served, by the stream offset each waits
@@ -220,29 +213,73 @@ struct Tally {
     bytes: u64,
 }
 
-/// Where parked listeners report back: their tasks push (shard id, listener key) and notify.
+/// Where parked listeners report back: their wakers push (shard id, listener key) and notify the
+/// loop. Shared with the wakers, which the runtime may hold anywhere, hence a `Mutex`; only this
+/// worker's thread takes it, so it is never contended.
 #[derive(Default)]
 struct Parking {
-    unparked: Rc<RefCell<Vec<(u64, usize)>>>,
-    notify: Rc<Notify>,
+    unparked: Arc<Unparked>,
+}
+
+#[derive(Default)]
+struct Unparked {
+    keys: Mutex<Vec<(u64, usize)>>,
+    notify: Notify,
+}
+
+/// One listener's waker: registered with its socket's write readiness whenever it parks.
+struct ParkWaker {
+    shard: u64,
+    key: usize,
+    to: Arc<Unparked>,
+}
+
+impl Wake for ParkWaker {
+    fn wake(self: Arc<Self>) {
+        self.wake_by_ref();
+    }
+
+    fn wake_by_ref(self: &Arc<Self>) {
+        lock(&self.to.keys).push((self.shard, self.key));
+        self.to.notify.notify_one();
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 impl Parking {
-    /// Parks a listener whose socket is full until it drains.
+    /// Parks a listener whose socket is full until it drains: registers the listener's waker
+    /// (made once, at its first parking) with the socket's write readiness.
     fn park(&self, l: &mut Listener, shard_id: u64, key: usize) {
-        let stream = l.stream.clone();
-        let unparked = self.unparked.clone();
-        let notify = self.notify.clone();
-        let task = tokio::task::spawn_local(async move {
-            // An error also makes the socket "ready"; the next write reports it.
-            let _ = stream.writable().await;
-            unparked.borrow_mut().push((shard_id, key));
-            notify.notify_one();
-        });
         l.parked = Some(Parked {
-            task,
             since: Instant::now(),
         });
+        let waker = l.waker.get_or_insert_with(|| {
+            Arc::new(ParkWaker {
+                shard: shard_id,
+                key,
+                to: self.unparked.clone(),
+            })
+        });
+        // A `Waker` from the `Arc` costs a reference count, not an allocation.
+        let waker = Waker::from(waker.clone());
+        // Drained since the write that filled it (or failed: the next write reports that).
+        if l.stream
+            .poll_write_ready(&mut Context::from_waker(&waker))
+            .is_ready()
+        {
+            waker.wake();
+        }
+    }
+
+    async fn notified(&self) {
+        self.unparked.notify.notified().await
+    }
+
+    fn take(&self) -> Vec<(u64, usize)> {
+        std::mem::take(&mut *lock(&self.unparked.keys))
     }
 }
 
@@ -653,7 +690,7 @@ impl FanOut {
                     self.wakeups.inc();
                     self.measured(Self::serve_published);
                 }
-                _ = self.out.parking.notify.notified() => self.serve_unparked(),
+                _ = self.out.parking.notified() => self.serve_unparked(),
                 _ = &mut timer, if armed.is_some() => {
                     armed = None;
                     self.measured(Self::serve_deadlines);
@@ -736,11 +773,14 @@ impl FanOut {
             pos: new.pos,
             icy: new.icy,
             parked: None,
+            waker: None,
             conn: new.conn,
         };
         let (id, key) = self.insert(&new.mount, listener);
         // A new listener has its burst pending: send it now, not at the next chunk.
         self.serve_one(id, key);
+        // Its position is filed now: the store keeps what it needs by that.
+        drop(new.joining);
     }
 
     /// Puts a listener in its mount's shard, creating the shard if needed.
@@ -817,7 +857,7 @@ impl FanOut {
 
     /// Serves listeners whose sockets drained; they are behind, so they are written at once.
     fn serve_unparked(&mut self) {
-        let ready = std::mem::take(&mut *self.out.parking.unparked.borrow_mut());
+        let ready = self.out.parking.take();
         for (id, key) in ready {
             let Some(shard) = self.shards.by_id.get_mut(&id) else {
                 continue;
@@ -825,8 +865,9 @@ impl FanOut {
             let Some(l) = shard.listeners.get_mut(key) else {
                 continue;
             };
-            // A stale notice (the listener was replaced at this key) must not unpark another.
-            if !l.parked.as_ref().is_some_and(|p| p.task.is_finished()) {
+            // A stale notice (a listener since gone had this key) finds this one not parked, or
+            // unparks it early: its write then finds the socket full and parks it again.
+            if l.parked.is_none() {
                 continue;
             }
             l.parked = None;
@@ -869,11 +910,10 @@ impl FanOut {
                 stream,
                 pos,
                 icy,
-                parked,
                 conn,
+                // A parked listener's waker may still fire: it names a shard that is gone.
+                ..
             } = l;
-            // Its parked task (if any) is cancelled: the stream is written by `rejoin` now.
-            drop(parked);
             // A listener stopped inside a frame or page (a partial write) first gets the rest of
             // it: decoders resync on the next stream's headers, not inside a torn page.
             let rest = match icy {
@@ -897,6 +937,7 @@ impl FanOut {
                 pos: 0,
                 icy,
                 conn,
+                joining: Joining::new(target),
             };
             tokio::task::spawn_local(rejoin(self.ctx.admit.clone(), new, rest));
         }
@@ -965,7 +1006,7 @@ impl FanOut {
             self.settle(after);
             while self.any_pending() {
                 tokio::select! {
-                    _ = self.out.parking.notify.notified() => self.serve_unparked(),
+                    _ = self.out.parking.notified() => self.serve_unparked(),
                     _ = tokio::time::sleep_until(deadline) => break,
                 }
             }
@@ -1012,11 +1053,12 @@ async fn rejoin(admit: mpsc::UnboundedSender<NewListener>, mut new: NewListener,
     let _ = admit.send(new);
 }
 
-/// Writes all of `buf` to a socket shared with the fan-out.
-async fn write_all(stream: &TcpStream, mut buf: &[u8]) -> io::Result<()> {
+/// Writes all of `buf` to a connection shared with the fan-out (over TLS, what the socket did
+/// not take yet goes first with the next write).
+async fn write_all(stream: &Io, mut buf: &[u8]) -> io::Result<()> {
     while !buf.is_empty() {
         stream.writable().await?;
-        match stream.try_write(buf) {
+        match stream.try_write_vectored(&[IoSlice::new(buf)]) {
             Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
             Ok(n) => buf = &buf[n..],
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
@@ -1135,7 +1177,7 @@ fn serve<'s>(
 /// blocks fall at its own offsets), so it is laid out per write: once a second or so per
 /// listener with the default coalescing, against a syscall that costs far more.
 fn write_icy(
-    stream: &TcpStream,
+    stream: &Io,
     cadence: &mut Cadence,
     snap: &Snapshot,
     pos: u64,

@@ -19,9 +19,8 @@ use std::time::{Duration, Instant, SystemTime};
 
 use bytes::Bytes;
 use tokio::io::AsyncWriteExt;
-use tokio::net::TcpStream;
 
-use crate::conn::{log_request, refuse, Incoming};
+use crate::conn::{log_request, refuse, Incoming, Io};
 use crate::dates::Date;
 use crate::hls::{is_segment_name, source_for, Source};
 use crate::http::{
@@ -62,7 +61,7 @@ pub(crate) async fn serve(shared: &Shared, incoming: Incoming) -> Option<Incomin
     } = incoming;
     // Each response goes out whole in one or two writes: waiting to coalesce them only delays
     // the next request of a player fetching segment after segment.
-    let _ = stream.set_nodelay(true);
+    let _ = stream.socket().set_nodelay(true);
     loop {
         let keep_alive = keeps_alive(&req);
         let response = match answer(shared, &req, peer.ip()) {
@@ -118,10 +117,7 @@ pub(crate) async fn serve(shared: &Shared, incoming: Incoming) -> Option<Incomin
 
 /// Reads the next request head, from what is already buffered (a pipelined request) first; the
 /// bytes after it stay in `buf`. Err(None) when the client closed.
-async fn next_head(
-    stream: &mut TcpStream,
-    buf: &mut Vec<u8>,
-) -> Result<Request, Option<HeadError>> {
+async fn next_head(stream: &mut Io, buf: &mut Vec<u8>) -> Result<Request, Option<HeadError>> {
     loop {
         if let Some((req, n)) = parse_head(buf).map_err(Some)? {
             buf.drain(..n);
@@ -230,7 +226,15 @@ fn answer(shared: &Shared, req: &Request, peer: IpAddr) -> Result<Response, Refu
         .hls_requests
         .with_label_values(&[mount.label.as_str(), HLS_KINDS[kind]])
         .inc();
-    Ok(respond(req, body, &etag, content_type, &cache_control))
+    let cors = crate::cors::headers(&shared.config.load(), req);
+    Ok(respond(
+        req,
+        body,
+        &etag,
+        content_type,
+        &cache_control,
+        &cors,
+    ))
 }
 
 /// The response to a `GET` or `HEAD` of `body`, as its validators and `Range` make it.
@@ -240,10 +244,9 @@ fn respond(
     etag: &str,
     content_type: &str,
     cache_control: &str,
+    cors: &str,
 ) -> Response {
-    let mut headers = format!(
-        "Cache-Control: {cache_control}\r\nETag: {etag}\r\nAccess-Control-Allow-Origin: *\r\n"
-    );
+    let mut headers = format!("Cache-Control: {cache_control}\r\nETag: {etag}\r\n{cors}");
     if req
         .header("if-none-match")
         .is_some_and(|v| etag_matches(v, etag))
@@ -336,7 +339,7 @@ fn byte_range(header: &str, total: usize) -> Result<Option<(usize, usize)>, ()> 
 
 /// Writes the response and logs it; false if the client did not take it in time.
 async fn send(
-    stream: &mut TcpStream,
+    stream: &mut Io,
     req: &Request,
     response: &Response,
     keep_alive: bool,
@@ -408,7 +411,7 @@ mod tests {
     #[test]
     fn validators_and_ranges_shape_the_response() {
         let body = Bytes::from_static(b"0123456789");
-        let r = respond(&get(&[]), body.clone(), "\"a\"", "audio/mpeg", "c");
+        let r = respond(&get(&[]), body.clone(), "\"a\"", "audio/mpeg", "c", "");
         assert_eq!(
             (r.status, r.length, &r.body[..]),
             (200, 10, &b"0123456789"[..])
@@ -419,6 +422,7 @@ mod tests {
             "\"a\"",
             "t",
             "c",
+            "",
         );
         assert_eq!((r.status, r.body.len()), (304, 0));
         let r = respond(
@@ -427,6 +431,7 @@ mod tests {
             "\"a\"",
             "t",
             "c",
+            "",
         );
         assert_eq!((r.status, &r.body[..]), (206, &b"234"[..]));
         assert!(
@@ -436,7 +441,7 @@ mod tests {
         );
         let stale = [("range", "bytes=2-4"), ("if-range", "\"old\"")];
         assert_eq!(
-            respond(&get(&stale), body.clone(), "\"a\"", "t", "c").status,
+            respond(&get(&stale), body.clone(), "\"a\"", "t", "c", "").status,
             200
         );
         let r = respond(
@@ -445,11 +450,12 @@ mod tests {
             "\"a\"",
             "t",
             "c",
+            "",
         );
         assert_eq!(r.status, 416);
         let mut head = get(&[]);
         head.method = Method::Head;
-        let r = respond(&head, body, "\"a\"", "t", "c");
+        let r = respond(&head, body, "\"a\"", "t", "c", "");
         assert_eq!((r.status, r.length, r.body.len()), (200, 10, 0));
     }
 

@@ -25,6 +25,8 @@ pub(crate) enum Method {
     /// Icecast's legacy source method (libshout, `ffmpeg -legacy_icecast 1`).
     Source,
     Put,
+    /// A browser's CORS preflight, or a client asking what is allowed.
+    Options,
     Other(String),
 }
 
@@ -35,6 +37,7 @@ impl Method {
             Method::Head => "HEAD",
             Method::Source => "SOURCE",
             Method::Put => "PUT",
+            Method::Options => "OPTIONS",
             Method::Other(m) => m,
         }
     }
@@ -88,6 +91,9 @@ pub(crate) enum HeadError {
     UriTooLong,
     /// The headers exceed the head limit or the header count.
     HeadersTooLarge,
+    /// `Content-Length` given more than once with different values (RFC 9112 §6.3: a proxy in
+    /// front may have framed the request by the other one), or with a value that is no number.
+    ConflictingLength,
 }
 
 /// Parses a request head from the start of `buf`. `Ok(None)` means more bytes are needed;
@@ -148,14 +154,19 @@ fn parse_http_head(buf: &[u8]) -> Result<Option<(Request, usize)>, HeadError> {
         "HEAD" => Method::Head,
         "SOURCE" => Method::Source,
         "PUT" => Method::Put,
+        "OPTIONS" => Method::Options,
         other => Method::Other(other.to_string()),
     };
     let target = req.path.unwrap_or_default();
     let (path, query) = target.split_once('?').unwrap_or((target, ""));
     let (path, query) = (path.to_string(), query.to_string());
     let mut hs = Vec::with_capacity(req.headers.len());
+    let mut length = None;
     for h in req.headers.iter() {
         let value = std::str::from_utf8(h.value).map_err(|_| HeadError::Malformed)?;
+        if h.name.eq_ignore_ascii_case("content-length") {
+            check_length(value, &mut length)?;
+        }
         hs.push((h.name.to_ascii_lowercase(), value.trim().to_string()));
     }
     Ok(Some((
@@ -168,6 +179,25 @@ fn parse_http_head(buf: &[u8]) -> Result<Option<(Request, usize)>, HeadError> {
         },
         n,
     )))
+}
+
+/// Checks one `Content-Length` field against those before it (`seen`): every value, including
+/// each of a comma-separated list, must be the same number. RFC 9112 allows a recipient to
+/// accept repeats of one value and requires it to refuse anything else, since a proxy that
+/// picked another value would see a different request in the same bytes.
+fn check_length(value: &str, seen: &mut Option<u64>) -> Result<(), HeadError> {
+    for item in value.split(',') {
+        let item = item.trim();
+        if item.is_empty() || !item.bytes().all(|b| b.is_ascii_digit()) {
+            return Err(HeadError::ConflictingLength);
+        }
+        let n: u64 = item.parse().map_err(|_| HeadError::ConflictingLength)?;
+        match *seen {
+            Some(before) if before != n => return Err(HeadError::ConflictingLength),
+            _ => *seen = Some(n),
+        }
+    }
+    Ok(())
 }
 
 fn oversize(buf: &[u8]) -> HeadError {
@@ -261,7 +291,14 @@ pub(crate) enum ReadHeadError {
 pub(crate) async fn read_head<S: AsyncRead + Unpin>(
     stream: &mut S,
 ) -> Result<(Request, Vec<u8>), ReadHeadError> {
-    let mut buf = Vec::new();
+    read_head_after(stream, Vec::new()).await
+}
+
+/// [`read_head`], the head beginning with `buf`, bytes already read (after a PROXY header).
+pub(crate) async fn read_head_after<S: AsyncRead + Unpin>(
+    stream: &mut S,
+    mut buf: Vec<u8>,
+) -> Result<(Request, Vec<u8>), ReadHeadError> {
     loop {
         if let Some((req, n)) = parse_head(&buf).map_err(ReadHeadError::Head)? {
             return Ok((req, buf.split_off(n)));
@@ -314,12 +351,13 @@ pub(crate) fn status_phrase(status: u16) -> &'static str {
     }
 }
 
-/// The response head of a live stream, sent to each of its listeners: its Content-Type, no
-/// caching (every response is a different moment of the stream), open to web players from any
-/// origin, and the `extra` headers (the source's `icy-*` description).
+/// The response head of a live stream, shared by its listeners: its Content-Type, no caching
+/// (every response is a different moment of the stream), and the `extra` headers (the source's
+/// `icy-*` description). What depends on the request (CORS, `icy-metaint`) is added per
+/// listener with [`head_with`].
 pub(crate) fn stream_head(content_type: &str, extra: &[(&str, String)]) -> String {
     let mut head = format!(
-        "HTTP/1.0 200 OK\r\nServer: fanstream/{}\r\nContent-Type: {content_type}\r\nCache-Control: no-cache, no-store\r\nPragma: no-cache\r\nConnection: close\r\nAccess-Control-Allow-Origin: *\r\n",
+        "HTTP/1.0 200 OK\r\nServer: fanstream/{}\r\nContent-Type: {content_type}\r\nCache-Control: no-cache, no-store\r\nPragma: no-cache\r\nConnection: close\r\n",
         env!("CARGO_PKG_VERSION"),
     );
     for (name, value) in extra {
@@ -327,6 +365,16 @@ pub(crate) fn stream_head(content_type: &str, extra: &[(&str, String)]) -> Strin
     }
     head.push_str("\r\n");
     head
+}
+
+/// `head`, a complete response head, with `lines` (each ending in CRLF) before its closing blank
+/// line: a shared head with what is particular to one request.
+pub(crate) fn head_with(head: &[u8], lines: &str) -> Vec<u8> {
+    let mut out = Vec::with_capacity(head.len() + lines.len());
+    out.extend_from_slice(&head[..head.len() - 2]);
+    out.extend_from_slice(lines.as_bytes());
+    out.extend_from_slice(b"\r\n");
+    out
 }
 
 /// A complete short response with a text body; the connection closes after it.
@@ -364,6 +412,16 @@ pub(crate) fn secrets_equal(a: &str, b: &str) -> bool {
         diff |= usize::from(x ^ y);
     }
     diff == 0
+}
+
+/// Header values are echoed to every listener: keep printable text only, and not too much of it.
+pub(crate) fn clean_header_value(v: &str) -> String {
+    v.chars()
+        .filter(|c| !c.is_control())
+        .take(256)
+        .collect::<String>()
+        .trim()
+        .to_string()
 }
 
 #[cfg(test)]
@@ -459,6 +517,34 @@ mod tests {
     }
 
     #[test]
+    fn content_lengths_that_disagree_are_refused() {
+        let head =
+            |fields: &str| parse_head(format!("PUT /live HTTP/1.1\r\n{fields}\r\n").as_bytes());
+        assert_eq!(
+            head("Content-Length: 5\r\nContent-Length: 7\r\n").unwrap_err(),
+            HeadError::ConflictingLength
+        );
+        assert_eq!(
+            head("Content-Length: 5, 7\r\n").unwrap_err(),
+            HeadError::ConflictingLength
+        );
+        for bad in ["-1", "5x", "", "0x10", "99999999999999999999999"] {
+            assert_eq!(
+                head(&format!("Content-Length: {bad}\r\n")).unwrap_err(),
+                HeadError::ConflictingLength,
+                "{bad:?}"
+            );
+        }
+        for ok in [
+            "Content-Length: 5\r\n",
+            "Content-Length: 5\r\ncontent-length: 5\r\n",
+            "Content-Length: 5, 5\r\n",
+        ] {
+            assert!(head(ok).unwrap().is_some(), "{ok:?}");
+        }
+    }
+
+    #[test]
     fn mount_paths() {
         for ok in ["/live", "/a/b.mp3", "/x-y_z~1"] {
             assert!(valid_mount_path(ok), "{ok}");
@@ -527,5 +613,13 @@ mod tests {
         assert!(r.contains("WWW-Authenticate: Basic realm=\"fanstream\"\r\n"));
         assert!(r.ends_with("\r\n\r\nbad credentials\n"));
         assert!(r.contains("Content-Length: 16\r\n"));
+    }
+
+    #[test]
+    fn lines_go_before_the_blank_line() {
+        assert_eq!(
+            head_with(b"HTTP/1.0 200 OK\r\nA: b\r\n\r\n", "C: d\r\n"),
+            b"HTTP/1.0 200 OK\r\nA: b\r\nC: d\r\n\r\n"
+        );
     }
 }

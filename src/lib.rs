@@ -5,21 +5,25 @@
 //!
 //! ```text
 //!  encoder ──PUT/SOURCE──▶ acceptor ──▶ worker: router ──▶ source ──▶ ingest ──▶ store (ArcSwap<Snapshot>)
-//!  demo ─────────────────────────────────────────────────────────────▲    │ wakes its mount's workers
+//!  demo, relay ──────────────────────────────────────────────────────▲    │ wakes its mount's workers
 //!  player  ◀──long GET──── fanout on each worker ◀── admission ◀── router ◀┘
 //! ```
 //!
-//! - [`acceptor`](acceptor): one thread accepts TCP connections and hands each, over a crossbeam
-//!   channel, to the least-loaded worker.
+//! - [`acceptor`](acceptor): one thread accepts TCP connections, on the plain port and the TLS
+//!   one, and hands each, over a crossbeam channel, to the least-loaded worker. Behind a trusted
+//!   proxy, the client's address comes from the proxy ([`proxy`]) once the worker has read it.
 //! - [`worker`](worker): N threads, each pinned to a core and running its own current-thread tokio
-//!   runtime. Its router reads the request head ([`http`]) and hands the request to a stage:
+//!   runtime. It runs a TLS connection's handshake ([`tls`]; the connection is then a
+//!   [`conn::Io`] like a plain one, down to the fan-out's writes). Its router reads the request
+//!   head ([`http`]) and hands the request to a stage (or answers `/`, the [`page`]):
 //!   [`status`] pages, listener [`admission`], or the [`source`] handshake.
 //! - [`source`](source): checks and authenticates an encoder, then hands it to ingest.
 //! - [`ingest`](ingest): one thread claims mounts for sources, reads every source (decoding
 //!   [`chunked`] bodies), appends each piece as shared `Bytes` to its mount's [`store`], publishes
 //!   an immutable snapshot (stream and the mount's settings) through one `ArcSwap`, and wakes
 //!   once each worker with listeners of that mount, telling it which mount published. The
-//!   [`demo`] is a source like any other, on its own thread.
+//!   [`demo`] is a source like any other, on its own thread; so is a [`relay`], which pulls a
+//!   mount from another server (on the `fs-relays` thread).
 //! - [`admission`](admission) answers a listener with the stream's head and hands it to its
 //!   worker's [`fanout`](fanout) loop, which writes the listeners of the mounts that published,
 //!   and those whose coalesced write fell due, from the snapshot with vectored writes, applying
@@ -30,7 +34,8 @@
 //!   cacheable keep-alive HTTP/1.1 responses.
 //! - [`metrics`] and [`admin`]: Prometheus metrics, per-thread CPU read at scrape time
 //!   ([`threads`]), listener-seconds and CPU per listener kept by each worker ([`usage`]), served
-//!   from their own thread. [`status`]: `/status.json` and Icecast's `/status-json.xsl`.
+//!   from their own thread. [`status`]: `/status.json` and Icecast's `/status-json.xsl`;
+//!   [`page`]: the page at `/` that lists and plays the mounts.
 //! - [`admin_api`]: Icecast's admin API (`/admin/stats`, `listclients`, `killclient`,
 //!   `moveclients`...) on both ports; what a listener is doing lives on its worker, so kills,
 //!   moves and lag reports are messages to the worker holding it ([`conn::Control`]), and
@@ -48,26 +53,30 @@
 //! 1. **Wire and data** (std and crates only): [`http`] (request heads, short responses),
 //!    [`chunked`], the stream formats ([`format`], what every parser yields; [`mpeg`] frames;
 //!    [`ogg`] pages; [`framing`], which picks one by Content-Type), [`icy`] (metadata blocks
-//!    between the audio), [`dates`] (the date formats Icecast and HLS print), [`fmp4`]
-//!    (fragmented MP4 for Opus), [`hls`] (MP3 and AAC cut into HLS packed-audio segments, Opus
-//!    into fMP4 ones, and their live playlist), [`store`] (the segment
-//!    store and its snapshot, generic over the settings it carries), [`threads`] (named, pinned,
-//!    CPU-accounted threads), [`open_files`], [`sd_notify`] (telling systemd the server is
-//!    ready, reloading or stopping).
-//! 2. **Vocabulary** shared by the stages: [`config`], [`reasons`] (`Refusal`, `Disconnect`: the
-//!    fixed reason labels), [`metrics`], [`usage`], [`clients`] (who listens to each mount),
-//!    [`mounts`] (the mount table), [`auth`], [`logs`] (log lines that summarise a flood per
-//!    reason), [`access_log`] (one line per finished request, to a writer thread), [`heads`]
-//!    (request heads not read yet: the per-address limit on them, and the idle one closed to
-//!    make room at the limit), [`shared`] (the state every thread shares, `Stop`), [`conn`]
-//!    (what one stage hands the next, the guards that count connections, and the one writer of
-//!    refusals).
-//! 3. **Stages**: [`acceptor`], [`status`], [`playlists`] (`.m3u`, `.xspf`), [`metadata`]
-//!    (title updates), [`admission`], [`fanout`], [`source`], [`shoutcast`] (SHOUTcast v1
-//!    sources), [`ingest`], [`demo`], [`admin_api`] (Icecast's admin commands, on both ports),
-//!    [`admin`], [`hls_http`] (HLS playlists and segments as cacheable keep-alive HTTP/1.1
-//!    responses), and [`worker`] (the router, which calls admission, source, metadata, the admin
-//!    API, playlists, HLS and status).
+//!    between the audio), [`http_client`] (the URL, request and response head a relay pulls
+//!    with), [`tls`] (the certificate, and a TLS connection the fan-out can write
+//!    like a socket), [`dates`] (the date formats Icecast and HLS print), [`fmp4`] (fragmented MP4
+//!    for Opus), [`hls`] (MP3 and AAC cut into HLS packed-audio segments, Opus into fMP4 ones,
+//!    and their live playlist), [`store`] (the segment store and its snapshot, generic over the
+//!    settings it carries), [`threads`] (named, pinned, CPU-accounted threads), [`open_files`],
+//!    [`sd_notify`] (telling systemd the server is ready, reloading or stopping).
+//! 2. **Vocabulary** shared by the stages: [`config`], [`cors`] (which web pages may read what,
+//!    and the preflight's answer), [`proxy`] (the client's address behind a trusted proxy: the
+//!    PROXY protocol header, `X-Forwarded-For`, `Forwarded`), [`reasons`] (`Refusal`,
+//!    `Disconnect`: the fixed reason labels), [`metrics`], [`usage`], [`clients`] (who listens to
+//!    each mount), [`mounts`] (the mount table), [`auth`], [`logs`] (log lines that summarise a
+//!    flood per reason), [`access_log`] (one line per finished request, to a writer thread),
+//!    [`heads`] (request heads not read yet: the per-address limit on them, and the idle one
+//!    closed to make room at the limit), [`shared`] (the state every thread shares, `Stop`),
+//!    [`conn`] (what one stage hands the next, the guards that count connections, and the one
+//!    writer of refusals).
+//! 3. **Stages**: [`acceptor`], [`status`], [`page`] (the HTML page at `/`, from the status
+//!    document), [`playlists`] (`.m3u`, `.xspf`), [`metadata`] (title updates), [`admission`],
+//!    [`fanout`], [`source`], [`shoutcast`] (SHOUTcast v1 sources), [`ingest`], [`demo`],
+//!    [`relay`] (mounts pulled from another server), [`admin_api`] (Icecast's admin commands,
+//!    on both ports), [`admin`], [`hls_http`] (HLS playlists and segments as cacheable
+//!    keep-alive HTTP/1.1 responses), and [`worker`] (the router, which calls admission, source,
+//!    metadata, the admin API, playlists, HLS and status).
 //! 4. **Wiring**: [`server`].
 //! 5. **Entry**: `main.rs`.
 //!
@@ -82,6 +91,7 @@ pub(crate) mod format;
 pub(crate) mod framing;
 pub(crate) mod hls;
 pub(crate) mod http;
+pub(crate) mod http_client;
 pub(crate) mod icy;
 pub(crate) mod mpeg;
 pub(crate) mod ogg;
@@ -89,16 +99,19 @@ pub mod open_files;
 pub mod sd_notify;
 pub(crate) mod store;
 pub(crate) mod threads;
+pub(crate) mod tls;
 // Layer 2: vocabulary.
 pub(crate) mod access_log;
 pub(crate) mod auth;
 pub(crate) mod clients;
 pub mod config;
 pub(crate) mod conn;
+pub(crate) mod cors;
 pub(crate) mod heads;
 pub(crate) mod logs;
 pub(crate) mod metrics;
 pub(crate) mod mounts;
+pub(crate) mod proxy;
 pub(crate) mod reasons;
 pub(crate) mod shared;
 pub(crate) mod usage;
@@ -112,7 +125,9 @@ pub(crate) mod fanout;
 pub(crate) mod hls_http;
 pub(crate) mod ingest;
 pub(crate) mod metadata;
+pub(crate) mod page;
 pub(crate) mod playlists;
+pub(crate) mod relay;
 pub(crate) mod shoutcast;
 pub(crate) mod source;
 pub(crate) mod status;

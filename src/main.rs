@@ -74,6 +74,16 @@ struct Args {
     /// Print the manual page, fanstream(8), as roff, and exit.
     #[arg(long, hide = true)]
     man: bool,
+    /// Address for listeners and sources over TLS [default: none]; needs --tls-cert and
+    /// --tls-key.
+    #[arg(long, value_name = "ADDR")]
+    tls_listen: Option<SocketAddr>,
+    /// Certificate chain for TLS, PEM (reloaded on SIGHUP).
+    #[arg(long, value_name = "FILE")]
+    tls_cert: Option<PathBuf>,
+    /// Private key for TLS, PEM (reloaded on SIGHUP).
+    #[arg(long, value_name = "FILE")]
+    tls_key: Option<PathBuf>,
 }
 
 fn main() -> ExitCode {
@@ -172,6 +182,11 @@ fn bind_listen_socket(addr: SocketAddr) -> std::io::Result<TcpListener> {
         None,
     )?;
     socket.set_reuse_address(true)?;
+    // `[::]` serves IPv4 clients too (as `::ffff:a.b.c.d`), whatever the host's
+    // `net.ipv6.bindv6only` says: one `listen` line for both.
+    if addr.is_ipv6() {
+        socket.set_only_v6(false)?;
+    }
     socket.bind(&addr.into())?;
     socket.listen(LISTEN_BACKLOG)?;
     Ok(socket.into())
@@ -230,7 +245,15 @@ fn run(args: Args) -> Result<(), String> {
             on(SignalKind::hangup())?,
         )
     };
-    let server = Server::start(config, listen_socket, admin_socket).map_err(|e| e.to_string())?;
+    let tls_socket = match config.startup.tls_listen {
+        Some(addr) => Some(
+            bind_listen_socket(addr)
+                .map_err(|e| format!("cannot listen on {addr} (tls_listen): {e}"))?,
+        ),
+        None => None,
+    };
+    let server = Server::start_with_tls(config, listen_socket, admin_socket, tls_socket)
+        .map_err(|e| e.to_string())?;
     // Both ports are bound and listening, and every stage runs: a client connecting now is served.
     let admin = server
         .admin_addr()
@@ -297,6 +320,15 @@ fn apply_flags(config: &mut Config, args: &Args) -> Result<(), String> {
     }
     if args.no_demo {
         startup.demo = false;
+    }
+    if let Some(l) = args.tls_listen {
+        startup.tls_listen = Some(l);
+    }
+    if let Some(c) = &args.tls_cert {
+        startup.tls_cert = Some(c.clone());
+    }
+    if let Some(k) = &args.tls_key {
+        startup.tls_key = Some(k.clone());
     }
     if let Some(p) = &args.source_password {
         config.source_password = Some(p.clone());

@@ -109,6 +109,18 @@ pub(crate) struct Metrics {
     pub listener_lag: HistogramVec,
     /// Which mount labels are in use; removes a label's series when it is no longer.
     labels: Arc<MountLabels>,
+    // Relays: labelled by the relay's mount and upstream URL as configured (a bounded set, not
+    // leased like mount labels), so that a relay's series stay while it waits for an upstream.
+    /// 1 while a relay streams from this upstream, by mount and upstream.
+    pub relay_up: IntGaugeVec,
+    /// Upstream connections a relay made that ingest took, by mount and upstream.
+    pub relay_connects: IntCounterVec,
+    /// Times a relay left an upstream or could not use it, by mount and reason.
+    pub relay_failovers: IntCounterVec,
+    /// Bytes a relay read from its upstreams' response bodies (ICY blocks included), by mount.
+    pub relay_received_bytes: IntCounterVec,
+    /// Mounts relayed from `[master]`'s list now.
+    pub relay_mirrored: prometheus::IntGauge,
 }
 
 fn counter(reg: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
@@ -328,7 +340,43 @@ impl Metrics {
             },
             overflow,
         });
+        let relay_up = gauge(
+            &reg,
+            "relay_up",
+            "1 while a relay streams from this upstream.",
+            &["mount", "upstream"],
+        );
+        let relay_connects = counter(
+            &reg,
+            "relay_connects_total",
+            "Upstream connections a relay fed into its mount.",
+            &["mount", "upstream"],
+        );
+        let relay_failovers = counter(
+            &reg,
+            "relay_failovers_total",
+            "Times a relay left an upstream or could not use it, by reason.",
+            &["mount", "reason"],
+        );
+        let relay_received_bytes = counter(
+            &reg,
+            "relay_received_bytes_total",
+            "Bytes a relay read from its upstreams.",
+            &["mount"],
+        );
+        let relay_mirrored = prometheus::IntGauge::new(
+            "fanstream_relay_mirrored_mounts",
+            "Mounts relayed from the master's list now.",
+        )
+        .expect("valid metric definition");
+        reg.register(Box::new(relay_mirrored.clone()))
+            .expect("metric names are unique");
         Metrics {
+            relay_mirrored,
+            relay_up,
+            relay_connects,
+            relay_failovers,
+            relay_received_bytes,
             listeners,
             listener_connects,
             listener_disconnects,

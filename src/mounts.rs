@@ -47,6 +47,30 @@ pub(crate) struct Mount {
     /// workers with listeners here, and tells each which mount to serve, so that idle mounts and
     /// other mounts' listeners cost a worker nothing.
     pub on_workers: Box<[OnWorker]>,
+    /// Listeners between taking their join point from a snapshot and their worker's first pass
+    /// (which files their position in [`OnWorker::oldest`]): while any is, ingest keeps the
+    /// whole window, since a source writing fast can move the burst past a join point taken a
+    /// few milliseconds ago. Counted by [`Joining`].
+    pub joining: AtomicUsize,
+}
+
+/// One listener joining a mount, from before its join point is taken until its worker has
+/// served it once (see [`Mount::joining`]).
+pub(crate) struct Joining(Arc<Mount>);
+
+impl Joining {
+    pub fn new(mount: &Arc<Mount>) -> Joining {
+        // Before the snapshot its join point comes from is loaded: ingest either sees this or
+        // published that snapshot before it evicts anything by the count.
+        mount.joining.fetch_add(1, Ordering::SeqCst);
+        Joining(mount.clone())
+    }
+}
+
+impl Drop for Joining {
+    fn drop(&mut self) {
+        self.0.joining.fetch_sub(1, Ordering::SeqCst);
+    }
 }
 
 /// One worker's hold on a mount.
@@ -85,8 +109,12 @@ impl Mount {
         self.hls_sessions.count(std::time::Instant::now(), ttl)
     }
 
-    /// The position of the furthest-behind listener across workers, if any.
+    /// The position of the furthest-behind listener across workers, if any (0, all of the
+    /// window, while a listener is joining).
     pub fn oldest_listener(&self) -> Option<u64> {
+        if self.joining.load(Ordering::SeqCst) > 0 {
+            return Some(0);
+        }
         self.on_workers
             .iter()
             .filter(|on| on.shard.load(Ordering::Relaxed) != 0)

@@ -52,8 +52,14 @@ pub(crate) async fn serve(shared: &Shared, incoming: Incoming) {
             .refuse(shared, crate::reasons::Refusal::UnknownMount)
             .await;
     };
+    // Over TLS, a playlist points at the stream over TLS: a player given the page's https link
+    // gets an https stream (the Host header carries the TLS port).
+    let scheme = match incoming.stream {
+        crate::conn::Io::Tls(_) => "https",
+        crate::conn::Io::Plain(_) => "http",
+    };
     let url = format!(
-        "http://{}{mount}",
+        "{scheme}://{}{mount}",
         host_and_port(req.header("host"), shared.listen_addr)
     );
     let name = shared
@@ -65,10 +71,11 @@ pub(crate) async fn serve(shared: &Shared, incoming: Incoming) {
         Kind::Xspf => ("application/xspf+xml", xspf(&url, name.as_deref())),
     };
     let mut resp = format!(
-        "HTTP/1.0 200 OK\r\nServer: fanstream/{}\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\nContent-Disposition: inline; filename=\"{}\"\r\nCache-Control: no-cache, no-store\r\nAccess-Control-Allow-Origin: *\r\nConnection: close\r\n\r\n",
+        "HTTP/1.0 200 OK\r\nServer: fanstream/{}\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\nContent-Disposition: inline; filename=\"{}\"\r\nCache-Control: no-cache, no-store\r\n{}Connection: close\r\n\r\n",
         env!("CARGO_PKG_VERSION"),
         body.len(),
         req.path.rsplit('/').next().unwrap_or("listen.m3u"),
+        crate::cors::headers(&shared.config.load(), req),
     )
     .into_bytes();
     if req.method != Method::Head {

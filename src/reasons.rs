@@ -13,7 +13,7 @@
 //! | `malformed_request` | 400 | the request head is not HTTP/1.x |
 //! | `uri_too_long` | 414 | the request line alone exceeds the head limit |
 //! | `headers_too_large` | 431 | the head exceeds 8 KiB or 64 headers |
-//! | `method_not_allowed` | 405 | not GET, HEAD, SOURCE or PUT (or not GET/HEAD on the admin port) |
+//! | `method_not_allowed` | 405 | not GET, HEAD, OPTIONS, SOURCE or PUT (or not GET/HEAD on the admin port) |
 //! | `bad_path` | 400 | not a mount path (odd bytes, `..`, empty segments, too long) |
 //! | `bad_query` | 400 | a title update without `mode=updinfo`, a mount or a title |
 //! | `unknown_mount` | 404 | no such mount |
@@ -21,7 +21,7 @@
 //! | `mount_full` | 503 | the mount holds its `max_listeners` |
 //! | `server_full` | 503 | the server holds `max_listeners` |
 //! | `unsupported_transfer_encoding` | 501 | a source body neither plain nor chunked |
-//! | `conflicting_length` | 400 | a source sent both chunked and Content-Length |
+//! | `conflicting_length` | 400 | `Content-Length` with `Transfer-Encoding: chunked`, given twice with different values, or not a number (RFC 9112: a proxy in front could frame it differently) |
 //! | `missing_content_type` | 400 | a `PUT` source without Content-Type |
 //! | `auth_required` | 401 | no credentials |
 //! | `bad_credentials` | 401 | wrong user or password |
@@ -41,6 +41,9 @@
 //! | `idle_head_evicted` | none | at `max_connections`, the oldest connection still without a head (after 250 ms; 100 ms on the admin port) was closed to make room |
 //! | `workers_full` | none | the server holds `max_connections`; accepting paused (once per episode) |
 //! | `accept_resources_exhausted` | none | accept failed for lack of descriptors or memory |
+//! | `tls_handshake_failed` | none | a TLS handshake that failed (no common version, cipher or ALPN protocol; not TLS at all); closed |
+//! | `untrusted_proxy` | none | with `proxy_protocol`, a connection from outside `trusted_proxies`; closed at accept |
+//! | `bad_proxy_header` | none | with `proxy_protocol`, a connection that did not start with a PROXY v1 or v2 header (or sent a malformed one, or one over 1 KiB); closed |
 
 use std::io;
 
@@ -214,6 +217,7 @@ impl From<http::HeadError> for Refusal {
             http::HeadError::Malformed => Refusal::Malformed,
             http::HeadError::UriTooLong => Refusal::UriTooLong,
             http::HeadError::HeadersTooLarge => Refusal::HeadersTooLarge,
+            http::HeadError::ConflictingLength => Refusal::ConflictingLength,
         }
     }
 }
@@ -226,6 +230,9 @@ pub(crate) enum Unanswered {
     IdleHeadEvicted,
     WorkersFull,
     AcceptResourcesExhausted,
+    UntrustedProxy,
+    BadProxyHeader,
+    TlsHandshakeFailed,
 }
 
 impl Unanswered {
@@ -236,6 +243,9 @@ impl Unanswered {
             Unanswered::IdleHeadEvicted => "idle_head_evicted",
             Unanswered::WorkersFull => "workers_full",
             Unanswered::AcceptResourcesExhausted => "accept_resources_exhausted",
+            Unanswered::UntrustedProxy => "untrusted_proxy",
+            Unanswered::BadProxyHeader => "bad_proxy_header",
+            Unanswered::TlsHandshakeFailed => "tls_handshake_failed",
         }
     }
 
@@ -251,6 +261,13 @@ impl Unanswered {
             }
             Unanswered::WorkersFull => "the server holds max_connections",
             Unanswered::AcceptResourcesExhausted => "accept failed: out of resources",
+            Unanswered::UntrustedProxy => {
+                "closed at once: proxy_protocol is on and the peer is not in trusted_proxies"
+            }
+            Unanswered::BadProxyHeader => {
+                "closed: proxy_protocol is on and the connection did not start with a PROXY header"
+            }
+            Unanswered::TlsHandshakeFailed => "closed: the TLS handshake failed",
         }
     }
 }

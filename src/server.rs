@@ -4,7 +4,8 @@
 //! Start order (each stage runs before anything that feeds it):
 //! 1. **ingest**, which takes sources from one channel;
 //! 2. **the demo**, a source like any other; `start` waits until ingest has claimed its mount, so
-//!    `/demo` plays as soon as the server says it started;
+//!    `/demo` plays as soon as the server says it started; then **the relays**, sources too,
+//!    which connect to their upstreams on their own thread;
 //! 3. **workers**, which hand sources to ingest and take sockets from the acceptor;
 //! 4. **the acceptor**, which starts accepting;
 //! 5. **the admin listener**, and the SHOUTcast source port when there is one.
@@ -13,8 +14,8 @@
 //! start-up error, not a thread dying later.
 //!
 //! Stop order: every thread watches one `Stop` channel. The acceptor stops accepting at once;
-//! ingest stops reading, closes its sources and says so (`Shared::ingest_stopped`), and the demo
-//! stops playing; workers, on `Drain`, wait for ingest to stop, then give listeners
+//! ingest stops reading, closes its sources and says so (`Shared::ingest_stopped`), the demo
+//! stops playing and the relays close their upstream connections; workers, on `Drain`, wait for ingest to stop, then give listeners
 //! `shutdown_grace_secs` in all to receive what it published, then close them. `join` then
 //! waits for every thread.
 
@@ -46,6 +47,7 @@ pub struct Server {
     log_writer: Option<JoinHandle<()>>,
     listen_addr: SocketAddr,
     admin_addr: Option<SocketAddr>,
+    tls_addr: Option<SocketAddr>,
     shoutcast_addr: Option<SocketAddr>,
     shared: Arc<Shared>,
 }
@@ -58,6 +60,17 @@ impl Server {
         listen_socket: TcpListener,
         admin_socket: Option<TcpListener>,
     ) -> io::Result<Server> {
+        Server::start_with_tls(config, listen_socket, admin_socket, None)
+    }
+
+    /// [`Server::start`] with a TLS port too, on `tls_socket`, with the certificate the
+    /// config's `tls_cert` and `tls_key` name.
+    pub fn start_with_tls(
+        config: Config,
+        listen_socket: TcpListener,
+        admin_socket: Option<TcpListener>,
+        tls_socket: Option<TcpListener>,
+    ) -> io::Result<Server> {
         config
             .validate()
             .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
@@ -67,6 +80,15 @@ impl Server {
                 "source_password must be set before the server starts",
             ));
         }
+        let tls = match &tls_socket {
+            Some(_) => {
+                Some(ArcSwap::new(load_certificate(&config).map_err(|e| {
+                    io::Error::new(io::ErrorKind::InvalidInput, e)
+                })?))
+            }
+            None => None,
+        };
+        let tls_addr = tls_socket.as_ref().map(|t| t.local_addr()).transpose()?;
         let listen_addr = listen_socket.local_addr()?;
         let shoutcast_socket = config
             .startup
@@ -122,7 +144,9 @@ impl Server {
             ingest_stopped: Default::default(),
             started: SystemTime::now(),
             listen_addr,
+            tls,
             access_log,
+            on_demand: Default::default(),
         });
 
         // The channels between stages.
@@ -149,11 +173,11 @@ impl Server {
 
         if let Some(path) = demo {
             let (mut source, player) = crate::demo::source(&path);
-            let (claimed_tx, claimed_rx) = std::sync::mpsc::sync_channel(1);
+            let (claimed_tx, claimed_rx) = tokio::sync::oneshot::channel();
             source.claimed = Some(claimed_tx);
             // Ingest holds the receiver until it stops: this send succeeds.
             let _ = to_ingest.send(crate::conn::ToIngest::Source(Box::new(source)));
-            match claimed_rx.recv() {
+            match claimed_rx.blocking_recv() {
                 Ok(Ok(())) => {
                     let stop = shared.stop.clone();
                     spawn_stage(&mut handles, &registry, "fs-demo", None, move |rt| {
@@ -166,6 +190,17 @@ impl Server {
                 }
                 Err(_) => return Err(io::Error::other("the ingest thread failed to start")),
             }
+        }
+
+        let (relays, master) = {
+            let config = shared.config.load();
+            (config.startup.relays.clone(), config.startup.master.clone())
+        };
+        if !relays.is_empty() || master.is_some() {
+            let (s, to_ingest, stop) = (shared.clone(), to_ingest.clone(), shared.stop.clone());
+            spawn_stage(&mut handles, &registry, "fs-relays", None, move |rt| {
+                crate::relay::run(rt, s, to_ingest, relays, master, stop)
+            })?;
         }
 
         let intakes = worker_intakes.into_iter().zip(control_rxs);
@@ -184,9 +219,12 @@ impl Server {
         }
 
         listen_socket.set_nonblocking(true)?;
+        if let Some(t) = &tls_socket {
+            t.set_nonblocking(true)?;
+        }
         let s = shared.clone();
         spawn_stage(&mut handles, &registry, "fs-acceptor", None, move |rt| {
-            crate::acceptor::run(rt, s, listen_socket, to_workers)
+            crate::acceptor::run(rt, s, listen_socket, tls_socket, to_workers)
         })?;
 
         if let Some(admin_socket) = admin_socket {
@@ -205,16 +243,22 @@ impl Server {
                 crate::shoutcast::run(rt, s, socket, to_ingest)
             })?;
         }
-        tracing::info!(%listen_addr, admin = ?admin_addr, shoutcast = ?shoutcast_addr, workers = nworkers, "fanstream started");
+        tracing::info!(%listen_addr, admin = ?admin_addr, tls = ?tls_addr, shoutcast = ?shoutcast_addr, workers = nworkers, "fanstream started");
         Ok(Server {
             stop_tx,
             threads: handles,
             log_writer,
             listen_addr,
             admin_addr,
+            tls_addr,
             shoutcast_addr,
             shared,
         })
+    }
+
+    /// Where the TLS port listens, if there is one.
+    pub fn tls_addr(&self) -> Option<SocketAddr> {
+        self.tls_addr
     }
 
     pub fn listen_addr(&self) -> SocketAddr {
@@ -238,10 +282,19 @@ impl Server {
     /// Applies a new configuration without dropping anyone: passwords, limits and mount
     /// settings take effect at once (new retention windows as the stream moves on). Settings
     /// bound at start-up (addresses, workers, the demo) keep their running values until a
-    /// restart, with a warning. An invalid config is refused and the running one stays.
+    /// restart, with a warning. An invalid config is refused and the running one stays. With
+    /// a TLS port, the certificate and key are read again from their files, and new
+    /// handshakes get them (connections already made keep their session); if they do not
+    /// load, the whole reload is refused and the running certificate and config stay.
     pub fn reload(&self, new: Config) -> Result<(), String> {
         new.validate()?;
         let (new, restart_only) = self.shared.config.load().reloaded(new);
+        if let Some(tls) = &self.shared.tls {
+            let certificate = load_certificate(&new)
+                .map_err(|e| format!("{e}; the running certificate stays"))?;
+            tls.store(certificate);
+            tracing::info!("TLS certificate reloaded");
+        }
         for setting in &restart_only {
             tracing::warn!(
                 setting = setting.as_str(),
@@ -302,6 +355,14 @@ impl Drop for Server {
             self.stop(Stop::Now);
             self.join_threads();
         }
+    }
+}
+
+/// The TLS settings with the certificate and key the config names.
+fn load_certificate(config: &Config) -> Result<Arc<rustls::ServerConfig>, String> {
+    match (&config.startup.tls_cert, &config.startup.tls_key) {
+        (Some(cert), Some(key)) => crate::tls::server_config(cert, key),
+        _ => Err("a TLS port needs tls_cert and tls_key".into()),
     }
 }
 

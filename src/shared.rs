@@ -7,7 +7,7 @@ use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{fence, AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::SystemTime;
+use std::time::{Duration, Instant, SystemTime};
 
 use arc_swap::ArcSwap;
 use tokio::sync::{watch, Notify};
@@ -123,8 +123,67 @@ pub(crate) struct Shared {
     pub started: SystemTime,
     /// Where listeners connect (status pages build listen URLs with its port).
     pub listen_addr: SocketAddr,
+    /// The TLS certificate and settings new handshakes use, when there is a TLS port; replaced
+    /// whole on `SIGHUP`, so a connection's handshake sees one or the other.
+    pub tls: Option<ArcSwap<rustls::ServerConfig>>,
     /// Finished requests and listeners, to the access log's writer (when `access_log` is set).
     pub access_log: AccessLog,
+    /// Relays that pull only while listened to: admission asks one to connect when a listener
+    /// comes for its mount.
+    pub on_demand: OnDemand,
+}
+
+/// The on-demand relays, by mount. Registered by the relays thread, asked by admission.
+#[derive(Default)]
+pub(crate) struct OnDemand {
+    relays: Mutex<HashMap<String, Arc<Demand>>>,
+}
+
+/// What wakes one on-demand relay.
+#[derive(Default)]
+pub(crate) struct Demand {
+    /// Notified when a listener asks for the mount; keeps one permit when the relay is busy.
+    pub wake: Notify,
+    /// When a listener last asked: the relay stays connected a while after, so that the
+    /// listener waiting in admission finds the mount live.
+    asked: Mutex<Option<Instant>>,
+}
+
+impl OnDemand {
+    /// Registers the relay of `mount`; it waits on what this returns.
+    pub fn register(&self, mount: &str) -> Arc<Demand> {
+        let demand = Arc::new(Demand::default());
+        self.lock().insert(mount.to_string(), demand.clone());
+        demand
+    }
+
+    pub fn unregister(&self, mount: &str) {
+        self.lock().remove(mount);
+    }
+
+    /// Asks the relay of `mount` to pull; false if no on-demand relay feeds it.
+    pub fn ask(&self, mount: &str) -> bool {
+        let Some(demand) = self.lock().get(mount).cloned() else {
+            return false;
+        };
+        *demand.asked.lock().unwrap_or_else(|e| e.into_inner()) = Some(Instant::now());
+        demand.wake.notify_one();
+        true
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, Arc<Demand>>> {
+        self.relays.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+impl Demand {
+    /// A listener asked within `within`.
+    pub fn asked_within(&self, within: Duration) -> bool {
+        self.asked
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .is_some_and(|at| at.elapsed() < within)
+    }
 }
 
 impl Shared {

@@ -152,7 +152,7 @@ async fn handshake(
         mount,
         info,
         feed: Feed::Encoder(Encoder {
-            stream,
+            stream: crate::conn::Detached::Plain(stream),
             peer,
             expect_continue: false,
             answer: false,

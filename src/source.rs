@@ -19,7 +19,7 @@ use bytes::Bytes;
 use crate::access_log::Record;
 use crate::auth;
 use crate::conn::{Encoder, Feed, Incoming, SourceConn, ToIngest, WorkerCtx};
-use crate::http::{valid_mount_path, Method, Request};
+use crate::http::{clean_header_value, valid_mount_path, Method, Request};
 use crate::reasons::{Realm, Refusal};
 use crate::shared::Shared;
 use crate::store::{StreamInfo, StreamMeta};
@@ -45,7 +45,7 @@ pub(crate) async fn handshake(ctx: &WorkerCtx, incoming: Incoming) {
         peer,
         conn,
     } = incoming;
-    let stream = match stream.into_std() {
+    let stream = match stream.detach() {
         Ok(s) => s,
         Err(e) => {
             tracing::warn!(%peer, error = %e, "cannot hand source socket to ingest");
@@ -154,18 +154,9 @@ pub(crate) fn stream_info(req: &Request, content_type: String, peer: SocketAddr)
         subtype: None,
         source_ip: Some(peer.ip().to_string()),
         user_agent: req.header("user-agent").map(clean_header_value),
+        relayed_from: None,
     };
     StreamInfo::new(meta, Bytes::new())
-}
-
-/// Header values are echoed to every listener: keep printable text only, and not too much of it.
-fn clean_header_value(v: &str) -> String {
-    v.chars()
-        .filter(|c| !c.is_control())
-        .take(256)
-        .collect::<String>()
-        .trim()
-        .to_string()
 }
 
 #[cfg(test)]

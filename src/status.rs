@@ -1,7 +1,8 @@
 //! Status pages, as JSON: `/status.json` in fanstream's own shape, and `/status-json.xsl` in
 //! Icecast 2.4's shape so that the exporters, web players and scripts written for Icecast work
-//! unchanged. Mounts set `hidden` are left out of both, as Icecast leaves them out. Both are public on the listener port, as Icecast's are (web players fetch them from
-//! the stream's origin, hence `Access-Control-Allow-Origin: *`), and also served on the admin port,
+//! unchanged. Mounts set `hidden` are left out of both, as Icecast leaves them out. Both are
+//! public on the listener port, as Icecast's are (web players fetch them from other origins,
+//! hence CORS: [`crate::cors`]), and also served on the admin port,
 //! whose thread answers even when every worker is saturated. Built at request time from the mount
 //! table; nothing here runs on the fan-out's path.
 
@@ -46,9 +47,10 @@ pub(crate) fn response(shared: &Shared, req: &Request) -> Vec<u8> {
     // Serializing plain structs of strings and numbers into memory cannot fail.
     .expect("status serializes");
     let mut out = format!(
-        "HTTP/1.0 200 OK\r\nServer: fanstream/{}\r\nContent-Type: application/json; charset=utf-8\r\nContent-Length: {}\r\nCache-Control: no-cache, no-store\r\nAccess-Control-Allow-Origin: *\r\nConnection: close\r\n\r\n",
+        "HTTP/1.0 200 OK\r\nServer: fanstream/{}\r\nContent-Type: application/json; charset=utf-8\r\nContent-Length: {}\r\nCache-Control: no-cache, no-store\r\n{}Connection: close\r\n\r\n",
         env!("CARGO_PKG_VERSION"),
-        body.len()
+        body.len(),
+        crate::cors::headers(&shared.config.load(), req),
     )
     .into_bytes();
     if req.method != Method::Head {
@@ -59,49 +61,52 @@ pub(crate) fn response(shared: &Shared, req: &Request) -> Vec<u8> {
 
 /// `GET /status.json`: every mount, live or waiting for its source within the grace period.
 #[derive(Serialize)]
-struct Status {
-    server_id: String,
-    server_start_iso8601: String,
-    uptime_seconds: u64,
+pub(crate) struct Status {
+    pub(crate) server_id: String,
+    pub(crate) server_start_iso8601: String,
+    pub(crate) uptime_seconds: u64,
     /// Listeners connected now, across mounts.
-    listeners: usize,
-    mounts: Vec<MountStatus>,
+    pub(crate) listeners: usize,
+    pub(crate) mounts: Vec<MountStatus>,
 }
 
 #[derive(Serialize)]
-struct MountStatus {
-    mount: String,
-    listenurl: String,
+pub(crate) struct MountStatus {
+    pub(crate) mount: String,
+    pub(crate) listenurl: String,
     /// `live`, or `waiting` while listeners wait for the source to come back.
-    state: &'static str,
-    listeners: usize,
-    listener_peak: usize,
-    content_type: String,
-    name: Option<String>,
-    description: Option<String>,
-    genre: Option<String>,
-    url: Option<String>,
-    bitrate_kbps: Option<u32>,
-    audio_info: Option<String>,
+    pub(crate) state: &'static str,
+    pub(crate) listeners: usize,
+    pub(crate) listener_peak: usize,
+    pub(crate) content_type: String,
+    pub(crate) name: Option<String>,
+    pub(crate) description: Option<String>,
+    pub(crate) genre: Option<String>,
+    pub(crate) url: Option<String>,
+    pub(crate) bitrate_kbps: Option<u32>,
+    pub(crate) audio_info: Option<String>,
     /// What the format layer found the stream to be (`MP3`, `Opus`, ...).
-    subtype: Option<String>,
+    pub(crate) subtype: Option<String>,
     /// Now playing, from title updates or the stream's own tags.
-    title: Option<String>,
-    artist: Option<String>,
+    pub(crate) title: Option<String>,
+    pub(crate) artist: Option<String>,
     /// When the title last changed.
-    metadata_updated: Option<String>,
-    stream_start_iso8601: Option<String>,
+    pub(crate) metadata_updated: Option<String>,
+    pub(crate) stream_start_iso8601: Option<String>,
     /// Payload bytes received from sources since the mount appeared.
-    received_bytes: u64,
+    pub(crate) received_bytes: u64,
+    /// The upstream a relay pulls the mount from now (its URL without credentials).
+    pub(crate) relay_upstream: Option<String>,
     /// Payload bytes sent to listeners since the mount appeared.
-    sent_bytes: u64,
-    retained_bytes: u64,
+    pub(crate) sent_bytes: u64,
+    pub(crate) retained_bytes: u64,
     /// HLS players now, from their playlist polls; absent for a mount without HLS.
     #[serde(skip_serializing_if = "Option::is_none")]
-    hls_sessions: Option<usize>,
+    pub(crate) hls_sessions: Option<usize>,
 }
 
-fn own(shared: &Shared, host: &str) -> Status {
+/// The document `/status.json` serves; the page at `/` shows the same.
+pub(crate) fn own(shared: &Shared, host: &str) -> Status {
     let now = SystemTime::now();
     let mounts = sorted_mounts(shared)
         .into_iter()
@@ -135,6 +140,7 @@ fn own(shared: &Shared, host: &str) -> Status {
                 metadata_updated: snap.now_playing.updated.map(|t| Date::of(t).iso8601()),
                 stream_start_iso8601: meta.started.map(|t| Date::of(t).iso8601()),
                 received_bytes: m.received_bytes.load(Ordering::Relaxed),
+                relay_upstream: meta.relayed_from.clone(),
                 sent_bytes: m.sent_bytes.load(Ordering::Relaxed),
                 retained_bytes: snap.retained_bytes(),
                 hls_sessions: snap.settings.hls.then(|| m.hls_sessions_now()),

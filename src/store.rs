@@ -154,6 +154,9 @@ pub(crate) struct StreamMeta {
     /// The encoder's address and `User-Agent`, for the admin API's stats (none for the demo).
     pub source_ip: Option<String>,
     pub user_agent: Option<String>,
+    /// The upstream a relay pulls the stream from (its URL without credentials); none for a
+    /// pushed source.
+    pub relayed_from: Option<String>,
 }
 
 /// One consistent view of a mount, replaced whole on every change.

@@ -21,17 +21,19 @@ use tokio::sync::mpsc::{self, UnboundedSender};
 use tokio::task::LocalSet;
 
 use crate::conn::{
-    close_unanswered, log_response, refuse, Accepted, ConnGuard, Control, Incoming, ToIngest,
+    close_unanswered, log_response, refuse, Accepted, ConnGuard, Control, Incoming, Io, ToIngest,
     WorkerCtx,
 };
 use crate::fanout::FanOut;
 use crate::heads::Pending;
 use crate::http::{self, Method, ReadHeadError};
+use crate::proxy::ProxyHeaderError;
 use crate::reasons::{Refusal, Unanswered};
 use crate::shared::Shared;
+use crate::tls::TlsConn;
 
 /// What the listener port serves, for `Allow`.
-const ALLOWED_METHODS: &str = "GET, HEAD, SOURCE, PUT";
+const ALLOWED_METHODS: &str = "GET, HEAD, OPTIONS, SOURCE, PUT";
 
 pub(crate) fn run(
     rt: Runtime,
@@ -51,6 +53,7 @@ pub(crate) fn run(
             label: index.to_string(),
             admit: admit_tx,
             to_ingest,
+            handshakes: tokio::sync::Semaphore::new(MAX_HANDSHAKES_PER_WORKER),
             control,
         });
         let intake = tokio::task::spawn_local(intake(ctx.clone(), conns));
@@ -72,12 +75,19 @@ async fn intake(ctx: Rc<WorkerCtx>, conns: Receiver<Accepted>) {
                 head,
                 head_timeout,
                 over_ip_limit,
+                tls,
             } = accepted;
             match TcpStream::from_std(stream) {
                 Ok(stream) => {
                     let task_ctx = ctx.clone();
                     spawn_isolated(&ctx, move || {
-                        handle(task_ctx, stream, guard, head, head_timeout, over_ip_limit)
+                        let first = First {
+                            head,
+                            head_timeout,
+                            over_ip_limit,
+                            tls,
+                        };
+                        handle(task_ctx, stream, guard, first)
                     });
                 }
                 Err(e) => tracing::warn!(error = %e, "cannot register accepted socket"),
@@ -120,49 +130,152 @@ fn spawn_isolated<F: Future<Output = ()> + 'static>(
     });
 }
 
-/// Reads the request head within the time the acceptor gave it, unless the acceptor closes it
-/// first to make room, and routes the request by its method.
-async fn handle(
-    ctx: Rc<WorkerCtx>,
-    mut stream: TcpStream,
-    conn: ConnGuard,
+/// What the acceptor decided about a connection, for its first steps on the worker.
+struct First {
+    /// Counts it among pending heads until its head is read.
     head: Pending,
     head_timeout: Duration,
     over_ip_limit: bool,
-) {
-    let Ok(peer) = stream.peer_addr() else {
+    /// It came on the TLS port.
+    tls: bool,
+}
+
+/// Most TLS handshakes one worker runs at once. A handshake costs a worker a fraction of a
+/// millisecond of CPU (a key exchange and a signature) in one poll of its connection's own
+/// task, between which the fan-out runs; past this many, newcomers wait their turn without
+/// costing anything, within their head timeout. So a flood of handshakes takes at most a
+/// bounded share of each worker, not the worker.
+const MAX_HANDSHAKES_PER_WORKER: usize = 16;
+
+/// Runs the TLS handshake if the connection came on the TLS port, reads the request head within
+/// the time the acceptor gave it (the handshake included), unless the acceptor closes it first
+/// to make room, and routes the request by its method.
+async fn handle(ctx: Rc<WorkerCtx>, mut stream: TcpStream, mut conn: ConnGuard, first: First) {
+    let First {
+        head,
+        head_timeout,
+        over_ip_limit,
+        tls,
+    } = first;
+    let Ok(peer) = stream.peer_addr().map(crate::conn::canonical) else {
         return;
     };
     let shared = &ctx.shared;
+    let deadline = tokio::time::Instant::now() + head_timeout;
+    let mut stream = if tls {
+        let Some(config) = shared.tls.as_ref().map(|t| t.load_full()) else {
+            return;
+        };
+        let handshake = async {
+            let _turn = ctx.handshakes.acquire().await;
+            TlsConn::handshake(config, &mut stream).await
+        };
+        let done = tokio::select! {
+            done = tokio::time::timeout_at(deadline, handshake) => done,
+            () = head.evicted() => {
+                return close_unanswered(shared, Unanswered::IdleHeadEvicted, peer, &stream);
+            }
+        };
+        match done {
+            Err(_) => return close_unanswered(shared, Unanswered::HeaderTimeout, peer, &stream),
+            Ok(Err(e)) => {
+                tracing::debug!(%peer, error = %e, "TLS handshake failed");
+                return close_unanswered(shared, Unanswered::TlsHandshakeFailed, peer, &stream);
+            }
+            Ok(Ok(session)) => Io::Tls(Box::new(TlsConn::new(stream, session))),
+        }
+    } else {
+        Io::Plain(stream)
+    };
+    // Answered in the connection's own protocol: over TLS, once the handshake is done.
     if over_ip_limit {
         drop(head);
         return refuse(shared, &mut stream, peer, Refusal::PerIpLimit).await;
     }
+    let (proxied, proxy_protocol) = {
+        let cfg = shared.config.load();
+        let proxied = cfg.trusts(peer.ip());
+        // The acceptor has closed an untrusted peer's connection when proxy_protocol is on.
+        (proxied, proxied && cfg.proxy_protocol && !tls)
+    };
+    // One deadline for the PROXY header and the request head: a proxy sends both at once.
     let read = tokio::select! {
-        read = tokio::time::timeout(head_timeout, http::read_head(&mut stream)) => read,
+        read = tokio::time::timeout_at(deadline, read_request(&mut stream, proxy_protocol)) => read,
         () = head.evicted() => {
             return close_unanswered(shared, Unanswered::IdleHeadEvicted, peer, &stream);
         }
     };
     // Past its head, the connection no longer counts against its address's pending heads.
     drop(head);
-    let (req, leftover) = match read {
+    let (named, req, leftover) = match read {
         Err(_) => return close_unanswered(shared, Unanswered::HeaderTimeout, peer, &stream),
-        Ok(Err(ReadHeadError::Closed)) => return,
-        Ok(Err(ReadHeadError::Head(e))) => {
-            return refuse(shared, &mut stream, peer, e.into()).await
+        Ok(Err(Unread::Closed)) => return,
+        Ok(Err(Unread::BadProxyHeader)) => {
+            return close_unanswered(shared, Unanswered::BadProxyHeader, peer, &stream)
         }
+        Ok(Err(Unread::Head(e))) => return refuse(shared, &mut stream, peer, e.into()).await,
         Ok(Ok(r)) => r,
     };
+    // Behind a trusted proxy, the client is whom the proxy names; it is logged, throttled and
+    // counted against its own address from here on.
+    let mut client = peer;
+    if proxied {
+        let cfg = shared.config.load();
+        let named = match named {
+            Some(addr) => Some(addr),
+            None if !proxy_protocol => crate::proxy::forwarded_client(&cfg, &req)
+                .map(|ip| std::net::SocketAddr::new(ip, 0)),
+            None => None,
+        };
+        if let Some(named) = named {
+            tracing::debug!(%peer, client = %named, "client named by a trusted proxy");
+            client = named;
+            let limit = cfg.max_connections_per_ip;
+            if limit > 0 && conn.count_address(cfg.client_key(client.ip()), limit) {
+                drop(cfg);
+                return refuse(shared, &mut stream, client, Refusal::PerIpLimit).await;
+            }
+        }
+    }
     // The stages' futures are several KiB, and the head above may take seconds to come, or never:
     // boxed, they cost only the connections that got this far.
-    Box::pin(route(ctx, stream, req, leftover, peer, conn)).await
+    Box::pin(route(ctx, stream, req, leftover, client, conn)).await
+}
+
+/// Why no request came to route.
+enum Unread {
+    Closed,
+    BadProxyHeader,
+    Head(http::HeadError),
+}
+
+/// Reads the PROXY header when the connection must start with one, then the request head.
+/// Returns the client the header names, the head, and the bytes after it.
+async fn read_request(
+    stream: &mut Io,
+    proxy_protocol: bool,
+) -> Result<(Option<std::net::SocketAddr>, http::Request, Vec<u8>), Unread> {
+    let (named, after) = if proxy_protocol {
+        crate::proxy::read_header(stream)
+            .await
+            .map_err(|e| match e {
+                ProxyHeaderError::Closed => Unread::Closed,
+                ProxyHeaderError::Bad => Unread::BadProxyHeader,
+            })?
+    } else {
+        (None, Vec::new())
+    };
+    match http::read_head_after(stream, after).await {
+        Ok((req, leftover)) => Ok((named, req, leftover)),
+        Err(ReadHeadError::Closed) => Err(Unread::Closed),
+        Err(ReadHeadError::Head(e)) => Err(Unread::Head(e)),
+    }
 }
 
 /// Hands a request whose head has been read to its stage.
 async fn route(
     ctx: Rc<WorkerCtx>,
-    stream: TcpStream,
+    stream: Io,
     req: http::Request,
     leftover: Vec<u8>,
     peer: SocketAddr,
@@ -197,6 +310,10 @@ async fn route(
             let answer = crate::admin_api::answer(shared, to, &incoming.req, peer, port).await;
             answer_short(shared, incoming, answer).await
         }
+        Method::Get | Method::Head if incoming.req.path == "/" => {
+            let resp = crate::page::response(shared, &incoming.req);
+            http::write_and_close(incoming.stream, &resp).await
+        }
         Method::Get | Method::Head if crate::status::is_status_path(&incoming.req.path) => {
             crate::status::serve(shared, incoming).await
         }
@@ -218,6 +335,10 @@ async fn route(
         }
         Method::Get | Method::Head => crate::admission::admit(&ctx, incoming).await,
         Method::Source | Method::Put => crate::source::handshake(&ctx, incoming).await,
+        Method::Options => {
+            let resp = crate::cors::preflight(&shared.config.load(), &incoming.req);
+            http::write_and_close(incoming.stream, &resp).await
+        }
         Method::Other(ref m) => {
             tracing::debug!(%peer, method = %m, "unsupported method");
             let no = Refusal::MethodNotAllowed(ALLOWED_METHODS);

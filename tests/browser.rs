@@ -3,13 +3,17 @@
 //! `currentTime` advancing, for a late-joined Ogg/Opus mount (header pages first) and for an MP3
 //! mount fed by a libshout source (ezstream, whose writes are not frame-sized). The page logs its
 //! state to the console every second; Chromium writes that to its stderr, which the test reads.
+//! Over HTTPS, with a test CA's certificate: the page at `/` lists the demo mount and a second
+//! one, and a page on another origin (tests/web/cors_player.html, on file://) reads
+//! `/status.json` and plays a stream, both fetched in CORS mode.
 
 mod common;
 
 use std::time::{Duration, Instant};
 
+use common::certs::Ca;
 use common::clients::*;
-use common::process::scratch_dir;
+use common::process::{require, scratch_dir};
 use common::*;
 
 /// How long Chromium may take to play, from its start (it needs a second or two to start itself).
@@ -77,4 +81,78 @@ fn chromium_plays_an_mp3_mount_fed_by_ezstream_and_starts_at_once() {
             start.elapsed()
         );
     }
+}
+
+#[test]
+fn over_https_the_page_lists_the_mounts_and_another_origin_reads_status_and_plays() {
+    let dir = scratch_dir("browser_https");
+    let ca = Ca::new(&dir);
+    ca.issue(31);
+    let certs = dir.clone();
+    let srv = TestServer::start_tls(move |c| {
+        c.startup.tls_cert = Some(certs.join("cert.pem"));
+        c.startup.tls_key = Some(certs.join("key.pem"));
+        c.startup.demo = true;
+        c.defaults.burst_bytes = 16 * 1024;
+        c.defaults.max_write_delay_ms = 100;
+    });
+    let port = srv.tls.unwrap().port();
+    let _source = ffmpeg_source(srv.addr, "/second", &Tone::new(Codec::Mp3, 60.0));
+    srv.wait_metric("fanstream_source_up", &["mount=\"/second\""], |v| v == 1.0);
+    let origin = format!("https://localhost:{port}");
+
+    // The page at `/`, its script run (virtual time: its refresh comes at once), and a
+    // screenshot of it (the README's).
+    require("chromium");
+    let shot = dir.join("page.png");
+    let out = std::process::Command::new("timeout")
+        .arg("60")
+        .args([
+            "chromium",
+            "--headless",
+            "--disable-gpu",
+            "--no-sandbox",
+            "--ignore-certificate-errors",
+            "--window-size=900,640",
+            "--virtual-time-budget=7000",
+            "--dump-dom",
+        ])
+        .arg(format!("--screenshot={}", shot.display()))
+        .arg(format!(
+            "--user-data-dir={}",
+            dir.join("chromium-page").display()
+        ))
+        .arg(format!("{origin}/"))
+        .output()
+        .expect("chromium runs");
+    let dom = String::from_utf8_lossy(&out.stdout);
+    for want in [
+        "data-mount=\"/demo\"",
+        "data-mount=\"/second\"",
+        "<span id=\"updated\">, refreshed at ",
+    ] {
+        assert!(
+            dom.contains(want),
+            "{want:?} not in the page's DOM over HTTPS:\n{dom}\n{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    assert!(
+        std::fs::metadata(&shot).is_ok_and(|m| m.len() > 10_000),
+        "no screenshot"
+    );
+
+    // Another origin: reads /status.json, then plays /second, both in CORS mode.
+    let page = test_page("cors_player.html", "server", &origin) + "&mount=%2Fsecond";
+    let mut browser = chromium_with(
+        &dir,
+        &page,
+        PLAY_DEADLINE.as_secs() as u32 + 5,
+        &["--ignore-certificate-errors"],
+    );
+    browser.wait_line("the status read across origins", PLAY_DEADLINE, |l| {
+        l.contains("fanstream-status: mounts=/demo,/second")
+    });
+    let states = wait_playing(&mut browser, 1.0, PLAY_DEADLINE);
+    assert!(states.last().unwrap().ready_state >= 3);
 }

@@ -85,12 +85,23 @@ fn conflicting_or_unsupported_body_framing_is_refused() {
     assert_eq!(request(srv.addr, raw.as_bytes()).0, 400);
     let raw = put("/live", PASSWORD, "Transfer-Encoding: gzip\r\n");
     assert_eq!(request(srv.addr, raw.as_bytes()).0, 501);
+    // RFC 9112 §6.3: a proxy in front could have framed the body by the other length.
+    let raw = put(
+        "/live",
+        PASSWORD,
+        "Content-Length: 5\r\nContent-Length: 7\r\n",
+    );
+    let (status, _, body) = request(srv.addr, raw.as_bytes());
+    assert_eq!(status, 400);
+    assert_eq!(body, b"400 Bad Request: conflicting length\n");
+    let raw = "GET /live HTTP/1.1\r\nContent-Length: 1, 2\r\n\r\n";
+    assert_eq!(request(srv.addr, raw.as_bytes()).0, 400);
     assert_eq!(
         srv.metric(
             "fanstream_rejected_requests_total",
             &["reason=\"conflicting_length\""]
         ),
-        1.0
+        3.0
     );
 }
 

@@ -697,7 +697,11 @@ fn chromium_plays_an_ogg_opus_mount_through_hls_js() {
     let srv = server();
     let mut source = ffmpeg_source(srv.addr, "/opus", &Tone::new(Codec::Opus, 120.0));
     wait_playlist(srv.addr, "/opus", SEGMENTS, None, &mut source);
-    let page = web_page("hls.html", &format!("http://{}/opus/index.m3u8", srv.addr));
+    let page = test_page(
+        "hls.html",
+        "src",
+        &format!("http://{}/opus/index.m3u8", srv.addr),
+    );
     let mut browser = chromium(&dir, &page, 45);
     wait_playing(&mut browser, 2.0, Duration::from_secs(35));
     let log = browser.text();
@@ -730,7 +734,11 @@ fn chromium_plays_an_mp3_mount_through_hls_js_and_reads_its_title() {
         &params,
     );
     assert_eq!(status, 200, "{body}");
-    let page = web_page("hls.html", &format!("http://{}/live/index.m3u8", srv.addr));
+    let page = test_page(
+        "hls.html",
+        "src",
+        &format!("http://{}/live/index.m3u8", srv.addr),
+    );
     let mut browser = chromium(&dir, &page, 45);
     wait_playing(&mut browser, 2.0, Duration::from_secs(35));
     browser.wait_line(

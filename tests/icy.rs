@@ -119,7 +119,7 @@ fn icy_listeners_get_a_block_every_metaint_bytes_and_titles_within_an_interval()
         icy.head
     );
     let mut plain = Listener::connect(srv.addr, "/live");
-    assert!(!plain.head.contains("icy-metaint"), "{}", plain.head);
+    assert!(!plain.head.contains("\r\nicy-metaint:"), "{}", plain.head);
 
     let mut sent = 4000u64;
     src.send_pattern(sent, sent + 6000, 500, Duration::ZERO);
@@ -330,6 +330,6 @@ fn ogg_streams_get_no_icy_blocks() {
     let _src = Source::connect_raw(srv.addr, head.as_bytes());
     let icy = IcyListener::connect(srv.addr, "/radio.ogg");
     assert!(icy.head.starts_with("HTTP/1.0 200"), "{}", icy.head);
-    assert!(!icy.head.contains("icy-metaint"), "{}", icy.head);
+    assert!(!icy.head.contains("\r\nicy-metaint:"), "{}", icy.head);
     assert_eq!(srv.metric("fanstream_icy_listeners", &[]), 0.0);
 }

@@ -323,7 +323,10 @@ fn malformed_requests_and_unknown_methods_get_clear_statuses() {
     assert_eq!(status, 400);
     let (status, head, _) = request(srv.addr, b"DELETE /live HTTP/1.1\r\n\r\n");
     assert_eq!(status, 405);
-    assert!(head.contains("Allow: GET, HEAD, SOURCE, PUT"), "{head}");
+    assert!(
+        head.contains("Allow: GET, HEAD, OPTIONS, SOURCE, PUT"),
+        "{head}"
+    );
     let mut long = b"GET /".to_vec();
     long.extend(vec![b'a'; 9000]);
     let (status, _, _) = request(srv.addr, &long);

@@ -101,3 +101,41 @@ fn a_mount_keeps_what_its_furthest_behind_listener_needs_and_no_more() {
         srv.server.as_ref().unwrap().listeners() == 0 && retained(&srv) <= BURST + SLACK
     });
 }
+
+#[test]
+fn listeners_joining_while_a_source_writes_fast_keep_their_join_point() {
+    let srv = TestServer::start(|c| {
+        c.defaults.burst_bytes = BURST;
+        c.defaults.max_write_delay_ms = 0;
+        c.defaults.max_lag_bytes = 4 << 20;
+        // The worker takes each newcomer 50 ms after its join point, as on a busy machine.
+        c.join_delay_injection_ms = 50;
+        declare(c, "/live");
+    });
+    let mut source = Source::connect_typed(srv.addr, "/live", "application/octet-stream");
+    feed(&srv, &mut source, 0, 100_000);
+    // The source writes about 4 MB/s: between a newcomer's join point and its worker's first
+    // pass (a few milliseconds on a busy machine), the burst moves on by more than itself, while
+    // a reading listener keeps up.
+    let done = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let writer = thread::spawn({
+        let done = done.clone();
+        move || {
+            let mut at = 100_000u64;
+            while !done.load(std::sync::atomic::Ordering::Relaxed) {
+                source.send_pattern(at, at + 4096, 4096, Duration::from_millis(1));
+                at += 4096;
+            }
+        }
+    });
+    // A newcomer whose join point is evicted before its first write is dropped at once (its
+    // stream ends before it has its burst twice over) or skips (its bytes have a gap).
+    for i in 0..10 {
+        let mut l = Listener::connect(srv.addr, "/live");
+        l.read_at_least(2 * BURST as usize);
+        let runs = exact_runs(&l.body);
+        assert_eq!(runs.len(), 1, "listener {i} lost bytes: {runs:?}");
+    }
+    done.store(true, std::sync::atomic::Ordering::Relaxed);
+    writer.join().expect("the source");
+}

@@ -281,6 +281,7 @@ fn own_status_lists_mounts_with_their_state_and_counters() {
             ("metadata_updated", "null"),
             ("stream_start_iso8601", "string"),
             ("received_bytes", "number"),
+            ("relay_upstream", "null"),
             ("sent_bytes", "number"),
             ("retained_bytes", "number"),
         ],

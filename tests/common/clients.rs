@@ -156,6 +156,16 @@ pub struct Fanstream {
 /// `fanstream --config DIR/fanstream.toml --listen 127.0.0.1:0 --admin-listen 127.0.0.1:0
 /// --no-pin --no-demo --workers 2 --source-password test-secret`
 pub fn fanstream(dir: &Path, toml: &str) -> Fanstream {
+    fanstream_listening(dir, toml, "127.0.0.1:0")
+}
+
+/// [`fanstream`] with `--listen LISTEN` instead of `127.0.0.1:0`.
+pub fn fanstream_listening(dir: &Path, toml: &str, listen: &str) -> Fanstream {
+    fanstream_with(dir, toml, listen, &[])
+}
+
+/// [`fanstream_listening`] with `extra` flags after the others.
+pub fn fanstream_with(dir: &Path, toml: &str, listen: &str, extra: &[&str]) -> Fanstream {
     let path = dir.join("fanstream.toml");
     std::fs::write(&path, toml).unwrap();
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_fanstream"));
@@ -165,7 +175,7 @@ pub fn fanstream(dir: &Path, toml: &str) -> Fanstream {
         .arg(&path)
         .args([
             "--listen",
-            "127.0.0.1:0",
+            listen,
             "--admin-listen",
             "127.0.0.1:0",
             "--no-pin",
@@ -174,7 +184,8 @@ pub fn fanstream(dir: &Path, toml: &str) -> Fanstream {
             "2",
             "--source-password",
             PASSWORD,
-        ]);
+        ])
+        .args(extra);
     let mut program = Program::spawn("fanstream", &mut cmd);
     let started = program.wait_line("the start-up line", DEADLINE, |l| {
         l.contains("fanstream started")
@@ -194,6 +205,71 @@ pub fn fanstream(dir: &Path, toml: &str) -> Fanstream {
         addr,
         admin,
     }
+}
+
+// ---------------------------------------------------------------------------------------------
+// HAProxy in front
+
+pub struct HaProxy {
+    pub program: Program,
+    /// Where clients connect: its frontend.
+    pub addr: SocketAddr,
+}
+
+/// HAProxy on loopback in front of `server`: `haproxy -db -f DIR/haproxy.cfg` with a generated
+/// config (`mode MODE`, the `frontend_lines`, and `server fanstream SERVER SERVER_OPTIONS`). Its
+/// frontend listens on a socket the test bound and hands over as descriptor 3 (`bind fd@3`): no
+/// port picked and raced for, and it accepts as soon as the test returns (connections made
+/// before HAProxy is up wait in the socket's backlog).
+pub fn haproxy(
+    dir: &Path,
+    mode: &str,
+    frontend_lines: &str,
+    server: SocketAddr,
+    server_options: &str,
+) -> HaProxy {
+    use std::os::fd::AsRawFd;
+    use std::os::unix::process::CommandExt;
+    require("haproxy");
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    let config = format!(
+        "global\n  maxconn 1000\n\ndefaults\n  mode {mode}\n  timeout connect 5s\n  timeout client 60s\n  timeout server 60s\n\nfrontend fe\n  bind fd@3\n{frontend_lines}\n  default_backend be\n\nbackend be\n  server fanstream {server} {server_options}\n"
+    );
+    let path = dir.join("haproxy.cfg");
+    std::fs::write(&path, config).unwrap();
+    let fd = listener.as_raw_fd();
+    let mut cmd = Command::new("haproxy");
+    cmd.arg("-db").arg("-f").arg(&path);
+    // SAFETY: only async-signal-safe calls (dup2, fcntl) between fork and exec.
+    unsafe {
+        cmd.pre_exec(move || {
+            // dup2 onto another descriptor clears close-on-exec; onto itself it does not.
+            let ok = if fd == 3 {
+                libc::fcntl(3, libc::F_SETFD, 0)
+            } else {
+                libc::dup2(fd, 3)
+            };
+            if ok < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let program = Program::spawn("haproxy", &mut cmd);
+    HaProxy { program, addr }
+}
+
+/// A TCP connection to `to` from the loopback address `from` (any of 127.0.0.0/8 is this host):
+/// a client of its own address, as seen by a proxy.
+pub fn connect_from(from: &str, to: SocketAddr) -> std::net::TcpStream {
+    let local: SocketAddr = format!("{from}:0").parse().unwrap();
+    let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+    socket.bind(&local.into()).unwrap();
+    socket.connect(&to.into()).unwrap();
+    let stream: std::net::TcpStream = socket.into();
+    stream.set_read_timeout(Some(DEADLINE)).unwrap();
+    stream
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -339,6 +415,22 @@ pub fn ffmpeg_source(addr: SocketAddr, mount: &str, tone: &Tone) -> Program {
         .args(["-content_type", tone.codec.content_type()])
         .arg(icecast_url(addr, mount));
     Program::spawn("ffmpeg source", &mut cmd)
+}
+
+/// [`ffmpeg_source`] over TLS, to the TLS port at `addr` by the name `localhost`:
+/// `... -content_type TYPE -tls 1 icecast://source:PASS@localhost:PORT/MOUNT`.
+pub fn ffmpeg_source_tls(addr: SocketAddr, mount: &str, tone: &Tone) -> Program {
+    require("ffmpeg");
+    let mut cmd = Command::new("ffmpeg");
+    cmd.args(["-hide_banner", "-loglevel", "error", "-re"])
+        .args(tone.input_args())
+        .args(tone.encode_args())
+        .args(["-content_type", tone.codec.content_type(), "-tls", "1"])
+        .arg(format!(
+            "icecast://source:{PASSWORD}@localhost:{}{mount}",
+            addr.port()
+        ));
+    Program::spawn("ffmpeg TLS source", &mut cmd)
 }
 
 /// A live source sending a file as it is, in real time:
@@ -683,16 +775,16 @@ output.icecast({encoder}, host="{host}", port={port}, user="source", password="{
 
 /// The file:// address of tests/web/player.html playing `stream_url`.
 pub fn player_page(stream_url: &str) -> String {
-    web_page("player.html", stream_url)
+    test_page("player.html", "src", stream_url)
 }
 
-/// The file:// address of the page tests/web/NAME, given `stream_url` as `?src=`.
-pub fn web_page(name: &str, stream_url: &str) -> String {
+/// The file:// address of tests/web/PAGE with `?PARAM=VALUE` (the value percent-encoded).
+pub fn test_page(name: &str, param: &str, value: &str) -> String {
     let page = Path::new(env!("CARGO_MANIFEST_DIR"))
         .join("tests/web")
         .join(name);
     assert!(page.exists(), "{} is missing", page.display());
-    let encoded: String = stream_url
+    let encoded: String = value
         .bytes()
         .map(|b| match b {
             b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'.' | b'_' | b'~' => {
@@ -701,7 +793,7 @@ pub fn web_page(name: &str, stream_url: &str) -> String {
             _ => format!("%{b:02X}"),
         })
         .collect();
-    format!("file://{}?src={encoded}", page.display())
+    format!("file://{}?{param}={encoded}", page.display())
 }
 
 /// Headless Chromium opening `page` (as root, hence `--no-sandbox`):
@@ -709,6 +801,12 @@ pub fn web_page(name: &str, stream_url: &str) -> String {
 /// --autoplay-policy=no-user-gesture-required --user-data-dir=DIR/chromium --enable-logging=stderr
 /// --v=0 PAGE`. The page's `console.log` lines appear in its stderr as `...:INFO:CONSOLE...`.
 pub fn chromium(dir: &Path, page: &str, secs: u32) -> Program {
+    chromium_with(dir, page, secs, &[])
+}
+
+/// [`chromium`] with `extra` flags before the page (`--ignore-certificate-errors` for a test
+/// certificate).
+pub fn chromium_with(dir: &Path, page: &str, secs: u32, extra: &[&str]) -> Program {
     require("timeout");
     require("chromium");
     let mut cmd = Command::new("timeout");
@@ -725,6 +823,7 @@ pub fn chromium(dir: &Path, page: &str, secs: u32) -> Program {
             dir.join("chromium").display()
         ))
         .args(["--enable-logging=stderr", "--v=0"])
+        .args(extra)
         .arg(page);
     Program::spawn("chromium", &mut cmd)
 }

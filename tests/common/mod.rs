@@ -2,6 +2,7 @@
 //! clients, a verifiable byte pattern, and waiting on /metrics with deadlines.
 #![allow(dead_code)] // each test binary uses its own part of this module
 
+pub mod certs;
 pub mod clients;
 pub mod media;
 pub mod process;
@@ -22,30 +23,57 @@ pub struct TestServer {
     pub server: Option<Server>,
     pub addr: SocketAddr,
     pub admin: SocketAddr,
+    /// The TLS port, when started with [`TestServer::start_tls`].
+    pub tls: Option<SocketAddr>,
+}
+
+/// The config tests start from: 2 unpinned workers, no demo, a known password, a 1 s grace.
+pub fn test_config() -> Config {
+    let mut config = Config {
+        startup: Startup {
+            workers: 2,
+            pin_workers: false,
+            demo: false,
+            ..Startup::default()
+        },
+        source_password: Some(PASSWORD.into()),
+        ..Config::default()
+    };
+    config.defaults.source_grace_secs = 1;
+    config
 }
 
 impl TestServer {
     /// Starts a server with test defaults (2 unpinned workers, no demo, a known password), then
     /// lets `adjust` change the config.
     pub fn start(adjust: impl FnOnce(&mut Config)) -> TestServer {
-        let mut config = Config {
-            startup: Startup {
-                workers: 2,
-                pin_workers: false,
-                demo: false,
-                ..Startup::default()
-            },
-            source_password: Some(PASSWORD.into()),
-            ..Config::default()
-        };
-        config.defaults.source_grace_secs = 1;
+        TestServer::start_on("127.0.0.1:0".parse().unwrap(), adjust, false)
+    }
+
+    /// [`TestServer::start`] with a TLS port on loopback too; `adjust` must set `tls_cert` and
+    /// `tls_key`.
+    pub fn start_tls(adjust: impl FnOnce(&mut Config)) -> TestServer {
+        TestServer::start_on("127.0.0.1:0".parse().unwrap(), adjust, true)
+    }
+
+    /// Like [`TestServer::start`], listening on `listen` (to bring a stopped server back on its
+    /// address).
+    pub fn start_at(listen: SocketAddr, adjust: impl FnOnce(&mut Config)) -> TestServer {
+        TestServer::start_on(listen, adjust, false)
+    }
+
+    fn start_on(listen: SocketAddr, adjust: impl FnOnce(&mut Config), tls: bool) -> TestServer {
+        let mut config = test_config();
         adjust(&mut config);
-        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let listener = TcpListener::bind(listen).unwrap();
         let admin = TcpListener::bind("127.0.0.1:0").unwrap();
-        let server = Server::start(config, listener, Some(admin)).expect("server starts");
+        let tls_listener = tls.then(|| TcpListener::bind("127.0.0.1:0").unwrap());
+        let server = Server::start_with_tls(config, listener, Some(admin), tls_listener)
+            .expect("server starts");
         TestServer {
             addr: server.listen_addr(),
             admin: server.admin_addr().unwrap(),
+            tls: server.tls_addr(),
             server: Some(server),
         }
     }

@@ -9,6 +9,10 @@
 //! A share of the listeners (`icy_share`) ask for ICY metadata (`Icy-MetaData: 1`): they split
 //! the blocks off as a player does ([`crate::icy`]) and verify the audio between them exactly as
 //! plain listeners verify theirs. The report counts them apart.
+//!
+//! With `tls_ca`, every listener connects over TLS (trusting that CA for the name `localhost`)
+//! and reads through its session into a buffer of its own: a session cannot read into the
+//! shared buffer, which must not be held across the read's await.
 
 use std::cell::RefCell;
 use std::collections::BTreeMap;
@@ -17,8 +21,12 @@ use std::net::SocketAddr;
 use std::rc::Rc;
 use std::time::Duration;
 
-use tokio::io::AsyncWriteExt;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
+use tokio_rustls::TlsConnector;
 
 use crate::icy::{self, IcyCounts, IcyParser};
 use crate::record::{Errors, Verifier};
@@ -28,6 +36,8 @@ use crate::schedule::{unix_us, Schedule};
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(15);
 const READ_BUFFER_BYTES: usize = 64 * 1024;
 const HEAD_MAX_BYTES: usize = 8 * 1024;
+/// Each TLS listener's read buffer: a TLS record's plaintext is at most 16 KiB.
+const TLS_READ_BYTES: usize = 16 * 1024;
 /// Latencies are counted per millisecond up to this.
 const LATENCY_MAX_MS: usize = 10_000;
 
@@ -54,6 +64,8 @@ pub struct ListenOpts {
     pub icy_share: f64,
     /// The `icy-metaint` the server was configured with; None: whatever it says.
     pub icy_metaint: Option<usize>,
+    /// Connect over TLS, trusting the CA in this PEM file for the name `localhost`.
+    pub tls_ca: Option<PathBuf>,
 }
 
 /// One connection's state, read by the progress lines and the report.
@@ -165,6 +177,28 @@ struct Shared {
     buffer: RefCell<Vec<u8>>,
     /// Records received in the window by their latency in ms (the last slot: that or more).
     latency: RefCell<Vec<u64>>,
+    /// Set when listeners connect over TLS.
+    tls: Option<TlsConnector>,
+}
+
+/// A TLS client trusting only the CA at `ca`, TLS 1.3 or 1.2, ALPN `http/1.1`.
+fn tls_connector(ca: &std::path::Path) -> TlsConnector {
+    use rustls::pki_types::pem::PemObject;
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in rustls::pki_types::CertificateDer::pem_file_iter(ca).expect("the CA file") {
+        roots
+            .add(cert.expect("a CA certificate"))
+            .expect("a usable CA");
+    }
+    let mut config = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .expect("TLS versions")
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    TlsConnector::from(Arc::new(config))
 }
 
 pub fn run(opts: ListenOpts) -> ListenReport {
@@ -178,6 +212,7 @@ pub fn run(opts: ListenOpts) -> ListenReport {
             conns: Rc::new((0..opts.clients).map(|_| RefCell::default()).collect()),
             buffer: RefCell::new(vec![0; READ_BUFFER_BYTES]),
             latency: RefCell::new(vec![0; LATENCY_MAX_MS + 1]),
+            tls: opts.tls_ca.as_deref().map(tls_connector),
             opts,
         });
         let start = at(shared.opts.start_us);
@@ -229,20 +264,13 @@ async fn listen(s: &Shared, i: usize) {
         c.wants_icy = wants_icy;
     }
     let mount = &s.opts.mounts[index % s.opts.mounts.len()];
+    if let Some(tls) = &s.tls {
+        return listen_tls(s, conn, tls, mount, wants_icy).await;
+    }
     let opened = open(s.opts.addr, mount, wants_icy);
     let stream = match tokio::time::timeout(CONNECT_TIMEOUT, opened).await {
         Ok(Ok((stream, metaint, body))) => {
-            if wants_icy {
-                let mut c = conn.borrow_mut();
-                // A player uses the interval it is told; one other than the server was given,
-                // or none, is an error.
-                c.icy_head_error = metaint.is_none()
-                    || s.opts.icy_metaint.is_some_and(|want| metaint != Some(want));
-                c.icy = metaint.filter(|m| *m > 0).map(IcyParser::new);
-            }
-            if !body.is_empty() {
-                received(s, conn, &body);
-            }
+            headed(s, conn, wants_icy, metaint, &body);
             stream
         }
         Ok(Err(e)) => return conn.borrow_mut().failed = Some(e),
@@ -262,6 +290,99 @@ async fn listen(s: &Shared, i: usize) {
         }
     }
     conn.borrow_mut().closed_early = true;
+}
+
+/// Takes a response head's `icy-metaint` and the body bytes that came with it.
+fn headed(s: &Shared, conn: &RefCell<Conn>, wants_icy: bool, metaint: Option<usize>, body: &[u8]) {
+    if wants_icy {
+        let mut c = conn.borrow_mut();
+        // A player uses the interval it is told; one other than the server was given, or
+        // none, is an error.
+        c.icy_head_error =
+            metaint.is_none() || s.opts.icy_metaint.is_some_and(|want| metaint != Some(want));
+        c.icy = metaint.filter(|m| *m > 0).map(IcyParser::new);
+    }
+    if !body.is_empty() {
+        received(s, conn, body);
+    }
+}
+
+/// A listener over TLS: connects, shakes hands, asks, and reads through its session until the
+/// server closes or the deadline ends the runtime.
+async fn listen_tls(
+    s: &Shared,
+    conn: &RefCell<Conn>,
+    tls: &TlsConnector,
+    mount: &str,
+    wants_icy: bool,
+) {
+    let opened = async {
+        let tcp = TcpStream::connect(s.opts.addr)
+            .await
+            .map_err(|e| format!("connect: {}", e.kind()))?;
+        tcp.set_zero_linger().ok();
+        let name = rustls::pki_types::ServerName::try_from("localhost").expect("a name");
+        let mut stream = tls
+            .connect(name, tcp)
+            .await
+            .map_err(|e| format!("tls: {e}"))?;
+        let (metaint, body) = request_head(&mut stream, s.opts.addr, mount, wants_icy).await?;
+        Ok::<_, String>((stream, metaint, body))
+    };
+    let mut stream = match tokio::time::timeout(CONNECT_TIMEOUT, opened).await {
+        Ok(Ok((stream, metaint, body))) => {
+            headed(s, conn, wants_icy, metaint, &body);
+            stream
+        }
+        Ok(Err(e)) => return conn.borrow_mut().failed = Some(e),
+        Err(_) => return conn.borrow_mut().failed = Some("timeout".into()),
+    };
+    let mut buf = vec![0u8; TLS_READ_BYTES];
+    loop {
+        match stream.read(&mut buf).await {
+            Ok(0) | Err(_) => break,
+            Ok(n) => received(s, conn, &buf[..n]),
+        }
+    }
+    conn.borrow_mut().closed_early = true;
+}
+
+/// Sends the request on any stream and reads the response head: its `icy-metaint`, and the body
+/// bytes that came with it, or why it failed.
+async fn request_head<S: AsyncRead + AsyncWrite + Unpin>(
+    stream: &mut S,
+    addr: SocketAddr,
+    mount: &str,
+    icy: bool,
+) -> Result<(Option<usize>, Vec<u8>), String> {
+    let icy = if icy { "Icy-MetaData: 1\r\n" } else { "" };
+    let req =
+        format!("GET {mount} HTTP/1.0\r\nHost: {addr}\r\nUser-Agent: fanstream-load\r\n{icy}\r\n");
+    stream
+        .write_all(req.as_bytes())
+        .await
+        .map_err(|e| format!("request: {}", e.kind()))?;
+    let mut head = Vec::with_capacity(1024);
+    let mut buf = [0u8; 2048];
+    loop {
+        match stream.read(&mut buf).await {
+            Ok(0) => return Err("closed before the head".into()),
+            Ok(n) => head.extend_from_slice(&buf[..n]),
+            Err(e) => return Err(format!("head: {}", e.kind())),
+        }
+        if let Some(end) = head.windows(4).position(|w| w == b"\r\n\r\n") {
+            let text = String::from_utf8_lossy(&head[..end]);
+            let status = text.split_whitespace().nth(1).unwrap_or("?").to_string();
+            if status != "200" {
+                return Err(format!("http {status}"));
+            }
+            let metaint = icy::metaint_of(&text);
+            return Ok((metaint, head.split_off(end + 4)));
+        }
+        if head.len() > HEAD_MAX_BYTES {
+            return Err("head too large".into());
+        }
+    }
 }
 
 /// Connects, sends the request (asking for ICY metadata if `icy`) and reads the response head:

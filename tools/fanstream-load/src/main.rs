@@ -7,11 +7,12 @@
 //! - `compare`: the same run against Icecast and fanstream; `make compare`.
 //! - `coalesce`: the same run at several write coalescing settings; `make coalescing`.
 //! - `icy-compare`: the same run with plain listeners, then ICY ones; `make icy-compare`.
+//! - `tls-compare`: the same run with plain listeners, then TLS ones; `make tls-compare`.
 //!
 //! Layout: [`record`] (the stream format and its verifier), [`schedule`] (the source's pace),
 //! [`source`], [`listen`] (with [`icy`], the ICY listener's framing), [`servers`] (the servers
 //! under test), [`procstat`] (/proc), [`run`] (one run and its summary, with [`titles`], the
-//! title updates), [`sweep`] (with [`plot`]), [`compare`], [`coalesce`] and [`icy_compare`].
+//! title updates), [`sweep`] (with [`plot`]), [`compare`], [`coalesce`], [`icy_compare`] and [`tls_compare`].
 
 mod coalesce;
 mod compare;
@@ -27,6 +28,7 @@ mod servers;
 mod source;
 mod sweep;
 mod titles;
+mod tls_compare;
 
 use std::net::SocketAddr;
 use std::process::ExitCode;
@@ -106,6 +108,9 @@ enum Cmd {
         /// The `icy-metaint` the server must announce; default: whatever it says.
         #[arg(long)]
         icy_metaint: Option<usize>,
+        /// Connect over TLS, trusting the CA in this PEM file (for the name `localhost`).
+        #[arg(long, value_name = "FILE")]
+        tls_ca: Option<std::path::PathBuf>,
     },
     /// One load run: server, sources, listeners, summary (also as JSON under --out-dir).
     Run(run::RunOpts),
@@ -118,6 +123,9 @@ enum Cmd {
     /// The same run twice: every listener plain, then every listener ICY (titles updated in
     /// both), side by side with the ratio.
     IcyCompare(run::RunOpts),
+    /// The same run twice: every listener plain, then every listener over TLS, side by side
+    /// with the ratio.
+    TlsCompare(run::RunOpts),
 }
 
 fn main() -> ExitCode {
@@ -173,6 +181,7 @@ fn main() -> ExitCode {
             allowance_ms,
             icy_share,
             icy_metaint,
+            tls_ca,
         } => {
             let limit = procstat::raise_fd_limit();
             if clients as u64 + 32 > limit {
@@ -194,6 +203,7 @@ fn main() -> ExitCode {
                 allowance_ms,
                 icy_share,
                 icy_metaint,
+                tls_ca,
             };
             let report = listen::run(opts);
             listen::print_line(&listen::Line::Report(Box::new(report)));
@@ -217,6 +227,9 @@ fn main() -> ExitCode {
         Cmd::Compare(o) => compare::compare(&o).map_or_else(|e| fail(&e), |()| ExitCode::SUCCESS),
         Cmd::IcyCompare(o) => {
             icy_compare::icy_compare(&o).map_or_else(|e| fail(&e), |()| ExitCode::SUCCESS)
+        }
+        Cmd::TlsCompare(o) => {
+            tls_compare::tls_compare(&o).map_or_else(|e| fail(&e), |()| ExitCode::SUCCESS)
         }
     }
 }

@@ -89,6 +89,10 @@ pub struct RunOpts {
     /// titles; unset = never.
     #[arg(long)]
     pub title_every_secs: Option<f64>,
+    /// Listeners connect over TLS, to a TLS port fanstream gets for the run with a certificate
+    /// made for it (sources and title updates stay plain).
+    #[arg(long)]
+    pub tls: bool,
     #[arg(long, default_value = "target/release/fanstream")]
     pub fanstream_bin: PathBuf,
     #[arg(long, default_value = "icecast2")]
@@ -312,6 +316,17 @@ pub fn run(o: &RunOpts) -> Result<Summary, String> {
     let started_utc = utc_now();
     let dir = o.out_dir.join(&name);
     std::fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+    let mut server_settings = o.server_settings.clone();
+    let tls = if o.tls {
+        if o.target != Target::Fanstream {
+            return Err("--tls: fanstream only".into());
+        }
+        let tls = servers::tls_setup(&dir)?;
+        server_settings.extend(tls.settings.iter().cloned());
+        Some(tls)
+    } else {
+        None
+    };
     let loadavg_before = loadavg();
     eprintln!(
         "== {name}: {} listeners at {} kbit/s on {} mount(s), {} s window (load average {loadavg_before})",
@@ -326,7 +341,7 @@ pub fn run(o: &RunOpts) -> Result<Summary, String> {
             min_write_bytes: o.min_write_bytes,
             max_write_delay_ms: o.max_write_delay_ms,
             icy_metaint: o.icy_metaint,
-            settings: o.server_settings.clone(),
+            settings: server_settings,
             fanstream_bin: o.fanstream_bin.clone(),
             icecast_bin: o.icecast_bin.clone(),
         },
@@ -378,8 +393,9 @@ pub fn run(o: &RunOpts) -> Result<Summary, String> {
     for p in 0..nproc {
         let n = (o.clients - first).min(o.clients.div_ceil(nproc));
         let mut cmd = Command::new(&me);
+        let listen_addr = tls.as_ref().map_or(server.addr, |t| t.addr);
         cmd.arg("listen")
-            .args(["--addr", &server.addr.to_string()])
+            .args(["--addr", &listen_addr.to_string()])
             .args(["--mounts", &mounts.join(",")])
             .args(["--clients", &n.to_string()])
             .args(["--first-index", &first.to_string()])
@@ -397,6 +413,9 @@ pub fn run(o: &RunOpts) -> Result<Summary, String> {
             .args(["--icy-share", &o.icy_share.to_string()]);
         if let Some(m) = o.icy_metaint {
             cmd.args(["--icy-metaint", &m.to_string()]);
+        }
+        if let Some(t) = &tls {
+            cmd.arg("--tls-ca").arg(&t.ca);
         }
         let mut child = servers::spawn_piped(&mut cmd)?;
         let out = child.stdout.take().expect("piped stdout");

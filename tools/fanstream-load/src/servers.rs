@@ -114,6 +114,51 @@ pub fn metric_by_label(text: &str, name: &str, label: &str) -> BTreeMap<String, 
     out
 }
 
+/// What a run over TLS needs: fanstream's settings for its TLS port, the port, and the CA the
+/// listeners trust.
+pub struct TlsSetup {
+    pub settings: Vec<String>,
+    pub addr: SocketAddr,
+    pub ca: std::path::PathBuf,
+}
+
+/// Makes a CA and a certificate for `localhost` signed by it (ECDSA P-256, what a certificate
+/// authority issues by default today) under `dir`, and picks the TLS port.
+pub fn tls_setup(dir: &Path) -> Result<TlsSetup, String> {
+    use rcgen::{CertificateParams, CertifiedIssuer, IsCa, KeyPair};
+    let e = |e: rcgen::Error| e.to_string();
+    let mut ca_params = CertificateParams::new(Vec::<String>::new()).map_err(e)?;
+    ca_params.is_ca = IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    let ca = CertifiedIssuer::self_signed(ca_params, KeyPair::generate().map_err(e)?).map_err(e)?;
+    let key = KeyPair::generate().map_err(e)?;
+    let cert = CertificateParams::new(vec!["localhost".to_string()])
+        .map_err(e)?
+        .signed_by(&key, &ca)
+        .map_err(e)?;
+    let (ca_path, cert_path, key_path) = (
+        dir.join("tls-ca.pem"),
+        dir.join("tls-cert.pem"),
+        dir.join("tls-key.pem"),
+    );
+    for (path, pem) in [
+        (&ca_path, ca.pem()),
+        (&cert_path, cert.pem()),
+        (&key_path, key.serialize_pem()),
+    ] {
+        fs::write(path, pem).map_err(|e| format!("{}: {e}", path.display()))?;
+    }
+    let addr: SocketAddr = ([127, 0, 0, 1], free_port().map_err(|e| e.to_string())?).into();
+    Ok(TlsSetup {
+        settings: vec![
+            format!("tls_listen = \"{addr}\""),
+            format!("tls_cert = \"{}\"", cert_path.display()),
+            format!("tls_key = \"{}\"", key_path.display()),
+        ],
+        addr,
+        ca: ca_path,
+    })
+}
+
 /// A loopback port free right now.
 fn free_port() -> std::io::Result<u16> {
     Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())

@@ -1,0 +1,259 @@
+//! TLS with rustls: the server's certificate and settings ([`server_config`]), and [`TlsConn`],
+//! a connection past its handshake.
+//!
+//! The handshake is tokio-rustls's; the session is then taken out of its stream and kept with
+//! the socket in a `TlsConn` of ours, for two reasons tokio-rustls's stream cannot serve: the
+//! fan-out writes a listener from a synchronous pass with a gathered list of shared pieces
+//! ([`TlsConn::try_write_vectored`], the same call as a plain socket's, parking on the socket's
+//! writability the same way), and a session is a plain value that can move with its socket.
+//!
+//! The crypto provider is *ring*: it builds with a C compiler alone, in seconds, where
+//! aws-lc-rs needs CMake and minutes of C on the 2-core machines this is built on; its AES-GCM
+//! and ChaCha20 come from the same BoringSSL assembly. What aws-lc-rs would add (FIPS,
+//! post-quantum key exchange) a radio stream does not need yet; changing provider is one line
+//! here.
+
+use std::cell::RefCell;
+use std::io::{self, IoSlice, Read, Write};
+use std::os::fd::{AsFd, BorrowedFd};
+use std::path::Path;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{ready, Context, Poll};
+
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use rustls::{ServerConfig, ServerConnection};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::TcpStream;
+
+/// Most encrypted bytes a session holds for its socket. A listener's write takes no more
+/// plaintext than fits, so a stalled TLS listener costs this much beyond its socket buffer,
+/// and the lag policy sees it as it sees a plain one.
+const SESSION_BUFFER_BYTES: usize = 64 * 1024;
+
+/// The certificate chain and key at these PEM files, as a server config: TLS 1.2 and 1.3,
+/// ALPN `http/1.1` (a client offering only `h2` is refused at the handshake rather than
+/// misunderstood after it). The error names the file and what is wrong with it.
+pub(crate) fn server_config(cert: &Path, key: &Path) -> Result<Arc<ServerConfig>, String> {
+    let chain = CertificateDer::pem_file_iter(cert)
+        .and_then(|certs| certs.collect::<Result<Vec<_>, _>>())
+        .map_err(|e| format!("tls_cert {}: {e}", cert.display()))?;
+    if chain.is_empty() {
+        return Err(format!(
+            "tls_cert {}: no certificate in the file",
+            cert.display()
+        ));
+    }
+    let key_der =
+        PrivateKeyDer::from_pem_file(key).map_err(|e| format!("tls_key {}: {e}", key.display()))?;
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut config = ServerConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
+        .map_err(|e| format!("TLS versions: {e}"))?
+        .with_no_client_auth()
+        .with_single_cert(chain, key_der)
+        .map_err(|e| {
+            format!(
+                "tls_cert {} with tls_key {}: {e}",
+                cert.display(),
+                key.display()
+            )
+        })?;
+    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    Ok(Arc::new(config))
+}
+
+/// A TLS connection past its handshake: the socket and its session.
+pub(crate) struct TlsConn {
+    tcp: TcpStream,
+    /// Borrowed for each call and never across an await: the fan-out writes through a shared
+    /// reference, since a parked listener's waiting task holds its connection too.
+    session: RefCell<ServerConnection>,
+}
+
+impl TlsConn {
+    /// Runs the server side of a handshake on `tcp` with `config`; the session it yields goes
+    /// with the socket into [`TlsConn::new`]. The socket is borrowed, so that the caller keeps
+    /// it to close as it likes if the handshake fails or takes too long.
+    pub async fn handshake(
+        config: Arc<ServerConfig>,
+        tcp: &mut TcpStream,
+    ) -> io::Result<ServerConnection> {
+        let stream = tokio_rustls::TlsAcceptor::from(config).accept(tcp).await?;
+        Ok(stream.into_inner().1)
+    }
+
+    /// A connection whose handshake [`TlsConn::handshake`] made.
+    pub fn new(tcp: TcpStream, mut session: ServerConnection) -> TlsConn {
+        session.set_buffer_limit(Some(SESSION_BUFFER_BYTES));
+        TlsConn {
+            tcp,
+            session: RefCell::new(session),
+        }
+    }
+
+    /// The socket and the session, to move to another thread's runtime (a source, to ingest).
+    pub fn into_parts(self) -> (TcpStream, ServerConnection) {
+        (self.tcp, self.session.into_inner())
+    }
+
+    pub fn socket(&self) -> &TcpStream {
+        &self.tcp
+    }
+
+    /// Writes as much as the socket takes of what the session holds encrypted; `WouldBlock`
+    /// while some is left.
+    fn send_pending(&self, session: &mut ServerConnection) -> io::Result<()> {
+        while session.wants_write() {
+            if session.write_tls(&mut SocketWriter(&self.tcp))? == 0 {
+                return Err(io::ErrorKind::WriteZero.into());
+            }
+        }
+        Ok(())
+    }
+
+    /// As a plain socket's `try_write_vectored`: takes plaintext from `bufs`, encrypts it and
+    /// writes it; `WouldBlock` when the socket is full. Encrypted bytes the socket did not
+    /// take stay in the session and go first at the next call, so what is accepted (the count
+    /// returned) is sent in order. Nothing is accepted while earlier bytes wait: the session
+    /// holds at most one write's worth.
+    pub fn try_write_vectored(&self, bufs: &[IoSlice<'_>]) -> io::Result<usize> {
+        let mut session = self.session.borrow_mut();
+        self.send_pending(&mut session)?;
+        let n = session.writer().write_vectored(bufs)?;
+        if n == 0 && bufs.iter().any(|b| !b.is_empty()) {
+            return Err(io::ErrorKind::WouldBlock.into());
+        }
+        match self.send_pending(&mut session) {
+            Err(e) if e.kind() != io::ErrorKind::WouldBlock => Err(e),
+            _ => Ok(n),
+        }
+    }
+
+    /// Waits until the socket may take more.
+    pub async fn writable(&self) -> io::Result<()> {
+        self.tcp.writable().await
+    }
+}
+
+/// The socket as `std::io::Write`, for rustls: a write that would block says so.
+struct SocketWriter<'a>(&'a TcpStream);
+
+impl Write for SocketWriter<'_> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        self.0.try_write(buf)
+    }
+
+    fn write_vectored(&mut self, bufs: &[IoSlice<'_>]) -> io::Result<usize> {
+        self.0.try_write_vectored(bufs)
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+/// The socket as `std::io::Read`, for rustls.
+struct SocketReader<'a>(&'a TcpStream);
+
+impl Read for SocketReader<'_> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        self.0.try_read(buf)
+    }
+}
+
+impl AsyncRead for TlsConn {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        loop {
+            let mut session = this.session.borrow_mut();
+            match session.reader().read(buf.initialize_unfilled()) {
+                Ok(n) => {
+                    buf.advance(n);
+                    return Poll::Ready(Ok(()));
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                // The peer closed without a close_notify, as encoders and players mostly do:
+                // the end of the stream, as on a plain socket. (A live stream has no length a
+                // truncation could shorten unnoticed.)
+                Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => return Poll::Ready(Ok(())),
+                Err(e) => return Poll::Ready(Err(e)),
+            }
+            // What the peer's messages asked for (a key update's answer) goes out with the
+            // next write if the socket is full now.
+            let _ = this.send_pending(&mut session);
+            match session.read_tls(&mut SocketReader(&this.tcp)) {
+                Ok(_) => {
+                    // At the end of the stream too: the reader then says whether the peer
+                    // closed cleanly.
+                    if let Err(e) = session.process_new_packets() {
+                        let _ = this.send_pending(&mut session);
+                        return Poll::Ready(Err(io::Error::new(io::ErrorKind::InvalidData, e)));
+                    }
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    drop(session);
+                    ready!(this.tcp.poll_read_ready(cx))?;
+                }
+                Err(e) => return Poll::Ready(Err(e)),
+            }
+        }
+    }
+}
+
+impl AsyncWrite for TlsConn {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        self.poll_write_vectored(cx, &[IoSlice::new(buf)])
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        loop {
+            match self.try_write_vectored(bufs) {
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    ready!(self.tcp.poll_write_ready(cx))?;
+                }
+                done => return Poll::Ready(done),
+            }
+        }
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        true
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        loop {
+            match self.send_pending(&mut self.session.borrow_mut()) {
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    ready!(self.tcp.poll_write_ready(cx))?;
+                }
+                done => return Poll::Ready(done),
+            }
+        }
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        self.session.borrow_mut().send_close_notify();
+        ready!(self.as_mut().poll_flush(cx))?;
+        Pin::new(&mut self.get_mut().tcp).poll_shutdown(cx)
+    }
+}
+
+impl AsFd for TlsConn {
+    fn as_fd(&self) -> BorrowedFd<'_> {
+        self.tcp.as_fd()
+    }
+}

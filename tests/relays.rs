@@ -1,0 +1,1140 @@
+//! Relays: mounts pulled from other servers. Several fanstream servers in this process on
+//! loopback form a tree (origin → 2 edges → 2 edges each) whose leaves serve the encoder's
+//! bytes exactly; an edge fails over to its second upstream when the first dies and returns
+//! with `prefer_first`, dropping no listener; bad upstreams (non-2xx, garbage, a stall, a
+//! redirect loop) are counted and retried with backoff; and Debian's `icecast2` is relayed,
+//! its ICY titles reaching fanstream's own ICY listeners.
+
+mod common;
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use common::clients::*;
+use common::media::*;
+use common::process::{require, scratch_dir, ChildGuard};
+use common::*;
+use fanstream::config::{MasterSettings, RelaySettings};
+use fanstream::{Config, Stop};
+
+/// The test streams' rate: 32 kB/s, 256 kbit/s.
+const RATE: u64 = 32_000;
+const PIECE: usize = 1000;
+
+fn url(addr: SocketAddr, mount: &str) -> String {
+    format!("http://{addr}{mount}")
+}
+
+fn relay(mount: &str, upstreams: &[String]) -> RelaySettings {
+    RelaySettings {
+        mount: mount.into(),
+        upstreams: upstreams.to_vec(),
+        user: None,
+        password: None,
+        on_demand: false,
+        prefer_first: false,
+        retry_secs: 30,
+    }
+}
+
+fn relay_up(server: &TestServer, mount: &str, upstream: &str) -> f64 {
+    server.metric(
+        "fanstream_relay_up",
+        &[
+            &format!("mount=\"{mount}\""),
+            &format!("upstream=\"{upstream}\""),
+        ],
+    )
+}
+
+/// The upstream `/status.json` says the relay of `mount` pulls from.
+fn relay_upstream(server: &TestServer, mount: &str) -> String {
+    let (_, _, body) = request(server.addr, b"GET /status.json HTTP/1.0\r\n\r\n");
+    let status: serde_json::Value = serde_json::from_slice(&body).unwrap();
+    status["mounts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|m| m["mount"] == mount)
+        .and_then(|m| m["relay_upstream"].as_str())
+        .unwrap_or_default()
+        .to_string()
+}
+
+/// The test pattern, paced at [`RATE`], written to every source it holds in lockstep: each
+/// server gets the same bytes at the same pattern offsets, so a listener's bytes tell which
+/// moment of the stream they are whichever server they came through.
+struct Feeder {
+    sources: Arc<Mutex<Vec<TcpStream>>>,
+    sent: Arc<AtomicU64>,
+    /// When each piece went out: (time, stream offset one past it).
+    log: Arc<Mutex<Vec<(Instant, u64)>>>,
+    stop: Arc<AtomicBool>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl Feeder {
+    fn start(sources: Vec<Source>) -> Feeder {
+        Feeder::start_with(sources, None)
+    }
+
+    /// Feeds `data` (a media file's bytes) instead of the pattern, until its end.
+    fn start_with(sources: Vec<Source>, data: Option<Arc<Vec<u8>>>) -> Feeder {
+        let sources = Arc::new(Mutex::new(
+            sources.into_iter().map(|s| s.stream).collect::<Vec<_>>(),
+        ));
+        let sent = Arc::new(AtomicU64::new(0));
+        let log = Arc::new(Mutex::new(Vec::new()));
+        let stop = Arc::new(AtomicBool::new(false));
+        let (s, n, lg, st) = (sources.clone(), sent.clone(), log.clone(), stop.clone());
+        let thread = std::thread::spawn(move || {
+            let start = Instant::now();
+            while !st.load(Ordering::SeqCst) {
+                let at = n.load(Ordering::SeqCst);
+                let due = Duration::from_secs_f64(at as f64 / RATE as f64);
+                if let Some(wait) = due.checked_sub(start.elapsed()) {
+                    std::thread::sleep(wait);
+                }
+                let piece = match &data {
+                    None => pattern(at, PIECE),
+                    Some(d) if (at as usize) < d.len() => {
+                        d[at as usize..d.len().min(at as usize + PIECE)].to_vec()
+                    }
+                    Some(_) => return,
+                };
+                // A server that went away loses its source; the others go on.
+                s.lock()
+                    .unwrap()
+                    .retain_mut(|stream| stream.write_all(&piece).is_ok());
+                let end = n.fetch_add(piece.len() as u64, Ordering::SeqCst) + piece.len() as u64;
+                lg.lock().unwrap().push((Instant::now(), end));
+            }
+        });
+        Feeder {
+            sources,
+            sent,
+            log,
+            stop,
+            thread: Some(thread),
+        }
+    }
+
+    /// Feeds one more server, from the next piece on.
+    fn add(&self, source: Source) {
+        self.sources.lock().unwrap().push(source.stream);
+    }
+
+    fn sent(&self) -> u64 {
+        self.sent.load(Ordering::SeqCst)
+    }
+}
+
+impl Drop for Feeder {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+#[test]
+fn three_tiers_deliver_the_encoders_bytes_exactly_to_every_leaf() {
+    let origin = TestServer::start(|_| {});
+    let feeder = Feeder::start(vec![Source::connect(origin.addr, "/live")]);
+    let edges = |upstream: SocketAddr| {
+        (0..2)
+            .map(|_| {
+                TestServer::start(|c| {
+                    c.startup.relays = vec![relay("/live", &[url(upstream, "/live")])];
+                })
+            })
+            .collect::<Vec<_>>()
+    };
+    let middle = edges(origin.addr);
+    let leaves: Vec<TestServer> = middle.iter().flat_map(|m| edges(m.addr)).collect();
+    for (i, server) in middle.iter().chain(&leaves).enumerate() {
+        server.wait_metric("fanstream_relay_up", &["mount=\"/live\""], |v| v == 1.0);
+        assert_eq!(
+            server.metric("fanstream_source_up", &["mount=\"/live\""]),
+            1.0,
+            "edge {i}: the relay is the mount's source"
+        );
+    }
+    let last = Arc::new(AtomicU64::new(u64::MAX));
+    let checks: Vec<_> = middle
+        .iter()
+        .chain(&leaves)
+        .chain([&origin])
+        .enumerate()
+        .map(|(i, server)| {
+            let listener = Listener::connect(server.addr, "/live");
+            assert!(
+                listener.head.contains("icy-name: Test Radio\r\n"),
+                "listener {i}: the encoder's description passes each hop: {}",
+                listener.head
+            );
+            let last = last.clone();
+            std::thread::spawn(move || listener.check_until(&last, &format!("listener {i}")))
+        })
+        .collect();
+    // Several of the relays' coalesced writes (a second each by default), through two hops.
+    let until = feeder.sent() + 4 * RATE;
+    wait_until("the encoder to send 4 s more", || feeder.sent() >= until);
+    last.store(feeder.sent(), Ordering::SeqCst);
+    for (i, check) in checks.into_iter().enumerate() {
+        let check = check.join().unwrap();
+        assert_eq!(
+            check.mismatches, 0,
+            "listener {i}: bytes differ from the stream"
+        );
+        assert!(
+            check.next >= Some(last.load(Ordering::SeqCst)),
+            "listener {i} got the stream up to {:?}, the encoder sent {}",
+            check.next,
+            last.load(Ordering::SeqCst)
+        );
+        assert!(
+            check.bytes > 2 * RATE,
+            "listener {i}: {} bytes",
+            check.bytes
+        );
+    }
+    for leaf in &leaves {
+        assert_eq!(
+            leaf.metric("fanstream_relay_failovers_total", &[]),
+            0.0,
+            "no relay had to leave its upstream"
+        );
+    }
+}
+
+/// A listener read on its own thread, keeping every byte and when each read came.
+struct Capture {
+    bytes: Arc<Mutex<Vec<u8>>>,
+    /// (arrival, pattern offset one past the last byte so far), per read.
+    ends: Arc<Mutex<Vec<(Instant, u64)>>>,
+    ended: Arc<AtomicBool>,
+    stop: Arc<AtomicBool>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl Capture {
+    fn start(mut listener: Listener) -> Capture {
+        let bytes = Arc::new(Mutex::new(std::mem::take(&mut listener.body)));
+        let ends = Arc::new(Mutex::new(Vec::new()));
+        let ended = Arc::new(AtomicBool::new(false));
+        let stop = Arc::new(AtomicBool::new(false));
+        let (b, e, d, st) = (bytes.clone(), ends.clone(), ended.clone(), stop.clone());
+        let mut stream = listener.stream;
+        stream
+            .set_read_timeout(Some(Duration::from_millis(100)))
+            .unwrap();
+        let thread = std::thread::spawn(move || {
+            let mut buf = vec![0u8; 64 * 1024];
+            while !st.load(Ordering::SeqCst) {
+                match stream.read(&mut buf) {
+                    Ok(0) => return d.store(true, Ordering::SeqCst),
+                    Ok(n) => {
+                        let mut all = b.lock().unwrap();
+                        all.extend_from_slice(&buf[..n]);
+                        if all.len() >= 24 {
+                            // The stream's offset at the end of what came, when the last 24
+                            // bytes are the stream (not across a switch).
+                            if let Some(at) = locate(&all[all.len() - 24..]) {
+                                e.lock().unwrap().push((Instant::now(), at + 24));
+                            }
+                        }
+                    }
+                    Err(err)
+                        if matches!(
+                            err.kind(),
+                            std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                        ) => {}
+                    Err(_) => return d.store(true, Ordering::SeqCst),
+                }
+            }
+        });
+        Capture {
+            bytes,
+            ends,
+            ended,
+            stop,
+            thread: Some(thread),
+        }
+    }
+
+    /// Waits until the listener has the stream past offset `beyond`; returns when that came.
+    fn wait_past(&self, beyond: u64, what: &str) -> Instant {
+        let start = Instant::now();
+        loop {
+            assert!(
+                !self.ended.load(Ordering::SeqCst),
+                "{what}: the listener was dropped"
+            );
+            if let Some((at, _)) = self
+                .ends
+                .lock()
+                .unwrap()
+                .iter()
+                .find(|(_, end)| *end > beyond)
+            {
+                return *at;
+            }
+            assert!(start.elapsed() < DEADLINE, "timed out waiting for {what}");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    /// Waits until `n` bytes in all have arrived.
+    fn wait_bytes(&self, n: usize, what: &str) {
+        wait_until(what, || {
+            assert!(
+                !self.ended.load(Ordering::SeqCst),
+                "{what}: the listener was dropped"
+            );
+            self.bytes.lock().unwrap().len() >= n
+        });
+    }
+
+    /// Stops reading; returns what was received.
+    fn finish(mut self) -> Vec<u8> {
+        self.stop.store(true, Ordering::SeqCst);
+        if let Some(t) = self.thread.take() {
+            t.join().unwrap();
+        }
+        assert!(
+            !self.ended.load(Ordering::SeqCst),
+            "the listener was dropped"
+        );
+        std::mem::take(&mut self.bytes.lock().unwrap())
+    }
+}
+
+/// Splits a capture into runs that are each the stream exactly, allowing jumps (back, to a new
+/// upstream's burst, or forward) between them: returns the runs as (offset, len), and how many
+/// bytes belonged to no run (a word cut at a switch: a few per switch at most).
+fn runs_across_switches(received: &[u8]) -> (Vec<(u64, usize)>, usize) {
+    let (mut runs, mut stray, mut at) = (Vec::new(), 0, 0);
+    while received.len() - at >= 24 {
+        let rest = &received[at..];
+        let Some(start) = locate(rest) else {
+            stray += 1;
+            at += 1;
+            continue;
+        };
+        let expected = pattern(start, rest.len());
+        let len = rest
+            .iter()
+            .zip(&expected)
+            .position(|(a, b)| a != b)
+            .unwrap_or(rest.len());
+        runs.push((start, len));
+        at += len;
+    }
+    (runs, stray + received.len() - at)
+}
+
+#[test]
+fn an_edge_fails_over_to_its_second_upstream_and_returns_to_the_first_dropping_no_listener() {
+    const TIMEOUT_SECS: u64 = 2;
+    let quick = |c: &mut Config| {
+        c.defaults.max_write_delay_ms = 0;
+        c.source_timeout_secs = TIMEOUT_SECS;
+    };
+    let mut a = TestServer::start(quick);
+    let b = TestServer::start(quick);
+    let feeder = Feeder::start(vec![
+        Source::connect(a.addr, "/live"),
+        Source::connect(b.addr, "/live"),
+    ]);
+    let (url_a, url_b) = (url(a.addr, "/live"), url(b.addr, "/live"));
+    let edge = TestServer::start(|c| {
+        quick(c);
+        c.defaults.source_grace_secs = 10;
+        declare(c, "/live");
+        c.startup.relays = vec![RelaySettings {
+            prefer_first: true,
+            retry_secs: 1,
+            ..relay("/live", &[url_a.clone(), url_b.clone()])
+        }];
+    });
+    wait_until("the edge to pull from A", || {
+        relay_up(&edge, "/live", &url_a) == 1.0
+    });
+    let capture = Capture::start(Listener::connect(edge.addr, "/live"));
+    capture.wait_past(feeder.sent() + RATE / 2, "the stream through A");
+
+    let (a_addr, killed, at_kill) = (a.addr, Instant::now(), feeder.sent());
+    a.stop(Stop::Now);
+    let resumed = capture.wait_past(at_kill + PIECE as u64, "the stream through B");
+    assert!(
+        resumed - killed <= Duration::from_secs(TIMEOUT_SECS + 1),
+        "the listener went on from B {:?} after A died",
+        resumed - killed
+    );
+    assert_eq!(relay_up(&edge, "/live", &url_b), 1.0);
+    assert_eq!(relay_up(&edge, "/live", &url_a), 0.0);
+    assert_eq!(
+        relay_upstream(&edge, "/live"),
+        url_b,
+        "the status page names the upstream"
+    );
+    assert!(
+        edge.metric("fanstream_relay_failovers_total", &["reason=\"closed\""]) >= 1.0,
+        "{}",
+        edge.metrics()
+    );
+
+    let a = TestServer::start_at(a_addr, quick);
+    feeder.add(Source::connect(a.addr, "/live"));
+    wait_until("the edge to return to A", || {
+        relay_up(&edge, "/live", &url_a) == 1.0
+    });
+    assert_eq!(relay_up(&edge, "/live", &url_b), 0.0);
+    assert_eq!(relay_upstream(&edge, "/live"), url_a);
+    assert_eq!(
+        edge.metric("fanstream_relay_failovers_total", &["reason=\"preferred\""]),
+        1.0
+    );
+    capture.wait_past(feeder.sent() + RATE / 2, "the stream through A again");
+
+    let received = capture.finish();
+    let (runs, stray) = runs_across_switches(&received);
+    assert!(
+        runs.len() <= 8 && stray <= 64,
+        "each upstream switch costs a jump, no garbage: runs {runs:?}, {stray} stray bytes"
+    );
+    assert_eq!(
+        edge.metric("fanstream_listener_disconnects_total", &[]),
+        0.0,
+        "no listener dropped"
+    );
+    assert_eq!(
+        edge.metric("fanstream_listeners", &["mount=\"/live\""]),
+        1.0
+    );
+}
+
+/// An upstream that misbehaves in a way chosen by the path asked for, recording each request.
+struct BadUpstream {
+    addr: SocketAddr,
+    requests: Arc<Mutex<Vec<(Instant, String)>>>,
+    /// Connections open now: a relay that leaked its upstream sockets would pile them up here.
+    open: Arc<AtomicU64>,
+    stop: Arc<AtomicBool>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl BadUpstream {
+    fn start() -> BadUpstream {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        listener.set_nonblocking(true).unwrap();
+        let addr = listener.local_addr().unwrap();
+        let requests = Arc::new(Mutex::new(Vec::new()));
+        let open = Arc::new(AtomicU64::new(0));
+        let stop = Arc::new(AtomicBool::new(false));
+        let (r, o, st) = (requests.clone(), open.clone(), stop.clone());
+        let thread = std::thread::spawn(move || {
+            let mut served = Vec::new();
+            while !st.load(Ordering::SeqCst) {
+                match listener.accept() {
+                    Ok((s, _)) => {
+                        let (r, o, st) = (r.clone(), o.clone(), st.clone());
+                        o.fetch_add(1, Ordering::SeqCst);
+                        served.push(std::thread::spawn(move || {
+                            answer(s, &r, &st);
+                            o.fetch_sub(1, Ordering::SeqCst);
+                        }));
+                    }
+                    Err(_) => std::thread::sleep(Duration::from_millis(5)),
+                }
+            }
+            for t in served {
+                let _ = t.join();
+            }
+        });
+        BadUpstream {
+            addr,
+            requests,
+            open,
+            stop,
+            thread: Some(thread),
+        }
+    }
+
+    /// When each request for `path` came, and the last one's text.
+    fn requests(&self, path: &str) -> (Vec<Instant>, String) {
+        let all = self.requests.lock().unwrap();
+        let mine: Vec<_> = all
+            .iter()
+            .filter(|(_, req)| req.starts_with(&format!("GET {path} ")))
+            .collect();
+        let last = mine.last().map(|(_, r)| r.clone()).unwrap_or_default();
+        (mine.iter().map(|(at, _)| *at).collect(), last)
+    }
+}
+
+fn answer(mut s: TcpStream, requests: &Mutex<Vec<(Instant, String)>>, stop: &AtomicBool) {
+    s.set_read_timeout(Some(Duration::from_millis(100)))
+        .unwrap();
+    let mut head = Vec::new();
+    let mut buf = [0u8; 1024];
+    while !head.ends_with(b"\r\n\r\n") {
+        match s.read(&mut buf) {
+            Ok(0) => return,
+            Ok(n) => head.extend_from_slice(&buf[..n]),
+            Err(_) if stop.load(Ordering::SeqCst) => return,
+            Err(_) => {}
+        }
+    }
+    let req = String::from_utf8_lossy(&head).to_string();
+    let path = req.split(' ').nth(1).unwrap_or_default().to_string();
+    requests.lock().unwrap().push((Instant::now(), req));
+    let audio = "HTTP/1.0 200 OK\r\nContent-Type: audio/mpeg\r\n";
+    let reply: Vec<u8> = match path.as_str() {
+        "/missing" => b"HTTP/1.0 404 Not Found\r\n\r\n".to_vec(),
+        "/error" => b"HTTP/1.0 500 Internal Server Error\r\n\r\n".to_vec(),
+        "/garbage" => b"\x00\x17\xfe not http at all\r\n\r\n".to_vec(),
+        "/loop" => b"HTTP/1.0 302 Found\r\nLocation: /loop\r\n\r\n".to_vec(),
+        // A block of 16 bytes that is not `StreamTitle=...`.
+        "/badicy" => {
+            format!("{audio}icy-metaint: 8\r\n\r\n12345678\x01not a title here").into_bytes()
+        }
+        "/stall" => format!("{audio}\r\n").into_bytes(),
+        _ => b"HTTP/1.0 400 Bad Request\r\n\r\n".to_vec(),
+    };
+    let _ = s.write_all(&reply);
+    // Hold the connection until the relay lets it go (the stall: silent after its head).
+    while !stop.load(Ordering::SeqCst) {
+        match s.read(&mut buf) {
+            Ok(0) => return,
+            Ok(_) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+            Err(e) if e.kind() == std::io::ErrorKind::TimedOut => {}
+            Err(_) => return,
+        }
+    }
+}
+
+impl Drop for BadUpstream {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+#[test]
+fn bad_upstreams_are_counted_and_retried_with_backoff() {
+    let bad = BadUpstream::start();
+    let cases = [
+        ("/missing", "not_found"),
+        ("/error", "status"),
+        ("/garbage", "bad_response"),
+        ("/loop", "redirect_loop"),
+        ("/badicy", "bad_metadata"),
+        ("/stall", "stalled"),
+    ];
+    let mut edge = TestServer::start(|c| {
+        c.source_timeout_secs = 1;
+        c.startup.relays = cases
+            .iter()
+            .map(|(path, _)| RelaySettings {
+                user: Some("relayer".into()),
+                password: Some("pw".into()),
+                ..relay(path, &[url(bad.addr, path)])
+            })
+            .collect();
+    });
+    for (path, reason) in cases {
+        let labels = [format!("mount=\"{path}\""), format!("reason=\"{reason}\"")];
+        let labels: Vec<&str> = labels.iter().map(String::as_str).collect();
+        edge.wait_metric("fanstream_relay_failovers_total", &labels, |v| v >= 2.0);
+        assert_eq!(
+            edge.metric("fanstream_relay_failovers_total", &[labels[0]]),
+            edge.metric("fanstream_relay_failovers_total", &labels),
+            "{path}: counted as {reason} only: {}",
+            edge.metrics()
+        );
+    }
+    let (attempts, last) = bad.requests("/missing");
+    assert!(attempts.len() >= 2);
+    let gap = attempts[1] - attempts[0];
+    assert!(
+        gap >= Duration::from_millis(450),
+        "a failing upstream is retried after a backoff, not at once: {gap:?}"
+    );
+    wait_until("a third attempt on /missing", || {
+        bad.requests("/missing").0.len() >= 3
+    });
+    let attempts = bad.requests("/missing").0;
+    assert!(
+        attempts[2] - attempts[1] >= Duration::from_millis(950),
+        "the backoff grows: {:?} then {:?}",
+        attempts[1] - attempts[0],
+        attempts[2] - attempts[1]
+    );
+    // What Icecast's relay sends.
+    for line in [
+        "GET /missing HTTP/1.0\r\n",
+        "Icy-MetaData: 1\r\n",
+        "User-Agent: fanstream/",
+        &format!("Authorization: Basic {}\r\n", basic("relayer", "pw")),
+    ] {
+        assert!(
+            last.contains(line),
+            "the relay's request lacks {line:?}: {last}"
+        );
+    }
+    assert_eq!(edge.metric("fanstream_panics_total", &[]), 0.0);
+    assert_eq!(edge.metric("fanstream_relay_up", &[]), 0.0);
+    let (status, _, _) = request(edge.addr, b"GET /status.json HTTP/1.0\r\n\r\n");
+    assert_eq!(status, 200, "the edge still serves");
+    let open = bad.open.load(Ordering::SeqCst);
+    assert!(
+        open <= cases.len() as u64,
+        "each relay holds one upstream connection at most, {open} are open"
+    );
+    edge.stop(Stop::Now);
+    wait_until("the stopped edge to close its upstream connections", || {
+        bad.open.load(Ordering::SeqCst) == 0
+    });
+}
+
+/// Debian's icecast2 on a free loopback port with a generated config, run as its own user (it
+/// refuses root): `runuser -u icecast2 -- icecast2 -c DIR/icecast.xml`.
+fn icecast(dir: &std::path::Path) -> (ChildGuard, SocketAddr) {
+    icecast_with(dir, "")
+}
+
+/// [`icecast`] with more of its config (`<relay>` blocks).
+fn icecast_with(dir: &std::path::Path, extra: &str) -> (ChildGuard, SocketAddr) {
+    require("icecast2");
+    require("runuser");
+    let port = TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    std::process::Command::new("chmod")
+        .args(["-R", "a+rwX"])
+        .arg(dir)
+        .status()
+        .unwrap();
+    let config = format!(
+        r#"<icecast>
+  <limits><clients>100</clients><sources>4</sources><burst-size>65536</burst-size></limits>
+  <authentication>
+    <source-password>{PASSWORD}</source-password>
+    <relay-password>relaypw</relay-password>
+    <admin-user>admin</admin-user><admin-password>adminpw</admin-password>
+  </authentication>
+  <hostname>127.0.0.1</hostname>
+  <listen-socket><port>{port}</port><bind-address>127.0.0.1</bind-address></listen-socket>
+  <paths>
+    <basedir>/usr/share/icecast2</basedir>
+    <logdir>{dir}</logdir>
+    <pidfile>{dir}/icecast.pid</pidfile>
+    <webroot>/usr/share/icecast2/web</webroot>
+    <adminroot>/usr/share/icecast2/admin</adminroot>
+  </paths>
+  <logging><accesslog>access.log</accesslog><errorlog>error.log</errorlog><loglevel>3</loglevel></logging>
+  {extra}
+</icecast>
+"#,
+        dir = dir.display()
+    );
+    let file = dir.join("icecast.xml");
+    std::fs::write(&file, config).unwrap();
+    // A group: runuser forks icecast2, which must not outlive the test either.
+    let child = ChildGuard::spawn_group(
+        "icecast2",
+        std::process::Command::new("runuser")
+            .args(["-u", "icecast2", "--", "icecast2", "-c"])
+            .arg(&file)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::fs::File::create(dir.join("icecast2.stderr")).unwrap()),
+    );
+    let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    // icecast2 2.4.4 was once seen to crash (segmentation fault, on a machine with a load
+    // average of 100) when probed right after it started: wait for its log to say it runs.
+    let log = dir.join("error.log");
+    wait_until("icecast2 to say it started", || {
+        std::fs::read_to_string(&log).is_ok_and(|l| l.contains("server started"))
+    });
+    wait_until("icecast2 to listen", || TcpStream::connect(addr).is_ok());
+    (child, addr)
+}
+
+#[test]
+fn an_mp3_mount_relayed_from_icecast_brings_its_titles_to_icy_listeners() {
+    let dir = scratch_dir("relay_icecast");
+    let (_icecast, ice) = icecast(&dir);
+    let mut encoder = ffmpeg_source(ice, "/live", &Tone::new(Codec::Mp3, 120.0));
+    let edge = TestServer::start(|c| {
+        c.defaults.max_write_delay_ms = 0;
+        c.startup.relays = vec![relay("/relayed", &[url(ice, "/live")])];
+    });
+    let started = Instant::now();
+    while edge.metric("fanstream_relay_up", &["mount=\"/relayed\""]) != 1.0 {
+        assert!(
+            encoder.running(),
+            "ffmpeg stopped streaming to icecast2: {}",
+            encoder.text()
+        );
+        assert!(
+            started.elapsed() < DEADLINE,
+            "the relay never pulled from icecast2: {}",
+            edge.metrics()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let (mut s, head, mut capture) = {
+        let (s, head) = icy_listener(edge.addr, "/relayed");
+        let metaint = icy_metaint(&head).expect("fanstream's ICY listener gets icy-metaint");
+        (s, head, IcyCapture::new(metaint))
+    };
+    assert!(head.contains("Content-Type: audio/mpeg\r\n"), "{head}");
+    let (status, _, body) = curl_get(
+        ice,
+        "/admin/metadata",
+        Some(("admin", "adminpw")),
+        &[
+            ("mode", "updinfo"),
+            ("mount", "/live"),
+            ("song", "Relayed Artist - Relayed Title"),
+        ],
+    );
+    assert_eq!(status, 200, "icecast2 took the title: {body}");
+    read_until(
+        &mut s,
+        &mut capture,
+        "icecast2's title at fanstream's ICY listener",
+        DEADLINE,
+        |c| {
+            c.titles()
+                .iter()
+                .any(|t| t == "Relayed Artist - Relayed Title")
+        },
+    );
+    // The audio between fanstream's blocks is MP3 frames, none of icecast2's blocks left in it.
+    let skip = capture
+        .audio
+        .windows(2)
+        .position(|w| w[0] == 0xFF && w[1] & 0xE0 == 0xE0)
+        .unwrap();
+    assert_frame_chain(&capture.audio[skip..], mpeg_frame_len, "relayed audio");
+    let status: serde_json::Value =
+        serde_json::from_slice(&request(edge.addr, b"GET /status.json HTTP/1.0\r\n\r\n").2)
+            .unwrap();
+    assert!(
+        status
+            .to_string()
+            .contains("Relayed Artist - Relayed Title"),
+        "the title shows in the status page: {status}"
+    );
+}
+
+/// The mounts a server's `/status.json` lists.
+fn status_mounts(server: &TestServer) -> Vec<String> {
+    let (_, _, body) = request(server.addr, b"GET /status.json HTTP/1.0\r\n\r\n");
+    let status: serde_json::Value = serde_json::from_slice(&body).unwrap();
+    status["mounts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["mount"].as_str().unwrap().to_string())
+        .collect()
+}
+
+/// icecast2's own mount list, as its relay user reads it.
+fn icecast_streamlist(ice: SocketAddr) -> String {
+    let (status, _, body) = curl_get(
+        ice,
+        "/admin/streamlist.txt",
+        Some(("relay", "relaypw")),
+        &[],
+    );
+    assert_eq!(status, 200, "icecast2's streamlist: {body}");
+    body
+}
+
+#[test]
+fn an_edge_mirrors_the_mounts_an_icecast_origin_lists() {
+    const INTERVAL_SECS: u64 = 2;
+    let dir = scratch_dir("relay_mirror");
+    let (_icecast, ice) = icecast(&dir);
+    let first = ffmpeg_source(ice, "/first", &Tone::new(Codec::Mp3, 120.0));
+    wait_until("icecast2 to list /first", || {
+        icecast_streamlist(ice).lines().any(|l| l == "/first")
+    });
+    let edge = TestServer::start(|c| {
+        c.startup.master = Some(MasterSettings {
+            url: format!("http://{ice}"),
+            user: None,
+            password: Some("relaypw".into()),
+            interval_secs: INTERVAL_SECS,
+            on_demand: false,
+        });
+    });
+    edge.wait_metric("fanstream_relay_up", &["mount=\"/first\""], |v| v == 1.0);
+    let mut listener = Listener::connect(edge.addr, "/first");
+    listener.read_at_least(16 * 1024);
+
+    let _second = ffmpeg_source(ice, "/second", &Tone::new(Codec::Mp3, 120.0));
+    wait_until("icecast2 to list /second", || {
+        icecast_streamlist(ice).lines().any(|l| l == "/second")
+    });
+    let listed = Instant::now();
+    edge.wait_metric("fanstream_relay_up", &["mount=\"/second\""], |v| v == 1.0);
+    assert!(
+        listed.elapsed() <= Duration::from_secs(INTERVAL_SECS + 1),
+        "a mount created on the origin is relayed within one interval: {:?}",
+        listed.elapsed()
+    );
+    assert!(status_mounts(&edge).contains(&"/second".to_string()));
+
+    drop(first);
+    wait_until("icecast2 to drop /first", || {
+        !icecast_streamlist(ice).lines().any(|l| l == "/first")
+    });
+    edge.wait_metric("fanstream_relay_mirrored_mounts", &[], |v| v == 1.0);
+    wait_until("the edge to drop /first", || {
+        !status_mounts(&edge).contains(&"/first".to_string())
+    });
+    assert_eq!(
+        edge.metric("fanstream_relay_up", &["mount=\"/second\""]),
+        1.0,
+        "the other mount is still relayed"
+    );
+
+    // By default mirrored mounts are pulled on demand: nothing until a listener asks.
+    let lazy = TestServer::start(|c| {
+        c.startup.master = Some(MasterSettings {
+            url: format!("http://{ice}"),
+            user: None,
+            password: Some("relaypw".into()),
+            interval_secs: INTERVAL_SECS,
+            on_demand: true,
+        });
+    });
+    assert_eq!(lazy.metric("fanstream_relay_connects_total", &[]), 0.0);
+    let mut listener = None;
+    wait_until("the lazy edge to serve /second", || {
+        let mut s = TcpStream::connect(lazy.addr).unwrap();
+        s.set_read_timeout(Some(DEADLINE)).unwrap();
+        s.write_all(b"GET /second HTTP/1.0\r\n\r\n").unwrap();
+        let head = read_head(&mut s);
+        let ok = head.starts_with("HTTP/1.0 200");
+        listener = ok.then_some(s);
+        ok
+    });
+    let mut s = listener.unwrap();
+    let mut some = [0u8; 4096];
+    s.read_exact(&mut some).unwrap();
+    assert_eq!(
+        lazy.metric("fanstream_relay_up", &["mount=\"/second\""]),
+        1.0
+    );
+    assert_eq!(
+        lazy.metric("fanstream_relay_connects_total", &[]),
+        1.0,
+        "only the mount listened to is pulled"
+    );
+}
+
+#[test]
+fn an_on_demand_relay_pulls_only_while_it_has_listeners() {
+    const TIMEOUT_SECS: u64 = 2;
+    let origin = TestServer::start(|c| declare(c, "/live"));
+    let _feeder = Feeder::start(vec![Source::connect(origin.addr, "/live")]);
+    let edge = TestServer::start(|c| {
+        c.source_timeout_secs = TIMEOUT_SECS;
+        c.startup.relays = vec![RelaySettings {
+            on_demand: true,
+            ..relay("/live", &[url(origin.addr, "/live")])
+        }];
+    });
+    let pulling = || origin.metric("fanstream_listeners", &["mount=\"/live\""]);
+    // An always-on relay connects within milliseconds of start-up; this one waits.
+    let watched = Instant::now();
+    while watched.elapsed() < Duration::from_secs(1) {
+        assert_eq!(
+            pulling(),
+            0.0,
+            "an on-demand relay pulled without a listener"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert_eq!(edge.metric("fanstream_relay_connects_total", &[]), 0.0);
+
+    // The first listener wakes it, waits for the mount, and gets the stream exactly.
+    let listener = Listener::connect(edge.addr, "/live");
+    assert_eq!(pulling(), 1.0);
+    let last = Arc::new(AtomicU64::new(u64::MAX));
+    let reader = {
+        let last = last.clone();
+        std::thread::spawn(move || listener.check_until(&last, "on-demand listener"))
+    };
+    // Two of the origin's coalesced writes to the relay (a second each).
+    edge.wait_metric("fanstream_relay_received_bytes_total", &[], |v| {
+        v >= 2.0 * RATE as f64
+    });
+    let upto = origin.metric(
+        "fanstream_source_received_bytes_total",
+        &["mount=\"/live\""],
+    );
+    last.store(upto as u64, Ordering::SeqCst);
+    let check = reader.join().unwrap();
+    assert_eq!(check.mismatches, 0);
+    assert!(check.bytes > 0);
+
+    // Without listeners it lets the upstream go: within a second of the edge noticing the
+    // listener left (at its next write, a second at most with the default coalescing), and
+    // some slack for a loaded machine.
+    let left = Instant::now();
+    wait_until("the on-demand relay to stop", || {
+        edge.metric("fanstream_relay_up", &[]) == 0.0
+    });
+    assert!(
+        left.elapsed() <= Duration::from_secs(5),
+        "the relay held its upstream {:?} without listeners",
+        left.elapsed()
+    );
+    wait_until("the origin to lose the relay", || pulling() == 0.0);
+
+    // And the next listener wakes it again.
+    let mut again = Listener::connect(edge.addr, "/live");
+    again.read_at_least(1000);
+    assert!(locate(&again.body).is_some(), "the stream again");
+    assert_eq!(edge.metric("fanstream_relay_connects_total", &[]), 2.0);
+}
+
+#[test]
+fn an_icecast_relay_pulls_a_mount_from_fanstream_and_serves_it_exactly() {
+    let origin = TestServer::start(|_| {});
+    let feeder = Feeder::start(vec![Source::connect(origin.addr, "/live")]);
+    let dir = scratch_dir("icecast_relays_fanstream");
+    let relay = format!(
+        "<relay><server>127.0.0.1</server><port>{}</port><mount>/live</mount>\
+         <local-mount>/copy</local-mount><on-demand>0</on-demand>\
+         <relay-shoutcast-metadata>1</relay-shoutcast-metadata></relay>",
+        origin.addr.port()
+    );
+    let (_icecast, ice) = icecast_with(&dir, &relay);
+    wait_until("icecast2's relay to pull from fanstream", || {
+        origin.metric("fanstream_listeners", &["mount=\"/live\""]) == 1.0
+    });
+    wait_until("icecast2 to list /copy", || {
+        icecast_streamlist(ice).lines().any(|l| l == "/copy")
+    });
+    let listener = Listener::connect(ice, "/copy");
+    let last = Arc::new(AtomicU64::new(u64::MAX));
+    let reader = {
+        let last = last.clone();
+        std::thread::spawn(move || listener.check_until(&last, "icecast2's listener"))
+    };
+    let until = feeder.sent() + 3 * RATE;
+    wait_until("3 s more of the stream", || feeder.sent() >= until);
+    last.store(feeder.sent(), Ordering::SeqCst);
+    let check = reader.join().unwrap();
+    assert_eq!(
+        check.mismatches, 0,
+        "icecast2 served fanstream's stream with bytes changed (ICY blocks left in?)"
+    );
+    assert!(
+        check.next >= Some(last.load(Ordering::SeqCst)),
+        "icecast2's listener got up to {:?} of {}",
+        check.next,
+        last.load(Ordering::SeqCst)
+    );
+}
+
+#[test]
+fn an_ogg_opus_listener_across_a_failover_still_decodes() {
+    let dir = scratch_dir("relay_ogg_failover");
+    let file = make_file(&dir, "feed.opus", &Tone::new(Codec::Opus, 60.0));
+    let bytes = Arc::new(std::fs::read(file).unwrap());
+    let quick = |c: &mut Config| {
+        c.defaults.max_write_delay_ms = 0;
+        c.source_timeout_secs = 2;
+    };
+    let mut a = TestServer::start(quick);
+    let b = TestServer::start(quick);
+    let feeder = Feeder::start_with(
+        vec![
+            Source::connect_typed(a.addr, "/live", "audio/ogg"),
+            Source::connect_typed(b.addr, "/live", "audio/ogg"),
+        ],
+        Some(bytes.clone()),
+    );
+    let (url_a, url_b) = (url(a.addr, "/live"), url(b.addr, "/live"));
+    let edge = TestServer::start(|c| {
+        quick(c);
+        c.defaults.source_grace_secs = 10;
+        c.startup.relays = vec![relay("/live", &[url_a.clone(), url_b.clone()])];
+    });
+    wait_until("the edge to pull from A", || {
+        relay_up(&edge, "/live", &url_a) == 1.0
+    });
+    let capture = Capture::start(Listener::connect(edge.addr, "/live"));
+    capture.wait_bytes(2 * RATE as usize, "2 s of Opus through A");
+    a.stop(Stop::Now);
+    wait_until("the edge to pull from B", || {
+        relay_up(&edge, "/live", &url_b) == 1.0
+    });
+    let had = capture.bytes.lock().unwrap().len();
+    capture.wait_bytes(had + 2 * RATE as usize, "2 s more of Opus through B");
+    assert!(
+        feeder.sent() < bytes.len() as u64,
+        "the file lasted the test"
+    );
+    let received = capture.finish();
+    let path = dir.join("across-failover.opus");
+    std::fs::write(&path, &received).unwrap();
+    let decoded = ffmpeg_decode(&path);
+    // The listener gets B's header pages again at the switch (its sync point), with the same
+    // serial as A's stream, as two origins fed by one encoder have: ffmpeg takes those two
+    // packets (OpusHead, OpusTags) for audio, says so twice, and decodes on. More errors would
+    // be a torn page or garbage.
+    let packet_errors = decoded
+        .errors
+        .matches("Error parsing the packet header")
+        .count();
+    assert!(
+        decoded.success && packet_errors <= 2,
+        "ffmpeg could not decode the capture across the switch: {}",
+        decoded.errors
+    );
+    assert!(
+        decoded.seconds >= 3.0,
+        "decoded {} s of {} bytes",
+        decoded.seconds,
+        received.len()
+    );
+}
+
+/// The median time from the encoder sending a byte to `capture` receiving it, over the pieces
+/// sent in the capture's window.
+fn median_latency(feeder: &Feeder, capture: &Capture) -> Duration {
+    let ends = capture.ends.lock().unwrap();
+    let log = feeder.log.lock().unwrap();
+    let first = ends.first().map_or(0, |e| e.1);
+    let last = ends.last().map_or(0, |e| e.1);
+    let mut delays: Vec<Duration> = log
+        .iter()
+        .filter(|(_, end)| *end > first && *end <= last)
+        .filter_map(|(sent, end)| {
+            let got = ends.iter().find(|(_, e)| e >= end)?;
+            Some(got.0.saturating_duration_since(*sent))
+        })
+        .collect();
+    delays.sort();
+    delays.get(delays.len() / 2).copied().unwrap_or_default()
+}
+
+/// Origin → edge → leaf, with a listener on each, for `secs` seconds of stream: the median
+/// latency from the encoder at each tier.
+fn latency_by_tier(write_delay_ms: u64, secs: u64) -> Vec<Duration> {
+    let tune = |c: &mut Config| c.defaults.max_write_delay_ms = write_delay_ms;
+    let origin = TestServer::start(tune);
+    let feeder = Feeder::start(vec![Source::connect(origin.addr, "/live")]);
+    let edge = TestServer::start(|c| {
+        tune(c);
+        c.startup.relays = vec![relay("/live", &[url(origin.addr, "/live")])];
+    });
+    edge.wait_metric("fanstream_relay_up", &[], |v| v == 1.0);
+    let leaf = TestServer::start(|c| {
+        tune(c);
+        c.startup.relays = vec![relay("/live", &[url(edge.addr, "/live")])];
+    });
+    leaf.wait_metric("fanstream_relay_up", &[], |v| v == 1.0);
+    let captures: Vec<Capture> = [&origin, &edge, &leaf]
+        .iter()
+        .map(|s| Capture::start(Listener::connect(s.addr, "/live")))
+        .collect();
+    let until = feeder.sent() + secs * RATE;
+    wait_until("the stream to run", || feeder.sent() >= until);
+    let latencies = captures
+        .iter()
+        .map(|c| median_latency(&feeder, c))
+        .collect();
+    for c in captures {
+        c.finish();
+    }
+    latencies
+}
+
+#[test]
+fn the_latency_each_hop_adds_is_measured() {
+    for (write_delay_ms, per_hop_bound) in [
+        (0, Duration::from_millis(100)),
+        (1000, Duration::from_millis(2500)),
+    ] {
+        let tiers = latency_by_tier(write_delay_ms, 6);
+        eprintln!(
+            "max_write_delay_ms = {write_delay_ms}: median latency from the encoder at the origin {:?}, edge {:?}, leaf {:?}",
+            tiers[0], tiers[1], tiers[2]
+        );
+        for hop in 1..tiers.len() {
+            let added = tiers[hop].saturating_sub(tiers[hop - 1]);
+            assert!(
+                added <= per_hop_bound,
+                "max_write_delay_ms = {write_delay_ms}: hop {hop} adds {added:?}"
+            );
+        }
+    }
+}
+
+#[test]
+fn an_edge_mirrors_the_mounts_a_fanstream_origin_lists() {
+    let origin = TestServer::start(|c| c.admin_password = Some("adminpw".into()));
+    let one = Source::connect(origin.addr, "/one");
+    let two = Source::connect(origin.addr, "/two");
+    let feeder = Feeder::start(vec![one]);
+    let mut two = Feeder::start(vec![two]);
+    let edge = TestServer::start(|c| {
+        c.startup.master = Some(MasterSettings {
+            url: format!("http://{}", origin.addr),
+            user: Some("admin".into()),
+            password: Some("adminpw".into()),
+            interval_secs: 1,
+            on_demand: false,
+        });
+    });
+    for mount in ["/one", "/two"] {
+        edge.wait_metric(
+            "fanstream_relay_up",
+            &[&format!("mount=\"{mount}\"")],
+            |v| v == 1.0,
+        );
+    }
+    assert_eq!(edge.metric("fanstream_relay_mirrored_mounts", &[]), 2.0);
+    let mut listener = Listener::connect(edge.addr, "/one");
+    listener.read_at_least(4 * PIECE);
+    assert!(locate(&listener.body).is_some(), "the origin's stream");
+
+    // /two's encoder leaves: after the origin's grace period it is no longer listed, and the
+    // edge stops relaying it (its own listeners would wait the edge's grace period).
+    two.stop.store(true, Ordering::SeqCst);
+    if let Some(t) = two.thread.take() {
+        t.join().unwrap();
+    }
+    two.sources.lock().unwrap().clear();
+    edge.wait_metric("fanstream_relay_mirrored_mounts", &[], |v| v == 1.0);
+    wait_until("the edge to drop /two", || {
+        !status_mounts(&edge).contains(&"/two".to_string())
+    });
+    assert_eq!(
+        edge.metric("fanstream_relay_up", &["mount=\"/one\""]),
+        1.0,
+        "the other mount is still relayed"
+    );
+    assert!(feeder.sent() > 0);
+}
