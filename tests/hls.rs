@@ -1158,3 +1158,62 @@ fn an_encoder_restart_is_a_discontinuity_in_a_playlist_that_goes_on() {
     );
     drop(second);
 }
+
+/// Over TLS: curl, trusting the test CA, fetches the playlist and a segment twice on one
+/// kept-alive TLS connection, the segment byte for byte what the plain port serves.
+#[test]
+fn hls_is_served_over_tls_on_kept_alive_connections() {
+    let dir = process::scratch_dir("hls_tls");
+    let ca = common::certs::Ca::new(&dir);
+    ca.issue(1);
+    let certs = dir.clone();
+    let srv = TestServer::start_tls(move |c| {
+        c.startup.tls_cert = Some(certs.join("cert.pem"));
+        c.startup.tls_key = Some(certs.join("key.pem"));
+        c.defaults.hls = true;
+        c.defaults.hls_segment_secs = SEGMENT_SECS;
+        c.defaults.hls_segments = SEGMENTS;
+    });
+    let mut source = ffmpeg_source(srv.addr, "/live", &Tone::new(Codec::Mp3, 120.0));
+    let p = wait_playlist(srv.addr, "/live", SEGMENTS, None, &mut source);
+    let name = &p.entries[0].name;
+    let (_, _, plain) = get(srv.addr, &format!("/live/{name}"));
+    let port = srv.tls.unwrap().port();
+    let segment = format!("https://localhost:{port}/live/{name}");
+    let urls = [
+        format!("https://localhost:{port}/live/index.m3u8"),
+        segment.clone(),
+        segment,
+    ];
+    let file = dir.join("segment.mp3");
+    require("curl");
+    let out = Command::new("curl")
+        .args(["-sS", "-v", "--http1.1", "--max-time", "20", "--cacert"])
+        .arg(ca.path())
+        .args([
+            "-o",
+            "/dev/null",
+            &urls[0],
+            "-o",
+            "/dev/null",
+            &urls[1],
+            "-o",
+        ])
+        .arg(&file)
+        .arg(&urls[2])
+        .output()
+        .expect("curl runs");
+    let log = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "curl over TLS: {log}");
+    assert_eq!(
+        log.matches("Connected to").count(),
+        1,
+        "more than one connection:\n{log}"
+    );
+    assert_eq!(
+        std::fs::read(&file).unwrap(),
+        plain,
+        "the segment over TLS differs"
+    );
+    drop(source);
+}
