@@ -14,7 +14,7 @@
 //! a segment gone) closes the connection, as every refusal does.
 
 use std::hash::{Hash, Hasher};
-use std::net::IpAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::time::{Duration, Instant, SystemTime};
 
 use bytes::Bytes;
@@ -56,7 +56,7 @@ pub(crate) async fn serve(shared: &Shared, incoming: Incoming) -> Option<Incomin
         mut stream,
         mut req,
         leftover: mut buf,
-        peer,
+        mut peer,
         conn,
     } = incoming;
     // Each response goes out whole in one or two writes: waiting to coalesce them only delays
@@ -101,6 +101,7 @@ pub(crate) async fn serve(shared: &Shared, incoming: Incoming) -> Option<Incomin
             // ends so, with nothing to answer.
             Ok(Err(None)) | Err(_) => return None,
         };
+        peer = client_of(shared, &stream, &req, peer);
         let hls =
             matches!(req.method, Method::Get | Method::Head) && is_hls_path(shared, &req.path);
         if !hls {
@@ -113,6 +114,23 @@ pub(crate) async fn serve(shared: &Shared, incoming: Incoming) -> Option<Incomin
             });
         }
     }
+}
+
+/// Who sent a request after the first on the connection. Behind a trusted proxy that names
+/// clients per request (`X-Forwarded-For`, `Forwarded`), a kept-alive connection carries
+/// requests of many clients, each named by its own header, as the router names the first;
+/// otherwise (a direct client, or a PROXY header naming one client for the connection) it is
+/// still `previous`.
+fn client_of(shared: &Shared, stream: &Io, req: &Request, previous: SocketAddr) -> SocketAddr {
+    let cfg = shared.config.load();
+    let Ok(proxy) = stream.socket().peer_addr() else {
+        return previous;
+    };
+    let tls = matches!(stream, Io::Tls(_));
+    if !cfg.trusts(proxy.ip()) || (cfg.proxy_protocol && !tls) {
+        return previous;
+    }
+    crate::proxy::forwarded_client(&cfg, req).map_or(proxy, |ip| SocketAddr::new(ip, 0))
 }
 
 /// Reads the next request head, from what is already buffered (a pipelined request) first; the

@@ -1217,3 +1217,37 @@ fn hls_is_served_over_tls_on_kept_alive_connections() {
     );
     drop(source);
 }
+
+/// Behind a trusted proxy that keeps its connection to fanstream alive (as nginx's `keepalive`
+/// does), each request names its own client in `X-Forwarded-For`: three clients' playlist polls
+/// on one connection are three HLS sessions, not one.
+#[test]
+fn behind_a_trusted_proxy_each_request_on_a_kept_alive_connection_is_its_clients() {
+    let srv = TestServer::start(|c| {
+        c.defaults.hls = true;
+        c.defaults.hls_segment_secs = 2;
+        c.defaults.hls_segments = SEGMENTS;
+        c.trusted_proxies = vec!["127.0.0.1".parse().unwrap()];
+    });
+    let mut source = ffmpeg_source(srv.addr, "/live", &Tone::new(Codec::Mp3, 120.0));
+    wait_until("a first segment", || {
+        assert!(source.running(), "{}", source.text());
+        let raw = b"GET /live/index.m3u8 HTTP/1.0\r\nX-Forwarded-For: 10.0.0.9\r\n\r\n";
+        request(srv.addr, raw).0 == 200
+    });
+    let mut s = TcpStream::connect(srv.addr).unwrap();
+    s.set_read_timeout(Some(DEADLINE)).unwrap();
+    for client in ["10.0.0.1", "10.0.0.2", "10.0.0.3"] {
+        let raw = format!(
+            "GET /live/index.m3u8 HTTP/1.1\r\nHost: t\r\nX-Forwarded-For: {client}\r\n\r\n"
+        );
+        s.write_all(raw.as_bytes()).unwrap();
+        let (status, _, _) = read_response(&mut s, true);
+        assert_eq!(status, 200);
+    }
+    let (_, _, body) = get(srv.addr, "/status.json");
+    let status: serde_json::Value = serde_json::from_slice(&body).unwrap();
+    // The three, and the one that waited for the first segment.
+    assert_eq!(status["mounts"][0]["hls_sessions"], 4, "{status}");
+    drop(source);
+}
