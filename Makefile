@@ -34,6 +34,8 @@ CLIENTS ?= 1000
 BITRATE_KBPS ?= 128
 SECONDS ?= 30
 WORKERS ?= 0
+# Mounts, one source each, the listeners spread over them: one count for load, coalescing and
+# icy-compare; for sweep and compare a list, run at each count (MOUNTS=1,100,1000).
 MOUNTS ?= 1
 # Extra flags for fanstream-load, e.g. LOAD_FLAGS="--min-write-bytes 8192 --max-write-delay-ms 100".
 LOAD_FLAGS ?=
@@ -120,20 +122,25 @@ load: release
 	$(LOAD_BIN) run --clients $(CLIENTS) --bitrate-kbps $(BITRATE_KBPS) --seconds $(SECONDS) \
 	  --workers $(WORKERS) --mounts $(MOUNTS) $(LOAD_FLAGS)
 
-## make sweep: runs at COUNTS listeners and BITRATES, table and charts into target/load/ and docs/.
+## make sweep: runs at COUNTS listeners, BITRATES and MOUNTS, table and charts into target/load/
+## and docs/.
+SWEEP_FILES := sweep.md sweep.json $(foreach c,sweep-cpu sweep-memory sweep-mounts-cpu sweep-mounts-memory,$(c).png $(c).svg)
 sweep: release fonts
 	$(LOAD_BIN) sweep --counts $(COUNTS) --bitrates $(BITRATES) --seconds $(SWEEP_SECONDS) \
 	  --workers $(WORKERS) --mounts $(MOUNTS) $(LOAD_FLAGS)
 	mkdir -p $(RESULTS)
-	cp target/load/sweep.md target/load/sweep.json target/load/sweep-cpu.png target/load/sweep-cpu.svg \
-	  target/load/sweep-memory.png target/load/sweep-memory.svg $(RESULTS)/
+	cp $(addprefix target/load/,$(SWEEP_FILES)) $(RESULTS)/
 
-## make compare: the same load against Icecast 2.4 and fanstream, side by side.
+## make compare: the same load against Icecast 2.4 and fanstream, side by side, at each of MOUNTS.
+# The tool names the table after the mount counts unless it is the one mount of old:
+# compare-1000c-128k.md, compare-1000c-128k-mounts-1-100-1000.md.
+comma := ,
+COMPARE_STEM := compare-$(CLIENTS)c-$(BITRATE_KBPS)k$(if $(filter-out 1,$(MOUNTS)),-mounts-$(subst $(comma),-,$(MOUNTS)))
 compare: release icecast
 	$(LOAD_BIN) compare --clients $(CLIENTS) --bitrate-kbps $(BITRATE_KBPS) --seconds $(SECONDS) \
 	  --workers $(WORKERS) --mounts $(MOUNTS) $(LOAD_FLAGS)
 	mkdir -p $(RESULTS)
-	cp target/load/compare-$(CLIENTS)c-$(BITRATE_KBPS)k.md target/load/compare-$(CLIENTS)c-$(BITRATE_KBPS)k.json $(RESULTS)/
+	cp target/load/$(COMPARE_STEM).md target/load/$(COMPARE_STEM).json $(RESULTS)/
 
 ## make coalescing: fanstream at several write coalescing settings (PAIRS of bytes:ms), one table.
 PAIRS ?= 4096:0,4096:200,16384:500,65536:500,65536:1000

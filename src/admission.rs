@@ -7,27 +7,40 @@ use std::net::SocketAddr;
 use std::os::fd::{AsRawFd, RawFd};
 use std::rc::Rc;
 use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
 
 use tokio::io::AsyncWriteExt;
 
 use crate::access_log::Record;
 use crate::clients::{next_id, Client};
+use crate::config::{file_format, FileFormat};
 use crate::conn::{Incoming, ListenerGuard, Listening, NewListener, WorkerCtx};
+use crate::fallbacks::live_fallback;
 use crate::framing::carries_own_metadata;
 use crate::http::{self, valid_mount_path, Method, Request, RESPONSE_TIMEOUT};
 use crate::icy::Cadence;
+use crate::listener_auth::{self, Asker, LeaveCall};
 use crate::mounts::{Joining, Mount, Snapshot};
 use crate::reasons::Refusal;
+use crate::shared::Shared;
 use crate::store::SourceState;
 
 pub(crate) async fn admit(ctx: &Rc<WorkerCtx>, incoming: Incoming) {
     let fd = incoming.stream.socket().as_raw_fd();
-    let (mount, snap, guard, joining) = match check(ctx, &incoming.req, incoming.peer, fd) {
+    let id = next_id();
+    let mut leave = match authenticate(ctx, &incoming.req, incoming.peer, id).await {
+        Ok(leave) => leave,
+        Err(no) => return incoming.refuse(&ctx.shared, no).await,
+    };
+    let checked = check(ctx, &incoming.req, incoming.peer, fd, id, &mut leave);
+    let (mount, snap, guard, joining) = match checked {
         Ok(admitted) => admitted,
         Err(Refusal::UnknownMount | Refusal::MountIdle)
             if ctx.shared.on_demand.ask(&incoming.req.path) =>
         {
-            match on_demand(ctx, &incoming.req, incoming.peer, fd).await {
+            match on_demand(ctx, &incoming.req, incoming.peer, fd, id, &mut leave).await {
                 Ok(admitted) => admitted,
                 Err(no) => return incoming.refuse(&ctx.shared, no).await,
             }
@@ -47,9 +60,13 @@ pub(crate) async fn admit(ctx: &Rc<WorkerCtx>, incoming: Incoming) {
             tracing::warn!(%peer, error = %e, "cannot bound the listener's send buffer");
         }
     }
+    let intro = intro_for(&ctx.shared, &snap);
+    let metaint = snap.settings.icy_metaint;
     let preamble_len = snap.info.preamble.len() + snap.headers.len();
+    // An ICY listener gets the intro with an empty block every `icy_metaint` bytes, as the
+    // stream after it; what of the last interval it fills counts with the preamble.
     let icy = wants_icy(&req, &snap)
-        .then(|| Cadence::after(snap.settings.icy_metaint, preamble_len))
+        .then(|| Cadence::after(metaint, intro.len() % metaint + preamble_len))
         .flatten()
         .map(Box::new);
     // The mount's shared head, with what this request adds: CORS for its origin, and the ICY
@@ -58,11 +75,16 @@ pub(crate) async fn admit(ctx: &Rc<WorkerCtx>, incoming: Incoming) {
     if icy.is_some() {
         lines.push_str(&format!("icy-metaint: {}\r\n", snap.settings.icy_metaint));
     }
+    let intro = match icy {
+        Some(_) if !intro.is_empty() => with_empty_blocks(&intro, metaint),
+        _ => intro,
+    };
     let head = async {
         stream
             .write_all(&http::head_with(&snap.info.response_head, &lines))
             .await?;
         if req.method == Method::Get {
+            stream.write_all(&intro).await?;
             stream.write_all(&snap.info.preamble).await?;
             stream.write_all(&snap.headers).await?;
         }
@@ -71,7 +93,15 @@ pub(crate) async fn admit(ctx: &Rc<WorkerCtx>, incoming: Incoming) {
         stream.flush().await?;
         Ok::<_, io::Error>(())
     };
-    match tokio::time::timeout(RESPONSE_TIMEOUT, head).await {
+    // An intro is written at once, as a burst is: the player may take it at its own pace.
+    let send_timeout = Duration::from_secs(ctx.shared.config.load().send_timeout_secs);
+    let timeout = RESPONSE_TIMEOUT
+        + if intro.is_empty() {
+            Duration::ZERO
+        } else {
+            send_timeout
+        };
+    match tokio::time::timeout(timeout, head).await {
         Ok(Ok(())) => {}
         _ => {
             tracing::debug!(%peer, mount = %mount.path, "listener gone before its response head was sent");
@@ -118,11 +148,13 @@ async fn on_demand(
     req: &Request,
     peer: SocketAddr,
     fd: RawFd,
+    id: u64,
+    leave: &mut Option<LeaveCall>,
 ) -> Result<(Arc<Mount>, Arc<Snapshot>, ListenerGuard, Joining), Refusal> {
     let deadline = std::time::Instant::now()
         + std::time::Duration::from_secs(ctx.shared.config.load().source_timeout_secs);
     loop {
-        match check(ctx, req, peer, fd) {
+        match check(ctx, req, peer, fd, id, leave) {
             Err(Refusal::UnknownMount | Refusal::MountIdle)
                 if std::time::Instant::now() < deadline =>
             {
@@ -133,11 +165,74 @@ async fn on_demand(
     }
 }
 
+/// The mount's `intro_file`, as read at start-up or at the last reload, if its format is the
+/// stream's (an MP3 intro before an Ogg stream would only be noise to a decoder).
+fn intro_for(shared: &Shared, snap: &Snapshot) -> Bytes {
+    let Some(file) = &snap.settings.intro_file else {
+        return Bytes::new();
+    };
+    let stream = FileFormat::of_content_type(&snap.info.meta.content_type);
+    let same_format = stream.is_some() && file_format(file) == stream;
+    match shared.intros.load().get(file) {
+        Some(intro) if same_format => intro.clone(),
+        _ => Bytes::new(),
+    }
+}
+
+/// `audio` with an empty ICY block (one zero byte) after every `metaint` bytes.
+fn with_empty_blocks(audio: &[u8], metaint: usize) -> Bytes {
+    let mut out = Vec::with_capacity(audio.len() + audio.len() / metaint);
+    for interval in audio.chunks(metaint) {
+        out.extend_from_slice(interval);
+        if interval.len() == metaint {
+            out.push(0);
+        }
+    }
+    Bytes::from(out)
+}
+
 /// ICY blocks go to a player that asks for them (`Icy-MetaData: 1`), in a stream whose format
 /// has no metadata of its own.
 fn wants_icy(req: &Request, snap: &Snapshot) -> bool {
     req.header("icy-metadata").is_some_and(|v| v.trim() == "1")
         && !carries_own_metadata(&snap.info.meta.content_type)
+}
+
+/// Checks the listener with the auth of the mount it asked for (whichever mount it then gets,
+/// as Icecast does). A path that is no mount has none: it gets its 404 from `check`. The
+/// call runs in this listener's own task; the worker serves everyone else meanwhile.
+async fn authenticate(
+    ctx: &WorkerCtx,
+    req: &Request,
+    peer: SocketAddr,
+    id: u64,
+) -> Result<Option<LeaveCall>, Refusal> {
+    let shared = &ctx.shared;
+    let config = shared.config.load_full();
+    let settings = match shared.mounts.get(&req.path) {
+        Some(mount) => mount.store.load().settings.clone(),
+        None => match config.mounts.get(&req.path) {
+            Some(declared) => Arc::new(declared.clone()),
+            None => return Ok(None),
+        },
+    };
+    if settings.auth.is_none() {
+        return Ok(None);
+    }
+    let asker = Asker {
+        req,
+        peer,
+        id,
+        port: shared.listen_addr.port(),
+    };
+    listener_auth::check(
+        &shared.listener_auth,
+        &shared.auth_failures,
+        &config,
+        &settings,
+        asker,
+    )
+    .await
 }
 
 /// The mount to join, as it stands now, and the listener counted in; or why not.
@@ -146,19 +241,40 @@ fn check(
     req: &Request,
     peer: SocketAddr,
     fd: RawFd,
+    id: u64,
+    // Taken once the listener is counted in: a check that fails keeps it for the next try.
+    leave: &mut Option<LeaveCall>,
 ) -> Result<(Arc<Mount>, Arc<Snapshot>, ListenerGuard, Joining), Refusal> {
     let path = req.path.as_str();
     if !valid_mount_path(path) {
         return Err(Refusal::BadPath);
     }
-    let mount = ctx.shared.mounts.get(path).ok_or(Refusal::UnknownMount)?;
+    let config = ctx.shared.config.load();
+    let mounts = &ctx.shared.mounts;
+    // A mount whose source is away sends a newcomer to its fallback at once, as Icecast does.
+    let (mount, _) = match mounts.get(path) {
+        Some(mount) => {
+            let snap = mount.store.load_full();
+            if snap.state == SourceState::Live {
+                (mount, snap)
+            } else {
+                live_fallback(&config, mounts, path, &snap.settings).ok_or(Refusal::MountIdle)?
+            }
+        }
+        None => config
+            .mounts
+            .get(path)
+            .and_then(|declared| live_fallback(&config, mounts, path, declared))
+            .ok_or(Refusal::UnknownMount)?,
+    };
+    // Counted as joining before the snapshot its join point comes from is loaded (see
+    // `Joining`).
     let joining = Joining::new(&mount);
     let snap = mount.store.load_full();
     if snap.state != SourceState::Live {
         return Err(Refusal::MountIdle);
     }
     let limit = Some(snap.settings.max_listeners);
-    let id = next_id();
     let client = Client::new(id, peer, req.header("user-agent"), ctx.index);
     let listening = Box::new(Listening {
         id,
@@ -168,6 +284,8 @@ fn check(
             .access_log
             .enabled()
             .then(|| Record::of(req, peer.ip(), 200, 0)),
+        connected: Instant::now(),
+        _leave: leave.take(),
     });
     let guard = ListenerGuard::enter(&ctx.shared, &mount, &ctx.label, limit, client, listening)?;
     Ok((mount, snap, guard, joining))

@@ -50,10 +50,7 @@ pub(crate) fn check_given(
 ) -> Result<(), Refusal> {
     let now = Instant::now();
     let client = cfg.client_key(peer.ip());
-    let limits = AuthLimits {
-        max_failures: cfg.auth_max_failures,
-        window: Duration::from_secs(cfg.auth_failure_window_secs),
-    };
+    let limits = AuthLimits::of(cfg);
     if let Some(wait) = failures.blocked(client, now, limits) {
         return Err(Refusal::AuthRateLimited {
             retry_after_secs: wait.as_secs() + 1,
@@ -83,6 +80,15 @@ const MAX_TRACKED: usize = 10_000;
 pub(crate) struct AuthLimits {
     pub max_failures: u32,
     pub window: Duration,
+}
+
+impl AuthLimits {
+    pub fn of(cfg: &Config) -> Self {
+        AuthLimits {
+            max_failures: cfg.auth_max_failures,
+            window: Duration::from_secs(cfg.auth_failure_window_secs),
+        }
+    }
 }
 
 #[derive(Default)]

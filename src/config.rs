@@ -108,7 +108,10 @@ pub struct MountSettings {
     pub lag_policy: LagPolicy,
     /// How long listeners wait for a source that went away. Default 10.
     pub source_grace_secs: u64,
-    /// Where listeners go when the grace period ends instead of being closed. Default none.
+    /// Where listeners go when the source is away: new listeners at once, those already here
+    /// when the grace period ends. Followed in a chain (A → B → C) to the first mount with a
+    /// source; it need not be declared. A mount's fallback naming the mount itself is ignored,
+    /// so `[defaults]` may name a fallback every mount shares. Default none.
     pub fallback_mount: Option<String>,
     /// A listener is written once this many bytes are pending... Default 65536 (64 KiB).
     pub min_write_bytes: usize,
@@ -125,8 +128,58 @@ pub struct MountSettings {
     /// Leave the mount out of the status pages, `/admin/streamlist.txt` and playlists; it still
     /// plays for whoever knows its path, and the admin API still lists it. Default false.
     pub hidden: bool,
+    /// When the source comes back, the listeners of the fallback it had sent them to (the
+    /// first of the chain with a source) move back here, as Icecast's `fallback-override`:
+    /// every listener of that fallback, as Icecast moves them. Default false.
+    pub fallback_override: bool,
+    /// An MP3 (`.mp3`) or Ogg Vorbis/Opus (`.ogg`, `.oga`, `.opus`) file played in a loop, at
+    /// its own pace, as the last link of the fallback chain: listeners go there when no mount
+    /// of the chain has a source. Read once into memory at start-up (or at the reload that
+    /// names it) and fed by its own thread to a hidden mount under `/fallback-file/`. Default
+    /// none.
+    pub fallback_file: Option<PathBuf>,
+    /// A listener is closed once it has listened this long (counted from when it connected,
+    /// across moves; `fanstream_listener_disconnects_total{reason="max_duration"}`), as
+    /// Icecast's `max-listener-duration`. Default 0 = no limit.
+    pub max_listener_duration_secs: u64,
+    /// The stream's name, genre, description and URL as listeners (`icy-*` headers), status
+    /// pages and the admin API see them, instead of what the source sends (`ice-*`/`icy-*`).
+    /// Default none: the source's.
+    pub stream_name: Option<String>,
+    pub genre: Option<String>,
+    pub description: Option<String>,
+    pub url: Option<String>,
+    /// Whether the stream says it may be listed in directories (`icy-pub`), instead of what the
+    /// source says. Default none: the source's.
+    pub public: Option<bool>,
+    /// Listener authentication: `url` asks `listener_add_url` about each listener, as
+    /// Icecast's URL auth; `htpasswd` checks its Basic credentials against `htpasswd_file`.
+    /// Default none: anyone may listen.
+    pub auth: Option<ListenerAuthKind>,
+    /// Where `auth = "url"` POSTs `action=listener_add` with `server`, `port`, `client`,
+    /// `mount` (with the listener's query string), `user`, `pass`, `ip` and `agent`, form-encoded;
+    /// the listener is let in when the answer has `icecast-auth-user: 1`. An `http://` URL.
+    /// Default none.
+    pub listener_add_url: Option<String>,
+    /// Where `auth = "url"` POSTs `action=listener_remove` (the same fields and `duration`, in
+    /// seconds) when a listener it let in leaves. Default none.
+    pub listener_remove_url: Option<String>,
+    /// How long `listener_add_url` may take to answer (connecting included). Default 5000.
+    pub auth_timeout_ms: u64,
+    /// Let the listener in when `listener_add_url` does not answer in time (or cannot be
+    /// reached); otherwise it gets 503. Default false.
+    pub auth_allow_on_timeout: bool,
+    /// The users file of `auth = "htpasswd"`: `user:hash` lines, the hash bcrypt (`$2y$`...,
+    /// as `htpasswd -B` writes) or Icecast's own (the password's MD5 in hex). Read again when
+    /// it changes. Default none.
+    pub htpasswd_file: Option<PathBuf>,
+    /// An MP3 or Ogg file sent to each new listener before the live stream (which then starts
+    /// at a sync point, with its Ogg headers), when its format is the stream's. Read at start-up
+    /// and at each reload. Default none.
+    pub intro_file: Option<PathBuf>,
     /// Serve the mount as HLS too: `/MOUNT/index.m3u8` and its segments, cut from the stream at
-    /// ingest (MP3 and AAC in ADTS; other formats answer 404 saying so). Default false.
+    /// ingest (MP3 and AAC in ADTS as packed audio, Ogg Opus as fMP4; other formats answer 404
+    /// saying so). Default false.
     pub hls: bool,
     /// Segments the live playlist lists; as many again stay fetchable after leaving it. At least
     /// 4: a playlist must span three target durations (RFC 8216, 6.2.2), and segments end a
@@ -135,6 +188,14 @@ pub struct MountSettings {
     /// Most seconds of audio in a segment (`EXT-X-TARGETDURATION`); segments end at the last
     /// whole frame within it. Default 4.
     pub hls_segment_secs: u64,
+}
+
+/// How a mount authenticates its listeners (`auth`).
+#[derive(Clone, Copy, Debug, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum ListenerAuthKind {
+    Url,
+    Htpasswd,
 }
 
 impl Default for MountSettings {
@@ -152,6 +213,21 @@ impl Default for MountSettings {
             max_write_delay_ms: 1000,
             icy_metaint: 16000,
             hidden: false,
+            fallback_override: false,
+            fallback_file: None,
+            max_listener_duration_secs: 0,
+            stream_name: None,
+            genre: None,
+            description: None,
+            url: None,
+            public: None,
+            auth: None,
+            listener_add_url: None,
+            listener_remove_url: None,
+            auth_timeout_ms: 5000,
+            auth_allow_on_timeout: false,
+            htpasswd_file: None,
+            intro_file: None,
             hls: false,
             hls_segments: 6,
             hls_segment_secs: 4,
@@ -229,6 +305,10 @@ pub struct Startup {
     pub relays: Vec<RelaySettings>,
     /// Mirror every mount of an origin (`[master]`). Default none.
     pub master: Option<MasterSettings>,
+    /// Most listener authentication calls in progress at once, server-wide (`auth = "url"`
+    /// requests, `auth = "htpasswd"` bcrypt checks, each off the workers' listeners); a
+    /// listener waits for a turn within its mount's `auth_timeout_ms`. Default 64.
+    pub max_listener_auth_calls: usize,
 }
 
 /// `[master]`: keep one relay per mount an origin lists in its `/admin/streamlist.txt` (one
@@ -319,6 +399,7 @@ impl Default for Startup {
             tls_key: None,
             relays: Vec::new(),
             master: None,
+            max_listener_auth_calls: 64,
         }
     }
 }
@@ -706,12 +787,38 @@ impl Config {
         std::time::Duration::from_secs(secs)
     }
 
-    /// Settings for a mount: its own if declared, else the defaults.
+    /// Settings for a mount: its own if declared, else the defaults. A fallback file's mount
+    /// is hidden and has no fallback of its own: it is the end of a chain.
     pub fn mount(&self, path: &str) -> MountSettings {
+        if path.starts_with(FILE_MOUNT_PREFIX) {
+            return MountSettings {
+                hidden: true,
+                fallback_mount: None,
+                fallback_file: None,
+                fallback_override: false,
+                ..self.defaults.clone()
+            };
+        }
         self.mounts
             .get(path)
             .cloned()
             .unwrap_or_else(|| self.defaults.clone())
+    }
+
+    /// Every `intro_file` the config names, once each.
+    pub fn intro_files(&self) -> std::collections::BTreeSet<&Path> {
+        std::iter::once(&self.defaults)
+            .chain(self.mounts.values())
+            .filter_map(|m| m.intro_file.as_deref())
+            .collect()
+    }
+
+    /// Every `fallback_file` the config names, once each.
+    pub fn fallback_files(&self) -> std::collections::BTreeSet<&Path> {
+        std::iter::once(&self.defaults)
+            .chain(self.mounts.values())
+            .filter_map(|m| m.fallback_file.as_deref())
+            .collect()
     }
 
     /// The mounts an operator expects a source on: those in `[mounts]`, and the demo's.
@@ -754,6 +861,9 @@ impl Config {
         }
         if self.header_timeout_under_pressure_secs == 0 {
             return Err("header_timeout_under_pressure_secs must be at least 1".into());
+        }
+        if self.startup.max_listener_auth_calls == 0 {
+            return Err("max_listener_auth_calls must be at least 1".into());
         }
         if !(1..=65536).contains(&self.startup.max_admin_connections) {
             return Err(format!(
@@ -816,11 +926,17 @@ impl Config {
         check_mount_path("demo_mount", &self.startup.demo_mount)?;
         check_mount_path("shoutcast_mount", &self.shoutcast_mount)?;
         self.check_relays()?;
-        check_mount("defaults", &self.defaults, self)?;
+        check_mount("defaults", &self.defaults)?;
         for (path, m) in &self.mounts {
             check_mount_path(&format!("mounts.\"{path}\""), path)?;
-            check_mount(&format!("mounts.\"{path}\""), m, self)?;
+            if path.starts_with(FILE_MOUNT_PREFIX) {
+                return Err(format!(
+                    "mounts.\"{path}\": mounts under {FILE_MOUNT_PREFIX} are where fallback files play"
+                ));
+            }
+            check_mount(&format!("mounts.\"{path}\""), m)?;
         }
+        check_fallback_loops(self)?;
         Ok(())
     }
 }
@@ -921,7 +1037,7 @@ fn check_mount_path(what: &str, path: &str) -> Result<(), String> {
     }
 }
 
-fn check_mount(what: &str, m: &MountSettings, cfg: &Config) -> Result<(), String> {
+fn check_mount(what: &str, m: &MountSettings) -> Result<(), String> {
     if m.max_lag_bytes < 4096 {
         return Err(format!(
             "{what}.max_lag_bytes = {}: at least 4096",
@@ -977,15 +1093,189 @@ fn check_mount(what: &str, m: &MountSettings, cfg: &Config) -> Result<(), String
     }
     if let Some(f) = &m.fallback_mount {
         check_mount_path(&format!("{what}.fallback_mount"), f)?;
-        let known =
-            cfg.mounts.contains_key(f) || (cfg.startup.demo && *f == cfg.startup.demo_mount);
-        if !known {
+    }
+    match m.auth {
+        Some(ListenerAuthKind::Url) => {
+            let add = m
+                .listener_add_url
+                .as_deref()
+                .ok_or_else(|| format!("{what}.auth = \"url\" needs listener_add_url"))?;
+            check_auth_url(&format!("{what}.listener_add_url"), add)?;
+        }
+        Some(ListenerAuthKind::Htpasswd) if m.htpasswd_file.is_none() => {
+            return Err(format!("{what}.auth = \"htpasswd\" needs htpasswd_file"));
+        }
+        _ => {}
+    }
+    if let Some(remove) = &m.listener_remove_url {
+        check_auth_url(&format!("{what}.listener_remove_url"), remove)?;
+    }
+    if !(100..=60_000).contains(&m.auth_timeout_ms) {
+        return Err(format!(
+            "{what}.auth_timeout_ms = {}: 100 to 60000",
+            m.auth_timeout_ms
+        ));
+    }
+    if let Some(file) = &m.intro_file {
+        if file_format(file).is_none() {
             return Err(format!(
-                "{what}.fallback_mount = {f:?}: not a declared mount (declare it under [mounts] or use the demo mount)"
+                "{what}.intro_file = {}: not an MP3 (.mp3) or Ogg (.ogg, .oga, .opus) file",
+                file.display()
+            ));
+        }
+    }
+    if let Some(file) = &m.fallback_file {
+        if file_format(file).is_none() {
+            return Err(format!(
+                "{what}.fallback_file = {}: not an MP3 (.mp3) or Ogg (.ogg, .oga, .opus) file",
+                file.display()
             ));
         }
     }
     Ok(())
+}
+
+/// An auth URL must be one the server can call: plain `http://`, with a host.
+fn check_auth_url(what: &str, url: &str) -> Result<(), String> {
+    match HttpUrl::parse(url) {
+        Some(_) => Ok(()),
+        None => Err(format!(
+            "{what} = {url:?}: not an http:// URL with a host (https is not supported: call a local endpoint)"
+        )),
+    }
+}
+
+/// An `http://` URL, as the listener auth calls need it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct HttpUrl {
+    /// `host:port`, to connect to (port 80 when not given).
+    pub authority: String,
+    /// As sent in `Host`.
+    pub host: String,
+    /// Path and query, at least `/`.
+    pub target: String,
+}
+
+impl HttpUrl {
+    pub fn parse(url: &str) -> Option<HttpUrl> {
+        let rest = url.strip_prefix("http://")?;
+        let (host, target) = match rest.find('/') {
+            Some(i) => (&rest[..i], &rest[i..]),
+            None => (rest, "/"),
+        };
+        let bad = |c: char| c.is_whitespace() || c.is_control() || c == '@';
+        if host.is_empty() || host.contains(bad) || target.contains(bad) {
+            return None;
+        }
+        let authority = match host.rsplit_once(':') {
+            Some((_, port)) if !host.ends_with(']') => {
+                port.parse::<u16>().ok()?;
+                host.to_string()
+            }
+            _ => format!("{host}:80"),
+        };
+        Some(HttpUrl {
+            authority,
+            host: host.to_string(),
+            target: target.to_string(),
+        })
+    }
+}
+
+/// Refuses a fallback chain that comes back to a mount it passed: listeners would be sent round
+/// it for ever. A link to the mount itself ends the chain (see `fallback_mount`); a mount not
+/// declared has the defaults' fallback.
+fn check_fallback_loops(cfg: &Config) -> Result<(), String> {
+    for start in cfg.mounts.keys() {
+        let mut chain = vec![start.as_str()];
+        let mut at = start.as_str();
+        while let Some(next) = cfg
+            .mounts
+            .get(at)
+            .unwrap_or(&cfg.defaults)
+            .fallback_mount
+            .as_deref()
+            .filter(|next| *next != at)
+        {
+            if chain.contains(&next) {
+                chain.push(next);
+                return Err(format!(
+                    "mounts.\"{start}\".fallback_mount: the fallback chain loops: {}",
+                    chain.join(" -> ")
+                ));
+            }
+            chain.push(next);
+            at = next;
+        }
+    }
+    Ok(())
+}
+
+/// Where the fallback file `file` plays: a hidden mount named after the file, the same for
+/// every mount that names it.
+pub fn file_mount_path(file: &Path) -> String {
+    // FNV-1a of the whole path: two files of one name in different directories differ.
+    let hash = file
+        .as_os_str()
+        .as_encoded_bytes()
+        .iter()
+        .fold(0xcbf2_9ce4_8422_2325_u64, |h, &b| {
+            (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
+        });
+    let stem: String = file
+        .file_stem()
+        .map(|s| s.to_string_lossy())
+        .unwrap_or_default()
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '-' || c == '_' {
+                c
+            } else {
+                '_'
+            }
+        })
+        .take(64)
+        .collect();
+    format!("{FILE_MOUNT_PREFIX}{stem}-{hash:016x}")
+}
+
+/// Where fallback files play (see [`file_mount_path`]).
+pub const FILE_MOUNT_PREFIX: &str = "/fallback-file/";
+
+/// The formats a fallback file may have, by its extension.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum FileFormat {
+    Mp3,
+    Ogg,
+}
+
+impl FileFormat {
+    /// The format a stream of this `Content-Type` has, if it is one of these.
+    pub fn of_content_type(content_type: &str) -> Option<FileFormat> {
+        let essence = content_type.split(';').next()?.trim().to_ascii_lowercase();
+        match essence.as_str() {
+            "audio/mpeg" | "audio/mp3" | "audio/mpeg3" => Some(FileFormat::Mp3),
+            "audio/ogg" | "application/ogg" | "audio/opus" | "audio/x-ogg" => Some(FileFormat::Ogg),
+            _ => None,
+        }
+    }
+
+    pub fn content_type(self) -> &'static str {
+        match self {
+            FileFormat::Mp3 => "audio/mpeg",
+            FileFormat::Ogg => "audio/ogg",
+        }
+    }
+}
+
+/// A fallback file's format, from its extension.
+pub fn file_format(file: &Path) -> Option<FileFormat> {
+    let ext = file.extension()?.to_str()?.to_ascii_lowercase();
+    match ext.as_str() {
+        "mp3" => Some(FileFormat::Mp3),
+        "ogg" | "oga" | "opus" => Some(FileFormat::Ogg),
+        _ => None,
+    }
 }
 
 #[cfg(test)]
@@ -1098,9 +1388,73 @@ mod tests {
         let c = Config::from_toml("[mounts.\"live\"]").unwrap();
         let e = c.validate().unwrap_err();
         assert!(e.contains("mounts.\"live\""), "{e}");
-        let c = Config::from_toml("[mounts.\"/a\"]\nfallback_mount = \"/nowhere\"").unwrap();
+        let c = Config::from_toml("[mounts.\"/a\"]\nfallback_file = \"/x/brb.wav\"").unwrap();
         let e = c.validate().unwrap_err();
-        assert!(e.contains("fallback_mount"), "{e}");
+        assert!(e.contains("mounts.\"/a\".fallback_file"), "{e}");
+    }
+
+    #[test]
+    fn a_fallback_need_not_be_declared_but_a_loop_is_refused() {
+        let c = Config::from_toml("[mounts.\"/a\"]\nfallback_mount = \"/nowhere\"").unwrap();
+        c.validate().unwrap();
+        let c = Config::from_toml(
+            r#"
+            [defaults]
+            fallback_mount = "/backup"
+            [mounts."/backup"]
+            [mounts."/a"]
+            fallback_mount = "/b"
+            "#,
+        )
+        .unwrap();
+        c.validate()
+            .expect("a chain into the defaults' fallback, which names itself there, ends");
+        let c = Config::from_toml(
+            r#"
+            [mounts."/a"]
+            fallback_mount = "/b"
+            [mounts."/b"]
+            fallback_mount = "/c"
+            [mounts."/c"]
+            fallback_mount = "/a"
+            "#,
+        )
+        .unwrap();
+        let e = c.validate().unwrap_err();
+        assert!(e.contains("loops: /a -> /b -> /c -> /a"), "{e}");
+        let c = Config::from_toml("[mounts.\"/fallback-file/x\"]").unwrap();
+        let e = c.validate().unwrap_err();
+        assert!(e.contains("where fallback files play"), "{e}");
+    }
+
+    #[test]
+    fn fallback_files_play_on_hidden_mounts_of_their_own() {
+        let c = Config::from_toml(
+            r#"
+            [defaults]
+            fallback_file = "/srv/brb.mp3"
+            [mounts."/a"]
+            [mounts."/b"]
+            fallback_file = "/other/brb.ogg"
+            "#,
+        )
+        .unwrap();
+        c.validate().unwrap();
+        let files: Vec<_> = c.fallback_files().into_iter().collect();
+        assert_eq!(
+            files,
+            [Path::new("/other/brb.ogg"), Path::new("/srv/brb.mp3")]
+        );
+        let (one, two) = (file_mount_path(files[0]), file_mount_path(files[1]));
+        assert!(one.starts_with("/fallback-file/brb-"), "{one}");
+        assert_ne!(one, two, "two files of one name");
+        assert!(crate::http::valid_mount_path(&one), "{one}");
+        let settings = c.mount(&one);
+        assert!(settings.hidden);
+        assert_eq!(
+            (settings.fallback_file, settings.fallback_mount),
+            (None, None)
+        );
     }
 
     #[test]

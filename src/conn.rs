@@ -30,6 +30,7 @@ use crate::clients::Client;
 use crate::heads::Pending;
 use crate::http::{read_with, Request, RESPONSE_TIMEOUT};
 use crate::icy::Cadence;
+use crate::listener_auth::LeaveCall;
 use crate::mounts::{Joining, Mount};
 use crate::reasons::{Refusal, Unanswered};
 use crate::shared::Shared;
@@ -337,6 +338,11 @@ pub(crate) struct Listening {
     /// The line to write, but for the bytes; none without an access log, so that a listener
     /// costs no copy of its request then.
     pub record: Option<Record>,
+    /// When it connected: `max_listener_duration_secs` counts from here, across moves.
+    pub connected: Instant,
+    /// What `listener_remove_url` is told when it leaves (URL auth only): sent when this is
+    /// dropped, whether the listener played or was turned away after its auth call.
+    pub _leave: Option<LeaveCall>,
 }
 
 /// Bytes the peer has acknowledged on a TCP socket (`tcpi_bytes_acked`), or 0 if unknown.
@@ -513,6 +519,11 @@ impl ListenerGuard {
     /// The listener's id, as the admin API names it (0 once it left).
     pub fn id(&self) -> u64 {
         self.listening.as_ref().map_or(0, |l| l.id)
+    }
+
+    /// When the listener connected (None once it left).
+    pub fn connected(&self) -> Option<Instant> {
+        self.listening.as_ref().map(|l| l.connected)
     }
 
     /// The listener leaves this mount for another: its client entry (taken off this mount's

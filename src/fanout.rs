@@ -37,6 +37,7 @@ use tokio::sync::{mpsc, Notify};
 
 use crate::config::{LagPolicy, MountSettings};
 use crate::conn::{ConnGuard, Control, Io, ListenerGuard, NewListener, WorkerCtx};
+use crate::fallbacks::live_fallback;
 use crate::http::RESPONSE_TIMEOUT;
 use crate::icy::Cadence;
 use crate::mounts::{Joining, Mount, Snapshot};
@@ -876,22 +877,27 @@ impl FanOut {
         }
     }
 
-    /// The mount's grace period ended with a fallback: its listeners continue there, from the
-    /// fallback's join point, so players resume at once.
+    /// The mount's grace period ended with a fallback: its listeners continue on the first
+    /// mount of its fallback chain with a source (see [`live_fallback`]), from that mount's join
+    /// point, so players resume at once.
     fn move_to_fallback(&mut self, id: u64, fallback: &str) {
         let Some(mut shard) = self.remove_shard(id) else {
             return;
         };
-        let target = self.ctx.shared.mounts.get(fallback);
-        let live = target
-            .as_ref()
-            .is_some_and(|m| m.store.load().state == SourceState::Live);
+        let shared = &self.ctx.shared;
+        let settings = shard.mount.store.load().settings.clone();
+        let from = shard.mount.path.as_str();
+        let target = live_fallback(&shared.config.load(), &shared.mounts, from, &settings)
+            .map(|(mount, _)| mount);
         match target {
-            Some(target) if live => {
+            Some(target) => {
                 tracing::info!(from = %shard.mount.path, to = %target.path, listeners = shard.listeners.len(), "moving listeners to the fallback mount");
                 self.move_all(shard, &target);
             }
-            _ => shard.drop_all(Disconnect::SourceGone),
+            None => {
+                tracing::info!(from = %shard.mount.path, %fallback, "no fallback has a source: its listeners are closed");
+                shard.drop_all(Disconnect::SourceGone)
+            }
         }
     }
 
@@ -1053,6 +1059,16 @@ async fn rejoin(admit: mpsc::UnboundedSender<NewListener>, mut new: NewListener,
     let _ = admit.send(new);
 }
 
+/// Whether the listener has had its mount's `max_listener_duration_secs` (checked whenever it
+/// is served: at the latest once per `max_write_delay_ms` while the stream flows).
+fn over_duration(l: &Listener, settings: &MountSettings, now: Instant) -> bool {
+    let max = settings.max_listener_duration_secs;
+    max > 0
+        && l.guard
+            .connected()
+            .is_some_and(|at| now.saturating_duration_since(at) >= Duration::from_secs(max))
+}
+
 /// Writes all of `buf` to a connection shared with the fan-out (over TLS, what the socket did
 /// not take yet goes first with the next write).
 async fn write_all(stream: &Io, mut buf: &[u8]) -> io::Result<()> {
@@ -1118,6 +1134,9 @@ fn serve<'s>(
     #[cfg(feature = "fault-injection")]
     if round.inject_panic {
         panic!("panic injected for a test");
+    }
+    if over_duration(l, settings, now) {
+        return Served::Drop(Disconnect::MaxDuration);
     }
     let lag = match snap.position(l.pos) {
         Position::AtEdge => return Served::Done,

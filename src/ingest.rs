@@ -55,13 +55,15 @@ use prometheus::{IntCounter, IntGauge};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::runtime::Runtime;
-use tokio::sync::{mpsc, Notify};
+use tokio::sync::mpsc::UnboundedSender;
+use tokio::sync::{mpsc, oneshot, Notify};
 use tokio::task::LocalSet;
 
 use crate::access_log::Record;
 use crate::chunked::ChunkedDecoder;
-use crate::config::MountSettings;
-use crate::conn::{refuse, Encoder, Feed, Io, SourceConn, TitleUpdate, ToIngest};
+use crate::config::{file_mount_path, MountSettings};
+use crate::conn::{refuse, Control, Encoder, Feed, Io, SourceConn, TitleUpdate, ToIngest};
+use crate::fallbacks::live_fallback;
 use crate::format::Event;
 use crate::framing::Format;
 use crate::hls::{source_for, Params, Segmenter, Title};
@@ -70,7 +72,7 @@ use crate::metrics::unsynced_action;
 use crate::mounts::{Mount, StoreWriter};
 use crate::reasons::Refusal;
 use crate::shared::{stopped, Shared};
-use crate::store::{SourceState, StreamInfo};
+use crate::store::{SourceState, StreamInfo, StreamMeta};
 
 /// Each read buffer allocation; reads fill it piece by piece and each piece is frozen into a
 /// chunk that shares the allocation, so small reads do not cost an allocation each. Every
@@ -111,6 +113,12 @@ struct Entry {
     pieces_gauge: IntGauge,
     /// Ends the current claim's source (`/admin/killsource`); replaced on every claim.
     kill: Rc<Notify>,
+    /// What the current source said of its stream, before the mount's overrides
+    /// (`stream_name`...): a reload that changes them starts again from it.
+    source_meta: StreamMeta,
+    /// A source came back to a mount with `fallback_override`: once its stream has a first
+    /// piece (and an Ogg stream its headers), the fallback's listeners move back.
+    override_pending: bool,
     /// Cuts the stream into HLS segments while the mount's `hls` is on; kept across sources,
     /// so that its media sequence goes on.
     hls: Option<Segmenter>,
@@ -155,6 +163,8 @@ fn hls_params(settings: &MountSettings) -> Option<Params> {
 /// Ingest's state; lives on the ingest thread only.
 struct Ingest {
     shared: Arc<Shared>,
+    /// Every worker's fan-out: where `fallback_override` asks for listeners to move back.
+    control: Arc<[UnboundedSender<Control>]>,
     entries: RefCell<HashMap<String, Entry>>,
 }
 
@@ -210,12 +220,17 @@ impl Ingest {
                 retained_gauge: shared.metrics.retained_bytes.with_label_values(&label),
                 pieces_gauge: shared.metrics.retained_pieces.with_label_values(&label),
                 kill: Rc::default(),
+                override_pending: false,
+                source_meta: StreamMeta::default(),
                 hls: None,
                 mount,
             }
         });
         entry.generation += 1;
         entry.kill = Rc::default();
+        entry.override_pending = entry.writer.settings().fallback_override;
+        entry.source_meta = info.meta.clone();
+        let info = described(&info, &entry.source_meta, entry.writer.settings());
         if let Some(hls) = entry.hls.as_mut() {
             if hls.start_source(source_for(&info.meta.content_type)) {
                 entry.writer.set_hls(hls.window());
@@ -295,9 +310,35 @@ impl Ingest {
         entry.pieces_gauge.add(pieces - entry.retained_pieces);
         entry.retained_pieces = pieces;
         let end = snap.end;
+        let override_now = entry.override_pending && end > 0;
+        entry.override_pending &= !override_now;
         drop(entries);
         self.shared.published(&mount, end);
+        if override_now {
+            self.take_back(&mount, &settings);
+        }
         true
+    }
+
+    /// `fallback_override`: the source of `mount` is back, so the listeners of the fallback
+    /// its listeners would be on now move back to it, on every worker. The fallback found is
+    /// the one a newcomer during the outage got, so the listeners who came from here are among
+    /// those moved; like Icecast, it moves that fallback's other listeners too.
+    fn take_back(&self, mount: &Arc<Mount>, settings: &MountSettings) {
+        let shared = &self.shared;
+        let config = shared.config.load();
+        let Some((from, _)) = live_fallback(&config, &shared.mounts, &mount.path, settings) else {
+            return;
+        };
+        tracing::info!(mount = %mount.path, from = %from.path, "source back: moving the fallback's listeners back (fallback_override)");
+        for worker in self.control.iter() {
+            let (reply, _) = oneshot::channel();
+            let _ = worker.send(Control::Move {
+                from: from.clone(),
+                to: mount.clone(),
+                reply,
+            });
+        }
     }
 
     /// A title update for `path` (from `/admin/metadata`); false when no source is live there.
@@ -398,9 +439,12 @@ impl Ingest {
         {
             return;
         }
-        let next = match &entry.writer.settings().fallback_mount {
-            Some(f) if f != path => SourceState::MovedTo(f.clone()),
-            _ => SourceState::Closed,
+        let settings = entry.writer.settings();
+        let fallback = settings.fallback_mount.as_deref().filter(|f| *f != path);
+        let next = match (fallback, &settings.fallback_file) {
+            (Some(f), _) => SourceState::MovedTo(f.to_string()),
+            (None, Some(file)) => SourceState::MovedTo(file_mount_path(file)),
+            (None, None) => SourceState::Closed,
         };
         tracing::info!(mount = %path, then = ?next, "source did not return within the grace period");
         entry.writer.set_state(next);
@@ -438,6 +482,12 @@ impl Ingest {
         for (path, entry) in self.entries.borrow_mut().iter_mut() {
             let settings = config.mount(path);
             if *entry.writer.settings().as_ref() != settings {
+                if *entry.writer.state() == SourceState::Live {
+                    let info = entry.writer.store().load().info.clone();
+                    entry
+                        .writer
+                        .set_info(described(&info, &entry.source_meta, &settings));
+                }
                 entry.writer.set_settings(Arc::new(settings));
                 changed.push(entry.mount.clone());
             }
@@ -449,12 +499,36 @@ impl Ingest {
     }
 }
 
+/// The stream as the mount describes it: the source's own name, genre, description, URL and
+/// `public`, each replaced by the mount's setting when it has one; the rest as `info` has it.
+fn described(info: &StreamInfo, source: &StreamMeta, settings: &MountSettings) -> StreamInfo {
+    let pick = |own: &Option<String>, sent: &Option<String>| own.clone().or_else(|| sent.clone());
+    let public = settings
+        .public
+        .map(|p| if p { "1" } else { "0" }.to_string());
+    let meta = StreamMeta {
+        name: pick(&settings.stream_name, &source.name),
+        genre: pick(&settings.genre, &source.genre),
+        description: pick(&settings.description, &source.description),
+        url: pick(&settings.url, &source.url),
+        public: pick(&public, &source.public),
+        ..info.meta.clone()
+    };
+    StreamInfo::new(meta, info.preamble.clone())
+}
+
 /// Runs ingest until the server stops: takes each source from `sources` and serves it.
-pub(crate) fn run(rt: Runtime, shared: Arc<Shared>, mut inbox: mpsc::UnboundedReceiver<ToIngest>) {
+pub(crate) fn run(
+    rt: Runtime,
+    shared: Arc<Shared>,
+    mut inbox: mpsc::UnboundedReceiver<ToIngest>,
+    control: Arc<[UnboundedSender<Control>]>,
+) {
     let local = LocalSet::new();
     local.block_on(&rt, async move {
         let ingest = Rc::new(Ingest {
             shared: shared.clone(),
+            control,
             entries: RefCell::new(HashMap::new()),
         });
         ingest.declare_mounts();

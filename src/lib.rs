@@ -22,8 +22,10 @@
 //!   [`chunked`] bodies), appends each piece as shared `Bytes` to its mount's [`store`], publishes
 //!   an immutable snapshot (stream and the mount's settings) through one `ArcSwap`, and wakes
 //!   once each worker with listeners of that mount, telling it which mount published. The
-//!   [`demo`] is a source like any other, on its own thread; so is a [`relay`], which pulls a
-//!   mount from another server (on the `fs-relays` thread).
+//!   [`demo`] is a source like any other, on its own thread, and so is each fallback file
+//!   ([`file_source`]); so is a [`relay`], which pulls a mount from another server (on the
+//!   `fs-relays` thread). [`fallbacks`] finds where a mount's listeners go while it has no
+//!   source.
 //! - [`admission`](admission) answers a listener with the stream's head and hands it to its
 //!   worker's [`fanout`](fanout) loop, which writes the listeners of the mounts that published,
 //!   and those whose coalesced write fell due, from the snapshot with vectored writes, applying
@@ -64,7 +66,9 @@
 //!    and the preflight's answer), [`proxy`] (the client's address behind a trusted proxy: the
 //!    PROXY protocol header, `X-Forwarded-For`, `Forwarded`), [`reasons`] (`Refusal`,
 //!    `Disconnect`: the fixed reason labels), [`metrics`], [`usage`], [`clients`] (who listens to
-//!    each mount), [`mounts`] (the mount table), [`auth`], [`logs`] (log lines that summarise a
+//!    each mount), [`mounts`] (the mount table), [`fallbacks`] (following a mount's
+//!    fallback chain to a live mount), [`auth`], [`listener_auth`] (a mount's listeners checked
+//!    by URL or users file), [`logs`] (log lines that summarise a
 //!    flood per reason), [`access_log`] (one line per finished request, to a writer thread),
 //!    [`heads`] (request heads not read yet: the per-address limit on them, and the idle one
 //!    closed to make room at the limit), [`shared`] (the state every thread shares, `Stop`),
@@ -73,7 +77,7 @@
 //! 3. **Stages**: [`acceptor`], [`status`], [`page`] (the HTML page at `/`, from the status
 //!    document), [`playlists`] (`.m3u`, `.xspf`), [`metadata`] (title updates), [`admission`],
 //!    [`fanout`], [`source`], [`shoutcast`] (SHOUTcast v1 sources), [`ingest`], [`demo`],
-//!    [`relay`] (mounts pulled from another server), [`admin_api`] (Icecast's admin commands,
+//!    [`file_source`] (a `fallback_file` played in a loop), [`relay`] (mounts pulled from another server), [`admin_api`] (Icecast's admin commands,
 //!    on both ports), [`admin`], [`hls_http`] (HLS playlists and segments as cacheable
 //!    keep-alive HTTP/1.1 responses), and [`worker`] (the router, which calls admission, source,
 //!    metadata, the admin API, playlists, HLS and status).
@@ -107,7 +111,9 @@ pub(crate) mod clients;
 pub mod config;
 pub(crate) mod conn;
 pub(crate) mod cors;
+pub(crate) mod fallbacks;
 pub(crate) mod heads;
+pub(crate) mod listener_auth;
 pub(crate) mod logs;
 pub(crate) mod metrics;
 pub(crate) mod mounts;
@@ -122,6 +128,7 @@ pub(crate) mod admin_api;
 pub(crate) mod admission;
 pub(crate) mod demo;
 pub(crate) mod fanout;
+pub(crate) mod file_source;
 pub(crate) mod hls_http;
 pub(crate) mod ingest;
 pub(crate) mod metadata;

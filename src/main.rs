@@ -158,7 +158,8 @@ fn source_password_fallback(config_file: Option<&Path>) -> Result<Option<String>
 
 /// `--check-config`: everything start-up refuses, without binding or starting anything.
 fn check_config(args: &Args) -> Result<(), String> {
-    // Loading reads every file the config names (password files) and so checks them; TLS
+    // Loading reads every file the config names (password files, and below the intro and
+    // fallback files) and so checks them; TLS
     // certificate and key files (`tls_cert`, `tls_key`, issue 16) belong to this check too once
     // the config has them, so that a reload cannot fail on a file the check passed.
     let config = load_config(args)?;
@@ -166,6 +167,7 @@ fn check_config(args: &Args) -> Result<(), String> {
     config
         .validate()
         .map_err(|e| format!("config {file}: {e}"))?;
+    fanstream::server::check_media_files(&config).map_err(|e| format!("config {file}: {e}"))?;
     println!("fanstream: config {file} is valid");
     Ok(())
 }

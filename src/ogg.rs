@@ -50,7 +50,7 @@ fn crc_update(crc: u32, data: &[u8]) -> u32 {
 }
 
 /// The CRC of a whole page, computed as if its CRC field were zero.
-fn page_crc(page: &[u8]) -> u32 {
+pub(crate) fn page_crc(page: &[u8]) -> u32 {
     let crc = crc_update(0, &page[..22]);
     let crc = crc_update(crc, &[0; 4]);
     crc_update(crc, &page[26..])

@@ -23,14 +23,15 @@
 //! | `unsupported_transfer_encoding` | 501 | a source body neither plain nor chunked |
 //! | `conflicting_length` | 400 | `Content-Length` with `Transfer-Encoding: chunked`, given twice with different values, or not a number (RFC 9112: a proxy in front could frame it differently) |
 //! | `missing_content_type` | 400 | a `PUT` source without Content-Type |
-//! | `auth_required` | 401 | no credentials |
-//! | `bad_credentials` | 401 | wrong user or password |
+//! | `auth_required` | 401 | no credentials (a source, the admin API, or a listener of an `htpasswd` mount) |
+//! | `bad_credentials` | 401 | wrong user or password, or a listener `listener_add_url` refused |
 //! | `auth_rate_limited` | 429 | too many failed logins from the address |
 //! | `mount_in_use` | 403 | a source is live on the mount |
 //! | `too_many_sources` | 503 | `max_sources` sources are live |
 //! | `admin_password_not_set` | 403 | the admin API on the listener port, with no `admin_password` configured |
 //! | `unknown_command` | 400 | an `/admin/` path that is no admin command |
 //! | `no_such_source` | 400 | an admin command for a mount that does not exist (or, for `killsource`, has no source) |
+//! | `auth_unavailable` | 503 | listener authentication could not decide: `listener_add_url` unreachable or too slow (without `auth_allow_on_timeout`), or the users file unreadable |
 //! | `bad_destination` | 400 | `moveclients` to a mount with no live source, or to the mount itself |
 //! | `hls_off` | 404 | an HLS playlist or segment of a mount whose `hls` is off |
 //! | `hls_unsupported_format` | 404 | HLS of a mount whose stream is not MP3, AAC (ADTS) or Ogg Opus |
@@ -55,6 +56,8 @@ use crate::http;
 pub(crate) enum Realm {
     Source,
     Admin,
+    /// A mount's listeners (`auth = "htpasswd"` or `"url"`).
+    Listener,
 }
 
 impl Realm {
@@ -62,6 +65,7 @@ impl Realm {
         match self {
             Realm::Source => "Basic realm=\"fanstream\"",
             Realm::Admin => "Basic realm=\"fanstream admin\"",
+            Realm::Listener => "Basic realm=\"fanstream listener\"",
         }
     }
 }
@@ -98,6 +102,9 @@ pub(crate) enum Refusal {
     UnknownCommand,
     NoSuchSource,
     BadDestination,
+    /// Listener authentication could not decide: `listener_add_url` did not answer in time (or
+    /// could not be reached), or the users file cannot be read.
+    AuthUnavailable,
     HlsOff,
     HlsUnsupportedFormat,
     HlsNotReady,
@@ -128,7 +135,10 @@ impl Refusal {
             Refusal::PerIpLimit | Refusal::AuthRateLimited { .. } => 429,
             Refusal::HeadersTooLarge => 431,
             Refusal::UnsupportedTransferEncoding => 501,
-            Refusal::MountFull | Refusal::ServerFull | Refusal::TooManySources => 503,
+            Refusal::MountFull
+            | Refusal::ServerFull
+            | Refusal::TooManySources
+            | Refusal::AuthUnavailable => 503,
         }
     }
 
@@ -158,6 +168,7 @@ impl Refusal {
             Refusal::UnknownCommand => "unknown_command",
             Refusal::NoSuchSource => "no_such_source",
             Refusal::BadDestination => "bad_destination",
+            Refusal::AuthUnavailable => "auth_unavailable",
             Refusal::HlsOff => "hls_off",
             Refusal::HlsUnsupportedFormat => "hls_unsupported_format",
             Refusal::HlsNotReady => "hls_not_ready",
@@ -291,11 +302,13 @@ pub(crate) enum Disconnect {
     Panic,
     /// An operator closed it (`/admin/killclient`).
     Killed,
+    /// It had listened for its mount's `max_listener_duration_secs`.
+    MaxDuration,
 }
 
 impl Disconnect {
     /// Every reason, so that each mount's counters start at zero.
-    pub const ALL: [Disconnect; 8] = [
+    pub const ALL: [Disconnect; 9] = [
         Disconnect::ClientClosed,
         Disconnect::WriteError,
         Disconnect::Slow,
@@ -304,6 +317,7 @@ impl Disconnect {
         Disconnect::SendTimeout,
         Disconnect::Panic,
         Disconnect::Killed,
+        Disconnect::MaxDuration,
     ];
 
     pub fn reason(self) -> &'static str {
@@ -316,6 +330,7 @@ impl Disconnect {
             Disconnect::SendTimeout => "send_timeout",
             Disconnect::Panic => "panic",
             Disconnect::Killed => "killed",
+            Disconnect::MaxDuration => "max_duration",
         }
     }
 

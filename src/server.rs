@@ -33,6 +33,7 @@ use tokio::sync::{mpsc, watch};
 use crate::access_log::AccessLog;
 use crate::auth::AuthFailures;
 use crate::config::Config;
+use crate::listener_auth::ListenerAuth;
 use crate::metrics::Metrics;
 use crate::mounts::Mounts;
 pub use crate::shared::Stop;
@@ -50,6 +51,8 @@ pub struct Server {
     tls_addr: Option<SocketAddr>,
     shoutcast_addr: Option<SocketAddr>,
     shared: Arc<Shared>,
+    /// The fallback files read at start-up, each playing on its own thread.
+    files: std::collections::BTreeSet<std::path::PathBuf>,
 }
 
 impl Server {
@@ -124,11 +127,27 @@ impl Server {
             }
             None => (AccessLog::default(), None),
         };
+        // Read before anything starts: a file that cannot play is a start-up error.
+        let files = config
+            .fallback_files()
+            .into_iter()
+            .map(|file| {
+                let looped = crate::file_source::load(file).map_err(|e| {
+                    let msg = format!("fallback_file = {}: {e}", file.display());
+                    io::Error::new(io::ErrorKind::InvalidInput, msg)
+                })?;
+                Ok((file.to_path_buf(), looped))
+            })
+            .collect::<io::Result<Vec<_>>>()?;
+        let intros = crate::file_source::load_intros(&config)
+            .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
         let max_connections = config.connection_limit();
         warn_if_over_budget(&config, max_connections);
         crate::admin_api::warn_if_closed(config.admin_password.as_deref());
         let shared = Arc::new(Shared {
             auth_failures: AuthFailures::default(),
+            listener_auth: ListenerAuth::new(config.startup.max_listener_auth_calls),
+            intros: ArcSwap::from_pointee(intros),
             max_connections,
             heads: Default::default(),
             logs: Default::default(),
@@ -167,8 +186,9 @@ impl Server {
             .transpose()?;
 
         let s = shared.clone();
+        let ingest_control = control.clone();
         spawn_stage(&mut handles, &registry, "fs-ingest", None, move |rt| {
-            crate::ingest::run(rt, s, from_workers)
+            crate::ingest::run(rt, s, from_workers, ingest_control)
         })?;
 
         if let Some(path) = demo {
@@ -192,6 +212,32 @@ impl Server {
             }
         }
 
+        let playing = files.iter().map(|(file, _)| file.clone()).collect();
+        // Each fallback file plays on its own thread, claimed before anyone can connect.
+        for (n, (file, looped)) in files.into_iter().enumerate() {
+            let path = crate::config::file_mount_path(&file);
+            let (mut source, player) = crate::file_source::source(&path, &file, looped);
+            let (claimed_tx, claimed_rx) = tokio::sync::oneshot::channel();
+            source.claimed = Some(claimed_tx);
+            let _ = to_ingest.send(crate::conn::ToIngest::Source(Box::new(source)));
+            match claimed_rx.blocking_recv() {
+                Ok(Ok(())) => {
+                    let stop = shared.stop.clone();
+                    spawn_stage(
+                        &mut handles,
+                        &registry,
+                        &format!("fs-file-{n}"),
+                        None,
+                        move |rt| crate::file_source::run(rt, player, stop),
+                    )?;
+                    tracing::info!(file = %file.display(), mount = %path, "fallback file playing");
+                }
+                Ok(Err(no)) => {
+                    tracing::warn!(file = %file.display(), mount = %path, reason = no.reason(), "fallback file not started")
+                }
+                Err(_) => return Err(io::Error::other("the ingest thread failed to start")),
+            }
+        }
         let (relays, master) = {
             let config = shared.config.load();
             (config.startup.relays.clone(), config.startup.master.clone())
@@ -253,6 +299,7 @@ impl Server {
             tls_addr,
             shoutcast_addr,
             shared,
+            files: playing,
         })
     }
 
@@ -288,7 +335,13 @@ impl Server {
     /// load, the whole reload is refused and the running certificate and config stay.
     pub fn reload(&self, new: Config) -> Result<(), String> {
         new.validate()?;
+        let intros = crate::file_source::load_intros(&new)?;
         let (new, restart_only) = self.shared.config.load().reloaded(new);
+        for file in new.fallback_files() {
+            if !self.files.contains(file) {
+                tracing::warn!(file = %file.display(), "fallback_file new to the config: it plays from the next restart");
+            }
+        }
         if let Some(tls) = &self.shared.tls {
             let certificate = load_certificate(&new)
                 .map_err(|e| format!("{e}; the running certificate stays"))?;
@@ -301,6 +354,7 @@ impl Server {
                 "changed in the config; takes effect at the next restart"
             );
         }
+        self.shared.intros.store(Arc::new(intros));
         self.shared.config.store(Arc::new(new));
         // Ingest publishes each mount's new settings with its stream.
         self.shared.config_changed.notify_one();
@@ -383,6 +437,18 @@ fn warn_if_over_budget(config: &Config, max_connections: usize) {
             "max_connections leaves less than the reserve free: a flood can exhaust descriptors"
         );
     }
+}
+
+/// Reads every media file the config names (`intro_file`, `fallback_file`) as the server
+/// would, for `--check-config`: a start or a reload cannot then fail on a file the check
+/// passed.
+pub fn check_media_files(config: &Config) -> Result<(), String> {
+    crate::file_source::load_intros(config)?;
+    for file in config.fallback_files() {
+        crate::file_source::load(file)
+            .map_err(|e| format!("fallback_file = {}: {e}", file.display()))?;
+    }
+    Ok(())
 }
 
 /// Starts one of our threads, named and registered ([`threads::spawn`]), running `body` on a

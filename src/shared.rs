@@ -5,17 +5,20 @@
 
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
+use std::path::PathBuf;
 use std::sync::atomic::{fence, AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
 use arc_swap::ArcSwap;
+use bytes::Bytes;
 use tokio::sync::{watch, Notify};
 
 use crate::access_log::AccessLog;
 use crate::auth::AuthFailures;
 use crate::config::Config;
 use crate::heads::Heads;
+use crate::listener_auth::ListenerAuth;
 use crate::logs::Summaries;
 use crate::metrics::Metrics;
 use crate::mounts::{Mount, Mounts, OnWorker};
@@ -110,6 +113,11 @@ pub(crate) struct Shared {
     pub room: Notify,
     /// Failed logins per address: the brake on password guessing.
     pub auth_failures: AuthFailures,
+    /// Each `intro_file` of the config, as read at start-up or at the last reload (MP3 trimmed
+    /// to whole frames, Ogg to whole pages).
+    pub intros: ArcSwap<HashMap<PathBuf, Bytes>>,
+    /// Listener authentication's turns and users files.
+    pub listener_auth: ListenerAuth,
     pub mounts: Mounts,
     pub metrics: Metrics,
     pub workers: Vec<WorkerLink>,

@@ -543,6 +543,13 @@ impl<S> StoreWriter<S> {
         }
     }
 
+    /// Replaces what listeners are sent first and status pages show, from the next snapshot on
+    /// (the mount's description changed by a reload).
+    pub fn set_info(&mut self, info: StreamInfo) {
+        self.info = Arc::new(info);
+        self.publish();
+    }
+
     /// Publishes a new source state. A closed mount keeps its bytes so that listeners get a last
     /// flush; they are freed with the last snapshot once every worker has let the mount go.
     pub fn set_state(&mut self, state: SourceState) {

@@ -2,7 +2,7 @@
 //! `max_write_delay_ms`) pairs, with the syscalls, CPU and latency each costs. The server's
 //! defaults are chosen from this table.
 
-use crate::run::{self, write_json, RunOpts, Summary};
+use crate::run::{self, write_json, RunArgs, RunOpts, Summary};
 
 #[derive(clap::Args, Clone, Debug)]
 pub struct CoalesceOpts {
@@ -14,10 +14,11 @@ pub struct CoalesceOpts {
     )]
     pub pairs: Vec<String>,
     #[command(flatten)]
-    pub run: RunOpts,
+    pub run: RunArgs,
 }
 
 pub fn coalesce(o: &CoalesceOpts) -> Result<(), String> {
+    let base = o.run.opts();
     let mut all: Vec<Summary> = Vec::new();
     for pair in &o.pairs {
         let (bytes, ms) = pair
@@ -29,20 +30,20 @@ pub fn coalesce(o: &CoalesceOpts) -> Result<(), String> {
             max_write_delay_ms: Some(ms),
             name: Some(format!(
                 "coalesce-{}c-{}k-{bytes}b-{ms}ms",
-                o.run.clients, o.run.bitrate_kbps
+                base.clients, base.bitrate_kbps
             )),
-            ..o.run.clone()
+            ..base.clone()
         };
         let s = run::run(&opts)?;
         run::print_summary(&s);
         all.push(s);
         std::thread::sleep(std::time::Duration::from_secs(3));
     }
-    let stem = format!("coalescing-{}c-{}k", o.run.clients, o.run.bitrate_kbps);
+    let stem = format!("coalescing-{}c-{}k", base.clients, base.bitrate_kbps);
     let md = table(&all);
     println!("\n{md}");
-    std::fs::write(o.run.out_dir.join(format!("{stem}.md")), &md).map_err(|e| e.to_string())?;
-    write_json(&o.run.out_dir.join(format!("{stem}.json")), &all)
+    std::fs::write(base.out_dir.join(format!("{stem}.md")), &md).map_err(|e| e.to_string())?;
+    write_json(&base.out_dir.join(format!("{stem}.json")), &all)
 }
 
 fn table(all: &[Summary]) -> String {

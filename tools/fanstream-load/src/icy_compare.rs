@@ -3,14 +3,15 @@
 //! otherwise) so that the only difference is the listeners' kind. Server CPU cannot be split by
 //! listener kind within one run, so the two runs are compared: both rows and their ratio.
 
-use crate::compare::{ratio, side_by_side};
-use crate::run::{RunOpts, Summary};
+use crate::compare::{side_by_side, variant_rows};
+use crate::run::{RunArgs, RunOpts, Summary};
 
 /// The target: ICY at most this many times plain, in CPU per listener-second.
 const TARGET_RATIO: f64 = 1.2;
 const DEFAULT_TITLE_EVERY_SECS: f64 = 5.0;
 
-pub fn icy_compare(o: &RunOpts) -> Result<(), String> {
+pub fn icy_compare(args: &RunArgs) -> Result<(), String> {
+    let o = &args.opts();
     let title_every = o.title_every_secs.or(Some(DEFAULT_TITLE_EVERY_SECS));
     let variant = |kind, icy_share| RunOpts {
         icy_share,
@@ -43,78 +44,6 @@ fn table(plain: &Summary, icy: &Summary) -> String {
         icy.machine
     );
     t += "| | plain | ICY | ICY / plain |\n|---|---|---|---|\n";
-    let metrics_us = |s: &Summary| {
-        s.server_cpu_pct_metrics
-            .map_or(0.0, |p| p * 1e4 / s.streaming_at_end.max(1) as f64)
-    };
-    let numeric: [(&str, f64, f64, usize); 9] = [
-        (
-            "listeners streaming at the end",
-            plain.streaming_at_end as f64,
-            icy.streaming_at_end as f64,
-            0,
-        ),
-        (
-            "delivered (% of bytes owed)",
-            plain.delivered_ratio * 100.0,
-            icy.delivered_ratio * 100.0,
-            3,
-        ),
-        (
-            "server CPU, % of a core",
-            plain.server_cpu_pct,
-            icy.server_cpu_pct,
-            1,
-        ),
-        (
-            "**CPU µs per listener-second** (/proc)",
-            plain.cpu_us_per_listener_sec,
-            icy.cpu_us_per_listener_sec,
-            1,
-        ),
-        (
-            "CPU µs per listener-second (/metrics threads)",
-            metrics_us(plain),
-            metrics_us(icy),
-            1,
-        ),
-        (
-            "RSS per listener, bytes",
-            plain.rss_per_listener_bytes,
-            icy.rss_per_listener_bytes,
-            0,
-        ),
-        (
-            "server RSS, MiB",
-            plain.server_rss_bytes as f64 / 1048576.0,
-            icy.server_rss_bytes as f64 / 1048576.0,
-            1,
-        ),
-        (
-            "write syscalls per listener-second",
-            plain.write_syscalls_per_listener_sec.unwrap_or(0.0),
-            icy.write_syscalls_per_listener_sec.unwrap_or(0.0),
-            3,
-        ),
-        (
-            "bytes per write (audio)",
-            plain.bytes_per_write.unwrap_or(0.0),
-            icy.bytes_per_write.unwrap_or(0.0),
-            0,
-        ),
-    ];
-    for (name, p, i, prec) in numeric {
-        t += &format!("| {name} | {p:.prec$} | {i:.prec$} | {} |\n", ratio(i, p));
-    }
-    let integrity = |s: &Summary| {
-        format!(
-            "{} (gaps {}, duplicates {}, corrupt {})",
-            s.integrity.total(),
-            s.integrity.gaps,
-            s.integrity.duplicates,
-            s.integrity.corrupt
-        )
-    };
     let icy_line = |s: &Summary| {
         format!(
             "{} ({} by the server)",
@@ -132,8 +61,7 @@ fn table(plain: &Summary, icy: &Summary) -> String {
             s.icy_titles_per_listener
         )
     };
-    let text: [(&str, String, String); 11] = [
-        ("integrity errors", integrity(plain), integrity(icy)),
+    let extra = vec![
         ("ICY listeners at the end", icy_line(plain), icy_line(icy)),
         ("ICY blocks / with a title", blocks(plain), blocks(icy)),
         (
@@ -149,36 +77,8 @@ fn table(plain: &Summary, icy: &Summary) -> String {
             ),
             format!("{} / {}", icy.title_updates.sent, icy.title_updates.failed),
         ),
-        (
-            "latency p50 / p99, ms",
-            format!("{:.0} / {:.0}", plain.latency_p50_ms, plain.latency_p99_ms),
-            format!("{:.0} / {:.0}", icy.latency_p50_ms, icy.latency_p99_ms),
-        ),
-        (
-            "load tool CPU, % of a core",
-            format!("{:.0}", plain.load_cpu_pct.iter().sum::<f64>()),
-            format!("{:.0}", icy.load_cpu_pct.iter().sum::<f64>()),
-        ),
-        (
-            "machine busy, % (of 200%)",
-            format!("{:.0}", plain.machine_busy_pct),
-            format!("{:.0}", icy.machine_busy_pct),
-        ),
-        (
-            "started",
-            plain.started_utc.clone(),
-            icy.started_utc.clone(),
-        ),
-        (
-            "load average before",
-            plain.loadavg_before.clone(),
-            icy.loadavg_before.clone(),
-        ),
-        ("limited by", plain.limit.clone(), icy.limit.clone()),
     ];
-    for (name, p, i) in text {
-        t += &format!("| {name} | {p} | {i} | |\n");
-    }
+    variant_rows(&mut t, plain, icy, extra);
     let r = icy.cpu_us_per_listener_sec / plain.cpu_us_per_listener_sec.max(f64::MIN_POSITIVE);
     t += &format!(
         "\nICY / plain CPU per listener-second: {r:.2} (target: at most {TARGET_RATIO:.1}): {}; audio between blocks {}.\n",

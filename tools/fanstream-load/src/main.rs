@@ -3,8 +3,10 @@
 //! - `source`: one Icecast source sending verifiable records at a steady pace.
 //! - `listen`: thousands of verifying listeners in one process.
 //! - `run`: one whole run (server, sources, listen processes, summary); `make load`.
-//! - `sweep`: runs at growing listener counts and two bitrates, with plots; `make sweep`.
-//! - `compare`: the same run against Icecast and fanstream; `make compare`.
+//! - `sweep`: runs at growing listener counts, two bitrates and one or more mount counts, with
+//!   plots; `make sweep`.
+//! - `compare`: the same run against Icecast and fanstream, at one or more mount counts;
+//!   `make compare`.
 //! - `coalesce`: the same run at several write coalescing settings; `make coalescing`.
 //! - `icy-compare`: the same run with plain listeners, then ICY ones; `make icy-compare`.
 //! - `tls-compare`: the same run with plain listeners, then TLS ones; `make tls-compare`.
@@ -113,19 +115,20 @@ enum Cmd {
         tls_ca: Option<std::path::PathBuf>,
     },
     /// One load run: server, sources, listeners, summary (also as JSON under --out-dir).
-    Run(run::RunOpts),
-    /// Runs at growing listener counts and bitrates; table and plots under --out-dir.
+    Run(run::RunArgs),
+    /// Runs at growing listener counts, bitrates and mount counts; table and plots under
+    /// --out-dir.
     Sweep(sweep::SweepOpts),
-    /// The same run against Icecast and fanstream, side by side.
-    Compare(run::RunOpts),
+    /// The same run against Icecast and fanstream, side by side, at each mount count.
+    Compare(compare::CompareOpts),
     /// The same run at several write coalescing settings of fanstream.
     Coalesce(coalesce::CoalesceOpts),
     /// The same run twice: every listener plain, then every listener ICY (titles updated in
     /// both), side by side with the ratio.
-    IcyCompare(run::RunOpts),
+    IcyCompare(run::RunArgs),
     /// The same run twice: every listener plain, then every listener over TLS, side by side
     /// with the ratio.
-    TlsCompare(run::RunOpts),
+    TlsCompare(run::RunArgs),
 }
 
 fn main() -> ExitCode {
@@ -209,12 +212,12 @@ fn main() -> ExitCode {
             listen::print_line(&listen::Line::Report(Box::new(report)));
             ExitCode::SUCCESS
         }
-        Cmd::Run(o) => match run::run(&o) {
+        Cmd::Run(args) => match run::run(&args.opts()) {
             Ok(s) => {
                 run::print_summary(&s);
                 eprintln!(
                     "summary written to {}",
-                    o.out_dir.join(format!("{}.json", s.name)).display()
+                    args.run.out_dir.join(format!("{}.json", s.name)).display()
                 );
                 ExitCode::SUCCESS
             }
@@ -229,7 +232,7 @@ fn main() -> ExitCode {
             icy_compare::icy_compare(&o).map_or_else(|e| fail(&e), |()| ExitCode::SUCCESS)
         }
         Cmd::TlsCompare(o) => {
-            tls_compare::tls_compare(&o).map_or_else(|e| fail(&e), |()| ExitCode::SUCCESS)
+            tls_compare::tls_compare(&o.opts()).map_or_else(|e| fail(&e), |()| ExitCode::SUCCESS)
         }
     }
 }

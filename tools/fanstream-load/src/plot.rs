@@ -13,9 +13,20 @@ const FONT_FILES: [&str; 2] = [
     "/usr/share/fonts/TTF/DejaVuSans.ttf",
 ];
 const SIZE: (u32, u32) = (900, 560);
-const COLORS: [RGBColor; 4] = [RED, BLUE, GREEN, MAGENTA];
+/// Enough for a sweep's lines against mounts (a line per bitrate and listener count) to be told
+/// apart in most sweeps; beyond that the colours repeat.
+const COLORS: [RGBColor; 8] = [
+    RED,
+    BLUE,
+    GREEN,
+    MAGENTA,
+    CYAN,
+    BLACK,
+    RGBColor(230, 140, 0),
+    RGBColor(130, 60, 170),
+];
 
-/// One line of a chart: its name and (listeners, value) points.
+/// One line of a chart: its name and (x, value) points.
 pub struct Series {
     pub name: String,
     pub points: Vec<(f64, f64)>,
@@ -43,20 +54,29 @@ fn load_font() -> Result<(), String> {
         .clone()
 }
 
-/// Draws `series` against listener count (log scale) into `stem`.png and `stem`.svg.
-pub fn chart(stem: &Path, title: &str, y_desc: &str, series: &[Series]) -> Result<(), String> {
+/// Draws `series` against a count (listeners, mounts; log scale, described by `x_desc`) into
+/// `stem`.png and `stem`.svg.
+pub fn chart(
+    stem: &Path,
+    title: &str,
+    x_desc: &str,
+    y_desc: &str,
+    series: &[Series],
+) -> Result<(), String> {
     load_font()?;
     let png = stem.with_extension("png");
     let svg = stem.with_extension("svg");
     draw(
         BitMapBackend::new(&png, SIZE).into_drawing_area(),
         title,
+        x_desc,
         y_desc,
         series,
     )?;
     draw(
         SVGBackend::new(&svg, SIZE).into_drawing_area(),
         title,
+        x_desc,
         y_desc,
         series,
     )
@@ -65,6 +85,7 @@ pub fn chart(stem: &Path, title: &str, y_desc: &str, series: &[Series]) -> Resul
 fn draw<DB: DrawingBackend>(
     root: DrawingArea<DB, Shift>,
     title: &str,
+    x_desc: &str,
     y_desc: &str,
     series: &[Series],
 ) -> Result<(), String> {
@@ -83,7 +104,7 @@ fn draw<DB: DrawingBackend>(
         .map_err(e)?;
     chart
         .configure_mesh()
-        .x_desc("listeners (log scale); hollow: not served in full")
+        .x_desc(x_desc)
         .x_label_formatter(&|x| format!("{x:.0}"))
         .y_label_formatter(&|y| format!("{y:.0}"))
         .y_desc(y_desc)

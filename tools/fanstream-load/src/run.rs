@@ -49,7 +49,10 @@ pub struct RunOpts {
     /// fanstream worker threads; 0 = one per core.
     #[arg(long, default_value_t = 0)]
     pub workers: usize,
-    #[arg(long, default_value_t = 1)]
+    /// Mounts, one source each, with the listeners spread evenly over them. Each command sets
+    /// it from its own `--mounts`: one count for `run` ([`RunArgs`]), a list for `sweep` and
+    /// `compare`, which run at each count.
+    #[arg(skip = 1_usize)]
     pub mounts: usize,
     /// The source sends one piece this often (its size follows from the bitrate).
     #[arg(long, default_value_t = 20)]
@@ -102,6 +105,40 @@ pub struct RunOpts {
     /// Name of this run's files under out_dir (default: target-clients-bitrate).
     #[arg(long)]
     pub name: Option<String>,
+}
+
+/// The command line of `run`, `coalesce` and `icy-compare`: a run's settings at one mount count.
+#[derive(clap::Args, Clone, Debug)]
+pub struct RunArgs {
+    /// Mounts, one source each; the listeners are spread evenly over them.
+    #[arg(long, default_value_t = 1, value_parser = mount_count())]
+    pub mounts: usize,
+    #[command(flatten)]
+    pub run: RunOpts,
+}
+
+impl RunArgs {
+    pub fn opts(&self) -> RunOpts {
+        RunOpts {
+            mounts: self.mounts,
+            ..self.run.clone()
+        }
+    }
+}
+
+/// Parses a count of mounts: a run needs at least one source to listen to.
+pub fn mount_count() -> clap::builder::RangedU64ValueParser<usize> {
+    clap::builder::RangedU64ValueParser::new().range(1..)
+}
+
+/// What a run at `mounts` mounts adds to the name of its files: nothing at one mount, so that
+/// runs on one mount keep the names they had before mount counts were swept.
+pub fn mounts_suffix(mounts: usize) -> String {
+    if mounts == 1 {
+        String::new()
+    } else {
+        format!("-{mounts}m")
+    }
 }
 
 impl RunOpts {
@@ -357,7 +394,10 @@ pub fn run(o: &RunOpts) -> Result<Summary, String> {
             password: PASSWORD.into(),
             piece_bytes: o.piece_bytes,
         };
-        streams.push((so.clone(), source::connect(&so)?));
+        // Which source of how many: the count a server stops taking sources at is a result.
+        let stream = source::connect(&so)
+            .map_err(|e| format!("source {} of {}: {e}", streams.len() + 1, mounts.len()))?;
+        streams.push((so, stream));
     }
     let schedule = Schedule::new(unix_us() + 200_000, o.bitrate_kbps, o.interval_ms);
     let sources: Vec<_> = streams
@@ -685,6 +725,16 @@ fn verdict(s: &Summary) -> String {
     let machine_pct = s.cores as f64 * 100.0;
     let others = s.machine_busy_pct - s.server_cpu_pct - s.load_cpu_pct.iter().sum::<f64>();
     let mut notes = Vec::new();
+    // A server that lets sources go (one at its limits) is what limited the run, before any load.
+    let stopped: Vec<&SourceReport> = s.sources.iter().filter(|r| r.error.is_some()).collect();
+    if let Some(first) = stopped.first() {
+        notes.push(format!(
+            "server: {} of {} sources stopped (first: {})",
+            stopped.len(),
+            s.sources.len(),
+            first.error.as_deref().unwrap_or_default()
+        ));
+    }
     if busiest_load >= SATURATED_CORE_PCT {
         notes.push(format!(
             "machine: a load process used {busiest_load:.0}% of a core"

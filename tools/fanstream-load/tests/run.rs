@@ -112,3 +112,47 @@ fn a_short_load_run_with_icy_listeners_verifies_the_audio_between_blocks() {
     assert!(s["icy"]["delivered_bytes"].as_u64().unwrap() > 0, "{text}");
     assert_eq!(s["ok"], true, "{text}");
 }
+
+#[test]
+fn a_tiny_sweep_over_two_mount_counts_reports_both() {
+    let fanstream = fanstream_bin();
+    let out = scratch_dir("load_tool_sweep_mounts");
+    let status = Command::new(env!("CARGO_BIN_EXE_fanstream-load"))
+        .args(["sweep", "--counts", "20", "--bitrates", "128"])
+        .args(["--mounts", "1,4", "--seconds", "2", "--ramp-per-sec", "400"])
+        .arg("--fanstream-bin")
+        .arg(fanstream)
+        .arg("--out-dir")
+        .arg(&out)
+        .status()
+        .expect("fanstream-load runs");
+    assert!(status.success(), "fanstream-load sweep failed: {status}");
+    let text = std::fs::read_to_string(out.join("sweep.json")).expect("sweep.json written");
+    let runs: Vec<serde_json::Value> = serde_json::from_str(&text).expect("sweep.json is JSON");
+    let mounts: Vec<u64> = runs.iter().map(|s| s["mounts"].as_u64().unwrap()).collect();
+    assert_eq!(mounts, [1, 4], "{text}");
+    for s in &runs {
+        assert_eq!(s["clients"], 20, "{text}");
+        assert_eq!(
+            s["sources"].as_array().unwrap().len() as u64,
+            s["mounts"],
+            "{text}"
+        );
+    }
+    let md = std::fs::read_to_string(out.join("sweep.md")).expect("sweep.md written");
+    assert!(md.contains("| kbit/s | mounts | listeners |"), "{md}");
+    for row in ["| 128 | 1 | 20 |", "| 128 | 4 | 20 |"] {
+        assert!(md.contains(row), "no row {row:?} in:\n{md}");
+    }
+    for chart in [
+        "sweep-cpu",
+        "sweep-memory",
+        "sweep-mounts-cpu",
+        "sweep-mounts-memory",
+    ] {
+        for ext in ["png", "svg"] {
+            let f = out.join(format!("{chart}.{ext}"));
+            assert!(f.is_file(), "{} missing", f.display());
+        }
+    }
+}
