@@ -16,12 +16,14 @@ CARGO ?= cargo
 # tests/admin_api.rs compares the admin API with Debian's Icecast 2.4 (icecast2), which it starts
 # itself on an ephemeral loopback port; where an init system runs, the package's own service
 # listens on :8000 and must be stopped before `make run`.
+# tests/hls.rs puts nginx (nginx-light: the proxy and its cache are all it needs) in front of
+# fanstream as an HLS cache, started by the test with its own config on a loopback port.
 TEST_PROGRAMS := ffmpeg ffprobe curl prometheus promtool ezstream ices2 liquidsoap mpv \
   gst-launch-1.0 gst-inspect-1.0 chromium timeout lintian dpkg-shlibdeps adduser systemd-analyze \
-  logrotate man icecast2 haproxy
+  logrotate man icecast2 haproxy nginx
 APT_PACKAGES := ffmpeg curl prometheus ezstream ices2 liquidsoap mpv gstreamer1.0-tools \
   gstreamer1.0-plugins-base gstreamer1.0-plugins-good gstreamer1.0-plugins-bad chromium coreutils \
-  lintian dpkg-dev adduser systemd logrotate man-db icecast2 haproxy
+  lintian dpkg-dev adduser systemd logrotate man-db icecast2 haproxy nginx-light
 # GStreamer elements the tests use, which come in plugin packages rather than as programs.
 TEST_GST_ELEMENTS := souphttpsrc decodebin oggdemux opusdec vorbisdec mpegaudioparse identity
 

@@ -175,9 +175,29 @@ fn authorize(shared: &Shared, req: &Request, peer: SocketAddr) -> Result<(), Ref
     )
 }
 
+/// Sets `fanstream_hls_sessions` from the mounts' playlist polls, as they stand at the scrape:
+/// players leave without a word, so only a count taken now says they left.
+fn refresh_hls_sessions(shared: &Shared) {
+    let mut by_label: std::collections::HashMap<String, i64> = Default::default();
+    for m in shared.mounts.all() {
+        if m.store.load().settings.hls {
+            *by_label.entry(m.label.as_str().to_string()).or_default() +=
+                m.hls_sessions_now() as i64;
+        }
+    }
+    for (label, n) in by_label {
+        shared
+            .metrics
+            .hls_sessions
+            .with_label_values(&[&label])
+            .set(n);
+    }
+}
+
 fn route(shared: &Shared, req: &Request) -> Result<Vec<u8>, Refusal> {
     Ok(match (&req.method, req.path.as_str()) {
         (Method::Get, "/metrics") => {
+            refresh_hls_sessions(shared);
             let body = shared.metrics.render();
             let mut r = format!(
                 "HTTP/1.0 200 OK\r\nContent-Type: text/plain; version=0.0.4; charset=utf-8\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",

@@ -6,11 +6,11 @@
 //! are rare next to the bytes sent, and nothing per write. What changes per write (how far
 //! behind a listener is) stays with the worker that holds it; the admin API asks the worker.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 /// Listener ids come from one counter for the whole process: unique per server (and across
 /// servers a test starts in one process), and never reused while a listener holds one.
@@ -33,6 +33,40 @@ pub(crate) struct Client {
     pub connected: Instant,
     /// The worker that holds it: where a kill or a move for it is sent.
     pub worker: usize,
+}
+
+/// A mount's HLS players, counted from their playlist polls: a player holds no connection
+/// between requests, so a client (an address and a `User-Agent`) that fetched the playlist
+/// within the last few target durations is taken to be playing. Behind a cache, the cache is one
+/// client: the origin sees its polls, not its viewers'.
+#[derive(Default)]
+pub(crate) struct HlsSessions {
+    /// When each client, by a hash of its address and `User-Agent`, last fetched the playlist.
+    seen: Mutex<HashMap<u64, Instant>>,
+}
+
+/// Most HLS clients remembered per mount; past it, new ones are not counted. Bounds what a flood
+/// of playlist requests from many addresses can make a mount hold.
+const MAX_HLS_SESSIONS: usize = 1 << 20;
+
+impl HlsSessions {
+    /// A playlist poll by the client `key` at `now`; forgets those silent for `ttl`.
+    pub fn poll(&self, key: u64, now: Instant, ttl: Duration) {
+        let mut seen = self.seen.lock().unwrap_or_else(|e| e.into_inner());
+        if seen.len() >= MAX_HLS_SESSIONS {
+            seen.retain(|_, at| now.saturating_duration_since(*at) < ttl);
+        }
+        if seen.len() < MAX_HLS_SESSIONS {
+            seen.insert(key, now);
+        }
+    }
+
+    /// Clients that polled within `ttl` of `now`; the others are forgotten.
+    pub fn count(&self, now: Instant, ttl: Duration) -> usize {
+        let mut seen = self.seen.lock().unwrap_or_else(|e| e.into_inner());
+        seen.retain(|_, at| now.saturating_duration_since(*at) < ttl);
+        seen.len()
+    }
 }
 
 /// Longest user agent kept: the table lives as long as the listeners, and a header can be 8 KiB.

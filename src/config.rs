@@ -177,6 +177,17 @@ pub struct MountSettings {
     /// at a sync point, with its Ogg headers), when its format is the stream's. Read at start-up
     /// and at each reload. Default none.
     pub intro_file: Option<PathBuf>,
+    /// Serve the mount as HLS too: `/MOUNT/index.m3u8` and its segments, cut from the stream at
+    /// ingest (MP3 and AAC in ADTS as packed audio, Ogg Opus as fMP4; other formats answer 404
+    /// saying so). Default false.
+    pub hls: bool,
+    /// Segments the live playlist lists; as many again stay fetchable after leaving it. At least
+    /// 4: a playlist must span three target durations (RFC 8216, 6.2.2), and segments end a
+    /// frame short of the target. Default 6.
+    pub hls_segments: usize,
+    /// Most seconds of audio in a segment (`EXT-X-TARGETDURATION`); segments end at the last
+    /// whole frame within it. Default 4.
+    pub hls_segment_secs: u64,
 }
 
 /// How a mount authenticates its listeners (`auth`).
@@ -217,6 +228,9 @@ impl Default for MountSettings {
             auth_allow_on_timeout: false,
             htpasswd_file: None,
             intro_file: None,
+            hls: false,
+            hls_segments: 6,
+            hls_segment_secs: 4,
         }
     }
 }
@@ -1058,6 +1072,18 @@ fn check_mount(what: &str, m: &MountSettings) -> Result<(), String> {
         return Err(format!(
             "{what}.max_write_delay_ms = {}: at most 10000",
             m.max_write_delay_ms
+        ));
+    }
+    if !(4..=100).contains(&m.hls_segments) {
+        return Err(format!(
+            "{what}.hls_segments = {}: 4 to 100",
+            m.hls_segments
+        ));
+    }
+    if !(1..=60).contains(&m.hls_segment_secs) {
+        return Err(format!(
+            "{what}.hls_segment_secs = {}: 1 to 60",
+            m.hls_segment_secs
         ));
     }
     if let Some(p) = &m.source_password {

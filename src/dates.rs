@@ -81,6 +81,11 @@ impl Date {
         )
     }
 
+    /// `Fri, 09 Apr 2021 19:49:50 GMT`, HTTP's `Date` (RFC 9110, IMF-fixdate).
+    pub fn http(&self) -> String {
+        self.rfc2822().replace("+0000", "GMT")
+    }
+
     /// `2021-04-09T19:49:50+0000`, as Icecast's `server_start_iso8601`.
     pub fn iso8601(&self) -> String {
         format!(
@@ -88,6 +93,19 @@ impl Date {
             self.year, self.month, self.day, self.hour, self.minute, self.second
         )
     }
+}
+
+/// `2021-04-09T19:49:50.123Z`, as HLS's `EXT-X-PROGRAM-DATE-TIME` (RFC 3339, milliseconds).
+pub(crate) fn rfc3339_millis(t: SystemTime) -> String {
+    let d = Date::of(t);
+    let millis = t
+        .duration_since(UNIX_EPOCH)
+        .unwrap_or(Duration::ZERO)
+        .subsec_millis();
+    format!(
+        "{}-{:02}-{:02}T{:02}:{:02}:{:02}.{millis:03}Z",
+        d.year, d.month, d.day, d.hour, d.minute, d.second
+    )
 }
 
 #[cfg(test)]
@@ -109,7 +127,10 @@ mod tests {
         );
         assert_eq!(at(1_700_000_000).iso8601(), "2023-11-14T22:13:20+0000");
         assert_eq!(at(1_700_000_000).clf(), "14/Nov/2023:22:13:20 +0000");
+        assert_eq!(at(1_700_000_000).http(), "Tue, 14 Nov 2023 22:13:20 GMT");
         assert_eq!(at(4_107_542_399).iso8601(), "2100-02-28T23:59:59+0000");
         assert_eq!(at(4_107_542_400).iso8601(), "2100-03-01T00:00:00+0000");
+        let t = UNIX_EPOCH + Duration::from_millis(1_700_000_000_042);
+        assert_eq!(rfc3339_millis(t), "2023-11-14T22:13:20.042Z");
     }
 }

@@ -14,6 +14,32 @@ pub(crate) fn carries_own_metadata(content_type: &str) -> bool {
         .any(|k| essence.to_ascii_lowercase().contains(k))
 }
 
+/// The frames an MPEG `Content-Type` announces (parameters and case ignored), None for any other.
+pub(crate) fn mpeg_kind(content_type: &str) -> Option<mpeg::Kind> {
+    match essence(content_type).as_str() {
+        "audio/mpeg" | "audio/mp3" | "audio/mpeg3" => Some(mpeg::Kind::Mp3),
+        "audio/aac" | "audio/aacp" | "audio/x-aac" => Some(mpeg::Kind::Adts),
+        _ => None,
+    }
+}
+
+fn essence(content_type: &str) -> String {
+    content_type
+        .split(';')
+        .next()
+        .unwrap_or_default()
+        .trim()
+        .to_ascii_lowercase()
+}
+
+/// Whether a `Content-Type` announces an Ogg stream (parameters and case ignored).
+pub(crate) fn is_ogg(content_type: &str) -> bool {
+    matches!(
+        essence(content_type).as_str(),
+        "audio/ogg" | "application/ogg" | "audio/opus" | "video/ogg" | "audio/x-ogg"
+    )
+}
+
 /// One source connection's parser.
 pub(crate) enum Format {
     PassThrough,
@@ -24,23 +50,13 @@ pub(crate) enum Format {
 impl Format {
     /// The parser for a source's `Content-Type` (parameters and case ignored).
     pub fn for_content_type(content_type: &str) -> Format {
-        let essence = content_type
-            .split(';')
-            .next()
-            .unwrap_or_default()
-            .trim()
-            .to_ascii_lowercase();
-        match essence.as_str() {
-            "audio/mpeg" | "audio/mp3" | "audio/mpeg3" => {
-                Format::Mpeg(mpeg::Framer::new(mpeg::Kind::Mp3))
-            }
-            "audio/aac" | "audio/aacp" | "audio/x-aac" => {
-                Format::Mpeg(mpeg::Framer::new(mpeg::Kind::Adts))
-            }
-            "audio/ogg" | "application/ogg" | "audio/opus" | "video/ogg" | "audio/x-ogg" => {
-                Format::Ogg(ogg::Framer::new())
-            }
-            _ => Format::PassThrough,
+        if let Some(kind) = mpeg_kind(content_type) {
+            return Format::Mpeg(mpeg::Framer::new(kind));
+        }
+        if is_ogg(content_type) {
+            Format::Ogg(ogg::Framer::new())
+        } else {
+            Format::PassThrough
         }
     }
 

@@ -66,6 +66,7 @@ use crate::conn::{refuse, Control, Encoder, Feed, Io, SourceConn, TitleUpdate, T
 use crate::fallbacks::live_fallback;
 use crate::format::Event;
 use crate::framing::Format;
+use crate::hls::{source_for, Params, Segmenter, Title};
 use crate::http::RESPONSE_TIMEOUT;
 use crate::metrics::unsynced_action;
 use crate::mounts::{Mount, StoreWriter};
@@ -118,6 +119,45 @@ struct Entry {
     /// A source came back to a mount with `fallback_override`: once its stream has a first
     /// piece (and an Ogg stream its headers), the fallback's listeners move back.
     override_pending: bool,
+    /// Cuts the stream into HLS segments while the mount's `hls` is on; kept across sources,
+    /// so that its media sequence goes on.
+    hls: Option<Segmenter>,
+}
+
+impl Entry {
+    /// Feeds a piece of the stream to the mount's HLS segmenter (made when `hls` is turned on,
+    /// dropped when it is turned off); a new window goes out with the next publication.
+    fn segment(&mut self, settings: &MountSettings, bytes: &Bytes, sync: bool) {
+        let Some(params) = hls_params(settings) else {
+            if self.hls.take().is_some() {
+                self.writer.set_hls(None);
+            }
+            return;
+        };
+        let snap = self.writer.store().load();
+        let hls = self.hls.get_or_insert_with(|| {
+            let mut segmenter = Segmenter::new(params);
+            segmenter.start_source(source_for(&snap.info.meta.content_type));
+            segmenter
+        });
+        let np = &snap.now_playing;
+        let title = Title {
+            version: np.version,
+            title: np.title.as_deref(),
+            artist: np.artist.as_deref(),
+        };
+        if hls.push(bytes, sync, params, title) {
+            self.writer.set_hls(hls.window());
+        }
+    }
+}
+
+/// A mount's HLS settings, None when its `hls` is off.
+fn hls_params(settings: &MountSettings) -> Option<Params> {
+    settings.hls.then_some(Params {
+        segment_secs: settings.hls_segment_secs,
+        segments: settings.hls_segments,
+    })
 }
 
 /// Ingest's state; lives on the ingest thread only.
@@ -166,6 +206,7 @@ impl Ingest {
                 received_bytes: AtomicU64::new(0),
                 sent_bytes: AtomicU64::new(0),
                 clients: Default::default(),
+                hls_sessions: Default::default(),
                 joining: AtomicUsize::new(0),
                 on_workers: shared.workers.iter().map(|_| Default::default()).collect(),
             });
@@ -181,6 +222,7 @@ impl Ingest {
                 kill: Rc::default(),
                 override_pending: false,
                 source_meta: StreamMeta::default(),
+                hls: None,
                 mount,
             }
         });
@@ -189,6 +231,11 @@ impl Ingest {
         entry.override_pending = entry.writer.settings().fallback_override;
         entry.source_meta = info.meta.clone();
         let info = described(&info, &entry.source_meta, entry.writer.settings());
+        if let Some(hls) = entry.hls.as_mut() {
+            if hls.start_source(source_for(&info.meta.content_type)) {
+                entry.writer.set_hls(hls.window());
+            }
+        }
         entry.writer.go_live(info);
         let label = [entry.mount.label.as_str()];
         // Up and down by one, not set: under `mount="other"` it counts several mounts' sources.
@@ -222,7 +269,9 @@ impl Ingest {
             return false;
         };
         let m = &self.shared.metrics;
-        let label = entry.mount.label.as_str();
+        // Held apart from `entry`, which the segmenter borrows mutably.
+        let mount = entry.mount.clone();
+        let label = mount.label.as_str();
         // What the furthest-behind listener still needs, over the burst: a mount whose
         // listeners keep up keeps little more than its burst, and memory returns as they catch
         // up or leave.
@@ -231,6 +280,7 @@ impl Ingest {
         for event in events.drain(..) {
             match event {
                 Event::Data { bytes, sync } => {
+                    entry.segment(&settings, &bytes, sync);
                     // Counted from the end the piece makes: counted from before it, the piece's
                     // length would be evicted from under the furthest-behind listener.
                     let end = entry.writer.end() + bytes.len() as u64;
@@ -259,7 +309,7 @@ impl Ingest {
         let pieces = entry.writer.retained_pieces() as i64;
         entry.pieces_gauge.add(pieces - entry.retained_pieces);
         entry.retained_pieces = pieces;
-        let (mount, end) = (entry.mount.clone(), snap.end);
+        let end = snap.end;
         let override_now = entry.override_pending && end > 0;
         entry.override_pending &= !override_now;
         drop(entries);
@@ -355,6 +405,11 @@ impl Ingest {
             else {
                 return;
             };
+            if let Some(hls) = entry.hls.as_mut() {
+                if hls.end_source() {
+                    entry.writer.set_hls(hls.window());
+                }
+            }
             entry.writer.set_state(SourceState::Gone(Instant::now()));
             let grace = Duration::from_secs(entry.writer.settings().source_grace_secs);
             (grace, entry.mount.clone())

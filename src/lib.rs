@@ -30,6 +30,10 @@
 //!   worker's [`fanout`](fanout) loop, which writes the listeners of the mounts that published,
 //!   and those whose coalesced write fell due, from the snapshot with vectored writes, applying
 //!   the lag policy.
+//! - HLS: for a mount with `hls` on, ingest also cuts an MP3 or AAC stream into packed-audio
+//!   segments and renders its playlist ([`hls`]), published in the same snapshot; the router
+//!   hands `/MOUNT/index.m3u8` and segment requests to [`hls_http`], which answers them as
+//!   cacheable keep-alive HTTP/1.1 responses.
 //! - [`metrics`] and [`admin`]: Prometheus metrics, per-thread CPU read at scrape time
 //!   ([`threads`]), listener-seconds and CPU per listener kept by each worker ([`usage`]), served
 //!   from their own thread. [`status`]: `/status.json` and Icecast's `/status-json.xsl`;
@@ -53,10 +57,11 @@
 //!    [`ogg`] pages; [`framing`], which picks one by Content-Type), [`icy`] (metadata blocks
 //!    between the audio), [`http_client`] (the URL, request and response head a relay pulls
 //!    with), [`tls`] (the certificate, and a TLS connection the fan-out can write
-//!    like a socket), [`store`] (the segment store and its snapshot, generic over the settings it
-//!    carries), [`threads`] (named, pinned, CPU-accounted threads), [`open_files`], [`sd_notify`]
-//!    (telling systemd the server is ready, reloading or stopping), [`dates`] (the date formats
-//!    Icecast prints).
+//!    like a socket), [`dates`] (the date formats Icecast and HLS print), [`fmp4`] (fragmented MP4
+//!    for Opus), [`hls`] (MP3 and AAC cut into HLS packed-audio segments, Opus into fMP4 ones,
+//!    and their live playlist), [`store`] (the segment store and its snapshot, generic over the
+//!    settings it carries), [`threads`] (named, pinned, CPU-accounted threads), [`open_files`],
+//!    [`sd_notify`] (telling systemd the server is ready, reloading or stopping).
 //! 2. **Vocabulary** shared by the stages: [`config`], [`cors`] (which web pages may read what,
 //!    and the preflight's answer), [`proxy`] (the client's address behind a trusted proxy: the
 //!    PROXY protocol header, `X-Forwarded-For`, `Forwarded`), [`reasons`] (`Refusal`,
@@ -73,8 +78,9 @@
 //!    document), [`playlists`] (`.m3u`, `.xspf`), [`metadata`] (title updates), [`admission`],
 //!    [`fanout`], [`source`], [`shoutcast`] (SHOUTcast v1 sources), [`ingest`], [`demo`],
 //!    [`file_source`] (a `fallback_file` played in a loop), [`relay`] (mounts pulled from another server), [`admin_api`] (Icecast's admin commands,
-//!    on both ports), [`admin`], and [`worker`] (the router, which calls admission, source,
-//!    metadata, the admin API, playlists and status).
+//!    on both ports), [`admin`], [`hls_http`] (HLS playlists and segments as cacheable
+//!    keep-alive HTTP/1.1 responses), and [`worker`] (the router, which calls admission, source,
+//!    metadata, the admin API, playlists, HLS and status).
 //! 4. **Wiring**: [`server`].
 //! 5. **Entry**: `main.rs`.
 //!
@@ -84,8 +90,10 @@
 // Layer 1: wire and data.
 pub(crate) mod chunked;
 pub(crate) mod dates;
+pub(crate) mod fmp4;
 pub(crate) mod format;
 pub(crate) mod framing;
+pub(crate) mod hls;
 pub(crate) mod http;
 pub(crate) mod http_client;
 pub(crate) mod icy;
@@ -121,6 +129,7 @@ pub(crate) mod admission;
 pub(crate) mod demo;
 pub(crate) mod fanout;
 pub(crate) mod file_source;
+pub(crate) mod hls_http;
 pub(crate) mod ingest;
 pub(crate) mod metadata;
 pub(crate) mod page;
@@ -138,6 +147,7 @@ pub mod server;
 pub mod fuzzing;
 
 pub use config::{Config, LagPolicy, MountSettings};
+
 pub use server::{Server, Stop};
 
 /// Internals that the criterion benches in `benches/` measure. Not an API: hidden from the
@@ -225,6 +235,76 @@ pub mod bench_api {
                 _ => 0,
             })
             .sum()
+    }
+
+    /// Pushes `data` through a fresh MP3 framer in 1000-byte pieces, and what it passes through
+    /// an HLS segmenter (4 s segments), as ingest does for a mount with `hls` on; returns the
+    /// bytes of the segments it made.
+    pub fn hls_mpeg(data: &[u8]) -> usize {
+        hls(
+            format_of(crate::hls::Source::Packed(crate::mpeg::Kind::Mp3)),
+            crate::hls::Source::Packed(crate::mpeg::Kind::Mp3),
+            data,
+            1000,
+        )
+    }
+
+    /// Pushes an Ogg Opus stream through a new Ogg framer in 4 KiB pieces, and what it passes
+    /// through an HLS segmenter making fMP4 segments; returns the bytes of the segments.
+    pub fn hls_opus(data: &[u8]) -> usize {
+        hls(
+            format_of(crate::hls::Source::Ogg),
+            crate::hls::Source::Ogg,
+            data,
+            4096,
+        )
+    }
+
+    /// The parser ingest runs for a stream the segmenter takes.
+    fn format_of(source: crate::hls::Source) -> crate::framing::Format {
+        use crate::hls::Source;
+        use crate::mpeg::Kind;
+        crate::framing::Format::for_content_type(match source {
+            Source::Packed(Kind::Mp3) => "audio/mpeg",
+            Source::Packed(Kind::Adts) => "audio/aac",
+            Source::Ogg => "audio/ogg",
+        })
+    }
+
+    fn hls(
+        mut format: crate::framing::Format,
+        source: crate::hls::Source,
+        data: &[u8],
+        piece: usize,
+    ) -> usize {
+        use crate::format::Event;
+        use crate::hls::{Params, Segmenter, Title};
+
+        let params = Params {
+            segment_secs: 4,
+            segments: 6,
+        };
+        let title = Title {
+            version: 0,
+            title: None,
+            artist: None,
+        };
+        let mut segmenter = Segmenter::new(params);
+        segmenter.start_source(Some(source));
+        let data = Bytes::copy_from_slice(data);
+        let mut out = Vec::new();
+        let mut made = 0;
+        for start in (0..data.len()).step_by(piece) {
+            let _ = format.push(data.slice(start..(start + piece).min(data.len())), &mut out);
+            for event in out.drain(..) {
+                if let Event::Data { bytes, sync } = event {
+                    if segmenter.push(&bytes, sync, params, title) {
+                        made += segmenter.window().map_or(0, |w| w.newest_bytes());
+                    }
+                }
+            }
+        }
+        made
     }
 
     /// Pushes `data` through a new Ogg framer in 4 KiB pieces, as a source writes them, and

@@ -89,6 +89,11 @@ pub(crate) struct Metrics {
     pub source_unsynced_bytes: IntCounterVec,
     /// Listeners receiving ICY metadata blocks now, by mount.
     pub icy_listeners: IntGaugeVec,
+    /// HLS playlist and segment requests answered (not refused), by mount and `kind`
+    /// (`playlist`, `segment`): behind caches, about one per segment per cache.
+    pub hls_requests: IntCounterVec,
+    /// HLS players now, by mount, from their playlist polls; set when `/metrics` is read.
+    pub hls_sessions: IntGaugeVec,
     /// Requests refused, by reason.
     pub rejected_requests: IntCounterVec,
     /// Panics caught (bugs), by where: `request` or `listener`.
@@ -259,6 +264,18 @@ impl Metrics {
             "Listeners receiving ICY metadata blocks now.",
             &["mount"],
         );
+        let hls_requests = counter(
+            &reg,
+            "hls_requests_total",
+            "HLS playlist and segment requests answered, by kind (playlist, segment).",
+            &["mount", "kind"],
+        );
+        let hls_sessions = gauge(
+            &reg,
+            "hls_sessions",
+            "HLS players now: clients (address and User-Agent) that fetched the playlist within three target durations.",
+            &["mount"],
+        );
         let rejected_requests = counter(
             &reg,
             "rejected_requests_total",
@@ -316,6 +333,8 @@ impl Metrics {
                 metadata_updates: metadata_updates.clone(),
                 source_unsynced_bytes: source_unsynced_bytes.clone(),
                 icy_listeners: icy_listeners.clone(),
+                hls_requests: hls_requests.clone(),
+                hls_sessions: hls_sessions.clone(),
                 listener_lag: listener_lag.clone(),
                 workers: (0..workers).map(|w| w.to_string()).collect(),
             },
@@ -374,6 +393,8 @@ impl Metrics {
             metadata_updates,
             source_unsynced_bytes,
             icy_listeners,
+            hls_requests,
+            hls_sessions,
             rejected_requests,
             panics,
             listener_seconds,
@@ -545,6 +566,9 @@ impl MountLabels {
     }
 }
 
+/// The `kind` labels of `fanstream_hls_requests_total`.
+pub(crate) const HLS_KINDS: [&str; 2] = ["playlist", "segment"];
+
 /// Every metric with a `mount` label, to create and remove a label's series.
 struct MountSeries {
     listeners: IntGaugeVec,
@@ -562,6 +586,8 @@ struct MountSeries {
     metadata_updates: IntCounterVec,
     source_unsynced_bytes: IntCounterVec,
     icy_listeners: IntGaugeVec,
+    hls_requests: IntCounterVec,
+    hls_sessions: IntGaugeVec,
     listener_lag: HistogramVec,
     /// The `worker` label values.
     workers: Vec<String>,
@@ -596,8 +622,12 @@ impl MountSeries {
             &self.retained_bytes,
             &self.retained_pieces,
             &self.icy_listeners,
+            &self.hls_sessions,
         ] {
             let _ = vec.remove_label_values(&[label]);
+        }
+        for kind in HLS_KINDS {
+            let _ = self.hls_requests.remove_label_values(&[label, kind]);
         }
         let _ = self.listener_lag.remove_label_values(&[label]);
         for worker in &self.workers {

@@ -10,7 +10,7 @@ use std::sync::Arc;
 
 use arc_swap::ArcSwap;
 
-use crate::clients::Clients;
+use crate::clients::{Clients, HlsSessions};
 use crate::config::MountSettings;
 use crate::metrics::MountLabel;
 use crate::store;
@@ -41,6 +41,8 @@ pub(crate) struct Mount {
     pub sent_bytes: AtomicU64,
     /// Its listeners now, for the admin API; kept by their guards.
     pub clients: Clients,
+    /// Its HLS players, from their playlist polls (on any worker).
+    pub hls_sessions: HlsSessions,
     /// The mount as each worker holds it, indexed by worker: a publication wakes only the
     /// workers with listeners here, and tells each which mount to serve, so that idle mounts and
     /// other mounts' listeners cost a worker nothing.
@@ -96,6 +98,17 @@ pub(crate) struct OnWorker {
 }
 
 impl Mount {
+    /// HLS players counted now: those that fetched the playlist within three target durations
+    /// (a player polls it about once per target duration); 0 for a mount without HLS.
+    pub fn hls_sessions_now(&self) -> usize {
+        let settings = &self.store.load().settings;
+        if !settings.hls {
+            return 0;
+        }
+        let ttl = std::time::Duration::from_secs(3 * settings.hls_segment_secs);
+        self.hls_sessions.count(std::time::Instant::now(), ttl)
+    }
+
     /// The position of the furthest-behind listener across workers, if any (0, all of the
     /// window, while a listener is joining).
     pub fn oldest_listener(&self) -> Option<u64> {

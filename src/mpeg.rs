@@ -63,6 +63,9 @@ struct Header {
     stream: Stream,
     /// The whole frame, header included.
     len: usize,
+    /// Audio samples the frame decodes to, per channel, and their rate: its duration.
+    samples: u32,
+    rate: u32,
 }
 
 /// What the bytes at a position turn out to be, as far as the bytes there so far tell.
@@ -151,12 +154,19 @@ fn mp3_header(b: &[u8]) -> Parsed<Header> {
         3 if version > 0 => (72 * bitrate / rate) as usize + padding,
         _ => (144 * bitrate / rate) as usize + padding,
     };
+    let samples = match layer {
+        1 => 384,
+        3 if version > 0 => 576,
+        _ => 1152,
+    };
     Parsed::Yes(Header {
         stream: Stream {
             id: u16::from(version_bits) << 4 | u16::from(layer_bits) << 2 | u16::from(rate_index),
             codec: ["MP1", "MP2", "MP3"][layer - 1],
         },
         len,
+        samples,
+        rate,
     })
 }
 
@@ -190,9 +200,9 @@ fn adts_header(b: &[u8]) -> Parsed<Header> {
     if len < header_len {
         return Parsed::No;
     }
-    if b.len() < 7 {
+    let Some(&b6) = b.get(6) else {
         return Parsed::Need;
-    }
+    };
     Parsed::Yes(Header {
         stream: Stream {
             // Profile, sample rate index and the channel configuration's first bit, then its two
@@ -201,7 +211,61 @@ fn adts_header(b: &[u8]) -> Parsed<Header> {
             codec: "AAC",
         },
         len,
+        // 1,024 samples per raw data block, and the frame holds one to four.
+        samples: 1024 * (1 + u32::from(b6 & 3)),
+        rate: ADTS_RATES[usize::from((b2 >> 2) & 0xF)],
     })
+}
+
+/// Hertz by ADTS sample rate index (13 and up are refused).
+const ADTS_RATES: [u32; 13] = [
+    96000, 88200, 64000, 48000, 44100, 32000, 24000, 22050, 16000, 12000, 11025, 8000, 7350,
+];
+
+/// What starts at a frame boundary, as the HLS segmenter walks a locked stream's frames: the
+/// frame's length and timing, with what identifies its stream, or a tag's length.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Found {
+    Frame {
+        len: usize,
+        samples: u32,
+        rate: u32,
+        /// Differs between two frames that are not of one stream (version, layer, profile,
+        /// sample rate, channels).
+        stream: u16,
+    },
+    Tag(usize),
+    /// Too few bytes to tell.
+    Need,
+    No,
+}
+
+/// What `b` starts with, if it is at a frame boundary of a `kind` stream.
+pub(crate) fn found_at(kind: Kind, b: &[u8]) -> Found {
+    let header = match kind {
+        Kind::Mp3 => mp3_header(b),
+        Kind::Adts => adts_header(b),
+    };
+    match header {
+        Parsed::Yes(h) => {
+            return Found::Frame {
+                len: h.len,
+                samples: h.samples,
+                rate: h.rate,
+                stream: h.stream.id,
+            }
+        }
+        Parsed::Need if b.len() < DECIDE_BYTES => return Found::Need,
+        _ => {}
+    }
+    for tag in [id3v2_tag(b), id3v1_tag(b)] {
+        match tag {
+            Parsed::Yes(len) => return Found::Tag(len),
+            Parsed::Need if b.len() < DECIDE_BYTES => return Found::Need,
+            _ => {}
+        }
+    }
+    Found::No
 }
 
 /// An ID3v2 tag's whole length, footer included.

@@ -33,6 +33,10 @@
 //! | `no_such_source` | 400 | an admin command for a mount that does not exist (or, for `killsource`, has no source) |
 //! | `auth_unavailable` | 503 | listener authentication could not decide: `listener_add_url` unreachable or too slow (without `auth_allow_on_timeout`), or the users file unreadable |
 //! | `bad_destination` | 400 | `moveclients` to a mount with no live source, or to the mount itself |
+//! | `hls_off` | 404 | an HLS playlist or segment of a mount whose `hls` is off |
+//! | `hls_unsupported_format` | 404 | HLS of a mount whose stream is not MP3, AAC (ADTS) or Ogg Opus |
+//! | `hls_not_ready` | 404 | HLS of a mount whose first segment is not complete yet |
+//! | `segment_gone` | 404 | a segment no longer (or never) in the mount's HLS window |
 //! | `header_timeout` | none | the head did not arrive within `header_timeout_secs` (`header_timeout_under_pressure_secs` when accepted above 80% of `max_connections`); closed |
 //! | `pending_heads_per_ip` | none | the address holds `max_pending_heads_per_ip` connections still sending their head; closed at accept |
 //! | `idle_head_evicted` | none | at `max_connections`, the oldest connection still without a head (after 250 ms; 100 ms on the admin port) was closed to make room |
@@ -101,6 +105,10 @@ pub(crate) enum Refusal {
     /// Listener authentication could not decide: `listener_add_url` did not answer in time (or
     /// could not be reached), or the users file cannot be read.
     AuthUnavailable,
+    HlsOff,
+    HlsUnsupportedFormat,
+    HlsNotReady,
+    SegmentGone,
 }
 
 impl Refusal {
@@ -116,7 +124,12 @@ impl Refusal {
             | Refusal::BadDestination => 400,
             Refusal::AuthRequired(_) | Refusal::BadCredentials(_) => 401,
             Refusal::MountInUse | Refusal::AdminPasswordNotSet => 403,
-            Refusal::UnknownMount | Refusal::MountIdle => 404,
+            Refusal::UnknownMount
+            | Refusal::MountIdle
+            | Refusal::HlsOff
+            | Refusal::HlsUnsupportedFormat
+            | Refusal::HlsNotReady
+            | Refusal::SegmentGone => 404,
             Refusal::MethodNotAllowed(_) => 405,
             Refusal::UriTooLong => 414,
             Refusal::PerIpLimit | Refusal::AuthRateLimited { .. } => 429,
@@ -156,6 +169,10 @@ impl Refusal {
             Refusal::NoSuchSource => "no_such_source",
             Refusal::BadDestination => "bad_destination",
             Refusal::AuthUnavailable => "auth_unavailable",
+            Refusal::HlsOff => "hls_off",
+            Refusal::HlsUnsupportedFormat => "hls_unsupported_format",
+            Refusal::HlsNotReady => "hls_not_ready",
+            Refusal::SegmentGone => "segment_gone",
         }
     }
 
@@ -167,6 +184,12 @@ impl Refusal {
         match self {
             Refusal::TooManySources => " (raise max_sources)",
             Refusal::ServerFull => " (max_listeners)",
+            Refusal::HlsOff => " (set hls = true for this mount)",
+            Refusal::HlsUnsupportedFormat => {
+                " (HLS is cut from MP3, AAC (ADTS) and Ogg Opus streams only; Vorbis, FLAC and other formats are not yet)"
+            }
+            Refusal::HlsNotReady => " (the first segment is still being cut; retry shortly)",
+            Refusal::SegmentGone => " (it is not in the mount's HLS window; reload the playlist)",
             _ => "",
         }
     }

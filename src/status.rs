@@ -100,6 +100,9 @@ pub(crate) struct MountStatus {
     /// Payload bytes sent to listeners since the mount appeared.
     pub(crate) sent_bytes: u64,
     pub(crate) retained_bytes: u64,
+    /// HLS players now, from their playlist polls; absent for a mount without HLS.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub(crate) hls_sessions: Option<usize>,
 }
 
 /// The document `/status.json` serves; the page at `/` shows the same.
@@ -140,6 +143,7 @@ pub(crate) fn own(shared: &Shared, host: &str) -> Status {
                 relay_upstream: meta.relayed_from.clone(),
                 sent_bytes: m.sent_bytes.load(Ordering::Relaxed),
                 retained_bytes: snap.retained_bytes(),
+                hls_sessions: snap.settings.hls.then(|| m.hls_sessions_now()),
                 mount: m.path.clone(),
             })
         })

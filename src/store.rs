@@ -179,6 +179,8 @@ pub(crate) struct Snapshot<S> {
     pub now_playing: Arc<NowPlaying>,
     /// The mount's settings in force for this publication.
     pub settings: Arc<S>,
+    /// The stream as HLS segments and playlist, when the mount has them.
+    pub hls: Option<Arc<crate::hls::Window>>,
 }
 
 /// Where a position stands relative to a snapshot.
@@ -354,6 +356,7 @@ pub(crate) struct StoreWriter<S> {
     headers_from: u64,
     now_playing: Arc<NowPlaying>,
     settings: Arc<S>,
+    hls: Option<Arc<crate::hls::Window>>,
 }
 
 impl<S> StoreWriter<S> {
@@ -371,6 +374,7 @@ impl<S> StoreWriter<S> {
             headers_from: 0,
             now_playing: Arc::default(),
             settings: settings.clone(),
+            hls: None,
         };
         StoreWriter {
             store: Arc::new(Store {
@@ -389,6 +393,7 @@ impl<S> StoreWriter<S> {
             headers_from: 0,
             now_playing: Arc::default(),
             settings,
+            hls: None,
         }
     }
 
@@ -408,6 +413,11 @@ impl<S> StoreWriter<S> {
 
     pub fn state(&self) -> &SourceState {
         &self.state
+    }
+
+    /// The HLS window the next publication carries.
+    pub fn set_hls(&mut self, hls: Option<Arc<crate::hls::Window>>) {
+        self.hls = hls;
     }
 
     /// The live edge: the offset the next byte appended gets.
@@ -561,6 +571,7 @@ impl<S> StoreWriter<S> {
             headers_from: self.headers_from,
             now_playing: self.now_playing.clone(),
             settings: self.settings.clone(),
+            hls: self.hls.clone(),
         };
         self.store.current.store(Arc::new(snap));
     }

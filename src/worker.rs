@@ -317,6 +317,19 @@ async fn route(
         Method::Get | Method::Head if crate::status::is_status_path(&incoming.req.path) => {
             crate::status::serve(shared, incoming).await
         }
+        Method::Get | Method::Head if crate::hls_http::is_hls_path(shared, &incoming.req.path) => {
+            // Kept alive: the requests after HLS ones on the connection come back here.
+            if let Some(next) = crate::hls_http::serve(shared, incoming).await {
+                let Incoming {
+                    stream,
+                    req,
+                    leftover,
+                    peer,
+                    conn,
+                } = next;
+                Box::pin(route(ctx.clone(), stream, req, leftover, peer, conn)).await
+            }
+        }
         Method::Get | Method::Head if crate::playlists::is_playlist(shared, &incoming.req.path) => {
             crate::playlists::serve(shared, incoming).await
         }

@@ -34,6 +34,7 @@ fn debian_package(program: &str) -> &str {
         "systemd-analyze" => "systemd",
         "dpkg-shlibdeps" => "dpkg-dev",
         "man" => "man-db",
+        "nginx" => "nginx-light",
         other => other,
     }
 }
