@@ -111,6 +111,13 @@ fn a_shoutcast_v1_source_streams_to_shoutcast_mount() {
     s.write_all(&first).unwrap();
     let stop = Arc::new(AtomicBool::new(false));
     let feeder = stream_pattern(s, 1000, &stop);
+    // `OK2` comes before the headers that name the stream, so the mount is claimed only after
+    // them: wait until ingest has its bytes.
+    srv.wait_metric(
+        "fanstream_source_received_bytes_total",
+        &["mount=\"/stream\""],
+        |v| v > 0.0,
+    );
 
     let head = assert_plays(srv.addr, "/stream");
     assert!(head.contains("Content-Type: audio/mpeg\r\n"), "{head}");
