@@ -3,8 +3,9 @@
 //!
 //! An entry is written when a listener joins a mount and removed when it leaves (both by the
 //! listener's guard, in `conn`, above this module), so the table costs a lock per join and per
-//! leave, which are rare next to the bytes sent, and nothing per write. What changes per write (how far
-//! behind a listener is) stays with the worker that holds it; the admin API asks the worker.
+//! leave, which are rare next to the bytes sent, and nothing per write. What changes per write
+//! (how far behind a listener is) stays with the worker that holds it; the admin API asks the
+//! worker.
 
 use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
