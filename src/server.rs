@@ -337,16 +337,17 @@ impl Server {
         new.validate()?;
         let intros = crate::file_source::load_intros(&new)?;
         let (new, restart_only) = self.shared.config.load().reloaded(new);
-        for file in new.fallback_files() {
-            if !self.files.contains(file) {
-                tracing::warn!(file = %file.display(), "fallback_file new to the config: it plays from the next restart");
-            }
-        }
         if let Some(tls) = &self.shared.tls {
             let certificate = load_certificate(&new)
                 .map_err(|e| format!("{e}; the running certificate stays"))?;
             tls.store(certificate);
             tracing::info!("TLS certificate reloaded");
+        }
+        // Only once the reload can no longer be refused.
+        for file in new.fallback_files() {
+            if !self.files.contains(file) {
+                tracing::warn!(file = %file.display(), "fallback_file new to the config: it plays from the next restart");
+            }
         }
         for setting in &restart_only {
             tracing::warn!(
