@@ -16,27 +16,29 @@
 //! Each piece ingest publishes costs it a wake-up, a read and a publication, and costs every
 //! listener a slice in its next write. An encoder writes a few hundred bytes every 20-26 ms; a
 //! source writing a byte at a time would make every byte a chunk; and a hosting server with 1,000
-//! such encoders makes 50,000 pieces a second. So a read smaller than [`SMALL_PIECE_BYTES`] that
-//! comes less than the mount's *merge gap* after the previous piece is not published at once:
-//! ingest stops reading until the gap has passed (or [`MERGE_BYTES`] wait), letting what arrives
-//! meanwhile wait in the socket's receive buffer, then takes all of it in one read and publishes
-//! it as one piece. A mount thus gets a small piece once per gap at most, whatever its source's
-//! writes (sooner only if the receive buffer fills). While it holds, the kernel is told not to
-//! signal the socket readable for less than [`MERGE_BYTES`] (`SO_RCVLOWAT`): otherwise each byte
-//! the source sends would still wake the ingest thread, which costs more than the read it no
-//! longer makes. Nothing is copied: the merged piece is one read into the read buffer.
+//! such encoders makes 50,000 pieces a second. So once a source's read is smaller than
+//! [`SMALL_PIECE_BYTES`], ingest stops waiting for its reads: it looks at the socket once per the
+//! mount's *merge gap* and takes, in one read, all that arrived meanwhile, published as one piece.
+//! A mount thus gets a small piece once per gap. Meanwhile the kernel is told not to signal the
+//! socket readable for less than [`MERGE_BYTES`] (`SO_RCVLOWAT`): otherwise each piece the source
+//! sends would still wake the ingest thread, which costs more than the read it no longer makes.
+//! The looks fall on a 10 ms grid shared by all sources ([`TICK_GRID`]), so that one wake-up of the
+//! thread serves every source whose gap ends then. A look that finds nothing (the source paused)
+//! or a full [`MERGE_BYTES`] (it is fast) goes back to waiting for each read. Nothing is copied:
+//! the merged piece is one read into the read buffer.
 //!
-//! The gap is a twentieth of the mount's `max_write_delay_ms`, at most [`MAX_MERGE_GAP`]: with the
-//! default delay (1 s), 50 ms, so a 128 kbit/s encoder's 320-byte pieces go out two or three at a
-//! time (with 1,000 such sources, ingest's CPU fell by a third). A listener's coalesced write falls
-//! due `max_write_delay_ms` after its oldest pending byte was read (a merged piece is stamped with
-//! when its first byte was read, not when it went out), so a hold shorter than that delay makes no
-//! byte later than its deadline: a write that falls due during a hold goes without the held bytes,
-//! which follow by their own. Reads of [`SMALL_PIECE_BYTES`] and more (encoders at 2 Mbit/s and
-//! up) are never held.
-//! `max_write_delay_ms = 0` asks for every piece at once: nothing is held, and a source writing
-//! tiny pieces to such a mount costs a chunk, and a write to every listener, per read, which is
-//! what that mount asked for.
+//! The gap is a tenth of the mount's `max_write_delay_ms`, at most [`MAX_MERGE_GAP`]: with the
+//! default delay (1 s), 100 ms, so a 128 kbit/s encoder's 320-byte pieces go out five at a time.
+//! With 1,000 such sources this took ingest from 27% of a core (a hold per read, with two
+//! `setsockopt`s and a timer each) to 11% (docs/performance/many-stations.md). A listener's
+//! coalesced write falls due `max_write_delay_ms` after its oldest pending byte arrived, and a
+//! merged piece is stamped with the last look that found the socket empty, the earliest its
+//! first byte can have arrived: so a gap shorter than that delay makes no byte later than its
+//! deadline (a write that falls due within a gap goes without the bytes still in the socket,
+//! which follow by their own). Reads of [`SMALL_PIECE_BYTES`] and more (encoders at 2 Mbit/s and
+//! up) are never held. `max_write_delay_ms = 0` asks for every piece at once: nothing is held,
+//! and a source writing tiny pieces to such a mount costs a chunk, and a write to every
+//! listener, per read, which is what that mount asked for.
 //!
 //! The merge is of raw bytes, before the format layer: the sync points stored are the ones the
 //! parser finds in the merged bytes. Frame and page boundaries are found however the bytes were
@@ -84,15 +86,15 @@ const MIN_READ_ROOM: usize = 4 * 1024;
 /// A read at least this big is published at once: a chunk of it costs a listener's write little
 /// per byte, and a 2 Mbit/s encoder's pieces (5 KB) are bigger.
 const SMALL_PIECE_BYTES: usize = 4096;
-/// The longest a small read is held for more to merge with: two to three of an encoder's piece
-/// times (20-26 ms), so that a mount's pieces come at most 20 times a second, well inside the
+/// The longest gap between two looks at a merging source: four to five of an encoder's piece
+/// times (20-26 ms), so that a mount's pieces come at most 10 times a second, well inside the
 /// default coalescing delay. (A byte-at-a-time source's one-byte segments fill the socket's
 /// receive buffer within about 10 ms, and the kernel then signals it readable whatever
 /// `SO_RCVLOWAT` says: its pieces come about every 10 ms.)
-const MAX_MERGE_GAP: Duration = Duration::from_millis(50);
+const MAX_MERGE_GAP: Duration = Duration::from_millis(100);
 /// The merge gap is at most this fraction of the mount's `max_write_delay_ms`.
-const MERGE_GAP_PER_WRITE_DELAY: u32 = 20;
-/// A held read goes out before the gap ends once this much more waits: merging more saves
+const MERGE_GAP_PER_WRITE_DELAY: u32 = 10;
+/// A merging source is read before its gap ends once this much waits: merging more saves
 /// nothing (a 2 Mbit/s encoder's pieces are 5 KB).
 const MERGE_BYTES: usize = 16 * 1024;
 
@@ -111,6 +113,9 @@ struct Entry {
     /// and a lookup by label hashes and locks.
     retained_gauge: IntGauge,
     pieces_gauge: IntGauge,
+    /// `fanstream_source_unsynced_bytes_total` for the mount's label, passed on and dropped:
+    /// a stream that is not what its type says is unsynced in every piece.
+    unsynced: [IntCounter; 2],
     /// Ends the current claim's source (`/admin/killsource`); replaced on every claim.
     kill: Rc<Notify>,
     /// What the current source said of its stream, before the mount's overrides
@@ -219,6 +224,12 @@ impl Ingest {
                 retained_pieces: 0,
                 retained_gauge: shared.metrics.retained_bytes.with_label_values(&label),
                 pieces_gauge: shared.metrics.retained_pieces.with_label_values(&label),
+                unsynced: [false, true].map(|dropped| {
+                    shared
+                        .metrics
+                        .source_unsynced_bytes
+                        .with_label_values(&[label[0], unsynced_action(dropped)])
+                }),
                 kill: Rc::default(),
                 override_pending: false,
                 source_meta: StreamMeta::default(),
@@ -293,9 +304,7 @@ impl Ingest {
                     m.metadata_updates.with_label_values(&[label]).inc();
                 }
                 Event::Unsynced { bytes, dropped } => {
-                    m.source_unsynced_bytes
-                        .with_label_values(&[label, unsynced_action(dropped)])
-                        .inc_by(bytes as u64);
+                    entry.unsynced[usize::from(dropped)].inc_by(bytes as u64);
                 }
             }
         }
@@ -722,22 +731,16 @@ impl Source<'_> {
         }
     }
 
-    /// Until when a read of `len` bytes at `read_at` is held for more to merge with, given when the
-    /// previous piece was published (see the module's doc); None to publish it at once.
-    fn hold(&self, len: usize, read_at: Instant, published: Option<Instant>) -> Option<Instant> {
-        if len >= SMALL_PIECE_BYTES {
-            return None;
-        }
+    /// How long a small read is held for more to merge with (see the module's doc); zero when
+    /// the mount wants every piece at once.
+    fn merge_gap(&self) -> Duration {
         let delay_ms = self
             .ingest
             .entries
             .borrow()
             .get(self.mount)
             .map_or(0, |e| e.writer.settings().max_write_delay_ms);
-        let gap = (Duration::from_millis(delay_ms) / MERGE_GAP_PER_WRITE_DELAY).min(MAX_MERGE_GAP);
-        published
-            .map(|at| at + gap)
-            .filter(|until| *until > read_at)
+        (Duration::from_millis(delay_ms) / MERGE_GAP_PER_WRITE_DELAY).min(MAX_MERGE_GAP)
     }
 
     /// The stream's subtype, if it changed with the events at hand.
@@ -804,8 +807,11 @@ async fn read_stream(
     let mut decoder = chunked.then(ChunkedDecoder::default);
     let mut buf = BytesMut::from(&leftover[..]);
     let mut decoded = BytesMut::new();
+    // When the first byte of what `buf` holds may have arrived.
     let mut read_at = Instant::now();
-    let mut published = None;
+    // While the source's reads are small, ingest looks at its socket once per merge gap instead
+    // of waiting for each read (see the module's doc): `Some(when it last found it drained)`.
+    let mut merging: Option<Instant> = None;
     // Why the stream ended while a piece was held: the piece goes out first.
     let mut ended = None;
     loop {
@@ -827,7 +833,6 @@ async fn read_stream(
                 if let Err(why) = src.append(piece, read_at) {
                     return why;
                 }
-                published = Some(Instant::now());
             }
             if decoder.as_ref().is_some_and(|d| d.is_done()) {
                 return "end_of_stream";
@@ -839,6 +844,22 @@ async fn read_stream(
         if buf.capacity() < MIN_READ_ROOM {
             buf.reserve(READ_BUF_BYTES);
         }
+        if let (Some(drained_at), Io::Plain(tcp)) = (merging, &*stream) {
+            let gap = src.merge_gap();
+            let found;
+            (found, ended) = tick(tcp, &mut buf, on_grid(drained_at + gap)).await;
+            if found == 0 || found >= MERGE_BYTES || gap.is_zero() {
+                // Silent for a gap, or fast enough to fill `MERGE_BYTES` within one: wait for
+                // each read again (a silent source's next bytes are then not held a gap).
+                set_wake_bytes(tcp, 1);
+                merging = None;
+            } else {
+                merging = Some(Instant::now());
+            }
+            // Conservative: its first byte may have come right after the last look.
+            read_at = drained_at;
+            continue;
+        }
         match tokio::time::timeout(timeout, stream.read_buf(&mut buf)).await {
             Err(_) => return "source_timeout",
             Ok(Ok(0)) => return "closed",
@@ -847,28 +868,77 @@ async fn read_stream(
         }
         read_at = Instant::now();
         // Over TLS the socket holds records, not the stream's bytes: nothing to merge there.
-        if let (Some(until), Io::Plain(tcp)) = (src.hold(buf.len(), read_at, published), &*stream) {
-            ended = hold(tcp, &mut buf, until).await;
+        if let Io::Plain(tcp) = &*stream {
+            if buf.len() < SMALL_PIECE_BYTES && !src.merge_gap().is_zero() {
+                set_wake_bytes(tcp, MERGE_BYTES);
+                // What else waits goes out with this read; the socket is drained from here on.
+                ended = take_waiting(tcp, &mut buf);
+                merging = Some(Instant::now());
+            }
         }
     }
 }
 
-/// Lets bytes gather in the socket until `until`, or until `MERGE_BYTES` wait, then takes them
-/// into `buf`; Some says why the stream ended.
-async fn hold(stream: &TcpStream, buf: &mut BytesMut, until: Instant) -> Option<&'static str> {
-    set_wake_bytes(stream, MERGE_BYTES);
-    // The runtime takes the socket for readable until a read finds it empty.
-    if let Some(ended) = take_waiting(stream, buf) {
-        set_wake_bytes(stream, 1);
-        return Some(ended);
-    }
+/// Merging ticks fall on a grid shared by every source, so that the ingest thread wakes once for
+/// all the sources whose gap ends in the same 10 ms, not once per source.
+const TICK_GRID: Duration = Duration::from_millis(10);
+
+/// `at`, rounded up to the next point of [`TICK_GRID`].
+fn on_grid(at: Instant) -> Instant {
+    static EPOCH: std::sync::OnceLock<Instant> = std::sync::OnceLock::new();
+    let epoch = *EPOCH.get_or_init(Instant::now);
+    let grid = TICK_GRID.as_nanos();
+    let since = at.saturating_duration_since(epoch).as_nanos();
+    let late = (grid - since % grid) % grid;
+    at + Duration::from_nanos(late as u64)
+}
+
+/// One merging tick: waits until `until` (or until `MERGE_BYTES` wait, or the stream ends), then
+/// takes what waits into `buf`. Returns how many bytes it took, and why the stream ended if it did.
+async fn tick(
+    stream: &TcpStream,
+    buf: &mut BytesMut,
+    until: Instant,
+) -> (usize, Option<&'static str>) {
     tokio::select! {
         _ = tokio::time::sleep_until(until.into()) => {}
+        // With `SO_RCVLOWAT` at `MERGE_BYTES`, the socket is readable only once that much
+        // waits, or at its end.
         _ = stream.readable() => {}
     }
-    // Before the last read: bytes arriving after it must wake the next one.
-    set_wake_bytes(stream, 1);
-    take_waiting(stream, buf)
+    let before = buf.len();
+    let ended = recv_waiting(stream, buf);
+    (buf.len() - before, ended)
+}
+
+/// As [`take_waiting`], but asking the kernel rather than the runtime: with `SO_RCVLOWAT` high
+/// the runtime has not been told that bytes wait, so it would answer "would block" without a
+/// read.
+fn recv_waiting(stream: &TcpStream, buf: &mut BytesMut) -> Option<&'static str> {
+    let socket = socket2::SockRef::from(stream);
+    while buf.len() < READ_BUF_BYTES {
+        if buf.capacity() - buf.len() < MIN_READ_ROOM {
+            buf.reserve(READ_BUF_BYTES);
+        }
+        let room = buf.spare_capacity_mut();
+        let asked = room.len();
+        match socket.recv(room) {
+            Ok(0) => return Some("closed"),
+            Ok(n) => {
+                // SAFETY: `recv` initialized the first `n` bytes of the spare capacity.
+                unsafe { buf.set_len(buf.len() + n) };
+                // Less than asked: the socket was drained, and asking again would only be
+                // told so (bytes arriving meanwhile are the next tick's).
+                if n < asked {
+                    return None;
+                }
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return None,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(_) => return Some("read_error"),
+        }
+    }
+    None
 }
 
 /// Sets `SO_RCVLOWAT`: the kernel signals the socket readable (and wakes the ingest thread) only
