@@ -14,6 +14,7 @@ use arc_swap::ArcSwap;
 use bytes::Bytes;
 use tokio::sync::{watch, Notify};
 
+use crate::edges::Edges;
 use crate::access_log::AccessLog;
 use crate::auth::AuthFailures;
 use crate::config::Config;
@@ -139,6 +140,9 @@ pub(crate) struct Shared {
     /// Relays that pull only while listened to: admission asks one to connect when a listener
     /// comes for its mount.
     pub on_demand: OnDemand,
+    /// The edges registered with this server (`/admin/register`): where admission sends the
+    /// listeners of a full mount.
+    pub edges: Edges,
 }
 
 /// The on-demand relays, by mount. Registered by the relays thread, asked by admission.
