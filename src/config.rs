@@ -1753,19 +1753,37 @@ mod tests {
         let ok = "[master]\nurl = \"http://o:8000\"\npassword = \"pw\"\nregister = true\npublic_url = \"https://edge-1.example:8443\"\n";
         Config::from_toml(ok).unwrap().validate().unwrap();
         for (toml, why) in [
-            ("register = true\npassword = \"pw\"", "needs master.public_url"),
-            ("register = true\npublic_url = \"http://e:8000\"", "needs master.password"),
-            ("register = true\npassword = \"pw\"\npublic_url = \"http://e:8000/live\"", "no path"),
-            ("register = true\npassword = \"pw\"\npublic_url = \"e:8000\"", "http://"),
+            (
+                "register = true\npassword = \"pw\"",
+                "needs master.public_url",
+            ),
+            (
+                "register = true\npublic_url = \"http://e:8000\"",
+                "needs master.password",
+            ),
+            (
+                "register = true\npassword = \"pw\"\npublic_url = \"http://e:8000/live\"",
+                "no path",
+            ),
+            (
+                "register = true\npassword = \"pw\"\npublic_url = \"e:8000\"",
+                "http://",
+            ),
         ] {
             let e = Config::from_toml(&format!("[master]\nurl = \"http://o\"\n{toml}"))
                 .and_then(|c| c.validate())
                 .unwrap_err();
             assert!(e.contains(why), "{toml}: {e}");
         }
-        let e = Config::from_toml("relay_password = \"\"").unwrap().validate().unwrap_err();
+        let e = Config::from_toml("relay_password = \"\"")
+            .unwrap()
+            .validate()
+            .unwrap_err();
         assert!(e.contains("relay_password"), "{e}");
-        let e = Config::from_toml("relay_user = \"a:b\"").unwrap().validate().unwrap_err();
+        let e = Config::from_toml("relay_user = \"a:b\"")
+            .unwrap()
+            .validate()
+            .unwrap_err();
         assert!(e.contains("relay_user"), "{e}");
     }
 }

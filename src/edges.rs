@@ -184,7 +184,9 @@ mod tests {
         let edges = Edges::default();
         let t = Instant::now();
         for i in 0..MAX_EDGES {
-            edges.register(said(&format!("http://e{i}"), 0, 1), t).unwrap();
+            edges
+                .register(said(&format!("http://e{i}"), 0, 1), t)
+                .unwrap();
         }
         assert_eq!(
             edges.register(said("http://one-more", 0, 1), t),

@@ -50,7 +50,9 @@ async fn register_forever(shared: &Shared, master: &MasterSettings) {
         master.password.as_deref(),
     ) else {
         // `Config::validate` refused these before the server started.
-        tracing::error!("master.register needs master.url, public_url and password; not registering");
+        tracing::error!(
+            "master.register needs master.url, public_url and password; not registering"
+        );
         return;
     };
     let user = master.user.as_deref().unwrap_or("relay");
@@ -72,14 +74,16 @@ async fn register_forever(shared: &Shared, master: &MasterSettings) {
             concat!("fanstream/", env!("CARGO_PKG_VERSION"), " (edge)"),
             Some((user, password)),
         );
-        let result = match tokio::time::timeout(REQUEST_TIMEOUT, status_of(&url, &request)).await
-        {
+        let result = match tokio::time::timeout(REQUEST_TIMEOUT, status_of(&url, &request)).await {
             Ok(Ok(200)) => Ok(()),
             Ok(Ok(status)) => Err(format!("answered {status}")),
             Ok(Err(why)) => Err(why.to_string()),
             Err(_) => Err("timeout".to_string()),
         };
-        shared.metrics.edge_registered.set(i64::from(result.is_ok()));
+        shared
+            .metrics
+            .edge_registered
+            .set(i64::from(result.is_ok()));
         match result {
             Ok(()) if failing => {
                 failing = false;

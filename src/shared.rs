@@ -14,10 +14,10 @@ use arc_swap::ArcSwap;
 use bytes::Bytes;
 use tokio::sync::{watch, Notify};
 
-use crate::edges::Edges;
 use crate::access_log::AccessLog;
 use crate::auth::AuthFailures;
 use crate::config::Config;
+use crate::edges::Edges;
 use crate::heads::Heads;
 use crate::listener_auth::ListenerAuth;
 use crate::logs::Summaries;
