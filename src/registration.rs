@@ -28,7 +28,13 @@ const REGISTER_PATH: &str = "/admin/register";
 /// How long one registration may take, connecting included.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// The thread's body: registers every `interval_secs` until the server stops.
+/// How long the last report of an edge that is stopping may take: the server's stop waits
+/// for it.
+const LEAVING_TIMEOUT: Duration = Duration::from_secs(1);
+
+/// The thread's body: registers every `interval_secs` until the server stops. On a graceful
+/// stop (`SIGTERM`) it reports no room once more, so that the origin sends no listener to an
+/// edge that is going away in the three intervals before it forgets it.
 pub(crate) fn run(
     rt: Runtime,
     shared: Arc<Shared>,
@@ -36,43 +42,74 @@ pub(crate) fn run(
     mut stop: watch::Receiver<Stop>,
 ) {
     rt.block_on(async move {
-        tokio::select! {
-            () = register_forever(&shared, &master) => {}
-            _ = stopped(&mut stop) => {}
+        let Some(mut registrar) = Registrar::new(&shared, &master) else {
+            // `Config::validate` refused this before the server started.
+            tracing::error!(
+                "master.register needs master.url, public_url and password; not registering"
+            );
+            return;
+        };
+        let how = tokio::select! {
+            () = registrar.register_forever() => return,
+            how = stopped(&mut stop) => how,
+        };
+        if how == Stop::Drain {
+            let _ = tokio::time::timeout(LEAVING_TIMEOUT, registrar.report(Some(0))).await;
         }
     });
 }
 
-async fn register_forever(shared: &Shared, master: &MasterSettings) {
-    let (Ok(origin), Some(public_url), Some(password)) = (
-        HttpUrl::parse(&master.url),
-        master.public_url.as_deref(),
-        master.password.as_deref(),
-    ) else {
-        // `Config::validate` refused these before the server started.
-        tracing::error!(
-            "master.register needs master.url, public_url and password; not registering"
-        );
-        return;
-    };
-    let user = master.user.as_deref().unwrap_or("relay");
-    let mut tick = tokio::time::interval(Duration::from_secs(master.interval_secs));
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    // A failing origin is logged once per streak, as relays log a failing upstream.
-    let mut failing = false;
-    loop {
-        tick.tick().await;
-        let mut url = origin.clone();
+/// What an edge tells its origin, and how its last attempts went.
+struct Registrar<'a> {
+    shared: &'a Shared,
+    master: &'a MasterSettings,
+    origin: HttpUrl,
+    public_url: &'a str,
+    auth: (&'a str, &'a str),
+    /// The last registration failed: a failing origin is logged once per streak, as relays log
+    /// a failing upstream.
+    failing: bool,
+}
+
+impl<'a> Registrar<'a> {
+    fn new(shared: &'a Shared, master: &'a MasterSettings) -> Option<Self> {
+        Some(Registrar {
+            shared,
+            master,
+            origin: HttpUrl::parse(&master.url).ok()?,
+            public_url: master.public_url.as_deref()?,
+            auth: (
+                master.user.as_deref().unwrap_or("relay"),
+                master.password.as_deref()?,
+            ),
+            failing: false,
+        })
+    }
+
+    async fn register_forever(&mut self) {
+        let every = Duration::from_secs(self.master.interval_secs);
+        let mut tick = tokio::time::interval(every);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tick.tick().await;
+            self.report(None).await;
+        }
+    }
+
+    /// Registers once: the listeners held now, and the most this server takes (`max_listeners`,
+    /// or `room_for` instead).
+    async fn report(&mut self, room_for: Option<usize>) {
+        let mut url = self.origin.clone();
         url.target = format!(
             "{REGISTER_PATH}?url={}&listeners={}&max_listeners={}&interval={}",
-            percent_encode(public_url),
-            shared.listeners_total.load(Ordering::Relaxed),
-            shared.config.load().max_listeners,
-            master.interval_secs,
+            percent_encode(self.public_url),
+            self.shared.listeners_total.load(Ordering::Relaxed),
+            room_for.unwrap_or(self.shared.config.load().max_listeners),
+            self.master.interval_secs,
         );
         let request = url.request(
             concat!("fanstream/", env!("CARGO_PKG_VERSION"), " (edge)"),
-            Some((user, password)),
+            Some(self.auth),
         );
         let result = match tokio::time::timeout(REQUEST_TIMEOUT, status_of(&url, &request)).await {
             Ok(Ok(200)) => Ok(()),
@@ -80,19 +117,20 @@ async fn register_forever(shared: &Shared, master: &MasterSettings) {
             Ok(Err(why)) => Err(why.to_string()),
             Err(_) => Err("timeout".to_string()),
         };
-        shared
+        let origin = &self.master.url;
+        self.shared
             .metrics
             .edge_registered
             .set(i64::from(result.is_ok()));
         match result {
-            Ok(()) if failing => {
-                failing = false;
-                tracing::info!(origin = %master.url, %public_url, "registered with the origin again");
+            Ok(()) if self.failing => {
+                self.failing = false;
+                tracing::info!(%origin, public_url = %self.public_url, "registered with the origin again");
             }
-            Ok(()) => tracing::debug!(origin = %master.url, "registered with the origin"),
-            Err(why) if !failing => {
-                failing = true;
-                tracing::warn!(origin = %master.url, reason = %why, "cannot register with the origin; the origin sends this edge no listeners until it can");
+            Ok(()) => tracing::debug!(%origin, "registered with the origin"),
+            Err(why) if !self.failing => {
+                self.failing = true;
+                tracing::warn!(%origin, reason = %why, "cannot register with the origin; the origin sends this edge no listeners until it can");
             }
             Err(_) => {}
         }

@@ -391,8 +391,24 @@ fn registrations_need_the_relay_credentials_and_a_silent_edge_is_forgotten() {
         "it was registered when the listener came"
     );
 
+    // An edge stopping gracefully (SIGTERM) says at once that it has no room left.
+    let (mut leaving, leaving_url) = registered_edge(origin.addr);
+    wait_until("the edge to register", || {
+        edge_urls(&origin).contains(&leaving_url)
+    });
+    leaving.stop(Stop::Drain);
+    let room = |url: &str| {
+        status_json(&origin)["edges"]
+            .as_array()
+            .and_then(|edges| edges.iter().find(|e| e["url"] == url))
+            .map(|e| e["room"].as_u64().unwrap())
+    };
+    assert_eq!(room(&leaving_url), Some(0), "it said it leaves");
+    let (status, _, _) = request(origin.addr, b"GET /live HTTP/1.0\r\n\r\n");
+    assert_eq!(status, 503, "no edge with room");
+
     // A real edge registers every second; stopped, it falls silent and is forgotten, as the
-    // edge registered by hand above was.
+    // edges above were.
     let (mut edge, public_url) = registered_edge(origin.addr);
     wait_until("the edge to register", || {
         edge_urls(&origin).contains(&public_url)
