@@ -198,6 +198,9 @@ fn route(shared: &Shared, req: &Request) -> Result<Vec<u8>, Refusal> {
     Ok(match (&req.method, req.path.as_str()) {
         (Method::Get, "/metrics") => {
             refresh_hls_sessions(shared);
+            // Edges leave without a word too: counted now, the silent ones forgotten.
+            let edges = shared.edges.count(std::time::Instant::now());
+            shared.metrics.edges.set(edges as i64);
             let body = shared.metrics.render();
             let mut r = format!(
                 "HTTP/1.0 200 OK\r\nContent-Type: text/plain; version=0.0.4; charset=utf-8\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",

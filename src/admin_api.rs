@@ -2,7 +2,9 @@
 //! scripts use: `/admin/stats`, `/admin/listmounts`, `/admin/listclients?mount=`,
 //! `/admin/killclient?mount=&id=`, `/admin/killsource?mount=`,
 //! `/admin/moveclients?mount=&destination=`, `/admin/streamlist.txt` and
-//! `/admin/fallbacks?mount=&fallback=`. (`/admin/metadata` is [`crate::metadata`]'s.)
+//! `/admin/fallbacks?mount=&fallback=`. (`/admin/metadata` is [`crate::metadata`]'s.) And
+//! fanstream's own `/admin/register?url=&listeners=&max_listeners=&interval=`, where an edge
+//! registers for spill-over ([`crate::edges`]).
 //!
 //! Served on the admin port and under `/admin/` on the listener port. The answers have Icecast's
 //! XML shapes (element names, nesting, alphabetical order of the stats), so clients written for
@@ -11,7 +13,9 @@
 //!
 //! Credentials: the admin user's (HTTP Basic), or for a command on one mount (`listclients`,
 //! `killclient`, `killsource`, `moveclients`, `fallbacks`) that mount's source credentials too,
-//! as Icecast takes them; failures count towards the per-address 429 like other logins. The
+//! as Icecast takes them; for `streamlist.txt` and `register`, the relay user's too
+//! (`relay_user`/`relay_password`), as Icecast serves its relays the list; failures count
+//! towards the per-address 429 like other logins. The
 //! admin port, kept on loopback, stays open without `admin_password`, as it was; the listener
 //! port is public, so there the admin API answers 403 until `admin_password` is set.
 //!
@@ -74,6 +78,7 @@ enum Command {
     MoveClients,
     StreamList,
     Fallbacks,
+    Register,
 }
 
 impl Command {
@@ -88,8 +93,14 @@ impl Command {
             "moveclients" => Command::MoveClients,
             "streamlist.txt" => Command::StreamList,
             "fallbacks" => Command::Fallbacks,
+            "register" => Command::Register,
             _ => return None,
         })
+    }
+
+    /// Commands an edge's relay runs, with the relay credentials.
+    fn for_relays(self) -> bool {
+        matches!(self, Command::StreamList | Command::Register)
     }
 
     /// Commands on one mount, which that mount's source credentials may run.
@@ -118,7 +129,8 @@ pub(crate) async fn answer(
     let scoped_mount = command
         .filter(|c| c.on_one_mount())
         .and_then(|_| params.get("mount"));
-    authorize(shared, req, peer, port, scoped_mount)?;
+    let for_relays = command.is_some_and(Command::for_relays);
+    authorize(shared, req, peer, port, scoped_mount, for_relays)?;
     let command = command.ok_or(Refusal::UnknownCommand)?;
     let json = wants_json(req, &params);
     let doc = match command {
@@ -133,6 +145,17 @@ pub(crate) async fn answer(
                 let text: String = mounts.iter().map(|m| format!("{m}\n")).collect();
                 respond("text/plain; charset=utf-8", text.as_bytes())
             });
+        }
+        Command::Register => {
+            let said = registration(&params).ok_or(Refusal::BadQuery)?;
+            let url = said.url.clone();
+            let room = said.max_listeners.saturating_sub(said.listeners);
+            shared
+                .edges
+                .register(said, std::time::Instant::now())
+                .map_err(|_| Refusal::TooManyEdges)?;
+            tracing::debug!(%peer, edge = %url, room, "edge registered");
+            response_doc(&format!("Edge {url} registered"), true)
         }
         Command::ListClients => {
             let mount = existing_mount(shared, &params)?;
@@ -198,22 +221,45 @@ pub(crate) async fn answer(
     })
 }
 
-/// Checks the credentials a command needs (see the module's doc).
+/// An edge's registration from its query: `url` (where listeners reach it, as
+/// `master.public_url` is checked), `listeners` and `max_listeners`, and `interval` (seconds
+/// between its registrations, 1 to 3600). None if a part is missing or wrong.
+fn registration(params: &Params) -> Option<crate::edges::Registration> {
+    let number = |name| params.get(name)?.parse::<usize>().ok();
+    let url = params.get("url")?;
+    crate::config::check_public_url(&url).ok()?;
+    let interval = number("interval").filter(|s| (1..=3600).contains(s))?;
+    Some(crate::edges::Registration {
+        url,
+        listeners: number("listeners")?,
+        max_listeners: number("max_listeners")?,
+        interval: Duration::from_secs(interval as u64),
+    })
+}
+
+/// Checks the credentials a command needs (see the module's doc). `for_relays`: the relay
+/// credentials may run it too.
 fn authorize(
     shared: &Shared,
     req: &Request,
     peer: SocketAddr,
     port: Port,
     mount: Option<String>,
+    for_relays: bool,
 ) -> Result<(), Refusal> {
     let cfg = shared.config.load();
-    let Some(admin_password) = cfg.admin_password.as_deref() else {
-        return match port {
-            Port::Admin => Ok(()),
-            Port::Public => Err(Refusal::AdminPasswordNotSet),
-        };
-    };
-    let mut accepted = vec![(cfg.admin_user.as_str(), admin_password)];
+    let relay = cfg.relay_password.as_deref().filter(|_| for_relays);
+    let mut accepted = Vec::new();
+    match (cfg.admin_password.as_deref(), relay) {
+        (Some(admin_password), _) => accepted.push((cfg.admin_user.as_str(), admin_password)),
+        // The admin port, kept on loopback, is open without an admin password.
+        (None, _) if port == Port::Admin => return Ok(()),
+        (None, None) => return Err(Refusal::AdminPasswordNotSet),
+        (None, Some(_)) => {}
+    }
+    if let Some(relay_password) = relay {
+        accepted.push((cfg.relay_user.as_str(), relay_password));
+    }
     let source_password = mount.as_deref().and_then(|m| cfg.source_password_for(m));
     if let Some(source_password) = source_password {
         accepted.push((cfg.source_user.as_str(), source_password));
@@ -301,6 +347,10 @@ async fn list_clients(to: &Links<'_>, mount: &Arc<Mount>) -> El {
             El::num("Connected", c.connected.elapsed().as_secs()),
             El::num("ID", c.id),
         ];
+        // An edge's relay (the relay credentials), not audience; absent for a listener.
+        if c.relay {
+            listener.push(El::num("relay", 1));
+        }
         // Bytes behind the live edge (Icecast 2.5's `lag`); absent for a listener in transit
         // between mounts.
         if let Some(lag) = lags.get(&c.id) {

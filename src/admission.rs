@@ -30,19 +30,37 @@ use crate::store::SourceState;
 pub(crate) async fn admit(ctx: &Rc<WorkerCtx>, incoming: Incoming) {
     let fd = incoming.stream.socket().as_raw_fd();
     let id = next_id();
-    let mut leave = match authenticate(ctx, &incoming.req, incoming.peer, id).await {
-        Ok(leave) => leave,
-        Err(no) => return incoming.refuse(&ctx.shared, no).await,
+    let relay = incoming.relay;
+    // A relay gave the server's own relay credentials: the mount's listener auth, meant for
+    // its audience, is not asked about it.
+    let mut leave = match relay {
+        true => None,
+        false => match authenticate(ctx, &incoming.req, incoming.peer, id).await {
+            Ok(leave) => leave,
+            Err(no) => return incoming.refuse(&ctx.shared, no).await,
+        },
     };
-    let checked = check(ctx, &incoming.req, incoming.peer, fd, id, &mut leave);
-    let (mount, snap, guard, joining) = match checked {
-        Ok(admitted) => admitted,
+    let asked = Asked {
+        req: &incoming.req,
+        peer: incoming.peer,
+        fd,
+        id,
+        relay,
+    };
+    let checked = match check(ctx, &asked, &mut leave) {
         Err(Refusal::UnknownMount | Refusal::MountIdle)
             if ctx.shared.on_demand.ask(&incoming.req.path) =>
         {
-            match on_demand(ctx, &incoming.req, incoming.peer, fd, id, &mut leave).await {
-                Ok(admitted) => admitted,
-                Err(no) => return incoming.refuse(&ctx.shared, no).await,
+            on_demand(ctx, &asked, &mut leave).await
+        }
+        checked => checked,
+    };
+    let (mount, snap, guard, joining) = match checked {
+        Ok(admitted) => admitted,
+        Err(no @ (Refusal::MountFull | Refusal::ServerFull)) => {
+            match ctx.shared.edges.pick(Instant::now()) {
+                Some(edge) => return redirect(&ctx.shared, incoming, &edge).await,
+                None => return incoming.refuse(&ctx.shared, no).await,
             }
         }
         Err(no) => return incoming.refuse(&ctx.shared, no).await,
@@ -112,16 +130,20 @@ pub(crate) async fn admit(ctx: &Rc<WorkerCtx>, incoming: Incoming) {
         let _ = stream.shutdown().await;
         return;
     }
-    ctx.shared
-        .metrics
-        .listener_connects
-        .with_label_values(&[mount.label.as_str()])
-        .inc();
     let mut guard = guard;
-    if icy.is_some() {
-        guard.count_icy();
+    if relay {
+        tracing::info!(%peer, mount = %mount.path, worker = ctx.index, "relay joined");
+    } else {
+        ctx.shared
+            .metrics
+            .listener_connects
+            .with_label_values(&[mount.label.as_str()])
+            .inc();
+        if icy.is_some() {
+            guard.count_icy();
+        }
+        tracing::debug!(%peer, mount = %mount.path, worker = ctx.index, "listener joined");
     }
-    tracing::debug!(%peer, mount = %mount.path, worker = ctx.index, "listener joined");
     let pos = snap.join_point(snap.settings.burst_bytes);
     #[cfg(feature = "fault-injection")]
     {
@@ -145,16 +167,13 @@ pub(crate) async fn admit(ctx: &Rc<WorkerCtx>, incoming: Incoming) {
 /// Looked at every few milliseconds: a listener waits here only while its relay connects.
 async fn on_demand(
     ctx: &WorkerCtx,
-    req: &Request,
-    peer: SocketAddr,
-    fd: RawFd,
-    id: u64,
+    asked: &Asked<'_>,
     leave: &mut Option<LeaveCall>,
 ) -> Result<(Arc<Mount>, Arc<Snapshot>, ListenerGuard, Joining), Refusal> {
     let deadline = std::time::Instant::now()
         + std::time::Duration::from_secs(ctx.shared.config.load().source_timeout_secs);
     loop {
-        match check(ctx, req, peer, fd, id, leave) {
+        match check(ctx, asked, leave) {
             Err(Refusal::UnknownMount | Refusal::MountIdle)
                 if std::time::Instant::now() < deadline =>
             {
@@ -235,16 +254,58 @@ async fn authenticate(
     .await
 }
 
-/// The mount to join, as it stands now, and the listener counted in; or why not.
-fn check(
-    ctx: &WorkerCtx,
-    req: &Request,
+/// A listener's request, as the checks need it.
+struct Asked<'a> {
+    req: &'a Request,
     peer: SocketAddr,
     fd: RawFd,
     id: u64,
+    /// It gave the relay credentials.
+    relay: bool,
+}
+
+/// Sends a listener that a full mount (or server) cannot take to `edge`, a registered edge
+/// with room, at the same path and query: `302 Found`, as Icecast-KH sends its master's
+/// listeners to its slaves. The edge pulls the mount from here as a relay, which no limit
+/// binds.
+async fn redirect(shared: &Shared, incoming: Incoming, edge: &str) {
+    let req = &incoming.req;
+    let location = match req.query.is_empty() {
+        true => format!("{edge}{}", req.path),
+        false => format!("{edge}{}?{}", req.path, req.query),
+    };
+    if let Some(mount) = shared.mounts.get(&req.path) {
+        shared
+            .metrics
+            .listener_redirects
+            .with_label_values(&[mount.label.as_str()])
+            .inc();
+    }
+    tracing::debug!(peer = %incoming.peer, mount = %req.path, %edge, "full: listener sent to an edge");
+    let resp = http::response(
+        302,
+        "Found",
+        &[("Location", &location)],
+        &format!("302 Found: this server is full; listen at {location}\n"),
+    );
+    crate::conn::log_response(shared, req, incoming.peer, &resp);
+    http::write_and_close(incoming.stream, &resp).await
+}
+
+/// The mount to join, as it stands now, and the listener counted in; or why not.
+fn check(
+    ctx: &WorkerCtx,
+    asked: &Asked<'_>,
     // Taken once the listener is counted in: a check that fails keeps it for the next try.
     leave: &mut Option<LeaveCall>,
 ) -> Result<(Arc<Mount>, Arc<Snapshot>, ListenerGuard, Joining), Refusal> {
+    let &Asked {
+        req,
+        peer,
+        fd,
+        id,
+        relay,
+    } = asked;
     let path = req.path.as_str();
     if !valid_mount_path(path) {
         return Err(Refusal::BadPath);
@@ -275,7 +336,8 @@ fn check(
         return Err(Refusal::MountIdle);
     }
     let limit = Some(snap.settings.max_listeners);
-    let client = Client::new(id, peer, req.header("user-agent"), ctx.index);
+    let mut client = Client::new(id, peer, req.header("user-agent"), ctx.index);
+    client.relay = relay;
     let listening = Box::new(Listening {
         id,
         fd,

@@ -71,6 +71,39 @@ pub(crate) fn check_given(
     Ok(())
 }
 
+/// Whether a request comes from an edge's relay: its Basic credentials name `relay_user` with
+/// `relay_password`. Ok(false) when no relay password is set or the credentials name another
+/// user (a listener of an `htpasswd` mount), so they are left for the mount's own check;
+/// Err when they name the relay user with a wrong password: a relay refused is told so (401),
+/// not taken for an anonymous listener, and the failure counts toward the per-address 429.
+pub(crate) fn relay(
+    failures: &AuthFailures,
+    cfg: &Config,
+    req: &Request,
+    peer: SocketAddr,
+) -> Result<bool, Refusal> {
+    let Some(expected) = cfg.relay_password.as_deref() else {
+        return Ok(false);
+    };
+    let given = req.basic_auth();
+    if !given
+        .as_ref()
+        .is_some_and(|(user, _)| secrets_equal(user, &cfg.relay_user))
+    {
+        return Ok(false);
+    }
+    check_given(
+        failures,
+        cfg,
+        peer,
+        &req.path,
+        Realm::Relay,
+        given,
+        &[(&cfg.relay_user, expected)],
+    )?;
+    Ok(true)
+}
+
 /// Addresses tracked at most; past it, expired entries are dropped, and if that is not enough
 /// the table starts afresh (a flood from that many addresses is not stopped by a table anyway).
 const MAX_TRACKED: usize = 10_000;

@@ -34,6 +34,8 @@ pub(crate) struct Client {
     pub connected: Instant,
     /// The worker that holds it: where a kill or a move for it is sent.
     pub worker: usize,
+    /// An edge's relay (it gave the relay credentials), not a listener.
+    pub relay: bool,
 }
 
 /// A mount's HLS players, counted from their playlist polls: a player holds no connection
@@ -93,6 +95,7 @@ impl Client {
             user_agent,
             connected: Instant::now(),
             worker,
+            relay: false,
         }
     }
 }

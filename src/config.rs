@@ -333,9 +333,21 @@ pub struct MasterSettings {
     pub interval_secs: u64,
     /// Mirrored relays pull only while they have listeners (as `on_demand` of `[[relays]]`).
     /// Default true, as Icecast's `<relays-on-demand>` is usually set for a mirror: an edge
-    /// costs its origin nothing for mounts nobody listens to there.
-    #[serde(default = "default_true")]
+    /// costs its origin nothing for mounts nobody listens to there. Also accepted as
+    /// `master_on_demand`, the name issue 12 gives it (both mean this one setting).
+    #[serde(default = "default_true", alias = "master_on_demand")]
     pub on_demand: bool,
+    /// Register this server with the origin as an edge with room for its listeners: every
+    /// `interval_secs`, a `GET /admin/register` with the relay credentials, `public_url` and
+    /// how many listeners it holds of how many it takes. An origin whose mount is full then
+    /// redirects new listeners here. Default false.
+    #[serde(default)]
+    pub register: bool,
+    /// Where listeners reach this server, as the origin's redirects will name it:
+    /// `http://host:port` or `https://host:port`, no path (the mount's path follows it).
+    /// Required with `register`. Default none.
+    #[serde(default)]
+    pub public_url: Option<String>,
 }
 
 fn default_true() -> bool {
@@ -459,6 +471,15 @@ pub struct Config {
     pub admin_password_file: Option<PathBuf>,
     /// User name sources authenticate with. Default `source`.
     pub source_user: String,
+    /// User name the edges' relays authenticate with (HTTP Basic), as Icecast's `relay-user`.
+    /// Default `relay`.
+    pub relay_user: String,
+    /// Password of `relay_user`. A listener request with these credentials is a relay: it
+    /// passes `max_listeners` and `max_connections_per_ip`, is counted as a relay rather than
+    /// audience, is never dropped by the lag policy (it skips instead), and is never redirected
+    /// to an edge; they also read `/admin/streamlist.txt` and register edges
+    /// (`/admin/register`). Default none: no relay identity.
+    pub relay_password: Option<String>,
     /// Password for mounts without their own; also admits sources on mounts not in the file.
     /// Default none: the binary then reads the systemd credential `source_password` or the file
     /// `source_password` beside the config, or else generates one at start-up and prints it.
@@ -563,6 +584,8 @@ impl Default for Config {
             admin_password: None,
             admin_password_file: None,
             source_user: "source".into(),
+            relay_user: "relay".into(),
+            relay_password: None,
             source_password: None,
             source_password_file: None,
             max_listeners: 100_000,
@@ -902,6 +925,14 @@ impl Config {
         if self.admin_user.is_empty() || self.admin_user.contains(':') {
             return Err("admin_user must be non-empty and contain no ':'".into());
         }
+        if self.relay_user.is_empty() || self.relay_user.contains(':') {
+            return Err("relay_user must be non-empty and contain no ':'".into());
+        }
+        if self.relay_password.as_deref() == Some("") {
+            return Err(
+                "relay_password must not be empty (leave it out for no relay identity)".into(),
+            );
+        }
         for origin in &self.cors_allowed_origins {
             let plausible = origin == "*"
                 || (origin.starts_with("http://") || origin.starts_with("https://"))
@@ -1000,6 +1031,15 @@ impl Config {
             if m.interval_secs == 0 {
                 return Err("master.interval_secs must be at least 1".into());
             }
+            if m.register {
+                let url = m.public_url.as_deref().ok_or(
+                    "master.register needs master.public_url, where listeners reach this server",
+                )?;
+                check_public_url(url).map_err(|e| format!("master.public_url = {url:?}: {e}"))?;
+                if m.password.is_none() {
+                    return Err("master.register needs master.password: the origin takes registrations from its relay user only".into());
+                }
+            }
         }
         if self.startup.relays.len() > self.source_limit() {
             return Err(format!(
@@ -1010,6 +1050,25 @@ impl Config {
         }
         Ok(())
     }
+}
+
+/// An edge's public URL as a redirect's `Location` starts with: `http://` or `https://`, a host
+/// and maybe a port, no path, printable ASCII only (it goes in a header).
+pub fn check_public_url(url: &str) -> Result<(), &'static str> {
+    let rest = url
+        .strip_prefix("http://")
+        .or_else(|| url.strip_prefix("https://"))
+        .ok_or("must start with http:// or https://")?;
+    if rest.is_empty() || rest.len() > 256 {
+        return Err("needs a host (at most 256 bytes)");
+    }
+    if rest.contains('/') || rest.contains('@') {
+        return Err("a host and port only: no path, no credentials");
+    }
+    if !rest.bytes().all(|b| b.is_ascii_graphic()) {
+        return Err("holds spaces or characters that are not printable ASCII");
+    }
+    Ok(())
 }
 
 /// The password a file holds: its first line, trimmed. `what` names the setting (or the source)
@@ -1676,5 +1735,55 @@ mod tests {
                 .unwrap_err();
             assert!(e.contains(why), "{toml}: {e}");
         }
+    }
+
+    #[test]
+    fn master_on_demand_is_the_same_setting_as_on_demand() {
+        for key in ["on_demand", "master_on_demand"] {
+            let c = Config::from_toml(&format!(
+                "[master]\nurl = \"http://o:8000\"\n{key} = false\n"
+            ))
+            .unwrap();
+            assert!(!c.startup.master.unwrap().on_demand, "{key}");
+        }
+    }
+
+    #[test]
+    fn registration_needs_a_public_url_and_the_relay_password() {
+        let ok = "[master]\nurl = \"http://o:8000\"\npassword = \"pw\"\nregister = true\npublic_url = \"https://edge-1.example:8443\"\n";
+        Config::from_toml(ok).unwrap().validate().unwrap();
+        for (toml, why) in [
+            (
+                "register = true\npassword = \"pw\"",
+                "needs master.public_url",
+            ),
+            (
+                "register = true\npublic_url = \"http://e:8000\"",
+                "needs master.password",
+            ),
+            (
+                "register = true\npassword = \"pw\"\npublic_url = \"http://e:8000/live\"",
+                "no path",
+            ),
+            (
+                "register = true\npassword = \"pw\"\npublic_url = \"e:8000\"",
+                "http://",
+            ),
+        ] {
+            let e = Config::from_toml(&format!("[master]\nurl = \"http://o\"\n{toml}"))
+                .and_then(|c| c.validate())
+                .unwrap_err();
+            assert!(e.contains(why), "{toml}: {e}");
+        }
+        let e = Config::from_toml("relay_password = \"\"")
+            .unwrap()
+            .validate()
+            .unwrap_err();
+        assert!(e.contains("relay_password"), "{e}");
+        let e = Config::from_toml("relay_user = \"a:b\"")
+            .unwrap()
+            .validate()
+            .unwrap_err();
+        assert!(e.contains("relay_user"), "{e}");
     }
 }

@@ -59,7 +59,9 @@ pub(crate) struct Accepted {
 /// The acceptor creates it (incrementing), whoever holds the connection last drops it.
 pub(crate) struct ConnGuard {
     shared: Arc<Shared>,
-    worker: usize,
+    /// A u32 (workers are at most 1024) so that the guard, inline in every listener of the
+    /// fan-out, leaves room beside the address for the listener's other fields.
+    worker: u32,
     /// Set when per-address counting is on.
     ip: Option<std::net::IpAddr>,
 }
@@ -70,8 +72,16 @@ impl ConnGuard {
     pub fn new(shared: Arc<Shared>, worker: usize) -> Self {
         ConnGuard {
             shared,
-            worker,
+            worker: worker as u32,
             ip: None,
+        }
+    }
+
+    /// Stops counting the connection against its address: an edge's relay is not one of the
+    /// address's clients, and an edge may hold many relays from one address.
+    pub fn forget_address(&mut self) {
+        if let Some(ip) = self.ip.take() {
+            uncount(&self.shared, ip);
         }
     }
 
@@ -91,20 +101,24 @@ impl ConnGuard {
 
 impl Drop for ConnGuard {
     fn drop(&mut self) {
-        self.shared.workers[self.worker]
+        self.shared.workers[self.worker as usize]
             .connections
             .fetch_sub(1, Ordering::Relaxed);
         if let Some(ip) = self.ip {
-            let mut per_ip = self.shared.per_ip.lock().unwrap_or_else(|e| e.into_inner());
-            if let Some(n) = per_ip.get_mut(&ip) {
-                *n -= 1;
-                if *n == 0 {
-                    per_ip.remove(&ip);
-                }
-            }
+            uncount(&self.shared, ip);
         }
         // The acceptor may be waiting for room.
         self.shared.room.notify_one();
+    }
+}
+
+fn uncount(shared: &Shared, ip: std::net::IpAddr) {
+    let mut per_ip = shared.per_ip.lock().unwrap_or_else(|e| e.into_inner());
+    if let Some(n) = per_ip.get_mut(&ip) {
+        *n -= 1;
+        if *n == 0 {
+            per_ip.remove(&ip);
+        }
     }
 }
 
@@ -287,6 +301,9 @@ pub(crate) struct Incoming {
     pub leftover: Vec<u8>,
     pub peer: SocketAddr,
     pub conn: ConnGuard,
+    /// The request carries the relay credentials (`relay_user`/`relay_password`): an edge's
+    /// relay, not audience.
+    pub relay: bool,
 }
 
 impl Incoming {
@@ -466,6 +483,9 @@ pub(crate) struct ListenerGuard {
     gauge: IntGauge,
     /// Set while it receives ICY metadata.
     icy_gauge: Option<IntGauge>,
+    /// An edge's relay: counted in the mount's `relays` (and `gauge` is
+    /// `fanstream_relays`), not among its listeners; no listener limit applies to it.
+    relay: bool,
     /// The listener's entry in the mount's [`crate::clients::Clients`] (by its id), removed
     /// when the guard goes, and its access log line, written then. None once handed to the
     /// guard of the mount it moves to, or for a listener refused.
@@ -475,7 +495,7 @@ pub(crate) struct ListenerGuard {
 impl ListenerGuard {
     /// Counts a listener in, and lists it among the mount's clients. With `max_listeners` (the
     /// mount's limit, 0 for none) it is refused, and counted out again, when the mount or the
-    /// server is full.
+    /// server is full. A relay is counted as one, and never refused.
     pub fn enter(
         shared: &Arc<Shared>,
         mount: &Arc<Mount>,
@@ -484,6 +504,24 @@ impl ListenerGuard {
         client: Client,
         listening: Box<Listening>,
     ) -> Result<Self, Refusal> {
+        let relay = client.relay;
+        if relay {
+            mount.relays.fetch_add(1, Ordering::Relaxed);
+            let gauge = shared
+                .metrics
+                .relays
+                .with_label_values(&[mount.label.as_str()]);
+            gauge.inc();
+            mount.clients.join(client);
+            return Ok(ListenerGuard {
+                shared: shared.clone(),
+                mount: mount.clone(),
+                gauge,
+                icy_gauge: None,
+                relay,
+                listening: Some(listening),
+            });
+        }
         let on_mount = mount.listeners.fetch_add(1, Ordering::Relaxed);
         let total = shared.listeners_total.fetch_add(1, Ordering::Relaxed);
         let gauge = shared
@@ -497,6 +535,7 @@ impl ListenerGuard {
             mount: mount.clone(),
             gauge,
             icy_gauge: None,
+            relay,
             listening: None,
         };
         let mut guard = guard;
@@ -514,6 +553,11 @@ impl ListenerGuard {
         mount.clients.join(client);
         guard.listening = Some(listening);
         Ok(guard)
+    }
+
+    /// Whether it is an edge's relay rather than a listener.
+    pub fn is_relay(&self) -> bool {
+        self.relay
     }
 
     /// The listener's id, as the admin API names it (0 once it left).
@@ -557,8 +601,12 @@ impl Drop for ListenerGuard {
                 self.shared.access_log.record(record);
             }
         }
-        self.mount.listeners.fetch_sub(1, Ordering::Relaxed);
-        self.shared.listeners_total.fetch_sub(1, Ordering::Relaxed);
+        if self.relay {
+            self.mount.relays.fetch_sub(1, Ordering::Relaxed);
+        } else {
+            self.mount.listeners.fetch_sub(1, Ordering::Relaxed);
+            self.shared.listeners_total.fetch_sub(1, Ordering::Relaxed);
+        }
         self.gauge.dec();
         if let Some(g) = &self.icy_gauge {
             g.dec();

@@ -1063,7 +1063,9 @@ async fn rejoin(admit: mpsc::UnboundedSender<NewListener>, mut new: NewListener,
 /// is served: at the latest once per `max_write_delay_ms` while the stream flows).
 fn over_duration(l: &Listener, settings: &MountSettings, now: Instant) -> bool {
     let max = settings.max_listener_duration_secs;
+    // A limit on a listener's session: an edge's relay carries all of the edge's sessions.
     max > 0
+        && !l.guard.is_relay()
         && l.guard
             .connected()
             .is_some_and(|at| now.saturating_duration_since(at) >= Duration::from_secs(max))
@@ -1223,11 +1225,17 @@ fn write_icy(
 }
 
 /// A listener more than `max_lag_bytes` behind that cannot catch up: dropped, or moved to the
-/// live edge, as the mount's `lag_policy` says.
+/// live edge, as the mount's `lag_policy` says. An edge's relay is always moved, never dropped:
+/// dropping it would cut every listener of the edge at once (they wait out the grace period
+/// while it reconnects, then hear a jump anyway), where skipping costs them that jump only.
+/// Exempting it from the policy altogether is not possible: the store keeps only the window
+/// (`max_lag_bytes`), so a relay further behind has nothing left to be sent. A relay that takes
+/// nothing at all still goes at `send_timeout_secs`.
 fn lag_policy(l: &mut Listener, snap: &Snapshot, settings: &MountSettings) -> Served {
+    let relay = l.guard.is_relay();
     match settings.lag_policy {
-        LagPolicy::Disconnect => Served::Drop(Disconnect::Slow),
-        LagPolicy::Skip => {
+        LagPolicy::Disconnect if !relay => Served::Drop(Disconnect::Slow),
+        LagPolicy::Disconnect | LagPolicy::Skip => {
             l.pos = snap.end;
             Served::Skipped
         }

@@ -58,6 +58,7 @@ pub(crate) async fn serve(shared: &Shared, incoming: Incoming) -> Option<Incomin
         leftover: mut buf,
         mut peer,
         conn,
+        relay,
     } = incoming;
     // Each response goes out whole in one or two writes: waiting to coalesce them only delays
     // the next request of a player fetching segment after segment.
@@ -74,6 +75,7 @@ pub(crate) async fn serve(shared: &Shared, incoming: Incoming) -> Option<Incomin
                     leftover,
                     peer,
                     conn,
+                    relay,
                 };
                 incoming.refuse(shared, no).await;
                 return None;
@@ -105,12 +107,15 @@ pub(crate) async fn serve(shared: &Shared, incoming: Incoming) -> Option<Incomin
         let hls =
             matches!(req.method, Method::Get | Method::Head) && is_hls_path(shared, &req.path);
         if !hls {
+            // Relay credentials are taken on a connection's first request only (the router
+            // checks them with its address limits): a later one is a listener's.
             return Some(Incoming {
                 stream,
                 req,
                 leftover: buf,
                 peer,
                 conn,
+                relay: false,
             });
         }
     }

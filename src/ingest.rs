@@ -209,6 +209,7 @@ impl Ingest {
                 label: shared.metrics.mount_label(path, config.max_mount_series),
                 store: writer.store().clone(),
                 listeners: AtomicUsize::new(0),
+                relays: AtomicUsize::new(0),
                 listener_peak: AtomicUsize::new(0),
                 received_bytes: AtomicU64::new(0),
                 sent_bytes: AtomicU64::new(0),

@@ -24,9 +24,11 @@
 //!   once each worker with listeners of that mount, telling it which mount published. The
 //!   [`demo`] is a source like any other, on its own thread, and so is each fallback file
 //!   ([`file_source`]); so is a [`relay`], which pulls a mount from another server (on the
-//!   `fs-relays` thread). [`fallbacks`] finds where a mount's listeners go while it has no
+//!   `fs-relays` thread); an edge also registers with its origin for spill-over
+//!   ([`registration`], on `fs-register`). [`fallbacks`] finds where a mount's listeners go while it has no
 //!   source.
-//! - [`admission`](admission) answers a listener with the stream's head and hands it to its
+//! - [`admission`](admission) answers a listener with the stream's head (or, when the mount
+//!   is full, redirects it to a registered edge: [`edges`]) and hands it to its
 //!   worker's [`fanout`](fanout) loop, which writes the listeners of the mounts that published,
 //!   and those whose coalesced write fell due, from the snapshot with vectored writes, applying
 //!   the lag policy.
@@ -67,7 +69,8 @@
 //!    PROXY protocol header, `X-Forwarded-For`, `Forwarded`), [`reasons`] (`Refusal`,
 //!    `Disconnect`: the fixed reason labels), [`metrics`], [`usage`], [`clients`] (who listens to
 //!    each mount), [`mounts`] (the mount table), [`fallbacks`] (following a mount's
-//!    fallback chain to a live mount), [`auth`], [`listener_auth`] (a mount's listeners checked
+//!    fallback chain to a live mount), [`edges`] (the edges registered for spill-over),
+//!    [`auth`] (with the relay credentials), [`listener_auth`] (a mount's listeners checked
 //!    by URL or users file), [`logs`] (log lines that summarise a
 //!    flood per reason), [`access_log`] (one line per finished request, to a writer thread),
 //!    [`heads`] (request heads not read yet: the per-address limit on them, and the idle one
@@ -77,7 +80,8 @@
 //! 3. **Stages**: [`acceptor`], [`status`], [`page`] (the HTML page at `/`, from the status
 //!    document), [`playlists`] (`.m3u`, `.xspf`), [`metadata`] (title updates), [`admission`],
 //!    [`fanout`], [`source`], [`shoutcast`] (SHOUTcast v1 sources), [`ingest`], [`demo`],
-//!    [`file_source`] (a `fallback_file` played in a loop), [`relay`] (mounts pulled from another server), [`admin_api`] (Icecast's admin commands,
+//!    [`file_source`] (a `fallback_file` played in a loop), [`relay`] (mounts pulled from another server), [`registration`] (an edge
+//!    registering with its origin), [`admin_api`] (Icecast's admin commands,
 //!    on both ports), [`admin`], [`hls_http`] (HLS playlists and segments as cacheable
 //!    keep-alive HTTP/1.1 responses), and [`worker`] (the router, which calls admission, source,
 //!    metadata, the admin API, playlists, HLS and status).
@@ -111,6 +115,7 @@ pub(crate) mod clients;
 pub mod config;
 pub(crate) mod conn;
 pub(crate) mod cors;
+pub(crate) mod edges;
 pub(crate) mod fallbacks;
 pub(crate) mod heads;
 pub(crate) mod listener_auth;
@@ -134,6 +139,7 @@ pub(crate) mod ingest;
 pub(crate) mod metadata;
 pub(crate) mod page;
 pub(crate) mod playlists;
+pub(crate) mod registration;
 pub(crate) mod relay;
 pub(crate) mod shoutcast;
 pub(crate) mod source;

@@ -89,6 +89,16 @@ pub(crate) struct Metrics {
     pub source_unsynced_bytes: IntCounterVec,
     /// Listeners receiving ICY metadata blocks now, by mount.
     pub icy_listeners: IntGaugeVec,
+    /// Relays connected now (requests with the relay credentials), by mount: not audience,
+    /// so not in `listeners`.
+    pub relays: IntGaugeVec,
+    /// Listeners of a full mount (or a full server) redirected to a registered edge, by mount.
+    pub listener_redirects: IntCounterVec,
+    /// Edges registered now with room or not (`/admin/register`), set when `/metrics` is read.
+    pub edges: prometheus::IntGauge,
+    /// On an edge with `[master] register = true`: 1 while its last registration with the
+    /// origin was taken.
+    pub edge_registered: prometheus::IntGauge,
     /// HLS playlist and segment requests answered (not refused), by mount and `kind`
     /// (`playlist`, `segment`): behind caches, about one per segment per cache.
     pub hls_requests: IntCounterVec,
@@ -264,6 +274,32 @@ impl Metrics {
             "Listeners receiving ICY metadata blocks now.",
             &["mount"],
         );
+        let relays = gauge(
+            &reg,
+            "relays",
+            "Relays connected now (the relay credentials): not counted as listeners.",
+            &["mount"],
+        );
+        let listener_redirects = counter(
+            &reg,
+            "listener_redirects_total",
+            "Listeners of a full mount or server redirected to a registered edge.",
+            &["mount"],
+        );
+        let edges = prometheus::IntGauge::new(
+            "fanstream_edges",
+            "Edges registered now (forgotten after three of their intervals without a word).",
+        )
+        .expect("valid metric definition");
+        reg.register(Box::new(edges.clone()))
+            .expect("metric names are unique");
+        let edge_registered = prometheus::IntGauge::new(
+            "fanstream_edge_registered",
+            "1 while this edge's last registration with its origin was taken.",
+        )
+        .expect("valid metric definition");
+        reg.register(Box::new(edge_registered.clone()))
+            .expect("metric names are unique");
         let hls_requests = counter(
             &reg,
             "hls_requests_total",
@@ -333,6 +369,8 @@ impl Metrics {
                 metadata_updates: metadata_updates.clone(),
                 source_unsynced_bytes: source_unsynced_bytes.clone(),
                 icy_listeners: icy_listeners.clone(),
+                relays: relays.clone(),
+                listener_redirects: listener_redirects.clone(),
                 hls_requests: hls_requests.clone(),
                 hls_sessions: hls_sessions.clone(),
                 listener_lag: listener_lag.clone(),
@@ -393,6 +431,10 @@ impl Metrics {
             metadata_updates,
             source_unsynced_bytes,
             icy_listeners,
+            relays,
+            listener_redirects,
+            edges,
+            edge_registered,
             hls_requests,
             hls_sessions,
             rejected_requests,
@@ -586,6 +628,8 @@ struct MountSeries {
     metadata_updates: IntCounterVec,
     source_unsynced_bytes: IntCounterVec,
     icy_listeners: IntGaugeVec,
+    relays: IntGaugeVec,
+    listener_redirects: IntCounterVec,
     hls_requests: IntCounterVec,
     hls_sessions: IntGaugeVec,
     listener_lag: HistogramVec,
@@ -598,6 +642,7 @@ impl MountSeries {
     fn create(&self, label: &str) {
         self.listener_connects.with_label_values(&[label]);
         self.listener_skips.with_label_values(&[label]);
+        self.listener_redirects.with_label_values(&[label]);
         self.source_received_bytes.with_label_values(&[label]);
         self.metadata_updates.with_label_values(&[label]);
         for why in Disconnect::ALL {
@@ -611,6 +656,7 @@ impl MountSeries {
         for vec in [
             &self.listener_connects,
             &self.listener_skips,
+            &self.listener_redirects,
             &self.source_received_bytes,
             &self.source_connects,
             &self.metadata_updates,
@@ -622,6 +668,7 @@ impl MountSeries {
             &self.retained_bytes,
             &self.retained_pieces,
             &self.icy_listeners,
+            &self.relays,
             &self.hls_sessions,
         ] {
             let _ = vec.remove_label_values(&[label]);
@@ -771,6 +818,8 @@ mod tests {
         m.source_disconnected(label, "closed");
         m.retained_bytes.with_label_values(&[l]).add(5);
         m.icy_listeners.with_label_values(&[l]).inc();
+        m.relays.with_label_values(&[l]).inc();
+        m.listener_redirects.with_label_values(&[l]).inc();
         m.listener_lag.with_label_values(&[l]).observe(1.0);
         for dropped in [false, true] {
             m.source_unsynced_bytes

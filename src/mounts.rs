@@ -30,6 +30,10 @@ pub(crate) struct Mount {
     /// Listeners on this mount across all workers: admission checks it against `max_listeners`.
     /// Incremented by the admitting worker, decremented when the listener is dropped.
     pub listeners: AtomicUsize,
+    /// Relays on this mount across all workers (requests with the relay credentials): counted
+    /// apart from `listeners`, so that they are not audience and no limit applies to them.
+    /// Incremented by the admitting worker, decremented when the relay is dropped.
+    pub relays: AtomicUsize,
     /// Most listeners the mount had at once since it appeared (the status pages' `listener_peak`).
     /// Raised by the admitting worker.
     pub listener_peak: AtomicUsize,
@@ -98,6 +102,12 @@ pub(crate) struct OnWorker {
 }
 
 impl Mount {
+    /// Everyone the mount serves: its listeners and the relays of edges further down (an
+    /// edge's relay keeps an on-demand relay here pulling as a listener would).
+    pub fn listeners_and_relays(&self) -> usize {
+        self.listeners.load(Ordering::Relaxed) + self.relays.load(Ordering::Relaxed)
+    }
+
     /// HLS players counted now: those that fetched the playlist within three target durations
     /// (a player polls it about once per target duration); 0 for a mount without HLS.
     pub fn hls_sessions_now(&self) -> usize {

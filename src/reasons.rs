@@ -36,6 +36,7 @@
 //! | `hls_off` | 404 | an HLS playlist or segment of a mount whose `hls` is off |
 //! | `hls_unsupported_format` | 404 | HLS of a mount whose stream is not MP3, AAC (ADTS) or Ogg Opus |
 //! | `hls_not_ready` | 404 | HLS of a mount whose first segment is not complete yet |
+//! | `too_many_edges` | 503 | an edge's registration when 1000 edges are registered |
 //! | `segment_gone` | 404 | a segment no longer (or never) in the mount's HLS window |
 //! | `header_timeout` | none | the head did not arrive within `header_timeout_secs` (`header_timeout_under_pressure_secs` when accepted above 80% of `max_connections`); closed |
 //! | `pending_heads_per_ip` | none | the address holds `max_pending_heads_per_ip` connections still sending their head; closed at accept |
@@ -58,6 +59,8 @@ pub(crate) enum Realm {
     Admin,
     /// A mount's listeners (`auth = "htpasswd"` or `"url"`).
     Listener,
+    /// Edges' relays (`relay_user`/`relay_password`).
+    Relay,
 }
 
 impl Realm {
@@ -66,6 +69,7 @@ impl Realm {
             Realm::Source => "Basic realm=\"fanstream\"",
             Realm::Admin => "Basic realm=\"fanstream admin\"",
             Realm::Listener => "Basic realm=\"fanstream listener\"",
+            Realm::Relay => "Basic realm=\"fanstream relay\"",
         }
     }
 }
@@ -109,6 +113,8 @@ pub(crate) enum Refusal {
     HlsUnsupportedFormat,
     HlsNotReady,
     SegmentGone,
+    /// An edge's registration when the table of edges is full.
+    TooManyEdges,
 }
 
 impl Refusal {
@@ -138,6 +144,7 @@ impl Refusal {
             Refusal::MountFull
             | Refusal::ServerFull
             | Refusal::TooManySources
+            | Refusal::TooManyEdges
             | Refusal::AuthUnavailable => 503,
         }
     }
@@ -173,6 +180,7 @@ impl Refusal {
             Refusal::HlsUnsupportedFormat => "hls_unsupported_format",
             Refusal::HlsNotReady => "hls_not_ready",
             Refusal::SegmentGone => "segment_gone",
+            Refusal::TooManyEdges => "too_many_edges",
         }
     }
 

@@ -362,7 +362,7 @@ impl Relay {
             .shared
             .mounts
             .get(&self.mount)
-            .is_some_and(|m| m.listeners.load(std::sync::atomic::Ordering::Relaxed) > 0);
+            .is_some_and(|m| m.listeners_and_relays() > 0);
         listened || demand.asked_within(self.timeout())
     }
 

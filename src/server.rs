@@ -166,6 +166,7 @@ impl Server {
             tls,
             access_log,
             on_demand: Default::default(),
+            edges: Default::default(),
         });
 
         // The channels between stages.
@@ -242,6 +243,12 @@ impl Server {
             let config = shared.config.load();
             (config.startup.relays.clone(), config.startup.master.clone())
         };
+        if let Some(master) = master.clone().filter(|m| m.register) {
+            let (s, stop) = (shared.clone(), shared.stop.clone());
+            spawn_stage(&mut handles, &registry, "fs-register", None, move |rt| {
+                crate::registration::run(rt, s, master, stop)
+            })?;
+        }
         if !relays.is_empty() || master.is_some() {
             let (s, to_ingest, stop) = (shared.clone(), to_ingest.clone(), shared.stop.clone());
             spawn_stage(&mut handles, &registry, "fs-relays", None, move |rt| {

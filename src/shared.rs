@@ -17,6 +17,7 @@ use tokio::sync::{watch, Notify};
 use crate::access_log::AccessLog;
 use crate::auth::AuthFailures;
 use crate::config::Config;
+use crate::edges::Edges;
 use crate::heads::Heads;
 use crate::listener_auth::ListenerAuth;
 use crate::logs::Summaries;
@@ -139,6 +140,9 @@ pub(crate) struct Shared {
     /// Relays that pull only while listened to: admission asks one to connect when a listener
     /// comes for its mount.
     pub on_demand: OnDemand,
+    /// The edges registered with this server (`/admin/register`): where admission sends the
+    /// listeners of a full mount.
+    pub edges: Edges,
 }
 
 /// The on-demand relays, by mount. Registered by the relays thread, asked by admission.

@@ -44,6 +44,7 @@ pub(crate) async fn handshake(ctx: &WorkerCtx, incoming: Incoming) {
         leftover,
         peer,
         conn,
+        ..
     } = incoming;
     let stream = match stream.detach() {
         Ok(s) => s,

@@ -68,6 +68,9 @@ pub(crate) struct Status {
     /// Listeners connected now, across mounts.
     pub(crate) listeners: usize,
     pub(crate) mounts: Vec<MountStatus>,
+    /// The edges registered with this server for spill-over; absent when there are none.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub(crate) edges: Vec<crate::edges::EdgeStatus>,
 }
 
 #[derive(Serialize)]
@@ -77,6 +80,8 @@ pub(crate) struct MountStatus {
     /// `live`, or `waiting` while listeners wait for the source to come back.
     pub(crate) state: &'static str,
     pub(crate) listeners: usize,
+    /// Edges' relays pulling the mount now (the relay credentials): not in `listeners`.
+    pub(crate) relays: usize,
     pub(crate) listener_peak: usize,
     pub(crate) content_type: String,
     pub(crate) name: Option<String>,
@@ -126,6 +131,7 @@ pub(crate) fn own(shared: &Shared, host: &str) -> Status {
                 listenurl: listen_url(shared, host, &m.path),
                 state,
                 listeners: m.listeners.load(Ordering::Relaxed),
+                relays: m.relays.load(Ordering::Relaxed),
                 listener_peak: m.listener_peak.load(Ordering::Relaxed),
                 content_type: meta.content_type.clone(),
                 name: meta.name.clone(),
@@ -157,6 +163,7 @@ pub(crate) fn own(shared: &Shared, host: &str) -> Status {
             .as_secs(),
         listeners: shared.listeners_total.load(Ordering::Relaxed),
         mounts,
+        edges: shared.edges.list(std::time::Instant::now()),
     }
 }
 
@@ -205,6 +212,9 @@ struct IceSource {
     listener_peak: usize,
     listeners: usize,
     listenurl: String,
+    /// Edges' relays pulling it now: not in Icecast's document, and an extra field breaks no
+    /// client.
+    relays: usize,
     server_description: String,
     server_name: String,
     server_type: String,
@@ -244,6 +254,7 @@ fn icecast(shared: &Shared, host: &str) -> IcecastDoc {
                 listener_peak: m.listener_peak.load(Ordering::Relaxed),
                 listeners: m.listeners.load(Ordering::Relaxed),
                 listenurl: listen_url(shared, host, &m.path),
+                relays: m.relays.load(Ordering::Relaxed),
                 server_description: meta
                     .description
                     .clone()

@@ -187,8 +187,10 @@ async fn handle(ctx: Rc<WorkerCtx>, mut stream: TcpStream, mut conn: ConnGuard, 
     } else {
         Io::Plain(stream)
     };
-    // Answered in the connection's own protocol: over TLS, once the handshake is done.
-    if over_ip_limit {
+    // Answered in the connection's own protocol: over TLS, once the handshake is done. With a
+    // relay identity, only the request's credentials tell an edge's relay, which the limit
+    // does not bind, from a client: the head is read first then.
+    if over_ip_limit && shared.config.load().relay_password.is_none() {
         drop(head);
         return refuse(shared, &mut stream, peer, Refusal::PerIpLimit).await;
     }
@@ -219,6 +221,7 @@ async fn handle(ctx: Rc<WorkerCtx>, mut stream: TcpStream, mut conn: ConnGuard, 
     // Behind a trusted proxy, the client is whom the proxy names; it is logged, throttled and
     // counted against its own address from here on.
     let mut client = peer;
+    let mut named_by_proxy = false;
     if proxied {
         let cfg = shared.config.load();
         let named = match named {
@@ -230,16 +233,40 @@ async fn handle(ctx: Rc<WorkerCtx>, mut stream: TcpStream, mut conn: ConnGuard, 
         if let Some(named) = named {
             tracing::debug!(%peer, client = %named, "client named by a trusted proxy");
             client = named;
-            let limit = cfg.max_connections_per_ip;
-            if limit > 0 && conn.count_address(cfg.client_key(client.ip()), limit) {
-                drop(cfg);
-                return refuse(shared, &mut stream, client, Refusal::PerIpLimit).await;
-            }
+            named_by_proxy = true;
+        }
+    }
+    let relay = match is_relay(shared, &req, client) {
+        Ok(relay) => relay,
+        Err(no) => return refuse(shared, &mut stream, client, no).await,
+    };
+    if relay {
+        // Not one of its address's clients: an edge may hold many relays from one address.
+        conn.forget_address();
+    } else if over_ip_limit {
+        return refuse(shared, &mut stream, peer, Refusal::PerIpLimit).await;
+    } else if named_by_proxy {
+        let cfg = shared.config.load();
+        let limit = cfg.max_connections_per_ip;
+        if limit > 0 && conn.count_address(cfg.client_key(client.ip()), limit) {
+            drop(cfg);
+            return refuse(shared, &mut stream, client, Refusal::PerIpLimit).await;
         }
     }
     // The stages' futures are several KiB, and the head above may take seconds to come, or never:
     // boxed, they cost only the connections that got this far.
-    Box::pin(route(ctx, stream, req, leftover, client, conn)).await
+    Box::pin(route(ctx, stream, req, leftover, client, conn, relay)).await
+}
+
+/// Whether a request is an edge's relay asking for a stream (`GET`/`HEAD` with the relay
+/// credentials; see [`crate::auth::relay`]). Other methods are never relays: a source or the
+/// admin API checks its own credentials.
+fn is_relay(shared: &Shared, req: &http::Request, client: SocketAddr) -> Result<bool, Refusal> {
+    if !matches!(req.method, Method::Get | Method::Head) {
+        return Ok(false);
+    }
+    let cfg = shared.config.load();
+    crate::auth::relay(&shared.auth_failures, &cfg, req, client)
 }
 
 /// Why no request came to route.
@@ -280,6 +307,7 @@ async fn route(
     leftover: Vec<u8>,
     peer: SocketAddr,
     conn: ConnGuard,
+    relay: bool,
 ) {
     let shared = &ctx.shared;
     // Test hook: proves that a panic costs one connection only.
@@ -295,6 +323,7 @@ async fn route(
         leftover,
         peer,
         conn,
+        relay,
     };
     match incoming.req.method {
         Method::Get if crate::metadata::is_metadata_path(&incoming.req.path) => {
@@ -326,8 +355,9 @@ async fn route(
                     leftover,
                     peer,
                     conn,
+                    relay,
                 } = next;
-                Box::pin(route(ctx.clone(), stream, req, leftover, peer, conn)).await
+                Box::pin(route(ctx.clone(), stream, req, leftover, peer, conn, relay)).await
             }
         }
         Method::Get | Method::Head if crate::playlists::is_playlist(shared, &incoming.req.path) => {

@@ -781,6 +781,8 @@ fn an_edge_mirrors_the_mounts_an_icecast_origin_lists() {
             password: Some("relaypw".into()),
             interval_secs: INTERVAL_SECS,
             on_demand: false,
+            register: false,
+            public_url: None,
         });
     });
     edge.wait_metric("fanstream_relay_up", &["mount=\"/first\""], |v| v == 1.0);
@@ -822,6 +824,8 @@ fn an_edge_mirrors_the_mounts_an_icecast_origin_lists() {
             password: Some("relaypw".into()),
             interval_secs: INTERVAL_SECS,
             on_demand: true,
+            register: false,
+            public_url: None,
         });
     });
     assert_eq!(lazy.metric("fanstream_relay_connects_total", &[]), 0.0);
@@ -1094,7 +1098,8 @@ fn the_latency_each_hop_adds_is_measured() {
 
 #[test]
 fn an_edge_mirrors_the_mounts_a_fanstream_origin_lists() {
-    let origin = TestServer::start(|c| c.admin_password = Some("adminpw".into()));
+    // The origin serves its list to its relay user, as Icecast does (and to its admin).
+    let origin = TestServer::start(|c| c.relay_password = Some("relay-secret".into()));
     let one = Source::connect(origin.addr, "/one");
     let two = Source::connect(origin.addr, "/two");
     let feeder = Feeder::start(vec![one]);
@@ -1102,10 +1107,12 @@ fn an_edge_mirrors_the_mounts_a_fanstream_origin_lists() {
     let edge = TestServer::start(|c| {
         c.startup.master = Some(MasterSettings {
             url: format!("http://{}", origin.addr),
-            user: Some("admin".into()),
-            password: Some("adminpw".into()),
+            user: None,
+            password: Some("relay-secret".into()),
             interval_secs: 1,
             on_demand: false,
+            register: false,
+            public_url: None,
         });
     });
     for mount in ["/one", "/two"] {
@@ -1116,6 +1123,12 @@ fn an_edge_mirrors_the_mounts_a_fanstream_origin_lists() {
         );
     }
     assert_eq!(edge.metric("fanstream_relay_mirrored_mounts", &[]), 2.0);
+    // On the origin, the edge's connections are relays, not audience.
+    origin.wait_metric("fanstream_relays", &["mount=\"/one\""], |v| v == 1.0);
+    assert_eq!(
+        origin.metric("fanstream_listeners", &["mount=\"/one\""]),
+        0.0
+    );
     let mut listener = Listener::connect(edge.addr, "/one");
     listener.read_at_least(4 * PIECE);
     assert!(locate(&listener.body).is_some(), "the origin's stream");

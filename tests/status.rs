@@ -88,12 +88,14 @@ const ICESTATS_SERVER_FIELDS: [(&str, &str); 6] = [
     ("server_start_iso8601", "string"),
 ];
 
-const SOURCE_FIELDS: [(&str, &str); 14] = [
+const SOURCE_FIELDS: [(&str, &str); 15] = [
     ("bitrate", "number"),
     ("genre", "string"),
     ("listener_peak", "number"),
     ("listeners", "number"),
     ("listenurl", "string"),
+    // Edges' relays, apart from listeners: fanstream's addition.
+    ("relays", "number"),
     ("server_description", "string"),
     ("server_name", "string"),
     ("server_type", "string"),
@@ -266,6 +268,7 @@ fn own_status_lists_mounts_with_their_state_and_counters() {
             ("listenurl", "string"),
             ("state", "string"),
             ("listeners", "number"),
+            ("relays", "number"),
             ("listener_peak", "number"),
             ("content_type", "string"),
             ("name", "string"),

@@ -62,10 +62,26 @@ impl TestServer {
         TestServer::start_on(listen, adjust, false)
     }
 
+    /// Like [`TestServer::start`], on a listener the test bound first: its address is known
+    /// before the config is (an edge's `public_url`).
+    pub fn start_on_listener(
+        listener: TcpListener,
+        adjust: impl FnOnce(&mut Config),
+    ) -> TestServer {
+        TestServer::start_with(listener, adjust, false)
+    }
+
     fn start_on(listen: SocketAddr, adjust: impl FnOnce(&mut Config), tls: bool) -> TestServer {
+        TestServer::start_with(TcpListener::bind(listen).unwrap(), adjust, tls)
+    }
+
+    fn start_with(
+        listener: TcpListener,
+        adjust: impl FnOnce(&mut Config),
+        tls: bool,
+    ) -> TestServer {
         let mut config = test_config();
         adjust(&mut config);
-        let listener = TcpListener::bind(listen).unwrap();
         let admin = TcpListener::bind("127.0.0.1:0").unwrap();
         let tls_listener = tls.then(|| TcpListener::bind("127.0.0.1:0").unwrap());
         let server = Server::start_with_tls(config, listener, Some(admin), tls_listener)
