@@ -77,16 +77,29 @@ impl TlsConn {
     /// first bytes (what came after a PROXY header in the same read); the session it yields
     /// goes with the socket into [`TlsConn::new`]. The socket is borrowed, so that the caller
     /// keeps it to close as it likes if the handshake fails or takes too long.
-    pub async fn handshake(
+    ///
+    /// `turn` is awaited, and held to the end, once the client's whole ClientHello is in: the
+    /// work (key exchange, signature) starts there. Reading the ClientHello is parsing alone,
+    /// and holds no turn, so that clients that never finish sending one (a flood of stalled
+    /// handshakes) keep no one else waiting.
+    pub async fn handshake<T>(
         config: Arc<ServerConfig>,
         tcp: &mut TcpStream,
         already_read: &[u8],
+        turn: impl std::future::Future<Output = T>,
     ) -> io::Result<ServerConnection> {
+        // A session's state is kilobytes: a client that sends nothing gets none.
+        if already_read.is_empty() {
+            tcp.readable().await?;
+        }
         let io = Replayed {
             first: already_read,
             tcp,
         };
-        let stream = tokio_rustls::TlsAcceptor::from(config).accept(io).await?;
+        let hello =
+            tokio_rustls::LazyConfigAcceptor::new(rustls::server::Acceptor::default(), io).await?;
+        let _turn = turn.await;
+        let stream = hello.into_stream(config).await?;
         Ok(stream.into_inner().1)
     }
 

@@ -140,11 +140,13 @@ struct First {
     tls: bool,
 }
 
-/// Most TLS handshakes one worker runs at once. A handshake costs a worker a fraction of a
-/// millisecond of CPU (a key exchange and a signature) in one poll of its connection's own
-/// task, between which the fan-out runs; past this many, newcomers wait their turn without
-/// costing anything, within their head timeout. So a flood of handshakes takes at most a
-/// bounded share of each worker, not the worker.
+/// Most TLS handshakes one worker runs at once, counted from a whole ClientHello on (a client
+/// still sending its ClientHello, or sending nothing, holds no turn: see
+/// [`TlsConn::handshake`]). A handshake costs a worker a fraction of a millisecond of CPU (a
+/// key exchange and a signature) in one poll of its connection's own task, between which the
+/// fan-out runs; past this many, newcomers wait their turn without costing anything, within
+/// their head timeout. So a flood of handshakes takes at most a bounded share of each worker,
+/// not the worker.
 const MAX_HANDSHAKES_PER_WORKER: usize = 16;
 
 /// Reads the PROXY header when the connection must start with one, runs the TLS handshake if
@@ -195,11 +197,8 @@ async fn handle(ctx: Rc<WorkerCtx>, mut stream: TcpStream, mut conn: ConnGuard, 
         let Some(config) = shared.tls.as_ref().map(|t| t.load_full()) else {
             return;
         };
-        let handshake = async {
-            let _turn = ctx.handshakes.acquire().await;
-            // What came after the PROXY header is the start of the client's handshake.
-            TlsConn::handshake(config, &mut stream, &after).await
-        };
+        // What came after the PROXY header is the start of the client's handshake.
+        let handshake = TlsConn::handshake(config, &mut stream, &after, ctx.handshakes.acquire());
         let done = tokio::select! {
             done = tokio::time::timeout_at(deadline, handshake) => done,
             () = head.evicted() => {

@@ -1,9 +1,10 @@
 //! A flood of TLS handshakes that never finish, run beside the listeners (`run --tls-flood N`):
 //! N connections to the TLS port, half sending the first bytes of a ClientHello whose record
 //! says more is coming, half sending nothing, each held open until the server closes it and
-//! then opened again, over the measured window. What it shows: whether the listeners keep
-//! their stream while the workers hold that many handshakes, and when the server lets go of
-//! a flood connection (its `header_timeout_secs`).
+//! then opened again, from the listeners' ramp to the end of the run. What it shows: whether
+//! listeners still get in (their own handshakes among the flood's) and keep their stream while
+//! the workers hold that many handshakes, and when the server lets go of a flood connection
+//! (its `header_timeout_secs`).
 
 use std::net::SocketAddr;
 use std::thread::JoinHandle;

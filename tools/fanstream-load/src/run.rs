@@ -98,8 +98,8 @@ pub struct RunOpts {
     #[arg(long)]
     pub tls: bool,
     /// With `--tls`: this many connections to the TLS port that never finish their handshake
-    /// (half send a partial ClientHello, half nothing), held over the measured window and
-    /// opened again as the server closes them ([`crate::flood`]).
+    /// (half send a partial ClientHello, half nothing), held from the listeners' ramp to the
+    /// end and opened again as the server closes them ([`crate::flood`]).
     #[arg(long, default_value_t = 0)]
     pub tls_flood: usize,
     #[arg(long, default_value = "target/release/fanstream")]
@@ -487,7 +487,8 @@ pub fn run(o: &RunOpts) -> Result<Summary, String> {
     let flood = tls
         .as_ref()
         .filter(|_| o.tls_flood > 0)
-        .map(|t| flood::start(t.addr, o.tls_flood, measure_from_us, end_us));
+        // From the ramp on: the listeners' own handshakes come during the flood.
+        .map(|t| flood::start(t.addr, o.tls_flood, start_us, end_us));
 
     // Watch: progress each second, CPU samples at the window's edges.
     let mut progress = vec![Progress::default(); nproc];
