@@ -858,8 +858,8 @@ pub fn player_state(line: &str) -> Option<PlayerState> {
 }
 
 /// Waits until the page's `<audio>` plays: readyState >= 3 and `currentTime` advanced by at
-/// least `advance` seconds since it first reached readyState >= 3. Returns the player's lines up to the one that shows it;
-/// fails after `deadline` with them.
+/// least `advance` seconds since it first reached readyState >= 3. Returns the player's lines
+/// up to the one that shows it; fails after `deadline` with them.
 pub fn wait_playing(browser: &mut Program, advance: f64, deadline: Duration) -> Vec<PlayerState> {
     let end = Instant::now() + deadline;
     loop {
