@@ -262,8 +262,7 @@ fn hand_off(
     // A trusted proxy's connections carry many clients: the worker counts each against its own
     // address once the proxy has named it, and the proxy's own address is not limited.
     let proxied = config.trusts(peer.ip());
-    // The PROXY header is read on the plain port only (see README, "Behind a proxy").
-    if config.proxy_protocol && !proxied && !tls {
+    if config.proxy_protocol && !proxied {
         close_unanswered(shared, Unanswered::UntrustedProxy, peer, &stream);
         return false;
     }

@@ -547,7 +547,8 @@ pub struct Config {
     /// from `forwarded_header` or the PROXY protocol header, and their own connections do not
     /// count against the per-address limits (their clients' do). Default none.
     pub trusted_proxies: Vec<Cidr>,
-    /// Every connection on the listener port starts with a PROXY protocol header (v1 or v2:
+    /// Every connection on the listener ports (plain and TLS: there, before the handshake)
+    /// starts with a PROXY protocol header (v1 or v2:
     /// HAProxy's `send-proxy`/`send-proxy-v2`, nginx's `proxy_protocol on`), which gives the
     /// client's address; a connection from outside `trusted_proxies` is closed unanswered
     /// (`untrusted_proxy`), since anyone could claim any address with one. Default false.

@@ -131,8 +131,7 @@ fn client_of(shared: &Shared, stream: &Io, req: &Request, previous: SocketAddr) 
     let Ok(proxy) = stream.socket().peer_addr() else {
         return previous;
     };
-    let tls = matches!(stream, Io::Tls(_));
-    if !cfg.trusts(proxy.ip()) || (cfg.proxy_protocol && !tls) {
+    if !cfg.trusts(proxy.ip()) || cfg.proxy_protocol {
         return previous;
     }
     crate::proxy::forwarded_client(&cfg, req).map_or(proxy, |ip| SocketAddr::new(ip, 0))

@@ -339,4 +339,15 @@ pub mod bench_api {
         count(&mut out);
         passed
     }
+
+    /// The TLS server settings fanstream runs with, for the PEM files given, and the most
+    /// encrypted bytes a session holds (benches/tls_memory.rs measures a session's memory).
+    pub fn tls_server_config(
+        cert: &std::path::Path,
+        key: &std::path::Path,
+    ) -> Result<Arc<rustls::ServerConfig>, String> {
+        crate::tls::server_config(cert, key)
+    }
+
+    pub const TLS_SESSION_BUFFER_BYTES: usize = crate::tls::SESSION_BUFFER_BYTES;
 }

@@ -30,7 +30,7 @@ use tokio::net::TcpStream;
 /// Most encrypted bytes a session holds for its socket. A listener's write takes no more
 /// plaintext than fits, so a stalled TLS listener costs this much beyond its socket buffer,
 /// and the lag policy sees it as it sees a plain one.
-const SESSION_BUFFER_BYTES: usize = 64 * 1024;
+pub(crate) const SESSION_BUFFER_BYTES: usize = 64 * 1024;
 
 /// The certificate chain and key at these PEM files, as a server config: TLS 1.2 and 1.3,
 /// ALPN `http/1.1` (a client offering only `h2` is refused at the handshake rather than
@@ -73,14 +73,33 @@ pub(crate) struct TlsConn {
 }
 
 impl TlsConn {
-    /// Runs the server side of a handshake on `tcp` with `config`; the session it yields goes
-    /// with the socket into [`TlsConn::new`]. The socket is borrowed, so that the caller keeps
-    /// it to close as it likes if the handshake fails or takes too long.
-    pub async fn handshake(
+    /// Runs the server side of a handshake on `tcp` with `config`, `already_read` being its
+    /// first bytes (what came after a PROXY header in the same read); the session it yields
+    /// goes with the socket into [`TlsConn::new`]. The socket is borrowed, so that the caller
+    /// keeps it to close as it likes if the handshake fails or takes too long.
+    ///
+    /// `turn` is awaited, and held to the end, once the client's whole ClientHello is in: the
+    /// work (key exchange, signature) starts there. Reading the ClientHello is parsing alone,
+    /// and holds no turn, so that clients that never finish sending one (a flood of stalled
+    /// handshakes) keep no one else waiting.
+    pub async fn handshake<T>(
         config: Arc<ServerConfig>,
         tcp: &mut TcpStream,
+        already_read: &[u8],
+        turn: impl std::future::Future<Output = T>,
     ) -> io::Result<ServerConnection> {
-        let stream = tokio_rustls::TlsAcceptor::from(config).accept(tcp).await?;
+        // A session's state is kilobytes: a client that sends nothing gets none.
+        if already_read.is_empty() {
+            tcp.readable().await?;
+        }
+        let io = Replayed {
+            first: already_read,
+            tcp,
+        };
+        let hello =
+            tokio_rustls::LazyConfigAcceptor::new(rustls::server::Acceptor::default(), io).await?;
+        let _turn = turn.await;
+        let stream = hello.into_stream(config).await?;
         Ok(stream.into_inner().1)
     }
 
@@ -134,6 +153,47 @@ impl TlsConn {
     /// Waits until the socket may take more.
     pub async fn writable(&self) -> io::Result<()> {
         self.tcp.writable().await
+    }
+}
+
+/// A socket whose first bytes were already read: they are read again first.
+struct Replayed<'a> {
+    first: &'a [u8],
+    tcp: &'a mut TcpStream,
+}
+
+impl AsyncRead for Replayed<'_> {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        if this.first.is_empty() {
+            return Pin::new(&mut *this.tcp).poll_read(cx, buf);
+        }
+        let n = this.first.len().min(buf.remaining());
+        buf.put_slice(&this.first[..n]);
+        this.first = &this.first[n..];
+        Poll::Ready(Ok(()))
+    }
+}
+
+impl AsyncWrite for Replayed<'_> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut *self.get_mut().tcp).poll_write(cx, buf)
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut *self.get_mut().tcp).poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut *self.get_mut().tcp).poll_shutdown(cx)
     }
 }
 

@@ -140,16 +140,19 @@ struct First {
     tls: bool,
 }
 
-/// Most TLS handshakes one worker runs at once. A handshake costs a worker a fraction of a
-/// millisecond of CPU (a key exchange and a signature) in one poll of its connection's own
-/// task, between which the fan-out runs; past this many, newcomers wait their turn without
-/// costing anything, within their head timeout. So a flood of handshakes takes at most a
-/// bounded share of each worker, not the worker.
+/// Most TLS handshakes one worker runs at once, counted from a whole ClientHello on (a client
+/// still sending its ClientHello, or sending nothing, holds no turn: see
+/// [`TlsConn::handshake`]). A handshake costs a worker a fraction of a millisecond of CPU (a
+/// key exchange and a signature) in one poll of its connection's own task, between which the
+/// fan-out runs; past this many, newcomers wait their turn without costing anything, within
+/// their head timeout. So a flood of handshakes takes at most a bounded share of each worker,
+/// not the worker.
 const MAX_HANDSHAKES_PER_WORKER: usize = 16;
 
-/// Runs the TLS handshake if the connection came on the TLS port, reads the request head within
-/// the time the acceptor gave it (the handshake included), unless the acceptor closes it first
-/// to make room, and routes the request by its method.
+/// Reads the PROXY header when the connection must start with one, runs the TLS handshake if
+/// the connection came on the TLS port, reads the request head, all within the time the
+/// acceptor gave it, unless the acceptor closes it first to make room, and routes the request
+/// by its method.
 async fn handle(ctx: Rc<WorkerCtx>, mut stream: TcpStream, mut conn: ConnGuard, first: First) {
     let First {
         head,
@@ -161,15 +164,41 @@ async fn handle(ctx: Rc<WorkerCtx>, mut stream: TcpStream, mut conn: ConnGuard, 
         return;
     };
     let shared = &ctx.shared;
+    let (proxied, proxy_protocol) = {
+        let cfg = shared.config.load();
+        let proxied = cfg.trusts(peer.ip());
+        // The acceptor has closed an untrusted peer's connection when proxy_protocol is on.
+        (proxied, proxied && cfg.proxy_protocol)
+    };
+    // One deadline for the PROXY header, the handshake and the request head: a proxy sends its
+    // header and the client's first bytes at once.
     let deadline = tokio::time::Instant::now() + head_timeout;
-    let mut stream = if tls {
+    // On both ports the PROXY header comes first, in clear: a TCP proxy passing TLS through
+    // puts it before the client's handshake.
+    let (named, after) = if proxy_protocol {
+        let read = tokio::select! {
+            read = tokio::time::timeout_at(deadline, crate::proxy::read_header(&mut stream)) => read,
+            () = head.evicted() => {
+                return close_unanswered(shared, Unanswered::IdleHeadEvicted, peer, &stream);
+            }
+        };
+        match read {
+            Err(_) => return close_unanswered(shared, Unanswered::HeaderTimeout, peer, &stream),
+            Ok(Err(ProxyHeaderError::Closed)) => return,
+            Ok(Err(ProxyHeaderError::Bad)) => {
+                return close_unanswered(shared, Unanswered::BadProxyHeader, peer, &stream)
+            }
+            Ok(Ok((named, after))) => (named, after),
+        }
+    } else {
+        (None, Vec::new())
+    };
+    let (mut stream, after) = if tls {
         let Some(config) = shared.tls.as_ref().map(|t| t.load_full()) else {
             return;
         };
-        let handshake = async {
-            let _turn = ctx.handshakes.acquire().await;
-            TlsConn::handshake(config, &mut stream).await
-        };
+        // What came after the PROXY header is the start of the client's handshake.
+        let handshake = TlsConn::handshake(config, &mut stream, &after, ctx.handshakes.acquire());
         let done = tokio::select! {
             done = tokio::time::timeout_at(deadline, handshake) => done,
             () = head.evicted() => {
@@ -182,10 +211,10 @@ async fn handle(ctx: Rc<WorkerCtx>, mut stream: TcpStream, mut conn: ConnGuard, 
                 tracing::debug!(%peer, error = %e, "TLS handshake failed");
                 return close_unanswered(shared, Unanswered::TlsHandshakeFailed, peer, &stream);
             }
-            Ok(Ok(session)) => Io::Tls(Box::new(TlsConn::new(stream, session))),
+            Ok(Ok(session)) => (Io::Tls(Box::new(TlsConn::new(stream, session))), Vec::new()),
         }
     } else {
-        Io::Plain(stream)
+        (Io::Plain(stream), after)
     };
     // Answered in the connection's own protocol: over TLS, once the handshake is done. With a
     // relay identity, only the request's credentials tell an edge's relay, which the limit
@@ -194,28 +223,20 @@ async fn handle(ctx: Rc<WorkerCtx>, mut stream: TcpStream, mut conn: ConnGuard, 
         drop(head);
         return refuse(shared, &mut stream, peer, Refusal::PerIpLimit).await;
     }
-    let (proxied, proxy_protocol) = {
-        let cfg = shared.config.load();
-        let proxied = cfg.trusts(peer.ip());
-        // The acceptor has closed an untrusted peer's connection when proxy_protocol is on.
-        (proxied, proxied && cfg.proxy_protocol && !tls)
-    };
-    // One deadline for the PROXY header and the request head: a proxy sends both at once.
     let read = tokio::select! {
-        read = tokio::time::timeout_at(deadline, read_request(&mut stream, proxy_protocol)) => read,
+        read = tokio::time::timeout_at(deadline, http::read_head_after(&mut stream, after)) => read,
         () = head.evicted() => {
             return close_unanswered(shared, Unanswered::IdleHeadEvicted, peer, &stream);
         }
     };
     // Past its head, the connection no longer counts against its address's pending heads.
     drop(head);
-    let (named, req, leftover) = match read {
+    let (req, leftover) = match read {
         Err(_) => return close_unanswered(shared, Unanswered::HeaderTimeout, peer, &stream),
-        Ok(Err(Unread::Closed)) => return,
-        Ok(Err(Unread::BadProxyHeader)) => {
-            return close_unanswered(shared, Unanswered::BadProxyHeader, peer, &stream)
+        Ok(Err(ReadHeadError::Closed)) => return,
+        Ok(Err(ReadHeadError::Head(e))) => {
+            return refuse(shared, &mut stream, peer, e.into()).await
         }
-        Ok(Err(Unread::Head(e))) => return refuse(shared, &mut stream, peer, e.into()).await,
         Ok(Ok(r)) => r,
     };
     // Behind a trusted proxy, the client is whom the proxy names; it is logged, throttled and
@@ -267,36 +288,6 @@ fn is_relay(shared: &Shared, req: &http::Request, client: SocketAddr) -> Result<
     }
     let cfg = shared.config.load();
     crate::auth::relay(&shared.auth_failures, &cfg, req, client)
-}
-
-/// Why no request came to route.
-enum Unread {
-    Closed,
-    BadProxyHeader,
-    Head(http::HeadError),
-}
-
-/// Reads the PROXY header when the connection must start with one, then the request head.
-/// Returns the client the header names, the head, and the bytes after it.
-async fn read_request(
-    stream: &mut Io,
-    proxy_protocol: bool,
-) -> Result<(Option<std::net::SocketAddr>, http::Request, Vec<u8>), Unread> {
-    let (named, after) = if proxy_protocol {
-        crate::proxy::read_header(stream)
-            .await
-            .map_err(|e| match e {
-                ProxyHeaderError::Closed => Unread::Closed,
-                ProxyHeaderError::Bad => Unread::BadProxyHeader,
-            })?
-    } else {
-        (None, Vec::new())
-    };
-    match http::read_head_after(stream, after).await {
-        Ok((req, leftover)) => Ok((named, req, leftover)),
-        Err(ReadHeadError::Closed) => Err(Unread::Closed),
-        Err(ReadHeadError::Head(e)) => Err(Unread::Head(e)),
-    }
 }
 
 /// Hands a request whose head has been read to its stage.

@@ -4,7 +4,9 @@
 //! mount fed by a libshout source (ezstream, whose writes are not frame-sized). The page logs its
 //! state to the console every second; Chromium writes that to its stderr, which the test reads.
 //! Over HTTPS, with a test CA's certificate: the page at `/` lists the demo mount and a second
-//! one, and a page on another origin (tests/web/cors_player.html, on file://) reads
+//! one, and the play button of its own `<audio>` plays the demo (driven over the DevTools
+//! protocol, as the page is the server's own; its screenshot is the README's); a page on
+//! another origin (tests/web/cors_player.html, on file://) reads
 //! `/status.json` and plays a stream, both fetched in CORS mode.
 
 mod common;
@@ -13,7 +15,8 @@ use std::time::{Duration, Instant};
 
 use common::certs::Ca;
 use common::clients::*;
-use common::process::{require, scratch_dir};
+use common::devtools::DevTools;
+use common::process::scratch_dir;
 use common::*;
 
 /// How long Chromium may take to play, from its start (it needs a second or two to start itself).
@@ -101,46 +104,59 @@ fn over_https_the_page_lists_the_mounts_and_another_origin_reads_status_and_play
     srv.wait_metric("fanstream_source_up", &["mount=\"/second\""], |v| v == 1.0);
     let origin = format!("https://localhost:{port}");
 
-    // The page at `/`, its script run (virtual time: its refresh comes at once), and a
-    // screenshot of it (the README's).
-    require("chromium");
-    let shot = dir.join("page.png");
-    let out = std::process::Command::new("timeout")
-        .arg("60")
-        .args([
-            "chromium",
-            "--headless",
-            "--disable-gpu",
-            "--no-sandbox",
-            "--ignore-certificate-errors",
-            "--window-size=900,640",
-            "--virtual-time-budget=7000",
-            "--dump-dom",
-        ])
-        .arg(format!("--screenshot={}", shot.display()))
-        .arg(format!(
-            "--user-data-dir={}",
-            dir.join("chromium-page").display()
-        ))
-        .arg(format!("{origin}/"))
-        .output()
-        .expect("chromium runs");
-    let dom = String::from_utf8_lossy(&out.stdout);
-    for want in [
-        "data-mount=\"/demo\"",
-        "data-mount=\"/second\"",
-        "<span id=\"updated\">, refreshed at ",
-    ] {
-        assert!(
-            dom.contains(want),
-            "{want:?} not in the page's DOM over HTTPS:\n{dom}\n{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-    }
-    assert!(
-        std::fs::metadata(&shot).is_ok_and(|m| m.len() > 10_000),
-        "no screenshot"
+    // The page at `/`, as a user sees it: it lists both mounts, its script has refreshed it
+    // from /status.json, and the play button of the demo's own <audio> plays it.
+    let mut page = DevTools::start(
+        &dir,
+        PLAY_DEADLINE.as_secs() as u32 + 30,
+        &["--ignore-certificate-errors"],
     );
+    page.open(&format!("{origin}/"), 900, 640);
+    let listed = "document.querySelector('li[data-mount=\"/demo\"] audio') !== null \
+        && document.querySelector('li[data-mount=\"/second\"] audio') !== null \
+        && document.getElementById('updated').textContent.includes('refreshed at')";
+    let mut last = Err(String::new());
+    wait_until("the page at / listing /demo and /second, refreshed", || {
+        last = page.eval(listed);
+        last == Ok(serde_json::Value::Bool(true))
+    });
+    let pressed = page
+        .eval(
+            "(() => { const a = document.querySelector('li[data-mount=\"/demo\"] audio'); \
+             a.play().catch(e => { window.playFailed = e.name; }); return a.currentSrc; })()",
+        )
+        .unwrap();
+    assert_eq!(pressed, format!("{origin}/demo").as_str(), "{last:?}");
+    let end = Instant::now() + PLAY_DEADLINE;
+    let mut seen = Vec::new();
+    let mut first_playing: Option<f64> = None;
+    loop {
+        let state = page
+            .eval(
+                "(() => { const p = document.querySelector('li[data-mount=\"/demo\"] audio'); \
+                 return {ready: p.readyState, time: p.currentTime, \
+                   error: p.error && p.error.code, failed: window.playFailed || null}; })()",
+            )
+            .unwrap();
+        let ready = state["ready"].as_u64().unwrap();
+        let time = state["time"].as_f64().unwrap();
+        seen.push(state.to_string());
+        if ready >= 3 && time >= *first_playing.get_or_insert(time) + 1.0 {
+            break;
+        }
+        assert!(
+            Instant::now() < end,
+            "the page's own <audio> for /demo did not play 1 s within {PLAY_DEADLINE:?} over \
+             HTTPS (readyState >= 3 and currentTime advancing); its states:\n{}",
+            seen.join("\n")
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    // The README's screenshot: the page over HTTPS, its demo player playing.
+    let shot = page.screenshot();
+    assert!(shot.len() > 10_000, "a screenshot of {} bytes", shot.len());
+    std::fs::write(dir.join("page.png"), shot).unwrap();
+    drop(page);
 
     // Another origin: reads /status.json, then plays /second, both in CORS mode.
     let page = test_page("cors_player.html", "server", &origin) + "&mount=%2Fsecond";

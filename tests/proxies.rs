@@ -3,7 +3,8 @@
 //! `option forwardfor`, the listener's address that fanstream logs and counts against
 //! `max_connections_per_ip` is the client's, not the proxy's; an untrusted peer's
 //! `X-Forwarded-For` is ignored; a PROXY header from an untrusted address is refused, and so is
-//! a connection without one when they are required.
+//! a connection without one when they are required. On the TLS port, HAProxy passing TLS
+//! through with `send-proxy-v2` names the client the same way.
 //!
 //! Clients take their own loopback addresses (127.0.0.2, 127.0.0.3: all of 127.0.0.0/8 is this
 //! host), so that the proxy (127.0.0.1, the trusted one) and each client are told apart.
@@ -12,10 +13,13 @@ mod common;
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
+use std::path::Path;
+use std::process::Command;
 use std::time::Duration;
 
+use common::certs::Ca;
 use common::clients::*;
-use common::process::scratch_dir;
+use common::process::{require, scratch_dir};
 use common::*;
 
 /// A listener from the address `from`: its connection past the response head, and the head.
@@ -222,4 +226,124 @@ fn behind_haproxy_send_proxy_v1_the_client_is_counted() {
     source.send_pattern(200_000, 400_000, 4000, Duration::ZERO);
     assert_streams(&mut first, 100_000, "first listener");
     drop(hap);
+}
+
+/// curl over TLS from the address `from` to `url`, trusting `ca`, writing the body to `out`,
+/// ending at `secs`; `-w` prints the status.
+fn curl_tls_from(from: &str, ca: &Path, url: &str, out: &Path, secs: u32) -> Command {
+    require("curl");
+    let mut cmd = Command::new("curl");
+    cmd.args(["-sS", "--http1.1", "--interface", from, "--cacert"])
+        .arg(ca)
+        .args(["--max-time", &secs.to_string(), "-w", "%{http_code}", "-o"])
+        .arg(out)
+        .arg(url);
+    cmd
+}
+
+/// HAProxy in TCP mode passing TLS through to the TLS port, with `send-proxy-v2`: the PROXY
+/// header comes in clear before the client's handshake, and the client curl connected from is
+/// the one fanstream counts, lists and logs.
+#[test]
+fn behind_haproxy_passing_tls_through_with_send_proxy_v2_the_client_is_counted() {
+    let dir = scratch_dir("proxies_tls");
+    let ca = Ca::new(&dir);
+    ca.issue(61);
+    let (cert, key) = (dir.join("cert.pem"), dir.join("key.pem"));
+    let server = fanstream_with(
+        &dir,
+        "trusted_proxies = [\"127.0.0.1\"]\nproxy_protocol = true\nmax_connections_per_ip = 1\n[defaults]\nmax_write_delay_ms = 0\n",
+        "127.0.0.1:0",
+        &[
+            "--tls-listen",
+            "127.0.0.1:0",
+            "--tls-cert",
+            cert.to_str().unwrap(),
+            "--tls-key",
+            key.to_str().unwrap(),
+        ],
+    );
+    let admin = server.admin;
+    let mut log = server.program;
+    log.collect();
+    let tls_addr: SocketAddr = log
+        .log
+        .iter()
+        .find_map(|l| {
+            l.split_whitespace()
+                .find_map(|w| w.strip_prefix("tls=Some("))
+        })
+        .and_then(|a| a.trim_end_matches(')').parse().ok())
+        .unwrap_or_else(|| panic!("no TLS address in {:?}", log.log));
+    // The source through a proxy of its own to the plain port (which wants the header too).
+    let plain_dir = dir.join("plain");
+    std::fs::create_dir_all(&plain_dir).unwrap();
+    let hap_plain = haproxy(&plain_dir, "tcp", "", server.addr, "send-proxy-v2");
+    let mut source = live_source(hap_plain.addr, admin);
+    let hap = haproxy(&dir, "tcp", "", tls_addr, "send-proxy-v2");
+    let url = format!("https://127.0.0.1:{}/live", hap.addr.port());
+
+    let first_out = dir.join("first.bin");
+    let first = Program::spawn(
+        "curl (first)",
+        &mut curl_tls_from("127.0.0.2", &ca.path(), &url, &first_out, 20),
+    );
+    // The admin API lists it as 127.0.0.2, not as the proxy.
+    wait_until("the TLS listener listed with its client's address", || {
+        let (_, _, body) = request(
+            admin,
+            b"GET /admin/listclients?mount=/live HTTP/1.0\r\n\r\n",
+        );
+        String::from_utf8_lossy(&body).contains("<IP>127.0.0.2</IP>")
+    });
+    // Counted as 127.0.0.2: a second from it is over the limit of one, answered over TLS...
+    let out = curl_tls_from("127.0.0.2", &ca.path(), &url, &dir.join("second.bin"), 5)
+        .output()
+        .expect("curl runs");
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        "429",
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    log.wait_line(
+        "the refusal logged with the client's address",
+        DEADLINE,
+        |l| l.contains("per_ip_limit") && l.contains("peer=127.0.0.2:"),
+    );
+    // ...and another client behind the same proxy is not.
+    let other_out = dir.join("other.bin");
+    let other = Program::spawn(
+        "curl (other)",
+        &mut curl_tls_from("127.0.0.3", &ca.path(), &url, &other_out, 20),
+    );
+    wait_until("the other TLS listener listed", || {
+        let (_, _, body) = request(
+            admin,
+            b"GET /admin/listclients?mount=/live HTTP/1.0\r\n\r\n",
+        );
+        String::from_utf8_lossy(&body).contains("<IP>127.0.0.3</IP>")
+    });
+    source.send_pattern(200_000, 400_000, 4000, Duration::ZERO);
+    for (out, who) in [(&first_out, "first"), (&other_out, "other")] {
+        wait_until("100,000 bytes through the proxy over TLS", || {
+            std::fs::metadata(out).is_ok_and(|m| m.len() >= 100_000)
+        });
+        let body = std::fs::read(out).unwrap();
+        let start = locate(&body).unwrap_or_else(|| panic!("{who}: not the stream"));
+        assert_eq!(body, pattern(start, body.len()), "{who}: not byte for byte");
+    }
+    drop((first, other));
+
+    // Straight to the TLS port from an untrusted address: closed at accept, before any
+    // handshake; from the trusted one without a header: closed as a bad header.
+    let mut forged = connect_from("127.0.0.2", tls_addr);
+    let _ = forged.write_all(b"PROXY TCP4 192.0.2.1 127.0.0.1 1234 8443\r\n\x16\x03\x01");
+    assert_closed_unanswered(forged, "untrusted PROXY header on the TLS port");
+    let mut bare = connect_from("127.0.0.1", tls_addr);
+    let _ = bare.write_all(b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03");
+    assert_closed_unanswered(bare, "a handshake without a PROXY header");
+    assert_eq!(metric(admin, &["reason=\"untrusted_proxy\""]), 1.0);
+    assert_eq!(metric(admin, &["reason=\"bad_proxy_header\""]), 1.0);
+    drop((hap, hap_plain));
 }

@@ -10,7 +10,7 @@ use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::process::Command;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use rcgen::KeyPair;
 use rustls::pki_types::pem::PemObject;
@@ -255,6 +255,49 @@ fn the_page_and_status_are_served_over_tls_and_a_silent_handshake_is_closed() {
         &["reason=\"tls_handshake_failed\""],
         |v| v == 1.0,
     );
+}
+
+/// Stalled handshakes keep nobody waiting: behind 80 connections that send nothing or part of
+/// a ClientHello (more than the two workers' 32 handshake turns), a real client's handshake
+/// and request are answered long before the stalled ones' head timeout ends. (When a stalled
+/// handshake held its turn, this client waited the whole timeout.)
+#[test]
+fn stalled_handshakes_do_not_keep_a_real_client_waiting() {
+    let dir = scratch_dir("tls_stalled");
+    let ca = Ca::new(&dir);
+    ca.issue(13);
+    let dir2 = dir.clone();
+    let srv = TestServer::start_tls(move |c| {
+        c.startup.tls_cert = Some(dir2.join("cert.pem"));
+        c.startup.tls_key = Some(dir2.join("key.pem"));
+        c.header_timeout_secs = 60;
+        // All of them from one address, and all of them to the workers.
+        c.max_pending_heads_per_ip = 0;
+    });
+    let tls_addr = srv.tls.unwrap();
+    let stalled: Vec<TcpStream> = (0..80)
+        .map(|i| {
+            let mut s = TcpStream::connect(tls_addr).unwrap();
+            if i % 2 == 0 {
+                // A handshake record announcing 512 bytes, and its first 6.
+                s.write_all(&[
+                    0x16, 0x03, 0x01, 0x02, 0x00, 0x01, 0x00, 0x01, 0xfc, 0x03, 0x03,
+                ])
+                .unwrap();
+            }
+            s
+        })
+        .collect();
+    let start = Instant::now();
+    let versions = &[&rustls::version::TLS13];
+    let (_page, head) = tls_listener(tls_addr, client_config(&ca, versions), "/");
+    assert!(head.starts_with("HTTP/1.0 200"), "{head}");
+    assert!(
+        start.elapsed() < Duration::from_secs(20),
+        "the real client waited {:?} behind stalled handshakes",
+        start.elapsed()
+    );
+    drop(stalled);
 }
 
 #[test]

@@ -858,19 +858,21 @@ pub fn player_state(line: &str) -> Option<PlayerState> {
 }
 
 /// Waits until the page's `<audio>` plays: readyState >= 3 and `currentTime` advanced by at
-/// least `advance` seconds since it first reached readyState >= 3. Returns the player's lines;
-/// fails after `deadline` with them.
+/// least `advance` seconds since it first reached readyState >= 3. Returns the player's lines
+/// up to the one that shows it; fails after `deadline` with them.
 pub fn wait_playing(browser: &mut Program, advance: f64, deadline: Duration) -> Vec<PlayerState> {
     let end = Instant::now() + deadline;
     loop {
         let mut first_ready: Option<f64> = None;
         browser.collect();
         let states: Vec<PlayerState> = browser.log.iter().filter_map(|l| player_state(l)).collect();
-        for s in &states {
+        for (i, s) in states.iter().enumerate() {
             if s.ready_state >= 3 {
                 let first = *first_ready.get_or_insert(s.current_time);
                 if s.current_time >= first + advance {
-                    return states;
+                    // Up to the state that proves it: a line read with it may be a later
+                    // `waiting` (readyState 2) on a loaded machine.
+                    return states[..=i].to_vec();
                 }
             }
         }

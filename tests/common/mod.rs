@@ -4,6 +4,7 @@
 
 pub mod certs;
 pub mod clients;
+pub mod devtools;
 pub mod media;
 pub mod process;
 

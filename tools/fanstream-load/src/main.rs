@@ -14,10 +14,11 @@
 //! Layout: [`record`] (the stream format and its verifier), [`schedule`] (the source's pace),
 //! [`source`], [`listen`] (with [`icy`], the ICY listener's framing), [`servers`] (the servers
 //! under test), [`procstat`] (/proc), [`run`] (one run and its summary, with [`titles`], the
-//! title updates), [`sweep`] (with [`plot`]), [`compare`], [`coalesce`], [`icy_compare`] and [`tls_compare`].
+//! title updates, and [`flood`], stalled TLS handshakes beside the listeners), [`sweep`] (with [`plot`]), [`compare`], [`coalesce`], [`icy_compare`] and [`tls_compare`].
 
 mod coalesce;
 mod compare;
+mod flood;
 mod icy;
 mod icy_compare;
 mod listen;

@@ -17,6 +17,7 @@ use std::process::{Child, Command};
 use std::sync::mpsc;
 use std::time::Duration;
 
+use crate::flood::{self, FloodReport};
 use crate::listen::{IcyReport, Line, ListenReport, Progress};
 use crate::procstat;
 use crate::record::Errors;
@@ -96,6 +97,11 @@ pub struct RunOpts {
     /// made for it (sources and title updates stay plain).
     #[arg(long)]
     pub tls: bool,
+    /// With `--tls`: this many connections to the TLS port that never finish their handshake
+    /// (half send a partial ClientHello, half nothing), held from the listeners' ramp to the
+    /// end and opened again as the server closes them ([`crate::flood`]).
+    #[arg(long, default_value_t = 0)]
+    pub tls_flood: usize,
     #[arg(long, default_value = "target/release/fanstream")]
     pub fanstream_bin: PathBuf,
     #[arg(long, default_value = "icecast2")]
@@ -221,6 +227,8 @@ pub struct Summary {
     pub title_every_secs: Option<f64>,
     /// Title updates answered 200, and refused or unanswered.
     pub title_updates: TitleReport,
+    /// The stalled handshakes held beside the listeners (`--tls-flood`).
+    pub tls_flood: Option<FloodReport>,
     /// The ICY listeners alone (also counted in every figure above).
     pub icy: IcyReport,
     /// Blocks per streaming ICY listener, and titles per streaming ICY listener.
@@ -364,6 +372,9 @@ pub fn run(o: &RunOpts) -> Result<Summary, String> {
     } else {
         None
     };
+    if o.tls_flood > 0 && tls.is_none() {
+        return Err("--tls-flood: with --tls only".into());
+    }
     let loadavg_before = loadavg();
     eprintln!(
         "== {name}: {} listeners at {} kbit/s on {} mount(s), {} s window (load average {loadavg_before})",
@@ -473,6 +484,11 @@ pub fn run(o: &RunOpts) -> Result<Summary, String> {
         first += n;
     }
     drop(tx);
+    let flood = tls
+        .as_ref()
+        .filter(|_| o.tls_flood > 0)
+        // From the ramp on: the listeners' own handshakes come during the flood.
+        .map(|t| flood::start(t.addr, o.tls_flood, start_us, end_us));
 
     // Watch: progress each second, CPU samples at the window's edges.
     let mut progress = vec![Progress::default(); nproc];
@@ -516,6 +532,7 @@ pub fn run(o: &RunOpts) -> Result<Summary, String> {
     }
     let sources: Vec<SourceReport> = sources.into_iter().map(|s| s.stop()).collect();
     let title_updates = titles.map(|t| t.stop()).unwrap_or_default();
+    let tls_flood = flood.map(|f| f.stop());
     drop(loads);
     drop(server);
     let (Some(begin), Some(finish)) = (begin, finish) else {
@@ -542,6 +559,7 @@ pub fn run(o: &RunOpts) -> Result<Summary, String> {
     let s = Summary {
         started_utc,
         title_updates,
+        tls_flood,
         ..s
     };
     write_json(&o.out_dir.join(format!("{}.json", s.name)), &s)?;
@@ -814,6 +832,19 @@ pub fn print_summary(s: &Summary) {
         mib(s.server_rss_before_listeners_bytes),
         s.rss_per_listener_bytes
     );
+    if let Some(f) = &s.tls_flood {
+        println!(
+            "TLS flood          {} stalled handshakes held: {} opened, {} closed by the server after {:.1} s (p50; {:.1} to {:.1} s), {} answered, {} could not connect",
+            f.connections,
+            f.opened,
+            f.closed_by_server,
+            f.closed_after_p50_secs,
+            f.closed_after_min_secs,
+            f.closed_after_max_secs,
+            f.answered,
+            f.connect_failed
+        );
+    }
     let loads: Vec<String> = s.load_cpu_pct.iter().map(|p| format!("{p:.0}%")).collect();
     println!(
         "load tool CPU      {} of a core each; machine busy {:.0}% of {}00%; source at most {:.1} ms late",
