@@ -305,6 +305,10 @@ pub struct Startup {
     pub relays: Vec<RelaySettings>,
     /// Mirror every mount of an origin (`[master]`). Default none.
     pub master: Option<MasterSettings>,
+    /// Certificates (PEM) trusted for `https://` upstreams of `[[relays]]` and `[master]`,
+    /// besides the system's roots (`/etc/ssl/certs`, or `SSL_CERT_FILE`): an origin whose
+    /// certificate a private CA signed. Read at start-up and on `SIGHUP`. Default none.
+    pub relay_ca_file: Option<PathBuf>,
     /// Most listener authentication calls in progress at once, server-wide (`auth = "url"`
     /// requests, `auth = "htpasswd"` bcrypt checks, each off the workers' listeners); a
     /// listener waits for a turn within its mount's `auth_timeout_ms`. Default 64.
@@ -399,6 +403,7 @@ impl Default for Startup {
             tls_key: None,
             relays: Vec::new(),
             master: None,
+            relay_ca_file: None,
             max_listener_auth_calls: 64,
         }
     }
@@ -703,8 +708,18 @@ impl Config {
     /// are bound until the next restart. The running source password stays when `new` sets none
     /// (it may have been generated at start-up), and so does the test hook.
     pub fn reloaded(&self, mut new: Config) -> (Config, Vec<String>) {
-        let changed = self.startup.changed_in(&new.startup);
-        new.startup = self.startup.clone();
+        // Relays are the relays thread's to restart, one by one: a reload applies them.
+        let relays = std::mem::take(&mut new.startup.relays);
+        let master = new.startup.master.take();
+        let relay_ca_file = new.startup.relay_ca_file.take();
+        let mut changed = self.startup.changed_in(&new.startup);
+        changed.retain(|name| !matches!(name.as_str(), "relays" | "master" | "relay_ca_file"));
+        new.startup = Startup {
+            relays,
+            master,
+            relay_ca_file,
+            ..self.startup.clone()
+        };
         if new.source_password.is_none() {
             new.source_password = self.source_password.clone();
         }
@@ -1603,6 +1618,20 @@ mod tests {
         let (installed, changed) = running.reloaded(new);
         assert!(changed.is_empty(), "{changed:?}");
         assert_eq!(installed.source_password.as_deref(), Some("new"));
+
+        // Relays are applied by the reload, not kept for the next restart.
+        let new = Config::from_toml(
+            "relay_ca_file = \"/etc/ca.pem\"\n[[relays]]\nmount = \"/r\"\nupstreams = [\"https://o/r\"]\n[master]\nurl = \"http://o:8000\"\n",
+        )
+        .unwrap();
+        let (installed, changed) = running.reloaded(new);
+        assert!(changed.is_empty(), "{changed:?}");
+        assert_eq!(installed.startup.relays[0].mount, "/r");
+        assert!(installed.startup.master.is_some());
+        assert_eq!(
+            installed.startup.relay_ca_file.as_deref(),
+            Some(Path::new("/etc/ca.pem"))
+        );
     }
 
     #[test]

@@ -2,8 +2,9 @@
 //! loopback form a tree (origin → 2 edges → 2 edges each) whose leaves serve the encoder's
 //! bytes exactly; an edge fails over to its second upstream when the first dies and returns
 //! with `prefer_first`, dropping no listener; bad upstreams (non-2xx, garbage, a stall, a
-//! redirect loop) are counted and retried with backoff; and Debian's `icecast2` is relayed,
-//! its ICY titles reaching fanstream's own ICY listeners.
+//! redirect loop) are counted and retried with backoff; an edge pulls over https from a TLS
+//! origin (trusting the test's CA) and counts an untrusted certificate as a `tls` failover;
+//! and Debian's `icecast2` is relayed, its ICY titles reaching fanstream's own ICY listeners.
 
 mod common;
 
@@ -14,6 +15,7 @@ use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
+use common::certs::Ca;
 use common::clients::*;
 use common::media::*;
 use common::process::{require, scratch_dir, ChildGuard};
@@ -506,6 +508,12 @@ fn answer(mut s: TcpStream, requests: &Mutex<Vec<(Instant, String)>>, stop: &Ato
             format!("{audio}icy-metaint: 8\r\n\r\n12345678\x01not a title here").into_bytes()
         }
         "/stall" => format!("{audio}\r\n").into_bytes(),
+        // A redirect to the URL after `?`: to another server, or from http to https.
+        p if p.starts_with("/redirect?") => format!(
+            "HTTP/1.0 302 Found\r\nLocation: {}\r\n\r\n",
+            &p["/redirect?".len()..]
+        )
+        .into_bytes(),
         _ => b"HTTP/1.0 400 Bad Request\r\n\r\n".to_vec(),
     };
     let _ = s.write_all(&reply);
@@ -1137,4 +1145,102 @@ fn an_edge_mirrors_the_mounts_a_fanstream_origin_lists() {
         "the other mount is still relayed"
     );
     assert!(feeder.sent() > 0);
+}
+
+/// `fanstream_relay_failovers_total` of `mount` for `reason`.
+fn failovers(server: &TestServer, mount: &str, reason: &str) -> f64 {
+    server.metric(
+        "fanstream_relay_failovers_total",
+        &[
+            &format!("mount=\"{mount}\""),
+            &format!("reason=\"{reason}\""),
+        ],
+    )
+}
+
+#[test]
+fn an_edge_relays_over_https_byte_exact_and_an_untrusted_certificate_is_a_tls_failover() {
+    let dir = scratch_dir("relay_https");
+    let ca = Ca::new(&dir);
+    ca.issue(1);
+    let origin = TestServer::start_tls(|c| {
+        c.startup.tls_cert = Some(dir.join("cert.pem"));
+        c.startup.tls_key = Some(dir.join("key.pem"));
+        c.defaults.max_write_delay_ms = 0;
+    });
+    let feeder = Feeder::start(vec![Source::connect(origin.addr, "/live")]);
+    let https = format!("https://localhost:{}/live", origin.tls.unwrap().port());
+    let bad = BadUpstream::start();
+    let quick = |c: &mut Config| {
+        c.source_timeout_secs = 2;
+        c.defaults.max_write_delay_ms = 0;
+    };
+    // Trusting the test's CA: straight to the TLS port, and through an http redirect to it.
+    let trusting = TestServer::start(|c| {
+        quick(c);
+        c.startup.relay_ca_file = Some(ca.path());
+        c.startup.relays = vec![
+            relay("/live", &[https.clone()]),
+            relay(
+                "/redirected",
+                &[url(bad.addr, &format!("/redirect?{https}"))],
+            ),
+        ];
+    });
+    // Trusting the system's roots only: the test CA's certificate is refused, counted as `tls`,
+    // and the relay goes on to its plain http upstream.
+    let plain = url(origin.addr, "/live");
+    let untrusting = TestServer::start(|c| {
+        quick(c);
+        c.startup.relays = vec![relay("/live", &[https.clone(), plain.clone()])];
+    });
+    trusting.wait_metric("fanstream_relay_up", &["mount=\"/live\""], |v| v == 1.0);
+    assert_eq!(relay_upstream(&trusting, "/live"), https);
+    trusting.wait_metric("fanstream_relay_up", &["mount=\"/redirected\""], |v| {
+        v == 1.0
+    });
+    untrusting.wait_metric("fanstream_relay_up", &["mount=\"/live\""], |v| v == 1.0);
+    assert_eq!(relay_upstream(&untrusting, "/live"), plain);
+    assert!(
+        failovers(&untrusting, "/live", "tls") >= 1.0,
+        "{}",
+        untrusting.metrics()
+    );
+    assert_eq!(
+        untrusting.metric("fanstream_relay_failovers_total", &["mount=\"/live\""]),
+        failovers(&untrusting, "/live", "tls"),
+        "the refused certificate is counted as tls only"
+    );
+    let last = Arc::new(AtomicU64::new(u64::MAX));
+    let checks: Vec<_> = [
+        (&trusting, "/live"),
+        (&trusting, "/redirected"),
+        (&untrusting, "/live"),
+    ]
+    .into_iter()
+    .map(|(server, mount)| {
+        let listener = Listener::connect(server.addr, mount);
+        let (last, who) = (last.clone(), format!("listener of {mount}"));
+        std::thread::spawn(move || listener.check_until(&last, &who))
+    })
+    .collect();
+    let until = feeder.sent() + 2 * RATE;
+    wait_until("the encoder to send 2 s more", || feeder.sent() >= until);
+    last.store(feeder.sent(), Ordering::SeqCst);
+    for (i, check) in checks.into_iter().enumerate() {
+        let check = check.join().unwrap();
+        assert_eq!(
+            check.mismatches, 0,
+            "listener {i}: bytes differ from the stream"
+        );
+        assert!(
+            check.next >= Some(last.load(Ordering::SeqCst)) && check.bytes > RATE,
+            "listener {i} got {} bytes, up to {:?}",
+            check.bytes,
+            check.next
+        );
+    }
+    assert_eq!(failovers(&trusting, "/live", "tls"), 0.0);
+    let (_, request) = bad.requests(&format!("/redirect?{https}"));
+    assert!(request.starts_with("GET /redirect?https://"), "{request}");
 }
