@@ -1244,3 +1244,88 @@ fn an_edge_relays_over_https_byte_exact_and_an_untrusted_certificate_is_a_tls_fa
     let (_, request) = bad.requests(&format!("/redirect?{https}"));
     assert!(request.starts_with("GET /redirect?https://"), "{request}");
 }
+
+#[test]
+fn a_reload_adds_removes_and_restarts_relays_and_leaves_the_others_streaming() {
+    let origin = TestServer::start(|_| {});
+    let feeder = Feeder::start(
+        ["/a", "/b", "/c"]
+            .iter()
+            .map(|m| Source::connect(origin.addr, m))
+            .collect(),
+    );
+    let (a, b, c) = (
+        url(origin.addr, "/a"),
+        url(origin.addr, "/b"),
+        url(origin.addr, "/c"),
+    );
+    let before = vec![
+        relay("/a", &[a.clone()]),
+        relay("/b", &[b.clone()]),
+        relay("/d", &[a.clone()]),
+    ];
+    let after = vec![
+        relay("/a", &[a.clone()]),
+        relay("/c", &[c.clone()]),
+        relay("/d", &[c.clone()]),
+    ];
+    let edge_config = |relays: &Vec<RelaySettings>| {
+        let mut config = test_config();
+        config.defaults.max_write_delay_ms = 0;
+        config.startup.relays = relays.clone();
+        config
+    };
+    let edge = TestServer::start(|c| *c = edge_config(&before));
+    for mount in ["/a", "/b", "/d"] {
+        edge.wait_metric(
+            "fanstream_relay_up",
+            &[&format!("mount=\"{mount}\"")],
+            |v| v == 1.0,
+        );
+    }
+    let last = Arc::new(AtomicU64::new(u64::MAX));
+    let kept = {
+        let (listener, last) = (Listener::connect(edge.addr, "/a"), last.clone());
+        std::thread::spawn(move || listener.check_until(&last, "listener of /a"))
+    };
+    let mut removed = Listener::connect(edge.addr, "/b");
+    removed.read_at_least(1000);
+
+    edge.server
+        .as_ref()
+        .unwrap()
+        .reload(edge_config(&after))
+        .unwrap();
+    edge.wait_metric("fanstream_relay_up", &["mount=\"/c\""], |v| v == 1.0);
+    wait_until("/d to pull from its new upstream", || {
+        relay_up(&edge, "/d", &c) == 1.0
+    });
+    wait_until("/b's relay to stop", || relay_up(&edge, "/b", &b) == 0.0);
+    // /b's listener waits the grace period (1 s here), then the mount closes.
+    removed.read_to_end();
+    let until = feeder.sent() + 2 * RATE;
+    wait_until("the encoder to send 2 s more", || feeder.sent() >= until);
+    last.store(feeder.sent(), Ordering::SeqCst);
+    let check = kept.join().unwrap();
+    assert_eq!(check.mismatches, 0, "/a's listener got every byte in order");
+    assert!(check.next >= Some(last.load(Ordering::SeqCst)));
+    let connects = |mount: &str| {
+        edge.metric(
+            "fanstream_relay_connects_total",
+            &[&format!("mount=\"{mount}\"")],
+        )
+    };
+    assert_eq!(connects("/a"), 1.0, "the unchanged relay was not restarted");
+    assert_eq!(connects("/d"), 2.0, "the changed relay connected again");
+    assert_eq!(relay_up(&edge, "/d", &a), 0.0);
+    assert_eq!(
+        edge.metric("fanstream_relay_failovers_total", &[]),
+        0.0,
+        "no relay failed on the way: {}",
+        edge.metrics()
+    );
+    assert!(
+        !status_mounts(&edge).contains(&"/b".to_string()),
+        "/b closed"
+    );
+}
