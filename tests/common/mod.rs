@@ -6,6 +6,7 @@ pub mod certs;
 pub mod clients;
 pub mod media;
 pub mod process;
+pub mod upstream;
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
