@@ -2,7 +2,8 @@
 //! by an encoder, as Icecast's `<relay>` does; an origin-edge tree is built from them.
 //!
 //! A relay sends what Icecast's relay sends (`GET` over HTTP/1.0, `Icy-MetaData: 1`, a
-//! `User-Agent` naming fanstream, Basic credentials when configured), follows redirects (at most
+//! `User-Agent` naming fanstream, Basic credentials when configured), over TCP or TLS
+//! (`https://`, [`crate::tls::connect`]), follows redirects (at most
 //! [`MAX_REDIRECTS`]), takes the ICY blocks out of the stream ([`crate::icy::Deinterleaver`]) and
 //! hands ingest the audio and the titles the same way the demo and `/admin/metadata` do: the
 //! audio as a [`SourceConn`] fed by [`Feed::Pieces`], the titles as [`ToIngest::Title`]. Ingest
@@ -22,6 +23,12 @@
 //! the first. An upstream that streamed for [`STABLE`] or more resets the backoff. With
 //! `prefer_first`, a relay on a later upstream tries the first every `retry_secs` and moves
 //! back to it as soon as it answers with the same content type.
+//!
+//! # Reload
+//!
+//! The thread runs a [`Plan`] (the config's relays, its `[master]`, the TLS settings); a reload
+//! sends a new one, and the thread stops the relays that left or changed, waits until each is
+//! gone (its upstream connection closed), starts the new ones, and leaves the others streaming.
 //!
 //! # Why a thread of their own
 //!
@@ -150,7 +157,8 @@ pub(crate) fn run(
                     mirrored = Some((master, left, task));
                 } else {
                     end(task).await;
-                    tracing::info!("mirror of the master restarted by the reload");
+                    shared.metrics.relay_mirrored.set(0);
+                    tracing::info!("mirror of the master stopped by the reload");
                 }
             }
             for settings in &plan.relays {

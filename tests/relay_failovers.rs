@@ -13,7 +13,6 @@ use std::time::{Duration, Instant};
 use common::upstream::BadUpstream;
 use common::*;
 use fanstream::config::RelaySettings;
-use fanstream::Config;
 
 /// Descriptors the process holds now.
 fn open_descriptors() -> usize {

@@ -1061,7 +1061,7 @@ fn an_edge_relays_over_https_byte_exact_and_an_untrusted_certificate_is_a_tls_fa
         quick(c);
         c.startup.relay_ca_file = Some(ca.path());
         c.startup.relays = vec![
-            relay("/live", &[https.clone()]),
+            relay("/live", std::slice::from_ref(&https)),
             relay(
                 "/redirected",
                 &[url(bad.addr, &format!("/redirect?{https}"))],
@@ -1141,14 +1141,14 @@ fn a_reload_adds_removes_and_restarts_relays_and_leaves_the_others_streaming() {
         url(origin.addr, "/c"),
     );
     let before = vec![
-        relay("/a", &[a.clone()]),
-        relay("/b", &[b.clone()]),
-        relay("/d", &[a.clone()]),
+        relay("/a", std::slice::from_ref(&a)),
+        relay("/b", std::slice::from_ref(&b)),
+        relay("/d", std::slice::from_ref(&a)),
     ];
     let after = vec![
-        relay("/a", &[a.clone()]),
-        relay("/c", &[c.clone()]),
-        relay("/d", &[c.clone()]),
+        relay("/a", std::slice::from_ref(&a)),
+        relay("/c", std::slice::from_ref(&c)),
+        relay("/d", std::slice::from_ref(&c)),
     ];
     let edge_config = |relays: &Vec<RelaySettings>| {
         let mut config = test_config();
