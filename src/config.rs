@@ -1643,6 +1643,8 @@ mod tests {
         c.validate().unwrap();
         let r = &c.startup.relays[0];
         assert_eq!(r.upstreams.len(), 2);
+        let https = "[[relays]]\nmount = \"/s\"\nupstreams = [\"https://origin/live\"]\n";
+        Config::from_toml(https).unwrap().validate().unwrap();
         assert!(r.prefer_first && !r.on_demand);
         assert_eq!((r.user.as_deref(), r.retry_secs), (None, 30));
         for (toml, why) in [
@@ -1652,8 +1654,8 @@ mod tests {
             ),
             ("mount = \"/l\"\nupstreams = []", "at least one URL"),
             (
-                "mount = \"/l\"\nupstreams = [\"https://a/x\"]",
-                "https upstreams",
+                "mount = \"/l\"\nupstreams = [\"ftp://a/x\"]",
+                "http:// or https://",
             ),
             (
                 "mount = \"/l\"\nupstreams = [\"http://a:x/x\"]",
@@ -1693,8 +1695,10 @@ mod tests {
         c.validate().unwrap();
         let m = c.startup.master.as_ref().unwrap();
         assert_eq!((m.interval_secs, m.on_demand), (120, true));
+        let c = Config::from_toml("[master]\nurl = \"https://origin\"\n").unwrap();
+        c.validate().unwrap();
         for (toml, why) in [
-            ("url = \"https://o\"", "https"),
+            ("url = \"ftp://o\"", "http:// or https://"),
             ("url = \"http://o/live\"", "base URL"),
             ("url = \"http://u:p@o\"", "base URL"),
             ("url = \"http://o\"\ninterval_secs = 0", "interval_secs"),
