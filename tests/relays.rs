@@ -1172,6 +1172,16 @@ fn a_reload_adds_removes_and_restarts_relays_and_leaves_the_others_streaming() {
     let mut removed = Listener::connect(edge.addr, "/b");
     removed.read_at_least(1000);
 
+    // A CA file that does not load refuses the whole reload: nothing changes.
+    let mut bad = edge_config(&after);
+    bad.startup.relay_ca_file = Some("/nonexistent/ca.pem".into());
+    let e = edge.server.as_ref().unwrap().reload(bad).unwrap_err();
+    assert!(e.contains("relay_ca_file /nonexistent/ca.pem"), "{e}");
+    assert_eq!(
+        relay_up(&edge, "/b", &b),
+        1.0,
+        "the refused reload stopped nothing"
+    );
     edge.server
         .as_ref()
         .unwrap()
