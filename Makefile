@@ -27,9 +27,9 @@ APT_PACKAGES := ffmpeg curl prometheus ezstream ices2 liquidsoap mpv gstreamer1.
 # GStreamer elements the tests use, which come in plugin packages rather than as programs.
 TEST_GST_ELEMENTS := souphttpsrc decodebin oggdemux opusdec vorbisdec mpegaudioparse identity
 
-.PHONY: run build release deb man install deb-deps test deps fuzz-deps fmt fmt-check clippy unit soak fuzz load sweep compare coalescing icy-compare tls-compare bench icecast fonts
+.PHONY: run build release deb man install deb-deps test deps fuzz-deps fmt fmt-check clippy unit soak fuzz load sweep compare coalescing icy-compare tls-compare tree bench icecast fonts
 
-# Load runs (make load / sweep / compare / coalescing / icy-compare / tls-compare): see README, "Performance".
+# Load runs (make load / sweep / compare / coalescing / icy-compare / tls-compare / tree): see README, "Performance".
 CLIENTS ?= 1000
 BITRATE_KBPS ?= 128
 SECONDS ?= 30
@@ -164,6 +164,18 @@ tls-compare: release
 	  --workers $(WORKERS) --mounts $(MOUNTS) $(LOAD_FLAGS)
 	mkdir -p $(RESULTS)
 	cp target/load/tls-$(CLIENTS)c-$(BITRATE_KBPS)k.md target/load/tls-$(CLIENTS)c-$(BITRATE_KBPS)k.json $(RESULTS)/
+
+## make tree: a two-tier tree, an origin and EDGES edges relaying each mount from it, the
+## listeners split over the edges: CPU per listener-second and RSS per tier, one table.
+# Two hops of write coalescing (a second each by default) are in flight at the window's end,
+# hence the longer allowance.
+EDGES ?= 2
+TREE_STEM := tree-$(CLIENTS)c-$(BITRATE_KBPS)k
+tree: release
+	$(LOAD_BIN) run --edges $(EDGES) --name $(TREE_STEM) --allowance-ms 3000 --clients $(CLIENTS) \
+	  --bitrate-kbps $(BITRATE_KBPS) --seconds $(SECONDS) --workers $(WORKERS) --mounts $(MOUNTS) $(LOAD_FLAGS)
+	mkdir -p $(RESULTS)
+	cp target/load/$(TREE_STEM).md target/load/$(TREE_STEM).json $(RESULTS)/
 
 ## make bench: criterion benches (store, fan-out, request parsing).
 bench:

@@ -305,6 +305,10 @@ pub struct Startup {
     pub relays: Vec<RelaySettings>,
     /// Mirror every mount of an origin (`[master]`). Default none.
     pub master: Option<MasterSettings>,
+    /// Certificates (PEM) trusted for `https://` upstreams of `[[relays]]` and `[master]`,
+    /// besides the system's roots (`/etc/ssl/certs`, or `SSL_CERT_FILE`): an origin whose
+    /// certificate a private CA signed. Read at start-up and on `SIGHUP`. Default none.
+    pub relay_ca_file: Option<PathBuf>,
     /// Most listener authentication calls in progress at once, server-wide (`auth = "url"`
     /// requests, `auth = "htpasswd"` bcrypt checks, each off the workers' listeners); a
     /// listener waits for a turn within its mount's `auth_timeout_ms`. Default 64.
@@ -411,6 +415,7 @@ impl Default for Startup {
             tls_key: None,
             relays: Vec::new(),
             master: None,
+            relay_ca_file: None,
             max_listener_auth_calls: 64,
         }
     }
@@ -727,8 +732,18 @@ impl Config {
     /// are bound until the next restart. The running source password stays when `new` sets none
     /// (it may have been generated at start-up), and so does the test hook.
     pub fn reloaded(&self, mut new: Config) -> (Config, Vec<String>) {
-        let changed = self.startup.changed_in(&new.startup);
-        new.startup = self.startup.clone();
+        // Relays are the relays thread's to restart, one by one: a reload applies them.
+        let relays = std::mem::take(&mut new.startup.relays);
+        let master = new.startup.master.take();
+        let relay_ca_file = new.startup.relay_ca_file.take();
+        let mut changed = self.startup.changed_in(&new.startup);
+        changed.retain(|name| !matches!(name.as_str(), "relays" | "master" | "relay_ca_file"));
+        new.startup = Startup {
+            relays,
+            master,
+            relay_ca_file,
+            ..self.startup.clone()
+        };
         if new.source_password.is_none() {
             new.source_password = self.source_password.clone();
         }
@@ -1039,6 +1054,11 @@ impl Config {
                 check_public_url(url).map_err(|e| format!("master.public_url = {url:?}: {e}"))?;
                 if m.password.is_none() {
                     return Err("master.register needs master.password: the origin takes registrations from its relay user only".into());
+                }
+                // Registrations go out on a plain connection (src/registration.rs); the relays'
+                // TLS client is theirs alone so far.
+                if !m.url.to_ascii_lowercase().starts_with("http://") {
+                    return Err(format!("master.register with master.url = {:?}: registration goes to an http:// origin only (relays may use https)", m.url));
                 }
             }
         }
@@ -1663,6 +1683,20 @@ mod tests {
         let (installed, changed) = running.reloaded(new);
         assert!(changed.is_empty(), "{changed:?}");
         assert_eq!(installed.source_password.as_deref(), Some("new"));
+
+        // Relays are applied by the reload, not kept for the next restart.
+        let new = Config::from_toml(
+            "relay_ca_file = \"/etc/ca.pem\"\n[[relays]]\nmount = \"/r\"\nupstreams = [\"https://o/r\"]\n[master]\nurl = \"http://o:8000\"\n",
+        )
+        .unwrap();
+        let (installed, changed) = running.reloaded(new);
+        assert!(changed.is_empty(), "{changed:?}");
+        assert_eq!(installed.startup.relays[0].mount, "/r");
+        assert!(installed.startup.master.is_some());
+        assert_eq!(
+            installed.startup.relay_ca_file.as_deref(),
+            Some(Path::new("/etc/ca.pem"))
+        );
     }
 
     #[test]
@@ -1674,6 +1708,8 @@ mod tests {
         c.validate().unwrap();
         let r = &c.startup.relays[0];
         assert_eq!(r.upstreams.len(), 2);
+        let https = "[[relays]]\nmount = \"/s\"\nupstreams = [\"https://origin/live\"]\n";
+        Config::from_toml(https).unwrap().validate().unwrap();
         assert!(r.prefer_first && !r.on_demand);
         assert_eq!((r.user.as_deref(), r.retry_secs), (None, 30));
         for (toml, why) in [
@@ -1683,8 +1719,8 @@ mod tests {
             ),
             ("mount = \"/l\"\nupstreams = []", "at least one URL"),
             (
-                "mount = \"/l\"\nupstreams = [\"https://a/x\"]",
-                "https upstreams",
+                "mount = \"/l\"\nupstreams = [\"ftp://a/x\"]",
+                "http:// or https://",
             ),
             (
                 "mount = \"/l\"\nupstreams = [\"http://a:x/x\"]",
@@ -1724,8 +1760,10 @@ mod tests {
         c.validate().unwrap();
         let m = c.startup.master.as_ref().unwrap();
         assert_eq!((m.interval_secs, m.on_demand), (120, true));
+        let c = Config::from_toml("[master]\nurl = \"https://origin\"\n").unwrap();
+        c.validate().unwrap();
         for (toml, why) in [
-            ("url = \"https://o\"", "https"),
+            ("url = \"ftp://o\"", "http:// or https://"),
             ("url = \"http://o/live\"", "base URL"),
             ("url = \"http://u:p@o\"", "base URL"),
             ("url = \"http://o\"\ninterval_secs = 0", "interval_secs"),
@@ -1776,6 +1814,12 @@ mod tests {
                 .unwrap_err();
             assert!(e.contains(why), "{toml}: {e}");
         }
+        let e = Config::from_toml(
+            "[master]\nurl = \"https://o\"\npassword = \"pw\"\nregister = true\npublic_url = \"http://e:8000\"\n",
+        )
+        .and_then(|c| c.validate())
+        .unwrap_err();
+        assert!(e.contains("http:// origin only"), "{e}");
         let e = Config::from_toml("relay_password = \"\"")
             .unwrap()
             .validate()

@@ -90,6 +90,23 @@ impl Format {
         }
     }
 
+    /// Where an Ogg stream stands for the listeners, for the next source of the mount.
+    pub fn tail(&self) -> Option<ogg::Tail> {
+        match self {
+            Format::Ogg(f) => Some(f.tail()),
+            _ => None,
+        }
+    }
+
+    /// Makes this source's Ogg stream follow, for the listeners, the one that left at `tail`:
+    /// its first chain ends the old streams and takes serials of its own
+    /// ([`ogg::Framer::following`]).
+    pub fn follow(&mut self, tail: ogg::Tail) {
+        if let Format::Ogg(f) = self {
+            *f = ogg::Framer::following(tail);
+        }
+    }
+
     /// What the stream turned out to be, for status pages (`MP3`, `AAC`, `Vorbis`, `Opus`,
     /// `FLAC`, `Speex`, `Theora`, several joined with `/`); None until known.
     pub fn subtype(&self) -> Option<String> {

@@ -1,5 +1,6 @@
-//! The client side of HTTP that a relay needs to pull a stream: an `http://` URL, the request
-//! Icecast's relay sends, and the response head (HTTP/1.x, or SHOUTcast's `ICY 200 OK`).
+//! The client side of HTTP that a relay needs to pull a stream: an `http://` or `https://` URL,
+//! the request Icecast's relay sends, and the response head (HTTP/1.x, or SHOUTcast's
+//! `ICY 200 OK`).
 //!
 //! Like [`crate::http`], it turns bytes into values or a specific error and never panics on
 //! input: an upstream is another server, not trusted to speak well.
@@ -11,9 +12,12 @@ use crate::http::MAX_HEAD_BYTES;
 /// Most headers in one response.
 const MAX_HEADERS: usize = 64;
 
-/// An `http://` URL, as a relay's upstream is written: `http://[user:pass@]host[:port]/path`.
+/// An `http://` or `https://` URL, as a relay's upstream is written:
+/// `http[s]://[user:pass@]host[:port]/path`.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub(crate) struct HttpUrl {
+    /// `https://`: the connection is TLS, the certificate checked for `host`.
+    pub tls: bool,
     /// As it goes in a `connect` and in `Host:` (an IPv6 address without its brackets).
     pub host: String,
     pub port: u16,
@@ -26,14 +30,10 @@ pub(crate) struct HttpUrl {
 impl HttpUrl {
     /// Parses `text`, or says what is wrong with it in words an operator can act on.
     pub fn parse(text: &str) -> Result<HttpUrl, String> {
-        let rest = match text.split_once("://") {
-            Some((scheme, rest)) if scheme.eq_ignore_ascii_case("http") => rest,
-            Some((scheme, _)) if scheme.eq_ignore_ascii_case("https") => {
-                return Err(
-                    "https upstreams are not supported yet (no TLS client in fanstream)".into(),
-                )
-            }
-            _ => return Err("must start with http://".into()),
+        let (tls, rest) = match text.split_once("://") {
+            Some((scheme, rest)) if scheme.eq_ignore_ascii_case("http") => (false, rest),
+            Some((scheme, rest)) if scheme.eq_ignore_ascii_case("https") => (true, rest),
+            _ => return Err("must start with http:// or https://".into()),
         };
         let (authority, target) = match rest.find('/') {
             Some(i) => (&rest[..i], &rest[i..]),
@@ -70,6 +70,7 @@ impl HttpUrl {
             return Err(format!("{host:?} is not a host name or address"));
         }
         let port = match port {
+            None if tls => 443,
             None => 80,
             Some(p) => p
                 .parse::<u16>()
@@ -78,6 +79,7 @@ impl HttpUrl {
                 .ok_or_else(|| format!("{p:?} is not a port"))?,
         };
         Ok(HttpUrl {
+            tls,
             host: host.to_string(),
             port,
             target: target.to_string(),
@@ -87,11 +89,18 @@ impl HttpUrl {
 
     /// The URL without its credentials: what logs, metric labels and status pages show.
     pub fn public(&self) -> String {
+        let scheme = if self.tls { "https" } else { "http" };
         if self.host.contains(':') {
-            format!("http://[{}]:{}{}", self.host, self.port, self.target)
+            format!("{scheme}://[{}]:{}{}", self.host, self.port, self.target)
         } else {
-            format!("http://{}:{}{}", self.host, self.port, self.target)
+            format!("{scheme}://{}:{}{}", self.host, self.port, self.target)
         }
+    }
+
+    /// Whether `other` is on the same server as this URL (scheme, host and port): the one a
+    /// relay's configured credentials may go to.
+    pub fn same_server(&self, other: &HttpUrl) -> bool {
+        self.tls == other.tls && self.host == other.host && self.port == other.port
     }
 
     /// Where a redirect's `Location` points, taken from this URL: absolute, or a path on the
@@ -212,8 +221,13 @@ mod tests {
         assert_eq!((u.host.as_str(), u.port), ("::1", 80));
         assert_eq!(u.public(), "http://[::1]:80/m");
         assert_eq!(HttpUrl::parse("HTTP://h").unwrap().target, "/");
+        let u = HttpUrl::parse("https://origin/live").unwrap();
+        assert!(u.tls);
+        assert_eq!(u.port, 443);
+        assert_eq!(u.public(), "https://origin:443/live");
+        assert!(!u.same_server(&HttpUrl::parse("http://origin:443/live").unwrap()));
+        assert!(u.same_server(&HttpUrl::parse("HTTPS://origin:443/x").unwrap()));
         for (bad, why) in [
-            ("https://h/m", "https"),
             ("ftp://h/m", "http://"),
             ("h:8000/m", "http://"),
             ("http://h:0/m", "port"),
@@ -254,6 +268,9 @@ mod tests {
             "http://edge:9000/live"
         );
         assert!(u.join("nowhere").is_err());
+        let secure = u.join("https://edge/live").unwrap();
+        assert_eq!(secure.public(), "https://edge:443/live");
+        assert_eq!(secure.join("/b").unwrap().public(), "https://edge:443/b");
     }
 
     #[test]

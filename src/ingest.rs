@@ -129,6 +129,9 @@ struct Entry {
     /// Cuts the stream into HLS segments while the mount's `hls` is on; kept across sources,
     /// so that its media sequence goes on.
     hls: Option<Segmenter>,
+    /// Where the last source's Ogg stream stood for the listeners kept through the grace
+    /// period: the next source's stream follows it as a new chain.
+    ogg_tail: Option<crate::ogg::Tail>,
 }
 
 impl Entry {
@@ -237,6 +240,7 @@ impl Ingest {
                 override_pending: false,
                 source_meta: StreamMeta::default(),
                 hls: None,
+                ogg_tail: None,
                 mount,
             }
         });
@@ -586,7 +590,7 @@ async fn serve_source(ingest: Rc<Ingest>, conn: SourceConn) {
     } = conn;
 
     let origin = feed.origin();
-    let format = Format::for_content_type(&info.meta.content_type);
+    let mut format = Format::for_content_type(&info.meta.content_type);
     let claim = ingest.claim(&mount, info);
     if let Some(tx) = claimed {
         let _ = tx.send(claim.as_ref().map(|_| ()).map_err(|no| *no));
@@ -622,6 +626,14 @@ async fn serve_source(ingest: Rc<Ingest>, conn: SourceConn) {
             return;
         }
     };
+    let tail = ingest
+        .entries
+        .borrow_mut()
+        .get_mut(&mount)
+        .and_then(|e| e.ogg_tail.take());
+    if let Some(tail) = tail {
+        format.follow(tail);
+    }
     tracing::info!(source = %origin, %mount, "source connected");
     let received = ingest
         .shared
@@ -722,6 +734,15 @@ impl Source<'_> {
     /// The source ended: what the parser still holds goes out.
     fn finish(&mut self) {
         self.format.finish(&mut self.events);
+        if let Some(entry) = self
+            .ingest
+            .entries
+            .borrow_mut()
+            .get_mut(self.mount)
+            .filter(|e| e.generation == self.claim.generation)
+        {
+            entry.ogg_tail = self.format.tail();
+        }
         if !self.events.is_empty() {
             let subtype = self.subtype_change();
             self.ingest.publish(

@@ -58,8 +58,8 @@
 //!    [`chunked`], the stream formats ([`format`], what every parser yields; [`mpeg`] frames;
 //!    [`ogg`] pages; [`framing`], which picks one by Content-Type), [`icy`] (metadata blocks
 //!    between the audio), [`http_client`] (the URL, request and response head a relay pulls
-//!    with), [`tls`] (the certificate, and a TLS connection the fan-out can write
-//!    like a socket), [`dates`] (the date formats Icecast and HLS print), [`fmp4`] (fragmented MP4
+//!    with), [`tls`] (the certificate, a TLS connection the fan-out can write
+//!    like a socket, and the client side a relay pulls `https://` upstreams with), [`dates`] (the date formats Icecast and HLS print), [`fmp4`] (fragmented MP4
 //!    for Opus), [`hls`] (MP3 and AAC cut into HLS packed-audio segments, Opus into fMP4 ones,
 //!    and their live playlist), [`store`] (the segment store and its snapshot, generic over the
 //!    settings it carries), [`threads`] (named, pinned, CPU-accounted threads), [`open_files`],

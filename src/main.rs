@@ -168,6 +168,7 @@ fn check_config(args: &Args) -> Result<(), String> {
         .validate()
         .map_err(|e| format!("config {file}: {e}"))?;
     fanstream::server::check_media_files(&config).map_err(|e| format!("config {file}: {e}"))?;
+    fanstream::server::check_relay_ca_file(&config).map_err(|e| format!("config {file}: {e}"))?;
     println!("fanstream: config {file} is valid");
     Ok(())
 }

@@ -8,6 +8,19 @@
 //! Packets are reassembled only while a logical stream is in its headers: to count the header
 //! packets (the codec's first packet says how many there are) and to read the comment header.
 //! Audio pages pass whole, never looked into.
+//!
+//! # A new chain is a clean boundary
+//!
+//! Listeners connected when a stream starts over (an encoder restarted without ending its
+//! stream, or a relay that failed over to another upstream, whose pages go on from the mount's
+//! grace period) get the new chain's headers right after the old chain's pages. For a decoder
+//! that is a chain boundary only if the old chain's streams ended (an EOS page each, RFC 3533)
+//! and the new streams' serials differ from the old ones: two origins fed by one encoder send
+//! the same serial, and ffmpeg then takes the new header packets for audio of the old stream.
+//! So the framer ends the streams the listeners were in with an empty EOS page, and gives a
+//! new stream that comes with a serial they already had another one (its pages rewritten, and
+//! their CRC, on this one thread, once per mount: not per listener). A new source on a mount
+//! in its grace period starts from where the one before left ([`Framer::following`]).
 
 use bytes::{Buf, Bytes, BytesMut};
 
@@ -506,6 +519,33 @@ struct Run {
     sync: bool,
 }
 
+/// What the listeners got of one logical stream: its serial as sent, the sequence number its
+/// next page takes, and whether its EOS page went out.
+#[derive(Clone, Debug, PartialEq)]
+struct Sent {
+    serial: u32,
+    next_sequence: u32,
+    ended: bool,
+}
+
+/// Where a mount's Ogg stream stood for its listeners when its source ended: the next source's
+/// framer starts from it ([`Framer::following`]).
+#[derive(Clone, Debug, Default)]
+pub(crate) struct Tail(Vec<Sent>);
+
+/// An empty page that ends a logical stream: no packet ends on it (granule position -1).
+fn eos_page(serial: u32, sequence: u32) -> [u8; HEADER_LEN] {
+    let mut page = [0u8; HEADER_LEN];
+    page[..4].copy_from_slice(CAPTURE);
+    page[5] = EOS;
+    page[6..14].copy_from_slice(&u64::MAX.to_le_bytes());
+    page[14..18].copy_from_slice(&serial.to_le_bytes());
+    page[18..22].copy_from_slice(&sequence.to_le_bytes());
+    let crc = page_crc(&page);
+    page[22..26].copy_from_slice(&crc.to_le_bytes());
+    page
+}
+
 /// One source's Ogg framer.
 pub(crate) struct Framer {
     /// Input not yet emitted: the run of checked pages at its front, then bytes still to scan
@@ -521,6 +561,12 @@ pub(crate) struct Framer {
     /// that serves every mount. Past [`WASTE_PER_BYTE`] the source is refused.
     received: u64,
     wasted: u64,
+    /// The current chain's streams as the listeners got them.
+    sent: Vec<Sent>,
+    /// The serials of the chain before, as sent: the current chain does not take them again.
+    before: Vec<u32>,
+    /// Each stream of the current chain: the serial the source gave it, and the one sent.
+    serials: Vec<(u32, u32)>,
 }
 
 /// CRC work on failed pages allowed per byte received (plus [`WASTE_ALLOWANCE`]): a real stream
@@ -538,7 +584,23 @@ impl Framer {
             chain: None,
             received: 0,
             wasted: 0,
+            sent: Vec::new(),
+            before: Vec::new(),
+            serials: Vec::new(),
         }
+    }
+
+    /// A framer for the next source of a mount whose listeners got the stream up to `tail`.
+    pub fn following(tail: Tail) -> Self {
+        Framer {
+            sent: tail.0,
+            ..Framer::new()
+        }
+    }
+
+    /// Where the stream stands for the listeners, for the next source's framer.
+    pub fn tail(&self) -> Tail {
+        Tail(self.sent.clone())
     }
 
     pub fn push(&mut self, data: Bytes, out: &mut Vec<Event>) -> Result<(), FormatError> {
@@ -595,9 +657,27 @@ impl Framer {
     }
 
     fn take_page(&mut self, len: usize, out: &mut Vec<Event>) -> Result<(), FormatError> {
+        self.relabel(len, out);
         let start = self.run.len;
         let page = Page(&self.buf[start..start + len]);
-        match place(&mut self.chain, &page)? {
+        let placed = place(&mut self.chain, &page)?;
+        if !matches!(placed, Placed::Unknown) {
+            let (serial, ends) = (page.serial(), page.flags() & EOS != 0);
+            let sequence = u32::from_le_bytes([page.0[18], page.0[19], page.0[20], page.0[21]]);
+            let next_sequence = sequence.wrapping_add(1);
+            match self.sent.iter_mut().find(|s| s.serial == serial) {
+                Some(sent) => {
+                    sent.next_sequence = next_sequence;
+                    sent.ended |= ends;
+                }
+                None => self.sent.push(Sent {
+                    serial,
+                    next_sequence,
+                    ended: ends,
+                }),
+            }
+        }
+        match placed {
             Placed::Unknown => self.drop_bytes(len, out),
             Placed::Header { completes } => {
                 self.append(len, true, false, out);
@@ -615,6 +695,62 @@ impl Framer {
             }
         }
         Ok(())
+    }
+
+    /// Before the page of `len` bytes after the run is placed: at a BOS page that starts a new
+    /// chain, ends the streams the listeners are in ([`Framer::end_chain`]) and picks the new
+    /// stream's serial as sent (its own, unless the listeners had it already); then writes the
+    /// serial to send into the page, if it differs.
+    fn relabel(&mut self, len: usize, out: &mut Vec<Event>) {
+        let at = self.run.len;
+        let page = Page(&self.buf[at..at + len]);
+        let serial = page.serial();
+        if page.flags() & BOS != 0 {
+            // As `place` decides: the BOS pages of one chain come together, each a new serial.
+            let joins = self
+                .chain
+                .as_ref()
+                .is_some_and(|c| c.in_bos_pages && !c.streams.iter().all(|s| s.ended))
+                && !self.serials.iter().any(|&(from, _)| from == serial);
+            if !joins {
+                self.end_chain(out);
+            }
+            let mut to = serial;
+            while self.before.contains(&to) || self.serials.iter().any(|&(_, t)| t == to) {
+                to = to.wrapping_add(1);
+            }
+            self.serials.push((serial, to));
+        }
+        let Some(&(_, to)) = self.serials.iter().find(|&&(from, _)| from == serial) else {
+            return;
+        };
+        if to != serial {
+            let at = self.run.len;
+            let page = &mut self.buf[at..at + len];
+            page[14..18].copy_from_slice(&to.to_le_bytes());
+            let crc = page_crc(page);
+            page[22..26].copy_from_slice(&crc.to_le_bytes());
+        }
+    }
+
+    /// The current chain is over: an EOS page goes out for each of its streams that did not
+    /// end, after the pages before (so the run goes out first), and a new chain avoids its
+    /// serials.
+    fn end_chain(&mut self, out: &mut Vec<Event>) {
+        let mut eos = BytesMut::new();
+        for s in self.sent.iter().filter(|s| !s.ended) {
+            eos.extend_from_slice(&eos_page(s.serial, s.next_sequence));
+        }
+        self.before = self.sent.drain(..).map(|s| s.serial).collect();
+        self.serials.clear();
+        self.chain = None;
+        if !eos.is_empty() {
+            self.flush(out);
+            out.push(Event::Data {
+                bytes: eos.freeze(),
+                sync: false,
+            });
+        }
     }
 
     /// Adds the page after the run to it, or starts a new run with it. A run's sync point is its
@@ -1144,10 +1280,89 @@ mod tests {
         let cut: usize = first[..first.len() - 1].iter().map(|p| p.len()).sum();
         let restarted = [&opus()[..cut], opus_second()].concat();
         let (framer, events) = frame(&restarted, 4096);
-        assert_eq!(data(&events), restarted);
+        // The first stream is ended for the listeners, with an EOS page of its own.
+        let last = Page(first[first.len() - 2]);
+        let sequence = u32::from_le_bytes(last.0[18..22].try_into().unwrap());
+        let eos = eos_page(last.serial(), sequence + 1);
+        assert_eq!(
+            data(&events),
+            [&opus()[..cut], &eos, opus_second()].concat()
+        );
         assert_eq!(headers(&events).len(), 2);
         assert_eq!(tags(&events).len(), 2);
         assert_eq!(framer.subtype().as_deref(), Some("Opus"));
+        assert_plays("restarted.ogg", &data(&events), "opus");
+    }
+
+    /// Checks that `out` is `before`, an EOS page for the stream `before` was in, then `after`
+    /// with another serial (its pages' CRCs right); returns that serial.
+    fn check_clean_boundary(out: &[u8], before: &[u8], after: &[u8]) -> u32 {
+        let old = Page(pages(before)[0]).serial();
+        assert_eq!(out.len(), before.len() + HEADER_LEN + after.len());
+        assert_eq!(&out[..before.len()], before);
+        let eos = Page(&out[before.len()..before.len() + HEADER_LEN]);
+        assert_eq!((eos.flags(), eos.serial()), (EOS, old));
+        let new = pages(&out[before.len() + HEADER_LEN..]);
+        let serial = Page(new[0]).serial();
+        assert_ne!(serial, old, "the new chain takes another serial");
+        for (page, original) in new.iter().zip(pages(after)) {
+            assert_eq!(Page(page).serial(), serial);
+            assert_eq!(
+                page[22..26],
+                page_crc(page).to_le_bytes(),
+                "its CRC is right"
+            );
+            assert_eq!(
+                (&page[..14], &page[18..22]),
+                (&original[..14], &original[18..22])
+            );
+            assert_eq!(page[26..], original[26..]);
+        }
+        serial
+    }
+
+    /// A stream that starts over with the serial the listeners already had (an encoder
+    /// restarted as it was): the old stream ends with an EOS page, the new one gets another
+    /// serial, and a player across the switch decodes without an error (with the serial
+    /// repeated, ffmpeg takes the new OpusHead and OpusTags for audio).
+    #[test]
+    fn a_new_chain_with_the_serial_of_the_old_one_gets_another() {
+        let first = pages(opus());
+        let cut: usize = first[..first.len() - 1].iter().map(|p| p.len()).sum();
+        let restarted = [&opus()[..cut], opus()].concat();
+        let (_, events) = frame(&restarted, 4096);
+        let out = data(&events);
+        check_clean_boundary(&out, &opus()[..cut], opus());
+        assert_eq!(headers(&events).len(), 2);
+        assert_plays("same-serial.ogg", &out, "opus");
+    }
+
+    /// A mount's next source (an encoder back within the grace period, a relay on its next
+    /// upstream) follows the one before for the listeners: the same clean chain boundary; and
+    /// after a source that ended its stream, no EOS page is added.
+    #[test]
+    fn a_source_that_follows_another_starts_a_clean_chain() {
+        let first = pages(opus());
+        let cut: usize = first[..first.len() - 1].iter().map(|p| p.len()).sum();
+        let (framer, events) = frame(&opus()[..cut], 4096);
+        let follow = |tail: Tail, data: &[u8]| {
+            let mut next = Framer::following(tail);
+            let mut out = Vec::new();
+            next.push(Bytes::copy_from_slice(data), &mut out).unwrap();
+            next.finish(&mut out);
+            (next, out)
+        };
+        let (second, more) = follow(framer.tail(), opus());
+        let out = [data(&events), data(&more)].concat();
+        let serial = check_clean_boundary(&out, &opus()[..cut], opus());
+        assert_plays("following.ogg", &out, "opus");
+        // The second ended its stream (the file's last page is EOS): the third's pages follow
+        // it directly, under a serial neither had.
+        let (_, third) = follow(second.tail(), opus());
+        let third = data(&third);
+        assert_eq!(third.len(), opus().len());
+        assert_ne!(Page(&third).serial(), serial);
+        assert_plays("following-ended.ogg", &[out, third].concat(), "opus");
     }
 
     /// Bytes between pages are dropped and counted, the pages around them intact, whatever the
@@ -1407,7 +1622,11 @@ mod tests {
         }
         framer.finish(&mut out);
         assert!(framer.buf.is_empty());
-        assert_eq!(data(&out).len() + dropped(&out), input.len());
+        // Every byte passed or dropped, and EOS pages added where a chain ended unfinished.
+        let added = (data(&out).len() + dropped(&out))
+            .checked_sub(input.len())
+            .expect("no byte lost");
+        assert_eq!(added % HEADER_LEN, 0, "only whole EOS pages added");
         out
     }
 

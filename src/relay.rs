@@ -2,7 +2,8 @@
 //! by an encoder, as Icecast's `<relay>` does; an origin-edge tree is built from them.
 //!
 //! A relay sends what Icecast's relay sends (`GET` over HTTP/1.0, `Icy-MetaData: 1`, a
-//! `User-Agent` naming fanstream, Basic credentials when configured), follows redirects (at most
+//! `User-Agent` naming fanstream, Basic credentials when configured), over TCP or TLS
+//! (`https://`, [`crate::tls::connect`]), follows redirects (at most
 //! [`MAX_REDIRECTS`]), takes the ICY blocks out of the stream ([`crate::icy::Deinterleaver`]) and
 //! hands ingest the audio and the titles the same way the demo and `/admin/metadata` do: the
 //! audio as a [`SourceConn`] fed by [`Feed::Pieces`], the titles as [`ToIngest::Title`]. Ingest
@@ -23,6 +24,12 @@
 //! `prefer_first`, a relay on a later upstream tries the first every `retry_secs` and moves
 //! back to it as soon as it answers with the same content type.
 //!
+//! # Reload
+//!
+//! The thread runs a [`Plan`] (the config's relays, its `[master]`, the TLS settings); a reload
+//! sends a new one, and the thread stops the relays that left or changed, waits until each is
+//! gone (its upstream connection closed), starts the new ones, and leaves the others streaming.
+//!
 //! # Why a thread of their own
 //!
 //! Relays run as tasks on one thread (`fs-relays`), not on ingest's: ingest is the one thread
@@ -38,12 +45,13 @@ use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
 use prometheus::{IntCounter, IntGauge};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use rustls::ClientConfig;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::runtime::Runtime;
 use tokio::sync::mpsc::{self, UnboundedSender};
 use tokio::sync::{oneshot, watch};
-use tokio::task::AbortHandle;
+use tokio::task::JoinHandle;
 
 use crate::chunked::ChunkedDecoder;
 use crate::config::{MasterSettings, RelaySettings};
@@ -78,26 +86,117 @@ const STABLE: Duration = Duration::from_secs(5);
 /// claims the mount: ingest releases it as soon as it sees the pieces end, within milliseconds.
 const RELEASE_WAIT: Duration = Duration::from_secs(2);
 
-/// The relays thread's body: runs every configured relay, and the mirror of `master` if set,
-/// until the server stops (dropping the runtime then drops every relay and its connections).
+/// What the relays thread runs: the config's `[[relays]]` and `[master]`, and the TLS settings
+/// for `https://` upstreams. A reload hands the thread a new one.
+pub(crate) struct Plan {
+    pub relays: Vec<RelaySettings>,
+    pub master: Option<MasterSettings>,
+    pub tls: Arc<ClientConfig>,
+    /// The `relay_ca_file` that `tls` was made with, and its contents: a reload that finds the
+    /// same keeps `tls`, so that relays over `https://` are not restarted for nothing.
+    pub ca: Option<(std::path::PathBuf, Vec<u8>)>,
+}
+
+/// A relay's task and the settings it runs with.
+struct Running {
+    settings: RelaySettings,
+    task: JoinHandle<()>,
+}
+
+/// Stops a task and waits until it is dropped: its upstream connection closed, its on-demand
+/// registration gone, so that a successor starts clean.
+async fn end(task: JoinHandle<()>) {
+    task.abort();
+    let _ = task.await;
+}
+
+/// The relays thread's body: runs the plan's relays, and the mirror of its `master` if set;
+/// on each new plan (a reload), stops the relays that left or changed, starts the new and
+/// changed ones, and leaves the others streaming. Runs until the server stops (dropping the
+/// runtime then drops every relay and its connections).
 pub(crate) fn run(
     rt: Runtime,
     shared: Arc<Shared>,
     to_ingest: UnboundedSender<ToIngest>,
-    relays: Vec<RelaySettings>,
-    master: Option<MasterSettings>,
+    mut plans: watch::Receiver<Arc<Plan>>,
     mut stop: watch::Receiver<Stop>,
 ) {
     rt.block_on(async move {
-        let configured: HashSet<String> = relays.iter().map(|r| r.mount.clone()).collect();
-        for settings in relays {
-            spawn_relay(&shared, &to_ingest, settings);
+        let mut relays: HashMap<String, Running> = HashMap::new();
+        // The mirror, with its settings and the mounts it leaves to `[[relays]]`.
+        let mut mirrored: Option<(MasterSettings, HashSet<String>, JoinHandle<()>)> = None;
+        let mut tls: Option<Arc<ClientConfig>> = None;
+        loop {
+            let plan = plans.borrow_and_update().clone();
+            let tls_changed = !tls.as_ref().is_some_and(|t| Arc::ptr_eq(t, &plan.tls));
+            tls = Some(plan.tls.clone());
+            let wanted: HashMap<&str, &RelaySettings> =
+                plan.relays.iter().map(|r| (r.mount.as_str(), r)).collect();
+            let mounts: Vec<String> = relays.keys().cloned().collect();
+            for mount in mounts {
+                let keep = wanted.get(mount.as_str()).is_some_and(|new| {
+                    **new == relays[&mount].settings && !(tls_changed && uses_tls(new))
+                });
+                if !keep {
+                    let old = relays.remove(&mount).expect("listed");
+                    end(old.task).await;
+                    let why = if wanted.contains_key(mount.as_str()) {
+                        "restarted"
+                    } else {
+                        "removed"
+                    };
+                    tracing::info!(%mount, "relay {why} by the reload");
+                }
+            }
+            // A mirror whose settings changed starts over (its relays with it); so does one
+            // that must yield a mount to a `[[relays]]` entry that is new.
+            let configured: HashSet<String> = wanted.keys().map(|m| m.to_string()).collect();
+            if let Some((master, left, task)) = mirrored.take() {
+                let same = plan.master.as_ref() == Some(&master) && left == configured;
+                if same && !tls_changed && !task.is_finished() {
+                    mirrored = Some((master, left, task));
+                } else {
+                    end(task).await;
+                    shared.metrics.relay_mirrored.set(0);
+                    tracing::info!("mirror of the master stopped by the reload");
+                }
+            }
+            for settings in &plan.relays {
+                if relays.contains_key(&settings.mount) {
+                    continue;
+                }
+                if let Some(task) = spawn_relay(&shared, &to_ingest, &plan.tls, settings.clone()) {
+                    let settings = settings.clone();
+                    relays.insert(settings.mount.clone(), Running { settings, task });
+                }
+            }
+            if mirrored.is_none() {
+                if let Some(master) = plan.master.clone() {
+                    let task = tokio::spawn(mirror(
+                        shared.clone(),
+                        to_ingest.clone(),
+                        master.clone(),
+                        configured.clone(),
+                        plan.tls.clone(),
+                    ));
+                    mirrored = Some((master, configured, task));
+                }
+            }
+            tokio::select! {
+                _ = stopped(&mut stop) => break,
+                changed = plans.changed() => if changed.is_err() { break },
+            }
         }
-        if let Some(master) = master {
-            tokio::spawn(mirror(shared.clone(), to_ingest, master, configured));
-        }
-        stopped(&mut stop).await;
     });
+}
+
+/// Whether a relay pulls from an `https://` upstream (its connections depend on the TLS
+/// settings).
+fn uses_tls(settings: &RelaySettings) -> bool {
+    settings
+        .upstreams
+        .iter()
+        .any(|u| HttpUrl::parse(u).is_ok_and(|u| u.tls))
 }
 
 /// Starts one relay as a task; None if its settings are unusable (which `Config::validate`
@@ -105,13 +204,27 @@ pub(crate) fn run(
 fn spawn_relay(
     shared: &Arc<Shared>,
     to_ingest: &UnboundedSender<ToIngest>,
+    tls: &Arc<ClientConfig>,
     settings: RelaySettings,
-) -> Option<AbortHandle> {
-    match Relay::new(shared.clone(), to_ingest.clone(), settings) {
-        Ok(relay) => Some(tokio::spawn(relay.run()).abort_handle()),
+) -> Option<JoinHandle<()>> {
+    match Relay::new(shared.clone(), to_ingest.clone(), tls.clone(), settings) {
+        Ok(relay) => Some(tokio::spawn(relay.run())),
         Err(e) => {
             tracing::error!(error = %e, "relay not started");
             None
+        }
+    }
+}
+
+/// The mirror's relays, stopped with it: when the server's reload stops the mirror, its
+/// relays go too.
+#[derive(Default)]
+struct Mirrored(HashMap<String, JoinHandle<()>>);
+
+impl Drop for Mirrored {
+    fn drop(&mut self) {
+        for task in self.0.values() {
+            task.abort();
         }
     }
 }
@@ -125,6 +238,7 @@ async fn mirror(
     to_ingest: UnboundedSender<ToIngest>,
     master: MasterSettings,
     configured: HashSet<String>,
+    tls: Arc<ClientConfig>,
 ) {
     let Ok(base) = HttpUrl::parse(&master.url) else {
         tracing::error!(url = %master.url, "master.url is not usable; no mirror");
@@ -142,14 +256,14 @@ async fn mirror(
         &format!("fanstream/{} (relay)", env!("CARGO_PKG_VERSION")),
         auth.as_ref().map(|(u, p)| (u.as_str(), p.as_str())),
     );
-    let mut running: HashMap<String, AbortHandle> = HashMap::new();
+    let mut running = Mirrored::default();
     let mut failing = None;
     let mut tick = tokio::time::interval(Duration::from_secs(master.interval_secs));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tick.tick().await;
         let timeout = Duration::from_secs(shared.config.load().source_timeout_secs);
-        let fetched = tokio::time::timeout(timeout, fetch_list(&list, &request)).await;
+        let fetched = tokio::time::timeout(timeout, fetch_list(&list, &request, &tls)).await;
         let mounts = match fetched.unwrap_or(Err("timeout")) {
             Ok(mounts) => mounts,
             Err(why) => {
@@ -172,7 +286,7 @@ async fn mirror(
             .filter(|m| !configured.contains(*m))
             .take(max)
             .collect();
-        running.retain(|mount, task| {
+        running.0.retain(|mount, task| {
             let keep = wanted.contains(mount);
             if !keep {
                 tracing::info!(%mount, "mount left the master: relay stopped");
@@ -181,7 +295,7 @@ async fn mirror(
             keep
         });
         for mount in wanted {
-            if running.contains_key(mount) {
+            if running.0.contains_key(mount) {
                 continue;
             }
             let upstream = HttpUrl {
@@ -198,18 +312,27 @@ async fn mirror(
                 retry_secs: master.interval_secs,
             };
             tracing::info!(%mount, "mount found on the master: relay started");
-            if let Some(task) = spawn_relay(&shared, &to_ingest, settings) {
-                running.insert(mount.clone(), task);
+            if let Some(task) = spawn_relay(&shared, &to_ingest, &tls, settings) {
+                running.0.insert(mount.clone(), task);
             }
         }
-        shared.metrics.relay_mirrored.set(running.len() as i64);
+        shared.metrics.relay_mirrored.set(running.0.len() as i64);
     }
 }
 
 /// Reads the master's mount list: one mount path a line; lines that are not mount paths are
 /// skipped.
-async fn fetch_list(url: &HttpUrl, request: &[u8]) -> Result<Vec<String>, &'static str> {
-    let (mut stream, head, mut body) = request_head(url, request).await?;
+async fn fetch_list(
+    url: &HttpUrl,
+    request: &[u8],
+    tls: &Arc<ClientConfig>,
+) -> Result<Vec<String>, &'static str> {
+    let (mut stream, head, mut body) = request_head(url, request, tls).await.map_err(|f| {
+        if let Some(detail) = &f.detail {
+            tracing::debug!(url = %url.public(), reason = f.reason, %detail, "mount list not read");
+        }
+        f.reason
+    })?;
     match head.status {
         200..=299 => {}
         401 | 403 => return Err("unauthorized"),
@@ -256,6 +379,8 @@ struct Relay {
     upstreams: Vec<HttpUrl>,
     /// Basic credentials for the configured upstreams' server.
     auth: Option<(String, String)>,
+    /// For `https://` upstreams (and those a redirect leads to).
+    tls: Arc<ClientConfig>,
     prefer_first: bool,
     retry: Duration,
     user_agent: String,
@@ -266,15 +391,37 @@ struct Relay {
 
 impl Drop for Relay {
     fn drop(&mut self) {
-        if self.demand.is_some() {
-            self.shared.on_demand.unregister(&self.mount);
+        if let Some(demand) = &self.demand {
+            self.shared.on_demand.unregister(&self.mount, demand);
+        }
+    }
+}
+
+/// An upstream connection: plain TCP, or TLS over it.
+trait Io: AsyncRead + AsyncWrite + Unpin + Send {}
+
+impl<T: AsyncRead + AsyncWrite + Unpin + Send> Io for T {}
+
+/// Why an upstream was given up: the reason (a `fanstream_relay_failovers_total` label) and,
+/// for a TLS failure, what rustls said (the certificate's issuer unknown, its name not the
+/// host's...) for the log line.
+struct Failure {
+    reason: &'static str,
+    detail: Option<String>,
+}
+
+impl From<&'static str> for Failure {
+    fn from(reason: &'static str) -> Failure {
+        Failure {
+            reason,
+            detail: None,
         }
     }
 }
 
 /// An upstream that answered `2xx`, past its response head.
 struct Opened {
-    stream: TcpStream,
+    stream: Box<dyn Io>,
     head: Response,
     /// Body bytes that arrived with the head.
     leftover: BytesMut,
@@ -304,6 +451,7 @@ impl Relay {
     fn new(
         shared: Arc<Shared>,
         to_ingest: UnboundedSender<ToIngest>,
+        tls: Arc<ClientConfig>,
         settings: RelaySettings,
     ) -> Result<Relay, String> {
         let upstreams = settings
@@ -331,6 +479,7 @@ impl Relay {
             mount: settings.mount,
             upstreams,
             auth,
+            tls,
             prefer_first: settings.prefer_first,
             retry: Duration::from_secs(settings.retry_secs),
             user_agent: format!("fanstream/{} (relay)", env!("CARGO_PKG_VERSION")),
@@ -341,6 +490,8 @@ impl Relay {
 
     /// Pulls from the upstreams in turn, forever (the thread's runtime ends it).
     async fn run(self) {
+        // A relay restarted by a reload follows its predecessor on the mount.
+        self.released().await;
         let Some(demand) = self.demand.clone() else {
             return self.pull().await;
         };
@@ -386,12 +537,12 @@ impl Relay {
                 Some(opened) => Ok(opened),
                 None => self.open(index).await,
             };
-            let (why, healthy) = match opened {
-                Err(why) => (why, false),
+            let (why, detail, healthy) = match opened {
+                Err(f) => (f.reason, f.detail, false),
                 Ok(opened) => {
                     let started = Instant::now();
                     match self.feed(index, opened).await {
-                        Ended::Failed(why) => (why, started.elapsed() >= STABLE),
+                        Ended::Failed(why) => (why, None, started.elapsed() >= STABLE),
                         Ended::Unwanted => continue,
                         Ended::Preferred(opened) => {
                             self.count_failover("preferred");
@@ -411,7 +562,8 @@ impl Relay {
                 logged.clear();
             }
             if logged.insert((index, why)) {
-                tracing::warn!(mount = %self.mount, %upstream, reason = why, "relay upstream failed");
+                let detail = detail.unwrap_or_default();
+                tracing::warn!(mount = %self.mount, %upstream, reason = why, %detail, "relay upstream failed");
             }
             if healthy {
                 failed_in_row = 0;
@@ -439,7 +591,7 @@ impl Relay {
     }
 
     /// Connects to upstream `index`, following redirects, until a `2xx` answer; Err says why not.
-    async fn open(&self, index: usize) -> Result<Opened, &'static str> {
+    async fn open(&self, index: usize) -> Result<Opened, Failure> {
         let first = &self.upstreams[index];
         let mut url = first.clone();
         for _ in 0..=MAX_REDIRECTS {
@@ -448,11 +600,11 @@ impl Relay {
             let auth = self
                 .auth
                 .as_ref()
-                .filter(|_| url.host == first.host && url.port == first.port)
+                .filter(|_| url.same_server(first))
                 .map(|(u, p)| (u.as_str(), p.as_str()));
             let request = url.request(&self.user_agent, auth);
             let (stream, head, leftover) =
-                tokio::time::timeout(self.timeout(), request_head(&url, &request))
+                tokio::time::timeout(self.timeout(), request_head(&url, &request, &self.tls))
                     .await
                     .map_err(|_| "timeout")??;
             match head.status {
@@ -467,12 +619,12 @@ impl Relay {
                     let location = head.header("location").ok_or("bad_redirect")?;
                     url = url.join(location).map_err(|_| "bad_redirect")?;
                 }
-                401 | 403 => return Err("unauthorized"),
-                404 => return Err("not_found"),
-                _ => return Err("status"),
+                401 | 403 => return Err("unauthorized".into()),
+                404 => return Err("not_found".into()),
+                _ => return Err("status".into()),
             }
         }
-        Err("redirect_loop")
+        Err("redirect_loop".into())
     }
 
     /// Opens the first upstream every `retry_secs`, until it answers with `content_type`.
@@ -486,8 +638,8 @@ impl Relay {
                 Ok(_) => {
                     tracing::debug!(mount = %self.mount, "first upstream's content type differs")
                 }
-                Err(why) => {
-                    tracing::debug!(mount = %self.mount, reason = why, "first upstream still failing")
+                Err(f) => {
+                    tracing::debug!(mount = %self.mount, reason = f.reason, "first upstream still failing")
                 }
             }
         }
@@ -670,23 +822,36 @@ impl Drop for Up {
     }
 }
 
-/// Connects to `url`, sends `request` and reads the response head: the stream, the head, and
-/// the body bytes that came with it.
+/// Connects to `url` (over TLS for `https://`, the certificate checked for its host with
+/// `tls`), sends `request` and reads the response head: the stream, the head, and the body
+/// bytes that came with it.
 async fn request_head(
     url: &HttpUrl,
     request: &[u8],
-) -> Result<(TcpStream, Response, BytesMut), &'static str> {
-    let mut stream = TcpStream::connect((url.host.as_str(), url.port))
+    tls: &Arc<ClientConfig>,
+) -> Result<(Box<dyn Io>, Response, BytesMut), Failure> {
+    let tcp = TcpStream::connect((url.host.as_str(), url.port))
         .await
         .map_err(|_| "connect")?;
-    let _ = stream.set_nodelay(true);
+    let _ = tcp.set_nodelay(true);
+    let mut stream: Box<dyn Io> = if url.tls {
+        let tls = crate::tls::connect(tls.clone(), &url.host, tcp)
+            .await
+            .map_err(|detail| Failure {
+                reason: "tls",
+                detail: Some(detail),
+            })?;
+        Box::new(tls)
+    } else {
+        Box::new(tcp)
+    };
     stream.write_all(request).await.map_err(|_| "connect")?;
     let mut buf = BytesMut::with_capacity(READ_BUF_BYTES);
     loop {
         match stream.read_buf(&mut buf).await {
-            Ok(0) => return Err("closed"),
+            Ok(0) => return Err("closed".into()),
             Ok(_) => {}
-            Err(_) => return Err("read_error"),
+            Err(_) => return Err("read_error".into()),
         }
         match parse_response(&buf) {
             Ok(Some((head, n))) => {
@@ -694,7 +859,7 @@ async fn request_head(
                 return Ok((stream, head, buf));
             }
             Ok(None) if buf.len() <= MAX_HEAD_BYTES => {}
-            _ => return Err("bad_response"),
+            _ => return Err("bad_response".into()),
         }
     }
 }

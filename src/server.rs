@@ -53,6 +53,8 @@ pub struct Server {
     shared: Arc<Shared>,
     /// The fallback files read at start-up, each playing on its own thread.
     files: std::collections::BTreeSet<std::path::PathBuf>,
+    /// What the relays thread runs; a reload sends it the new `[[relays]]` and `[master]`.
+    relays: watch::Sender<Arc<crate::relay::Plan>>,
 }
 
 impl Server {
@@ -91,6 +93,9 @@ impl Server {
             }
             None => None,
         };
+        let plan = relay_plan(&config, None)
+            .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
+        let (relays_tx, plans) = watch::channel(Arc::new(plan));
         let tls_addr = tls_socket.as_ref().map(|t| t.local_addr()).transpose()?;
         let listen_addr = listen_socket.local_addr()?;
         let shoutcast_socket = config
@@ -239,22 +244,18 @@ impl Server {
                 Err(_) => return Err(io::Error::other("the ingest thread failed to start")),
             }
         }
-        let (relays, master) = {
-            let config = shared.config.load();
-            (config.startup.relays.clone(), config.startup.master.clone())
-        };
-        if let Some(master) = master.clone().filter(|m| m.register) {
+        let master = shared.config.load().startup.master.clone();
+        if let Some(master) = master.filter(|m| m.register) {
             let (s, stop) = (shared.clone(), shared.stop.clone());
             spawn_stage(&mut handles, &registry, "fs-register", None, move |rt| {
                 crate::registration::run(rt, s, master, stop)
             })?;
         }
-        if !relays.is_empty() || master.is_some() {
-            let (s, to_ingest, stop) = (shared.clone(), to_ingest.clone(), shared.stop.clone());
-            spawn_stage(&mut handles, &registry, "fs-relays", None, move |rt| {
-                crate::relay::run(rt, s, to_ingest, relays, master, stop)
-            })?;
-        }
+        // Always running, idle without relays: a reload may add some.
+        let (s, to_ingest_r, stop) = (shared.clone(), to_ingest.clone(), shared.stop.clone());
+        spawn_stage(&mut handles, &registry, "fs-relays", None, move |rt| {
+            crate::relay::run(rt, s, to_ingest_r, plans, stop)
+        })?;
 
         let intakes = worker_intakes.into_iter().zip(control_rxs);
         for (index, (intake, control_rx)) in intakes.enumerate() {
@@ -307,6 +308,7 @@ impl Server {
             shoutcast_addr,
             shared,
             files: playing,
+            relays: relays_tx,
         })
     }
 
@@ -344,6 +346,8 @@ impl Server {
         new.validate()?;
         let intros = crate::file_source::load_intros(&new)?;
         let (new, restart_only) = self.shared.config.load().reloaded(new);
+        let running = self.relays.borrow().clone();
+        let plan = relay_plan(&new, Some(&running))?;
         if let Some(tls) = &self.shared.tls {
             let certificate = load_certificate(&new)
                 .map_err(|e| format!("{e}; the running certificate stays"))?;
@@ -364,6 +368,8 @@ impl Server {
         }
         self.shared.intros.store(Arc::new(intros));
         self.shared.config.store(Arc::new(new));
+        // The relays thread stops the relays that left or changed and starts the new ones.
+        self.relays.send_replace(Arc::new(plan));
         // Ingest publishes each mount's new settings with its stream.
         self.shared.config_changed.notify_one();
         tracing::info!("configuration reloaded");
@@ -418,6 +424,37 @@ impl Drop for Server {
             self.join_threads();
         }
     }
+}
+
+/// What the relays thread runs under `config`: its relays, and the TLS settings for `https://`
+/// upstreams with its `relay_ca_file` read. Those of `running` are kept when the file and its
+/// contents did not change, so that a reload restarts no `https://` relay for nothing.
+fn relay_plan(
+    config: &Config,
+    running: Option<&crate::relay::Plan>,
+) -> Result<crate::relay::Plan, String> {
+    let ca = match &config.startup.relay_ca_file {
+        Some(path) => Some((
+            path.clone(),
+            std::fs::read(path).map_err(|e| format!("relay_ca_file {}: {e}", path.display()))?,
+        )),
+        None => None,
+    };
+    let tls = match running {
+        Some(plan) if plan.ca == ca => plan.tls.clone(),
+        _ => crate::tls::client_config(config.startup.relay_ca_file.as_deref())?,
+    };
+    Ok(crate::relay::Plan {
+        relays: config.startup.relays.clone(),
+        master: config.startup.master.clone(),
+        tls,
+        ca,
+    })
+}
+
+/// Reads `relay_ca_file` as the server would, for `--check-config`.
+pub fn check_relay_ca_file(config: &Config) -> Result<(), String> {
+    relay_plan(config, None).map(|_| ())
 }
 
 /// The TLS settings with the certificate and key the config names.

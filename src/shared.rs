@@ -169,8 +169,13 @@ impl OnDemand {
         demand
     }
 
-    pub fn unregister(&self, mount: &str) {
-        self.lock().remove(mount);
+    /// Unregisters `demand`, if it is still the one registered for `mount`: a relay restarted by
+    /// a reload registers anew before the old one's task is dropped.
+    pub fn unregister(&self, mount: &str, demand: &Arc<Demand>) {
+        let mut relays = self.lock();
+        if relays.get(mount).is_some_and(|d| Arc::ptr_eq(d, demand)) {
+            relays.remove(mount);
+        }
     }
 
     /// Asks the relay of `mount` to pull; false if no on-demand relay feeds it.

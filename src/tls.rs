@@ -1,5 +1,6 @@
-//! TLS with rustls: the server's certificate and settings ([`server_config`]), and [`TlsConn`],
-//! a connection past its handshake.
+//! TLS with rustls: the server's certificate and settings ([`server_config`]), [`TlsConn`], a
+//! connection past its handshake, and the client side a relay pulls `https://` upstreams with
+//! ([`client_config`], [`connect`]).
 //!
 //! The handshake is tokio-rustls's; the session is then taken out of its stream and kept with
 //! the socket in a `TlsConn` of ours, for two reasons tokio-rustls's stream cannot serve: the
@@ -22,8 +23,9 @@ use std::sync::Arc;
 use std::task::{ready, Context, Poll};
 
 use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::ServerName;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
-use rustls::{ServerConfig, ServerConnection};
+use rustls::{ClientConfig, RootCertStore, ServerConfig, ServerConnection};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 
@@ -62,6 +64,58 @@ pub(crate) fn server_config(cert: &Path, key: &Path) -> Result<Arc<ServerConfig>
         })?;
     config.alpn_protocols = vec![b"http/1.1".to_vec()];
     Ok(Arc::new(config))
+}
+
+/// The settings a relay's `https://` connections use: the system's roots (as `curl` and every
+/// other client on the machine trust them: rustls-native-certs reads `/etc/ssl/certs`, or
+/// `SSL_CERT_FILE` and `SSL_CERT_DIR` when set, so `update-ca-certificates` reaches fanstream
+/// without a rebuild, which compiled-in roots would need), plus the certificates in `ca_file`
+/// (an operator's own CA for a private origin). TLS 1.2 and 1.3, ALPN `http/1.1`. The error
+/// names the file and what is wrong with it; roots of the system that do not load are skipped.
+pub(crate) fn client_config(ca_file: Option<&Path>) -> Result<Arc<ClientConfig>, String> {
+    let mut roots = RootCertStore::empty();
+    let native = rustls_native_certs::load_native_certs();
+    let (added, _) = roots.add_parsable_certificates(native.certs);
+    if let Some(path) = ca_file {
+        let certs = CertificateDer::pem_file_iter(path)
+            .and_then(|certs| certs.collect::<Result<Vec<_>, _>>())
+            .map_err(|e| format!("relay_ca_file {}: {e}", path.display()))?;
+        if certs.is_empty() {
+            return Err(format!(
+                "relay_ca_file {}: no certificate in the file",
+                path.display()
+            ));
+        }
+        for cert in certs {
+            roots
+                .add(cert)
+                .map_err(|e| format!("relay_ca_file {}: {e}", path.display()))?;
+        }
+    } else if added == 0 {
+        tracing::warn!(errors = ?native.errors, "no system root certificate loaded: https upstreams will fail unless relay_ca_file is set");
+    }
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut config = ClientConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
+        .map_err(|e| format!("TLS versions: {e}"))?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    Ok(Arc::new(config))
+}
+
+/// Runs the client side of a handshake with `host` (its name for SNI and the certificate check)
+/// on `tcp`. Err says what failed, for the relay's log line.
+pub(crate) async fn connect(
+    config: Arc<ClientConfig>,
+    host: &str,
+    tcp: TcpStream,
+) -> Result<tokio_rustls::client::TlsStream<TcpStream>, String> {
+    let name = ServerName::try_from(host.to_string()).map_err(|e| format!("{host}: {e}"))?;
+    tokio_rustls::TlsConnector::from(config)
+        .connect(name, tcp)
+        .await
+        .map_err(|e| e.to_string())
 }
 
 /// A TLS connection past its handshake: the socket and its session.

@@ -2,8 +2,9 @@
 //! loopback form a tree (origin → 2 edges → 2 edges each) whose leaves serve the encoder's
 //! bytes exactly; an edge fails over to its second upstream when the first dies and returns
 //! with `prefer_first`, dropping no listener; bad upstreams (non-2xx, garbage, a stall, a
-//! redirect loop) are counted and retried with backoff; and Debian's `icecast2` is relayed,
-//! its ICY titles reaching fanstream's own ICY listeners.
+//! redirect loop) are counted and retried with backoff; an edge pulls over https from a TLS
+//! origin (trusting the test's CA) and counts an untrusted certificate as a `tls` failover;
+//! and Debian's `icecast2` is relayed, its ICY titles reaching fanstream's own ICY listeners.
 
 mod common;
 
@@ -14,9 +15,11 @@ use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
+use common::certs::Ca;
 use common::clients::*;
 use common::media::*;
 use common::process::{require, scratch_dir, ChildGuard};
+use common::upstream::BadUpstream;
 use common::*;
 use fanstream::config::{MasterSettings, RelaySettings};
 use fanstream::{Config, Stop};
@@ -418,116 +421,6 @@ fn an_edge_fails_over_to_its_second_upstream_and_returns_to_the_first_dropping_n
         edge.metric("fanstream_listeners", &["mount=\"/live\""]),
         1.0
     );
-}
-
-/// An upstream that misbehaves in a way chosen by the path asked for, recording each request.
-struct BadUpstream {
-    addr: SocketAddr,
-    requests: Arc<Mutex<Vec<(Instant, String)>>>,
-    /// Connections open now: a relay that leaked its upstream sockets would pile them up here.
-    open: Arc<AtomicU64>,
-    stop: Arc<AtomicBool>,
-    thread: Option<JoinHandle<()>>,
-}
-
-impl BadUpstream {
-    fn start() -> BadUpstream {
-        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-        listener.set_nonblocking(true).unwrap();
-        let addr = listener.local_addr().unwrap();
-        let requests = Arc::new(Mutex::new(Vec::new()));
-        let open = Arc::new(AtomicU64::new(0));
-        let stop = Arc::new(AtomicBool::new(false));
-        let (r, o, st) = (requests.clone(), open.clone(), stop.clone());
-        let thread = std::thread::spawn(move || {
-            let mut served = Vec::new();
-            while !st.load(Ordering::SeqCst) {
-                match listener.accept() {
-                    Ok((s, _)) => {
-                        let (r, o, st) = (r.clone(), o.clone(), st.clone());
-                        o.fetch_add(1, Ordering::SeqCst);
-                        served.push(std::thread::spawn(move || {
-                            answer(s, &r, &st);
-                            o.fetch_sub(1, Ordering::SeqCst);
-                        }));
-                    }
-                    Err(_) => std::thread::sleep(Duration::from_millis(5)),
-                }
-            }
-            for t in served {
-                let _ = t.join();
-            }
-        });
-        BadUpstream {
-            addr,
-            requests,
-            open,
-            stop,
-            thread: Some(thread),
-        }
-    }
-
-    /// When each request for `path` came, and the last one's text.
-    fn requests(&self, path: &str) -> (Vec<Instant>, String) {
-        let all = self.requests.lock().unwrap();
-        let mine: Vec<_> = all
-            .iter()
-            .filter(|(_, req)| req.starts_with(&format!("GET {path} ")))
-            .collect();
-        let last = mine.last().map(|(_, r)| r.clone()).unwrap_or_default();
-        (mine.iter().map(|(at, _)| *at).collect(), last)
-    }
-}
-
-fn answer(mut s: TcpStream, requests: &Mutex<Vec<(Instant, String)>>, stop: &AtomicBool) {
-    s.set_read_timeout(Some(Duration::from_millis(100)))
-        .unwrap();
-    let mut head = Vec::new();
-    let mut buf = [0u8; 1024];
-    while !head.ends_with(b"\r\n\r\n") {
-        match s.read(&mut buf) {
-            Ok(0) => return,
-            Ok(n) => head.extend_from_slice(&buf[..n]),
-            Err(_) if stop.load(Ordering::SeqCst) => return,
-            Err(_) => {}
-        }
-    }
-    let req = String::from_utf8_lossy(&head).to_string();
-    let path = req.split(' ').nth(1).unwrap_or_default().to_string();
-    requests.lock().unwrap().push((Instant::now(), req));
-    let audio = "HTTP/1.0 200 OK\r\nContent-Type: audio/mpeg\r\n";
-    let reply: Vec<u8> = match path.as_str() {
-        "/missing" => b"HTTP/1.0 404 Not Found\r\n\r\n".to_vec(),
-        "/error" => b"HTTP/1.0 500 Internal Server Error\r\n\r\n".to_vec(),
-        "/garbage" => b"\x00\x17\xfe not http at all\r\n\r\n".to_vec(),
-        "/loop" => b"HTTP/1.0 302 Found\r\nLocation: /loop\r\n\r\n".to_vec(),
-        // A block of 16 bytes that is not `StreamTitle=...`.
-        "/badicy" => {
-            format!("{audio}icy-metaint: 8\r\n\r\n12345678\x01not a title here").into_bytes()
-        }
-        "/stall" => format!("{audio}\r\n").into_bytes(),
-        _ => b"HTTP/1.0 400 Bad Request\r\n\r\n".to_vec(),
-    };
-    let _ = s.write_all(&reply);
-    // Hold the connection until the relay lets it go (the stall: silent after its head).
-    while !stop.load(Ordering::SeqCst) {
-        match s.read(&mut buf) {
-            Ok(0) => return,
-            Ok(_) => {}
-            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
-            Err(e) if e.kind() == std::io::ErrorKind::TimedOut => {}
-            Err(_) => return,
-        }
-    }
-}
-
-impl Drop for BadUpstream {
-    fn drop(&mut self) {
-        self.stop.store(true, Ordering::SeqCst);
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
-        }
-    }
 }
 
 #[test]
@@ -1004,16 +897,12 @@ fn an_ogg_opus_listener_across_a_failover_still_decodes() {
     std::fs::write(&path, &received).unwrap();
     let decoded = ffmpeg_decode(&path);
     // The listener gets B's header pages again at the switch (its sync point), with the same
-    // serial as A's stream, as two origins fed by one encoder have: ffmpeg takes those two
-    // packets (OpusHead, OpusTags) for audio, says so twice, and decodes on. More errors would
-    // be a torn page or garbage.
-    let packet_errors = decoded
-        .errors
-        .matches("Error parsing the packet header")
-        .count();
+    // serial as A's stream, as two origins fed by one encoder have: the edge ends A's stream
+    // there (an EOS page) and gives B's another serial, a clean chain boundary, so ffmpeg
+    // decodes across without an error.
     assert!(
-        decoded.success && packet_errors <= 2,
-        "ffmpeg could not decode the capture across the switch: {}",
+        decoded.success && decoded.errors.trim().is_empty(),
+        "ffmpeg could not decode the capture across the switch cleanly: {}",
         decoded.errors
     );
     assert!(
@@ -1150,4 +1039,197 @@ fn an_edge_mirrors_the_mounts_a_fanstream_origin_lists() {
         "the other mount is still relayed"
     );
     assert!(feeder.sent() > 0);
+}
+
+/// `fanstream_relay_failovers_total` of `mount` for `reason`.
+fn failovers(server: &TestServer, mount: &str, reason: &str) -> f64 {
+    server.metric(
+        "fanstream_relay_failovers_total",
+        &[
+            &format!("mount=\"{mount}\""),
+            &format!("reason=\"{reason}\""),
+        ],
+    )
+}
+
+#[test]
+fn an_edge_relays_over_https_byte_exact_and_an_untrusted_certificate_is_a_tls_failover() {
+    let dir = scratch_dir("relay_https");
+    let ca = Ca::new(&dir);
+    ca.issue(1);
+    let origin = TestServer::start_tls(|c| {
+        c.startup.tls_cert = Some(dir.join("cert.pem"));
+        c.startup.tls_key = Some(dir.join("key.pem"));
+        c.defaults.max_write_delay_ms = 0;
+    });
+    let feeder = Feeder::start(vec![Source::connect(origin.addr, "/live")]);
+    let https = format!("https://localhost:{}/live", origin.tls.unwrap().port());
+    let bad = BadUpstream::start();
+    let quick = |c: &mut Config| {
+        c.source_timeout_secs = 2;
+        c.defaults.max_write_delay_ms = 0;
+    };
+    // Trusting the test's CA: straight to the TLS port, and through an http redirect to it.
+    let trusting = TestServer::start(|c| {
+        quick(c);
+        c.startup.relay_ca_file = Some(ca.path());
+        c.startup.relays = vec![
+            relay("/live", std::slice::from_ref(&https)),
+            relay(
+                "/redirected",
+                &[url(bad.addr, &format!("/redirect?{https}"))],
+            ),
+        ];
+    });
+    // Trusting the system's roots only: the test CA's certificate is refused, counted as `tls`,
+    // and the relay goes on to its plain http upstream.
+    let plain = url(origin.addr, "/live");
+    let untrusting = TestServer::start(|c| {
+        quick(c);
+        c.startup.relays = vec![relay("/live", &[https.clone(), plain.clone()])];
+    });
+    trusting.wait_metric("fanstream_relay_up", &["mount=\"/live\""], |v| v == 1.0);
+    assert_eq!(relay_upstream(&trusting, "/live"), https);
+    trusting.wait_metric("fanstream_relay_up", &["mount=\"/redirected\""], |v| {
+        v == 1.0
+    });
+    untrusting.wait_metric("fanstream_relay_up", &["mount=\"/live\""], |v| v == 1.0);
+    assert_eq!(relay_upstream(&untrusting, "/live"), plain);
+    assert!(
+        failovers(&untrusting, "/live", "tls") >= 1.0,
+        "{}",
+        untrusting.metrics()
+    );
+    assert_eq!(
+        untrusting.metric("fanstream_relay_failovers_total", &["mount=\"/live\""]),
+        failovers(&untrusting, "/live", "tls"),
+        "the refused certificate is counted as tls only"
+    );
+    let last = Arc::new(AtomicU64::new(u64::MAX));
+    let checks: Vec<_> = [
+        (&trusting, "/live"),
+        (&trusting, "/redirected"),
+        (&untrusting, "/live"),
+    ]
+    .into_iter()
+    .map(|(server, mount)| {
+        let listener = Listener::connect(server.addr, mount);
+        let (last, who) = (last.clone(), format!("listener of {mount}"));
+        std::thread::spawn(move || listener.check_until(&last, &who))
+    })
+    .collect();
+    let until = feeder.sent() + 2 * RATE;
+    wait_until("the encoder to send 2 s more", || feeder.sent() >= until);
+    last.store(feeder.sent(), Ordering::SeqCst);
+    for (i, check) in checks.into_iter().enumerate() {
+        let check = check.join().unwrap();
+        assert_eq!(
+            check.mismatches, 0,
+            "listener {i}: bytes differ from the stream"
+        );
+        assert!(
+            check.next >= Some(last.load(Ordering::SeqCst)) && check.bytes > RATE,
+            "listener {i} got {} bytes, up to {:?}",
+            check.bytes,
+            check.next
+        );
+    }
+    assert_eq!(failovers(&trusting, "/live", "tls"), 0.0);
+    let (_, request) = bad.requests(&format!("/redirect?{https}"));
+    assert!(request.starts_with("GET /redirect?https://"), "{request}");
+}
+
+#[test]
+fn a_reload_adds_removes_and_restarts_relays_and_leaves_the_others_streaming() {
+    let origin = TestServer::start(|_| {});
+    let feeder = Feeder::start(
+        ["/a", "/b", "/c"]
+            .iter()
+            .map(|m| Source::connect(origin.addr, m))
+            .collect(),
+    );
+    let (a, b, c) = (
+        url(origin.addr, "/a"),
+        url(origin.addr, "/b"),
+        url(origin.addr, "/c"),
+    );
+    let before = vec![
+        relay("/a", std::slice::from_ref(&a)),
+        relay("/b", std::slice::from_ref(&b)),
+        relay("/d", std::slice::from_ref(&a)),
+    ];
+    let after = vec![
+        relay("/a", std::slice::from_ref(&a)),
+        relay("/c", std::slice::from_ref(&c)),
+        relay("/d", std::slice::from_ref(&c)),
+    ];
+    let edge_config = |relays: &Vec<RelaySettings>| {
+        let mut config = test_config();
+        config.defaults.max_write_delay_ms = 0;
+        config.startup.relays = relays.clone();
+        config
+    };
+    let edge = TestServer::start(|c| *c = edge_config(&before));
+    for mount in ["/a", "/b", "/d"] {
+        edge.wait_metric(
+            "fanstream_relay_up",
+            &[&format!("mount=\"{mount}\"")],
+            |v| v == 1.0,
+        );
+    }
+    let last = Arc::new(AtomicU64::new(u64::MAX));
+    let kept = {
+        let (listener, last) = (Listener::connect(edge.addr, "/a"), last.clone());
+        std::thread::spawn(move || listener.check_until(&last, "listener of /a"))
+    };
+    let mut removed = Listener::connect(edge.addr, "/b");
+    removed.read_at_least(1000);
+
+    // A CA file that does not load refuses the whole reload: nothing changes.
+    let mut bad = edge_config(&after);
+    bad.startup.relay_ca_file = Some("/nonexistent/ca.pem".into());
+    let e = edge.server.as_ref().unwrap().reload(bad).unwrap_err();
+    assert!(e.contains("relay_ca_file /nonexistent/ca.pem"), "{e}");
+    assert_eq!(
+        relay_up(&edge, "/b", &b),
+        1.0,
+        "the refused reload stopped nothing"
+    );
+    edge.server
+        .as_ref()
+        .unwrap()
+        .reload(edge_config(&after))
+        .unwrap();
+    edge.wait_metric("fanstream_relay_up", &["mount=\"/c\""], |v| v == 1.0);
+    wait_until("/d to pull from its new upstream", || {
+        relay_up(&edge, "/d", &c) == 1.0
+    });
+    wait_until("/b's relay to stop", || relay_up(&edge, "/b", &b) == 0.0);
+    // /b's listener waits the grace period (1 s here), then the mount closes.
+    removed.read_to_end();
+    let until = feeder.sent() + 2 * RATE;
+    wait_until("the encoder to send 2 s more", || feeder.sent() >= until);
+    last.store(feeder.sent(), Ordering::SeqCst);
+    let check = kept.join().unwrap();
+    assert_eq!(check.mismatches, 0, "/a's listener got every byte in order");
+    assert!(check.next >= Some(last.load(Ordering::SeqCst)));
+    let connects = |mount: &str| {
+        edge.metric(
+            "fanstream_relay_connects_total",
+            &[&format!("mount=\"{mount}\"")],
+        )
+    };
+    assert_eq!(connects("/a"), 1.0, "the unchanged relay was not restarted");
+    assert_eq!(connects("/d"), 2.0, "the changed relay connected again");
+    assert_eq!(relay_up(&edge, "/d", &a), 0.0);
+    assert_eq!(
+        edge.metric("fanstream_relay_failovers_total", &[]),
+        0.0,
+        "no relay failed on the way: {}",
+        edge.metrics()
+    );
+    assert!(
+        !status_mounts(&edge).contains(&"/b".to_string()),
+        "/b closed"
+    );
 }

@@ -7,6 +7,7 @@ pub mod clients;
 pub mod devtools;
 pub mod media;
 pub mod process;
+pub mod upstream;
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};

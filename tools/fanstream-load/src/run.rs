@@ -102,6 +102,11 @@ pub struct RunOpts {
     /// end and opened again as the server closes them ([`crate::flood`]).
     #[arg(long, default_value_t = 0)]
     pub tls_flood: usize,
+    /// A two-tier tree (fanstream only): this many more fanstream servers, the edges, each
+    /// relay every mount from the server the sources push to, the origin, and the listeners
+    /// are split evenly over the edges; CPU and memory are reported per tier. 0: no tree.
+    #[arg(long, default_value_t = 0)]
+    pub edges: usize,
     #[arg(long, default_value = "target/release/fanstream")]
     pub fanstream_bin: PathBuf,
     #[arg(long, default_value = "icecast2")]
@@ -240,6 +245,19 @@ pub struct Summary {
     pub ok: bool,
     /// What limited the run, as far as can be told.
     pub limit: String,
+    /// A tree run (`--edges`): the origin, then each edge.
+    pub tiers: Vec<Tier>,
+}
+
+/// One server of a tree run, over the window.
+#[derive(Clone, Debug, Default, serde::Serialize)]
+pub struct Tier {
+    pub name: String,
+    /// Who it serves: the edges' relays for the origin, listeners for an edge.
+    pub listeners: usize,
+    pub cpu_pct: f64,
+    pub cpu_us_per_listener_sec: f64,
+    pub rss_bytes: u64,
 }
 
 /// CPU counters at one instant.
@@ -256,9 +274,11 @@ struct Sample {
     /// fanstream's listener disconnects by reason, since it started.
     disconnects: BTreeMap<String, f64>,
     icy_listeners: Option<f64>,
+    /// Each edge's CPU seconds and RSS (a tree run).
+    edges: Vec<(f64, Option<u64>)>,
 }
 
-fn sample(server: &ServerProc, loads: &[Child]) -> Sample {
+fn sample(server: &ServerProc, edges: &[ServerProc], loads: &[Child]) -> Sample {
     let metrics = server.metrics();
     let m = |name| metrics.as_deref().map(|t| metric_sum(t, name));
     Sample {
@@ -277,6 +297,15 @@ fn sample(server: &ServerProc, loads: &[Child]) -> Sample {
             metric_by_label(t, "fanstream_listener_disconnects_total", "reason")
         }),
         icy_listeners: m("fanstream_icy_listeners"),
+        edges: edges
+            .iter()
+            .map(|e| {
+                (
+                    procstat::cpu_secs(e.pid()).unwrap_or(0.0),
+                    procstat::rss_bytes(e.pid()),
+                )
+            })
+            .collect(),
     }
 }
 
@@ -357,6 +386,9 @@ pub fn run(o: &RunOpts) -> Result<Summary, String> {
     {
         return Err("--title-every-secs: more than 0".into());
     }
+    if o.edges > 0 && (o.target != Target::Fanstream || o.tls || o.icy_share > 0.0) {
+        return Err("--edges: fanstream only, plain listeners without ICY".into());
+    }
     let name = o.name();
     let started_utc = utc_now();
     let dir = o.out_dir.join(&name);
@@ -389,7 +421,8 @@ pub fn run(o: &RunOpts) -> Result<Summary, String> {
             min_write_bytes: o.min_write_bytes,
             max_write_delay_ms: o.max_write_delay_ms,
             icy_metaint: o.icy_metaint,
-            settings: server_settings,
+            settings: server_settings.clone(),
+            relay_from: None,
             fanstream_bin: o.fanstream_bin.clone(),
             icecast_bin: o.icecast_bin.clone(),
         },
@@ -429,11 +462,40 @@ pub fn run(o: &RunOpts) -> Result<Summary, String> {
             Duration::from_secs_f64(every),
         )
     });
+    let mut edges = Vec::new();
+    for i in 0..o.edges {
+        let edge_dir = dir.join(format!("edge{i}"));
+        std::fs::create_dir_all(&edge_dir).map_err(|e| format!("{}: {e}", edge_dir.display()))?;
+        let edge = servers::start(
+            &ServerOpts {
+                target: Target::Fanstream,
+                workers: o.workers,
+                max_clients: o.clients.div_ceil(o.edges),
+                mounts: o.mounts,
+                min_write_bytes: o.min_write_bytes,
+                max_write_delay_ms: o.max_write_delay_ms,
+                icy_metaint: None,
+                settings: server_settings.clone(),
+                relay_from: Some(server.addr),
+                fanstream_bin: o.fanstream_bin.clone(),
+                icecast_bin: o.icecast_bin.clone(),
+            },
+            &edge_dir,
+        )?;
+        wait_relays(&edge, o.mounts, &edge_dir)?;
+        edges.push(edge);
+    }
     let rss_before = wait_rss(&server);
 
     let per_process = o.per_process.clamp(1, MAX_PER_PROCESS);
-    let nproc = o.clients.div_ceil(per_process).max(1);
-    let start_us = schedule.t0_us + 1_000_000;
+    // In a tree, each edge gets its share of the listen processes.
+    let nproc = o
+        .clients
+        .div_ceil(per_process)
+        .max(1)
+        .next_multiple_of(o.edges.max(1));
+    // The edges took a while to connect their relays.
+    let start_us = (schedule.t0_us + 1_000_000).max(unix_us() + 500_000);
     let ramp_secs = o.clients as f64 / o.ramp_per_sec;
     let measure_from_us = start_us + ((ramp_secs + SETTLE_SECS) * 1e6) as u64;
     let end_us = measure_from_us + o.seconds * 1_000_000;
@@ -444,7 +506,11 @@ pub fn run(o: &RunOpts) -> Result<Summary, String> {
     for p in 0..nproc {
         let n = (o.clients - first).min(o.clients.div_ceil(nproc));
         let mut cmd = Command::new(&me);
-        let listen_addr = tls.as_ref().map_or(server.addr, |t| t.addr);
+        let listen_addr = match (&tls, edges.is_empty()) {
+            (Some(t), _) => t.addr,
+            (None, true) => server.addr,
+            (None, false) => edges[p % edges.len()].addr,
+        };
         cmd.arg("listen")
             .args(["--addr", &listen_addr.to_string()])
             .args(["--mounts", &mounts.join(",")])
@@ -507,11 +573,11 @@ pub fn run(o: &RunOpts) -> Result<Summary, String> {
         }
         let now = unix_us();
         if begin.is_none() && now >= measure_from_us {
-            begin = Some(sample(&server, &loads.0));
+            begin = Some(sample(&server, &edges, &loads.0));
         }
         // Just before the listeners close.
         if finish.is_none() && now + 300_000 >= end_us {
-            finish = Some(sample(&server, &loads.0));
+            finish = Some(sample(&server, &edges, &loads.0));
         }
         if now >= next_print && now < end_us {
             next_print += 1_000_000;
@@ -525,8 +591,8 @@ pub fn run(o: &RunOpts) -> Result<Summary, String> {
                 end_us,
             );
         }
-        if !server.alive() {
-            return Err(format!("the server died; see {}", dir.display()));
+        if !server.alive() || !edges.iter_mut().all(|e| e.alive()) {
+            return Err(format!("a server died; see {}", dir.display()));
         }
         std::thread::sleep(Duration::from_millis(50));
     }
@@ -534,6 +600,7 @@ pub fn run(o: &RunOpts) -> Result<Summary, String> {
     let title_updates = titles.map(|t| t.stop()).unwrap_or_default();
     let tls_flood = flood.map(|f| f.stop());
     drop(loads);
+    drop(edges);
     drop(server);
     let (Some(begin), Some(finish)) = (begin, finish) else {
         return Err("the run ended before its window".into());
@@ -563,7 +630,76 @@ pub fn run(o: &RunOpts) -> Result<Summary, String> {
         ..s
     };
     write_json(&o.out_dir.join(format!("{}.json", s.name)), &s)?;
+    if !s.tiers.is_empty() {
+        let path = o.out_dir.join(format!("{}.md", s.name));
+        std::fs::write(&path, tree_table(&s)).map_err(|e| format!("{}: {e}", path.display()))?;
+    }
     Ok(s)
+}
+
+/// Waits until an edge's relays stream every mount (`fanstream_relay_up`).
+fn wait_relays(edge: &ServerProc, mounts: usize, dir: &std::path::Path) -> Result<(), String> {
+    let deadline = unix_us() + 15_000_000;
+    while unix_us() < deadline {
+        let up = edge
+            .metrics()
+            .map_or(0.0, |t| metric_sum(&t, "fanstream_relay_up"));
+        if up >= mounts as f64 {
+            return Ok(());
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    Err(format!(
+        "the edge's relays did not come up within 15 s; see {}",
+        dir.display()
+    ))
+}
+
+/// A tree run's result as a Markdown table, with its conditions.
+fn tree_table(s: &Summary) -> String {
+    let mut out = format!(
+        "# {}: a two-tier tree, origin and {} edges\n\n\
+         `fanstream-load run --edges {}`: {} listeners at {} kbit/s on {} mount(s), split evenly over \
+         the edges, each edge relaying every mount from the origin; {:.1} s window, started {}.\n\
+         Machine: {} (shared; load average before: {}); the load tool and the three servers on it.\n\n\
+         | server | serves | CPU (% of a core) | CPU µs per listener-second | RSS (MiB) |\n\
+         |---|---|---|---|---|\n",
+        s.name,
+        s.tiers.len() - 1,
+        s.tiers.len() - 1,
+        s.clients,
+        s.bitrate_kbps,
+        s.mounts,
+        s.window_secs,
+        s.started_utc,
+        s.machine,
+        s.loadavg_before,
+    );
+    for t in &s.tiers {
+        out += &format!(
+            "| {} | {} | {:.1} | {:.1} | {:.1} |\n",
+            t.name,
+            t.listeners,
+            t.cpu_pct,
+            t.cpu_us_per_listener_sec,
+            t.rss_bytes as f64 / 1048576.0
+        );
+    }
+    out += &format!(
+        "\nThe origin serves the edges' relays (one listener per edge and mount) and takes the sources; \
+         its figure per listener-second is per relay. Delivered {:.5} of the bytes owed, {} integrity \
+         errors, {} of {} listeners streaming at the end; source-to-listener latency p50 {:.0} ms, \
+         p99 {:.0} ms (two coalescing delays). Result: {}; limited by: {}.\n",
+        s.delivered_ratio,
+        s.integrity.total(),
+        s.streaming_at_end,
+        s.clients,
+        s.latency_p50_ms,
+        s.latency_p99_ms,
+        if s.ok { "OK" } else { "SHORT" },
+        s.limit
+    );
+    out
 }
 
 /// RSS once the sources are up and before any listener: the base the per-listener figure
@@ -700,6 +836,33 @@ fn summarize(
         .map(|(a, b)| pct(a, b));
     let listener_secs = s.streaming_at_end.max(1) as f64 * secs;
     s.cpu_us_per_listener_sec = (finish.server - begin.server) * 1e6 / listener_secs;
+    if !begin.edges.is_empty() {
+        let n = begin.edges.len();
+        let tier = |name: String, listeners: usize, cpu: f64, rss: Option<u64>| Tier {
+            name,
+            listeners,
+            cpu_pct: cpu / secs * 100.0,
+            cpu_us_per_listener_sec: cpu * 1e6 / (listeners.max(1) as f64 * secs),
+            rss_bytes: rss.unwrap_or(0),
+        };
+        s.tiers.push(tier(
+            "origin".into(),
+            n * o.mounts,
+            finish.server - begin.server,
+            finish.server_rss,
+        ));
+        for (i, (b, f)) in begin.edges.iter().zip(&finish.edges).enumerate() {
+            // Listen process p listened on edge p % n.
+            let listeners = reports
+                .iter()
+                .enumerate()
+                .filter(|(p, _)| p % n == i)
+                .map(|(_, r)| r.streaming_at_end)
+                .sum();
+            s.tiers
+                .push(tier(format!("edge {}", i + 1), listeners, f.0 - b.0, f.1));
+        }
+    }
     s.server_disconnect_reasons = finish.disconnects.clone();
     s.icy_share = o.icy_share;
     s.icy_metaint = o.icy_metaint;
@@ -871,6 +1034,16 @@ pub fn print_summary(s: &Summary) {
             s.title_every_secs.map_or("(never)".into(), |t| format!("{t} s")),
             s.title_updates.sent,
             s.title_updates.failed,
+        );
+    }
+    for t in &s.tiers {
+        println!(
+            "tier {:<13} serves {:>6}: CPU {:.1}% of a core, {:.1} µs per listener-second, RSS {:.1} MiB",
+            t.name,
+            t.listeners,
+            t.cpu_pct,
+            t.cpu_us_per_listener_sec,
+            mib(t.rss_bytes)
         );
     }
     println!("result             {}", if s.ok { "OK" } else { "SHORT" });

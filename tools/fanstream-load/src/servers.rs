@@ -38,6 +38,9 @@ pub struct ServerOpts {
     pub icy_metaint: Option<usize>,
     /// Extra top-level `KEY=VALUE` lines for fanstream's config.
     pub settings: Vec<String>,
+    /// An edge of a tree (fanstream only): each mount (`/load0`...) is relayed from this
+    /// origin instead of pushed by a source.
+    pub relay_from: Option<SocketAddr>,
     pub fanstream_bin: PathBuf,
     pub icecast_bin: String,
 }
@@ -241,6 +244,16 @@ fn start_fanstream(o: &ServerOpts, dir: &Path, addr: SocketAddr) -> Result<Serve
         o.max_clients.max(1),
         o.mounts + 1,
     );
+    let relays: String = o.relay_from.map_or_else(String::new, |origin| {
+        (0..o.mounts)
+            .map(|m| {
+                format!(
+                    "\n[[relays]]\nmount = \"/load{m}\"\nupstreams = [\"http://{origin}/load{m}\"]\n"
+                )
+            })
+            .collect()
+    });
+    let config = config + &relays;
     let path = dir.join("fanstream.toml");
     fs::write(&path, config).map_err(|e| e.to_string())?;
     let child = spawn_logged(
