@@ -99,6 +99,7 @@ pub(crate) mod http_client;
 pub(crate) mod icy;
 pub(crate) mod mpeg;
 pub(crate) mod ogg;
+pub(crate) mod ogg_codecs;
 pub mod open_files;
 pub mod sd_notify;
 pub(crate) mod store;
