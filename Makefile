@@ -27,7 +27,7 @@ APT_PACKAGES := ffmpeg curl prometheus ezstream ices2 liquidsoap mpv gstreamer1.
 # GStreamer elements the tests use, which come in plugin packages rather than as programs.
 TEST_GST_ELEMENTS := souphttpsrc decodebin oggdemux opusdec vorbisdec mpegaudioparse identity
 
-.PHONY: run build release deb man install deb-deps test deps fuzz-deps fmt fmt-check clippy unit soak fuzz load sweep compare coalescing icy-compare tls-compare bench icecast fonts
+.PHONY: run build release deb man install deb-deps test deps fuzz-deps fmt fmt-check clippy unit soak fuzz load sweep compare coalescing icy-compare tls-compare hls-load bench icecast fonts
 
 # Load runs (make load / sweep / compare / coalescing / icy-compare / tls-compare): see README, "Performance".
 CLIENTS ?= 1000
@@ -164,6 +164,18 @@ tls-compare: release
 	  --workers $(WORKERS) --mounts $(MOUNTS) $(LOAD_FLAGS)
 	mkdir -p $(RESULTS)
 	cp target/load/tls-$(CLIENTS)c-$(BITRATE_KBPS)k.md target/load/tls-$(CLIENTS)c-$(BITRATE_KBPS)k.json $(RESULTS)/
+
+## make hls-load: CLIENTS HLS clients (verifying every segment) through nginx with proxy_cache,
+## failing unless fanstream answered about one request per segment; then as many polling
+## fanstream directly, beside as many direct listeners: fanstream's CPU in both, as a ratio
+## (README, "HLS and CDNs"). Needs nginx (Debian's nginx-light).
+hls-load: release
+	$(LOAD_BIN) hls --clients $(CLIENTS) --seconds $(SECONDS) --workers $(WORKERS) --via nginx
+	$(LOAD_BIN) hls --clients $(CLIENTS) --seconds $(SECONDS) --workers $(WORKERS) --via direct \
+	  --compare-direct
+	mkdir -p $(RESULTS)
+	cp target/load/hls-$(CLIENTS)c-nginx/summary.json $(RESULTS)/hls-$(CLIENTS)c-nginx.json
+	cp target/load/hls-$(CLIENTS)c-direct/summary.json $(RESULTS)/hls-$(CLIENTS)c-direct.json
 
 ## make bench: criterion benches (store, fan-out, request parsing).
 bench:

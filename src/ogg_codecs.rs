@@ -1,5 +1,5 @@
 //! The audio codecs an Ogg stream carries, as far as HLS needs them: each logical stream's
-//! header packets read into what an MP4 sample entry says of the codec ([`crate::fmp4`]), and
+//! header packets read into what an MP4 sample entry says of the codec, and
 //! each audio packet's duration in samples, from the packet itself (never the wall clock):
 //! - **Opus** (RFC 7845): `OpusHead`, then `OpusTags`; a packet's duration from its TOC byte, at
 //!   48 kHz whatever the input rate was.

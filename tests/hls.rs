@@ -3,12 +3,14 @@
 //! duration respected, media sequence advancing, window bounded, stable segment URLs), every
 //! listed segment is fetched and taken apart (an ID3 tag with the transport-stream timestamp,
 //! then whole frames whose samples make its `EXTINF`, timestamps continuous from one segment to
-//! the next), and ffprobe and ffmpeg play the playlist over HTTP. An Ogg Opus mount's fMP4
-//! segments are taken apart the same way (init segment, track runs, decode times). curl checks
-//! the cache headers (`ETag`, `304`, `Range`, `HEAD`) and keeps one connection for several
-//! requests; a raw client pipelines them. Titles reach the segments' ID3 tags; HLS sessions and
-//! requests are counted; headless Chromium plays MP3 and Opus mounts through hls.js. Mounts
-//! without HLS, or of a format not segmented, answer 404 saying why.
+//! the next), and ffprobe and ffmpeg play the playlist over HTTP. Ogg Opus, Vorbis and FLAC
+//! mounts' fMP4 segments are taken apart the same way (init segment and its sample entry,
+//! track runs, decode times) and played. A raw client makes blocking playlist reloads
+//! (`_HLS_msn`). curl checks the cache headers (`ETag`, `304`, `Range`, `HEAD`) and keeps one
+//! connection for several requests; a raw client pipelines them. Titles reach the segments' ID3 tags; HLS sessions and
+//! requests are counted (`/status.json`, `/status-json.xsl`, metrics); headless Chromium plays
+//! MP3 and Opus mounts through hls.js. Mounts without HLS, or of a format not segmented
+//! (Speex), answer 404 saying why.
 
 mod common;
 
@@ -704,6 +706,31 @@ fn chromium_plays_an_ogg_opus_mount_through_hls_js() {
         "hls.html",
         "src",
         &format!("http://{}/opus/index.m3u8", srv.addr),
+    );
+    let mut browser = chromium(&dir, &page, 45);
+    wait_playing(&mut browser, 2.0, Duration::from_secs(35));
+    let log = browser.text();
+    assert!(
+        !log.lines()
+            .any(|l| l.contains("fanstream-hls: error") && l.contains("fatal=true")),
+        "hls.js failed:\n{log}"
+    );
+    drop(source);
+}
+
+/// A browser: headless Chromium plays an Ogg FLAC mount's fMP4 playlist (a `fLaC` sample
+/// entry) through hls.js. (An Ogg Vorbis mount's is not for browsers: their MP4 parsers know no
+/// Vorbis.)
+#[test]
+fn chromium_plays_an_ogg_flac_mount_through_hls_js() {
+    let dir = process::scratch_dir("hls_chromium_flac");
+    let srv = server();
+    let mut source = ffmpeg_source(srv.addr, "/flac", &Tone::new(Codec::Flac, 120.0));
+    wait_playlist(srv.addr, "/flac", SEGMENTS, None, &mut source);
+    let page = test_page(
+        "hls.html",
+        "src",
+        &format!("http://{}/flac/index.m3u8", srv.addr),
     );
     let mut browser = chromium(&dir, &page, 45);
     wait_playing(&mut browser, 2.0, Duration::from_secs(35));
