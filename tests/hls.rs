@@ -812,9 +812,9 @@ fn hls_sessions_are_counted_from_playlist_polls_and_requests_by_kind() {
     // Icecast's status document too, beside the direct listeners.
     let (_, _, body) = get(srv.addr, "/status-json.xsl");
     let ice: serde_json::Value = serde_json::from_slice(&body).unwrap();
-    let source = &ice["icestats"]["source"];
-    assert_eq!(source["hls_sessions"], 3, "{ice}");
-    assert_eq!(source["listeners"], 0, "{ice}");
+    let listed = &ice["icestats"]["source"];
+    assert_eq!(listed["hls_sessions"], 3, "{ice}");
+    assert_eq!(listed["listeners"], 0, "{ice}");
     let playlists = srv.metric(
         "fanstream_hls_requests_total",
         &[label, "kind=\"playlist\""],
@@ -1330,8 +1330,7 @@ fn a_blocking_playlist_reload_is_answered_when_its_segment_comes() {
     let newest = |p: &Playlist| p.sequence + p.entries.len() as u64 - 1;
     let mut s = TcpStream::connect(srv.addr).unwrap();
     s.set_read_timeout(Some(DEADLINE)).unwrap();
-    let mut msn = newest(&p) + 1;
-    for _ in 0..2 {
+    for msn in newest(&p) + 1..newest(&p) + 3 {
         let asked = Instant::now();
         let raw = format!("GET /live/index.m3u8?_HLS_msn={msn} HTTP/1.1\r\nHost: t\r\n\r\n");
         s.write_all(raw.as_bytes()).unwrap();
@@ -1345,7 +1344,6 @@ fn a_blocking_playlist_reload_is_answered_when_its_segment_comes() {
             waited < Duration::from_secs(3 * SEGMENT_SECS),
             "held {waited:?}"
         );
-        msn += 1;
     }
     let current = playlist(srv.addr, "/live").unwrap();
     let far = format!(

@@ -217,7 +217,7 @@ fn check_segment(data: &[u8], follow: &mut Follow, contiguous: bool, c: &mut Cli
         c.timestamp_breaks += 1;
     }
     let frames = &data[tag_end..];
-    if frames.is_empty() || frames.len() % FRAME_BYTES != 0 {
+    if frames.is_empty() || !frames.len().is_multiple_of(FRAME_BYTES) {
         c.corrupt += 1;
         return;
     }
