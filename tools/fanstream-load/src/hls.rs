@@ -4,7 +4,7 @@
 //! new) on a kept-alive connection and fetching every new segment once.
 //!
 //! Every segment is verified against what the source sent: each frame the source makes carries
-//! its counter (and the counter scrambled with a key), so a client checks that a segment is an
+//! its counter (and the counter scrambled with a key) and fixed bytes, so a client checks that a segment is an
 //! ID3 tag with the `com.apple.streaming.transportStreamTimestamp` PRIV frame, then whole frames
 //! whose counters run on without a gap from the previous segment's, and that its timestamp is
 //! the previous one plus the previous segment's samples. A client that misses a segment (it
@@ -136,13 +136,26 @@ pub struct HlsSummary {
     pub hls_over_direct_cpu: Option<f64>,
 }
 
+/// The bytes of every frame after its header, counter and check: fixed, so that a byte changed
+/// anywhere is seen. Never 0xFF: no byte of the payload looks like the start of a frame.
+const FILLER: [u8; FRAME_BYTES - 20] = filler();
+
+const fn filler() -> [u8; FRAME_BYTES - 20] {
+    let mut f = [0u8; FRAME_BYTES - 20];
+    let mut i = 0;
+    while i < f.len() {
+        f[i] = ((i + 20) % 0x7F) as u8;
+        i += 1;
+    }
+    f
+}
+
 /// Frame `n` of the source's stream.
 fn frame(n: u64, out: &mut Vec<u8>) {
     out.extend_from_slice(&FRAME_HEADER);
     out.extend_from_slice(&n.to_le_bytes());
     out.extend_from_slice(&(n ^ KEY).to_le_bytes());
-    // Never 0xFF: no byte of the payload looks like the start of a frame.
-    out.extend((20..FRAME_BYTES).map(|i| (i % 0x7F) as u8));
+    out.extend_from_slice(&FILLER);
 }
 
 /// Sends frames at their real-time pace until `stop`.
@@ -224,7 +237,7 @@ fn check_segment(data: &[u8], follow: &mut Follow, contiguous: bool, c: &mut Cli
     for f in frames.chunks_exact(FRAME_BYTES) {
         let word = |at: usize| u64::from_le_bytes(f[at..at + 8].try_into().expect("8 bytes"));
         let n = word(4);
-        if f[..4] != FRAME_HEADER || word(12) != n ^ KEY {
+        if f[..4] != FRAME_HEADER || word(12) != n ^ KEY || f[20..] != FILLER {
             c.corrupt += 1;
             follow.next_frame = None;
             continue;
@@ -721,5 +734,49 @@ pub fn print_summary(s: &HlsSummary) {
             s.direct_streaming_at_end.unwrap_or(0),
             s.direct_bytes.unwrap_or(0) / 1_000_000
         );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A segment as fanstream cuts one: an ID3 tag with the timestamp, then frames.
+    fn segment(ts: u64, frames: std::ops::Range<u64>) -> Vec<u8> {
+        let mut body = b"PRIV\0\0\0\x35\0\0".to_vec();
+        body.extend_from_slice(TIMESTAMP_OWNER);
+        body.extend_from_slice(&ts.to_be_bytes());
+        let mut out = b"ID3\x04\0\0\0\0\0".to_vec();
+        out.push(body.len() as u8);
+        out.extend(body);
+        for n in frames {
+            frame(n, &mut out);
+        }
+        out
+    }
+
+    #[test]
+    fn segments_are_checked_against_the_source_and_the_previous_one() {
+        let mut follow = Follow::default();
+        let mut c = ClientCounts::default();
+        check_segment(&segment(0, 0..10), &mut follow, false, &mut c);
+        let next_ts = 10 * FRAME_SAMPLES * 90_000 / RATE;
+        check_segment(&segment(next_ts, 10..20), &mut follow, true, &mut c);
+        assert_eq!(c.errors(), 0, "{c:?}");
+        // A frame missing, then a timestamp off, then a byte changed.
+        check_segment(&segment(2 * next_ts, 21..30), &mut follow, true, &mut c);
+        assert_eq!((c.gaps, c.timestamp_breaks), (1, 0));
+        check_segment(&segment(5, 30..40), &mut follow, true, &mut c);
+        assert_eq!(c.timestamp_breaks, 1);
+        let mut bad = segment(0, 40..41);
+        let last = bad.len() - 1;
+        bad[last - 400] ^= 1;
+        check_segment(&bad, &mut follow, false, &mut c);
+        assert_eq!(c.corrupt, 1);
+        let mut bad = segment(0, 40..41);
+        let at = bad.len() - FRAME_BYTES + 5;
+        bad[at] ^= 1;
+        check_segment(&bad, &mut follow, false, &mut c);
+        assert_eq!(c.corrupt, 2);
     }
 }
