@@ -380,6 +380,95 @@ mod tests {
         assert!(h.next(b"\x03vorbis").unwrap().next(b"\x05vorbis").is_err());
     }
 
+    /// Encodes 3 s of a tone with ffmpeg into Ogg, and checks every page's granule position
+    /// (samples decoded by the end of its last packet) against the packets' durations summed:
+    /// the durations are what a decoder makes of the packets, as a real encoder wrote them.
+    /// Vorbis's first packet decodes to nothing (it only primes the overlap), so its duration is
+    /// the offset between the two; the last page is left out (its granule trims the end).
+    fn durations_match_granules(codec: &[&str], first_packet_decodes: bool) {
+        let path = std::env::temp_dir().join(format!("fanstream-ogg-codecs-{}.ogg", codec[1]));
+        let out = std::process::Command::new("ffmpeg")
+            .args([
+                "-hide_banner",
+                "-loglevel",
+                "error",
+                "-y",
+                "-f",
+                "lavfi",
+                "-i",
+            ])
+            .arg("aevalsrc=0.5*sin(2*PI*440*t)+0.2*(random(0)-0.5):s=48000:d=3")
+            .args(codec)
+            // A page every 100 ms: many pages, each a granule position to check.
+            .args(["-f", "ogg", "-page_duration", "100000"])
+            .arg(&path)
+            .output()
+            .expect("ffmpeg (Debian's package) is needed to encode the test streams");
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let data = std::fs::read(&path).unwrap();
+        let _ = std::fs::remove_file(&path);
+        let (mut at, mut partial, mut headers, mut total) = (0, Vec::new(), None, 0u64);
+        let (mut first, mut pages) = (None, 0);
+        while at + 27 <= data.len() {
+            let page = &data[at..];
+            let segments = usize::from(page[26]);
+            let lacing = &page[27..27 + segments];
+            let granule = u64::from_le_bytes(page[6..14].try_into().unwrap());
+            let mut body = 27 + segments;
+            let mut ended = false;
+            for &l in lacing {
+                partial.extend_from_slice(&page[body..body + usize::from(l)]);
+                body += usize::from(l);
+                if l < 255 {
+                    let packet = std::mem::take(&mut partial);
+                    ended = true;
+                    headers = Some(match headers.take() {
+                        None => Headers::begin(&packet).expect("a known codec"),
+                        Some(Headers::Done(mut codec)) => {
+                            if let Some(n) = codec.samples(&packet) {
+                                first.get_or_insert(u64::from(n));
+                                total += u64::from(n);
+                            }
+                            Headers::Done(codec)
+                        }
+                        Some(h) => h.next(&packet).expect("headers in order"),
+                    });
+                }
+            }
+            at += body;
+            let last = page[5] & 4 != 0;
+            if ended && !last && total > 0 {
+                let offset = if first_packet_decodes {
+                    0
+                } else {
+                    first.unwrap()
+                };
+                assert_eq!(total - offset, granule, "{codec:?}: page at {at}");
+                pages += 1;
+            }
+        }
+        assert!(pages > 5, "{codec:?}: only {pages} pages checked");
+    }
+
+    #[test]
+    fn vorbis_durations_add_up_to_the_granule_positions_libvorbis_writes() {
+        durations_match_granules(&["-c:a", "libvorbis"], false);
+    }
+
+    #[test]
+    fn flac_durations_add_up_to_the_granule_positions_ffmpeg_writes() {
+        durations_match_granules(&["-c:a", "flac"], true);
+    }
+
+    #[test]
+    fn opus_durations_add_up_to_the_granule_positions_libopus_writes() {
+        durations_match_granules(&["-c:a", "libopus"], true);
+    }
+
     #[test]
     fn flac_frames_say_their_block_size() {
         // 4096 samples (code 12); 192 (code 1); 8-bit code 6 after a 2-byte frame number.
