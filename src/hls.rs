@@ -728,7 +728,7 @@ impl Segmenter {
             ogg.serial = Some(serial);
             ogg.init = None;
             ogg.headers = Some(headers);
-            changed |= self.headers_read();
+            self.headers_read();
             return changed;
         }
         if ogg.serial != Some(serial) || ogg.headers.is_none() {
@@ -753,11 +753,11 @@ impl Segmenter {
         changed
     }
 
-    /// Makes the stream's init segment once its headers are all read. Never changes the window
-    /// (its segments come later), so false.
-    fn headers_read(&mut self) -> bool {
+    /// Makes the stream's init segment once its headers are all read (the window changes only
+    /// with its first segment).
+    fn headers_read(&mut self) {
         let Some(ogg) = self.ogg.as_mut() else {
-            return false;
+            return;
         };
         if let (None, Some(Headers::Done(codec))) = (&ogg.init, &ogg.headers) {
             let rate = codec.rate();
@@ -771,7 +771,6 @@ impl Segmenter {
                 data: Bytes::from(init_segment(codec)),
             }));
         }
-        false
     }
 
     /// An audio packet: closes the segment first if it would take it past the target, or the
