@@ -27,7 +27,7 @@ APT_PACKAGES := ffmpeg curl prometheus ezstream ices2 liquidsoap mpv gstreamer1.
 # GStreamer elements the tests use, which come in plugin packages rather than as programs.
 TEST_GST_ELEMENTS := souphttpsrc decodebin oggdemux opusdec vorbisdec mpegaudioparse identity
 
-.PHONY: run build release deb man install deb-deps test deps fuzz-deps fmt fmt-check clippy unit soak fuzz load sweep compare coalescing icy-compare tls-compare tree bench icecast fonts
+.PHONY: run build release deb man install deb-deps test deps fuzz-deps fmt fmt-check clippy unit soak fuzz load sweep compare coalescing icy-compare tls-compare tree hls-load bench icecast fonts
 
 # Load runs (make load / sweep / compare / coalescing / icy-compare / tls-compare / tree): see README, "Performance".
 CLIENTS ?= 1000
@@ -176,6 +176,18 @@ tree: release
 	  --bitrate-kbps $(BITRATE_KBPS) --seconds $(SECONDS) --workers $(WORKERS) --mounts $(MOUNTS) $(LOAD_FLAGS)
 	mkdir -p $(RESULTS)
 	cp target/load/$(TREE_STEM).md target/load/$(TREE_STEM).json $(RESULTS)/
+
+## make hls-load: CLIENTS HLS clients (verifying every segment) through nginx with proxy_cache,
+## failing unless fanstream answered about one request per segment; then as many polling
+## fanstream directly, beside as many direct listeners: fanstream's CPU in both, as a ratio
+## (README, "HLS and CDNs"). Needs nginx (Debian's nginx-light).
+hls-load: release
+	$(LOAD_BIN) hls --clients $(CLIENTS) --seconds $(SECONDS) --workers $(WORKERS) --via nginx
+	$(LOAD_BIN) hls --clients $(CLIENTS) --seconds $(SECONDS) --workers $(WORKERS) --via direct \
+	  --compare-direct
+	mkdir -p $(RESULTS)
+	cp target/load/hls-$(CLIENTS)c-nginx/summary.json $(RESULTS)/hls-$(CLIENTS)c-nginx.json
+	cp target/load/hls-$(CLIENTS)c-direct/summary.json $(RESULTS)/hls-$(CLIENTS)c-direct.json
 
 ## make bench: criterion benches (store, fan-out, request parsing).
 bench:

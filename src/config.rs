@@ -178,7 +178,7 @@ pub struct MountSettings {
     /// and at each reload. Default none.
     pub intro_file: Option<PathBuf>,
     /// Serve the mount as HLS too: `/MOUNT/index.m3u8` and its segments, cut from the stream at
-    /// ingest (MP3 and AAC in ADTS as packed audio, Ogg Opus as fMP4; other formats answer 404
+    /// ingest (MP3 and AAC in ADTS as packed audio, Ogg Opus, Vorbis and FLAC as fMP4; other formats answer 404
     /// saying so). Default false.
     pub hls: bool,
     /// Segments the live playlist lists; as many again stay fetchable after leaving it. At least

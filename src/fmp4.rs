@@ -1,66 +1,18 @@
-//! Fragmented MP4 (ISO BMFF, as CMAF and HLS use it) for Opus: the init segment a player reads
-//! once (`ftyp`, `moov` with an `Opus` sample entry and its `dOps` box, as "Encapsulation of
-//! Opus in ISO Base Media File Format" specifies), and fragments (`moof` with one track run,
-//! then `mdat`), each holding whole Opus packets taken out of their Ogg pages. The packets'
-//! durations come from their TOC bytes, not from the wall clock.
+//! Fragmented MP4 (ISO BMFF, as CMAF and HLS use it) for the codecs of Ogg streams: the init
+//! segment a player reads once (`ftyp`, `moov` with the codec's sample entry), and fragments
+//! (`moof` with one track run, then `mdat`), each holding whole packets taken out of their Ogg
+//! pages, with the durations [`crate::ogg_codecs`] found in them. The sample entries:
+//! - Opus: `Opus` with its `dOps` box, as "Encapsulation of Opus in ISO Base Media File Format"
+//!   specifies;
+//! - FLAC: `fLaC` with its `dfLa` box holding `STREAMINFO`, as "Encapsulation of FLAC in ISO
+//!   Base Media File Format" specifies;
+//! - Vorbis, which has no such specification: `mp4a` with an `esds` whose object type is 0xDD
+//!   and whose decoder-specific information is the three header packets, Xiph-laced: the mapping
+//!   GPAC and FFmpeg write and read (FFmpeg's `-c:a copy` of an Ogg Vorbis stream to MP4 makes
+//!   it). FFmpeg and players built on it decode it; browsers do not (their MP4 parsers know
+//!   no Vorbis).
 
-/// Opus runs at 48 kHz whatever the input was: the track's timescale.
-pub(crate) const OPUS_RATE: u32 = 48_000;
-
-/// What an Opus stream's identification header (`OpusHead`) says, as `dOps` carries it.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub(crate) struct OpusHead {
-    pub channels: u8,
-    pub pre_skip: u16,
-    pub input_rate: u32,
-    pub gain: i16,
-    pub mapping_family: u8,
-    /// Family other than 0: stream count, coupled count, then one mapping byte per channel.
-    pub mapping: Vec<u8>,
-}
-
-impl OpusHead {
-    /// Parses an `OpusHead` packet (RFC 7845, 5.1); None if it is not one.
-    pub fn parse(p: &[u8]) -> Option<OpusHead> {
-        if p.len() < 19 || !p.starts_with(b"OpusHead") || p[8] >> 4 != 0 {
-            return None;
-        }
-        let channels = p[9];
-        let mapping_family = p[18];
-        let mapping = if mapping_family == 0 {
-            Vec::new()
-        } else {
-            p.get(19..21 + usize::from(channels))?.to_vec()
-        };
-        Some(OpusHead {
-            channels,
-            pre_skip: u16::from_le_bytes([p[10], p[11]]),
-            input_rate: u32::from_le_bytes([p[12], p[13], p[14], p[15]]),
-            gain: i16::from_le_bytes([p[16], p[17]]),
-            mapping_family,
-            mapping,
-        })
-    }
-}
-
-/// Samples (at 48 kHz) an Opus packet decodes to, from its TOC byte and frame count (RFC 6716,
-/// 3.1); None for a packet too short to say.
-pub(crate) fn opus_packet_samples(p: &[u8]) -> Option<u32> {
-    let toc = *p.first()?;
-    let config = toc >> 3;
-    // Frame length in 48 kHz samples: SILK 10/20/40/60 ms, hybrid 10/20 ms, CELT 2.5/5/10/20 ms.
-    let frame = match config {
-        0..=11 => [480, 960, 1920, 2880][usize::from(config & 3)],
-        12..=15 => [480, 960][usize::from(config & 1)],
-        _ => [120, 240, 480, 960][usize::from(config & 3)],
-    };
-    let frames = match toc & 3 {
-        0 => 1,
-        1 | 2 => 2,
-        _ => u32::from(*p.get(1)? & 0x3F),
-    };
-    Some(frame * frames)
-}
+use crate::ogg_codecs::{Codec, OpusHead, OPUS_RATE};
 
 /// Appends an ISO BMFF box: its size, its type, and what `body` writes.
 fn boxed(out: &mut Vec<u8>, kind: &[u8; 4], body: impl FnOnce(&mut Vec<u8>)) {
@@ -99,8 +51,8 @@ fn u32s(out: &mut Vec<u8>, v: &[u32]) {
     }
 }
 
-/// The init segment of a one-track Opus stream.
-pub(crate) fn init_segment(head: &OpusHead) -> Vec<u8> {
+/// The init segment of a one-track stream of `codec`.
+pub(crate) fn init_segment(codec: &Codec) -> Vec<u8> {
     let mut out = Vec::with_capacity(1024);
     boxed(&mut out, b"ftyp", |o| {
         o.extend_from_slice(b"iso6");
@@ -139,7 +91,7 @@ pub(crate) fn init_segment(head: &OpusHead) -> Vec<u8> {
             });
             boxed(o, b"mdia", |o| {
                 full(o, b"mdhd", 0, 0, |o| {
-                    u32s(o, &[0, 0, OPUS_RATE, 0]);
+                    u32s(o, &[0, 0, codec.rate(), 0]);
                     // Language `und`, packed in 5 bits a letter; pre-defined.
                     u16s(o, &[0x55C4, 0]);
                 });
@@ -161,7 +113,25 @@ pub(crate) fn init_segment(head: &OpusHead) -> Vec<u8> {
                     boxed(o, b"stbl", |o| {
                         full(o, b"stsd", 0, 0, |o| {
                             u32s(o, &[1]);
-                            opus_sample_entry(o, head);
+                            match codec {
+                                Codec::Opus(head) => opus_sample_entry(o, head),
+                                Codec::Vorbis(v) => {
+                                    let rate = v.rate;
+                                    audio_sample_entry(o, b"mp4a", v.channels, 16, rate, |o| {
+                                        vorbis_esds(o, &v.headers)
+                                    })
+                                }
+                                Codec::Flac(f) => {
+                                    let (c, bits, rate) = (f.channels, f.bits_per_sample, f.rate);
+                                    audio_sample_entry(o, b"fLaC", c, bits, rate, |o| {
+                                        // Version 0; STREAMINFO alone, marked the last block.
+                                        full(o, b"dfLa", 0, 0, |o| {
+                                            o.extend_from_slice(&[0x80, 0, 0, 34]);
+                                            o.extend_from_slice(&f.streaminfo);
+                                        })
+                                    })
+                                }
+                            }
                         });
                         full(o, b"stts", 0, 0, |o| u32s(o, &[0]));
                         full(o, b"stsc", 0, 0, |o| u32s(o, &[0]));
@@ -179,16 +149,31 @@ pub(crate) fn init_segment(head: &OpusHead) -> Vec<u8> {
     out
 }
 
-/// The `Opus` sample entry and its `dOps` box.
-fn opus_sample_entry(out: &mut Vec<u8>, head: &OpusHead) {
-    boxed(out, b"Opus", |o| {
+/// An audio sample entry of type `kind`, its codec's boxes written by `body`.
+fn audio_sample_entry(
+    out: &mut Vec<u8>,
+    kind: &[u8; 4],
+    channels: u8,
+    sample_bits: u8,
+    rate: u32,
+    body: impl FnOnce(&mut Vec<u8>),
+) {
+    boxed(out, kind, |o| {
         // Reserved, data reference index 1, reserved.
         o.extend_from_slice(&[0; 6]);
         u16s(o, &[1]);
         u32s(o, &[0, 0]);
-        // Channels, sample size 16, pre-defined, reserved, sample rate 48000 as 16.16.
-        u16s(o, &[u16::from(head.channels), 16, 0, 0]);
-        u32s(o, &[OPUS_RATE << 16]);
+        // Channels, sample size, pre-defined, reserved, then the sample rate as 16.16 (0 for a
+        // rate above 16 bits, as the FLAC mapping says; the timescale has it).
+        u16s(o, &[u16::from(channels), u16::from(sample_bits), 0, 0]);
+        u32s(o, &[if rate > 0xFFFF { 0 } else { rate << 16 }]);
+        body(o);
+    });
+}
+
+/// The `Opus` sample entry and its `dOps` box.
+fn opus_sample_entry(out: &mut Vec<u8>, head: &OpusHead) {
+    audio_sample_entry(out, b"Opus", head.channels, 16, OPUS_RATE, |o| {
         boxed(o, b"dOps", |o| {
             o.push(0);
             o.push(head.channels);
@@ -199,6 +184,45 @@ fn opus_sample_entry(out: &mut Vec<u8>, head: &OpusHead) {
             o.extend_from_slice(&head.mapping);
         });
     });
+}
+
+/// An `esds` for Vorbis: an ES descriptor holding a decoder configuration of object type 0xDD
+/// (Vorbis) whose decoder-specific information is the three headers, Xiph-laced (a count less
+/// one, then the first two lengths in 255s, then the packets), and the SL configuration MP4
+/// requires.
+fn vorbis_esds(out: &mut Vec<u8>, headers: &[Vec<u8>; 3]) {
+    let mut laced = vec![2];
+    for h in &headers[..2] {
+        laced.extend(std::iter::repeat_n(255, h.len() / 255));
+        laced.push((h.len() % 255) as u8);
+    }
+    for h in headers {
+        laced.extend_from_slice(h);
+    }
+    let mut specific = Vec::with_capacity(laced.len() + 5);
+    descriptor(&mut specific, 0x05, &laced);
+    // Object type Vorbis, stream type audio (5 << 2, and the reserved bit), buffer size,
+    // maximum and average bitrates unknown.
+    let mut config = vec![0xDD, 0x15, 0, 0, 0];
+    config.extend_from_slice(&[0; 8]);
+    config.extend_from_slice(&specific);
+    let mut es = vec![0, 1, 0];
+    descriptor(&mut es, 0x04, &config);
+    // SL config: predefined 2, as MP4 files use.
+    descriptor(&mut es, 0x06, &[2]);
+    full(out, b"esds", 0, 0, |o| descriptor(o, 0x03, &es));
+}
+
+/// An MPEG-4 descriptor: its tag, its length in 7-bit groups (high first), its body.
+fn descriptor(out: &mut Vec<u8>, tag: u8, body: &[u8]) {
+    out.push(tag);
+    let n = body.len();
+    let groups = (1..4).take_while(|i| n >> (7 * i) > 0).count();
+    for i in (1..=groups).rev() {
+        out.push(0x80 | (n >> (7 * i)) as u8 & 0x7F);
+    }
+    out.push(n as u8 & 0x7F);
+    out.extend_from_slice(body);
 }
 
 /// A fragment: `moof` (sequence number `sequence`, decode time `base` in 48 kHz samples, one
@@ -241,27 +265,20 @@ pub(crate) fn fragment(sequence: u32, base: u64, packets: &[(u32, &[u8])]) -> Ve
 mod tests {
     use super::*;
 
-    #[test]
-    fn opus_packets_last_what_their_toc_says() {
-        // CELT 20 ms, one frame; SILK 60 ms, two frames; CELT 2.5 ms, code 3 with 4 frames.
-        assert_eq!(opus_packet_samples(&[0xF8]), Some(960));
-        assert_eq!(opus_packet_samples(&[0x19]), Some(5760));
-        assert_eq!(opus_packet_samples(&[0x83, 0x04]), Some(480));
-        assert_eq!(opus_packet_samples(&[0x83]), None);
-        assert_eq!(opus_packet_samples(&[]), None);
-    }
-
-    #[test]
-    fn boxes_add_up() {
-        let head = OpusHead {
+    fn opus() -> Codec {
+        Codec::Opus(OpusHead {
             channels: 2,
             pre_skip: 312,
             input_rate: 48000,
             gain: 0,
             mapping_family: 0,
             mapping: Vec::new(),
-        };
-        let init = init_segment(&head);
+        })
+    }
+
+    #[test]
+    fn boxes_add_up() {
+        let init = init_segment(&opus());
         assert_eq!(&init[4..8], b"ftyp");
         let ftyp = u32::from_be_bytes(init[..4].try_into().unwrap()) as usize;
         let moov = u32::from_be_bytes(init[ftyp..ftyp + 4].try_into().unwrap()) as usize;
@@ -270,9 +287,17 @@ mod tests {
         let moof = u32::from_be_bytes(frag[..4].try_into().unwrap()) as usize;
         assert_eq!(&frag[moof + 4..moof + 8], b"mdat");
         assert_eq!(&frag[moof + 8..], &[1, 2, 3, 4, 5]);
-        let mut head_packet = b"OpusHead\x01\x02\x38\x01\x80\xbb\x00\x00\x00\x00\x00".to_vec();
-        assert_eq!(OpusHead::parse(&head_packet), Some(head.clone()));
-        head_packet[8] = 0x10;
-        assert_eq!(OpusHead::parse(&head_packet), None);
+    }
+
+    #[test]
+    fn descriptor_lengths_take_seven_bits_a_byte() {
+        let mut out = Vec::new();
+        descriptor(&mut out, 5, &[0; 3]);
+        assert_eq!(out[..2], [5, 3]);
+        let mut out = Vec::new();
+        descriptor(&mut out, 5, &vec![0; 3300]);
+        // 3300 = 25 * 128 + 100.
+        assert_eq!(out[..3], [5, 0x80 | 25, 100]);
+        assert_eq!(out.len(), 3 + 3300);
     }
 }

@@ -1,8 +1,9 @@
 //! HLS segments and the live playlist that lists the latest of them: an MP3 or AAC (ADTS)
 //! mount's stream cut into packed audio (RFC 8216, section 3.4) at frame boundaries, and an Ogg
-//! Opus mount's packets put into fragmented MP4 ([`crate::fmp4`]) with an init segment
-//! (`EXT-X-MAP`). What follows is said of packed audio; the Opus path walks whole Ogg pages
-//! instead of frames, takes each packet's duration from its TOC byte, and cuts the same way.
+//! Opus, Vorbis or FLAC mount's packets put into fragmented MP4 ([`crate::fmp4`]) with an init
+//! segment (`EXT-X-MAP`). What follows is said of packed audio; the Ogg path walks whole pages
+//! instead of frames, takes each packet's duration from the packet ([`crate::ogg_codecs`]),
+//! and cuts the same way.
 //!
 //! Built at ingest, once for every client: the [`Segmenter`] walks the frames the MPEG framer
 //! already delimited (a `sync` piece starts on a frame header), copies each frame once into the
@@ -33,8 +34,9 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use bytes::{Bytes, BytesMut};
 
-use crate::fmp4::{fragment, init_segment, opus_packet_samples, OpusHead, OPUS_RATE};
+use crate::fmp4::{fragment, init_segment};
 use crate::mpeg::{found_at, Found, Kind};
+use crate::ogg_codecs::Headers;
 
 /// The PRIV owner whose 8 bytes are a segment's first timestamp (RFC 8216, 3.4).
 const TIMESTAMP_OWNER: &[u8] = b"com.apple.streaming.transportStreamTimestamp\0";
@@ -106,8 +108,8 @@ pub(crate) enum Media {
     Mp3,
     /// ADTS frames, packed.
     Aac,
-    /// Opus packets in an fMP4 fragment.
-    Opus,
+    /// An Ogg stream's packets (Opus, Vorbis, FLAC) in an fMP4 fragment.
+    Fmp4,
 }
 
 /// The stream a source sends, as the segmenter takes it.
@@ -115,7 +117,7 @@ pub(crate) enum Media {
 pub(crate) enum Source {
     /// MPEG or ADTS frames, cut into packed audio.
     Packed(Kind),
-    /// Ogg pages, whose Opus stream (if any) goes into fMP4 fragments.
+    /// Ogg pages, whose Opus, Vorbis or FLAC stream (if any) goes into fMP4 fragments.
     Ogg,
 }
 
@@ -134,7 +136,7 @@ fn content_type(kind: Media) -> &'static str {
     match kind {
         Media::Mp3 => "audio/mpeg",
         Media::Aac => "audio/aac",
-        Media::Opus => "audio/mp4",
+        Media::Fmp4 => "audio/mp4",
     }
 }
 
@@ -142,7 +144,7 @@ fn extension(kind: Media) -> &'static str {
     match kind {
         Media::Mp3 => "mp3",
         Media::Aac => "aac",
-        Media::Opus => "m4s",
+        Media::Fmp4 => "m4s",
     }
 }
 
@@ -167,6 +169,11 @@ pub(crate) struct Window {
 }
 
 impl Window {
+    /// The media sequence number of the newest segment.
+    pub fn newest_seq(&self) -> u64 {
+        self.segments.last().map_or(0, |s| s.seq)
+    }
+
     /// A retained segment by its file name.
     pub fn segment(&self, name: &str) -> Option<&Arc<Segment>> {
         self.segments.iter().rev().find(|s| s.name == name)
@@ -187,6 +194,10 @@ impl Window {
             .find(|i| i.name == name)
     }
 }
+
+/// The Ogg codecs the segmenter puts into fMP4, as the format layer names them in a mount's
+/// subtype (`Speex`, or an Ogg stream of no codec known, is not segmented).
+pub(crate) const FMP4_CODECS: [&str; 3] = ["Opus", "Vorbis", "FLAC"];
 
 /// What the segmenter makes of a source's `Content-Type`: None for a format it does not cut.
 pub(crate) fn source_for(content_type: &str) -> Option<Source> {
@@ -270,21 +281,24 @@ pub(crate) struct Segmenter {
     anchor: Option<(SystemTime, u64)>,
     segments: VecDeque<Arc<Segment>>,
     /// The current source's Ogg stream, when it sends one.
-    ogg: Option<OggOpus>,
-    /// Opus decode time, in 48 kHz samples, of the next packet: fragments' `tfdt`.
-    opus_time: u64,
+    ogg: Option<OggStream>,
+    /// Decode time, in the track's samples, of the next packet: fragments' `tfdt`.
+    ogg_time: u64,
+    /// The rate `ogg_time` counts at: a chained stream at another rate carries it on rescaled.
+    ogg_rate: u32,
     /// Init segments made so far, for their names.
     inits: u64,
 }
 
-/// An Ogg source's Opus stream as the segmenter follows it, page by page.
+/// An Ogg source's audio stream as the segmenter follows it, page by page.
 #[derive(Default)]
-struct OggOpus {
-    /// The Opus stream's serial number; pages of other logical streams are passed over.
+struct OggStream {
+    /// The audio stream's serial number; pages of other logical streams are passed over.
     serial: Option<u32>,
+    /// Its headers, read so far or all read (the codec then known).
+    headers: Option<Headers>,
+    /// Made once the headers are all read.
     init: Option<Arc<Init>>,
-    /// The `OpusTags` header packet is still to pass over.
-    tags_pending: bool,
     /// The start of a packet that goes on in the next page.
     partial: Vec<u8>,
     /// The start of a page that goes on in the next piece.
@@ -322,7 +336,8 @@ impl Segmenter {
             anchor: None,
             segments: VecDeque::new(),
             ogg: None,
-            opus_time: 0,
+            ogg_time: 0,
+            ogg_rate: 0,
             inits: 0,
         }
     }
@@ -335,7 +350,7 @@ impl Segmenter {
             Some(Source::Packed(kind)) => Some(kind),
             _ => None,
         };
-        self.ogg = (source == Some(Source::Ogg)).then(OggOpus::default);
+        self.ogg = (source == Some(Source::Ogg)).then(OggStream::default);
         if source.is_none() && !self.segments.is_empty() {
             self.segments.clear();
             changed = true;
@@ -346,9 +361,9 @@ impl Segmenter {
     /// The source left: the open segment is closed with what it has, and the next source's
     /// segments follow a discontinuity. True if the window changed.
     pub fn end_source(&mut self) -> bool {
-        let changed = self.close() | self.close_opus();
+        let changed = self.close() | self.close_ogg();
         if let Some(ogg) = self.ogg.as_mut() {
-            *ogg = OggOpus::default();
+            *ogg = OggStream::default();
         }
         self.walk = Walk::Lost;
         self.held.clear();
@@ -453,8 +468,10 @@ impl Segmenter {
             + segments[..first].iter().filter(|s| s.discontinuity).count() as u64;
         // fMP4 segments (`EXT-X-MAP`) need version 7 (RFC 8216, 7); packed audio, 3.
         let fmp4 = segments[first..].iter().any(|s| s.init.is_some());
+        // CAN-BLOCK-RELOAD: a player may ask for the playlist once it lists a segment to come
+        // (`_HLS_msn`), and get it as soon as it does rather than polling for it.
         let mut text = format!(
-            "#EXTM3U\n#EXT-X-VERSION:{}\n#EXT-X-TARGETDURATION:{target_secs}\n#EXT-X-MEDIA-SEQUENCE:{}\n#EXT-X-DISCONTINUITY-SEQUENCE:{discontinuity_seq}\n",
+            "#EXTM3U\n#EXT-X-VERSION:{}\n#EXT-X-TARGETDURATION:{target_secs}\n#EXT-X-SERVER-CONTROL:CAN-BLOCK-RELOAD=YES\n#EXT-X-MEDIA-SEQUENCE:{}\n#EXT-X-DISCONTINUITY-SEQUENCE:{discontinuity_seq}\n",
             if fmp4 { 7 } else { 3 },
             segments[first].seq
         );
@@ -660,8 +677,8 @@ impl Segmenter {
         changed
     }
 
-    /// One whole page: a new Opus stream's first page makes a new init segment; the Opus
-    /// stream's packets go into the segment.
+    /// One whole page: a new audio stream's first page starts reading its headers, and the
+    /// last of them makes a new init segment; its audio packets go into the segment.
     fn ogg_page(&mut self, page: &Bytes, title: Title) -> bool {
         let (flags, serial) = (
             page[5],
@@ -698,56 +715,85 @@ impl Segmenter {
         }
         let mut changed = false;
         if flags & 2 != 0 {
-            // A stream begins; an Opus one replaces the one followed so far (a chain).
-            let Some(head) = packets.first().and_then(|p| OpusHead::parse(p)) else {
+            // A stream begins; an audio one replaces the one followed so far (a chain). Its
+            // segments wait for its last header.
+            let Some(headers) = packets.first().and_then(|p| Headers::begin(p)) else {
                 return false;
             };
-            changed |= self.close_opus();
+            changed |= self.close_ogg();
             if self.next_seq > 0 {
                 self.discontinuity = true;
             }
-            self.inits += 1;
-            let init = Arc::new(Init {
-                name: format!("{}-init-{}.mp4", self.epoch, self.inits),
-                data: Bytes::from(init_segment(&head)),
-            });
             let ogg = self.ogg.as_mut().expect("an Ogg source");
             ogg.serial = Some(serial);
-            ogg.init = Some(init);
-            ogg.tags_pending = true;
+            ogg.init = None;
+            ogg.headers = Some(headers);
+            self.headers_read();
             return changed;
         }
-        if ogg.serial != Some(serial) || ogg.init.is_none() {
+        if ogg.serial != Some(serial) || ogg.headers.is_none() {
             ogg.partial.clear();
             return false;
         }
         for packet in packets {
             let ogg = self.ogg.as_mut().expect("an Ogg source");
-            if ogg.tags_pending {
-                ogg.tags_pending = !packet.starts_with(b"OpusTags");
+            if ogg.init.is_none() {
+                let headers = ogg.headers.take().expect("a stream followed");
+                match headers.next(&packet) {
+                    Ok(headers) => ogg.headers = Some(headers),
+                    // Headers of a stream that cannot be followed: its pages are passed over
+                    // until the next chain.
+                    Err(()) => ogg.serial = None,
+                }
+                self.headers_read();
                 continue;
             }
-            changed |= self.opus_packet(packet, title);
+            changed |= self.ogg_packet(packet, title);
         }
         changed
     }
 
-    /// An Opus audio packet: closes the segment first if it would take it past the target, or
-    /// the title changed (the next segment starts with the new title's `EXT-X-DATERANGE`).
-    fn opus_packet(&mut self, packet: Bytes, title: Title) -> bool {
-        let Some(samples) = opus_packet_samples(&packet) else {
+    /// Makes the stream's init segment once its headers are all read (the window changes only
+    /// with its first segment).
+    fn headers_read(&mut self) {
+        let Some(ogg) = self.ogg.as_mut() else {
+            return;
+        };
+        if let (None, Some(Headers::Done(codec))) = (&ogg.init, &ogg.headers) {
+            let rate = codec.rate();
+            if self.ogg_rate != 0 && self.ogg_rate != rate {
+                self.ogg_time = self.ogg_time * u64::from(rate) / u64::from(self.ogg_rate);
+            }
+            self.ogg_rate = rate;
+            self.inits += 1;
+            ogg.init = Some(Arc::new(Init {
+                name: format!("{}-init-{}.mp4", self.epoch, self.inits),
+                data: Bytes::from(init_segment(codec)),
+            }));
+        }
+    }
+
+    /// An audio packet: closes the segment first if it would take it past the target, or the
+    /// title changed (the next segment starts with the new title's `EXT-X-DATERANGE`).
+    fn ogg_packet(&mut self, packet: Bytes, title: Title) -> bool {
+        let Some(Headers::Done(codec)) = self.ogg.as_mut().and_then(|o| o.headers.as_mut()) else {
             return false;
         };
-        let target = self.params.segment_secs * u64::from(OPUS_RATE);
+        // Not audio (a FLAC metadata block, a stray header): left out.
+        let Some(samples) = codec.samples(&packet) else {
+            return false;
+        };
+        let rate = u64::from(codec.rate());
+        let target = self.params.segment_secs * rate;
         let full = self.ogg.as_ref().is_some_and(|o| {
             !o.packets.is_empty()
                 && (o.samples + u64::from(samples) > target
                     || o.title_version != Some(title.version))
         });
-        let changed = full && self.close_opus();
-        let ticks = self.opus_time * TICKS_PER_SEC / u64::from(OPUS_RATE);
+        let changed = full && self.close_ogg();
+        let ticks = self.ogg_time * TICKS_PER_SEC / rate;
         let (since, at) = *self.anchor.get_or_insert((SystemTime::now(), ticks));
-        let time = self.opus_time;
+        let time = self.ogg_time;
         let Some(ogg) = self.ogg.as_mut() else {
             return changed;
         };
@@ -762,18 +808,22 @@ impl Segmenter {
         }
         ogg.packets.push((samples, packet));
         ogg.samples += u64::from(samples);
-        self.opus_time += u64::from(samples);
+        self.ogg_time += u64::from(samples);
         changed
     }
 
-    /// Publishes the Opus segment being built as an fMP4 fragment; true if it had packets.
-    fn close_opus(&mut self) -> bool {
+    /// Publishes the segment being built as an fMP4 fragment; true if it had packets.
+    fn close_ogg(&mut self) -> bool {
         let Some(ogg) = self.ogg.as_mut() else {
             return false;
         };
         if ogg.packets.is_empty() {
             return false;
         }
+        let rate = match &ogg.headers {
+            Some(Headers::Done(codec)) => codec.rate(),
+            _ => return false,
+        };
         let packets = std::mem::take(&mut ogg.packets);
         let samples = std::mem::take(&mut ogg.samples);
         let refs: Vec<(u32, &[u8])> = packets.iter().map(|(n, p)| (*n, &p[..])).collect();
@@ -781,8 +831,8 @@ impl Segmenter {
         let (date, init, range) = (ogg.date.take(), ogg.init.clone(), ogg.daterange.take());
         let discontinuity = std::mem::take(&mut self.discontinuity);
         self.add(
-            Media::Opus,
-            samples as f64 / f64::from(OPUS_RATE),
+            Media::Fmp4,
+            samples as f64 / f64::from(rate),
             date.unwrap_or_else(SystemTime::now),
             discontinuity,
             Bytes::from(data),

@@ -6,6 +6,9 @@
 //!   9110 allows) and `304` on `If-None-Match`;
 //! - the playlist changes with each segment: its max-age is half a target duration, and its
 //!   `ETag` names its newest segment, so a cache revalidates it with a `304`.
+//! - a blocking playlist reload (`index.m3u8?_HLS_msn=N`, advertised by the playlist's
+//!   `EXT-X-SERVER-CONTROL:CAN-BLOCK-RELOAD=YES`) is held on its worker until segment N is
+//!   published, woken by ingest, not by polling.
 //!
 //! Unlike a listener's long response, each is a short HTTP/1.1 response on a connection kept
 //! alive: a player or a cache fetches the playlist and segment after segment on one connection,
@@ -22,7 +25,7 @@ use tokio::io::AsyncWriteExt;
 
 use crate::conn::{log_request, refuse, Incoming, Io};
 use crate::dates::Date;
-use crate::hls::{is_segment_name, source_for, Source};
+use crate::hls::{is_segment_name, source_for, Source, FMP4_CODECS};
 use crate::http::{
     parse_head, read_with, status_phrase, valid_mount_path, HeadError, Method, Request,
     MAX_HEAD_BYTES,
@@ -65,7 +68,11 @@ pub(crate) async fn serve(shared: &Shared, incoming: Incoming) -> Option<Incomin
     let _ = stream.socket().set_nodelay(true);
     loop {
         let keep_alive = keeps_alive(&req);
-        let response = match answer(shared, &req, peer.ip()) {
+        let response = match block(shared, &req).await {
+            Ok(()) => answer(shared, &req, peer.ip()),
+            Err(no) => Err(no),
+        };
+        let response = match response {
             Ok(r) => r,
             Err(no) => {
                 let leftover = Vec::new();
@@ -119,6 +126,58 @@ pub(crate) async fn serve(shared: &Shared, incoming: Incoming) -> Option<Incomin
             });
         }
     }
+}
+
+/// A blocking playlist reload (`index.m3u8?_HLS_msn=N`, RFC 8216bis, 6.2.5.2): waits until the
+/// playlist lists segment N, woken by ingest when a segment is published (no polling), for at
+/// most three target durations (then `503`). N more than two past the newest segment is a
+/// `400`, as the specification says: that segment is too far off to wait for. Any other request
+/// (or one for a mount without a window, which `answer` refuses) goes on at once.
+async fn block(shared: &Shared, req: &Request) -> Result<(), Refusal> {
+    let Some(msn) = requested_msn(&req.query)? else {
+        return Ok(());
+    };
+    let Some(mount) = split(&req.path)
+        .filter(|(_, file)| *file == PLAYLIST)
+        .and_then(|(mount, _)| shared.mounts.get(mount))
+    else {
+        return Ok(());
+    };
+    let mut deadline = None;
+    loop {
+        // Registered before the snapshot is read: a segment published in between still wakes.
+        let published = mount.hls_published.notified();
+        tokio::pin!(published);
+        published.as_mut().enable();
+        let Some(window) = mount.store.load().hls.clone() else {
+            return Ok(());
+        };
+        let newest = window.newest_seq();
+        if msn <= newest {
+            return Ok(());
+        }
+        if msn > newest + 2 {
+            return Err(Refusal::HlsMsnTooFar);
+        }
+        let until = *deadline.get_or_insert_with(|| {
+            tokio::time::Instant::now() + Duration::from_secs(3 * window.target_secs)
+        });
+        if tokio::time::timeout_at(until, published).await.is_err() {
+            return Err(Refusal::HlsMsnTimeout);
+        }
+    }
+}
+
+/// The `_HLS_msn` of a playlist request's query: None without one, a `400` if it is not a
+/// number.
+fn requested_msn(query: &str) -> Result<Option<u64>, Refusal> {
+    let Some(value) = query
+        .split('&')
+        .find_map(|pair| pair.strip_prefix("_HLS_msn="))
+    else {
+        return Ok(None);
+    };
+    value.parse().map(Some).map_err(|_| Refusal::BadQuery)
 }
 
 /// Who sent a request after the first on the connection. Behind a trusted proxy that names
@@ -200,13 +259,13 @@ fn answer(shared: &Shared, req: &Request, peer: IpAddr) -> Result<Response, Refu
         return Err(Refusal::HlsOff);
     }
     let Some(window) = snap.hls.as_ref() else {
-        // An Ogg stream is segmented only if it carries Opus; until the format layer has seen
-        // its headers, it may.
+        // An Ogg stream is segmented only if it carries Opus, Vorbis or FLAC; until the format
+        // layer has seen its headers, it may.
         let subtype = snap.info.meta.subtype.as_deref();
-        let opus = subtype.is_none_or(|s| s.split('/').any(|c| c == "Opus"));
+        let audio = subtype.is_none_or(|s| s.split('/').any(|c| FMP4_CODECS.contains(&c)));
         return Err(match source_for(&snap.info.meta.content_type) {
             Some(Source::Packed(_)) => Refusal::HlsNotReady,
-            Some(Source::Ogg) if opus => Refusal::HlsNotReady,
+            Some(Source::Ogg) if audio => Refusal::HlsNotReady,
             _ => Refusal::HlsUnsupportedFormat,
         });
     };

@@ -136,13 +136,14 @@ struct Entry {
 
 impl Entry {
     /// Feeds a piece of the stream to the mount's HLS segmenter (made when `hls` is turned on,
-    /// dropped when it is turned off); a new window goes out with the next publication.
-    fn segment(&mut self, settings: &MountSettings, bytes: &Bytes, sync: bool) {
+    /// dropped when it is turned off); a new window goes out with the next publication. True if
+    /// a segment was completed.
+    fn segment(&mut self, settings: &MountSettings, bytes: &Bytes, sync: bool) -> bool {
         let Some(params) = hls_params(settings) else {
             if self.hls.take().is_some() {
                 self.writer.set_hls(None);
             }
-            return;
+            return false;
         };
         let snap = self.writer.store().load();
         let hls = self.hls.get_or_insert_with(|| {
@@ -156,9 +157,11 @@ impl Entry {
             title: np.title.as_deref(),
             artist: np.artist.as_deref(),
         };
-        if hls.push(bytes, sync, params, title) {
+        let completed = hls.push(bytes, sync, params, title);
+        if completed {
             self.writer.set_hls(hls.window());
         }
+        completed
     }
 }
 
@@ -218,6 +221,7 @@ impl Ingest {
                 sent_bytes: AtomicU64::new(0),
                 clients: Default::default(),
                 hls_sessions: Default::default(),
+                hls_published: Default::default(),
                 joining: AtomicUsize::new(0),
                 on_workers: shared.workers.iter().map(|_| Default::default()).collect(),
             });
@@ -295,10 +299,11 @@ impl Ingest {
         // up or leave.
         let oldest = entry.mount.oldest_listener();
         let settings = entry.writer.settings().clone();
+        let mut segmented = false;
         for event in events.drain(..) {
             match event {
                 Event::Data { bytes, sync } => {
-                    entry.segment(&settings, &bytes, sync);
+                    segmented |= entry.segment(&settings, &bytes, sync);
                     // Counted from the end the piece makes: counted from before it, the piece's
                     // length would be evicted from under the furthest-behind listener.
                     let end = entry.writer.end() + bytes.len() as u64;
@@ -330,6 +335,9 @@ impl Ingest {
         entry.override_pending &= !override_now;
         drop(entries);
         self.shared.published(&mount, end);
+        if segmented {
+            mount.hls_published.notify_waiters();
+        }
         if override_now {
             self.take_back(&mount, &settings);
         }
@@ -434,6 +442,8 @@ impl Ingest {
         m.source_up.with_label_values(&[mount.label.as_str()]).dec();
         m.source_disconnected(&mount.label, reason);
         self.shared.changed(&mount);
+        // The segment the source's end closed, for reloads blocked on it.
+        mount.hls_published.notify_waiters();
         let this = self.clone();
         let path = path.to_string();
         tokio::task::spawn_local(async move {

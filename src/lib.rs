@@ -33,9 +33,10 @@
 //!   and those whose coalesced write fell due, from the snapshot with vectored writes, applying
 //!   the lag policy.
 //! - HLS: for a mount with `hls` on, ingest also cuts an MP3 or AAC stream into packed-audio
-//!   segments and renders its playlist ([`hls`]), published in the same snapshot; the router
-//!   hands `/MOUNT/index.m3u8` and segment requests to [`hls_http`], which answers them as
-//!   cacheable keep-alive HTTP/1.1 responses.
+//!   segments, and an Ogg Opus, Vorbis or FLAC one into fMP4 segments, and renders its playlist
+//!   ([`hls`]), published in the same snapshot; the router hands `/MOUNT/index.m3u8` and segment
+//!   requests to [`hls_http`], which answers them as cacheable keep-alive HTTP/1.1 responses,
+//!   and holds a blocking playlist reload until ingest wakes it with the segment it waits for.
 //! - [`metrics`] and [`admin`]: Prometheus metrics, per-thread CPU read at scrape time
 //!   ([`threads`]), listener-seconds and CPU per listener kept by each worker ([`usage`]), served
 //!   from their own thread. [`status`]: `/status.json` and Icecast's `/status-json.xsl`;
@@ -59,9 +60,10 @@
 //!    [`ogg`] pages; [`framing`], which picks one by Content-Type), [`icy`] (metadata blocks
 //!    between the audio), [`http_client`] (the URL, request and response head a relay pulls
 //!    with), [`tls`] (the certificate, a TLS connection the fan-out can write
-//!    like a socket, and the client side a relay pulls `https://` upstreams with), [`dates`] (the date formats Icecast and HLS print), [`fmp4`] (fragmented MP4
-//!    for Opus), [`hls`] (MP3 and AAC cut into HLS packed-audio segments, Opus into fMP4 ones,
-//!    and their live playlist), [`store`] (the segment store and its snapshot, generic over the
+//!    like a socket, and the client side a relay pulls `https://` upstreams with), [`dates`] (the date formats Icecast and HLS print), [`ogg_codecs`] (the
+//!    header packets of Opus, Vorbis and FLAC in Ogg, and each packet's duration), [`fmp4`]
+//!    (fragmented MP4 for them), [`hls`] (MP3 and AAC cut into HLS packed-audio segments, Ogg
+//!    Opus, Vorbis and FLAC into fMP4 ones, and their live playlist), [`store`] (the segment store and its snapshot, generic over the
 //!    settings it carries), [`threads`] (named, pinned, CPU-accounted threads), [`open_files`],
 //!    [`sd_notify`] (telling systemd the server is ready, reloading or stopping).
 //! 2. **Vocabulary** shared by the stages: [`config`], [`cors`] (which web pages may read what,
@@ -103,6 +105,7 @@ pub(crate) mod http_client;
 pub(crate) mod icy;
 pub(crate) mod mpeg;
 pub(crate) mod ogg;
+pub(crate) mod ogg_codecs;
 pub mod open_files;
 pub mod sd_notify;
 pub(crate) mod store;
@@ -255,9 +258,10 @@ pub mod bench_api {
         )
     }
 
-    /// Pushes an Ogg Opus stream through a new Ogg framer in 4 KiB pieces, and what it passes
-    /// through an HLS segmenter making fMP4 segments; returns the bytes of the segments.
-    pub fn hls_opus(data: &[u8]) -> usize {
+    /// Pushes an Ogg stream (Opus, Vorbis, FLAC) through a new Ogg framer in 4 KiB pieces, and
+    /// what it passes through an HLS segmenter making fMP4 segments; returns the bytes of the
+    /// segments.
+    pub fn hls_ogg(data: &[u8]) -> usize {
         hls(
             format_of(crate::hls::Source::Ogg),
             crate::hls::Source::Ogg,

@@ -47,6 +47,10 @@ pub(crate) struct Mount {
     pub clients: Clients,
     /// Its HLS players, from their playlist polls (on any worker).
     pub hls_sessions: HlsSessions,
+    /// Woken by ingest each time a new HLS segment is published (after the snapshot holding it
+    /// is): blocking playlist reloads (`_HLS_msn`) wait on it on their workers, where a poll
+    /// would cost a timer per waiting client.
+    pub hls_published: tokio::sync::Notify,
     /// The mount as each worker holds it, indexed by worker: a publication wakes only the
     /// workers with listeners here, and tells each which mount to serve, so that idle mounts and
     /// other mounts' listeners cost a worker nothing.

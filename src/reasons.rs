@@ -34,10 +34,12 @@
 //! | `auth_unavailable` | 503 | listener authentication could not decide: `listener_add_url` unreachable or too slow (without `auth_allow_on_timeout`), or the users file unreadable |
 //! | `bad_destination` | 400 | `moveclients` to a mount with no live source, or to the mount itself |
 //! | `hls_off` | 404 | an HLS playlist or segment of a mount whose `hls` is off |
-//! | `hls_unsupported_format` | 404 | HLS of a mount whose stream is not MP3, AAC (ADTS) or Ogg Opus |
+//! | `hls_unsupported_format` | 404 | HLS of a mount whose stream is not MP3, AAC (ADTS) or Ogg Opus, Vorbis or FLAC |
 //! | `hls_not_ready` | 404 | HLS of a mount whose first segment is not complete yet |
 //! | `too_many_edges` | 503 | an edge's registration when 1000 edges are registered |
 //! | `segment_gone` | 404 | a segment no longer (or never) in the mount's HLS window |
+//! | `hls_msn_too_far` | 400 | a blocking playlist reload (`_HLS_msn`) for a segment more than two past the newest (an `_HLS_msn` that is no number is a `bad_query`) |
+//! | `hls_msn_timeout` | 503 | a blocking playlist reload whose segment did not come within three target durations |
 //! | `header_timeout` | none | the head did not arrive within `header_timeout_secs` (`header_timeout_under_pressure_secs` when accepted above 80% of `max_connections`); closed |
 //! | `pending_heads_per_ip` | none | the address holds `max_pending_heads_per_ip` connections still sending their head; closed at accept |
 //! | `idle_head_evicted` | none | at `max_connections`, the oldest connection still without a head (after 250 ms; 100 ms on the admin port) was closed to make room |
@@ -115,6 +117,8 @@ pub(crate) enum Refusal {
     SegmentGone,
     /// An edge's registration when the table of edges is full.
     TooManyEdges,
+    HlsMsnTooFar,
+    HlsMsnTimeout,
 }
 
 impl Refusal {
@@ -127,7 +131,8 @@ impl Refusal {
             | Refusal::MissingContentType
             | Refusal::UnknownCommand
             | Refusal::NoSuchSource
-            | Refusal::BadDestination => 400,
+            | Refusal::BadDestination
+            | Refusal::HlsMsnTooFar => 400,
             Refusal::AuthRequired(_) | Refusal::BadCredentials(_) => 401,
             Refusal::MountInUse | Refusal::AdminPasswordNotSet => 403,
             Refusal::UnknownMount
@@ -145,7 +150,8 @@ impl Refusal {
             | Refusal::ServerFull
             | Refusal::TooManySources
             | Refusal::TooManyEdges
-            | Refusal::AuthUnavailable => 503,
+            | Refusal::AuthUnavailable
+            | Refusal::HlsMsnTimeout => 503,
         }
     }
 
@@ -181,6 +187,8 @@ impl Refusal {
             Refusal::HlsNotReady => "hls_not_ready",
             Refusal::SegmentGone => "segment_gone",
             Refusal::TooManyEdges => "too_many_edges",
+            Refusal::HlsMsnTooFar => "hls_msn_too_far",
+            Refusal::HlsMsnTimeout => "hls_msn_timeout",
         }
     }
 
@@ -194,10 +202,16 @@ impl Refusal {
             Refusal::ServerFull => " (max_listeners)",
             Refusal::HlsOff => " (set hls = true for this mount)",
             Refusal::HlsUnsupportedFormat => {
-                " (HLS is cut from MP3, AAC (ADTS) and Ogg Opus streams only; Vorbis, FLAC and other formats are not yet)"
+                " (HLS is cut from MP3, AAC (ADTS), and Ogg Opus, Vorbis and FLAC streams only; native FLAC, Speex and other formats are not)"
             }
             Refusal::HlsNotReady => " (the first segment is still being cut; retry shortly)",
             Refusal::SegmentGone => " (it is not in the mount's HLS window; reload the playlist)",
+            Refusal::HlsMsnTooFar => {
+                " (_HLS_msn may name at most the newest segment's media sequence number plus two)"
+            }
+            Refusal::HlsMsnTimeout => {
+                " (the segment did not come within three target durations; reload the playlist)"
+            }
             _ => "",
         }
     }

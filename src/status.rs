@@ -209,6 +209,10 @@ struct IceSource {
     #[serde(skip_serializing_if = "Option::is_none")]
     bitrate: Option<u32>,
     genre: String,
+    /// HLS players estimated from playlist polls, beside the direct `listeners`; absent for a
+    /// mount without HLS (Icecast has no such field: an extra one breaks no client).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    hls_sessions: Option<usize>,
     listener_peak: usize,
     listeners: usize,
     listenurl: String,
@@ -251,6 +255,7 @@ fn icecast(shared: &Shared, host: &str) -> IcecastDoc {
                 bitrate: meta.bitrate_kbps,
                 // Icecast's words for a source that did not say.
                 genre: meta.genre.clone().unwrap_or_else(|| "various".into()),
+                hls_sessions: snap.settings.hls.then(|| m.hls_sessions_now()),
                 listener_peak: m.listener_peak.load(Ordering::Relaxed),
                 listeners: m.listeners.load(Ordering::Relaxed),
                 listenurl: listen_url(shared, host, &m.path),

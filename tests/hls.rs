@@ -3,12 +3,14 @@
 //! duration respected, media sequence advancing, window bounded, stable segment URLs), every
 //! listed segment is fetched and taken apart (an ID3 tag with the transport-stream timestamp,
 //! then whole frames whose samples make its `EXTINF`, timestamps continuous from one segment to
-//! the next), and ffprobe and ffmpeg play the playlist over HTTP. An Ogg Opus mount's fMP4
-//! segments are taken apart the same way (init segment, track runs, decode times). curl checks
-//! the cache headers (`ETag`, `304`, `Range`, `HEAD`) and keeps one connection for several
-//! requests; a raw client pipelines them. Titles reach the segments' ID3 tags; HLS sessions and
-//! requests are counted; headless Chromium plays MP3 and Opus mounts through hls.js. Mounts
-//! without HLS, or of a format not segmented, answer 404 saying why.
+//! the next), and ffprobe and ffmpeg play the playlist over HTTP. Ogg Opus, Vorbis and FLAC
+//! mounts' fMP4 segments are taken apart the same way (init segment and its sample entry,
+//! track runs, decode times) and played. A raw client makes blocking playlist reloads
+//! (`_HLS_msn`). curl checks the cache headers (`ETag`, `304`, `Range`, `HEAD`) and keeps one
+//! connection for several requests; a raw client pipelines them. Titles reach the segments' ID3 tags; HLS sessions and
+//! requests are counted (`/status.json`, `/status-json.xsl`, metrics); headless Chromium plays
+//! MP3 and Opus mounts through hls.js. Mounts without HLS, or of a format not segmented
+//! (Speex), answer 404 saying why.
 
 mod common;
 
@@ -64,7 +66,7 @@ fn parse_playlist(text: &str) -> Playlist {
     let (mut version, mut target, mut sequence) = (None, None, None);
     let mut entries = Vec::new();
     let (mut duration, mut discontinuity, mut date, mut map) = (None, false, None, None);
-    let mut daterange = None;
+    let (mut daterange, mut can_block) = (None, false);
     for line in lines {
         if let Some(v) = line.strip_prefix("#EXT-X-VERSION:") {
             version = v.parse().ok();
@@ -73,6 +75,8 @@ fn parse_playlist(text: &str) -> Playlist {
         } else if let Some(v) = line.strip_prefix("#EXT-X-MEDIA-SEQUENCE:") {
             sequence = v.parse().ok();
         } else if line.starts_with("#EXT-X-DISCONTINUITY-SEQUENCE:") {
+        } else if line == "#EXT-X-SERVER-CONTROL:CAN-BLOCK-RELOAD=YES" {
+            can_block = true;
         } else if let Some(v) = line.strip_prefix("#EXT-X-MAP:URI=") {
             map = Some(v.trim_matches('"').to_string());
         } else if let Some(v) = line.strip_prefix("#EXT-X-DATERANGE:") {
@@ -99,6 +103,10 @@ fn parse_playlist(text: &str) -> Playlist {
             });
         }
     }
+    assert!(
+        can_block,
+        "no EXT-X-SERVER-CONTROL:CAN-BLOCK-RELOAD=YES in {text}"
+    );
     Playlist {
         version: version.expect("EXT-X-VERSION"),
         target: target.expect("EXT-X-TARGETDURATION"),
@@ -579,11 +587,11 @@ fn segments_and_playlists_are_cacheable_and_served_on_kept_alive_connections() {
 fn mounts_without_hls_answer_404_saying_why() {
     let srv = server();
     let mut mp3 = ffmpeg_source(srv.addr, "/plain", &Tone::new(Codec::Mp3, 60.0));
-    let mut ogg = ffmpeg_source(srv.addr, "/vorbis", &Tone::new(Codec::Vorbis, 60.0));
-    for (mount, source) in [("/plain", &mut mp3), ("/vorbis", &mut ogg)] {
+    let mut ogg = ffmpeg_source(srv.addr, "/speex", &Tone::new(Codec::Speex, 60.0));
+    for (mount, source) in [("/plain", &mut mp3), ("/speex", &mut ogg)] {
         let label = format!("mount=\"{mount}\"");
         srv.wait_metric("fanstream_source_received_bytes_total", &[&label], |v| {
-            v > 20_000.0
+            v > 8_000.0
         });
         assert!(source.running(), "{}", source.text());
     }
@@ -594,13 +602,10 @@ fn mounts_without_hls_answer_404_saying_why() {
         body.contains("hls off") && body.contains("hls = true"),
         "{body}"
     );
-    let (status, _, body) = get(srv.addr, "/vorbis/index.m3u8");
+    let (status, _, body) = get(srv.addr, "/speex/index.m3u8");
     let body = String::from_utf8_lossy(&body);
     assert_eq!(status, 404);
-    assert!(
-        body.contains("hls unsupported format") && body.contains("Vorbis"),
-        "{body}"
-    );
+    assert!(body.contains("hls unsupported format"), "{body}");
     let (status, _, body) = get(srv.addr, "/nowhere/index.m3u8");
     assert_eq!(status, 404, "{}", String::from_utf8_lossy(&body));
 
@@ -713,6 +718,31 @@ fn chromium_plays_an_ogg_opus_mount_through_hls_js() {
     drop(source);
 }
 
+/// A browser: headless Chromium plays an Ogg FLAC mount's fMP4 playlist (a `fLaC` sample
+/// entry) through hls.js. (An Ogg Vorbis mount's is not for browsers: their MP4 parsers know no
+/// Vorbis.)
+#[test]
+fn chromium_plays_an_ogg_flac_mount_through_hls_js() {
+    let dir = process::scratch_dir("hls_chromium_flac");
+    let srv = server();
+    let mut source = ffmpeg_source(srv.addr, "/flac", &Tone::new(Codec::Flac, 120.0));
+    wait_playlist(srv.addr, "/flac", SEGMENTS, None, &mut source);
+    let page = test_page(
+        "hls.html",
+        "src",
+        &format!("http://{}/flac/index.m3u8", srv.addr),
+    );
+    let mut browser = chromium(&dir, &page, 45);
+    wait_playing(&mut browser, 2.0, Duration::from_secs(35));
+    let log = browser.text();
+    assert!(
+        !log.lines()
+            .any(|l| l.contains("fanstream-hls: error") && l.contains("fatal=true")),
+        "hls.js failed:\n{log}"
+    );
+    drop(source);
+}
+
 /// A browser: headless Chromium plays the live playlist through hls.js (tests/web/hls.html,
 /// hls.js vendored beside it), its `<audio>` element's `currentTime` advancing, and hls.js finds
 /// the title set through `/admin/metadata` in the segments' ID3 tags.
@@ -756,7 +786,7 @@ fn chromium_plays_an_mp3_mount_through_hls_js_and_reads_its_title() {
 }
 
 /// HLS players are counted from their playlist polls (by address and `User-Agent`) in
-/// `/status.json` and `fanstream_hls_sessions`, and leave the count once they stop polling;
+/// `/status.json`, `/status-json.xsl` and `fanstream_hls_sessions`, and leave the count once they stop polling;
 /// `fanstream_hls_requests_total` counts what was answered, by kind.
 #[test]
 fn hls_sessions_are_counted_from_playlist_polls_and_requests_by_kind() {
@@ -779,6 +809,12 @@ fn hls_sessions_are_counted_from_playlist_polls_and_requests_by_kind() {
     poll("player-a");
     assert_eq!(sessions(), 3);
     assert_eq!(srv.metric("fanstream_hls_sessions", &[label]), 3.0);
+    // Icecast's status document too, beside the direct listeners.
+    let (_, _, body) = get(srv.addr, "/status-json.xsl");
+    let ice: serde_json::Value = serde_json::from_slice(&body).unwrap();
+    let listed = &ice["icestats"]["source"];
+    assert_eq!(listed["hls_sessions"], 3, "{ice}");
+    assert_eq!(listed["listeners"], 0, "{ice}");
     let playlists = srv.metric(
         "fanstream_hls_requests_total",
         &[label, "kind=\"playlist\""],
@@ -825,36 +861,39 @@ fn child<'a>(parent: &'a [u8], kind: &[u8; 4]) -> &'a [u8] {
         .1
 }
 
-/// An Ogg Opus mount as fMP4 HLS: version 7, an init segment (`EXT-X-MAP`) with an Opus sample
-/// entry and its `dOps`, fragments whose track runs last their `EXTINF` in 48 kHz samples and
-/// whose decode times follow on, and ffprobe and ffmpeg play it.
-#[test]
-fn an_ogg_opus_mount_plays_as_fmp4_hls() {
+/// An Ogg mount as fMP4 HLS: version 7, an init segment (`EXT-X-MAP`) with the codec's sample
+/// entry (`entry`) holding its configuration box (`config`), fragments whose track runs last
+/// their `EXTINF` in the track's timescale (`rate`) and whose decode times follow on, and ffprobe
+/// and ffmpeg play it, ffmpeg decoding 6 s of it without a complaint.
+fn plays_as_fmp4_hls(codec: Codec, entry_kind: &[u8; 4], config: &[u8; 4], rate: u64) {
     let srv = server();
-    let mut source = ffmpeg_source(srv.addr, "/opus", &Tone::new(Codec::Opus, 120.0));
-    let p = wait_playlist(srv.addr, "/opus", SEGMENTS, None, &mut source);
+    let mount = format!("/{}", codec.name());
+    let mut source = ffmpeg_source(srv.addr, &mount, &Tone::new(codec, 120.0));
+    let p = wait_playlist(srv.addr, &mount, SEGMENTS, None, &mut source);
     assert_eq!(p.version, 7);
     let init_name = p.entries[0].map.clone().expect("an EXT-X-MAP");
-    let (status, head, init) = get(srv.addr, &format!("/opus/{init_name}"));
+    let (status, head, init) = get(srv.addr, &format!("{mount}/{init_name}"));
     assert_eq!(status, 200, "{head}");
     assert!(head.contains("Content-Type: audio/mp4\r\n"), "{head}");
     let top = boxes(&init);
     assert_eq!(top[0].0, *b"ftyp");
     let moov = child(&init, b"moov");
-    let stbl = child(
-        child(child(child(moov, b"trak"), b"mdia"), b"minf"),
-        b"stbl",
-    );
+    let mdia = child(child(moov, b"trak"), b"mdia");
+    let mdhd = child(mdia, b"mdhd");
+    let timescale = u32::from_be_bytes(mdhd[12..16].try_into().unwrap());
+    assert_eq!(u64::from(timescale), rate, "the track's timescale");
+    let stbl = child(child(mdia, b"minf"), b"stbl");
     let stsd = child(stbl, b"stsd");
     // Full box header and entry count, then the sample entry.
     let entry = boxes(&stsd[8..]);
-    assert_eq!(entry[0].0, *b"Opus");
-    let dops = child(&entry[0].1[28..], b"dOps");
-    assert_eq!(dops[1], 1, "one channel, as the tone");
+    assert_eq!(entry[0].0, *entry_kind);
+    let channels = u16::from_be_bytes(entry[0].1[16..18].try_into().unwrap());
+    assert_eq!(channels, 1, "one channel, as the tone");
+    child(&entry[0].1[28..], config);
     let mut next_time = None;
     for e in &p.entries {
         assert_eq!(e.map.as_deref(), Some(init_name.as_str()));
-        let (status, head, data) = get(srv.addr, &format!("/opus/{}", e.name));
+        let (status, head, data) = get(srv.addr, &format!("{mount}/{}", e.name));
         assert_eq!(status, 200, "{head}");
         let top = boxes(&data);
         assert_eq!((top[0].0, top[1].0), (*b"moof", *b"mdat"), "{}", e.name);
@@ -871,7 +910,7 @@ fn an_ogg_opus_mount_plays_as_fmp4_hls() {
         }
         assert_eq!(bytes, top[1].1.len(), "{}: the run covers the mdat", e.name);
         assert!(
-            (samples as f64 / 48_000.0 - e.duration).abs() < 1e-4,
+            (samples as f64 / rate as f64 - e.duration).abs() < 1e-4,
             "{}: EXTINF {} for {samples} samples",
             e.name,
             e.duration
@@ -882,7 +921,8 @@ fn an_ogg_opus_mount_plays_as_fmp4_hls() {
         }
         next_time = Some(time + samples);
     }
-    let url = format!("http://{}/opus/index.m3u8", srv.addr);
+    let url = format!("http://{}{mount}/index.m3u8", srv.addr);
+    require("ffprobe");
     let probe = Command::new("timeout")
         .args([
             "30",
@@ -902,10 +942,13 @@ fn an_ogg_opus_mount_plays_as_fmp4_hls() {
         probe.status.success() && stderr.is_empty(),
         "ffprobe {url}: {stderr}"
     );
-    assert!(String::from_utf8_lossy(&probe.stdout)
-        .lines()
-        .filter(|l| !l.is_empty())
-        .all(|l| l == "opus"));
+    let names = String::from_utf8_lossy(&probe.stdout).to_string();
+    assert!(
+        names.lines().any(|l| l == codec.name())
+            && names.lines().all(|l| l.is_empty() || l == codec.name()),
+        "ffprobe {url}: {names}"
+    );
+    require("ffmpeg");
     let decode = Command::new("timeout")
         .args(["40", "ffmpeg", "-hide_banner", "-v", "error", "-i"])
         .arg(&url)
@@ -923,6 +966,24 @@ fn an_ogg_opus_mount_plays_as_fmp4_hls() {
         "ffmpeg decoded {seconds} s of 6"
     );
     drop(source);
+}
+
+/// Opus: an `Opus` sample entry and its `dOps`, at 48 kHz.
+#[test]
+fn an_ogg_opus_mount_plays_as_fmp4_hls() {
+    plays_as_fmp4_hls(Codec::Opus, b"Opus", b"dOps", 48_000);
+}
+
+/// Vorbis: an `mp4a` sample entry whose `esds` holds the three headers, as FFmpeg maps it.
+#[test]
+fn an_ogg_vorbis_mount_plays_as_fmp4_hls() {
+    plays_as_fmp4_hls(Codec::Vorbis, b"mp4a", b"esds", 44_100);
+}
+
+/// FLAC: a `fLaC` sample entry and its `dfLa` holding `STREAMINFO`.
+#[test]
+fn an_ogg_flac_mount_plays_as_fmp4_hls() {
+    plays_as_fmp4_hls(Codec::Flac, b"fLaC", b"dfLa", 44_100);
 }
 
 /// The nginx config the README's "HLS and CDNs" shows, for a cache at `listen` in front of
@@ -1250,4 +1311,72 @@ fn behind_a_trusted_proxy_each_request_on_a_kept_alive_connection_is_its_clients
     // The three, and the one that waited for the first segment.
     assert_eq!(status["mounts"][0]["hls_sessions"], 4, "{status}");
     drop(source);
+}
+
+/// Blocking playlist reload: `index.m3u8?_HLS_msn=N` for the next segment is answered once that
+/// segment is published, listing it last, on a kept-alive connection that then takes the next
+/// request; N more than two past the newest is a `400` at once; and once the source has gone,
+/// a reload for a segment that cannot come is a `503` after three target durations.
+#[test]
+fn a_blocking_playlist_reload_is_answered_when_its_segment_comes() {
+    let srv = TestServer::start(|c| {
+        c.defaults.hls = true;
+        c.defaults.hls_segment_secs = SEGMENT_SECS;
+        c.defaults.hls_segments = SEGMENTS;
+        c.defaults.source_grace_secs = 30;
+    });
+    let mut source = ffmpeg_source(srv.addr, "/live", &Tone::new(Codec::Mp3, 8.0));
+    let p = wait_playlist(srv.addr, "/live", 2, None, &mut source);
+    let newest = |p: &Playlist| p.sequence + p.entries.len() as u64 - 1;
+    let mut s = TcpStream::connect(srv.addr).unwrap();
+    s.set_read_timeout(Some(DEADLINE)).unwrap();
+    for msn in newest(&p) + 1..newest(&p) + 3 {
+        let asked = Instant::now();
+        let raw = format!("GET /live/index.m3u8?_HLS_msn={msn} HTTP/1.1\r\nHost: t\r\n\r\n");
+        s.write_all(raw.as_bytes()).unwrap();
+        let (status, head, body) = read_response(&mut s, true);
+        let waited = asked.elapsed();
+        assert_eq!(status, 200, "{head}");
+        let got = parse_playlist(std::str::from_utf8(&body).unwrap());
+        // Answered as the segment came: it is the newest, and no later one came in between.
+        assert_eq!(newest(&got), msn, "{got:?}");
+        assert!(
+            waited < Duration::from_secs(3 * SEGMENT_SECS),
+            "held {waited:?}"
+        );
+    }
+    let current = playlist(srv.addr, "/live").unwrap();
+    let far = format!(
+        "GET /live/index.m3u8?_HLS_msn={} HTTP/1.0\r\n\r\n",
+        newest(&current) + 4
+    );
+    let (status, _, body) = request(srv.addr, far.as_bytes());
+    let body = String::from_utf8_lossy(&body);
+    assert_eq!(status, 400, "{body}");
+    assert!(body.contains("hls msn too far"), "{body}");
+    let (status, _, _) = request(
+        srv.addr,
+        b"GET /live/index.m3u8?_HLS_msn=x HTTP/1.0\r\n\r\n",
+    );
+    assert_eq!(status, 400);
+
+    // The source ends (its last segment closed with it): the next segment never comes.
+    assert!(source.wait_exit(DEADLINE).success(), "{}", source.text());
+    let label = "mount=\"/live\"";
+    srv.wait_metric("fanstream_source_up", &[label], |v| v == 0.0);
+    let last = newest(&playlist(srv.addr, "/live").unwrap());
+    let asked = Instant::now();
+    let raw = format!(
+        "GET /live/index.m3u8?_HLS_msn={} HTTP/1.0\r\n\r\n",
+        last + 1
+    );
+    let (status, _, body) = request(srv.addr, raw.as_bytes());
+    let waited = asked.elapsed();
+    let body = String::from_utf8_lossy(&body);
+    assert_eq!(status, 503, "{body}");
+    assert!(body.contains("hls msn timeout"), "{body}");
+    assert!(
+        waited >= Duration::from_millis(2900) && waited < Duration::from_secs(8),
+        "answered after {waited:?}, not three target durations"
+    );
 }

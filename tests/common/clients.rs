@@ -281,6 +281,10 @@ pub enum Codec {
     Aac,
     Opus,
     Vorbis,
+    /// FLAC in Ogg.
+    Flac,
+    /// Speex in Ogg.
+    Speex,
 }
 
 impl Codec {
@@ -289,7 +293,7 @@ impl Codec {
         match self {
             Codec::Mp3 => "audio/mpeg",
             Codec::Aac => "audio/aac",
-            Codec::Opus | Codec::Vorbis => "audio/ogg",
+            Codec::Opus | Codec::Vorbis | Codec::Flac | Codec::Speex => "audio/ogg",
         }
     }
 
@@ -300,6 +304,8 @@ impl Codec {
             Codec::Aac => "aac",
             Codec::Opus => "opus",
             Codec::Vorbis => "vorbis",
+            Codec::Flac => "flac",
+            Codec::Speex => "speex",
         }
     }
 
@@ -310,6 +316,8 @@ impl Codec {
             Codec::Aac => ("aac", "adts"),
             Codec::Opus => ("libopus", "ogg"),
             Codec::Vorbis => ("libvorbis", "ogg"),
+            Codec::Flac => ("flac", "ogg"),
+            Codec::Speex => ("libspeex", "ogg"),
         }
     }
 }
@@ -336,6 +344,8 @@ impl Tone {
             frequency: 440,
             sample_rate: match codec {
                 Codec::Opus => 48000,
+                // Speex codes 8, 16 or 32 kHz only.
+                Codec::Speex => 16000,
                 _ => 44100,
             },
             kbps: 128,
@@ -380,7 +390,8 @@ impl Tone {
 /// Encodes `tone` into DIR/NAME:
 /// `ffmpeg -hide_banner -loglevel error -y -f lavfi -i aevalsrc=...:s=RATE:d=SECONDS
 /// -c:a ENCODER -b:a Kk [-metadata title=T -metadata artist=A] -f MUXER DIR/NAME`
-/// (ENCODER/MUXER: libmp3lame/mp3, aac/adts, libopus/ogg, libvorbis/ogg).
+/// (ENCODER/MUXER: libmp3lame/mp3, aac/adts, libopus/ogg, libvorbis/ogg, flac/ogg,
+/// libspeex/ogg).
 pub fn make_file(dir: &Path, name: &str, tone: &Tone) -> PathBuf {
     require("ffmpeg");
     let out = dir.join(name);

@@ -10,15 +10,18 @@
 //! - `coalesce`: the same run at several write coalescing settings; `make coalescing`.
 //! - `icy-compare`: the same run with plain listeners, then ICY ones; `make icy-compare`.
 //! - `tls-compare`: the same run with plain listeners, then TLS ones; `make tls-compare`.
+//! - `hls`: HLS clients verifying every segment, directly or through nginx, and fanstream's
+//!   CPU beside as many direct listeners; `make hls-load`.
 //!
 //! Layout: [`record`] (the stream format and its verifier), [`schedule`] (the source's pace),
 //! [`source`], [`listen`] (with [`icy`], the ICY listener's framing), [`servers`] (the servers
 //! under test), [`procstat`] (/proc), [`run`] (one run and its summary, with [`titles`], the
-//! title updates, and [`flood`], stalled TLS handshakes beside the listeners), [`sweep`] (with [`plot`]), [`compare`], [`coalesce`], [`icy_compare`] and [`tls_compare`].
+//! title updates, and [`flood`], stalled TLS handshakes beside the listeners), [`sweep`] (with [`plot`]), [`compare`], [`coalesce`], [`icy_compare`], [`tls_compare`] and [`hls`].
 
 mod coalesce;
 mod compare;
 mod flood;
+mod hls;
 mod icy;
 mod icy_compare;
 mod listen;
@@ -130,6 +133,9 @@ enum Cmd {
     /// The same run twice: every listener plain, then every listener over TLS, side by side
     /// with the ratio.
     TlsCompare(run::RunArgs),
+    /// HLS clients polling one MP3 mount's playlist and verifying every segment, directly or
+    /// through nginx; fanstream's requests and CPU (beside as many direct listeners).
+    Hls(hls::HlsOpts),
 }
 
 fn main() -> ExitCode {
@@ -232,6 +238,7 @@ fn main() -> ExitCode {
         Cmd::IcyCompare(o) => {
             icy_compare::icy_compare(&o).map_or_else(|e| fail(&e), |()| ExitCode::SUCCESS)
         }
+        Cmd::Hls(o) => hls::hls(&o).map_or_else(|e| fail(&e), |_| ExitCode::SUCCESS),
         Cmd::TlsCompare(o) => {
             tls_compare::tls_compare(&o.opts()).map_or_else(|e| fail(&e), |()| ExitCode::SUCCESS)
         }

@@ -156,3 +156,44 @@ fn a_tiny_sweep_over_two_mount_counts_reports_both() {
         }
     }
 }
+
+/// The HLS mode through a real nginx cache: 100 clients for 8 s, 1 s segments, every segment
+/// verified (no gap, no corruption, timestamps continuous), and fanstream answering about one
+/// request per segment however many clients fetched it (the tool fails the run otherwise; the
+/// summary is checked here too).
+#[test]
+fn a_short_hls_run_through_nginx_costs_fanstream_one_request_per_segment() {
+    let fanstream = fanstream_bin();
+    assert!(
+        Command::new("nginx").arg("-v").output().is_ok(),
+        "nginx is missing: install Debian's nginx-light (make deps)"
+    );
+    let out = scratch_dir("load_tool_hls");
+    let status = Command::new(env!("CARGO_BIN_EXE_fanstream-load"))
+        .args(["hls", "--clients", "100", "--seconds", "8"])
+        .args(["--segment-secs", "1", "--via", "nginx"])
+        .arg("--fanstream-bin")
+        .arg(fanstream)
+        .arg("--out-dir")
+        .arg(&out)
+        .status()
+        .expect("fanstream-load runs");
+    assert!(status.success(), "fanstream-load hls failed: {status}");
+    let text =
+        std::fs::read_to_string(out.join("hls-100c-nginx/summary.json")).expect("summary written");
+    let s: serde_json::Value = serde_json::from_str(&text).expect("summary is JSON");
+    let published = s["segments_published"].as_f64().unwrap();
+    assert!(published >= 5.0, "{text}");
+    // Each client fetched about every segment published; fanstream answered one request each.
+    assert!(
+        s["totals"]["segments"].as_f64().unwrap() >= 100.0 * (published - 2.0),
+        "{text}"
+    );
+    assert!(
+        s["origin_requests"]["segment"].as_f64().unwrap() <= published + 2.0,
+        "{text}"
+    );
+    for e in ["gaps", "corrupt", "timestamp_breaks", "http_errors"] {
+        assert_eq!(s["totals"][e], 0, "{e}: {text}");
+    }
+}
