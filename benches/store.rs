@@ -30,6 +30,34 @@ fn publish(c: &mut Criterion) {
     g.finish();
 }
 
+/// Ingest's cost per piece as mounts grow: one piece (an encoder's 100 ms at 128 kbit/s, merged
+/// as ingest merges it, and copied out of a read buffer as ingest copies it) appended to each of
+/// N stores in turn, each keeping a 64 KiB burst, as mounts without listeners do. Flat in N
+/// means no work over all mounts per piece; what grows is only cache misses.
+fn publish_across_mounts(c: &mut Criterion) {
+    const MERGED: usize = 1_600;
+    const BURST: u64 = 65_536;
+    let read_buffer = vec![0u8; MERGED];
+    let mut g = c.benchmark_group("store");
+    g.throughput(Throughput::Elements(1));
+    for mounts in [1usize, 1_000] {
+        let mut stores: Vec<Store> = (0..mounts).map(|_| Store::default()).collect();
+        for s in &mut stores {
+            for _ in 0..(BURST as usize / MERGED + 10) {
+                s.append(Bytes::copy_from_slice(&read_buffer), BURST);
+            }
+        }
+        let mut next = 0;
+        g.bench_function(format!("a 1600 B piece to one of {mounts} mounts"), |b| {
+            b.iter(|| {
+                stores[next].append(Bytes::copy_from_slice(black_box(&read_buffer)), BURST);
+                next = (next + 1) % mounts;
+            })
+        });
+    }
+    g.finish();
+}
+
 fn read(c: &mut Criterion) {
     let s = full_store();
     let snap = s.load();
@@ -54,5 +82,5 @@ fn read(c: &mut Criterion) {
     g.finish();
 }
 
-criterion_group!(benches, publish, read);
+criterion_group!(benches, publish, publish_across_mounts, read);
 criterion_main!(benches);
