@@ -34,19 +34,26 @@ use tokio::net::TcpStream;
 /// and the lag policy sees it as it sees a plain one.
 pub(crate) const SESSION_BUFFER_BYTES: usize = 64 * 1024;
 
+/// The certificates in the PEM file at `path`, at least one; the error names the setting
+/// (`key`), the file and what is wrong with it.
+fn pem_certificates(key: &str, path: &Path) -> Result<Vec<CertificateDer<'static>>, String> {
+    let certs = CertificateDer::pem_file_iter(path)
+        .and_then(|certs| certs.collect::<Result<Vec<_>, _>>())
+        .map_err(|e| format!("{key} {}: {e}", path.display()))?;
+    if certs.is_empty() {
+        return Err(format!(
+            "{key} {}: no certificate in the file",
+            path.display()
+        ));
+    }
+    Ok(certs)
+}
+
 /// The certificate chain and key at these PEM files, as a server config: TLS 1.2 and 1.3,
 /// ALPN `http/1.1` (a client offering only `h2` is refused at the handshake rather than
 /// misunderstood after it). The error names the file and what is wrong with it.
 pub(crate) fn server_config(cert: &Path, key: &Path) -> Result<Arc<ServerConfig>, String> {
-    let chain = CertificateDer::pem_file_iter(cert)
-        .and_then(|certs| certs.collect::<Result<Vec<_>, _>>())
-        .map_err(|e| format!("tls_cert {}: {e}", cert.display()))?;
-    if chain.is_empty() {
-        return Err(format!(
-            "tls_cert {}: no certificate in the file",
-            cert.display()
-        ));
-    }
+    let chain = pem_certificates("tls_cert", cert)?;
     let key_der =
         PrivateKeyDer::from_pem_file(key).map_err(|e| format!("tls_key {}: {e}", key.display()))?;
     let provider = Arc::new(rustls::crypto::ring::default_provider());
@@ -77,15 +84,7 @@ pub(crate) fn client_config(ca_file: Option<&Path>) -> Result<Arc<ClientConfig>,
     let native = rustls_native_certs::load_native_certs();
     let (added, _) = roots.add_parsable_certificates(native.certs);
     if let Some(path) = ca_file {
-        let certs = CertificateDer::pem_file_iter(path)
-            .and_then(|certs| certs.collect::<Result<Vec<_>, _>>())
-            .map_err(|e| format!("relay_ca_file {}: {e}", path.display()))?;
-        if certs.is_empty() {
-            return Err(format!(
-                "relay_ca_file {}: no certificate in the file",
-                path.display()
-            ));
-        }
+        let certs = pem_certificates("relay_ca_file", path)?;
         for cert in certs {
             roots
                 .add(cert)

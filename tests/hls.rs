@@ -698,17 +698,19 @@ fn a_title_update_starts_a_segment_whose_id3_tag_carries_it() {
     drop(source);
 }
 
-/// A browser: headless Chromium plays an Ogg Opus mount's fMP4 playlist through hls.js.
-#[test]
-fn chromium_plays_an_ogg_opus_mount_through_hls_js() {
-    let dir = process::scratch_dir("hls_chromium_opus");
+/// Headless Chromium plays `codec`'s mount (`/NAME`) through hls.js, its fMP4 playlist, with
+/// no fatal hls.js error.
+fn chromium_plays_fmp4_through_hls_js(codec: Codec) {
+    let name = codec.name();
+    let dir = process::scratch_dir(&format!("hls_chromium_{name}"));
     let srv = server();
-    let mut source = ffmpeg_source(srv.addr, "/opus", &Tone::new(Codec::Opus, 120.0));
-    wait_playlist(srv.addr, "/opus", SEGMENTS, None, &mut source);
+    let mount = format!("/{name}");
+    let mut source = ffmpeg_source(srv.addr, &mount, &Tone::new(codec, 120.0));
+    wait_playlist(srv.addr, &mount, SEGMENTS, None, &mut source);
     let page = test_page(
         "hls.html",
         "src",
-        &format!("http://{}/opus/index.m3u8", srv.addr),
+        &format!("http://{}{mount}/index.m3u8", srv.addr),
     );
     let mut browser = chromium(&dir, &page, 45);
     wait_playing(&mut browser, 2.0, Duration::from_secs(35));
@@ -716,9 +718,15 @@ fn chromium_plays_an_ogg_opus_mount_through_hls_js() {
     assert!(
         !log.lines()
             .any(|l| l.contains("fanstream-hls: error") && l.contains("fatal=true")),
-        "hls.js failed:\n{log}"
+        "hls.js failed on {mount}:\n{log}"
     );
     drop(source);
+}
+
+/// A browser: headless Chromium plays an Ogg Opus mount's fMP4 playlist through hls.js.
+#[test]
+fn chromium_plays_an_ogg_opus_mount_through_hls_js() {
+    chromium_plays_fmp4_through_hls_js(Codec::Opus);
 }
 
 /// A browser: headless Chromium plays an Ogg FLAC mount's fMP4 playlist (a `fLaC` sample
@@ -726,24 +734,7 @@ fn chromium_plays_an_ogg_opus_mount_through_hls_js() {
 /// Vorbis.)
 #[test]
 fn chromium_plays_an_ogg_flac_mount_through_hls_js() {
-    let dir = process::scratch_dir("hls_chromium_flac");
-    let srv = server();
-    let mut source = ffmpeg_source(srv.addr, "/flac", &Tone::new(Codec::Flac, 120.0));
-    wait_playlist(srv.addr, "/flac", SEGMENTS, None, &mut source);
-    let page = test_page(
-        "hls.html",
-        "src",
-        &format!("http://{}/flac/index.m3u8", srv.addr),
-    );
-    let mut browser = chromium(&dir, &page, 45);
-    wait_playing(&mut browser, 2.0, Duration::from_secs(35));
-    let log = browser.text();
-    assert!(
-        !log.lines()
-            .any(|l| l.contains("fanstream-hls: error") && l.contains("fatal=true")),
-        "hls.js failed:\n{log}"
-    );
-    drop(source);
+    chromium_plays_fmp4_through_hls_js(Codec::Flac);
 }
 
 /// A browser: headless Chromium plays the live playlist through hls.js (tests/web/hls.html,
