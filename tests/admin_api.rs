@@ -452,6 +452,9 @@ fn killsource_closes_the_source_and_its_listeners_go_to_the_fallback_after_the_g
     listener.read_at_least(30_000);
     let ids = client_ids(srv.admin, "/a");
 
+    // Taken before the request: the kill happens within it, so the grace period runs from no
+    // earlier than this (taken after, it could run from a few milliseconds before).
+    let killed = Instant::now();
     // Mount-scoped: the mount's source credentials will do.
     let (status, head, body) = curl_get(
         srv.addr,
@@ -462,7 +465,6 @@ fn killsource_closes_the_source_and_its_listeners_go_to_the_fallback_after_the_g
     assert_eq!(status, 200, "{head}{body}");
     let doc = parse(&body);
     assert_eq!(text(doc.root_element(), "message"), "Source Removed");
-    let killed = Instant::now();
     // The encoder's connection is closed: its writes fail.
     wait_until("the source's connection closed", || writer.is_finished());
     wait_metric(
