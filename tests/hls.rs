@@ -317,6 +317,29 @@ fn check_segments(
     out
 }
 
+/// ffmpeg plays the live playlist at `url` for `secs` seconds (with `filters` before the output),
+/// decoding it without a word on stderr.
+fn ffmpeg_decodes(url: &str, secs: u64, filters: &[&str]) {
+    require("ffmpeg");
+    let decode = Command::new("timeout")
+        .args(["60", "ffmpeg", "-hide_banner", "-v", "error", "-i", url])
+        .args(["-t", &secs.to_string()])
+        .args(filters)
+        .args(["-f", "s16le", "-ac", "1", "-ar", "8000", "-"])
+        .output()
+        .expect("ffmpeg runs");
+    let stderr = String::from_utf8_lossy(&decode.stderr);
+    let seconds = decode.stdout.len() as f64 / 16_000.0;
+    assert!(
+        decode.status.success() && stderr.is_empty(),
+        "ffmpeg {url}: {stderr}"
+    );
+    assert!(
+        (seconds - secs as f64).abs() <= 0.1,
+        "ffmpeg decoded {seconds} s of {secs}"
+    );
+}
+
 /// Plays an MP3 or AAC mount's live playlist for a while: the playlist and segments check out,
 /// the window slides, ffprobe and ffmpeg play it.
 fn plays_as_hls(codec: Codec) {
@@ -390,35 +413,7 @@ fn plays_as_hls(codec: Codec) {
     // ffmpeg 5.1's HLS demuxer stamps the packets left in its 32 KiB read-ahead with the next
     // segment's ID3 timestamp, which its muxers then report as non-monotonic: the decoded audio
     // is renumbered after decoding, and the timestamps were checked above from the tags.
-    require("ffmpeg");
-    let decode = Command::new("timeout")
-        .args(["60", "ffmpeg", "-hide_banner", "-v", "error", "-i"])
-        .arg(&url)
-        .args([
-            "-t",
-            &DECODE_SECS.to_string(),
-            "-af",
-            "asetpts=N/SR/TB",
-            "-f",
-            "s16le",
-            "-ac",
-            "1",
-            "-ar",
-            "8000",
-            "-",
-        ])
-        .output()
-        .expect("ffmpeg runs");
-    let stderr = String::from_utf8_lossy(&decode.stderr);
-    let seconds = decode.stdout.len() as f64 / 16_000.0;
-    assert!(
-        decode.status.success() && stderr.is_empty(),
-        "ffmpeg {url}: {stderr}"
-    );
-    assert!(
-        (seconds - DECODE_SECS as f64).abs() <= 0.1,
-        "ffmpeg decoded {seconds} s of {DECODE_SECS}"
-    );
+    ffmpeg_decodes(&url, DECODE_SECS, &["-af", "asetpts=N/SR/TB"]);
     drop(source);
 }
 
@@ -942,38 +937,12 @@ fn plays_as_fmp4_hls(codec: Codec, entry_kind: &[u8; 4], config: &[u8; 4], rate:
             && names.lines().all(|l| l.is_empty() || l == codec.name()),
         "ffprobe {url}: {names}"
     );
-    require("ffmpeg");
     let secs = if matches!(codec, Codec::Opus) {
         DECODE_SECS
     } else {
         6
     };
-    let decode = Command::new("timeout")
-        .args(["60", "ffmpeg", "-hide_banner", "-v", "error", "-i"])
-        .arg(&url)
-        .args([
-            "-t",
-            &secs.to_string(),
-            "-f",
-            "s16le",
-            "-ac",
-            "1",
-            "-ar",
-            "8000",
-            "-",
-        ])
-        .output()
-        .expect("ffmpeg runs");
-    let stderr = String::from_utf8_lossy(&decode.stderr);
-    let seconds = decode.stdout.len() as f64 / 16_000.0;
-    assert!(
-        decode.status.success() && stderr.is_empty(),
-        "ffmpeg {url}: {stderr}"
-    );
-    assert!(
-        (seconds - secs as f64).abs() <= 0.1,
-        "ffmpeg decoded {seconds} s of {secs}"
-    );
+    ffmpeg_decodes(&url, secs, &[]);
     drop(source);
 }
 
