@@ -160,8 +160,21 @@ fn relay_credentials_pass_the_limits_and_count_as_relays_not_listeners() {
     assert_eq!(curl_status(&[], &list), 401);
     assert_eq!(curl_status(&["-u", "relay:wrong"], &list), 401);
 
-    // The audience's one place, on the address's one connection.
-    let _audience = Listener::connect(origin.addr, "/live");
+    // The audience's one place, on the address's one connection: once the server has seen the
+    // curl requests above close (a closed curl can still count for a moment), it is admitted.
+    let mut audience = None;
+    wait_until(
+        "the address's one connection admitted as a listener",
+        || {
+            let mut s = TcpStream::connect(origin.addr).unwrap();
+            s.write_all(b"GET /live HTTP/1.0\r\n\r\n").unwrap();
+            let admitted = read_head(&mut s).starts_with("HTTP/1.0 200");
+            if admitted {
+                audience = Some(s);
+            }
+            admitted
+        },
+    );
     assert_eq!(
         curl_status(&[], &url),
         429,
