@@ -24,8 +24,8 @@
 //! sends would still wake the ingest thread, which costs more than the read it no longer makes.
 //! The looks fall on a 10 ms grid shared by all sources ([`TICK_GRID`]), so that one wake-up of the
 //! thread serves every source whose gap ends then. A look that finds nothing (the source paused)
-//! or a full [`MERGE_BYTES`] (it is fast) goes back to waiting for each read. Nothing is copied:
-//! the merged piece is one read into the read buffer.
+//! or a full [`MERGE_BYTES`] (it is fast) goes back to waiting for each read. The merged piece is
+//! one read into the source's read buffer, copied out once like any piece ([`FIRST_READ_BYTES`]).
 //!
 //! The gap is a tenth of the mount's `max_write_delay_ms`, at most [`MAX_MERGE_GAP`]: with the
 //! default delay (1 s), 100 ms, so a 128 kbit/s encoder's 320-byte pieces go out five at a time.
