@@ -6,7 +6,7 @@
 mod common;
 
 use std::collections::BTreeSet;
-use std::io::{Read, Write};
+use std::io::Write;
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::Path;
 use std::process::Command;
@@ -343,7 +343,7 @@ fn capture(
         let mut out = Vec::new();
         let mut buf = vec![0u8; 16 * 1024];
         while !stop.load(Ordering::Relaxed) {
-            match stream.read(&mut buf) {
+            match common::read_some(&mut stream, &mut buf) {
                 Ok(0) => break,
                 Ok(n) => {
                     out.extend_from_slice(&buf[..n]);

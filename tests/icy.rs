@@ -5,7 +5,6 @@
 
 mod common;
 
-use std::io::Read;
 use std::net::{SocketAddr, TcpStream};
 use std::time::Duration;
 
@@ -73,7 +72,7 @@ impl IcyListener {
     fn read_audio(&mut self, n: usize) {
         let mut buf = [0u8; 16 * 1024];
         while self.audio.len() < n {
-            let k = self.stream.read(&mut buf).expect("stream read");
+            let k = common::read_some(&mut self.stream, &mut buf).expect("stream read");
             assert!(k > 0, "stream ended after {} audio bytes", self.audio.len());
             self.raw.extend_from_slice(&buf[..k]);
             self.parse();

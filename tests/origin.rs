@@ -280,7 +280,7 @@ fn a_slow_relay_is_skipped_where_a_slow_listener_is_dropped() {
     let mut got = 0;
     let mut buf = vec![0u8; 64 * 1024];
     while got < 1 << 20 {
-        match relay.read(&mut buf) {
+        match common::read_some(&mut relay, &mut buf) {
             Ok(0) => panic!("the relay was closed after {got} bytes"),
             Ok(n) => got += n,
             Err(e) => panic!("the relay's read failed after {got} bytes: {e}"),

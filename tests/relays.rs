@@ -240,7 +240,7 @@ impl Capture {
         let thread = std::thread::spawn(move || {
             let mut buf = vec![0u8; 64 * 1024];
             while !st.load(Ordering::SeqCst) {
-                match stream.read(&mut buf) {
+                match common::read_some(&mut stream, &mut buf) {
                     Ok(0) => return d.store(true, Ordering::SeqCst),
                     Ok(n) => {
                         let mut all = b.lock().unwrap();

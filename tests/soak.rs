@@ -178,12 +178,6 @@ fn source(soak: Arc<Soak>) {
     }
 }
 
-/// A listener that keeps up for the whole run and checks every byte, until it has the stream up
-/// to `last` (set once the source has sent its last byte) or the deadline passes.
-fn healthy(soak: Arc<Soak>, last: Arc<AtomicU64>) -> StreamCheck {
-    Listener::connect(soak.addr, "/live").check_until(&last, "healthy listener")
-}
-
 /// Listeners that come and go: read a little, leave (half of them with a reset).
 fn churn(soak: Arc<Soak>, seed: u64) -> u64 {
     let mut rng = Lcg(seed);
@@ -200,7 +194,7 @@ fn churn(soak: Arc<Soak>, seed: u64) -> u64 {
         let want = 1000 + rng.next(50_000) as usize;
         let mut buf = [0u8; 16 * 1024];
         while all.len() < want {
-            match s.read(&mut buf) {
+            match common::read_some(&mut s, &mut buf) {
                 Ok(0) | Err(_) => break,
                 Ok(n) => all.extend_from_slice(&buf[..n]),
             }
@@ -374,10 +368,15 @@ fn soak() {
         metric_value(&scrape(admin), "fanstream_source_up", &[]) == 1.0
     });
     let last = Arc::new(AtomicU64::new(u64::MAX));
+    // Healthy listeners keep up for the whole run and check every byte, until they have the
+    // stream up to `last` (set once the source has sent its last byte) or the deadline passes.
+    // They are in before the load starts: the flood's 200 connections from the same address
+    // would otherwise have the server close a newcomer still sending its head
+    // (`max_pending_heads_per_ip`), which is the limit doing its job, not a lost listener.
     let healthy_threads: Vec<_> = (0..20)
         .map(|_| {
-            let (s, l) = (soak.clone(), last.clone());
-            thread::spawn(move || healthy(s, l))
+            let (listener, l) = (Listener::connect(addr, "/live"), last.clone());
+            thread::spawn(move || listener.check_until(&l, "healthy listener"))
         })
         .collect();
     let churners: Vec<_> = (0..4)

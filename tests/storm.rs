@@ -150,7 +150,7 @@ fn encoder(s: Arc<Storm>) {
         let mut head = Vec::new();
         let mut b = [0u8; 1];
         while !head.ends_with(b"\r\n\r\n") {
-            match c.read(&mut b) {
+            match common::read_some(&mut c, &mut b) {
                 Ok(1) => head.push(b[0]),
                 _ => return None,
             }

@@ -70,7 +70,7 @@ fn tls_listener(addr: SocketAddr, config: ClientConfig, mount: &str) -> (Tls, St
 fn read_body(tls: &mut Tls, body: &mut Vec<u8>, n: usize) {
     let mut buf = vec![0u8; 64 * 1024];
     while body.len() < n {
-        match tls.read(&mut buf) {
+        match common::read_some(tls, &mut buf) {
             Ok(0) => panic!("stream ended after {} of {n} bytes", body.len()),
             Ok(k) => body.extend_from_slice(&buf[..k]),
             Err(e) => panic!("read failed after {} of {n} bytes: {e}", body.len()),

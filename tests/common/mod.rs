@@ -278,12 +278,24 @@ impl Source {
     }
 }
 
+/// `Read::read`, retried on EINTR. A read with a timeout returns EINTR when the process was
+/// stopped and resumed (SIGSTOP/SIGCONT, as a loaded machine's job control does), handler or
+/// not; that is neither an error of the server nor the end of the stream.
+pub fn read_some(r: &mut impl Read, buf: &mut [u8]) -> std::io::Result<usize> {
+    loop {
+        match r.read(buf) {
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            other => return other,
+        }
+    }
+}
+
 /// Reads a response head byte by byte, so that no body byte is consumed.
 pub fn read_head(stream: &mut TcpStream) -> String {
     let mut head = Vec::new();
     let mut b = [0u8; 1];
     while !head.ends_with(b"\r\n\r\n") {
-        match stream.read(&mut b) {
+        match read_some(stream, &mut b) {
             Ok(1) => head.push(b[0]),
             other => panic!(
                 "connection ended inside a response head ({other:?}): {:?}",
@@ -339,12 +351,9 @@ impl Listener {
     pub fn read_at_least(&mut self, n: usize) {
         let mut buf = vec![0u8; 64 * 1024];
         while self.body.len() < n {
-            match self.stream.read(&mut buf) {
+            match read_some(&mut self.stream, &mut buf) {
                 Ok(0) => panic!("stream ended after {} of {n} bytes", self.body.len()),
                 Ok(k) => self.body.extend_from_slice(&buf[..k]),
-                // A read with a timeout returns EINTR when the process was stopped and resumed
-                // (SIGSTOP/SIGCONT, as a loaded machine's job control does), handler or not.
-                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
                 Err(e) => panic!("read failed after {} of {n} bytes: {e}", self.body.len()),
             }
         }
@@ -354,10 +363,9 @@ impl Listener {
     pub fn read_to_end(&mut self) {
         let mut buf = vec![0u8; 64 * 1024];
         loop {
-            match self.stream.read(&mut buf) {
+            match read_some(&mut self.stream, &mut buf) {
                 Ok(0) => return,
                 Ok(k) => self.body.extend_from_slice(&buf[..k]),
-                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
                 Err(e) => panic!("read failed after {} bytes: {e}", self.body.len()),
             }
         }
