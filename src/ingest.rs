@@ -25,17 +25,20 @@
 //! The looks fall on a 10 ms grid shared by all sources ([`TICK_GRID`]), so that one wake-up of the
 //! thread serves every source whose gap ends then. A look that finds nothing (the source paused)
 //! or a full [`MERGE_BYTES`] (it is fast) goes back to waiting for each read. The merged piece is
-//! one read into the source's read buffer, copied out once like any piece ([`FIRST_READ_BYTES`]).
+//! one read into a buffer all merging sources share (each look's bytes are copied out before the
+//! next), so a merging source keeps no read buffer of its own.
 //!
-//! The gap is a tenth of the mount's `max_write_delay_ms`, at most [`MAX_MERGE_GAP`]: with the
-//! default delay (1 s), 100 ms, so a 128 kbit/s encoder's 320-byte pieces go out five at a time.
+//! The gap is a fifth of the mount's `max_write_delay_ms`, at most [`MAX_MERGE_GAP`]: with the
+//! default delay (1 s), 200 ms, so a 128 kbit/s encoder's 320-byte pieces go out ten at a time.
 //! With 1,000 such sources this took ingest from 27% of a core (a hold per read, with two
-//! `setsockopt`s and a timer each) to 11% (docs/performance/many-stations.md). A listener's
+//! `setsockopt`s and a timer each) to 11% with a gap of 100 ms, and to less with 200 ms
+//! (docs/performance/many-stations.md). A listener's
 //! coalesced write falls due `max_write_delay_ms` after its oldest pending byte arrived, and a
 //! merged piece is stamped with the last look that found the socket empty, the earliest its
-//! first byte can have arrived: so a gap shorter than that delay makes no byte later than its
-//! deadline (a write that falls due within a gap goes without the bytes still in the socket,
-//! which follow by their own). Reads of [`SMALL_PIECE_BYTES`] and more (encoders at 2 Mbit/s and
+//! first byte can have arrived (plus [`LOOK_MARGIN`]): so a gap shorter than that delay makes
+//! no byte later than its deadline by more than that margin (a write that falls due within a
+//! gap goes without the bytes still in the socket, which follow by their own). A source's looks
+//! stay a gap apart on the grid, so with the default delay a write falls due at a look. Reads of [`SMALL_PIECE_BYTES`] and more (encoders at 2 Mbit/s and
 //! up) are never held. `max_write_delay_ms = 0` asks for every piece at once: nothing is held,
 //! and a source writing tiny pieces to such a mount costs a chunk, and a write to every
 //! listener, per read, which is what that mount asked for.
@@ -76,26 +79,27 @@ use crate::reasons::Refusal;
 use crate::shared::{stopped, Shared};
 use crate::store::{SourceState, StreamInfo, StreamMeta};
 
-/// Each source's read buffer is reused from read to read: what a read brings is copied out into
-/// a piece of its own size (one copy per byte, at ingest, once for all listeners), so a piece
-/// keeps only its own bytes alive and the store gives memory back a piece at a time. (Pieces
-/// that were slices of shared read buffers kept whole 16 KiB buffers alive for a few 1-2 KB
-/// pieces: with 1,000 mounts the buffers held half as much again as the stores retained.) The
-/// buffer starts at this size, room for an encoder's 100 ms at 128 kbit/s...
+/// A source waited on read by read has a buffer reused from one read to the next: what a read brings is
+/// copied out into a piece of its own size (one copy per byte, at ingest, once for all
+/// listeners), so a piece keeps only its own bytes alive and the store gives memory back a piece
+/// at a time. (Pieces that were slices of shared read buffers kept whole 16 KiB buffers alive for
+/// a few 1-2 KB pieces: with 1,000 mounts the buffers held half as much again as the stores
+/// retained.) A merging source gives its buffer up (see the module's doc). The buffer starts at
+/// this size...
 const FIRST_READ_BYTES: usize = 4 * 1024;
 /// ...and grows to this for a source whose reads fill it.
 const READ_BUF_BYTES: usize = 16 * 1024;
 /// A read at least this big is published at once: a chunk of it costs a listener's write little
 /// per byte, and a 2 Mbit/s encoder's pieces (5 KB) are bigger.
 const SMALL_PIECE_BYTES: usize = 4096;
-/// The longest gap between two looks at a merging source: four to five of an encoder's piece
-/// times (20-26 ms), so that a mount's pieces come at most 10 times a second, well inside the
+/// The longest gap between two looks at a merging source: eight to ten of an encoder's piece
+/// times (20-26 ms), so that a mount's pieces come at most 5 times a second, well inside the
 /// default coalescing delay. (A byte-at-a-time source's one-byte segments fill the socket's
 /// receive buffer within about 10 ms, and the kernel then signals it readable whatever
 /// `SO_RCVLOWAT` says: its pieces come about every 10 ms.)
-const MAX_MERGE_GAP: Duration = Duration::from_millis(100);
+const MAX_MERGE_GAP: Duration = Duration::from_millis(200);
 /// The merge gap is at most this fraction of the mount's `max_write_delay_ms`.
-const MERGE_GAP_PER_WRITE_DELAY: u32 = 10;
+const MERGE_GAP_PER_WRITE_DELAY: u32 = 5;
 /// A merging source is read before its gap ends once this much waits: merging more saves
 /// nothing (a 2 Mbit/s encoder's pieces are 5 KB).
 const MERGE_BYTES: usize = 16 * 1024;
@@ -179,6 +183,9 @@ struct Ingest {
     /// Every worker's fan-out: where `fallback_override` asks for listeners to move back.
     control: Arc<[UnboundedSender<Control>]>,
     entries: RefCell<HashMap<String, Entry>>,
+    /// Where merging looks read: one buffer for every source, since what a look takes is
+    /// copied out before the next await, so a merging source holds no read buffer of its own.
+    scratch: RefCell<BytesMut>,
 }
 
 /// A source's hold on a mount, from a successful claim.
@@ -556,6 +563,7 @@ pub(crate) fn run(
             shared: shared.clone(),
             control,
             entries: RefCell::new(HashMap::new()),
+            scratch: RefCell::new(BytesMut::with_capacity(READ_BUF_BYTES)),
         });
         ingest.declare_mounts();
         let mut stop = shared.stop.clone();
@@ -852,47 +860,50 @@ async fn read_stream(
     loop {
         if !buf.is_empty() {
             let filled = buf.len() == buf.capacity();
-            let piece = match decoder.as_mut() {
-                None => Bytes::copy_from_slice(&buf),
-                Some(d) => {
-                    if let Err(e) = d.decode(&buf, &mut decoded) {
-                        return e.reason();
-                    }
-                    let piece = Bytes::copy_from_slice(&decoded);
-                    decoded.clear();
-                    piece
-                }
-            };
+            if let Some(why) = emit(src, &mut decoder, &mut decoded, &buf, read_at) {
+                return why;
+            }
             buf.clear();
             if filled && buf.capacity() < READ_BUF_BYTES {
                 buf.reserve(READ_BUF_BYTES);
-            }
-            if !piece.is_empty() {
-                if let Err(why) = src.append(piece, read_at) {
-                    return why;
-                }
-            }
-            if decoder.as_ref().is_some_and(|d| d.is_done()) {
-                return "end_of_stream";
             }
         }
         if let Some(why) = ended {
             return why;
         }
         if let (Some(drained_at), Io::Plain(tcp)) = (merging, &*stream) {
+            // Merging: the source's own buffer goes until it is waited on read by read again.
+            buf = BytesMut::new();
             let gap = src.merge_gap();
-            let found;
-            (found, ended) = tick(tcp, &mut buf, on_grid(drained_at + gap)).await;
+            let at = on_grid(drained_at + gap);
+            tick(tcp, at).await;
+            // The look's point on the grid, which keeps the looks a gap apart; or now, if the
+            // socket filled before it.
+            let looked = at.min(Instant::now());
+            let ingest = src.ingest;
+            let scratch = &mut *ingest.scratch.borrow_mut();
+            ended = recv_waiting(tcp, scratch);
+            let found = scratch.len();
+            let done = emit(
+                src,
+                &mut decoder,
+                &mut decoded,
+                scratch,
+                drained_at + LOOK_MARGIN,
+            );
+            scratch.clear();
+            if let Some(why) = done.or(ended) {
+                return why;
+            }
             if found == 0 || found >= MERGE_BYTES || gap.is_zero() {
                 // Silent for a gap, or fast enough to fill `MERGE_BYTES` within one: wait for
                 // each read again (a silent source's next bytes are then not held a gap).
                 set_wake_bytes(tcp, 1);
                 merging = None;
+                buf.reserve(FIRST_READ_BYTES);
             } else {
-                merging = Some(Instant::now());
+                merging = Some(looked);
             }
-            // Conservative: its first byte may have come right after the last look.
-            read_at = drained_at;
             continue;
         }
         match tokio::time::timeout(timeout, stream.read_buf(&mut buf)).await {
@@ -908,15 +919,65 @@ async fn read_stream(
                 set_wake_bytes(tcp, MERGE_BYTES);
                 // What else waits goes out with this read; the socket is drained from here on.
                 ended = take_waiting(tcp, &mut buf);
-                merging = Some(Instant::now());
+                merging = Some(Instant::now() - phase(tcp, src.merge_gap()));
             }
         }
     }
 }
 
+/// Publishes what one read brought, decoded first if the body is chunked; Some says why the
+/// stream ended.
+fn emit(
+    src: &mut Source<'_>,
+    decoder: &mut Option<ChunkedDecoder>,
+    decoded: &mut BytesMut,
+    read: &[u8],
+    read_at: Instant,
+) -> Option<&'static str> {
+    let piece = match decoder.as_mut() {
+        None => Bytes::copy_from_slice(read),
+        Some(d) => {
+            if let Err(e) = d.decode(read, decoded) {
+                return Some(e.reason());
+            }
+            let piece = Bytes::copy_from_slice(decoded);
+            decoded.clear();
+            piece
+        }
+    };
+    if !piece.is_empty() {
+        if let Err(why) = src.append(piece, read_at) {
+            return Some(why);
+        }
+    }
+    decoder
+        .as_ref()
+        .is_some_and(|d| d.is_done())
+        .then_some("end_of_stream")
+}
+
 /// Merging ticks fall on a grid shared by every source, so that the ingest thread wakes once for
 /// all the sources whose gap ends in the same 10 ms, not once per source.
 const TICK_GRID: Duration = Duration::from_millis(10);
+
+/// A merged piece is stamped this long after the last look that found the socket drained (the
+/// earliest its first byte can have arrived). A write falling due at a point of the grid then
+/// comes after ingest's looks at that point, which may bring it more: with the looks a gap apart
+/// and the delay a whole number of gaps, a listener is written once per delay, not sometimes a
+/// gap sooner for want of bytes still in a socket (1.2 writes a second instead of 1.0 at the
+/// defaults). The price: a byte may leave this much past `max_write_delay_ms`.
+const LOOK_MARGIN: Duration = Duration::from_millis(5);
+
+/// How much sooner than a gap a source that starts merging is looked at first: a point of the
+/// grid within the gap picked by its descriptor, so that sources that start merging together
+/// (a server's sources after its restart, a load run's) look, and their listeners fall due, at
+/// points spread over the gap rather than all at one. Looking sooner is conservative: the first
+/// merged piece's stamp is earlier, never later, than its first byte.
+fn phase(stream: &TcpStream, gap: Duration) -> Duration {
+    use std::os::fd::AsRawFd;
+    let points = (gap.as_millis() / TICK_GRID.as_millis()).max(1);
+    TICK_GRID * (stream.as_raw_fd().unsigned_abs() as u128 % points) as u32
+}
 
 /// `at`, rounded up to the next point of [`TICK_GRID`].
 fn on_grid(at: Instant) -> Instant {
@@ -928,22 +989,15 @@ fn on_grid(at: Instant) -> Instant {
     at + Duration::from_nanos(late as u64)
 }
 
-/// One merging tick: waits until `until` (or until `MERGE_BYTES` wait, or the stream ends), then
-/// takes what waits into `buf`. Returns how many bytes it took, and why the stream ended if it did.
-async fn tick(
-    stream: &TcpStream,
-    buf: &mut BytesMut,
-    until: Instant,
-) -> (usize, Option<&'static str>) {
+/// Waits for a merging source's next look: until `until`, or until `MERGE_BYTES` wait, or the
+/// stream ends.
+async fn tick(stream: &TcpStream, until: Instant) {
     tokio::select! {
         _ = tokio::time::sleep_until(until.into()) => {}
         // With `SO_RCVLOWAT` at `MERGE_BYTES`, the socket is readable only once that much
         // waits, or at its end.
         _ = stream.readable() => {}
     }
-    let before = buf.len();
-    let ended = recv_waiting(stream, buf);
-    (buf.len() - before, ended)
 }
 
 /// As [`take_waiting`], but asking the kernel rather than the runtime: with `SO_RCVLOWAT` high

@@ -20,11 +20,10 @@ use std::time::Instant;
 use arc_swap::ArcSwap;
 use bytes::Bytes;
 
-/// A segment is sealed once it holds this many chunks; bounds the per-append copy of the open
-/// segment's chunk list (a few `Bytes` clones), whatever the window size, and how much beyond
-/// the window the open segment keeps (8 pieces of a 128 kbit/s encoder merged over 100 ms:
-/// 13 KB). Each seal copies the list of sealed segments, so far fewer chunks per segment would
-/// make seals the cost.
+/// A segment is sealed once it holds this many chunks; bounds the per-append copies of chunk
+/// lists (the open segment's for each snapshot, the oldest segment's when eviction trims its
+/// leading chunks: a few `Bytes` clones each), whatever the window size. Each seal copies the
+/// list of sealed segments, so far fewer chunks per segment would make seals the cost.
 const SEGMENT_MAX_CHUNKS: usize = 8;
 /// ...or this many bytes; bounds how much memory one segment keeps alive past the window.
 const SEGMENT_MAX_BYTES: usize = 64 * 1024;
@@ -443,22 +442,27 @@ impl<S> StoreWriter<S> {
         self.open_bytes += len;
         self.pieces += 1;
         self.end += len as u64;
-        if self.open.len() >= SEGMENT_MAX_CHUNKS || self.open_bytes >= SEGMENT_MAX_BYTES {
+        let sealed = self.open.len() >= SEGMENT_MAX_CHUNKS || self.open_bytes >= SEGMENT_MAX_BYTES;
+        if sealed {
             let seg = Arc::new(Segment {
                 chunks: std::mem::take(&mut self.open),
             });
             self.open_bytes = 0;
             self.sealed.push(seg);
-            self.evict(window);
+        }
+        // On every append, not only when a segment seals: a mount then retains its window plus
+        // at most one piece, not plus a whole open segment (up to 8 pieces of a merging source).
+        if self.evict(window) || sealed {
             self.sealed_shared = Arc::from(self.sealed.as_slice());
         }
         self.publish();
     }
 
     /// Drops what lies entirely beyond the window: the oldest sealed segments, then the leading
-    /// chunks of the oldest one left. Each piece is an allocation of its own (ingest copies it
-    /// out of its read buffer), so memory comes back a piece at a time, not a segment at a time.
-    fn evict(&mut self, window: u64) {
+    /// chunks of the oldest one left; true if it dropped anything. Each piece is an allocation of
+    /// its own (ingest copies it out of its read buffer), so memory comes back a piece at a time,
+    /// not a segment at a time.
+    fn evict(&mut self, window: u64) -> bool {
         let mut drop = 0;
         while drop + 1 < self.sealed.len() + usize::from(!self.open.is_empty()) {
             let next_start = self
@@ -492,6 +496,7 @@ impl<S> StoreWriter<S> {
                     chunks: first.chunks[beyond..].to_vec(),
                 });
             }
+            drop += beyond;
         }
         self.start = self
             .sealed
@@ -499,6 +504,7 @@ impl<S> StoreWriter<S> {
             .map(|s| s.start())
             .or_else(|| self.open.first().map(|c| c.offset))
             .unwrap_or(self.end);
+        drop > 0
     }
 
     /// A source took the mount: new stream info, state Live, no header pages or title yet (they
@@ -652,12 +658,11 @@ mod tests {
             w.append(pattern(PIECE as usize, end), start);
             end += PIECE;
             let snap = w.store().load();
-            let open = snap.open.chunks.len() as u64 * PIECE;
-            // At a seal (nothing open), at most one piece more than the window; between seals,
-            // what the open segment added since.
+            // After every append, at a seal or between seals: at most one piece more than the
+            // window (the one the window's first byte is in).
             assert!(
-                snap.retained_bytes() <= window + PIECE + open,
-                "{} bytes retained for a window of {window} with {open} open",
+                snap.retained_bytes() < window + PIECE,
+                "{} bytes retained for a window of {window}",
                 snap.retained_bytes()
             );
             assert!(
