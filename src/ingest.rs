@@ -919,7 +919,8 @@ async fn read_stream(
                 set_wake_bytes(tcp, MERGE_BYTES);
                 // What else waits goes out with this read; the socket is drained from here on.
                 ended = take_waiting(tcp, &mut buf);
-                merging = Some(Instant::now() - phase(tcp, src.merge_gap()));
+                let fd = std::os::fd::AsRawFd::as_raw_fd(tcp).unsigned_abs();
+                merging = Some(Instant::now() - phase(fd, src.merge_gap()));
             }
         }
     }
@@ -969,14 +970,13 @@ const TICK_GRID: Duration = Duration::from_millis(10);
 const LOOK_MARGIN: Duration = Duration::from_millis(5);
 
 /// How much sooner than a gap a source that starts merging is looked at first: a point of the
-/// grid within the gap picked by its descriptor, so that sources that start merging together
+/// grid within the gap picked by its descriptor (`key`), so that sources that start merging together
 /// (a server's sources after its restart, a load run's) look, and their listeners fall due, at
 /// points spread over the gap rather than all at one. Looking sooner is conservative: the first
 /// merged piece's stamp is earlier, never later, than its first byte.
-fn phase(stream: &TcpStream, gap: Duration) -> Duration {
-    use std::os::fd::AsRawFd;
+fn phase(key: u32, gap: Duration) -> Duration {
     let points = (gap.as_millis() / TICK_GRID.as_millis()).max(1);
-    TICK_GRID * (stream.as_raw_fd().unsigned_abs() as u128 % points) as u32
+    TICK_GRID * (u128::from(key) % points) as u32
 }
 
 /// `at`, rounded up to the next point of [`TICK_GRID`].
@@ -1064,4 +1064,23 @@ fn take_waiting(stream: &TcpStream, buf: &mut BytesMut) -> Option<&'static str> 
         }
     }
     None
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sources_starting_together_are_dealt_every_point_of_the_gap() {
+        let gap = Duration::from_millis(200);
+        let phases: std::collections::BTreeSet<_> = (100..120).map(|fd| phase(fd, gap)).collect();
+        assert_eq!(
+            phases.len(),
+            20,
+            "20 descriptors in a row, 20 points of a 200 ms gap"
+        );
+        assert!(phases.iter().all(|p| *p < gap && p.as_millis() % 10 == 0));
+        assert_eq!(phase(7, Duration::from_millis(5)), Duration::ZERO);
+        assert_eq!(phase(7, Duration::ZERO), Duration::ZERO);
+    }
 }
