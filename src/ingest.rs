@@ -31,15 +31,15 @@
 //! The gap is a fifth of the mount's `max_write_delay_ms`, at most [`MAX_MERGE_GAP`]: with the
 //! default delay (1 s), 200 ms, so a 128 kbit/s encoder's 320-byte pieces go out ten at a time.
 //! With 1,000 such sources this took ingest from 27% of a core (a hold per read, with two
-//! `setsockopt`s and a timer each) to 11% with a gap of 100 ms, and to less with 200 ms
-//! (docs/performance/many-stations.md). A listener's
-//! coalesced write falls due `max_write_delay_ms` after its oldest pending byte arrived, and a
-//! merged piece is stamped with the last look that found the socket empty, the earliest its
-//! first byte can have arrived (plus [`LOOK_MARGIN`]): so a gap shorter than that delay makes
-//! no byte later than its deadline by more than that margin (a write that falls due within a
-//! gap goes without the bytes still in the socket, which follow by their own). A source's looks
-//! stay a gap apart on the grid, so with the default delay a write falls due at a look. Reads of [`SMALL_PIECE_BYTES`] and more (encoders at 2 Mbit/s and
-//! up) are never held. `max_write_delay_ms = 0` asks for every piece at once: nothing is held,
+//! `setsockopt`s and a timer each) to 11% with a gap of 100 ms, and to 6% with 200 ms
+//! (docs/performance/many-stations.md). A listener's coalesced write falls due
+//! `max_write_delay_ms` after its oldest pending byte arrived, and a merged piece is stamped
+//! with the last look that found the socket empty, the earliest its first byte can have arrived
+//! (plus [`LOOK_MARGIN`]): so a gap shorter than that delay makes no byte later than its
+//! deadline by more than that margin (a write that falls due within a gap goes without the bytes
+//! still in the socket, which follow by their own). A source's looks stay a gap apart on the
+//! grid, so with the default delay a write falls due at a look. Reads of [`SMALL_PIECE_BYTES`]
+//! and more (encoders at 2 Mbit/s and up) are never held. `max_write_delay_ms = 0` asks for every piece at once: nothing is held,
 //! and a source writing tiny pieces to such a mount costs a chunk, and a write to every
 //! listener, per read, which is what that mount asked for.
 //!
@@ -79,8 +79,8 @@ use crate::reasons::Refusal;
 use crate::shared::{stopped, Shared};
 use crate::store::{SourceState, StreamInfo, StreamMeta};
 
-/// A source waited on read by read has a buffer reused from one read to the next: what a read brings is
-/// copied out into a piece of its own size (one copy per byte, at ingest, once for all
+/// A source waited on read by read has a buffer reused from one read to the next: what a read
+/// brings is copied out into a piece of its own size (one copy per byte, at ingest, once for all
 /// listeners), so a piece keeps only its own bytes alive and the store gives memory back a piece
 /// at a time. (Pieces that were slices of shared read buffers kept whole 16 KiB buffers alive for
 /// a few 1-2 KB pieces: with 1,000 mounts the buffers held half as much again as the stores
@@ -872,7 +872,8 @@ async fn read_stream(
             return why;
         }
         if let (Some(drained_at), Io::Plain(tcp)) = (merging, &*stream) {
-            // Merging: the source's own buffer goes until it is waited on read by read again.
+            // While merging, the source holds no buffer of its own: it gets one back when it is
+            // waited on read by read again.
             buf = BytesMut::new();
             let gap = src.merge_gap();
             let at = on_grid(drained_at + gap);
@@ -970,9 +971,9 @@ const TICK_GRID: Duration = Duration::from_millis(10);
 const LOOK_MARGIN: Duration = Duration::from_millis(5);
 
 /// How much sooner than a gap a source that starts merging is looked at first: a point of the
-/// grid within the gap picked by its descriptor (`key`), so that sources that start merging together
-/// (a server's sources after its restart, a load run's) look, and their listeners fall due, at
-/// points spread over the gap rather than all at one. Looking sooner is conservative: the first
+/// grid within the gap picked by its descriptor (`key`), so that sources that start merging
+/// together (a server's sources after its restart, a load run's) look, and their listeners fall
+/// due, at points spread over the gap rather than all at one. Looking sooner is conservative: the first
 /// merged piece's stamp is earlier, never later, than its first byte.
 fn phase(key: u32, gap: Duration) -> Duration {
     let points = (gap.as_millis() / TICK_GRID.as_millis()).max(1);
