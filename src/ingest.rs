@@ -39,9 +39,9 @@
 //! deadline by more than that margin (a write that falls due within a gap goes without the bytes
 //! still in the socket, which follow by their own). A source's looks stay a gap apart on the
 //! grid, so with the default delay a write falls due at a look. Reads of [`SMALL_PIECE_BYTES`]
-//! and more (encoders at 2 Mbit/s and up) are never held. `max_write_delay_ms = 0` asks for every piece at once: nothing is held,
-//! and a source writing tiny pieces to such a mount costs a chunk, and a write to every
-//! listener, per read, which is what that mount asked for.
+//! and more (encoders at 2 Mbit/s and up) are never held. `max_write_delay_ms = 0` asks for
+//! every piece at once: nothing is held, and a source writing tiny pieces to such a mount costs
+//! a chunk, and a write to every listener, per read, which is what that mount asked for.
 //!
 //! The merge is of raw bytes, before the format layer: the sync points stored are the ones the
 //! parser finds in the merged bytes. Frame and page boundaries are found however the bytes were
@@ -973,8 +973,8 @@ const LOOK_MARGIN: Duration = Duration::from_millis(5);
 /// How much sooner than a gap a source that starts merging is looked at first: a point of the
 /// grid within the gap picked by its descriptor (`key`), so that sources that start merging
 /// together (a server's sources after its restart, a load run's) look, and their listeners fall
-/// due, at points spread over the gap rather than all at one. Looking sooner is conservative: the first
-/// merged piece's stamp is earlier, never later, than its first byte.
+/// due, at points spread over the gap rather than all at one. Looking sooner is conservative:
+/// the first merged piece's stamp is earlier, never later, than its first byte.
 fn phase(key: u32, gap: Duration) -> Duration {
     let points = (gap.as_millis() / TICK_GRID.as_millis()).max(1);
     TICK_GRID * (u128::from(key) % points) as u32
