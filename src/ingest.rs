@@ -883,7 +883,7 @@ async fn read_stream(
             let looked = at.min(Instant::now());
             let ingest = src.ingest;
             let scratch = &mut *ingest.scratch.borrow_mut();
-            ended = recv_waiting(tcp, scratch);
+            let closed = recv_waiting(tcp, scratch);
             let found = scratch.len();
             let done = emit(
                 src,
@@ -893,7 +893,7 @@ async fn read_stream(
                 drained_at + LOOK_MARGIN,
             );
             scratch.clear();
-            if let Some(why) = done.or(ended) {
+            if let Some(why) = done.or(closed) {
                 return why;
             }
             if found == 0 || found >= MERGE_BYTES || gap.is_zero() {
@@ -916,12 +916,19 @@ async fn read_stream(
         read_at = Instant::now();
         // Over TLS the socket holds records, not the stream's bytes: nothing to merge there.
         if let Io::Plain(tcp) = &*stream {
-            if buf.len() < SMALL_PIECE_BYTES && !src.merge_gap().is_zero() {
+            // Only small reads merge; the mount's gap is looked up for those alone.
+            let small = buf.len() < SMALL_PIECE_BYTES;
+            let gap = if small {
+                src.merge_gap()
+            } else {
+                Duration::ZERO
+            };
+            if !gap.is_zero() {
                 set_wake_bytes(tcp, MERGE_BYTES);
                 // What else waits goes out with this read; the socket is drained from here on.
                 ended = take_waiting(tcp, &mut buf);
                 let fd = std::os::fd::AsRawFd::as_raw_fd(tcp).unsigned_abs();
-                merging = Some(Instant::now() - phase(fd, src.merge_gap()));
+                merging = Some(Instant::now() - phase(fd, gap));
             }
         }
     }

@@ -482,6 +482,7 @@ impl<S> StoreWriter<S> {
                 .map(|s| s.chunks.len())
                 .sum::<usize>();
         }
+        let mut trimmed = 0;
         if let Some(first) = self.sealed.first() {
             // Chunks whose successor still starts beyond the window; never the last one, which
             // the whole-segment pass above has already weighed.
@@ -496,7 +497,7 @@ impl<S> StoreWriter<S> {
                     chunks: first.chunks[beyond..].to_vec(),
                 });
             }
-            drop += beyond;
+            trimmed = beyond;
         }
         self.start = self
             .sealed
@@ -504,7 +505,7 @@ impl<S> StoreWriter<S> {
             .map(|s| s.start())
             .or_else(|| self.open.first().map(|c| c.offset))
             .unwrap_or(self.end);
-        drop > 0
+        drop + trimmed > 0
     }
 
     /// A source took the mount: new stream info, state Live, no header pages or title yet (they

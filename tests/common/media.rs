@@ -351,7 +351,6 @@ pub fn read_while_open(
     deadline: Duration,
     mut done: impl FnMut(&IcyCapture) -> bool,
 ) -> bool {
-    use std::io::Read;
     let start = Instant::now();
     let mut buf = vec![0u8; 16 * 1024];
     s.set_read_timeout(Some(Duration::from_millis(200)))
@@ -360,15 +359,13 @@ pub fn read_while_open(
         if start.elapsed() > deadline {
             return false;
         }
-        match s.read(&mut buf) {
+        match super::read_some(s, &mut buf) {
             Ok(0) => return false,
             Ok(n) => capture.feed(&buf[..n]),
             Err(e)
                 if matches!(
                     e.kind(),
-                    std::io::ErrorKind::WouldBlock
-                        | std::io::ErrorKind::TimedOut
-                        | std::io::ErrorKind::Interrupted
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
                 ) => {}
             Err(_) => return false,
         }
@@ -384,7 +381,6 @@ pub fn read_until(
     deadline: Duration,
     mut done: impl FnMut(&IcyCapture) -> bool,
 ) {
-    use std::io::Read;
     let start = Instant::now();
     let mut buf = vec![0u8; 16 * 1024];
     s.set_read_timeout(Some(Duration::from_millis(200)))
@@ -397,7 +393,7 @@ pub fn read_until(
             capture.blocks.len(),
             capture.titles()
         );
-        match s.read(&mut buf) {
+        match super::read_some(s, &mut buf) {
             Ok(0) => panic!(
                 "stream ended while waiting for {what}; titles {:?}",
                 capture.titles()
@@ -406,9 +402,7 @@ pub fn read_until(
             Err(e)
                 if matches!(
                     e.kind(),
-                    std::io::ErrorKind::WouldBlock
-                        | std::io::ErrorKind::TimedOut
-                        | std::io::ErrorKind::Interrupted
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
                 ) => {}
             Err(e) => panic!("read failed while waiting for {what}: {e}"),
         }

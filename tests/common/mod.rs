@@ -499,15 +499,13 @@ impl Listener {
                     break;
                 }
             }
-            match self.stream.read(&mut buf) {
+            match read_some(&mut self.stream, &mut buf) {
                 Ok(0) => break,
                 Ok(n) => check.feed(&buf[..n]),
                 Err(e)
                     if matches!(
                         e.kind(),
-                        std::io::ErrorKind::WouldBlock
-                            | std::io::ErrorKind::TimedOut
-                            | std::io::ErrorKind::Interrupted
+                        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
                     ) => {}
                 Err(e) => panic!("{who} failed: {e}"),
             }
