@@ -474,11 +474,17 @@ impl Framer {
     /// Adds `passed` to the lookback and looks for three headers in a row in it; on a lock,
     /// works out where the next frame begins after what was passed.
     fn search(&mut self, passed: &[u8]) {
-        self.lookback.extend_from_slice(passed);
+        // With nothing kept from earlier pieces, the piece is searched where it lies, and only
+        // what may still start a lock is copied: most pieces of a stream that is not MPEG (or
+        // not yet locked) then leave nothing behind, and the framer holds no buffer.
+        let in_place = self.lookback.is_empty();
+        if !in_place {
+            self.lookback.extend_from_slice(passed);
+        }
         // Candidates: those still undecided, then every 0xFF that arrived since; each is
         // looked at again only while undecided, so small pieces do not rescan the lookback.
         let pending = std::mem::take(&mut self.pending);
-        let b = &self.lookback[..];
+        let b = if in_place { passed } else { &self.lookback[..] };
         let fresh = (self.scanned..b.len()).filter(|&i| b[i] == 0xFF);
         let mut undecided = Vec::new();
         for i in pending.into_iter().chain(fresh) {
@@ -501,6 +507,9 @@ impl Framer {
                         }
                     }
                     if at != usize::MAX {
+                        if in_place {
+                            self.lookback.extend_from_slice(passed);
+                        }
                         self.lock(stream, at, passed.len());
                         return;
                     }
@@ -515,7 +524,14 @@ impl Framer {
             .copied()
             .unwrap_or(len)
             .max(len.saturating_sub(self.max_lookback()));
-        let _ = self.lookback.split_to(keep_from);
+        if in_place {
+            self.lookback.extend_from_slice(&passed[keep_from..]);
+        } else if keep_from == len {
+            // Nothing to keep: the buffer goes with it.
+            self.lookback = BytesMut::new();
+        } else {
+            let _ = self.lookback.split_to(keep_from);
+        }
         self.pending = undecided
             .into_iter()
             .filter(|&i| i >= keep_from)
