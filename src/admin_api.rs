@@ -29,8 +29,6 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
-use prometheus::core::Collector;
-use prometheus::IntCounterVec;
 use tokio::sync::mpsc::UnboundedSender;
 use tokio::sync::oneshot;
 
@@ -461,8 +459,8 @@ fn stats(shared: &Shared, req: &Request) -> El {
     let host = host_name(req.header("host"), shared.listen_addr);
     let m = &shared.metrics;
     let live = live_mounts(shared);
-    let listener_connections = counter_sum(&m.listener_connects);
-    let source_connections = counter_sum(&m.source_connects);
+    let listener_connections = m.listener_connects.sum();
+    let source_connections = m.source_connects.sum();
     let start = Date::of(shared.started);
     let mut children = vec![
         // Icecast's `<admin>` and `<location>` settings; fanstream has none: Icecast's defaults.
@@ -580,15 +578,6 @@ fn stats(shared: &Shared, req: &Request) -> El {
         children.push(El::node("source", source).with_mount(&mount.path));
     }
     El::node("icestats", children).listing(&["source"])
-}
-
-/// A counter's total over its labels.
-fn counter_sum(vec: &IntCounterVec) -> u64 {
-    vec.collect()
-        .iter()
-        .flat_map(|family| family.get_metric())
-        .map(|m| m.get_counter().value() as u64)
-        .sum()
 }
 
 /// The query's parameters, as text.

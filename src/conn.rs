@@ -18,7 +18,6 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use prometheus::IntGauge;
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::TcpStream;
 
@@ -33,6 +32,7 @@ use crate::icy::Cadence;
 use crate::listener_auth::LeaveCall;
 use crate::mounts::{Joining, Mount};
 use crate::reasons::{Refusal, Unanswered};
+use crate::series::Gauge;
 use crate::shared::Shared;
 use crate::store::StreamInfo;
 use crate::tls::TlsConn;
@@ -480,9 +480,9 @@ pub(crate) struct NewListener {
 pub(crate) struct ListenerGuard {
     shared: Arc<Shared>,
     mount: Arc<Mount>,
-    gauge: IntGauge,
+    gauge: Gauge,
     /// Set while it receives ICY metadata.
-    icy_gauge: Option<IntGauge>,
+    icy_gauge: Option<Gauge>,
     /// An edge's relay: counted in the mount's `relays` (and `gauge` is
     /// `fanstream_relays`), not among its listeners; no listener limit applies to it.
     relay: bool,

@@ -31,7 +31,7 @@ use std::sync::{Arc, Mutex};
 use std::task::{Context, Wake, Waker};
 use std::time::{Duration, Instant};
 
-use prometheus::{Histogram, IntCounter, IntCounterVec};
+use prometheus::{Histogram, IntCounter};
 use slab::Slab;
 use tokio::sync::{mpsc, Notify};
 
@@ -42,6 +42,7 @@ use crate::http::RESPONSE_TIMEOUT;
 use crate::icy::Cadence;
 use crate::mounts::{Joining, Mount, Snapshot};
 use crate::reasons::Disconnect;
+use crate::series::{Counter, CounterFamily};
 use crate::shared::{stopped, Stop};
 use crate::store::{Position, SourceState};
 use crate::usage::WorkerUsage;
@@ -145,10 +146,10 @@ struct Shard {
     parked: Vec<usize>,
     /// When its next coalesced write falls due, as filed in [`Shards::deadlines`].
     deadline: Option<Instant>,
-    sent_bytes: IntCounter,
-    writes: IntCounter,
-    skips: IntCounter,
-    disconnects: IntCounterVec,
+    sent_bytes: Counter,
+    writes: Counter,
+    skips: Counter,
+    disconnects: CounterFamily,
     lag: Histogram,
     /// Test hook: serving this shard's listeners panics (`Config::panic_injection_mount`).
     #[cfg(feature = "fault-injection")]

@@ -56,7 +56,6 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
-use prometheus::{IntCounter, IntGauge};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::runtime::Runtime;
@@ -76,6 +75,7 @@ use crate::http::RESPONSE_TIMEOUT;
 use crate::metrics::unsynced_action;
 use crate::mounts::{Mount, StoreWriter};
 use crate::reasons::Refusal;
+use crate::series::{Counter, Gauge};
 use crate::shared::{stopped, Shared};
 use crate::store::{copy_in, SourceState, StreamInfo, StreamMeta};
 
@@ -117,11 +117,11 @@ struct Entry {
     retained_pieces: i64,
     /// Those two gauges for the mount's label, looked up once: every publication updates them,
     /// and a lookup by label hashes and locks.
-    retained_gauge: IntGauge,
-    pieces_gauge: IntGauge,
+    retained_gauge: Gauge,
+    pieces_gauge: Gauge,
     /// `fanstream_source_unsynced_bytes_total` for the mount's label, passed on and dropped:
     /// a stream that is not what its type says is unsynced in every piece.
-    unsynced: [IntCounter; 2],
+    unsynced: [Counter; 2],
     /// Ends the current claim's source (`/admin/killsource`); replaced on every claim.
     kill: Rc<Notify>,
     /// What the current source said of its stream, before the mount's overrides
@@ -700,7 +700,7 @@ struct Source<'a> {
     /// The mount it feeds, whose received bytes it counts.
     counted: Arc<Mount>,
     /// `fanstream_source_received_bytes_total` for the mount's label.
-    received: IntCounter,
+    received: Counter,
     claim: Claim,
     format: Format,
     /// What the parser yields, reused from piece to piece.

@@ -64,7 +64,8 @@
 //!    header packets of Opus, Vorbis and FLAC in Ogg, and each packet's duration), [`fmp4`]
 //!    (fragmented MP4 for them), [`hls`] (MP3 and AAC cut into HLS packed-audio segments, Ogg
 //!    Opus, Vorbis and FLAC into fMP4 ones, and their live playlist), [`store`] (the segment store and its snapshot, generic over the
-//!    settings it carries), [`threads`] (named, pinned, CPU-accounted threads), [`open_files`],
+//!    settings it carries), [`threads`] (named, pinned, CPU-accounted threads), [`series`]
+//!    (counters and gauges labelled by mount, light at thousands of mounts), [`open_files`],
 //!    [`sd_notify`] (telling systemd the server is ready, reloading or stopping).
 //! 2. **Vocabulary** shared by the stages: [`config`], [`cors`] (which web pages may read what,
 //!    and the preflight's answer), [`proxy`] (the client's address behind a trusted proxy: the
@@ -108,6 +109,7 @@ pub(crate) mod ogg;
 pub(crate) mod ogg_codecs;
 pub mod open_files;
 pub mod sd_notify;
+pub(crate) mod series;
 pub(crate) mod store;
 pub(crate) mod threads;
 pub(crate) mod tls;

@@ -161,7 +161,7 @@ impl Server {
             per_ip: Mutex::new(HashMap::new()),
             room: Default::default(),
             mounts: Mounts::default(),
-            metrics: Metrics::new(registry.clone(), nworkers),
+            metrics: Metrics::new(registry.clone()),
             workers: (0..nworkers).map(|_| WorkerLink::default()).collect(),
             listeners_total: Default::default(),
             stop: stop_rx,

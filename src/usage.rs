@@ -79,7 +79,7 @@ mod tests {
 
     #[test]
     fn listener_seconds_credit_each_interval_to_the_listeners_held_during_it() {
-        let metrics = Metrics::new(Arc::new(ThreadRegistry::default()), 1);
+        let metrics = Metrics::new(Arc::new(ThreadRegistry::default()));
         let mut usage = WorkerUsage::new(&metrics, "0");
         let t0 = usage.since;
         usage.pass(t0 + Duration::from_secs(5), 3); // nobody before: nothing credited
@@ -92,7 +92,7 @@ mod tests {
 
     #[test]
     fn round_cost_is_observed_per_listener_once_a_previous_round_exists() {
-        let metrics = Metrics::new(Arc::new(ThreadRegistry::default()), 1);
+        let metrics = Metrics::new(Arc::new(ThreadRegistry::default()));
         let mut usage = WorkerUsage::new(&metrics, "0");
         usage.round_done(10);
         let h = metrics.round_cpu_per_listener.with_label_values(&["0"]);
