@@ -345,9 +345,9 @@ fn check(
             .shared
             .access_log
             .enabled()
-            .then(|| Record::of(req, peer.ip(), 200, 0)),
+            .then(|| Box::new(Record::of(req, peer.ip(), 200, 0))),
         connected: Instant::now(),
-        _leave: leave.take(),
+        _leave: leave.take().map(Box::new),
     });
     let guard = ListenerGuard::enter(&ctx.shared, &mount, &ctx.label, limit, client, listening)?;
     Ok((mount, snap, guard, joining))

@@ -353,13 +353,14 @@ pub(crate) struct Listening {
     /// bytes it received are the kernel's count, so the fan-out counts nothing per listener.
     pub fd: RawFd,
     /// The line to write, but for the bytes; none without an access log, so that a listener
-    /// costs no copy of its request then.
-    pub record: Option<Record>,
+    /// costs no copy of its request then. Boxed, as is `_leave`: without an access log or URL
+    /// auth, a listener then carries 16 bytes for the two, not some 250.
+    pub record: Option<Box<Record>>,
     /// When it connected: `max_listener_duration_secs` counts from here, across moves.
     pub connected: Instant,
     /// What `listener_remove_url` is told when it leaves (URL auth only): sent when this is
     /// dropped, whether the listener played or was turned away after its auth call.
-    pub _leave: Option<LeaveCall>,
+    pub _leave: Option<Box<LeaveCall>>,
 }
 
 /// Bytes the peer has acknowledged on a TCP socket (`tcpi_bytes_acked`), or 0 if unknown.
@@ -598,7 +599,7 @@ impl Drop for ListenerGuard {
             self.mount.clients.leave(l.id);
             if let Some(mut record) = l.record {
                 record.bytes = bytes_acked(l.fd);
-                self.shared.access_log.record(record);
+                self.shared.access_log.record(*record);
             }
         }
         if self.relay {
