@@ -999,6 +999,12 @@ impl FanOut {
     /// Stops: on `Drain`, gives listeners until the deadline to receive what is pending.
     async fn stop(&mut self, how: Stop) {
         if how == Stop::Drain {
+            // Listeners admitted but not taken in yet (the stop won the race with them in the
+            // loop's `select!`, or came before the loop ran) are served too: dropped, they
+            // would leave with nothing of what they were promised.
+            while let Ok(new) = self.admit_rx.try_recv() {
+                self.add(new);
+            }
             let grace = Duration::from_secs(self.ctx.shared.config.load().shutdown_grace_secs);
             let deadline = tokio::time::Instant::now() + grace;
             // Ingest may be publishing the last bytes it read as the stop comes.

@@ -309,6 +309,7 @@ impl Ingest {
         let oldest = entry.mount.oldest_listener();
         let settings = entry.writer.settings().clone();
         let mut segmented = false;
+        let mut pushed = false;
         for event in events.drain(..) {
             match event {
                 Event::Data { bytes, sync } => {
@@ -317,7 +318,8 @@ impl Ingest {
                     // length would be evicted from under the furthest-behind listener.
                     let end = entry.writer.end() + bytes.len() as u64;
                     let keep = settings.retention_bytes(end, oldest);
-                    entry.writer.append(bytes, arrived, keep, sync)
+                    entry.writer.push(bytes, arrived, keep, sync);
+                    pushed = true;
                 }
                 Event::Headers(pages) => entry.writer.set_headers(pages),
                 Event::Tags { title, artist } => {
@@ -328,6 +330,9 @@ impl Ingest {
                     entry.unsynced[usize::from(dropped)].inc_by(bytes as u64);
                 }
             }
+        }
+        if pushed {
+            entry.writer.publish();
         }
         if let Some(subtype) = subtype {
             entry.writer.set_subtype(subtype);

@@ -11,7 +11,6 @@
 //! label `other`.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
@@ -139,15 +138,14 @@ pub(crate) struct Metrics {
 /// well-formed name, unique, consistent labels), but its `gather` builds every series of every
 /// metric as a protobuf message before a byte is encoded: at 1,000 mounts, some 40,000 series and
 /// 30 MiB held for the length of a scrape, and kept by the allocator for a while after. Here the
-/// collectors are encoded one at a time, and the per-mount families ([`crate::series`]) write
-/// their text directly, so a scrape holds little more than its text.
+/// metrics are encoded one at a time (the per-mount families of [`crate::series`] straight to
+/// text), and the admin thread writes each out before the next, so a scrape never holds the
+/// whole text (2.5 MB at 1,000 mounts with listeners) either.
 #[derive(Default)]
 struct Exposition {
     registry: Registry,
     /// What is shown, in the order of the metrics' names (as `gather` sorts them).
     parts: Mutex<Vec<(String, Part)>>,
-    /// The previous scrape's length: the next one's text buffer starts that large.
-    last_len: AtomicUsize,
 }
 
 enum Part {
@@ -195,36 +193,36 @@ impl Exposition {
         parts.insert(at, (name, part));
     }
 
-    fn render(&self, room: usize) -> Vec<u8> {
+    /// Appends the text of the `index`th metric (in name order) to `out`; false past the last.
+    fn render_part(&self, index: usize, out: &mut Vec<u8>) -> bool {
         let parts = self.parts.lock().unwrap_or_else(|e| e.into_inner());
-        let mut out = Vec::with_capacity(self.last_len.load(Ordering::Relaxed) + room);
-        let encoder = TextEncoder::new();
-        for (_, part) in parts.iter() {
-            let collector = match part {
-                Part::Counters(family) => {
-                    family.render(&mut out);
-                    continue;
-                }
-                Part::Gauges(family) => {
-                    family.render(&mut out);
-                    continue;
-                }
-                Part::Collector(collector) => collector,
-            };
-            let mut families = collector.collect();
-            // As `gather` does: no family without series, series in order of their labels.
-            families.retain(|f| !f.get_metric().is_empty());
-            for family in &mut families {
-                family
-                    .mut_metric()
-                    .sort_by(|a, b| label_values(a).cmp(label_values(b)));
+        let Some((_, part)) = parts.get(index) else {
+            return false;
+        };
+        let collector = match part {
+            Part::Counters(family) => {
+                family.render(out);
+                return true;
             }
-            if let Err(e) = encoder.encode(&families, &mut out) {
-                tracing::error!(error = %e, "encoding metrics failed");
+            Part::Gauges(family) => {
+                family.render(out);
+                return true;
             }
+            Part::Collector(collector) => collector.clone(),
+        };
+        drop(parts);
+        let mut families = collector.collect();
+        // As `gather` does: no family without series, series in order of their labels.
+        families.retain(|f| !f.get_metric().is_empty());
+        for family in &mut families {
+            family
+                .mut_metric()
+                .sort_by(|a, b| label_values(a).cmp(label_values(b)));
         }
-        self.last_len.store(out.len(), Ordering::Relaxed);
-        out
+        if let Err(e) = TextEncoder::new().encode(&families, out) {
+            tracing::error!(error = %e, "encoding metrics failed");
+        }
+        true
     }
 }
 
@@ -642,11 +640,21 @@ impl Metrics {
             .inc();
     }
 
-    /// The text exposition of every metric, in a buffer with `room` bytes to spare: a response
-    /// head put in front then moves the text in place instead of copying it (2.5 MB at 1,000
-    /// mounts with listeners).
-    pub fn render(&self, room: usize) -> Vec<u8> {
-        self.exposition.render(room)
+    /// Appends the text exposition of the `index`th metric to `out`; false past the last. A
+    /// scrape writes out each metric's text before it renders the next.
+    pub fn render_part(&self, index: usize, out: &mut Vec<u8>) -> bool {
+        self.exposition.render_part(index, out)
+    }
+
+    /// The text exposition of every metric at once.
+    #[cfg(test)]
+    pub fn render(&self) -> Vec<u8> {
+        let mut out = Vec::new();
+        let mut index = 0;
+        while self.render_part(index, &mut out) {
+            index += 1;
+        }
+        out
     }
 }
 
@@ -888,7 +896,7 @@ mod tests {
     }
 
     fn lines_with(m: &Metrics, label: &str) -> usize {
-        let text = String::from_utf8(m.render(0)).unwrap();
+        let text = String::from_utf8(m.render()).unwrap();
         let needle = format!("mount=\"{label}\"");
         text.lines()
             .filter(|l| !l.starts_with('#') && l.contains(&needle))
@@ -961,7 +969,7 @@ mod tests {
     fn declared_mounts_keep_their_series_and_never_count_against_the_limit() {
         let m = metrics();
         m.declare_mounts(["/live"]);
-        let text = String::from_utf8(m.render(0)).unwrap();
+        let text = String::from_utf8(m.render()).unwrap();
         assert!(
             text.contains("fanstream_source_up{mount=\"/live\"} 0\n"),
             "{text}"

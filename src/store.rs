@@ -478,6 +478,13 @@ impl<S> StoreWriter<S> {
     /// live edge must stay readable (the mount's burst and what its furthest-behind listener
     /// needs: `MountSettings::retention_bytes`); `sync` marks the chunk's start as a place a player may start.
     pub fn append(&mut self, data: Bytes, arrived: Instant, window: u64, sync: bool) {
+        self.push(data, arrived, window, sync);
+        self.publish();
+    }
+
+    /// As [`Self::append`], without publishing: pieces that arrived together go out in one
+    /// snapshot ([`Self::publish`] after the last), not one each.
+    pub fn push(&mut self, data: Bytes, arrived: Instant, window: u64, sync: bool) {
         if data.is_empty() {
             return;
         }
@@ -504,7 +511,6 @@ impl<S> StoreWriter<S> {
         if self.evict(window) || sealed {
             self.sealed_shared = Arc::from(self.sealed.as_slice());
         }
-        self.publish();
     }
 
     /// Drops what lies entirely beyond the window: the oldest sealed segments, then the leading
@@ -626,7 +632,8 @@ impl<S> StoreWriter<S> {
         self.publish();
     }
 
-    fn publish(&mut self) {
+    /// Publishes the current state as the next snapshot.
+    pub fn publish(&mut self) {
         let snap = Snapshot {
             sealed: self.sealed_shared.clone(),
             open: Arc::new(Segment {
