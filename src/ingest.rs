@@ -77,7 +77,7 @@ use crate::mounts::{Mount, StoreWriter};
 use crate::reasons::Refusal;
 use crate::series::{Counter, Gauge};
 use crate::shared::{stopped, Shared};
-use crate::store::{SourceState, StreamInfo, StreamMeta};
+use crate::store::{copy_in, SourceState, StreamInfo, StreamMeta};
 
 /// A source waited on read by read has a buffer reused from one read to the next: what a read
 /// brings is copied out into a piece of its own size (one copy per byte, at ingest, once for all
@@ -732,15 +732,21 @@ impl Drop for Source<'_> {
 impl Source<'_> {
     /// Parses a piece of the stream, whose first byte was read at `arrived`, and publishes the
     /// result; Err says why the source must end.
-    fn append(&mut self, piece: Bytes, arrived: Instant) -> Result<(), &'static str> {
-        self.received.inc_by(piece.len() as u64);
-        self.bytes += piece.len() as u64;
-        self.counted
-            .received_bytes
-            .fetch_add(piece.len() as u64, Ordering::Relaxed);
-        if let Err(e) = self.format.push(piece, &mut self.events) {
-            tracing::warn!(mount = %self.mount, reason = e.reason(), "source's stream refused");
-            return Err(e.reason());
+    fn append(
+        &mut self,
+        pieces: impl IntoIterator<Item = Bytes>,
+        arrived: Instant,
+    ) -> Result<(), &'static str> {
+        for piece in pieces {
+            self.received.inc_by(piece.len() as u64);
+            self.bytes += piece.len() as u64;
+            self.counted
+                .received_bytes
+                .fetch_add(piece.len() as u64, Ordering::Relaxed);
+            if let Err(e) = self.format.push(piece, &mut self.events) {
+                tracing::warn!(mount = %self.mount, reason = e.reason(), "source's stream refused");
+                return Err(e.reason());
+            }
         }
         if self.events.is_empty() {
             return Ok(());
@@ -837,7 +843,7 @@ async fn read_pieces(src: &mut Source<'_>, mut pieces: mpsc::Receiver<Bytes>) ->
             Err(_) => return "source_timeout",
             Ok(None) => return "end_of_stream",
             Ok(Some(piece)) => {
-                if let Err(why) = src.append(piece, Instant::now()) {
+                if let Err(why) = src.append([piece], Instant::now()) {
                     return why;
                 }
             }
@@ -950,19 +956,19 @@ fn emit(
     read: &[u8],
     read_at: Instant,
 ) -> Option<&'static str> {
-    let piece = match decoder.as_mut() {
-        None => Bytes::copy_from_slice(read),
+    let pieces = match decoder.as_mut() {
+        None => copy_in(read),
         Some(d) => {
             if let Err(e) = d.decode(read, decoded) {
                 return Some(e.reason());
             }
-            let piece = Bytes::copy_from_slice(decoded);
+            let pieces = copy_in(decoded);
             decoded.clear();
-            piece
+            pieces
         }
     };
-    if !piece.is_empty() {
-        if let Err(why) = src.append(piece, read_at) {
+    if pieces[0].as_ref().is_some_and(|p| !p.is_empty()) {
+        if let Err(why) = src.append(pieces.into_iter().flatten(), read_at) {
             return Some(why);
         }
     }
