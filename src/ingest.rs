@@ -737,16 +737,24 @@ impl Source<'_> {
         pieces: impl IntoIterator<Item = Bytes>,
         arrived: Instant,
     ) -> Result<(), &'static str> {
+        let mut received = 0;
+        let mut refused = None;
         for piece in pieces {
-            self.received.inc_by(piece.len() as u64);
-            self.bytes += piece.len() as u64;
-            self.counted
-                .received_bytes
-                .fetch_add(piece.len() as u64, Ordering::Relaxed);
+            received += piece.len() as u64;
             if let Err(e) = self.format.push(piece, &mut self.events) {
-                tracing::warn!(mount = %self.mount, reason = e.reason(), "source's stream refused");
-                return Err(e.reason());
+                refused = Some(e.reason());
+                break;
             }
+        }
+        // Counted once per read, not per piece: two shared atomics less for a piece cut in two.
+        self.received.inc_by(received);
+        self.bytes += received;
+        self.counted
+            .received_bytes
+            .fetch_add(received, Ordering::Relaxed);
+        if let Some(why) = refused {
+            tracing::warn!(mount = %self.mount, reason = why, "source's stream refused");
+            return Err(why);
         }
         if self.events.is_empty() {
             return Ok(());
@@ -956,7 +964,7 @@ fn emit(
     read: &[u8],
     read_at: Instant,
 ) -> Option<&'static str> {
-    let pieces = match decoder.as_mut() {
+    let (head, tail) = match decoder.as_mut() {
         None => copy_in(read),
         Some(d) => {
             if let Err(e) = d.decode(read, decoded) {
@@ -967,8 +975,8 @@ fn emit(
             pieces
         }
     };
-    if pieces[0].as_ref().is_some_and(|p| !p.is_empty()) {
-        if let Err(why) = src.append(pieces.into_iter().flatten(), read_at) {
+    if !head.is_empty() {
+        if let Err(why) = src.append(std::iter::once(head).chain(tail), read_at) {
             return Some(why);
         }
     }

@@ -22,7 +22,7 @@ use prometheus::{
 };
 
 use crate::reasons::{Disconnect, Refusal, Unanswered};
-use crate::series::{CounterFamily, GaugeFamily};
+use crate::series::{CounterFamily, Family, GaugeFamily, Labelled, Value};
 use crate::threads::{clock_time, ThreadRegistry};
 
 /// Buckets of `fanstream_fanout_round_cpu_per_listener_seconds`: 100 ns to 1 ms. A listener that
@@ -150,8 +150,7 @@ struct Exposition {
 
 enum Part {
     Collector(Arc<dyn Collector>),
-    Counters(CounterFamily),
-    Gauges(GaugeFamily),
+    Series(Box<dyn Labelled>),
 }
 
 /// A collector registered both with the registry (for its checks) and in the exposition's list.
@@ -200,11 +199,7 @@ impl Exposition {
             return false;
         };
         let collector = match part {
-            Part::Counters(family) => {
-                family.render(out);
-                return true;
-            }
-            Part::Gauges(family) => {
+            Part::Series(family) => {
                 family.render(out);
                 return true;
             }
@@ -226,27 +221,18 @@ impl Exposition {
     }
 }
 
-/// A counter with a `mount` label first ([`crate::series`]).
-fn mount_counter(
+/// A counter or gauge with a `mount` label first ([`crate::series`]).
+fn by_mount<V: Value>(
     reg: &Exposition,
     name: &str,
     help: &'static str,
     labels: &'static [&'static str],
-) -> CounterFamily {
-    let family = CounterFamily::new(format!("fanstream_{name}"), help, labels);
-    reg.add(family.name().to_string(), Part::Counters(family.clone()));
-    family
-}
-
-/// A gauge with a `mount` label first.
-fn mount_gauge(
-    reg: &Exposition,
-    name: &str,
-    help: &'static str,
-    labels: &'static [&'static str],
-) -> GaugeFamily {
-    let family = GaugeFamily::new(format!("fanstream_{name}"), help, labels);
-    reg.add(family.name().to_string(), Part::Gauges(family.clone()));
+) -> Family<V> {
+    let family = Family::<V>::new(format!("fanstream_{name}"), help, labels);
+    reg.add(
+        family.name().to_string(),
+        Part::Series(Box::new(family.clone())),
+    );
     family
 }
 
@@ -295,37 +281,37 @@ impl Metrics {
         .expect("valid metric definition");
         reg.register(Box::new(overflow.clone()))
             .expect("metric names are unique");
-        let listeners = mount_gauge(
+        let listeners = by_mount(
             &reg,
             "listeners",
             "Listeners connected now.",
             &["mount", "worker"],
         );
-        let listener_connects = mount_counter(
+        let listener_connects = by_mount(
             &reg,
             "listener_connects_total",
             "Listeners admitted.",
             &["mount"],
         );
-        let listener_disconnects = mount_counter(
+        let listener_disconnects = by_mount(
             &reg,
             "listener_disconnects_total",
             "Listeners gone, by reason.",
             &["mount", "reason"],
         );
-        let listener_skips = mount_counter(
+        let listener_skips = by_mount(
             &reg,
             "listener_skips_total",
             "Slow listeners moved to the live edge (lag_policy = skip).",
             &["mount"],
         );
-        let sent_bytes = mount_counter(
+        let sent_bytes = by_mount(
             &reg,
             "sent_bytes_total",
             "Payload bytes written to listeners.",
             &["mount", "worker"],
         );
-        let write_syscalls = mount_counter(
+        let write_syscalls = by_mount(
             &reg,
             "write_syscalls_total",
             "Write syscalls to listeners.",
@@ -337,67 +323,67 @@ impl Metrics {
             "Times ingest woke a worker for new data.",
             &["worker"],
         );
-        let source_received_bytes = mount_counter(
+        let source_received_bytes = by_mount(
             &reg,
             "source_received_bytes_total",
             "Payload bytes received from sources.",
             &["mount"],
         );
-        let source_up = mount_gauge(
+        let source_up = by_mount(
             &reg,
             "source_up",
             "1 while a source feeds the mount.",
             &["mount"],
         );
-        let source_connects = mount_counter(
+        let source_connects = by_mount(
             &reg,
             "source_connects_total",
             "Sources accepted.",
             &["mount"],
         );
-        let source_disconnects = mount_counter(
+        let source_disconnects = by_mount(
             &reg,
             "source_disconnects_total",
             "Sources gone, by reason.",
             &["mount", "reason"],
         );
-        let retained_bytes = mount_gauge(
+        let retained_bytes = by_mount(
             &reg,
             "retained_bytes",
             "Payload bytes a mount retains.",
             &["mount"],
         );
-        let retained_pieces = mount_gauge(
+        let retained_pieces = by_mount(
             &reg,
             "retained_pieces",
             "Chunks (pieces as ingest stored them) a mount retains.",
             &["mount"],
         );
-        let metadata_updates = mount_counter(
+        let metadata_updates = by_mount(
             &reg,
             "metadata_updates_total",
             "Title changes, from /admin/metadata or the stream's own tags.",
             &["mount"],
         );
-        let source_unsynced_bytes = mount_counter(
+        let source_unsynced_bytes = by_mount(
             &reg,
             "source_unsynced_bytes_total",
             "Source bytes not on a frame or page boundary: passed on as they came, or dropped.",
             &["mount", "action"],
         );
-        let icy_listeners = mount_gauge(
+        let icy_listeners = by_mount(
             &reg,
             "icy_listeners",
             "Listeners receiving ICY metadata blocks now.",
             &["mount"],
         );
-        let relays = mount_gauge(
+        let relays = by_mount(
             &reg,
             "relays",
             "Relays connected now (the relay credentials): not counted as listeners.",
             &["mount"],
         );
-        let listener_redirects = mount_counter(
+        let listener_redirects = by_mount(
             &reg,
             "listener_redirects_total",
             "Listeners of a full mount or server redirected to a registered edge.",
@@ -417,13 +403,13 @@ impl Metrics {
         .expect("valid metric definition");
         reg.register(Box::new(edge_registered.clone()))
             .expect("metric names are unique");
-        let hls_requests = mount_counter(
+        let hls_requests = by_mount(
             &reg,
             "hls_requests_total",
             "HLS playlist and segment requests answered, by kind (playlist, segment).",
             &["mount", "kind"],
         );
-        let hls_sessions = mount_gauge(
+        let hls_sessions = by_mount(
             &reg,
             "hls_sessions",
             "HLS players now: clients (address and User-Agent) that fetched the playlist within three target durations.",
@@ -765,7 +751,7 @@ impl MountSeries {
 
     /// Removes every series labelled `label`. An error only says that a series never existed.
     fn remove(&self, label: &str) {
-        for family in [
+        let families: [&dyn Labelled; 19] = [
             &self.listener_connects,
             &self.listener_disconnects,
             &self.listener_skips,
@@ -778,10 +764,6 @@ impl MountSeries {
             &self.source_unsynced_bytes,
             &self.listener_redirects,
             &self.hls_requests,
-        ] {
-            family.remove_first(label);
-        }
-        for family in [
             &self.listeners,
             &self.source_up,
             &self.retained_bytes,
@@ -789,7 +771,8 @@ impl MountSeries {
             &self.icy_listeners,
             &self.relays,
             &self.hls_sessions,
-        ] {
+        ];
+        for family in families {
             family.remove_first(label);
         }
         // An error only says that the series never existed.

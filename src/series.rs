@@ -74,10 +74,6 @@ impl<V: Value> Family<V> {
         }
     }
 
-    pub fn name(&self) -> &str {
-        &self.inner.name
-    }
-
     fn lock(&self) -> MutexGuard<'_, Series<V>> {
         // Every change to the map is a single step: it stays consistent across a panic.
         self.inner.series.lock().unwrap_or_else(|e| e.into_inner())
@@ -91,15 +87,29 @@ impl<V: Value> Family<V> {
         let key: Box<[Box<str>]> = values.iter().map(|&v| Box::from(v)).collect();
         self.lock().entry(key).or_default().clone()
     }
+}
 
+/// What the exposition and a mount's removal need of a family, whatever its value type.
+pub(crate) trait Labelled: Send + Sync {
+    /// The metric's name.
+    fn name(&self) -> &str;
+    /// Appends the metric in the text exposition format; nothing while it has no series.
+    fn render(&self, out: &mut Vec<u8>);
     /// Removes every series whose first label (the mount) has this value.
-    pub fn remove_first(&self, value: &str) {
+    fn remove_first(&self, value: &str);
+}
+
+impl<V: Value> Labelled for Family<V> {
+    fn name(&self) -> &str {
+        &self.inner.name
+    }
+
+    fn remove_first(&self, value: &str) {
         self.lock()
             .retain(|key, _| key.first().is_none_or(|v| &**v != value));
     }
 
-    /// Appends the metric in the text exposition format; nothing while it has no series.
-    pub fn render(&self, out: &mut Vec<u8>) {
+    fn render(&self, out: &mut Vec<u8>) {
         let series = self.lock();
         if series.is_empty() {
             return;

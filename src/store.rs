@@ -38,19 +38,19 @@ const SEGMENT_MAX_BYTES: usize = 64 * 1024;
 /// their bytes with next to no slack. A piece is cut only
 /// where that saves more than a second chunk costs the store; glibc's malloc, with no classes to
 /// speak of, loses nothing by it.
-pub(crate) fn copy_in(data: &[u8]) -> [Option<Bytes>; 2] {
+pub(crate) fn copy_in(data: &[u8]) -> (Bytes, Option<Bytes>) {
     let head = class_floor(data.len());
     let tail = data.len() - head;
     if head == 0
         || tail == 0
         || class_ceil(data.len()) - data.len() < class_ceil(tail) - tail + CUT_COST
     {
-        return [Some(Bytes::copy_from_slice(data)), None];
+        return (Bytes::copy_from_slice(data), None);
     }
-    [
-        Some(Bytes::copy_from_slice(&data[..head])),
+    (
+        Bytes::copy_from_slice(&data[..head]),
         Some(Bytes::copy_from_slice(&data[head..])),
-    ]
+    )
 }
 
 /// What a second chunk costs: its [`Chunk`] in a segment, and its share of the bookkeeping.
@@ -764,6 +764,11 @@ mod tests {
         assert!(collect(&snap, off).is_empty());
     }
 
+    fn copied_in(data: &[u8]) -> Vec<Bytes> {
+        let (head, tail) = copy_in(data);
+        std::iter::once(head).chain(tail).collect()
+    }
+
     #[test]
     fn copies_are_cut_at_size_classes() {
         // jemalloc's classes from 2 KiB to 8 KiB, and a few small ones.
@@ -777,7 +782,7 @@ mod tests {
         assert_eq!(class_floor(3200), 3072);
         assert_eq!(class_ceil(100), 112);
         let data: Vec<u8> = (0..4096u32).map(|i| i as u8).collect();
-        let parts: Vec<Bytes> = copy_in(&data[..3200]).into_iter().flatten().collect();
+        let parts: Vec<Bytes> = copied_in(&data[..3200]);
         assert_eq!(
             parts.iter().map(|p| p.len()).collect::<Vec<_>>(),
             [3072, 128]
@@ -785,14 +790,14 @@ mod tests {
         assert_eq!(parts.concat(), data[..3200]);
         // A class, or a piece whose cut would save less than a chunk costs, stays whole.
         for n in [1, 3072, 3584, 3580, 100] {
-            let parts: Vec<Bytes> = copy_in(&data[..n]).into_iter().flatten().collect();
+            let parts: Vec<Bytes> = copied_in(&data[..n]);
             assert_eq!(parts.len(), 1, "{n} bytes");
             assert_eq!(parts[0], data[..n]);
         }
         // Whatever the length, the parts hold the bytes in order, and cost no more than a
         // whole copy would.
         for n in 1..4096 {
-            let parts: Vec<Bytes> = copy_in(&data[..n]).into_iter().flatten().collect();
+            let parts: Vec<Bytes> = copied_in(&data[..n]);
             assert_eq!(parts.concat(), data[..n], "{n} bytes");
             let cost: usize = parts.iter().map(|p| class_ceil(p.len())).sum();
             assert!(cost <= class_ceil(n), "{n} bytes cost {cost}");
