@@ -768,7 +768,18 @@ impl FanOut {
         }
     }
 
-    fn add(&mut self, new: NewListener) {
+    fn add(&mut self, mut new: NewListener) {
+        // Its join point may be gone already. Ingest decides what to evict before it publishes,
+        // so a listener counted as joining just after that decision took its join point from
+        // the snapshot before, which the next one evicts (by the burst, when no one else holds
+        // the window). It has had none of the stream yet: rather than dropped for a lag it never
+        // had, it joins at the burst now, behind the same header pages it was sent.
+        let snap = new.mount.store.load();
+        if snap.position(new.pos) == Position::Evicted && snap.headers == new.headers {
+            new.pos = snap.join_point(snap.settings.burst_bytes);
+            tracing::debug!(mount = %new.mount.path, "a newcomer's join point was evicted while it joined: it joins at the burst now");
+        }
+        drop(snap);
         let listener = Listener {
             guard: new.guard,
             stream: new.stream,
@@ -945,6 +956,7 @@ impl FanOut {
                 icy,
                 conn,
                 joining: Joining::new(target),
+                headers: bytes::Bytes::new(),
             };
             tokio::task::spawn_local(rejoin(self.ctx.admit.clone(), new, rest));
         }
@@ -1051,13 +1063,13 @@ async fn rejoin(admit: mpsc::UnboundedSender<NewListener>, mut new: NewListener,
     if snap.state != SourceState::Live {
         return;
     }
-    let headers: &[u8] = match new.icy {
-        None => &snap.headers,
-        Some(_) => &[],
+    new.headers = match new.icy {
+        None => snap.headers.clone(),
+        Some(_) => bytes::Bytes::new(),
     };
     let written = tokio::time::timeout(RESPONSE_TIMEOUT, async {
         write_all(&new.stream, &rest).await?;
-        write_all(&new.stream, headers).await
+        write_all(&new.stream, &new.headers).await
     });
     if !matches!(written.await, Ok(Ok(()))) {
         return;

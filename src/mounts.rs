@@ -68,8 +68,9 @@ pub(crate) struct Joining(Arc<Mount>);
 
 impl Joining {
     pub fn new(mount: &Arc<Mount>) -> Joining {
-        // Before the snapshot its join point comes from is loaded: ingest either sees this or
-        // published that snapshot before it evicts anything by the count.
+        // Before the snapshot its join point comes from is loaded, so that every publication
+        // decided after this keeps the window. The one ingest decided just before may still
+        // evict the join point: the worker then takes it again (`FanOut::add`).
         mount.joining.fetch_add(1, Ordering::SeqCst);
         Joining(mount.clone())
     }

@@ -139,3 +139,46 @@ fn listeners_joining_while_a_source_writes_fast_keep_their_join_point() {
     done.store(true, std::sync::atomic::Ordering::Relaxed);
     writer.join().expect("the source");
 }
+
+#[test]
+fn a_newcomer_whose_join_point_is_evicted_before_its_first_write_joins_at_the_burst() {
+    let srv = TestServer::start(|c| {
+        c.defaults.burst_bytes = BURST;
+        c.defaults.min_write_bytes = 1;
+        c.defaults.max_write_delay_ms = 0;
+        // The window is the burst: nothing holds the join point once the burst moves on.
+        c.defaults.max_lag_bytes = BURST;
+        // The worker takes each newcomer 200 ms after its join point: the source moves the
+        // burst on by far more than itself meanwhile.
+        c.join_delay_injection_ms = 200;
+        declare(c, "/live");
+    });
+    let mut source = Source::connect_typed(srv.addr, "/live", "application/octet-stream");
+    feed(&srv, &mut source, 0, 100_000);
+    let done = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let writer = thread::spawn({
+        let done = done.clone();
+        move || {
+            let mut at = 100_000u64;
+            while !done.load(std::sync::atomic::Ordering::Relaxed) {
+                source.send_pattern(at, at + 4096, 4096, Duration::from_millis(1));
+                at += 4096;
+            }
+        }
+    });
+    // It has had none of the stream when its worker finds the join point gone: it is not a
+    // listener that fell behind, and gets the stream from the burst as it is then.
+    for i in 0..3 {
+        let mut l = Listener::connect(srv.addr, "/live");
+        l.read_at_least(2 * BURST as usize);
+        let runs = exact_runs(&l.body);
+        assert_eq!(runs.len(), 1, "listener {i} lost bytes: {runs:?}");
+    }
+    done.store(true, std::sync::atomic::Ordering::Relaxed);
+    writer.join().expect("the source");
+    let text = srv.metrics();
+    assert!(
+        text.contains("fanstream_listener_disconnects_total{mount=\"/live\",reason=\"slow\"} 0\n"),
+        "no newcomer was dropped for lag:\n{text}"
+    );
+}
