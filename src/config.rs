@@ -244,12 +244,13 @@ impl MountSettings {
             .max(self.min_write_bytes as u64)
     }
 
-    /// Bytes behind the live edge (`end`) the store must keep now, given the position of the
-    /// furthest-behind listener (None without listeners): the burst, always there for a
-    /// newcomer, and what that listener still needs, never more than the window.
-    pub fn retention_bytes(&self, end: u64, oldest: Option<u64>) -> u64 {
-        let needed = oldest.map_or(0, |pos| end.saturating_sub(pos));
-        self.burst_bytes.max(needed).min(self.window_bytes())
+    /// Bytes behind the live edge (`end`) that the furthest-behind listener still needs, given
+    /// its position (None without listeners), never more than the window. The store keeps
+    /// these and the burst, which is always there for a newcomer (`store::Keep`).
+    pub fn behind_bytes(&self, end: u64, oldest: Option<u64>) -> u64 {
+        oldest
+            .map_or(0, |pos| end.saturating_sub(pos))
+            .min(self.window_bytes())
     }
 }
 
@@ -1363,17 +1364,16 @@ mod tests {
     use super::*;
 
     #[test]
-    fn retention_is_the_burst_plus_what_the_furthest_behind_needs_within_the_window() {
+    fn what_the_furthest_behind_needs_is_bounded_by_the_window() {
         let s = MountSettings::default();
-        let (burst, window) = (s.burst_bytes, s.window_bytes());
+        let window = s.window_bytes();
         let end = 10 * window;
-        assert_eq!(s.retention_bytes(end, None), burst);
-        assert_eq!(s.retention_bytes(end, Some(end)), burst);
-        assert_eq!(s.retention_bytes(end, Some(end - burst / 2)), burst);
-        assert_eq!(s.retention_bytes(end, Some(end - burst - 1)), burst + 1);
-        assert_eq!(s.retention_bytes(end, Some(0)), window);
-        // A position past the end (a stale read) needs nothing beyond the burst.
-        assert_eq!(s.retention_bytes(end, Some(end + 5)), burst);
+        assert_eq!(s.behind_bytes(end, None), 0);
+        assert_eq!(s.behind_bytes(end, Some(end)), 0);
+        assert_eq!(s.behind_bytes(end, Some(end - 1000)), 1000);
+        assert_eq!(s.behind_bytes(end, Some(0)), window);
+        // A position past the end (a stale read) needs nothing.
+        assert_eq!(s.behind_bytes(end, Some(end + 5)), 0);
     }
 
     #[test]

@@ -77,7 +77,7 @@ use crate::mounts::{Mount, StoreWriter};
 use crate::reasons::Refusal;
 use crate::series::{Counter, Gauge};
 use crate::shared::{stopped, Shared};
-use crate::store::{copy_in, SourceState, StreamInfo, StreamMeta};
+use crate::store::{copy_in, Keep, SourceState, StreamInfo, StreamMeta};
 
 /// A source waited on read by read has a buffer reused from one read to the next: what a read
 /// brings is copied out into a piece of its own size (one copy per byte, at ingest, once for all
@@ -317,7 +317,10 @@ impl Ingest {
                     // Counted from the end the piece makes: counted from before it, the piece's
                     // length would be evicted from under the furthest-behind listener.
                     let end = entry.writer.end() + bytes.len() as u64;
-                    let keep = settings.retention_bytes(end, oldest);
+                    let keep = Keep {
+                        burst: settings.burst_bytes,
+                        behind: settings.behind_bytes(end, oldest),
+                    };
                     entry.writer.push(bytes, arrived, keep, sync);
                     pushed = true;
                 }

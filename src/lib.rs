@@ -188,7 +188,12 @@ pub mod bench_api {
     impl Store {
         /// Appends one chunk and publishes the new snapshot, keeping `window` bytes readable.
         pub fn append(&mut self, data: Bytes, window: u64) {
-            self.0.append(data, Instant::now(), window, true);
+            self.0.append(
+                data,
+                Instant::now(),
+                crate::store::Keep::window(window),
+                true,
+            );
         }
 
         /// The published snapshot, as a worker loads it.

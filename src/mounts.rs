@@ -101,7 +101,7 @@ pub(crate) struct OnWorker {
     pub queued: AtomicBool,
     /// The stream position of the worker's furthest-behind listener here (`u64::MAX` with
     /// none): ingest keeps what the furthest behind of all still needs, and no more
-    /// ([`crate::config::MountSettings::retention_bytes`]). Written by the worker after each
+    /// ([`crate::config::MountSettings::behind_bytes`]). Written by the worker after each
     /// serving pass; a stale value is older, so it only keeps more.
     pub oldest: AtomicU64,
 }
