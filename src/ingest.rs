@@ -583,7 +583,9 @@ pub(crate) fn run(
                 _ = shared.config_changed.notified() => ingest.apply_config(),
                 Some(msg) = inbox.recv() => match msg {
                     ToIngest::Source(conn) => {
-                        tokio::task::spawn_local(serve_source(ingest.clone(), *conn));
+                        if let Some((src, feed)) = accept_source(&ingest, *conn) {
+                            tokio::task::spawn_local(serve_source(src, feed));
+                        }
                     }
                     ToIngest::Title(update) => {
                         let mount = update.mount.clone();
@@ -607,8 +609,10 @@ pub(crate) fn run(
     // Dropping the LocalSet drops every source task, closing the encoders' connections.
 }
 
-/// Claims the mount, answers the source, then reads its stream until it ends.
-async fn serve_source(ingest: Rc<Ingest>, conn: SourceConn) {
+/// Claims the mount for a source, at once and in order of arrival; a refused source is told so
+/// by a task of its own. Done here rather than in the source's task, which then holds only what
+/// reading the stream needs for as long as it lasts (at 1,000 sources, its size is memory).
+fn accept_source(ingest: &Rc<Ingest>, conn: SourceConn) -> Option<(Source, Feed)> {
     let SourceConn {
         mount,
         info,
@@ -616,7 +620,6 @@ async fn serve_source(ingest: Rc<Ingest>, conn: SourceConn) {
         log,
         claimed,
     } = conn;
-
     let origin = feed.origin();
     let mut format = Format::for_content_type(&info.meta.content_type);
     let claim = ingest.claim(&mount, info);
@@ -644,14 +647,17 @@ async fn serve_source(ingest: Rc<Ingest>, conn: SourceConn) {
                 }
                 Feed::Encoder(Encoder { stream, peer, .. }) => {
                     if let Ok(mut stream) = stream.attach() {
-                        refuse(&ingest.shared, &mut stream, peer, no).await;
+                        let shared = ingest.shared.clone();
+                        tokio::task::spawn_local(async move {
+                            refuse(&shared, &mut stream, peer, no).await;
+                        });
                     }
                 }
                 Feed::Pieces(_) => {
                     tracing::warn!(%mount, %origin, reason = no.reason(), "source refused")
                 }
             }
-            return;
+            return None;
         }
     };
     let tail = ingest
@@ -668,9 +674,17 @@ async fn serve_source(ingest: Rc<Ingest>, conn: SourceConn) {
         .metrics
         .source_received_bytes
         .with_label_values(&[claimed_mount.label.as_str()]);
-    let mut src = Source {
-        ingest: &ingest,
-        mount: &mount,
+    let kill = ingest
+        .entries
+        .borrow()
+        .get(&mount)
+        .map(|e| e.kill.clone())
+        .unwrap_or_default();
+    let src = Source {
+        ingest: ingest.clone(),
+        mount,
+        origin,
+        kill,
         counted: claimed_mount,
         received,
         claim,
@@ -680,31 +694,42 @@ async fn serve_source(ingest: Rc<Ingest>, conn: SourceConn) {
         bytes: 0,
         log,
     };
-    let kill = ingest
-        .entries
-        .borrow()
-        .get(&mount)
-        .map(|e| e.kill.clone())
-        .unwrap_or_default();
-    let reading = async {
-        match feed {
-            Feed::Encoder(encoder) => read_encoder(&mut src, encoder).await,
-            Feed::Pieces(pieces) => read_pieces(&mut src, pieces).await,
-        }
-    };
-    let reason = tokio::select! {
-        reason = reading => reason,
-        () = kill.notified() => "killed",
-    };
-    src.finish();
-    tracing::info!(source = %origin, %mount, reason, "source disconnected");
-    ingest.release(&mount, claim, reason);
+    Some((src, feed))
 }
 
-/// A claimed source as ingest reads it: its mount, its claim, and its format parser.
-struct Source<'a> {
-    ingest: &'a Ingest,
-    mount: &'a str,
+/// Answers a source whose claim was granted, then reads its stream until it ends.
+async fn serve_source(mut src: Source, feed: Feed) {
+    let kill = src.kill.clone();
+    let reason = {
+        let reading = read_feed(&mut src, feed);
+        tokio::select! {
+            reason = reading => reason,
+            () = kill.notified() => "killed",
+        }
+    };
+    src.finish();
+    tracing::info!(source = %src.origin, mount = %src.mount, reason, "source disconnected");
+    src.ingest.release(&src.mount, src.claim, reason);
+}
+
+/// Reads a source's stream until it ends; returns why it ended.
+async fn read_feed(src: &mut Source, feed: Feed) -> &'static str {
+    match feed {
+        Feed::Encoder(encoder) => read_encoder(src, encoder).await,
+        Feed::Pieces(pieces) => read_pieces(src, pieces).await,
+    }
+}
+
+/// A claimed source as ingest reads it: its mount, its claim, and its format parser. Its task
+/// holds it for as long as the source streams, so it owns what it needs rather than borrowing
+/// it from the task's other state.
+struct Source {
+    ingest: Rc<Ingest>,
+    mount: String,
+    /// Who sends it (an encoder's address), for the log.
+    origin: String,
+    /// Notified when an operator kills the source.
+    kill: Rc<Notify>,
     /// The mount it feeds, whose received bytes it counts.
     counted: Arc<Mount>,
     /// `fanstream_source_received_bytes_total` for the mount's label.
@@ -723,7 +748,7 @@ struct Source<'a> {
     log: Option<Record>,
 }
 
-impl Drop for Source<'_> {
+impl Drop for Source {
     fn drop(&mut self) {
         if let Some(mut record) = self.log.take() {
             record.bytes = self.bytes;
@@ -732,7 +757,7 @@ impl Drop for Source<'_> {
     }
 }
 
-impl Source<'_> {
+impl Source {
     /// Parses a piece of the stream, whose first byte was read at `arrived`, and publishes the
     /// result; Err says why the source must end.
     fn append(
@@ -765,7 +790,7 @@ impl Source<'_> {
         let subtype = self.subtype_change();
         if self
             .ingest
-            .publish(self.mount, self.claim, &mut self.events, subtype, arrived)
+            .publish(&self.mount, self.claim, &mut self.events, subtype, arrived)
         {
             Ok(())
         } else {
@@ -780,7 +805,7 @@ impl Source<'_> {
             .ingest
             .entries
             .borrow_mut()
-            .get_mut(self.mount)
+            .get_mut(&self.mount)
             .filter(|e| e.generation == self.claim.generation)
         {
             entry.ogg_tail = self.format.tail();
@@ -788,7 +813,7 @@ impl Source<'_> {
         if !self.events.is_empty() {
             let subtype = self.subtype_change();
             self.ingest.publish(
-                self.mount,
+                &self.mount,
                 self.claim,
                 &mut self.events,
                 subtype,
@@ -804,7 +829,7 @@ impl Source<'_> {
             .ingest
             .entries
             .borrow()
-            .get(self.mount)
+            .get(&self.mount)
             .map_or(0, |e| e.writer.settings().max_write_delay_ms);
         (Duration::from_millis(delay_ms) / MERGE_GAP_PER_WRITE_DELAY).min(MAX_MERGE_GAP)
     }
@@ -825,7 +850,7 @@ impl Source<'_> {
 }
 
 /// Answers an encoder (`100 Continue` if it waits for one, then `200 OK`) and reads its stream.
-async fn read_encoder(src: &mut Source<'_>, encoder: Encoder) -> &'static str {
+async fn read_encoder(src: &mut Source, encoder: Encoder) -> &'static str {
     let Ok(mut stream) = encoder.stream.attach() else {
         return "read_error";
     };
@@ -840,14 +865,17 @@ async fn read_encoder(src: &mut Source<'_>, encoder: Encoder) -> &'static str {
         stream.write_all(&answer).await?;
         stream.flush().await
     };
-    match tokio::time::timeout(RESPONSE_TIMEOUT, answered).await {
+    // Bound apart from the match: a temporary in its scrutinee would live, and take room in
+    // this future, for as long as the stream is read.
+    let answered = tokio::time::timeout(RESPONSE_TIMEOUT, answered).await;
+    match answered {
         Ok(Ok(())) => read_stream(src, &mut stream, encoder.chunked, encoder.leftover).await,
         _ => "write_error",
     }
 }
 
 /// Appends pieces made on another thread until their maker stops or stalls.
-async fn read_pieces(src: &mut Source<'_>, mut pieces: mpsc::Receiver<Bytes>) -> &'static str {
+async fn read_pieces(src: &mut Source, mut pieces: mpsc::Receiver<Bytes>) -> &'static str {
     let timeout = Duration::from_secs(src.ingest.shared.config.load().source_timeout_secs);
     loop {
         match tokio::time::timeout(timeout, pieces.recv()).await {
@@ -864,7 +892,7 @@ async fn read_pieces(src: &mut Source<'_>, mut pieces: mpsc::Receiver<Bytes>) ->
 
 /// Reads the body until the encoder closes, stalls, or breaks the framing; returns why it ended.
 async fn read_stream(
-    src: &mut Source<'_>,
+    src: &mut Source,
     stream: &mut Io,
     chunked: bool,
     leftover: Vec<u8>,
@@ -905,7 +933,7 @@ async fn read_stream(
             // The look's point on the grid, which keeps the looks a gap apart; or now, if the
             // socket filled before it.
             let looked = at.min(Instant::now());
-            let ingest = src.ingest;
+            let ingest = src.ingest.clone();
             let scratch = &mut *ingest.scratch.borrow_mut();
             let closed = recv_waiting(tcp, scratch);
             let found = scratch.len();
@@ -961,7 +989,7 @@ async fn read_stream(
 /// Publishes what one read brought, decoded first if the body is chunked; Some says why the
 /// stream ended.
 fn emit(
-    src: &mut Source<'_>,
+    src: &mut Source,
     decoder: &mut Option<ChunkedDecoder>,
     decoded: &mut BytesMut,
     read: &[u8],
