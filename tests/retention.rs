@@ -103,55 +103,18 @@ fn a_mount_keeps_what_its_furthest_behind_listener_needs_and_no_more() {
     });
 }
 
-#[test]
-fn listeners_joining_while_a_source_writes_fast_keep_their_join_point() {
-    let srv = TestServer::start(|c| {
-        c.defaults.burst_bytes = BURST;
-        c.defaults.max_write_delay_ms = 0;
-        c.defaults.max_lag_bytes = 4 << 20;
-        // The worker takes each newcomer 50 ms after its join point, as on a busy machine.
-        c.join_delay_injection_ms = 50;
-        declare(c, "/live");
-    });
-    let mut source = Source::connect_typed(srv.addr, "/live", "application/octet-stream");
-    feed(&srv, &mut source, 0, 100_000);
-    // The source writes about 4 MB/s: between a newcomer's join point and its worker's first
-    // pass (a few milliseconds on a busy machine), the burst moves on by more than itself, while
-    // a reading listener keeps up.
-    let done = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let writer = thread::spawn({
-        let done = done.clone();
-        move || {
-            let mut at = 100_000u64;
-            while !done.load(std::sync::atomic::Ordering::Relaxed) {
-                source.send_pattern(at, at + 4096, 4096, Duration::from_millis(1));
-                at += 4096;
-            }
-        }
-    });
-    // A newcomer whose join point is evicted before its first write is dropped at once (its
-    // stream ends before it has its burst twice over) or skips (its bytes have a gap).
-    for i in 0..10 {
-        let mut l = Listener::connect(srv.addr, "/live");
-        l.read_at_least(2 * BURST as usize);
-        let runs = exact_runs(&l.body);
-        assert_eq!(runs.len(), 1, "listener {i} lost bytes: {runs:?}");
-    }
-    done.store(true, std::sync::atomic::Ordering::Relaxed);
-    writer.join().expect("the source");
-}
-
-#[test]
-fn a_newcomer_whose_join_point_is_evicted_before_its_first_write_joins_at_the_burst() {
+/// A mount whose newcomers reach their worker `join_delay_ms` after taking their join point,
+/// while its source writes about 4 MB/s (4 KiB a millisecond): the burst moves on by more than
+/// itself meanwhile. Returns once `n` newcomers have each read their burst twice over with no
+/// byte missing; a newcomer whose join point is evicted before its first write is dropped at
+/// once (its stream ends short) or skips (its bytes have a gap).
+fn newcomers_during_a_fast_source(join_delay_ms: u64, max_lag: u64, n: usize) -> TestServer {
     let srv = TestServer::start(|c| {
         c.defaults.burst_bytes = BURST;
         c.defaults.min_write_bytes = 1;
         c.defaults.max_write_delay_ms = 0;
-        // The window is the burst: nothing holds the join point once the burst moves on.
-        c.defaults.max_lag_bytes = BURST;
-        // The worker takes each newcomer 200 ms after its join point: the source moves the
-        // burst on by far more than itself meanwhile.
-        c.join_delay_injection_ms = 200;
+        c.defaults.max_lag_bytes = max_lag;
+        c.join_delay_injection_ms = join_delay_ms;
         declare(c, "/live");
     });
     let mut source = Source::connect_typed(srv.addr, "/live", "application/octet-stream");
@@ -167,9 +130,7 @@ fn a_newcomer_whose_join_point_is_evicted_before_its_first_write_joins_at_the_bu
             }
         }
     });
-    // It has had none of the stream when its worker finds the join point gone: it is not a
-    // listener that fell behind, and gets the stream from the burst as it is then.
-    for i in 0..3 {
+    for i in 0..n {
         let mut l = Listener::connect(srv.addr, "/live");
         l.read_at_least(2 * BURST as usize);
         let runs = exact_runs(&l.body);
@@ -177,6 +138,21 @@ fn a_newcomer_whose_join_point_is_evicted_before_its_first_write_joins_at_the_bu
     }
     done.store(true, std::sync::atomic::Ordering::Relaxed);
     writer.join().expect("the source");
+    srv
+}
+
+#[test]
+fn listeners_joining_while_a_source_writes_fast_keep_their_join_point() {
+    // 50 ms, as on a busy machine; the window holds every join point meanwhile.
+    newcomers_during_a_fast_source(50, 4 << 20, 10);
+}
+
+#[test]
+fn a_newcomer_whose_join_point_is_evicted_before_its_first_write_joins_at_the_burst() {
+    // The window is the burst, and the delay 200 ms: the join point is gone before the worker
+    // takes the newcomer. It has had none of the stream: it is not a listener that fell behind,
+    // and gets the stream from the burst as it is then.
+    let srv = newcomers_during_a_fast_source(200, BURST, 3);
     let text = srv.metrics();
     assert!(
         text.contains("fanstream_listener_disconnects_total{mount=\"/live\",reason=\"slow\"} 0\n"),
