@@ -319,6 +319,9 @@ enum Visit {
     Due,
     /// One listener, written at once: a newcomer, or one whose socket drained.
     One(usize),
+    /// A newcomer's first pass, as `One`; should its join point be gone, it joins again at the
+    /// burst of the snapshot it is served from (it was sent the header pages that one has).
+    Joining(usize),
 }
 
 /// What is left to do with a shard after serving it.
@@ -343,6 +346,7 @@ impl Shard {
             now: pass.now,
             // With the source gone nothing more is coming to coalesce with: flush everything.
             force: pass.force || snap.state != SourceState::Live,
+            rejoin: matches!(visit, Visit::Joining(_)),
             send_timeout: pass.send_timeout,
             #[cfg(feature = "fault-injection")]
             inject_panic: self.inject_panic,
@@ -352,7 +356,7 @@ impl Shard {
         // ones, so that the stream is not searched for it twice.
         let mut refused = None;
         match visit {
-            Visit::One(key) => batch.push(key),
+            Visit::One(key) | Visit::Joining(key) => batch.push(key),
             Visit::Due => {
                 batch.append(&mut self.parked);
                 let mut due = |pos| match due_at(&round, pos) {
@@ -768,18 +772,15 @@ impl FanOut {
         }
     }
 
-    fn add(&mut self, mut new: NewListener) {
-        // Its join point may be gone already. Ingest decides what to evict before it publishes,
-        // so a listener counted as joining just after that decision took its join point from
-        // the snapshot before, which the next one evicts (by the burst, when no one else holds
-        // the window). It has had none of the stream yet: rather than dropped for a lag it never
-        // had, it joins at the burst now, behind the same header pages it was sent.
-        let snap = new.mount.store.load();
-        if snap.position(new.pos) == Position::Evicted && snap.headers == new.headers {
-            new.pos = snap.join_point(snap.settings.burst_bytes);
-            tracing::debug!(mount = %new.mount.path, "a newcomer's join point was evicted while it joined: it joins at the burst now");
-        }
-        drop(snap);
+    fn add(&mut self, new: NewListener) {
+        // Header pages change only when a source starts a new Ogg stream: a join point taken
+        // again on its first pass is one these pages still apply to.
+        let same_headers = {
+            let headers = &new.mount.store.load().headers;
+            // The same pages, as a rule: compared by address before by content.
+            (headers.as_ptr() == new.headers.as_ptr() && headers.len() == new.headers.len())
+                || *headers == new.headers
+        };
         let listener = Listener {
             guard: new.guard,
             stream: new.stream,
@@ -791,7 +792,14 @@ impl FanOut {
         };
         let (id, key) = self.insert(&new.mount, listener);
         // A new listener has its burst pending: send it now, not at the next chunk.
-        self.serve_one(id, key);
+        let visit = if same_headers {
+            Visit::Joining(key)
+        } else {
+            Visit::One(key)
+        };
+        let pass = Pass::new(&self.ctx, &self.out, true);
+        let after = self.shards.serve(id, visit, &pass);
+        self.settle(vec![(id, after)]);
         // Its position is filed now: the store keeps what it needs by that.
         drop(new.joining);
     }
@@ -1112,6 +1120,8 @@ struct Round<'s> {
     now: Instant,
     /// Write whatever is pending, ignoring coalescing.
     force: bool,
+    /// A newcomer's first pass ([`Visit::Joining`]).
+    rejoin: bool,
     send_timeout: Duration,
     #[cfg(feature = "fault-injection")]
     inject_panic: bool,
@@ -1158,6 +1168,19 @@ fn serve<'s>(
     }
     if over_duration(l, settings, now) {
         return Served::Drop(Disconnect::MaxDuration);
+    }
+    if round.rejoin && snap.position(l.pos) == Position::Evicted {
+        // A newcomer's join point, gone before its first write. Ingest decides what to evict
+        // before it publishes, so a listener counted as joining just after that decision took
+        // its join point from the snapshot before, which the next one evicts (by the burst,
+        // when nothing else holds the window); with a window no larger than the burst, any
+        // publication before its first write does. It has had none of the stream: rather than
+        // dropped for a lag it never had, it joins at the burst of this snapshot, which keeps
+        // those bytes for the write.
+        l.pos = snap.join_point(settings.burst_bytes);
+        tracing::debug!(
+            "a newcomer's join point was evicted before its first write: it joins at the burst now"
+        );
     }
     let lag = match snap.position(l.pos) {
         Position::AtEdge => return Served::Done,

@@ -105,10 +105,10 @@ fn a_mount_keeps_what_its_furthest_behind_listener_needs_and_no_more() {
 
 /// A mount whose newcomers reach their worker `join_delay_ms` after taking their join point,
 /// while its source writes about 4 MB/s (4 KiB a millisecond): the burst moves on by more than
-/// itself meanwhile. Returns once `n` newcomers have each read their burst twice over with no
-/// byte missing; a newcomer whose join point is evicted before its first write is dropped at
-/// once (its stream ends short) or skips (its bytes have a gap).
-fn newcomers_during_a_fast_source(join_delay_ms: u64, max_lag: u64, n: usize) -> TestServer {
+/// itself meanwhile. Returns once `n` newcomers have each read `read` bytes with none missing;
+/// a newcomer whose join point is evicted before its first write is dropped at once (its
+/// stream ends with nothing) or skips (its bytes have a gap).
+fn newcomers_during_a_fast_source(join_delay_ms: u64, max_lag: u64, n: usize, read: usize) {
     let srv = TestServer::start(|c| {
         c.defaults.burst_bytes = BURST;
         c.defaults.min_write_bytes = 1;
@@ -132,30 +132,26 @@ fn newcomers_during_a_fast_source(join_delay_ms: u64, max_lag: u64, n: usize) ->
     });
     for i in 0..n {
         let mut l = Listener::connect(srv.addr, "/live");
-        l.read_at_least(2 * BURST as usize);
+        l.read_at_least(read);
         let runs = exact_runs(&l.body);
         assert_eq!(runs.len(), 1, "listener {i} lost bytes: {runs:?}");
     }
     done.store(true, std::sync::atomic::Ordering::Relaxed);
     writer.join().expect("the source");
-    srv
 }
 
 #[test]
 fn listeners_joining_while_a_source_writes_fast_keep_their_join_point() {
-    // 50 ms, as on a busy machine; the window holds every join point meanwhile.
-    newcomers_during_a_fast_source(50, 4 << 20, 10);
+    // 50 ms, as on a busy machine; the window holds every join point meanwhile, and a reading
+    // listener keeps up.
+    newcomers_during_a_fast_source(50, 4 << 20, 10, 2 * BURST as usize);
 }
 
 #[test]
 fn a_newcomer_whose_join_point_is_evicted_before_its_first_write_joins_at_the_burst() {
     // The window is the burst, and the delay 200 ms: the join point is gone before the worker
     // takes the newcomer. It has had none of the stream: it is not a listener that fell behind,
-    // and gets the stream from the burst as it is then.
-    let srv = newcomers_during_a_fast_source(200, BURST, 3);
-    let text = srv.metrics();
-    assert!(
-        text.contains("fanstream_listener_disconnects_total{mount=\"/live\",reason=\"slow\"} 0\n"),
-        "no newcomer was dropped for lag:\n{text}"
-    );
+    // and gets the stream from the burst as it is then. (Past its first write it is one: with a
+    // window of 4 ms of this stream, a reader on a busy machine may then fall out of it.)
+    newcomers_during_a_fast_source(200, BURST, 3, 4096);
 }
