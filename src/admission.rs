@@ -163,7 +163,7 @@ pub(crate) async fn admit(ctx: &Rc<WorkerCtx>, incoming: Incoming) {
         guard,
         conn,
         joining,
-        headers: snap.headers.clone(),
+        headers_from: snap.headers_from,
     });
 }
 

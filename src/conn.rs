@@ -475,9 +475,10 @@ pub(crate) struct NewListener {
     pub conn: ConnGuard,
     /// Keeps its join point in the store until the fan-out has served it once.
     pub joining: Joining,
-    /// The header pages it was sent before the stream (empty for formats without them): a join
-    /// point gone by its first pass is taken again only behind the same ones.
-    pub headers: Bytes,
+    /// Where the header pages it was sent apply from (`Snapshot::headers_from` of the snapshot
+    /// its join point came from): a join point gone by its first pass is taken again only
+    /// behind the same pages.
+    pub headers_from: u64,
 }
 
 /// Counts one listener on its mount, the server and the gauges while it lives.

@@ -320,8 +320,9 @@ enum Visit {
     /// One listener, written at once: a newcomer, or one whose socket drained.
     One(usize),
     /// A newcomer's first pass, as `One`; should its join point be gone, it joins again at the
-    /// burst of the snapshot it is served from (it was sent the header pages that one has).
-    Joining(usize),
+    /// burst of the snapshot it is served from, if that snapshot's header pages are the ones it
+    /// was sent (they apply from `headers_from`).
+    Joining { key: usize, headers_from: u64 },
 }
 
 /// What is left to do with a shard after serving it.
@@ -346,7 +347,7 @@ impl Shard {
             now: pass.now,
             // With the source gone nothing more is coming to coalesce with: flush everything.
             force: pass.force || snap.state != SourceState::Live,
-            rejoin: matches!(visit, Visit::Joining(_)),
+            rejoin: matches!(visit, Visit::Joining { headers_from, .. } if headers_from == snap.headers_from),
             send_timeout: pass.send_timeout,
             #[cfg(feature = "fault-injection")]
             inject_panic: self.inject_panic,
@@ -356,7 +357,7 @@ impl Shard {
         // ones, so that the stream is not searched for it twice.
         let mut refused = None;
         match visit {
-            Visit::One(key) | Visit::Joining(key) => batch.push(key),
+            Visit::One(key) | Visit::Joining { key, .. } => batch.push(key),
             Visit::Due => {
                 batch.append(&mut self.parked);
                 let mut due = |pos| match due_at(&round, pos) {
@@ -773,14 +774,6 @@ impl FanOut {
     }
 
     fn add(&mut self, new: NewListener) {
-        // Header pages change only when a source starts a new Ogg stream: a join point taken
-        // again on its first pass is one these pages still apply to.
-        let same_headers = {
-            let headers = &new.mount.store.load().headers;
-            // The same pages, as a rule: compared by address before by content.
-            (headers.as_ptr() == new.headers.as_ptr() && headers.len() == new.headers.len())
-                || *headers == new.headers
-        };
         let listener = Listener {
             guard: new.guard,
             stream: new.stream,
@@ -792,14 +785,8 @@ impl FanOut {
         };
         let (id, key) = self.insert(&new.mount, listener);
         // A new listener has its burst pending: send it now, not at the next chunk.
-        let visit = if same_headers {
-            Visit::Joining(key)
-        } else {
-            Visit::One(key)
-        };
-        let pass = Pass::new(&self.ctx, &self.out, true);
-        let after = self.shards.serve(id, visit, &pass);
-        self.settle(vec![(id, after)]);
+        let headers_from = new.headers_from;
+        self.serve_one(id, Visit::Joining { key, headers_from });
         // Its position is filed now: the store keeps what it needs by that.
         drop(new.joining);
     }
@@ -870,9 +857,9 @@ impl FanOut {
 
     /// Serves one listener at once (a newcomer, or one whose socket drained): it is behind, so
     /// it is written without waiting for coalescing, and nothing is left pending.
-    fn serve_one(&mut self, id: u64, key: usize) {
+    fn serve_one(&mut self, id: u64, visit: Visit) {
         let pass = Pass::new(&self.ctx, &self.out, true);
-        let after = self.shards.serve(id, Visit::One(key), &pass);
+        let after = self.shards.serve(id, visit, &pass);
         self.settle(vec![(id, after)]);
     }
 
@@ -893,7 +880,7 @@ impl FanOut {
             }
             l.parked = None;
             shard.parked.retain(|&k| k != key);
-            self.serve_one(id, key);
+            self.serve_one(id, Visit::One(key));
         }
     }
 
@@ -964,7 +951,7 @@ impl FanOut {
                 icy,
                 conn,
                 joining: Joining::new(target),
-                headers: bytes::Bytes::new(),
+                headers_from: 0,
             };
             tokio::task::spawn_local(rejoin(self.ctx.admit.clone(), new, rest));
         }
@@ -1071,18 +1058,19 @@ async fn rejoin(admit: mpsc::UnboundedSender<NewListener>, mut new: NewListener,
     if snap.state != SourceState::Live {
         return;
     }
-    new.headers = match new.icy {
-        None => snap.headers.clone(),
-        Some(_) => bytes::Bytes::new(),
+    let headers: &[u8] = match new.icy {
+        None => &snap.headers,
+        Some(_) => &[],
     };
     let written = tokio::time::timeout(RESPONSE_TIMEOUT, async {
         write_all(&new.stream, &rest).await?;
-        write_all(&new.stream, &new.headers).await
+        write_all(&new.stream, headers).await
     });
     if !matches!(written.await, Ok(Ok(()))) {
         return;
     }
     new.pos = snap.join_point(snap.settings.burst_bytes);
+    new.headers_from = snap.headers_from;
     let _ = admit.send(new);
 }
 

@@ -660,11 +660,12 @@ fn accept_source(ingest: &Rc<Ingest>, conn: SourceConn) -> Option<(Source, Feed)
             return None;
         }
     };
-    let tail = ingest
+    let (tail, kill) = ingest
         .entries
         .borrow_mut()
         .get_mut(&mount)
-        .and_then(|e| e.ogg_tail.take());
+        .map(|e| (e.ogg_tail.take(), e.kill.clone()))
+        .unwrap_or_default();
     if let Some(tail) = tail {
         format.follow(tail);
     }
@@ -674,12 +675,6 @@ fn accept_source(ingest: &Rc<Ingest>, conn: SourceConn) -> Option<(Source, Feed)
         .metrics
         .source_received_bytes
         .with_label_values(&[claimed_mount.label.as_str()]);
-    let kill = ingest
-        .entries
-        .borrow()
-        .get(&mount)
-        .map(|e| e.kill.clone())
-        .unwrap_or_default();
     let src = Source {
         ingest: ingest.clone(),
         mount,
@@ -898,6 +893,9 @@ async fn read_stream(
     leftover: Vec<u8>,
 ) -> &'static str {
     let timeout = Duration::from_secs(src.ingest.shared.config.load().source_timeout_secs);
+    // A handle of its own: a look at a merging source borrows ingest's shared read buffer while
+    // `src` is lent to `emit`.
+    let ingest = src.ingest.clone();
     let mut decoder = chunked.then(ChunkedDecoder::default);
     let mut buf = BytesMut::from(&leftover[..]);
     buf.reserve(FIRST_READ_BYTES);
@@ -933,7 +931,6 @@ async fn read_stream(
             // The look's point on the grid, which keeps the looks a gap apart; or now, if the
             // socket filled before it.
             let looked = at.min(Instant::now());
-            let ingest = src.ingest.clone();
             let scratch = &mut *ingest.scratch.borrow_mut();
             let closed = recv_waiting(tcp, scratch);
             let found = scratch.len();
