@@ -27,7 +27,7 @@ APT_PACKAGES := ffmpeg curl prometheus ezstream ices2 liquidsoap mpv gstreamer1.
 # GStreamer elements the tests use, which come in plugin packages rather than as programs.
 TEST_GST_ELEMENTS := souphttpsrc decodebin oggdemux opusdec vorbisdec mpegaudioparse identity
 
-.PHONY: run build release deb man install deb-deps test deps fuzz-deps fmt fmt-check clippy unit soak fuzz load sweep compare coalescing icy-compare tls-compare tree hls-load bench icecast fonts
+.PHONY: run build release deb man install deb-deps test deps fuzz-deps fmt fmt-check clippy unit soak fuzz load sweep many-mounts compare coalescing icy-compare tls-compare tree hls-load bench icecast fonts
 
 # Load runs (make load / sweep / compare / coalescing / icy-compare / tls-compare / tree): see README, "Performance".
 CLIENTS ?= 1000
@@ -132,6 +132,17 @@ sweep: release fonts
 	  --workers $(WORKERS) --mounts $(MOUNTS) $(LOAD_FLAGS)
 	mkdir -p $(RESULTS)
 	cp $(addprefix target/load/,$(SWEEP_FILES)) $(RESULTS)/
+
+## make many-mounts: CLIENTS listeners on each of MANY_MOUNTS counts of mounts, ROUNDS times in
+## alternating order; CPU per listener-second (whole server and workers) against the first count.
+MANY_MOUNTS ?= 1,1000
+ROUNDS ?= 5
+MANY_MOUNTS_STEM = mounts-$(CLIENTS)c-$(BITRATE_KBPS)k-$(subst $(comma),-,$(MANY_MOUNTS))
+many-mounts: release
+	$(LOAD_BIN) mounts --clients $(CLIENTS) --bitrate-kbps $(BITRATE_KBPS) --seconds $(SECONDS) \
+	  --workers $(WORKERS) --mounts $(MANY_MOUNTS) --rounds $(ROUNDS) $(LOAD_FLAGS)
+	mkdir -p $(RESULTS)
+	cp target/load/$(MANY_MOUNTS_STEM).md target/load/$(MANY_MOUNTS_STEM).json $(RESULTS)/
 
 ## make compare: the same load against Icecast 2.4 and fanstream, side by side, at each of MOUNTS.
 # The tool names the table after the mount counts unless it is the one mount of old:

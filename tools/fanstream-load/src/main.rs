@@ -7,6 +7,8 @@
 //!   plots; `make sweep`.
 //! - `compare`: the same run against Icecast and fanstream, at one or more mount counts;
 //!   `make compare`.
+//! - `mounts`: the same listeners on several counts of mounts, round after round, with the
+//!   ratios of their CPU per listener-second; `make many-mounts`.
 //! - `coalesce`: the same run at several write coalescing settings; `make coalescing`.
 //! - `icy-compare`: the same run with plain listeners, then ICY ones; `make icy-compare`.
 //! - `tls-compare`: the same run with plain listeners, then TLS ones; `make tls-compare`.
@@ -16,7 +18,7 @@
 //! Layout: [`record`] (the stream format and its verifier), [`schedule`] (the source's pace),
 //! [`source`], [`listen`] (with [`icy`], the ICY listener's framing), [`servers`] (the servers
 //! under test), [`procstat`] (/proc), [`run`] (one run and its summary, with [`titles`], the
-//! title updates, and [`flood`], stalled TLS handshakes beside the listeners), [`sweep`] (with [`plot`]), [`compare`], [`coalesce`], [`icy_compare`], [`tls_compare`] and [`hls`].
+//! title updates, and [`flood`], stalled TLS handshakes beside the listeners), [`sweep`] (with [`plot`]), [`compare`], [`mounts`], [`coalesce`], [`icy_compare`], [`tls_compare`] and [`hls`].
 
 mod coalesce;
 mod compare;
@@ -25,6 +27,7 @@ mod hls;
 mod icy;
 mod icy_compare;
 mod listen;
+mod mounts;
 mod plot;
 mod procstat;
 mod record;
@@ -125,6 +128,9 @@ enum Cmd {
     Sweep(sweep::SweepOpts),
     /// The same run against Icecast and fanstream, side by side, at each mount count.
     Compare(compare::CompareOpts),
+    /// The same listeners on several counts of mounts, round after round: each run's CPU per
+    /// listener-second against the first count's in the same round (whole server and workers).
+    Mounts(mounts::MountsOpts),
     /// The same run at several write coalescing settings of fanstream.
     Coalesce(coalesce::CoalesceOpts),
     /// The same run twice: every listener plain, then every listener ICY (titles updated in
@@ -231,6 +237,7 @@ fn main() -> ExitCode {
             Err(e) => fail(&e),
         },
         Cmd::Sweep(o) => sweep::sweep(&o).map_or_else(|e| fail(&e), |()| ExitCode::SUCCESS),
+        Cmd::Mounts(o) => mounts::mounts(&o).map_or_else(|e| fail(&e), |()| ExitCode::SUCCESS),
         Cmd::Coalesce(o) => {
             coalesce::coalesce(&o).map_or_else(|e| fail(&e), |()| ExitCode::SUCCESS)
         }

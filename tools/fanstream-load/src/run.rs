@@ -214,6 +214,12 @@ pub struct Summary {
     /// From fanstream's own `fanstream_thread_cpu_seconds_total`.
     pub server_cpu_pct_metrics: Option<f64>,
     pub cpu_us_per_listener_sec: f64,
+    /// fanstream's worker threads alone (`fanstream_thread_cpu_seconds_total{thread=~"fs-worker-.*"}`),
+    /// in % of a core and per listener-second: what serves the listeners, without ingest.
+    pub workers_cpu_pct: Option<f64>,
+    pub workers_cpu_us_per_listener_sec: Option<f64>,
+    /// fanstream's ingest thread alone, in % of a core: what the sources cost.
+    pub ingest_cpu_pct: Option<f64>,
     pub server_rss_bytes: u64,
     pub server_rss_before_listeners_bytes: u64,
     pub rss_per_listener_bytes: f64,
@@ -266,6 +272,8 @@ struct Sample {
     at_us: u64,
     server: f64,
     server_metrics: Option<f64>,
+    /// `fanstream_thread_cpu_seconds_total` by thread.
+    threads: BTreeMap<String, f64>,
     writes: Option<f64>,
     sent: Option<f64>,
     load: Vec<f64>,
@@ -285,6 +293,9 @@ fn sample(server: &ServerProc, edges: &[ServerProc], loads: &[Child]) -> Sample 
         at_us: unix_us(),
         server: procstat::cpu_secs(server.pid()).unwrap_or(0.0),
         server_metrics: m("fanstream_thread_cpu_seconds_total"),
+        threads: metrics.as_deref().map_or_else(BTreeMap::new, |t| {
+            metric_by_label(t, "fanstream_thread_cpu_seconds_total", "thread")
+        }),
         writes: m("fanstream_write_syscalls_total"),
         sent: m("fanstream_sent_bytes_total"),
         load: loads
@@ -836,6 +847,17 @@ fn summarize(
         .map(|(a, b)| pct(a, b));
     let listener_secs = s.streaming_at_end.max(1) as f64 * secs;
     s.cpu_us_per_listener_sec = (finish.server - begin.server) * 1e6 / listener_secs;
+    let threads = |role: fn(&str) -> bool| {
+        let sum = |m: &BTreeMap<String, f64>| -> f64 {
+            m.iter().filter(|(t, _)| role(t)).map(|(_, v)| v).sum()
+        };
+        // None where the server has no such thread (Icecast, or no metrics scraped).
+        (finish.threads.keys().any(|t| role(t))).then(|| sum(&finish.threads) - sum(&begin.threads))
+    };
+    let workers = threads(|t| t.starts_with("fs-worker-"));
+    s.workers_cpu_pct = workers.map(|c| c / secs * 100.0);
+    s.workers_cpu_us_per_listener_sec = workers.map(|c| c * 1e6 / listener_secs);
+    s.ingest_cpu_pct = threads(|t| t == "fs-ingest").map(|c| c / secs * 100.0);
     if !begin.edges.is_empty() {
         let n = begin.edges.len();
         let tier = |name: String, listeners: usize, cpu: f64, rss: Option<u64>| Tier {
@@ -984,6 +1006,15 @@ pub fn print_summary(s: &Summary) {
         opt(s.server_cpu_pct_metrics, "%"),
         s.cpu_us_per_listener_sec
     );
+    if let (Some(w), Some(us), Some(i)) = (
+        s.workers_cpu_pct,
+        s.workers_cpu_us_per_listener_sec,
+        s.ingest_cpu_pct,
+    ) {
+        println!(
+            "server threads     workers {w:.1}% of a core ({us:.1} µs per listener-second), ingest {i:.1}%"
+        );
+    }
     println!(
         "server writes      {} per listener-second, {} bytes per write",
         opt(s.write_syscalls_per_listener_sec, ""),
