@@ -157,7 +157,7 @@ pub(crate) async fn admit(ctx: &Rc<WorkerCtx>, incoming: Incoming) {
     // The fan-out loop lives as long as the worker; if it is gone, so is the listener.
     let _ = ctx.admit.send(NewListener {
         mount,
-        stream: Rc::new(stream),
+        stream,
         pos,
         icy,
         guard,

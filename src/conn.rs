@@ -12,7 +12,6 @@
 
 use std::net::SocketAddr;
 use std::os::fd::RawFd;
-use std::rc::Rc;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -151,6 +150,15 @@ impl Io {
         match self {
             Io::Plain(s) => s.try_write_vectored(bufs),
             Io::Tls(t) => t.try_write_vectored(bufs),
+        }
+    }
+
+    /// Sends what an earlier write left in a TLS session (the socket was full then); plain
+    /// sockets keep nothing back. `WouldBlock` while some is left.
+    pub fn send_unsent(&self) -> std::io::Result<()> {
+        match self {
+            Io::Plain(_) => Ok(()),
+            Io::Tls(t) => t.send_unsent(),
         }
     }
 
@@ -465,8 +473,7 @@ pub(crate) struct NewListener {
     /// First, so that it is dropped while the socket is still open (see [`Listening::fd`]).
     pub guard: ListenerGuard,
     pub mount: Arc<Mount>,
-    /// Shared (a moved listener's parked task may still hold it while it closes).
-    pub stream: Rc<Io>,
+    pub stream: Io,
     /// Absolute offset of the first byte to send it (its join point).
     pub pos: u64,
     /// The ICY framing it asked for, with what of its first interval the preamble used.

@@ -203,6 +203,13 @@ impl TlsConn {
         }
     }
 
+    /// Writes what the session still holds encrypted from earlier writes; `WouldBlock` while
+    /// some is left. A write's last bytes may stay there when the socket was full: without a
+    /// next write (the source paused, or the stream is at its end) they go out only this way.
+    pub fn send_unsent(&self) -> io::Result<()> {
+        self.send_pending(&mut self.session.borrow_mut())
+    }
+
     /// Waits until the socket may take more.
     pub async fn writable(&self) -> io::Result<()> {
         self.tcp.writable().await

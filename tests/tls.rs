@@ -84,6 +84,54 @@ fn peer_certificate(tls: &Tls) -> CertificateDer<'static> {
         .into_owned()
 }
 
+/// The last of a burst, taken in by a TLS session while the socket was full, is sent once the
+/// socket drains, although the source sends nothing more: the session's encrypted bytes do not
+/// wait for a next write that may not come. The listener does not read until the server has
+/// taken in the whole burst, so that its socket is full then, with the rest held in the session.
+#[test]
+fn a_tls_listener_gets_the_end_of_a_burst_its_socket_could_not_take_yet() {
+    let dir = scratch_dir("tls_unsent");
+    let ca = Ca::new(&dir);
+    ca.issue(1001);
+    let dir2 = ca.dir.clone();
+    let srv = TestServer::start_tls(move |c| {
+        c.startup.tls_cert = Some(dir2.join("cert.pem"));
+        c.startup.tls_key = Some(dir2.join("key.pem"));
+        c.defaults.max_write_delay_ms = 0;
+        c.listener_send_buffer_bytes = 4096;
+        declare(c, "/live");
+    });
+    let mut source = Source::connect(srv.addr, "/live");
+    let conn = ClientConnection::new(
+        Arc::new(client_config(&ca, &[&rustls::version::TLS13])),
+        ServerName::try_from("localhost").unwrap(),
+    )
+    .unwrap();
+    let sock = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+    sock.set_recv_buffer_size(4096).unwrap();
+    sock.connect(&srv.tls.unwrap().into()).unwrap();
+    let tcp: TcpStream = sock.into();
+    tcp.set_read_timeout(Some(Duration::from_secs(3))).unwrap();
+    let mut tls = StreamOwned::new(conn, tcp);
+    write!(tls, "GET /live HTTP/1.0\r\nHost: localhost\r\n\r\n").unwrap();
+    let mut head = Vec::new();
+    let mut b = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        tls.read_exact(&mut b).unwrap();
+        head.push(b[0]);
+    }
+    assert!(head.starts_with(b"HTTP/1.0 200"));
+    // More than the two socket buffers hold, less than they and the session hold together.
+    const BURST: u64 = 16_000;
+    source.send_pattern(0, BURST, 4000, Duration::ZERO);
+    srv.wait_metric("fanstream_sent_bytes_total", &["mount=\"/live\""], |v| {
+        v >= BURST as f64
+    });
+    let mut body = Vec::new();
+    read_body(&mut tls, &mut body, BURST as usize);
+    assert_eq!(body, pattern(0, BURST as usize));
+}
+
 #[test]
 fn a_tls_listener_streams_byte_exact_across_a_certificate_reload_and_a_bad_one() {
     let dir = scratch_dir("tls_reload");
