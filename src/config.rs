@@ -845,15 +845,6 @@ impl Config {
             .unwrap_or_else(|| self.defaults.clone())
     }
 
-    /// The shortest `max_write_delay_ms` of any mount: how late the fan-out may be anywhere.
-    pub fn least_write_delay_ms(&self) -> u64 {
-        std::iter::once(&self.defaults)
-            .chain(self.mounts.values())
-            .map(|m| m.max_write_delay_ms)
-            .min()
-            .unwrap_or(0)
-    }
-
     /// Every `intro_file` the config names, once each.
     pub fn intro_files(&self) -> std::collections::BTreeSet<&Path> {
         std::iter::once(&self.defaults)

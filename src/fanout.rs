@@ -35,7 +35,7 @@ use prometheus::{Histogram, IntCounter};
 use slab::Slab;
 use tokio::sync::{mpsc, Notify};
 
-use crate::config::{Config, LagPolicy, MountSettings};
+use crate::config::{LagPolicy, MountSettings};
 use crate::conn::{ConnGuard, Control, Io, ListenerGuard, NewListener, WorkerCtx};
 use crate::fallbacks::live_fallback;
 use crate::http::RESPONSE_TIMEOUT;
@@ -43,7 +43,7 @@ use crate::icy::Cadence;
 use crate::mounts::{Joining, Mount, Snapshot};
 use crate::reasons::Disconnect;
 use crate::series::{Counter, CounterFamily};
-use crate::shared::{stopped, Shared, Stop};
+use crate::shared::{stopped, Stop};
 use crate::store::{Position, SourceState};
 use crate::usage::WorkerUsage;
 
@@ -70,7 +70,7 @@ struct Listener {
     /// socket's byte count then).
     guard: ListenerGuard,
     /// Inline, not behind a pointer: a round reads it for every write, and at many mounts each
-    /// extra allocation visited is a cache miss per listener (many-stations.md, sixth pass).
+    /// extra allocation visited is a cache miss per listener.
     stream: Io,
     /// Absolute offset of the next byte of the stream to send.
     pos: u64,
@@ -636,46 +636,8 @@ pub(crate) struct FanOut {
     next_shard_id: u64,
     out: Outlets,
     wakeups: IntCounter,
-    gap: RoundGap,
     usage: WorkerUsage,
     next_lag_sample: Instant,
-}
-
-/// The least time between two rounds of a worker's loop: 1% of the shortest
-/// `max_write_delay_ms`, at most 10 ms. A round is a wake-up of the worker's thread (a context
-/// switch, a readiness poll, a timer) whatever it then writes. With one mount, rounds are few
-/// and each serves many listeners; with a thousand, every mount's publications and every
-/// shard's deadline would each be a round of their own, for one or two writes: about 600
-/// wake-ups a second per worker at 1,000 mounts × 10 listeners. Gathered into rounds at most
-/// this often, they cost what one mount's do (many-stations.md, sixth pass), for at most this
-/// much latency, 1% of what coalescing already adds; a mount that writes every piece at once
-/// (`max_write_delay_ms = 0`) keeps every round.
-struct RoundGap {
-    /// The config the gap was worked out from: it changes only on a reload.
-    from: Arc<Config>,
-    gap: Duration,
-}
-
-impl RoundGap {
-    const MAX: Duration = Duration::from_millis(10);
-
-    fn new(cfg: Arc<Config>) -> Self {
-        let gap = Self::of(&cfg);
-        RoundGap { from: cfg, gap }
-    }
-
-    fn of(cfg: &Config) -> Duration {
-        Duration::from_micros(cfg.least_write_delay_ms() * 10).min(Self::MAX)
-    }
-
-    fn get(&mut self, shared: &Shared) -> Duration {
-        let cfg = shared.config.load();
-        if !Arc::ptr_eq(&cfg, &self.from) {
-            self.gap = Self::of(&cfg);
-            self.from = Arc::clone(&cfg);
-        }
-        self.gap
-    }
 }
 
 impl FanOut {
@@ -689,7 +651,6 @@ impl FanOut {
         let panics = m.panics.with_label_values(&["listener"]);
         let usage = WorkerUsage::new(m, &ctx.label);
         let index = ctx.index;
-        let ctx_config = ctx.shared.config.load_full();
         FanOut {
             ctx,
             admit_rx,
@@ -706,7 +667,6 @@ impl FanOut {
                 panics,
             },
             wakeups,
-            gap: RoundGap::new(ctx_config),
             usage,
             next_lag_sample: Instant::now(),
         }
@@ -719,19 +679,10 @@ impl FanOut {
         let timer = tokio::time::sleep(Duration::from_secs(3600));
         tokio::pin!(timer);
         let mut armed: Option<Instant> = None;
-        // No round of published data or deadlines starts before this (see `RoundGap`); a
-        // publication that comes sooner is held for the timer.
-        let mut next_round = Instant::now();
-        let mut data_held = false;
         loop {
             self.usage.pass(Instant::now(), self.listener_count());
-            let want = if data_held {
-                Some(next_round)
-            } else {
-                self.shards.next_deadline().map(|at| at.max(next_round))
-            };
-            if armed != want {
-                armed = want;
+            if armed != self.shards.next_deadline() {
+                armed = self.shards.next_deadline();
                 if let Some(at) = armed {
                     timer.as_mut().reset(at.into());
                 }
@@ -743,22 +694,14 @@ impl FanOut {
                 }
                 Some(new) = self.admit_rx.recv() => self.add(new),
                 Some(control) = self.control_rx.recv() => self.control(control),
-                _ = link.data_ready.notified(), if !data_held => {
+                _ = link.data_ready.notified() => {
                     self.wakeups.inc();
-                    let now = Instant::now();
-                    if now >= next_round {
-                        self.measured(Self::serve_round);
-                        next_round = now + self.gap.get(&shared);
-                    } else {
-                        data_held = true;
-                    }
+                    self.measured(Self::serve_published);
                 }
                 _ = self.out.parking.notified() => self.serve_unparked(),
                 _ = &mut timer, if armed.is_some() => {
                     armed = None;
-                    data_held = false;
-                    self.measured(Self::serve_round);
-                    next_round = Instant::now() + self.gap.get(&shared);
+                    self.measured(Self::serve_deadlines);
                 }
             }
         }
@@ -783,13 +726,6 @@ impl FanOut {
                 }
             }
         }
-    }
-
-    /// Serves the shards whose mount published since the last round, and those whose
-    /// coalescing deadline passed.
-    fn serve_round(&mut self) {
-        self.serve_published();
-        self.serve_deadlines();
     }
 
     /// Serves the shards whose mount published since the last look.

@@ -131,8 +131,10 @@ struct Entry {
     /// piece (and an Ogg stream its headers), the fallback's listeners move back.
     override_pending: bool,
     /// Cuts the stream into HLS segments while the mount's `hls` is on; kept across sources,
-    /// so that its media sequence goes on.
-    hls: Option<Segmenter>,
+    /// so that its media sequence goes on. Boxed: it is half of an entry's size, and most
+    /// mounts of a hosting server have no HLS: an entry takes 600 bytes, not 1,160 (allocated
+    /// as 640 and 1,280).
+    hls: Option<Box<Segmenter>>,
     /// Where the last source's Ogg stream stood for the listeners kept through the grace
     /// period: the next source's stream follows it as a new chain.
     ogg_tail: Option<crate::ogg::Tail>,
@@ -153,7 +155,7 @@ impl Entry {
         let hls = self.hls.get_or_insert_with(|| {
             let mut segmenter = Segmenter::new(params);
             segmenter.start_source(source_for(&snap.info.meta.content_type));
-            segmenter
+            Box::new(segmenter)
         });
         let np = &snap.now_playing;
         let title = Title {
