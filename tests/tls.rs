@@ -23,11 +23,17 @@ use common::process::{require, scratch_dir};
 use common::*;
 
 fn tls_server(ca: &Ca) -> TestServer {
+    tls_server_with(ca, |_| {})
+}
+
+/// [`tls_server`], with more settings.
+fn tls_server_with(ca: &Ca, more: impl FnOnce(&mut fanstream::Config)) -> TestServer {
     let dir = ca.dir.clone();
     TestServer::start_tls(move |c| {
         c.startup.tls_cert = Some(dir.join("cert.pem"));
         c.startup.tls_key = Some(dir.join("key.pem"));
         c.defaults.max_write_delay_ms = 0;
+        more(c);
     })
 }
 
@@ -51,9 +57,13 @@ type Tls = StreamOwned<ClientConnection, TcpStream>;
 
 /// A listener over TLS, past its response head; returns the stream and the head.
 fn tls_listener(addr: SocketAddr, config: ClientConfig, mount: &str) -> (Tls, String) {
+    tls_listener_on(TcpStream::connect(addr).unwrap(), config, mount)
+}
+
+/// [`tls_listener`] on a socket already connected.
+fn tls_listener_on(tcp: TcpStream, config: ClientConfig, mount: &str) -> (Tls, String) {
     let conn = ClientConnection::new(Arc::new(config), ServerName::try_from("localhost").unwrap())
         .unwrap();
-    let tcp = TcpStream::connect(addr).unwrap();
     tcp.set_read_timeout(Some(DEADLINE)).unwrap();
     let mut tls = StreamOwned::new(conn, tcp);
     write!(tls, "GET {mount} HTTP/1.0\r\nHost: localhost\r\n\r\n").unwrap();
@@ -93,34 +103,21 @@ fn a_tls_listener_gets_the_end_of_a_burst_its_socket_could_not_take_yet() {
     let dir = scratch_dir("tls_unsent");
     let ca = Ca::new(&dir);
     ca.issue(1001);
-    let dir2 = ca.dir.clone();
-    let srv = TestServer::start_tls(move |c| {
-        c.startup.tls_cert = Some(dir2.join("cert.pem"));
-        c.startup.tls_key = Some(dir2.join("key.pem"));
-        c.defaults.max_write_delay_ms = 0;
+    let srv = tls_server_with(&ca, |c| {
         c.listener_send_buffer_bytes = 4096;
         declare(c, "/live");
     });
     let mut source = Source::connect(srv.addr, "/live");
-    let conn = ClientConnection::new(
-        Arc::new(client_config(&ca, &[&rustls::version::TLS13])),
-        ServerName::try_from("localhost").unwrap(),
-    )
-    .unwrap();
     let sock = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
     sock.set_recv_buffer_size(4096).unwrap();
     sock.connect(&srv.tls.unwrap().into()).unwrap();
-    let tcp: TcpStream = sock.into();
-    tcp.set_read_timeout(Some(Duration::from_secs(3))).unwrap();
-    let mut tls = StreamOwned::new(conn, tcp);
-    write!(tls, "GET /live HTTP/1.0\r\nHost: localhost\r\n\r\n").unwrap();
-    let mut head = Vec::new();
-    let mut b = [0u8; 1];
-    while !head.ends_with(b"\r\n\r\n") {
-        tls.read_exact(&mut b).unwrap();
-        head.push(b[0]);
-    }
-    assert!(head.starts_with(b"HTTP/1.0 200"));
+    let versions = &[&rustls::version::TLS13];
+    let (mut tls, head) = tls_listener_on(sock.into(), client_config(&ca, versions), "/live");
+    assert!(head.starts_with("HTTP/1.0 200"), "{head}");
+    // What is missing would never come: no need to wait the whole deadline for it.
+    tls.sock
+        .set_read_timeout(Some(Duration::from_secs(3)))
+        .unwrap();
     // More than the two socket buffers hold, less than they and the session hold together.
     const BURST: u64 = 16_000;
     source.send_pattern(0, BURST, 4000, Duration::ZERO);
