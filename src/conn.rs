@@ -162,6 +162,14 @@ impl Io {
         }
     }
 
+    /// Whether a TLS session holds bytes an earlier write left ([`Io::send_unsent`]).
+    pub fn holds_unsent(&self) -> bool {
+        match self {
+            Io::Plain(_) => false,
+            Io::Tls(t) => t.holds_unsent(),
+        }
+    }
+
     /// Registers `cx`'s waker for when the socket may take more (a TLS session's pending bytes
     /// wait for the same socket), or says it may now.
     pub fn poll_write_ready(

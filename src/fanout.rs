@@ -1040,10 +1040,14 @@ impl FanOut {
         }
     }
 
+    /// Whether a listener still has bytes of the stream to get: some not written yet, or some
+    /// its TLS session took in and its socket did not yet.
     fn any_pending(&self) -> bool {
         self.shards.by_id.values().any(|s| {
             let end = s.mount.store.load().end;
-            s.listeners.iter().any(|(_, l)| l.pos < end)
+            s.listeners
+                .iter()
+                .any(|(_, l)| l.pos < end || l.stream.holds_unsent())
         })
     }
 }

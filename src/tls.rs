@@ -210,6 +210,11 @@ impl TlsConn {
         self.send_pending(&mut self.session.borrow_mut())
     }
 
+    /// Whether the session holds encrypted bytes the socket has not taken yet.
+    pub fn holds_unsent(&self) -> bool {
+        self.session.borrow().wants_write()
+    }
+
     /// Waits until the socket may take more.
     pub async fn writable(&self) -> io::Result<()> {
         self.tcp.writable().await

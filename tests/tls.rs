@@ -94,16 +94,12 @@ fn peer_certificate(tls: &Tls) -> CertificateDer<'static> {
         .into_owned()
 }
 
-/// The last of a burst, taken in by a TLS session while the socket was full, is sent once the
-/// socket drains, although the source sends nothing more: the session's encrypted bytes do not
-/// wait for a next write that may not come. The listener does not read until the server has
-/// taken in the whole burst, so that its socket is full then, with the rest held in the session.
-#[test]
-fn a_tls_listener_gets_the_end_of_a_burst_its_socket_could_not_take_yet() {
-    let dir = scratch_dir("tls_unsent");
-    let ca = Ca::new(&dir);
+/// A TLS listener with a small receive buffer, on a server whose listener sockets have small
+/// send buffers, that has been sent a burst it did not read yet: the server took in the whole
+/// burst (its TLS session holds what the full socket did not take), returned with the source.
+fn tls_listener_behind_a_full_socket(ca: &Ca) -> (TestServer, Tls, Source) {
     ca.issue(1001);
-    let srv = tls_server_with(&ca, |c| {
+    let srv = tls_server_with(ca, |c| {
         c.listener_send_buffer_bytes = 4096;
         declare(c, "/live");
     });
@@ -112,21 +108,64 @@ fn a_tls_listener_gets_the_end_of_a_burst_its_socket_could_not_take_yet() {
     sock.set_recv_buffer_size(4096).unwrap();
     sock.connect(&srv.tls.unwrap().into()).unwrap();
     let versions = &[&rustls::version::TLS13];
-    let (mut tls, head) = tls_listener_on(sock.into(), client_config(&ca, versions), "/live");
+    let (tls, head) = tls_listener_on(sock.into(), client_config(ca, versions), "/live");
     assert!(head.starts_with("HTTP/1.0 200"), "{head}");
     // What is missing would never come: no need to wait the whole deadline for it.
     tls.sock
         .set_read_timeout(Some(Duration::from_secs(3)))
         .unwrap();
-    // More than the two socket buffers hold, less than they and the session hold together.
-    const BURST: u64 = 16_000;
-    source.send_pattern(0, BURST, 4000, Duration::ZERO);
+    source.send_pattern(0, UNREAD_BURST, 4000, Duration::ZERO);
     srv.wait_metric("fanstream_sent_bytes_total", &["mount=\"/live\""], |v| {
-        v >= BURST as f64
+        v >= UNREAD_BURST as f64
+    });
+    (srv, tls, source)
+}
+
+/// More than the two socket buffers hold, less than they and the session hold together.
+const UNREAD_BURST: u64 = 16_000;
+
+/// The last of a burst, taken in by a TLS session while the socket was full, is sent once the
+/// socket drains, although the source sends nothing more: the session's encrypted bytes do not
+/// wait for a next write that may not come.
+#[test]
+fn a_tls_listener_gets_the_end_of_a_burst_its_socket_could_not_take_yet() {
+    let ca = Ca::new(&scratch_dir("tls_unsent"));
+    let (_srv, mut tls, _source) = tls_listener_behind_a_full_socket(&ca);
+    let mut body = Vec::new();
+    read_body(&mut tls, &mut body, UNREAD_BURST as usize);
+    assert_eq!(body, pattern(0, UNREAD_BURST as usize));
+}
+
+/// A graceful stop waits for what a TLS session holds, as for bytes not written yet: the
+/// listener gets the whole burst, then the end of the stream.
+#[test]
+fn a_graceful_stop_sends_a_tls_listener_what_its_session_holds() {
+    let ca = Ca::new(&scratch_dir("tls_unsent_stop"));
+    let (mut srv, mut tls, source) = tls_listener_behind_a_full_socket(&ca);
+    let addr = srv.addr;
+    let stopping = std::thread::spawn(move || {
+        srv.stop(fanstream::Stop::Drain);
+        drop(source);
+    });
+    // Read only once the stop has begun (the listener port is closed first), so that it is
+    // the stop that must send what the session holds.
+    wait_until("the listener port closes", || {
+        TcpStream::connect(addr).is_err()
     });
     let mut body = Vec::new();
-    read_body(&mut tls, &mut body, BURST as usize);
-    assert_eq!(body, pattern(0, BURST as usize));
+    let mut buf = vec![0u8; 64 * 1024];
+    loop {
+        match common::read_some(&mut tls, &mut buf) {
+            Ok(0) => break,
+            Ok(k) => body.extend_from_slice(&buf[..k]),
+            // The server closes without a close_notify: the end of a live stream.
+            Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => break,
+            Err(e) => panic!("read failed after {} bytes: {e}", body.len()),
+        }
+    }
+    stopping.join().unwrap();
+    assert_eq!(body.len(), UNREAD_BURST as usize, "bytes before the end");
+    assert_eq!(body, pattern(0, UNREAD_BURST as usize));
 }
 
 #[test]
