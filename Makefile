@@ -29,7 +29,7 @@ TEST_GST_ELEMENTS := souphttpsrc decodebin oggdemux opusdec vorbisdec mpegaudiop
 
 .PHONY: run build release deb man install deb-deps test deps fuzz-deps fmt fmt-check clippy unit soak fuzz load sweep many-mounts compare coalescing icy-compare tls-compare tree hls-load bench icecast fonts
 
-# Load runs (make load / sweep / compare / coalescing / icy-compare / tls-compare / tree): see README, "Performance".
+# Load runs (make load / sweep / many-mounts / compare / coalescing / icy-compare / tls-compare / tree): see README, "Performance".
 CLIENTS ?= 1000
 BITRATE_KBPS ?= 128
 SECONDS ?= 30

@@ -70,14 +70,14 @@ pub fn mounts(o: &MountsOpts) -> Result<(), String> {
 /// A run's figures set against the base count's run of the same round: the whole server's CPU
 /// per listener-second, and the workers' alone.
 struct Ratio {
-    whole: f64,
+    whole: Option<f64>,
     workers: Option<f64>,
 }
 
 fn ratio(of: &Summary, base: &Summary) -> Ratio {
     let div = |a: f64, b: f64| (b > 0.0).then(|| a / b);
     Ratio {
-        whole: div(of.cpu_us_per_listener_sec, base.cpu_us_per_listener_sec).unwrap_or(f64::NAN),
+        whole: div(of.cpu_us_per_listener_sec, base.cpu_us_per_listener_sec),
         workers: of
             .workers_cpu_us_per_listener_sec
             .zip(base.workers_cpu_us_per_listener_sec)
@@ -143,7 +143,7 @@ fn table(counts: &[usize], runs: &[(usize, Summary)]) -> String {
                 .collect::<Vec<_>>()
                 .join(", ")
         };
-        let whole: Vec<Option<f64>> = ratios.iter().map(|r| Some(r.whole)).collect();
+        let whole: Vec<Option<f64>> = ratios.iter().map(|r| r.whole).collect();
         let workers: Vec<Option<f64>> = ratios.iter().map(|r| r.workers).collect();
         t += &format!(
             "| {mounts} | {} | {} | {} | {} |\n",

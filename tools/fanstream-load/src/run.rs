@@ -271,8 +271,7 @@ pub struct Tier {
 struct Sample {
     at_us: u64,
     server: f64,
-    server_metrics: Option<f64>,
-    /// `fanstream_thread_cpu_seconds_total` by thread.
+    /// `fanstream_thread_cpu_seconds_total` by thread (empty without a scrape).
     threads: BTreeMap<String, f64>,
     writes: Option<f64>,
     sent: Option<f64>,
@@ -292,7 +291,6 @@ fn sample(server: &ServerProc, edges: &[ServerProc], loads: &[Child]) -> Sample 
     Sample {
         at_us: unix_us(),
         server: procstat::cpu_secs(server.pid()).unwrap_or(0.0),
-        server_metrics: m("fanstream_thread_cpu_seconds_total"),
         threads: metrics.as_deref().map_or_else(BTreeMap::new, |t| {
             metric_by_label(t, "fanstream_thread_cpu_seconds_total", "thread")
         }),
@@ -841,19 +839,19 @@ fn summarize(
     s.window_secs = secs;
     let pct = |a: f64, b: f64| (b - a) / secs * 100.0;
     s.server_cpu_pct = pct(begin.server, finish.server);
-    s.server_cpu_pct_metrics = begin
-        .server_metrics
-        .zip(finish.server_metrics)
-        .map(|(a, b)| pct(a, b));
     let listener_secs = s.streaming_at_end.max(1) as f64 * secs;
     s.cpu_us_per_listener_sec = (finish.server - begin.server) * 1e6 / listener_secs;
+    // The CPU seconds of fanstream's threads that `role` takes, over the window; None where
+    // the server has no such thread (Icecast) or a scrape of `/metrics` failed.
     let threads = |role: fn(&str) -> bool| {
-        let sum = |m: &BTreeMap<String, f64>| -> f64 {
-            m.iter().filter(|(t, _)| role(t)).map(|(_, v)| v).sum()
+        let sum = |m: &BTreeMap<String, f64>| {
+            let mut ours = m.iter().filter(|(t, _)| role(t)).peekable();
+            ours.peek()?;
+            Some(ours.map(|(_, v)| v).sum::<f64>())
         };
-        // None where the server has no such thread (Icecast, or no metrics scraped).
-        (finish.threads.keys().any(|t| role(t))).then(|| sum(&finish.threads) - sum(&begin.threads))
+        Some(sum(&finish.threads)? - sum(&begin.threads)?)
     };
+    s.server_cpu_pct_metrics = threads(|_| true).map(|c| c / secs * 100.0);
     let workers = threads(|t| t.starts_with("fs-worker-"));
     s.workers_cpu_pct = workers.map(|c| c / secs * 100.0);
     s.workers_cpu_us_per_listener_sec = workers.map(|c| c * 1e6 / listener_secs);
