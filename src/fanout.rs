@@ -97,11 +97,30 @@ struct Parked {
 #[derive(Default)]
 struct DueList {
     by_pos: BTreeMap<u64, Vec<usize>>,
+    /// Emptied lists, kept for the next offset: at many mounts a shard's few listeners move to a
+    /// new offset on every write, and a list made and freed each time was an allocation per
+    /// listener written.
+    spare: Vec<Vec<usize>>,
 }
+
+/// Most emptied lists a shard keeps for reuse: listeners that keep up share one offset, so a
+/// few cover the usual case; more would only hold memory after a burst of stragglers.
+const SPARE_LISTS: usize = 4;
 
 impl DueList {
     fn insert(&mut self, pos: u64, key: usize) {
-        self.by_pos.entry(pos).or_default().push(key);
+        let spare = &mut self.spare;
+        self.by_pos
+            .entry(pos)
+            .or_insert_with(|| spare.pop().unwrap_or_default())
+            .push(key);
+    }
+
+    fn recycle(&mut self, mut keys: Vec<usize>) {
+        if self.spare.len() < SPARE_LISTS {
+            keys.clear();
+            self.spare.push(keys);
+        }
     }
 
     /// Moves into `out` the listeners at the leading offsets that `due` accepts, stopping at the
@@ -111,7 +130,9 @@ impl DueList {
             if !due(*entry.key()) {
                 return;
             }
-            out.extend(entry.remove());
+            let keys = entry.remove();
+            out.extend_from_slice(&keys);
+            self.recycle(keys);
         }
     }
 
@@ -120,7 +141,9 @@ impl DueList {
         if let Some(keys) = self.by_pos.get_mut(&pos) {
             keys.retain(|&k| k != key);
             if keys.is_empty() {
-                self.by_pos.remove(&pos);
+                if let Some(keys) = self.by_pos.remove(&pos) {
+                    self.recycle(keys);
+                }
             }
         }
     }
@@ -180,10 +203,10 @@ struct Gathered<'s> {
 }
 
 impl<'s> Gathered<'s> {
-    fn new() -> Self {
+    fn new(slices: Vec<IoSlice<'s>>) -> Self {
         Gathered {
             pos: None,
-            slices: Vec::with_capacity(USUAL_WRITE_SLICES),
+            slices,
             arrival: None,
         }
     }
@@ -207,6 +230,25 @@ impl<'s> Gathered<'s> {
         }
         &self.slices
     }
+}
+
+/// Lists a serving pass fills and empties, kept by the worker from one pass to the next: at many
+/// mounts a worker serves thousands of shards a second, and lists made and freed in each pass
+/// were most of its allocations.
+#[derive(Default)]
+struct Scratch {
+    /// The listeners a pass serves.
+    batch: Vec<usize>,
+    /// The gathered slices of a pass, emptied ([`reuse`]).
+    slices: Vec<IoSlice<'static>>,
+}
+
+/// An emptied list of slices, its buffer kept for slices that borrow another snapshot. Collecting
+/// a vector's own iterator into a vector of an element of the same size and alignment reuses its
+/// buffer (std's in-place collection); with the list empty, no element is converted.
+fn reuse<'a, 'b>(mut slices: Vec<IoSlice<'a>>) -> Vec<IoSlice<'b>> {
+    slices.clear();
+    slices.into_iter().map(|_| unreachable!()).collect()
 }
 
 /// Work counted in a round, added to the shared counters once per round.
@@ -341,7 +383,13 @@ impl Shard {
     /// Serves the listeners `visit` names against `snap`, the mount's snapshot loaded once for
     /// the pass, files each by its outcome, and adds the work to the counters once. Returns when
     /// the first listener left waiting falls due, if bytes are pending for it.
-    fn serve(&mut self, snap: &Snapshot, visit: Visit, pass: &Pass) -> Option<Instant> {
+    fn serve(
+        &mut self,
+        snap: &Snapshot,
+        visit: Visit,
+        pass: &Pass,
+        scratch: &mut Scratch,
+    ) -> Option<Instant> {
         let round = Round {
             snap,
             settings: &snap.settings,
@@ -353,7 +401,8 @@ impl Shard {
             #[cfg(feature = "fault-injection")]
             inject_panic: self.inject_panic,
         };
-        let mut batch = Vec::new();
+        let mut batch = std::mem::take(&mut scratch.batch);
+        batch.clear();
         // The first offset left waiting, with when it falls due: found while taking the due
         // ones, so that the stream is not searched for it twice.
         let mut refused = None;
@@ -375,10 +424,10 @@ impl Shard {
                 self.due.take_due(&mut due, &mut batch);
             }
         }
-        let mut gathered = Gathered::new();
+        let mut gathered = Gathered::new(reuse(std::mem::take(&mut scratch.slices)));
         let mut tally = Tally::default();
         let mut dropped = Vec::new();
-        for key in batch {
+        for &key in &batch {
             let Some(l) = self.listeners.get_mut(key) else {
                 continue;
             };
@@ -397,6 +446,8 @@ impl Shard {
                 self.due.insert(l.pos, key);
             }
         }
+        scratch.batch = batch;
+        scratch.slices = reuse(gathered.slices);
         self.writes.inc_by(tally.writes);
         self.sent_bytes.inc_by(tally.bytes);
         if tally.bytes > 0 {
@@ -561,6 +612,7 @@ struct Shards {
     /// Every shard's next deadline: the worker keeps one timer, for the first of them, and on
     /// that timer visits only the shards whose deadline passed.
     deadlines: BTreeSet<(Instant, u64)>,
+    scratch: Scratch,
 }
 
 impl Shards {
@@ -570,14 +622,13 @@ impl Shards {
         let Some(shard) = self.by_id.get_mut(&id) else {
             return After::Keep;
         };
-        let mount = shard.mount.clone();
-        let on = &mount.on_workers[self.worker];
         let (snap, coalesced) = loop {
             let snap = shard.mount.store.load();
             let before = shard.listeners.len();
-            let coalesced = shard.serve(&snap, visit, pass);
+            let coalesced = shard.serve(&snap, visit, pass, &mut self.scratch);
             self.listeners -= before - shard.listeners.len();
             let wake_at = shard.wake_at(&snap);
+            let on = &shard.mount.on_workers[self.worker];
             on.oldest.store(shard.oldest(), Ordering::Relaxed);
             on.wake_at.store(wake_at, Ordering::SeqCst);
             // Pairs with the fence in `Shared::queue`: a publication that came after this
@@ -638,6 +689,13 @@ pub(crate) struct FanOut {
     wakeups: IntCounter,
     usage: WorkerUsage,
     next_lag_sample: Instant,
+    /// Emptied lists a round fills, kept from one round to the next, as [`Scratch`]: the mounts
+    /// ingest queued, swapped with the worker's link so that neither thread allocates for it...
+    published: Vec<Arc<Mount>>,
+    /// ...the shards whose deadline passed...
+    due: Vec<u64>,
+    /// ...and what is left to do with the shards served.
+    after: Vec<(u64, After)>,
 }
 
 impl FanOut {
@@ -660,6 +718,7 @@ impl FanOut {
                 by_id: HashMap::new(),
                 listeners: 0,
                 deadlines: BTreeSet::new(),
+                scratch: Scratch::default(),
             },
             next_shard_id: 0,
             out: Outlets {
@@ -669,6 +728,9 @@ impl FanOut {
             wakeups,
             usage,
             next_lag_sample: Instant::now(),
+            published: Vec::new(),
+            due: Vec::new(),
+            after: Vec::new(),
         }
     }
 
@@ -731,10 +793,14 @@ impl FanOut {
     /// Serves the shards whose mount published since the last look.
     fn serve_published(&mut self) {
         let link = &self.ctx.shared.workers[self.ctx.index];
-        let mounts = std::mem::take(&mut *link.published.lock().unwrap_or_else(|e| e.into_inner()));
+        let mut mounts = std::mem::take(&mut self.published);
+        std::mem::swap(
+            &mut *link.published.lock().unwrap_or_else(|e| e.into_inner()),
+            &mut mounts,
+        );
         let pass = Pass::new(&self.ctx, &self.out, false);
-        let mut after = Vec::new();
-        for mount in mounts {
+        let mut after = std::mem::take(&mut self.after);
+        for mount in mounts.drain(..) {
             let on = &mount.on_workers[self.ctx.index];
             // Cleared before the snapshot is loaded: a publication after the load queues it again.
             on.queued.store(false, Ordering::SeqCst);
@@ -743,24 +809,26 @@ impl FanOut {
                 after.push((id, self.shards.serve(id, Visit::Due, &pass)));
             }
         }
+        self.published = mounts;
         self.settle(after);
     }
 
     /// Serves the shards whose coalescing deadline passed.
     fn serve_deadlines(&mut self) {
         let pass = Pass::new(&self.ctx, &self.out, false);
-        let mut due = Vec::new();
+        let mut due = std::mem::take(&mut self.due);
         self.shards.take_due(pass.now, &mut due);
-        let after = due
-            .into_iter()
-            .map(|id| (id, self.shards.serve(id, Visit::Due, &pass)))
-            .collect();
+        let mut after = std::mem::take(&mut self.after);
+        for id in due.drain(..) {
+            after.push((id, self.shards.serve(id, Visit::Due, &pass)));
+        }
+        self.due = due;
         self.settle(after);
     }
 
-    /// Does what is left to do with shards after serving them.
-    fn settle(&mut self, after: Vec<(u64, After)>) {
-        for (id, after) in after {
+    /// Does what is left to do with shards after serving them, and keeps the emptied list.
+    fn settle(&mut self, mut after: Vec<(u64, After)>) {
+        for (id, after) in after.drain(..) {
             match after {
                 After::Keep => {}
                 After::Empty => drop(self.remove_shard(id)),
@@ -772,6 +840,7 @@ impl FanOut {
                 After::MovedTo(fallback) => self.move_to_fallback(id, &fallback),
             }
         }
+        self.after = after;
     }
 
     fn add(&mut self, new: NewListener) {
@@ -860,8 +929,9 @@ impl FanOut {
     /// it is written without waiting for coalescing, and nothing is left pending.
     fn serve_one(&mut self, id: u64, visit: Visit) {
         let pass = Pass::new(&self.ctx, &self.out, true);
-        let after = self.shards.serve(id, visit, &pass);
-        self.settle(vec![(id, after)]);
+        let mut after = std::mem::take(&mut self.after);
+        after.push((id, self.shards.serve(id, visit, &pass)));
+        self.settle(after);
     }
 
     /// Serves listeners whose sockets drained; they are behind, so they are written at once.
@@ -1136,7 +1206,8 @@ fn serve_guarded<'s>(
         panics.inc();
         tracing::error!("serving a listener panicked; that listener is dropped");
         // The shared lookups may be half-made: start them afresh.
-        *gathered = Gathered::new();
+        gathered.pos = None;
+        gathered.arrival = None;
         Served::Drop(Disconnect::Panic)
     })
 }
@@ -1346,6 +1417,40 @@ mod tests {
         out.sort();
         assert_eq!(out, [0, 2, 5]);
         assert_eq!(due.first(), None);
+    }
+
+    #[test]
+    fn a_shard_reuses_its_lists_instead_of_allocating_them_per_write() {
+        let mut due = DueList::default();
+        due.insert(100, 0);
+        due.insert(100, 1);
+        let list = due.by_pos[&100].as_ptr();
+        let mut out = Vec::new();
+        due.take_due(|_| true, &mut out);
+        // Written to the edge, the listeners wait at a new offset, in the list they left.
+        due.insert(200, 0);
+        due.insert(200, 1);
+        assert_eq!(due.by_pos[&200].as_ptr(), list);
+        due.remove(200, 0);
+        due.remove(200, 1);
+        assert_eq!(due.first(), None);
+        assert_eq!(due.spare.len(), 1, "an emptied list is kept");
+        for pos in 0..(SPARE_LISTS as u64 * 2) {
+            due.insert(pos, 7);
+        }
+        due.take_due(|_| true, &mut out);
+        assert_eq!(due.spare.len(), SPARE_LISTS, "and no more than a few");
+
+        // The slice list keeps its buffer from one snapshot's pass to the next.
+        let data = [1u8; 8];
+        let mut slices = vec![IoSlice::new(&data); USUAL_WRITE_SLICES];
+        slices.clear();
+        let (buffer, capacity) = (slices.as_ptr() as usize, slices.capacity());
+        let again: Vec<IoSlice<'static>> = reuse(slices);
+        assert_eq!(
+            (again.as_ptr() as usize, again.capacity()),
+            (buffer, capacity)
+        );
     }
 
     #[test]
