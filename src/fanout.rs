@@ -8,7 +8,9 @@
 //! ([`crate::shared::Shared::published`]); the woken loop serves only the queued mounts' shards,
 //! loading each snapshot once (stream and settings in one load) and writing each due listener's
 //! backlog with one vectored write of shared `Bytes` (no copy, no allocation, no lock per
-//! listener). Listeners at the same position (all who keep up) share one gathered slice list.
+//! listener, and no allocation per shard either: the lists a pass fills are kept from one pass to
+//! the next, [`Scratch`]). Listeners at the same position (all who keep up) share one gathered
+//! slice list.
 //!
 //! Writes are coalesced: a listener is written once `min_write_bytes` are pending or its oldest
 //! pending byte is `max_write_delay_ms` old, since a syscall costs the same for 300 bytes as for
