@@ -25,16 +25,16 @@ pub fn mounts(o: &MountsOpts) -> Result<(), String> {
     }
     let r = &o.run;
     let mut runs: Vec<(usize, Summary)> = Vec::new();
-    let stem = format!(
-        "mounts-{}c-{}k-{}",
-        r.clients,
-        r.bitrate_kbps,
-        o.mounts
-            .iter()
-            .map(|m| m.to_string())
-            .collect::<Vec<_>>()
-            .join("-")
-    );
+    // `--name` names the table and its runs, so that a second comparison (another binary, say)
+    // does not overwrite the first's; by default they are named after the load.
+    let run_prefix = r
+        .name
+        .clone()
+        .unwrap_or_else(|| format!("mounts-{}c-{}k", r.clients, r.bitrate_kbps));
+    let stem = r.name.clone().unwrap_or_else(|| {
+        let counts: Vec<String> = o.mounts.iter().map(|m| m.to_string()).collect();
+        format!("{run_prefix}-{}", counts.join("-"))
+    });
     for round in 1..=o.rounds {
         let mut order = o.mounts.clone();
         if round % 2 == 0 {
@@ -43,12 +43,7 @@ pub fn mounts(o: &MountsOpts) -> Result<(), String> {
         for mounts in order {
             let opts = RunOpts {
                 mounts,
-                name: Some(format!(
-                    "mounts-{}c-{}k{}-r{round}",
-                    r.clients,
-                    r.bitrate_kbps,
-                    mounts_suffix(mounts)
-                )),
+                name: Some(format!("{run_prefix}{}-r{round}", mounts_suffix(mounts))),
                 ..r.clone()
             };
             let s = run::run(&opts)?;
