@@ -1056,11 +1056,6 @@ impl Config {
                 if m.password.is_none() {
                     return Err("master.register needs master.password: the origin takes registrations from its relay user only".into());
                 }
-                // Registrations go out on a plain connection (src/registration.rs); the relays'
-                // TLS client is theirs alone so far.
-                if !m.url.to_ascii_lowercase().starts_with("http://") {
-                    return Err(format!("master.register with master.url = {:?}: registration goes to an http:// origin only (relays may use https)", m.url));
-                }
             }
         }
         if self.startup.relays.len() > self.source_limit() {
@@ -1814,12 +1809,12 @@ mod tests {
                 .unwrap_err();
             assert!(e.contains(why), "{toml}: {e}");
         }
-        let e = Config::from_toml(
+        // An https origin: registration checks its certificate as the relays do.
+        Config::from_toml(
             "[master]\nurl = \"https://o\"\npassword = \"pw\"\nregister = true\npublic_url = \"http://e:8000\"\n",
         )
         .and_then(|c| c.validate())
-        .unwrap_err();
-        assert!(e.contains("http:// origin only"), "{e}");
+        .unwrap();
         let e = Config::from_toml("relay_password = \"\"")
             .unwrap()
             .validate()

@@ -1,16 +1,25 @@
-//! The client side of HTTP that a relay needs to pull a stream: an `http://` or `https://` URL,
-//! the request Icecast's relay sends, and the response head (HTTP/1.x, or SHOUTcast's
-//! `ICY 200 OK`).
+//! The client side of HTTP that a relay needs to pull a stream, and an edge to register with its
+//! origin: an `http://` or `https://` URL, the request Icecast's relay sends, the connection
+//! (TCP, or TLS over it, [`crate::tls::connect`]) and the response head (HTTP/1.x, or
+//! SHOUTcast's `ICY 200 OK`).
 //!
 //! Like [`crate::http`], it turns bytes into values or a specific error and never panics on
 //! input: an upstream is another server, not trusted to speak well.
 
+use std::sync::Arc;
+
 use base64::Engine;
+use bytes::BytesMut;
+use rustls::ClientConfig;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::net::TcpStream;
 
 use crate::http::MAX_HEAD_BYTES;
 
 /// Most headers in one response.
 const MAX_HEADERS: usize = 64;
+/// Each read buffer allocation of a stream pulled: pieces share it, as ingest's reads do.
+pub(crate) const READ_BUF_BYTES: usize = 64 * 1024;
 
 /// An `http://` or `https://` URL, as a relay's upstream is written:
 /// `http[s]://[user:pass@]host[:port]/path`.
@@ -203,6 +212,79 @@ pub(crate) fn parse_response(buf: &[u8]) -> Result<Option<(Response, usize)>, Re
         },
         n - extra,
     )))
+}
+
+/// An upstream connection: plain TCP, or TLS over it.
+pub(crate) trait Io: AsyncRead + AsyncWrite + Unpin + Send {}
+
+impl<T: AsyncRead + AsyncWrite + Unpin + Send> Io for T {}
+
+/// Why a request got no answer: the reason (a `fanstream_relay_failovers_total` label, a word
+/// in a log line) and, for a TLS failure, what rustls said (the certificate's issuer unknown,
+/// its name not the host's...) for the log line.
+pub(crate) struct Failure {
+    pub reason: &'static str,
+    pub detail: Option<String>,
+}
+
+impl From<&'static str> for Failure {
+    fn from(reason: &'static str) -> Failure {
+        Failure {
+            reason,
+            detail: None,
+        }
+    }
+}
+
+impl std::fmt::Display for Failure {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match &self.detail {
+            Some(detail) => write!(f, "{}: {detail}", self.reason),
+            None => f.write_str(self.reason),
+        }
+    }
+}
+
+/// Connects to `url` (over TLS for `https://`, the certificate checked for its host with
+/// `tls`), sends `request` and reads the response head: the stream, the head, and the body
+/// bytes that came with it.
+pub(crate) async fn request_head(
+    url: &HttpUrl,
+    request: &[u8],
+    tls: &Arc<ClientConfig>,
+) -> Result<(Box<dyn Io>, Response, BytesMut), Failure> {
+    let tcp = TcpStream::connect((url.host.as_str(), url.port))
+        .await
+        .map_err(|_| "connect")?;
+    let _ = tcp.set_nodelay(true);
+    let mut stream: Box<dyn Io> = if url.tls {
+        let tls = crate::tls::connect(tls.clone(), &url.host, tcp)
+            .await
+            .map_err(|detail| Failure {
+                reason: "tls",
+                detail: Some(detail),
+            })?;
+        Box::new(tls)
+    } else {
+        Box::new(tcp)
+    };
+    stream.write_all(request).await.map_err(|_| "connect")?;
+    let mut buf = BytesMut::with_capacity(READ_BUF_BYTES);
+    loop {
+        match stream.read_buf(&mut buf).await {
+            Ok(0) => return Err("closed".into()),
+            Ok(_) => {}
+            Err(_) => return Err("read_error".into()),
+        }
+        match parse_response(&buf) {
+            Ok(Some((head, n))) => {
+                let _ = buf.split_to(n);
+                return Ok((stream, head, buf));
+            }
+            Ok(None) if buf.len() <= MAX_HEAD_BYTES => {}
+            _ => return Err("bad_response".into()),
+        }
+    }
 }
 
 #[cfg(test)]

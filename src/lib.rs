@@ -25,8 +25,8 @@
 //!   [`demo`] is a source like any other, on its own thread, and so is each fallback file
 //!   ([`file_source`]); so is a [`relay`], which pulls a mount from another server (on the
 //!   `fs-relays` thread); an edge also registers with its origin for spill-over
-//!   ([`registration`], on `fs-register`). [`fallbacks`] finds where a mount's listeners go while it has no
-//!   source.
+//!   ([`registration`], a task on that thread). [`fallbacks`] finds where a mount's listeners go
+//!   while it has no source.
 //! - [`admission`](admission) answers a listener with the stream's head (or, when the mount
 //!   is full, redirects it to a registered edge: [`edges`]) and hands it to its
 //!   worker's [`fanout`](fanout) loop, which writes the listeners of the mounts that published,

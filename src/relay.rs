@@ -46,9 +46,7 @@ use std::time::{Duration, Instant};
 use bytes::{Bytes, BytesMut};
 use prometheus::{IntCounter, IntGauge};
 use rustls::ClientConfig;
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
-use tokio::net::TcpStream;
-use tokio::runtime::Runtime;
+use tokio::io::AsyncReadExt;
 use tokio::sync::mpsc::{self, UnboundedSender};
 use tokio::sync::{oneshot, watch};
 use tokio::task::JoinHandle;
@@ -56,8 +54,8 @@ use tokio::task::JoinHandle;
 use crate::chunked::ChunkedDecoder;
 use crate::config::{MasterSettings, RelaySettings};
 use crate::conn::{Feed, SourceConn, TitleUpdate, ToIngest};
-use crate::http::{clean_header_value, valid_mount_path, MAX_HEAD_BYTES};
-use crate::http_client::{parse_response, HttpUrl, Response};
+use crate::http::{clean_header_value, valid_mount_path};
+use crate::http_client::{request_head, Failure, HttpUrl, Io, Response, READ_BUF_BYTES};
 use crate::icy::{Deinterleaver, StreamTitle};
 use crate::shared::{stopped, Demand, Shared, Stop};
 use crate::store::{SourceState, StreamInfo, StreamMeta};
@@ -71,8 +69,6 @@ const STREAMLIST_PATH: &str = "/admin/streamlist.txt";
 const MAX_STREAMLIST_BYTES: usize = 1 << 20;
 /// Pieces in flight to ingest, as for the demo: a busy ingest thread costs no gap.
 const PIECES_IN_FLIGHT: usize = 64;
-/// Each read buffer allocation; pieces share it, as ingest's reads do.
-const READ_BUF_BYTES: usize = 64 * 1024;
 /// Below this much free room, the next read gets a fresh allocation.
 const MIN_READ_ROOM: usize = 4 * 1024;
 /// The first wait after every upstream failed in a row.
@@ -110,84 +106,81 @@ async fn end(task: JoinHandle<()>) {
     let _ = task.await;
 }
 
-/// The relays thread's body: runs the plan's relays, and the mirror of its `master` if set;
-/// on each new plan (a reload), stops the relays that left or changed, starts the new and
-/// changed ones, and leaves the others streaming. Runs until the server stops (dropping the
-/// runtime then drops every relay and its connections).
-pub(crate) fn run(
-    rt: Runtime,
+/// The relays thread's body, beside the edge's registration: runs the plan's relays, and
+/// the mirror of its `master` if set; on each new plan (a reload), stops the relays that left or
+/// changed, starts the new and changed ones, and leaves the others streaming. Runs until the
+/// server stops (dropping the runtime then drops every relay and its connections).
+pub(crate) async fn run(
     shared: Arc<Shared>,
     to_ingest: UnboundedSender<ToIngest>,
     mut plans: watch::Receiver<Arc<Plan>>,
     mut stop: watch::Receiver<Stop>,
 ) {
-    rt.block_on(async move {
-        let mut relays: HashMap<String, Running> = HashMap::new();
-        // The mirror, with its settings and the mounts it leaves to `[[relays]]`.
-        let mut mirrored: Option<(MasterSettings, HashSet<String>, JoinHandle<()>)> = None;
-        let mut tls: Option<Arc<ClientConfig>> = None;
-        loop {
-            let plan = plans.borrow_and_update().clone();
-            let tls_changed = !tls.as_ref().is_some_and(|t| Arc::ptr_eq(t, &plan.tls));
-            tls = Some(plan.tls.clone());
-            let wanted: HashMap<&str, &RelaySettings> =
-                plan.relays.iter().map(|r| (r.mount.as_str(), r)).collect();
-            let mounts: Vec<String> = relays.keys().cloned().collect();
-            for mount in mounts {
-                let keep = wanted.get(mount.as_str()).is_some_and(|new| {
-                    **new == relays[&mount].settings && !(tls_changed && uses_tls(new))
-                });
-                if !keep {
-                    let old = relays.remove(&mount).expect("listed");
-                    end(old.task).await;
-                    let why = if wanted.contains_key(mount.as_str()) {
-                        "restarted"
-                    } else {
-                        "removed"
-                    };
-                    tracing::info!(%mount, "relay {why} by the reload");
-                }
-            }
-            // A mirror whose settings changed starts over (its relays with it); so does one
-            // that must yield a mount to a `[[relays]]` entry that is new.
-            let configured: HashSet<String> = wanted.keys().map(|m| m.to_string()).collect();
-            if let Some((master, left, task)) = mirrored.take() {
-                let same = plan.master.as_ref() == Some(&master) && left == configured;
-                if same && !tls_changed && !task.is_finished() {
-                    mirrored = Some((master, left, task));
+    let mut relays: HashMap<String, Running> = HashMap::new();
+    // The mirror, with its settings and the mounts it leaves to `[[relays]]`.
+    let mut mirrored: Option<(MasterSettings, HashSet<String>, JoinHandle<()>)> = None;
+    let mut tls: Option<Arc<ClientConfig>> = None;
+    loop {
+        let plan = plans.borrow_and_update().clone();
+        let tls_changed = !tls.as_ref().is_some_and(|t| Arc::ptr_eq(t, &plan.tls));
+        tls = Some(plan.tls.clone());
+        let wanted: HashMap<&str, &RelaySettings> =
+            plan.relays.iter().map(|r| (r.mount.as_str(), r)).collect();
+        let mounts: Vec<String> = relays.keys().cloned().collect();
+        for mount in mounts {
+            let keep = wanted.get(mount.as_str()).is_some_and(|new| {
+                **new == relays[&mount].settings && !(tls_changed && uses_tls(new))
+            });
+            if !keep {
+                let old = relays.remove(&mount).expect("listed");
+                end(old.task).await;
+                let why = if wanted.contains_key(mount.as_str()) {
+                    "restarted"
                 } else {
-                    end(task).await;
-                    shared.metrics.relay_mirrored.set(0);
-                    tracing::info!("mirror of the master stopped by the reload");
-                }
-            }
-            for settings in &plan.relays {
-                if relays.contains_key(&settings.mount) {
-                    continue;
-                }
-                if let Some(task) = spawn_relay(&shared, &to_ingest, &plan.tls, settings.clone()) {
-                    let settings = settings.clone();
-                    relays.insert(settings.mount.clone(), Running { settings, task });
-                }
-            }
-            if mirrored.is_none() {
-                if let Some(master) = plan.master.clone() {
-                    let task = tokio::spawn(mirror(
-                        shared.clone(),
-                        to_ingest.clone(),
-                        master.clone(),
-                        configured.clone(),
-                        plan.tls.clone(),
-                    ));
-                    mirrored = Some((master, configured, task));
-                }
-            }
-            tokio::select! {
-                _ = stopped(&mut stop) => break,
-                changed = plans.changed() => if changed.is_err() { break },
+                    "removed"
+                };
+                tracing::info!(%mount, "relay {why} by the reload");
             }
         }
-    });
+        // A mirror whose settings changed starts over (its relays with it); so does one
+        // that must yield a mount to a `[[relays]]` entry that is new.
+        let configured: HashSet<String> = wanted.keys().map(|m| m.to_string()).collect();
+        if let Some((master, left, task)) = mirrored.take() {
+            let same = plan.master.as_ref() == Some(&master) && left == configured;
+            if same && !tls_changed && !task.is_finished() {
+                mirrored = Some((master, left, task));
+            } else {
+                end(task).await;
+                shared.metrics.relay_mirrored.set(0);
+                tracing::info!("mirror of the master stopped by the reload");
+            }
+        }
+        for settings in &plan.relays {
+            if relays.contains_key(&settings.mount) {
+                continue;
+            }
+            if let Some(task) = spawn_relay(&shared, &to_ingest, &plan.tls, settings.clone()) {
+                let settings = settings.clone();
+                relays.insert(settings.mount.clone(), Running { settings, task });
+            }
+        }
+        if mirrored.is_none() {
+            if let Some(master) = plan.master.clone() {
+                let task = tokio::spawn(mirror(
+                    shared.clone(),
+                    to_ingest.clone(),
+                    master.clone(),
+                    configured.clone(),
+                    plan.tls.clone(),
+                ));
+                mirrored = Some((master, configured, task));
+            }
+        }
+        tokio::select! {
+            _ = stopped(&mut stop) => break,
+            changed = plans.changed() => if changed.is_err() { break },
+        }
+    }
 }
 
 /// Whether a relay pulls from an `https://` upstream (its connections depend on the TLS
@@ -393,28 +386,6 @@ impl Drop for Relay {
     fn drop(&mut self) {
         if let Some(demand) = &self.demand {
             self.shared.on_demand.unregister(&self.mount, demand);
-        }
-    }
-}
-
-/// An upstream connection: plain TCP, or TLS over it.
-trait Io: AsyncRead + AsyncWrite + Unpin + Send {}
-
-impl<T: AsyncRead + AsyncWrite + Unpin + Send> Io for T {}
-
-/// Why an upstream was given up: the reason (a `fanstream_relay_failovers_total` label) and,
-/// for a TLS failure, what rustls said (the certificate's issuer unknown, its name not the
-/// host's...) for the log line.
-struct Failure {
-    reason: &'static str,
-    detail: Option<String>,
-}
-
-impl From<&'static str> for Failure {
-    fn from(reason: &'static str) -> Failure {
-        Failure {
-            reason,
-            detail: None,
         }
     }
 }
@@ -819,48 +790,6 @@ impl Up {
 impl Drop for Up {
     fn drop(&mut self) {
         self.0.set(0);
-    }
-}
-
-/// Connects to `url` (over TLS for `https://`, the certificate checked for its host with
-/// `tls`), sends `request` and reads the response head: the stream, the head, and the body
-/// bytes that came with it.
-async fn request_head(
-    url: &HttpUrl,
-    request: &[u8],
-    tls: &Arc<ClientConfig>,
-) -> Result<(Box<dyn Io>, Response, BytesMut), Failure> {
-    let tcp = TcpStream::connect((url.host.as_str(), url.port))
-        .await
-        .map_err(|_| "connect")?;
-    let _ = tcp.set_nodelay(true);
-    let mut stream: Box<dyn Io> = if url.tls {
-        let tls = crate::tls::connect(tls.clone(), &url.host, tcp)
-            .await
-            .map_err(|detail| Failure {
-                reason: "tls",
-                detail: Some(detail),
-            })?;
-        Box::new(tls)
-    } else {
-        Box::new(tcp)
-    };
-    stream.write_all(request).await.map_err(|_| "connect")?;
-    let mut buf = BytesMut::with_capacity(READ_BUF_BYTES);
-    loop {
-        match stream.read_buf(&mut buf).await {
-            Ok(0) => return Err("closed".into()),
-            Ok(_) => {}
-            Err(_) => return Err("read_error".into()),
-        }
-        match parse_response(&buf) {
-            Ok(Some((head, n))) => {
-                let _ = buf.split_to(n);
-                return Ok((stream, head, buf));
-            }
-            Ok(None) if buf.len() <= MAX_HEAD_BYTES => {}
-            _ => return Err("bad_response".into()),
-        }
     }
 }
 

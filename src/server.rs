@@ -244,17 +244,17 @@ impl Server {
                 Err(_) => return Err(io::Error::other("the ingest thread failed to start")),
             }
         }
-        let master = shared.config.load().startup.master.clone();
-        if let Some(master) = master.filter(|m| m.register) {
-            let (s, stop) = (shared.clone(), shared.stop.clone());
-            spawn_stage(&mut handles, &registry, "fs-register", None, move |rt| {
-                crate::registration::run(rt, s, master, stop)
-            })?;
-        }
-        // Always running, idle without relays: a reload may add some.
+        // Always running, idle without relays or registration: a reload may add them.
         let (s, to_ingest_r, stop) = (shared.clone(), to_ingest.clone(), shared.stop.clone());
+        let registering = (shared.clone(), relays_tx.subscribe(), shared.stop.clone());
         spawn_stage(&mut handles, &registry, "fs-relays", None, move |rt| {
-            crate::relay::run(rt, s, to_ingest_r, plans, stop)
+            let (rs, rplans, rstop) = registering;
+            rt.block_on(async move {
+                tokio::join!(
+                    crate::relay::run(s, to_ingest_r, plans, stop),
+                    crate::registration::run(rs, rplans, rstop),
+                )
+            });
         })?;
 
         let intakes = worker_intakes.into_iter().zip(control_rxs);

@@ -14,9 +14,10 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
+use common::certs::Ca;
 use common::process::{require, scratch_dir, ChildGuard};
 use common::*;
-use fanstream::config::MasterSettings;
+use fanstream::config::{Config, MasterSettings};
 use fanstream::Stop;
 
 const RELAY_PW: &str = "relay-secret";
@@ -294,17 +295,23 @@ fn registered_edge(origin: SocketAddr) -> (TestServer, String) {
     let listener = TcpListener::bind("127.0.0.1:0").unwrap();
     let public_url = format!("http://{}", listener.local_addr().unwrap());
     let edge = TestServer::start_on_listener(listener, |c| {
-        c.startup.master = Some(MasterSettings {
-            url: format!("http://{origin}"),
-            user: None,
-            password: Some(RELAY_PW.into()),
-            interval_secs: 1,
-            on_demand: true,
-            register: true,
-            public_url: Some(public_url.clone()),
-        });
+        c.startup.master = Some(edge_master(&format!("http://{origin}"), &public_url, true));
     });
     (edge, public_url)
+}
+
+/// An edge's `[master]`: the origin at `url`, registering (or not) every second as `public_url`,
+/// pulling on demand.
+fn edge_master(url: &str, public_url: &str, register: bool) -> MasterSettings {
+    MasterSettings {
+        url: url.into(),
+        user: None,
+        password: Some(RELAY_PW.into()),
+        interval_secs: 1,
+        on_demand: true,
+        register,
+        public_url: Some(public_url.into()),
+    }
 }
 
 #[test]
@@ -440,4 +447,83 @@ fn registrations_need_the_relay_credentials_and_a_silent_edge_is_forgotten() {
     assert_eq!(origin.metric("fanstream_edges", &[]), 0.0);
     let (status, _, _) = request(origin.addr, b"GET /live HTTP/1.0\r\n\r\n");
     assert_eq!(status, 503, "no edge left to send it to");
+}
+
+#[test]
+fn an_edge_registers_with_an_https_origin_it_trusts_and_a_reload_starts_and_stops_registering() {
+    let dir = scratch_dir("register_https");
+    let ca = Ca::new(&dir);
+    ca.issue(1);
+    let origin = TestServer::start_tls(|c| {
+        c.startup.tls_cert = Some(dir.join("cert.pem"));
+        c.startup.tls_key = Some(dir.join("key.pem"));
+        c.relay_password = Some(RELAY_PW.into());
+        declare(c, "/live");
+    });
+    let https = format!("https://localhost:{}", origin.tls.unwrap().port());
+    let room = |url: &str| {
+        status_json(&origin)["edges"]
+            .as_array()
+            .and_then(|edges| edges.iter().find(|e| e["url"] == url))
+            .map(|e| e["room"].as_u64().unwrap())
+    };
+    let edge_config = |public_url: &str, register: bool, trust: bool| {
+        let mut c = test_config();
+        c.startup.master = Some(edge_master(&https, public_url, register));
+        c.startup.relay_ca_file = trust.then(|| ca.path());
+        c
+    };
+    let start_edge = |register: bool, trust: bool| {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let public_url = format!("http://{}", listener.local_addr().unwrap());
+        let config = edge_config(&public_url, register, trust);
+        (
+            TestServer::start_on_listener(listener, |c| *c = config),
+            public_url,
+        )
+    };
+    let handshakes_failed = || {
+        origin.metric(
+            "fanstream_rejected_requests_total",
+            &["reason=\"tls_handshake_failed\""],
+        )
+    };
+
+    // Trusting the test's CA, an edge registers over TLS.
+    let (trusting, trusting_url) = start_edge(true, true);
+    wait_until("the edge to register over https", || {
+        room(&trusting_url).is_some()
+    });
+    trusting.wait_metric("fanstream_edge_registered", &[], |v| v == 1.0);
+    assert_eq!(handshakes_failed(), 0.0);
+
+    // Trusting the system's roots only, its registrations end in the certificate check: the
+    // origin sees the handshake fail and lists no such edge.
+    let (untrusting, untrusting_url) = start_edge(true, false);
+    wait_until("a registration to fail its handshake", || {
+        handshakes_failed() >= 1.0
+    });
+    assert_eq!(room(&untrusting_url), None);
+    assert_eq!(untrusting.metric("fanstream_edge_registered", &[]), 0.0);
+    // A reload that trusts the CA starts its registration over, and it is taken.
+    let reload = |edge: &TestServer, config: Config| edge.server.as_ref().unwrap().reload(config);
+    reload(&untrusting, edge_config(&untrusting_url, true, true)).unwrap();
+    wait_until("the edge to register after the reload", || {
+        room(&untrusting_url).is_some()
+    });
+
+    // A reload that turns registration off tells the origin at once that the edge has no room:
+    // the origin sends it no one from then on, before it forgets it.
+    assert!(room(&trusting_url).unwrap() > 0);
+    reload(&trusting, edge_config(&trusting_url, false, true)).unwrap();
+    wait_until("the edge to say it has no room", || {
+        room(&trusting_url) == Some(0)
+    });
+    assert_eq!(trusting.metric("fanstream_edge_registered", &[]), 0.0);
+    // And one that turns it on again registers with room.
+    reload(&trusting, edge_config(&trusting_url, true, true)).unwrap();
+    wait_until("the edge to register again with room", || {
+        room(&trusting_url).is_some_and(|r| r > 0)
+    });
+    trusting.wait_metric("fanstream_edge_registered", &[], |v| v == 1.0);
 }
