@@ -9,6 +9,14 @@
 //! [24..64) FILLER                      fixed bytes: corruption anywhere in a record is seen
 //! ```
 //!
+//! It is labelled `audio/mpeg`, and it is MPEG as far as a server's framer looks: every sixth
+//! record's filler starts with an MPEG-1 Layer III frame header (128 kbit/s, 48 kHz, 384 bytes,
+//! six records), so frame headers follow one another every 384 bytes from offset 24, and
+//! fanstream's MP3 framer locks on the stream as on an encoder's. A stream it never locked on
+//! would keep every source's framer searching, with the memory and work of a lookback that
+//! real streams do not cost (`fanstream_source_unsynced_bytes_total` says which it was). The
+//! frame's audio is not audio: a decoder would find nothing to play, and no load run plays it.
+//!
 //! A listener joins at any byte (fanstream at a chunk boundary, Icecast wherever its burst
 //! starts): the verifier searches for the first valid record, checks the bytes before it against
 //! the tail of the record they belong to, and from then on knows the offset of every byte. A
@@ -22,6 +30,13 @@ const RECORD: u64 = RECORD_BYTES as u64;
 const KEY: u64 = 0x9E37_79B9_7F4A_7C15;
 const FILLER_AT: usize = 24;
 const FILLER: [u8; RECORD_BYTES - FILLER_AT] = filler();
+/// An MPEG-1 Layer III frame header: 128 kbit/s, 48 kHz, no padding, joint stereo; its frame is
+/// 144 × 128,000 / 48,000 = 384 bytes.
+const FRAME_HEADER: [u8; 4] = [0xFF, 0xFB, 0x94, 0x64];
+/// Records in one frame.
+const RECORDS_PER_FRAME: u64 = 6;
+/// The filler of the records that start a frame: the header, then the filler's other bytes.
+const FRAME_FILLER: [u8; RECORD_BYTES - FILLER_AT] = frame_filler();
 /// A search keeps this much: enough to try every start within one record.
 const SEARCH_BYTES: usize = 2 * RECORD_BYTES;
 
@@ -35,19 +50,39 @@ const fn filler() -> [u8; RECORD_BYTES - FILLER_AT] {
     f
 }
 
+const fn frame_filler() -> [u8; RECORD_BYTES - FILLER_AT] {
+    let mut f = filler();
+    let mut i = 0;
+    while i < FRAME_HEADER.len() {
+        f[i] = FRAME_HEADER[i];
+        i += 1;
+    }
+    f
+}
+
+/// Record `n`'s filler.
+fn filler_of(n: u64) -> &'static [u8; RECORD_BYTES - FILLER_AT] {
+    if n.is_multiple_of(RECORDS_PER_FRAME) {
+        &FRAME_FILLER
+    } else {
+        &FILLER
+    }
+}
+
 /// Writes record `n` sent at `sent_us` into `out`.
 pub fn encode(n: u64, sent_us: u64, out: &mut [u8]) {
     out[0..8].copy_from_slice(&n.to_le_bytes());
     out[8..16].copy_from_slice(&sent_us.to_le_bytes());
     out[16..24].copy_from_slice(&(n ^ sent_us ^ KEY).to_le_bytes());
-    out[FILLER_AT..RECORD_BYTES].copy_from_slice(&FILLER);
+    out[FILLER_AT..RECORD_BYTES].copy_from_slice(filler_of(n));
 }
 
 /// The (counter, send time) of a valid record, or None.
 fn decode(rec: &[u8]) -> Option<(u64, u64)> {
     let word = |i: usize| u64::from_le_bytes(rec[i..i + 8].try_into().expect("8 bytes"));
     let (n, sent) = (word(0), word(8));
-    (word(16) == n ^ sent ^ KEY && rec[FILLER_AT..RECORD_BYTES] == FILLER).then_some((n, sent))
+    (word(16) == n ^ sent ^ KEY && rec[FILLER_AT..RECORD_BYTES] == filler_of(n)[..])
+        .then_some((n, sent))
 }
 
 /// Produces the source's stream, a whole number of records at a time.
@@ -260,11 +295,12 @@ fn tail_matches(n: u64, tail: &[u8]) -> bool {
         return false;
     }
     let counter = (n - 1).to_le_bytes();
+    let filler = filler_of(n - 1);
     let from = RECORD_BYTES - tail.len();
     tail.iter().enumerate().all(|(i, &b)| match from + i {
         q if q < 8 => b == counter[q],
         q if q < FILLER_AT => true,
-        q => b == FILLER[q - FILLER_AT],
+        q => b == filler[q - FILLER_AT],
     })
 }
 
@@ -311,6 +347,29 @@ mod tests {
                     "join {join}, pieces of {piece}"
                 );
             }
+        }
+    }
+
+    #[test]
+    fn frame_headers_follow_one_another_every_384_bytes_and_a_join_at_one_verifies() {
+        let s = stream(60);
+        let frame = (RECORDS_PER_FRAME as usize) * RECORD_BYTES;
+        assert_eq!(
+            frame, 384,
+            "the header's bitrate and rate make 384-byte frames"
+        );
+        let headers: Vec<usize> = (0..s.len() - 3)
+            .filter(|&i| s[i] == 0xFF && s[i + 1] & 0xE0 == 0xE0)
+            .collect();
+        let expected: Vec<usize> = (FILLER_AT..s.len()).step_by(frame).collect();
+        assert_eq!(
+            headers, expected,
+            "a frame sync at every frame start and nowhere else"
+        );
+        for join in expected {
+            let v = feed_in_pieces(&s[join..], 320);
+            assert_eq!(v.errors, Errors::default(), "join at frame start {join}");
+            assert_eq!(v.joined_at(), Some(join as u64));
         }
     }
 

@@ -247,6 +247,10 @@ pub struct Summary {
     pub icy_titles_per_listener: f64,
     /// ICY listeners by the server's count (`fanstream_icy_listeners`) at the window's end.
     pub server_icy_listeners: Option<f64>,
+    /// Source bytes fanstream's format layer found no frame in
+    /// (`fanstream_source_unsynced_bytes_total`), by the run's end: what each source sent
+    /// before its framer locked on the stream (its first pieces), and nothing more after.
+    pub server_unsynced_bytes: Option<f64>,
     /// Delivered >= 99.9% to every listener asked for, with no integrity error.
     pub ok: bool,
     /// What limited the run, as far as can be told.
@@ -281,6 +285,7 @@ struct Sample {
     /// fanstream's listener disconnects by reason, since it started.
     disconnects: BTreeMap<String, f64>,
     icy_listeners: Option<f64>,
+    unsynced: Option<f64>,
     /// Each edge's CPU seconds and RSS (a tree run).
     edges: Vec<(f64, Option<u64>)>,
 }
@@ -306,6 +311,7 @@ fn sample(server: &ServerProc, edges: &[ServerProc], loads: &[Child]) -> Sample 
             metric_by_label(t, "fanstream_listener_disconnects_total", "reason")
         }),
         icy_listeners: m("fanstream_icy_listeners"),
+        unsynced: m("fanstream_source_unsynced_bytes_total"),
         edges: edges
             .iter()
             .map(|e| {
@@ -891,6 +897,7 @@ fn summarize(
     s.icy_blocks_per_listener = s.icy.counts.blocks as f64 / icy_streaming;
     s.icy_titles_per_listener = s.icy.counts.titles as f64 / icy_streaming;
     s.server_icy_listeners = finish.icy_listeners;
+    s.server_unsynced_bytes = finish.unsynced;
     s.server_rss_bytes = finish.server_rss.unwrap_or(0);
     s.server_rss_before_listeners_bytes = rss_before;
     s.rss_per_listener_bytes =
