@@ -24,7 +24,7 @@ use crate::icy::Cadence;
 use crate::listener_auth::{self, Asker, LeaveCall};
 use crate::mounts::{Joining, Mount, Snapshot};
 use crate::reasons::Refusal;
-use crate::shared::Shared;
+use crate::shared::{wait_until, Shared};
 use crate::store::SourceState;
 
 pub(crate) async fn admit(ctx: &Rc<WorkerCtx>, incoming: Incoming) {
@@ -169,23 +169,24 @@ pub(crate) async fn admit(ctx: &Rc<WorkerCtx>, incoming: Incoming) {
 
 /// The mount of an on-demand relay that was just asked to pull: waits for it to go live, for
 /// at most `source_timeout_secs` (a relay gives up an upstream that says nothing for that long).
-/// Looked at every few milliseconds: a listener waits here only while its relay connects.
+/// Looks again each time ingest wakes `mounts_changed` (a source came or went, a fallback may
+/// have), so the listener joins as soon as the mount is live.
 async fn on_demand(
     ctx: &WorkerCtx,
     asked: &Asked<'_>,
     leave: &mut Option<LeaveCall>,
 ) -> Result<(Arc<Mount>, Arc<Snapshot>, ListenerGuard, Joining), Refusal> {
-    let deadline = std::time::Instant::now()
-        + std::time::Duration::from_secs(ctx.shared.config.load().source_timeout_secs);
-    loop {
-        match check(ctx, asked, leave) {
-            Err(Refusal::UnknownMount | Refusal::MountIdle)
-                if std::time::Instant::now() < deadline =>
-            {
-                tokio::time::sleep(std::time::Duration::from_millis(20)).await
-            }
-            done => return done,
-        }
+    let shared = &ctx.shared;
+    let deadline =
+        tokio::time::Instant::now() + Duration::from_secs(shared.config.load().source_timeout_secs);
+    let look = || match check(ctx, asked, leave) {
+        Err(Refusal::UnknownMount | Refusal::MountIdle) => None,
+        done => Some(done),
+    };
+    match wait_until(&shared.mounts_changed, deadline, look).await {
+        Some(done) => done,
+        // Its refusal, from a last look.
+        None => check(ctx, asked, leave),
     }
 }
 

@@ -233,6 +233,7 @@ impl Ingest {
                 clients: Default::default(),
                 hls_sessions: Default::default(),
                 hls_published: Default::default(),
+                source_changed: Default::default(),
                 joining: AtomicUsize::new(0),
                 on_workers: shared.workers.iter().map(|_| Default::default()).collect(),
             });
@@ -270,6 +271,7 @@ impl Ingest {
             }
         }
         entry.writer.go_live(info);
+        shared.wake_source_waiters(&entry.mount);
         let label = [entry.mount.label.as_str()];
         // Up and down by one, not set: under `mount="other"` it counts several mounts' sources.
         shared.metrics.source_up.with_label_values(&label).inc();
@@ -541,6 +543,9 @@ impl Ingest {
         for mount in &changed {
             self.shared.changed(mount);
         }
+        // A declared mount without a source has its fallbacks in the config alone: whoever waits
+        // for it looks again at the new ones.
+        self.shared.mounts_changed.notify_waiters();
     }
 }
 

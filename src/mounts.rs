@@ -51,6 +51,10 @@ pub(crate) struct Mount {
     /// is): blocking playlist reloads (`_HLS_msn`) wait on it on their workers, where a poll
     /// would cost a timer per waiting client.
     pub hls_published: tokio::sync::Notify,
+    /// Woken by ingest after it published a new source state or new settings for the mount (a
+    /// source took it, left it, or it closed or moved), never for stream data: a relay waits on
+    /// it for ingest to let its previous connection go. See [`crate::shared::Shared::changed`].
+    pub source_changed: tokio::sync::Notify,
     /// The mount as each worker holds it, indexed by worker: a publication wakes only the
     /// workers with listeners here, and tells each which mount to serve, so that idle mounts and
     /// other mounts' listeners cost a worker nothing.

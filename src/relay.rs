@@ -57,7 +57,7 @@ use crate::conn::{Feed, SourceConn, TitleUpdate, ToIngest};
 use crate::http::{clean_header_value, valid_mount_path};
 use crate::http_client::{request_head, Failure, HttpUrl, Io, Response, READ_BUF_BYTES};
 use crate::icy::{Deinterleaver, StreamTitle};
-use crate::shared::{stopped, Demand, Shared, Stop};
+use crate::shared::{stopped, wait_until, Demand, Shared, Stop};
 use crate::store::{SourceState, StreamInfo, StreamMeta};
 
 /// Redirects followed before an upstream counts as failed: Icecast follows a few, and a loop
@@ -759,20 +759,16 @@ impl Relay {
 
     /// Waits until ingest has let this relay's previous connection go (it sees the pieces end
     /// and releases the mount), so that the next connection's claim is not refused as a second
-    /// source. Ingest tells no one, so this looks at the mount's published state.
+    /// source: at most [`RELEASE_WAIT`], woken by ingest when the mount's source state changes.
     async fn released(&self) {
-        let deadline = Instant::now() + RELEASE_WAIT;
-        while Instant::now() < deadline {
-            let live = self
-                .shared
-                .mounts
-                .get(&self.mount)
-                .is_some_and(|m| m.store.load().state == SourceState::Live);
-            if !live {
-                return;
-            }
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
+        // A mount not in the table has no source to let go. The one found stays the mount at
+        // this path until its source is gone (only then can ingest replace it).
+        let Some(mount) = self.shared.mounts.get(&self.mount) else {
+            return;
+        };
+        let deadline = tokio::time::Instant::now() + RELEASE_WAIT;
+        let not_live = || (mount.store.load().state != SourceState::Live).then_some(());
+        wait_until(&mount.source_changed, deadline, not_live).await;
     }
 }
 

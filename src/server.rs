@@ -171,6 +171,7 @@ impl Server {
             tls,
             access_log,
             on_demand: Default::default(),
+            mounts_changed: Default::default(),
             edges: Default::default(),
         });
 

@@ -72,6 +72,26 @@ impl Latch {
     }
 }
 
+/// Looks with `look` now and again each time `changed` is notified, until it finds what it looks
+/// for (then `Some`), or until `deadline` (then `None`). `changed` must be notified with
+/// `notify_waiters` after each change `look` can see is published.
+pub(crate) async fn wait_until<T>(
+    changed: &Notify,
+    deadline: tokio::time::Instant,
+    mut look: impl FnMut() -> Option<T>,
+) -> Option<T> {
+    loop {
+        let notified = changed.notified();
+        tokio::pin!(notified);
+        // Registered before the look: a change published after it still wakes this wait.
+        notified.as_mut().enable();
+        if let Some(found) = look() {
+            return Some(found);
+        }
+        tokio::time::timeout_at(deadline, notified).await.ok()?;
+    }
+}
+
 /// One worker as the other threads see it.
 #[derive(Default)]
 pub(crate) struct WorkerLink {
@@ -140,6 +160,11 @@ pub(crate) struct Shared {
     /// Relays that pull only while listened to: admission asks one to connect when a listener
     /// comes for its mount.
     pub on_demand: OnDemand,
+    /// Woken by ingest with every mount's [`Mount::source_changed`], and after a reload (which
+    /// may give a mount without a source a fallback), never for stream data: a listener waiting
+    /// in admission for an on-demand relay's mount looks again, at a mount that may not exist
+    /// yet and at its fallbacks.
+    pub mounts_changed: Notify,
     /// The edges registered with this server (`/admin/register`): where admission sends the
     /// listeners of a full mount.
     pub edges: Edges,
@@ -219,9 +244,20 @@ impl Shared {
     }
 
     /// Called by ingest after `mount`'s source state or settings changed: every worker with
-    /// listeners of it must act on that, whatever their stream position.
+    /// listeners of it must act on that, whatever their stream position, and whoever waits for
+    /// a source looks again.
     pub fn changed(&self, mount: &Arc<Mount>) {
         self.queue(mount, |_| true);
+        self.wake_source_waiters(mount);
+    }
+
+    /// Called by ingest once a snapshot with a new source state for `mount` is published: by
+    /// `changed`, and after a source took the mount (created it, or came back to it), where
+    /// workers are not queued since their listeners wait for the source's first publication.
+    /// Wakes whoever waits for a source, there or at any mount.
+    pub fn wake_source_waiters(&self, mount: &Mount) {
+        mount.source_changed.notify_waiters();
+        self.mounts_changed.notify_waiters();
     }
 
     fn queue(&self, mount: &Arc<Mount>, due: impl Fn(&OnWorker) -> bool) {
@@ -240,5 +276,95 @@ impl Shared {
                 link.data_ready.notify_one();
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::future::Future;
+    use std::task::{Context, Poll, Wake, Waker};
+
+    /// A waker that records that it was woken.
+    #[derive(Default)]
+    struct Woken(AtomicBool);
+
+    impl Wake for Woken {
+        fn wake(self: Arc<Self>) {
+            self.0.store(true, Ordering::SeqCst);
+        }
+    }
+
+    fn runtime() -> tokio::runtime::Runtime {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_time()
+            .build()
+            .unwrap()
+    }
+
+    fn far_ahead() -> tokio::time::Instant {
+        tokio::time::Instant::now() + Duration::from_secs(3600)
+    }
+
+    // The wait is polled by hand and the runtime never runs its timers in between, so only the
+    // notification can wake it: a wait that looked again after a sleep would stay asleep.
+    #[test]
+    fn a_wait_is_woken_by_the_change_not_by_a_timer() {
+        runtime().block_on(async {
+            let changed = Notify::new();
+            let live = AtomicBool::new(false);
+            let wait = wait_until(&changed, far_ahead(), || {
+                live.load(Ordering::SeqCst).then_some(())
+            });
+            tokio::pin!(wait);
+            let woken = Arc::new(Woken::default());
+            let waker = Waker::from(woken.clone());
+            let mut cx = Context::from_waker(&waker);
+            assert!(wait.as_mut().poll(&mut cx).is_pending());
+            assert!(!woken.0.load(Ordering::SeqCst));
+            live.store(true, Ordering::SeqCst);
+            changed.notify_waiters();
+            assert!(woken.0.load(Ordering::SeqCst), "the change woke the wait");
+            assert_eq!(wait.as_mut().poll(&mut cx), Poll::Ready(Some(())));
+        });
+    }
+
+    // Ingest may publish and notify after a look found nothing and before the wait awaits: the
+    // wait, registered before it looked, is already woken and looks again at once.
+    #[test]
+    fn a_change_between_the_look_and_the_await_is_not_missed() {
+        runtime().block_on(async {
+            let changed = Notify::new();
+            let live = AtomicBool::new(false);
+            let look = || {
+                let found = live.load(Ordering::SeqCst);
+                if !found {
+                    live.store(true, Ordering::SeqCst);
+                    changed.notify_waiters();
+                }
+                found.then_some(())
+            };
+            let wait = wait_until(&changed, far_ahead(), look);
+            tokio::pin!(wait);
+            let waker = Waker::from(Arc::new(Woken::default()));
+            let mut cx = Context::from_waker(&waker);
+            assert_eq!(wait.as_mut().poll(&mut cx), Poll::Ready(Some(())));
+        });
+    }
+
+    #[test]
+    fn a_wait_gives_up_at_its_deadline() {
+        runtime().block_on(async {
+            let changed = Notify::new();
+            let looks = AtomicUsize::new(0);
+            let deadline = tokio::time::Instant::now();
+            let found = wait_until(&changed, deadline, || {
+                looks.fetch_add(1, Ordering::SeqCst);
+                None::<()>
+            })
+            .await;
+            assert_eq!(found, None);
+            assert_eq!(looks.load(Ordering::SeqCst), 1, "looked once, then gave up");
+        });
     }
 }
