@@ -16,8 +16,9 @@ use bytes::Bytes;
 #[derive(Debug, PartialEq)]
 pub(crate) enum Event {
     /// Bytes to append to the stream: whole frames or pages (never a torn one, once the parser is
-    /// in sync). `sync`: a new listener may start at the first byte.
-    Data { bytes: Bytes, sync: bool },
+    /// in sync), or the rest of one and then whole ones. `join`: where in `bytes` a new listener
+    /// may first start (`Some(0)`: at the first byte), if anywhere.
+    Data { bytes: Bytes, join: Option<usize> },
     /// A complete new set of header pages (Ogg: every logical stream's BOS page and header
     /// packets). Listeners joining from the next sync point on get it before the stream;
     /// listeners already connected got the same pages in the stream.
@@ -31,6 +32,16 @@ pub(crate) enum Event {
     /// before the first frame. `dropped` says whether they were left out of the stream (Ogg) or
     /// passed on as they came (MPEG). Counted per mount.
     Unsynced { bytes: usize, dropped: bool },
+}
+
+/// `bytes` of a [`Event::Data`] as the runs its join point splits them into, each with whether
+/// a player may start at its first byte: what a consumer that cuts at sync points (the HLS
+/// segmenter) takes.
+pub(crate) fn runs(bytes: &Bytes, join: Option<usize>) -> impl Iterator<Item = (Bytes, bool)> {
+    let at = join.unwrap_or(bytes.len()).min(bytes.len());
+    [(bytes.slice(..at), false), (bytes.slice(at..), true)]
+        .into_iter()
+        .filter(|(run, _)| !run.is_empty())
 }
 
 /// Why a source's stream cannot be served; the source is refused with a log line saying so.

@@ -67,7 +67,7 @@ impl Format {
                 if !data.is_empty() {
                     out.push(Event::Data {
                         bytes: data,
-                        sync: true,
+                        join: Some(0),
                     });
                 }
                 Ok(())

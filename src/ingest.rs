@@ -68,7 +68,7 @@ use crate::chunked::ChunkedDecoder;
 use crate::config::{file_mount_path, MountSettings};
 use crate::conn::{refuse, Control, Encoder, Feed, Io, SourceConn, TitleUpdate, ToIngest};
 use crate::fallbacks::live_fallback;
-use crate::format::Event;
+use crate::format::{runs, Event};
 use crate::framing::Format;
 use crate::hls::{source_for, Params, Segmenter, Title};
 use crate::http::RESPONSE_TIMEOUT;
@@ -144,7 +144,7 @@ impl Entry {
     /// Feeds a piece of the stream to the mount's HLS segmenter (made when `hls` is turned on,
     /// dropped when it is turned off); a new window goes out with the next publication. True if
     /// a segment was completed.
-    fn segment(&mut self, settings: &MountSettings, bytes: &Bytes, sync: bool) -> bool {
+    fn segment(&mut self, settings: &MountSettings, bytes: &Bytes, join: Option<usize>) -> bool {
         let Some(params) = hls_params(settings) else {
             if self.hls.take().is_some() {
                 self.writer.set_hls(None);
@@ -163,7 +163,10 @@ impl Entry {
             title: np.title.as_deref(),
             artist: np.artist.as_deref(),
         };
-        let completed = hls.push(bytes, sync, params, title);
+        let mut completed = false;
+        for (run, sync) in runs(bytes, join) {
+            completed |= hls.push(&run, sync, params, title);
+        }
         if completed {
             self.writer.set_hls(hls.window());
         }
@@ -316,8 +319,8 @@ impl Ingest {
         let mut pushed = false;
         for event in events.drain(..) {
             match event {
-                Event::Data { bytes, sync } => {
-                    segmented |= entry.segment(&settings, &bytes, sync);
+                Event::Data { bytes, join } => {
+                    segmented |= entry.segment(&settings, &bytes, join);
                     // Counted from the end the piece makes: counted from before it, the piece's
                     // length would be evicted from under the furthest-behind listener.
                     let end = entry.writer.end() + bytes.len() as u64;
@@ -325,7 +328,7 @@ impl Ingest {
                         burst: settings.burst_bytes,
                         behind: settings.behind_bytes(end, oldest),
                     };
-                    entry.writer.push(bytes, arrived, keep, sync);
+                    entry.writer.push(bytes, arrived, keep, join);
                     pushed = true;
                 }
                 Event::Headers(pages) => entry.writer.set_headers(pages),

@@ -192,7 +192,7 @@ pub mod bench_api {
                 data,
                 Instant::now(),
                 crate::store::Keep::window(window),
-                true,
+                Some(0),
             );
         }
 
@@ -314,9 +314,11 @@ pub mod bench_api {
         for start in (0..data.len()).step_by(piece) {
             let _ = format.push(data.slice(start..(start + piece).min(data.len())), &mut out);
             for event in out.drain(..) {
-                if let Event::Data { bytes, sync } = event {
-                    if segmenter.push(&bytes, sync, params, title) {
-                        made += segmenter.window().map_or(0, |w| w.newest_bytes());
+                if let Event::Data { bytes, join } = event {
+                    for (run, sync) in crate::format::runs(&bytes, join) {
+                        if segmenter.push(&run, sync, params, title) {
+                            made += segmenter.window().map_or(0, |w| w.newest_bytes());
+                        }
                     }
                 }
             }

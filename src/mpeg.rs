@@ -362,7 +362,7 @@ impl Framer {
             self.held.extend_from_slice(&data);
             self.held.split().freeze()
         };
-        let mut cuts: Vec<(usize, bool)> = Vec::new();
+        let mut join = None;
         let mut unplaced = 0;
         let mut pos = 0;
         while pos < data.len() {
@@ -370,7 +370,7 @@ impl Framer {
                 State::Searching => {
                     // Everything goes on now; the search only looks.
                     let sync = self.last_lock.is_none() || self.since_join >= PASS_THROUGH_AFTER;
-                    cut(&mut cuts, pos, sync);
+                    cut(&mut join, pos, sync);
                     let rest = &data[pos..];
                     unplaced += rest.len();
                     self.search(rest);
@@ -381,7 +381,7 @@ impl Framer {
                 State::Locked { stream, skip } => {
                     if skip > 0 {
                         let n = skip.min(data.len() - pos);
-                        cut(&mut cuts, pos, false);
+                        cut(&mut join, pos, false);
                         pos += n;
                         self.state = State::Locked {
                             stream,
@@ -392,7 +392,7 @@ impl Framer {
                     let rest = &data[pos..];
                     match self.at_boundary(stream, rest) {
                         Boundary::Frame(len) => {
-                            cut(&mut cuts, pos, true);
+                            cut(&mut join, pos, true);
                             let n = len.min(rest.len());
                             pos += n;
                             self.state = State::Locked {
@@ -401,7 +401,7 @@ impl Framer {
                             };
                         }
                         Boundary::Tag(len) => {
-                            cut(&mut cuts, pos, false);
+                            cut(&mut join, pos, false);
                             let n = len.min(rest.len());
                             pos += n;
                             self.state = State::Locked {
@@ -422,11 +422,16 @@ impl Framer {
             }
         }
         let passed = data.slice(..data.len() - self.held.len());
-        self.since_join = match cuts.iter().rev().find(|(_, sync)| *sync) {
-            Some(&(at, _)) => (passed.len() - at) as u64,
+        self.since_join = match join {
+            Some(at) => (passed.len() - at) as u64,
             None => self.since_join + passed.len() as u64,
         };
-        emit(&cuts, passed, out);
+        if !passed.is_empty() {
+            out.push(Event::Data {
+                join: join.filter(|&at| at < passed.len()),
+                bytes: passed,
+            });
+        }
         if unplaced > 0 {
             out.push(Event::Unsynced {
                 bytes: unplaced,
@@ -439,7 +444,7 @@ impl Framer {
     pub fn finish(&mut self, out: &mut Vec<Event>) {
         if !self.held.is_empty() {
             let bytes = self.held.split().freeze();
-            out.push(Event::Data { bytes, sync: false });
+            out.push(Event::Data { bytes, join: None });
         }
     }
 
@@ -614,29 +619,13 @@ enum Boundary {
     Lost,
 }
 
-/// Starts a new Data event at `at` when it must: the first of a push, or a join point after bytes
-/// that were not one. Anything else goes on in the current event, so a push yields at most a
-/// continuation and one run of frames from a join point, not an event per frame.
-fn cut(cuts: &mut Vec<(usize, bool)>, at: usize, sync: bool) {
-    match cuts.last() {
-        Some(&(_, false)) if sync => cuts.push((at, true)),
-        Some(_) => {}
-        None => cuts.push((at, sync)),
-    }
-}
-
-fn emit(cuts: &[(usize, bool)], passed: Bytes, out: &mut Vec<Event>) {
-    for (i, &(start, sync)) in cuts.iter().enumerate() {
-        let end = cuts
-            .get(i + 1)
-            .map_or(passed.len(), |&(next, _)| next)
-            .min(passed.len());
-        if start < end {
-            out.push(Event::Data {
-                bytes: passed.slice(start..end),
-                sync,
-            });
-        }
+/// Marks `at` as the push's join point if it is the first place a player may start in it: a
+/// push is stored as one piece, marked at its first frame (the bytes before are the rest of the
+/// frame in progress), not cut into a continuation and a run of frames, since every piece costs
+/// the store an entry, whatever its length.
+fn cut(join: &mut Option<usize>, at: usize, sync: bool) {
+    if sync && join.is_none() {
+        *join = Some(at);
     }
 }
 
@@ -814,13 +803,13 @@ mod tests {
             self.joins().into_iter().filter(|&at| at >= from).collect()
         }
 
-        /// Offsets in the stream of each `sync: true` event.
+        /// Offsets in the stream of each event's join point.
         fn joins(&self) -> Vec<usize> {
             let (mut at, mut joins) = (0, Vec::new());
             for e in self.events() {
-                if let Event::Data { bytes, sync } = e {
-                    if *sync {
-                        joins.push(at);
+                if let Event::Data { bytes, join } = e {
+                    if let Some(j) = join {
+                        joins.push(at + j);
                     }
                     at += bytes.len();
                 }
@@ -870,7 +859,7 @@ mod tests {
         assert!(
             finish
                 .iter()
-                .all(|e| !matches!(e, Event::Data { sync: true, .. })),
+                .all(|e| !matches!(e, Event::Data { join: Some(_), .. })),
             "finish marks a join point"
         );
         Fed {
@@ -1038,24 +1027,24 @@ mod tests {
                         "{what}: the frame at {at} does not end on a header"
                     );
                 }
-                // Locked: a push gives at most the end of the frame in progress and one run of
-                // frames from a join point; a piece at least a frame long holds a join point.
+                // Locked: a push gives at most one piece (the end of the frame in progress, then
+                // frames from its join point); a piece at least a frame long holds a join point.
                 let mut passed = 0;
                 for (i, out) in fed.pushes.iter().enumerate() {
                     if passed >= locked_from {
-                        let data: Vec<bool> = out
+                        let data: Vec<Option<usize>> = out
                             .iter()
                             .filter_map(|e| match e {
-                                Event::Data { sync, .. } => Some(*sync),
+                                Event::Data { join, .. } => Some(*join),
                                 _ => None,
                             })
                             .collect();
-                        assert!(
-                            matches!(data[..], [] | [true] | [false] | [false, true]),
-                            "{what}: push {i} gives {out:?}"
-                        );
+                        assert!(data.len() <= 1, "{what}: push {i} gives {out:?}");
                         if piece > 2 * largest && i + 1 < fed.pushes.len() {
-                            assert!(data.contains(&true), "{what}: push {i} has no join point");
+                            assert!(
+                                data.iter().any(Option::is_some),
+                                "{what}: push {i} has no join point"
+                            );
                         }
                     }
                     passed += out
@@ -1243,7 +1232,7 @@ mod tests {
         let fed = feed(Kind::Mp3, cut, || 4096);
         assert!(fed.stream() == cut, "nothing is lost");
         match &fed.finish[..] {
-            [Event::Data { bytes, sync: false }] => assert_eq!(bytes.len(), 2),
+            [Event::Data { bytes, join: None }] => assert_eq!(bytes.len(), 2),
             other => panic!("finish gave {other:?}"),
         }
     }

@@ -748,7 +748,7 @@ impl Framer {
             self.flush(out);
             out.push(Event::Data {
                 bytes: eos.freeze(),
-                sync: false,
+                join: None,
             });
         }
     }
@@ -791,7 +791,7 @@ impl Framer {
         if self.run.len > 0 {
             out.push(Event::Data {
                 bytes: self.buf.split_to(self.run.len).freeze(),
-                sync: self.run.sync,
+                join: self.run.sync.then_some(0),
             });
             self.run.len = 0;
         }
@@ -1034,8 +1034,8 @@ mod tests {
         let mut at = 0;
         let mut out = Vec::new();
         for e in events {
-            if let Event::Data { bytes, sync } = e {
-                if *sync {
+            if let Event::Data { bytes, join } = e {
+                if *join == Some(0) {
                     out.push(at);
                 }
                 at += bytes.len();
@@ -1053,8 +1053,11 @@ mod tests {
         for e in events {
             match e {
                 Event::Headers(h) if !joined => head = Some(h),
-                Event::Data { sync: true, .. } if !joined && skipped < n => skipped += 1,
-                Event::Data { bytes, sync: true } if !joined => {
+                Event::Data { join: Some(0), .. } if !joined && skipped < n => skipped += 1,
+                Event::Data {
+                    bytes,
+                    join: Some(0),
+                } if !joined => {
                     joined = true;
                     out.extend_from_slice(head.expect("headers before a sync point"));
                     out.extend_from_slice(bytes);
@@ -1141,9 +1144,9 @@ mod tests {
             // an event that is not one itself.
             let mut at = 0;
             for e in &events {
-                if let Event::Data { bytes, sync } = e {
+                if let Event::Data { bytes, join } = e {
                     let end = at + bytes.len();
-                    if *sync {
+                    if *join == Some(0) {
                         assert!(fine_syncs.contains(&at), "{name}: {at} is no sync point");
                     } else if let Some(s) = fine_syncs.iter().find(|&&s| s >= at && s < end) {
                         panic!("{name}: pieces of {piece}: sync point {s} hidden in {at}..{end}");
