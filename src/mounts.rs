@@ -53,7 +53,7 @@ pub(crate) struct Mount {
     pub hls_published: tokio::sync::Notify,
     /// Woken by ingest after it published a new source state or new settings for the mount (a
     /// source took it, left it, or it closed or moved), never for stream data: a relay waits on
-    /// it for ingest to let its previous connection go. See [`crate::shared::Shared::changed`].
+    /// it for ingest to let its previous connection go (ingest wakes it through `Shared::changed`).
     pub source_changed: tokio::sync::Notify,
     /// The mount as each worker holds it, indexed by worker: a publication wakes only the
     /// workers with listeners here, and tells each which mount to serve, so that idle mounts and
