@@ -574,7 +574,7 @@ impl Framer {
 
     /// Drops what the search kept, buffers and all: it starts afresh, and a locked framer needs
     /// none of them (cleared and kept, the lookback of the search before a lock stayed with
-    /// every source for good: about 2 MiB at 1,000 MP3 sources).
+    /// every source for good: about 3 MiB at 1,000 MP3 sources).
     fn forget(&mut self) {
         self.lookback = BytesMut::new();
         self.pending = Vec::new();

@@ -90,8 +90,9 @@ pub(crate) struct Chunk {
     /// Where in the chunk a player may first start (a frame or page boundary, as the format layer
     /// found it), [`NO_JOIN`] if nowhere: join points are chosen among these. A piece a source
     /// sent usually begins with the rest of a frame and goes on with whole ones, so the chunk
-    /// marks the first whole frame rather than being stored as two chunks: at a thousand mounts
-    /// the second chunk per piece cost 4.5 MiB (its entry, its share of segments and snapshots).
+    /// marks the first whole frame rather than being stored as two chunks: at a thousand MP3
+    /// mounts the second chunk per piece cost about 1.7 MiB (its entry, its share of segments and
+    /// snapshots; docs/performance/many-stations.md, eighth pass).
     join: u32,
 }
 
