@@ -58,9 +58,10 @@
 //! 1. **Wire and data** (std and crates only): [`http`] (request heads, short responses),
 //!    [`chunked`], the stream formats ([`format`], what every parser yields; [`mpeg`] frames;
 //!    [`ogg`] pages; [`framing`], which picks one by Content-Type), [`icy`] (metadata blocks
-//!    between the audio), [`http_client`] (the URL, request and response head a relay pulls
-//!    with), [`tls`] (the certificate, a TLS connection the fan-out can write
-//!    like a socket, and the client side a relay pulls `https://` upstreams with), [`dates`] (the date formats Icecast and HLS print), [`ogg_codecs`] (the
+//!    between the audio), [`tls`] (the certificate, a TLS connection the fan-out can write
+//!    like a socket, and the client side of a handshake), [`http_client`] (the URL, the
+//!    connection, plain or TLS, and the request and response head a relay pulls with and an
+//!    edge registers with), [`dates`] (the date formats Icecast and HLS print), [`ogg_codecs`] (the
 //!    header packets of Opus, Vorbis and FLAC in Ogg, and each packet's duration), [`fmp4`]
 //!    (fragmented MP4 for them), [`hls`] (MP3 and AAC cut into HLS packed-audio segments, Ogg
 //!    Opus, Vorbis and FLAC into fMP4 ones, and their live playlist), [`store`] (the segment store and its snapshot, generic over the
