@@ -13,11 +13,17 @@
 //! With `tls_ca`, every listener connects over TLS (trusting that CA for the name `localhost`)
 //! and reads through its session into a buffer of its own: a session cannot read into the
 //! shared buffer, which must not be held across the read's await.
+//!
+//! On loopback, listeners connect from addresses spread over 127.0.0.0/8 ([`source_address`]),
+//! as an audience comes from many: from 127.0.0.1 alone, a ramp of thousands a second met
+//! fanstream's limit on request heads pending per address (`max_pending_heads_per_ip`, 64),
+//! which turned away newcomers whenever the workers were a few milliseconds behind reading heads
+//! (37-130 of 19,000 in a run, closed at once), a limit a real audience's ramp never meets.
 
 use std::cell::RefCell;
 use std::collections::BTreeMap;
 use std::io;
-use std::net::SocketAddr;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::rc::Rc;
 use std::time::Duration;
 
@@ -25,7 +31,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
-use tokio::net::TcpStream;
+use tokio::net::{TcpSocket, TcpStream};
 use tokio_rustls::TlsConnector;
 
 use crate::icy::{self, IcyCounts, IcyParser};
@@ -34,6 +40,46 @@ use crate::schedule::{unix_us, Schedule};
 
 /// Connecting and receiving the response head must take no longer than this.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(15);
+/// Loopback addresses listeners connect from, in turn: enough that no one address has more
+/// than a few pending request heads at a ramp of 2,000 a second.
+const SOURCE_ADDRESSES: u32 = 250;
+
+/// The address listener `index` connects from when the server is on IPv4 loopback: one of
+/// 127.0.1.1 to 127.0.1.250, in turn. Elsewhere, the system picks as for any connection.
+fn source_address(index: usize, server: SocketAddr) -> Option<SocketAddr> {
+    match server.ip() {
+        IpAddr::V4(ip) if ip.is_loopback() => {
+            let host = 1 + (index as u32 % SOURCE_ADDRESSES);
+            let from = Ipv4Addr::from(u32::from(Ipv4Addr::new(127, 0, 1, 0)) + host);
+            Some(SocketAddr::new(IpAddr::V4(from), 0))
+        }
+        _ => None,
+    }
+}
+
+/// Connects to `server` from `from` (any port), or from where the system picks.
+async fn connect(server: SocketAddr, from: Option<SocketAddr>) -> io::Result<TcpStream> {
+    let Some(from) = from else {
+        return TcpStream::connect(server).await;
+    };
+    let socket = TcpSocket::new_v4()?;
+    // The port is picked at connect, for this address and the server's: picked at bind, it
+    // would have to be free of every connection from this address, whatever its server.
+    // Best effort: without it (an older kernel) the port is picked at bind.
+    let on: libc::c_int = 1;
+    // SAFETY: a valid socket, and an option whose value is a c_int read from a live local.
+    let _ = unsafe {
+        libc::setsockopt(
+            std::os::fd::AsRawFd::as_raw_fd(&socket),
+            libc::IPPROTO_IP,
+            libc::IP_BIND_ADDRESS_NO_PORT,
+            (&on as *const libc::c_int).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    socket.bind(from)?;
+    socket.connect(server).await
+}
 const READ_BUFFER_BYTES: usize = 64 * 1024;
 const HEAD_MAX_BYTES: usize = 8 * 1024;
 /// Each TLS listener's read buffer: a TLS record's plaintext is at most 16 KiB.
@@ -265,9 +311,15 @@ async fn listen(s: &Shared, i: usize) {
     }
     let mount = &s.opts.mounts[index % s.opts.mounts.len()];
     if let Some(tls) = &s.tls {
-        return listen_tls(s, conn, tls, mount, wants_icy).await;
+        let from = source_address(index, s.opts.addr);
+        return listen_tls(s, conn, tls, from, mount, wants_icy).await;
     }
-    let opened = open(s.opts.addr, mount, wants_icy);
+    let opened = open(
+        s.opts.addr,
+        source_address(index, s.opts.addr),
+        mount,
+        wants_icy,
+    );
     let stream = match tokio::time::timeout(CONNECT_TIMEOUT, opened).await {
         Ok(Ok((stream, metaint, body))) => {
             headed(s, conn, wants_icy, metaint, &body);
@@ -313,11 +365,12 @@ async fn listen_tls(
     s: &Shared,
     conn: &RefCell<Conn>,
     tls: &TlsConnector,
+    from: Option<SocketAddr>,
     mount: &str,
     wants_icy: bool,
 ) {
     let opened = async {
-        let tcp = TcpStream::connect(s.opts.addr)
+        let tcp = connect(s.opts.addr, from)
             .await
             .map_err(|e| format!("connect: {}", e.kind()))?;
         tcp.set_zero_linger().ok();
@@ -390,10 +443,11 @@ async fn request_head<S: AsyncRead + AsyncWrite + Unpin>(
 /// failed.
 async fn open(
     addr: SocketAddr,
+    from: Option<SocketAddr>,
     mount: &str,
     icy: bool,
 ) -> Result<(TcpStream, Option<usize>, Vec<u8>), String> {
-    let mut stream = TcpStream::connect(addr)
+    let mut stream = connect(addr, from)
         .await
         .map_err(|e| format!("connect: {}", e.kind()))?;
     // Closing with a reset leaves no TIME_WAIT behind: a sweep opens tens of thousands of
@@ -537,4 +591,23 @@ fn report(s: &Shared) -> ListenReport {
         }
     }
     r
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn loopback_listeners_come_from_spread_addresses() {
+        let server: SocketAddr = "127.0.0.1:8000".parse().unwrap();
+        let from: std::collections::BTreeSet<_> = (0..1000)
+            .map(|i| source_address(i, server).unwrap().ip())
+            .collect();
+        assert_eq!(from.len(), SOURCE_ADDRESSES as usize);
+        assert!(from
+            .iter()
+            .all(|ip| matches!(ip, IpAddr::V4(v4) if v4.octets()[..3] == [127, 0, 1] && v4.octets()[3] >= 1)));
+        assert_eq!(source_address(0, "[::1]:8000".parse().unwrap()), None);
+        assert_eq!(source_address(0, "10.0.0.1:8000".parse().unwrap()), None);
+    }
 }
