@@ -23,16 +23,26 @@ pub fn compare(o: &CompareOpts) -> Result<(), String> {
     let r = &o.run;
     let mut pairs = Vec::new();
     for &mounts in &o.mounts {
-        let variant = |target| RunOpts {
-            target,
-            mounts,
-            name: Some(format!(
+        // `--name` names the table and its runs, so that a second comparison (another binary,
+        // say) does not overwrite the first's; by default they are named after the load.
+        let run_name = |target| match &r.name {
+            Some(name) => format!(
+                "{name}-{}{}",
+                run::target_name(target),
+                mounts_suffix(mounts)
+            ),
+            None => format!(
                 "compare-{}-{}c-{}k{}",
                 run::target_name(target),
                 r.clients,
                 r.bitrate_kbps,
                 mounts_suffix(mounts)
-            )),
+            ),
+        };
+        let variant = |target| RunOpts {
+            target,
+            mounts,
+            name: Some(run_name(target)),
             ..r.clone()
         };
         pairs.push((
@@ -40,12 +50,15 @@ pub fn compare(o: &CompareOpts) -> Result<(), String> {
             run_pair([variant(Target::Icecast), variant(Target::Fanstream)]),
         ));
     }
-    // One mount keeps the name it had before mount counts were compared.
-    let mut stem = format!("compare-{}c-{}k", r.clients, r.bitrate_kbps);
-    if o.mounts != [1] {
-        let counts: Vec<String> = o.mounts.iter().map(|m| m.to_string()).collect();
-        stem += &format!("-mounts-{}", counts.join("-"));
-    }
+    let stem = r.name.clone().unwrap_or_else(|| {
+        // One mount keeps the name it had before mount counts were compared.
+        let mut stem = format!("compare-{}c-{}k", r.clients, r.bitrate_kbps);
+        if o.mounts != [1] {
+            let counts: Vec<String> = o.mounts.iter().map(|m| m.to_string()).collect();
+            stem += &format!("-mounts-{}", counts.join("-"));
+        }
+        stem
+    });
     let md = table(r, &pairs);
     println!("\n{md}");
     let md_path = r.out_dir.join(format!("{stem}.md"));

@@ -30,6 +30,9 @@ pub struct SweepOpts {
 }
 
 pub fn sweep(o: &SweepOpts) -> Result<(), String> {
+    // `--name` names the table, the JSON, the charts and the runs (`NAME.md`, `NAME-cpu.png`,
+    // ...), so that a second sweep does not overwrite the first's; by default, `sweep`.
+    let stem = o.run.name.clone().unwrap_or_else(|| "sweep".into());
     let mut all: Vec<Summary> = Vec::new();
     for &kbps in &o.bitrates {
         for &mounts in &o.mounts {
@@ -39,7 +42,7 @@ pub fn sweep(o: &SweepOpts) -> Result<(), String> {
                     bitrate_kbps: kbps,
                     mounts,
                     name: Some(format!(
-                        "sweep-{}-{clients}c-{kbps}k{}",
+                        "{stem}-{}-{clients}c-{kbps}k{}",
                         run::target_name(o.run.target),
                         mounts_suffix(mounts)
                     )),
@@ -49,7 +52,7 @@ pub fn sweep(o: &SweepOpts) -> Result<(), String> {
                 run::print_summary(&s);
                 let ok = s.ok;
                 all.push(s);
-                write_json(&o.run.out_dir.join("sweep.json"), &all)?;
+                write_json(&o.run.out_dir.join(format!("{stem}.json")), &all)?;
                 if !ok {
                     break;
                 }
@@ -59,10 +62,10 @@ pub fn sweep(o: &SweepOpts) -> Result<(), String> {
         }
     }
     let md = table(&all, &o.bitrates, &o.mounts);
-    let md_path = o.run.out_dir.join("sweep.md");
+    let md_path = o.run.out_dir.join(format!("{stem}.md"));
     std::fs::write(&md_path, &md).map_err(|e| e.to_string())?;
     println!("\n{md}");
-    charts(&all, &o.bitrates, &o.mounts, &o.run.out_dir)?;
+    charts(&all, &o.bitrates, &o.mounts, &o.run.out_dir, &stem)?;
     eprintln!(
         "table, JSON and charts written under {}",
         o.run.out_dir.display()
@@ -149,6 +152,7 @@ fn charts(
     bitrates: &[u64],
     mount_counts: &[usize],
     dir: &std::path::Path,
+    name: &str,
 ) -> Result<(), String> {
     let mut by_listeners = Vec::new();
     for &k in bitrates {
@@ -181,7 +185,7 @@ fn charts(
             });
         }
     }
-    let stem = |n: &str| -> PathBuf { dir.join(n) };
+    let stem = |n: &str| -> PathBuf { dir.join(format!("{name}-{n}")) };
     let (listeners, mounts) = (
         |s: &Summary| s.clients as f64,
         |s: &Summary| s.mounts as f64,
@@ -193,28 +197,28 @@ fn charts(
     let by_listeners_desc = "listeners (log scale); hollow: not served in full";
     let by_mounts_desc = "mounts (log scale); hollow: not served in full";
     plot::chart(
-        &stem("sweep-cpu"),
+        &stem("cpu"),
         "fanstream: server CPU per listener",
         by_listeners_desc,
         "CPU µs per listener-second",
         &series(&by_listeners, listeners, cpu),
     )?;
     plot::chart(
-        &stem("sweep-memory"),
+        &stem("memory"),
         "fanstream: server memory per listener",
         by_listeners_desc,
         "RSS bytes per listener",
         &series(&by_listeners, listeners, rss),
     )?;
     plot::chart(
-        &stem("sweep-mounts-cpu"),
+        &stem("mounts-cpu"),
         "fanstream: server CPU per listener, by mounts",
         by_mounts_desc,
         "CPU µs per listener-second",
         &series(&by_mounts, mounts, cpu),
     )?;
     plot::chart(
-        &stem("sweep-mounts-memory"),
+        &stem("mounts-memory"),
         "fanstream: server memory per listener, by mounts",
         by_mounts_desc,
         "RSS bytes per listener",

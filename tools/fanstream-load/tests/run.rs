@@ -126,6 +126,7 @@ fn a_tiny_sweep_over_two_mount_counts_reports_both() {
     let status = Command::new(env!("CARGO_BIN_EXE_fanstream-load"))
         .args(["sweep", "--counts", "20", "--bitrates", "128"])
         .args(["--mounts", "1,4", "--seconds", "2", "--ramp-per-sec", "400"])
+        .args(["--name", "tiny"])
         .arg("--fanstream-bin")
         .arg(fanstream)
         .arg("--out-dir")
@@ -133,8 +134,11 @@ fn a_tiny_sweep_over_two_mount_counts_reports_both() {
         .status()
         .expect("fanstream-load runs");
     assert!(status.success(), "fanstream-load sweep failed: {status}");
-    let text = std::fs::read_to_string(out.join("sweep.json")).expect("sweep.json written");
-    let runs: Vec<serde_json::Value> = serde_json::from_str(&text).expect("sweep.json is JSON");
+    // `--name` names the table, the JSON, the charts and the runs: no `sweep.*` is written.
+    assert!(!out.join("sweep.json").exists() && !out.join("sweep.md").exists());
+    assert!(out.join("tiny-fanstream-20c-128k-4m.json").is_file());
+    let text = std::fs::read_to_string(out.join("tiny.json")).expect("tiny.json written");
+    let runs: Vec<serde_json::Value> = serde_json::from_str(&text).expect("tiny.json is JSON");
     let mounts: Vec<u64> = runs.iter().map(|s| s["mounts"].as_u64().unwrap()).collect();
     assert_eq!(mounts, [1, 4], "{text}");
     for s in &runs {
@@ -145,16 +149,16 @@ fn a_tiny_sweep_over_two_mount_counts_reports_both() {
             "{text}"
         );
     }
-    let md = std::fs::read_to_string(out.join("sweep.md")).expect("sweep.md written");
+    let md = std::fs::read_to_string(out.join("tiny.md")).expect("tiny.md written");
     assert!(md.contains("| kbit/s | mounts | listeners |"), "{md}");
     for row in ["| 128 | 1 | 20 |", "| 128 | 4 | 20 |"] {
         assert!(md.contains(row), "no row {row:?} in:\n{md}");
     }
     for chart in [
-        "sweep-cpu",
-        "sweep-memory",
-        "sweep-mounts-cpu",
-        "sweep-mounts-memory",
+        "tiny-cpu",
+        "tiny-memory",
+        "tiny-mounts-cpu",
+        "tiny-mounts-memory",
     ] {
         for ext in ["png", "svg"] {
             let f = out.join(format!("{chart}.{ext}"));
