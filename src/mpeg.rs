@@ -362,6 +362,9 @@ impl Framer {
             self.held.extend_from_slice(&data);
             self.held.split().freeze()
         };
+        // The first place in the push a player may start: the push is stored as one piece
+        // marked there (the bytes before are the rest of the frame in progress), not cut into a
+        // continuation and a run of frames, since every piece costs the store an entry.
         let mut join = None;
         let mut unplaced = 0;
         let mut pos = 0;
@@ -369,8 +372,9 @@ impl Framer {
             match self.state {
                 State::Searching => {
                     // Everything goes on now; the search only looks.
-                    let sync = self.last_lock.is_none() || self.since_join >= PASS_THROUGH_AFTER;
-                    cut(&mut join, pos, sync);
+                    if self.last_lock.is_none() || self.since_join >= PASS_THROUGH_AFTER {
+                        join.get_or_insert(pos);
+                    }
                     let rest = &data[pos..];
                     unplaced += rest.len();
                     self.search(rest);
@@ -381,7 +385,6 @@ impl Framer {
                 State::Locked { stream, skip } => {
                     if skip > 0 {
                         let n = skip.min(data.len() - pos);
-                        cut(&mut join, pos, false);
                         pos += n;
                         self.state = State::Locked {
                             stream,
@@ -392,7 +395,7 @@ impl Framer {
                     let rest = &data[pos..];
                     match self.at_boundary(stream, rest) {
                         Boundary::Frame(len) => {
-                            cut(&mut join, pos, true);
+                            join.get_or_insert(pos);
                             let n = len.min(rest.len());
                             pos += n;
                             self.state = State::Locked {
@@ -401,7 +404,6 @@ impl Framer {
                             };
                         }
                         Boundary::Tag(len) => {
-                            cut(&mut join, pos, false);
                             let n = len.min(rest.len());
                             pos += n;
                             self.state = State::Locked {
@@ -619,16 +621,6 @@ enum Boundary {
     Undecided,
     /// Neither: the lock is lost.
     Lost,
-}
-
-/// Marks `at` as the push's join point if it is the first place a player may start in it: a
-/// push is stored as one piece, marked at its first frame (the bytes before are the rest of the
-/// frame in progress), not cut into a continuation and a run of frames, since every piece costs
-/// the store an entry, whatever its length.
-fn cut(join: &mut Option<usize>, at: usize, sync: bool) {
-    if sync && join.is_none() {
-        *join = Some(at);
-    }
 }
 
 #[cfg(test)]

@@ -88,21 +88,19 @@ pub(crate) struct Chunk {
     /// this old.
     pub arrived: Instant,
     /// Where in the chunk a player may first start (a frame or page boundary, as the format layer
-    /// found it), [`NO_JOIN`] if nowhere: join points are chosen among these. A piece a source
+    /// found it), if anywhere: join points are chosen among these. A piece a source
     /// sent usually begins with the rest of a frame and goes on with whole ones, so the chunk
     /// marks the first whole frame rather than being stored as two chunks: at a thousand MP3
     /// mounts the second chunk per piece cost about 1.7 MiB (its entry, its share of segments and
     /// snapshots; docs/performance/many-stations.md, eighth pass).
-    join: u32,
+    /// A `u32`, so that the chunk stays 64 bytes (a piece is at most a read, far below 4 GiB).
+    join: Option<u32>,
 }
-
-/// [`Chunk::join`] of a chunk no player may start in.
-const NO_JOIN: u32 = u32::MAX;
 
 impl Chunk {
     /// The stream offset of the chunk's join point, if it has one.
     fn join_at(&self) -> Option<u64> {
-        (self.join != NO_JOIN).then(|| self.offset + u64::from(self.join))
+        self.join.map(|at| self.offset + u64::from(at))
     }
 }
 
@@ -535,8 +533,7 @@ impl<S> StoreWriter<S> {
         let len = data.len();
         let join = join
             .filter(|&at| at < len)
-            .and_then(|at| u32::try_from(at).ok())
-            .unwrap_or(NO_JOIN);
+            .and_then(|at| u32::try_from(at).ok());
         self.open.push(Chunk {
             offset: self.end,
             data,
@@ -722,6 +719,11 @@ mod tests {
         fn append(&mut self, data: Bytes, arrived: Instant) {
             self.w
                 .append(data, arrived, Keep::window(self.window), Some(0));
+        }
+        /// Appends `data` now, a player able to first start `join` bytes into it, if anywhere.
+        fn marked(&mut self, data: impl Into<Bytes>, join: Option<usize>) {
+            let keep = Keep::window(self.window);
+            self.w.append(data.into(), Instant::now(), keep, join);
         }
         fn store(&self) -> &Arc<Store<u32>> {
             self.w.store()
@@ -964,20 +966,9 @@ mod tests {
     #[test]
     fn the_rest_of_a_frame_runs_to_the_next_sync_point() {
         let mut w = writer(1 << 20);
-        let t = Instant::now();
-        w.w.append(
-            Bytes::from_static(b"aaaa"),
-            t,
-            Keep::window(1 << 20),
-            Some(0),
-        );
-        w.w.append(Bytes::from_static(b"bb"), t, Keep::window(1 << 20), None);
-        w.w.append(
-            Bytes::from_static(b"cccc"),
-            t,
-            Keep::window(1 << 20),
-            Some(0),
-        );
+        w.marked(Bytes::from_static(b"aaaa"), Some(0));
+        w.marked(Bytes::from_static(b"bb"), None);
+        w.marked(Bytes::from_static(b"cccc"), Some(0));
         let snap = w.store().load_full();
         assert_eq!(snap.rest_of_frame(0, 100), b"");
         assert_eq!(snap.rest_of_frame(1, 100), b"aaabb");
@@ -988,23 +979,19 @@ mod tests {
     }
 
     #[test]
+    fn a_chunk_stays_64_bytes() {
+        // A mount keeps dozens, and every snapshot copies the open segment's: its mark must not
+        // make it a cache line longer.
+        assert!(std::mem::size_of::<Chunk>() <= 64);
+    }
+
+    #[test]
     fn a_chunk_is_joined_at_its_mark_inside_and_a_frame_rest_ends_there() {
         // What a locked MP3 framer stores: each piece is the rest of a frame, then frames.
         let mut w = writer(1 << 20);
-        let t = Instant::now();
-        w.w.append(
-            Bytes::from_static(b"aaaaBBBB"),
-            t,
-            Keep::window(1 << 20),
-            Some(4),
-        );
-        w.w.append(
-            Bytes::from_static(b"bbCCCC"),
-            t,
-            Keep::window(1 << 20),
-            Some(2),
-        );
-        w.w.append(Bytes::from_static(b"cc"), t, Keep::window(1 << 20), None);
+        w.marked(Bytes::from_static(b"aaaaBBBB"), Some(4));
+        w.marked(Bytes::from_static(b"bbCCCC"), Some(2));
+        w.marked(Bytes::from_static(b"cc"), None);
         let snap = w.store().load_full();
         assert_eq!(
             snap.join_point(1 << 20),
@@ -1026,7 +1013,7 @@ mod tests {
         assert_eq!(snap.rest_of_frame(1, 100), b"aaa");
         assert_eq!(snap.rest_of_frame(11, 100), b"CCCcc");
         // A mark past the piece's end (a framer holding bytes back) marks nothing.
-        w.w.append(Bytes::from_static(b"dd"), t, Keep::window(1 << 20), Some(2));
+        w.marked(Bytes::from_static(b"dd"), Some(2));
         assert_eq!(w.store().load().rest_of_frame(15, 100), b"cdd");
     }
 
@@ -1096,19 +1083,13 @@ mod tests {
     #[test]
     fn joins_start_at_sync_points_after_the_current_headers() {
         let mut w = writer(1 << 20);
-        let now = Instant::now();
         // Header pages (not joinable), then data pages at offsets 10, 20, ... (joinable),
         // with unjoinable continuation pieces between them.
-        w.w.append(Bytes::from(vec![0u8; 10]), now, Keep::window(1 << 20), None);
+        w.marked(vec![0u8; 10], None);
         w.w.set_headers(Bytes::from_static(b"HEADERS"));
         for _ in 0..10 {
-            w.w.append(
-                Bytes::from(vec![1u8; 6]),
-                now,
-                Keep::window(1 << 20),
-                Some(0),
-            );
-            w.w.append(Bytes::from(vec![2u8; 4]), now, Keep::window(1 << 20), None);
+            w.marked(vec![1u8; 6], Some(0));
+            w.marked(vec![2u8; 4], None);
         }
         let snap = w.store().load_full();
         assert_eq!(snap.end, 110);
@@ -1126,7 +1107,7 @@ mod tests {
         assert_eq!(snap.join_point(1000), 10, "never before the headers apply");
         // A new source starts a new header epoch.
         w.go_live(StreamInfo::default());
-        w.w.append(Bytes::from(vec![3u8; 5]), now, Keep::window(1 << 20), None);
+        w.marked(vec![3u8; 5], None);
         let snap = w.store().load_full();
         assert!(snap.headers.is_empty());
         assert_eq!(
