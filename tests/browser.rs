@@ -91,10 +91,8 @@ fn over_https_the_page_lists_the_mounts_and_another_origin_reads_status_and_play
     let dir = scratch_dir("browser_https");
     let ca = Ca::new(&dir);
     ca.issue(31);
-    let certs = dir.clone();
-    let srv = TestServer::start_tls(move |c| {
-        c.startup.tls_cert = Some(certs.join("cert.pem"));
-        c.startup.tls_key = Some(certs.join("key.pem"));
+    let srv = TestServer::start_tls(|c| {
+        ca.serve_with(c);
         c.startup.demo = true;
         c.defaults.burst_bytes = 16 * 1024;
         c.defaults.max_write_delay_ms = 100;

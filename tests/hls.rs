@@ -1205,10 +1205,8 @@ fn hls_is_served_over_tls_on_kept_alive_connections() {
     let dir = process::scratch_dir("hls_tls");
     let ca = common::certs::Ca::new(&dir);
     ca.issue(1);
-    let certs = dir.clone();
-    let srv = TestServer::start_tls(move |c| {
-        c.startup.tls_cert = Some(certs.join("cert.pem"));
-        c.startup.tls_key = Some(certs.join("key.pem"));
+    let srv = TestServer::start_tls(|c| {
+        ca.serve_with(c);
         c.defaults.hls = true;
         c.defaults.hls_segment_secs = SEGMENT_SECS;
         c.defaults.hls_segments = SEGMENTS;

@@ -455,8 +455,7 @@ fn an_edge_registers_with_an_https_origin_it_trusts_and_a_reload_starts_and_stop
     let ca = Ca::new(&dir);
     ca.issue(1);
     let origin = TestServer::start_tls(|c| {
-        c.startup.tls_cert = Some(dir.join("cert.pem"));
-        c.startup.tls_key = Some(dir.join("key.pem"));
+        ca.serve_with(c);
         c.relay_password = Some(RELAY_PW.into());
         declare(c, "/live");
     });

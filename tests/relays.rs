@@ -1058,8 +1058,7 @@ fn an_edge_relays_over_https_byte_exact_and_an_untrusted_certificate_is_a_tls_fa
     let ca = Ca::new(&dir);
     ca.issue(1);
     let origin = TestServer::start_tls(|c| {
-        c.startup.tls_cert = Some(dir.join("cert.pem"));
-        c.startup.tls_key = Some(dir.join("key.pem"));
+        ca.serve_with(c);
         c.defaults.max_write_delay_ms = 0;
     });
     let feeder = Feeder::start(vec![Source::connect(origin.addr, "/live")]);

@@ -28,10 +28,8 @@ fn tls_server(ca: &Ca) -> TestServer {
 
 /// [`tls_server`], with more settings.
 fn tls_server_with(ca: &Ca, more: impl FnOnce(&mut fanstream::Config)) -> TestServer {
-    let dir = ca.dir.clone();
-    TestServer::start_tls(move |c| {
-        c.startup.tls_cert = Some(dir.join("cert.pem"));
-        c.startup.tls_key = Some(dir.join("key.pem"));
+    TestServer::start_tls(|c| {
+        ca.serve_with(c);
         c.defaults.max_write_delay_ms = 0;
         more(c);
     })
@@ -306,10 +304,8 @@ fn the_page_and_status_are_served_over_tls_and_a_silent_handshake_is_closed() {
     let dir = scratch_dir("tls_page");
     let ca = Ca::new(&dir);
     ca.issue(9);
-    let dir2 = dir.clone();
-    let srv = TestServer::start_tls(move |c| {
-        c.startup.tls_cert = Some(dir2.join("cert.pem"));
-        c.startup.tls_key = Some(dir2.join("key.pem"));
+    let srv = TestServer::start_tls(|c| {
+        ca.serve_with(c);
         c.header_timeout_secs = 1;
     });
     let versions = &[&rustls::version::TLS13];
@@ -350,10 +346,8 @@ fn stalled_handshakes_do_not_keep_a_real_client_waiting() {
     let dir = scratch_dir("tls_stalled");
     let ca = Ca::new(&dir);
     ca.issue(13);
-    let dir2 = dir.clone();
-    let srv = TestServer::start_tls(move |c| {
-        c.startup.tls_cert = Some(dir2.join("cert.pem"));
-        c.startup.tls_key = Some(dir2.join("key.pem"));
+    let srv = TestServer::start_tls(|c| {
+        ca.serve_with(c);
         c.header_timeout_secs = 60;
         // All of them from one address, and all of them to the workers.
         c.max_pending_heads_per_ip = 0;
@@ -493,10 +487,8 @@ fn over_the_per_address_limit_a_tls_client_gets_its_429_over_tls() {
     let dir = scratch_dir("tls_per_ip");
     let ca = Ca::new(&dir);
     ca.issue(41);
-    let certs = dir.clone();
-    let srv = TestServer::start_tls(move |c| {
-        c.startup.tls_cert = Some(certs.join("cert.pem"));
-        c.startup.tls_key = Some(certs.join("key.pem"));
+    let srv = TestServer::start_tls(|c| {
+        ca.serve_with(c);
         c.max_connections_per_ip = 1;
     });
     let _source = Source::connect(srv.addr, "/live");

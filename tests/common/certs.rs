@@ -30,6 +30,12 @@ impl Ca {
         self.dir.join("ca.pem")
     }
 
+    /// Points a server's config at the certificate and key [`Ca::issue`] wrote last.
+    pub fn serve_with(&self, config: &mut fanstream::Config) {
+        config.startup.tls_cert = Some(self.dir.join("cert.pem"));
+        config.startup.tls_key = Some(self.dir.join("key.pem"));
+    }
+
     /// Writes a server certificate for 127.0.0.1 and localhost with this serial to
     /// DIR/cert.pem and its key to DIR/key.pem; returns the certificate as DER.
     pub fn issue(&self, serial: u64) -> CertificateDer<'static> {
