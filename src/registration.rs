@@ -88,6 +88,9 @@ struct Registrar {
     origin: HttpUrl,
     public_url: String,
     auth: (String, String),
+    /// Every `interval_secs`, from the first registration: kept across reloads that leave
+    /// registration as it was, which then register no sooner than they would have.
+    tick: tokio::time::Interval,
     /// The last registration failed: a failing origin is logged once per streak, as relays log
     /// a failing upstream.
     failing: bool,
@@ -105,6 +108,11 @@ impl Registrar {
                 master.user.clone().unwrap_or_else(|| "relay".into()),
                 master.password.clone()?,
             ),
+            tick: {
+                let mut tick = tokio::time::interval(Duration::from_secs(master.interval_secs));
+                tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+                tick
+            },
             master: master.clone(),
             tls: tls.clone(),
             failing: false,
@@ -113,11 +121,8 @@ impl Registrar {
     }
 
     async fn register_forever(&mut self) {
-        let every = Duration::from_secs(self.master.interval_secs);
-        let mut tick = tokio::time::interval(every);
-        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
-            tick.tick().await;
+            self.tick.tick().await;
             self.report(None).await;
         }
     }
