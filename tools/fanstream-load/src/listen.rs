@@ -42,16 +42,18 @@ use crate::schedule::{unix_us, Schedule};
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(15);
 /// Loopback addresses listeners connect from, in turn: enough that no one address has more
 /// than a few pending request heads at a ramp of 2,000 a second.
-const SOURCE_ADDRESSES: u32 = 250;
+const SOURCE_ADDRESSES: usize = 250;
 
 /// The address listener `index` connects from when the server is on IPv4 loopback: one of
 /// 127.0.1.1 to 127.0.1.250, in turn. Elsewhere, the system picks as for any connection.
 fn source_address(index: usize, server: SocketAddr) -> Option<SocketAddr> {
     match server.ip() {
         IpAddr::V4(ip) if ip.is_loopback() => {
-            let host = 1 + (index as u32 % SOURCE_ADDRESSES);
-            let from = Ipv4Addr::from(u32::from(Ipv4Addr::new(127, 0, 1, 0)) + host);
-            Some(SocketAddr::new(IpAddr::V4(from), 0))
+            let host = 1 + (index % SOURCE_ADDRESSES) as u8;
+            Some(SocketAddr::new(
+                IpAddr::V4(Ipv4Addr::new(127, 0, 1, host)),
+                0,
+            ))
         }
         _ => None,
     }
@@ -63,23 +65,10 @@ async fn connect(server: SocketAddr, from: Option<SocketAddr>) -> io::Result<Tcp
         return TcpStream::connect(server).await;
     };
     let socket = TcpSocket::new_v4()?;
-    // The port is picked at connect, for this address and the server's: picked at bind, it
-    // would have to be free of every connection from this address, whatever its server.
-    // Best effort: without it (an older kernel) the port is picked at bind.
-    let on: libc::c_int = 1;
-    // SAFETY: a valid socket, and an option whose value is a c_int read from a live local.
-    let _ = unsafe {
-        libc::setsockopt(
-            std::os::fd::AsRawFd::as_raw_fd(&socket),
-            libc::IPPROTO_IP,
-            libc::IP_BIND_ADDRESS_NO_PORT,
-            (&on as *const libc::c_int).cast(),
-            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
-        )
-    };
     socket.bind(from)?;
     socket.connect(server).await
 }
+
 const READ_BUFFER_BYTES: usize = 64 * 1024;
 const HEAD_MAX_BYTES: usize = 8 * 1024;
 /// Each TLS listener's read buffer: a TLS record's plaintext is at most 16 KiB.
@@ -603,7 +592,7 @@ mod tests {
         let from: std::collections::BTreeSet<_> = (0..1000)
             .map(|i| source_address(i, server).unwrap().ip())
             .collect();
-        assert_eq!(from.len(), SOURCE_ADDRESSES as usize);
+        assert_eq!(from.len(), SOURCE_ADDRESSES);
         assert!(from
             .iter()
             .all(|ip| matches!(ip, IpAddr::V4(v4) if v4.octets()[..3] == [127, 0, 1] && v4.octets()[3] >= 1)));
