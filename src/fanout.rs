@@ -366,7 +366,7 @@ enum Visit {
     One(usize),
     /// A newcomer's first pass, as `One`; should its join point be gone, it joins again at the
     /// burst of the snapshot it is served from, if that snapshot's header pages are the ones it
-    /// was sent (they apply from `headers_from`).
+    /// was sent (they apply from `headers_from`) or it has none.
     Joining { key: usize, headers_from: u64 },
 }
 
@@ -398,7 +398,10 @@ impl Shard {
             now: pass.now,
             // With the source gone nothing more is coming to coalesce with: flush everything.
             force: pass.force || snap.state != SourceState::Live,
-            rejoin: matches!(visit, Visit::Joining { headers_from, .. } if headers_from == snap.headers_from),
+            // The header pages it was sent still apply, or the stream has none to miss (an MP3
+            // mount whose source changed since its join point was taken).
+            rejoin: matches!(visit, Visit::Joining { headers_from, .. }
+                if headers_from == snap.headers_from || snap.headers.is_empty()),
             send_timeout: pass.send_timeout,
             #[cfg(feature = "fault-injection")]
             inject_panic: self.inject_panic,

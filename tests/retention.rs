@@ -155,3 +155,56 @@ fn a_newcomer_whose_join_point_is_evicted_before_its_first_write_joins_at_the_bu
     // window of 4 ms of this stream, a reader on a busy machine may then fall out of it.)
     newcomers_during_a_fast_source(200, BURST, 3, 4096);
 }
+
+#[test]
+fn a_newcomer_whose_join_point_goes_with_a_source_change_joins_the_new_source() {
+    // As above, with a source change in between: the newcomer was sent its response head by the
+    // first source and took its join point there; while it is on its way to its worker (3 s,
+    // time enough for what follows on a busy machine), that source leaves, another takes the
+    // mount and writes more than the window. The stream has no header pages that the newcomer
+    // could have missed, so it joins the new source at its burst rather than being dropped for
+    // a lag it never had.
+    let srv = TestServer::start(|c| {
+        c.defaults.burst_bytes = BURST;
+        c.defaults.min_write_bytes = 1;
+        c.defaults.max_write_delay_ms = 0;
+        c.defaults.max_lag_bytes = BURST;
+        c.join_delay_injection_ms = 3000;
+        declare(c, "/live");
+    });
+    let mut first = Source::connect_typed(srv.addr, "/live", "application/octet-stream");
+    feed(&srv, &mut first, 0, 100_000);
+    // Past its response head, its snapshot (and so its join point) is the first source's.
+    let mut newcomer = Listener::connect(srv.addr, "/live");
+    drop(first);
+    srv.wait_metric("fanstream_source_up", &[LIVE], |v| v == 0.0);
+    let mut second = Source::connect_typed(srv.addr, "/live", "application/octet-stream");
+    // Its own stream, far from the first's, so that bytes of each are told apart.
+    const SECOND: u64 = 10_000_000;
+    second.send_pattern(SECOND, SECOND + 100_000, PIECE, Duration::from_micros(100));
+    srv.wait_metric("fanstream_source_received_bytes_total", &[LIVE], |v| {
+        v == 200_000.0
+    });
+    // It keeps writing, as a live source does, while the newcomer reads.
+    let done = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let writer = thread::spawn({
+        let done = done.clone();
+        move || {
+            let mut at = SECOND + 100_000;
+            while !done.load(std::sync::atomic::Ordering::Relaxed) {
+                second.send_pattern(at, at + 4096, 4096, Duration::from_millis(1));
+                at += 4096;
+            }
+        }
+    });
+    newcomer.read_at_least(BURST as usize);
+    done.store(true, std::sync::atomic::Ordering::Relaxed);
+    writer.join().expect("the second source");
+    let runs = exact_runs(&newcomer.body);
+    assert_eq!(runs.len(), 1, "the newcomer's stream: {runs:?}");
+    assert!(
+        runs[0].0 >= SECOND + 100_000 - BURST,
+        "the newcomer joined at {}, not at the new source's burst",
+        runs[0].0
+    );
+}
