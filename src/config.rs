@@ -581,6 +581,12 @@ pub struct Config {
     #[doc(hidden)]
     #[serde(skip)]
     pub join_delay_injection_ms: u64,
+    /// Test hook, not settable from the file: each pass a fan-out loop makes over its listeners
+    /// of a mount takes this much longer, as on a core too busy to keep up with the stream.
+    #[cfg(feature = "fault-injection")]
+    #[doc(hidden)]
+    #[serde(skip)]
+    pub pass_delay_injection_ms: u64,
 }
 
 impl Default for Config {
@@ -620,6 +626,8 @@ impl Default for Config {
             panic_injection_mount: None,
             #[cfg(feature = "fault-injection")]
             join_delay_injection_ms: 0,
+            #[cfg(feature = "fault-injection")]
+            pass_delay_injection_ms: 0,
         }
     }
 }
@@ -752,6 +760,7 @@ impl Config {
         {
             new.panic_injection_mount = self.panic_injection_mount.clone();
             new.join_delay_injection_ms = self.join_delay_injection_ms;
+            new.pass_delay_injection_ms = self.pass_delay_injection_ms;
         }
         (new, changed)
     }

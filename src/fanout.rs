@@ -26,7 +26,9 @@
 //! hold up others.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::future::{poll_fn, Future};
 use std::io::{self, IoSlice};
+use std::pin::pin;
 use std::rc::Rc;
 use std::sync::atomic::{fence, Ordering};
 use std::sync::{Arc, Mutex};
@@ -45,7 +47,7 @@ use crate::icy::Cadence;
 use crate::mounts::{Joining, Mount, Snapshot};
 use crate::reasons::Disconnect;
 use crate::series::{Counter, CounterFamily};
-use crate::shared::{stopped, Stop};
+use crate::shared::{stopped, Shared, Stop};
 use crate::store::{Position, SourceState};
 use crate::usage::WorkerUsage;
 
@@ -180,6 +182,9 @@ struct Shard {
     /// Test hook: serving this shard's listeners panics (`Config::panic_injection_mount`).
     #[cfg(feature = "fault-injection")]
     inject_panic: bool,
+    /// Test hook: each pass over this shard takes this much longer (`Config::pass_delay_injection_ms`).
+    #[cfg(feature = "fault-injection")]
+    pass_delay: Duration,
 }
 
 /// What serving one listener came to.
@@ -338,6 +343,7 @@ struct Outlets {
 
 /// What a serving pass needs besides the shard: the same for every shard of a round.
 struct Pass<'a> {
+    shared: &'a Shared,
     now: Instant,
     /// Write whatever is pending, ignoring coalescing.
     force: bool,
@@ -346,8 +352,9 @@ struct Pass<'a> {
 }
 
 impl<'a> Pass<'a> {
-    fn new(ctx: &WorkerCtx, out: &'a Outlets, force: bool) -> Self {
+    fn new(ctx: &'a WorkerCtx, out: &'a Outlets, force: bool) -> Self {
         Pass {
+            shared: &ctx.shared,
             now: Instant::now(),
             force,
             send_timeout: Duration::from_secs(ctx.shared.config.load().send_timeout_secs),
@@ -623,27 +630,30 @@ struct Shards {
 impl Shards {
     /// Serves a shard's listeners as `visit` says, refiles its deadline, and says what is left
     /// to do with it.
-    fn serve(&mut self, id: u64, mut visit: Visit, pass: &Pass) -> After {
+    fn serve(&mut self, id: u64, visit: Visit, pass: &Pass) -> After {
         let Some(shard) = self.by_id.get_mut(&id) else {
             return After::Keep;
         };
-        let (snap, coalesced) = loop {
-            let snap = shard.mount.store.load();
-            let before = shard.listeners.len();
-            let coalesced = shard.serve(&snap, visit, pass, &mut self.scratch);
-            self.listeners -= before - shard.listeners.len();
-            let wake_at = shard.wake_at(&snap);
-            let on = &shard.mount.on_workers[self.worker];
-            on.oldest.store(shard.oldest(), Ordering::Relaxed);
-            on.wake_at.store(wake_at, Ordering::SeqCst);
-            // Pairs with the fence in `Shared::queue`: a publication that came after this
-            // snapshot and before the new threshold was seen is served now, not missed.
-            fence(Ordering::SeqCst);
-            if shard.mount.store.load().end < wake_at {
-                break (snap, coalesced);
-            }
-            visit = Visit::Due;
-        };
+        let snap = shard.mount.store.load();
+        let before = shard.listeners.len();
+        let coalesced = shard.serve(&snap, visit, pass, &mut self.scratch);
+        self.listeners -= before - shard.listeners.len();
+        #[cfg(feature = "fault-injection")]
+        if !shard.pass_delay.is_zero() {
+            std::thread::sleep(shard.pass_delay);
+        }
+        let wake_at = shard.wake_at(&snap);
+        let on = &shard.mount.on_workers[self.worker];
+        on.oldest.store(shard.oldest(), Ordering::Relaxed);
+        on.wake_at.store(wake_at, Ordering::SeqCst);
+        // Pairs with the fence in `Shared::queue`: a publication that came after this snapshot
+        // and before the new threshold was seen is served at the loop's next turn, not missed.
+        // Not in a loop here: on a core too slow for the stream, publications come faster than
+        // passes end, and such a loop would never give the worker back.
+        fence(Ordering::SeqCst);
+        if shard.mount.store.load().end >= wake_at {
+            pass.shared.queue_again(&shard.mount, self.worker);
+        }
         let deadline = shard.next_deadline(coalesced, pass);
         if deadline != shard.deadline {
             if let Some(old) = shard.deadline {
@@ -680,6 +690,28 @@ impl Shards {
     fn next_deadline(&self) -> Option<Instant> {
         self.deadlines.first().map(|(at, _)| *at)
     }
+}
+
+/// Longest the fan-out loop goes from one event to the next without waiting. The loop is its
+/// worker's main task: the runtime runs the worker's other tasks (those reading newcomers'
+/// request heads and answering them) and learns of its sockets' readiness (parked listeners'
+/// sockets that drained) only while the loop waits. A loop that finds its next round due before
+/// the last one ended (rounds slower than publications, on a saturated core) never waits; on
+/// its own it would leave newcomers unanswered and parked listeners parked until they time out.
+const FAIR_SHARE: Duration = Duration::from_millis(5);
+
+/// Awaits `event`, setting `waited_at` whenever it has to wait: the worker's runtime then has a
+/// turn (see [`FAIR_SHARE`]).
+async fn noting_waits<F: Future>(waited_at: &mut Instant, event: F) -> F::Output {
+    let mut event = pin!(event);
+    poll_fn(|cx| {
+        let polled = event.as_mut().poll(cx);
+        if polled.is_pending() {
+            *waited_at = Instant::now();
+        }
+        polled
+    })
+    .await
 }
 
 /// The fan-out loop of one worker.
@@ -746,6 +778,7 @@ impl FanOut {
         let timer = tokio::time::sleep(Duration::from_secs(3600));
         tokio::pin!(timer);
         let mut armed: Option<Instant> = None;
+        let mut waited_at = Instant::now();
         loop {
             self.usage.pass(Instant::now(), self.listener_count());
             if armed != self.shards.next_deadline() {
@@ -754,22 +787,33 @@ impl FanOut {
                     timer.as_mut().reset(at.into());
                 }
             }
-            tokio::select! {
-                how = stopped(&mut stop) => {
-                    self.stop(how).await;
-                    return;
+            let stop_now = noting_waits(&mut waited_at, async {
+                tokio::select! {
+                    how = stopped(&mut stop) => return Some(how),
+                    Some(new) = self.admit_rx.recv() => self.add(new),
+                    Some(control) = self.control_rx.recv() => self.control(control),
+                    _ = link.data_ready.notified() => {
+                        self.wakeups.inc();
+                        self.measured(Self::serve_published);
+                    }
+                    _ = self.out.parking.notified() => self.serve_unparked(),
+                    _ = &mut timer, if armed.is_some() => {
+                        armed = None;
+                        self.measured(Self::serve_deadlines);
+                    }
                 }
-                Some(new) = self.admit_rx.recv() => self.add(new),
-                Some(control) = self.control_rx.recv() => self.control(control),
-                _ = link.data_ready.notified() => {
-                    self.wakeups.inc();
-                    self.measured(Self::serve_published);
-                }
-                _ = self.out.parking.notified() => self.serve_unparked(),
-                _ = &mut timer, if armed.is_some() => {
-                    armed = None;
-                    self.measured(Self::serve_deadlines);
-                }
+                None
+            })
+            .await;
+            if let Some(how) = stop_now {
+                self.stop(how).await;
+                return;
+            }
+            if waited_at.elapsed() >= FAIR_SHARE {
+                // Busy round after round, as on a saturated core: the worker's other tasks and
+                // its sockets' readiness get their turn, as when the loop waits.
+                tokio::task::yield_now().await;
+                waited_at = Instant::now();
             }
         }
     }
@@ -896,6 +940,10 @@ impl FanOut {
                         #[cfg(feature = "fault-injection")]
                         inject_panic: self.ctx.shared.config.load().panic_injection_mount.as_ref()
                             == Some(&mount.path),
+                        #[cfg(feature = "fault-injection")]
+                        pass_delay: Duration::from_millis(
+                            self.ctx.shared.config.load().pass_delay_injection_ms,
+                        ),
                     },
                 );
                 on.shard.store(id, Ordering::SeqCst);

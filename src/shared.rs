@@ -260,6 +260,20 @@ impl Shared {
         self.mounts_changed.notify_waiters();
     }
 
+    /// Called by worker `worker` when the stream passed its shard's new threshold while it
+    /// served `mount`: queues the mount for it again, as ingest would have, to be served at its
+    /// loop's next turn.
+    pub fn queue_again(&self, mount: &Arc<Mount>, worker: usize) {
+        if !mount.on_workers[worker].queued.swap(true, Ordering::SeqCst) {
+            let link = &self.workers[worker];
+            link.published
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .push(mount.clone());
+            link.data_ready.notify_one();
+        }
+    }
+
     fn queue(&self, mount: &Arc<Mount>, due: impl Fn(&OnWorker) -> bool) {
         // Pairs with the fence a worker puts between publishing its shard's `wake_at` and loading
         // the stream's end: either the worker sees this publication, or this sees its threshold.

@@ -532,3 +532,67 @@ fn with_an_admin_password_the_admin_listener_asks_for_it_and_slows_down_guessing
         200
     );
 }
+
+#[test]
+fn a_worker_busy_round_after_round_still_answers_newcomers_and_unparks_listeners() {
+    // Every round the worker serves takes 30 ms, and its source publishes every 2 ms: the next
+    // round is always due before the last ends, as on a saturated core. Its loop must still let
+    // the worker's request tasks answer newcomers, and hear that parked listeners' sockets drained.
+    let srv = TestServer::start(|c| {
+        c.startup.workers = 1;
+        c.defaults.min_write_bytes = 1;
+        c.defaults.max_write_delay_ms = 0;
+        c.pass_delay_injection_ms = 30;
+        // A listener that stalls parks soon, and one left parked goes in 5 s.
+        c.listener_send_buffer_bytes = 4096;
+        c.send_timeout_secs = 5;
+    });
+    let mut source = live_source(&srv, 1000);
+    // A listener of the mount, so that each publication wakes the worker.
+    let first = Healthy::join(&srv, "/live");
+    wait_until("the first listener", || {
+        srv.server.as_ref().unwrap().listeners() == 1
+    });
+    let done = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let writer = thread::spawn({
+        let done = done.clone();
+        move || {
+            let mut at = 1000;
+            while !done.load(std::sync::atomic::Ordering::Relaxed) {
+                source.send_pattern(at, at + 100, 100, Duration::from_millis(2));
+                at += 100;
+            }
+            at
+        }
+    });
+
+    // Newcomers get their response head and their stream.
+    for _ in 0..3 {
+        let mut newcomer = Listener::connect(srv.addr, "/live");
+        newcomer.read_at_least(1000);
+        exact_runs(&newcomer.body);
+    }
+    // A listener that stalls fills its socket and is parked; reading again, it drains it, and
+    // the worker writes it the rest, though it never waits for anything.
+    let mut stalled = Listener::connect_small_buffer(srv.addr, "/live");
+    // Both sockets' buffers together hold far less than this.
+    let sent = srv.metric("fanstream_source_received_bytes_total", &[LIVE]);
+    srv.wait_metric("fanstream_source_received_bytes_total", &[LIVE], |v| {
+        v >= sent + 60_000.0
+    });
+    stalled.read_at_least(60_000);
+    assert_eq!(
+        exact_runs(&stalled.body).len(),
+        1,
+        "the stalled listener lost bytes"
+    );
+
+    done.store(true, std::sync::atomic::Ordering::Relaxed);
+    let end = writer.join().expect("the source");
+    srv.wait_metric("fanstream_source_received_bytes_total", &[LIVE], |v| {
+        v == end as f64
+    });
+    let mut srv = srv;
+    srv.stop(fanstream::Stop::Drain);
+    first.assert_exact(end);
+}
