@@ -516,7 +516,9 @@ fn place(slot: &mut Option<Chain>, page: &Page) -> Result<Placed, FormatError> {
 struct Run {
     len: usize,
     header: bool,
-    sync: bool,
+    /// Where its first sync point is: a run carries one mark, as a stored chunk does, so the
+    /// pages of one push go out as one event whether or not the first is a sync point.
+    join: Option<usize>,
 }
 
 /// What the listeners got of one logical stream: its serial as sent, the sequence number its
@@ -753,18 +755,23 @@ impl Framer {
         }
     }
 
-    /// Adds the page after the run to it, or starts a new run with it. A run's sync point is its
-    /// first byte, so a page that is one starts a new run unless the run already starts at one.
+    /// Adds the page after the run to it, or starts a new run with it if the run is of the other
+    /// kind (header pages or data pages). The first sync page of a run marks it; a later one
+    /// adds nothing a newcomer needs, since it joins at the first of a chunk at most a burst
+    /// behind (in an audio stream every page is one).
     fn append(&mut self, len: usize, header: bool, sync: bool, out: &mut Vec<Event>) {
-        if self.run.len > 0 && (self.run.header != header || (sync && !self.run.sync)) {
+        if self.run.len > 0 && self.run.header != header {
             self.flush(out);
         }
         if self.run.len == 0 {
             self.run = Run {
                 len: 0,
                 header,
-                sync,
+                join: None,
             };
+        }
+        if sync && self.run.join.is_none() {
+            self.run.join = Some(self.run.len);
         }
         self.run.len += len;
     }
@@ -791,7 +798,7 @@ impl Framer {
         if self.run.len > 0 {
             out.push(Event::Data {
                 bytes: self.buf.split_to(self.run.len).freeze(),
-                join: self.run.sync.then_some(0),
+                join: self.run.join,
             });
             self.run.len = 0;
         }
@@ -1035,8 +1042,8 @@ mod tests {
         let mut out = Vec::new();
         for e in events {
             if let Event::Data { bytes, join } = e {
-                if *join == Some(0) {
-                    out.push(at);
+                if let Some(k) = join {
+                    out.push(at + k);
                 }
                 at += bytes.len();
             }
@@ -1053,14 +1060,14 @@ mod tests {
         for e in events {
             match e {
                 Event::Headers(h) if !joined => head = Some(h),
-                Event::Data { join: Some(0), .. } if !joined && skipped < n => skipped += 1,
+                Event::Data { join: Some(_), .. } if !joined && skipped < n => skipped += 1,
                 Event::Data {
                     bytes,
-                    join: Some(0),
+                    join: Some(k),
                 } if !joined => {
                     joined = true;
                     out.extend_from_slice(head.expect("headers before a sync point"));
-                    out.extend_from_slice(bytes);
+                    out.extend_from_slice(&bytes[*k..]);
                 }
                 Event::Data { bytes, .. } if joined => out.extend_from_slice(bytes),
                 _ => {}
@@ -1140,15 +1147,20 @@ mod tests {
                 merged(&finest),
                 "{name}: pieces of {piece}"
             );
-            // Coarser pieces give fewer sync points, never false ones, and never hide one inside
-            // an event that is not one itself.
+            // Coarser pieces give fewer sync points, never false ones, and an event marks its
+            // first: none is hidden before its mark, or in an event without one.
             let mut at = 0;
             for e in &events {
                 if let Event::Data { bytes, join } = e {
                     let end = at + bytes.len();
-                    if *join == Some(0) {
-                        assert!(fine_syncs.contains(&at), "{name}: {at} is no sync point");
-                    } else if let Some(s) = fine_syncs.iter().find(|&&s| s >= at && s < end) {
+                    let marked = join.map_or(end, |k| at + k);
+                    if marked < end {
+                        assert!(
+                            fine_syncs.contains(&marked),
+                            "{name}: {marked} is no sync point"
+                        );
+                    }
+                    if let Some(s) = fine_syncs.iter().find(|&&s| s >= at && s < marked) {
                         panic!("{name}: pieces of {piece}: sync point {s} hidden in {at}..{end}");
                     }
                     at = end;
@@ -1231,6 +1243,40 @@ mod tests {
             .concat(),
         );
         let events = check_clean("theora", &file, 3, "Theora/Vorbis", "theora\nvorbis");
+        // Sync points only at keyframes, mostly inside a push: each push of data pages is still
+        // one event (one stored chunk), marked at its keyframe.
+        let all = pages(&file);
+        let header_pages = pages(&leading_header_pages(&file, 3)).len();
+        let mut pushes = 0;
+        let mut marked_inside = 0;
+        for push in all[header_pages..].chunks(4) {
+            let (mut framer, mut out) = (Framer::new(), Vec::new());
+            framer
+                .push(Bytes::from(all[..header_pages].concat()), &mut out)
+                .unwrap();
+            out.clear();
+            framer.push(Bytes::from(push.concat()), &mut out).unwrap();
+            // (length, mark) of each data event.
+            let data: Vec<_> = out
+                .iter()
+                .filter_map(|e| match e {
+                    Event::Data { bytes, join } => Some((bytes.len(), *join)),
+                    _ => None,
+                })
+                .collect();
+            assert_eq!(
+                data.len(),
+                1,
+                "a push of {} data pages: {data:?}",
+                push.len()
+            );
+            pushes += 1;
+            marked_inside += usize::from(data[0].1.is_some_and(|k| k > 0));
+        }
+        assert!(
+            marked_inside > 0,
+            "no push of {pushes} had its keyframe inside"
+        );
         let video_serial = &file[14..18];
         let stream = data(&events);
         for at in sync_offsets(&events) {
