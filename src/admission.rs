@@ -65,6 +65,8 @@ pub(crate) async fn admit(ctx: &Rc<WorkerCtx>, incoming: Incoming) {
         }
         Err(no) => return incoming.refuse(&ctx.shared, no).await,
     };
+    // Dropped after the hand-off below (or when the listener goes first).
+    let _on_its_way = ctx.on_their_way.enter();
     let Incoming {
         mut stream,
         req,
@@ -147,8 +149,7 @@ pub(crate) async fn admit(ctx: &Rc<WorkerCtx>, incoming: Incoming) {
     let pos = snap.join_point(snap.settings.burst_bytes);
     #[cfg(feature = "fault-injection")]
     {
-        // Only when asked: even a sleep of zero yields, and a listener between its head and
-        // the fan-out is one a stop in that gap drops (tests are built with this feature).
+        // Only when asked: even a sleep of zero yields (tests are built with this feature).
         let delay = ctx.shared.config.load().join_delay_injection_ms;
         if delay > 0 {
             tokio::time::sleep(std::time::Duration::from_millis(delay)).await;

@@ -285,6 +285,49 @@ pub(crate) struct WorkerCtx {
     pub handshakes: tokio::sync::Semaphore,
     /// Every worker's fan-out, by worker index: where the admin API sends a kill or a move.
     pub control: Arc<[UnboundedSender<Control>]>,
+    /// Listeners admitted and not yet handed to the fan-out loop (their response head being
+    /// written): a graceful stop waits for them.
+    pub on_their_way: OnTheirWay,
+}
+
+/// Counts a worker's listeners between their admission and the fan-out loop, which takes them
+/// in through [`WorkerCtx::admit`]. Only the worker's own tasks touch it.
+#[derive(Default)]
+pub(crate) struct OnTheirWay {
+    count: std::cell::Cell<usize>,
+    none_left: tokio::sync::Notify,
+}
+
+impl OnTheirWay {
+    /// Counts one until the returned guard drops: after it is sent to the loop, or gone.
+    pub fn enter(&self) -> OnItsWay<'_> {
+        self.count.set(self.count.get() + 1);
+        OnItsWay(self)
+    }
+
+    pub fn any(&self) -> bool {
+        self.count.get() > 0
+    }
+
+    /// Resolves once none is left (wakes whoever waits when the last one arrives or goes).
+    pub async fn none_left(&self) {
+        if self.any() {
+            self.none_left.notified().await
+        }
+    }
+}
+
+/// One listener on its way (see [`OnTheirWay::enter`]).
+pub(crate) struct OnItsWay<'a>(&'a OnTheirWay);
+
+impl Drop for OnItsWay<'_> {
+    fn drop(&mut self) {
+        let left = self.0.count.get() - 1;
+        self.0.count.set(left);
+        if left == 0 {
+            self.0.none_left.notify_waiters();
+        }
+    }
 }
 
 /// What the admin API asks of the fan-out loop holding a listener; the answer comes back on

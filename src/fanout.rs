@@ -1138,9 +1138,17 @@ impl FanOut {
             }
             let grace = Duration::from_secs(self.ctx.shared.config.load().shutdown_grace_secs);
             let deadline = tokio::time::Instant::now() + grace;
-            // Ingest may be publishing the last bytes it read as the stop comes.
-            let ingest = self.ctx.shared.clone();
-            let _ = tokio::time::timeout_at(deadline, ingest.ingest_stopped.wait()).await;
+            // Ingest may be publishing the last bytes it read as the stop comes. Listeners whose
+            // response head is being written come in meanwhile, and are served as the others.
+            let ctx = self.ctx.clone();
+            let mut ingest_stopped = pin!(ctx.shared.ingest_stopped.wait());
+            loop {
+                tokio::select! {
+                    _ = &mut ingest_stopped => break,
+                    Some(new) = self.admit_rx.recv() => self.add(new),
+                    _ = tokio::time::sleep_until(deadline) => break,
+                }
+            }
             let pass = Pass::new(&self.ctx, &self.out, true);
             let ids: Vec<u64> = self.shards.by_id.keys().copied().collect();
             let after = ids
@@ -1148,8 +1156,12 @@ impl FanOut {
                 .map(|id| (id, self.shards.serve(id, Visit::Due, &pass)))
                 .collect();
             self.settle(after);
-            while self.any_pending() {
+            while self.any_pending() || ctx.on_their_way.any() {
                 tokio::select! {
+                    // The last of them is sent before it stops being counted: taken in first.
+                    biased;
+                    Some(new) = self.admit_rx.recv() => self.add(new),
+                    _ = ctx.on_their_way.none_left(), if ctx.on_their_way.any() => {}
                     _ = self.out.parking.notified() => self.serve_unparked(),
                     _ = tokio::time::sleep_until(deadline) => break,
                 }

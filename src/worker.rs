@@ -55,6 +55,7 @@ pub(crate) fn run(
             to_ingest,
             handshakes: tokio::sync::Semaphore::new(MAX_HANDSHAKES_PER_WORKER),
             control,
+            on_their_way: Default::default(),
         });
         let intake = tokio::task::spawn_local(intake(ctx.clone(), conns));
         FanOut::new(ctx.clone(), admit_rx, control_rx).run().await;

@@ -596,3 +596,21 @@ fn a_worker_busy_round_after_round_still_answers_newcomers_and_unparks_listeners
     srv.stop(fanstream::Stop::Drain);
     first.assert_exact(end);
 }
+
+#[test]
+fn a_listener_on_its_way_to_the_fan_out_when_a_graceful_stop_comes_gets_its_stream() {
+    // Its hand-off to the fan-out is held back 1 s, as on a busy worker; the stop comes in
+    // that gap, after its response head.
+    let srv = TestServer::start(|c| c.join_delay_injection_ms = 1000);
+    let mut source = Source::connect_typed(srv.addr, "/live", "application/octet-stream");
+    source.send_pattern(0, 10_000, 1000, Duration::ZERO);
+    srv.wait_metric("fanstream_source_received_bytes_total", &[LIVE], |v| {
+        v == 10_000.0
+    });
+    let mut newcomer = Listener::connect(srv.addr, "/live");
+    let mut srv = srv;
+    srv.stop(fanstream::Stop::Drain);
+    newcomer.read_to_end();
+    // The burst (all of the stream so far), then the end.
+    assert_exact_suffix(&newcomer.body, 10_000, "the newcomer");
+}
