@@ -547,24 +547,13 @@ fn a_worker_busy_round_after_round_still_answers_newcomers_and_unparks_listeners
         c.listener_send_buffer_bytes = 4096;
         c.send_timeout_secs = 5;
     });
-    let mut source = live_source(&srv, 1000);
+    let source = live_source(&srv, 1000);
     // A listener of the mount, so that each publication wakes the worker.
     let first = Healthy::join(&srv, "/live");
     wait_until("the first listener", || {
         srv.server.as_ref().unwrap().listeners() == 1
     });
-    let done = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let writer = thread::spawn({
-        let done = done.clone();
-        move || {
-            let mut at = 1000;
-            while !done.load(std::sync::atomic::Ordering::Relaxed) {
-                source.send_pattern(at, at + 100, 100, Duration::from_millis(2));
-                at += 100;
-            }
-            at
-        }
-    });
+    let writing = source.keep_writing(1000, 100, Duration::from_millis(2));
 
     // Newcomers get their response head and their stream.
     for _ in 0..3 {
@@ -587,8 +576,7 @@ fn a_worker_busy_round_after_round_still_answers_newcomers_and_unparks_listeners
         "the stalled listener lost bytes"
     );
 
-    done.store(true, std::sync::atomic::Ordering::Relaxed);
-    let end = writer.join().expect("the source");
+    let end = writing.stop();
     srv.wait_metric("fanstream_source_received_bytes_total", &[LIVE], |v| {
         v == end as f64
     });

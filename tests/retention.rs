@@ -119,25 +119,14 @@ fn newcomers_during_a_fast_source(join_delay_ms: u64, max_lag: u64, n: usize, re
     });
     let mut source = Source::connect_typed(srv.addr, "/live", "application/octet-stream");
     feed(&srv, &mut source, 0, 100_000);
-    let done = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let writer = thread::spawn({
-        let done = done.clone();
-        move || {
-            let mut at = 100_000u64;
-            while !done.load(std::sync::atomic::Ordering::Relaxed) {
-                source.send_pattern(at, at + 4096, 4096, Duration::from_millis(1));
-                at += 4096;
-            }
-        }
-    });
+    let writing = source.keep_writing(100_000, 4096, Duration::from_millis(1));
     for i in 0..n {
         let mut l = Listener::connect(srv.addr, "/live");
         l.read_at_least(read);
         let runs = exact_runs(&l.body);
         assert_eq!(runs.len(), 1, "listener {i} lost bytes: {runs:?}");
     }
-    done.store(true, std::sync::atomic::Ordering::Relaxed);
-    writer.join().expect("the source");
+    writing.stop();
 }
 
 #[test]
@@ -186,20 +175,9 @@ fn a_newcomer_whose_join_point_goes_with_a_source_change_joins_the_new_source() 
         v == 200_000.0
     });
     // It keeps writing, as a live source does, while the newcomer reads.
-    let done = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let writer = thread::spawn({
-        let done = done.clone();
-        move || {
-            let mut at = SECOND + 100_000;
-            while !done.load(std::sync::atomic::Ordering::Relaxed) {
-                second.send_pattern(at, at + 4096, 4096, Duration::from_millis(1));
-                at += 4096;
-            }
-        }
-    });
+    let writing = second.keep_writing(SECOND + 100_000, 4096, Duration::from_millis(1));
     newcomer.read_at_least(BURST as usize);
-    done.store(true, std::sync::atomic::Ordering::Relaxed);
-    writer.join().expect("the second source");
+    writing.stop();
     let runs = exact_runs(&newcomer.body);
     assert_eq!(runs.len(), 1, "the newcomer's stream: {runs:?}");
     assert!(

@@ -276,6 +276,38 @@ impl Source {
             }
         }
     }
+
+    /// Goes on sending the pattern from `from` on its own thread, `piece` bytes every `pause`, as
+    /// a live encoder does, until [`Writing::stop`].
+    pub fn keep_writing(mut self, from: u64, piece: usize, pause: Duration) -> Writing {
+        let done = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let thread = std::thread::spawn({
+            let done = done.clone();
+            move || {
+                let mut at = from;
+                while !done.load(std::sync::atomic::Ordering::Relaxed) {
+                    self.send_pattern(at, at + piece as u64, piece, pause);
+                    at += piece as u64;
+                }
+                at
+            }
+        });
+        Writing { done, thread }
+    }
+}
+
+/// A source writing on its own thread ([`Source::keep_writing`]).
+pub struct Writing {
+    done: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    thread: std::thread::JoinHandle<u64>,
+}
+
+impl Writing {
+    /// Stops after the piece being sent; returns where the stream it sent ends.
+    pub fn stop(self) -> u64 {
+        self.done.store(true, std::sync::atomic::Ordering::Relaxed);
+        self.thread.join().expect("the writing source")
+    }
 }
 
 /// `Read::read`, retried on EINTR. A read with a timeout returns EINTR when the process was
