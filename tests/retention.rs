@@ -150,14 +150,15 @@ fn a_newcomer_whose_join_point_goes_with_a_source_change_joins_the_new_source() 
     // As above, with a source change in between: the newcomer was sent its response head by the
     // first source and took its join point there; while it is on its way to its worker (3 s,
     // time enough for what follows on a busy machine), that source leaves, another takes the
-    // mount and writes more than the window. The stream has no header pages that the newcomer
-    // could have missed, so it joins the new source at its burst rather than being dropped for
-    // a lag it never had.
+    // mount and writes past the window (and the slack of merged pieces). The stream has no
+    // header pages that the newcomer could have missed, so it joins the new source at its burst
+    // rather than being dropped for a lag it never had.
+    const WINDOW: u64 = 64 * 1024;
     let srv = TestServer::start(|c| {
         c.defaults.burst_bytes = BURST;
         c.defaults.min_write_bytes = 1;
         c.defaults.max_write_delay_ms = 0;
-        c.defaults.max_lag_bytes = BURST;
+        c.defaults.max_lag_bytes = WINDOW;
         c.join_delay_injection_ms = 3000;
         declare(c, "/live");
     });
@@ -170,18 +171,20 @@ fn a_newcomer_whose_join_point_goes_with_a_source_change_joins_the_new_source() 
     let mut second = Source::connect_typed(srv.addr, "/live", "application/octet-stream");
     // Its own stream, far from the first's, so that bytes of each are told apart.
     const SECOND: u64 = 10_000_000;
-    second.send_pattern(SECOND, SECOND + 100_000, PIECE, Duration::from_micros(100));
+    let written = 2 * (WINDOW + SLACK);
+    second.send_pattern(SECOND, SECOND + written, PIECE, Duration::from_micros(100));
     srv.wait_metric("fanstream_source_received_bytes_total", &[LIVE], |v| {
-        v == 200_000.0
+        v == (100_000 + written) as f64
     });
-    // It keeps writing, as a live source does, while the newcomer reads.
-    let writing = second.keep_writing(SECOND + 100_000, 4096, Duration::from_millis(1));
-    newcomer.read_at_least(BURST as usize);
+    // It keeps writing, as a live source does, while the newcomer reads (slowly enough that a
+    // reader on a busy machine stays within the window).
+    let writing = second.keep_writing(SECOND + written, 4096, Duration::from_millis(10));
+    newcomer.read_at_least(4096);
     writing.stop();
     let runs = exact_runs(&newcomer.body);
     assert_eq!(runs.len(), 1, "the newcomer's stream: {runs:?}");
     assert!(
-        runs[0].0 >= SECOND + 100_000 - BURST,
+        runs[0].0 >= SECOND + written - BURST,
         "the newcomer joined at {}, not at the new source's burst",
         runs[0].0
     );
