@@ -699,6 +699,8 @@ impl Shards {
 /// the last one ended (rounds slower than publications, on a saturated core) never waits; on
 /// its own it would leave newcomers unanswered and parked listeners parked until they time out.
 const FAIR_SHARE: Duration = Duration::from_millis(5);
+/// Most turns the loop gives at once, after a pass of a second or more.
+const MAX_TURNS: u128 = 200;
 
 /// Awaits `event`, setting `waited_at` whenever it has to wait: the worker's runtime then has a
 /// turn (see [`FAIR_SHARE`]).
@@ -809,10 +811,17 @@ impl FanOut {
                 self.stop(how).await;
                 return;
             }
-            if waited_at.elapsed() >= FAIR_SHARE {
+            let busy = waited_at.elapsed();
+            if busy >= FAIR_SHARE {
                 // Busy round after round, as on a saturated core: the worker's other tasks and
-                // its sockets' readiness get their turn, as when the loop waits.
-                tokio::task::yield_now().await;
+                // its sockets' readiness get their turn, as when the loop waits. A turn runs up
+                // to 61 of those tasks (tokio's `LocalSet` tick), so they get one for each
+                // `FAIR_SHARE` the loop ran: one pass over thousands of listeners can take
+                // 100 ms there, while newcomers' requests wait.
+                let turns = (busy.as_micros() / FAIR_SHARE.as_micros()).min(MAX_TURNS);
+                for _ in 0..turns {
+                    tokio::task::yield_now().await;
+                }
                 waited_at = Instant::now();
             }
         }
