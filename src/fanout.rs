@@ -692,12 +692,13 @@ impl Shards {
     }
 }
 
-/// Longest the fan-out loop goes from one event to the next without waiting. The loop is its
-/// worker's main task: the runtime runs the worker's other tasks (those reading newcomers'
-/// request heads and answering them) and learns of its sockets' readiness (parked listeners'
-/// sockets that drained) only while the loop waits. A loop that finds its next round due before
-/// the last one ended (rounds slower than publications, on a saturated core) never waits; on
-/// its own it would leave newcomers unanswered and parked listeners parked until they time out.
+/// How long the fan-out loop runs without waiting for each turn it then gives its worker's other
+/// tasks. The loop is its worker's main task: the runtime runs the worker's other tasks (those
+/// reading newcomers' request heads and answering them) and learns of its sockets' readiness
+/// (parked listeners' sockets that drained) only while the loop waits. A loop that finds its
+/// next round due before the last one ended (rounds slower than publications, on a saturated
+/// core) never waits; on its own it would leave newcomers unanswered and parked listeners parked
+/// until they time out.
 const FAIR_SHARE: Duration = Duration::from_millis(5);
 /// Most turns the loop gives at once, after a pass of a second or more.
 const MAX_TURNS: u128 = 200;
