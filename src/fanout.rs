@@ -652,7 +652,7 @@ impl Shards {
         // passes end, and such a loop would never give the worker back.
         fence(Ordering::SeqCst);
         if shard.mount.store.load().end >= wake_at {
-            pass.shared.queue_again(&shard.mount, self.worker);
+            pass.shared.queue_for(&shard.mount, self.worker);
         }
         let deadline = shard.next_deadline(coalesced, pass);
         if deadline != shard.deadline {

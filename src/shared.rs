@@ -260,10 +260,11 @@ impl Shared {
         self.mounts_changed.notify_waiters();
     }
 
-    /// Called by worker `worker` when the stream passed its shard's new threshold while it
-    /// served `mount`: queues the mount for it again, as ingest would have, to be served at its
-    /// loop's next turn.
-    pub fn queue_again(&self, mount: &Arc<Mount>, worker: usize) {
+    /// Queues `mount` for worker `worker` and wakes it, unless it is queued there already. Ingest
+    /// does so after a publication ([`Shared::published`]); a worker for itself, when the stream
+    /// passed its shard's new threshold while it served the mount, to serve it at its loop's
+    /// next turn.
+    pub fn queue_for(&self, mount: &Arc<Mount>, worker: usize) {
         if !mount.on_workers[worker].queued.swap(true, Ordering::SeqCst) {
             let link = &self.workers[worker];
             link.published
@@ -278,16 +279,9 @@ impl Shared {
         // Pairs with the fence a worker puts between publishing its shard's `wake_at` and loading
         // the stream's end: either the worker sees this publication, or this sees its threshold.
         fence(Ordering::SeqCst);
-        for (link, on) in self.workers.iter().zip(mount.on_workers.iter()) {
-            if on.shard.load(Ordering::SeqCst) != 0
-                && due(on)
-                && !on.queued.swap(true, Ordering::SeqCst)
-            {
-                link.published
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .push(mount.clone());
-                link.data_ready.notify_one();
+        for (worker, on) in mount.on_workers.iter().enumerate() {
+            if on.shard.load(Ordering::SeqCst) != 0 && due(on) {
+                self.queue_for(mount, worker);
             }
         }
     }
