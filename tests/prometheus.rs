@@ -27,6 +27,8 @@ use serde_json::Value;
 const RATE_INTERVAL: &str = "5s";
 /// Prometheus starting, scraping and evaluating rules on a shared machine.
 const PROM_DEADLINE: Duration = Duration::from_secs(60);
+/// The dashboard's `$top`, as the test sets it: how many mounts a per-mount panel shows.
+const TOP: usize = 10;
 
 fn repo_file(rel: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join(rel)
@@ -252,6 +254,7 @@ fn with_bool_rewrites_comparisons_only() {
 fn substitute(expr: &str, mount: &str, worker: &str) -> String {
     let out = expr
         .replace("$__rate_interval", RATE_INTERVAL)
+        .replace("$top", &TOP.to_string())
         .replace("${mount}", mount)
         .replace("$mount", mount)
         .replace("${worker}", worker)
@@ -274,7 +277,14 @@ fn substitute(expr: &str, mount: &str, worker: &str) -> String {
 /// Sources come and go on new mount names, each scraped while it lives: once their grace periods
 /// are over, Prometheus has no series of theirs, `fanstream_source_up == 0` returns the declared
 /// mount without a source and nothing else, and `FanstreamSourceDown` is pending for it alone.
-fn mounts_that_leave_leave_no_alert(prom: &Prometheus, srv: &TestServer) {
+///
+/// While they live, each with a listener, every panel that shows mounts one by one shows only
+/// the `$top` of them.
+fn mounts_that_leave_leave_no_alert(
+    prom: &Prometheus,
+    srv: &TestServer,
+    exprs: &[(String, String)],
+) {
     const CHURNED: usize = 20;
     let deadline = Instant::now() + PROM_DEADLINE;
     let sources: Vec<Source> = (0..CHURNED)
@@ -284,11 +294,16 @@ fn mounts_that_leave_leave_no_alert(prom: &Prometheus, srv: &TestServer) {
             s
         })
         .collect();
+    let listeners: Vec<Listener> = (0..CHURNED)
+        .map(|i| Listener::connect(srv.addr, &format!("/churn-{i}")))
+        .collect();
     prom.wait_for_data(
         &format!("count(fanstream_source_up{{mount=~\"/churn-.*\"}} == 1) == {CHURNED}"),
         "the churned mounts, live",
         deadline,
     );
+    per_mount_panels_show_the_top_mounts(prom, exprs, CHURNED, deadline);
+    drop(listeners);
     drop(sources);
     let mounts = |result: &[Value]| -> Vec<String> {
         let mut m: Vec<String> = result
@@ -319,6 +334,49 @@ fn mounts_that_leave_leave_no_alert(prom: &Prometheus, srv: &TestServer) {
             churn_series.len()
         );
         thread::sleep(Duration::from_millis(250));
+    }
+}
+
+/// With all mounts selected and `churned` mounts more than `$top`, each with a listener: a panel
+/// grouped by mount is a `topk($top, ...)`, what it ranks has a series for every mount, and it
+/// shows `$top` of them. A hosting server's thousand mounts would otherwise be a thousand lines.
+fn per_mount_panels_show_the_top_mounts(
+    prom: &Prometheus,
+    exprs: &[(String, String)],
+    churned: usize,
+    deadline: Instant,
+) {
+    assert!(churned > TOP);
+    let per_mount: Vec<_> = exprs
+        .iter()
+        .filter(|(_, e)| {
+            e.split("by (").skip(1).any(|g| {
+                g.split(')')
+                    .next()
+                    .unwrap()
+                    .split(", ")
+                    .any(|l| l == "mount")
+            })
+        })
+        .collect();
+    assert!(
+        per_mount.len() >= 5,
+        "only {} per-mount queries",
+        per_mount.len()
+    );
+    for (title, expr) in per_mount {
+        let ranked = expr
+            .strip_prefix("topk($top, ")
+            .and_then(|e| e.strip_suffix(')'))
+            .unwrap_or_else(|| panic!("panel {title:?} shows every mount: {expr}"));
+        let ranked = substitute(ranked, ".*", ".*");
+        prom.wait_for_data(
+            &format!("count({ranked}) > {churned}"),
+            &format!("panel {title:?}, every mount ranked"),
+            deadline,
+        );
+        let shown = prom.query(&substitute(expr, ".*", ".*"));
+        assert_eq!(shown.len(), TOP, "panel {title:?} shows {shown:?}");
     }
 }
 
@@ -487,7 +545,7 @@ fn every_dashboard_and_alert_expression_returns_data_from_a_real_prometheus() {
         "CPU per listener is {value} µs per listener-second"
     );
 
-    mounts_that_leave_leave_no_alert(&prom, &srv);
+    mounts_that_leave_leave_no_alert(&prom, &srv, &exprs);
 
     stop.store(true, Ordering::Relaxed);
     sender.join().unwrap();
