@@ -703,6 +703,15 @@ const FAIR_SHARE: Duration = Duration::from_millis(5);
 /// Most turns the loop gives at once, after a pass of a second or more.
 const MAX_TURNS: u128 = 200;
 
+/// The turns a loop that ran `busy` without waiting owes its worker's other tasks. Busy round
+/// after round, as on a saturated core, the worker's other tasks and its sockets' readiness get
+/// their turn, as when the loop waits. A turn runs up to 61 of those tasks (tokio's `LocalSet`
+/// tick), so they get one for each `FAIR_SHARE` the loop ran: one pass over thousands of
+/// listeners can take 100 ms there, while newcomers' requests wait.
+fn turns_owed(busy: Duration) -> u128 {
+    (busy.as_micros() / FAIR_SHARE.as_micros()).min(MAX_TURNS)
+}
+
 /// Awaits `event`, setting `waited_at` whenever it has to wait: the worker's runtime then has a
 /// turn (see [`FAIR_SHARE`]).
 async fn noting_waits<F: Future>(waited_at: &mut Instant, event: F) -> F::Output {
@@ -812,14 +821,8 @@ impl FanOut {
                 self.stop(how).await;
                 return;
             }
-            let busy = waited_at.elapsed();
-            if busy >= FAIR_SHARE {
-                // Busy round after round, as on a saturated core: the worker's other tasks and
-                // its sockets' readiness get their turn, as when the loop waits. A turn runs up
-                // to 61 of those tasks (tokio's `LocalSet` tick), so they get one for each
-                // `FAIR_SHARE` the loop ran: one pass over thousands of listeners can take
-                // 100 ms there, while newcomers' requests wait.
-                let turns = (busy.as_micros() / FAIR_SHARE.as_micros()).min(MAX_TURNS);
+            let turns = turns_owed(waited_at.elapsed());
+            if turns > 0 {
                 for _ in 0..turns {
                     tokio::task::yield_now().await;
                 }
@@ -1450,6 +1453,20 @@ mod tests {
         // tokio's socket holds 8 bytes more in debug builds.
         let most = if cfg!(debug_assertions) { 152 } else { 144 };
         assert!(size <= most, "a listener takes {size} bytes in the fan-out");
+    }
+
+    /// A loop that waited within its fair share owes nothing; past it, a turn per share (a 100 ms
+    /// pass on a saturated core: 20), up to the cap after a pass of a second or more.
+    #[test]
+    fn a_busy_loop_owes_a_turn_per_fair_share_it_ran() {
+        let ms = Duration::from_millis;
+        assert_eq!(turns_owed(ms(0)), 0);
+        assert_eq!(turns_owed(FAIR_SHARE - Duration::from_micros(1)), 0);
+        assert_eq!(turns_owed(FAIR_SHARE), 1);
+        assert_eq!(turns_owed(ms(100)), 20);
+        assert_eq!(turns_owed(ms(999)), 199);
+        assert_eq!(turns_owed(ms(1000)), MAX_TURNS);
+        assert_eq!(turns_owed(Duration::from_secs(30)), MAX_TURNS);
     }
 
     #[test]
