@@ -43,9 +43,9 @@
 //! times. The relays read into one buffer they share ([`read_copied`]) and copy each read out,
 //! into allocations cut at the allocator's size classes, as ingest copies an encoder's reads.
 //! Split off a buffer of its own, a read would keep that 64 KiB buffer alive for as long as
-//! the mount retains any piece of it, which at 128 kbit/s is three such buffers a mount behind
-//! a 64 KiB burst: at 1,000 relayed mounts, 173 MiB against 98 MiB for the same mounts pushed
-//! (docs/performance/many-stations.md, tenth pass).
+//! the mount retains any piece of it: up to three such buffers a mount behind a 64 KiB burst.
+//! An edge relaying 1,000 mounts at 128 kbit/s to 10 listeners each took 174 MiB of RSS so,
+//! 106 MiB with the copy (docs/performance/many-stations.md, tenth pass).
 
 use std::collections::{HashMap, HashSet};
 use std::future::Future;
