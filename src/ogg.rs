@@ -608,7 +608,8 @@ impl Framer {
     pub fn push(&mut self, data: Bytes, out: &mut Vec<Event>) -> Result<(), FormatError> {
         self.received += data.len() as u64;
         // Grown to what it holds, not by doubling: between runs it holds a page in the making,
-        // up to a second of the stream, on every mount.
+        // up to a second of the stream, on every mount. The price is a copy of that page so far
+        // at each push it has no room for (a few per page), on the ingest thread.
         if self.buf.capacity() - self.buf.len() < data.len() {
             let mut grown = BytesMut::with_capacity(self.buf.len() + data.len());
             grown.extend_from_slice(&self.buf);
@@ -803,16 +804,15 @@ impl Framer {
             });
         }
         if self.run.len > 0 {
-            // The run is copied out, and what follows it (the start of the next page) into a
-            // buffer of its own. Split off, the run would share the framer's buffer, grown by
-            // doubling over the pushes its pages took, and keep all of it for as long as the
-            // store keeps the run. At 500 Opus mounts of 1 s pages, RSS 63.0 MB against 65.4 and
-            // 67.3 so (docs/performance/many-stations.md, tenth pass).
-            // Not cut at the allocator's size classes as reads are (`store::copy_in`): a run
-            // is one event, marked at its first sync point, and a second part would hide the
-            // sync points in it.
+            // The run is copied out, and the buffer keeps only what follows it (the start of
+            // the next page). Split off, the run would share the framer's buffer and keep all
+            // of it for as long as the store keeps the run. At 500 Opus mounts of 1 s pages,
+            // RSS 63.0 MB against 65.4 and 67.3 so (docs/performance/many-stations.md, tenth
+            // pass). Not cut at the allocator's size classes as reads are
+            // (`store::copy_in`): a run is one event, marked at its first sync point, and a
+            // second part would hide the sync points in it.
             let bytes = Bytes::copy_from_slice(&self.buf[..self.run.len]);
-            self.buf = BytesMut::from(&self.buf[self.run.len..]);
+            self.buf.advance(self.run.len);
             out.push(Event::Data {
                 bytes,
                 join: self.run.join,

@@ -47,14 +47,13 @@
 //! An edge relaying 1,000 mounts at 128 kbit/s to 10 listeners each took 174 MiB of RSS so,
 //! 106 MiB with the copy (docs/performance/many-stations.md, tenth pass).
 
+use std::cell::RefCell;
 use std::collections::{HashMap, HashSet};
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
-
-use std::cell::RefCell;
 use std::task::Poll;
+use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
 use prometheus::{IntCounter, IntGauge};
@@ -720,37 +719,11 @@ impl Relay {
                 Box::pin(self.probe_first(content_type)) as Pin<Box<dyn Future<Output = _> + Send>>
             });
         // The body bytes that came with the head go first.
-        let mut read = copy_in(&leftover);
+        if let Err(ended) = self.pass_on(body, &pieces, copy_in(&leftover)).await {
+            return ended;
+        }
         drop(leftover);
         loop {
-            // Taken, so that a turn without a read (the idle tick) takes nothing.
-            let (head, tail) = std::mem::replace(&mut read, (Bytes::new(), None));
-            for raw in std::iter::once(head).chain(tail) {
-                if raw.is_empty() {
-                    continue;
-                }
-                self.received.inc_by(raw.len() as u64);
-                if let Err(why) = body.take(raw) {
-                    return Ended::Failed(why);
-                }
-            }
-            for piece in body.audio.drain(..) {
-                if pieces.send(piece).await.is_err() {
-                    return Ended::Failed("ingest_ended");
-                }
-            }
-            for title in body.titles.drain(..) {
-                let update = TitleUpdate {
-                    mount: self.mount.clone(),
-                    title: Some(title.title).filter(|t| !t.is_empty()),
-                    artist: None,
-                    url: title.url,
-                };
-                let _ = self.to_ingest.send(ToIngest::Title(update));
-            }
-            if body.decoder.as_ref().is_some_and(|d| d.is_done()) {
-                return Ended::Failed("closed");
-            }
             let preferred = async {
                 match probe.as_mut() {
                     Some(p) => p.await,
@@ -764,12 +737,49 @@ impl Relay {
                 got = tokio::time::timeout(timeout, read_copied(&mut stream)) => match got {
                     Err(_) => return Ended::Failed("stalled"),
                     Ok(Ok((head, _))) if head.is_empty() => return Ended::Failed("closed"),
-                    Ok(Ok(got)) => read = got,
+                    Ok(Ok(read)) => if let Err(ended) = self.pass_on(body, &pieces, read).await {
+                        return ended;
+                    },
                     Ok(Err(_)) => return Ended::Failed("read_error"),
                 },
                 opened = preferred => return Ended::Preferred(opened),
             }
         }
+    }
+
+    /// Takes one read of the body (as [`copy_in`] cut it) and passes its audio on to ingest and
+    /// its titles to the mount; Err says how the upstream ended.
+    async fn pass_on(
+        &self,
+        body: &mut Body,
+        pieces: &mpsc::Sender<Bytes>,
+        (head, tail): (Bytes, Option<Bytes>),
+    ) -> Result<(), Ended> {
+        for raw in std::iter::once(head).chain(tail) {
+            if raw.is_empty() {
+                continue;
+            }
+            self.received.inc_by(raw.len() as u64);
+            body.take(raw).map_err(Ended::Failed)?;
+        }
+        for piece in body.audio.drain(..) {
+            if pieces.send(piece).await.is_err() {
+                return Err(Ended::Failed("ingest_ended"));
+            }
+        }
+        for title in body.titles.drain(..) {
+            let update = TitleUpdate {
+                mount: self.mount.clone(),
+                title: Some(title.title).filter(|t| !t.is_empty()),
+                artist: None,
+                url: title.url,
+            };
+            let _ = self.to_ingest.send(ToIngest::Title(update));
+        }
+        if body.decoder.as_ref().is_some_and(|d| d.is_done()) {
+            return Err(Ended::Failed("closed"));
+        }
+        Ok(())
     }
 
     /// Waits until ingest has let this relay's previous connection go (it sees the pieces end
