@@ -101,11 +101,11 @@ fn table(counts: &[usize], runs: &[(usize, Summary)]) -> String {
             s.clients, s.bitrate_kbps, s.piece_bytes, s.interval_ms, s.window_secs, s.machine
         );
     }
-    t += "| round | mounts | started (UTC) | load avg before | delivered | integrity errors | latency p99 ms | server CPU µs per listener-s | workers' CPU µs per listener-s | ingest % of a core | RSS MiB |\n";
-    t += "|---|---|---|---|---|---|---|---|---|---|---|\n";
+    t += "| round | mounts | started (UTC) | load avg before | delivered | integrity errors | latency p99 ms | server CPU µs per listener-s | workers' CPU µs per listener-s | ingest % of a core | fan-out wake-ups a second | RSS MiB |\n";
+    t += "|---|---|---|---|---|---|---|---|---|---|---|---|\n";
     for (round, s) in runs {
         t += &format!(
-            "| {round} | {} | {} | {} | {:.3}% | {} | {:.0} | {:.1} | {} | {} | {:.1} |\n",
+            "| {round} | {} | {} | {} | {:.3}% | {} | {:.0} | {:.1} | {} | {} | {} | {:.1} |\n",
             s.mounts,
             s.started_utc,
             s.loadavg_before,
@@ -115,6 +115,8 @@ fn table(counts: &[usize], runs: &[(usize, Summary)]) -> String {
             s.cpu_us_per_listener_sec,
             fmt(s.workers_cpu_us_per_listener_sec),
             fmt(s.ingest_cpu_pct),
+            s.wakeups_per_sec
+                .map_or("n/a".into(), |v| format!("{v:.0}")),
             s.server_rss_bytes as f64 / 1048576.0,
         );
     }

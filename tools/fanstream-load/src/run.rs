@@ -225,6 +225,10 @@ pub struct Summary {
     pub rss_per_listener_bytes: f64,
     pub write_syscalls_per_listener_sec: Option<f64>,
     pub bytes_per_write: Option<f64>,
+    /// Times fanstream's fan-out loops were woken by a publication, per second over all
+    /// workers (`fanstream_worker_wakeups_total`): a wake-up's cost is shared by the writes it
+    /// makes, so writes per wake-up says how well they are batched.
+    pub wakeups_per_sec: Option<f64>,
     pub load_cpu_pct: Vec<f64>,
     /// All cores busy, by anyone, in % of one core.
     pub machine_busy_pct: f64,
@@ -279,6 +283,7 @@ struct Sample {
     threads: BTreeMap<String, f64>,
     writes: Option<f64>,
     sent: Option<f64>,
+    wakeups: Option<f64>,
     load: Vec<f64>,
     machine_busy: f64,
     server_rss: Option<u64>,
@@ -301,6 +306,7 @@ fn sample(server: &ServerProc, edges: &[ServerProc], loads: &[Child]) -> Sample 
         }),
         writes: m("fanstream_write_syscalls_total"),
         sent: m("fanstream_sent_bytes_total"),
+        wakeups: m("fanstream_worker_wakeups_total"),
         load: loads
             .iter()
             .map(|c| procstat::cpu_secs(c.id()).unwrap_or(0.0))
@@ -908,6 +914,9 @@ fn summarize(
             s.bytes_per_write = Some((b1 - b0) / (w1 - w0).max(1.0));
         }
     }
+    if let (Some(w0), Some(w1)) = (begin.wakeups, finish.wakeups) {
+        s.wakeups_per_sec = Some((w1 - w0) / secs);
+    }
     s.load_cpu_pct = begin
         .load
         .iter()
@@ -1021,9 +1030,10 @@ pub fn print_summary(s: &Summary) {
         );
     }
     println!(
-        "server writes      {} per listener-second, {} bytes per write",
+        "server writes      {} per listener-second, {} bytes per write; {} fan-out wake-ups a second",
         opt(s.write_syscalls_per_listener_sec, ""),
-        opt(s.bytes_per_write, "")
+        opt(s.bytes_per_write, ""),
+        opt(s.wakeups_per_sec, "")
     );
     println!(
         "server RSS         {:.1} MiB ({:.1} MiB before listeners): {:.0} bytes per listener",
