@@ -172,9 +172,9 @@ fn main() -> ExitCode {
                 "source {} live: {} B every {} ms; listeners: --t0-us {}",
                 o.mount, schedule.piece_bytes, interval_ms, schedule.t0_us
             );
-            let running = source::start(o, stream, schedule);
+            let running = source::start(vec![(o, stream)], schedule);
             std::thread::sleep(Duration::from_secs(seconds));
-            let report = running.stop();
+            let report = running.stop().pop().unwrap_or_default();
             println!("{}", serde_json::to_string(&report).expect("serialisable"));
             match report.error {
                 Some(e) => fail(&e),

@@ -465,10 +465,7 @@ pub fn run(o: &RunOpts) -> Result<Summary, String> {
         streams.push((so, stream));
     }
     let schedule = Schedule::new(unix_us() + 200_000, o.bitrate_kbps, o.interval_ms);
-    let sources: Vec<_> = streams
-        .into_iter()
-        .map(|(so, s)| source::start(so, s, schedule))
-        .collect();
+    let sources = source::start(streams, schedule);
     let titles = o.title_every_secs.map(|every| {
         // Icecast takes title updates with the admin credentials.
         let user = match o.target {
@@ -617,7 +614,7 @@ pub fn run(o: &RunOpts) -> Result<Summary, String> {
         }
         std::thread::sleep(Duration::from_millis(50));
     }
-    let sources: Vec<SourceReport> = sources.into_iter().map(|s| s.stop()).collect();
+    let sources: Vec<SourceReport> = sources.stop();
     let title_updates = titles.map(|t| t.stop()).unwrap_or_default();
     let tls_flood = flood.map(|f| f.stop());
     drop(loads);

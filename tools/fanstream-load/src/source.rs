@@ -8,7 +8,7 @@
 //! With `--piece-bytes` below the scheduled piece, each piece goes out as writes of that many
 //! bytes, each its own syscall (and, with `TCP_NODELAY`, its own segment), spread over the
 //! piece's interval in bursts every millisecond: a source writing tiny pieces at the same
-//! bitrate, whose own thread still keeps the pace.
+//! bitrate. Every source of a run is sent from one thread ([`start`]).
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
@@ -47,17 +47,21 @@ pub struct SourceReport {
     pub error: Option<String>,
 }
 
-pub struct RunningSource {
+/// Sources being sent, all from one thread.
+pub struct RunningSources {
     stop: Arc<AtomicBool>,
-    thread: JoinHandle<SourceReport>,
+    thread: JoinHandle<Vec<SourceReport>>,
 }
 
-impl RunningSource {
-    pub fn stop(self) -> SourceReport {
+impl RunningSources {
+    /// Stops every source; their reports, in the order they were given.
+    pub fn stop(self) -> Vec<SourceReport> {
         self.stop.store(true, Ordering::Relaxed);
-        self.thread.join().unwrap_or_else(|_| SourceReport {
-            error: Some("source thread panicked".into()),
-            ..SourceReport::default()
+        self.thread.join().unwrap_or_else(|_| {
+            vec![SourceReport {
+                error: Some("source thread panicked".into()),
+                ..SourceReport::default()
+            }]
         })
     }
 }
@@ -98,70 +102,112 @@ pub fn connect(o: &SourceOpts) -> Result<TcpStream, String> {
     Ok(s)
 }
 
-/// Sends the stream from `schedule.t0` until stopped, on its own thread.
-pub fn start(o: SourceOpts, stream: TcpStream, schedule: Schedule) -> RunningSource {
+/// Sends every source's stream from `schedule.t0` until stopped, all from one thread. The
+/// sources share the schedule, so one wake-up per piece interval (and per burst of small
+/// writes) serves them all: a thread per source would wake 50,000 times a second at 1,000
+/// sources, on the cores the server under test runs on, and put its preemptions and evicted
+/// caches into the server's figures at many mounts and not at one (the eleventh pass,
+/// docs/performance/many-stations.md). A real server's encoders run on other machines.
+pub fn start(sources: Vec<(SourceOpts, TcpStream)>, schedule: Schedule) -> RunningSources {
     let stop = Arc::new(AtomicBool::new(false));
     let flag = stop.clone();
-    // The server may still send a `200 OK` after `100 Continue`, and nothing else: drain it so
-    // that it never fills our receive buffer.
-    if let Ok(mut r) = stream.try_clone() {
-        std::thread::spawn(move || {
-            let mut sink = [0u8; 512];
-            while matches!(r.read(&mut sink), Ok(n) if n > 0) {}
-        });
+    for (_, stream) in &sources {
+        // The server may still send a `200 OK` after `100 Continue`, and nothing else: drain it
+        // so that it never sits unread. A thread blocked in `read` never runs again.
+        if let Ok(mut r) = stream.try_clone() {
+            std::thread::spawn(move || {
+                let mut sink = [0u8; 512];
+                while matches!(r.read(&mut sink), Ok(n) if n > 0) {}
+            });
+        }
     }
     let thread = std::thread::Builder::new()
-        .name("load-source".into())
-        .spawn(move || send(o, stream, schedule, &flag))
-        .expect("spawn source thread");
-    RunningSource { stop, thread }
+        .name("load-sources".into())
+        .spawn(move || send(sources, schedule, &flag))
+        .expect("spawn the sources' thread");
+    RunningSources { stop, thread }
+}
+
+/// One source being sent.
+struct Sending {
+    o: SourceOpts,
+    stream: TcpStream,
+    generator: Generator,
+    /// This interval's piece, sent a burst at a time.
+    piece: Vec<u8>,
+    /// Bytes per write, and writes per burst.
+    write_bytes: usize,
+    per_burst: usize,
+    report: SourceReport,
 }
 
 fn send(
-    o: SourceOpts,
-    mut stream: TcpStream,
+    sources: Vec<(SourceOpts, TcpStream)>,
     schedule: Schedule,
     stop: &AtomicBool,
-) -> SourceReport {
-    let mut report = SourceReport {
-        mount: o.mount.clone(),
-        ..SourceReport::default()
-    };
-    let mut generator = Generator::default();
+) -> Vec<SourceReport> {
     let records = schedule.piece_bytes as usize / RECORD_BYTES;
-    let write_bytes = o
-        .piece_bytes
-        .map_or(schedule.piece_bytes as usize, |b| b.max(1));
-    let writes = (schedule.piece_bytes as usize).div_ceil(write_bytes);
     let bursts = (schedule.interval_us / BURST_EVERY.as_micros() as u64).max(1) as usize;
-    let per_burst = writes.div_ceil(bursts);
+    let mut sending: Vec<Sending> = sources
+        .into_iter()
+        .map(|(o, stream)| {
+            let write_bytes = o
+                .piece_bytes
+                .map_or(schedule.piece_bytes as usize, |b| b.max(1));
+            let writes = (schedule.piece_bytes as usize).div_ceil(write_bytes);
+            Sending {
+                report: SourceReport {
+                    mount: o.mount.clone(),
+                    ..SourceReport::default()
+                },
+                o,
+                stream,
+                generator: Generator::default(),
+                piece: Vec::new(),
+                write_bytes,
+                per_burst: writes.div_ceil(bursts).max(1),
+            }
+        })
+        .collect();
     let start = Instant::now() + Duration::from_micros(schedule.t0_us.saturating_sub(unix_us()));
     for k in 0u64.. {
         if stop.load(Ordering::Relaxed) {
             break;
         }
         let due = start + Duration::from_micros(k * schedule.interval_us);
-        let now = Instant::now();
-        if due > now {
-            std::thread::sleep(due - now);
-        } else {
-            report.max_late_ms = report.max_late_ms.max((now - due).as_secs_f64() * 1e3);
-        }
-        let piece = generator.piece(records, unix_us());
-        for (i, part) in piece.chunks(write_bytes).enumerate() {
-            if i > 0 && i % per_burst == 0 {
-                let at = due + BURST_EVERY * (i / per_burst) as u32;
-                let now = Instant::now();
-                if at > now {
-                    std::thread::sleep(at - now);
+        for burst in 0.. {
+            let at = due + BURST_EVERY * burst;
+            let now = Instant::now();
+            if at > now {
+                std::thread::sleep(at - now);
+            }
+            let mut more = false;
+            for s in sending.iter_mut().filter(|s| s.report.error.is_none()) {
+                if burst == 0 {
+                    let late = Instant::now().saturating_duration_since(due);
+                    s.report.max_late_ms = s.report.max_late_ms.max(late.as_secs_f64() * 1e3);
+                    // Stamped as it goes out, after the sources before it in this interval.
+                    s.piece = s.generator.piece(records, unix_us());
+                }
+                let burst_bytes = s.write_bytes * s.per_burst;
+                let from = (burst as usize * burst_bytes).min(s.piece.len());
+                let to = (from + burst_bytes).min(s.piece.len());
+                for part in s.piece[from..to].chunks(s.write_bytes) {
+                    if let Err(e) = s.stream.write_all(part) {
+                        s.report.error = Some(format!("source {}: {e}", s.o.mount));
+                        break;
+                    }
+                }
+                if to < s.piece.len() {
+                    more = true;
+                } else if s.report.error.is_none() {
+                    s.report.sent_bytes = s.generator.offset();
                 }
             }
-            if let Err(e) = stream.write_all(part) {
-                report.error = Some(format!("source {}: {e}", o.mount));
-                return report;
+            if !more {
+                break;
             }
         }
-        report.sent_bytes = generator.offset();
     }
-    report
+    sending.into_iter().map(|s| s.report).collect()
 }

@@ -58,6 +58,8 @@ fn a_short_load_run_serves_every_listener_in_full() {
     assert_eq!(s["integrity"]["corrupt"], 0, "{text}");
     assert!(s["delivered_ratio"].as_f64().unwrap() >= 0.999, "{text}");
     assert!(s["server_cpu_pct_metrics"].is_number(), "{text}");
+    // Read from the server's own counter: a renamed metric would leave it null.
+    assert!(s["wakeups_per_sec"].is_number(), "{text}");
     // The load stream is MPEG to the server's framer: it locks on the source within its first
     // pieces (ingest merges them, up to 16 KiB, and the pieces read before the lock count as
     // out of frame) and finds no byte out of frame after that, where a stream that is not MPEG
