@@ -76,7 +76,7 @@ use crate::metrics::unsynced_action;
 use crate::mounts::{Mount, StoreWriter};
 use crate::reasons::Refusal;
 use crate::series::{Counter, Gauge};
-use crate::shared::{stopped, Shared};
+use crate::shared::{stopped, Shared, Wakes};
 use crate::store::{copy_in, Keep, SourceState, StreamInfo, StreamMeta};
 
 /// A source waited on read by read has a buffer reused from one read to the next: what a read
@@ -193,6 +193,12 @@ struct Ingest {
     /// Where merging looks read: one buffer for every source, since what a look takes is
     /// copied out before the next await, so a merging source holds no read buffer of its own.
     scratch: RefCell<BytesMut>,
+    /// The workers the publications of this batch queued mounts for, woken together by the main
+    /// loop once the source tasks that were ready have run ([`Wakes`]).
+    wakes: RefCell<Wakes>,
+    /// Tells the main loop that `wakes` holds workers to wake. A task woken from this thread
+    /// runs after those already ready, so the loop wakes the workers after the batch.
+    batch_done: Notify,
 }
 
 /// A source's hold on a mount, from a successful claim.
@@ -358,7 +364,13 @@ impl Ingest {
         let override_now = entry.override_pending && end > 0;
         entry.override_pending &= !override_now;
         drop(entries);
-        self.shared.published(&mount, end);
+        let mut wakes = self.wakes.borrow_mut();
+        let first = wakes.is_empty();
+        self.shared.published(&mount, end, &mut wakes);
+        if first && !wakes.is_empty() {
+            self.batch_done.notify_one();
+        }
+        drop(wakes);
         if segmented {
             mount.hls_published.notify_waiters();
         }
@@ -584,6 +596,8 @@ pub(crate) fn run(
             control,
             entries: RefCell::new(HashMap::new()),
             scratch: RefCell::new(BytesMut::with_capacity(READ_BUF_BYTES)),
+            wakes: RefCell::default(),
+            batch_done: Notify::new(),
         });
         ingest.declare_mounts();
         let mut stop = shared.stop.clone();
@@ -591,6 +605,7 @@ pub(crate) fn run(
             tokio::select! {
                 _ = stopped(&mut stop) => break,
                 _ = shared.config_changed.notified() => ingest.apply_config(),
+                _ = ingest.batch_done.notified() => shared.wake(&mut ingest.wakes.borrow_mut()),
                 Some(msg) = inbox.recv() => match msg {
                     ToIngest::Source(conn) => {
                         if let Some((src, feed)) = accept_source(&ingest, *conn) {
@@ -612,6 +627,8 @@ pub(crate) fn run(
                 },
             }
         }
+        // What the last batch published reaches the listeners that stay for the stop's flush.
+        shared.wake(&mut ingest.wakes.borrow_mut());
         tracing::debug!("ingest stopped");
         // No source task runs while this one does: every publication is complete.
         shared.ingest_stopped.set();

@@ -118,3 +118,67 @@ fn idle_mounts_cost_no_write_while_another_mount_streams() {
         }
     }
 }
+
+const TOGETHER_MOUNTS: usize = 40;
+const TOGETHER_PIECE: usize = 200;
+const TOGETHER_ROUNDS: u64 = 200;
+const TICK: Duration = Duration::from_millis(10);
+
+/// Sources whose pieces arrive together are published in one batch by ingest, and the batch
+/// wakes the worker once, not once per mount: with the merge gap at one tick of ingest's grid,
+/// every source here is looked at on the same ticks, and each listener, at the live edge after
+/// its last write, has its worker woken by its mount's next byte. Fewer mounts than ingest's
+/// runtime runs tasks between two looks at its main loop (61), so that a tick is one batch.
+#[test]
+fn publications_that_arrive_together_wake_a_worker_once() {
+    let srv = TestServer::start(|c| {
+        c.startup.workers = 1;
+        c.max_sources = TOGETHER_MOUNTS + 1;
+        // A gap of a fifth of the delay: 10 ms, one tick of ingest's grid for every source.
+        c.defaults.max_write_delay_ms = 50;
+        c.defaults.min_write_bytes = 64 * 1024;
+    });
+    let mut sources: Vec<_> = (0..TOGETHER_MOUNTS)
+        .map(|i| {
+            let mut s = Source::connect(srv.addr, &format!("/together{i}"));
+            s.send(&pattern(0, TOGETHER_PIECE));
+            s
+        })
+        .collect();
+    srv.wait_metric("fanstream_source_received_bytes_total", &[], |v| {
+        v == (TOGETHER_MOUNTS * TOGETHER_PIECE) as f64
+    });
+    let mut listeners: Vec<_> = (0..TOGETHER_MOUNTS)
+        .map(|i| {
+            let mut l = Listener::connect(srv.addr, &format!("/together{i}"));
+            l.read_at_least(TOGETHER_PIECE);
+            l
+        })
+        .collect();
+
+    let wakeups_before = srv.metric("fanstream_worker_wakeups_total", &[]);
+    let start = std::time::Instant::now();
+    for round in 1..=TOGETHER_ROUNDS {
+        let at = round * TOGETHER_PIECE as u64;
+        for s in &mut sources {
+            s.send(&pattern(at, TOGETHER_PIECE));
+        }
+        if let Some(wait) = (TICK * round as u32).checked_sub(start.elapsed()) {
+            thread::sleep(wait);
+        }
+    }
+    let total = (TOGETHER_ROUNDS + 1) * TOGETHER_PIECE as u64;
+    for (i, l) in listeners.iter_mut().enumerate() {
+        l.read_at_least(total as usize);
+        assert_exact_suffix(&l.body, total, &format!("listener {i}"));
+    }
+    let elapsed = start.elapsed();
+    let wakeups = srv.metric("fanstream_worker_wakeups_total", &[]) - wakeups_before;
+    // At most one wake-up per tick of ingest's grid (and a few for the listeners' last bytes);
+    // one per publication would be up to one per mount per write, 40 times as many.
+    let ticks = (elapsed.as_millis() / TICK.as_millis()) as f64;
+    assert!(
+        wakeups <= ticks + 10.0,
+        "{wakeups} wake-ups in {ticks} ticks of {TOGETHER_MOUNTS} mounts' publications"
+    );
+}
