@@ -51,7 +51,7 @@
 use std::cell::RefCell;
 use std::collections::HashMap;
 use std::rc::Rc;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -76,7 +76,7 @@ use crate::metrics::unsynced_action;
 use crate::mounts::{Mount, StoreWriter};
 use crate::reasons::Refusal;
 use crate::series::{Counter, Gauge};
-use crate::shared::{stopped, Shared, Wakes};
+use crate::shared::{stopped, Shared};
 use crate::store::{copy_in, Keep, SourceState, StreamInfo, StreamMeta};
 
 /// A source waited on read by read has a buffer reused from one read to the next: what a read
@@ -193,12 +193,6 @@ struct Ingest {
     /// Where merging looks read: one buffer for every source, since what a look takes is
     /// copied out before the next await, so a merging source holds no read buffer of its own.
     scratch: RefCell<BytesMut>,
-    /// The workers the publications of this batch queued mounts for, woken together by the main
-    /// loop once the source tasks that were ready have run ([`Wakes`]).
-    wakes: RefCell<Wakes>,
-    /// Tells the main loop that `wakes` holds workers to wake. A task woken from this thread
-    /// runs after those already ready, so the loop wakes the workers after the batch.
-    batch_done: Notify,
 }
 
 /// A source's hold on a mount, from a successful claim.
@@ -230,22 +224,12 @@ impl Ingest {
         let entry = entries.entry(path.to_string()).or_insert_with(|| {
             let config = shared.config.load();
             let writer = StoreWriter::new(Arc::new(config.mount(path)));
-            let mount = Arc::new(Mount {
-                path: path.to_string(),
-                label: shared.metrics.mount_label(path, config.max_mount_series),
-                store: writer.store().clone(),
-                listeners: AtomicUsize::new(0),
-                relays: AtomicUsize::new(0),
-                listener_peak: AtomicUsize::new(0),
-                received_bytes: AtomicU64::new(0),
-                sent_bytes: AtomicU64::new(0),
-                clients: Default::default(),
-                hls_sessions: Default::default(),
-                hls_published: Default::default(),
-                source_changed: Default::default(),
-                joining: AtomicUsize::new(0),
-                on_workers: shared.workers.iter().map(|_| Default::default()).collect(),
-            });
+            let mount = Arc::new(Mount::new(
+                path,
+                shared.metrics.mount_label(path, config.max_mount_series),
+                writer.store().clone(),
+                shared.workers.len(),
+            ));
             shared.mounts.insert(mount.clone());
             let label = [mount.label.as_str()];
             Box::new(Entry {
@@ -364,13 +348,7 @@ impl Ingest {
         let override_now = entry.override_pending && end > 0;
         entry.override_pending &= !override_now;
         drop(entries);
-        let mut wakes = self.wakes.borrow_mut();
-        let first = wakes.is_empty();
-        self.shared.published(&mount, end, &mut wakes);
-        if first && !wakes.is_empty() {
-            self.batch_done.notify_one();
-        }
-        drop(wakes);
+        self.shared.published(&mount, end);
         if segmented {
             mount.hls_published.notify_waiters();
         }
@@ -596,8 +574,6 @@ pub(crate) fn run(
             control,
             entries: RefCell::new(HashMap::new()),
             scratch: RefCell::new(BytesMut::with_capacity(READ_BUF_BYTES)),
-            wakes: RefCell::default(),
-            batch_done: Notify::new(),
         });
         ingest.declare_mounts();
         let mut stop = shared.stop.clone();
@@ -605,7 +581,6 @@ pub(crate) fn run(
             tokio::select! {
                 _ = stopped(&mut stop) => break,
                 _ = shared.config_changed.notified() => ingest.apply_config(),
-                _ = ingest.batch_done.notified() => shared.wake(&mut ingest.wakes.borrow_mut()),
                 Some(msg) = inbox.recv() => match msg {
                     ToIngest::Source(conn) => {
                         if let Some((src, feed)) = accept_source(&ingest, *conn) {
@@ -627,8 +602,6 @@ pub(crate) fn run(
                 },
             }
         }
-        // What the last batch published reaches the listeners that stay for the stop's flush.
-        shared.wake(&mut ingest.wakes.borrow_mut());
         tracing::debug!("ingest stopped");
         // No source task runs while this one does: every publication is complete.
         shared.ingest_stopped.set();

@@ -111,6 +111,27 @@ pub(crate) struct OnWorker {
 }
 
 impl Mount {
+    /// A new mount at `path`, reading `store`, with nobody on it yet and a hold for each of
+    /// `workers` workers.
+    pub fn new(path: &str, label: MountLabel, store: Arc<Store>, workers: usize) -> Mount {
+        Mount {
+            path: path.to_string(),
+            label,
+            store,
+            listeners: AtomicUsize::new(0),
+            relays: AtomicUsize::new(0),
+            listener_peak: AtomicUsize::new(0),
+            received_bytes: AtomicU64::new(0),
+            sent_bytes: AtomicU64::new(0),
+            clients: Default::default(),
+            hls_sessions: Default::default(),
+            hls_published: Default::default(),
+            source_changed: Default::default(),
+            joining: AtomicUsize::new(0),
+            on_workers: (0..workers).map(|_| Default::default()).collect(),
+        }
+    }
+
     /// Everyone the mount serves: its listeners and the relays of edges further down (an
     /// edge's relay keeps an on-demand relay here pulling as a listener would).
     pub fn listeners_and_relays(&self) -> usize {

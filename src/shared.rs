@@ -238,33 +238,16 @@ impl Shared {
     }
 
     /// Called by ingest after it published stream data on `mount`, up to `end`: queues the mount
-    /// for each worker with listeners of it that have something to do by then, and adds those
-    /// workers to `wakes`, which ingest wakes once its batch of publications is done
-    /// ([`Shared::wake`]).
-    pub fn published(&self, mount: &Arc<Mount>, end: u64, wakes: &mut Wakes) {
-        queue(
-            &self.workers,
-            mount,
-            |on| end >= on.wake_at.load(Ordering::SeqCst),
-            |worker| wakes.add(worker),
-        );
-    }
-
-    /// Wakes the workers in `wakes`, each once, and empties it.
-    pub fn wake(&self, wakes: &mut Wakes) {
-        wakes.wake(&self.workers);
+    /// for, and wakes, each worker with listeners of it that have something to do by then.
+    pub fn published(&self, mount: &Arc<Mount>, end: u64) {
+        self.queue(mount, |on| end >= on.wake_at.load(Ordering::SeqCst));
     }
 
     /// Called by ingest after `mount`'s source state or settings changed: every worker with
     /// listeners of it must act on that, whatever their stream position, and whoever waits for
     /// a source looks again.
     pub fn changed(&self, mount: &Arc<Mount>) {
-        queue(
-            &self.workers,
-            mount,
-            |_| true,
-            |worker| self.workers[worker].data_ready.notify_one(),
-        );
+        self.queue(mount, |_| true);
         self.wake_source_waiters(mount);
     }
 
@@ -282,65 +265,24 @@ impl Shared {
     /// passed its shard's new threshold while it served the mount, to serve it at its loop's
     /// next turn.
     pub fn queue_for(&self, mount: &Arc<Mount>, worker: usize) {
-        if enqueue(&self.workers, mount, worker) {
-            self.workers[worker].data_ready.notify_one();
-        }
-    }
-}
-
-/// Puts `mount` in worker `worker`'s queue unless it waits there already; true if it did.
-fn enqueue(workers: &[WorkerLink], mount: &Arc<Mount>, worker: usize) -> bool {
-    if mount.on_workers[worker].queued.swap(true, Ordering::SeqCst) {
-        return false;
-    }
-    workers[worker]
-        .published
-        .lock()
-        .unwrap_or_else(|e| e.into_inner())
-        .push(mount.clone());
-    true
-}
-
-/// Queues `mount` for each worker with listeners of it that `due` accepts, and passes each worker
-/// it queued the mount for to `queued`, to be woken.
-fn queue(
-    workers: &[WorkerLink],
-    mount: &Arc<Mount>,
-    due: impl Fn(&OnWorker) -> bool,
-    mut queued: impl FnMut(usize),
-) {
-    // Pairs with the fence a worker puts between publishing its shard's `wake_at` and loading
-    // the stream's end: either the worker sees this publication, or this sees its threshold.
-    fence(Ordering::SeqCst);
-    for (worker, on) in mount.on_workers.iter().enumerate() {
-        if on.shard.load(Ordering::SeqCst) != 0 && due(on) && enqueue(workers, mount, worker) {
-            queued(worker);
-        }
-    }
-}
-
-/// The workers ingest queued mounts for during a batch of publications, each once: woken
-/// together when the batch is done ([`Shared::wake`]). Ingest looks at merging sources on a
-/// shared grid, some fifty of them at a point at a thousand mounts, and a worker woken by each
-/// publication went back to sleep between them: a wake-up per publication, each a context
-/// switch on either side, where one per batch serves them all.
-#[derive(Default)]
-pub(crate) struct Wakes(Vec<usize>);
-
-impl Wakes {
-    fn add(&mut self, worker: usize) {
-        if !self.0.contains(&worker) {
-            self.0.push(worker);
+        if !mount.on_workers[worker].queued.swap(true, Ordering::SeqCst) {
+            let link = &self.workers[worker];
+            link.published
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .push(mount.clone());
+            link.data_ready.notify_one();
         }
     }
 
-    pub fn is_empty(&self) -> bool {
-        self.0.is_empty()
-    }
-
-    fn wake(&mut self, workers: &[WorkerLink]) {
-        for worker in self.0.drain(..) {
-            workers[worker].data_ready.notify_one();
+    fn queue(&self, mount: &Arc<Mount>, due: impl Fn(&OnWorker) -> bool) {
+        // Pairs with the fence a worker puts between publishing its shard's `wake_at` and loading
+        // the stream's end: either the worker sees this publication, or this sees its threshold.
+        fence(Ordering::SeqCst);
+        for (worker, on) in mount.on_workers.iter().enumerate() {
+            if on.shard.load(Ordering::SeqCst) != 0 && due(on) {
+                self.queue_for(mount, worker);
+            }
         }
     }
 }
@@ -416,89 +358,6 @@ mod tests {
             let mut cx = Context::from_waker(&waker);
             assert_eq!(wait.as_mut().poll(&mut cx), Poll::Ready(Some(())));
         });
-    }
-
-    /// A mount that worker `0` and, when `both`, worker `1` hold a shard of, each woken by the
-    /// first byte published.
-    fn held(metrics: &Metrics, path: &str, both: bool) -> Arc<Mount> {
-        use crate::mounts::StoreWriter;
-        let writer = StoreWriter::new(Arc::new(crate::config::MountSettings::default()));
-        let mount = Mount {
-            path: path.into(),
-            label: metrics.mount_label(path, 100),
-            store: writer.store().clone(),
-            listeners: Default::default(),
-            relays: Default::default(),
-            listener_peak: Default::default(),
-            received_bytes: Default::default(),
-            sent_bytes: Default::default(),
-            clients: Default::default(),
-            hls_sessions: Default::default(),
-            hls_published: Default::default(),
-            source_changed: Default::default(),
-            joining: Default::default(),
-            on_workers: (0..2).map(|_| Default::default()).collect(),
-        };
-        mount.on_workers[0].shard.store(1, Ordering::SeqCst);
-        if both {
-            mount.on_workers[1].shard.store(1, Ordering::SeqCst);
-        }
-        for on in mount.on_workers.iter() {
-            on.wake_at.store(1, Ordering::SeqCst);
-        }
-        Arc::new(mount)
-    }
-
-    /// Whether worker `worker` has a wake-up waiting, taking it.
-    fn woken(workers: &[WorkerLink], worker: usize) -> bool {
-        let notified = workers[worker].data_ready.notified();
-        tokio::pin!(notified);
-        let waker = Waker::from(Arc::new(Woken::default()));
-        notified
-            .as_mut()
-            .poll(&mut Context::from_waker(&waker))
-            .is_ready()
-    }
-
-    fn queued(workers: &[WorkerLink], worker: usize) -> Vec<String> {
-        let queue = workers[worker].published.lock().unwrap();
-        queue.iter().map(|m| m.path.clone()).collect()
-    }
-
-    // Ingest publishes the mounts whose sources it looked at together, then wakes each worker
-    // once: a worker woken by each publication went back to sleep between them.
-    #[test]
-    fn a_batch_of_publications_wakes_each_worker_once_at_its_end() {
-        let metrics = Metrics::new(Default::default());
-        let workers: Vec<WorkerLink> = (0..2).map(|_| WorkerLink::default()).collect();
-        let mounts = [
-            held(&metrics, "/a", false),
-            held(&metrics, "/b", true),
-            held(&metrics, "/c", true),
-        ];
-        let mut wakes = Wakes::default();
-        for mount in &mounts {
-            queue(
-                &workers,
-                mount,
-                |on| 1 >= on.wake_at.load(Ordering::SeqCst),
-                |w| wakes.add(w),
-            );
-        }
-        // Published again before the worker looked: queued once.
-        queue(&workers, &mounts[1], |_| true, |w| wakes.add(w));
-        assert_eq!(queued(&workers, 0), ["/a", "/b", "/c"]);
-        assert_eq!(queued(&workers, 1), ["/b", "/c"]);
-        assert!(
-            !woken(&workers, 0) && !woken(&workers, 1),
-            "woken before the batch ended"
-        );
-        assert_eq!(wakes.0, [0, 1]);
-
-        wakes.wake(&workers);
-        assert!(wakes.is_empty());
-        assert!(woken(&workers, 0) && woken(&workers, 1));
-        assert!(!woken(&workers, 0) && !woken(&workers, 1), "woken twice");
     }
 
     #[test]
