@@ -73,8 +73,9 @@ pub struct RunOpts {
     pub min_write_bytes: Option<usize>,
     #[arg(long)]
     pub max_write_delay_ms: Option<u64>,
-    /// More top-level settings for fanstream's generated config, as `KEY=TOML_VALUE`
-    /// (e.g. `listener_send_buffer_bytes=262144`); repeatable.
+    /// More settings for fanstream's generated config, as `KEY=TOML_VALUE` (top-level, e.g.
+    /// `listener_send_buffer_bytes=262144`) or `defaults.KEY=TOML_VALUE` (every mount's, e.g.
+    /// `defaults.burst_bytes=32768`, in place of the tool's own); repeatable.
     #[arg(long = "server-setting")]
     pub server_settings: Vec<String>,
     /// Bytes sent in the last this-many ms of the window are not counted as owed yet: they may

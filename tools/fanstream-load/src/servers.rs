@@ -36,7 +36,8 @@ pub struct ServerOpts {
     pub max_write_delay_ms: Option<u64>,
     /// Audio bytes between ICY blocks (the mounts' `icy_metaint`); None: the server's default.
     pub icy_metaint: Option<usize>,
-    /// Extra top-level `KEY=VALUE` lines for fanstream's config.
+    /// Extra `KEY=VALUE` lines for fanstream's config: top-level, or, as `defaults.KEY=VALUE`,
+    /// in its `[defaults]` table, in place of the tool's own value of that key.
     pub settings: Vec<String>,
     /// An edge of a tree (fanstream only): each mount (`/load0`...) is relayed from this
     /// origin instead of pushed by a source.
@@ -225,17 +226,55 @@ pub fn start(o: &ServerOpts, dir: &Path) -> Result<ServerProc, String> {
 
 fn start_fanstream(o: &ServerOpts, dir: &Path, addr: SocketAddr) -> Result<ServerProc, String> {
     let admin: SocketAddr = ([127, 0, 0, 1], free_port().map_err(|e| e.to_string())?).into();
-    let mut defaults = format!("burst_bytes = {BURST_BYTES}\nmax_lag_bytes = {MAX_LAG_BYTES}\n");
+    let config = fanstream_config(o, addr, admin);
+    let path = dir.join("fanstream.toml");
+    fs::write(&path, config).map_err(|e| e.to_string())?;
+    let child = spawn_logged(
+        Command::new(&o.fanstream_bin).arg("--config").arg(&path),
+        &dir.join("fanstream.log"),
+    )?;
+    Ok(ServerProc {
+        child,
+        addr,
+        admin: Some(admin),
+    })
+}
+
+/// fanstream's config for a run: the tool's listen addresses and limits, the load's mounts
+/// defaults, `o.settings` added, and a relay for each mount on an edge.
+fn fanstream_config(o: &ServerOpts, addr: SocketAddr, admin: SocketAddr) -> String {
+    let mut defaults = vec![
+        ("burst_bytes".to_string(), BURST_BYTES.to_string()),
+        ("max_lag_bytes".to_string(), MAX_LAG_BYTES.to_string()),
+    ];
     if let Some(b) = o.min_write_bytes {
-        defaults += &format!("min_write_bytes = {b}\n");
+        defaults.push(("min_write_bytes".into(), b.to_string()));
     }
     if let Some(ms) = o.max_write_delay_ms {
-        defaults += &format!("max_write_delay_ms = {ms}\n");
+        defaults.push(("max_write_delay_ms".into(), ms.to_string()));
     }
     if let Some(m) = o.icy_metaint {
-        defaults += &format!("icy_metaint = {m}\n");
+        defaults.push(("icy_metaint".into(), m.to_string()));
     }
-    let extra: String = o.settings.iter().map(|kv| format!("{kv}\n")).collect();
+    let mut extra = String::new();
+    for kv in &o.settings {
+        match kv
+            .strip_prefix("defaults.")
+            .and_then(|kv| kv.split_once('='))
+        {
+            // TOML refuses a key twice in a table: the tool's own value gives way.
+            Some((key, value)) => {
+                let key = key.trim();
+                defaults.retain(|(k, _)| k != key);
+                defaults.push((key.to_string(), value.trim().to_string()));
+            }
+            None => extra += &format!("{kv}\n"),
+        }
+    }
+    let defaults: String = defaults
+        .iter()
+        .map(|(key, value)| format!("{key} = {value}\n"))
+        .collect();
     let config = format!(
         "listen = \"{addr}\"\nadmin_listen = \"{admin}\"\nworkers = {}\ndemo = false\n\
          source_password = \"{PASSWORD}\"\nmax_listeners = {}\nmax_sources = {}\n{extra}\n[defaults]\n{defaults}",
@@ -253,18 +292,7 @@ fn start_fanstream(o: &ServerOpts, dir: &Path, addr: SocketAddr) -> Result<Serve
             })
             .collect()
     });
-    let config = config + &relays;
-    let path = dir.join("fanstream.toml");
-    fs::write(&path, config).map_err(|e| e.to_string())?;
-    let child = spawn_logged(
-        Command::new(&o.fanstream_bin).arg("--config").arg(&path),
-        &dir.join("fanstream.log"),
-    )?;
-    Ok(ServerProc {
-        child,
-        addr,
-        admin: Some(admin),
-    })
+    config + &relays
 }
 
 /// Icecast refuses to run as root: it runs as the Debian package's user, or nobody.
@@ -382,5 +410,45 @@ mod tests {
         );
         let none = metric_sum(text, "fanstream_icy_listeners");
         assert!(none == 0.0 && none.is_sign_positive(), "{none}");
+    }
+
+    // `--server-setting defaults.burst_bytes=...` replaces the tool's own burst in the
+    // `[defaults]` table (TOML refuses a key twice); a plain setting stays top-level.
+    #[test]
+    fn a_defaults_setting_replaces_the_tools_own() {
+        let o = ServerOpts {
+            target: Target::Fanstream,
+            workers: 0,
+            max_clients: 10,
+            mounts: 2,
+            min_write_bytes: None,
+            max_write_delay_ms: Some(200),
+            icy_metaint: None,
+            settings: vec![
+                "listener_send_buffer_bytes=262144".into(),
+                "defaults.burst_bytes = 32768".into(),
+                "defaults.max_write_delay_ms=100".into(),
+            ],
+            relay_from: None,
+            fanstream_bin: PathBuf::new(),
+            icecast_bin: String::new(),
+        };
+        let addr: SocketAddr = ([127, 0, 0, 1], 8000).into();
+        let config = fanstream_config(&o, addr, addr);
+        let (top, defaults) = config.split_once("\n[defaults]\n").unwrap();
+        assert!(
+            top.contains("\nlistener_send_buffer_bytes=262144\n"),
+            "{config}"
+        );
+        let lines: Vec<&str> = defaults.lines().collect();
+        assert_eq!(
+            lines,
+            [
+                "max_lag_bytes = 524288",
+                "burst_bytes = 32768",
+                "max_write_delay_ms = 100"
+            ],
+            "{config}"
+        );
     }
 }
