@@ -583,8 +583,13 @@ pub(crate) fn run(
                 _ = shared.config_changed.notified() => ingest.apply_config(),
                 Some(msg) = inbox.recv() => match msg {
                     ToIngest::Source(conn) => {
-                        if let Some((src, feed)) = accept_source(&ingest, *conn) {
-                            tokio::task::spawn_local(serve_source(src, feed));
+                        if let Some((mut src, feed)) = accept_source(&ingest, *conn) {
+                            // Lent, not passed: an async fn keeps what it takes by value twice
+                            // in its state (the argument, and the binding it moves to), and a
+                            // `Source` is ~500 bytes of a task that lives as long as the source.
+                            tokio::task::spawn_local(
+                                async move { serve_source(&mut src, feed).await },
+                            );
                         }
                     }
                     ToIngest::Title(update) => {
@@ -693,10 +698,10 @@ fn accept_source(ingest: &Rc<Ingest>, conn: SourceConn) -> Option<(Source, Feed)
 }
 
 /// Answers a source whose claim was granted, then reads its stream until it ends.
-async fn serve_source(mut src: Source, feed: Feed) {
+async fn serve_source(src: &mut Source, feed: Feed) {
     let kill = src.kill.clone();
     let reason = {
-        let reading = read_feed(&mut src, feed);
+        let reading = read_feed(src, feed);
         tokio::select! {
             reason = reading => reason,
             () = kill.notified() => "killed",
