@@ -22,8 +22,9 @@
 //! A mount thus gets a small piece once per gap. Meanwhile the kernel is told not to signal the
 //! socket readable for less than [`MERGE_BYTES`] (`SO_RCVLOWAT`): otherwise each piece the source
 //! sends would still wake the ingest thread, which costs more than the read it no longer makes.
-//! The looks fall on a 10 ms grid shared by all sources ([`TICK_GRID`]), so that one wake-up of the
-//! thread serves every source whose gap ends then. A look that finds nothing (the source paused)
+//! The looks fall on points shared by all sources, the multiples of the gap on one clock
+//! ([`look_point`]), so that one wake-up of the thread serves every merging source whose mount
+//! has that gap, and their listeners' writes fall due together. A look that finds nothing (the source paused)
 //! or a full [`MERGE_BYTES`] (it is fast) goes back to waiting for each read. The merged piece is
 //! one read into a buffer all merging sources share (each look's bytes are copied out before the
 //! next), so a merging source keeps no read buffer of its own.
@@ -37,8 +38,8 @@
 //! with the last look that found the socket empty, the earliest its first byte can have arrived
 //! (plus [`LOOK_MARGIN`]): so a gap shorter than that delay makes no byte later than its
 //! deadline by more than that margin (a write that falls due within a gap goes without the bytes
-//! still in the socket, which follow by their own). A source's looks stay a gap apart on the
-//! grid, so with the default delay a write falls due at a look. Reads of [`SMALL_PIECE_BYTES`]
+//! still in the socket, which follow by their own). A source's looks stay a gap apart, so with
+//! the default delay a write falls due at a look. Reads of [`SMALL_PIECE_BYTES`]
 //! and more (encoders at 2 Mbit/s and up) are never held. `max_write_delay_ms = 0` asks for
 //! every piece at once: nothing is held, and a source writing tiny pieces to such a mount costs
 //! a chunk, and a write to every listener, per read, which is what that mount asked for.
@@ -931,9 +932,9 @@ async fn read_stream(
             // waited on read by read again.
             buf = BytesMut::new();
             let gap = src.merge_gap();
-            let at = on_grid(drained_at + gap);
+            let at = look_point(drained_at + gap, gap);
             tick(tcp, at).await;
-            // The look's point on the grid, which keeps the looks a gap apart; or now, if the
+            // The look's point, which keeps the looks a gap apart; or now, if the
             // socket filled before it.
             let looked = at.min(Instant::now());
             let scratch = &mut *ingest.scratch.borrow_mut();
@@ -981,8 +982,7 @@ async fn read_stream(
                 set_wake_bytes(tcp, MERGE_BYTES);
                 // What else waits goes out with this read; the socket is drained from here on.
                 ended = take_waiting(tcp, &mut buf);
-                let fd = std::os::fd::AsRawFd::as_raw_fd(tcp).unsigned_abs();
-                merging = Some(Instant::now() - phase(fd, gap));
+                merging = Some(Instant::now());
             }
         }
     }
@@ -1019,35 +1019,31 @@ fn emit(
         .then_some("end_of_stream")
 }
 
-/// Merging ticks fall on a grid shared by every source, so that the ingest thread wakes once for
-/// all the sources whose gap ends in the same 10 ms, not once per source.
-const TICK_GRID: Duration = Duration::from_millis(10);
-
 /// A merged piece is stamped this long after the last look that found the socket drained (the
-/// earliest its first byte can have arrived). A write falling due at a point of the grid then
-/// comes after ingest's looks at that point, which may bring it more: with the looks a gap apart
-/// and the delay a whole number of gaps, a listener is written once per delay, not sometimes a
-/// gap sooner for want of bytes still in a socket (1.2 writes a second instead of 1.0 at the
-/// defaults). The price: a byte may leave this much past `max_write_delay_ms`.
+/// earliest its first byte can have arrived). A write falling due at a look point then comes
+/// after ingest's looks at that point, which may bring it more: with the looks a gap apart and the
+/// delay a whole number of gaps, a listener is written once per delay, not sometimes a gap sooner
+/// for want of bytes still in a socket (1.2 writes a second instead of 1.0 at the defaults). The
+/// price: a byte may leave this much past `max_write_delay_ms`.
 const LOOK_MARGIN: Duration = Duration::from_millis(5);
 
-/// How much sooner than a gap a source that starts merging is looked at first: a point of the
-/// grid within the gap picked by its descriptor (`key`), so that sources that start merging
-/// together (a server's sources after its restart, a load run's) look, and their listeners fall
-/// due, at points spread over the gap rather than all at one. Looking sooner is conservative:
-/// the first merged piece's stamp is earlier, never later, than its first byte.
-fn phase(key: u32, gap: Duration) -> Duration {
-    let points = (gap.as_millis() / TICK_GRID.as_millis()).max(1);
-    TICK_GRID * (u128::from(key) % points) as u32
-}
-
-/// `at`, rounded up to the next point of [`TICK_GRID`].
-fn on_grid(at: Instant) -> Instant {
-    static EPOCH: std::sync::OnceLock<Instant> = std::sync::OnceLock::new();
-    let epoch = *EPOCH.get_or_init(Instant::now);
-    let grid = TICK_GRID.as_nanos();
-    let since = at.saturating_duration_since(epoch).as_nanos();
-    let late = (grid - since % grid) % grid;
+/// The first look point at or after `at` for a merge gap of `gap`: the multiples of the gap on
+/// one clock every source shares, so that all merging sources of mounts with the same gap (every
+/// mount at the defaults) are looked at together, whenever each started. One wake-up of ingest
+/// then serves them all, and their listeners' writes, which fall due a delay after a look, come
+/// together too: the workers write in a few large rounds a second instead of a small one at each
+/// of a hundred points, as when one mount's listeners are written. At 1,000 mounts × 10
+/// listeners that took the workers' CPU per listener-second from 1.3-1.5 times one mount's to
+/// about 1.1, and ingest's by a third (docs/performance/many-stations.md, fourteenth pass).
+fn look_point(at: Instant, gap: Duration) -> Instant {
+    static CLOCK: std::sync::OnceLock<Instant> = std::sync::OnceLock::new();
+    if gap.is_zero() {
+        return at;
+    }
+    let clock = *CLOCK.get_or_init(Instant::now);
+    let gap = gap.as_nanos();
+    let since = at.saturating_duration_since(clock).as_nanos();
+    let late = (gap - since % gap) % gap;
     at + Duration::from_nanos(late as u64)
 }
 
@@ -1133,16 +1129,40 @@ mod tests {
     use super::*;
 
     #[test]
-    fn sources_starting_together_are_dealt_every_point_of_the_gap() {
+    fn sources_look_together_whenever_they_started() {
         let gap = Duration::from_millis(200);
-        let phases: std::collections::BTreeSet<_> = (100..120).map(|fd| phase(fd, gap)).collect();
+        let start = Instant::now();
+        // Sources that started merging at 37 moments over two gaps.
+        let firsts: Vec<Instant> = (0..37)
+            .map(|i| start + Duration::from_millis(i * 11))
+            .map(|at| look_point(at + gap, gap))
+            .collect();
+        let first = *firsts.iter().min().unwrap();
+        for (i, at) in firsts.iter().enumerate() {
+            let began = start + Duration::from_millis(i as u64 * 11);
+            assert!(
+                *at >= began + gap && *at < began + 2 * gap,
+                "source {i}: within a gap"
+            );
+            let apart = at.duration_since(first).as_nanos();
+            assert_eq!(
+                apart % gap.as_nanos(),
+                0,
+                "source {i}: on the shared points"
+            );
+        }
+        // From a point, the next look is a gap on, exactly.
+        assert_eq!(look_point(first + gap, gap), first + gap);
+        // A mount with half the gap looks at every point of this one and one between.
+        assert_eq!(look_point(first, gap / 2), first);
         assert_eq!(
-            phases.len(),
-            20,
-            "20 descriptors in a row, 20 points of a 200 ms gap"
+            look_point(first + Duration::from_millis(1), gap / 2),
+            first + gap / 2
         );
-        assert!(phases.iter().all(|p| *p < gap && p.as_millis() % 10 == 0));
-        assert_eq!(phase(7, Duration::from_millis(5)), Duration::ZERO);
-        assert_eq!(phase(7, Duration::ZERO), Duration::ZERO);
+        // No gap: no waiting for a point.
+        assert_eq!(
+            look_point(first + Duration::from_millis(3), Duration::ZERO),
+            first + Duration::from_millis(3)
+        );
     }
 }
