@@ -1033,8 +1033,9 @@ const LOOK_MARGIN: Duration = Duration::from_millis(5);
 /// then serves them all, and their listeners' writes, which fall due a delay after a look, come
 /// together too: the workers write in a few large rounds a second instead of a small one at each
 /// of a hundred points, as when one mount's listeners are written. At 1,000 mounts × 10
-/// listeners that took the workers' CPU per listener-second from 1.3-1.5 times one mount's to
-/// about 1.1, and ingest's by a third (docs/performance/many-stations.md, fourteenth pass).
+/// listeners that took the workers' CPU per listener-second from 1.3-1.7 times one mount's to
+/// 1.0-1.2, and ingest's by about 40%, for a byte waiting up to a round's length past the delay
+/// (docs/performance/many-stations.md, fourteenth pass).
 fn look_point(at: Instant, gap: Duration) -> Instant {
     static CLOCK: std::sync::OnceLock<Instant> = std::sync::OnceLock::new();
     if gap.is_zero() {
