@@ -24,10 +24,10 @@
 //! sends would still wake the ingest thread, which costs more than the read it no longer makes.
 //! The looks fall on points shared by all sources, the multiples of the gap on one clock
 //! ([`look_point`]), so that one wake-up of the thread serves every merging source whose mount
-//! has that gap, and their listeners' writes fall due together. A look that finds nothing (the source paused)
-//! or a full [`MERGE_BYTES`] (it is fast) goes back to waiting for each read. The merged piece is
-//! one read into a buffer all merging sources share (each look's bytes are copied out before the
-//! next), so a merging source keeps no read buffer of its own.
+//! has that gap, and their listeners' writes fall due together. A look that finds nothing (the
+//! source paused) or a full [`MERGE_BYTES`] (it is fast) goes back to waiting for each read. The
+//! merged piece is one read into a buffer all merging sources share (each look's bytes are copied
+//! out before the next), so a merging source keeps no read buffer of its own.
 //!
 //! The gap is a fifth of the mount's `max_write_delay_ms`, at most [`MAX_MERGE_GAP`]: with the
 //! default delay (1 s), 200 ms, so a 128 kbit/s encoder's 320-byte pieces go out ten at a time.
@@ -934,8 +934,8 @@ async fn read_stream(
             let gap = src.merge_gap();
             let at = look_point(drained_at + gap, gap);
             tick(tcp, at).await;
-            // The look's point, which keeps the looks a gap apart; or now, if the
-            // socket filled before it.
+            // The look's point, which keeps the looks a gap apart; or now, if the socket filled
+            // before it.
             let looked = at.min(Instant::now());
             let scratch = &mut *ingest.scratch.borrow_mut();
             let closed = recv_waiting(tcp, scratch);
