@@ -399,7 +399,56 @@ fn loadavg() -> String {
         .unwrap_or_default()
 }
 
+/// `o` with the mounts' settings the tool itself acts on (`min_write_bytes`,
+/// `max_write_delay_ms`, `icy_metaint`) taken from `--server-setting defaults.KEY=VALUE` when
+/// given there: the listeners strip ICY blocks at the server's interval, and the report states
+/// the coalescing the server ran with. A flag and a setting for the same key are refused.
+fn with_settings_folded(o: &RunOpts) -> Result<RunOpts, String> {
+    fn fold<T: std::str::FromStr>(
+        field: &mut Option<T>,
+        flag: &str,
+        key: &str,
+        settings: &[String],
+    ) -> Result<(), String> {
+        let Some(value) = servers::defaults_setting(settings, key) else {
+            return Ok(());
+        };
+        if field.is_some() {
+            return Err(format!(
+                "{flag} and --server-setting defaults.{key}: give one of them"
+            ));
+        }
+        *field =
+            Some(value.parse().map_err(|_| {
+                format!("--server-setting defaults.{key}={value}: not a whole number")
+            })?);
+        Ok(())
+    }
+    let mut o = o.clone();
+    let settings = o.server_settings.clone();
+    fold(
+        &mut o.min_write_bytes,
+        "--min-write-bytes",
+        "min_write_bytes",
+        &settings,
+    )?;
+    fold(
+        &mut o.max_write_delay_ms,
+        "--max-write-delay-ms",
+        "max_write_delay_ms",
+        &settings,
+    )?;
+    fold(
+        &mut o.icy_metaint,
+        "--icy-metaint",
+        "icy_metaint",
+        &settings,
+    )?;
+    Ok(o)
+}
+
 pub fn run(o: &RunOpts) -> Result<Summary, String> {
+    let o = &with_settings_folded(o)?;
     if !(0.0..=1.0).contains(&o.icy_share) {
         return Err(format!("--icy-share {}: 0 to 1", o.icy_share));
     }
@@ -1092,4 +1141,67 @@ pub fn print_summary(s: &Summary) {
     }
     println!("result             {}", if s.ok { "OK" } else { "SHORT" });
     println!("limited by         {}", s.limit);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    #[derive(Parser)]
+    struct Cli {
+        #[command(flatten)]
+        o: RunOpts,
+    }
+
+    fn opts(args: &[&str]) -> RunOpts {
+        Cli::parse_from(std::iter::once("run").chain(args.iter().copied())).o
+    }
+
+    // The listeners strip ICY blocks at the interval the server was given, whichever way it was
+    // given, and the report says the delay the server ran with.
+    #[test]
+    fn a_mount_setting_the_tool_acts_on_is_taken_from_the_server_settings() {
+        let o = with_settings_folded(&opts(&[
+            "--server-setting",
+            "defaults.icy_metaint = 8192",
+            "--server-setting",
+            "defaults.max_write_delay_ms=200",
+            "--min-write-bytes",
+            "4096",
+        ]))
+        .unwrap();
+        assert_eq!(o.icy_metaint, Some(8192));
+        assert_eq!(o.max_write_delay_ms, Some(200));
+        assert_eq!(o.min_write_bytes, Some(4096));
+
+        let plain = with_settings_folded(&opts(&[])).unwrap();
+        assert_eq!(
+            (
+                plain.icy_metaint,
+                plain.max_write_delay_ms,
+                plain.min_write_bytes
+            ),
+            (None, None, None)
+        );
+    }
+
+    #[test]
+    fn a_flag_and_a_setting_for_one_key_are_refused() {
+        let both = with_settings_folded(&opts(&[
+            "--max-write-delay-ms",
+            "100",
+            "--server-setting",
+            "defaults.max_write_delay_ms=200",
+        ]));
+        assert_eq!(
+            both.err().as_deref(),
+            Some("--max-write-delay-ms and --server-setting defaults.max_write_delay_ms: give one of them")
+        );
+        let bad = with_settings_folded(&opts(&["--server-setting", "defaults.icy_metaint=lots"]));
+        assert_eq!(
+            bad.err().as_deref(),
+            Some("--server-setting defaults.icy_metaint=lots: not a whole number")
+        );
+    }
 }

@@ -240,6 +240,17 @@ fn start_fanstream(o: &ServerOpts, dir: &Path, addr: SocketAddr) -> Result<Serve
     })
 }
 
+/// The value `settings` give a mount default as `defaults.KEY=VALUE` (the last one, as in the
+/// config), trimmed.
+pub fn defaults_setting<'a>(settings: &'a [String], key: &str) -> Option<&'a str> {
+    settings
+        .iter()
+        .rev()
+        .filter_map(|kv| kv.strip_prefix("defaults.")?.split_once('='))
+        .find(|(k, _)| k.trim() == key)
+        .map(|(_, v)| v.trim())
+}
+
 /// fanstream's config for a run: the tool's listen addresses and limits, the load's mounts
 /// defaults, `o.settings` added, and a relay for each mount on an edge.
 fn fanstream_config(o: &ServerOpts, addr: SocketAddr, admin: SocketAddr) -> String {
