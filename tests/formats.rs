@@ -316,11 +316,14 @@ fn chained_ogg_gives_late_joiners_the_new_headers_and_a_listener_across_keeps_de
 }
 
 /// The two Vorbis files of the chained tests: 44.1 kHz titled "First", then 22.05 kHz titled
-/// "Second".
+/// "Second". The second lasts well past the late join, which waits for three bursts more than
+/// the server had when the change was seen: on a busy machine (CI, 2026-12-03) ices2's log
+/// line for the change was seen so late that a 12 s track ended before those bursts came. The
+/// sources are stopped after the join, so its length costs no time.
 fn chain_files(dir: &Path) -> (std::path::PathBuf, std::path::PathBuf) {
     let mut first = Tone::new(Codec::Vorbis, 5.0).tagged("Tester", "First");
     first.frequency = 440;
-    let mut second = Tone::new(Codec::Vorbis, 12.0).tagged("Tester", "Second");
+    let mut second = Tone::new(Codec::Vorbis, 40.0).tagged("Tester", "Second");
     second.sample_rate = 22050;
     second.frequency = 660;
     second.kbps = 64;
