@@ -350,3 +350,52 @@ fn a_listener_that_keeps_up_is_not_slow_while_coalescing_holds_more_than_the_lag
         0.0
     );
 }
+
+/// One worker with more listeners due at once than a fan-out pass writes (512): a pass writes
+/// its share and leaves the rest due, the loop gives the worker's other tasks a turn and comes
+/// back for them. Every listener gets every byte while the source is still there (not at the
+/// flush when it leaves), and a newcomer's request is answered while they stream.
+#[test]
+fn more_listeners_due_at_once_than_a_pass_writes_all_get_every_byte() {
+    const LISTENERS: usize = 1_300;
+    const TOTAL: u64 = 48_000;
+    let srv = TestServer::start(|c| {
+        c.startup.workers = 1;
+        c.defaults.max_write_delay_ms = 50;
+        // Past the listeners' reads' deadline: a source idle that long is dropped, and its
+        // leaving flushes whatever is pending to everyone.
+        c.source_timeout_secs = 60;
+        declare(c, "/live");
+    });
+    let mut source = Source::connect(srv.addr, "/live");
+    // Joined before the first byte, they all wait at one offset and fall due together. The
+    // stream fits in their sockets' buffers, so none is ever parked.
+    let mut listeners: Vec<Listener> = (0..LISTENERS)
+        .map(|_| Listener::connect(srv.addr, "/live"))
+        .collect();
+    wait_until("every listener admitted", || {
+        srv.server.as_ref().unwrap().listeners() == LISTENERS
+    });
+    // 1,000 bytes every 20 ms: a write per listener about every 50 ms, three passes each.
+    let sending = thread::spawn(move || {
+        source.send_pattern(0, TOTAL, 1_000, Duration::from_millis(20));
+        source
+    });
+    srv.wait_metric(
+        "fanstream_source_received_bytes_total",
+        &[MOUNT_LABEL],
+        |v| v >= TOTAL as f64 / 2.0,
+    );
+    let mut newcomer = Listener::connect(srv.addr, "/live");
+    newcomer.read_at_least(1);
+    // The source stays connected: a listener a pass left and none came back for would get
+    // nothing more, and its read would time out here.
+    let source = sending.join().unwrap();
+    for (i, l) in listeners.iter_mut().enumerate() {
+        l.read_at_least(TOTAL as usize);
+        let who = format!("listener {i}");
+        assert_eq!(l.body.len() as u64, TOTAL, "{who}: more than was sent");
+        assert_eq!(assert_exact_suffix(&l.body, TOTAL, &who), 0, "{who}");
+    }
+    drop(source);
+}
