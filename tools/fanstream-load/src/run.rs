@@ -200,6 +200,10 @@ pub struct Summary {
     pub disconnects: usize,
     /// Why the server let listeners go before the end, by its own count (fanstream only).
     pub server_disconnect_reasons: BTreeMap<String, f64>,
+    /// Connections the server closed or left unanswered, by its reason
+    /// (`fanstream_rejected_requests_total`; `workers_full` counts each time it reached its
+    /// connection limit and stopped accepting).
+    pub server_unanswered: BTreeMap<String, f64>,
     pub delivered_ratio: f64,
     pub delivered_bytes: u64,
     pub owed_bytes: u64,
@@ -290,6 +294,8 @@ struct Sample {
     server_rss: Option<u64>,
     /// fanstream's listener disconnects by reason, since it started.
     disconnects: BTreeMap<String, f64>,
+    /// fanstream's connections closed or left unanswered by reason, since it started.
+    unanswered: BTreeMap<String, f64>,
     icy_listeners: Option<f64>,
     unsynced: Option<f64>,
     /// Each edge's CPU seconds and RSS (a tree run).
@@ -316,6 +322,9 @@ fn sample(server: &ServerProc, edges: &[ServerProc], loads: &[Child]) -> Sample 
         server_rss: procstat::rss_bytes(server.pid()),
         disconnects: metrics.as_deref().map_or_else(BTreeMap::new, |t| {
             metric_by_label(t, "fanstream_listener_disconnects_total", "reason")
+        }),
+        unanswered: metrics.as_deref().map_or_else(BTreeMap::new, |t| {
+            metric_by_label(t, "fanstream_rejected_requests_total", "reason")
         }),
         icy_listeners: m("fanstream_icy_listeners"),
         unsynced: m("fanstream_source_unsynced_bytes_total"),
@@ -943,6 +952,8 @@ fn summarize(
         }
     }
     s.server_disconnect_reasons = finish.disconnects.clone();
+    s.server_unanswered = finish.unanswered.clone();
+    s.server_unanswered.retain(|_, n| *n > 0.0);
     s.icy_share = o.icy_share;
     s.icy_metaint = o.icy_metaint;
     s.title_every_secs = o.title_every_secs;
@@ -997,6 +1008,26 @@ fn verdict(s: &Summary) -> String {
             stopped.len(),
             s.sources.len(),
             first.error.as_deref().unwrap_or_default()
+        ));
+    }
+    // Listeners that never got an answer: the server says why, where the tool saw only a
+    // timeout (at its connection limit, newcomers wait in the kernel's backlog).
+    if s.server_unanswered.contains_key("workers_full") {
+        notes.push(
+            "server: it reached its connection limit and stopped accepting (its log gives the limit)"
+                .into(),
+        );
+    }
+    let closed: Vec<String> = s
+        .server_unanswered
+        .iter()
+        .filter(|(why, _)| *why != "workers_full")
+        .map(|(why, n)| format!("{why} {n:.0}"))
+        .collect();
+    if !closed.is_empty() {
+        notes.push(format!(
+            "server: connections closed unanswered ({})",
+            closed.join(", ")
         ));
     }
     if busiest_load >= SATURATED_CORE_PCT {
@@ -1183,6 +1214,24 @@ mod tests {
                 plain.min_write_bytes
             ),
             (None, None, None)
+        );
+    }
+
+    // At 1,000 sources and 19,000 listeners the server's connection limit (its descriptors less
+    // the sources') left 265 listeners in the backlog; the tool saw only their timeouts.
+    #[test]
+    fn the_verdict_names_what_the_server_left_unanswered() {
+        let mut s = Summary {
+            cores: 2,
+            ..Summary::default()
+        };
+        assert_eq!(verdict(&s), "server: the machine had spare CPU");
+        s.server_unanswered.insert("workers_full".into(), 1.0);
+        s.server_unanswered.insert("header_timeout".into(), 12.0);
+        assert_eq!(
+            verdict(&s),
+            "server: it reached its connection limit and stopped accepting (its log gives the \
+             limit); server: connections closed unanswered (header_timeout 12)"
         );
     }
 
