@@ -69,6 +69,38 @@ fn a_short_load_run_serves_every_listener_in_full() {
     assert_eq!(s["ok"], true, "{text}");
 }
 
+/// Listeners past the server's connection limit wait in its backlog, where the tool sees only
+/// their silence: the verdict reads why from the server.
+#[test]
+fn a_load_run_past_the_connection_limit_says_so() {
+    let fanstream = fanstream_bin();
+    let out = scratch_dir("load_tool_run_limit");
+    let status = Command::new(env!("CARGO_BIN_EXE_fanstream-load"))
+        .args(["run", "--clients", "30", "--seconds", "2"])
+        .args(["--ramp-per-sec", "300", "--per-process", "30"])
+        .args(["--server-setting", "max_connections=20", "--name", "limit"])
+        .arg("--fanstream-bin")
+        .arg(fanstream)
+        .arg("--out-dir")
+        .arg(&out)
+        .status()
+        .expect("fanstream-load runs");
+    assert!(status.success(), "fanstream-load run failed: {status}");
+    let text = std::fs::read_to_string(out.join("limit.json")).expect("summary written");
+    let s: serde_json::Value = serde_json::from_str(&text).expect("summary is JSON");
+    assert_eq!(s["streaming_at_end"], 20, "{text}");
+    assert_eq!(s["ok"], false, "{text}");
+    assert!(
+        s["server_unanswered"]["workers_full"].as_f64() >= Some(1.0),
+        "{text}"
+    );
+    let limit = s["limit"].as_str().unwrap();
+    assert!(
+        limit.starts_with("server: it reached its connection limit"),
+        "{limit}"
+    );
+}
+
 #[test]
 fn a_short_load_run_with_icy_listeners_verifies_the_audio_between_blocks() {
     let fanstream = fanstream_bin();
