@@ -27,30 +27,40 @@ fn fanstream_bin() -> PathBuf {
     bin
 }
 
+/// Runs `fanstream-load run ARGS --name NAME` against the server binary, in a scratch directory
+/// of its own; returns its JSON summary, and the summary's text for assertion messages.
+fn load_run(name: &str, args: &[&str]) -> (serde_json::Value, String) {
+    let out = scratch_dir(&format!("load_tool_run_{name}"));
+    let status = Command::new(env!("CARGO_BIN_EXE_fanstream-load"))
+        .arg("run")
+        .args(args)
+        .args(["--name", name])
+        .arg("--fanstream-bin")
+        .arg(fanstream_bin())
+        .arg("--out-dir")
+        .arg(&out)
+        .status()
+        .expect("fanstream-load runs");
+    assert!(status.success(), "fanstream-load run failed: {status}");
+    let text = std::fs::read_to_string(out.join(format!("{name}.json"))).expect("summary written");
+    (serde_json::from_str(&text).expect("summary is JSON"), text)
+}
+
 #[test]
 fn a_short_load_run_serves_every_listener_in_full() {
-    let fanstream = fanstream_bin();
-    let out = scratch_dir("load_tool_run");
-    let status = Command::new(env!("CARGO_BIN_EXE_fanstream-load"))
-        .args([
-            "run",
+    let (s, text) = load_run(
+        "smoke",
+        &[
             "--clients",
             "40",
             "--seconds",
             "3",
             "--ramp-per-sec",
             "400",
-        ])
-        .args(["--per-process", "20", "--name", "smoke"])
-        .arg("--fanstream-bin")
-        .arg(fanstream)
-        .arg("--out-dir")
-        .arg(&out)
-        .status()
-        .expect("fanstream-load runs");
-    assert!(status.success(), "fanstream-load run failed: {status}");
-    let text = std::fs::read_to_string(out.join("smoke.json")).expect("summary written");
-    let s: serde_json::Value = serde_json::from_str(&text).expect("summary is JSON");
+            "--per-process",
+            "20",
+        ],
+    );
     assert_eq!(s["load_processes"], 2, "{text}");
     assert_eq!(s["streaming_at_end"], 40, "{text}");
     assert_eq!(s["integrity"]["gaps"], 0, "{text}");
@@ -73,21 +83,21 @@ fn a_short_load_run_serves_every_listener_in_full() {
 /// their silence: the verdict reads why from the server.
 #[test]
 fn a_load_run_past_the_connection_limit_says_so() {
-    let fanstream = fanstream_bin();
-    let out = scratch_dir("load_tool_run_limit");
-    let status = Command::new(env!("CARGO_BIN_EXE_fanstream-load"))
-        .args(["run", "--clients", "30", "--seconds", "2"])
-        .args(["--ramp-per-sec", "300", "--per-process", "30"])
-        .args(["--server-setting", "max_connections=20", "--name", "limit"])
-        .arg("--fanstream-bin")
-        .arg(fanstream)
-        .arg("--out-dir")
-        .arg(&out)
-        .status()
-        .expect("fanstream-load runs");
-    assert!(status.success(), "fanstream-load run failed: {status}");
-    let text = std::fs::read_to_string(out.join("limit.json")).expect("summary written");
-    let s: serde_json::Value = serde_json::from_str(&text).expect("summary is JSON");
+    let (s, text) = load_run(
+        "limit",
+        &[
+            "--clients",
+            "30",
+            "--seconds",
+            "2",
+            "--ramp-per-sec",
+            "300",
+            "--per-process",
+            "30",
+            "--server-setting",
+            "max_connections=20",
+        ],
+    );
     assert_eq!(s["streaming_at_end"], 20, "{text}");
     assert_eq!(s["ok"], false, "{text}");
     assert!(
@@ -103,32 +113,27 @@ fn a_load_run_past_the_connection_limit_says_so() {
 
 #[test]
 fn a_short_load_run_with_icy_listeners_verifies_the_audio_between_blocks() {
-    let fanstream = fanstream_bin();
-    let out = scratch_dir("load_tool_run_icy");
-    let status = Command::new(env!("CARGO_BIN_EXE_fanstream-load"))
-        .args([
-            "run",
+    // Half of them ICY, side by side with plain ones; a short interval and titles each second,
+    // so that a 3 s window holds many blocks and several titles.
+    let (s, text) = load_run(
+        "icy",
+        &[
             "--clients",
             "40",
             "--seconds",
             "3",
             "--ramp-per-sec",
             "400",
-        ])
-        // Half of them ICY, side by side with plain ones; a short interval and titles each
-        // second, so that a 3 s window holds many blocks and several titles.
-        .args(["--icy-share", "0.5", "--icy-metaint", "1024"])
-        .args(["--title-every-secs", "1"])
-        .args(["--per-process", "20", "--name", "icy"])
-        .arg("--fanstream-bin")
-        .arg(fanstream)
-        .arg("--out-dir")
-        .arg(&out)
-        .status()
-        .expect("fanstream-load runs");
-    assert!(status.success(), "fanstream-load run failed: {status}");
-    let text = std::fs::read_to_string(out.join("icy.json")).expect("summary written");
-    let s: serde_json::Value = serde_json::from_str(&text).expect("summary is JSON");
+            "--per-process",
+            "20",
+            "--icy-share",
+            "0.5",
+            "--icy-metaint",
+            "1024",
+            "--title-every-secs",
+            "1",
+        ],
+    );
     assert_eq!(s["streaming_at_end"], 40, "{text}");
     assert_eq!(s["icy"]["clients"], 20, "{text}");
     assert_eq!(s["icy"]["streaming_at_end"], 20, "{text}");
