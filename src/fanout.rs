@@ -385,6 +385,8 @@ struct Pass<'a> {
     /// How many more due listeners this pass may write ([`PASS_LISTENERS`]); a forced pass
     /// writes all.
     budget: Cell<usize>,
+    /// Set when the budget left due listeners for the next pass.
+    left_due: Cell<bool>,
 }
 
 impl<'a> Pass<'a> {
@@ -396,6 +398,7 @@ impl<'a> Pass<'a> {
             send_timeout: Duration::from_secs(ctx.shared.config.load().send_timeout_secs),
             out,
             budget: Cell::new(if force { usize::MAX } else { PASS_LISTENERS }),
+            left_due: Cell::new(false),
         }
     }
 
@@ -532,7 +535,10 @@ impl Shard {
                 // Due already: the pass's budget ran out. Served at the loop's next turn, after
                 // the worker's other tasks had theirs; stamped now, not at the pass's start, so
                 // that this pass does not take the shard again.
-                Due::Now => Some(Instant::now()),
+                Due::Now => {
+                    pass.left_due.set(true);
+                    Some(Instant::now())
+                }
                 Due::At(at) => Some(at),
                 Due::OnData => None,
             },
@@ -903,11 +909,14 @@ impl FanOut {
         self.shards.listeners
     }
 
-    /// A round, with its CPU per listener accounted and, once a second, listeners' lag sampled.
-    fn measured(&mut self, round: fn(&mut Self)) {
+    /// A pass, with its round's CPU per listener accounted once the round is done (a round over
+    /// more due listeners than a pass writes is several passes, measured as one) and, once a
+    /// second, listeners' lag sampled. `pass` says whether it wrote all that was due.
+    fn measured(&mut self, pass: fn(&mut Self) -> bool) {
         let listeners = self.listener_count();
-        round(self);
-        self.usage.round_done(listeners);
+        if pass(self) {
+            self.usage.round_done(listeners);
+        }
         let now = Instant::now();
         if now >= self.next_lag_sample && listeners > 0 {
             self.next_lag_sample = now + LAG_SAMPLE_EVERY;
@@ -920,8 +929,9 @@ impl FanOut {
         }
     }
 
-    /// Serves the shards whose mount published since the last look.
-    fn serve_published(&mut self) {
+    /// Serves the shards whose mount published since the last look; false if its budget ran
+    /// out first.
+    fn serve_published(&mut self) -> bool {
         let link = &self.ctx.shared.workers[self.ctx.index];
         let mut mounts = std::mem::take(&mut self.published);
         std::mem::swap(
@@ -939,23 +949,29 @@ impl FanOut {
                 continue;
             }
             if pass.spent() {
+                pass.left_due.set(true);
                 self.shards.due_at_once(id, pass.now);
             } else {
                 after.push((id, self.shards.serve(id, Visit::Due, &pass)));
             }
         }
         self.published = mounts;
+        let finished = !pass.left_due.get();
         self.settle(after);
+        finished
     }
 
-    /// Serves the shards whose coalescing deadline passed.
-    fn serve_deadlines(&mut self) {
+    /// Serves the shards whose coalescing deadline passed; false if its budget ran out first.
+    fn serve_deadlines(&mut self) -> bool {
         let pass = Pass::new(&self.ctx, &self.out, false);
         let mut after = std::mem::take(&mut self.after);
         // A shard served is refiled past the pass's start, so each is taken once; the bound on
         // the count makes sure of it.
         for _ in 0..self.shards.by_id.len() {
             if pass.spent() {
+                if self.shards.next_deadline().is_some_and(|at| at <= pass.now) {
+                    pass.left_due.set(true);
+                }
                 break;
             }
             let Some(id) = self.shards.pop_due(pass.now) else {
@@ -963,7 +979,9 @@ impl FanOut {
             };
             after.push((id, self.shards.serve(id, Visit::Due, &pass)));
         }
+        let finished = !pass.left_due.get();
         self.settle(after);
+        finished
     }
 
     /// Does what is left to do with shards after serving them, and keeps the emptied list.
