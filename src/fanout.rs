@@ -25,7 +25,6 @@
 //! publishes, and the lag policy drops or skips them when they fall too far behind, so they never
 //! hold up others.
 
-use std::cell::Cell;
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::future::{poll_fn, Future};
 use std::io::{self, IoSlice};
@@ -129,32 +128,16 @@ impl DueList {
     }
 
     /// Moves into `out` the listeners at the leading offsets that `due` accepts, stopping at the
-    /// first offset it refuses or once `most` are taken (the rest of an offset's listeners then
-    /// stay, due). Returns how many it took.
-    fn take_due(
-        &mut self,
-        mut due: impl FnMut(u64) -> bool,
-        most: usize,
-        out: &mut Vec<usize>,
-    ) -> usize {
-        let mut taken = 0;
-        while let Some(mut entry) = self.by_pos.first_entry() {
-            if taken == most || !due(*entry.key()) {
-                break;
+    /// first offset it refuses.
+    fn take_due(&mut self, mut due: impl FnMut(u64) -> bool, out: &mut Vec<usize>) {
+        while let Some(entry) = self.by_pos.first_entry() {
+            if !due(*entry.key()) {
+                return;
             }
-            let room = most - taken;
-            let keys = entry.get_mut();
-            if keys.len() > room {
-                out.extend(keys.drain(keys.len() - room..));
-                taken = most;
-                break;
-            }
-            taken += keys.len();
             let keys = entry.remove();
             out.extend_from_slice(&keys);
             self.recycle(keys);
         }
-        taken
     }
 
     /// Takes out one listener, waiting at `pos`.
@@ -382,11 +365,6 @@ struct Pass<'a> {
     force: bool,
     send_timeout: Duration,
     out: &'a Outlets,
-    /// How many more due listeners this pass may write ([`PASS_LISTENERS`]); a forced pass
-    /// writes all.
-    budget: Cell<usize>,
-    /// Set when the budget left due listeners for the next pass.
-    left_due: Cell<bool>,
 }
 
 impl<'a> Pass<'a> {
@@ -397,13 +375,7 @@ impl<'a> Pass<'a> {
             force,
             send_timeout: Duration::from_secs(ctx.shared.config.load().send_timeout_secs),
             out,
-            budget: Cell::new(if force { usize::MAX } else { PASS_LISTENERS }),
-            left_due: Cell::new(false),
         }
-    }
-
-    fn spent(&self) -> bool {
-        self.budget.get() == 0
     }
 }
 
@@ -477,13 +449,7 @@ impl Shard {
                         false
                     }
                 };
-                let most = if round.force {
-                    usize::MAX
-                } else {
-                    pass.budget.get()
-                };
-                let taken = self.due.take_due(&mut due, most, &mut batch);
-                pass.budget.set(pass.budget.get().saturating_sub(taken));
+                self.due.take_due(&mut due, &mut batch);
             }
         }
         let mut gathered = Gathered::new(reuse(std::mem::take(&mut scratch.slices)));
@@ -532,13 +498,8 @@ impl Shard {
         match refused {
             Some((pos, at)) if pos == first => at,
             _ => match due_at(&unforced, first) {
-                // Due already: the pass's budget ran out. Served at the loop's next turn, after
-                // the worker's other tasks had theirs; stamped now, not at the pass's start, so
-                // that this pass does not take the shard again.
-                Due::Now => {
-                    pass.left_due.set(true);
-                    Some(Instant::now())
-                }
+                // Due already (it cannot be after a pass): served at the next deadline.
+                Due::Now => Some(round.now),
                 Due::At(at) => Some(at),
                 Due::OnData => None,
             },
@@ -728,33 +689,18 @@ impl Shards {
         }
     }
 
-    /// Takes the first shard whose deadline is `now` or earlier.
-    fn pop_due(&mut self, now: Instant) -> Option<u64> {
-        let &(at, id) = self.deadlines.first()?;
-        if at > now {
-            return None;
+    /// Takes the shards whose deadline has passed.
+    fn take_due(&mut self, now: Instant, out: &mut Vec<u64>) {
+        while let Some(&(at, id)) = self.deadlines.first() {
+            if at > now {
+                return;
+            }
+            self.deadlines.pop_first();
+            if let Some(shard) = self.by_id.get_mut(&id) {
+                shard.deadline = None;
+            }
+            out.push(id);
         }
-        self.deadlines.pop_first();
-        if let Some(shard) = self.by_id.get_mut(&id) {
-            shard.deadline = None;
-        }
-        Some(id)
-    }
-
-    /// Makes a shard due at `now` (or sooner, if its deadline is), to be served at the loop's
-    /// next turn.
-    fn due_at_once(&mut self, id: u64, now: Instant) {
-        let Some(shard) = self.by_id.get_mut(&id) else {
-            return;
-        };
-        if shard.deadline.is_some_and(|at| at <= now) {
-            return;
-        }
-        if let Some(old) = shard.deadline {
-            self.deadlines.remove(&(old, id));
-        }
-        self.deadlines.insert((now, id));
-        shard.deadline = Some(now);
     }
 
     fn next_deadline(&self) -> Option<Instant> {
@@ -770,13 +716,6 @@ impl Shards {
 /// core) never waits; on its own it would leave newcomers unanswered and parked listeners parked
 /// until they time out.
 const FAIR_SHARE: Duration = Duration::from_millis(5);
-/// Most due listeners one pass writes: a pass that finds more due (a large mount's listeners,
-/// or 1,000 small mounts' whose writes fall due at one look) writes this many, leaves the rest
-/// due and lets the worker's other tasks run before the next. A pass is not preempted, so its
-/// length is how long a newcomer's request waits to be read and admitted: at 128 kbit/s a
-/// round over 9,500 listeners took about 60 ms, which showed as the tail of the time to first
-/// byte at many mounts. At a few microseconds a write, about a `FAIR_SHARE` of writes.
-const PASS_LISTENERS: usize = 512;
 /// Most turns the loop gives at once, after a pass of a second or more.
 const MAX_TURNS: u128 = 200;
 
@@ -818,6 +757,8 @@ pub(crate) struct FanOut {
     /// Emptied lists a round fills, kept from one round to the next, as [`Scratch`]: the mounts
     /// ingest queued, swapped with the worker's link so that neither thread allocates for it...
     published: Vec<Arc<Mount>>,
+    /// ...the shards whose deadline passed...
+    due: Vec<u64>,
     /// ...and what is left to do with the shards served.
     after: Vec<(u64, After)>,
 }
@@ -853,6 +794,7 @@ impl FanOut {
             usage,
             next_lag_sample: Instant::now(),
             published: Vec::new(),
+            due: Vec::new(),
             after: Vec::new(),
         }
     }
@@ -909,14 +851,11 @@ impl FanOut {
         self.shards.listeners
     }
 
-    /// A pass, with its round's CPU per listener accounted once the round is done (a round over
-    /// more due listeners than a pass writes is several passes, measured as one) and, once a
-    /// second, listeners' lag sampled. `pass` says whether it wrote all that was due.
-    fn measured(&mut self, pass: fn(&mut Self) -> bool) {
+    /// A round, with its CPU per listener accounted and, once a second, listeners' lag sampled.
+    fn measured(&mut self, round: fn(&mut Self)) {
         let listeners = self.listener_count();
-        if pass(self) {
-            self.usage.round_done(listeners);
-        }
+        round(self);
+        self.usage.round_done(listeners);
         let now = Instant::now();
         if now >= self.next_lag_sample && listeners > 0 {
             self.next_lag_sample = now + LAG_SAMPLE_EVERY;
@@ -929,9 +868,8 @@ impl FanOut {
         }
     }
 
-    /// Serves the shards whose mount published since the last look; false if its budget ran
-    /// out first.
-    fn serve_published(&mut self) -> bool {
+    /// Serves the shards whose mount published since the last look.
+    fn serve_published(&mut self) {
         let link = &self.ctx.shared.workers[self.ctx.index];
         let mut mounts = std::mem::take(&mut self.published);
         std::mem::swap(
@@ -945,43 +883,25 @@ impl FanOut {
             // Cleared before the snapshot is loaded: a publication after the load queues it again.
             on.queued.store(false, Ordering::SeqCst);
             let id = on.shard.load(Ordering::Relaxed);
-            if id == 0 {
-                continue;
-            }
-            if pass.spent() {
-                pass.left_due.set(true);
-                self.shards.due_at_once(id, pass.now);
-            } else {
+            if id != 0 {
                 after.push((id, self.shards.serve(id, Visit::Due, &pass)));
             }
         }
         self.published = mounts;
-        let finished = !pass.left_due.get();
         self.settle(after);
-        finished
     }
 
-    /// Serves the shards whose coalescing deadline passed; false if its budget ran out first.
-    fn serve_deadlines(&mut self) -> bool {
+    /// Serves the shards whose coalescing deadline passed.
+    fn serve_deadlines(&mut self) {
         let pass = Pass::new(&self.ctx, &self.out, false);
+        let mut due = std::mem::take(&mut self.due);
+        self.shards.take_due(pass.now, &mut due);
         let mut after = std::mem::take(&mut self.after);
-        // A shard served is refiled past the pass's start, so each is taken once; the bound on
-        // the count makes sure of it.
-        for _ in 0..self.shards.by_id.len() {
-            if pass.spent() {
-                if self.shards.next_deadline().is_some_and(|at| at <= pass.now) {
-                    pass.left_due.set(true);
-                }
-                break;
-            }
-            let Some(id) = self.shards.pop_due(pass.now) else {
-                break;
-            };
+        for id in due.drain(..) {
             after.push((id, self.shards.serve(id, Visit::Due, &pass)));
         }
-        let finished = !pass.left_due.get();
+        self.due = due;
         self.settle(after);
-        finished
     }
 
     /// Does what is left to do with shards after serving them, and keeps the emptied list.
@@ -1598,15 +1518,13 @@ mod tests {
         }
         let mut asked = Vec::new();
         let mut out = Vec::new();
-        let taken = due.take_due(
+        due.take_due(
             |pos| {
                 asked.push(pos);
                 pos <= 500
             },
-            usize::MAX,
             &mut out,
         );
-        assert_eq!(taken, 3);
         out.sort();
         assert_eq!(
             out,
@@ -1625,54 +1543,12 @@ mod tests {
         );
 
         let mut out = Vec::new();
-        due.take_due(|_| false, usize::MAX, &mut out);
+        due.take_due(|_| false, &mut out);
         assert!(out.is_empty(), "nothing due, nothing taken");
-        due.take_due(|_| true, usize::MAX, &mut out);
+        due.take_due(|_| true, &mut out);
         out.sort();
         assert_eq!(out, [0, 2, 5]);
         assert_eq!(due.first(), None);
-    }
-
-    /// A pass takes at most its budget of due listeners, cutting an offset's list if need be;
-    /// those left stay due, first, and the next pass takes them before any later offset.
-    #[test]
-    fn a_pass_takes_at_most_its_budget_and_leaves_the_rest_due() {
-        let mut due = DueList::default();
-        for key in 0..5 {
-            due.insert(100, key);
-        }
-        for key in 5..8 {
-            due.insert(200, key);
-        }
-        due.insert(900, 8);
-        let mut out = Vec::new();
-        assert_eq!(due.take_due(|pos| pos <= 200, 3, &mut out), 3);
-        assert_eq!(out.len(), 3);
-        assert!(out.iter().all(|&k| k < 5), "the first offset's: {out:?}");
-        assert_eq!(due.first(), Some(100), "the rest of it stays first");
-
-        assert_eq!(due.take_due(|pos| pos <= 200, 4, &mut out), 4);
-        out.sort();
-        assert_eq!(
-            out[..5],
-            [0, 1, 2, 3, 4],
-            "the offset's rest, then the next's"
-        );
-        assert!(out[5..].iter().all(|k| (5..8).contains(k)), "{out:?}");
-        assert_eq!(due.by_pos[&200].len(), 1);
-
-        assert_eq!(
-            due.take_due(|_| true, 0, &mut out),
-            0,
-            "no budget, nothing taken"
-        );
-        assert_eq!(due.take_due(|pos| pos <= 200, 10, &mut out), 1);
-        assert_eq!(
-            due.first(),
-            Some(900),
-            "a refused offset stops it, budget or not"
-        );
-        assert_eq!(out.len(), 8);
     }
 
     #[test]
@@ -1682,7 +1558,7 @@ mod tests {
         due.insert(100, 1);
         let list = due.by_pos[&100].as_ptr();
         let mut out = Vec::new();
-        due.take_due(|_| true, usize::MAX, &mut out);
+        due.take_due(|_| true, &mut out);
         // Written to the edge, the listeners wait at a new offset, in the list they left.
         due.insert(200, 0);
         due.insert(200, 1);
@@ -1694,7 +1570,7 @@ mod tests {
         for pos in 0..(SPARE_LISTS as u64 * 2) {
             due.insert(pos, 7);
         }
-        due.take_due(|_| true, usize::MAX, &mut out);
+        due.take_due(|_| true, &mut out);
         assert_eq!(due.spare.len(), SPARE_LISTS, "and no more than a few");
 
         // The slice list keeps its buffer from one snapshot's pass to the next.
