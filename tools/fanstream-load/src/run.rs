@@ -433,27 +433,27 @@ fn with_settings_folded(o: &RunOpts) -> Result<RunOpts, String> {
             })?);
         Ok(())
     }
-    let mut o = o.clone();
-    let settings = o.server_settings.clone();
+    let settings = &o.server_settings;
+    let mut folded = o.clone();
     fold(
-        &mut o.min_write_bytes,
+        &mut folded.min_write_bytes,
         "--min-write-bytes",
         "min_write_bytes",
-        &settings,
+        settings,
     )?;
     fold(
-        &mut o.max_write_delay_ms,
+        &mut folded.max_write_delay_ms,
         "--max-write-delay-ms",
         "max_write_delay_ms",
-        &settings,
+        settings,
     )?;
     fold(
-        &mut o.icy_metaint,
+        &mut folded.icy_metaint,
         "--icy-metaint",
         "icy_metaint",
-        &settings,
+        settings,
     )?;
-    Ok(o)
+    Ok(folded)
 }
 
 pub fn run(o: &RunOpts) -> Result<Summary, String> {

@@ -240,15 +240,21 @@ fn start_fanstream(o: &ServerOpts, dir: &Path, addr: SocketAddr) -> Result<Serve
     })
 }
 
-/// The value `settings` give a mount default as `defaults.KEY=VALUE` (the last one, as in the
-/// config), trimmed.
+/// A `--server-setting` that sets a mount default, `defaults.KEY=VALUE`, as (KEY, VALUE)
+/// trimmed; None for a top-level setting.
+fn mount_default(kv: &str) -> Option<(&str, &str)> {
+    let (key, value) = kv.strip_prefix("defaults.")?.split_once('=')?;
+    Some((key.trim(), value.trim()))
+}
+
+/// The value `settings` give the mount default `key` (the last one, as in the config).
 pub fn defaults_setting<'a>(settings: &'a [String], key: &str) -> Option<&'a str> {
     settings
         .iter()
         .rev()
-        .filter_map(|kv| kv.strip_prefix("defaults.")?.split_once('='))
-        .find(|(k, _)| k.trim() == key)
-        .map(|(_, v)| v.trim())
+        .filter_map(|kv| mount_default(kv))
+        .find(|(k, _)| *k == key)
+        .map(|(_, v)| v)
 }
 
 /// fanstream's config for a run: the tool's listen addresses and limits, the load's mounts
@@ -269,15 +275,11 @@ fn fanstream_config(o: &ServerOpts, addr: SocketAddr, admin: SocketAddr) -> Stri
     }
     let mut extra = String::new();
     for kv in &o.settings {
-        match kv
-            .strip_prefix("defaults.")
-            .and_then(|kv| kv.split_once('='))
-        {
+        match mount_default(kv) {
             // TOML refuses a key twice in a table: the tool's own value gives way.
             Some((key, value)) => {
-                let key = key.trim();
                 defaults.retain(|(k, _)| k != key);
-                defaults.push((key.to_string(), value.trim().to_string()));
+                defaults.push((key.to_string(), value.to_string()));
             }
             None => extra += &format!("{kv}\n"),
         }

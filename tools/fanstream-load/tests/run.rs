@@ -111,6 +111,39 @@ fn a_load_run_past_the_connection_limit_says_so() {
     );
 }
 
+/// The interval and the coalescing given as the server's own settings: the ICY listeners strip
+/// blocks at the interval the server was given, and the summary states the delay it ran with.
+#[test]
+fn mount_settings_given_to_the_server_are_the_ones_the_tool_acts_on() {
+    let (s, text) = load_run(
+        "settings",
+        &[
+            "--clients",
+            "20",
+            "--seconds",
+            "2",
+            "--ramp-per-sec",
+            "400",
+            "--per-process",
+            "20",
+            "--icy-share",
+            "0.5",
+            "--server-setting",
+            "defaults.icy_metaint=2048",
+            "--server-setting",
+            "defaults.max_write_delay_ms=200",
+        ],
+    );
+    assert_eq!(s["icy_metaint"], 2048, "{text}");
+    assert_eq!(s["max_write_delay_ms"], 200, "{text}");
+    assert_eq!(s["icy"]["streaming_at_end"], 10, "{text}");
+    assert!(
+        s["icy_blocks_per_listener"].as_f64().unwrap() > 0.0,
+        "{text}"
+    );
+    assert_eq!(s["ok"], true, "{text}");
+}
+
 #[test]
 fn a_short_load_run_with_icy_listeners_verifies_the_audio_between_blocks() {
     // Half of them ICY, side by side with plain ones; a short interval and titles each second,
