@@ -35,6 +35,7 @@ use tokio::sync::oneshot;
 use crate::auth;
 use crate::conn::{Control, ToIngest};
 use crate::dates::Date;
+use crate::framing::same_format;
 use crate::http::{valid_mount_path, Request};
 use crate::mounts::Mount;
 use crate::reasons::{Realm, Refusal};
@@ -188,9 +189,23 @@ pub(crate) async fn answer(
                 .get(&dest)
                 .filter(|m| m.path != from.path && m.store.load().state == SourceState::Live)
                 .ok_or(Refusal::BadDestination)?;
-            let moved = move_clients(&to, &from, &to_mount).await;
-            tracing::info!(%peer, from = %from.path, to = %dest, moved, "listeners moved by an admin request");
-            response_doc(&format!("Clients moved from {} to {dest}", from.path), true)
+            let format = |m: &Mount| m.store.load().info.meta.content_type.clone();
+            if !same_format(&format(&from), &format(&to_mount)) {
+                return Err(Refusal::OtherFormat);
+            }
+            let (moved, stayed) = move_clients(&to, &from, &to_mount).await;
+            tracing::info!(%peer, from = %from.path, to = %dest, moved, stayed, "listeners moved by an admin request");
+            if stayed == 0 {
+                response_doc(&format!("Clients moved from {} to {dest}", from.path), true)
+            } else {
+                let max = to_mount.store.load().settings.max_listeners;
+                let message = format!(
+                    "Moved {moved} of {} clients from {} to {dest}: {dest} holds its max_listeners ({max})",
+                    moved + stayed,
+                    from.path
+                );
+                response_doc(&message, moved > 0)
+            }
         }
         Command::Fallbacks => {
             let mount = params.get("mount").ok_or(Refusal::BadQuery)?;
@@ -383,7 +398,9 @@ async fn kill_client(to: &Links<'_>, mount: &Mount, id: u64, peer: SocketAddr) -
     }
 }
 
-async fn move_clients(to: &Links<'_>, from: &Arc<Mount>, dest: &Arc<Mount>) -> usize {
+/// Moves the listeners of `from` to `dest` on every worker: how many moved, and how many stayed
+/// for want of room on `dest`.
+async fn move_clients(to: &Links<'_>, from: &Arc<Mount>, dest: &Arc<Mount>) -> (usize, usize) {
     ask_workers(to, |reply| Control::Move {
         from: from.clone(),
         to: dest.clone(),
@@ -391,7 +408,7 @@ async fn move_clients(to: &Links<'_>, from: &Arc<Mount>, dest: &Arc<Mount>) -> u
     })
     .await
     .into_iter()
-    .sum()
+    .fold((0, 0), |(m, s), (moved, stayed)| (m + moved, s + stayed))
 }
 
 /// Icecast's answer to a command: a message and 1 (done) or 0 (not done).

@@ -326,13 +326,14 @@ fn check(
             if snap.state == SourceState::Live {
                 (mount, snap)
             } else {
-                live_fallback(&config, mounts, path, &snap.settings).ok_or(Refusal::MountIdle)?
+                live_fallback(&config, mounts, path, &snap.settings, None)
+                    .ok_or(Refusal::MountIdle)?
             }
         }
         None => config
             .mounts
             .get(path)
-            .and_then(|declared| live_fallback(&config, mounts, path, declared))
+            .and_then(|declared| live_fallback(&config, mounts, path, declared, None))
             .ok_or(Refusal::UnknownMount)?,
     };
     // Counted as joining before the snapshot its join point comes from is loaded (see

@@ -344,11 +344,12 @@ pub(crate) enum Control {
         reply: oneshot::Sender<bool>,
     },
     /// Move the worker's listeners of `from` to `to`, each joining at a sync point (after the
-    /// destination's Ogg header pages); answers how many moved.
+    /// destination's Ogg header pages), as many as `to`'s `max_listeners` takes; answers how
+    /// many moved and how many stayed on `from` for want of room.
     Move {
         from: Arc<Mount>,
         to: Arc<Mount>,
-        reply: oneshot::Sender<usize>,
+        reply: oneshot::Sender<(usize, usize)>,
     },
 }
 

@@ -6,6 +6,7 @@
 use std::sync::Arc;
 
 use crate::config::{file_mount_path, Config, MountSettings};
+use crate::framing::same_format;
 use crate::mounts::{Mount, Mounts, Snapshot};
 use crate::store::SourceState;
 
@@ -15,13 +16,21 @@ const MAX_LINKS: usize = 32;
 
 /// The mount that listeners of `from` (whose settings are `settings`) go to now: the first of
 /// its fallback chain with a live source, else its fallback file's mount if it plays. Never
-/// `from` itself.
+/// `from` itself. With `format` (the `Content-Type` of the stream listeners are in the middle
+/// of), only a mount whose stream they can go on decoding ([`same_format`]) is taken; the others
+/// are passed over, as mounts without a source are. A newcomer, who has not started decoding,
+/// takes any.
 pub(crate) fn live_fallback(
     config: &Config,
     mounts: &Mounts,
     from: &str,
     settings: &MountSettings,
+    format: Option<&str>,
 ) -> Option<(Arc<Mount>, Arc<Snapshot>)> {
+    let takes = |snap: &Snapshot| {
+        snap.state == SourceState::Live
+            && format.is_none_or(|f| same_format(f, &snap.info.meta.content_type))
+    };
     let mut seen = vec![from.to_string()];
     let mut next = settings.fallback_mount.clone();
     while let Some(path) = next.take() {
@@ -31,7 +40,7 @@ pub(crate) fn live_fallback(
         match mounts.get(&path) {
             Some(mount) => {
                 let snap = mount.store.load_full();
-                if snap.state == SourceState::Live {
+                if takes(&snap) {
                     return Some((mount, snap));
                 }
                 next = snap.settings.fallback_mount.clone();
@@ -49,5 +58,5 @@ pub(crate) fn live_fallback(
     let file = settings.fallback_file.as_deref()?;
     let mount = mounts.get(&file_mount_path(file))?;
     let snap = mount.store.load_full();
-    (snap.state == SourceState::Live).then_some((mount, snap))
+    takes(&snap).then_some((mount, snap))
 }

@@ -1038,77 +1038,37 @@ impl FanOut {
     }
 
     /// The mount's grace period ended with a fallback: its listeners continue on the first
-    /// mount of its fallback chain with a source (see [`live_fallback`]), from that mount's join
-    /// point, so players resume at once.
+    /// mount of its fallback chain with a source in their stream's format (see
+    /// [`live_fallback`]), from that mount's join point, so players resume at once; as many as
+    /// that mount's `max_listeners` takes, and the others are closed.
     fn move_to_fallback(&mut self, id: u64, fallback: &str) {
         let Some(mut shard) = self.remove_shard(id) else {
             return;
         };
         let shared = &self.ctx.shared;
-        let settings = shard.mount.store.load().settings.clone();
-        let from = shard.mount.path.as_str();
-        let target = live_fallback(&shared.config.load(), &shared.mounts, from, &settings)
-            .map(|(mount, _)| mount);
-        match target {
-            Some(target) => {
-                tracing::info!(from = %shard.mount.path, to = %target.path, listeners = shard.listeners.len(), "moving listeners to the fallback mount");
-                self.move_all(shard, &target);
-            }
-            None => {
-                tracing::info!(from = %shard.mount.path, %fallback, "no fallback has a source: its listeners are closed");
-                shard.drop_all(Disconnect::SourceGone)
-            }
+        let from = shard.mount.clone();
+        let old = from.store.load_full();
+        let format = Some(old.info.meta.content_type.as_str());
+        let target = live_fallback(
+            &shared.config.load(),
+            &shared.mounts,
+            &from.path,
+            &old.settings,
+            format,
+        )
+        .map(|(mount, _)| mount);
+        let Some(target) = target else {
+            tracing::info!(from = %from.path, %fallback, "no fallback in this stream's format has a source: its listeners are closed");
+            shard.drop_all(Disconnect::SourceGone);
+            return;
+        };
+        let listeners = shard.listeners.len();
+        let moved = move_listeners(&self.ctx, &mut shard, &target);
+        tracing::info!(from = %from.path, to = %target.path, listeners, moved, "moving listeners to the fallback mount");
+        if !shard.listeners.is_empty() {
+            tracing::warn!(from = %from.path, to = %target.path, closed = shard.listeners.len(), "the fallback mount is full (max_listeners): the listeners it has no room for are closed");
         }
-    }
-
-    /// Moves every listener of `shard` (taken out of the worker's shards) to `target`. Each is
-    /// handed back to this loop through the admission channel once the rest of its frame and
-    /// the destination's Ogg header pages are written to it (see [`rejoin`]), so it joins at a
-    /// sync point with what a decoder needs, as a newcomer does. Moved listeners are not refused
-    /// for the destination's limits: they were admitted once.
-    fn move_all(&mut self, mut shard: Shard, target: &Arc<Mount>) -> usize {
-        let shared = &self.ctx.shared;
-        let old = shard.mount.store.load_full();
-        let mut moved = 0;
-        for l in shard.listeners.drain() {
-            let Listener {
-                mut guard,
-                stream,
-                pos,
-                icy,
-                conn,
-                // A parked listener's waker may still fire: it names a shard that is gone.
-                ..
-            } = l;
-            // A listener stopped inside a frame or page (a partial write) first gets the rest of
-            // it: decoders resync on the next stream's headers, not inside a torn page.
-            let rest = match icy {
-                None => old.rest_of_frame(pos, MAX_FRAME_REST_BYTES),
-                Some(_) => Vec::new(),
-            };
-            let Some((client, listening)) = guard.leave_for_another() else {
-                continue;
-            };
-            drop(guard);
-            let label = &self.ctx.label;
-            let Ok(guard) = ListenerGuard::enter(shared, target, label, None, client, listening)
-            else {
-                continue;
-            };
-            moved += 1;
-            let new = NewListener {
-                guard,
-                mount: target.clone(),
-                stream,
-                pos: 0,
-                icy,
-                conn,
-                joining: Joining::new(target),
-                headers_from: 0,
-            };
-            tokio::task::spawn_local(rejoin(self.ctx.admit.clone(), new, rest));
-        }
-        moved
+        shard.drop_all(Disconnect::SourceGone);
     }
 
     /// Answers the admin API (see [`Control`]).
@@ -1147,11 +1107,19 @@ impl FanOut {
             }
             Control::Move { from, to, reply } => {
                 let id = from.on_workers[index].shard.load(Ordering::Relaxed);
-                let moved = match self.remove_shard(id) {
-                    Some(shard) => self.move_all(shard, &to),
-                    None => 0,
+                let ctx = self.ctx.clone();
+                let Some(shard) = self.shards.by_id.get_mut(&id) else {
+                    let _ = reply.send((0, 0));
+                    return;
                 };
-                let _ = reply.send(moved);
+                let before = shard.listeners.len();
+                let moved = move_listeners(&ctx, shard, &to);
+                let stayed = shard.listeners.len();
+                self.shards.listeners -= before - stayed;
+                if stayed == 0 {
+                    self.remove_shard(id);
+                }
+                let _ = reply.send((moved, stayed));
             }
         }
     }
@@ -1214,6 +1182,70 @@ impl FanOut {
                 .any(|(_, l)| l.pos < end || l.stream.holds_unsent())
         })
     }
+}
+
+/// Moves the listeners of `shard` to `target`, as many as its `max_listeners` takes (an edge's
+/// relays all: no limit applies to them); the others stay in `shard`. Each is handed back to its
+/// worker's loop through the admission channel once the rest of its frame and the destination's
+/// Ogg header pages are written to it (see [`rejoin`]), so it joins at a sync point with what a
+/// decoder needs, as a newcomer does. Returns how many moved.
+fn move_listeners(ctx: &WorkerCtx, shard: &mut Shard, target: &Arc<Mount>) -> usize {
+    let shared = &ctx.shared;
+    let old = shard.mount.store.load_full();
+    let max = target.store.load().settings.max_listeners;
+    let keys: Vec<usize> = shard.listeners.iter().map(|(key, _)| key).collect();
+    let mut moved = 0;
+    for key in keys {
+        let place = if shard.listeners[key].guard.is_relay() {
+            None
+        } else {
+            match target.hold_place(max) {
+                Some(place) => Some(place),
+                None => continue,
+            }
+        };
+        let Some(Listener {
+            mut guard,
+            stream,
+            pos,
+            icy,
+            conn,
+            // A parked listener's waker may still fire: it names a listener that is gone.
+            ..
+        }) = shard.remove(key)
+        else {
+            continue;
+        };
+        // A listener stopped inside a frame or page (a partial write) first gets the rest of
+        // it: decoders resync on the next stream's headers, not inside a torn page.
+        let rest = match icy {
+            None => old.rest_of_frame(pos, MAX_FRAME_REST_BYTES),
+            Some(_) => Vec::new(),
+        };
+        let Some((client, listening)) = guard.leave_for_another() else {
+            continue;
+        };
+        drop(guard);
+        let Ok(guard) = ListenerGuard::enter(shared, target, &ctx.label, None, client, listening)
+        else {
+            continue;
+        };
+        // Counted in now: the place held for it goes.
+        drop(place);
+        moved += 1;
+        let new = NewListener {
+            guard,
+            mount: target.clone(),
+            stream,
+            pos: 0,
+            icy,
+            conn,
+            joining: Joining::new(target),
+            headers_from: 0,
+        };
+        tokio::task::spawn_local(rejoin(ctx.admit.clone(), new, rest));
+    }
+    moved
 }
 
 /// A moved listener, on its way into the destination's shard: writes it the rest of the frame

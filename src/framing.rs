@@ -40,6 +40,19 @@ pub(crate) fn is_ogg(content_type: &str) -> bool {
     )
 }
 
+/// Whether a player decoding a stream of one `Content-Type` can go on decoding one of the other
+/// without starting anew: the same MPEG frames, Ogg for Ogg (a player follows a new chain's
+/// header pages), or else the same type. Listeners moved mid-stream (`/admin/moveclients`,
+/// fallbacks) are moved only between such streams: MP3 frames followed by Ogg pages stop every
+/// player.
+pub(crate) fn same_format(a: &str, b: &str) -> bool {
+    match (mpeg_kind(a), mpeg_kind(b)) {
+        (Some(x), Some(y)) => x == y,
+        (None, None) => (is_ogg(a) && is_ogg(b)) || essence(a) == essence(b),
+        _ => false,
+    }
+}
+
 /// One source connection's parser.
 pub(crate) enum Format {
     PassThrough,
@@ -115,5 +128,22 @@ impl Format {
             Format::Mpeg(f) => f.subtype(),
             Format::Ogg(f) => f.subtype(),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn listeners_move_only_between_streams_a_player_can_go_on_decoding() {
+        assert!(same_format("audio/mpeg", "audio/mp3; charset=x"));
+        assert!(same_format("audio/ogg", "application/ogg"));
+        assert!(same_format("audio/aac", "audio/aacp"));
+        assert!(same_format("audio/webm", "Audio/WebM"));
+        assert!(!same_format("audio/mpeg", "audio/ogg"));
+        assert!(!same_format("audio/mpeg", "audio/aac"));
+        assert!(!same_format("audio/ogg", "audio/webm"));
+        assert!(!same_format("audio/webm", "audio/flac"));
     }
 }

@@ -70,7 +70,7 @@ use crate::config::{file_mount_path, MountSettings};
 use crate::conn::{refuse, Control, Encoder, Feed, Io, SourceConn, TitleUpdate, ToIngest};
 use crate::fallbacks::live_fallback;
 use crate::format::{runs, Event};
-use crate::framing::Format;
+use crate::framing::{same_format, Format};
 use crate::hls::{source_for, Params, Segmenter, Title};
 use crate::http::RESPONSE_TIMEOUT;
 use crate::metrics::unsynced_action;
@@ -222,6 +222,24 @@ impl Ingest {
             tracing::warn!(mount = %path, live, limit, "source refused: max_sources sources are live; raise max_sources");
             return Err(Refusal::TooManySources);
         }
+        // A source back within the grace period in another format (an MP3 encoder replaced by
+        // an Ogg one): the listeners waiting could not go on decoding, so the grace period ends
+        // for them as if no source had come (closed, or moved to a fallback in their format),
+        // and the source starts the mount anew. The generation goes on, so that the old grace
+        // timer cannot end the new source's.
+        let mut generation = 0;
+        let other_format = entries.get(path).is_some_and(|e| {
+            matches!(e.writer.state(), SourceState::Gone(_))
+                && !same_format(&e.source_meta.content_type, &info.meta.content_type)
+        });
+        if other_format {
+            drop(entries);
+            generation = self.end_grace(
+                path,
+                "source back in another format: the grace period ends for the listeners waiting",
+            );
+            entries = self.entries.borrow_mut();
+        }
         let entry = entries.entry(path.to_string()).or_insert_with(|| {
             let config = shared.config.load();
             let writer = StoreWriter::new(Arc::new(config.mount(path)));
@@ -235,7 +253,7 @@ impl Ingest {
             let label = [mount.label.as_str()];
             Box::new(Entry {
                 writer,
-                generation: 0,
+                generation,
                 retained: 0,
                 retained_pieces: 0,
                 retained_gauge: shared.metrics.retained_bytes.with_label_values(&label),
@@ -361,12 +379,21 @@ impl Ingest {
 
     /// `fallback_override`: the source of `mount` is back, so the listeners of the fallback
     /// its listeners would be on now move back to it, on every worker. The fallback found is
-    /// the one a newcomer during the outage got, so the listeners who came from here are among
-    /// those moved; like Icecast, it moves that fallback's other listeners too.
+    /// the one they were moved to (the first of its chain with a source in its format), so the
+    /// listeners who came from here are among those moved; like Icecast, it moves that
+    /// fallback's other listeners too, as many as the mount's `max_listeners` takes.
     fn take_back(&self, mount: &Arc<Mount>, settings: &MountSettings) {
         let shared = &self.shared;
         let config = shared.config.load();
-        let Some((from, _)) = live_fallback(&config, &shared.mounts, &mount.path, settings) else {
+        let format = mount.store.load().info.meta.content_type.clone();
+        let found = live_fallback(
+            &config,
+            &shared.mounts,
+            &mount.path,
+            settings,
+            Some(&format),
+        );
+        let Some((from, _)) = found else {
             return;
         };
         tracing::info!(mount = %mount.path, from = %from.path, "source back: moving the fallback's listeners back (fallback_override)");
@@ -467,19 +494,25 @@ impl Ingest {
         });
     }
 
-    /// The grace period ended: if no source came back, the mount closes (or moves its listeners)
-    /// and leaves the table. Its series go once the workers have let its listeners go (see
-    /// [`crate::metrics::MountLabel`]), unless it is declared.
+    /// The grace period ended: if no source came back, the mount ends it ([`Ingest::end_grace`]).
     fn expire(&self, path: &str, claim: Claim) {
+        let gone = self.entries.borrow().get(path).is_some_and(|e| {
+            e.generation == claim.generation && matches!(e.writer.state(), SourceState::Gone(_))
+        });
+        if gone {
+            self.end_grace(path, "source did not return within the grace period");
+        }
+    }
+
+    /// Ends the grace period of `path`'s mount, whose source is gone: the mount closes (or moves
+    /// its listeners to its fallback) and leaves the table. Its series go once the workers have
+    /// let its listeners go (see [`crate::metrics::MountLabel`]), unless it is declared. Returns
+    /// the generation it had reached.
+    fn end_grace(&self, path: &str, why: &str) -> u64 {
         let mut entries = self.entries.borrow_mut();
         let Some(entry) = entries.get_mut(path) else {
-            return;
+            return 0;
         };
-        if entry.generation != claim.generation
-            || !matches!(entry.writer.state(), SourceState::Gone(_))
-        {
-            return;
-        }
         let settings = entry.writer.settings();
         let fallback = settings.fallback_mount.as_deref().filter(|f| *f != path);
         let next = match (fallback, &settings.fallback_file) {
@@ -487,17 +520,19 @@ impl Ingest {
             (None, Some(file)) => SourceState::MovedTo(file_mount_path(file)),
             (None, None) => SourceState::Closed,
         };
-        tracing::info!(mount = %path, then = ?next, "source did not return within the grace period");
+        tracing::info!(mount = %path, then = ?next, "{why}");
         entry.writer.set_state(next);
         self.shared.mounts.remove(&entry.mount);
         entry.retained_gauge.sub(entry.retained);
         entry.pieces_gauge.sub(entry.retained_pieces);
+        let generation = entry.generation;
         let mount = entries.remove(path).map(|e| e.mount);
         drop(entries);
         self.declare_mounts();
         if let Some(mount) = mount {
             self.shared.changed(&mount);
         }
+        generation
     }
 
     /// Gives the mounts the config declares their series (see [`Metrics::declare_mounts`]). A

@@ -86,6 +86,15 @@ impl Drop for Joining {
     }
 }
 
+/// A listener's place held on a mount (see [`Mount::hold_place`]).
+pub(crate) struct Place<'a>(&'a Mount);
+
+impl Drop for Place<'_> {
+    fn drop(&mut self) {
+        self.0.listeners.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
 /// One worker's hold on a mount.
 #[derive(Default)]
 pub(crate) struct OnWorker {
@@ -130,6 +139,19 @@ impl Mount {
             joining: AtomicUsize::new(0),
             on_workers: (0..workers).map(|_| Default::default()).collect(),
         }
+    }
+
+    /// Holds a place for a listener moving here from another mount, within `max` (the mount's
+    /// `max_listeners`, 0 for no limit); None when the mount is full. The place counts as a
+    /// listener until it is dropped, after the listener is counted in: workers moving listeners
+    /// here at once then never exceed the limit together.
+    pub fn hold_place(&self, max: usize) -> Option<Place<'_>> {
+        self.listeners
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| {
+                (max == 0 || n < max).then_some(n + 1)
+            })
+            .ok()?;
+        Some(Place(self))
     }
 
     /// Everyone the mount serves: its listeners and the relays of edges further down (an

@@ -33,6 +33,7 @@
 //! | `no_such_source` | 400 | an admin command for a mount that does not exist (or, for `killsource`, has no source) |
 //! | `auth_unavailable` | 503 | listener authentication could not decide: `listener_add_url` unreachable or too slow (without `auth_allow_on_timeout`), or the users file unreadable |
 //! | `bad_destination` | 400 | `moveclients` to a mount with no live source, or to the mount itself |
+//! | `other_format` | 409 | `moveclients` to a mount streaming another format (MP3 and Ogg, MP3 and AAC): its listeners could not go on decoding |
 //! | `hls_off` | 404 | an HLS playlist or segment of a mount whose `hls` is off |
 //! | `hls_unsupported_format` | 404 | HLS of a mount whose stream is not MP3, AAC (ADTS) or Ogg Opus, Vorbis or FLAC |
 //! | `hls_not_ready` | 404 | HLS of a mount whose first segment is not complete yet |
@@ -108,6 +109,9 @@ pub(crate) enum Refusal {
     UnknownCommand,
     NoSuchSource,
     BadDestination,
+    /// `moveclients` between mounts whose streams are not of one format
+    /// ([`crate::framing::same_format`]).
+    OtherFormat,
     /// Listener authentication could not decide: `listener_add_url` did not answer in time (or
     /// could not be reached), or the users file cannot be read.
     AuthUnavailable,
@@ -142,6 +146,7 @@ impl Refusal {
             | Refusal::HlsNotReady
             | Refusal::SegmentGone => 404,
             Refusal::MethodNotAllowed(_) => 405,
+            Refusal::OtherFormat => 409,
             Refusal::UriTooLong => 414,
             Refusal::PerIpLimit | Refusal::AuthRateLimited { .. } => 429,
             Refusal::HeadersTooLarge => 431,
@@ -181,6 +186,7 @@ impl Refusal {
             Refusal::UnknownCommand => "unknown_command",
             Refusal::NoSuchSource => "no_such_source",
             Refusal::BadDestination => "bad_destination",
+            Refusal::OtherFormat => "other_format",
             Refusal::AuthUnavailable => "auth_unavailable",
             Refusal::HlsOff => "hls_off",
             Refusal::HlsUnsupportedFormat => "hls_unsupported_format",
@@ -199,6 +205,9 @@ impl Refusal {
     fn setting_hint(self) -> &'static str {
         match self {
             Refusal::TooManySources => " (raise max_sources)",
+            Refusal::OtherFormat => {
+                " (the destination streams another format: its listeners could not go on decoding)"
+            }
             Refusal::ServerFull => " (max_listeners)",
             Refusal::HlsOff => " (set hls = true for this mount)",
             Refusal::HlsUnsupportedFormat => {

@@ -91,7 +91,11 @@ struct Feeding {
 
 impl Feeding {
     fn start(addr: SocketAddr, mount: &str) -> Feeding {
-        let mut source = Source::connect(addr, mount);
+        Feeding::start_typed(addr, mount, "audio/mpeg")
+    }
+
+    fn start_typed(addr: SocketAddr, mount: &str, content_type: &str) -> Feeding {
+        let mut source = Source::connect_typed(addr, mount, content_type);
         let stop = Arc::new(AtomicBool::new(false));
         let flag = stop.clone();
         let thread = thread::spawn(move || {
@@ -422,6 +426,66 @@ fn moveclients_moves_a_listener_that_keeps_decoding() {
     let probe = ffprobe(&after);
     assert_eq!(probe.codec, "vorbis", "{probe:?}");
     assert!(probe.duration > 1.0, "{probe:?}");
+}
+
+/// A move never puts listeners into a stream they cannot decode (Icecast ignores such a move;
+/// here it is refused with a reason), and never past the destination's `max_listeners`: as many
+/// move as it takes, across workers, and the others stay where they were, listening.
+#[test]
+fn moveclients_keeps_listeners_in_their_format_and_within_the_destinations_max_listeners() {
+    let srv = TestServer::start(|c| {
+        with_admin_password(c);
+        c.mounts.insert(
+            "/c".into(),
+            fanstream::MountSettings {
+                max_listeners: 1,
+                ..c.defaults.clone()
+            },
+        );
+    });
+    let _a = Feeding::start(srv.addr, "/a");
+    let _aac = Feeding::start_typed(srv.addr, "/aac", "audio/aac");
+    let _c = Feeding::start(srv.addr, "/c");
+    wait_until("three sources live", || {
+        curl_get(srv.admin, "/admin/streamlist.txt", ADMIN, &[]).2 == "/a\n/aac\n/c\n"
+    });
+    let mut listeners: Vec<Listener> = (0..3).map(|_| Listener::connect(srv.addr, "/a")).collect();
+    for l in &mut listeners {
+        l.read_at_least(1000);
+    }
+    let ids: BTreeSet<u64> = client_ids(srv.admin, "/a").into_iter().collect();
+    assert_eq!(ids.len(), 3);
+
+    let to_aac = [("mount", "/a"), ("destination", "/aac")];
+    let (status, head, body) = curl_get(srv.admin, "/admin/moveclients", ADMIN, &to_aac);
+    assert_eq!(status, 409, "{head}{body}");
+    assert!(body.contains("another format"), "{body}");
+    let on_a: BTreeSet<u64> = client_ids(srv.admin, "/a").into_iter().collect();
+    assert_eq!(on_a, ids, "nobody moved to the other format");
+
+    let body = admin_ok(
+        srv.admin,
+        "moveclients",
+        &[("mount", "/a"), ("destination", "/c")],
+    );
+    let doc = parse(&body);
+    assert_eq!(text(doc.root_element(), "return"), "1", "{body}");
+    assert_eq!(
+        text(doc.root_element(), "message"),
+        "Moved 1 of 3 clients from /a to /c: /c holds its max_listeners (1)"
+    );
+    wait_until("one listener on /c", || {
+        client_ids(srv.admin, "/c").len() == 1
+    });
+    let on_a: BTreeSet<u64> = client_ids(srv.admin, "/a").into_iter().collect();
+    let on_c: BTreeSet<u64> = client_ids(srv.admin, "/c").into_iter().collect();
+    assert_eq!(on_a.len(), 2, "two stayed on /a");
+    assert_eq!(&on_a | &on_c, ids);
+    // Every one of them, moved or not, goes on receiving.
+    for l in &mut listeners {
+        let had = l.body.len();
+        l.read_at_least(had + 20_000);
+    }
 }
 
 #[test]

@@ -12,7 +12,7 @@ use std::sync::Arc;
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
 
-use common::clients::{ffmpeg_decode, make_file, Codec, Tone};
+use common::clients::{ffmpeg_decode, ffmpeg_source, make_file, Codec, Tone};
 use common::*;
 use fanstream::MountSettings;
 
@@ -28,7 +28,16 @@ struct Feeding {
 
 impl Feeding {
     fn start(addr: std::net::SocketAddr, mount: &str, base: u64) -> Feeding {
-        let mut source = Source::connect(addr, mount);
+        Feeding::start_typed(addr, mount, base, "audio/mpeg")
+    }
+
+    fn start_typed(
+        addr: std::net::SocketAddr,
+        mount: &str,
+        base: u64,
+        content_type: &str,
+    ) -> Feeding {
+        let mut source = Source::connect_typed(addr, mount, content_type);
         let stop = Arc::new(AtomicBool::new(false));
         let stopped = stop.clone();
         let writer = thread::spawn(move || {
@@ -223,6 +232,100 @@ fn capture_file(dir: &std::path::Path, name: &str, bytes: &[u8]) -> PathBuf {
     path
 }
 
+/// How a listener left its mount: moved (on to the pattern from `HIGH * 2`), or closed.
+#[derive(Debug, PartialEq)]
+enum Fate {
+    Moved,
+    Closed,
+}
+
+/// Reads until the listener is on the pattern from `HIGH * 2` or is closed; fails the test if it
+/// gets any byte of the pattern from `HIGH` (another format's mount).
+fn fate(l: &mut Listener) -> Fate {
+    let mut buf = vec![0u8; 64 * 1024];
+    let start = Instant::now();
+    loop {
+        assert!(start.elapsed() < DEADLINE, "neither moved nor closed");
+        let n = read_some(&mut l.stream, &mut buf).expect("a read");
+        if n == 0 {
+            return Fate::Closed;
+        }
+        l.body.extend_from_slice(&buf[..n]);
+        let newest = l.body.len().saturating_sub(64);
+        for at in (0..l.body.len().saturating_sub(64))
+            .step_by(256)
+            .chain([newest])
+        {
+            let offset = locate(&l.body[at..at + 64]);
+            assert!(
+                !offset.is_some_and(|o| (HIGH..2 * HIGH).contains(&o)),
+                "a listener got bytes of another format's stream"
+            );
+        }
+        if locate(&l.body[newest..]).is_some_and(|o| o >= 2 * HIGH) {
+            return Fate::Moved;
+        }
+    }
+}
+
+/// At the end of the grace period listeners go down the fallback chain past a live mount whose
+/// stream is another format (MP3 frames followed by AAC ones stop a player), to the first in
+/// theirs; as many as its `max_listeners` takes, the others are closed.
+#[test]
+fn listeners_fall_back_only_to_their_format_and_within_the_fallbacks_max_listeners() {
+    let srv = TestServer::start(|c| {
+        c.defaults.source_grace_secs = 1;
+        let with = |fallback: Option<&str>, max_listeners| MountSettings {
+            fallback_mount: fallback.map(str::to_string),
+            max_listeners,
+            ..c.defaults.clone()
+        };
+        let mounts = [
+            ("/a", with(Some("/aac"), 0)),
+            ("/aac", with(Some("/b"), 0)),
+            ("/b", with(None, 1)),
+        ];
+        for (path, settings) in mounts {
+            c.mounts.insert(path.into(), settings);
+        }
+    });
+    let _aac = Feeding::start_typed(srv.addr, "/aac", HIGH, "audio/aac");
+    let _b = Feeding::start(srv.addr, "/b", 2 * HIGH);
+    let a = Feeding::start(srv.addr, "/a", 0);
+    let mut first = Listener::connect(srv.addr, "/a");
+    let mut second = Listener::connect(srv.addr, "/a");
+    wait_on(&mut first, "/a's stream", |at| at < HIGH);
+    wait_on(&mut second, "/a's stream", |at| at < HIGH);
+    drop(a);
+    let mut fates = [fate(&mut first), fate(&mut second)];
+    fates.sort_by_key(|f| *f == Fate::Closed);
+    assert_eq!(fates, [Fate::Moved, Fate::Closed]);
+    assert_eq!(listeners(&srv, "/b"), 1.0);
+    assert_eq!(listeners(&srv, "/aac"), 0.0);
+}
+
+/// A source that comes back within the grace period in another format ends it for the
+/// listeners waiting (they could not decode what it sends), and starts the mount anew.
+#[test]
+fn a_source_back_in_another_format_closes_the_listeners_waiting_for_it() {
+    let srv = TestServer::start(|c| c.defaults.source_grace_secs = 60);
+    let a = Feeding::start(srv.addr, "/a", 0);
+    let mut waiting = Listener::connect(srv.addr, "/a");
+    wait_on(&mut waiting, "/a's stream", |at| at < HIGH);
+    drop(a);
+    srv.wait_metric("fanstream_source_up", &["mount=\"/a\""], |v| v == 0.0);
+    let _aac = Feeding::start_typed(srv.addr, "/a", HIGH, "audio/aac");
+    // Closed at once, not at the end of the 60 s grace period (the read would time out).
+    assert_eq!(fate(&mut waiting), Fate::Closed);
+    let mut newcomer = Listener::connect(srv.addr, "/a");
+    assert!(
+        newcomer.head.contains("Content-Type: audio/aac\r\n"),
+        "{}",
+        newcomer.head
+    );
+    wait_on(&mut newcomer, "the new stream", |at| at >= HIGH);
+}
+
 #[test]
 fn a_fallback_file_plays_in_a_loop_and_decodes() {
     let dir = common::process::scratch_dir("fallback_file");
@@ -240,10 +343,20 @@ fn a_fallback_file_plays_in_a_loop_and_decodes() {
                 },
             );
         });
+        // A source in the file's format (listeners are moved only between streams of one
+        // format): the test pattern as MP3, or an Ogg Vorbis encoder.
+        let source = |base| -> Box<dyn std::any::Any> {
+            let source: Box<dyn std::any::Any> = match codec {
+                Codec::Mp3 => Box::new(Feeding::start(srv.addr, "/a", base)),
+                _ => Box::new(ffmpeg_source(srv.addr, "/a", &Tone::new(codec, 600.0))),
+            };
+            srv.wait_metric("fanstream_source_up", &["mount=\"/a\""], |v| v == 1.0);
+            source
+        };
         // A listener there when the source leaves moves to the file after the grace period.
-        let a = Feeding::start(srv.addr, "/a", 0);
+        let a = source(0);
         let mut moved = Listener::connect(srv.addr, "/a");
-        newest_offset(&mut moved);
+        moved.read_at_least(20_000);
         drop(a);
         let start = Instant::now();
         while occurrences(&moved.body, &audio) == 0 {
@@ -290,9 +403,14 @@ fn a_fallback_file_plays_in_a_loop_and_decodes() {
         let body = String::from_utf8_lossy(&body);
         assert!(!body.contains("fallback-file"), "{body}");
         // The source returns: fallback_override takes both listeners back from the file.
-        let _back = Feeding::start(srv.addr, "/a", HIGH);
+        let _back = source(HIGH);
         srv.wait_metric("fanstream_listeners", &["mount=\"/a\""], |v| v == 2.0);
-        wait_on(&mut l, "the newcomer back on /a", |at| at >= HIGH);
+        if codec == Codec::Mp3 {
+            wait_on(&mut l, "the newcomer back on /a", |at| at >= HIGH);
+        } else {
+            let had = l.body.len();
+            l.read_at_least(had + 20_000);
+        }
     }
 }
 
