@@ -273,9 +273,10 @@ fn authorize(
     if let Some(relay_password) = relay {
         accepted.push((cfg.relay_user.as_str(), relay_password));
     }
-    let source_password = mount.as_deref().and_then(|m| cfg.source_password_for(m));
-    if let Some(source_password) = source_password {
-        accepted.push((cfg.source_user.as_str(), source_password));
+    if let Some(mount) = mount.as_deref() {
+        if let Some(source_password) = cfg.source_password_for(mount) {
+            accepted.push((cfg.source_user_for(mount), source_password));
+        }
     }
     auth::check_given(
         &shared.auth_failures,

@@ -93,6 +93,9 @@ impl<'de> Deserialize<'de> for Cidr {
 #[derive(Clone, Debug, Deserialize, PartialEq)]
 #[serde(default, deny_unknown_fields)]
 pub struct MountSettings {
+    /// User a source must give for this mount (Icecast's `<mount><username>`). Default: the
+    /// global `source_user`.
+    pub source_user: Option<String>,
     /// Password a source must give for this mount. Default: the global `source_password`.
     pub source_password: Option<String>,
     /// File holding this mount's source password (first line), instead of writing it in the
@@ -201,6 +204,7 @@ pub enum ListenerAuthKind {
 impl Default for MountSettings {
     fn default() -> Self {
         MountSettings {
+            source_user: None,
             source_password: None,
             source_password_file: None,
             max_listeners: 0,
@@ -879,6 +883,15 @@ impl Config {
         self.mounts.keys().map(String::as_str).chain(demo)
     }
 
+    /// The user a source of `path` names: the mount's `source_user`, else the global one.
+    pub fn source_user_for(&self, path: &str) -> &str {
+        match self.mounts.get(path) {
+            Some(m) => m.source_user.as_deref(),
+            None => self.defaults.source_user.as_deref(),
+        }
+        .unwrap_or(&self.source_user)
+    }
+
     /// Whether a source may create `path` (declared, the demo, or admitted by a global password).
     pub fn source_password_for(&self, path: &str) -> Option<&str> {
         match self.mounts.get(path) {
@@ -1174,6 +1187,13 @@ fn check_mount(what: &str, m: &MountSettings) -> Result<(), String> {
     if let Some(p) = &m.source_password {
         if p.is_empty() {
             return Err(format!("{what}.source_password must not be empty"));
+        }
+    }
+    if let Some(u) = &m.source_user {
+        if u.is_empty() || u.contains(':') {
+            return Err(format!(
+                "{what}.source_user must be non-empty and contain no ':'"
+            ));
         }
     }
     if let Some(f) = &m.fallback_mount {

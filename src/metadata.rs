@@ -49,7 +49,7 @@ pub(crate) fn update(
         return Err(Refusal::BadPath);
     }
     let given = match params.text("pass") {
-        Some(pass) if shoutcast => Some((cfg.source_user.clone(), pass)),
+        Some(pass) if shoutcast => Some((cfg.source_user_for(&mount).to_string(), pass)),
         _ => req.basic_auth(),
     };
     let source_password = cfg.source_password_for(&mount).unwrap_or_default();
@@ -62,7 +62,7 @@ pub(crate) fn update(
         Realm::Source,
         given,
         &[
-            (&cfg.source_user, source_password),
+            (cfg.source_user_for(&mount), source_password),
             (&cfg.admin_user, admin_password),
         ],
     )?;

@@ -110,7 +110,7 @@ fn check(shared: &Shared, req: &Request, peer: SocketAddr) -> Result<Admitted, R
         req,
         peer,
         Realm::Source,
-        &cfg.source_user,
+        cfg.source_user_for(&req.path),
         expected,
     )?;
     Ok(Admitted {

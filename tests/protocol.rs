@@ -301,6 +301,67 @@ fn per_mount_passwords_and_undeclared_mounts() {
     let _undeclared = Source::connect(srv.addr, "/anything-else");
 }
 
+/// Icecast's `<mount><username>`: a mount's own source user. ffmpeg pushes with it, and it
+/// updates titles and runs the mount's admin commands; the global user is refused there, and
+/// other mounts keep the global one.
+#[test]
+fn a_mount_with_its_own_source_user() {
+    use common::clients::{curl_get, ffmpeg_source_as, Codec, Tone};
+    let srv = TestServer::start(|c| {
+        c.admin_password = Some("admin-secret".into());
+        c.mounts.insert(
+            "/dj".into(),
+            fanstream::MountSettings {
+                source_user: Some("dj".into()),
+                source_password: Some("dj-secret".into()),
+                ..Default::default()
+            },
+        );
+    });
+    for auth in [basic("source", "dj-secret"), basic("dj", PASSWORD)] {
+        let (status, _, _) = request(srv.addr, put_head("/dj", &auth, "").as_bytes());
+        assert_eq!(status, 401);
+    }
+    let mut ffmpeg = ffmpeg_source_as(
+        srv.addr,
+        "/dj",
+        &Tone::new(Codec::Mp3, 600.0),
+        ("dj", "dj-secret"),
+    );
+    let start = std::time::Instant::now();
+    while request(srv.addr, b"HEAD /dj HTTP/1.0\r\n\r\n").0 != 200 {
+        assert!(
+            start.elapsed() < DEADLINE,
+            "ffmpeg as dj: {}",
+            ffmpeg.text()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let mut l = Listener::connect(srv.addr, "/dj");
+    l.read_at_least(8000);
+    let dj = Some(("dj", "dj-secret"));
+    let update = [
+        ("mount", "/dj"),
+        ("mode", "updinfo"),
+        ("song", "Set by the DJ"),
+    ];
+    let (status, _, body) = curl_get(srv.addr, "/admin/metadata", dj, &update);
+    assert_eq!(status, 200, "{body}");
+    let (status, _, body) = curl_get(srv.admin, "/admin/listclients", dj, &[("mount", "/dj")]);
+    assert_eq!(status, 200, "{body}");
+    let as_source = Some(("source", "dj-secret"));
+    let (status, _, _) = curl_get(srv.addr, "/admin/metadata", as_source, &update);
+    assert_eq!(status, 401);
+    let (status, _, _) = curl_get(
+        srv.admin,
+        "/admin/listclients",
+        as_source,
+        &[("mount", "/dj")],
+    );
+    assert_eq!(status, 401);
+    let _other = Source::connect(srv.addr, "/other");
+}
+
 #[test]
 fn mount_listener_limit_is_503_with_retry_after() {
     let srv = TestServer::start(|c| c.defaults.max_listeners = 2);

@@ -418,13 +418,23 @@ fn icecast_url(addr: SocketAddr, mount: &str) -> String {
 /// [-metadata ...] -f MUXER -content_type TYPE icecast://source:PASS@ADDR/MOUNT`
 /// (`PUT` with `Expect: 100-continue`).
 pub fn ffmpeg_source(addr: SocketAddr, mount: &str, tone: &Tone) -> Program {
+    ffmpeg_source_as(addr, mount, tone, ("source", PASSWORD))
+}
+
+/// [`ffmpeg_source`] with other credentials: `icecast://USER:PASS@ADDR/MOUNT`.
+pub fn ffmpeg_source_as(
+    addr: SocketAddr,
+    mount: &str,
+    tone: &Tone,
+    (user, password): (&str, &str),
+) -> Program {
     require("ffmpeg");
     let mut cmd = Command::new("ffmpeg");
     cmd.args(["-hide_banner", "-loglevel", "error", "-re"])
         .args(tone.input_args())
         .args(tone.encode_args())
         .args(["-content_type", tone.codec.content_type()])
-        .arg(icecast_url(addr, mount));
+        .arg(format!("icecast://{user}:{password}@{addr}{mount}"));
     Program::spawn("ffmpeg source", &mut cmd)
 }
 
