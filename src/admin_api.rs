@@ -12,7 +12,8 @@
 //! `Accept: application/json`, built from the same tree.
 //!
 //! Credentials: the admin user's (HTTP Basic), or for a command on one mount (`listclients`,
-//! `killclient`, `killsource`, `moveclients`, `fallbacks`) that mount's source credentials too,
+//! `killclient`, `killsource`, `moveclients`, `fallbacks`, and `stats?mount=`) that mount's
+//! source credentials too,
 //! as Icecast takes them; for `streamlist.txt` and `register`, the relay user's too
 //! (`relay_user`/`relay_password`), as Icecast serves its relays the list; failures count
 //! towards the per-address 429 like other logins. The
@@ -35,7 +36,7 @@ use tokio::sync::oneshot;
 use crate::auth;
 use crate::conn::{Control, ToIngest};
 use crate::dates::Date;
-use crate::framing::same_format;
+use crate::framing::{carries_own_metadata, same_format};
 use crate::http::{valid_mount_path, Request};
 use crate::mounts::Mount;
 use crate::reasons::{Realm, Refusal};
@@ -102,11 +103,13 @@ impl Command {
         matches!(self, Command::StreamList | Command::Register)
     }
 
-    /// Commands on one mount, which that mount's source credentials may run.
+    /// Commands on one mount, which that mount's source credentials may run (`stats` when it
+    /// names a mount).
     fn on_one_mount(self) -> bool {
         matches!(
             self,
-            Command::ListClients
+            Command::Stats
+                | Command::ListClients
                 | Command::KillClient
                 | Command::KillSource
                 | Command::MoveClients
@@ -133,7 +136,7 @@ pub(crate) async fn answer(
     let command = command.ok_or(Refusal::UnknownCommand)?;
     let json = wants_json(req, &params);
     let doc = match command {
-        Command::Stats => stats(shared, req),
+        Command::Stats => stats(shared, req, params.get("mount").as_deref()),
         Command::ListMounts => list_mounts(shared),
         Command::StreamList => {
             let mounts = stream_list(shared);
@@ -471,14 +474,28 @@ fn list_mounts(shared: &Shared) -> El {
     El::node("icestats", sources).listing(&["source"])
 }
 
-/// `/admin/stats`: the server's counters, then each source's, each group in alphabetical order
-/// as Icecast keeps them.
-fn stats(shared: &Shared, req: &Request) -> El {
+/// The sum of a counter's series.
+fn total(counter: &prometheus::IntCounterVec) -> u64 {
+    use prometheus::core::Collector;
+    counter
+        .collect()
+        .iter()
+        .flat_map(|family| family.get_metric())
+        .map(|series| series.get_counter().value() as u64)
+        .sum()
+}
+
+/// `/admin/stats`: the server's counters, then each live source's, each group in alphabetical
+/// order as Icecast keeps them; with `mount=` (which that mount's source credentials may ask, as
+/// Icecast allows) that source's alone.
+fn stats(shared: &Shared, req: &Request, only: Option<&str>) -> El {
     let host = host_name(req.header("host"), shared.listen_addr);
     let m = &shared.metrics;
     let live = live_mounts(shared);
+    let sources = live.len() as u64;
     let listener_connections = m.listener_connects.sum();
     let source_connections = m.source_connects.sum();
+    let relay_connections = total(&m.relay_connects);
     let start = Date::of(shared.started);
     let mut children = vec![
         // Icecast's `<admin>` and `<location>` settings; fanstream has none: Icecast's defaults.
@@ -500,14 +517,20 @@ fn stats(shared: &Shared, req: &Request) -> El {
         El::text("server_id", server_id()),
         El::text("server_start", start.rfc2822()),
         El::text("server_start_iso8601", start.iso8601()),
-        El::num("source_client_connections", source_connections),
-        El::num("source_relay_connections", 0),
+        El::num(
+            "source_client_connections",
+            source_connections.saturating_sub(relay_connections),
+        ),
+        El::num("source_relay_connections", relay_connections),
         El::num("source_total_connections", source_connections),
-        El::num("sources", live.len() as u64),
+        El::num("sources", sources),
         El::num("stats", 0),
         El::num("stats_connections", 0),
     ];
     for (mount, snap) in live {
+        if only.is_some_and(|path| path != mount.path) {
+            continue;
+        }
         let meta = &snap.info.meta;
         let label = mount.label.as_str();
         let started = Date::of(meta.started.unwrap_or(shared.started));
@@ -522,7 +545,10 @@ fn stats(shared: &Shared, req: &Request) -> El {
                 source.push(El::text(name, v.clone()));
             }
         };
-        opt("artist", &snap.now_playing.artist);
+        let (artist, title) = snap
+            .now_playing
+            .icecast(carries_own_metadata(&meta.content_type));
+        opt("artist", &artist);
         opt("audio_info", &meta.audio_info);
         if let Some(b) = meta.bitrate_kbps {
             source.push(El::num("bitrate", b.into()));
@@ -582,7 +608,7 @@ fn stats(shared: &Shared, req: &Request) -> El {
             }
         };
         opt("subtype", &meta.subtype);
-        opt("title", &snap.now_playing.title);
+        opt("title", &title);
         source.extend([
             El::num(
                 "total_bytes_read",

@@ -1,6 +1,8 @@
 //! Checking credentials (sources and the admin listener), and slowing down password guessing:
-//! after `auth_max_failures` failed logins from one address within the window, that address gets
-//! 429 until the window ends.
+//! after `auth_max_failures` failed logins of one kind (source, admin, relay, listener) from one
+//! address within the window, that address gets 429 for that kind until the window ends. Kinds
+//! are counted apart so that a panel with a stale admin password, or a listener mistyping theirs,
+//! does not lock out the encoder on the same host.
 
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
@@ -51,7 +53,7 @@ pub(crate) fn check_given(
     let now = Instant::now();
     let client = cfg.client_key(peer.ip());
     let limits = AuthLimits::of(cfg);
-    if let Some(wait) = failures.blocked(client, now, limits) {
+    if let Some(wait) = failures.blocked(client, realm, now, limits) {
         return Err(Refusal::AuthRateLimited {
             retry_after_secs: wait.as_secs() + 1,
         });
@@ -63,11 +65,11 @@ pub(crate) fn check_given(
         ok | (user_ok & pass_ok)
     });
     if !matches {
-        failures.failed(client, now, limits);
+        failures.failed(client, realm, now, limits);
         tracing::warn!(%peer, %path, ?realm, "authentication failed");
         return Err(Refusal::BadCredentials(realm));
     }
-    failures.succeeded(client);
+    failures.succeeded(client, realm);
     Ok(())
 }
 
@@ -126,20 +128,26 @@ impl AuthLimits {
 
 #[derive(Default)]
 pub(crate) struct AuthFailures {
-    /// Failures counted since the window's start, per address.
-    table: Mutex<HashMap<IpAddr, (u32, Instant)>>,
+    /// Failures counted since the window's start, per address and kind of login.
+    table: Mutex<HashMap<(IpAddr, Realm), (u32, Instant)>>,
 }
 
 impl AuthFailures {
     /// How long `ip` must wait before trying again, if it is blocked now.
-    pub fn blocked(&self, ip: IpAddr, now: Instant, limits: AuthLimits) -> Option<Duration> {
+    pub fn blocked(
+        &self,
+        ip: IpAddr,
+        realm: Realm,
+        now: Instant,
+        limits: AuthLimits,
+    ) -> Option<Duration> {
         let table = self.table.lock().unwrap_or_else(|e| e.into_inner());
-        let (count, since) = *table.get(&ip)?;
+        let (count, since) = *table.get(&(ip, realm))?;
         let ends = since + limits.window;
         (count >= limits.max_failures && now < ends).then(|| ends - now)
     }
 
-    pub fn failed(&self, ip: IpAddr, now: Instant, limits: AuthLimits) {
+    pub fn failed(&self, ip: IpAddr, realm: Realm, now: Instant, limits: AuthLimits) {
         let mut table = self.table.lock().unwrap_or_else(|e| e.into_inner());
         if table.len() >= MAX_TRACKED {
             table.retain(|_, (_, since)| now < *since + limits.window);
@@ -147,16 +155,16 @@ impl AuthFailures {
                 table.clear();
             }
         }
-        let entry = table.entry(ip).or_insert((0, now));
+        let entry = table.entry((ip, realm)).or_insert((0, now));
         if now >= entry.1 + limits.window {
             *entry = (0, now);
         }
         entry.0 += 1;
     }
 
-    pub fn succeeded(&self, ip: IpAddr) {
+    pub fn succeeded(&self, ip: IpAddr, realm: Realm) {
         let mut table = self.table.lock().unwrap_or_else(|e| e.into_inner());
-        table.remove(&ip);
+        table.remove(&(ip, realm));
     }
 }
 
@@ -175,19 +183,45 @@ mod tests {
         let other: IpAddr = "192.0.2.2".parse().unwrap();
         let t0 = Instant::now();
         for _ in 0..2 {
-            f.failed(ip, t0, l);
+            f.failed(ip, Realm::Source, t0, l);
         }
-        assert_eq!(f.blocked(ip, t0, l), None);
-        f.failed(ip, t0, l);
+        assert_eq!(f.blocked(ip, Realm::Source, t0, l), None);
+        f.failed(ip, Realm::Source, t0, l);
         assert_eq!(
-            f.blocked(ip, t0 + Duration::from_secs(10), l),
+            f.blocked(ip, Realm::Source, t0 + Duration::from_secs(10), l),
             Some(Duration::from_secs(50))
         );
-        assert_eq!(f.blocked(other, t0, l), None);
-        assert_eq!(f.blocked(ip, t0 + Duration::from_secs(60), l), None);
+        assert_eq!(f.blocked(other, Realm::Source, t0, l), None);
+        assert_eq!(
+            f.blocked(ip, Realm::Source, t0 + Duration::from_secs(60), l),
+            None
+        );
         // A new window starts afresh.
-        f.failed(ip, t0 + Duration::from_secs(61), l);
-        assert_eq!(f.blocked(ip, t0 + Duration::from_secs(61), l), None);
+        f.failed(ip, Realm::Source, t0 + Duration::from_secs(61), l);
+        assert_eq!(
+            f.blocked(ip, Realm::Source, t0 + Duration::from_secs(61), l),
+            None
+        );
+    }
+
+    /// A panel guessing the admin password (or left with a stale one) on the encoder's host
+    /// does not lock the encoder out, nor does a listener's wrong password.
+    #[test]
+    fn each_kind_of_login_is_counted_apart() {
+        let f = AuthFailures::default();
+        let l = AuthLimits {
+            max_failures: 2,
+            window: Duration::from_secs(60),
+        };
+        let ip: IpAddr = "192.0.2.1".parse().unwrap();
+        let t0 = Instant::now();
+        for _ in 0..2 {
+            f.failed(ip, Realm::Admin, t0, l);
+            f.failed(ip, Realm::Listener, t0, l);
+        }
+        assert!(f.blocked(ip, Realm::Admin, t0, l).is_some());
+        assert!(f.blocked(ip, Realm::Listener, t0, l).is_some());
+        assert_eq!(f.blocked(ip, Realm::Source, t0, l), None);
     }
 
     #[test]
@@ -199,10 +233,10 @@ mod tests {
         };
         let ip: IpAddr = "192.0.2.1".parse().unwrap();
         let t0 = Instant::now();
-        f.failed(ip, t0, l);
-        f.succeeded(ip);
-        f.failed(ip, t0, l);
-        assert_eq!(f.blocked(ip, t0, l), None);
+        f.failed(ip, Realm::Source, t0, l);
+        f.succeeded(ip, Realm::Source);
+        f.failed(ip, Realm::Source, t0, l);
+        assert_eq!(f.blocked(ip, Realm::Source, t0, l), None);
     }
 
     #[test]
@@ -214,7 +248,7 @@ mod tests {
         };
         let t0 = Instant::now();
         for i in 0..(MAX_TRACKED as u32 + 50) {
-            f.failed(IpAddr::from(i.to_be_bytes()), t0, l);
+            f.failed(IpAddr::from(i.to_be_bytes()), Realm::Source, t0, l);
         }
         assert!(f.table.lock().unwrap().len() <= MAX_TRACKED);
     }

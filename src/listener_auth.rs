@@ -122,7 +122,7 @@ async fn check_users_file(
     let (peer, path) = (asker.peer, &asker.req.path);
     let limits = AuthLimits::of(cfg);
     let now = Instant::now();
-    if let Some(wait) = failures.blocked(peer.ip(), now, limits) {
+    if let Some(wait) = failures.blocked(peer.ip(), Realm::Listener, now, limits) {
         return Err(Refusal::AuthRateLimited {
             retry_after_secs: wait.as_secs() + 1,
         });
@@ -140,7 +140,7 @@ async fn check_users_file(
         Refusal::AuthUnavailable
     })?;
     let Some(hash) = users.users.get(&user).cloned() else {
-        failures.failed(peer.ip(), now, limits);
+        failures.failed(peer.ip(), Realm::Listener, now, limits);
         tracing::warn!(%peer, %path, %user, "listener authentication failed: no such user");
         return Err(Refusal::BadCredentials(Realm::Listener));
     };
@@ -152,11 +152,11 @@ async fn check_users_file(
     };
     match tokio::time::timeout(timeout, verify).await {
         Ok(Some(true)) => {
-            failures.succeeded(peer.ip());
+            failures.succeeded(peer.ip(), Realm::Listener);
             Ok(())
         }
         Ok(Some(false)) => {
-            failures.failed(peer.ip(), now, limits);
+            failures.failed(peer.ip(), Realm::Listener, now, limits);
             tracing::warn!(%peer, %path, %user, "listener authentication failed: wrong password");
             Err(Refusal::BadCredentials(Realm::Listener))
         }

@@ -56,7 +56,7 @@ use crate::http;
 
 /// The challenge a 401 carries: sources and the admin API are told apart, so that a browser or a
 /// password manager does not offer one's credentials for the other.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub(crate) enum Realm {
     Source,
     Admin,

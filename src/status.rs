@@ -14,6 +14,7 @@ use serde::Serialize;
 
 use crate::conn::{log_response, Incoming};
 use crate::dates::Date;
+use crate::framing::carries_own_metadata;
 use crate::http::{self, Method, Request};
 use crate::mounts::Mount;
 use crate::shared::Shared;
@@ -249,8 +250,10 @@ fn icecast(shared: &Shared, host: &str) -> IcecastDoc {
             }
             let meta = &snap.info.meta;
             let started = Date::of(meta.started.unwrap_or(shared.started));
+            let own_tags = carries_own_metadata(&meta.content_type);
+            let (artist, title) = snap.now_playing.icecast(own_tags);
             Some(IceSource {
-                artist: snap.now_playing.artist.clone(),
+                artist,
                 audio_info: meta.audio_info.clone(),
                 bitrate: meta.bitrate_kbps,
                 // Icecast's words for a source that did not say.
@@ -273,7 +276,7 @@ fn icecast(shared: &Shared, host: &str) -> IcecastDoc {
                 stream_start: started.rfc2822(),
                 stream_start_iso8601: started.iso8601(),
                 subtype: meta.subtype.clone(),
-                title: snap.now_playing.title.clone(),
+                title,
                 total_bytes_read: m.received_bytes.load(Ordering::Relaxed),
                 total_bytes_sent: m.sent_bytes.load(Ordering::Relaxed),
                 dummy: (),

@@ -209,6 +209,17 @@ impl NowPlaying {
             (a, t) => t.clone().or_else(|| a.clone()),
         }
     }
+
+    /// `artist` and `title` as Icecast's status documents give them: apart for a stream that
+    /// carries its own tags (Ogg comments, `own_tags`), else all in `title` as players show it
+    /// (`artist - title`), where panels and now-playing widgets read it.
+    pub fn icecast(&self, own_tags: bool) -> (Option<String>, Option<String>) {
+        if own_tags {
+            (self.artist.clone(), self.title.clone())
+        } else {
+            (None, self.display())
+        }
+    }
 }
 
 /// What the source said about its stream (from its `ice-*`/`icy-*` headers), for listeners'

@@ -557,6 +557,7 @@ fn credentials_as_icecast_takes_them_and_a_public_port_closed_without_an_admin_p
         c.auth_max_failures = 3;
     });
     let _feeding = Feeding::start(srv.addr, "/live");
+    let _other = Feeding::start(srv.addr, "/other");
     for port in [srv.admin, srv.addr] {
         let (status, head, _) = curl_get(port, "/admin/stats", None, &[]);
         assert_eq!(status, 401, "{head}");
@@ -572,6 +573,13 @@ fn credentials_as_icecast_takes_them_and_a_public_port_closed_without_an_admin_p
         assert_eq!(status, 200, "{body}");
         let (status, _, _) = curl_get(port, "/admin/stats", source, &[]);
         assert_eq!(status, 401);
+        // Its own mount's stats, as Icecast gives them: that source alone.
+        let (status, _, body) = curl_get(port, "/admin/stats", source, &[("mount", "/live")]);
+        assert_eq!(status, 200, "{body}");
+        let doc = parse(&body);
+        let sources: Vec<_> = children(doc.root_element(), "source").collect();
+        assert_eq!(sources.len(), 1, "{body}");
+        assert_eq!(sources[0].attribute("mount"), Some("/live"));
         let (status, _, _) = curl_get(port, "/admin/listmounts", source, &[]);
         assert_eq!(status, 401);
     }
@@ -583,6 +591,9 @@ fn credentials_as_icecast_takes_them_and_a_public_port_closed_without_an_admin_p
     let (status, head, _) = curl_get(srv.addr, "/admin/stats", ADMIN, &[]);
     assert_eq!(status, 429, "{head}");
     assert!(head.contains("Retry-After: "), "{head}");
+    // Source logins are counted apart: a panel guessing (or left with a stale password) on
+    // the encoder's host does not lock the encoder out.
+    let _encoder = Feeding::start(srv.addr, "/second");
 
     // Without an admin password the listener port refuses the admin API, naming the setting;
     // the loopback admin port stays open, as it was.

@@ -305,9 +305,17 @@ fn titles_show_in_both_status_pages() {
     let own = status("/status.json");
     assert_eq!(own["mounts"][0]["artist"], "The Band");
     assert!(own["mounts"][0]["metadata_updated"].is_string());
+    // Icecast's document has both in `title` for a stream without tags of its own (MP3), as
+    // players show it: panels and now-playing widgets read `title` alone.
     let ice = status("/status-json.xsl");
-    assert_eq!(ice["icestats"]["source"]["title"], "A Song");
-    assert_eq!(ice["icestats"]["source"]["artist"], "The Band");
+    assert_eq!(ice["icestats"]["source"]["title"], "The Band - A Song");
+    assert_eq!(ice["icestats"]["source"]["artist"], Value::Null);
+    let (_, _, stats) = get(srv.admin, "/admin/stats", None);
+    assert!(
+        stats.contains("<title>The Band - A Song</title>"),
+        "{stats}"
+    );
+    assert!(!stats.contains("<artist>"), "{stats}");
 
     // Latin-1, as some encoders send it.
     assert_eq!(

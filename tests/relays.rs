@@ -632,6 +632,15 @@ fn an_mp3_mount_relayed_from_icecast_brings_its_titles_to_icy_listeners() {
             .contains("Relayed Artist - Relayed Title"),
         "the title shows in the status page: {status}"
     );
+    // Counted as Icecast counts a relay, apart from encoders' connections.
+    let (_, _, stats) = curl_get(edge.admin, "/admin/stats", None, &[]);
+    for counter in [
+        "<source_relay_connections>1</source_relay_connections>",
+        "<source_client_connections>0</source_client_connections>",
+        "<source_total_connections>1</source_total_connections>",
+    ] {
+        assert!(stats.contains(counter), "{counter} in {stats}");
+    }
 }
 
 /// The mounts a server's `/status.json` lists.
