@@ -1208,7 +1208,7 @@ fn move_listeners(ctx: &WorkerCtx, shard: &mut Shard, target: &Arc<Mount>) -> us
             mut guard,
             stream,
             pos,
-            icy,
+            mut icy,
             conn,
             // A parked listener's waker may still fire: it names a listener that is gone.
             ..
@@ -1218,9 +1218,12 @@ fn move_listeners(ctx: &WorkerCtx, shard: &mut Shard, target: &Arc<Mount>) -> us
         };
         // A listener stopped inside a frame or page (a partial write) first gets the rest of
         // it: decoders resync on the next stream's headers, not inside a torn page.
-        let rest = match icy {
+        let rest = match icy.as_mut() {
             None => old.rest_of_frame(pos, MAX_FRAME_REST_BYTES),
-            Some(_) => Vec::new(),
+            Some(cadence) => {
+                cadence.forget_title();
+                Vec::new()
+            }
         };
         let Some((client, listening)) = guard.leave_for_another() else {
             continue;

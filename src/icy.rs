@@ -89,6 +89,12 @@ impl Cadence {
         }
     }
 
+    /// The listener moves to another mount: title versions are counted per mount, so the one
+    /// it was sent means nothing there, and its next block carries the new mount's title.
+    pub fn forget_title(&mut self) {
+        self.sent_version = u64::MAX;
+    }
+
     /// A cadence whose first interval already holds `sent` bytes (a preamble sent before the
     /// stream); None if they fill it, as a block would be owed inside them.
     pub fn after(metaint: usize, sent: usize) -> Option<Self> {

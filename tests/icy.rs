@@ -279,6 +279,41 @@ fn title_updates_need_the_mounts_source_or_the_admin_credentials() {
     assert_eq!(bad_queries, 2.0);
 }
 
+/// Title versions are counted per mount: a listener moved to a mount whose title was set as
+/// many times as its own still gets that mount's title at its next block.
+#[test]
+fn a_moved_icy_listener_gets_the_new_mounts_title() {
+    let srv = server();
+    let a = Source::connect(srv.addr, "/a").keep_writing(0, 500, Duration::from_millis(5));
+    let b = Source::connect(srv.addr, "/b").keep_writing(0, 500, Duration::from_millis(5));
+    assert_eq!(update(srv.addr, "/a", "song=On%20A"), 200);
+    assert_eq!(update(srv.addr, "/b", "song=On%20B"), 200);
+    let mut icy = IcyListener::connect(srv.addr, "/a");
+    let start = std::time::Instant::now();
+    while !icy.blocks.iter().any(|(_, t)| t.contains("On A")) {
+        assert!(start.elapsed() < DEADLINE, "no title on /a");
+        let had = icy.audio.len();
+        icy.read_audio(had + METAINT);
+    }
+    let (status, _, body) = get(
+        srv.admin,
+        "/admin/moveclients?mount=/a&destination=/b",
+        None,
+    );
+    assert_eq!(status, 200, "{body}");
+    let start = std::time::Instant::now();
+    while !icy.blocks.iter().any(|(_, t)| t.contains("On B")) {
+        assert!(
+            start.elapsed() < DEADLINE,
+            "the moved listener never got /b's title"
+        );
+        let had = icy.audio.len();
+        icy.read_audio(had + METAINT);
+    }
+    a.stop();
+    b.stop();
+}
+
 #[test]
 fn titles_show_in_both_status_pages() {
     let srv = server();
