@@ -68,6 +68,7 @@ pub(crate) async fn serve(shared: &Shared, incoming: Incoming) -> Option<Incomin
     let _ = stream.socket().set_nodelay(true);
     loop {
         let keep_alive = keeps_alive(&req);
+        pull_on_demand(shared, &req).await;
         let response = match block(shared, &req).await {
             Ok(()) => answer(shared, &req, peer.ip()),
             Err(no) => Err(no),
@@ -124,6 +125,51 @@ pub(crate) async fn serve(shared: &Shared, incoming: Incoming) -> Option<Incomin
                 conn,
                 relay: false,
             });
+        }
+    }
+}
+
+/// An HLS request for a mount that an on-demand relay feeds asks the relay to pull, as a
+/// listener's request does, so each playlist poll keeps it pulling (with the players counted in
+/// `hls_sessions`: see `relay::Relay::wanted`). While the mount has no segment yet (the relay was
+/// idle), the request waits for the first, at most `source_timeout_secs` and two segments' time,
+/// instead of being refused at once: a player gives up on a playlist that is not there.
+async fn pull_on_demand(shared: &Shared, req: &Request) {
+    let Some((path, _)) = split(&req.path) else {
+        return;
+    };
+    let cfg = shared.config.load();
+    let settings = cfg.mount(path);
+    // A mount without HLS answers 404 whatever its source: no reason to pull.
+    if !settings.hls || !shared.on_demand.ask(path) {
+        return;
+    }
+    let wait = cfg.source_timeout_secs + 2 * settings.hls_segment_secs;
+    drop(cfg);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(wait);
+    loop {
+        // Both registered before the look, so that a mount or a segment arriving in between
+        // still wakes this.
+        let mount = shared.mounts.get(path);
+        let mut changed = std::pin::pin!(shared.mounts_changed.notified());
+        changed.as_mut().enable();
+        let mut published = std::pin::pin!(mount.as_ref().map(|m| m.hls_published.notified()));
+        if let Some(p) = published.as_mut().as_pin_mut() {
+            p.enable();
+        }
+        if mount.as_ref().is_some_and(|m| m.store.load().hls.is_some()) {
+            return;
+        }
+        let segment = async {
+            match published.as_mut().as_pin_mut() {
+                Some(p) => p.await,
+                None => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            _ = changed => {}
+            _ = segment => {}
+            _ = tokio::time::sleep_until(deadline) => return,
         }
     }
 }

@@ -484,8 +484,9 @@ impl Relay {
         }
     }
 
-    /// On demand: whether the mount has listeners, or one asked within `source_timeout_secs`
-    /// (it waits in admission for the mount to go live). Always true for other relays.
+    /// On demand: whether the mount has listeners or HLS players (those that polled its
+    /// playlist lately), or one asked within `source_timeout_secs` (a listener waiting in
+    /// admission for the mount to go live, an HLS request). Always true for other relays.
     fn wanted(&self) -> bool {
         let Some(demand) = &self.demand else {
             return true;
@@ -494,7 +495,7 @@ impl Relay {
             .shared
             .mounts
             .get(&self.mount)
-            .is_some_and(|m| m.listeners_and_relays() > 0);
+            .is_some_and(|m| m.listeners_and_relays() > 0 || m.hls_sessions_now() > 0);
         listened || demand.asked_within(self.timeout())
     }
 

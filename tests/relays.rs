@@ -822,6 +822,63 @@ fn an_on_demand_relay_pulls_only_while_it_has_listeners() {
     assert_eq!(edge.metric("fanstream_relay_connects_total", &[]), 2.0);
 }
 
+/// HLS on an edge whose relay pulls on demand (as `[master]` relays do by default): the first
+/// playlist request wakes the relay and waits for its first segment, ffmpeg plays the edge's
+/// playlist through, the players' polls keep the relay pulling, and it lets go once they stop.
+#[test]
+fn an_on_demand_relay_serves_hls_while_players_poll() {
+    const TIMEOUT_SECS: u64 = 2;
+    let origin = TestServer::start(|_| {});
+    let mut encoder = ffmpeg_source(origin.addr, "/live", &Tone::new(Codec::Mp3, 600.0));
+    let started = Instant::now();
+    while origin.metric("fanstream_source_up", &["mount=\"/live\""]) != 1.0 {
+        assert!(started.elapsed() < DEADLINE, "ffmpeg: {}", encoder.text());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let edge = TestServer::start(|c| {
+        c.source_timeout_secs = TIMEOUT_SECS;
+        c.defaults.hls = true;
+        c.defaults.hls_segment_secs = 1;
+        c.startup.relays = vec![RelaySettings {
+            on_demand: true,
+            ..relay("/live", &[url(origin.addr, "/live")])
+        }];
+    });
+    assert_eq!(edge.metric("fanstream_relay_connects_total", &[]), 0.0);
+    // Twelve seconds of audio, well past the relay's idle check, with no listener but ffmpeg
+    // polling the playlist.
+    require("ffmpeg");
+    let playlist = format!("http://{}/live/index.m3u8", edge.addr);
+    let out = std::process::Command::new("timeout")
+        .args([
+            "60",
+            "ffmpeg",
+            "-hide_banner",
+            "-v",
+            "error",
+            "-i",
+            &playlist,
+        ])
+        .args(["-t", "12", "-f", "s16le", "-ac", "1", "-ar", "8000", "-"])
+        .output()
+        .expect("ffmpeg runs");
+    let seconds = out.stdout.len() as f64 / 16000.0;
+    assert!(
+        out.status.success() && seconds >= 11.9,
+        "ffmpeg played {seconds} s of the edge's HLS: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        edge.metric("fanstream_relay_connects_total", &[]),
+        1.0,
+        "one pull for the whole play"
+    );
+    // Nobody polls any more: the relay lets the origin go.
+    wait_until("the on-demand relay to stop", || {
+        edge.metric("fanstream_relay_up", &[]) == 0.0
+    });
+}
+
 #[test]
 fn an_icecast_relay_pulls_a_mount_from_fanstream_and_serves_it_exactly() {
     let origin = TestServer::start(|_| {});
