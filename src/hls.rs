@@ -53,11 +53,28 @@ pub(crate) struct Params {
     pub segments: usize,
 }
 
+/// Most segments a playlist lists, however short title updates cut them.
+const MAX_LISTED: usize = 100;
+
 impl Params {
-    /// Segments kept fetchable: those listed, and as many again plus one for players that read
-    /// an earlier playlist (RFC 8216, 6.2.2).
-    fn retained(self) -> usize {
-        2 * self.segments + 1
+    /// How many of `segments` (oldest first) the playlist lists: the newest `self.segments`,
+    /// and more while they span less than three target durations, the least RFC 8216 (6.2.2)
+    /// allows and about where players start (hls.js: three target durations from the live
+    /// edge). Title updates cut segments short: a station changing its title every second
+    /// would otherwise list six seconds where players need twelve. Less 5%, since segments end
+    /// on a frame or page short of the target; at most [`MAX_LISTED`].
+    fn listed(self, segments: &VecDeque<Arc<Segment>>) -> usize {
+        let goal = 0.95 * 3.0 * self.segment_secs as f64;
+        let mut span = 0.0;
+        let mut listed = 0;
+        for s in segments.iter().rev() {
+            if (listed >= self.segments && span >= goal) || listed == MAX_LISTED {
+                break;
+            }
+            span += s.duration;
+            listed += 1;
+        }
+        listed
     }
 }
 
@@ -456,7 +473,7 @@ impl Segmenter {
             return None;
         }
         let segments: Vec<Arc<Segment>> = self.segments.iter().cloned().collect();
-        let listed = self.params.segments.min(segments.len());
+        let listed = self.params.listed(&self.segments);
         let first = segments.len() - listed;
         let target_secs = segments[first..]
             .iter()
@@ -628,7 +645,10 @@ impl Segmenter {
             init,
             daterange,
         }));
-        while self.segments.len() > self.params.retained() {
+        // Kept fetchable: those listed, and as many again plus one for players that read an
+        // earlier playlist (RFC 8216, 6.2.2).
+        let retained = 2 * self.params.listed(&self.segments) + 1;
+        while self.segments.len() > retained {
             if self.segments.pop_front().is_some_and(|s| s.discontinuity) {
                 self.discontinuities_dropped += 1;
             }
@@ -943,6 +963,41 @@ mod tests {
             let chunk = all.slice(at..(at + piece).min(all.len()));
             s.push(&chunk, i == 0, PARAMS, title);
         }
+    }
+
+    /// Title updates every quarter second cut segments that short: the playlist lists enough
+    /// of them to span three target durations, and keeps as many again fetchable.
+    #[test]
+    fn short_segments_cut_by_titles_are_listed_for_three_target_durations() {
+        let mut s = Segmenter::new(PARAMS);
+        s.start_source(Some(Source::Packed(Kind::Mp3)));
+        for version in 1..=40 {
+            let title = Title {
+                version,
+                title: Some("t"),
+                artist: None,
+            };
+            // Ten frames, 0.26 s.
+            feed(&mut s, 10, 1000, title);
+        }
+        let w = s.window().unwrap();
+        let text = std::str::from_utf8(&w.playlist).unwrap();
+        let durations: Vec<f64> = text
+            .lines()
+            .filter_map(|l| l.strip_prefix("#EXTINF:"))
+            .map(|d| d.trim_end_matches(',').parse().unwrap())
+            .collect();
+        let span: f64 = durations.iter().sum();
+        assert!(durations.len() > PARAMS.segments, "{text}");
+        assert!(
+            span >= 0.95 * 3.0 * w.target_secs as f64,
+            "{span} s: {text}"
+        );
+        assert!(
+            span < 3.0 * w.target_secs as f64 + 0.3,
+            "no more than needed: {text}"
+        );
+        assert_eq!(w.segments.len(), 2 * durations.len() + 1);
     }
 
     #[test]
