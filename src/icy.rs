@@ -269,10 +269,40 @@ impl Deinterleaver {
     }
 }
 
+/// Title text as encoders and upstreams send it: UTF-8 when it is valid UTF-8, else
+/// Windows-1252. Old Windows encoders (SAM, Winamp plug-ins) send their code page without
+/// saying so, and Icecast gives ICY titles in Latin-1, whose printable characters Windows-1252
+/// shares (as WHATWG's decoders take the label `iso-8859-1`); valid UTF-8 is rarely anything else.
+pub(crate) fn decode_text(raw: &[u8]) -> String {
+    match std::str::from_utf8(raw) {
+        Ok(text) => text.to_string(),
+        Err(_) => windows_1252(raw),
+    }
+}
+
+/// Decodes Windows-1252: Latin-1, with typographic characters in 0x80-0x9F (the five bytes it
+/// leaves undefined come out as the C1 controls of the same numbers).
+pub(crate) fn windows_1252(raw: &[u8]) -> String {
+    const HIGH: [char; 32] = [
+        '\u{20AC}', '\u{81}', '\u{201A}', '\u{192}', '\u{201E}', '\u{2026}', '\u{2020}',
+        '\u{2021}', '\u{2C6}', '\u{2030}', '\u{160}', '\u{2039}', '\u{152}', '\u{8D}', '\u{17D}',
+        '\u{8F}', '\u{90}', '\u{2018}', '\u{2019}', '\u{201C}', '\u{201D}', '\u{2022}', '\u{2013}',
+        '\u{2014}', '\u{2DC}', '\u{2122}', '\u{161}', '\u{203A}', '\u{153}', '\u{9D}', '\u{17E}',
+        '\u{178}',
+    ];
+    raw.iter()
+        .map(|&b| match b {
+            0x80..=0x9F => HIGH[usize::from(b - 0x80)],
+            _ => char::from(b),
+        })
+        .collect()
+}
+
 /// Reads `StreamTitle='...';StreamUrl='...';` (zero padding after). A value ends at `';`, as
-/// players read it, so a title holding a lone `'` survives. UTF-8, with anything else replaced.
+/// players read it, so a title holding a lone `'` survives. UTF-8, or else Windows-1252
+/// ([`decode_text`]): Icecast upstreams send Latin-1.
 fn parse_block(raw: &[u8]) -> Result<StreamTitle, NotMetadata> {
-    let text = String::from_utf8_lossy(raw);
+    let text = decode_text(raw);
     let text = text.trim_end_matches('\0');
     if !text.starts_with("Stream") {
         return Err(NotMetadata);
@@ -292,6 +322,15 @@ fn parse_block(raw: &[u8]) -> Result<StreamTitle, NotMetadata> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn titles_are_utf8_or_else_windows_1252() {
+        assert_eq!(decode_text("Café “q”".as_bytes()), "Café “q”");
+        assert_eq!(decode_text(b"Caf\xe9 \x93q\x94 \x80"), "Café “q” €");
+        assert_eq!(windows_1252(b"\x81\xff"), "\u{81}ÿ");
+        let block = parse_block(b"StreamTitle='Bj\xf6rk';\0\0").unwrap();
+        assert_eq!(block.title, "Björk");
+    }
 
     /// Splits what a listener received into audio and blocks, as a player does.
     fn parse(received: &[u8], metaint: usize) -> (Vec<u8>, Vec<String>) {

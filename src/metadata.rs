@@ -14,6 +14,7 @@ use tokio::sync::mpsc::UnboundedSender;
 use crate::auth;
 use crate::conn::{TitleUpdate, ToIngest};
 use crate::http::{valid_mount_path, Request};
+use crate::icy::{decode_text, windows_1252};
 use crate::reasons::{Realm, Refusal};
 use crate::shared::Shared;
 use crate::store::SourceState;
@@ -102,7 +103,10 @@ pub(crate) fn update(
     .into_bytes())
 }
 
-/// The query's parameters, decoded as its `charset=` says (UTF-8 unless it names Latin-1).
+/// The query's parameters, decoded as its `charset=` says: Latin-1 and Windows-1252 (by any of
+/// their usual names) as Windows-1252, which holds Latin-1's printable characters and is what
+/// Windows encoders mean by either; anything else as UTF-8, or as Windows-1252 where it is not
+/// valid UTF-8 ([`decode_text`]), since old encoders send their code page without a charset.
 struct Params {
     params: Vec<(String, Vec<u8>)>,
     latin1: bool,
@@ -115,7 +119,14 @@ impl Params {
             k == "charset"
                 && matches!(
                     String::from_utf8_lossy(v).to_ascii_lowercase().as_str(),
-                    "iso-8859-1" | "latin1" | "latin-1" | "iso8859-1"
+                    "iso-8859-1"
+                        | "latin1"
+                        | "latin-1"
+                        | "iso8859-1"
+                        | "l1"
+                        | "windows-1252"
+                        | "cp1252"
+                        | "x-cp1252"
                 )
         });
         Params { params, latin1 }
@@ -124,10 +135,10 @@ impl Params {
     /// A parameter's text, bounded, without control characters; None if absent or blank.
     fn text(&self, name: &str) -> Option<String> {
         let raw = &self.params.iter().find(|(k, _)| k == name)?.1;
-        let text: String = if self.latin1 {
-            raw.iter().map(|&b| b as char).collect()
+        let text = if self.latin1 {
+            windows_1252(raw)
         } else {
-            String::from_utf8_lossy(raw).into_owned()
+            decode_text(raw)
         };
         let mut text: String = text
             .chars()
@@ -165,9 +176,11 @@ mod tests {
         let p = params("/admin/metadata?song=Caf%E9");
         assert_eq!(
             p.text("song").as_deref(),
-            Some("Caf\u{fffd}"),
-            "bad UTF-8 is replaced"
+            Some("Café"),
+            "not UTF-8: Windows-1252, as old encoders send it"
         );
+        let p = params("/admin/metadata?charset=windows-1252&song=%93Caf%E9%94");
+        assert_eq!(p.text("song").as_deref(), Some("“Café”"));
         let long = Params {
             params: vec![("song".into(), "é".repeat(5000).into_bytes())],
             latin1: false,

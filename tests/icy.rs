@@ -360,6 +360,15 @@ fn titles_show_in_both_status_pages() {
     wait_until("the Latin-1 title", || {
         status("/status-json.xsl")["icestats"]["source"]["title"] == "Café"
     });
+    // Windows-1252 from an old encoder that names no charset (SAM, Winamp plug-ins): not
+    // UTF-8, so taken as what they send.
+    assert_eq!(
+        update(srv.addr, "/live", "song=%93Caf%E9%94%20%96%20Noir"),
+        200
+    );
+    wait_until("the Windows-1252 title", || {
+        status("/status-json.xsl")["icestats"]["source"]["title"] == "“Café” – Noir"
+    });
 }
 
 #[test]

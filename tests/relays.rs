@@ -616,6 +616,25 @@ fn an_mp3_mount_relayed_from_icecast_brings_its_titles_to_icy_listeners() {
                 .any(|t| t == "Relayed Artist - Relayed Title")
         },
     );
+    // icecast2 gives ICY titles in Latin-1: they reach fanstream's listeners as the text it was.
+    let (status, _, body) = curl_get(
+        ice,
+        "/admin/metadata",
+        Some(("admin", "adminpw")),
+        &[
+            ("mode", "updinfo"),
+            ("mount", "/live"),
+            ("song", "Björk - Jóga"),
+        ],
+    );
+    assert_eq!(status, 200, "icecast2 took the title: {body}");
+    read_until(
+        &mut s,
+        &mut capture,
+        "icecast2's Latin-1 title at fanstream's ICY listener",
+        DEADLINE,
+        |c| c.titles().iter().any(|t| t == "Björk - Jóga"),
+    );
     // The audio between fanstream's blocks is MP3 frames, none of icecast2's blocks left in it.
     let skip = capture
         .audio
@@ -627,9 +646,7 @@ fn an_mp3_mount_relayed_from_icecast_brings_its_titles_to_icy_listeners() {
         serde_json::from_slice(&request(edge.addr, b"GET /status.json HTTP/1.0\r\n\r\n").2)
             .unwrap();
     assert!(
-        status
-            .to_string()
-            .contains("Relayed Artist - Relayed Title"),
+        status.to_string().contains("Björk - Jóga"),
         "the title shows in the status page: {status}"
     );
     // Counted as Icecast counts a relay, apart from encoders' connections.
