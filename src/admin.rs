@@ -142,6 +142,9 @@ async fn serve(
             control: &control,
         };
         admin_api::answer(&shared, to, &req, peer, admin_api::Port::Admin).await
+    } else if metadata::is_metadata_path(&req.path) || admin_api::is_admin_api_path(&req.path) {
+        // Commands act on GET alone, as Icecast's do: a HEAD would run a kill or a move too.
+        Err(Refusal::MethodNotAllowed("GET"))
     } else if req.method == Method::Get && req.path == "/metrics" {
         match authorize(&shared, &req, peer) {
             Ok(()) => return write_metrics(&shared, stream, &req, peer).await,

@@ -691,6 +691,14 @@ impl Config {
     pub fn from_file(path: &Path) -> Result<Config, String> {
         let text = std::fs::read_to_string(path)
             .map_err(|e| format!("cannot read config {}: {e}", path.display()))?;
+        // An operator moving from Icecast may point the server at its icecast.xml: a TOML parse
+        // error at line 1 would not tell them what to do.
+        if text.trim_start().starts_with('<') {
+            return Err(format!(
+                "config {}: this is XML (an icecast.xml?); fanstream reads TOML: see \"Moving from Icecast\" in the README for each Icecast setting's key",
+                path.display()
+            ));
+        }
         Config::from_toml(&text).map_err(|e| format!("config {}: {e}", path.display()))
     }
 

@@ -331,6 +331,15 @@ async fn route(
             let answer = crate::admin_api::answer(shared, to, &incoming.req, peer, port).await;
             answer_short(shared, incoming, answer).await
         }
+        // Commands act on GET alone, as Icecast's do: a HEAD would run a kill or a move too.
+        Method::Head
+            if crate::metadata::is_metadata_path(&incoming.req.path)
+                || crate::admin_api::is_admin_api_path(&incoming.req.path) =>
+        {
+            incoming
+                .refuse(shared, Refusal::MethodNotAllowed("GET"))
+                .await
+        }
         Method::Get | Method::Head if incoming.req.path == "/" => {
             let resp = crate::page::response(shared, &incoming.req);
             http::write_and_close(incoming.stream, &resp).await

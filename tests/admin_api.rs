@@ -573,6 +573,10 @@ fn credentials_as_icecast_takes_them_and_a_public_port_closed_without_an_admin_p
         assert_eq!(status, 200, "{body}");
         let (status, _, _) = curl_get(port, "/admin/stats", source, &[]);
         assert_eq!(status, 401);
+        // Commands act on GET alone: a HEAD is told so, not taken for a mount.
+        let (status, head, _) = request(port, b"HEAD /admin/stats HTTP/1.0\r\n\r\n");
+        assert_eq!(status, 405, "{head}");
+        assert!(head.contains("Allow: GET\r\n"), "{head}");
         // Its own mount's stats, as Icecast gives them: that source alone.
         let (status, _, body) = curl_get(port, "/admin/stats", source, &[("mount", "/live")]);
         assert_eq!(status, 200, "{body}");

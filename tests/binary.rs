@@ -581,6 +581,18 @@ fn check_config_says_why_and_binds_nothing() {
         stderr.contains("admin_password_file = /nonexistent/pw"),
         "{stderr}"
     );
+    // An operator moving from Icecast is pointed at the README's table, not at a TOML error.
+    std::fs::write(
+        &config,
+        "<icecast>\n  <limits><clients>100</clients></limits>\n</icecast>\n",
+    )
+    .unwrap();
+    let (code, _, stderr) = check(&[]);
+    assert_eq!(code, Some(1));
+    assert!(
+        stderr.contains("this is XML (an icecast.xml?)") && stderr.contains("Moving from Icecast"),
+        "{stderr}"
+    );
     let (code, _, stderr) = check(&["--config", "x.toml"]);
     assert_eq!(
         code,
