@@ -255,7 +255,10 @@ pub(crate) async fn request_head(
 ) -> Result<(Box<dyn Io>, Response, BytesMut), Failure> {
     let tcp = TcpStream::connect((url.host.as_str(), url.port))
         .await
-        .map_err(|_| "connect")?;
+        .map_err(|e| Failure {
+            reason: "connect",
+            detail: Some(e.to_string()),
+        })?;
     let _ = tcp.set_nodelay(true);
     let mut stream: Box<dyn Io> = if url.tls {
         let tls = crate::tls::connect(tls.clone(), &url.host, tcp)
@@ -268,7 +271,10 @@ pub(crate) async fn request_head(
     } else {
         Box::new(tcp)
     };
-    stream.write_all(request).await.map_err(|_| "connect")?;
+    stream.write_all(request).await.map_err(|e| Failure {
+        reason: "connect",
+        detail: Some(e.to_string()),
+    })?;
     let mut buf = BytesMut::with_capacity(READ_BUF_BYTES);
     loop {
         match stream.read_buf(&mut buf).await {

@@ -20,7 +20,8 @@
 //! the next upstream at once; once every upstream failed in a row, it waits (a backoff that
 //! doubles from [`BACKOFF_FIRST`] to [`BACKOFF_MAX`], each wait drawn between half of it and
 //! all of it, so that edges restarted together do not return together) and starts again with
-//! the first. An upstream that streamed for [`STABLE`] or more resets the backoff. With
+//! the first. An upstream that streamed for [`STABLE`] or more (the silence before a stall not
+//! counted) resets the backoff. With
 //! `prefer_first`, a relay on a later upstream tries the first every `retry_secs` and moves
 //! back to it as soon as it answers with the same content type.
 //!
@@ -524,7 +525,18 @@ impl Relay {
                 Ok(opened) => {
                     let started = Instant::now();
                     match self.feed(index, opened).await {
-                        Ended::Failed(why) => (why, None, started.elapsed() >= STABLE),
+                        Ended::Failed(why) => {
+                            // A stall is seen a timeout after the last byte: that time was
+                            // silence, not streaming. An upstream that answers and then sends
+                            // nothing is a failing one, backed off and logged once.
+                            let silent = if why == "stalled" {
+                                self.timeout()
+                            } else {
+                                Duration::ZERO
+                            };
+                            let streamed = started.elapsed().saturating_sub(silent);
+                            (why, None, streamed >= STABLE)
+                        }
                         Ended::Unwanted => continue,
                         Ended::Preferred(opened) => {
                             self.count_failover("preferred");
@@ -601,9 +613,19 @@ impl Relay {
                     let location = head.header("location").ok_or("bad_redirect")?;
                     url = url.join(location).map_err(|_| "bad_redirect")?;
                 }
-                401 | 403 => return Err("unauthorized".into()),
-                404 => return Err("not_found".into()),
-                _ => return Err("status".into()),
+                status => {
+                    let reason = match status {
+                        401 | 403 => "unauthorized",
+                        404 => "not_found",
+                        _ => "status",
+                    };
+                    // What the upstream said: a 403 is bad credentials to one server and "max
+                    // listeners reached" to Icecast.
+                    return Err(Failure {
+                        reason,
+                        detail: Some(format!("{} answered {status}", url.public())),
+                    });
+                }
             }
         }
         Err("redirect_loop".into())

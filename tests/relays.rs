@@ -500,6 +500,32 @@ fn bad_upstreams_are_counted_and_retried_with_backoff() {
     });
 }
 
+/// An upstream that answers and then sends nothing is failing however long the relay waits
+/// for it: with a `source_timeout_secs` longer than the relay's five seconds of "it streamed,
+/// so retry at once", it is still backed off (it once reconnected at once, forever, with a
+/// warning each time).
+#[test]
+fn an_upstream_silent_after_its_answer_is_backed_off() {
+    let bad = BadUpstream::start();
+    let _edge = TestServer::start(|c| {
+        c.source_timeout_secs = 6;
+        c.startup.relays = vec![relay("/stall", &[url(bad.addr, "/stall")])];
+    });
+    // Waits of 0.5-1 s, 1-2 s, then 2-4 s after each six-second stall; without the backoff
+    // growing, every wait would be the first's.
+    let start = Instant::now();
+    while bad.requests("/stall").0.len() < 4 {
+        assert!(start.elapsed() < 2 * DEADLINE, "four attempts on /stall");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let attempts = bad.requests("/stall").0;
+    let gap = attempts[3] - attempts[2];
+    assert!(
+        gap >= Duration::from_millis(7_900),
+        "the third retry came {gap:?} after the attempt before: the backoff did not grow"
+    );
+}
+
 /// Debian's icecast2 on a free loopback port with a generated config, run as its own user (it
 /// refuses root): `runuser -u icecast2 -- icecast2 -c DIR/icecast.xml`.
 fn icecast(dir: &std::path::Path) -> (ChildGuard, SocketAddr) {
