@@ -399,6 +399,12 @@ fn respond(
             (206, body.slice(first..=last))
         }
         Some(Err(())) => {
+            // Not the file's lasting answer: a cache must not keep it for the file's lifetime.
+            headers = headers.replacen(
+                &format!("Cache-Control: {cache_control}"),
+                "Cache-Control: no-store",
+                1,
+            );
             headers.push_str(&format!("Content-Range: bytes */{total}\r\n"));
             (416, Bytes::new())
         }
@@ -580,6 +586,11 @@ mod tests {
             "",
         );
         assert_eq!(r.status, 416);
+        assert!(
+            r.headers.contains("Cache-Control: no-store\r\n") && !r.headers.contains(": c\r\n"),
+            "{}",
+            r.headers
+        );
         let mut head = get(&[]);
         head.method = Method::Head;
         let r = respond(&head, body, "\"a\"", "t", "c", "");
