@@ -172,13 +172,17 @@ impl AuthFailures {
 mod tests {
     use super::*;
 
+    fn limits(max_failures: u32) -> AuthLimits {
+        AuthLimits {
+            max_failures,
+            window: Duration::from_secs(60),
+        }
+    }
+
     #[test]
     fn blocks_after_the_limit_until_the_window_ends() {
         let f = AuthFailures::default();
-        let l = AuthLimits {
-            max_failures: 3,
-            window: Duration::from_secs(60),
-        };
+        let l = limits(3);
         let ip: IpAddr = "192.0.2.1".parse().unwrap();
         let other: IpAddr = "192.0.2.2".parse().unwrap();
         let t0 = Instant::now();
@@ -209,10 +213,7 @@ mod tests {
     #[test]
     fn each_kind_of_login_is_counted_apart() {
         let f = AuthFailures::default();
-        let l = AuthLimits {
-            max_failures: 2,
-            window: Duration::from_secs(60),
-        };
+        let l = limits(2);
         let ip: IpAddr = "192.0.2.1".parse().unwrap();
         let t0 = Instant::now();
         for _ in 0..2 {
@@ -227,10 +228,7 @@ mod tests {
     #[test]
     fn success_clears_the_count() {
         let f = AuthFailures::default();
-        let l = AuthLimits {
-            max_failures: 2,
-            window: Duration::from_secs(60),
-        };
+        let l = limits(2);
         let ip: IpAddr = "192.0.2.1".parse().unwrap();
         let t0 = Instant::now();
         f.failed(ip, Realm::Source, t0, l);
@@ -242,10 +240,7 @@ mod tests {
     #[test]
     fn the_table_stays_bounded() {
         let f = AuthFailures::default();
-        let l = AuthLimits {
-            max_failures: 2,
-            window: Duration::from_secs(60),
-        };
+        let l = limits(2);
         let t0 = Instant::now();
         for i in 0..(MAX_TRACKED as u32 + 50) {
             f.failed(IpAddr::from(i.to_be_bytes()), Realm::Source, t0, l);
