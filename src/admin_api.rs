@@ -212,8 +212,15 @@ pub(crate) async fn answer(
         }
         Command::Fallbacks => {
             let mount = params.get("mount").ok_or(Refusal::BadQuery)?;
-            let fallback = params.get("fallback").ok_or(Refusal::BadQuery)?;
-            if !valid_mount_path(&fallback) || fallback == mount {
+            // Given empty: no fallback, as Icecast takes it.
+            if !params.has("fallback") {
+                return Err(Refusal::BadQuery);
+            }
+            let fallback = params.get("fallback");
+            if fallback
+                .as_ref()
+                .is_some_and(|f| !valid_mount_path(f) || *f == mount)
+            {
                 return Err(Refusal::BadQuery);
             }
             let (reply, answer) = oneshot::channel();
@@ -225,7 +232,8 @@ pub(crate) async fn answer(
             if !ask(to.to_ingest, msg, answer).await.unwrap_or(false) {
                 return Err(Refusal::NoSuchSource);
             }
-            tracing::info!(%peer, %mount, %fallback, "fallback set by an admin request");
+            let shown = fallback.as_deref().unwrap_or("none");
+            tracing::info!(%peer, %mount, fallback = shown, "fallback set by an admin request");
             response_doc("Fallback configured", true)
         }
     };
@@ -639,6 +647,11 @@ impl Params {
 
     /// A parameter's value; None if absent, empty, or holding control characters (no mount
     /// path, id or fallback has any, and they would forge log lines).
+    /// Whether the query names `name`, even with no value.
+    fn has(&self, name: &str) -> bool {
+        self.0.iter().any(|(k, _)| k == name)
+    }
+
     fn get(&self, name: &str) -> Option<String> {
         self.0
             .iter()

@@ -457,11 +457,11 @@ pub(crate) enum ToIngest {
         mount: String,
         reply: oneshot::Sender<bool>,
     },
-    /// Set the mount's fallback until the next reload (`/admin/fallbacks`); answers whether the
-    /// mount exists.
+    /// Set the mount's fallback (None: clear it) until the next reload (`/admin/fallbacks`);
+    /// answers whether the mount exists.
     Fallback {
         mount: String,
-        fallback: String,
+        fallback: Option<String>,
         reply: oneshot::Sender<bool>,
     },
 }

@@ -442,15 +442,16 @@ impl Ingest {
         true
     }
 
-    /// Sets the mount's fallback (`/admin/fallbacks`) until the config is next applied: the file
-    /// stays the one place settings are kept, so a reload puts its own value back.
-    fn set_fallback(&self, path: &str, fallback: String) -> bool {
+    /// Sets (or with None clears) the mount's fallback (`/admin/fallbacks`) until the config is
+    /// next applied: the file stays the one place settings are kept, so a reload puts its own
+    /// value back.
+    fn set_fallback(&self, path: &str, fallback: Option<String>) -> bool {
         let mut entries = self.entries.borrow_mut();
         let Some(entry) = entries.get_mut(path) else {
             return false;
         };
         let settings = MountSettings {
-            fallback_mount: Some(fallback),
+            fallback_mount: fallback,
             ..MountSettings::clone(entry.writer.settings())
         };
         entry.writer.set_settings(Arc::new(settings));

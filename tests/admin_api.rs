@@ -243,6 +243,18 @@ fn every_command_answers_in_icecast_xml_and_in_json_on_both_ports() {
         .find(|s| s.attribute("mount") == Some("/other"))
         .unwrap();
     assert_eq!(text(other, "fallback"), "/live");
+    // Given empty, it clears the fallback, as Icecast's does.
+    admin_ok(
+        srv.addr,
+        "fallbacks",
+        &[("mount", "/other"), ("fallback", "")],
+    );
+    let body = admin_ok(srv.admin, "listmounts", &[]);
+    let doc = parse(&body);
+    let other = children(doc.root_element(), "source")
+        .find(|s| s.attribute("mount") == Some("/other"))
+        .unwrap();
+    assert_eq!(text(other, "fallback"), "");
 
     // Mistakes get a specific 400.
     for (path, params, reason) in [
@@ -283,6 +295,7 @@ fn every_command_answers_in_icecast_xml_and_in_json_on_both_ports() {
             vec![("mount", "/live"), ("fallback", "x")],
             "bad query",
         ),
+        ("/admin/fallbacks", vec![("mount", "/live")], "bad query"),
     ] {
         let (status, head, body) = curl_get(srv.admin, path, ADMIN, &params);
         assert_eq!(status, 400, "{path} {params:?}: {head}{body}");
