@@ -817,7 +817,8 @@ mod tests {
         assert_eq!(Command::of("/admin/nope"), None);
         assert_eq!(Command::of("/stats"), None);
         assert!(Command::KillClient.on_one_mount());
-        assert!(!Command::Stats.on_one_mount());
+        assert!(Command::Stats.on_one_mount(), "with mount=, its own stats");
+        assert!(!Command::ListMounts.on_one_mount());
     }
 
     #[test]
