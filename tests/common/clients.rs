@@ -595,6 +595,30 @@ pub fn mpv(url: &str, length: u32, secs: u32) -> Program {
     Program::spawn("mpv", &mut cmd)
 }
 
+/// VLC playing a live stream for `run_time` seconds, as `nobody` since `cvlc` refuses root:
+/// `timeout SECS runuser -u nobody -- cvlc -vv --no-video --aout dummy --run-time N
+/// --play-and-exit URL`. Its verbose log names the demuxer and decoder it opened (`using audio
+/// decoder module "opus"`), which it does only once the stream's headers made sense to it.
+pub fn cvlc(url: &str, run_time: u32, secs: u32) -> Program {
+    require("timeout");
+    require("runuser");
+    require("cvlc");
+    let mut cmd = Command::new("timeout");
+    cmd.args([
+        &secs.to_string(),
+        "runuser",
+        "-u",
+        "nobody",
+        "--",
+        "cvlc",
+        "-vv",
+    ])
+    .args(["--no-video", "--aout", "dummy", "--play-and-exit"])
+    .arg(format!("--run-time={run_time}"))
+    .arg(url);
+    Program::spawn("cvlc", &mut cmd)
+}
+
 /// A request with curl, parameters URL-encoded:
 /// `curl -sS -i -G [-u USER:PASS] --data-urlencode K=V ... http://ADDR/PATH`
 /// Returns (status, head, body).

@@ -35,6 +35,8 @@ fn debian_package(program: &str) -> &str {
         "dpkg-shlibdeps" => "dpkg-dev",
         "man" => "man-db",
         "nginx" => "nginx-light",
+        "cvlc" => "vlc-bin vlc-plugin-base",
+        "runuser" => "util-linux",
         other => other,
     }
 }
