@@ -300,7 +300,8 @@ fn after_the_grace_period_listeners_move_to_the_fallback_mount() {
             },
         );
     });
-    let mut source = Source::connect(srv.addr, "/live");
+    // In the demo's format: listeners are moved only to a stream they can go on decoding.
+    let mut source = Source::connect_typed(srv.addr, "/live", "audio/wav");
     source.send_pattern(0, 10_000, 1000, Duration::ZERO);
     srv.wait_metric(
         "fanstream_source_received_bytes_total",
