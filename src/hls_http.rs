@@ -138,14 +138,24 @@ async fn pull_on_demand(shared: &Shared, req: &Request) {
     let Some((path, _)) = split(&req.path) else {
         return;
     };
-    let cfg = shared.config.load();
-    let settings = cfg.mount(path);
+    // A live mount's snapshot carries its settings. The configuration's copy of them is made only
+    // for a mount that does not exist yet, the one case where an on-demand relay has a source to
+    // start: not on every playlist and segment request of every mount.
+    let (hls, segment_secs) = match shared.mounts.get(path) {
+        Some(mount) => {
+            let snap = mount.store.load();
+            (snap.settings.hls, snap.settings.hls_segment_secs)
+        }
+        None => {
+            let settings = shared.config.load().mount(path);
+            (settings.hls, settings.hls_segment_secs)
+        }
+    };
     // A mount without HLS answers 404 whatever its source: no reason to pull.
-    if !settings.hls || !shared.on_demand.ask(path) {
+    if !hls || !shared.on_demand.ask(path) {
         return;
     }
-    let wait = cfg.source_timeout_secs + 2 * settings.hls_segment_secs;
-    drop(cfg);
+    let wait = shared.config.load().source_timeout_secs + 2 * segment_secs;
     let deadline = tokio::time::Instant::now() + Duration::from_secs(wait);
     loop {
         // Both registered before the look, so that a mount or a segment arriving in between
