@@ -31,9 +31,15 @@ fn fanstream_bin() -> PathBuf {
 /// of its own; returns its JSON summary, and the summary's text for assertion messages.
 fn load_run(name: &str, args: &[&str]) -> (serde_json::Value, String) {
     let out = scratch_dir(&format!("load_tool_run_{name}"));
-    let status = Command::new(env!("CARGO_BIN_EXE_fanstream-load"))
-        .arg("run")
-        .args(args)
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_fanstream-load"));
+    cmd.arg("run").args(args);
+    // A quick ramp, in few processes: what every short run here wants unless it says otherwise.
+    for (flag, value) in [("--ramp-per-sec", "400"), ("--per-process", "20")] {
+        if !args.contains(&flag) {
+            cmd.args([flag, value]);
+        }
+    }
+    let status = cmd
         .args(["--name", name])
         .arg("--fanstream-bin")
         .arg(fanstream_bin())
@@ -48,19 +54,7 @@ fn load_run(name: &str, args: &[&str]) -> (serde_json::Value, String) {
 
 #[test]
 fn a_short_load_run_serves_every_listener_in_full() {
-    let (s, text) = load_run(
-        "smoke",
-        &[
-            "--clients",
-            "40",
-            "--seconds",
-            "3",
-            "--ramp-per-sec",
-            "400",
-            "--per-process",
-            "20",
-        ],
-    );
+    let (s, text) = load_run("smoke", &["--clients", "40", "--seconds", "3"]);
     assert_eq!(s["load_processes"], 2, "{text}");
     assert_eq!(s["streaming_at_end"], 40, "{text}");
     assert_eq!(s["integrity"]["gaps"], 0, "{text}");
@@ -122,10 +116,6 @@ fn mount_settings_given_to_the_server_are_the_ones_the_tool_acts_on() {
             "20",
             "--seconds",
             "2",
-            "--ramp-per-sec",
-            "400",
-            "--per-process",
-            "20",
             "--icy-share",
             "0.5",
             "--server-setting",
@@ -155,10 +145,6 @@ fn a_short_load_run_with_icy_listeners_verifies_the_audio_between_blocks() {
             "40",
             "--seconds",
             "3",
-            "--ramp-per-sec",
-            "400",
-            "--per-process",
-            "20",
             "--icy-share",
             "0.5",
             "--icy-metaint",
