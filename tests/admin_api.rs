@@ -54,6 +54,16 @@ fn child<'a>(node: roxmltree::Node<'a, 'a>, name: &str) -> roxmltree::Node<'a, '
         .unwrap_or_else(|| panic!("no <{name}> in <{}>", node.tag_name().name()))
 }
 
+/// The fallback `listmounts` lists for `mount` (empty when it has none).
+fn listed_fallback(admin: SocketAddr, mount: &str) -> String {
+    let body = admin_ok(admin, "listmounts", &[]);
+    let doc = parse(&body);
+    let source = children(doc.root_element(), "source")
+        .find(|s| s.attribute("mount") == Some(mount))
+        .unwrap_or_else(|| panic!("{mount} not in listmounts: {body}"));
+    text(source, "fallback").to_string()
+}
+
 fn text<'a>(node: roxmltree::Node<'a, 'a>, name: &str) -> &'a str {
     child(node, name).text().unwrap_or("")
 }
@@ -237,24 +247,14 @@ fn every_command_answers_in_icecast_xml_and_in_json_on_both_ports() {
         &[("mount", "/other"), ("fallback", "/live")],
     );
     assert_eq!(text(parse(&body).root_element(), "return"), "1", "{body}");
-    let body = admin_ok(srv.admin, "listmounts", &[]);
-    let doc = parse(&body);
-    let other = children(doc.root_element(), "source")
-        .find(|s| s.attribute("mount") == Some("/other"))
-        .unwrap();
-    assert_eq!(text(other, "fallback"), "/live");
+    assert_eq!(listed_fallback(srv.admin, "/other"), "/live");
     // Given empty, it clears the fallback, as Icecast's does.
     admin_ok(
         srv.addr,
         "fallbacks",
         &[("mount", "/other"), ("fallback", "")],
     );
-    let body = admin_ok(srv.admin, "listmounts", &[]);
-    let doc = parse(&body);
-    let other = children(doc.root_element(), "source")
-        .find(|s| s.attribute("mount") == Some("/other"))
-        .unwrap();
-    assert_eq!(text(other, "fallback"), "");
+    assert_eq!(listed_fallback(srv.admin, "/other"), "");
 
     // Mistakes get a specific 400.
     for (path, params, reason) in [
