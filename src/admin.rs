@@ -23,7 +23,7 @@ use tokio::task::LocalSet;
 
 use crate::admin_api;
 use crate::auth;
-use crate::conn::{close_unanswered, log_request, log_response, refuse, Control, ToIngest};
+use crate::conn::{close_unanswered, log_request, log_response, refuse_with, Control, ToIngest};
 use crate::heads::{room_or, Heads, Pending, Replace};
 use crate::http::{self, Method, Request, RESPONSE_TIMEOUT};
 use crate::metadata;
@@ -156,8 +156,9 @@ async fn serve(
     let resp = match answer {
         Ok(resp) => resp,
         Err(no) => {
-            log_request(&shared, &req, peer, no.status(), no.response().len());
-            return refuse(&shared, &mut stream, peer, no).await;
+            let resp = no.response_for(&req);
+            log_request(&shared, &req, peer, no.status(), resp.len());
+            return refuse_with(&shared, &mut stream, peer, no, resp).await;
         }
     };
     log_response(&shared, &req, peer, &resp);

@@ -134,7 +134,7 @@ pub(crate) async fn answer(
     let for_relays = command.is_some_and(Command::for_relays);
     authorize(shared, req, peer, port, scoped_mount, for_relays)?;
     let command = command.ok_or(Refusal::UnknownCommand)?;
-    let json = wants_json(req, &params);
+    let json = req.wants_json();
     let doc = match command {
         Command::Stats => stats(shared, req, params.get("mount").as_deref()),
         Command::ListMounts => list_mounts(shared),
@@ -307,13 +307,6 @@ pub(crate) fn warn_if_closed(admin_password: Option<&str>) {
             "admin_password is not set: the admin API (/admin/stats, /admin/listclients, ...) answers 403 on the listener port, and the admin port serves it without authentication"
         );
     }
-}
-
-fn wants_json(req: &Request, params: &Params) -> bool {
-    params.get("format").as_deref() == Some("json")
-        || req
-            .header("accept")
-            .is_some_and(|a| a.to_ascii_lowercase().contains("application/json"))
 }
 
 /// The mount named by `mount=`, live or waiting for its source.

@@ -369,14 +369,9 @@ pub(crate) struct Incoming {
 impl Incoming {
     /// Refuses the request (see [`refuse`]), and logs it in the access log.
     pub async fn refuse(mut self, shared: &Shared, no: Refusal) {
-        log_request(
-            shared,
-            &self.req,
-            self.peer,
-            no.status(),
-            no.response().len(),
-        );
-        refuse(shared, &mut self.stream, self.peer, no).await;
+        let resp = no.response_for(&self.req);
+        log_request(shared, &self.req, self.peer, no.status(), resp.len());
+        refuse_with(shared, &mut self.stream, self.peer, no, resp).await;
     }
 }
 
@@ -686,11 +681,22 @@ pub(crate) async fn refuse<S: AsyncRead + AsyncWrite + Unpin>(
     peer: SocketAddr,
     no: Refusal,
 ) {
+    refuse_with(shared, stream, peer, no, no.response()).await
+}
+
+/// [`refuse`] with the refusal's response already made, in the form the request asked for
+/// ([`Refusal::response_for`]).
+pub(crate) async fn refuse_with<S: AsyncRead + AsyncWrite + Unpin>(
+    shared: &Shared,
+    stream: &mut S,
+    peer: SocketAddr,
+    no: Refusal,
+    resp: Vec<u8>,
+) {
     shared.metrics.refused(no);
     if shared.logs.full(no.reason(), peer, Instant::now()) {
         tracing::info!(%peer, status = no.status(), reason = no.reason(), "refused request");
     }
-    let resp = no.response();
     let _ = tokio::time::timeout(RESPONSE_TIMEOUT, async {
         stream.write_all(&resp).await?;
         stream.shutdown().await?;

@@ -224,6 +224,18 @@ impl Request {
             })
             .collect()
     }
+
+    /// Whether the client asked for JSON: `?format=json` (as Icecast's admin API takes it) or
+    /// `Accept: application/json`. Its answers, refusals included, are then JSON: a panel
+    /// parses every answer it gets.
+    pub fn wants_json(&self) -> bool {
+        self.query_params()
+            .iter()
+            .any(|(name, value)| name == "format" && value == b"json")
+            || self
+                .header("accept")
+                .is_some_and(|a| a.to_ascii_lowercase().contains("application/json"))
+    }
 }
 
 /// `%XX` escapes and `+` decoded; a malformed escape is kept as it is.
@@ -342,6 +354,7 @@ pub(crate) fn status_phrase(status: u16) -> &'static str {
         403 => "Forbidden",
         404 => "Not Found",
         405 => "Method Not Allowed",
+        409 => "Conflict",
         414 => "URI Too Long",
         416 => "Range Not Satisfiable",
         429 => "Too Many Requests",
@@ -385,6 +398,23 @@ pub(crate) fn response(
     extra_headers: &[(&str, &str)],
     body: &str,
 ) -> Vec<u8> {
+    typed_response(
+        status,
+        reason,
+        extra_headers,
+        "text/plain; charset=utf-8",
+        body,
+    )
+}
+
+/// [`response`] with a body of another type.
+pub(crate) fn typed_response(
+    status: u16,
+    reason: &str,
+    extra_headers: &[(&str, &str)],
+    content_type: &str,
+    body: &str,
+) -> Vec<u8> {
     let mut out = format!(
         "HTTP/1.0 {status} {reason}\r\nServer: fanstream/{}\r\n",
         env!("CARGO_PKG_VERSION")
@@ -396,7 +426,7 @@ pub(crate) fn response(
         out.push_str("\r\n");
     }
     out.push_str(&format!(
-        "Content-Type: text/plain; charset=utf-8\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        "Content-Type: {content_type}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
         body.len()
     ));
     out.into_bytes()

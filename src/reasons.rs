@@ -226,6 +226,17 @@ impl Refusal {
     }
 
     pub fn response(self) -> Vec<u8> {
+        self.answer(false)
+    }
+
+    /// The refusal in the form `req` asked for: a client that wants JSON (a panel calling the
+    /// admin API with `format=json`) gets `{"error": {"status", "reason", "message"}}`, with the
+    /// same status and headers as the text.
+    pub fn response_for(self, req: &http::Request) -> Vec<u8> {
+        self.answer(req.wants_json())
+    }
+
+    fn answer(self, json: bool) -> Vec<u8> {
         let status = self.status();
         let phrase = http::status_phrase(status);
         let retry;
@@ -244,11 +255,23 @@ impl Refusal {
             }
             _ => None,
         };
-        let body = format!(
-            "{status} {phrase}: {}{}\n",
-            self.reason().replace('_', " "),
-            self.setting_hint()
-        );
+        let message = format!("{}{}", self.reason().replace('_', " "), self.setting_hint());
+        if json {
+            let body = serde_json::json!({"error": {
+                "status": status,
+                "reason": self.reason(),
+                "message": message,
+            }});
+            let body = format!("{body}\n");
+            return http::typed_response(
+                status,
+                phrase,
+                header.as_slice(),
+                "application/json",
+                &body,
+            );
+        }
+        let body = format!("{status} {phrase}: {message}\n");
         http::response(status, phrase, header.as_slice(), &body)
     }
 }
@@ -409,6 +432,9 @@ mod tests {
 
         let r = text(Refusal::MethodNotAllowed("GET, HEAD"));
         assert!(r.contains("Allow: GET, HEAD\r\n"), "{r}");
+
+        let r = text(Refusal::OtherFormat);
+        assert!(r.starts_with("HTTP/1.0 409 Conflict\r\n"), "{r}");
 
         let r = text(Refusal::BadPath);
         assert!(r.starts_with("HTTP/1.0 400 Bad Request\r\n"), "{r}");

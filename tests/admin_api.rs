@@ -301,6 +301,63 @@ fn every_command_answers_in_icecast_xml_and_in_json_on_both_ports() {
         assert_eq!(status, 400, "{path} {params:?}: {head}{body}");
         assert!(body.contains(reason), "{path} {params:?}: {body}");
     }
+
+    // A panel that asks for JSON gets its refusals in JSON too, on both ports, with the same
+    // status and headers (a 401 its challenge).
+    let wrong = Some(("admin", "not-the-password"));
+    for (addr, credentials, path, params, status, reason) in [
+        (
+            srv.admin,
+            ADMIN,
+            "/admin/listclients",
+            vec![("mount", "/nowhere"), ("format", "json")],
+            400,
+            "no_such_source",
+        ),
+        (
+            srv.addr,
+            ADMIN,
+            "/admin/moveclients",
+            vec![
+                ("mount", "/live"),
+                ("destination", "/nowhere"),
+                ("format", "json"),
+            ],
+            400,
+            "bad_destination",
+        ),
+        (
+            srv.addr,
+            wrong,
+            "/admin/stats",
+            vec![("format", "json")],
+            401,
+            "bad_credentials",
+        ),
+    ] {
+        let (got, head, body) = curl_get(addr, path, credentials, &params);
+        assert_eq!(got, status, "{path} {params:?}: {head}{body}");
+        let head = head.to_ascii_lowercase();
+        assert!(
+            head.contains("content-type: application/json"),
+            "{path}: {head}"
+        );
+        assert_eq!(
+            status == 401,
+            head.contains("www-authenticate: basic"),
+            "{head}"
+        );
+        let json: serde_json::Value =
+            serde_json::from_str(&body).unwrap_or_else(|e| panic!("{path}: {e}: {body}"));
+        assert_eq!(json["error"]["status"], status, "{body}");
+        assert_eq!(json["error"]["reason"], reason, "{body}");
+        assert!(
+            json["error"]["message"]
+                .as_str()
+                .is_some_and(|m| m.starts_with(&reason.replace('_', " "))),
+            "{body}"
+        );
+    }
 }
 
 #[test]
