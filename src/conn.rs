@@ -486,8 +486,13 @@ pub(crate) struct SourceConn {
 pub(crate) enum Feed {
     /// An encoder's connection: ingest answers it and reads its body.
     Encoder(Encoder),
-    /// Pieces made on another thread (the demo); the sender stops when the receiver is dropped.
-    Pieces(tokio::sync::mpsc::Receiver<Bytes>),
+    /// Pieces made on another task or thread (the demo, a fallback file, a relay); the sender
+    /// stops when the receiver is dropped. `origin` names it in log lines (`relay
+    /// https://upstream/live`), as an encoder's address does.
+    Pieces {
+        rx: tokio::sync::mpsc::Receiver<Bytes>,
+        origin: String,
+    },
 }
 
 impl Feed {
@@ -495,7 +500,7 @@ impl Feed {
     pub fn origin(&self) -> String {
         match self {
             Feed::Encoder(e) => e.peer.to_string(),
-            Feed::Pieces(_) => "generated".into(),
+            Feed::Pieces { origin, .. } => origin.clone(),
         }
     }
 }

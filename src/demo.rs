@@ -90,7 +90,10 @@ pub(crate) fn source(path: &str) -> (SourceConn, Player) {
     let source = SourceConn {
         mount: path.to_string(),
         info: StreamInfo::new(meta, wav_header()),
-        feed: Feed::Pieces(rx),
+        feed: Feed::Pieces {
+            rx,
+            origin: "demo".into(),
+        },
         log: None,
         claimed: None,
     };

@@ -268,7 +268,10 @@ pub(crate) fn source(path: &str, file: &Path, looped: Looped) -> (SourceConn, Pl
     let source = SourceConn {
         mount: path.to_string(),
         info: StreamInfo::new(meta, Bytes::new()),
-        feed: Feed::Pieces(rx),
+        feed: Feed::Pieces {
+            rx,
+            origin: format!("file {}", file.display()),
+        },
         log: None,
         claimed: None,
     };

@@ -695,7 +695,7 @@ fn accept_source(ingest: &Rc<Ingest>, conn: SourceConn) -> Option<(Source, Feed)
                         });
                     }
                 }
-                Feed::Pieces(_) => {
+                Feed::Pieces { .. } => {
                     tracing::warn!(%mount, %origin, reason = no.reason(), "source refused")
                 }
             }
@@ -753,7 +753,7 @@ async fn serve_source(src: &mut Source, feed: Feed) {
 async fn read_feed(src: &mut Source, feed: Feed) -> &'static str {
     match feed {
         Feed::Encoder(encoder) => read_encoder(src, encoder).await,
-        Feed::Pieces(pieces) => read_pieces(src, pieces).await,
+        Feed::Pieces { rx, .. } => read_pieces(src, rx).await,
     }
 }
 

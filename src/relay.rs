@@ -681,7 +681,10 @@ impl Relay {
         let source = SourceConn {
             mount: self.mount.clone(),
             info,
-            feed: Feed::Pieces(rx),
+            feed: Feed::Pieces {
+                rx,
+                origin: format!("relay {upstream}"),
+            },
             log: None,
             claimed: Some(claimed_tx),
         };

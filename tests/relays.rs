@@ -1317,3 +1317,26 @@ fn a_reload_adds_removes_and_restarts_relays_and_leaves_the_others_streaming() {
         "/b closed"
     );
 }
+
+/// An operator reading the edge's log sees where a relayed source comes from, as an encoder's
+/// address is named: `source connected` with `source=relay URL`, the upstream's URL without
+/// credentials.
+#[test]
+fn the_edges_log_names_the_upstream_of_a_relayed_source() {
+    let origin = TestServer::start(|c| declare(c, "/live"));
+    let _feeder = Feeder::start(vec![Source::connect(origin.addr, "/live")]);
+    let dir = scratch_dir("relay_log");
+    let toml = format!(
+        "[[relays]]\nmount = \"/relayed\"\nupstreams = [\"http://relay:{PASSWORD}@{}/live\"]\n",
+        origin.addr
+    );
+    let mut edge = fanstream(&dir, &toml);
+    let upstream = format!("source=relay http://{}/live", origin.addr);
+    let line = edge
+        .program
+        .wait_line("the relayed source's line", DEADLINE, |l| {
+            l.contains("source connected") && l.contains("mount=/relayed")
+        });
+    assert!(line.contains(&upstream), "{line}");
+    assert!(!line.contains(PASSWORD), "credentials logged: {line}");
+}
