@@ -46,6 +46,7 @@
 //! | `idle_head_evicted` | none | at `max_connections`, the oldest connection still without a head (after 250 ms; 100 ms on the admin port) was closed to make room |
 //! | `workers_full` | none | the server holds `max_connections`; accepting paused (once per episode) |
 //! | `accept_resources_exhausted` | none | accept failed for lack of descriptors or memory |
+//! | `plain_http_on_tls_port` | 400 | a plain HTTP request sent to the TLS port (`http://` where `https://` was meant); answered in plain HTTP |
 //! | `tls_handshake_failed` | none | a TLS handshake that failed (no common version, cipher or ALPN protocol; not TLS at all); closed |
 //! | `untrusted_proxy` | none | with `proxy_protocol`, a connection from outside `trusted_proxies`; closed at accept |
 //! | `bad_proxy_header` | none | with `proxy_protocol`, a connection that did not start with a PROXY v1 or v2 header (or sent a malformed one, or one over 1 KiB); closed |
@@ -123,6 +124,8 @@ pub(crate) enum Refusal {
     TooManyEdges,
     HlsMsnTooFar,
     HlsMsnTimeout,
+    /// A plain HTTP request on the TLS port.
+    PlainHttpOnTls,
 }
 
 impl Refusal {
@@ -136,7 +139,8 @@ impl Refusal {
             | Refusal::UnknownCommand
             | Refusal::NoSuchSource
             | Refusal::BadDestination
-            | Refusal::HlsMsnTooFar => 400,
+            | Refusal::HlsMsnTooFar
+            | Refusal::PlainHttpOnTls => 400,
             Refusal::AuthRequired(_) | Refusal::BadCredentials(_) => 401,
             Refusal::MountInUse | Refusal::AdminPasswordNotSet => 403,
             Refusal::UnknownMount
@@ -195,6 +199,7 @@ impl Refusal {
             Refusal::TooManyEdges => "too_many_edges",
             Refusal::HlsMsnTooFar => "hls_msn_too_far",
             Refusal::HlsMsnTimeout => "hls_msn_timeout",
+            Refusal::PlainHttpOnTls => "plain_http_on_tls_port",
         }
     }
 
@@ -221,6 +226,7 @@ impl Refusal {
             Refusal::HlsMsnTimeout => {
                 " (the segment did not come within three target durations; reload the playlist)"
             }
+            Refusal::PlainHttpOnTls => " (this port speaks HTTPS: use an https:// URL)",
             _ => "",
         }
     }

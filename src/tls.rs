@@ -117,6 +117,21 @@ pub(crate) async fn connect(
         .map_err(|e| e.to_string())
 }
 
+/// Why a handshake gave no session.
+#[derive(Debug)]
+pub(crate) enum HandshakeError {
+    /// The client sent a plain HTTP request to the TLS port.
+    PlainHttp,
+    /// Not TLS, or no common version, cipher or protocol, or the socket failed.
+    Failed(io::Error),
+}
+
+impl From<io::Error> for HandshakeError {
+    fn from(e: io::Error) -> Self {
+        HandshakeError::Failed(e)
+    }
+}
+
 /// A TLS connection past its handshake: the socket and its session.
 pub(crate) struct TlsConn {
     tcp: TcpStream,
@@ -140,10 +155,20 @@ impl TlsConn {
         tcp: &mut TcpStream,
         already_read: &[u8],
         turn: impl std::future::Future<Output = T>,
-    ) -> io::Result<ServerConnection> {
+    ) -> Result<ServerConnection, HandshakeError> {
         // A session's state is kilobytes: a client that sends nothing gets none.
-        if already_read.is_empty() {
-            tcp.readable().await?;
+        let first = match already_read.first() {
+            Some(&b) => b,
+            None => {
+                let mut b = [0u8; 1];
+                tcp.peek(&mut b).await?;
+                b[0]
+            }
+        };
+        // A TLS record starts with its type (22, a handshake); a request line with a method in
+        // capitals. Someone who typed http:// for this port is told so, in plain HTTP.
+        if first.is_ascii_uppercase() {
+            return Err(HandshakeError::PlainHttp);
         }
         let io = Replayed {
             first: already_read,

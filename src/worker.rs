@@ -30,7 +30,7 @@ use crate::http::{self, Method, ReadHeadError};
 use crate::proxy::ProxyHeaderError;
 use crate::reasons::{Refusal, Unanswered};
 use crate::shared::Shared;
-use crate::tls::TlsConn;
+use crate::tls::{HandshakeError, TlsConn};
 
 /// What the listener port serves, for `Allow`.
 const ALLOWED_METHODS: &str = "GET, HEAD, OPTIONS, SOURCE, PUT";
@@ -208,7 +208,11 @@ async fn handle(ctx: Rc<WorkerCtx>, mut stream: TcpStream, mut conn: ConnGuard, 
         };
         match done {
             Err(_) => return close_unanswered(shared, Unanswered::HeaderTimeout, peer, &stream),
-            Ok(Err(e)) => {
+            Ok(Err(HandshakeError::PlainHttp)) => {
+                drop(head);
+                return refuse(shared, &mut stream, peer, Refusal::PlainHttpOnTls).await;
+            }
+            Ok(Err(HandshakeError::Failed(e))) => {
                 tracing::debug!(%peer, error = %e, "TLS handshake failed");
                 return close_unanswered(shared, Unanswered::TlsHandshakeFailed, peer, &stream);
             }

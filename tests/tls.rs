@@ -325,11 +325,31 @@ fn the_page_and_status_are_served_over_tls_and_a_silent_handshake_is_closed() {
         &["reason=\"header_timeout\""],
         |v| v == 1.0,
     );
-    // Not TLS at all.
+    // Plain HTTP where HTTPS was meant: told so, in plain HTTP.
     let mut http = TcpStream::connect(srv.tls.unwrap()).unwrap();
     http.set_read_timeout(Some(DEADLINE)).unwrap();
-    http.write_all(b"GET / HTTP/1.0\r\n\r\n").unwrap();
-    let _ = http.read(&mut buf);
+    http.write_all(b"GET /live HTTP/1.0\r\n\r\n").unwrap();
+    http.shutdown(std::net::Shutdown::Write).unwrap();
+    let mut answer = String::new();
+    http.read_to_string(&mut answer).unwrap();
+    assert!(
+        answer.starts_with("HTTP/1.0 400 Bad Request\r\n"),
+        "{answer}"
+    );
+    assert!(
+        answer.ends_with("plain http on tls port (this port speaks HTTPS: use an https:// URL)\n"),
+        "{answer}"
+    );
+    srv.wait_metric(
+        "fanstream_rejected_requests_total",
+        &["reason=\"plain_http_on_tls_port\""],
+        |v| v == 1.0,
+    );
+    // Not TLS at all, nor HTTP.
+    let mut junk = TcpStream::connect(srv.tls.unwrap()).unwrap();
+    junk.set_read_timeout(Some(DEADLINE)).unwrap();
+    junk.write_all(b"\x00\x01 not a handshake\r\n\r\n").unwrap();
+    let _ = junk.read(&mut buf);
     srv.wait_metric(
         "fanstream_rejected_requests_total",
         &["reason=\"tls_handshake_failed\""],
