@@ -20,11 +20,11 @@ CARGO ?= cargo
 # fanstream as an HLS cache, started by the test with its own config on a loopback port.
 TEST_PROGRAMS := ffmpeg ffprobe curl prometheus promtool ezstream ices2 liquidsoap mpv \
   gst-launch-1.0 gst-inspect-1.0 chromium timeout lintian dpkg-shlibdeps adduser systemd-analyze \
-  logrotate man icecast2 haproxy nginx cvlc runuser
+  logrotate man icecast2 haproxy nginx cvlc runuser openssl
 APT_PACKAGES := ffmpeg curl prometheus ezstream ices2 liquidsoap mpv gstreamer1.0-tools \
   gstreamer1.0-plugins-base gstreamer1.0-plugins-good gstreamer1.0-plugins-bad chromium coreutils \
   lintian dpkg-dev adduser systemd logrotate man-db icecast2 haproxy nginx-light vlc-bin \
-  vlc-plugin-base util-linux
+  vlc-plugin-base util-linux openssl
 # GStreamer elements the tests use, which come in plugin packages rather than as programs.
 TEST_GST_ELEMENTS := souphttpsrc decodebin oggdemux opusdec vorbisdec mpegaudioparse identity
 

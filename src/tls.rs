@@ -54,8 +54,7 @@ fn pem_certificates(key: &str, path: &Path) -> Result<Vec<CertificateDer<'static
 /// misunderstood after it). The error names the file and what is wrong with it.
 pub(crate) fn server_config(cert: &Path, key: &Path) -> Result<Arc<ServerConfig>, String> {
     let chain = pem_certificates("tls_cert", cert)?;
-    let key_der =
-        PrivateKeyDer::from_pem_file(key).map_err(|e| format!("tls_key {}: {e}", key.display()))?;
+    let key_der = PrivateKeyDer::from_pem_file(key).map_err(|e| key_error(key, e))?;
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let mut config = ServerConfig::builder_with_provider(provider)
         .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
@@ -71,6 +70,30 @@ pub(crate) fn server_config(cert: &Path, key: &Path) -> Result<Arc<ServerConfig>
         })?;
     config.alpn_protocols = vec![b"http/1.1".to_vec()];
     Ok(Arc::new(config))
+}
+
+/// What is wrong with a key file, in the operator's terms: "no items found" says nothing about
+/// the two usual mistakes, a passphrase-protected key (rustls reads no encrypted keys) and the
+/// certificate given as the key.
+fn key_error(key: &Path, e: rustls::pki_types::pem::Error) -> String {
+    let text = std::fs::read_to_string(key).unwrap_or_default();
+    let why = if matches!(e, rustls::pki_types::pem::Error::NoItemsFound) {
+        if text.contains("ENCRYPTED PRIVATE KEY") || text.contains("Proc-Type: 4,ENCRYPTED") {
+            format!(
+                "the key is encrypted with a passphrase, which fanstream cannot ask for; write it \
+                 out decrypted (openssl pkey -in {0} -out {0}.plain) and keep that file readable \
+                 by fanstream alone",
+                key.display()
+            )
+        } else if text.contains("BEGIN CERTIFICATE") {
+            "it holds a certificate and no private key (tls_cert and tls_key swapped?)".into()
+        } else {
+            "no PEM private key in the file".into()
+        }
+    } else {
+        e.to_string()
+    };
+    format!("tls_key {}: {why}", key.display())
 }
 
 /// The settings a relay's `https://` connections use: the system's roots (as `curl` and every

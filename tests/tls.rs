@@ -499,6 +499,28 @@ fn the_binary_takes_its_tls_flags_and_reloads_the_certificate_on_sighup() {
         l.contains("config refused") && l.contains("tls_cert")
     });
     assert_eq!(handshake(), second, "the running certificate stays");
+
+    // A passphrase-protected key (what `openssl genpkey -aes256` writes) is named as such.
+    require("openssl");
+    ca.issue(23);
+    let encrypted = std::process::Command::new("openssl")
+        .args(["pkey", "-aes256", "-passout", "pass:secret", "-in"])
+        .arg(&key)
+        .arg("-out")
+        .arg(dir.join("key.enc"))
+        .output()
+        .expect("openssl runs");
+    assert!(encrypted.status.success(), "{encrypted:?}");
+    std::fs::rename(dir.join("key.enc"), &key).unwrap();
+    hangup(&program);
+    let refused = program.wait_line("the encrypted key's refusal", DEADLINE, |l| {
+        l.contains("config refused") && l.contains("tls_key")
+    });
+    assert!(
+        refused.contains("the key is encrypted with a passphrase"),
+        "{refused}"
+    );
+    assert_eq!(handshake(), second, "the running certificate stays");
 }
 
 /// A refusal on the TLS port is answered over TLS, after the handshake: a client sees its 429.
