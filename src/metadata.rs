@@ -75,6 +75,8 @@ pub(crate) fn update(
         (None, Some(title)) => (Some(title), params.text("artist")),
         (None, None) => match params.text("artist") {
             Some(artist) => (None, Some(artist)),
+            // Given blank, `song=` clears the title, as on Icecast: an encoder between tracks.
+            None if params.has("song") => (None, None),
             None => return Err(Refusal::BadQuery),
         },
     };
@@ -133,6 +135,10 @@ impl Params {
     }
 
     /// A parameter's text, bounded, without control characters; None if absent or blank.
+    fn has(&self, name: &str) -> bool {
+        self.params.iter().any(|(k, _)| k == name)
+    }
+
     fn text(&self, name: &str) -> Option<String> {
         let raw = &self.params.iter().find(|(k, _)| k == name)?.1;
         let text = if self.latin1 {

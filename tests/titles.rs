@@ -389,6 +389,25 @@ fn admin_metadata_answers_as_icecast_on_both_ports_and_titles_reach_listeners_an
     );
     assert_ne!(cgi_wrong.0, 200, "admin.cgi with a wrong pass=");
     assert_eq!(status_title(srv.addr, "/m"), "Via Cgi");
+
+    // A blank `song=` clears the title, as on Icecast (an encoder between tracks): listeners
+    // get `StreamTitle='';`.
+    assert_updated(srv.addr, "/m", &[("song", "")]);
+    let before = c.blocks.len();
+    read_until(&mut s, &mut c, "the cleared title", DEADLINE, |c| {
+        c.blocks[before.min(c.blocks.len())..]
+            .iter()
+            .any(|(_, b)| !b.is_empty() && !has_title(b))
+    });
+    let cleared = c.blocks[before..]
+        .iter()
+        .find(|(_, b)| !b.is_empty() && !has_title(b))
+        .unwrap();
+    assert_eq!(
+        icy_fields(&cleared.1)[0],
+        ("StreamTitle".into(), String::new())
+    );
+    assert_eq!(status_title(srv.addr, "/m"), "");
 }
 
 #[test]
