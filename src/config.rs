@@ -116,7 +116,8 @@ pub struct MountSettings {
     /// source; it need not be declared. A mount's fallback naming the mount itself is ignored,
     /// so `[defaults]` may name a fallback every mount shares. Default none.
     pub fallback_mount: Option<String>,
-    /// A listener is written once this many bytes are pending... Default 65536 (64 KiB).
+    /// A listener is written once this many bytes are pending (at most half of `burst_bytes`,
+    /// the lead its player started with: [`MountSettings::write_bytes`])... Default 65536.
     pub min_write_bytes: usize,
     /// ...or once its oldest pending byte is this old (0 = write every chunk at once). Default
     /// 1000. Both chosen from `fanstream-load coalesce` (README, "Performance"): a write costs
@@ -240,6 +241,20 @@ impl Default for MountSettings {
 }
 
 impl MountSettings {
+    /// Pending bytes that make a listener's write due: `min_write_bytes`, but never more than
+    /// half the burst. A player starts with its burst as its lead, and its buffer sinks by what
+    /// a coalesced write holds back: at 1 Mbit/s the default 64 KiB burst is half a second,
+    /// and waiting for 64 KiB more would leave the player nothing just as the write comes (mpv
+    /// underran at join so, where Icecast, which writes as data comes, did not). Below 512
+    /// kbit/s `max_write_delay_ms` falls due first and this changes nothing.
+    pub fn write_bytes(&self) -> u64 {
+        let held = self.min_write_bytes.max(1) as u64;
+        match self.burst_bytes / 2 {
+            0 => held,
+            half => held.min(half),
+        }
+    }
+
     /// Bytes behind the live edge the store must keep readable: a newcomer's burst, a listener
     /// up to the lag limit, and what write coalescing holds back for a listener that keeps up.
     pub fn window_bytes(&self) -> u64 {

@@ -12,9 +12,9 @@
 //! the next, [`Scratch`]). Listeners at the same position (all who keep up) share one gathered
 //! slice list.
 //!
-//! Writes are coalesced: a listener is written once `min_write_bytes` are pending or its oldest
-//! pending byte is `max_write_delay_ms` old, since a syscall costs the same for 300 bytes as for
-//! 16 KiB. Each shard files its waiting listeners by stream offset ([`DueList`]), so the due ones
+//! Writes are coalesced: a listener is written once `min_write_bytes` (at most half the burst,
+//! [`MountSettings::write_bytes`]) are pending or its oldest pending byte is `max_write_delay_ms`
+//! old, since a syscall costs the same for 300 bytes as for 16 KiB. Each shard files its waiting listeners by stream offset ([`DueList`]), so the due ones
 //! are taken without looking at the others; each shard's next deadline is filed per worker, which
 //! keeps one timer for the earliest and on it serves only the shards whose deadline passed. An
 //! idle mount, and a mount without listeners, cost a worker nothing.
@@ -533,7 +533,7 @@ impl Shard {
                 // The next byte starts its coalescing delay, which the worker's timer keeps.
                 pos + 1
             } else {
-                pos + settings.min_write_bytes.max(1) as u64
+                pos + settings.write_bytes()
             }
         });
         let parked = self
@@ -622,7 +622,7 @@ fn held_until(
     force: bool,
     arrival: impl FnOnce() -> Option<Instant>,
 ) -> Option<Instant> {
-    if force || settings.max_write_delay_ms == 0 || lag >= settings.min_write_bytes as u64 {
+    if force || settings.max_write_delay_ms == 0 || lag >= settings.write_bytes() {
         return None;
     }
     let due = arrival()? + Duration::from_millis(settings.max_write_delay_ms);
@@ -1648,8 +1648,31 @@ mod tests {
         );
         let uncoalesced = MountSettings {
             max_write_delay_ms: 0,
-            ..settings
+            ..settings.clone()
         };
         assert_eq!(held_until(&uncoalesced, 10, now, false, arrived), None);
+
+        // Never more than half the burst, the lead a player starts with: at 1 Mbit/s the
+        // default 64 KiB burst is half a second, and a write held for 64 KiB more would find
+        // the player's buffer empty.
+        let high_rate = MountSettings {
+            min_write_bytes: 65536,
+            burst_bytes: 65536,
+            max_write_delay_ms: 1000,
+            ..settings.clone()
+        };
+        assert_eq!(
+            held_until(&high_rate, 32767, now, false, arrived),
+            Some(now + Duration::from_secs(1))
+        );
+        assert_eq!(held_until(&high_rate, 32768, now, false, arrived), None);
+        let no_burst = MountSettings {
+            burst_bytes: 0,
+            ..high_rate
+        };
+        assert_eq!(
+            held_until(&no_burst, 65535, now, false, arrived),
+            Some(now + Duration::from_secs(1))
+        );
     }
 }

@@ -351,3 +351,56 @@ fn a_listener_that_keeps_up_is_not_slow_while_coalescing_holds_more_than_the_lag
         0.0
     );
 }
+
+/// A new listener's lead never runs out between coalesced writes. At 1 Mbit/s the default
+/// 64 KiB burst is half a second of audio: a write held back until 64 KiB more were pending came
+/// just as a player had used its burst up (mpv underran at join). A write is now due at half the
+/// burst, so a player always keeps half its burst. Here at 512 kbit/s, where the old rule wrote
+/// 64 KB once a second (the delay falling due first) and the new one writes 32 KiB twice as often:
+/// writes told apart by the pause between them, which is long beside any read's.
+#[test]
+fn at_a_high_bitrate_coalesced_writes_hold_back_at_most_half_the_burst() {
+    use std::time::Instant;
+    const BURST: u64 = 65536;
+    const BYTES_PER_SEC: u64 = 64_000;
+    const PIECE: u64 = 1280;
+    let srv = TestServer::start(|c| {
+        c.defaults.burst_bytes = BURST;
+        c.defaults.min_write_bytes = 65536;
+        c.defaults.max_write_delay_ms = 1000;
+    });
+    let source = Source::connect(srv.addr, "/live");
+    let pause = Duration::from_micros(PIECE * 1_000_000 / BYTES_PER_SEC);
+    let writing = source.keep_writing(0, PIECE as usize, pause);
+    srv.wait_metric(
+        "fanstream_source_received_bytes_total",
+        &[MOUNT_LABEL],
+        |v| v >= BURST as f64,
+    );
+    let mut l = Listener::connect(srv.addr, "/live");
+    let mut buf = vec![0u8; 256 * 1024];
+    // Reads, grouped into writes: a pause of 200 ms or more starts a new one.
+    let mut writes: Vec<u64> = Vec::new();
+    let mut last = Instant::now();
+    let listened = Instant::now();
+    while listened.elapsed() < Duration::from_secs(4) {
+        let n = read_some(&mut l.stream, &mut buf).expect("the stream goes on");
+        assert!(n > 0, "the stream ended");
+        if writes.is_empty() || last.elapsed() >= Duration::from_millis(200) {
+            writes.push(0);
+        }
+        *writes.last_mut().unwrap() += n as u64;
+        last = Instant::now();
+        l.body.extend_from_slice(&buf[..n]);
+    }
+    writing.stop();
+    let start = locate(&l.body).expect("the pattern");
+    assert_exact_suffix(&l.body, start + l.body.len() as u64, "listener");
+    // The first is the burst; those after it are coalesced writes.
+    let coalesced = &writes[1..];
+    assert!(coalesced.len() >= 4, "writes: {writes:?}");
+    assert!(
+        coalesced.iter().all(|&w| w <= BURST * 3 / 4),
+        "writes held back more than half the burst: {writes:?}"
+    );
+}
