@@ -1457,16 +1457,13 @@ fn write_icy(
         budget -= take;
         (take > 0).then(|| &p[..take])
     });
-    let now = &snap.now_playing;
+    let title_at = |at| {
+        let now = snap.title_at(at);
+        (&now.icy_block, now.version)
+    };
     let mut iov = Vec::with_capacity(USUAL_WRITE_SLICES);
     let mut plan = Vec::with_capacity(USUAL_WRITE_SLICES);
-    cadence.lay_out(
-        audio,
-        (&now.icy_block, now.version),
-        &mut iov,
-        &mut plan,
-        MAX_WRITE_SLICES,
-    );
+    cadence.lay_out(audio, pos, title_at, &mut iov, &mut plan, MAX_WRITE_SLICES);
     let n = stream.try_write_vectored(&iov)?;
     drop(iov);
     Ok((n, cadence.wrote(n, &mut plan)))

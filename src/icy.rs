@@ -105,13 +105,16 @@ impl Cadence {
     }
 
     /// Lays out one vectored write: the rest of a cut block, then `audio` (the stream from the
-    /// listener's position, in pieces) with a block every `metaint` bytes; `current` is the
-    /// mount's block and its title version (0: no title yet). Stops before `max_slices` slices.
-    /// `plan` records the parts for [`Cadence::wrote`].
-    pub fn lay_out<'a>(
+    /// listener's position `pos`, in pieces) with a block every `metaint` bytes. `title_at`
+    /// gives the block and title version (0: no title yet) of the title playing at a stream
+    /// offset: each block carries the title of the audio after it, so a listener behind the
+    /// live edge hears a title change where it is in the stream. Stops before `max_slices`
+    /// slices. `plan` records the parts for [`Cadence::wrote`].
+    pub fn lay_out<'a, 'b: 'a>(
         &'a self,
         audio: impl Iterator<Item = &'a [u8]>,
-        current: (&'a Bytes, u64),
+        pos: u64,
+        title_at: impl Fn(u64) -> (&'b Bytes, u64),
         iov: &mut Vec<IoSlice<'a>>,
         plan: &mut Vec<Step>,
         max_slices: usize,
@@ -127,12 +130,14 @@ impl Cadence {
         }
         let mut until = self.until_block;
         let mut version = self.sent_version;
+        let mut at = pos;
         for mut data in audio {
             while !data.is_empty() {
                 if iov.len() + 2 > max_slices {
                     return;
                 }
                 if until == 0 {
+                    let current = title_at(at);
                     let (blk, v) = if current.1 != version {
                         version = current.1;
                         (current.0, Some(version))
@@ -150,6 +155,7 @@ impl Cadence {
                 iov.push(IoSlice::new(&data[..take]));
                 plan.push(Step::Audio(take));
                 until -= take;
+                at += take as u64;
                 data = &data[take..];
             }
         }
@@ -361,16 +367,24 @@ mod tests {
         let mut plan = Vec::new();
         let mut pos = 0;
         let mut out = Vec::new();
-        let mut current = (Bytes::from_static(&[0]), 0u64);
+        let none = Bytes::from_static(&[0]);
+        // Each title from its offset on, with its version.
+        let spans: Vec<(usize, Bytes, u64)> = titles
+            .iter()
+            .enumerate()
+            .map(|(i, (at, title))| (*at, block(title, None), i as u64 + 1))
+            .collect();
+        let title_at = |at: u64| {
+            spans
+                .iter()
+                .rev()
+                .find(|(from, _, _)| *from as u64 <= at)
+                .map_or((&none, 0), |(_, b, v)| (b, *v))
+        };
         while pos < stream.len() || !cadence.between_blocks() {
-            for (i, (at, title)) in titles.iter().enumerate() {
-                if pos >= *at && current.1 < i as u64 + 1 {
-                    current = (block(title, None), i as u64 + 1);
-                }
-            }
             let pieces = stream[pos..].chunks(100);
             let mut iov = Vec::new();
-            cadence.lay_out(pieces, (&current.0, current.1), &mut iov, &mut plan, 64);
+            cadence.lay_out(pieces, pos as u64, title_at, &mut iov, &mut plan, 64);
             let mut n = 0;
             for s in &iov {
                 let k = s.len().min(cap - n);
@@ -430,12 +444,9 @@ mod tests {
                 .iter()
                 .position(|b| b == "StreamTitle='two';")
                 .unwrap();
-            // The title changes between writes (at the first write from 20,000 on): the
-            // block after the audio that write starts with carries it.
-            assert!(
-                (19..=24).contains(&two),
-                "new title at block {two}, writes of {cap}"
-            );
+            // Each block carries the title of the audio after it, whatever the writes: the
+            // 20th block, at 20,000, the first of "two".
+            assert_eq!(two, 19, "new title at block {two}, writes of {cap}");
             assert!(blocks[two + 1..].iter().all(|b| b.is_empty()));
         }
     }

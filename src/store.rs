@@ -201,6 +201,29 @@ pub(crate) struct NowPlaying {
     pub icy_block: Bytes,
 }
 
+/// A title and the stream offset it plays from, until the next one.
+#[derive(Debug, Clone)]
+pub(crate) struct TitleSpan {
+    pub from: u64,
+    pub now: Arc<NowPlaying>,
+}
+
+/// Most titles a snapshot keeps: a station changing its title every second keeps its window's
+/// worth, and a listener further behind than the oldest kept hears that one a little early.
+const MAX_TITLES: usize = 64;
+
+/// `titles` with `next` playing from `from` on, less those that ended before `start` (the
+/// oldest retained byte): what a snapshot keeps.
+fn titles_with(titles: &[TitleSpan], start: u64, next: Option<TitleSpan>) -> Arc<[TitleSpan]> {
+    let kept = titles.len() + usize::from(next.is_some());
+    let ended = titles
+        .windows(2)
+        .take_while(|pair| pair[1].from <= start)
+        .count()
+        .max(kept.saturating_sub(MAX_TITLES));
+    titles.iter().skip(ended).cloned().chain(next).collect()
+}
+
 impl NowPlaying {
     /// What players show: `artist - title`, or whichever of the two is known.
     pub fn display(&self) -> Option<String> {
@@ -266,6 +289,10 @@ pub(crate) struct Snapshot<S> {
     /// Where `headers` begin to apply: join points lie at or after it.
     pub headers_from: u64,
     pub now_playing: Arc<NowPlaying>,
+    /// The titles that played in the window, oldest first, the last being `now_playing`: a
+    /// listener behind the live edge (a newcomer in its burst) hears each one where it began in
+    /// the stream, not when it was set.
+    pub titles: Arc<[TitleSpan]>,
     /// The mount's settings in force for this publication.
     pub settings: Arc<S>,
     /// The stream as HLS segments and playlist, when the mount has them.
@@ -292,6 +319,16 @@ impl<S> Snapshot<S> {
         } else {
             Position::Behind
         }
+    }
+
+    /// The title playing at stream offset `pos`.
+    pub fn title_at(&self, pos: u64) -> &NowPlaying {
+        self.titles
+            .iter()
+            .rev()
+            .find(|t| t.from <= pos)
+            .or(self.titles.first())
+            .map_or(&self.now_playing, |t| &t.now)
     }
 
     /// Retained bytes: what this mount costs in memory (payload only).
@@ -451,6 +488,7 @@ pub(crate) struct StoreWriter<S> {
     headers: Bytes,
     headers_from: u64,
     now_playing: Arc<NowPlaying>,
+    titles: Arc<[TitleSpan]>,
     settings: Arc<S>,
     hls: Option<Arc<crate::hls::Window>>,
 }
@@ -469,6 +507,7 @@ impl<S> StoreWriter<S> {
             headers: Bytes::new(),
             headers_from: 0,
             now_playing: Arc::default(),
+            titles: Arc::from(Vec::new()),
             settings: settings.clone(),
             hls: None,
         };
@@ -488,6 +527,7 @@ impl<S> StoreWriter<S> {
             headers: Bytes::new(),
             headers_from: 0,
             now_playing: Arc::default(),
+            titles: Arc::from(Vec::new()),
             settings,
             hls: None,
         }
@@ -623,7 +663,20 @@ impl<S> StoreWriter<S> {
             .map(|s| s.start())
             .or_else(|| self.open.first().map(|c| c.offset))
             .unwrap_or(self.end);
+        if self.titles.get(1).is_some_and(|t| t.from <= self.start) {
+            self.titles = titles_with(&self.titles, self.start, None);
+        }
         drop + trimmed > 0
+    }
+
+    /// `now` plays from the live edge on.
+    fn set_title(&mut self, now: NowPlaying) {
+        self.now_playing = Arc::new(now);
+        let span = TitleSpan {
+            from: self.end,
+            now: self.now_playing.clone(),
+        };
+        self.titles = titles_with(&self.titles, self.start, Some(span));
     }
 
     /// A source took the mount: new stream info, state Live, no header pages or title yet (they
@@ -635,7 +688,7 @@ impl<S> StoreWriter<S> {
         self.headers_from = self.end;
         // A new version with an empty title: ICY listeners who heard the old source's title are
         // told it no longer plays.
-        self.now_playing = Arc::new(NowPlaying {
+        self.set_title(NowPlaying {
             version: self.now_playing.version + 1,
             icy_block: crate::icy::block("", None),
             ..NowPlaying::default()
@@ -667,7 +720,7 @@ impl<S> StoreWriter<S> {
             icy_block: Bytes::new(),
         };
         now.icy_block = crate::icy::block(&now.display().unwrap_or_default(), now.url.as_deref());
-        self.now_playing = Arc::new(now);
+        self.set_title(now);
         self.publish();
     }
 
@@ -709,6 +762,7 @@ impl<S> StoreWriter<S> {
             headers: self.headers.clone(),
             headers_from: self.headers_from,
             now_playing: self.now_playing.clone(),
+            titles: self.titles.clone(),
             settings: self.settings.clone(),
             hls: self.hls.clone(),
         };
@@ -1125,6 +1179,43 @@ mod tests {
             snap.join_point(1000),
             110,
             "no sync point yet: from where this source began"
+        );
+    }
+
+    /// A listener behind the live edge hears each title where it began in the stream; titles
+    /// that ended before the window are let go, and at most `MAX_TITLES` are kept.
+    #[test]
+    fn titles_are_kept_with_where_they_began_while_they_are_in_the_window() {
+        let mut w = writer(1000);
+        let title = |snap: &Snapshot<u32>, pos| snap.title_at(pos).title.clone();
+        w.w.set_now_playing(Some("A".into()), None, None);
+        w.append(pattern(600, 0), Instant::now());
+        w.w.set_now_playing(Some("B".into()), None, None);
+        w.append(pattern(300, 600), Instant::now());
+        let snap = w.store().load_full();
+        assert_eq!(title(&snap, 0).as_deref(), Some("A"));
+        assert_eq!(title(&snap, 599).as_deref(), Some("A"));
+        assert_eq!(title(&snap, 600).as_deref(), Some("B"));
+        assert_eq!(title(&snap, 900).as_deref(), Some("B"));
+        // Once the window has moved past B's start, A is gone.
+        for i in 0..10 {
+            w.append(pattern(300, 900 + i * 300), Instant::now());
+        }
+        let snap = w.store().load_full();
+        assert!(snap.start > 600, "{}", snap.start);
+        let kept: Vec<_> = snap.titles.iter().map(|t| t.now.title.clone()).collect();
+        assert_eq!(kept, [Some("B".to_string())]);
+        assert_eq!(title(&snap, snap.start).as_deref(), Some("B"));
+        // A title a second or faster: the oldest go past MAX_TITLES.
+        for i in 0..MAX_TITLES + 10 {
+            w.w.set_now_playing(Some(format!("T{i}")), None, None);
+            w.append(pattern(1, 0), Instant::now());
+        }
+        let snap = w.store().load_full();
+        assert_eq!(snap.titles.len(), MAX_TITLES);
+        assert_eq!(
+            snap.titles.last().unwrap().now.version,
+            snap.now_playing.version
         );
     }
 

@@ -614,3 +614,63 @@ fn liquidsoap_track_changes_update_titles_without_errors() {
         "/status-json.xsl titles seen: {seen:?}"
     );
 }
+
+/// A listener who joins with a burst that spans a title change hears each title where it began
+/// in the stream: blocks in the burst before the change carry the title before it, and the new
+/// title comes in the first block at or after the offset where it was set. (The current title
+/// in the first block was up to a burst early: 4 s at 128 kbit/s.)
+#[test]
+fn a_newcomers_burst_carries_each_title_where_it_began_in_the_stream() {
+    const METAINT: usize = 1000;
+    const CHANGE: u64 = 30_000;
+    const END: u64 = 40_000;
+    let srv = TestServer::start(|c| c.defaults.icy_metaint = METAINT);
+    let mut source = Source::connect(srv.addr, "/m");
+    let updates = |n: f64| {
+        srv.wait_metric("fanstream_metadata_updates_total", &["mount=\"/m\""], |v| {
+            v == n
+        })
+    };
+    let received = |n: u64| {
+        srv.wait_metric(
+            "fanstream_source_received_bytes_total",
+            &["mount=\"/m\""],
+            |v| v == n as f64,
+        )
+    };
+    assert_updated(srv.addr, "/m", &[("song", "Before")]);
+    updates(1.0);
+    source.send_pattern(0, CHANGE, 1000, Duration::ZERO);
+    received(CHANGE);
+    assert_updated(srv.addr, "/m", &[("song", "After")]);
+    updates(2.0);
+    source.send_pattern(CHANGE, END, 1000, Duration::ZERO);
+    received(END);
+
+    let (mut s, _, mut c) = icy_join(srv.addr, "/m");
+    read_until(&mut s, &mut c, "the burst", DEADLINE, |c| {
+        c.audio.len() >= 20_000 && locate(&c.audio).is_some_and(|j| j + c.audio.len() as u64 >= END)
+    });
+    let joined = locate(&c.audio).expect("the pattern");
+    assert!(
+        joined + METAINT as u64 <= CHANGE,
+        "joined at {joined}: no block before the change"
+    );
+    let titled: Vec<(u64, String)> = c
+        .blocks
+        .iter()
+        .filter(|(_, b)| has_title(b))
+        .map(|(at, b)| (joined + *at as u64, icy_fields(b)[0].1.clone()))
+        .collect();
+    assert_eq!(titled[0].1, "Before", "{titled:?}");
+    assert!(titled[0].0 < CHANGE, "{titled:?}");
+    let after = titled
+        .iter()
+        .find(|(_, t)| t == "After")
+        .unwrap_or_else(|| panic!("no block with the new title: {titled:?}"));
+    assert!(
+        (CHANGE..CHANGE + METAINT as u64).contains(&after.0),
+        "the new title came at {} for a change at {CHANGE}: {titled:?}",
+        after.0
+    );
+}
