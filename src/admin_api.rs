@@ -137,7 +137,7 @@ pub(crate) async fn answer(
     let json = req.wants_json();
     let doc = match command {
         Command::Stats => stats(shared, req, params.get("mount").as_deref()),
-        Command::ListMounts => list_mounts(shared),
+        Command::ListMounts => list_mounts(shared, None),
         Command::StreamList => {
             let mounts = stream_list(shared);
             return Ok(if json {
@@ -186,28 +186,11 @@ pub(crate) async fn answer(
         }
         Command::MoveClients => {
             let from = existing_mount(shared, &params)?;
-            let dest = params.get("destination").ok_or(Refusal::BadQuery)?;
-            let to_mount = shared
-                .mounts
-                .get(&dest)
-                .filter(|m| m.path != from.path && m.store.load().state == SourceState::Live)
-                .ok_or(Refusal::BadDestination)?;
-            let format = |m: &Mount| m.store.load().info.meta.content_type.clone();
-            if !same_format(&format(&from), &format(&to_mount)) {
-                return Err(Refusal::OtherFormat);
-            }
-            let (moved, stayed) = move_clients(&to, &from, &to_mount).await;
-            tracing::info!(%peer, from = %from.path, to = %dest, moved, stayed, "listeners moved by an admin request");
-            if stayed == 0 {
-                response_doc(&format!("Clients moved from {} to {dest}", from.path), true)
-            } else {
-                let max = to_mount.store.load().settings.max_listeners;
-                let message = format!(
-                    "Moved {moved} of {} clients from {} to {dest}: {dest} holds its max_listeners ({max})",
-                    moved + stayed,
-                    from.path
-                );
-                response_doc(&message, moved > 0)
+            match params.get("destination") {
+                // Without a destination, the mounts its listeners could go to, as Icecast lists
+                // them for its page's choice.
+                None => list_mounts(shared, Some(&from)),
+                Some(dest) => move_clients_to(shared, &to, peer, &from, &dest).await?,
             }
         }
         Command::Fallbacks => {
@@ -307,6 +290,39 @@ pub(crate) fn warn_if_closed(admin_password: Option<&str>) {
             "admin_password is not set: the admin API (/admin/stats, /admin/listclients, ...) answers 403 on the listener port, and the admin port serves it without authentication"
         );
     }
+}
+
+/// `moveclients` with a destination: moves what fits of `from`'s listeners to `dest`, a live
+/// mount of the same format.
+async fn move_clients_to(
+    shared: &Shared,
+    to: &Links<'_>,
+    peer: SocketAddr,
+    from: &Arc<Mount>,
+    dest: &str,
+) -> Result<El, Refusal> {
+    let to_mount = shared
+        .mounts
+        .get(dest)
+        .filter(|m| m.path != from.path && m.store.load().state == SourceState::Live)
+        .ok_or(Refusal::BadDestination)?;
+    let format = |m: &Mount| m.store.load().info.meta.content_type.clone();
+    if !same_format(&format(from), &format(&to_mount)) {
+        return Err(Refusal::OtherFormat);
+    }
+    let (moved, stayed) = move_clients(to, from, &to_mount).await;
+    tracing::info!(%peer, from = %from.path, to = %dest, moved, stayed, "listeners moved by an admin request");
+    Ok(if stayed == 0 {
+        response_doc(&format!("Clients moved from {} to {dest}", from.path), true)
+    } else {
+        let max = to_mount.store.load().settings.max_listeners;
+        let message = format!(
+            "Moved {moved} of {} clients from {} to {dest}: {dest} holds its max_listeners ({max})",
+            moved + stayed,
+            from.path
+        );
+        response_doc(&message, moved > 0)
+    })
 }
 
 /// The mount named by `mount=`, live or waiting for its source.
@@ -447,10 +463,17 @@ fn stream_list(shared: &Shared) -> Vec<String> {
         .collect()
 }
 
-fn list_mounts(shared: &Shared) -> El {
+/// `listmounts`: every live source; for `moveclients` without a destination (`from`), Icecast's
+/// `<current_source>` and the live sources its listeners could be moved to (another mount, the
+/// same format).
+fn list_mounts(shared: &Shared, from: Option<&Mount>) -> El {
     let now = SystemTime::now();
+    let format = |m: &Mount| m.store.load().info.meta.content_type.clone();
     let sources = live_mounts(shared)
         .into_iter()
+        .filter(|(m, _)| {
+            from.is_none_or(|f| m.path != f.path && same_format(&format(f), &format(m)))
+        })
         .map(|(m, snap)| {
             let meta = &snap.info.meta;
             let connected = meta
@@ -471,8 +494,10 @@ fn list_mounts(shared: &Shared) -> El {
             )
             .with_mount(&m.path)
         })
-        .collect();
-    El::node("icestats", sources).listing(&["source"])
+        .collect::<Vec<_>>();
+    let current = from.map(|f| El::text("current_source", f.path.clone()));
+    let children = current.into_iter().chain(sources).collect();
+    El::node("icestats", children).listing(&["source"])
 }
 
 /// The sum of a counter's series.

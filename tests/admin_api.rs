@@ -526,6 +526,16 @@ fn moveclients_keeps_listeners_in_their_format_and_within_the_destinations_max_l
     let ids: BTreeSet<u64> = client_ids(srv.admin, "/a").into_iter().collect();
     assert_eq!(ids.len(), 3);
 
+    // Without a destination: where they could go (Icecast's list for its page), which is
+    // neither the mount itself nor one of another format.
+    let body = admin_ok(srv.admin, "moveclients", &[("mount", "/a")]);
+    let doc = parse(&body);
+    assert_eq!(text(doc.root_element(), "current_source"), "/a", "{body}");
+    let choices: Vec<_> = children(doc.root_element(), "source")
+        .filter_map(|s| s.attribute("mount"))
+        .collect();
+    assert_eq!(choices, ["/c"], "{body}");
+
     let to_aac = [("mount", "/a"), ("destination", "/aac")];
     let (status, head, body) = curl_get(srv.admin, "/admin/moveclients", ADMIN, &to_aac);
     assert_eq!(status, 409, "{head}{body}");
