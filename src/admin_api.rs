@@ -86,7 +86,8 @@ impl Command {
         Some(match path.strip_prefix(PREFIX)? {
             // `stats.xml` is Icecast's older name for it.
             "stats" | "stats.xml" => Command::Stats,
-            "listmounts" => Command::ListMounts,
+            // `streamlist` is Icecast's XML form of `streamlist.txt`: the same document.
+            "listmounts" | "streamlist" => Command::ListMounts,
             "listclients" => Command::ListClients,
             "killclient" => Command::KillClient,
             "killsource" => Command::KillSource,
@@ -832,6 +833,7 @@ mod tests {
             Command::of("/admin/streamlist.txt"),
             Some(Command::StreamList)
         );
+        assert_eq!(Command::of("/admin/streamlist"), Some(Command::ListMounts));
         assert_eq!(Command::of("/admin/nope"), None);
         assert_eq!(Command::of("/stats"), None);
         assert!(Command::KillClient.on_one_mount());

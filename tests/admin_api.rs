@@ -182,6 +182,13 @@ fn every_command_answers_in_icecast_xml_and_in_json_on_both_ports() {
         assert_eq!(text(live, "listeners"), "2");
         assert_eq!(text(live, "content-type"), "audio/mpeg");
         text(live, "Connected").parse::<u64>().unwrap();
+        // streamlist: Icecast's XML form of streamlist.txt, the same document.
+        let streamlist = admin_ok(port, "streamlist", &[]);
+        let doc = parse(&streamlist);
+        let mounts: Vec<_> = children(doc.root_element(), "source")
+            .filter_map(|s| s.attribute("mount"))
+            .collect();
+        assert_eq!(mounts, ["/live", "/other"], "{streamlist}");
 
         // listclients: each listener with its IP, UserAgent, Connected, ID and lag.
         let body = admin_ok(port, "listclients", &[("mount", "/live")]);
