@@ -170,9 +170,8 @@ fn source_password_fallback(config_file: Option<&Path>) -> Result<Option<String>
 /// `--check-config`: everything start-up refuses, without binding or starting anything.
 fn check_config(args: &Args) -> Result<(), String> {
     // Loading reads every file the config names (password files, and below the intro and
-    // fallback files) and so checks them; TLS
-    // certificate and key files (`tls_cert`, `tls_key`, issue 16) belong to this check too once
-    // the config has them, so that a reload cannot fail on a file the check passed.
+    // fallback files, the access log, the TLS certificate and key, the relays' CA file) and so
+    // checks them: a start or a reload cannot then fail on a file the check passed.
     let config = load_config(args)?;
     let file = args.config.as_deref().unwrap_or(Path::new("")).display();
     config
@@ -180,6 +179,7 @@ fn check_config(args: &Args) -> Result<(), String> {
         .map_err(|e| format!("config {file}: {e}"))?;
     fanstream::server::check_media_files(&config).map_err(|e| format!("config {file}: {e}"))?;
     fanstream::server::check_relay_ca_file(&config).map_err(|e| format!("config {file}: {e}"))?;
+    fanstream::server::check_startup_files(&config).map_err(|e| format!("config {file}: {e}"))?;
     println!("fanstream: config {file} is valid");
     Ok(())
 }

@@ -367,6 +367,11 @@ impl Server {
                 "changed in the config; takes effect at the next restart"
             );
         }
+        if !restart_only.is_empty() {
+            if let Err(e) = check_startup_files(&new) {
+                tracing::error!(error = %e, "the next restart would fail on this config");
+            }
+        }
         self.shared.intros.store(Arc::new(intros));
         self.shared.config.store(Arc::new(new));
         // The relays thread stops the relays that left or changed and starts the new ones.
@@ -451,6 +456,24 @@ fn relay_plan(
         tls,
         ca,
     })
+}
+
+/// Opens the files start-up opens that a reload does not (the access log, the TLS certificate and
+/// key of a config that adds a TLS port), for `--check-config` and a reload that changes them: a
+/// restart must not fail on a file the check passed. The access log is opened for appending,
+/// so it is created if missing, as start-up would.
+pub fn check_startup_files(config: &Config) -> Result<(), String> {
+    if let Some(path) = config.startup.access_log.as_deref().filter(|p| *p != "-") {
+        std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(path)
+            .map_err(|e| format!("access_log = {path:?}: {e}"))?;
+    }
+    if config.startup.tls_listen.is_some() {
+        load_certificate(config)?;
+    }
+    Ok(())
 }
 
 /// Reads `relay_ca_file` as the server would, for `--check-config`.

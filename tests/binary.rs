@@ -581,6 +581,24 @@ fn check_config_says_why_and_binds_nothing() {
         stderr.contains("admin_password_file = /nonexistent/pw"),
         "{stderr}"
     );
+    // So must the files start-up opens and a reload does not: the access log, the TLS
+    // certificate and key (the packaged unit reloads only after this check passes; a restart
+    // must not fail where it passed).
+    for (file, says) in [
+        (
+            "access_log = \"/nonexistent/dir/access.log\"\n",
+            "access_log = \"/nonexistent/dir/access.log\"",
+        ),
+        (
+            "tls_listen = \"127.0.0.1:0\"\ntls_cert = \"/nonexistent/c.pem\"\ntls_key = \"/nonexistent/k.pem\"\n",
+            "tls_cert /nonexistent/c.pem",
+        ),
+    ] {
+        std::fs::write(&config, format!("source_password = \"x\"\n{file}")).unwrap();
+        let (code, _, stderr) = check(&[]);
+        assert_eq!(code, Some(1), "{file}: {stderr}");
+        assert!(stderr.contains(says), "{file}: {stderr}");
+    }
     // An operator moving from Icecast is pointed at the README's table, not at a TOML error.
     std::fs::write(
         &config,
