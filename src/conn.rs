@@ -369,7 +369,10 @@ pub(crate) struct Incoming {
 impl Incoming {
     /// Refuses the request (see [`refuse`]), and logs it in the access log.
     pub async fn refuse(mut self, shared: &Shared, no: Refusal) {
-        let resp = no.response_for(&self.req);
+        // With the CORS headers its answer would have had: a web player on another site can then
+        // read the refusal (a station offline is a 404, not a network error).
+        let cors = crate::cors::headers(&shared.config.load(), &self.req);
+        let resp = crate::http::with_header_lines(no.response_for(&self.req), &cors);
         log_request(shared, &self.req, self.peer, no.status(), resp.len());
         refuse_with(shared, &mut self.stream, self.peer, no, resp).await;
     }

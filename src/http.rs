@@ -432,6 +432,23 @@ pub(crate) fn typed_response(
     out.into_bytes()
 }
 
+/// A whole response with `lines` (header lines, each ending in CRLF) added after its status
+/// line.
+pub(crate) fn with_header_lines(resp: Vec<u8>, lines: &str) -> Vec<u8> {
+    let Some(at) = resp.windows(2).position(|w| w == b"\r\n") else {
+        return resp;
+    };
+    if lines.is_empty() {
+        return resp;
+    }
+    let at = at + 2;
+    let mut out = Vec::with_capacity(resp.len() + lines.len());
+    out.extend_from_slice(&resp[..at]);
+    out.extend_from_slice(lines.as_bytes());
+    out.extend_from_slice(&resp[at..]);
+    out
+}
+
 /// Compares secrets in time independent of where they differ, so timing tells a password guesser
 /// nothing about how much of a guess was right.
 pub(crate) fn secrets_equal(a: &str, b: &str) -> bool {

@@ -184,6 +184,17 @@ fn streams_and_status_pages_carry_cors_for_any_origin_by_default() {
     assert_eq!(header(&head, "icy-metaint"), Some("16000"), "{head}");
     assert!(head.ends_with("\r\n\r\n"));
 
+    // A refusal too: a player on another site can tell a station offline (404) from a network
+    // error.
+    let (status, head, body) = get(srv.addr, "/offline", origin);
+    assert_eq!(status, 404, "{head}");
+    assert_eq!(
+        header(&head, "access-control-allow-origin"),
+        Some("*"),
+        "{head}"
+    );
+    assert!(body.starts_with(b"404 Not Found: unknown mount"), "{head}");
+
     // A browser's preflight for a fetch with Icy-MetaData.
     let (status, head, body) = request(
         srv.addr,
