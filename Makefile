@@ -26,7 +26,7 @@ APT_PACKAGES := ffmpeg curl prometheus ezstream ices2 liquidsoap mpv gstreamer1.
   lintian dpkg-dev adduser systemd logrotate man-db icecast2 haproxy nginx-light vlc-bin \
   vlc-plugin-base util-linux
 # GStreamer elements the tests use, which come in plugin packages rather than as programs.
-TEST_GST_ELEMENTS := souphttpsrc decodebin oggdemux opusdec vorbisdec mpegaudioparse identity
+TEST_GST_ELEMENTS := souphttpsrc decodebin oggdemux matroskademux opusdec vorbisdec mpegaudioparse identity
 
 .PHONY: run build release deb man install deb-deps test deps fuzz-deps fmt fmt-check clippy unit soak fuzz load sweep many-mounts compare coalescing icy-compare tls-compare tree hls-load bench icecast fonts
 

@@ -468,6 +468,40 @@ pub fn ffmpeg_source_file(addr: SocketAddr, mount: &str, file: &Path, codec: Cod
     Program::spawn("ffmpeg file source", &mut cmd)
 }
 
+/// A live WebM source in real time: Opus from `tone` (its codec ignored), with VP8 video (a
+/// keyframe each second, and so a Cluster) when `video`:
+/// `ffmpeg -hide_banner -loglevel error -re [-f lavfi -i testsrc=size=320x240:rate=25:duration=S]
+/// -f lavfi -i aevalsrc=... [-c:v libvpx -g 25 -deadline realtime -cpu-used 8 -b:v 300k]
+/// -c:a libopus -b:a Kk [-metadata ...] -f webm -content_type audio/webm|video/webm
+/// icecast://source:PASS@ADDR/MOUNT`
+pub fn ffmpeg_webm_source(addr: SocketAddr, mount: &str, tone: &Tone, video: bool) -> Program {
+    require("ffmpeg");
+    let mut cmd = Command::new("ffmpeg");
+    cmd.args(["-hide_banner", "-loglevel", "error", "-re"]);
+    if video {
+        cmd.args(["-f", "lavfi", "-i"]).arg(format!(
+            "testsrc=size=320x240:rate=25:duration={}",
+            tone.seconds
+        ));
+    }
+    cmd.args(tone.input_args());
+    if video {
+        cmd.args(["-c:v", "libvpx", "-g", "25", "-deadline", "realtime"])
+            .args(["-cpu-used", "8", "-b:v", "300k"]);
+    }
+    cmd.args(["-c:a", "libopus", "-b:a"])
+        .arg(format!("{}k", tone.kbps));
+    for (key, value) in [("title", &tone.title), ("artist", &tone.artist)] {
+        if let Some(v) = value {
+            cmd.arg("-metadata").arg(format!("{key}={v}"));
+        }
+    }
+    let content_type = if video { "video/webm" } else { "audio/webm" };
+    cmd.args(["-f", "webm", "-content_type", content_type])
+        .arg(icecast_url(addr, mount));
+    Program::spawn("ffmpeg WebM source", &mut cmd)
+}
+
 /// What ffprobe says about a capture.
 #[derive(Debug, Default)]
 pub struct Probe {
@@ -564,6 +598,35 @@ pub fn gst_decode_url(url: &str, buffers: u32, secs: u32) -> (ExitStatus, String
     let mut p = Program::spawn("gst-launch-1.0 souphttpsrc", &mut cmd);
     let status = p.wait_exit(Duration::from_secs(secs as u64 + 10));
     (status, p.text())
+}
+
+/// GStreamer decoding a live stream until its HTTP source has made `reads` reads (souphttpsrc's
+/// `num-buffers`), for a demuxer that goes on after a downstream EOS (matroskademux 1.22 in push
+/// mode does, so `identity eos-after` never ends its pipeline):
+/// `timeout SECS gst-launch-1.0 -v souphttpsrc location=URL num-buffers=READS ! decodebin !
+/// audioconvert ! identity silent=false ! fakesink`. Returns the exit status (0 once the
+/// source's end reached the sink), how many decoded buffers went through, and the log.
+pub fn gst_decode_url_reads(url: &str, reads: u32, secs: u32) -> (ExitStatus, usize, String) {
+    require("timeout");
+    require("gst-launch-1.0");
+    for e in ["souphttpsrc", "decodebin", "identity"] {
+        require_gst_element(e);
+    }
+    let mut cmd = Command::new("timeout");
+    cmd.arg(secs.to_string())
+        .args(["gst-launch-1.0", "-v", "souphttpsrc"])
+        .arg(format!("location={url}"))
+        .arg(format!("num-buffers={reads}"))
+        .args(["!", "decodebin", "!", "audioconvert", "!", "identity"])
+        .args(["silent=false", "!", "fakesink"]);
+    let mut p = Program::spawn("gst-launch-1.0 souphttpsrc", &mut cmd);
+    let status = p.wait_exit(Duration::from_secs(secs as u64 + 10));
+    let log = p.text();
+    let decoded = log
+        .lines()
+        .filter(|l| l.contains("chain   ******* (identity0:sink)"))
+        .count();
+    (status, decoded, log)
 }
 
 /// GStreamer decoding a capture to its end:
