@@ -226,7 +226,7 @@ soak:
 ## new inputs it finds go to target/fuzz-corpus/, a crash to fuzz/artifacts/.
 FUZZ_SECONDS ?= 300
 TEST_FUZZ_SECONDS ?= 20
-FUZZ_TARGETS := request_head chunked config
+FUZZ_TARGETS := request_head chunked config webm
 # cargo fuzz needs nightly-only flags (-Zsanitizer=address); the machine's one toolchain is stable,
 # and RUSTC_BOOTSTRAP lets it take them. -a keeps debug assertions (overflow checks) on.
 fuzz: fuzz-deps
