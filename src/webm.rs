@@ -11,9 +11,11 @@
 //! a variable-length integer) and steps over bodies it does not need as they arrive: a Cluster is
 //! never held whole, whatever its size, known or unknown (live muxers and Chromium's
 //! MediaRecorder write all ones; such a Cluster ends at the next level-1 element or EBML header).
-//! What it holds back: the header as it gathers (bounded by [`MAX_HEADER_BYTES`]), an element head
-//! cut by the end of a push (12 bytes at most), and a Cluster's first bytes until it is known
-//! whether a player may start there (bounded by [`MAX_UNDECIDED_BYTES`]).
+//! What it keeps: the header as it gathers (bounded by [`MAX_HEADER_BYTES`], and passed on as
+//! well). What it holds back from the stream: a head cut by the end of a push that may be a
+//! Cluster's (12 bytes at most), and a Cluster's first bytes until it is known whether a player
+//! may start there (bounded by [`MAX_UNDECIDED_BYTES`]). The rest of a push goes on as slices of
+//! it, cut where join points are.
 //!
 //! A new EBML header in the stream (a source that starts a new file on the same connection)
 //! starts a new header set, which listeners joining from its first Cluster on get. A stream that
@@ -367,10 +369,10 @@ impl Framer {
         }
     }
 
-    /// The codecs of the stream's tracks, in the order of its Tracks element; None until its
-    /// header is complete.
+    /// The codecs of the stream's tracks, in the order of its Tracks element; None until a
+    /// header with tracks is complete.
     pub fn subtype(&self) -> Option<String> {
-        if !self.synced {
+        if self.tracks.is_empty() {
             return None;
         }
         let names: Vec<&str> = self.tracks.iter().map(|t| t.codec).collect();
@@ -389,9 +391,18 @@ impl Framer {
                 self.joins.push_back(push_start);
             }
         }
+        // On a refusal the source ends, and `finish` sends what was parsed before it: the held
+        // bytes must then be the stream up to where parsing stopped, as after any push.
+        let mut verdict = Ok(());
         let mut i = 0;
         while i < data.len() {
-            i += self.step(&data, i, push_start, out)?;
+            match self.step(&data, i, push_start, out) {
+                Ok(n) => i += n,
+                Err(e) => {
+                    verdict = Err(e);
+                    break;
+                }
+            }
         }
         if self
             .undecided
@@ -401,10 +412,11 @@ impl Framer {
         }
         let keep_from = self.keep_from();
         self.flush_to(keep_from, &data, push_start, out);
-        let from = usize::try_from(self.run_start.saturating_sub(push_start)).unwrap_or(0);
-        self.held.extend_from_slice(&data[from..]);
+        let from = (self.run_start.saturating_sub(push_start)) as usize;
+        let parsed = (self.pos - push_start) as usize;
+        self.held.extend_from_slice(&data[from..parsed]);
         self.report_unsynced(out);
-        Ok(())
+        verdict
     }
 
     /// The source ended: what is held goes out as it is.
@@ -540,10 +552,12 @@ impl Framer {
                         Ok(take)
                     }
                     Parsed::No(n) => {
-                        self.pos += (n - had) as u64;
+                        // The bytes before this push were a consistent head so far: `n > had`.
+                        let took = n.saturating_sub(had);
+                        self.pos += took as u64;
                         self.head_len = 0;
                         self.lose_sync(start);
-                        Ok(n - had)
+                        Ok(took)
                     }
                     Parsed::Yes(h) => {
                         self.pos += (h.len - had) as u64;
@@ -947,8 +961,7 @@ mod tests {
         })
     }
 
-    /// VP8 with Opus, 6 s, a keyframe each second and one more at 2.5 s (a Cluster starts at
-    /// each keyframe; between them, none).
+    /// VP8 with Opus, 6 s, a keyframe each second (where ffmpeg starts a Cluster).
     fn vp8() -> &'static [u8] {
         static FILE: OnceLock<Vec<u8>> = OnceLock::new();
         FILE.get_or_init(|| {
@@ -1481,11 +1494,15 @@ mod tests {
         let over = [&ebml[..], &segment, &void(fill + 1), &cluster].concat();
         let mut framer = Framer::new();
         let mut out = Vec::new();
-        // Refused at the element's head, before its body is gathered.
+        // Refused at the element's head, before its body is gathered; what came before it
+        // still goes out when the source ends.
         assert_eq!(
             framer.push(Bytes::copy_from_slice(&over[..100]), &mut out),
             Err(FormatError::HeadersTooLarge)
         );
+        framer.finish(&mut out);
+        let head = ebml.len() + segment.len() + void(fill + 1).len() - (fill + 1);
+        assert_eq!(seen(&out).data, over[..head]);
     }
 
     /// Bytes that are no WebM pass as they came, each piece a join point as before there was a
