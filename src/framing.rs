@@ -150,6 +150,26 @@ mod tests {
     use super::*;
 
     #[test]
+    fn webm_and_matroska_are_framed_and_get_no_icy_blocks() {
+        for t in [
+            "audio/webm",
+            "video/webm; codecs=\"vp8, opus\"",
+            "Audio/X-Matroska",
+            "video/x-matroska",
+        ] {
+            assert!(
+                matches!(Format::for_content_type(t), Format::Webm(_)),
+                "{t}"
+            );
+            assert!(carries_own_metadata(t), "{t}");
+        }
+        assert!(matches!(
+            Format::for_content_type("audio/flac"),
+            Format::PassThrough
+        ));
+    }
+
+    #[test]
     fn listeners_move_only_between_streams_a_player_can_go_on_decoding() {
         assert!(same_format("audio/mpeg", "audio/mp3; charset=x"));
         assert!(same_format("audio/ogg", "application/ogg"));
