@@ -213,37 +213,32 @@ fn webm_opus_listeners_joining_late_get_the_header_first_and_play() {
     wait_late(&srv, mount, 3.0 * burst as f64, &mut source);
 
     let url = format!("http://{}{mount}", srv.addr);
-    let (
-        capture,
-        (gst_status, gst_decoded, gst_log),
-        (mpv_status, mpv_log),
-        (vlc_status, vlc_log),
-        browser,
-    ) = std::thread::scope(|s| {
-        let gst = s.spawn(|| gst_decode_url_reads(&url, 30, 20));
-        let mpv = s.spawn(|| {
-            let mut p = mpv(&url, 2, 20);
-            let status = p.wait_exit(Duration::from_secs(30));
-            (status, p.text())
+    let (capture, (gst_decoded, gst_log), (mpv_status, mpv_log), (vlc_status, vlc_log), browser) =
+        std::thread::scope(|s| {
+            let gst = s.spawn(|| gst_decode_url_until(&url, 100, 20));
+            let mpv = s.spawn(|| {
+                let mut p = mpv(&url, 2, 20);
+                let status = p.wait_exit(Duration::from_secs(30));
+                (status, p.text())
+            });
+            let vlc = s.spawn(|| {
+                let mut p = cvlc(&url, 3, 25);
+                let status = p.wait_exit(Duration::from_secs(30));
+                (status, p.text())
+            });
+            let browser = s.spawn(|| {
+                let mut b = chromium(&dir, &player_page(&url), 30);
+                wait_playing(&mut b, 1.0, Duration::from_secs(25))
+            });
+            let capture = capture_for(srv.addr, mount, 5.0);
+            (
+                capture,
+                gst.join().unwrap(),
+                mpv.join().unwrap(),
+                vlc.join().unwrap(),
+                browser.join(),
+            )
         });
-        let vlc = s.spawn(|| {
-            let mut p = cvlc(&url, 3, 25);
-            let status = p.wait_exit(Duration::from_secs(30));
-            (status, p.text())
-        });
-        let browser = s.spawn(|| {
-            let mut b = chromium(&dir, &player_page(&url), 30);
-            wait_playing(&mut b, 1.0, Duration::from_secs(25))
-        });
-        let capture = capture_for(srv.addr, mount, 5.0);
-        (
-            capture,
-            gst.join().unwrap(),
-            mpv.join().unwrap(),
-            vlc.join().unwrap(),
-            browser.join(),
-        )
-    });
     STOP.store(true, Ordering::Relaxed);
     let early = early.join().unwrap();
     drop(source);
@@ -268,11 +263,10 @@ fn webm_opus_listeners_joining_late_get_the_header_first_and_play() {
         decoded.success && decoded.errors.is_empty() && decoded.seconds >= 3.0,
         "{who}: the capture does not decode cleanly: {decoded:?}"
     );
-    // 30 reads: the burst (2 s), then 100 ms of the stream each.
     assert!(
-        gst_status.success() && gst_decoded >= 100,
+        gst_decoded >= 100 && !gst_log.contains("ERROR:"),
         "{who}: GStreamer (souphttpsrc ! decodebin) decoded {gst_decoded} buffers, not 100 \
-         (20 ms each) in 30 reads: {gst_status}\n{gst_log}"
+         (20 ms each):\n{gst_log}"
     );
     assert!(
         mpv_status.success() && mpv_log.contains("AO: [null]"),

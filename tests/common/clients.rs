@@ -600,13 +600,13 @@ pub fn gst_decode_url(url: &str, buffers: u32, secs: u32) -> (ExitStatus, String
     (status, p.text())
 }
 
-/// GStreamer decoding a live stream until its HTTP source has made `reads` reads (souphttpsrc's
-/// `num-buffers`), for a demuxer that goes on after a downstream EOS (matroskademux 1.22 in push
-/// mode does, so `identity eos-after` never ends its pipeline):
-/// `timeout SECS gst-launch-1.0 -v souphttpsrc location=URL num-buffers=READS ! decodebin !
-/// audioconvert ! identity silent=false ! fakesink`. Returns the exit status (0 once the
-/// source's end reached the sink), how many decoded buffers went through, and the log.
-pub fn gst_decode_url_reads(url: &str, reads: u32, secs: u32) -> (ExitStatus, usize, String) {
+/// GStreamer decoding a live stream until `buffers` decoded buffers went through (or `secs`
+/// passed), then stopped: `timeout SECS gst-launch-1.0 -v souphttpsrc location=URL ! decodebin !
+/// audioconvert ! identity silent=false ! fakesink`. For a demuxer that does not end its
+/// pipeline on a downstream EOS nor, reliably, on its source's (matroskademux 1.22 in push mode:
+/// `identity eos-after` and souphttpsrc's `num-buffers` leave it running). Returns how many
+/// buffers it decoded, and its log (`ERROR:` lines if it failed).
+pub fn gst_decode_url_until(url: &str, buffers: usize, secs: u32) -> (usize, String) {
     require("timeout");
     require("gst-launch-1.0");
     for e in ["souphttpsrc", "decodebin", "identity"] {
@@ -616,17 +616,23 @@ pub fn gst_decode_url_reads(url: &str, reads: u32, secs: u32) -> (ExitStatus, us
     cmd.arg(secs.to_string())
         .args(["gst-launch-1.0", "-v", "souphttpsrc"])
         .arg(format!("location={url}"))
-        .arg(format!("num-buffers={reads}"))
         .args(["!", "decodebin", "!", "audioconvert", "!", "identity"])
         .args(["silent=false", "!", "fakesink"]);
     let mut p = Program::spawn("gst-launch-1.0 souphttpsrc", &mut cmd);
-    let status = p.wait_exit(Duration::from_secs(secs as u64 + 10));
-    let log = p.text();
-    let decoded = log
-        .lines()
-        .filter(|l| l.contains("chain   ******* (identity0:sink)"))
-        .count();
-    (status, decoded, log)
+    let end = Instant::now() + Duration::from_secs(secs.into());
+    let decoded = loop {
+        p.collect();
+        let decoded = p
+            .log
+            .iter()
+            .filter(|l| l.contains("chain   ******* (identity0:sink)"))
+            .count();
+        if decoded >= buffers || !p.running() || Instant::now() > end {
+            break decoded;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    (decoded, p.text())
 }
 
 /// GStreamer decoding a capture to its end:
