@@ -26,7 +26,7 @@ APT_PACKAGES := ffmpeg curl prometheus ezstream ices2 liquidsoap mpv gstreamer1.
   lintian dpkg-dev adduser systemd logrotate man-db icecast2 haproxy nginx-light vlc-bin \
   vlc-plugin-base util-linux openssl
 # GStreamer elements the tests use, which come in plugin packages rather than as programs.
-TEST_GST_ELEMENTS := souphttpsrc decodebin oggdemux opusdec vorbisdec mpegaudioparse identity
+TEST_GST_ELEMENTS := souphttpsrc decodebin oggdemux matroskademux opusdec vorbisdec mpegaudioparse identity
 
 .PHONY: run build release deb man install deb-deps test deps fuzz-deps fmt fmt-check clippy unit soak fuzz load sweep many-mounts compare coalescing icy-compare tls-compare tree hls-load bench icecast fonts
 
@@ -226,7 +226,7 @@ soak:
 ## new inputs it finds go to target/fuzz-corpus/, a crash to fuzz/artifacts/.
 FUZZ_SECONDS ?= 300
 TEST_FUZZ_SECONDS ?= 20
-FUZZ_TARGETS := request_head chunked config
+FUZZ_TARGETS := request_head chunked config webm
 # cargo fuzz needs nightly-only flags (-Zsanitizer=address); the machine's one toolchain is stable,
 # and RUSTC_BOOTSTRAP lets it take them. -a keeps debug assertions (overflow checks) on.
 fuzz: fuzz-deps

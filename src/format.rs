@@ -1,13 +1,16 @@
 //! Formats at ingest: what a source's bytes are, parsed once per mount as they arrive and never per
 //! listener. A parser turns the pieces an encoder happens to write into [`Event`]s: runs of whole
-//! frames or pages, each marked where a player may start (a *sync point*), the header pages a
-//! player needs before any of them (Ogg), and the titles the stream carries. This file holds
+//! frames or pages, each marked where a player may start (a *sync point*), the header a player
+//! needs before any of them (Ogg, WebM), and the titles the stream carries. This file holds
 //! what every parser yields; `framing` picks one by the source's `Content-Type`:
 //! - `audio/mpeg` ([`mpeg`], MP3) and `audio/aac`, `audio/aacp` ([`mpeg`], ADTS): every byte passes,
 //!   but cut at frame boundaries; a stream that is not what it says flows as it came, with the
 //!   chunk boundaries as join points, as before there was a parser;
 //! - `audio/ogg`, `application/ogg`, `audio/opus`, `video/ogg` ([`ogg`]): whole pages, the header
 //!   pages of each logical stream kept for late joiners; garbage and torn pages are dropped;
+//! - `audio/webm`, `video/webm`, `audio/x-matroska`, `video/x-matroska` ([`webm`]): every byte
+//!   passes, the header before the first Cluster kept for late joiners, each Cluster (with video,
+//!   each starting with a keyframe) a sync point; a stream that is not WebM flows as it came;
 //! - anything else: passed through as it comes, every piece a sync point.
 
 use bytes::Bytes;
@@ -20,17 +23,19 @@ pub(crate) enum Event {
     /// may first start (`Some(0)`: at the first byte), if anywhere.
     Data { bytes: Bytes, join: Option<usize> },
     /// A complete new set of header pages (Ogg: every logical stream's BOS page and header
-    /// packets). Listeners joining from the next sync point on get it before the stream;
+    /// packets; WebM: the EBML header, the Segment's head and its elements up to the first
+    /// Cluster). Listeners joining from the next sync point on get it before the stream;
     /// listeners already connected got the same pages in the stream.
     Headers(Bytes),
-    /// Now-playing metadata the stream itself carries (a Vorbis comment or OpusTags header).
+    /// Now-playing metadata the stream itself carries (a Vorbis comment or OpusTags header, a
+    /// WebM title or tags).
     Tags {
         title: Option<String>,
         artist: Option<String>,
     },
     /// Bytes the parser could not place: garbage between pages, a page whose CRC is wrong, bytes
     /// before the first frame. `dropped` says whether they were left out of the stream (Ogg) or
-    /// passed on as they came (MPEG). Counted per mount.
+    /// passed on as they came (MPEG, WebM). Counted per mount.
     Unsynced { bytes: usize, dropped: bool },
 }
 
@@ -49,7 +54,8 @@ pub(crate) fn runs(bytes: &Bytes, join: Option<usize>) -> impl Iterator<Item = (
 pub(crate) enum FormatError {
     /// Header pages above [`MAX_HEADER_BYTES`].
     HeadersTooLarge,
-    /// More than [`MAX_LOGICAL_STREAMS`] logical streams in one Ogg chain.
+    /// More than [`MAX_LOGICAL_STREAMS`] logical streams in one Ogg chain, or tracks in one
+    /// WebM header.
     TooManyStreams,
     /// So much of the stream is garbage that checking it costs far more than the stream brings
     /// (Ogg: captures claiming long pages whose CRC fails, over and over).
@@ -68,5 +74,5 @@ impl FormatError {
 
 /// Most bytes of header pages one stream may need: they are kept, and sent to every new listener.
 pub(crate) const MAX_HEADER_BYTES: usize = 256 * 1024;
-/// Most logical streams in one Ogg chain.
+/// Most logical streams in one Ogg chain, and tracks in one WebM header.
 pub(crate) const MAX_LOGICAL_STREAMS: usize = 16;

@@ -3,13 +3,13 @@
 use bytes::Bytes;
 
 use crate::format::{Event, FormatError};
-use crate::{mpeg, ogg};
+use crate::{mpeg, ogg, webm};
 
 /// Whether a stream of this `Content-Type` carries its metadata itself (Ogg comments, WebM
 /// tags): ICY blocks inserted into it would corrupt it.
 pub(crate) fn carries_own_metadata(content_type: &str) -> bool {
     let essence = content_type.split(';').next().unwrap_or_default().trim();
-    ["ogg", "opus", "webm"]
+    ["ogg", "opus", "webm", "matroska"]
         .iter()
         .any(|k| essence.to_ascii_lowercase().contains(k))
 }
@@ -40,6 +40,14 @@ pub(crate) fn is_ogg(content_type: &str) -> bool {
     )
 }
 
+/// Whether a `Content-Type` announces a WebM or Matroska stream (parameters and case ignored).
+pub(crate) fn is_webm(content_type: &str) -> bool {
+    matches!(
+        essence(content_type).as_str(),
+        "audio/webm" | "video/webm" | "audio/x-matroska" | "video/x-matroska"
+    )
+}
+
 /// Whether a player decoding a stream of one `Content-Type` can go on decoding one of the other
 /// without starting anew: the same MPEG frames, Ogg for Ogg (a player follows a new chain's
 /// header pages), or else the same type. Listeners moved mid-stream (`/admin/moveclients`,
@@ -58,6 +66,7 @@ pub(crate) enum Format {
     PassThrough,
     Mpeg(mpeg::Framer),
     Ogg(ogg::Framer),
+    Webm(webm::Framer),
 }
 
 impl Format {
@@ -68,6 +77,8 @@ impl Format {
         }
         if is_ogg(content_type) {
             Format::Ogg(ogg::Framer::new())
+        } else if is_webm(content_type) {
+            Format::Webm(webm::Framer::new())
         } else {
             Format::PassThrough
         }
@@ -90,6 +101,7 @@ impl Format {
                 Ok(())
             }
             Format::Ogg(f) => f.push(data, out),
+            Format::Webm(f) => f.push(data, out),
         }
     }
 
@@ -100,6 +112,7 @@ impl Format {
             Format::PassThrough => {}
             Format::Mpeg(f) => f.finish(out),
             Format::Ogg(f) => f.finish(out),
+            Format::Webm(f) => f.finish(out),
         }
     }
 
@@ -127,6 +140,7 @@ impl Format {
             Format::PassThrough => None,
             Format::Mpeg(f) => f.subtype(),
             Format::Ogg(f) => f.subtype(),
+            Format::Webm(f) => f.subtype(),
         }
     }
 }
@@ -134,6 +148,26 @@ impl Format {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn webm_and_matroska_are_framed_and_get_no_icy_blocks() {
+        for t in [
+            "audio/webm",
+            "video/webm; codecs=\"vp8, opus\"",
+            "Audio/X-Matroska",
+            "video/x-matroska",
+        ] {
+            assert!(
+                matches!(Format::for_content_type(t), Format::Webm(_)),
+                "{t}"
+            );
+            assert!(carries_own_metadata(t), "{t}");
+        }
+        assert!(matches!(
+            Format::for_content_type("audio/flac"),
+            Format::PassThrough
+        ));
+    }
 
     #[test]
     fn listeners_move_only_between_streams_a_player_can_go_on_decoding() {

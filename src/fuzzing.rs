@@ -2,10 +2,12 @@
 //! feeds arbitrary bytes to one parser that faces the network or the operator, and checks the
 //! properties that must hold for every input, not only that nothing panics.
 
-use bytes::BytesMut;
+use bytes::{Bytes, BytesMut};
 
 use crate::chunked::ChunkedDecoder;
+use crate::format::Event;
 use crate::http::{self, MAX_HEAD_BYTES};
+use crate::webm;
 
 /// The request-head parser: a complete head parses the same from exactly its own bytes, lies
 /// within the head limit, and its path and credentials can be inspected without panicking.
@@ -62,4 +64,68 @@ pub fn config(data: &[u8]) {
         }
         Err(msg) => assert!(!msg.is_empty(), "a refusal must say why"),
     }
+}
+
+/// The WebM framer: the first byte picks where the rest is split. Whole or in two pieces, every
+/// byte passes, in order, and the verdict, the header sets and (from the first header set on,
+/// before which each piece of a stream that is not WebM is a join point) the join points are the
+/// same, since sources deliver bytes in arbitrary pieces.
+pub fn webm(data: &[u8]) {
+    let Some((&split, body)) = data.split_first() else {
+        return;
+    };
+    let at = (usize::from(split) * 64).min(body.len());
+    let whole = frame_webm(&[body]);
+    let pieces = frame_webm(&[&body[..at], &body[at..]]);
+    assert_eq!(whole.0, pieces.0, "verdict depends on how bytes arrive");
+    if whole.0.is_ok() {
+        assert_eq!(whole.1, body, "bytes lost or changed");
+        assert_eq!(pieces.1, body, "bytes lost or changed");
+        assert_eq!(whole.2, pieces.2, "header sets depend on how bytes arrive");
+        let from = whole.2.first().map_or(usize::MAX, |(offset, _)| *offset);
+        let after = |joins: &[usize]| -> Vec<usize> {
+            joins.iter().copied().filter(|&j| j >= from).collect()
+        };
+        assert_eq!(
+            after(&whole.3),
+            after(&pieces.3),
+            "join points depend on how bytes arrive"
+        );
+    }
+}
+
+/// Frames `pieces` and ends the source: the verdict, the bytes passed, the header sets (each
+/// with the stream offset it came at) and the join points.
+#[allow(clippy::type_complexity)]
+fn frame_webm(
+    pieces: &[&[u8]],
+) -> (
+    Result<(), crate::format::FormatError>,
+    Vec<u8>,
+    Vec<(usize, Bytes)>,
+    Vec<usize>,
+) {
+    let mut framer = webm::Framer::new();
+    let mut events = Vec::new();
+    let mut verdict = Ok(());
+    for piece in pieces {
+        verdict = framer.push(Bytes::copy_from_slice(piece), &mut events);
+        if verdict.is_err() {
+            break;
+        }
+    }
+    framer.finish(&mut events);
+    let _ = framer.subtype();
+    let (mut data, mut headers, mut joins) = (Vec::new(), Vec::new(), Vec::new());
+    for e in events {
+        match e {
+            Event::Data { bytes, join } => {
+                joins.extend(join.map(|k| data.len() + k));
+                data.extend_from_slice(&bytes);
+            }
+            Event::Headers(h) => headers.push((data.len(), h)),
+            Event::Tags { .. } | Event::Unsynced { .. } => {}
+        }
+    }
+    (verdict, data, headers, joins)
 }

@@ -57,7 +57,7 @@
 //!
 //! 1. **Wire and data** (std and crates only): [`http`] (request heads, short responses),
 //!    [`chunked`], the stream formats ([`format`], what every parser yields; [`mpeg`] frames;
-//!    [`ogg`] pages; [`framing`], which picks one by Content-Type), [`icy`] (metadata blocks
+//!    [`ogg`] pages; [`webm`] elements; [`framing`], which picks one by Content-Type), [`icy`] (metadata blocks
 //!    between the audio), [`tls`] (the certificate, a TLS connection the fan-out can write
 //!    like a socket, and the client side of a handshake), [`http_client`] (the URL, the
 //!    connection, plain or TLS, and the request and response head a relay pulls with and an
@@ -114,6 +114,7 @@ pub(crate) mod series;
 pub(crate) mod store;
 pub(crate) mod threads;
 pub(crate) mod tls;
+pub(crate) mod webm;
 // Layer 2: vocabulary.
 pub(crate) mod access_log;
 pub(crate) mod auth;

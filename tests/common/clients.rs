@@ -468,6 +468,40 @@ pub fn ffmpeg_source_file(addr: SocketAddr, mount: &str, file: &Path, codec: Cod
     Program::spawn("ffmpeg file source", &mut cmd)
 }
 
+/// A live WebM source in real time: Opus from `tone` (its codec ignored), with VP8 video (a
+/// keyframe each second, and so a Cluster) when `video`:
+/// `ffmpeg -hide_banner -loglevel error -re [-f lavfi -i testsrc=size=320x240:rate=25:duration=S]
+/// -f lavfi -i aevalsrc=... [-c:v libvpx -g 25 -deadline realtime -cpu-used 8 -b:v 300k]
+/// -c:a libopus -b:a Kk [-metadata ...] -f webm -content_type audio/webm|video/webm
+/// icecast://source:PASS@ADDR/MOUNT`
+pub fn ffmpeg_webm_source(addr: SocketAddr, mount: &str, tone: &Tone, video: bool) -> Program {
+    require("ffmpeg");
+    let mut cmd = Command::new("ffmpeg");
+    cmd.args(["-hide_banner", "-loglevel", "error", "-re"]);
+    if video {
+        cmd.args(["-f", "lavfi", "-i"]).arg(format!(
+            "testsrc=size=320x240:rate=25:duration={}",
+            tone.seconds
+        ));
+    }
+    cmd.args(tone.input_args());
+    if video {
+        cmd.args(["-c:v", "libvpx", "-g", "25", "-deadline", "realtime"])
+            .args(["-cpu-used", "8", "-b:v", "300k"]);
+    }
+    cmd.args(["-c:a", "libopus", "-b:a"])
+        .arg(format!("{}k", tone.kbps));
+    for (key, value) in [("title", &tone.title), ("artist", &tone.artist)] {
+        if let Some(v) = value {
+            cmd.arg("-metadata").arg(format!("{key}={v}"));
+        }
+    }
+    let content_type = if video { "video/webm" } else { "audio/webm" };
+    cmd.args(["-f", "webm", "-content_type", content_type])
+        .arg(icecast_url(addr, mount));
+    Program::spawn("ffmpeg WebM source", &mut cmd)
+}
+
 /// What ffprobe says about a capture.
 #[derive(Debug, Default)]
 pub struct Probe {
@@ -564,6 +598,41 @@ pub fn gst_decode_url(url: &str, buffers: u32, secs: u32) -> (ExitStatus, String
     let mut p = Program::spawn("gst-launch-1.0 souphttpsrc", &mut cmd);
     let status = p.wait_exit(Duration::from_secs(secs as u64 + 10));
     (status, p.text())
+}
+
+/// GStreamer decoding a live stream until `buffers` decoded buffers went through (or `secs`
+/// passed), then stopped: `timeout SECS gst-launch-1.0 -v souphttpsrc location=URL ! decodebin !
+/// audioconvert ! identity silent=false ! fakesink`. For a demuxer that does not end its
+/// pipeline on a downstream EOS nor, reliably, on its source's (matroskademux 1.22 in push mode:
+/// `identity eos-after` and souphttpsrc's `num-buffers` leave it running). Returns how many
+/// buffers it decoded, and its log (`ERROR:` lines if it failed).
+pub fn gst_decode_url_until(url: &str, buffers: usize, secs: u32) -> (usize, String) {
+    require("timeout");
+    require("gst-launch-1.0");
+    for e in ["souphttpsrc", "decodebin", "identity"] {
+        require_gst_element(e);
+    }
+    let mut cmd = Command::new("timeout");
+    cmd.arg(secs.to_string())
+        .args(["gst-launch-1.0", "-v", "souphttpsrc"])
+        .arg(format!("location={url}"))
+        .args(["!", "decodebin", "!", "audioconvert", "!", "identity"])
+        .args(["silent=false", "!", "fakesink"]);
+    let mut p = Program::spawn("gst-launch-1.0 souphttpsrc", &mut cmd);
+    let end = Instant::now() + Duration::from_secs(secs.into());
+    let decoded = loop {
+        p.collect();
+        let decoded = p
+            .log
+            .iter()
+            .filter(|l| l.contains("chain   ******* (identity0:sink)"))
+            .count();
+        if decoded >= buffers || !p.running() || Instant::now() > end {
+            break decoded;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    (decoded, p.text())
 }
 
 /// GStreamer decoding a capture to its end:
