@@ -227,7 +227,8 @@ struct IceSource {
     server_url: Option<String>,
     stream_start: String,
     stream_start_iso8601: String,
-    /// The Ogg codec (`Vorbis`, `Opus`, ...), as Icecast gives it for Ogg streams.
+    /// What the stream turned out to be (`MP3`, `Vorbis`, `Opus`, `VP8/Opus`...), as Icecast
+    /// gives it for Ogg streams.
     #[serde(skip_serializing_if = "Option::is_none")]
     subtype: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
