@@ -684,6 +684,93 @@ fn field_names<T: DeserializeOwned>() -> &'static [&'static str] {
 /// Gives each `[mounts."/path"]` table every key of `[defaults]` it does not set itself, so that
 /// deserializing it yields the mount's resolved settings (the embedded defaults fill the rest).
 /// Values that are not tables are left for serde to refuse.
+/// A settings error as an operator fixes it: the file is read as tables first, so serde names
+/// the key (`in `defaults.burst_bytes``, `unknown field `burts_bytes``) but not where it is.
+/// This adds the line, and for an unknown key the known one it is likely a typo of.
+fn located(text: &str, error: String) -> String {
+    let unknown = error
+        .strip_prefix("unknown field `")
+        .and_then(|rest| rest.split('`').next());
+    let place = error
+        .rsplit_once("\nin `")
+        .and_then(|(_, rest)| rest.strip_suffix('`').or(rest.strip_suffix("`\n")));
+    // The section and the key within it.
+    let (section, key) = match (unknown, place) {
+        (Some(key), Some(section)) => (section, key),
+        (Some(key), None) => ("", key),
+        (None, Some(path)) => path.rsplit_once('.').unwrap_or(("", path)),
+        (None, None) => return error,
+    };
+    let mut message = error.trim_end().replace('\n', " ");
+    if let Some(key) = unknown {
+        let known = error.split("expected one of ").nth(1).unwrap_or_default();
+        let closest = known
+            .split(", ")
+            .map(|k| k.trim_matches(|c: char| c == '`' || c.is_whitespace()))
+            .map(|k| (edit_distance(k, key), k))
+            .filter(|&(d, k)| d <= 2.max(k.len() / 4))
+            .min();
+        if let Some((_, meant)) = closest {
+            let within = if section.is_empty() {
+                String::new()
+            } else {
+                format!(" in `{section}`")
+            };
+            message = format!("unknown field `{key}`{within}: did you mean `{meant}`?");
+        }
+    }
+    // A mount's settings are read over `[defaults]`: what is wrong in a mount may be written
+    // there.
+    let line = line_of(text, section, key).or_else(|| {
+        section
+            .starts_with("mounts.")
+            .then(|| line_of(text, "defaults", key))
+            .flatten()
+    });
+    match line {
+        Some(line) => format!("line {line}: {message}"),
+        None => message,
+    }
+}
+
+/// The line (from 1) where `key` is set in the table `section` (`""` for the top level,
+/// `mounts./live` for `[mounts."/live"]`, as serde writes its paths).
+fn line_of(text: &str, section: &str, key: &str) -> Option<usize> {
+    let mut current = String::new();
+    for (n, line) in text.lines().enumerate() {
+        let line = line.trim();
+        if let Some(header) = line.strip_prefix('[').and_then(|l| l.split(']').next()) {
+            current = header.replace('"', "").replace(' ', "");
+        } else if current == section
+            && line
+                .split('=')
+                .next()
+                .is_some_and(|k| k.trim().trim_matches('"') == key && line.contains('='))
+        {
+            return Some(n + 1);
+        }
+    }
+    None
+}
+
+/// Levenshtein distance: single-character edits from `a` to `b`.
+fn edit_distance(a: &str, b: &str) -> usize {
+    let b: Vec<char> = b.chars().collect();
+    let mut row: Vec<usize> = (0..=b.len()).collect();
+    for (i, ca) in a.chars().enumerate() {
+        let mut diagonal = row[0];
+        row[0] = i + 1;
+        for (j, &cb) in b.iter().enumerate() {
+            let above = row[j + 1];
+            row[j + 1] = (above + 1)
+                .min(row[j] + 1)
+                .min(diagonal + usize::from(ca != cb));
+            diagonal = above;
+        }
+    }
+    row[b.len()]
+}
+
 fn merge_mounts_over_defaults(file: &mut toml::Table) {
     let defaults = match file.get("defaults") {
         Some(toml::Value::Table(defaults)) => defaults.clone(),
@@ -730,9 +817,12 @@ impl Config {
             .copied()
             .collect();
         if let Some(key) = file.keys().find(|key| !known.contains(&key.as_str())) {
-            return Err(format!(
-                "unknown field `{key}`, expected one of `{}`",
-                known.join("`, `")
+            return Err(located(
+                text,
+                format!(
+                    "unknown field `{key}`, expected one of `{}`",
+                    known.join("`, `")
+                ),
             ));
         }
         let startup: toml::Table = startup_names
@@ -740,9 +830,10 @@ impl Config {
             .filter_map(|&name| Some((name.to_string(), file.remove(name)?)))
             .collect();
         merge_mounts_over_defaults(&mut file);
+        let error = |e: toml::de::Error| located(text, e.to_string());
         Ok(Config {
-            startup: Startup::deserialize(startup).map_err(|e| e.to_string())?,
-            ..Config::deserialize(file).map_err(|e| e.to_string())?
+            startup: Startup::deserialize(startup).map_err(error)?,
+            ..Config::deserialize(file).map_err(error)?
         })
     }
 
@@ -1524,6 +1615,21 @@ mod tests {
     fn unknown_keys_and_bad_values_are_named() {
         let e = Config::from_toml("lissten = \"x\"").unwrap_err();
         assert!(e.contains("lissten"), "{e}");
+        // With the line, and the key a typo was likely meant to be.
+        assert_eq!(e, "line 1: unknown field `lissten`: did you mean `listen`?");
+        let e = Config::from_toml("demo = true\n[defaults]\nburts_bytes = 5\n").unwrap_err();
+        assert_eq!(
+            e,
+            "line 3: unknown field `burts_bytes` in `defaults`: did you mean `burst_bytes`?"
+        );
+        let e = Config::from_toml("[mounts.\"/live\"]\n\nmax_listeners = \"x\"\n").unwrap_err();
+        assert!(e.starts_with("line 3: invalid type"), "{e}");
+        assert!(e.contains("mounts./live.max_listeners"), "{e}");
+        // Nothing close: the whole list, to choose from.
+        let e = Config::from_toml("zzzzzz = 1").unwrap_err();
+        assert!(e.contains("expected one of `listen`"), "{e}");
+        assert_eq!(edit_distance("listne", "listen"), 2);
+        assert_eq!(edit_distance("", "abc"), 3);
         let e = Config::from_toml("[defaults]\nlag_policy = \"drop\"").unwrap_err();
         assert!(e.contains("drop"), "{e}");
         let c = Config::from_toml("[defaults]\nburst_bytes = 900000").unwrap();
