@@ -740,7 +740,7 @@ fn line_of(text: &str, section: &str, key: &str) -> Option<usize> {
     for (n, line) in text.lines().enumerate() {
         let line = line.trim();
         if let Some(header) = line.strip_prefix('[').and_then(|l| l.split(']').next()) {
-            current = header.replace('"', "").replace(' ', "");
+            current = header.replace(['"', ' '], "");
         } else if current == section
             && line
                 .split('=')
