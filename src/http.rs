@@ -157,9 +157,9 @@ fn parse_http_head(buf: &[u8]) -> Result<Option<(Request, usize)>, HeadError> {
         "OPTIONS" => Method::Options,
         other => Method::Other(other.to_string()),
     };
-    let target = req.path.unwrap_or_default();
+    let target = origin_form(req.path.unwrap_or_default());
     let (path, query) = target.split_once('?').unwrap_or((target, ""));
-    let (path, query) = (path.to_string(), query.to_string());
+    let (path, query) = (decoded_path(path), query.to_string());
     let mut hs = Vec::with_capacity(req.headers.len());
     let mut length = None;
     for h in req.headers.iter() {
@@ -238,8 +238,42 @@ impl Request {
     }
 }
 
+/// The request target as a path and query: the absolute form (`http://host:8000/live`, which a
+/// client configured for a proxy sends) less its scheme and authority, as RFC 9112 (3.2.2) has
+/// a server accept it.
+fn origin_form(target: &str) -> &str {
+    let Some(rest) = ["http://", "https://"].iter().find_map(|scheme| {
+        target
+            .get(..scheme.len())
+            .filter(|s| s.eq_ignore_ascii_case(scheme))
+            .map(|_| &target[scheme.len()..])
+    }) else {
+        return target;
+    };
+    match rest.find(['/', '?']) {
+        Some(at) if rest.as_bytes()[at] == b'/' => &rest[at..],
+        // `http://host` or `http://host?q`: the root.
+        _ => "/",
+    }
+}
+
+/// A path with its `%XX` escapes decoded, as Icecast takes `/%6Cive` for `/live` (`+` is a plus
+/// in a path). What they decode to is checked like any path ([`valid_mount_path`]), so an
+/// escape passes no `..` or odd byte; one that is not UTF-8 is kept as sent, and refused so.
+fn decoded_path(path: &str) -> String {
+    if !path.contains('%') {
+        return path.to_string();
+    }
+    String::from_utf8(percent_decode_as(path, false)).unwrap_or_else(|_| path.to_string())
+}
+
 /// `%XX` escapes and `+` decoded; a malformed escape is kept as it is.
 fn percent_decode(s: &str) -> Vec<u8> {
+    percent_decode_as(s, true)
+}
+
+/// `%XX` escapes decoded, and `+` as a space if `plus_is_space` (a query's convention).
+fn percent_decode_as(s: &str, plus_is_space: bool) -> Vec<u8> {
     let b = s.as_bytes();
     let mut out = Vec::with_capacity(b.len());
     let mut i = 0;
@@ -254,7 +288,7 @@ fn percent_decode(s: &str) -> Vec<u8> {
                 }
                 _ => out.push(b'%'),
             },
-            b'+' => out.push(b' '),
+            b'+' if plus_is_space => out.push(b' '),
             c => out.push(c),
         }
         i += 1;
@@ -497,6 +531,38 @@ mod tests {
         assert_eq!(req.path, "/m.mp3");
         let (req, _) = parse_head(b"BREW /pot HTTP/1.1\r\n\r\n").unwrap().unwrap();
         assert_eq!(req.method, Method::Other("BREW".into()));
+    }
+
+    #[test]
+    fn a_target_in_absolute_form_or_with_escapes_is_the_path_it_names() {
+        let path_query = |line: &str| {
+            let raw = format!("{line}\r\n\r\n");
+            let (req, _) = parse_head(raw.as_bytes()).unwrap().unwrap();
+            (req.path, req.query)
+        };
+        let p = |path: &str, query: &str| (path.to_string(), query.to_string());
+        assert_eq!(
+            path_query("GET http://radio.example:8000/live?a=b HTTP/1.1"),
+            p("/live", "a=b")
+        );
+        assert_eq!(path_query("GET HTTPS://radio.example HTTP/1.1"), p("/", ""));
+        assert_eq!(
+            path_query("GET http://radio.example?x HTTP/1.1"),
+            p("/", "")
+        );
+        assert_eq!(
+            path_query("GET /%6Cive?song=a%20b HTTP/1.1"),
+            p("/live", "song=a%20b"),
+            "the path decoded, the query left to its reader"
+        );
+        assert_eq!(path_query("GET /a+b HTTP/1.1"), p("/a+b", ""));
+        // Decoded, then checked as any path.
+        let (dots, _) = path_query("GET /%2e%2e/etc HTTP/1.1");
+        assert_eq!(dots, "/../etc");
+        assert!(!valid_mount_path(&dots));
+        let (raw, _) = path_query("GET /%ff HTTP/1.1");
+        assert_eq!(raw, "/%ff", "not UTF-8: kept as sent");
+        assert!(!valid_mount_path(&raw));
     }
 
     #[test]

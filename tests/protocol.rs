@@ -44,6 +44,26 @@ fn head_answers_the_headers_only() {
     assert!(body.is_empty(), "HEAD returned {} body bytes", body.len());
 }
 
+/// A target in absolute form (what a client set up for a proxy sends; RFC 9112 has servers take
+/// it) or with escapes (`/%6Cive`, which Icecast decodes) names the mount it spells; an escaped
+/// `..` is still a bad path.
+#[test]
+fn absolute_and_escaped_targets_name_their_mount() {
+    let srv = TestServer::start(|_| {});
+    let _source = Source::connect(srv.addr, "/live");
+    for raw in [
+        "HEAD http://radio.test:8000/live HTTP/1.1\r\nHost: radio.test:8000\r\n\r\n",
+        "HEAD /%6Cive HTTP/1.1\r\nHost: x\r\n\r\n",
+    ] {
+        let (status, head, _) = request(srv.addr, raw.as_bytes());
+        assert_eq!(status, 200, "{raw}: {head}");
+        assert!(head.contains("Content-Type: audio/mpeg"), "{head}");
+    }
+    let (status, _, body) = request(srv.addr, b"GET /%2e%2e/live HTTP/1.0\r\n\r\n");
+    assert_eq!(status, 400);
+    assert!(String::from_utf8_lossy(&body).contains("bad path"));
+}
+
 #[test]
 fn unknown_and_idle_mounts_are_404() {
     let srv = TestServer::start(|c| c.defaults.source_grace_secs = 30);
