@@ -240,6 +240,13 @@ impl Default for MountSettings {
     }
 }
 
+/// The demo mount's burst, unless the config declares the mount. Chromium reads 224 KiB of a WAV
+/// stream before it has its metadata and 48 KiB more before it plays (measured 2026-12-03, the
+/// same from a plain file server): at the demo's 16 KB/s a 64 KiB burst left a browser silent
+/// for 10-15 s. With this one (20 s of the demo, which plays that far ahead from its start) it
+/// starts at once.
+pub const DEMO_BURST_BYTES: u64 = 320 * 1024;
+
 impl MountSettings {
     /// Pending bytes that make a listener's write due: `min_write_bytes`, but never more than
     /// half the burst. A player starts with its burst as its lead, and its buffer sinks by what
@@ -966,10 +973,22 @@ impl Config {
                 ..self.defaults.clone()
             };
         }
-        self.mounts
-            .get(path)
-            .cloned()
-            .unwrap_or_else(|| self.defaults.clone())
+        if let Some(own) = self.mounts.get(path) {
+            return own.clone();
+        }
+        if self.startup.demo && path == self.startup.demo_mount {
+            // Within what the lag limit allows, as any burst.
+            let burst = self
+                .defaults
+                .burst_bytes
+                .max(DEMO_BURST_BYTES)
+                .min(self.defaults.max_lag_bytes);
+            return MountSettings {
+                burst_bytes: burst,
+                ..self.defaults.clone()
+            };
+        }
+        self.defaults.clone()
     }
 
     /// Every `intro_file` the config names, once each.
@@ -1553,6 +1572,23 @@ mod tests {
         assert_eq!(c.source_password_for("/other"), Some("global"));
         assert_eq!(c.source_password_for("/undeclared"), Some("global"));
         assert_eq!(c.mount("/undeclared").max_lag_bytes, 100000);
+    }
+
+    /// The demo gets a burst a browser can start a WAV stream from, within the lag limit, unless
+    /// the config gives the mount settings of its own.
+    #[test]
+    fn the_demo_mount_has_a_browsers_burst_unless_declared() {
+        let c = Config::default();
+        assert!(c.startup.demo);
+        assert_eq!(c.mount("/demo").burst_bytes, DEMO_BURST_BYTES);
+        assert_eq!(c.mount("/other").burst_bytes, 65536);
+        let c =
+            Config::from_toml("[defaults]\nmax_lag_bytes = 200000\nburst_bytes = 1000").unwrap();
+        assert_eq!(c.mount("/demo").burst_bytes, 200000);
+        let c = Config::from_toml("[mounts.\"/demo\"]\nburst_bytes = 1000").unwrap();
+        assert_eq!(c.mount("/demo").burst_bytes, 1000);
+        let c = Config::from_toml("demo = false").unwrap();
+        assert_eq!(c.mount("/demo").burst_bytes, 65536);
     }
 
     #[test]

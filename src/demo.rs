@@ -118,13 +118,17 @@ pub(crate) fn run(rt: Runtime, player: Player, mut stop: watch::Receiver<Stop>) 
 async fn play(pieces: mpsc::Sender<Bytes>) {
     let mut tone = Tone::new();
     let start = tokio::time::Instant::now();
+    // The demo runs a burst ahead of the clock from its start (its first ticks catch up a second
+    // at a time): its mount holds a whole burst at once, and a browser opened on a fresh
+    // `make run` plays at once ([`crate::config::DEMO_BURST_BYTES`]).
+    let ahead = crate::config::DEMO_BURST_BYTES / 2;
     let mut sent: u64 = 0;
     let mut tick = tokio::time::interval(PIECE);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tick.tick().await;
         // Pace by the clock, not by ticks, so the stream keeps exactly 128 kbit/s.
-        let owed = (start.elapsed().as_secs_f64() * SAMPLE_RATE as f64) as u64;
+        let owed = (start.elapsed().as_secs_f64() * SAMPLE_RATE as f64) as u64 + ahead;
         let n = owed.saturating_sub(sent).min(SAMPLE_RATE as u64) as usize;
         if n == 0 {
             continue;

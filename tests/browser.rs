@@ -21,6 +21,8 @@ use common::*;
 
 /// How long Chromium may take to play, from its start (it needs a second or two to start itself).
 const PLAY_DEADLINE: Duration = Duration::from_secs(25);
+/// For the demo, which a browser starts at once (far less than the 10-15 s it took).
+const DEMO_PLAY_DEADLINE: Duration = Duration::from_secs(8);
 
 #[test]
 fn chromium_plays_a_late_joined_ogg_opus_mount() {
@@ -125,7 +127,10 @@ fn over_https_the_page_lists_the_mounts_and_another_origin_reads_status_and_play
         )
         .unwrap();
     assert_eq!(pressed, format!("{origin}/demo").as_str(), "{last:?}");
-    let end = Instant::now() + PLAY_DEADLINE;
+    // Chromium reads 272 KiB of a WAV stream before it plays: with a 64 KiB burst, 10-15 s of
+    // silence at the demo's 16 KB/s. The demo's own burst, and its running that far ahead from
+    // its start, make it play at once.
+    let end = Instant::now() + DEMO_PLAY_DEADLINE;
     let mut seen = Vec::new();
     let mut first_playing: Option<f64> = None;
     loop {
@@ -144,7 +149,7 @@ fn over_https_the_page_lists_the_mounts_and_another_origin_reads_status_and_play
         }
         assert!(
             Instant::now() < end,
-            "the page's own <audio> for /demo did not play 1 s within {PLAY_DEADLINE:?} over \
+            "the page's own <audio> for /demo did not play 1 s within {DEMO_PLAY_DEADLINE:?} over \
              HTTPS (readyState >= 3 and currentTime advancing); its states:\n{}",
             seen.join("\n")
         );
