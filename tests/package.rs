@@ -167,6 +167,18 @@ fn the_debian_package_builds_installs_serves_and_purges() {
             "{path} is not in the package:\n{contents}"
         );
     }
+    // The summary is one line of at most 80 characters (Debian policy 3.4.1); the long
+    // description follows it.
+    let summary = run_ok("dpkg-deb", &["-f", deb, "Description"]);
+    let first = summary.lines().next().unwrap_or_default();
+    assert!(
+        first.len() <= 80 && first.starts_with("Live broadcast streaming server"),
+        "{summary}"
+    );
+    assert!(
+        summary.lines().nth(1).is_some_and(|l| l.starts_with(" Encoders push")),
+        "{summary}"
+    );
     let conffiles = run_ok("dpkg-deb", &["-I", deb, "conffiles"]);
     assert!(
         conffiles.lines().any(|l| l == CONFIG),
