@@ -299,6 +299,17 @@ impl Server {
             })?;
         }
         tracing::info!(%listen_addr, admin = ?admin_addr, tls = ?tls_addr, shoutcast = ?shoutcast_addr, workers = nworkers, "fanstream started");
+        // What to open first, as a browser on this host reaches it.
+        let host = match listen_addr.ip() {
+            ip if ip.is_unspecified() || ip.is_loopback() => "localhost".to_string(),
+            std::net::IpAddr::V6(ip) => format!("[{ip}]"),
+            ip => ip.to_string(),
+        };
+        let base = format!("http://{host}:{}", listen_addr.port());
+        match &shared.config.load().startup {
+            s if s.demo => tracing::info!("the page: {base}/ and the demo: {base}{}", s.demo_mount),
+            _ => tracing::info!("the page: {base}/"),
+        }
         Ok(Server {
             stop_tx,
             threads: handles,

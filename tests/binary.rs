@@ -27,6 +27,20 @@ fn start(
     args: &[&str],
     env: &[(&str, &str)],
 ) -> (ChildGuard, SocketAddr, std::sync::mpsc::Receiver<String>) {
+    let (child, addr, stdout, _) = start_logged(args, env);
+    (child, addr, stdout)
+}
+
+/// [`start`], with the log's lines after the start-up line.
+fn start_logged(
+    args: &[&str],
+    env: &[(&str, &str)],
+) -> (
+    ChildGuard,
+    SocketAddr,
+    std::sync::mpsc::Receiver<String>,
+    std::sync::mpsc::Receiver<String>,
+) {
     let mut cmd = fanstream();
     cmd.args([
         "--listen",
@@ -51,7 +65,7 @@ fn start(
         .find_map(|w| w.strip_prefix("listen_addr="))
         .and_then(|a| a.parse().ok())
         .unwrap_or_else(|| panic!("no listen address in {started:?}"));
-    (child, addr, stdout)
+    (child, addr, stdout, stderr)
 }
 
 #[test]
@@ -81,12 +95,21 @@ fn help_documents_every_common_setting() {
 
 #[test]
 fn without_a_password_one_is_generated_and_the_demo_plays_then_sigterm_exits_cleanly() {
-    let (mut child, addr, stdout) = start(&[], &[]);
+    let (mut child, addr, stdout, log) = start_logged(&[], &[]);
     let line = wait_line(&stdout, "the generated password", |l| {
         l.contains("generated for this run")
     });
     let password = line.rsplit(' ').next().unwrap().to_string();
     assert!(password.len() >= 16, "weak generated password {password:?}");
+    // And where to listen, as a browser on this host reaches it.
+    let urls = wait_line(&log, "the page's and the demo's URLs", |l| {
+        l.contains("the page: ")
+    });
+    let base = format!("http://localhost:{}", addr.port());
+    assert!(
+        urls.contains(&format!("the page: {base}/ and the demo: {base}/demo")),
+        "{urls}"
+    );
 
     // The demo plays at once: a WAV header, then PCM.
     let mut demo = Listener::connect(addr, "/demo");

@@ -176,7 +176,10 @@ fn the_debian_package_builds_installs_serves_and_purges() {
         "{summary}"
     );
     assert!(
-        summary.lines().nth(1).is_some_and(|l| l.starts_with(" Encoders push")),
+        summary
+            .lines()
+            .nth(1)
+            .is_some_and(|l| l.starts_with(" Encoders push")),
         "{summary}"
     );
     let conffiles = run_ok("dpkg-deb", &["-I", deb, "conffiles"]);
