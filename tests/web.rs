@@ -43,6 +43,12 @@ fn described_source(srv: &TestServer, mount: &str, name: &str, title: &str) -> S
         basic("source", PASSWORD)
     );
     assert_eq!(request(srv.addr, update.as_bytes()).0, 200);
+    // Applied by ingest after the answer: wait for it, as a page read at once may precede it.
+    srv.wait_metric(
+        "fanstream_metadata_updates_total",
+        &[&format!("mount=\"{mount}\"")],
+        |v| v >= 1.0,
+    );
     s
 }
 
