@@ -222,10 +222,12 @@ fn run(args: Args) -> Result<(), String> {
         }
     };
     let mut config = load_config(&args)?;
-    if config.source_password.is_none() {
-        let generated = random_password()?;
-        println!("fanstream: no source password configured; generated for this run: {generated}");
-        config.source_password = Some(generated);
+    let generated = match config.source_password {
+        Some(_) => None,
+        None => Some(random_password()?),
+    };
+    if let Some(password) = &generated {
+        config.source_password = Some(password.clone());
     }
     config.validate()?;
     let listen_socket = bind_listen_socket(config.startup.listen)
@@ -244,6 +246,11 @@ fn run(args: Args) -> Result<(), String> {
         ),
         None => None,
     };
+    // Told once the server can start: a password printed above a bind error is one for a
+    // server that never ran.
+    if let Some(password) = generated {
+        println!("fanstream: no source password configured; generated for this run: {password}");
+    }
     // Signal handling is in place before the server starts: a signal that arrives early is
     // handled, not fatal, and running out of descriptors later cannot take it away.
     let rt = tokio::runtime::Builder::new_current_thread()

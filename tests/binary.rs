@@ -641,3 +641,23 @@ fn check_config_says_why_and_binds_nothing() {
         "--config with --check-config is a usage error: {stderr}"
     );
 }
+
+/// A listen address in use is an error that names the setting, and no generated password is
+/// printed for a server that never ran.
+#[test]
+fn a_listen_address_in_use_names_the_setting_and_prints_no_password() {
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = taken.local_addr().unwrap().to_string();
+    let out = fanstream()
+        .args(["--listen", &addr, "--admin-listen", "none", "--no-pin"])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains(&format!("cannot listen on {addr} (listen)")),
+        "{stderr}"
+    );
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(!stdout.contains("generated"), "{stdout}");
+}
