@@ -76,3 +76,90 @@ impl FormatError {
 pub(crate) const MAX_HEADER_BYTES: usize = 256 * 1024;
 /// Most logical streams in one Ogg chain, and tracks in one WebM header.
 pub(crate) const MAX_LOGICAL_STREAMS: usize = 16;
+
+/// What the parsers' unit tests share: real files from ffmpeg, pieces as an encoder might cut
+/// them, and a player's verdict on a late joiner's capture.
+#[cfg(test)]
+pub(crate) mod testing {
+    use std::path::PathBuf;
+    use std::process::{Command, Output};
+
+    /// Where a test's file goes: named by process, so that test runs side by side do not meet;
+    /// removed once checked.
+    pub fn temp_file(name: &str) -> PathBuf {
+        let dir = std::env::temp_dir().join("fanstream-format-tests");
+        std::fs::create_dir_all(&dir).expect("create the test directory");
+        dir.join(format!("{}-{name}", std::process::id()))
+    }
+
+    pub fn tool(program: &str, args: &[&str]) -> Output {
+        Command::new(program)
+            .args(args)
+            .output()
+            .unwrap_or_else(|e| {
+                panic!("these tests run {program} (Debian package ffmpeg, `make deps`): {e}")
+            })
+    }
+
+    /// A player given `capture` finds `codecs` (ffprobe's names, one per line) and decodes it
+    /// to the end without an error.
+    pub fn assert_plays(name: &str, capture: &[u8], codecs: &str) {
+        let path = temp_file(name);
+        std::fs::write(&path, capture).expect("write the capture");
+        let path = path.to_str().expect("a UTF-8 temp path");
+        let probe = tool(
+            "ffprobe",
+            &[
+                "-v",
+                "error",
+                "-show_entries",
+                "stream=codec_name",
+                "-of",
+                "csv=p=0",
+                path,
+            ],
+        );
+        assert!(probe.status.success(), "ffprobe {path}: {probe:?}");
+        assert_eq!(
+            String::from_utf8_lossy(&probe.stdout).trim(),
+            codecs,
+            "{name}"
+        );
+        let decode = tool("ffmpeg", &["-v", "error", "-i", path, "-f", "null", "-"]);
+        assert!(
+            decode.status.success() && decode.stderr.is_empty(),
+            "ffmpeg decoding {path}: {}",
+            String::from_utf8_lossy(&decode.stderr)
+        );
+        // Kept when it fails, to look at.
+        std::fs::remove_file(path).expect("remove the capture");
+    }
+
+    /// A tiny deterministic generator (xorshift64*), so that a failure repeats.
+    pub struct Rng(pub u64);
+
+    impl Rng {
+        pub fn next(&mut self) -> u64 {
+            self.0 ^= self.0 >> 12;
+            self.0 ^= self.0 << 25;
+            self.0 ^= self.0 >> 27;
+            self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
+        }
+
+        pub fn below(&mut self, n: usize) -> usize {
+            (self.next() % n as u64) as usize
+        }
+    }
+
+    /// `data` in pieces of 1 to `most` bytes, as an encoder's writes might cut it.
+    pub fn random_pieces<'a>(rng: &mut Rng, data: &'a [u8], most: usize) -> Vec<&'a [u8]> {
+        let mut pieces = Vec::new();
+        let mut rest = data;
+        while !rest.is_empty() {
+            let (piece, tail) = rest.split_at((1 + rng.below(most)).min(rest.len()));
+            pieces.push(piece);
+            rest = tail;
+        }
+        pieces
+    }
+}

@@ -836,33 +836,15 @@ impl Framer {
 
 #[cfg(test)]
 mod tests {
-    use std::path::PathBuf;
-    use std::process::{Command, Output};
     use std::sync::OnceLock;
 
     use bytes::Bytes;
 
     use super::*;
+    use crate::format::testing::{assert_plays, temp_file, tool, Rng};
 
     /// The header, a full segment table, and 255 segments of 255 bytes.
     const MAX_PAGE: usize = HEADER_LEN + 255 + 255 * 255;
-
-    /// Where a test's file goes: named by process, so that test runs side by side do not meet;
-    /// removed once checked.
-    fn temp_file(name: &str) -> PathBuf {
-        let dir = std::env::temp_dir().join("fanstream-ogg-tests");
-        std::fs::create_dir_all(&dir).expect("create the test directory");
-        dir.join(format!("{}-{name}", std::process::id()))
-    }
-
-    fn tool(program: &str, args: &[&str]) -> Output {
-        Command::new(program)
-            .args(args)
-            .output()
-            .unwrap_or_else(|e| {
-                panic!("these tests run {program} (Debian package ffmpeg, `make deps`): {e}")
-            })
-    }
 
     /// An Ogg file from ffmpeg: a real encoder's pages, as a source would send them.
     fn encode(name: &str, args: &[&str]) -> Vec<u8> {
@@ -1092,40 +1074,6 @@ mod tests {
         }
         assert!(joined, "no sync point {n}");
         out
-    }
-
-    /// A player given `capture` finds `codecs` (ffprobe's names, one per line) and decodes it
-    /// to the end without an error.
-    fn assert_plays(name: &str, capture: &[u8], codecs: &str) {
-        let path = temp_file(name);
-        std::fs::write(&path, capture).expect("write the capture");
-        let path = path.to_str().expect("a UTF-8 temp path");
-        let probe = tool(
-            "ffprobe",
-            &[
-                "-v",
-                "error",
-                "-show_entries",
-                "stream=codec_name",
-                "-of",
-                "csv=p=0",
-                path,
-            ],
-        );
-        assert!(probe.status.success(), "ffprobe {path}: {probe:?}");
-        assert_eq!(
-            String::from_utf8_lossy(&probe.stdout).trim(),
-            codecs,
-            "{name}"
-        );
-        let decode = tool("ffmpeg", &["-v", "error", "-i", path, "-f", "null", "-"]);
-        assert!(
-            decode.status.success() && decode.stderr.is_empty(),
-            "ffmpeg decoding {path}: {}",
-            String::from_utf8_lossy(&decode.stderr)
-        );
-        // Kept when it fails, to look at.
-        std::fs::remove_file(path).expect("remove the capture");
     }
 
     /// What every clean file must give: the same stream whatever the pieces, every byte passed,
@@ -1690,22 +1638,6 @@ mod tests {
             framer.push(Bytes::from(bos.concat()), &mut out),
             Err(FormatError::TooManyStreams)
         );
-    }
-
-    /// A tiny deterministic generator (xorshift64*), so that a failure repeats.
-    struct Rng(u64);
-
-    impl Rng {
-        fn next(&mut self) -> u64 {
-            self.0 ^= self.0 >> 12;
-            self.0 ^= self.0 << 25;
-            self.0 ^= self.0 >> 27;
-            self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
-        }
-
-        fn below(&mut self, n: usize) -> usize {
-            (self.next() % n as u64) as usize
-        }
     }
 
     /// Feeds `input` in random pieces; the framer never panics, holds at most a page in the

@@ -906,27 +906,10 @@ impl Framer {
 
 #[cfg(test)]
 mod tests {
-    use std::path::PathBuf;
-    use std::process::{Command, Output};
     use std::sync::OnceLock;
 
     use super::*;
-
-    /// Where a test's file goes: named by process, so that test runs side by side do not meet.
-    fn temp_file(name: &str) -> PathBuf {
-        let dir = std::env::temp_dir().join("fanstream-webm-tests");
-        std::fs::create_dir_all(&dir).expect("create the test directory");
-        dir.join(format!("{}-{name}", std::process::id()))
-    }
-
-    fn tool(program: &str, args: &[&str]) -> Output {
-        Command::new(program)
-            .args(args)
-            .output()
-            .unwrap_or_else(|e| {
-                panic!("these tests run {program} (Debian package ffmpeg, `make deps`): {e}")
-            })
-    }
+    use crate::format::testing::{assert_plays, random_pieces, tool, Rng};
 
     /// A WebM file from ffmpeg, written to a pipe as a live muxer writes it.
     fn encode(args: &[&str]) -> Vec<u8> {
@@ -1047,33 +1030,6 @@ mod tests {
         frame_pieces(data.chunks(piece))
     }
 
-    /// A tiny deterministic generator (xorshift64*), so that a failure repeats.
-    struct Rng(u64);
-
-    impl Rng {
-        fn next(&mut self) -> u64 {
-            self.0 ^= self.0 >> 12;
-            self.0 ^= self.0 << 25;
-            self.0 ^= self.0 >> 27;
-            self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
-        }
-
-        fn below(&mut self, n: usize) -> usize {
-            (self.next() % n as u64) as usize
-        }
-    }
-
-    fn random_pieces<'a>(rng: &mut Rng, data: &'a [u8], most: usize) -> Vec<&'a [u8]> {
-        let mut pieces = Vec::new();
-        let mut rest = data;
-        while !rest.is_empty() {
-            let (piece, tail) = rest.split_at((1 + rng.below(most)).min(rest.len()));
-            pieces.push(piece);
-            rest = tail;
-        }
-        pieces
-    }
-
     /// What a listener connected from the start receives and what the stream says of itself,
     /// whatever the pieces: every byte, the join points (as stream offsets), the header sets
     /// (each with the offset it applies from) and the titles, in order.
@@ -1147,40 +1103,6 @@ mod tests {
             assert_eq!(seen(&events), whole, "{name}: random pieces up to {most}");
         }
         whole
-    }
-
-    /// A late joiner's capture, which ffprobe finds `codecs` in and ffmpeg decodes to the end
-    /// without an error.
-    fn assert_plays(name: &str, capture: &[u8], codecs: &str) {
-        let path = temp_file(name);
-        std::fs::write(&path, capture).expect("write the capture");
-        let path = path.to_str().expect("a UTF-8 temp path");
-        let probe = tool(
-            "ffprobe",
-            &[
-                "-v",
-                "error",
-                "-show_entries",
-                "stream=codec_name",
-                "-of",
-                "csv=p=0",
-                path,
-            ],
-        );
-        assert!(probe.status.success(), "ffprobe {path}: {probe:?}");
-        assert_eq!(
-            String::from_utf8_lossy(&probe.stdout).trim(),
-            codecs,
-            "{name}"
-        );
-        let decode = tool("ffmpeg", &["-v", "error", "-i", path, "-f", "null", "-"]);
-        assert!(
-            decode.status.success() && decode.stderr.is_empty(),
-            "ffmpeg decoding {path}: {}",
-            String::from_utf8_lossy(&decode.stderr)
-        );
-        // Kept when it fails, to look at.
-        std::fs::remove_file(path).expect("remove the capture");
     }
 
     fn el(id: u32, body: &[u8]) -> Vec<u8> {

@@ -6,8 +6,6 @@
 
 mod common;
 
-use std::io::Read;
-use std::net::SocketAddr;
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
@@ -48,24 +46,6 @@ fn wait_stream(
         );
         std::thread::sleep(Duration::from_millis(200));
     }
-}
-
-/// A plain listener's bytes over `secs` of wall time (or until the stream ends).
-fn capture_for(addr: SocketAddr, mount: &str, secs: f64) -> Vec<u8> {
-    let mut l = Listener::connect(addr, mount);
-    l.stream
-        .set_read_timeout(Some(Duration::from_millis(200)))
-        .unwrap();
-    let end = Instant::now() + Duration::from_secs_f64(secs);
-    let mut buf = vec![0u8; 64 * 1024];
-    while Instant::now() < end {
-        match l.stream.read(&mut buf) {
-            Ok(0) => break,
-            Ok(n) => l.body.extend_from_slice(&buf[..n]),
-            Err(_) => {}
-        }
-    }
-    l.body
 }
 
 fn save(dir: &Path, name: &str, bytes: &[u8]) -> std::path::PathBuf {
@@ -275,29 +255,6 @@ fn ogg_opus_listener_joining_20s_late_gets_the_headers_first_and_decodes() {
 #[test]
 fn ogg_vorbis_listener_joining_20s_late_gets_the_headers_first_and_decodes() {
     late_join_ogg(Codec::Vorbis);
-}
-
-/// Reads a listener into a buffer on a thread until `stop`, or the stream ends.
-fn background_capture(
-    addr: SocketAddr,
-    mount: &str,
-    stop: &'static AtomicBool,
-) -> std::thread::JoinHandle<Vec<u8>> {
-    let mut l = Listener::connect(addr, mount);
-    std::thread::spawn(move || {
-        l.stream
-            .set_read_timeout(Some(Duration::from_millis(200)))
-            .unwrap();
-        let mut buf = vec![0u8; 64 * 1024];
-        while !stop.load(Ordering::Relaxed) {
-            match l.stream.read(&mut buf) {
-                Ok(0) => break,
-                Ok(n) => l.body.extend_from_slice(&buf[..n]),
-                Err(_) => {}
-            }
-        }
-        l.body
-    })
 }
 
 /// Two ffmpeg runs back to back on one mount, within its grace period: Vorbis at 44.1 kHz titled

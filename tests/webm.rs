@@ -6,8 +6,6 @@
 
 mod common;
 
-use std::io::Read;
-use std::net::SocketAddr;
 use std::path::Path;
 use std::process::Command;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -102,47 +100,6 @@ fn header_then_cluster(capture: &[u8], track: u8, who: &str) -> Joined {
             .unwrap_or_else(|| panic!("{who}: the first Cluster has no Timestamp first")),
         first_flags,
     }
-}
-
-/// A plain listener's bytes over `secs` of wall time.
-fn capture_for(addr: SocketAddr, mount: &str, secs: f64) -> Vec<u8> {
-    let mut l = Listener::connect(addr, mount);
-    l.stream
-        .set_read_timeout(Some(Duration::from_millis(200)))
-        .unwrap();
-    let end = Instant::now() + Duration::from_secs_f64(secs);
-    let mut buf = vec![0u8; 64 * 1024];
-    while Instant::now() < end {
-        match l.stream.read(&mut buf) {
-            Ok(0) => break,
-            Ok(n) => l.body.extend_from_slice(&buf[..n]),
-            Err(_) => {}
-        }
-    }
-    l.body
-}
-
-/// A listener from the stream's start, read on a thread until `stop`.
-fn background_capture(
-    addr: SocketAddr,
-    mount: &str,
-    stop: &'static AtomicBool,
-) -> std::thread::JoinHandle<Vec<u8>> {
-    let mut l = Listener::connect(addr, mount);
-    std::thread::spawn(move || {
-        l.stream
-            .set_read_timeout(Some(Duration::from_millis(200)))
-            .unwrap();
-        let mut buf = vec![0u8; 64 * 1024];
-        while !stop.load(Ordering::Relaxed) {
-            match l.stream.read(&mut buf) {
-                Ok(0) => break,
-                Ok(n) => l.body.extend_from_slice(&buf[..n]),
-                Err(_) => {}
-            }
-        }
-        l.body
-    })
 }
 
 /// Waits until the source has streamed for [`JOIN_AFTER`] and sent `bytes`, so that the join

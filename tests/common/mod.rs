@@ -606,3 +606,45 @@ fn stream_check_catches_gaps_and_corruption() {
     bad.feed(&p);
     assert_eq!(bad.mismatches, 1);
 }
+
+/// A plain listener's bytes over `secs` of wall time (or until the stream ends).
+pub fn capture_for(addr: SocketAddr, mount: &str, secs: f64) -> Vec<u8> {
+    let mut l = Listener::connect(addr, mount);
+    l.stream
+        .set_read_timeout(Some(Duration::from_millis(200)))
+        .unwrap();
+    let end = Instant::now() + Duration::from_secs_f64(secs);
+    let mut buf = vec![0u8; 64 * 1024];
+    while Instant::now() < end {
+        match l.stream.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => l.body.extend_from_slice(&buf[..n]),
+            Err(_) => {}
+        }
+    }
+    l.body
+}
+
+/// A listener from now on, read on a thread until `stop` (or the stream ends): what a player
+/// connected across a change receives.
+pub fn background_capture(
+    addr: SocketAddr,
+    mount: &str,
+    stop: &'static std::sync::atomic::AtomicBool,
+) -> std::thread::JoinHandle<Vec<u8>> {
+    let mut l = Listener::connect(addr, mount);
+    std::thread::spawn(move || {
+        l.stream
+            .set_read_timeout(Some(Duration::from_millis(200)))
+            .unwrap();
+        let mut buf = vec![0u8; 64 * 1024];
+        while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+            match l.stream.read(&mut buf) {
+                Ok(0) => break,
+                Ok(n) => l.body.extend_from_slice(&buf[..n]),
+                Err(_) => {}
+            }
+        }
+        l.body
+    })
+}
