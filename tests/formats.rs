@@ -131,16 +131,8 @@ fn late_join_ogg(codec: Codec) {
     let (capture, (gst_status, gst_log), (mpv_status, mpv_log), (vlc_status, vlc_log)) =
         std::thread::scope(|s| {
             let gst = s.spawn(|| gst_decode_url(&url, 100, 20));
-            let mpv = s.spawn(|| {
-                let mut p = mpv(&url, 2, 20);
-                let status = p.wait_exit(Duration::from_secs(30));
-                (status, p.text())
-            });
-            let vlc = s.spawn(|| {
-                let mut p = cvlc(&url, 3, 25);
-                let status = p.wait_exit(Duration::from_secs(30));
-                (status, p.text())
-            });
+            let mpv = s.spawn(|| mpv(&url, 2, 20).outcome(Duration::from_secs(30)));
+            let vlc = s.spawn(|| cvlc(&url, 3, 25).outcome(Duration::from_secs(30)));
             let capture = capture_for(srv.addr, &mount, 4.0);
             (
                 capture,

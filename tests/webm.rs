@@ -173,16 +173,8 @@ fn webm_opus_listeners_joining_late_get_the_header_first_and_play() {
     let (capture, (gst_decoded, gst_log), (mpv_status, mpv_log), (vlc_status, vlc_log), browser) =
         std::thread::scope(|s| {
             let gst = s.spawn(|| gst_decode_url_until(&url, 100, 20));
-            let mpv = s.spawn(|| {
-                let mut p = mpv(&url, 2, 20);
-                let status = p.wait_exit(Duration::from_secs(30));
-                (status, p.text())
-            });
-            let vlc = s.spawn(|| {
-                let mut p = cvlc(&url, 3, 25);
-                let status = p.wait_exit(Duration::from_secs(30));
-                (status, p.text())
-            });
+            let mpv = s.spawn(|| mpv(&url, 2, 20).outcome(Duration::from_secs(30)));
+            let vlc = s.spawn(|| cvlc(&url, 3, 25).outcome(Duration::from_secs(30)));
             let browser = s.spawn(|| {
                 let mut b = chromium(&dir, &player_page(&url), 30);
                 wait_playing(&mut b, 1.0, Duration::from_secs(25))
@@ -266,11 +258,7 @@ fn webm_vp8_listener_joining_late_starts_at_a_keyframe_and_decodes() {
 
     let url = format!("http://{}{mount}", srv.addr);
     let (capture, (mpv_status, mpv_log)) = std::thread::scope(|s| {
-        let mpv = s.spawn(|| {
-            let mut p = mpv(&url, 2, 20);
-            let status = p.wait_exit(Duration::from_secs(30));
-            (status, p.text())
-        });
+        let mpv = s.spawn(|| mpv(&url, 2, 20).outcome(Duration::from_secs(30)));
         (capture_for(srv.addr, mount, 4.0), mpv.join().unwrap())
     });
     drop(source);

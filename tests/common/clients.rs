@@ -134,6 +134,12 @@ impl Program {
         status
     }
 
+    /// How a player run to its end went: [`Program::wait_exit`], then its output.
+    pub fn outcome(mut self, deadline: Duration) -> (ExitStatus, String) {
+        let status = self.wait_exit(deadline);
+        (status, self.text())
+    }
+
     pub fn running(&mut self) -> bool {
         match self.guard.child.as_mut() {
             Some(c) => c.try_wait().unwrap().is_none(),
