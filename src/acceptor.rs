@@ -10,7 +10,9 @@
 //!   newcomers instead of the process running out of descriptors), except to take in a newcomer
 //!   in place of a connection that has sent no head for [`REPLACE`] (see
 //!   [`crate::heads`]). It resumes once a margin of slots is free (1% of the limit), so a storm
-//!   is one pause and one resume, not one of each per slot freed; each is logged once.
+//!   is not one pause per slot freed. An episode ends only once the acceptor has kept accepting
+//!   for [`SETTLE`]: a backlog of hundreds refills the margin in milliseconds, and that is the
+//!   same storm. Each episode is counted and logged once.
 //! - Above [`PRESSURE_PERCENT`] of the limit, newcomers get `header_timeout_under_pressure_secs`
 //!   instead of `header_timeout_secs`, so idle connections clear in seconds.
 //!
@@ -45,6 +47,8 @@ const REPLACE: Replace = Replace {
     min_age: Duration::from_millis(250),
     in_flight: 32,
 };
+/// A pause within this time of the last resume continues the same episode (see [`Gate`]).
+const SETTLE: Duration = Duration::from_secs(1);
 /// Above this share of `max_connections`, newcomers get the short head timeout.
 const PRESSURE_PERCENT: usize = 80;
 /// How often held-back log lines are summarised (each reason at most once per interval).
@@ -74,13 +78,16 @@ pub(crate) fn run(
         let limit = shared.max_connections;
         let mut gate = Gate::new(limit);
         // A storm that comes in waves is one episode per wave: past the first few, they are
-        // summarised like refusals, and a resume is logged only if its pause was.
+        // summarised like refusals, and an episode's end is logged only if its start was.
         let mut pause_logged = false;
+        // The most newcomers the kernel's backlog held when accepting resumed in this episode.
+        let mut waiting = None;
         loop {
             let now = Instant::now();
             let open = shared.open_connections();
             match gate.update(open, now) {
                 Some(Change::Paused) => {
+                    waiting = None;
                     let full = Unanswered::WorkersFull;
                     shared.metrics.unanswered(full);
                     pause_logged = shared.logs.full(full.reason(), shared.listen_addr, now);
@@ -91,13 +98,14 @@ pub(crate) fn run(
                         );
                     }
                 }
-                Some(Change::Resumed { after, replaced }) if pause_logged => tracing::info!(
+                Some(Change::Resumed) => waiting = waiting.max(accept_queue(&listen_socket)),
+                Some(Change::Ended { after, replaced }) if pause_logged => tracing::info!(
                     at_limit_secs = format!("{:.1}", after.as_secs_f64()),
                     replaced,
-                    waiting = accept_queue(&listen_socket),
+                    waiting,
                     "room again: accepting"
                 ),
-                Some(Change::Resumed { .. }) | None => {}
+                Some(Change::Ended { .. }) | None => {}
             }
             if gate.paused() {
                 if let Err(until) = shared.heads.room_by_replacing(REPLACE, open, limit, now) {
@@ -112,6 +120,9 @@ pub(crate) fn run(
                 _ = stopped(&mut stop) => break,
                 // While paused, a slot freed may end the pause, or nobody is coming: look again.
                 _ = shared.room.notified(), if gate.paused() => {}
+                // Accepting again, the episode ends once it has settled, whether or not anyone
+                // connects meanwhile.
+                () = settled(gate.settles_at()) => {}
                 // Both ports count against the same limits and feed the same workers; a TLS
                 // connection's handshake is the worker's first step.
                 (accepted, tls) = accept_either(&listen_socket, tls_socket.as_ref()) => match accepted {
@@ -153,20 +164,30 @@ async fn accept_either(
     }
 }
 
-/// Whether the acceptor is at its limit, with the hysteresis that keeps a storm to one pause and
-/// one resume: paused once `limit` connections are open, resumed once `margin` slots are free.
+/// Whether the acceptor is at its limit, with two hystereses. In slots: paused once `limit`
+/// connections are open, accepting again once `margin` slots are free. In time: an episode, which
+/// is what is counted and logged, begins with a pause and ends once accepting has lasted
+/// [`SETTLE`]; pauses in between (the backlog refilling the margin) belong to it.
 struct Gate {
     limit: usize,
     margin: usize,
-    since: Option<Instant>,
-    /// Idle connections closed to make room during this pause.
+    paused: bool,
+    /// When the open episode began.
+    episode: Option<Instant>,
+    /// When accepting last resumed within the open episode.
+    resumed: Option<Instant>,
+    /// Idle connections closed to make room during this episode.
     replaced: u64,
 }
 
 #[derive(Debug, PartialEq)]
 enum Change {
+    /// A new episode: accepting paused.
     Paused,
-    Resumed { after: Duration, replaced: u64 },
+    /// Accepting again, within the episode.
+    Resumed,
+    /// The episode is over: it lasted `after` up to its last resume.
+    Ended { after: Duration, replaced: u64 },
 }
 
 impl Gate {
@@ -174,31 +195,57 @@ impl Gate {
         Gate {
             limit,
             margin: (limit / 100).max(1),
-            since: None,
+            paused: false,
+            episode: None,
+            resumed: None,
             replaced: 0,
         }
     }
 
     fn paused(&self) -> bool {
-        self.since.is_some()
+        self.paused
+    }
+
+    /// When the episode ends if accepting goes on (nothing is due while paused or outside one).
+    fn settles_at(&self) -> Option<Instant> {
+        self.resumed.map(|r| r + SETTLE)
     }
 
     fn update(&mut self, open: usize, now: Instant) -> Option<Change> {
-        match self.since {
-            None if open >= self.limit => {
-                self.since = Some(now);
-                self.replaced = 0;
-                Some(Change::Paused)
+        if !self.paused && open >= self.limit {
+            self.paused = true;
+            self.resumed = None;
+            if self.episode.is_some() {
+                return None;
             }
-            Some(since) if open + self.margin <= self.limit => {
-                self.since = None;
-                Some(Change::Resumed {
-                    after: now.saturating_duration_since(since),
+            self.episode = Some(now);
+            self.replaced = 0;
+            return Some(Change::Paused);
+        }
+        if self.paused && open + self.margin <= self.limit {
+            self.paused = false;
+            self.resumed = Some(now);
+            return Some(Change::Resumed);
+        }
+        match (self.episode, self.resumed) {
+            (Some(began), Some(resumed)) if now >= resumed + SETTLE => {
+                self.episode = None;
+                self.resumed = None;
+                Some(Change::Ended {
+                    after: resumed.saturating_duration_since(began),
                     replaced: self.replaced,
                 })
             }
             _ => None,
         }
+    }
+}
+
+/// Waits until `at`, or forever without one.
+async fn settled(at: Option<Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at.into()).await,
+        None => std::future::pending().await,
     }
 }
 
@@ -336,6 +383,7 @@ mod tests {
         let at = |ms| t0 + Duration::from_millis(ms);
         let mut gate = Gate::new(2000);
         assert_eq!(gate.update(1999, at(0)), None);
+        assert_eq!(gate.settles_at(), None);
         assert_eq!(gate.update(2000, at(1)), Some(Change::Paused));
         assert!(gate.paused());
         gate.replaced = 7;
@@ -345,15 +393,45 @@ mod tests {
             assert_eq!(gate.update(open + 1, at(2)), None);
         }
         // ...a margin of 1% does, once.
+        assert_eq!(gate.update(1980, at(1500)), Some(Change::Resumed));
+        assert!(!gate.paused());
+        assert_eq!(gate.update(1980, at(1501)), None);
+        // The episode ends after accepting has lasted SETTLE, with its length to the resume.
+        assert_eq!(gate.settles_at(), Some(at(1500) + SETTLE));
         assert_eq!(
-            gate.update(1980, at(1500)),
-            Some(Change::Resumed {
+            gate.update(1990, at(1500) + SETTLE),
+            Some(Change::Ended {
                 after: Duration::from_millis(1499),
                 replaced: 7
             })
         );
-        assert_eq!(gate.update(1980, at(1501)), None);
-        assert_eq!(gate.update(2000, at(1600)), Some(Change::Paused));
+        assert_eq!(gate.settles_at(), None);
+        assert_eq!(gate.update(2000, at(5000)), Some(Change::Paused));
+    }
+
+    #[test]
+    fn a_backlog_refilling_the_margin_is_the_same_episode() {
+        let t0 = Instant::now();
+        let at = |ms| t0 + Duration::from_millis(ms);
+        let mut gate = Gate::new(2000);
+        assert_eq!(gate.update(2000, at(0)), Some(Change::Paused));
+        // Twenty waves of closes and refills, a few milliseconds each, 200 ms apart.
+        for wave in 0..20 {
+            let t = 100 + wave * 200;
+            assert_eq!(gate.update(1900, at(t)), Some(Change::Resumed));
+            assert_eq!(gate.update(2000, at(t + 2)), None, "wave {wave}");
+            assert!(gate.paused());
+            gate.replaced += 1;
+        }
+        assert_eq!(gate.update(1900, at(4200)), Some(Change::Resumed));
+        assert_eq!(gate.update(1900, at(5000)), None);
+        assert_eq!(
+            gate.update(1900, at(4200) + SETTLE),
+            Some(Change::Ended {
+                after: Duration::from_millis(4200),
+                replaced: 20
+            })
+        );
     }
 
     #[test]
@@ -361,6 +439,6 @@ mod tests {
         let mut gate = Gate::new(4);
         let now = Instant::now();
         assert_eq!(gate.update(4, now), Some(Change::Paused));
-        assert!(matches!(gate.update(3, now), Some(Change::Resumed { .. })));
+        assert_eq!(gate.update(3, now), Some(Change::Resumed));
     }
 }
