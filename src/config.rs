@@ -1007,6 +1007,15 @@ impl Config {
             .collect()
     }
 
+    /// Every `htpasswd_file` that a mount with `auth = "htpasswd"` reads, once each.
+    pub fn htpasswd_files(&self) -> std::collections::BTreeSet<&Path> {
+        std::iter::once(&self.defaults)
+            .chain(self.mounts.values())
+            .filter(|m| m.auth == Some(ListenerAuthKind::Htpasswd))
+            .filter_map(|m| m.htpasswd_file.as_deref())
+            .collect()
+    }
+
     /// The mounts an operator expects a source on: those in `[mounts]`, and the demo's.
     pub fn declared_mounts(&self) -> impl Iterator<Item = &str> {
         let demo = self

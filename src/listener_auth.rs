@@ -167,6 +167,21 @@ async fn check_users_file(
     }
 }
 
+/// Reads every users file the config names, for `--check-config` (an error) and for start-up
+/// and reloads (a warning: the file is read again at each listener's check, so it may be put in
+/// place later, but until then that mount's listeners are refused).
+pub fn check_users_files(config: &Config) -> Result<(), String> {
+    for file in config.htpasswd_files() {
+        std::fs::read_to_string(file).map_err(|e| {
+            format!(
+                "htpasswd_file = {}: {e} (listeners of its mounts are refused until it can be read)",
+                file.display()
+            )
+        })?;
+    }
+    Ok(())
+}
+
 /// The users file as it is now: read again when its modification time changed.
 fn users_file(state: &ListenerAuth, file: &Path) -> std::io::Result<Arc<UsersFile>> {
     let modified = std::fs::metadata(file)?.modified().ok();

@@ -170,7 +170,8 @@ fn source_password_fallback(config_file: Option<&Path>) -> Result<Option<String>
 /// `--check-config`: everything start-up refuses, without binding or starting anything.
 fn check_config(args: &Args) -> Result<(), String> {
     // Loading reads every file the config names (password files, and below the intro and
-    // fallback files, the access log, the TLS certificate and key, the relays' CA file) and so
+    // fallback files, the access log, the TLS certificate and key, the relays' CA file, the
+    // listeners' users files) and so
     // checks them: a start or a reload cannot then fail on a file the check passed.
     let config = load_config(args)?;
     let file = args.config.as_deref().unwrap_or(Path::new("")).display();
@@ -180,6 +181,7 @@ fn check_config(args: &Args) -> Result<(), String> {
     fanstream::server::check_media_files(&config).map_err(|e| format!("config {file}: {e}"))?;
     fanstream::server::check_relay_ca_file(&config).map_err(|e| format!("config {file}: {e}"))?;
     fanstream::server::check_startup_files(&config).map_err(|e| format!("config {file}: {e}"))?;
+    fanstream::server::check_users_files(&config).map_err(|e| format!("config {file}: {e}"))?;
     println!("fanstream: config {file} is valid");
     Ok(())
 }

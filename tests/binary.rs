@@ -616,6 +616,12 @@ fn check_config_says_why_and_binds_nothing() {
             "tls_listen = \"127.0.0.1:0\"\ntls_cert = \"/nonexistent/c.pem\"\ntls_key = \"/nonexistent/k.pem\"\n",
             "tls_cert /nonexistent/c.pem",
         ),
+        // Not fatal at start-up (it is read for each listener, so it may come later), but a
+        // check that passed it would let a typo refuse every listener of the mount.
+        (
+            "[mounts.\"/members\"]\nauth = \"htpasswd\"\nhtpasswd_file = \"/nonexistent/users\"\n",
+            "htpasswd_file = /nonexistent/users: No such file",
+        ),
     ] {
         std::fs::write(&config, format!("source_password = \"x\"\n{file}")).unwrap();
         let (code, _, stderr) = check(&[]);
