@@ -344,6 +344,12 @@ fn a_storm_of_idle_connections_spares_listeners_newcomers_sources_admin_and_the_
         if !reconnected && into > Duration::from_secs(3) {
             reconnected = true;
             s.reconnect.store(true, Ordering::Relaxed);
+            // While the encoder is away a newcomer is rightly told 404 (mount_idle), so the next
+            // one waits for it to be back in. Under the storm a tick can take its whole 500 ms,
+            // and one came 35 ms into the reconnect.
+            wait_until("the encoder back in", || {
+                s.reconnect_ms.load(Ordering::Relaxed) != u64::MAX
+            });
         }
         if !reloaded && into > Duration::from_secs(5) {
             reloaded = true;
