@@ -124,7 +124,7 @@ clippy:
 ## and a short fuzz run of each parser.
 test: deps fmt-check clippy
 	$(CARGO) test --workspace --all-targets
-	$(MAKE) fuzz FUZZ_SECONDS=$(TEST_FUZZ_SECONDS)
+	$(MAKE) fuzz FUZZ_SECONDS=$(TEST_FUZZ_SECONDS) FUZZ_BUILD="$(TEST_FUZZ_BUILD)"
 
 unit:
 	$(CARGO) test -p fanstream --lib
@@ -236,13 +236,20 @@ soak:
 FUZZ_SECONDS ?= 300
 TEST_FUZZ_SECONDS ?= 20
 FUZZ_TARGETS := request_head chunked config webm
-# cargo fuzz needs nightly-only flags (-Zsanitizer=address); the machine's one toolchain is stable,
-# and RUSTC_BOOTSTRAP lets it take them. -a keeps debug assertions (overflow checks) on.
+# How the targets are built: optimised, with AddressSanitizer (cargo fuzz's default), for long
+# runs. make test's short run builds them unoptimised and without the sanitizer: 2.4 minutes of
+# build on 2 cores instead of 5.8, for 4 (request_head) to 7 (webm) times fewer runs in its 20 s.
+# The parsers are safe Rust, and a panic, an overflow or a debug assertion stops a run either way.
+FUZZ_BUILD ?= -O
+TEST_FUZZ_BUILD := --dev -s none
+# cargo fuzz needs nightly-only flags (-Zsanitizer=address, and coverage instrumentation); the
+# machine's one toolchain is stable, and RUSTC_BOOTSTRAP lets it take them. -a keeps debug
+# assertions (overflow checks) on.
 fuzz: fuzz-deps
 	@for t in $(FUZZ_TARGETS); do \
 	  mkdir -p target/fuzz-corpus/$$t; log=target/fuzz-corpus/$$t.log; \
 	  echo "fuzzing $$t for $(FUZZ_SECONDS) s (log: $$log)"; \
-	  if RUSTC_BOOTSTRAP=1 $(CARGO) fuzz run --fuzz-dir fuzz -O -a $$t target/fuzz-corpus/$$t fuzz/seeds/$$t \
+	  if RUSTC_BOOTSTRAP=1 $(CARGO) fuzz run --fuzz-dir fuzz $(FUZZ_BUILD) -a $$t target/fuzz-corpus/$$t fuzz/seeds/$$t \
 	       -- -max_total_time=$(FUZZ_SECONDS) -print_final_stats=1 >$$log 2>&1; then \
 	    grep -E '^Done' $$log; \
 	  else \

@@ -17,6 +17,7 @@ use tokio::signal::unix::{signal, SignalKind};
 /// jemalloc rather than glibc's malloc: after a storm of idle connections closes, glibc keeps
 /// what they used for the process (only `malloc_trim` gives it back), while jemalloc returns
 /// freed pages to the system after `dirty_decay_ms` (1 s, below). See docs/performance/allocator.md.
+#[cfg(feature = "jemalloc")]
 #[global_allocator]
 static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 
@@ -34,6 +35,7 @@ static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 /// Freed pages are purged after 1 s, not jemalloc's 10 s: at 1,000 mounts ingest frees each
 /// mount's oldest pieces as it stores new ones, and pages left dirty for 10 s were 0.7 MiB of RSS
 /// more at 1,000 × 10 listeners, at no CPU cost seen (the background thread purges; seventh pass).
+#[cfg(feature = "jemalloc")]
 #[export_name = "_rjem_malloc_conf"]
 static JEMALLOC_OPTIONS: &[u8; 78] =
     b"background_thread:true,max_background_threads:1,narenas:1,dirty_decay_ms:1000\0";
