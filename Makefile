@@ -238,8 +238,10 @@ TEST_FUZZ_SECONDS ?= 20
 FUZZ_TARGETS := request_head chunked config webm
 # How the targets are built: optimised, with AddressSanitizer (cargo fuzz's default), for long
 # runs. make test's short run builds them unoptimised and without the sanitizer: 2.4 minutes of
-# build on 2 cores instead of 5.8, for 4 (request_head) to 7 (webm) times fewer runs in its 20 s.
-# The parsers are safe Rust, and a panic, an overflow or a debug assertion stops a run either way.
+# build on 2 cores instead of 5.8, for fewer runs in its 20 s (request_head and chunked 4 times
+# fewer, webm 6, config 25: serde and toml unoptimised; opt-level 1 brought the build back to
+# 4.5 minutes). The seeds run whole either way; the parsers are safe Rust, and a panic, an
+# overflow or a debug assertion stops a run either way. `make fuzz` is for depth.
 FUZZ_BUILD ?= -O
 TEST_FUZZ_BUILD := --dev -s none
 # cargo fuzz needs nightly-only flags (-Zsanitizer=address, and coverage instrumentation); the
