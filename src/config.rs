@@ -3,7 +3,7 @@
 //! Every field carries its unit in its name and its default in its doc comment. [`Config::validate`]
 //! rejects nonsense, naming the setting, before anything binds.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::net::{AddrParseError, IpAddr, Ipv6Addr, SocketAddr};
 use std::path::{Path, PathBuf};
 
@@ -992,27 +992,33 @@ impl Config {
     }
 
     /// Every `intro_file` the config names, once each.
-    pub fn intro_files(&self) -> std::collections::BTreeSet<&Path> {
-        std::iter::once(&self.defaults)
-            .chain(self.mounts.values())
-            .filter_map(|m| m.intro_file.as_deref())
-            .collect()
+    pub fn intro_files(&self) -> BTreeSet<&Path> {
+        self.files_named(|m| m.intro_file.as_deref())
     }
 
     /// Every `fallback_file` the config names, once each.
-    pub fn fallback_files(&self) -> std::collections::BTreeSet<&Path> {
-        std::iter::once(&self.defaults)
-            .chain(self.mounts.values())
-            .filter_map(|m| m.fallback_file.as_deref())
-            .collect()
+    pub fn fallback_files(&self) -> BTreeSet<&Path> {
+        self.files_named(|m| m.fallback_file.as_deref())
     }
 
     /// Every `htpasswd_file` that a mount with `auth = "htpasswd"` reads, once each.
-    pub fn htpasswd_files(&self) -> std::collections::BTreeSet<&Path> {
+    pub fn htpasswd_files(&self) -> BTreeSet<&Path> {
+        self.files_named(|m| {
+            m.htpasswd_file
+                .as_deref()
+                .filter(|_| m.auth == Some(ListenerAuthKind::Htpasswd))
+        })
+    }
+
+    /// The files `file` finds in the defaults (for mounts not declared) and in each declared
+    /// mount's settings, once each.
+    fn files_named<'a>(
+        &'a self,
+        file: impl Fn(&'a MountSettings) -> Option<&'a Path>,
+    ) -> BTreeSet<&'a Path> {
         std::iter::once(&self.defaults)
             .chain(self.mounts.values())
-            .filter(|m| m.auth == Some(ListenerAuthKind::Htpasswd))
-            .filter_map(|m| m.htpasswd_file.as_deref())
+            .filter_map(file)
             .collect()
     }
 

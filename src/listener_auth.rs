@@ -169,15 +169,39 @@ async fn check_users_file(
 
 /// Reads every users file the config names, for `--check-config` (an error) and for start-up
 /// and reloads (a warning: the file is read again at each listener's check, so it may be put in
-/// place later, but until then that mount's listeners are refused).
+/// place later, but until then that mount's listeners are refused). A file that names no user,
+/// or users whose hash is of a kind never checked (Apache's `$apr1$`, `{SHA}`, crypt), is wrong
+/// the same way: those listeners are refused whatever password they give.
 pub fn check_users_files(config: &Config) -> Result<(), String> {
     for file in config.htpasswd_files() {
-        std::fs::read_to_string(file).map_err(|e| {
+        let refused = "listeners of its mounts are refused";
+        let text = std::fs::read_to_string(file).map_err(|e| {
             format!(
-                "htpasswd_file = {}: {e} (listeners of its mounts are refused until it can be read)",
+                "htpasswd_file = {}: {e} ({refused} until it can be read)",
                 file.display()
             )
         })?;
+        let users = parse_users(&text);
+        if users.is_empty() {
+            return Err(format!(
+                "htpasswd_file = {}: no `user:hash` line ({refused})",
+                file.display()
+            ));
+        }
+        let mut unchecked: Vec<&str> = users
+            .iter()
+            .filter(|(_, hash)| !checkable(hash))
+            .map(|(user, _)| user.as_str())
+            .collect();
+        if !unchecked.is_empty() {
+            unchecked.sort_unstable();
+            return Err(format!(
+                "htpasswd_file = {}: the hash of {} is of a kind not checked (bcrypt, as \
+                 `htpasswd -B` writes, or Icecast's MD5), so they are refused",
+                file.display(),
+                unchecked.join(", ")
+            ));
+        }
     }
     Ok(())
 }
@@ -191,26 +215,40 @@ fn users_file(state: &ListenerAuth, file: &Path) -> std::io::Result<Arc<UsersFil
         }
     }
     let text = std::fs::read_to_string(file)?;
-    let users = text
-        .lines()
-        .map(str::trim)
-        .filter(|l| !l.is_empty() && !l.starts_with('#'))
-        .filter_map(|l| l.split_once(':'))
-        .map(|(user, hash)| (user.to_string(), hash.trim().to_string()))
-        .collect();
+    let users = parse_users(&text);
     let read = Arc::new(UsersFile { modified, users });
     let mut files = state.files.lock().expect("not poisoned");
     files.insert(file.to_path_buf(), read.clone());
     Ok(read)
 }
 
+/// A users file's `user:hash` lines (blank lines and `#` comments passed over).
+fn parse_users(text: &str) -> HashMap<String, String> {
+    text.lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty() && !l.starts_with('#'))
+        .filter_map(|l| l.split_once(':'))
+        .map(|(user, hash)| (user.to_string(), hash.trim().to_string()))
+        .collect()
+}
+
+/// Icecast's own hash: 32 hex digits, the password's MD5.
+fn is_md5_hex(hash: &str) -> bool {
+    hash.len() == 32 && hash.chars().all(|c| c.is_ascii_hexdigit())
+}
+
+/// Whether [`verify`] knows the kind of `hash`.
+fn checkable(hash: &str) -> bool {
+    hash.starts_with("$2") || is_md5_hex(hash)
+}
+
 /// Checks a password against a users file's hash: bcrypt (`$2a$`, `$2b$`, `$2y$`), or Icecast's
-/// own (32 hex digits: the password's MD5). Any other kind matches nothing.
+/// own MD5. Any other kind matches nothing.
 fn verify(pass: &str, hash: &str) -> bool {
     if hash.starts_with("$2") {
         return bcrypt::verify(pass, hash).unwrap_or(false);
     }
-    if hash.len() == 32 && hash.chars().all(|c| c.is_ascii_hexdigit()) {
+    if is_md5_hex(hash) {
         let digest = Md5::digest(pass.as_bytes());
         let hex: String = digest.iter().map(|b| format!("{b:02x}")).collect();
         return secrets_equal(&hex, &hash.to_ascii_lowercase());
@@ -363,6 +401,40 @@ mod tests {
         assert!(!verify("wrong", md5));
         assert!(!verify("s3cret", "{SHA}whatever"));
         assert!(!verify("", ""));
+    }
+
+    #[test]
+    fn a_users_file_is_checked_for_users_and_for_hashes_it_can_verify() {
+        let dir = std::env::temp_dir().join(format!("fanstream-users-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let check = |name: &str, text: &str| {
+            let file = dir.join(name);
+            std::fs::write(&file, text).unwrap();
+            let config = Config::from_toml(&format!(
+                "[mounts.\"/m\"]\nauth = \"htpasswd\"\nhtpasswd_file = {:?}\n",
+                file.display().to_string()
+            ))
+            .unwrap();
+            check_users_files(&config)
+        };
+        let md5 = "33e1b232a4e6fa0028a6670753749a17";
+        let bcrypted = bcrypt::hash("s3cret", 4).unwrap();
+        assert_eq!(
+            check("good", &format!("# members\n\nann:{md5}\nbob:{bcrypted}\n")),
+            Ok(())
+        );
+        let empty = check("empty", "# nobody yet\n\n").unwrap_err();
+        assert!(empty.contains("no `user:hash` line"), "{empty}");
+        let apache = check(
+            "apache",
+            &format!("zed:$apr1$salt$hash\nann:{md5}\ncy:{{SHA}}abc=\n"),
+        )
+        .unwrap_err();
+        assert!(
+            apache.contains("the hash of cy, zed is of a kind not checked"),
+            "{apache}"
+        );
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]

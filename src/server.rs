@@ -148,7 +148,7 @@ impl Server {
             .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
         let max_connections = config.connection_limit();
         warn_if_over_budget(&config, max_connections);
-        warn_if_unreadable_users_files(&config);
+        warn_if_wrong_users_files(&config);
         crate::admin_api::warn_if_closed(config.admin_password.as_deref());
         let shared = Arc::new(Shared {
             auth_failures: AuthFailures::default(),
@@ -358,7 +358,7 @@ impl Server {
     pub fn reload(&self, new: Config) -> Result<(), String> {
         new.validate()?;
         let intros = crate::file_source::load_intros(&new)?;
-        warn_if_unreadable_users_files(&new);
+        warn_if_wrong_users_files(&new);
         let (new, restart_only) = self.shared.config.load().reloaded(new);
         let running = self.relays.borrow().clone();
         let plan = relay_plan(&new, Some(&running))?;
@@ -521,15 +521,16 @@ fn warn_if_over_budget(config: &Config, max_connections: usize) {
     }
 }
 
-/// A users file that cannot be read refuses its mounts' listeners until it can: not a reason to
-/// refuse to start (it is read again for each listener), but worth a line at once.
-fn warn_if_unreadable_users_files(config: &Config) {
+/// A users file that cannot be read, or names no user it can check, refuses listeners until it
+/// is mended: not a reason to refuse to start (it is read again for each listener), but worth a
+/// line at once.
+fn warn_if_wrong_users_files(config: &Config) {
     if let Err(e) = crate::listener_auth::check_users_files(config) {
         tracing::warn!("{e}");
     }
 }
 
-/// Reads every users file the config names, for `--check-config`.
+/// Reads and checks every users file the config names, for `--check-config`.
 pub fn check_users_files(config: &Config) -> Result<(), String> {
     crate::listener_auth::check_users_files(config)
 }

@@ -604,6 +604,16 @@ fn check_config_says_why_and_binds_nothing() {
         stderr.contains("admin_password_file = /nonexistent/pw"),
         "{stderr}"
     );
+    let apache_users = dir.join("users");
+    std::fs::write(
+        &apache_users,
+        "alice:$apr1$r31.....$HqJZimcKQFAMYayBlzkrA/\n",
+    )
+    .unwrap();
+    let apache_config = format!(
+        "[mounts.\"/members\"]\nauth = \"htpasswd\"\nhtpasswd_file = {:?}\n",
+        apache_users.display().to_string()
+    );
     // So must the files start-up opens and a reload does not: the access log, the TLS
     // certificate and key (the packaged unit reloads only after this check passes; a restart
     // must not fail where it passed).
@@ -621,6 +631,12 @@ fn check_config_says_why_and_binds_nothing() {
         (
             "[mounts.\"/members\"]\nauth = \"htpasswd\"\nhtpasswd_file = \"/nonexistent/users\"\n",
             "htpasswd_file = /nonexistent/users: No such file",
+        ),
+        // Apache's default hash (`htpasswd` without -B) is never checked: its users would
+        // always be refused.
+        (
+            apache_config.as_str(),
+            "the hash of alice is of a kind not checked",
         ),
     ] {
         std::fs::write(&config, format!("source_password = \"x\"\n{file}")).unwrap();
