@@ -243,7 +243,8 @@ fn route(shared: &Shared, req: &Request) -> Result<Vec<u8>, Refusal> {
     Ok(match (&req.method, req.path.as_str()) {
         (Method::Get | Method::Head, "/") => crate::page::response(shared, req),
         (Method::Get | Method::Head, p) if status::is_status_path(p) => {
-            status::response(shared, req)
+            // The admin port is plain HTTP: Icecast's listen URLs.
+            status::response(shared, req, &status::listen_base(shared, req, None))
         }
         (Method::Get, _) => http::response(
             404,

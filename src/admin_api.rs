@@ -41,7 +41,7 @@ use crate::http::{valid_mount_path, Request};
 use crate::mounts::Mount;
 use crate::reasons::{Realm, Refusal};
 use crate::shared::Shared;
-use crate::status::{host_name, listen_url, server_id, sorted_mounts};
+use crate::status::{host_name, listen_base, server_id, sorted_mounts};
 use crate::store::SourceState;
 
 const PREFIX: &str = "/admin/";
@@ -52,7 +52,10 @@ const REPLY_TIMEOUT: Duration = Duration::from_secs(5);
 /// Which port a request came on: the public listener port, or the admin port.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) enum Port {
-    Public,
+    /// `tls_local`: the address a request over TLS came to.
+    Public {
+        tls_local: Option<SocketAddr>,
+    },
     Admin,
 }
 
@@ -137,7 +140,14 @@ pub(crate) async fn answer(
     let command = command.ok_or(Refusal::UnknownCommand)?;
     let json = req.wants_json();
     let doc = match command {
-        Command::Stats => stats(shared, req, params.get("mount").as_deref()),
+        Command::Stats => {
+            let tls_local = match port {
+                Port::Public { tls_local } => tls_local,
+                Port::Admin => None,
+            };
+            let base = listen_base(shared, req, tls_local);
+            stats(shared, req, &base, params.get("mount").as_deref())
+        }
         Command::ListMounts => list_mounts(shared, None),
         Command::StreamList => {
             let mounts = stream_list(shared);
@@ -515,7 +525,7 @@ fn total(counter: &prometheus::IntCounterVec) -> u64 {
 /// `/admin/stats`: the server's counters, then each live source's, each group in alphabetical
 /// order as Icecast keeps them; with `mount=` (which that mount's source credentials may ask, as
 /// Icecast allows) that source's alone.
-fn stats(shared: &Shared, req: &Request, only: Option<&str>) -> El {
+fn stats(shared: &Shared, req: &Request, base: &str, only: Option<&str>) -> El {
     let host = host_name(req.header("host"), shared.listen_addr);
     let m = &shared.metrics;
     let live = live_mounts(shared);
@@ -590,7 +600,7 @@ fn stats(shared: &Shared, req: &Request, only: Option<&str>) -> El {
                 mount.listener_peak.load(Ordering::Relaxed) as u64,
             ),
             El::num("listeners", mount.listeners.load(Ordering::Relaxed) as u64),
-            El::text("listenurl", listen_url(shared, &host, &mount.path)),
+            El::text("listenurl", format!("{base}{}", mount.path)),
             match snap.settings.max_listeners {
                 0 => El::text("max_listeners", "unlimited".into()),
                 n => El::num("max_listeners", n as u64),

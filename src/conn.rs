@@ -137,6 +137,15 @@ pub(crate) enum Io {
 }
 
 impl Io {
+    /// The address a connection over TLS came to (status pages build `https://` listen URLs
+    /// with its port); None for a plain one.
+    pub fn tls_local(&self) -> Option<std::net::SocketAddr> {
+        match self {
+            Io::Plain(_) => None,
+            Io::Tls(t) => t.socket().local_addr().ok(),
+        }
+    }
+
     /// The TCP socket under it.
     pub fn socket(&self) -> &TcpStream {
         match self {

@@ -14,8 +14,8 @@ const TEMPLATE: &str = include_str!("page.html");
 
 /// The whole HTTP response for a `GET` or `HEAD` of `/`.
 pub(crate) fn response(shared: &Shared, req: &Request) -> Vec<u8> {
-    let host = status::host_name(req.header("host"), shared.listen_addr);
-    let doc = status::own(shared, &host);
+    // The page links to mounts by path, so it needs no listen URL of its own.
+    let doc = status::own(shared, &status::listen_base(shared, req, None));
     let rows: String = doc.mounts.iter().map(row).collect();
     let body = TEMPLATE
         .replace(

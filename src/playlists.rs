@@ -3,8 +3,6 @@
 //! header, port included), so a playlist fetched through a proxy or a public name plays from
 //! there. A mount whose own path ends in `.m3u` or `.xspf` is the stream, not a playlist.
 
-use std::net::SocketAddr;
-
 use crate::conn::{log_response, Incoming};
 use crate::http::{self, Method};
 use crate::shared::Shared;
@@ -60,7 +58,7 @@ pub(crate) async fn serve(shared: &Shared, incoming: Incoming) {
     };
     let url = format!(
         "{scheme}://{}{mount}",
-        host_and_port(req.header("host"), shared.listen_addr)
+        crate::status::host_and_port(req.header("host"), shared.listen_addr)
     );
     let name = shared
         .mounts
@@ -102,40 +100,9 @@ fn escape(text: &str) -> String {
         .replace('"', "&quot;")
 }
 
-/// The host (and port) the client reached us by: its `Host` header when that is a plausible
-/// host name or address with an optional port, else the listen address (`localhost` for a
-/// wildcard one).
-fn host_and_port(header: Option<&str>, listen: SocketAddr) -> String {
-    let plausible = header.map(str::trim).filter(|h| {
-        !h.is_empty()
-            && h.len() <= 261
-            && h.bytes()
-                .all(|b| b.is_ascii_alphanumeric() || b"-.[]:".contains(&b))
-    });
-    match plausible {
-        Some(h) => h.to_string(),
-        None if listen.ip().is_unspecified() => format!("localhost:{}", listen.port()),
-        None => listen.to_string(),
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn the_url_uses_the_host_the_client_used() {
-        let any: SocketAddr = "0.0.0.0:8000".parse().unwrap();
-        let local: SocketAddr = "127.0.0.1:8000".parse().unwrap();
-        assert_eq!(
-            host_and_port(Some("radio.example:8443"), any),
-            "radio.example:8443"
-        );
-        assert_eq!(host_and_port(Some("radio.example"), any), "radio.example");
-        assert_eq!(host_and_port(Some("[::1]:8000"), any), "[::1]:8000");
-        assert_eq!(host_and_port(Some("evil/\"x"), local), "127.0.0.1:8000");
-        assert_eq!(host_and_port(None, any), "localhost:8000");
-    }
 
     #[test]
     fn xspf_is_escaped() {

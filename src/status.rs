@@ -32,18 +32,20 @@ pub(crate) fn is_status_path(path: &str) -> bool {
 
 /// Answers a `GET` or `HEAD` of a status path and closes.
 pub(crate) async fn serve(shared: &Shared, incoming: Incoming) {
-    let resp = response(shared, &incoming.req);
+    let base = listen_base(shared, &incoming.req, incoming.stream.tls_local());
+    let resp = response(shared, &incoming.req, &base);
     log_response(shared, &incoming.req, incoming.peer, &resp);
     http::write_and_close(incoming.stream, &resp).await;
 }
 
-/// The whole HTTP response for a `GET` or `HEAD` of a status path.
-pub(crate) fn response(shared: &Shared, req: &Request) -> Vec<u8> {
-    let host = host_name(req.header("host"), shared.listen_addr);
+/// The whole HTTP response for a `GET` or `HEAD` of a status path, its `listenurl`s starting
+/// with `base` (see [`listen_base`]).
+pub(crate) fn response(shared: &Shared, req: &Request, base: &str) -> Vec<u8> {
     let body = if req.path == ICECAST_STATUS_JSON {
-        serde_json::to_vec(&icecast(shared, &host))
+        let host = host_name(req.header("host"), shared.listen_addr);
+        serde_json::to_vec(&icecast(shared, &host, base))
     } else {
-        serde_json::to_vec(&own(shared, &host))
+        serde_json::to_vec(&own(shared, base))
     }
     // Serializing plain structs of strings and numbers into memory cannot fail.
     .expect("status serializes");
@@ -112,7 +114,7 @@ pub(crate) struct MountStatus {
 }
 
 /// The document `/status.json` serves; the page at `/` shows the same.
-pub(crate) fn own(shared: &Shared, host: &str) -> Status {
+pub(crate) fn own(shared: &Shared, base: &str) -> Status {
     let now = SystemTime::now();
     let mounts = sorted_mounts(shared)
         .into_iter()
@@ -129,7 +131,7 @@ pub(crate) fn own(shared: &Shared, host: &str) -> Status {
             };
             let meta = &snap.info.meta;
             Some(MountStatus {
-                listenurl: listen_url(shared, host, &m.path),
+                listenurl: format!("{base}{}", m.path),
                 state,
                 listeners: m.listeners.load(Ordering::Relaxed),
                 relays: m.relays.load(Ordering::Relaxed),
@@ -240,7 +242,7 @@ struct IceSource {
     dummy: (),
 }
 
-fn icecast(shared: &Shared, host: &str) -> IcecastDoc {
+fn icecast(shared: &Shared, host: &str, base: &str) -> IcecastDoc {
     let mut sources: Vec<IceSource> = sorted_mounts(shared)
         .into_iter()
         .filter_map(|m| {
@@ -262,7 +264,7 @@ fn icecast(shared: &Shared, host: &str) -> IcecastDoc {
                 hls_sessions: snap.settings.hls.then(|| m.hls_sessions_now()),
                 listener_peak: m.listener_peak.load(Ordering::Relaxed),
                 listeners: m.listeners.load(Ordering::Relaxed),
-                listenurl: listen_url(shared, host, &m.path),
+                listenurl: format!("{base}{}", m.path),
                 relays: m.relays.load(Ordering::Relaxed),
                 server_description: meta
                     .description
@@ -314,9 +316,20 @@ pub(crate) fn sorted_mounts(shared: &Shared) -> Vec<std::sync::Arc<Mount>> {
     mounts
 }
 
-pub(crate) fn listen_url(shared: &Shared, host: &str, mount: &str) -> String {
-    let port = shared.listen_addr.port();
-    format!("http://{host}:{port}{mount}")
+/// Where the `listenurl`s of an answer to `req` start. Icecast's `http://HOST:PORT`: the host
+/// the client used, with the listen port. Over TLS (`tls_local`: the address the request came
+/// to), `https://` and the host and port the client used, as playlists do: a page served over
+/// https may not load an http stream (mixed content), so a panel or web player reading the
+/// status over https needs an https URL.
+pub(crate) fn listen_base(shared: &Shared, req: &Request, tls_local: Option<SocketAddr>) -> String {
+    match tls_local {
+        Some(local) => format!("https://{}", host_and_port(req.header("host"), local)),
+        None => format!(
+            "http://{}:{}",
+            host_name(req.header("host"), shared.listen_addr),
+            shared.listen_addr.port()
+        ),
+    }
 }
 
 /// The host clients reached us by, for `listenurl`: the request's `Host` without its port when it
@@ -347,9 +360,40 @@ pub(crate) fn host_name(header: Option<&str>, listen: SocketAddr) -> String {
     })
 }
 
+/// The host (and port) the client reached us by: its `Host` header when that is a plausible
+/// host name or address with an optional port, else the listen address (`localhost` for a
+/// wildcard one).
+pub(crate) fn host_and_port(header: Option<&str>, listen: SocketAddr) -> String {
+    let plausible = header.map(str::trim).filter(|h| {
+        !h.is_empty()
+            && h.len() <= 261
+            && h.bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"-.[]:".contains(&b))
+    });
+    match plausible {
+        Some(h) => h.to_string(),
+        None if listen.ip().is_unspecified() => format!("localhost:{}", listen.port()),
+        None => listen.to_string(),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_url_uses_the_host_the_client_used() {
+        let any: SocketAddr = "0.0.0.0:8000".parse().unwrap();
+        let local: SocketAddr = "127.0.0.1:8000".parse().unwrap();
+        assert_eq!(
+            host_and_port(Some("radio.example:8443"), any),
+            "radio.example:8443"
+        );
+        assert_eq!(host_and_port(Some("radio.example"), any), "radio.example");
+        assert_eq!(host_and_port(Some("[::1]:8000"), any), "[::1]:8000");
+        assert_eq!(host_and_port(Some("evil/\"x"), local), "127.0.0.1:8000");
+        assert_eq!(host_and_port(None, any), "localhost:8000");
+    }
 
     #[test]
     fn host_comes_from_the_host_header_when_it_is_plausible() {

@@ -331,7 +331,8 @@ async fn route(
                 to_ingest: &ctx.to_ingest,
                 control: &ctx.control,
             };
-            let port = crate::admin_api::Port::Public;
+            let tls_local = incoming.stream.tls_local();
+            let port = crate::admin_api::Port::Public { tls_local };
             let answer = crate::admin_api::answer(shared, to, &incoming.req, peer, port).await;
             answer_short(shared, incoming, answer).await
         }
