@@ -2,8 +2,10 @@
 //! that every join point of the stream is the first byte of a frame: a player that starts on a
 //! header plays at once, one that starts mid-frame searches for seconds.
 //!
-//! Every byte passes, in order, unchanged: the framer only decides where the stream's pieces are
-//! cut and which cuts a listener may start from. What it holds back at any moment:
+//! Every byte but the tags passes, in order, unchanged: the framer only decides where the
+//! stream's pieces are cut and which cuts a listener may start from. What it holds back at any
+//! moment:
+//! - at a source's start: its first bytes, up to the 10 of an ID3v2 tag's header;
 //! - locked on a stream: the trailing partial frame (or the first bytes of a header or tag);
 //! - searching: one candidate header, until the header it announces after its frame length
 //!   confirms or refutes it, so at most the longest frame plus a header (MP3: 2,881 + 4 bytes,
@@ -17,9 +19,15 @@
 //! third costs no hold-back because the first frame is already passed on. Once locked, each next
 //! header is checked and a wrong one drops back to searching.
 //!
-//! Tags are passed unmarked and not counted as unsynced: an ID3v2 tag (with its footer) wherever a
-//! frame could start, and an ID3v1 `TAG` block between frames. An ID3v2 tag's bytes go on as they
-//! arrive, so a tag with cover art does not hold anything back.
+//! Tags are left out of the stream, and not counted as unsynced: an ID3v2 tag (with its footer)
+//! at a source's start or wherever a frame could start once locked, and an ID3v1 `TAG` block
+//! between frames. No listener starts on one (join points are frames), so every tag a player
+//! gets is in the middle of its stream, where decoders take it for a broken frame (FFmpeg's
+//! "Header missing", mpv's "Error decoding audio"): the leading tag of an encoder that
+//! reconnects (FFmpeg writes one), or those between the files a playlist source sends as they
+//! are (a file's ID3v1 at its end, the next one's ID3v2). Players do not read titles from them
+//! mid-stream; titles reach listeners as ICY metadata. A tag's bytes are skipped as they arrive,
+//! so a tag with cover art holds nothing back.
 //!
 //! A stream that is not MPEG at all must stay joinable as it was before there was a parser: after
 //! [`PASS_THROUGH_AFTER`] bytes since the last lock that were not tags, the first unplaced byte of
@@ -45,6 +53,11 @@ pub(crate) enum Kind {
 /// ADTS frames); 64 KiB, 4 s at 128 kbit/s and a default burst, without a lock means the stream is
 /// not what its `Content-Type` says, and the encoder's boundaries are the best join points left.
 const PASS_THROUGH_AFTER: u64 = 64 * 1024;
+
+/// The largest ID3v2 tag taken for one (its size field allows 256 MiB). Tags are left out of
+/// the stream, so a false one would cost listeners that much; cover art runs to a few hundred
+/// KB. A larger "tag" is taken for garbage, and passed on.
+const MAX_ID3V2_BYTES: usize = 4 * 1024 * 1024;
 
 /// Bytes an ID3v1 tag takes: `TAG` and 125 bytes of fixed fields.
 const ID3V1_BYTES: usize = 128;
@@ -286,6 +299,9 @@ fn id3v2_tag(b: &[u8]) -> Parsed<usize> {
         return Parsed::No;
     }
     let size = h[6..].iter().fold(0, |n, &x| n << 7 | usize::from(x));
+    if size > MAX_ID3V2_BYTES {
+        return Parsed::No;
+    }
     let footer = if h[3] == 4 && h[5] & 0x10 != 0 { 10 } else { 0 };
     Parsed::Yes(10 + size + footer)
 }
@@ -307,10 +323,20 @@ const DECIDE_BYTES: usize = 10;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum State {
+    /// The source's first bytes: an ID3v2 tag there (ffmpeg's MP3 muxer writes one) is left
+    /// out, then the search starts.
+    Start,
     /// No lock: every byte goes on at once, and a copy of the latest ones is searched.
     Searching,
-    /// Frames of `stream`: the next frame or tag starts after `skip` more bytes.
-    Locked { stream: Stream, skip: usize },
+    /// Frames of `stream`: the next frame or tag starts after `skip` more bytes, which are left
+    /// out if `tag` (the rest of a tag).
+    Locked {
+        stream: Stream,
+        skip: usize,
+        tag: bool,
+    },
+    /// The rest of the leading tag to leave out, then the search.
+    LeadingTag { skip: usize },
 }
 
 /// One source's MPEG or ADTS framer.
@@ -340,7 +366,7 @@ impl Framer {
     pub fn new(kind: Kind) -> Self {
         Framer {
             kind,
-            state: State::Searching,
+            state: State::Start,
             lookback: BytesMut::new(),
             pending: Vec::new(),
             scanned: 0,
@@ -364,12 +390,35 @@ impl Framer {
         };
         // The first place in the push a player may start: the push is stored as one piece
         // marked there (the bytes before are the rest of the frame in progress), not cut into a
-        // continuation and a run of frames, since every piece costs the store an entry.
+        // continuation and a run of frames, since every piece costs the store an entry. A tag
+        // in it is cut out, and the piece goes on as the runs around it.
         let mut join = None;
+        let mut runs = Runs::default();
         let mut unplaced = 0;
         let mut pos = 0;
         while pos < data.len() {
             match self.state {
+                State::Start => {
+                    let rest = &data[pos..];
+                    match id3v2_tag(rest) {
+                        Parsed::Yes(len) => self.state = State::LeadingTag { skip: len },
+                        Parsed::Need => {
+                            self.held.extend_from_slice(rest);
+                            break;
+                        }
+                        Parsed::No => self.state = State::Searching,
+                    }
+                }
+                State::LeadingTag { skip } => {
+                    let n = skip.min(data.len() - pos);
+                    runs.cut(pos, pos + n);
+                    pos += n;
+                    self.state = if n == skip {
+                        State::Searching
+                    } else {
+                        State::LeadingTag { skip: skip - n }
+                    };
+                }
                 State::Searching => {
                     // Everything goes on now; the search only looks.
                     if self.last_lock.is_none() || self.since_join >= PASS_THROUGH_AFTER {
@@ -382,13 +431,17 @@ impl Framer {
                     unplaced -= self.held.len();
                     pos = data.len();
                 }
-                State::Locked { stream, skip } => {
+                State::Locked { stream, skip, tag } => {
                     if skip > 0 {
                         let n = skip.min(data.len() - pos);
+                        if tag {
+                            runs.cut(pos, pos + n);
+                        }
                         pos += n;
                         self.state = State::Locked {
                             stream,
                             skip: skip - n,
+                            tag,
                         };
                         continue;
                     }
@@ -401,14 +454,14 @@ impl Framer {
                             self.state = State::Locked {
                                 stream,
                                 skip: len - n,
+                                tag: false,
                             };
                         }
                         Boundary::Tag(len) => {
-                            let n = len.min(rest.len());
-                            pos += n;
                             self.state = State::Locked {
                                 stream,
-                                skip: len - n,
+                                skip: len,
+                                tag: true,
                             };
                         }
                         Boundary::Undecided => {
@@ -423,16 +476,17 @@ impl Framer {
                 }
             }
         }
-        let passed = data.slice(..data.len() - self.held.len());
-        self.since_join = match join {
-            Some(at) => (passed.len() - at) as u64,
-            None => self.since_join + passed.len() as u64,
-        };
-        if !passed.is_empty() {
-            out.push(Event::Data {
-                join: join.filter(|&at| at < passed.len()),
-                bytes: passed,
-            });
+        let end = data.len() - self.held.len();
+        for (start, end) in runs.kept(end) {
+            let bytes = data.slice(start..end);
+            let join = join
+                .filter(|at| (start..end).contains(at))
+                .map(|at| at - start);
+            self.since_join = match join {
+                Some(at) => (bytes.len() - at) as u64,
+                None => self.since_join + bytes.len() as u64,
+            };
+            out.push(Event::Data { join, bytes });
         }
         if unplaced > 0 {
             out.push(Event::Unsynced {
@@ -571,6 +625,7 @@ impl Framer {
         self.state = State::Locked {
             stream,
             skip: at.saturating_sub(len),
+            tag: false,
         };
     }
 
@@ -608,6 +663,31 @@ impl Framer {
             Kind::Mp3 => 3 * 2881 + 4,
             Kind::Adts => 3 * 8191 + 7,
         }
+    }
+}
+
+/// The parts of a push that go on: all of it but the tags cut out, in order.
+#[derive(Default)]
+struct Runs {
+    /// Where the run going on starts.
+    start: usize,
+    /// Runs ended by a tag.
+    done: Vec<(usize, usize)>,
+}
+
+impl Runs {
+    /// Leaves out `from..to` (contiguous with any cut before it, or after kept bytes).
+    fn cut(&mut self, from: usize, to: usize) {
+        if from > self.start {
+            self.done.push((self.start, from));
+        }
+        self.start = to;
+    }
+
+    /// The runs kept, the last one ending at `end` (no allocation for a push without a tag).
+    fn kept(self, end: usize) -> impl Iterator<Item = (usize, usize)> {
+        let last = (end > self.start).then_some((self.start, end));
+        self.done.into_iter().chain(last)
     }
 }
 
@@ -743,6 +823,13 @@ mod tests {
         })
     }
 
+    impl Sample {
+        /// What the framer passes on: the file without its leading ID3v2 tag.
+        fn body(&self) -> &[u8] {
+            &self.bytes[b_packets_start(&self.bytes)..]
+        }
+    }
+
     fn sample(name: &str) -> &'static Sample {
         samples().iter().find(|s| s.name == name).unwrap()
     }
@@ -784,6 +871,21 @@ mod tests {
             }
         }
         (codec, packets)
+    }
+
+    /// What FFmpeg says, decoding a capture as MP3, at its error level (empty when it decodes
+    /// cleanly).
+    fn decode_errors(bytes: &[u8], name: &str) -> String {
+        let path = temp_path(name);
+        std::fs::write(&path, bytes).unwrap();
+        let out = Command::new("ffmpeg")
+            .args(["-v", "error", "-f", "mp3", "-i"])
+            .arg(&path)
+            .args(["-f", "null", "-"])
+            .output()
+            .expect("these tests need ffmpeg and ffprobe (make deps installs them)");
+        std::fs::remove_file(&path).unwrap();
+        String::from_utf8_lossy(&out.stderr).into_owned()
     }
 
     /// A framer's output for one input, push by push.
@@ -870,7 +972,7 @@ mod tests {
             if locked_from.is_none() && f.subtype().is_some() {
                 locked_from = Some(passed);
             }
-            held.push(pos - passed);
+            held.push(f.held.len());
             pushes.push(out);
         }
         let mut finish = Vec::new();
@@ -993,25 +1095,38 @@ mod tests {
             Parsed::Yes(10 + 128 + 10)
         );
         assert_eq!(id3v2_tag(b"ID3\x03\x00\x00\x00\x00\x80\x00"), Parsed::No);
+        assert_eq!(
+            id3v2_tag(b"ID3\x04\x00\x00\x02\x00\x00\x00"),
+            Parsed::Yes(10 + 4 * 1024 * 1024)
+        );
+        assert_eq!(
+            id3v2_tag(b"ID3\x04\x00\x00\x02\x00\x00\x01"),
+            Parsed::No,
+            "over 4 MiB"
+        );
         assert_eq!(id3v2_tag(b"ID3\x03\x00"), Parsed::Need);
         assert_eq!(id3v2_tag(b"IDE"), Parsed::No);
     }
 
     #[test]
-    fn every_byte_passes_and_joins_start_on_frames_whatever_the_pieces() {
+    fn every_byte_but_the_leading_tag_passes_and_joins_start_on_frames_whatever_the_pieces() {
         for s in samples() {
-            let (codec, packets) = probe(&s.bytes, s.name);
+            let body = s.body();
+            let (codec, packets) = probe(body, s.name);
             assert_eq!(codec, s.codec, "{}", s.name);
             let largest = packets
                 .iter()
-                .map(|&p| frame_len(s.kind, &s.bytes[p..]).unwrap())
+                .map(|&p| frame_len(s.kind, &body[p..]).unwrap())
                 .max()
                 .unwrap();
             for piece in [1, 7, 1000, 4096, s.bytes.len()] {
                 let what = format!("{} in pieces of {piece}", s.name);
                 assert_eq!(Framer::new(s.kind).subtype(), None);
                 let fed = feed(s.kind, &s.bytes, || piece);
-                assert!(fed.stream() == s.bytes, "{what}: output differs from input");
+                assert!(
+                    fed.stream() == body,
+                    "{what}: output is not the input without its tag"
+                );
                 let locked_from = fed.locked_from.expect("locks");
                 assert!(
                     fed.unsynced() <= locked_from,
@@ -1039,10 +1154,9 @@ mod tests {
                         packets.binary_search(&at).is_ok(),
                         "{what}: join at {at} is not a frame"
                     );
-                    let len = frame_len(s.kind, &s.bytes[at..]).unwrap();
+                    let len = frame_len(s.kind, &body[at..]).unwrap();
                     assert!(
-                        at + len == s.bytes.len()
-                            || frame_len(s.kind, &s.bytes[at + len..]).is_some(),
+                        at + len == body.len() || frame_len(s.kind, &body[at + len..]).is_some(),
                         "{what}: the frame at {at} does not end on a header"
                     );
                 }
@@ -1099,7 +1213,7 @@ mod tests {
                     assert!(joins.len() >= 20, "{}: {} joins", s.name, joins.len());
                     for k in 0..20 {
                         let at = joins[k * (joins.len() - 1) / 19];
-                        let tail = &s.bytes[at..];
+                        let tail = &s.body()[at..];
                         assert!(frame_len(s.kind, tail).is_some(), "{} at {at}", s.name);
                         let (codec, packets) = probe(tail, s.name);
                         assert_eq!(codec, s.codec, "{} from {at}", s.name);
@@ -1164,9 +1278,12 @@ mod tests {
         let mut garbage = rng.bytes(3000);
         garbage.extend(rng.ff_heavy(2000));
         let input = [&a.bytes[..], &garbage, &b.bytes].concat();
-        let b_start = a.bytes.len() + garbage.len();
         let fed = feed(Kind::Mp3, &input, || 1000);
-        assert!(fed.stream() == input, "output differs from input");
+        // A's leading tag is left out; B's, after garbage that lost the lock, cannot be told
+        // from more garbage and goes on.
+        let stream = [a.body(), &garbage, &b.bytes].concat();
+        let b_start = a.body().len() + garbage.len();
+        assert!(fed.stream() == stream, "output differs");
         // The garbage, and what B sends before the framer locks on it again: its ID3 tag and
         // the three frames a lock takes, in pieces of 1000.
         let unsynced = fed.unsynced();
@@ -1176,7 +1293,7 @@ mod tests {
             "unsynced {unsynced}"
         );
 
-        let (_, a_packets) = probe(&a.bytes, "a");
+        let (_, a_packets) = probe(a.body(), "a");
         let (_, b_packets) = probe(&b.bytes, "b");
         let frames: Vec<usize> = a_packets
             .iter()
@@ -1202,27 +1319,32 @@ mod tests {
             first_b <= b_start + b_before_lock + 1000,
             "locked late, at {first_b}"
         );
-        let (codec, packets) = probe(&input[first_b..], "after-garbage");
+        let (codec, packets) = probe(&stream[first_b..], "after-garbage");
         assert_eq!((codec.as_str(), packets[0]), ("mp3", 0));
     }
 
     #[test]
-    fn tags_between_frames_keep_the_lock() {
+    fn tags_are_left_out_and_keep_the_lock() {
         let s = sample("cbr");
-        let frames = match id3v2_tag(&s.bytes) {
-            Parsed::Yes(len) => &s.bytes[len..],
-            other => panic!("ffmpeg's MP3 starts with an ID3v2 tag, got {other:?}"),
-        };
+        let frames = s.body();
+        assert!(
+            frames.len() < s.bytes.len(),
+            "ffmpeg's MP3 starts with a tag"
+        );
         let mut id3v1 = b"TAG".to_vec();
         id3v1.resize(128, b' ');
         let mut id3v2 = b"ID3\x04\x00\x10\x00\x00\x02\x00".to_vec();
         id3v2.extend([0xFF; 256]);
         id3v2.extend(b"3DI\x04\x00\x10\x00\x00\x02\x00");
-        let input = [frames, &id3v1, &id3v2, frames].concat();
-        let second = frames.len() + id3v1.len() + id3v2.len();
-        for piece in [1, 1000] {
+        // A file with its leading tag, its ID3v1 at its end, then the next file's tag and
+        // frames: what a source sending files as they are (a playlist) sends.
+        let input = [&s.bytes[..], &id3v1, &id3v2, frames].concat();
+        for piece in [1, 9, 10, 11, 1000] {
             let fed = feed(Kind::Mp3, &input, || piece);
-            assert!(fed.stream() == input);
+            assert!(
+                fed.stream() == [frames, frames].concat(),
+                "pieces of {piece}: the tags are not all left out"
+            );
             assert!(
                 fed.unsynced() <= fed.locked_from.unwrap(),
                 "only bytes before the lock are unplaced"
@@ -1230,26 +1352,33 @@ mod tests {
             // Still locked after the tags: the second copy's first frame (its Info frame) is a
             // join point, where a new lock would have passed it on unmarked.
             assert!(
-                fed.joins().contains(&second),
+                fed.joins().contains(&frames.len()),
                 "pieces of {piece}: {:?}",
                 fed.joins()
             );
+            // FFmpeg took each tag for a broken frame ("Header missing").
+            let errors = decode_errors(&fed.stream(), "untagged");
+            assert!(errors.is_empty(), "pieces of {piece}: {errors}");
         }
+        // A source that sends less than a tag's header and ends: what it sent goes on.
+        let fed = feed(Kind::Mp3, b"ID3\x04", || 2);
+        assert_eq!(fed.stream(), b"ID3\x04");
     }
 
     #[test]
     fn a_torn_last_frame_passes_and_finish_gives_what_is_held() {
         let s = sample("cbr");
+        let lead = b_packets_start(&s.bytes);
         let torn = &s.bytes[..s.bytes.len() - 100];
         let fed = feed(Kind::Mp3, torn, || 4096);
-        assert!(fed.stream() == torn, "nothing is lost");
+        assert!(fed.stream() == torn[lead..], "nothing but the tag is lost");
         // The last piece ends inside a frame, far from its boundary: nothing is held back.
         assert!(fed.finish.is_empty(), "finish gave {:?}", fed.finish);
         // Cut a few bytes into a header instead: those are held, and finish passes them.
         let last = *probe(&s.bytes, "cbr").1.last().unwrap();
         let cut = &s.bytes[..last + 2];
         let fed = feed(Kind::Mp3, cut, || 4096);
-        assert!(fed.stream() == cut, "nothing is lost");
+        assert!(fed.stream() == cut[lead..], "nothing but the tag is lost");
         match &fed.finish[..] {
             [Event::Data { bytes, join: None }] => assert_eq!(bytes.len(), 2),
             other => panic!("finish gave {other:?}"),
@@ -1265,7 +1394,7 @@ mod tests {
     }
 
     #[test]
-    fn any_input_in_any_pieces_passes_unchanged_without_panic() {
+    fn any_input_in_any_pieces_passes_without_panic_and_only_tags_are_left_out() {
         let mut rng = Rng(0xDEC0DE);
         let real = [sample("cbr"), sample("adts")];
         for round in 0..300 {
@@ -1299,10 +1428,21 @@ mod tests {
                 let fed = feed(kind, &input, || {
                     [1, rng.below(64), rng.below(5000)][rng.below(3)]
                 });
-                assert!(
-                    fed.stream() == input,
-                    "round {round} as {kind:?}: output differs"
-                );
+                // Without a tag's signature, every byte passes; with one, what passes is the
+                // input with parts left out.
+                let stream = fed.stream();
+                let tagged = [&b"ID3"[..], b"TAG"]
+                    .iter()
+                    .any(|sig| input.windows(3).any(|w| w == *sig));
+                if tagged {
+                    let mut rest = input.iter();
+                    assert!(
+                        stream.iter().all(|b| rest.any(|x| x == b)),
+                        "round {round} as {kind:?}: output is not the input with parts left out"
+                    );
+                } else {
+                    assert!(stream == input, "round {round} as {kind:?}: output differs");
+                }
                 assert!(
                     fed.max_held() <= max_held(kind),
                     "round {round}: held {}",
