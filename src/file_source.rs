@@ -15,6 +15,7 @@ use tokio::sync::{mpsc, watch};
 
 use crate::config::{file_format, Config, FileFormat};
 use crate::conn::{Feed, SourceConn};
+use crate::mpeg::{found_at, Found, Kind};
 use crate::shared::{stopped, Stop};
 use crate::store::{StreamInfo, StreamMeta};
 
@@ -133,79 +134,26 @@ fn reserialed(data: &[u8], pages: &[Unit]) -> Vec<u8> {
 /// MP3 frames as (start, end, due), skipping ID3 tags and whatever is not a frame; and the
 /// length of the whole.
 fn mp3_frames(data: &[u8]) -> (Vec<Unit>, Duration) {
-    let mut at = id3v2_len(data);
+    let mut at = 0;
     let mut frames = Vec::new();
     let mut samples = 0.0_f64;
-    while at + 4 <= data.len() {
-        match mp3_frame(&data[at..]) {
-            Some((len, n, rate)) if at + len <= data.len() => {
+    while at < data.len() {
+        match found_at(Kind::Mp3, &data[at..]) {
+            Found::Frame {
+                len,
+                samples: n,
+                rate,
+                ..
+            } if at + len <= data.len() => {
                 frames.push((at, at + len, Duration::from_secs_f64(samples)));
-                samples += n as f64 / rate as f64;
+                samples += f64::from(n) / f64::from(rate);
                 at += len;
             }
+            Found::Tag(len) => at += len,
             _ => at += 1,
         }
     }
     (frames, Duration::from_secs_f64(samples))
-}
-
-fn id3v2_len(b: &[u8]) -> usize {
-    if b.len() < 10 || &b[..3] != b"ID3" || b[6..10].iter().any(|&x| x >= 0x80) {
-        return 0;
-    }
-    let size = b[6..10].iter().fold(0, |n, &x| n << 7 | usize::from(x));
-    let footer = if b[5] & 0x10 != 0 { 10 } else { 0 };
-    (10 + size + footer).min(b.len())
-}
-
-/// An MPEG audio frame header: the frame's length, its samples and its sample rate.
-fn mp3_frame(b: &[u8]) -> Option<(usize, u32, u32)> {
-    const KBPS: [[u32; 15]; 5] = [
-        [
-            0, 32, 64, 96, 128, 160, 192, 224, 256, 288, 320, 352, 384, 416, 448,
-        ],
-        [
-            0, 32, 48, 56, 64, 80, 96, 112, 128, 160, 192, 224, 256, 320, 384,
-        ],
-        [
-            0, 32, 40, 48, 56, 64, 80, 96, 112, 128, 160, 192, 224, 256, 320,
-        ],
-        [
-            0, 32, 48, 56, 64, 80, 96, 112, 128, 144, 160, 176, 192, 224, 256,
-        ],
-        [0, 8, 16, 24, 32, 40, 48, 56, 64, 80, 96, 112, 128, 144, 160],
-    ];
-    if b[0] != 0xFF || b[1] & 0xE0 != 0xE0 {
-        return None;
-    }
-    let version = (b[1] >> 3) & 3; // 0 = 2.5, 1 = reserved, 2 = 2, 3 = 1
-    let layer = (b[1] >> 1) & 3; // 1 = III, 2 = II, 3 = I
-    let index = usize::from(b[2] >> 4);
-    let rate_index = usize::from((b[2] >> 2) & 3);
-    let padding = u32::from((b[2] >> 1) & 1);
-    if version == 1 || layer == 0 || rate_index == 3 || index == 0 || index == 15 {
-        return None;
-    }
-    let mpeg1 = version == 3;
-    let row = match (mpeg1, layer) {
-        (true, 3) => 0,
-        (true, 2) => 1,
-        (true, _) => 2,
-        (false, 3) => 3,
-        (false, _) => 4,
-    };
-    let kbps = KBPS[row][index];
-    let rate = [44100, 48000, 32000][rate_index] >> (3 - u32::from(version)).min(2);
-    let samples = match (layer, mpeg1) {
-        (3, _) => 384,
-        (1, false) => 576,
-        _ => 1152,
-    };
-    let len = match layer {
-        3 => (12 * kbps * 1000 / rate + padding) * 4,
-        _ => samples / 8 * kbps * 1000 / rate + padding,
-    };
-    Some((len as usize, samples, rate))
 }
 
 /// Ogg pages as (start, end, due), a page due when the page before it ends (by granule
@@ -321,13 +269,26 @@ mod tests {
             f.resize(417 + usize::from(pad), 0);
             f
         };
-        let mut data = b"junk".to_vec();
+        // A leading ID3v2 tag of 449 bytes (its size is 7 bits a byte) holding what looks like
+        // a frame, and an ID3v1 tag at the end: both skipped whole.
+        let mut data = b"ID3\x04\x00\x00\x00\x00\x03\x41".to_vec();
+        data.extend(frame(0));
+        data.resize(10 + 449, 0);
+        let tag = data.len();
+        data.extend(b"junk");
         for i in 0..10 {
             data.extend(frame(i % 2));
         }
+        let mut id3v1 = b"TAG".to_vec();
+        id3v1.resize(128, 0xFF);
+        data.extend(id3v1);
         let (frames, length) = mp3_frames(&data);
         assert_eq!(frames.len(), 10);
-        assert_eq!(frames[0].0, 4, "the junk before the first frame is skipped");
+        assert_eq!(
+            frames[0].0,
+            tag + 4,
+            "the tag and the junk before the first frame are skipped"
+        );
         assert_eq!(frames[1].0 - frames[0].0, 417);
         let frame_time = 1152.0 / 44100.0;
         assert!((length.as_secs_f64() - 10.0 * frame_time).abs() < 1e-6);
