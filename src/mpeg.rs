@@ -235,8 +235,9 @@ const ADTS_RATES: [u32; 13] = [
     96000, 88200, 64000, 48000, 44100, 32000, 24000, 22050, 16000, 12000, 11025, 8000, 7350,
 ];
 
-/// What starts at a frame boundary, as the HLS segmenter walks a locked stream's frames: the
-/// frame's length and timing, with what identifies its stream, or a tag's length.
+/// What starts at a frame boundary, as a locked framer, the HLS segmenter and a fallback file's
+/// reader walk a stream's frames: the frame's length and timing, with what identifies its
+/// stream, or a tag's length.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) enum Found {
     Frame {
@@ -517,19 +518,13 @@ impl Framer {
 
     /// What starts at a frame boundary of the locked stream.
     fn at_boundary(&self, stream: Stream, b: &[u8]) -> Boundary {
-        match self.header(b) {
-            Parsed::Yes(h) if h.stream == stream => return Boundary::Frame(h.len),
-            Parsed::Need if b.len() < DECIDE_BYTES => return Boundary::Undecided,
-            _ => {}
+        match found_at(self.kind, b) {
+            Found::Frame { len, stream: id, .. } if id == stream.id => Boundary::Frame(len),
+            Found::Tag(len) => Boundary::Tag(len),
+            Found::Need => Boundary::Undecided,
+            // A frame of another stream, or neither frame nor tag.
+            Found::Frame { .. } | Found::No => Boundary::Lost,
         }
-        for tag in [id3v2_tag(b), id3v1_tag(b)] {
-            match tag {
-                Parsed::Yes(len) => return Boundary::Tag(len),
-                Parsed::Need if b.len() < DECIDE_BYTES => return Boundary::Undecided,
-                _ => {}
-            }
-        }
-        Boundary::Lost
     }
 
     /// Adds `passed` to the lookback and looks for three headers in a row in it; on a lock,
