@@ -38,6 +38,7 @@ use crate::conn::{Control, ToIngest};
 use crate::dates::Date;
 use crate::framing::{carries_own_metadata, same_format};
 use crate::http::{valid_mount_path, Request};
+use crate::markup::escape_into;
 use crate::mounts::Mount;
 use crate::reasons::{Realm, Refusal};
 use crate::shared::Shared;
@@ -769,12 +770,12 @@ impl El {
         out.push_str(self.name);
         if let Some(m) = &self.mount {
             out.push_str(" mount=\"");
-            escape(m, out);
+            escape_into(m, out);
             out.push('"');
         }
         out.push('>');
         match &self.body {
-            Body::Text(t) => escape(t, out),
+            Body::Text(t) => escape_into(t, out),
             Body::Num(n) => out.push_str(&n.to_string()),
             Body::Children(children) => children.iter().for_each(|c| c.xml(out)),
         }
@@ -814,19 +815,6 @@ impl El {
                 }
                 Value::Object(obj)
             }
-        }
-    }
-}
-
-fn escape(text: &str, out: &mut String) {
-    for c in text.chars() {
-        match c {
-            '&' => out.push_str("&amp;"),
-            '<' => out.push_str("&lt;"),
-            '>' => out.push_str("&gt;"),
-            '"' => out.push_str("&quot;"),
-            '\'' => out.push_str("&apos;"),
-            c => out.push(c),
         }
     }
 }

@@ -61,7 +61,8 @@
 //!    between the audio), [`tls`] (the certificate, a TLS connection the fan-out can write
 //!    like a socket, and the client side of a handshake), [`http_client`] (the URL, the
 //!    connection, plain or TLS, and the request and response head a relay pulls with and an
-//!    edge registers with), [`dates`] (the date formats Icecast and HLS print), [`ogg_codecs`] (the
+//!    edge registers with), [`dates`] (the date formats Icecast and HLS print), [`markup`] (text made safe in XML and
+//!    HTML), [`ogg_codecs`] (the
 //!    header packets of Opus, Vorbis and FLAC in Ogg, and each packet's duration), [`fmp4`]
 //!    (fragmented MP4 for them), [`hls`] (MP3 and AAC cut into HLS packed-audio segments, Ogg
 //!    Opus, Vorbis and FLAC into fMP4 ones, and their live playlist), [`store`] (the segment store and its snapshot, generic over the
@@ -105,6 +106,7 @@ pub(crate) mod hls;
 pub(crate) mod http;
 pub(crate) mod http_client;
 pub(crate) mod icy;
+pub(crate) mod markup;
 pub(crate) mod mpeg;
 pub(crate) mod ogg;
 pub(crate) mod ogg_codecs;

@@ -519,7 +519,9 @@ impl Framer {
     /// What starts at a frame boundary of the locked stream.
     fn at_boundary(&self, stream: Stream, b: &[u8]) -> Boundary {
         match found_at(self.kind, b) {
-            Found::Frame { len, stream: id, .. } if id == stream.id => Boundary::Frame(len),
+            Found::Frame {
+                len, stream: id, ..
+            } if id == stream.id => Boundary::Frame(len),
             Found::Tag(len) => Boundary::Tag(len),
             Found::Need => Boundary::Undecided,
             // A frame of another stream, or neither frame nor tag.

@@ -5,6 +5,7 @@
 
 use crate::conn::{log_response, Incoming};
 use crate::http::{self, Method};
+use crate::markup::escape;
 use crate::shared::Shared;
 use crate::store::SourceState;
 
@@ -91,13 +92,6 @@ fn xspf(url: &str, name: Option<&str>) -> String {
         "<?xml version=\"1.0\" encoding=\"UTF-8\"?>\n<playlist xmlns=\"http://xspf.org/ns/0/\" version=\"1\">{title}<trackList><track><location>{}</location>{title}</track></trackList></playlist>\n",
         escape(url)
     )
-}
-
-fn escape(text: &str) -> String {
-    text.replace('&', "&amp;")
-        .replace('<', "&lt;")
-        .replace('>', "&gt;")
-        .replace('"', "&quot;")
 }
 
 #[cfg(test)]
