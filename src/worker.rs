@@ -281,7 +281,15 @@ async fn handle(ctx: Rc<WorkerCtx>, mut stream: TcpStream, mut conn: ConnGuard, 
     }
     // The stages' futures are several KiB, and the head above may take seconds to come, or never:
     // boxed, they cost only the connections that got this far.
-    Box::pin(route(ctx, stream, req, leftover, client, conn, relay)).await
+    let incoming = Incoming {
+        stream,
+        req,
+        leftover,
+        peer: client,
+        conn,
+        relay,
+    };
+    Box::pin(route(ctx, incoming)).await
 }
 
 /// Whether a request is an edge's relay asking for a stream (`GET`/`HEAD` with the relay
@@ -296,31 +304,16 @@ fn is_relay(shared: &Shared, req: &http::Request, client: SocketAddr) -> Result<
 }
 
 /// Hands a request whose head has been read to its stage.
-async fn route(
-    ctx: Rc<WorkerCtx>,
-    stream: Io,
-    req: http::Request,
-    leftover: Vec<u8>,
-    peer: SocketAddr,
-    conn: ConnGuard,
-    relay: bool,
-) {
+async fn route(ctx: Rc<WorkerCtx>, incoming: Incoming) {
     let shared = &ctx.shared;
+    let peer = incoming.peer;
     // Test hook: proves that a panic costs one connection only.
     #[cfg(feature = "fault-injection")]
     if let Some(m) = &shared.config.load().panic_injection_mount {
-        if req.path == format!("{m}/panic") {
+        if incoming.req.path == format!("{m}/panic") {
             panic!("panic injected for a test");
         }
     }
-    let incoming = Incoming {
-        stream,
-        req,
-        leftover,
-        peer,
-        conn,
-        relay,
-    };
     match incoming.req.method {
         Method::Get if crate::metadata::is_metadata_path(&incoming.req.path) => {
             let answer = crate::metadata::update(shared, &ctx.to_ingest, &incoming.req, peer);
@@ -355,15 +348,7 @@ async fn route(
         Method::Get | Method::Head if crate::hls_http::is_hls_path(shared, &incoming.req.path) => {
             // Kept alive: the requests after HLS ones on the connection come back here.
             if let Some(next) = crate::hls_http::serve(shared, incoming).await {
-                let Incoming {
-                    stream,
-                    req,
-                    leftover,
-                    peer,
-                    conn,
-                    relay,
-                } = next;
-                Box::pin(route(ctx.clone(), stream, req, leftover, peer, conn, relay)).await
+                Box::pin(route(ctx.clone(), next)).await
             }
         }
         Method::Get | Method::Head if crate::playlists::is_playlist(shared, &incoming.req.path) => {
