@@ -1,9 +1,10 @@
 //! HLS segments and the live playlist that lists the latest of them: an MP3 or AAC (ADTS)
 //! mount's stream cut into packed audio (RFC 8216, section 3.4) at frame boundaries, and an Ogg
-//! Opus, Vorbis or FLAC mount's packets put into fragmented MP4 ([`crate::fmp4`]) with an init
-//! segment (`EXT-X-MAP`). What follows is said of packed audio; the Ogg path walks whole pages
-//! instead of frames, takes each packet's duration from the packet ([`crate::ogg_codecs`]),
-//! and cuts the same way.
+//! Opus, Vorbis or FLAC mount's packets, or a WebM (Matroska) mount's audio track's
+//! ([`crate::webm_blocks`]: Opus, Vorbis, FLAC; video left out), put into fragmented MP4
+//! ([`crate::fmp4`]) with an init segment (`EXT-X-MAP`). What follows is said of packed audio;
+//! the Ogg path walks whole pages instead of frames, the WebM path elements and blocks, both
+//! take each packet's duration from the packet ([`crate::ogg_codecs`]), and cut the same way.
 //!
 //! Built at ingest, once for every client: the [`Segmenter`] walks the frames the MPEG framer
 //! already delimited (a `sync` piece starts on a frame header), copies each frame once into the
@@ -36,7 +37,8 @@ use bytes::{Bytes, BytesMut};
 
 use crate::fmp4::{fragment, init_segment};
 use crate::mpeg::{found_at, Found, Kind};
-use crate::ogg_codecs::Headers;
+use crate::ogg_codecs::{Codec, Headers};
+use crate::webm_blocks::{Blocks, Item};
 
 /// The PRIV owner whose 8 bytes are a segment's first timestamp (RFC 8216, 3.4).
 const TIMESTAMP_OWNER: &[u8] = b"com.apple.streaming.transportStreamTimestamp\0";
@@ -136,6 +138,9 @@ pub(crate) enum Source {
     Packed(Kind),
     /// Ogg pages, whose Opus, Vorbis or FLAC stream (if any) goes into fMP4 fragments.
     Ogg,
+    /// WebM or Matroska, whose first Opus, Vorbis or FLAC track (if any) goes into fMP4
+    /// fragments; other tracks (video) are left out.
+    Webm,
 }
 
 impl Segment {
@@ -212,15 +217,17 @@ impl Window {
     }
 }
 
-/// The Ogg codecs the segmenter puts into fMP4, as the format layer names them in a mount's
-/// subtype (`Speex`, or an Ogg stream of no codec known, is not segmented).
+/// The codecs of Ogg streams and WebM tracks the segmenter puts into fMP4, as the format layer
+/// names them in a mount's subtype (`Speex`, an Ogg stream of no codec known, a WebM stream of
+/// video only or of other audio, is not segmented).
 pub(crate) const FMP4_CODECS: [&str; 3] = ["Opus", "Vorbis", "FLAC"];
 
 /// What the segmenter makes of a source's `Content-Type`: None for a format it does not cut.
 pub(crate) fn source_for(content_type: &str) -> Option<Source> {
     match crate::framing::mpeg_kind(content_type) {
         Some(kind) => Some(Source::Packed(kind)),
-        None => crate::framing::is_ogg(content_type).then_some(Source::Ogg),
+        None if crate::framing::is_ogg(content_type) => Some(Source::Ogg),
+        None => crate::framing::is_webm(content_type).then_some(Source::Webm),
     }
 }
 
@@ -297,31 +304,40 @@ pub(crate) struct Segmenter {
     /// dates follow the audio's own timing from there.
     anchor: Option<(SystemTime, u64)>,
     segments: VecDeque<Arc<Segment>>,
-    /// The current source's Ogg stream, when it sends one.
-    ogg: Option<OggStream>,
+    /// The current source's Ogg pages, when it sends Ogg.
+    ogg: Option<OggPages>,
+    /// The current source's WebM elements, when it sends WebM.
+    webm: Option<Blocks>,
+    /// The audio stream of an Ogg or WebM source, as it goes into fMP4.
+    fmp4: Fmp4Stream,
     /// Decode time, in the track's samples, of the next packet: fragments' `tfdt`.
-    ogg_time: u64,
-    /// The rate `ogg_time` counts at: a chained stream at another rate carries it on rescaled.
-    ogg_rate: u32,
+    fmp4_time: u64,
+    /// The rate `fmp4_time` counts at: a stream at another rate carries it on rescaled.
+    fmp4_rate: u32,
     /// Init segments made so far, for their names.
     inits: u64,
 }
 
 /// An Ogg source's audio stream as the segmenter follows it, page by page.
 #[derive(Default)]
-struct OggStream {
+struct OggPages {
     /// The audio stream's serial number; pages of other logical streams are passed over.
     serial: Option<u32>,
-    /// Its headers, read so far or all read (the codec then known).
-    headers: Option<Headers>,
-    /// Made once the headers are all read.
-    init: Option<Arc<Init>>,
     /// The start of a packet that goes on in the next page.
     partial: Vec<u8>,
     /// The start of a page that goes on in the next piece.
     held: BytesMut,
-    /// The segment being built: its packets (slices of the pages, copied once into the
-    /// fragment), their samples, when and where (decode time) it starts.
+}
+
+/// An Ogg or WebM source's audio stream, as its packets go into fMP4 fragments.
+#[derive(Default)]
+struct Fmp4Stream {
+    /// Its headers, read so far or all read (the codec then known).
+    headers: Option<Headers>,
+    /// Made once the headers are all read.
+    init: Option<Arc<Init>>,
+    /// The segment being built: its packets (slices of the pages or blocks, copied once into
+    /// the fragment), their samples, when and where (decode time) it starts.
     packets: Vec<(u32, Bytes)>,
     samples: u64,
     date: Option<SystemTime>,
@@ -353,8 +369,10 @@ impl Segmenter {
             anchor: None,
             segments: VecDeque::new(),
             ogg: None,
-            ogg_time: 0,
-            ogg_rate: 0,
+            webm: None,
+            fmp4: Fmp4Stream::default(),
+            fmp4_time: 0,
+            fmp4_rate: 0,
             inits: 0,
         }
     }
@@ -367,7 +385,8 @@ impl Segmenter {
             Some(Source::Packed(kind)) => Some(kind),
             _ => None,
         };
-        self.ogg = (source == Some(Source::Ogg)).then(OggStream::default);
+        self.ogg = (source == Some(Source::Ogg)).then(OggPages::default);
+        self.webm = (source == Some(Source::Webm)).then(Blocks::new);
         if source.is_none() && !self.segments.is_empty() {
             self.segments.clear();
             changed = true;
@@ -378,9 +397,13 @@ impl Segmenter {
     /// The source left: the open segment is closed with what it has, and the next source's
     /// segments follow a discontinuity. True if the window changed.
     pub fn end_source(&mut self) -> bool {
-        let changed = self.close() | self.close_ogg();
+        let changed = self.close() | self.close_fmp4();
+        self.fmp4 = Fmp4Stream::default();
         if let Some(ogg) = self.ogg.as_mut() {
-            *ogg = OggStream::default();
+            *ogg = OggPages::default();
+        }
+        if let Some(webm) = self.webm.as_mut() {
+            *webm = Blocks::new();
         }
         self.walk = Walk::Lost;
         self.held.clear();
@@ -397,6 +420,9 @@ impl Segmenter {
         self.params = params;
         if self.ogg.is_some() {
             return self.push_ogg(data, title);
+        }
+        if self.webm.is_some() {
+            return self.push_webm(data, title);
         }
         let Some(kind) = self.kind else {
             return false;
@@ -740,53 +766,92 @@ impl Segmenter {
             let Some(headers) = packets.first().and_then(|p| Headers::begin(p)) else {
                 return false;
             };
-            changed |= self.close_ogg();
+            ogg.serial = Some(serial);
+            changed |= self.close_fmp4();
             if self.next_seq > 0 {
                 self.discontinuity = true;
             }
-            let ogg = self.ogg.as_mut().expect("an Ogg source");
-            ogg.serial = Some(serial);
-            ogg.init = None;
-            ogg.headers = Some(headers);
+            self.fmp4.init = None;
+            self.fmp4.headers = Some(headers);
             self.headers_read();
             return changed;
         }
-        if ogg.serial != Some(serial) || ogg.headers.is_none() {
+        if ogg.serial != Some(serial) || self.fmp4.headers.is_none() {
             ogg.partial.clear();
             return false;
         }
         for packet in packets {
-            let ogg = self.ogg.as_mut().expect("an Ogg source");
-            if ogg.init.is_none() {
-                let headers = ogg.headers.take().expect("a stream followed");
+            if self.fmp4.init.is_none() {
+                let headers = self.fmp4.headers.take().expect("a stream followed");
                 match headers.next(&packet) {
-                    Ok(headers) => ogg.headers = Some(headers),
+                    Ok(headers) => self.fmp4.headers = Some(headers),
                     // Headers of a stream that cannot be followed: its pages are passed over
                     // until the next chain.
-                    Err(()) => ogg.serial = None,
+                    Err(()) => {
+                        if let Some(ogg) = self.ogg.as_mut() {
+                            ogg.serial = None;
+                        }
+                    }
                 }
                 self.headers_read();
                 continue;
             }
-            changed |= self.ogg_packet(packet, title);
+            changed |= self.fmp4_packet(packet, title);
         }
+        changed
+    }
+
+    /// Takes a piece of a WebM stream: its audio track's packets go into the segment. True if
+    /// a segment was completed.
+    fn push_webm(&mut self, data: &Bytes, title: Title) -> bool {
+        let Some(webm) = self.webm.as_mut() else {
+            return false;
+        };
+        let mut items = Vec::new();
+        webm.push(data, &mut items);
+        let mut changed = false;
+        for item in items {
+            match item {
+                Item::Track(codec) => changed |= self.webm_track(codec),
+                Item::Packet(packet) => changed |= self.fmp4_packet(packet, title),
+            }
+        }
+        changed
+    }
+
+    /// A WebM file's audio track, read from its Tracks: the first file's, or a new file's on
+    /// the same connection. A new file of the same stream (the same init segment) goes on in
+    /// the same segment, as the audio does; another stream, or none, closes it, and the next
+    /// segment follows a discontinuity, with the new init segment.
+    fn webm_track(&mut self, codec: Option<Codec>) -> bool {
+        let same = match (&codec, &self.fmp4.init) {
+            (Some(codec), Some(init)) => init.data[..] == init_segment(codec)[..],
+            _ => false,
+        };
+        if same {
+            return false;
+        }
+        let changed = self.close_fmp4();
+        if self.next_seq > 0 {
+            self.discontinuity = true;
+        }
+        self.fmp4.init = None;
+        self.fmp4.headers = codec.map(Headers::Done);
+        self.headers_read();
         changed
     }
 
     /// Makes the stream's init segment once its headers are all read (the window changes only
     /// with its first segment).
     fn headers_read(&mut self) {
-        let Some(ogg) = self.ogg.as_mut() else {
-            return;
-        };
-        if let (None, Some(Headers::Done(codec))) = (&ogg.init, &ogg.headers) {
+        if let (None, Some(Headers::Done(codec))) = (&self.fmp4.init, &self.fmp4.headers) {
             let rate = codec.rate();
-            if self.ogg_rate != 0 && self.ogg_rate != rate {
-                self.ogg_time = self.ogg_time * u64::from(rate) / u64::from(self.ogg_rate);
+            if self.fmp4_rate != 0 && self.fmp4_rate != rate {
+                self.fmp4_time = self.fmp4_time * u64::from(rate) / u64::from(self.fmp4_rate);
             }
-            self.ogg_rate = rate;
+            self.fmp4_rate = rate;
             self.inits += 1;
-            ogg.init = Some(Arc::new(Init {
+            self.fmp4.init = Some(Arc::new(Init {
                 name: format!("{}-init-{}.mp4", self.epoch, self.inits),
                 data: Bytes::from(init_segment(codec)),
             }));
@@ -795,8 +860,8 @@ impl Segmenter {
 
     /// An audio packet: closes the segment first if it would take it past the target, or the
     /// title changed (the next segment starts with the new title's `EXT-X-DATERANGE`).
-    fn ogg_packet(&mut self, packet: Bytes, title: Title) -> bool {
-        let Some(Headers::Done(codec)) = self.ogg.as_mut().and_then(|o| o.headers.as_mut()) else {
+    fn fmp4_packet(&mut self, packet: Bytes, title: Title) -> bool {
+        let Some(Headers::Done(codec)) = self.fmp4.headers.as_mut() else {
             return false;
         };
         // Not audio (a FLAC metadata block, a stray header): left out.
@@ -805,50 +870,44 @@ impl Segmenter {
         };
         let rate = u64::from(codec.rate());
         let target = self.params.segment_secs * rate;
-        let full = self.ogg.as_ref().is_some_and(|o| {
-            !o.packets.is_empty()
-                && (o.samples + u64::from(samples) > target
-                    || o.title_version != Some(title.version))
-        });
-        let changed = full && self.close_ogg();
-        let ticks = self.ogg_time * TICKS_PER_SEC / rate;
+        let f = &self.fmp4;
+        let full = !f.packets.is_empty()
+            && (f.samples + u64::from(samples) > target || f.title_version != Some(title.version));
+        let changed = full && self.close_fmp4();
+        let ticks = self.fmp4_time * TICKS_PER_SEC / rate;
         let (since, at) = *self.anchor.get_or_insert((SystemTime::now(), ticks));
-        let time = self.ogg_time;
-        let Some(ogg) = self.ogg.as_mut() else {
-            return changed;
-        };
-        if ogg.packets.is_empty() {
+        let time = self.fmp4_time;
+        let f = &mut self.fmp4;
+        if f.packets.is_empty() {
             let date = since + Duration::from_micros(ticks.saturating_sub(at) * 100 / 9);
-            ogg.date = Some(date);
-            ogg.start = time;
-            if ogg.title_version != Some(title.version) {
-                ogg.title_version = Some(title.version);
-                ogg.daterange = daterange(title, date);
+            f.date = Some(date);
+            f.start = time;
+            if f.title_version != Some(title.version) {
+                f.title_version = Some(title.version);
+                f.daterange = daterange(title, date);
             }
         }
-        ogg.packets.push((samples, packet));
-        ogg.samples += u64::from(samples);
-        self.ogg_time += u64::from(samples);
+        f.packets.push((samples, packet));
+        f.samples += u64::from(samples);
+        self.fmp4_time += u64::from(samples);
         changed
     }
 
     /// Publishes the segment being built as an fMP4 fragment; true if it had packets.
-    fn close_ogg(&mut self) -> bool {
-        let Some(ogg) = self.ogg.as_mut() else {
-            return false;
-        };
-        if ogg.packets.is_empty() {
+    fn close_fmp4(&mut self) -> bool {
+        let f = &mut self.fmp4;
+        if f.packets.is_empty() {
             return false;
         }
-        let rate = match &ogg.headers {
+        let rate = match &f.headers {
             Some(Headers::Done(codec)) => codec.rate(),
             _ => return false,
         };
-        let packets = std::mem::take(&mut ogg.packets);
-        let samples = std::mem::take(&mut ogg.samples);
+        let packets = std::mem::take(&mut f.packets);
+        let samples = std::mem::take(&mut f.samples);
         let refs: Vec<(u32, &[u8])> = packets.iter().map(|(n, p)| (*n, &p[..])).collect();
-        let data = fragment(self.next_seq as u32 + 1, ogg.start, &refs);
-        let (date, init, range) = (ogg.date.take(), ogg.init.clone(), ogg.daterange.take());
+        let data = fragment(self.next_seq as u32 + 1, f.start, &refs);
+        let (date, init, range) = (f.date.take(), f.init.clone(), f.daterange.take());
         let discontinuity = std::mem::take(&mut self.discontinuity);
         self.add(
             Media::Fmp4,
@@ -1079,6 +1138,147 @@ mod tests {
         let text = std::str::from_utf8(&w.playlist).unwrap();
         assert!(text.contains("#EXT-X-DISCONTINUITY\n"), "{text}");
         assert!(listed(&w).last().unwrap().name.ends_with(".aac"), "{text}");
+    }
+
+    /// A WebM stream as a live muxer writes it: `head`, then unknown-size Clusters of a
+    /// second each (50 Opus packets of 20 ms as `track`, video blocks as track 1 between them),
+    /// `secs` of them.
+    fn webm(head: Vec<u8>, track: u8, secs: u8, first: u8) -> Vec<u8> {
+        use crate::webm::CLUSTER;
+        use crate::webm_blocks::testing::{el, packet, simple_block, unknown, TIMESTAMP};
+        let mut out = head;
+        for s in 0..secs {
+            out.extend(unknown(CLUSTER));
+            out.extend(el(TIMESTAMP, &[s]));
+            for n in 0..50 {
+                if n % 10 == 0 {
+                    out.extend(simple_block(1, 0x80, &[], &[vec![0x9D; 500]]));
+                }
+                let p = packet(first.wrapping_add(s).wrapping_add(n), 30);
+                out.extend(simple_block(track, 0x80, &[], &[p]));
+            }
+        }
+        out
+    }
+
+    fn push_webm(s: &mut Segmenter, data: &[u8], piece: usize, title: Title) {
+        let data = Bytes::copy_from_slice(data);
+        for at in (0..data.len()).step_by(piece) {
+            s.push(
+                &data.slice(at..(at + piece).min(data.len())),
+                false,
+                PARAMS,
+                title,
+            );
+        }
+    }
+
+    fn webm_segmenter() -> Segmenter {
+        let mut s = Segmenter::new(PARAMS);
+        s.start_source(source_for("video/webm; codecs=\"vp8, opus\""));
+        s
+    }
+
+    #[test]
+    fn a_webm_opus_stream_is_cut_into_fmp4_segments_whatever_the_pieces() {
+        use crate::webm_blocks::testing::header;
+        let stream = webm(header(2, 1), 2, 4, 0);
+        let mut whole = webm_segmenter();
+        push_webm(&mut whole, &stream, stream.len(), untitled());
+        let w = whole.window().unwrap();
+        // Four seconds of 48,000 samples: the fourth segment waits for the next packet.
+        assert_eq!(w.segments.len(), 3);
+        let init = w.segments[0].init.as_ref().expect("an init segment");
+        assert!(init.data.windows(4).any(|b| b == b"Opus"));
+        assert!(init.data.windows(4).any(|b| b == b"dOps"));
+        for seg in &w.segments {
+            assert_eq!(seg.kind, Media::Fmp4);
+            assert!((seg.duration - 1.0).abs() < 1e-9, "{}", seg.duration);
+            assert!(seg.data.windows(4).any(|b| b == b"moof"));
+            assert!(!seg.discontinuity);
+            assert!(Arc::ptr_eq(seg.init.as_ref().unwrap(), init));
+        }
+        let text = std::str::from_utf8(&w.playlist).unwrap();
+        assert!(text.contains("#EXT-X-VERSION:7\n"), "{text}");
+        assert!(
+            text.contains(&format!("#EXT-X-MAP:URI=\"{}\"", init.name)),
+            "{text}"
+        );
+        for piece in [1, 7, 100, 4096] {
+            let mut s = webm_segmenter();
+            push_webm(&mut s, &stream, piece, untitled());
+            let pieces = s.window().unwrap();
+            let data = |w: &Window| {
+                w.segments
+                    .iter()
+                    .map(|s| s.data.clone())
+                    .collect::<Vec<_>>()
+            };
+            assert_eq!(data(&pieces), data(&w), "pieces of {piece}");
+        }
+        // A WebM stream of no audio track taken: no segments, as an Ogg stream of Speex.
+        let mut video = webm_segmenter();
+        let mut only_video = header(2, 1);
+        let at = only_video.windows(6).position(|b| b == b"A_OPUS").unwrap();
+        only_video[at..at + 6].copy_from_slice(b"A_SPX!");
+        push_webm(&mut video, &webm(only_video, 2, 3, 0), 4096, untitled());
+        assert!(video.window().is_none());
+    }
+
+    #[test]
+    fn a_new_webm_file_keeps_its_init_segment_unless_the_stream_changed() {
+        use crate::webm_blocks::testing::header;
+        let mut s = webm_segmenter();
+        // A new file of the same stream half a second into a segment (after 25 of the
+        // packets: two groups of a video block and ten audio ones, a video block and five
+        // audio ones): the segment goes on.
+        let mut stream = webm(header(2, 1), 2, 1, 0);
+        let half = webm(header(2, 1), 2, 1, 50);
+        let cut = header(2, 1).len() + 12 + 10 + 2 * (513 + 10 * 43) + 513 + 5 * 43;
+        stream.extend(&half[..cut]);
+        stream.extend(webm(header(2, 1), 2, 2, 100));
+        push_webm(&mut s, &stream, 1000, untitled());
+        let w = s.window().unwrap();
+        assert_eq!(w.segments.len(), 3);
+        for seg in &w.segments {
+            assert!(!seg.discontinuity);
+            assert!((seg.duration - 1.0).abs() < 1e-9, "{}", seg.duration);
+            assert!(seg.init.as_ref().unwrap().name.ends_with("-init-1.mp4"));
+        }
+        let before = w.segments.len();
+        // Stereo now: the open segment closes, the next one follows a discontinuity with a
+        // new init segment.
+        push_webm(&mut s, &webm(header(3, 2), 3, 3, 0), 1000, untitled());
+        let w = s.window().unwrap();
+        let changed = &w.segments[before + 1];
+        assert!(changed.discontinuity);
+        assert!(changed.init.as_ref().unwrap().name.ends_with("-init-2.mp4"));
+        assert!(w.segments[before]
+            .init
+            .as_ref()
+            .unwrap()
+            .name
+            .ends_with("-init-1.mp4"));
+        let text = std::str::from_utf8(&w.playlist).unwrap();
+        assert!(text.contains("#EXT-X-DISCONTINUITY\n"), "{text}");
+    }
+
+    #[test]
+    fn a_title_on_a_webm_mount_is_a_daterange() {
+        use crate::webm_blocks::testing::header;
+        let mut s = webm_segmenter();
+        push_webm(&mut s, &webm(header(2, 1), 2, 1, 0), 1000, untitled());
+        let titled = Title {
+            version: 1,
+            title: Some("Song"),
+            artist: Some("Band"),
+        };
+        push_webm(&mut s, &webm(Vec::new(), 2, 3, 0), 1000, titled);
+        let w = s.window().unwrap();
+        let range = w.segments[1].daterange.as_deref().expect("a date range");
+        assert!(range.contains("X-TITLE=\"Song\""), "{range}");
+        let text = std::str::from_utf8(&w.playlist).unwrap();
+        assert!(text.contains(range), "{text}");
     }
 
     #[test]

@@ -315,13 +315,13 @@ fn answer(shared: &Shared, req: &Request, peer: IpAddr) -> Result<Response, Refu
         return Err(Refusal::HlsOff);
     }
     let Some(window) = snap.hls.as_ref() else {
-        // An Ogg stream is segmented only if it carries Opus, Vorbis or FLAC; until the format
-        // layer has seen its headers, it may.
+        // An Ogg or WebM stream is segmented only if it carries Opus, Vorbis or FLAC; until the
+        // format layer has seen its headers, it may.
         let subtype = snap.info.meta.subtype.as_deref();
         let audio = subtype.is_none_or(|s| s.split('/').any(|c| FMP4_CODECS.contains(&c)));
         return Err(match source_for(&snap.info.meta.content_type) {
             Some(Source::Packed(_)) => Refusal::HlsNotReady,
-            Some(Source::Ogg) if audio => Refusal::HlsNotReady,
+            Some(Source::Ogg | Source::Webm) if audio => Refusal::HlsNotReady,
             _ => Refusal::HlsUnsupportedFormat,
         });
     };

@@ -64,7 +64,8 @@
 //!    edge registers with), [`dates`] (the date formats Icecast and HLS print), [`markup`] (text made safe in XML and
 //!    HTML), [`ogg_codecs`] (the
 //!    header packets of Opus, Vorbis and FLAC in Ogg, and each packet's duration), [`fmp4`]
-//!    (fragmented MP4 for them), [`hls`] (MP3 and AAC cut into HLS packed-audio segments, Ogg
+//!    (fragmented MP4 for them), [`webm_blocks`] (a WebM stream's audio track, its codec and
+//!    packets, for HLS), [`hls`] (MP3 and AAC cut into HLS packed-audio segments, Ogg and WebM
 //!    Opus, Vorbis and FLAC into fMP4 ones, and their live playlist), [`store`] (the segment store and its snapshot, generic over the
 //!    settings it carries), [`threads`] (named, pinned, CPU-accounted threads), [`series`]
 //!    (counters and gauges labelled by mount, light at thousands of mounts), [`open_files`],
@@ -117,6 +118,7 @@ pub(crate) mod store;
 pub(crate) mod threads;
 pub(crate) mod tls;
 pub(crate) mod webm;
+pub(crate) mod webm_blocks;
 // Layer 2: vocabulary.
 pub(crate) mod access_log;
 pub(crate) mod auth;
@@ -289,6 +291,7 @@ pub mod bench_api {
             Source::Packed(Kind::Mp3) => "audio/mpeg",
             Source::Packed(Kind::Adts) => "audio/aac",
             Source::Ogg => "audio/ogg",
+            Source::Webm => "audio/webm",
         })
     }
 

@@ -35,7 +35,7 @@
 //! | `bad_destination` | 400 | `moveclients` to a mount with no live source, or to the mount itself |
 //! | `other_format` | 409 | `moveclients` to a mount streaming another format (MP3 and Ogg, MP3 and AAC): its listeners could not go on decoding |
 //! | `hls_off` | 404 | an HLS playlist or segment of a mount whose `hls` is off |
-//! | `hls_unsupported_format` | 404 | HLS of a mount whose stream is not MP3, AAC (ADTS) or Ogg Opus, Vorbis or FLAC |
+//! | `hls_unsupported_format` | 404 | HLS of a mount whose stream is not MP3, AAC (ADTS), Ogg Opus, Vorbis or FLAC, or WebM/Matroska with an Opus, Vorbis or FLAC track (video-only WebM, Ogg Speex...) |
 //! | `hls_not_ready` | 404 | HLS of a mount whose first segment is not complete yet |
 //! | `too_many_edges` | 503 | an edge's registration when 1000 edges are registered |
 //! | `segment_gone` | 404 | a segment no longer (or never) in the mount's HLS window |
@@ -216,7 +216,7 @@ impl Refusal {
             Refusal::ServerFull => " (max_listeners)",
             Refusal::HlsOff => " (set hls = true for this mount)",
             Refusal::HlsUnsupportedFormat => {
-                " (HLS is cut from MP3, AAC (ADTS), and Ogg Opus, Vorbis and FLAC streams only; native FLAC, Speex and other formats are not)"
+                " (HLS is cut from MP3, AAC (ADTS), Ogg Opus, Vorbis and FLAC streams, and the Opus, Vorbis or FLAC audio of WebM and Matroska streams, only; native FLAC, Speex, video-only WebM and other formats are not)"
             }
             Refusal::HlsNotReady => " (the first segment is still being cut; retry shortly)",
             Refusal::SegmentGone => " (it is not in the mount's HLS window; reload the playlist)",

@@ -31,34 +31,34 @@ use bytes::{Buf, Bytes, BytesMut};
 use crate::format::{Event, FormatError, MAX_HEADER_BYTES, MAX_LOGICAL_STREAMS};
 
 // Element IDs, with their length marker, as the Matroska specification writes them.
-const EBML: u32 = 0x1A45_DFA3;
-const SEGMENT: u32 = 0x1853_8067;
-const CLUSTER: u32 = 0x1F43_B675;
+pub(crate) const EBML: u32 = 0x1A45_DFA3;
+pub(crate) const SEGMENT: u32 = 0x1853_8067;
+pub(crate) const CLUSTER: u32 = 0x1F43_B675;
 const SEEK_HEAD: u32 = 0x114D_9B74;
 const INFO: u32 = 0x1549_A966;
-const TRACKS: u32 = 0x1654_AE6B;
+pub(crate) const TRACKS: u32 = 0x1654_AE6B;
 const CUES: u32 = 0x1C53_BB6B;
 const ATTACHMENTS: u32 = 0x1941_A469;
 const CHAPTERS: u32 = 0x1043_A770;
 const TAGS: u32 = 0x1254_C367;
-const VOID: u32 = 0xEC;
-const CRC32: u32 = 0xBF;
+pub(crate) const VOID: u32 = 0xEC;
+pub(crate) const CRC32: u32 = 0xBF;
 // A Cluster's children.
 const TIMESTAMP: u32 = 0xE7;
 const SILENT_TRACKS: u32 = 0x5854;
 const POSITION: u32 = 0xA7;
 const PREV_SIZE: u32 = 0xAB;
-const SIMPLE_BLOCK: u32 = 0xA3;
-const BLOCK_GROUP: u32 = 0xA0;
+pub(crate) const SIMPLE_BLOCK: u32 = 0xA3;
+pub(crate) const BLOCK_GROUP: u32 = 0xA0;
 const ENCRYPTED_BLOCK: u32 = 0xAF;
 // A BlockGroup's.
-const BLOCK: u32 = 0xA1;
+pub(crate) const BLOCK: u32 = 0xA1;
 const REFERENCE_BLOCK: u32 = 0xFB;
 // In the header: Tracks, Info and Tags.
-const TRACK_ENTRY: u32 = 0xAE;
-const TRACK_NUMBER: u32 = 0xD7;
-const TRACK_TYPE: u32 = 0x83;
-const CODEC_ID: u32 = 0x86;
+pub(crate) const TRACK_ENTRY: u32 = 0xAE;
+pub(crate) const TRACK_NUMBER: u32 = 0xD7;
+pub(crate) const TRACK_TYPE: u32 = 0x83;
+pub(crate) const CODEC_ID: u32 = 0x86;
 const TITLE: u32 = 0x7BA9;
 const TAG: u32 = 0x7373;
 const SIMPLE_TAG: u32 = 0x67C8;
@@ -70,10 +70,10 @@ const VIDEO: u64 = 1;
 /// A SimpleBlock's flag for a keyframe.
 const KEYFRAME: u8 = 0x80;
 /// The longest element head: a 4-byte ID and an 8-byte size.
-const MAX_HEAD: usize = 12;
+pub(crate) const MAX_HEAD: usize = 12;
 /// Most bytes of an EBML header: real ones take some 40 (versions and the DocType); a larger
 /// claim is taken for garbage that happens to hold the ID, not for a header too large.
-const MAX_EBML_HEADER_BYTES: u64 = 4096;
+pub(crate) const MAX_EBML_HEADER_BYTES: u64 = 4096;
 /// Most bytes of a Cluster held back until its first video block shows whether a player may
 /// start there: audio blocks muxed before it, or a keyframe in a BlockGroup (whose
 /// ReferenceBlock, if any, follows the frame). Past this the Cluster goes on unmarked.
@@ -81,14 +81,14 @@ const MAX_UNDECIDED_BYTES: u64 = 256 * 1024;
 
 /// An element head: its ID, its size (None: unknown, all ones), and the bytes it takes.
 #[derive(Clone, Copy, Debug, PartialEq)]
-struct Head {
-    id: u32,
-    size: Option<u64>,
-    len: usize,
+pub(crate) struct Head {
+    pub id: u32,
+    pub size: Option<u64>,
+    pub len: usize,
 }
 
 #[derive(Debug, PartialEq)]
-enum Parsed {
+pub(crate) enum Parsed {
     /// Consistent so far: more bytes decide.
     Need,
     /// No element head: the bytes up to this many (from the head's first) show it.
@@ -98,7 +98,7 @@ enum Parsed {
 
 /// Reads an element head from the start of `b`, refusing it at the first byte that shows it is
 /// none, so that where a broken stream is resumed does not depend on how its bytes arrived.
-fn read_head(b: &[u8]) -> Parsed {
+pub(crate) fn read_head(b: &[u8]) -> Parsed {
     let Some(&first) = b.first() else {
         return Parsed::Need;
     };
@@ -138,16 +138,32 @@ fn read_head(b: &[u8]) -> Parsed {
     })
 }
 
-fn is_level1(id: u32) -> bool {
+pub(crate) fn is_level1(id: u32) -> bool {
     matches!(
         id,
         SEEK_HEAD | INFO | TRACKS | CUES | ATTACHMENTS | CHAPTERS | TAGS | CLUSTER
     )
 }
 
+/// Whether an element may be a Cluster's child.
+pub(crate) fn is_cluster_child(id: u32) -> bool {
+    matches!(
+        id,
+        TIMESTAMP
+            | SILENT_TRACKS
+            | POSITION
+            | PREV_SIZE
+            | SIMPLE_BLOCK
+            | BLOCK_GROUP
+            | ENCRYPTED_BLOCK
+            | VOID
+            | CRC32
+    )
+}
+
 /// The children of a master element whose body is `body`, each as (ID, body, bytes taken), as
 /// far as they parse with a known size that fits.
-fn children(mut body: &[u8]) -> impl Iterator<Item = (u32, &[u8], usize)> {
+pub(crate) fn children(mut body: &[u8]) -> impl Iterator<Item = (u32, &[u8], usize)> {
     std::iter::from_fn(move || {
         let Parsed::Yes(h) = read_head(body) else {
             return None;
@@ -159,7 +175,7 @@ fn children(mut body: &[u8]) -> impl Iterator<Item = (u32, &[u8], usize)> {
     })
 }
 
-fn uint(b: &[u8]) -> u64 {
+pub(crate) fn uint(b: &[u8]) -> u64 {
     b.iter().take(8).fold(0, |v, &x| v << 8 | u64::from(x))
 }
 
@@ -178,7 +194,7 @@ struct Track {
 }
 
 /// The codec's name for status pages, from its Matroska CodecID.
-fn codec_name(id: &[u8]) -> &'static str {
+pub(crate) fn codec_name(id: &[u8]) -> &'static str {
     let end = id.iter().rposition(|&x| x != 0).map_or(0, |i| i + 1);
     match &id[..end] {
         b"A_OPUS" => "Opus",
@@ -727,19 +743,7 @@ impl Framer {
             Place::Level1 => self.level1(start, h, end, data, push_start, out),
             Place::Cluster => {
                 let fits = end.is_some_and(|e| self.cluster_end.is_none_or(|c| e <= c));
-                let child = matches!(
-                    h.id,
-                    TIMESTAMP
-                        | SILENT_TRACKS
-                        | POSITION
-                        | PREV_SIZE
-                        | SIMPLE_BLOCK
-                        | BLOCK_GROUP
-                        | ENCRYPTED_BLOCK
-                        | VOID
-                        | CRC32
-                );
-                let (Some(end), true) = (end.filter(|_| fits), child) else {
+                let (Some(end), true) = (end.filter(|_| fits), is_cluster_child(h.id)) else {
                     self.lose_sync(start);
                     return Ok(());
                 };
