@@ -69,7 +69,9 @@ pub fn config(data: &[u8]) {
 /// The WebM framer: the first byte picks where the rest is split. Whole or in two pieces, every
 /// byte passes, in order, and the verdict, the header sets and (from the first header set on,
 /// before which each piece of a stream that is not WebM is a join point) the join points are the
-/// same, since sources deliver bytes in arbitrary pieces.
+/// same, since sources deliver bytes in arbitrary pieces. The HLS segmenter's reading of the
+/// same bytes finds the same audio track and packets either way, and it segments them without
+/// panicking.
 pub fn webm(data: &[u8]) {
     let Some((&split, body)) = data.split_first() else {
         return;
@@ -92,6 +94,44 @@ pub fn webm(data: &[u8]) {
             "join points depend on how bytes arrive"
         );
     }
+    assert_eq!(
+        webm_blocks(&[body]),
+        webm_blocks(&[&body[..at], &body[at..]]),
+        "the audio track's packets depend on how bytes arrive"
+    );
+    segment_webm(&[&body[..at], &body[at..]]);
+}
+
+/// What the HLS segmenter's WebM reader finds in `pieces`.
+fn webm_blocks(pieces: &[&[u8]]) -> Vec<crate::webm_blocks::Item> {
+    let mut blocks = crate::webm_blocks::Blocks::new();
+    let mut items = Vec::new();
+    for piece in pieces {
+        blocks.push(&Bytes::copy_from_slice(piece), &mut items);
+    }
+    items
+}
+
+/// The HLS segmenter on a WebM source: it cuts whatever `pieces` hold without panicking (short
+/// segments, so that fuzzed inputs make some), and its window renders.
+fn segment_webm(pieces: &[&[u8]]) {
+    use crate::hls::{Params, Segmenter, Source, Title};
+    let params = Params {
+        segment_secs: 1,
+        segments: 3,
+    };
+    let title = Title {
+        version: 0,
+        title: Some("t"),
+        artist: None,
+    };
+    let mut segmenter = Segmenter::new(params);
+    segmenter.start_source(Some(Source::Webm));
+    for piece in pieces {
+        segmenter.push(&Bytes::copy_from_slice(piece), false, params, title);
+    }
+    segmenter.end_source();
+    let _ = segmenter.window();
 }
 
 /// Frames `pieces` and ends the source: the verdict, the bytes passed, the header sets (each

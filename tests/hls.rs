@@ -4,13 +4,14 @@
 //! listed segment is fetched and taken apart (an ID3 tag with the transport-stream timestamp,
 //! then whole frames whose samples make its `EXTINF`, timestamps continuous from one segment to
 //! the next), and ffprobe and ffmpeg play the playlist over HTTP. Ogg Opus, Vorbis and FLAC
-//! mounts' fMP4 segments are taken apart the same way (init segment and its sample entry,
-//! track runs, decode times) and played. A raw client makes blocking playlist reloads
+//! mounts' fMP4 segments, and WebM Opus mounts' (with VP8 video or without: audio-only HLS),
+//! are taken apart the same way (init segment and its sample entry, track runs, decode times)
+//! and played. A raw client makes blocking playlist reloads
 //! (`_HLS_msn`). curl checks the cache headers (`ETag`, `304`, `Range`, `HEAD`) and keeps one
 //! connection for several requests; a raw client pipelines them. Titles reach the segments' ID3 tags; HLS sessions and
 //! requests are counted (`/status.json`, `/status-json.xsl`, metrics); headless Chromium plays
-//! MP3 and Opus mounts through hls.js. Mounts without HLS, or of a format not segmented
-//! (Speex), answer 404 saying why.
+//! MP3, Ogg Opus and WebM Opus mounts through hls.js. Mounts without HLS, or of a format not
+//! segmented (Speex, WebM of video only), answer 404 saying why.
 
 mod common;
 
@@ -586,7 +587,12 @@ fn mounts_without_hls_answer_404_saying_why() {
     let srv = server();
     let mut mp3 = ffmpeg_source(srv.addr, "/plain", &Tone::new(Codec::Mp3, 60.0));
     let mut ogg = ffmpeg_source(srv.addr, "/speex", &Tone::new(Codec::Speex, 60.0));
-    for (mount, source) in [("/plain", &mut mp3), ("/speex", &mut ogg)] {
+    let mut video = ffmpeg_webm_video_only_source(srv.addr, "/video", 60.0);
+    for (mount, source) in [
+        ("/plain", &mut mp3),
+        ("/speex", &mut ogg),
+        ("/video", &mut video),
+    ] {
         let label = format!("mount=\"{mount}\"");
         srv.wait_metric("fanstream_source_received_bytes_total", &[&label], |v| {
             v > 8_000.0
@@ -600,10 +606,13 @@ fn mounts_without_hls_answer_404_saying_why() {
         body.contains("hls off") && body.contains("hls = true"),
         "{body}"
     );
-    let (status, _, body) = get(srv.addr, "/speex/index.m3u8");
-    let body = String::from_utf8_lossy(&body);
-    assert_eq!(status, 404);
-    assert!(body.contains("hls unsupported format"), "{body}");
+    // Ogg Speex, and WebM of video only: no audio track the segmenter takes.
+    for mount in ["/speex", "/video"] {
+        let (status, _, body) = get(srv.addr, &format!("{mount}/index.m3u8"));
+        let body = String::from_utf8_lossy(&body);
+        assert_eq!(status, 404, "{mount}");
+        assert!(body.contains("hls unsupported format"), "{mount}: {body}");
+    }
     let (status, _, body) = get(srv.addr, "/nowhere/index.m3u8");
     assert_eq!(status, 404, "{}", String::from_utf8_lossy(&body));
 
@@ -693,14 +702,42 @@ fn a_title_update_starts_a_segment_whose_id3_tag_carries_it() {
     drop(source);
 }
 
-/// Headless Chromium plays `codec`'s mount (`/NAME`) through hls.js, its fMP4 playlist, with
-/// no fatal hls.js error.
-fn chromium_plays_fmp4_through_hls_js(codec: Codec) {
-    let name = codec.name();
-    let dir = process::scratch_dir(&format!("hls_chromium_{name}"));
+/// How an fMP4 test's encoder sends its codec.
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum Container {
+    Ogg,
+    /// WebM (Opus only), with VP8 video or without.
+    Webm {
+        video: bool,
+    },
+}
+
+impl Container {
+    /// The mount a test's source of `codec` takes: `/opus`, `/opus-webm`, `/opus-webm-vp8`.
+    fn mount(self, codec: Codec) -> String {
+        match self {
+            Container::Ogg => format!("/{}", codec.name()),
+            Container::Webm { video: false } => format!("/{}-webm", codec.name()),
+            Container::Webm { video: true } => format!("/{}-webm-vp8", codec.name()),
+        }
+    }
+
+    fn source(self, addr: SocketAddr, mount: &str, codec: Codec) -> Program {
+        let tone = Tone::new(codec, 120.0);
+        match self {
+            Container::Ogg => ffmpeg_source(addr, mount, &tone),
+            Container::Webm { video } => ffmpeg_webm_source(addr, mount, &tone, video),
+        }
+    }
+}
+
+/// Headless Chromium plays `codec`'s mount, sent in `container`, through hls.js, its fMP4
+/// playlist, with no fatal hls.js error.
+fn chromium_plays_fmp4_through_hls_js(codec: Codec, container: Container) {
+    let mount = container.mount(codec);
+    let dir = process::scratch_dir(&format!("hls_chromium_{}", &mount[1..]));
     let srv = server();
-    let mount = format!("/{name}");
-    let mut source = ffmpeg_source(srv.addr, &mount, &Tone::new(codec, 120.0));
+    let mut source = container.source(srv.addr, &mount, codec);
     wait_playlist(srv.addr, &mount, SEGMENTS, None, &mut source);
     let page = test_page(
         "hls.html",
@@ -721,7 +758,14 @@ fn chromium_plays_fmp4_through_hls_js(codec: Codec) {
 /// A browser: headless Chromium plays an Ogg Opus mount's fMP4 playlist through hls.js.
 #[test]
 fn chromium_plays_an_ogg_opus_mount_through_hls_js() {
-    chromium_plays_fmp4_through_hls_js(Codec::Opus);
+    chromium_plays_fmp4_through_hls_js(Codec::Opus, Container::Ogg);
+}
+
+/// A browser: headless Chromium plays a WebM Opus mount's fMP4 playlist (as a MediaRecorder
+/// upload would make it) through hls.js.
+#[test]
+fn chromium_plays_a_webm_opus_mount_through_hls_js() {
+    chromium_plays_fmp4_through_hls_js(Codec::Opus, Container::Webm { video: false });
 }
 
 /// A browser: headless Chromium plays an Ogg FLAC mount's fMP4 playlist (a `fLaC` sample
@@ -729,7 +773,7 @@ fn chromium_plays_an_ogg_opus_mount_through_hls_js() {
 /// Vorbis.)
 #[test]
 fn chromium_plays_an_ogg_flac_mount_through_hls_js() {
-    chromium_plays_fmp4_through_hls_js(Codec::Flac);
+    chromium_plays_fmp4_through_hls_js(Codec::Flac, Container::Ogg);
 }
 
 /// A browser: headless Chromium plays the live playlist through hls.js (tests/web/hls.html,
@@ -850,14 +894,21 @@ fn child<'a>(parent: &'a [u8], kind: &[u8; 4]) -> &'a [u8] {
         .1
 }
 
-/// An Ogg mount as fMP4 HLS: version 7, an init segment (`EXT-X-MAP`) with the codec's sample
-/// entry (`entry`) holding its configuration box (`config`), fragments whose track runs last
-/// their `EXTINF` in the track's timescale (`rate`) and whose decode times follow on, and ffprobe
-/// and ffmpeg play it, ffmpeg decoding 6 s of it without a complaint.
-fn plays_as_fmp4_hls(codec: Codec, entry_kind: &[u8; 4], config: &[u8; 4], rate: u64) {
+/// An Ogg or WebM mount as fMP4 HLS: version 7, an init segment (`EXT-X-MAP`) with the codec's
+/// sample entry (`entry`) holding its configuration box (`config`), fragments whose track runs
+/// last their `EXTINF` in the track's timescale (`rate`) and whose decode times follow on, and
+/// ffprobe and ffmpeg play it, finding the one audio stream (a WebM stream's video left out),
+/// ffmpeg decoding 6 s of it (30 of Opus) without a complaint.
+fn plays_as_fmp4_hls(
+    codec: Codec,
+    container: Container,
+    entry_kind: &[u8; 4],
+    config: &[u8; 4],
+    rate: u64,
+) {
     let srv = server();
-    let mount = format!("/{}", codec.name());
-    let mut source = ffmpeg_source(srv.addr, &mount, &Tone::new(codec, 120.0));
+    let mount = container.mount(codec);
+    let mut source = container.source(srv.addr, &mount, codec);
     let p = wait_playlist(srv.addr, &mount, SEGMENTS, None, &mut source);
     assert_eq!(p.version, 7);
     let init_name = p.entries[0].map.clone().expect("an EXT-X-MAP");
@@ -949,19 +1000,34 @@ fn plays_as_fmp4_hls(codec: Codec, entry_kind: &[u8; 4], config: &[u8; 4], rate:
 /// Opus: an `Opus` sample entry and its `dOps`, at 48 kHz.
 #[test]
 fn an_ogg_opus_mount_plays_as_fmp4_hls() {
-    plays_as_fmp4_hls(Codec::Opus, b"Opus", b"dOps", 48_000);
+    plays_as_fmp4_hls(Codec::Opus, Container::Ogg, b"Opus", b"dOps", 48_000);
+}
+
+/// WebM Opus, as ffmpeg (`-f webm -c:a libopus`) and browsers' MediaRecorder send it: the same
+/// `Opus` sample entry, its `dOps` from the track's CodecPrivate.
+#[test]
+fn a_webm_opus_mount_plays_as_fmp4_hls() {
+    let webm = Container::Webm { video: false };
+    plays_as_fmp4_hls(Codec::Opus, webm, b"Opus", b"dOps", 48_000);
+}
+
+/// WebM of VP8 video and Opus audio: audio-only HLS, the video left out.
+#[test]
+fn a_webm_mount_with_video_plays_as_audio_only_fmp4_hls() {
+    let webm = Container::Webm { video: true };
+    plays_as_fmp4_hls(Codec::Opus, webm, b"Opus", b"dOps", 48_000);
 }
 
 /// Vorbis: an `mp4a` sample entry whose `esds` holds the three headers, as FFmpeg maps it.
 #[test]
 fn an_ogg_vorbis_mount_plays_as_fmp4_hls() {
-    plays_as_fmp4_hls(Codec::Vorbis, b"mp4a", b"esds", 44_100);
+    plays_as_fmp4_hls(Codec::Vorbis, Container::Ogg, b"mp4a", b"esds", 44_100);
 }
 
 /// FLAC: a `fLaC` sample entry and its `dfLa` holding `STREAMINFO`.
 #[test]
 fn an_ogg_flac_mount_plays_as_fmp4_hls() {
-    plays_as_fmp4_hls(Codec::Flac, b"fLaC", b"dfLa", 44_100);
+    plays_as_fmp4_hls(Codec::Flac, Container::Ogg, b"fLaC", b"dfLa", 44_100);
 }
 
 /// The nginx config the README's "HLS and CDNs" shows, for a cache at `listen` in front of
@@ -1139,6 +1205,63 @@ fn a_title_update_on_an_opus_mount_is_a_daterange_in_its_playlist() {
         "{range} for {}",
         entry.date
     );
+    drop(source);
+}
+
+/// A WebM mount's own title (its Tags, as ffmpeg's `-metadata` writes them) reaches its fMP4
+/// playlist as an `EXT-X-DATERANGE` from its first segment on, and a title update through
+/// `/admin/metadata` as one starting with a later segment.
+#[test]
+fn a_webm_mount_s_titles_are_dateranges_in_its_playlist() {
+    let srv = server();
+    let mut tone = Tone::new(Codec::Opus, 120.0);
+    tone.title = Some("Recorded".into());
+    tone.artist = Some("Browser".into());
+    let mut source = ffmpeg_webm_source(srv.addr, "/webm", &tone, false);
+    let p = wait_playlist(srv.addr, "/webm", 2, None, &mut source);
+    let range = p.entries[0]
+        .daterange
+        .clone()
+        .expect("the stream's own title");
+    assert!(
+        range.contains("X-TITLE=\"Recorded\"") && range.contains("X-ARTIST=\"Browser\""),
+        "{range}"
+    );
+    let params = [
+        ("mode", "updinfo"),
+        ("mount", "/webm"),
+        ("artist", "Band"),
+        ("title", "Song"),
+    ];
+    let (status, _, body) = curl_get(
+        srv.addr,
+        "/admin/metadata",
+        Some(("source", PASSWORD)),
+        &params,
+    );
+    assert_eq!(status, 200, "{body}");
+    let deadline = Instant::now() + DEADLINE;
+    loop {
+        let p = playlist(srv.addr, "/webm").unwrap();
+        let updated = p.entries.iter().skip(1).find(|e| {
+            e.daterange
+                .as_deref()
+                .is_some_and(|r| r.contains("X-TITLE=\"Song\""))
+        });
+        if let Some(e) = updated {
+            let range = e.daterange.as_deref().unwrap();
+            assert!(
+                range.contains(&format!("START-DATE=\"{}\"", e.date)),
+                "{range}"
+            );
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no EXT-X-DATERANGE of Song: {p:?}"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
     drop(source);
 }
 

@@ -508,6 +508,30 @@ pub fn ffmpeg_webm_source(addr: SocketAddr, mount: &str, tone: &Tone, video: boo
     Program::spawn("ffmpeg WebM source", &mut cmd)
 }
 
+/// A live WebM source of VP8 video only, in real time, for `seconds`:
+/// `ffmpeg -hide_banner -loglevel error -re -f lavfi -i testsrc=size=320x240:rate=25:duration=S
+/// -c:v libvpx -g 25 -deadline realtime -cpu-used 8 -b:v 300k -f webm -content_type video/webm
+/// icecast://source:PASS@ADDR/MOUNT`
+pub fn ffmpeg_webm_video_only_source(addr: SocketAddr, mount: &str, seconds: f64) -> Program {
+    require("ffmpeg");
+    let mut cmd = Command::new("ffmpeg");
+    cmd.args([
+        "-hide_banner",
+        "-loglevel",
+        "error",
+        "-re",
+        "-f",
+        "lavfi",
+        "-i",
+    ])
+    .arg(format!("testsrc=size=320x240:rate=25:duration={seconds}"))
+    .args(["-c:v", "libvpx", "-g", "25", "-deadline", "realtime"])
+    .args(["-cpu-used", "8", "-b:v", "300k"])
+    .args(["-f", "webm", "-content_type", "video/webm"])
+    .arg(icecast_url(addr, mount));
+    Program::spawn("ffmpeg WebM video source", &mut cmd)
+}
+
 /// What ffprobe says about a capture.
 #[derive(Debug, Default)]
 pub struct Probe {
