@@ -61,12 +61,22 @@ impl DevTools {
             ))
             .args(["--enable-logging=stderr", "--v=0"])
             .args(extra);
-        // SAFETY: only dup2, async-signal-safe, between fork and exec; the descriptors stay
-        // open in the parent until after the spawn.
+        // SAFETY: only dup2 and fcntl, async-signal-safe, between fork and exec; the descriptors
+        // stay open in the parent until after the spawn.
         unsafe {
             cmd.pre_exec(move || {
-                if libc::dup2(cr, 3) < 0 || libc::dup2(aw, 4) < 0 {
-                    return Err(std::io::Error::last_os_error());
+                for (fd, to) in [(cr, 3), (aw, 4)] {
+                    // A descriptor already where it goes (a test that opened nothing before: the
+                    // first pipe is 3 and 4) is not copied by dup2, which then leaves it
+                    // close-on-exec: the browser would start without it.
+                    let done = if fd == to {
+                        libc::fcntl(fd, libc::F_SETFD, 0)
+                    } else {
+                        libc::dup2(fd, to)
+                    };
+                    if done < 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
                 }
                 Ok(())
             });
