@@ -6,7 +6,7 @@
 //! the next), and ffprobe and ffmpeg play the playlist over HTTP. Ogg Opus, Vorbis and FLAC
 //! mounts' fMP4 segments, and WebM Opus mounts' (with VP8 video or without: audio-only HLS),
 //! are taken apart the same way (init segment and its sample entry, track runs, decode times)
-//! and played. A raw client makes blocking playlist reloads
+//! and played; so is a recording of Chromium's MediaRecorder, uploaded as a page would. A raw client makes blocking playlist reloads
 //! (`_HLS_msn`). curl checks the cache headers (`ETag`, `304`, `Range`, `HEAD`) and keeps one
 //! connection for several requests; a raw client pipelines them. Titles reach the segments' ID3 tags; HLS sessions and
 //! requests are counted (`/status.json`, `/status-json.xsl`, metrics); headless Chromium plays
@@ -1206,6 +1206,89 @@ fn a_title_update_on_an_opus_mount_is_a_daterange_in_its_playlist() {
         entry.date
     );
     drop(source);
+}
+
+/// How long the MediaRecorder test records, and so streams.
+const RECORDED_SECS: u64 = 14;
+
+/// Chromium's MediaRecorder, the encoder a web page streams with: `audio/webm;codecs=opus` of
+/// a tone, a chunk a second. Returns its recording whole: a live WebM stream (unknown-size
+/// Segment and Clusters, SimpleBlocks), as the page would upload it piece by piece.
+fn mediarecorder_webm_opus(dir: &std::path::Path, secs: u64) -> Vec<u8> {
+    use base64::Engine;
+    let mut page = common::devtools::DevTools::start(dir, secs as u32 + 60, &[]);
+    page.open("about:blank", 320, 240);
+    let record = format!(
+        "new Promise((done, fail) => {{
+            const ctx = new AudioContext();
+            const osc = ctx.createOscillator();
+            osc.frequency.value = 440;
+            const dest = ctx.createMediaStreamDestination();
+            osc.connect(dest);
+            osc.start();
+            const rec = new MediaRecorder(dest.stream, {{ mimeType: 'audio/webm;codecs=opus' }});
+            const chunks = [];
+            rec.ondataavailable = e => chunks.push(e.data);
+            rec.onerror = e => fail(String(e.error));
+            rec.onstop = async () => {{
+                const bytes = new Uint8Array(await new Blob(chunks).arrayBuffer());
+                let s = '';
+                for (let i = 0; i < bytes.length; i += 0x8000) {{
+                    s += String.fromCharCode(...bytes.subarray(i, i + 0x8000));
+                }}
+                done(btoa(s));
+            }};
+            ctx.resume().then(() => rec.start(1000));
+            setTimeout(() => rec.stop(), {});
+        }})",
+        secs * 1000
+    );
+    let recorded = page.eval(&record).expect("MediaRecorder records");
+    base64::engine::general_purpose::STANDARD
+        .decode(recorded.as_str().expect("a base64 string"))
+        .expect("base64")
+}
+
+/// A browser as the encoder: Chromium's MediaRecorder recording (WebM Opus), sent to a mount in
+/// real time as a page would upload it, plays as fMP4 HLS with an `Opus` sample entry, and
+/// ffmpeg decodes it.
+#[test]
+fn a_mediarecorder_webm_opus_upload_plays_as_fmp4_hls() {
+    let dir = process::scratch_dir("hls_mediarecorder");
+    let webm = mediarecorder_webm_opus(&dir, RECORDED_SECS);
+    let cluster = [0x1F, 0x43, 0xB6, 0x75, 0x01, 0xFF, 0xFF, 0xFF];
+    assert!(
+        webm.windows(8).any(|w| w == cluster),
+        "MediaRecorder writes Clusters of unknown size"
+    );
+    let srv = server();
+    let mut source = Source::connect_typed(srv.addr, "/recorded", "audio/webm");
+    let stop = std::sync::atomic::AtomicBool::new(false);
+    let rate = webm.len() as u64 / RECORDED_SECS;
+    std::thread::scope(|scope| {
+        scope.spawn(|| source.send_paced(&webm, 1000, rate, &stop));
+        let deadline = Instant::now() + DEADLINE;
+        let p = loop {
+            if let Some(p) = playlist(srv.addr, "/recorded").filter(|p| p.entries.len() >= 3) {
+                break p;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "no playlist of 3 segments in time"
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        };
+        assert_eq!(p.version, 7);
+        let init = p.entries[0].map.clone().expect("an EXT-X-MAP");
+        let (status, _, init) = get(srv.addr, &format!("/recorded/{init}"));
+        assert_eq!(status, 200);
+        assert!(init.windows(4).any(|b| b == b"Opus") && init.windows(4).any(|b| b == b"dOps"));
+        for e in &p.entries {
+            assert!(e.duration <= p.target as f64 && e.duration > 0.9, "{e:?}");
+        }
+        ffmpeg_decodes(&format!("http://{}/recorded/index.m3u8", srv.addr), 4, &[]);
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    });
 }
 
 /// A WebM mount's own title (its Tags, as ffmpeg's `-metadata` writes them) reaches its fMP4
