@@ -66,7 +66,7 @@ enum Place {
 #[derive(Clone, Copy, Debug, PartialEq)]
 enum Body {
     Skip,
-    /// The EBML header's: the Segment's head follows.
+    /// The EBML header's, held whole (4 KiB at most): a new file starts after it.
     Ebml,
     /// The Tracks element's, held whole.
     Tracks,
@@ -186,8 +186,8 @@ impl Blocks {
                 let take = usize::try_from(left).unwrap_or(usize::MAX).min(avail);
                 let bytes = &data[i..i + take];
                 let (took, body) = match body {
-                    Body::Skip | Body::Ebml => (take, body),
-                    Body::Tracks | Body::Block => {
+                    Body::Skip => (take, body),
+                    Body::Ebml | Body::Tracks | Body::Block => {
                         self.held.extend_from_slice(bytes);
                         (take, body)
                     }
@@ -247,9 +247,17 @@ impl Blocks {
     fn body_done(&mut self, body: Body, out: &mut Vec<Item>) {
         match body {
             Body::Ebml => {
-                self.state = State::Head {
-                    place: Place::Segment,
-                };
+                // Garbage that holds the ID rarely holds elements that fill the size after it
+                // (the framer's test too): only a real header ends the followed track.
+                let header = self.held.split();
+                if children(&header).map(|(.., n)| n).sum::<usize>() == header.len() {
+                    self.track = None;
+                    self.state = State::Head {
+                        place: Place::Segment,
+                    };
+                } else {
+                    self.lose_sync();
+                }
                 return;
             }
             Body::Tracks => {
@@ -354,9 +362,8 @@ impl Blocks {
     /// A head between the Segment's level-1 elements.
     fn level1(&mut self, h: Head, out: &mut Vec<Item>) {
         match h.id {
+            // A new file, whose Tracks say which track to follow.
             EBML if h.size.is_some_and(|s| s <= MAX_EBML_HEADER_BYTES) => {
-                // A new file: its Tracks say which track to follow.
-                self.track = None;
                 self.enter_body(h, Body::Ebml, out);
             }
             CLUSTER => {
@@ -775,6 +782,8 @@ mod tests {
         dirty.extend(simple_block(2, 0x80, &[], &[packet(30, 10)]));
         dirty.extend([0x00, 0x00, 0x13, 0x37]);
         dirty.extend(simple_block(2, 0x80, &[], &[packet(31, 10)]));
+        // The EBML header's ID in the garbage, not followed by a header: the track goes on.
+        dirty.extend([0x1A, 0x45, 0xDF, 0xA3, 0x84, 0xDE, 0xAD, 0xBE, 0xEF]);
         dirty.extend(unknown(CLUSTER));
         dirty.extend(simple_block(2, 0x80, &[], &[packet(32, 10)]));
         // A block of the track over the limit, and one of another track as large.
