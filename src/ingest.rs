@@ -164,6 +164,8 @@ impl Entry {
             title: np.title.as_deref(),
             artist: np.artist.as_deref(),
         };
+        // What the segmenter logs (a block of a WebM stream passed over) says which mount.
+        let _mount = tracing::info_span!("hls", mount = %self.mount.path).entered();
         let mut completed = false;
         for (run, sync) in runs(bytes, join) {
             completed |= hls.push(&run, sync, params, title);
