@@ -118,24 +118,38 @@ pub(crate) fn read_head(b: &[u8]) -> Parsed {
     let Some(&s0) = b.get(id_len) else {
         return Parsed::Need;
     };
-    let size_len = s0.leading_zeros() as usize + 1;
-    if size_len > 8 {
+    let Some(size_len) = vint_len(s0) else {
         return Parsed::No(id_len + 1);
-    }
-    let Some(size_bytes) = b.get(id_len..id_len + size_len) else {
+    };
+    let Some((size, _)) = vint(&b[id_len..]) else {
         return Parsed::Need;
     };
-    let size = size_bytes[1..]
-        .iter()
-        .fold(u64::from(s0) & (0xFF >> size_len), |v, &x| {
-            v << 8 | u64::from(x)
-        });
     let unknown = (1u64 << (7 * size_len)) - 1;
     Parsed::Yes(Head {
         id,
         size: (size != unknown).then_some(size),
         len: id_len + size_len,
     })
+}
+
+/// The bytes a variable-length integer (an element's size, a block's track number) takes, from
+/// its first byte; None past 8.
+pub(crate) fn vint_len(first: u8) -> Option<usize> {
+    let len = first.leading_zeros() as usize + 1;
+    (len <= 8).then_some(len)
+}
+
+/// A variable-length integer (its length marker taken off) at the start of `b`, and the bytes
+/// it takes; None if `b` holds fewer, or its first byte marks no length.
+pub(crate) fn vint(b: &[u8]) -> Option<(u64, usize)> {
+    let len = vint_len(*b.first()?)?;
+    let bytes = b.get(..len)?;
+    let value = bytes[1..]
+        .iter()
+        .fold(u64::from(bytes[0]) & (0xFF >> len), |v, &x| {
+            v << 8 | u64::from(x)
+        });
+    Some((value, len))
 }
 
 pub(crate) fn is_level1(id: u32) -> bool {
@@ -621,20 +635,16 @@ impl Framer {
         for (n, &b) in bytes.iter().enumerate() {
             self.head[self.head_len] = b;
             self.head_len += 1;
-            let track_len = self.head[0].leading_zeros() as usize + 1;
-            if track_len > 8 {
+            let Some(track_len) = vint_len(self.head[0]) else {
                 // Not a block a player can read: the next one may decide.
                 return (n + 1, true);
-            }
+            };
             let need = track_len + if simple { 3 } else { 0 };
             if self.head_len < need {
                 continue;
             }
-            let track = self.head[1..track_len]
-                .iter()
-                .fold(u64::from(self.head[0]) & (0xFF >> track_len), |v, &x| {
-                    v << 8 | u64::from(x)
-                });
+            // Whole: the head holds its bytes (0, never a track's number, if it did not).
+            let track = vint(&self.head[..track_len]).map_or(0, |(t, _)| t);
             let video = self.tracks.iter().any(|t| t.number == track && t.video);
             if simple {
                 if video {

@@ -1,6 +1,6 @@
-//! The packets of a WebM (Matroska) stream's audio track, for HLS: the segmenter
-//! ([`crate::hls`]) puts them into fMP4 as it does an Ogg stream's. Fed the stream as its source
-//! sends it, in pieces that may cut an element anywhere, it reads each file's Tracks (from its
+//! The packets of a WebM (Matroska) stream's audio track, for HLS: the segmenter puts them
+//! into fMP4 as it does an Ogg stream's. Fed the stream as its source sends it, in pieces that
+//! may cut an element anywhere, it reads each file's Tracks (from its
 //! EBML header on: a source may start a new file on the same connection) for the first audio
 //! track whose codec [`crate::fmp4`] takes, with the codec's headers from its CodecPrivate:
 //! - Opus: the `OpusHead` packet, the same bytes as an Ogg Opus stream's first packet;
@@ -26,9 +26,9 @@ use bytes::{Bytes, BytesMut};
 use crate::format::MAX_HEADER_BYTES;
 use crate::ogg_codecs::{Codec, Headers, OpusHead};
 use crate::webm::{
-    children, codec_name, is_cluster_child, is_level1, read_head, uint, Head, Parsed, BLOCK,
-    BLOCK_GROUP, CLUSTER, CODEC_ID, CRC32, EBML, MAX_EBML_HEADER_BYTES, MAX_HEAD, SEGMENT,
-    SIMPLE_BLOCK, TRACKS, TRACK_ENTRY, TRACK_NUMBER, TRACK_TYPE, VOID,
+    children, codec_name, is_cluster_child, is_level1, read_head, uint, vint, vint_len, Head,
+    Parsed, BLOCK, BLOCK_GROUP, CLUSTER, CODEC_ID, CRC32, EBML, MAX_EBML_HEADER_BYTES, MAX_HEAD,
+    SEGMENT, SIMPLE_BLOCK, TRACKS, TRACK_ENTRY, TRACK_NUMBER, TRACK_TYPE, VOID,
 };
 
 // A TrackEntry's children the framer needs not.
@@ -329,31 +329,15 @@ impl Blocks {
                 } else if h.id == BLOCK_GROUP {
                     self.group_end = end;
                     self.next_head();
-                } else if h.id == SIMPLE_BLOCK {
-                    self.enter_body(
-                        h,
-                        Body::BlockTrack {
-                            size: h.size.unwrap_or(0),
-                        },
-                        out,
-                    );
                 } else {
-                    self.enter_body(h, Body::Skip, out);
+                    self.enter_child(h, SIMPLE_BLOCK, out);
                 }
             }
             Place::BlockGroup => {
                 if end.is_none_or(|e| self.group_end.is_none_or(|g| e > g)) {
                     self.lose_sync();
-                } else if h.id == BLOCK {
-                    self.enter_body(
-                        h,
-                        Body::BlockTrack {
-                            size: h.size.unwrap_or(0),
-                        },
-                        out,
-                    );
                 } else {
-                    self.enter_body(h, Body::Skip, out);
+                    self.enter_child(h, BLOCK, out);
                 }
             }
         }
@@ -379,6 +363,19 @@ impl Blocks {
             }
             _ => self.lose_sync(),
         }
+    }
+
+    /// Enters a child of a Cluster or a BlockGroup: a block (`block`, the ID blocks have
+    /// there) is read as far as its track number, anything else passed over.
+    fn enter_child(&mut self, h: Head, block: u32, out: &mut Vec<Item>) {
+        let body = if h.id == block {
+            Body::BlockTrack {
+                size: h.size.unwrap_or(0),
+            }
+        } else {
+            Body::Skip
+        };
+        self.enter_body(h, body, out);
     }
 
     fn enter_body(&mut self, h: Head, body: Body, out: &mut Vec<Item>) {
@@ -422,25 +419,6 @@ impl Blocks {
         self.held.clear();
         self.end_cluster();
     }
-}
-
-/// The bytes a variable-length integer takes, from its first byte; None past 8.
-fn vint_len(first: u8) -> Option<usize> {
-    let len = first.leading_zeros() as usize + 1;
-    (len <= 8).then_some(len)
-}
-
-/// A variable-length integer (its length marker taken off) at the start of `b`, and the bytes
-/// it takes.
-fn vint(b: &[u8]) -> Option<(u64, usize)> {
-    let len = vint_len(*b.first()?)?;
-    let bytes = b.get(..len)?;
-    let value = bytes[1..]
-        .iter()
-        .fold(u64::from(bytes[0]) & (0xFF >> len), |v, &x| {
-            v << 8 | u64::from(x)
-        });
-    Some((value, len))
 }
 
 /// A block's frames, from its data after the flags; `lacing` from the flags: 0 none, 1 Xiph,
