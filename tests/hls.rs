@@ -120,6 +120,15 @@ fn parse_playlist(text: &str) -> Playlist {
 }
 
 /// `GET` over HTTP/1.0 (the server closes after it): (status, head, body).
+/// `/admin/metadata?mode=updinfo&mount=MOUNT&...` with the source's credentials, over curl:
+/// `fields` are `song`, or `artist` and `title`.
+fn update_metadata(addr: SocketAddr, mount: &str, fields: &[(&str, &str)]) {
+    let mut params = vec![("mode", "updinfo"), ("mount", mount)];
+    params.extend_from_slice(fields);
+    let (status, _, body) = curl_get(addr, "/admin/metadata", Some(("source", PASSWORD)), &params);
+    assert_eq!(status, 200, "{body}");
+}
+
 fn get(addr: SocketAddr, path: &str) -> (u16, String, Vec<u8>) {
     request(
         addr,
@@ -645,19 +654,7 @@ fn a_title_update_starts_a_segment_whose_id3_tag_carries_it() {
             e.name
         );
     }
-    let params = [
-        ("mode", "updinfo"),
-        ("mount", "/live"),
-        ("artist", "Band"),
-        ("title", "Song"),
-    ];
-    let (status, _, body) = curl_get(
-        srv.addr,
-        "/admin/metadata",
-        Some(("source", PASSWORD)),
-        &params,
-    );
-    assert_eq!(status, 200, "{body}");
+    update_metadata(srv.addr, "/live", &[("artist", "Band"), ("title", "Song")]);
     let deadline = Instant::now() + DEADLINE;
     let (titled, p) = loop {
         let p = playlist(srv.addr, "/live").unwrap();
@@ -785,18 +782,7 @@ fn chromium_plays_an_mp3_mount_through_hls_js_and_reads_its_title() {
     let srv = server();
     let mut source = ffmpeg_source(srv.addr, "/live", &Tone::new(Codec::Mp3, 120.0));
     wait_playlist(srv.addr, "/live", SEGMENTS, None, &mut source);
-    let params = [
-        ("mode", "updinfo"),
-        ("mount", "/live"),
-        ("song", "Chromium Song"),
-    ];
-    let (status, _, body) = curl_get(
-        srv.addr,
-        "/admin/metadata",
-        Some(("source", PASSWORD)),
-        &params,
-    );
-    assert_eq!(status, 200, "{body}");
+    update_metadata(srv.addr, "/live", &[("song", "Chromium Song")]);
     let page = test_page(
         "hls.html",
         "src",
@@ -1175,19 +1161,11 @@ fn a_title_update_on_an_opus_mount_is_a_daterange_in_its_playlist() {
     let srv = server();
     let mut source = ffmpeg_source(srv.addr, "/opus", &Tone::new(Codec::Opus, 120.0));
     wait_playlist(srv.addr, "/opus", 2, None, &mut source);
-    let params = [
-        ("mode", "updinfo"),
-        ("mount", "/opus"),
-        ("artist", "Band"),
-        ("title", "Say \"Hi\""),
-    ];
-    let (status, _, body) = curl_get(
+    update_metadata(
         srv.addr,
-        "/admin/metadata",
-        Some(("source", PASSWORD)),
-        &params,
+        "/opus",
+        &[("artist", "Band"), ("title", "Say \"Hi\"")],
     );
-    assert_eq!(status, 200, "{body}");
     let deadline = Instant::now() + DEADLINE;
     let entry = loop {
         let p = playlist(srv.addr, "/opus").unwrap();
@@ -1312,19 +1290,7 @@ fn a_webm_mount_s_titles_are_dateranges_in_its_playlist() {
         range.contains("X-TITLE=\"Recorded\"") && range.contains("X-ARTIST=\"Browser\""),
         "{range}"
     );
-    let params = [
-        ("mode", "updinfo"),
-        ("mount", "/webm"),
-        ("artist", "Band"),
-        ("title", "Song"),
-    ];
-    let (status, _, body) = curl_get(
-        srv.addr,
-        "/admin/metadata",
-        Some(("source", PASSWORD)),
-        &params,
-    );
-    assert_eq!(status, 200, "{body}");
+    update_metadata(srv.addr, "/webm", &[("artist", "Band"), ("title", "Song")]);
     let deadline = Instant::now() + DEADLINE;
     loop {
         let p = playlist(srv.addr, "/webm").unwrap();
