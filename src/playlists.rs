@@ -52,14 +52,15 @@ pub(crate) async fn serve(shared: &Shared, incoming: Incoming) {
             .await;
     };
     // Over TLS, a playlist points at the stream over TLS: a player given the page's https link
-    // gets an https stream (the Host header carries the TLS port).
-    let scheme = match incoming.stream {
-        crate::conn::Io::Tls(_) => "https",
-        crate::conn::Io::Plain(_) => "http",
+    // gets an https stream (the Host header carries the TLS port; without one, the address the
+    // request came to, as status pages do).
+    let (scheme, local) = match incoming.stream.tls_local() {
+        Some(local) => ("https", local),
+        None => ("http", shared.listen_addr),
     };
     let url = format!(
         "{scheme}://{}{mount}",
-        crate::status::host_and_port(req.header("host"), shared.listen_addr)
+        crate::status::host_and_port(req.header("host"), local)
     );
     let name = shared
         .mounts
